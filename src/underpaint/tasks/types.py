@@ -1,0 +1,113 @@
+"""Task records and the store/queue seams shared by the API, the embedded worker and Celery workers.
+
+The store is the single source of truth for a task (status, progress, results, its input payload). A queue only
+tells a worker *which* task to claim next; claiming is an atomic transition in the store, so a task delivered
+twice by a broker still runs to completion at most once.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+
+class TaskStatus(str, enum.Enum):
+    QUEUED = "TASK_STATUS_QUEUED"
+    PROCESSING = "TASK_STATUS_PROCESSING"
+    SUCCEED = "TASK_STATUS_SUCCEED"
+    FAILED = "TASK_STATUS_FAILED"
+
+    @property
+    def terminal(self) -> bool:
+        return self in (TaskStatus.SUCCEED, TaskStatus.FAILED)
+
+
+@dataclass(frozen=True)
+class NsfwResult:
+    valid: bool
+    confidence: float  # 0..100
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    key: str  # storage key (local path relative to the image root, or S3 key)
+    image_type: str  # png | webp | jpeg
+    nsfw: NsfwResult | None = None
+    # Where the image lives: "local", "s3" (default store), or "custom" (user bucket; see ``location``).
+    backend: str = "local"
+    location: dict[str, str] = field(default_factory=dict)  # e.g. {"bucket":..., "region":...}
+
+
+@dataclass
+class TaskRecord:
+    task_id: str
+    owner: str  # hash of the API key; raw keys are never stored
+    status: TaskStatus
+    reason: str = ""
+    progress_percent: int = 0
+    eta: int = 0
+    seed: int = -1
+    enable_nsfw_detection: bool = False
+    response_image_type: str = "png"
+    lane: str = "default"
+    priority: int = 0  # higher runs first in the embedded queue
+    attempts: int = 0
+    created_at: float = 0.0
+    started_at: float | None = None
+    finished_at: float | None = None
+    images: list[ImageRecord] = field(default_factory=list)
+    # The request's ``extra`` object as accepted (webhook, custom_storage ...), echoed in webhooks.
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class NewTask:
+    task_id: str
+    owner: str
+    seed: int
+    enable_nsfw_detection: bool
+    response_image_type: str
+    extra: dict[str, Any]
+    # The validated, normalized request (``Img2ImgRequest.model_dump()``), images included.
+    payload: dict[str, Any]
+    image_num: int = 1
+    lane: str = "default"
+    priority: int = 0
+
+
+class TaskStore(Protocol):
+    def create(self, task: NewTask) -> TaskRecord: ...
+
+    def get(self, task_id: str, owner: str | None = None) -> TaskRecord | None:
+        """``owner=None`` is for workers; the API always passes the caller's owner hash."""
+        ...
+
+    def get_payload(self, task_id: str) -> dict[str, Any]: ...
+
+    def claim(self, task_id: str | None, worker_id: str, lanes: tuple[str, ...] | None = None) -> TaskRecord | None:
+        """Atomically move a QUEUED task (the given one, or the next by priority/age) to PROCESSING.
+
+        Also reclaims a PROCESSING task whose lease expired. Returns None if nothing can be claimed.
+        """
+        ...
+
+    def update_progress(self, task_id: str, worker_id: str, progress_percent: int, eta: int) -> bool:
+        """Also renews the lease. Returns False if this worker no longer owns the task."""
+        ...
+
+    def complete(self, task_id: str, worker_id: str, images: list[ImageRecord]) -> bool: ...
+
+    def fail(self, task_id: str, worker_id: str | None, reason: str) -> bool: ...
+
+    def count_unfinished(self, owner: str) -> int: ...
+
+    def images_created_since(self, owner: str, since: float) -> int:
+        """Images requested (image_num summed) by ``owner`` in tasks created at or after ``since``."""
+        ...
+
+
+class TaskQueue(Protocol):
+    """Tells workers that a task is ready. The embedded queue wakes the in-process worker; Celery sends a message."""
+
+    def enqueue(self, task_id: str, lane: str) -> None: ...
