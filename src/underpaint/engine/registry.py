@@ -1,0 +1,185 @@
+"""The models folder, as the API and the engine see it.
+
+Layout (folder names match ``filter.types``)::
+
+    M/checkpoint/   *.safetensors | *.ckpt | <diffusers folder with model_index.json>
+    M/lora/ M/vae/ M/textualinversion/ M/controlnet/ M/ipadapter/ M/annotator/
+
+A single-file model may carry a sidecar ``<stem>.config/`` folder (a diffusers config tree without weights) that
+overrides the shipped config. The registry rescans a folder when its mtime changes, so dropping a file in is enough.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+import threading
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+KINDS = ("checkpoint", "lora", "vae", "textualinversion", "controlnet", "ipadapter", "annotator")
+WEIGHT_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin", ".onnx")
+SD15 = "SD 1.5"
+SDXL = "SDXL 1.0"
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    kind: str
+    sd_name: str  # file or folder name, e.g. "dreamshaper_8.safetensors"
+    path: Path
+    is_sdxl: bool
+    size: int
+    mtime: float
+
+    @property
+    def stem(self) -> str:
+        name = self.sd_name
+        for suffix in WEIGHT_SUFFIXES:
+            if name.lower().endswith(suffix):
+                return name[: -len(suffix)]
+        return name
+
+    @property
+    def sd_name_in_api(self) -> str:
+        # Novita: checkpoints keep their extension, LoRAs and others are referenced without it.
+        return self.sd_name if self.kind == "checkpoint" else self.stem
+
+    @property
+    def base_model(self) -> str:
+        return SDXL if self.is_sdxl else SD15
+
+    @property
+    def id(self) -> int:
+        """Stable positive int id derived from kind and name (the SDKs require an int)."""
+        return zlib.crc32(f"{self.kind}/{self.sd_name}".encode()) & 0x7FFFFFFF
+
+    @property
+    def sidecar_config(self) -> Path | None:
+        if self.path.is_dir():
+            return None
+        side = self.path.with_name(self.stem + ".config")
+        return side if side.is_dir() else None
+
+
+def safetensors_keys(path: Path) -> tuple[list[str], dict[str, str]]:
+    """Tensor names and ``__metadata__`` of a .safetensors file, reading only its JSON header."""
+    with path.open("rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        if n > 100 * 1024 * 1024:
+            raise ValueError(f"{path.name}: implausible safetensors header")
+        header = json.loads(f.read(n))
+    meta = header.pop("__metadata__", None) or {}
+    return list(header), meta
+
+
+def detect_sdxl(path: Path, kind: str) -> bool:
+    """SD 1.5 vs SDXL from the file's keys (shapes in real files are reliable too, keys are cheaper)."""
+    try:
+        if path.is_dir():
+            index = path / "model_index.json"
+            if index.exists():
+                return "XL" in json.loads(index.read_text()).get("_class_name", "")
+            cfg = path / "config.json"
+            if cfg.exists():
+                data = json.loads(cfg.read_text())
+                return data.get("addition_embed_type") == "text_time" or data.get("cross_attention_dim") == 2048
+            return False
+        side = path.with_name(path.name.rsplit(".", 1)[0] + ".config") / "model_index.json"
+        if side.exists():
+            return "XL" in json.loads(side.read_text()).get("_class_name", "")
+        if path.suffix.lower() != ".safetensors":
+            return "xl" in path.name.lower()
+        keys, _ = safetensors_keys(path)
+    except (OSError, ValueError, struct.error):
+        return False
+    if kind == "checkpoint":
+        return any(k.startswith("conditioner.embedders.1.") for k in keys)
+    if kind == "lora":
+        return any(k.startswith(("lora_te2_", "lora_te1_", "text_encoder_2.")) for k in keys) or any(
+            "input_blocks" in k and k.startswith("lora_unet_") for k in keys
+        )
+    if kind == "textualinversion":
+        return "clip_g" in keys
+    if kind == "controlnet":
+        return any(k.startswith(("add_embedding.", "control_model.label_emb.")) for k in keys)
+    if kind == "ipadapter":
+        return "xl" in path.name.lower()
+    return False
+
+
+class ModelRegistry:
+    def __init__(self, models_dir: Path) -> None:
+        self.models_dir = Path(models_dir)
+        self._lock = threading.Lock()
+        self._by_kind: dict[str, list[ModelEntry]] = {k: [] for k in KINDS}
+        self._mtimes: dict[str, float] = {}
+
+    def ensure_layout(self) -> None:
+        for kind in KINDS:
+            (self.models_dir / kind).mkdir(parents=True, exist_ok=True)
+
+    def _scan_kind(self, kind: str) -> list[ModelEntry]:
+        folder = self.models_dir / kind
+        entries: list[ModelEntry] = []
+        if not folder.is_dir():
+            return entries
+        for p in sorted(folder.iterdir()):
+            if p.name.startswith(".") or p.name.endswith(".config"):
+                continue
+            if p.is_dir():
+                is_model = (p / "model_index.json").exists() or (p / "config.json").exists() or kind == "annotator"
+                if not is_model:
+                    continue
+                size = sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
+            elif p.suffix.lower() in WEIGHT_SUFFIXES:
+                size = p.stat().st_size
+            else:
+                continue
+            entries.append(ModelEntry(kind, p.name, p, detect_sdxl(p, kind), size, p.stat().st_mtime))
+        return entries
+
+    def _refresh(self, kind: str) -> None:
+        folder = self.models_dir / kind
+        try:
+            mtime = folder.stat().st_mtime
+        except OSError:
+            mtime = -1.0
+        if self._mtimes.get(kind) != mtime:
+            self._by_kind[kind] = self._scan_kind(kind)
+            self._mtimes[kind] = mtime
+
+    def list(self, kind: str | None = None) -> list[ModelEntry]:
+        kinds = KINDS if kind is None else (kind,)
+        with self._lock:
+            out: list[ModelEntry] = []
+            for k in kinds:
+                if k not in self._by_kind:
+                    continue
+                self._refresh(k)
+                out.extend(self._by_kind[k])
+            return out
+
+    def resolve(self, kind: str, name: str) -> ModelEntry | None:
+        """By ``sd_name`` or ``sd_name_in_api``, with or without extension, case-sensitive first."""
+        if not name:
+            return None
+        entries = self.list(kind)
+        for match in (
+            lambda e: e.sd_name == name,
+            lambda e: e.stem == name,
+            lambda e: e.stem == _strip_suffix(name),
+            lambda e: e.sd_name.lower() == name.lower() or e.stem.lower() == _strip_suffix(name).lower(),
+        ):
+            found = [e for e in entries if match(e)]
+            if found:
+                return found[0]
+        return None
+
+
+def _strip_suffix(name: str) -> str:
+    for suffix in WEIGHT_SUFFIXES:
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return name
