@@ -188,7 +188,7 @@ def _single_file_pipeline(entry: ModelEntry, dtype: torch.dtype) -> tuple[Diffus
     is_sdxl = is_sdxl_state_dict(sd)
     config_dir = _config_dir_for(entry, is_sdxl)
     cfg = str(config_dir)
-    common: dict[str, Any] = {"config": cfg, "local_files_only": True, "torch_dtype": dtype}
+    common: dict[str, Any] = {"config": cfg, "local_files_only": True, "dtype": dtype}
     try:
         unet = UNet2DConditionModel.from_single_file(sd, subfolder="unet", **common)
         vae = AutoencoderKL.from_single_file(sd, subfolder="vae", **common)
@@ -247,7 +247,7 @@ def _folder_pipeline(entry: ModelEntry, dtype: torch.dtype) -> DiffusionPipeline
         raise ModelLoadError(f"{entry.sd_name}: folder has no model_index.json (not a diffusers pipeline)")
     index = json.loads(index_path.read_text())
     is_sdxl = "XL" in index.get("_class_name", "")
-    kwargs: dict[str, Any] = {"local_files_only": True, "torch_dtype": dtype}
+    kwargs: dict[str, Any] = {"local_files_only": True, "dtype": dtype}
     # Folders without tokenizer files get the shipped ones.
     fallback = load_tokenizers(is_sdxl)
     for i, name in enumerate(["tokenizer", "tokenizer_2"] if is_sdxl else ["tokenizer"]):
@@ -315,15 +315,22 @@ def load_checkpoint(
 def _vae_config(entry: ModelEntry, like: LoadedCheckpoint | None) -> dict[str, Any]:
     """Sidecar config > the checkpoint's own VAE config (A1111 keeps the checkpoint's scale) > shipped config."""
     side = entry.sidecar_config
+    config: dict[str, Any] | None = None
     if side is not None:
         for candidate in (side / "config.json", side / "vae" / "config.json"):
             if candidate.exists():
-                return dict(json.loads(candidate.read_text()))
-        raise ModelLoadError(f"{entry.sd_name}: sidecar {side.name}/ has no config.json")
+                config = dict(json.loads(candidate.read_text()))
+                break
+        else:
+            raise ModelLoadError(f"{entry.sd_name}: sidecar {side.name}/ has no config.json")
+    elif like is not None:
+        config = dict(like.vae.config)
+    else:
+        shipped = (SDXL_CONFIG if entry.is_sdxl else SD15_CONFIG) / "vae" / "config.json"
+        config = dict(json.loads(shipped.read_text()))
     if like is not None:
-        return dict(like.vae.config)
-    shipped = (SDXL_CONFIG if entry.is_sdxl else SD15_CONFIG) / "vae" / "config.json"
-    return dict(json.loads(shipped.read_text()))
+        config["scaling_factor"] = like.vae_scaling_factor
+    return config
 
 
 def load_vae(
@@ -344,9 +351,11 @@ def load_vae(
         dt = dtype if dtype is not None else pick_dtype(dev)
     if entry.path.is_dir():
         try:
-            vae = AutoencoderKL.from_pretrained(str(entry.path), local_files_only=True, torch_dtype=dt)
+            vae = AutoencoderKL.from_pretrained(str(entry.path), local_files_only=True, dtype=dt)
         except (ValueError, RuntimeError, OSError) as exc:
             raise ModelLoadError(f"{entry.sd_name}: cannot load diffusers VAE folder: {exc}") from exc
+        if like is not None:
+            vae.register_to_config(scaling_factor=like.vae_scaling_factor)
         return vae.to(dev).eval()
     sd = load_state_dict_file(entry.path)
     prefix = "first_stage_model."
