@@ -105,7 +105,9 @@ def unet_to_ldm(sd: Mapping[str, torch.Tensor], config: Mapping[str, Any]) -> St
         if i < levels - 1:
             # The upsampler follows the last resnet, and its attention when the block has one.
             slot = 2 if "CrossAttn" in config["up_block_types"][i] else 1
-            blocks.append((f"up_blocks.{i}.upsamplers.0.conv.", f"output_blocks.{(lpb + 1) * i + lpb}.{slot}.conv.", {}))
+            blocks.append(
+                (f"up_blocks.{i}.upsamplers.0.conv.", f"output_blocks.{(lpb + 1) * i + lpb}.{slot}.conv.", {})
+            )
     return _rename(sd, blocks)
 
 

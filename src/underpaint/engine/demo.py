@@ -17,7 +17,10 @@ from typing import Any
 
 import safetensors.torch
 import torch
-from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionImg2ImgPipeline, UNet2DConditionModel
+from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKL
+from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
+from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_img2img import StableDiffusionImg2ImgPipeline
+from diffusers.schedulers.scheduling_pndm import PNDMScheduler
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from underpaint.engine.convert import checkpoint_to_ldm, vae_to_ldm
@@ -26,7 +29,8 @@ from underpaint.engine.loader import SD15_CONFIG, SDXL_CONFIG, TOKENIZER_DIR
 SD15_SEED = 1500
 SDXL_SEED = 1024
 VAE_SEED = 777
-_META = {"format": "pt", "underpaint": "tiny demo model, random weights"}
+# One key only: safetensors writes metadata in hash-map order, so several keys would make the bytes vary.
+_META = {"format": "pt"}
 
 
 def _seeded(seed: int) -> None:
@@ -34,19 +38,20 @@ def _seeded(seed: int) -> None:
 
 
 def _text_config(hidden: int, act: str, projection: int) -> CLIPTextConfig:
-    return CLIPTextConfig(
-        vocab_size=49408,
-        hidden_size=hidden,
-        intermediate_size=hidden * 2,
-        num_hidden_layers=5,
-        num_attention_heads=4,
-        max_position_embeddings=77,
-        hidden_act=act,
-        projection_dim=projection,
-        bos_token_id=0,
-        eos_token_id=2,
-        pad_token_id=1,
-    )
+    values: dict[str, Any] = {
+        "vocab_size": 49408,
+        "hidden_size": hidden,
+        "intermediate_size": hidden * 2,
+        "num_hidden_layers": 5,
+        "num_attention_heads": 4,
+        "max_position_embeddings": 77,
+        "hidden_act": act,
+        "projection_dim": projection,
+        "bos_token_id": 0,
+        "eos_token_id": 2,
+        "pad_token_id": 1,
+    }
+    return CLIPTextConfig(**values)
 
 
 def _tiny_vae(scaling_factor: float, force_upcast: bool) -> AutoencoderKL:
@@ -158,8 +163,8 @@ def _write_diffusers_folder(dest: Path, parts: dict[str, torch.nn.Module]) -> No
         tokenizer=tokenizer,
         unet=parts["unet"],  # type: ignore[arg-type]
         scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
+        safety_checker=None,  # type: ignore[arg-type]  # diffusers annotates these as required
+        feature_extractor=None,  # type: ignore[arg-type]
         requires_safety_checker=False,
     )
     if dest.exists():

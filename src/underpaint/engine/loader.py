@@ -27,14 +27,15 @@ import diffusers
 import safetensors.torch
 import torch
 from accelerate import init_empty_weights
-from diffusers import (
-    AutoencoderKL,
-    DiffusionPipeline,
-    StableDiffusionImg2ImgPipeline,
-    StableDiffusionXLImg2ImgPipeline,
-    UNet2DConditionModel,
-)
 from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint, create_diffusers_clip_model_from_ldm
+
+# Concrete module paths: the lazy top-level ``diffusers`` names are opaque to mypy.
+from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKL
+from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
+from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_img2img import StableDiffusionImg2ImgPipeline
+from diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl_img2img import (
+    StableDiffusionXLImg2ImgPipeline,
+)
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from underpaint.config import Settings
@@ -47,6 +48,7 @@ SDXL_CONFIG = CONFIG_ROOT / "sdxl"
 TOKENIZER_DIR = CONFIG_ROOT / "clip_tokenizer"
 
 StateDict = dict[str, torch.Tensor]
+Img2ImgPipeline = StableDiffusionImg2ImgPipeline | StableDiffusionXLImg2ImgPipeline
 _PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 _VAE_PARTS = ("encoder.", "decoder.", "quant_conv.", "post_quant_conv.")
 
@@ -100,7 +102,7 @@ class LoadedCheckpoint:
     name: str  # registry sd_name
     path: Path
     is_sdxl: bool
-    pipe: DiffusionPipeline  # StableDiffusion(XL)Img2ImgPipeline
+    pipe: Img2ImgPipeline
     unet: UNet2DConditionModel
     vae: AutoencoderKL
     text_encoders: list[torch.nn.Module]  # [CLIPTextModel] or [CLIPTextModel, CLIPTextModelWithProjection]
@@ -178,7 +180,7 @@ def _load_scheduler(config_dir: Path, v_prediction: bool) -> Any:
     return scheduler
 
 
-def _single_file_pipeline(entry: ModelEntry, dtype: torch.dtype) -> tuple[DiffusionPipeline, Path]:
+def _single_file_pipeline(entry: ModelEntry, dtype: torch.dtype) -> tuple[Img2ImgPipeline, Path]:
     sd = load_state_dict_file(entry.path)
     if not any(k.startswith("model.diffusion_model.") for k in sd):
         raise ModelLoadError(
@@ -213,8 +215,8 @@ def _single_file_pipeline(entry: ModelEntry, dtype: torch.dtype) -> tuple[Diffus
     scheduler = _load_scheduler(config_dir, v_prediction="v_pred" in sd)
     del sd
     tokenizers = load_tokenizers(is_sdxl, config_dir)
-    pipe: DiffusionPipeline
-    if is_sdxl:
+    pipe: Img2ImgPipeline
+    if te2 is not None:
         index = json.loads((config_dir / "model_index.json").read_text())
         pipe = StableDiffusionXLImg2ImgPipeline(
             vae=vae,
@@ -234,14 +236,14 @@ def _single_file_pipeline(entry: ModelEntry, dtype: torch.dtype) -> tuple[Diffus
             tokenizer=tokenizers[0],
             unet=unet,
             scheduler=scheduler,
-            safety_checker=None,
-            feature_extractor=None,
+            safety_checker=None,  # type: ignore[arg-type]  # diffusers annotates these as required
+            feature_extractor=None,  # type: ignore[arg-type]
             requires_safety_checker=False,
         )
     return pipe, config_dir
 
 
-def _folder_pipeline(entry: ModelEntry, dtype: torch.dtype) -> DiffusionPipeline:
+def _folder_pipeline(entry: ModelEntry, dtype: torch.dtype) -> Img2ImgPipeline:
     index_path = entry.path / "model_index.json"
     if not index_path.exists():
         raise ModelLoadError(f"{entry.sd_name}: folder has no model_index.json (not a diffusers pipeline)")
@@ -253,7 +255,7 @@ def _folder_pipeline(entry: ModelEntry, dtype: torch.dtype) -> DiffusionPipeline
     for i, name in enumerate(["tokenizer", "tokenizer_2"] if is_sdxl else ["tokenizer"]):
         if not (entry.path / name).is_dir():
             kwargs[name] = fallback[i]
-    cls: type[DiffusionPipeline]
+    cls: type[Img2ImgPipeline]
     if is_sdxl:
         cls = StableDiffusionXLImg2ImgPipeline
         kwargs["requires_aesthetics_score"] = False

@@ -16,6 +16,7 @@ import json
 import os
 import struct
 import threading
+import zipfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -76,6 +77,22 @@ def safetensors_keys(path: Path) -> tuple[list[str], dict[str, str]]:
     return list(header), meta
 
 
+def pickle_keys(path: Path) -> list[str] | None:
+    """Tensor names of a zip-format torch pickle, memory-mapped (tensor data is not read) and loaded with
+    ``weights_only`` (no code runs). ``None`` for legacy or unreadable files."""
+    if not zipfile.is_zipfile(path):
+        return None
+    import torch  # deferred: the registry is used by processes that never load a model
+
+    try:
+        data = torch.load(str(path), map_location="cpu", mmap=True, weights_only=True)
+    except Exception:  # unsafe or damaged pickles are reported when the model is loaded
+        return None
+    while isinstance(data, dict) and isinstance(data.get("state_dict"), dict):
+        data = data["state_dict"]
+    return [str(k) for k in data] if isinstance(data, dict) else None
+
+
 def detect_sdxl(path: Path, kind: str) -> bool:
     """SD 1.5 vs SDXL from the file's keys (shapes in real files are reliable too, keys are cheaper)."""
     try:
@@ -91,9 +108,13 @@ def detect_sdxl(path: Path, kind: str) -> bool:
         side = path.with_name(path.name.rsplit(".", 1)[0] + ".config") / "model_index.json"
         if side.exists():
             return "XL" in json.loads(side.read_text()).get("_class_name", "")
-        if path.suffix.lower() != ".safetensors":
-            return "xl" in path.name.lower()
-        keys, _ = safetensors_keys(path)
+        if path.suffix.lower() == ".safetensors":
+            keys, _ = safetensors_keys(path)
+        else:
+            found = pickle_keys(path)
+            if found is None:
+                return "xl" in path.name.lower()
+            keys = found
     except (OSError, ValueError, struct.error):
         return False
     if kind == "checkpoint":
@@ -143,8 +164,8 @@ class FileHashCache:
         if cached is not None and cached[0] == st.st_mtime and cached[1] == st.st_size:
             return cached[2]
         digest = hashlib.sha256()
-        with path.open("rb") as f:
-            for chunk in iter(lambda: f.read(8 * 1024 * 1024), b""):
+        with path.open("rb") as fh:
+            for chunk in iter(lambda: fh.read(8 * 1024 * 1024), b""):
                 digest.update(chunk)
         value = digest.hexdigest()
         with self._lock:
