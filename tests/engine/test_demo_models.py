@@ -38,9 +38,12 @@ def test_checkpoints_use_the_original_key_layout(tiny_models_dir: Path) -> None:
         assert sd["first_stage_model.encoder.mid.attn_1.q.weight"].dim() == 4  # LDM 1x1 conv attention
         assert prefixes <= {"model", "first_stage_model", "cond_stage_model", "conditioner"}
     assert {k.split(".")[0] for k in sd15} == {"model", "first_stage_model", "cond_stage_model"}
-    # SD 1.5: the first up level (UpBlock2D, no attention) carries its upsampler in slot 1.
-    assert "model.diffusion_model.output_blocks.2.1.conv.weight" in sd15
-    assert "model.diffusion_model.output_blocks.5.2.conv.weight" in sd15  # cross-attn level: slot 2
+    # Upsamplers follow the resnet (slot 1) of an UpBlock2D level and the attention (slot 2) of a cross-attn level.
+    # Tiny SD 1.5 has one layer per block (2 output blocks per level), tiny SDXL the real two (3 per level).
+    assert "model.diffusion_model.output_blocks.1.1.conv.weight" in sd15
+    assert "model.diffusion_model.output_blocks.3.2.conv.weight" in sd15
+    assert "model.diffusion_model.output_blocks.2.2.conv.weight" in sdxl
+    assert "model.diffusion_model.input_blocks.3.0.op.weight" in sdxl
     assert "cond_stage_model.transformer.text_model.embeddings.token_embedding.weight" in sd15
     assert "model.diffusion_model.label_emb.0.0.weight" in sdxl
     te1 = sdxl["conditioner.embedders.0.transformer.text_model.embeddings.token_embedding.weight"]

@@ -366,3 +366,51 @@ def test_device_policy() -> None:
     assert torch.get_num_threads() == before
     configure_torch_threads(1)
     assert torch.get_num_threads() == 1
+
+
+# ---------------------------------------------------------------------------------------------- real-world variants
+
+
+def test_loading_never_touches_the_network(tiny_models_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import socket
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("network access attempted")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    for name in ("tiny-sd15.safetensors", "tiny-sdxl.safetensors", "tiny-sd15-diffusers"):
+        load_checkpoint(_entry(tiny_models_dir, "checkpoint", name), CPU, torch.float32)
+
+
+def test_fp16_file_is_cast_to_the_requested_dtype(tiny_models_dir: Path, tmp_path: Path) -> None:
+    ckpt = tmp_path / "models" / "checkpoint"
+    ckpt.mkdir(parents=True)
+    sd = load_state_dict_file(tiny_models_dir / "checkpoint" / "tiny-sd15.safetensors")
+    safetensors.torch.save_file({k: v.half() for k, v in sd.items()}, str(ckpt / "half.safetensors"))
+    shutil.copytree(tiny_models_dir / "checkpoint" / "tiny-sd15.config", ckpt / "half.config")
+    entry = _entry(tmp_path / "models", "checkpoint", "half")
+    loaded = load_checkpoint(entry, CPU, torch.float32)
+    assert {p.dtype for m in (loaded.unet, loaded.vae, *loaded.text_encoders) for p in m.parameters()} == {
+        torch.float32
+    }
+    want = tiny_sd15_components()["unet"].conv_in.weight.half().float()
+    assert torch.equal(loaded.unet.conv_in.weight, want)
+    bf16 = load_checkpoint(entry, CPU, torch.bfloat16)
+    assert bf16.dtype == torch.bfloat16 and bf16.unet.dtype == torch.bfloat16
+    assert bf16.approx_bytes < 0.51 * loaded.approx_bytes  # int64 position ids do not shrink
+
+
+def test_files_also_load_through_diffusers_pipeline_route(tiny_models_dir: Path, sdxl: LoadedCheckpoint) -> None:
+    """The files are valid for diffusers' own ``from_single_file`` with a local config (field notes 3)."""
+    from diffusers import StableDiffusionXLImg2ImgPipeline
+
+    pipe = StableDiffusionXLImg2ImgPipeline.from_single_file(
+        str(tiny_models_dir / "checkpoint" / "tiny-sdxl.safetensors"),
+        config=str(tiny_models_dir / "checkpoint" / "tiny-sdxl.config"),
+        tokenizer=sdxl.tokenizers[0],
+        tokenizer_2=sdxl.tokenizers[1],
+        local_files_only=True,
+    )
+    _assert_same_weights(pipe.text_encoder_2, sdxl.text_encoders[1])
+    _assert_same_weights(pipe.unet, sdxl.unet)

@@ -1,6 +1,6 @@
 """Tiny random-weight models written in the real on-disk formats (tests, demos, ``underpaint demo-models DIR``).
 
-Shapes follow field notes 2: an SD 1.5-shaped UNet with 4 levels (32, 32, 64, 64), two layers per block, cross
+Shapes follow field notes 2: an SD 1.5-shaped UNet with 4 levels (32, 32, 64, 64), one layer per block, cross
 attention 32, a x8 VAE and a 5-layer CLIP text encoder of width 32 with the real 49408-token vocabulary. The SDXL
 twin has TE1 width 32 and TE2 width 64: equal widths make diffusers' single-file loader mistake one encoder for the
 other (field-notes trap). Everything is seeded, so the files are byte-identical from run to run.
@@ -80,7 +80,8 @@ def tiny_sd15_components(seed: int = SD15_SEED) -> dict[str, torch.nn.Module]:
         down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
         block_out_channels=(32, 32, 64, 64),
-        layers_per_block=2,
+        # One layer per block keeps a 128 px img2img near 1 s on one thread; the SDXL twin keeps the real 2.
+        layers_per_block=1,
         cross_attention_dim=32,
         attention_head_dim=8,
         norm_num_groups=32,

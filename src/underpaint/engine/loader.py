@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import gc
 import json
+import logging
+import os
 import pickle
 import threading
 from collections import OrderedDict
@@ -22,6 +24,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+# Model files come from the models folder only; set before huggingface_hub reads it, where this module is first.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import diffusers
 import safetensors.torch
@@ -51,6 +56,17 @@ StateDict = dict[str, torch.Tensor]
 Img2ImgPipeline = StableDiffusionImg2ImgPipeline | StableDiffusionXLImg2ImgPipeline
 _PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 _VAE_PARTS = ("encoder.", "decoder.", "quant_conv.", "post_quant_conv.")
+
+
+class _DropCastWarning(logging.Filter):
+    """diffusers warns on every dtype cast that it has no fp32-pinned modules to keep ("...: []"): pure noise."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not (message.startswith("There are modules in") and "float32: []." in message)
+
+
+logging.getLogger("diffusers.models.modeling_utils").addFilter(_DropCastWarning())
 
 
 class ModelLoadError(ValueError):
