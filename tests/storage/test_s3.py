@@ -216,8 +216,9 @@ def test_custom_storage_shapes() -> None:
     validate_custom_storage(None)
     validate_custom_storage({})
     validate_custom_storage({"aws_s3": {"region": "us-gov-west-1", "bucket": "my.bucket-1", "path": "a/b c/ü"}})
-    for bad in ({"gcs": {}}, {"aws_s3": "s3://x"}, "s3://x"):
+    bad_shapes: list[Any] = [{"gcs": {}}, {"aws_s3": "s3://x"}, "s3://x"]
+    for bad in bad_shapes:
         with pytest.raises(ApiError) as info:
-            validate_custom_storage(bad)  # type: ignore[arg-type]
+            validate_custom_storage(bad)
         assert info.value.reason == "INVALID_CUSTOM_OUTPUT_PATH"
     assert custom_target_from_extra({}) is None
