@@ -222,3 +222,35 @@ def test_custom_storage_shapes() -> None:
             validate_custom_storage(bad)
         assert info.value.reason == "INVALID_CUSTOM_OUTPUT_PATH"
     assert custom_target_from_extra({}) is None
+
+
+@pytest.mark.parametrize(
+    ("code", "status", "fragment"),
+    [
+        ("AccessDenied", 403, "access denied"),
+        ("InvalidAccessKeyId", 403, "access key was rejected"),
+        ("SignatureDoesNotMatch", 403, "secret key was rejected"),
+        ("PermanentRedirect", 301, "another region"),
+        ("", 403, "access denied"),  # HEAD-style errors carry only the status
+        ("SlowDown", 503, "SlowDown: please slow down"),
+    ],
+)
+def test_client_errors_are_described(code: str, status: int, fragment: str) -> None:
+    from botocore.exceptions import ClientError
+
+    from underpaint.storage.s3 import storage_error
+
+    exc = ClientError(
+        {"Error": {"Code": code, "Message": "please slow down"}, "ResponseMetadata": {"HTTPStatusCode": status}},
+        "PutObject",
+    )
+    message = str(storage_error(exc, "upload", "their-bucket", "out/a.png"))
+    assert message.startswith("S3 upload failed (bucket 'their-bucket', key 'out/a.png'): ")
+    assert fragment in message
+
+
+def test_aws_urls_are_regional_virtual_hosted(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    url = S3Storage("my-bucket", "p", "eu-west-1").url("a.png", ttl=60)  # signing is local: no request is made
+    assert url.startswith("https://my-bucket.s3.eu-west-1.amazonaws.com/p/a.png?X-Amz-Algorithm=AWS4-HMAC-SHA256")

@@ -43,8 +43,13 @@ def s3_client(region: str | None, endpoint_url: str | None) -> Any:
     with _clients_lock:
         client = _clients.get((region, endpoint_url))
         if client is None:
+            # On AWS, virtual-hosted regional URLs (bucket.s3.<region>.amazonaws.com): a presigned URL on the
+            # global endpoint is redirected for buckets outside us-east-1, which breaks the signature.
+            # S3-compatible servers (MinIO, moto) are usually addressed by path.
+            style = "path" if endpoint_url else "virtual"
+            config = _CONFIG.merge(Config(s3={"addressing_style": style}))
             session = boto3.session.Session()
-            client = session.client("s3", region_name=region, endpoint_url=endpoint_url, config=_CONFIG)
+            client = session.client("s3", region_name=region, endpoint_url=endpoint_url, config=config)
             _clients[(region, endpoint_url)] = client
         return client
 
