@@ -37,6 +37,7 @@ def tokenizer_pad_bang(tmp_dir: Path) -> CLIPTokenizer:
     target = tmp_dir / "tokenizer_2"
     shutil.copytree(TOKENIZER_DIR, target)
     shutil.copyfile(target / "tokenizer_config_pad_bang.json", target / "tokenizer_config.json")
+    # special_tokens_map.json (pad = EOS) would override the config's pad token, so it has to go.
     (target / "special_tokens_map.json").unlink()
     return CLIPTokenizer.from_pretrained(target)
 

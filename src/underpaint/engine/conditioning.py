@@ -154,8 +154,9 @@ def token_expansion_ids(
     ``name_2``... (consecutive) is one embedding.
     """
     if token_expansions is not None:
+        vocab = tokenizer.get_vocab()
         return {
-            _token_id(tokenizer, head): [_token_id(tokenizer, token) for token in tokens]
+            _token_id(vocab, head): [_token_id(vocab, token) for token in tokens]
             for head, tokens in token_expansions.items()
         }
     added = tokenizer.get_added_vocab()
@@ -172,8 +173,8 @@ def token_expansion_ids(
     return result
 
 
-def _token_id(tokenizer: CLIPTokenizer, token: str) -> int:
-    token_id = tokenizer.get_vocab().get(token)
+def _token_id(vocab: Mapping[str, int], token: str) -> int:
+    token_id = vocab.get(token)
     if token_id is None:
         raise ValueError(f"textual inversion token {token!r} is not in the tokenizer")
     return int(token_id)
