@@ -13,6 +13,7 @@ from underpaint.engine.conditioning import (
     TextEncoderBundle,
     apply_emphasis,
     encode_prompt,
+    encode_prompt_pair,
     pad_to_same_length,
     tokenize_prompt,
 )
@@ -318,3 +319,12 @@ def test_pad_to_same_length_rejects_mismatched_shapes() -> None:
         pad_to_same_length(a, Conditioning(torch.zeros(1, 77, 4)), Conditioning(torch.zeros(1, 77, 8)))
     with pytest.raises(ValueError, match="non-multiple"):
         pad_to_same_length(a, Conditioning(torch.zeros(1, 70, 8)), Conditioning(torch.zeros(1, 77, 8)))
+
+
+def test_encode_prompt_pair_pads_the_shorter_side(sd15: TextEncoderBundle) -> None:
+    cond, uncond = encode_prompt_pair(sd15, "a photo BREAK of a cat", "blurry", clip_skip=2)
+    assert cond.embeds.shape == uncond.embeds.shape == (1, 154, 32)
+    assert_close(uncond.embeds[:, :77], encode_prompt(sd15, "blurry", clip_skip=2).embeds)
+    assert_close(uncond.embeds[:, 77:], encode_prompt(sd15, "", clip_skip=2).embeds)
+    same_cond, same_uncond = encode_prompt_pair(sd15, "a cat", "blurry")
+    assert same_cond.embeds.shape == same_uncond.embeds.shape == (1, 77, 32)

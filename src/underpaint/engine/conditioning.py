@@ -108,8 +108,6 @@ class _ChunkBuilder:
             self.last_comma = len(self.current.tokens)
         elif self._should_backtrack():
             self._move_after_last_comma()
-        if len(self.current.tokens) == CHUNK_LENGTH:
-            self.close_chunk()
         if len(self.current.tokens) + len(ids) > CHUNK_LENGTH:
             self.close_chunk()
         self.current.tokens.extend(ids)
@@ -154,6 +152,8 @@ def token_expansion_ids(
     ``name_2``... (consecutive) is one embedding.
     """
     if token_expansions is not None:
+        if any(not tokens for tokens in token_expansions.values()):
+            raise ValueError("every textual inversion token must expand to at least one token")
         vocab = tokenizer.get_vocab()
         return {
             _token_id(vocab, head): [_token_id(vocab, token) for token in tokens]
@@ -332,6 +332,34 @@ def pad_to_same_length(a: Conditioning, b: Conditioning, empty: Conditioning) ->
     return a, b
 
 
+def encode_prompt_pair(
+    bundle: TextEncoderBundle,
+    prompt: str,
+    negative_prompt: str,
+    clip_skip: int = 1,
+    *,
+    sdxl_clip_l_skip: bool = False,
+    token_expansions: Mapping[str, Sequence[str]] | None = None,
+    comma_padding_backtrack: int = COMMA_PADDING_BACKTRACK,
+) -> tuple[Conditioning, Conditioning]:
+    """Encode prompt and negative prompt; when their chunk counts differ, pad with :func:`pad_to_same_length`."""
+
+    def encode(text: str) -> Conditioning:
+        return encode_prompt(
+            bundle,
+            text,
+            clip_skip,
+            sdxl_clip_l_skip=sdxl_clip_l_skip,
+            token_expansions=token_expansions,
+            comma_padding_backtrack=comma_padding_backtrack,
+        )
+
+    cond, uncond = encode(prompt), encode(negative_prompt)
+    if cond.embeds.shape[1] == uncond.embeds.shape[1]:
+        return cond, uncond
+    return pad_to_same_length(cond, uncond, encode(""))
+
+
 def _append_empty(c: Conditioning, empty: Conditioning, repeats: int) -> Conditioning:
     padding = empty.embeds.to(c.embeds).repeat(c.embeds.shape[0], repeats, 1)
     return Conditioning(embeds=torch.cat([c.embeds, padding], dim=1), pooled=c.pooled)
@@ -345,6 +373,7 @@ __all__ = [
     "TextEncoderBundle",
     "apply_emphasis",
     "encode_prompt",
+    "encode_prompt_pair",
     "pad_to_same_length",
     "token_expansion_ids",
     "tokenize_prompt",
