@@ -328,3 +328,13 @@ def test_encode_prompt_pair_pads_the_shorter_side(sd15: TextEncoderBundle) -> No
     assert_close(uncond.embeds[:, 77:], encode_prompt(sd15, "", clip_skip=2).embeds)
     same_cond, same_uncond = encode_prompt_pair(sd15, "a cat", "blurry")
     assert same_cond.embeds.shape == same_uncond.embeds.shape == (1, 77, 32)
+
+
+def test_bad_expansions_are_clear_errors(sd15: TextEncoderBundle) -> None:
+    tokenizer = sd15.tokenizers[0]
+    with pytest.raises(ValueError, match="at most 75 fit"):
+        tokenize_prompt(tokenizer, "a cat", token_expansions={"cat</w>": ["cat</w>"] * 76})
+    with pytest.raises(ValueError, match="at least one token"):
+        tokenize_prompt(tokenizer, "a cat", token_expansions={"cat</w>": []})
+    with pytest.raises(ValueError, match="comma_padding_backtrack"):
+        tokenize_prompt(tokenizer, "a cat", comma_padding_backtrack=-1)
