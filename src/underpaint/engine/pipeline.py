@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from underpaint.engine.conditioning import Conditioning, TextEncoderBundle, encode_prompt, pad_to_same_length
+from underpaint.engine.conditioning import Conditioning, TextEncoderBundle, encode_prompt
 from underpaint.engine.job import JobCancelled, Progress, ProgressCallback
 from underpaint.engine.samplers import DiscreteSchedule, NoiseSource, sample_img2img
 
@@ -101,20 +101,31 @@ def prepare_init_latents(c: Components, image: Image.Image, width: int, height: 
 
 @torch.no_grad()
 def encode_conditioning(c: Components, inputs: PipelineInputs) -> tuple[Conditioning, Conditioning]:
+    """Prompt and negative prompt, each in as many 77-token chunks as it needs.
+
+    A1111's default leaves prompts of different chunk counts unpadded; ``build_model_fn`` then runs the two
+    halves of classifier-free guidance as separate UNet calls.
+    """
     kwargs: dict[str, Any] = {"clip_skip": inputs.clip_skip}
     if inputs.token_expansions:
         kwargs["token_expansions"] = inputs.token_expansions
     cond = encode_prompt(c.bundle, inputs.prompt, **kwargs)
     uncond = encode_prompt(c.bundle, inputs.negative_prompt, **kwargs)
-    if cond.embeds.shape[1] != uncond.embeds.shape[1]:
-        empty = encode_prompt(c.bundle, "", **kwargs)
-        cond, uncond = pad_to_same_length(cond, uncond, empty)
     return cond, uncond
 
 
 def sdxl_time_ids(width: int, height: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     # (original size, crop top-left, target size) as A1111 sends them for SDXL base: all at the output size.
     return torch.tensor([[height, width, 0, 0, height, width]], device=device, dtype=dtype)
+
+
+def _added_cond(c: Components, parts: list[Conditioning], inputs: PipelineInputs, batch: int) -> dict[str, Any] | None:
+    added: dict[str, Any] | None = None
+    if c.is_sdxl:
+        pooled = torch.cat([p.pooled.to(c.device, c.dtype).expand(batch, -1) for p in parts if p.pooled is not None])
+        time_ids = sdxl_time_ids(inputs.width, inputs.height, c.device, c.dtype).expand(pooled.shape[0], -1)
+        added = {"text_embeds": pooled, "time_ids": time_ids}
+    return added
 
 
 def build_model_fn(
@@ -126,35 +137,58 @@ def build_model_fn(
     step_fraction: Callable[[], float],
     should_cancel: Callable[[], bool] | None,
 ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """UNet with classifier-free guidance in one batch ([uncond, cond]); returns eps (or v) for ``batch`` latents."""
+    """UNet with classifier-free guidance; returns eps (or v) for ``batch`` latents.
+
+    Guidance runs [uncond, cond] as one batch when both have the same length, else as two calls (A1111's
+    default). Guidance scale 1 skips the unconditional half, which cannot change the result.
+    """
     use_cfg = inputs.guidance_scale != 1.0
-    parts = [uncond, cond] if use_cfg else [cond]
-    ehs = torch.cat([p.embeds.to(c.device, c.dtype).expand(batch, -1, -1) for p in parts])
-    added: dict[str, Any] | None = None
-    if c.is_sdxl:
-        pooled = torch.cat([p.pooled.to(c.device, c.dtype).expand(batch, -1) for p in parts if p.pooled is not None])
-        time_ids = sdxl_time_ids(inputs.width, inputs.height, c.device, c.dtype).expand(pooled.shape[0], -1)
-        added = {"text_embeds": pooled, "time_ids": time_ids}
-    if inputs.added_cond:
-        added = {**(added or {}), **inputs.added_cond}
+    groups: list[list[Conditioning]]
+    if not use_cfg:
+        groups = [[cond]]
+    elif cond.embeds.shape[1] == uncond.embeds.shape[1]:
+        groups = [[uncond, cond]]
+    else:
+        groups = [[uncond], [cond]]
+    prepared = []
+    for parts in groups:
+        ehs = torch.cat([p.embeds.to(c.device, c.dtype).expand(batch, -1, -1) for p in parts])
+        added = _added_cond(c, parts, inputs, batch)
+        if inputs.added_cond:
+            # IP-Adapter embeddings come ordered [uncond, cond]; take the halves this group needs.
+            extra = {k: _select_halves(v, parts, uncond, len(groups)) for k, v in inputs.added_cond.items()}
+            added = {**(added or {}), **extra}
+        prepared.append((len(parts), ehs, added))
     scale = inputs.guidance_scale
 
-    def model_fn(x_in: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        if should_cancel is not None and should_cancel():
-            raise JobCancelled()
-        n = len(parts)
+    def run(x_in: torch.Tensor, t: torch.Tensor, n: int, ehs: torch.Tensor, added: dict[str, Any] | None) -> torch.Tensor:
         x_cat = torch.cat([x_in] * n).to(c.dtype)
         t_cat = torch.cat([t] * n).to(c.device)
         extra: dict[str, Any] = {}
         if inputs.control is not None:
             extra = inputs.control(x_cat, t_cat, ehs, added, step_fraction())
-        out = c.unet(x_cat, t_cat, encoder_hidden_states=ehs, added_cond_kwargs=added, return_dict=False, **extra)[0]
+        return c.unet(x_cat, t_cat, encoder_hidden_states=ehs, added_cond_kwargs=added, return_dict=False, **extra)[0]
+
+    def model_fn(x_in: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        if should_cancel is not None and should_cancel():
+            raise JobCancelled()
+        outs = [run(x_in, t, n, ehs, added) for n, ehs, added in prepared]
         if not use_cfg:
-            return out.to(x_in.dtype)
-        out_uncond, out_cond = out.chunk(2)
+            return outs[0].to(x_in.dtype)
+        out_uncond, out_cond = outs[0].chunk(2) if len(outs) == 1 else outs
         return (out_uncond + scale * (out_cond - out_uncond)).to(x_in.dtype)
 
     return model_fn
+
+
+def _select_halves(value: Any, parts: list[Conditioning], uncond: Conditioning, n_groups: int) -> Any:
+    """Pick the [uncond] or [cond] half of a CFG-batched extra input when guidance runs as two calls."""
+    if n_groups == 1 and len(parts) == 2:
+        return value
+    if isinstance(value, list):
+        return [_select_halves(v, parts, uncond, n_groups) for v in value]
+    halves = value.chunk(2)
+    return halves[0] if parts[0] is uncond else halves[1]
 
 
 @torch.no_grad()
