@@ -87,6 +87,9 @@ def owner_of(api_key: str) -> str:
 
 
 class TaskStore(Protocol):
+    # How long a claim stays valid without a heartbeat; workers renew well within it.
+    lease_seconds: float
+
     def create(self, task: NewTask) -> TaskRecord: ...
 
     def get(self, task_id: str, owner: str | None = None) -> TaskRecord | None:

@@ -138,7 +138,6 @@ def run_claimed(
     worker_id: str,
     runner: TaskRunner,
     *,
-    lease_seconds: float,
     on_terminal: TerminalHook | None = None,
     storage: ImageStorage | None = None,
 ) -> None:
@@ -151,7 +150,7 @@ def run_claimed(
         return
     reporter = ProgressReporter(store, task.task_id, worker_id)
     try:
-        with _LeaseKeeper(store, reporter, interval=max(0.05, lease_seconds / 3)):
+        with _LeaseKeeper(store, reporter, interval=store.lease_seconds / 3):
             images = runner.run(task, payload, reporter)
     except JobCancelled:
         log.warning("task %s: run abandoned (lease lost or cancelled); its result is not recorded", task.task_id)
@@ -176,7 +175,6 @@ def process_task(
     task_id: str,
     store: TaskStore,
     runner: TaskRunner,
-    settings: Settings,
     *,
     worker_id: str | None = None,
     on_terminal: TerminalHook | None = None,
@@ -192,9 +190,7 @@ def process_task(
     task = store.claim(task_id, wid)
     if task is None:
         return None
-    run_claimed(
-        store, task, wid, runner, lease_seconds=settings.lease_seconds, on_terminal=on_terminal, storage=storage
-    )
+    run_claimed(store, task, wid, runner, on_terminal=on_terminal, storage=storage)
     return store.get(task_id)
 
 
@@ -248,7 +244,6 @@ class Worker:
             task,
             self.worker_id,
             self.runner,
-            lease_seconds=self.settings.lease_seconds,
             on_terminal=self.on_terminal,
             storage=self.storage,
         )
