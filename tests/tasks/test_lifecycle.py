@@ -84,6 +84,21 @@ def test_recover_on_start_requeues_interrupted_tasks(store: SqlTaskStore) -> Non
     assert recover_on_start(store) == []
 
 
+def test_recovered_tasks_are_announced_to_the_queue(store: SqlTaskStore) -> None:
+    class RecordingQueue:
+        def __init__(self) -> None:
+            self.sent: list[tuple[str, str]] = []
+
+        def enqueue(self, task_id: str, lane: str) -> None:
+            self.sent.append((task_id, lane))
+
+    tid = add(store)
+    store.claim(tid, "killed")
+    queue = RecordingQueue()
+    assert recover_on_start(store, queue=queue) == [tid]
+    assert queue.sent == [(tid, "default")]  # a broker lost its message for it: send a new one
+
+
 def test_recover_on_start_fails_tasks_that_used_their_attempts(store: SqlTaskStore) -> None:
     tid = add(store)
     terminal: list[TaskRecord] = []

@@ -393,6 +393,15 @@ def test_concurrent_first_start_migrates_once(db_url: str) -> None:
             s.close()
 
 
+def test_plain_postgresql_url_uses_psycopg3(db_url: str) -> None:
+    plain = SqlTaskStore(db_url.replace("postgresql+psycopg://", "postgresql://"))
+    try:
+        assert plain.engine.dialect.driver in ("psycopg", "pysqlite")
+        assert plain.count_by_status()[TaskStatus.QUEUED] == 0
+    finally:
+        plain.close()
+
+
 def test_bad_urls_are_rejected() -> None:
     with pytest.raises(ValueError, match="in-memory"):
         SqlTaskStore("sqlite:///:memory:")

@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable, Iterable
 
 from underpaint.storage.base import ImageStorage
-from underpaint.tasks.types import ImageRecord, TaskRecord, TaskStore
+from underpaint.tasks.types import ImageRecord, TaskQueue, TaskRecord, TaskStatus, TaskStore
 
 log = logging.getLogger("underpaint.tasks")
 
@@ -40,25 +40,47 @@ def notify_terminal(store: TaskStore, task_ids: Iterable[str], on_terminal: Term
             log.exception("on_terminal hook failed for task %s", task_id)
 
 
-def sweep_expired(store: TaskStore, on_terminal: TerminalHook | None = None) -> list[str]:
-    """Requeue (or fail, after max attempts) PROCESSING tasks whose lease ran out. Returns the changed ids."""
+def _after_requeue(
+    store: TaskStore, task_ids: list[str], on_terminal: TerminalHook | None, queue: TaskQueue | None
+) -> None:
+    """Announce requeued tasks to the queue (a broker has no message for them any more) and ended ones to
+    ``on_terminal``."""
+    notify_terminal(store, task_ids, on_terminal)
+    if queue is None:
+        return
+    for task_id in task_ids:
+        record = store.get(task_id)
+        if record is not None and record.status is TaskStatus.QUEUED:
+            queue.enqueue(task_id, record.lane)
+
+
+def sweep_expired(
+    store: TaskStore, on_terminal: TerminalHook | None = None, queue: TaskQueue | None = None
+) -> list[str]:
+    """Requeue (or fail, after max attempts) PROCESSING tasks whose lease ran out. Returns the changed ids.
+
+    Run it periodically in any mode (the embedded worker does; with Celery, a beat task or the API process).
+    """
     changed = store.requeue_expired()
     if changed:
         log.warning("lease expired for %d task(s): %s", len(changed), ", ".join(changed))
-    notify_terminal(store, changed, on_terminal)
+    _after_requeue(store, changed, on_terminal, queue)
     return changed
 
 
-def recover_on_start(store: TaskStore, on_terminal: TerminalHook | None = None) -> list[str]:
+def recover_on_start(
+    store: TaskStore, on_terminal: TerminalHook | None = None, queue: TaskQueue | None = None
+) -> list[str]:
     """Embedded mode, before the worker starts: every PROCESSING task was interrupted by the last shutdown.
 
-    Each interrupted run already counted as an attempt when it was claimed; a task that used up
-    ``max_attempts`` ends FAILED with a reason instead of being queued again. Returns the changed ids.
+    Only valid when this process runs the store's only worker. Each interrupted run already counted as an
+    attempt when it was claimed; a task that used up ``max_attempts`` ends FAILED with a reason instead of
+    being queued again. Returns the changed ids.
     """
     changed = store.requeue_expired(now=math.inf)
     if changed:
         log.warning("recovered %d task(s) interrupted by the last shutdown: %s", len(changed), ", ".join(changed))
-    notify_terminal(store, changed, on_terminal)
+    _after_requeue(store, changed, on_terminal, queue)
     return changed
 
 

@@ -144,8 +144,8 @@ def _sqlite_engine(url: str) -> Engine:
         # Take transaction control away from the sqlite3 module so that BEGIN IMMEDIATE below is ours.
         dbapi_conn.isolation_level = None
         cur = dbapi_conn.cursor()
-        cur.execute("PRAGMA journal_mode=WAL")  # readers (task polling) never wait for the worker's writes
         cur.execute("PRAGMA busy_timeout=30000")
+        cur.execute("PRAGMA journal_mode=WAL")  # readers (task polling) never wait for the worker's writes
         cur.execute("PRAGMA synchronous=NORMAL")  # durable across process kills; WAL keeps it consistent
         cur.close()
 
@@ -163,11 +163,14 @@ def _sqlite_engine(url: str) -> Engine:
 
 
 def _make_engine(url: str) -> Engine:
-    backend = make_url(url).get_backend_name()
+    parsed = make_url(url)
+    backend = parsed.get_backend_name()
     if backend == "sqlite":
         return _sqlite_engine(url)
     if backend == "postgresql":
-        return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+        if parsed.drivername == "postgresql":
+            parsed = parsed.set(drivername="postgresql+psycopg")  # psycopg 3 is the driver we ship, not psycopg2
+        return create_engine(parsed, pool_pre_ping=True, pool_size=10, max_overflow=20)
     raise ValueError(f"unsupported task store URL {url.split(':', 1)[0]!r}: use sqlite:/// or postgresql+psycopg://")
 
 
@@ -404,29 +407,20 @@ class SqlTaskStore:
         expired = (_t.c.status == _PROCESSING) & (_t.c.lease_expires_at < now)
         changed: list[str] = []
         with self._write.begin() as conn:
-            exhausted = select(_t.c.task_id, _t.c.attempts).where(expired, _t.c.attempts >= self.max_attempts)
-            for tid, attempts in conn.execute(self._locking(exhausted)).all():
-                stmt = (
-                    update(_t)
-                    .where(_t.c.task_id == tid, expired)
-                    .values(
-                        status=_FAILED,
-                        reason=_crash_reason(attempts),
-                        finished_at=self.clock(),
-                        eta=0,
-                        lease_expires_at=None,
-                    )
-                )
-                if conn.execute(stmt).rowcount == 1:
+            rows = conn.execute(self._locking(select(_t.c.task_id, _t.c.attempts).where(expired))).all()
+            for tid, attempts in rows:
+                exhausted = attempts >= self.max_attempts
+                if exhausted:
+                    values: dict[str, Any] = {"status": _FAILED, "reason": _crash_reason(attempts)}
+                    values["finished_at"] = self.clock()
+                else:
+                    values = {"status": _QUEUED, "worker_id": None, "progress_percent": 0}
+                stmt = update(_t).where(_t.c.task_id == tid, expired).values(lease_expires_at=None, eta=0, **values)
+                if conn.execute(stmt).rowcount != 1:
+                    continue
+                if exhausted:
                     conn.execute(delete(payloads_table).where(payloads_table.c.task_id == tid))
-                    changed.append(tid)
-            retry = (
-                update(_t)
-                .where(expired, _t.c.attempts < self.max_attempts)
-                .values(status=_QUEUED, worker_id=None, lease_expires_at=None, progress_percent=0, eta=0)
-                .returning(_t.c.task_id)
-            )
-            changed.extend(conn.execute(retry).scalars())
+                changed.append(tid)
         return changed
 
     def purge(self, older_than: float, limit: int = 500) -> list[TaskRecord]:

@@ -55,10 +55,6 @@ class ProgressReporter:
         self._last_write: float | None = None
         self._lost = threading.Event()
 
-    @property
-    def lease_lost(self) -> bool:
-        return self._lost.is_set()
-
     def mark_lost(self) -> None:
         self._lost.set()
 
@@ -218,7 +214,6 @@ class Worker:
     ) -> None:
         self.store = store
         self.runner = runner
-        self.settings = settings
         self.worker_id = worker_id or default_worker_id()
         self.lanes = lanes
         self.queue = queue
@@ -250,7 +245,7 @@ class Worker:
         return True
 
     def sweep(self) -> list[str]:
-        return sweep_expired(self.store, self.on_terminal)
+        return sweep_expired(self.store, self.on_terminal, self.queue)
 
     def start(self) -> None:
         if self.running:
