@@ -53,7 +53,7 @@ def server_secret(settings: Settings) -> bytes:
 
 def webhook_secret_for_key(settings: Settings, api_key: str) -> str:
     from underpaint.delivery.signing import derive_secret
-    from underpaint.tasks.store import owner_of
+    from underpaint.tasks.types import owner_of
 
     policy = settings.key_policies.get(api_key)
     if policy is not None and policy.webhook_secret:
@@ -71,13 +71,13 @@ def build_services(settings: Settings) -> Services:
     registry = ModelRegistry(settings.models_dir)
     registry.ensure_layout()
     secret = server_secret(settings)
-    store = SqlTaskStore(settings.resolved_database_url)
+    store = SqlTaskStore.from_settings(settings)
     storage = build_storage(settings, secret)
     owners_secret = {k: p.webhook_secret for k, p in settings.key_policies.items() if p.webhook_secret}
 
     def secret_for(owner: str) -> str:
         from underpaint.delivery.signing import derive_secret
-        from underpaint.tasks.store import owner_of
+        from underpaint.tasks.types import owner_of
 
         for key, s in owners_secret.items():
             if owner_of(key) == owner and s:
@@ -115,7 +115,7 @@ class Service:
 
         s = self.services.settings
         if s.run_worker and s.queue_backend == "local":
-            recover_on_start(self.services.store, s)
+            recover_on_start(self.services.store, on_terminal=on_terminal_hook(self.services), queue=self.services.queue)
             self.worker = build_local_worker(self.services)
             self.worker.start()
         self.services.webhooks.start()
@@ -158,8 +158,14 @@ def on_terminal_hook(services: Services) -> Any:
 def build_local_worker(services: Services) -> Any:
     from underpaint.tasks.worker import Worker
 
-    return Worker(services.store, build_runner(services), services.settings, queue=services.queue,
-                  on_terminal=on_terminal_hook(services))
+    return Worker(
+        services.store,
+        build_runner(services),
+        services.settings,
+        queue=services.queue,
+        on_terminal=on_terminal_hook(services),
+        storage=services.storage,
+    )
 
 
 def create_service(settings: Settings) -> tuple[Service, Any]:

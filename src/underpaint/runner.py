@@ -37,7 +37,9 @@ class GenerationRunner:
         def on_progress(p: Progress) -> None:
             report(int(p.fraction * 100), int(round(p.eta_seconds)))
 
-        images = self.executor.generate(job, on_progress=on_progress)
+        # The reporter knows when this worker lost its lease (another worker took the task over).
+        should_cancel = getattr(report, "should_cancel", None)
+        images = self.executor.generate(job, on_progress=on_progress, should_cancel=should_cancel)
         verdicts = self._detect(task, images)
         records = self._store(task, images, verdicts)
         return records
