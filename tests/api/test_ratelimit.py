@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 
@@ -169,3 +170,48 @@ def test_admit_serializes_check_and_create_for_one_owner() -> None:
     for t in threads:
         t.join()
     assert (len(admitted), len(refused)) == (10, 10)
+
+
+def test_with_the_real_sql_store(tmp_path: Path) -> None:
+    """The limiter against SqlTaskStore (SQLite): counts come from the shared store, as across API nodes."""
+    from underpaint.tasks.store import SqlTaskStore
+    from underpaint.tasks.types import NewTask, owner_of
+
+    clock = Clock()
+    store = SqlTaskStore(f"sqlite:///{tmp_path / 'tasks.db'}", clock=clock)
+    try:
+        settings = Settings(key_policies={"k1": KeyPolicy(images_per_minute=10, max_queued_tasks=4)})
+        # Two limiters = two API nodes sharing one store.
+        nodes = [RateLimiter(settings, store, clock), RateLimiter(settings, store, clock)]
+
+        def submit_real(node: int, key: str, image_num: int) -> None:
+            owner = owner_of(key)
+            with nodes[node].admit(key, owner, image_num):
+                task_id = f"t{clock.now}-{node}-{len(key)}"
+                store.create(
+                    NewTask(
+                        task_id=task_id,
+                        owner=owner,
+                        seed=1,
+                        enable_nsfw_detection=False,
+                        response_image_type="png",
+                        extra={},
+                        payload={},
+                        image_num=image_num,
+                    )
+                )
+                clock.now += 1
+
+        for i in range(3):
+            submit_real(i % 2, "k1", 3)  # 9 images, 3 unfinished tasks
+        with pytest.raises(ApiError) as info:
+            submit_real(1, "k1", 2)  # 11th image
+        assert info.value.status == 429 and info.value.metadata["used"] == 9
+        assert info.value.headers["Retry-After"] == "58"  # first task (3 images) at t0 leaves at t0+60; now t0+3
+        submit_real(0, "k1", 1)  # the 10th still fits; now 4 unfinished tasks
+        clock.now += 60
+        with pytest.raises(ApiError, match="queue limit"):
+            submit_real(0, "k1", 1)
+        submit_real(1, "other", 8)  # another key: no policy, no limit
+    finally:
+        store.close()

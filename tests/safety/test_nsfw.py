@@ -160,15 +160,14 @@ def test_missing_model_file_marks_results_invalid(tmp_path: Any) -> None:
     assert results == [NsfwResult(valid=False, confidence=0.0)]
 
 
-def test_async_and_concurrent_use(detector: NsfwDetector) -> None:
-    images = [_gradient(128), _noise(128, 4)]
+def test_concurrent_use(detector: NsfwDetector) -> None:
+    images = [_gradient(128), _crude_nude_torso()]
     expected = detector.detect(images, 2)
-    future = detector.detect_async(images, 2)
+    assert expected[1].confidence > 0
     outputs: list[list[NsfwResult]] = []
     threads = [threading.Thread(target=lambda: outputs.append(detector.detect(images, 2))) for _ in range(3)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    assert future.result(timeout=60) == expected
     assert outputs == [expected] * 3

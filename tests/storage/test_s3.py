@@ -20,7 +20,6 @@ from underpaint.storage.custom import (
     custom_target,
     custom_target_from_extra,
     object_key,
-    output_filename,
     presign_custom,
     put_custom,
     validate_custom_storage,
@@ -149,18 +148,20 @@ def test_custom_bucket_keys_and_presigned_url(endpoint: str, admin: Any, direct:
         }
     }
     validate_custom_storage(extra["custom_storage"])
-    target = custom_target_from_extra(extra, endpoint_url=endpoint)
-    assert target is not None
-    key = object_key(target, "task-9", output_filename("task-9", 0, "png"))
+    settings = Settings(s3_endpoint_url=endpoint)
+    target = custom_target_from_extra(extra, settings)
+    assert target is not None and target.endpoint_url == endpoint
+    key = object_key(target, "task-9", "task-9_0.png")
     assert key == expected
+    assert object_key(target, "task-9", "task-9_0.png", direct) == expected
     data = _png()
     location = put_custom(target, key, data, "image/png")
-    assert location == {"bucket": bucket, "region": REGION, "endpoint_url": endpoint}
+    assert location == {"bucket": bucket, "region": REGION}
     listed = [o["Key"] for o in admin.list_objects_v2(Bucket=bucket)["Contents"]]
     assert listed == [expected]
 
     record = ImageRecord(key=key, image_type="png", backend="custom", location=location)
-    url = presign_custom(record, ttl=600)
+    url = presign_custom(record, ttl=600, settings=settings)
     assert "X-Amz-Expires=600" in url
     assert _download(url) == (data, "image/png")
 
@@ -168,12 +169,15 @@ def test_custom_bucket_keys_and_presigned_url(endpoint: str, admin: Any, direct:
 def test_custom_bucket_default_is_extra_directory_and_root_path(endpoint: str) -> None:
     target = custom_target({"region": "eu-west-1", "bucket": "b-1", "path": "/"})
     assert target.save_to_path_directly is False and target.path == ""
-    assert object_key(target, "t1", "t1_0.webp") == "t1/t1_0.webp"
-    assert output_filename("t1", 3, "jpeg") == "t1_3.jpeg"
+    assert object_key(target, "t1", "a.webp") == "t1/a.webp"
+    assert object_key(target, "t1", "a.webp", save_to_path_directly=True) == "a.webp"
+    assert target.endpoint_url is None  # no server endpoint: AWS
 
 
 def test_custom_missing_bucket_fails_with_its_name(endpoint: str) -> None:
-    target = custom_target({"region": REGION, "bucket": "ghost-bucket", "path": "x"}, endpoint_url=endpoint)
+    target = custom_target(
+        {"region": REGION, "bucket": "ghost-bucket", "path": "x"}, Settings(s3_endpoint_url=endpoint)
+    )
     with pytest.raises(StorageError, match="'ghost-bucket'.*does not exist"):
         put_custom(target, object_key(target, "t", "t_0.png"), b"1", "image/png")
 

@@ -33,7 +33,6 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Iterable, Mapping, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -88,9 +87,9 @@ def default_model_path() -> Path:
 class NsfwDetector:
     """Thread-safe, lazily loaded nudenet detector.
 
-    ``detect`` blocks the calling thread for ~20-50 ms per image on one CPU core; ``detect_async`` runs the
-    same work on the detector's own single thread and returns a ``Future``, so a worker can hand finished
-    images over and continue. onnxruntime sessions allow concurrent ``run`` calls, so both may be mixed.
+    ``detect`` takes ~15-50 ms per image on one CPU core. It may be called from any thread, concurrently
+    (onnxruntime sessions allow concurrent ``run`` calls); the worker calls it on a side thread so that
+    generation of the next task is not held up.
     """
 
     def __init__(self, model_path: Path | None = None, threads: int = 1) -> None:
@@ -99,7 +98,6 @@ class NsfwDetector:
         self._lock = threading.Lock()
         self._session: Any = None
         self._input_name = ""
-        self._executor: ThreadPoolExecutor | None = None
 
     def _get_session(self) -> Any:
         with self._lock:
@@ -146,17 +144,7 @@ class NsfwDetector:
                 results.append(NsfwResult(valid=True, confidence=confidence))
         return results
 
-    def detect_async(self, images: Sequence[Image.Image], level: int) -> Future[list[NsfwResult]]:
-        classes_for_level(level)  # reject a bad level in the caller's thread
-        with self._lock:
-            if self._executor is None:
-                self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nsfw")
-            executor = self._executor
-        return executor.submit(self.detect, list(images), level)
-
     def close(self) -> None:
+        """Release the ONNX session; the next call loads it again."""
         with self._lock:
-            executor, self._executor = self._executor, None
             self._session = None
-        if executor is not None:
-            executor.shutdown(wait=True)

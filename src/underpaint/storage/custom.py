@@ -10,9 +10,9 @@ Object keys (``path`` is stripped of leading/trailing ``/``; an empty path means
 * ``save_to_path_directly = true``  -> ``<path>/<filename>``
 * ``save_to_path_directly = false`` (default) -> ``<path>/<task_id>/<filename>`` (the "additional directory")
 
-with ``filename = output_filename(task_id, index, image_type)`` = ``<task_id>_<index>.<ext>``, unique across
-tasks so that direct saves never overwrite each other. The image's ``image_url`` is a presigned GET of that
-object, valid for ``image_url_ttl``.
+The worker picks a unique ``filename`` per image, so direct saves of different tasks never overwrite each
+other. The image's ``image_url`` is a presigned GET of that object, valid for ``image_url_ttl``; its
+``ImageRecord.location`` holds the bucket and region, the endpoint comes from the server's settings.
 
 Syntax is checked at submit (``INVALID_CUSTOM_OUTPUT_PATH``); a bucket that does not exist or denies access
 can only be seen at upload, and fails the task with a reason naming the bucket.
@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from underpaint.api.errors import invalid_custom_output_path
+from underpaint.config import Settings
 from underpaint.storage.s3 import S3Storage
 from underpaint.tasks.types import ImageRecord
 
@@ -38,7 +39,6 @@ _BUCKET_BAD_SUFFIXES = ("-s3alias", "--ol-s3", ".mrap", "--x-s3", "--table-s3")
 _REGION_RE = re.compile(r"^[a-z]{2}(-[a-z]+)+-\d{1,2}$")
 # Leave room under S3's 1024-byte key limit for "/<task_id>/<task_id>_<n>.<ext>".
 _MAX_PATH_BYTES = 900
-_EXTENSIONS = {"png": "png", "webp": "webp", "jpeg": "jpeg"}
 
 
 @dataclass(frozen=True)
@@ -87,8 +87,15 @@ def _required_str(aws_s3: Mapping[str, Any], name: str) -> str:
     return value
 
 
-def custom_target(aws_s3: Mapping[str, Any], endpoint_url: str | None = None) -> CustomS3Target:
-    """Validate ``extra.custom_storage.aws_s3``; raises ``ApiError`` 400 ``INVALID_CUSTOM_OUTPUT_PATH``."""
+def _endpoint(settings: Settings | None) -> str | None:
+    return settings.s3_endpoint_url if settings is not None else None
+
+
+def custom_target(aws_s3: Mapping[str, Any], settings: Settings | None = None) -> CustomS3Target:
+    """Validate ``extra.custom_storage.aws_s3``; raises ``ApiError`` 400 ``INVALID_CUSTOM_OUTPUT_PATH``.
+
+    ``settings`` supplies the server's ``s3_endpoint_url`` (None: AWS).
+    """
     if not isinstance(aws_s3, Mapping):
         raise invalid_custom_output_path("custom_storage.aws_s3 must be an object")
     unknown = sorted(set(aws_s3) - {"region", "bucket", "path", "save_to_path_directly"})
@@ -109,10 +116,10 @@ def custom_target(aws_s3: Mapping[str, Any], endpoint_url: str | None = None) ->
         direct = False
     if not isinstance(direct, bool):
         raise invalid_custom_output_path("custom_storage.aws_s3.save_to_path_directly must be a boolean")
-    return CustomS3Target(region, bucket, path, direct, endpoint_url)
+    return CustomS3Target(region, bucket, path, direct, _endpoint(settings))
 
 
-def custom_target_from_extra(extra: Mapping[str, Any], endpoint_url: str | None = None) -> CustomS3Target | None:
+def custom_target_from_extra(extra: Mapping[str, Any], settings: Settings | None = None) -> CustomS3Target | None:
     """The task's custom bucket, or None when ``extra`` has no ``custom_storage.aws_s3``."""
     custom = extra.get("custom_storage")
     if not custom:
@@ -127,7 +134,7 @@ def custom_target_from_extra(extra: Mapping[str, Any], endpoint_url: str | None 
     aws_s3 = custom.get("aws_s3")
     if aws_s3 is None:
         return None
-    return custom_target(aws_s3, endpoint_url)
+    return custom_target(aws_s3, settings)
 
 
 def validate_custom_storage(extra_custom_storage: Mapping[str, Any] | None) -> None:
@@ -135,13 +142,11 @@ def validate_custom_storage(extra_custom_storage: Mapping[str, Any] | None) -> N
     custom_target_from_extra({"custom_storage": extra_custom_storage})
 
 
-def output_filename(task_id: str, index: int, image_type: str) -> str:
-    return f"{task_id}_{index}.{_EXTENSIONS.get(image_type, image_type)}"
-
-
-def object_key(target: CustomS3Target, task_id: str, filename: str) -> str:
+def object_key(target: CustomS3Target, task_id: str, filename: str, save_to_path_directly: bool | None = None) -> str:
+    """The object key for one output; ``save_to_path_directly=None`` takes the target's own setting."""
+    direct = target.save_to_path_directly if save_to_path_directly is None else save_to_path_directly
     parts = [target.path] if target.path else []
-    if not target.save_to_path_directly:
+    if not direct:
         parts.append(task_id)
     parts.append(filename)
     return "/".join(parts)
@@ -157,15 +162,12 @@ def put_custom(target: CustomS3Target, key: str, data: bytes, content_type: str)
     Raises ``StorageError`` (bucket missing, access denied ...) whose message names the bucket.
     """
     _storage(target.bucket, target.region, target.endpoint_url).put(key, data, content_type)
-    location = {"bucket": target.bucket, "region": target.region}
-    if target.endpoint_url:
-        location["endpoint_url"] = target.endpoint_url
-    return location
+    return {"bucket": target.bucket, "region": target.region}
 
 
-def presign_custom(image: ImageRecord, ttl: int) -> str:
-    """``image_url`` for an image stored with ``backend="custom"``."""
+def presign_custom(image: ImageRecord, ttl: int, settings: Settings | None = None) -> str:
+    """``image_url`` for an image stored with ``backend="custom"`` (endpoint: ``settings.s3_endpoint_url``)."""
     loc = image.location
     if "bucket" not in loc:
         raise ValueError(f"image {image.key!r} has no custom bucket in its location")
-    return _storage(loc["bucket"], loc.get("region"), loc.get("endpoint_url")).url(image.key, ttl)
+    return _storage(loc["bucket"], loc.get("region"), _endpoint(settings)).url(image.key, ttl)
