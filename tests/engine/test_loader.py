@@ -259,7 +259,7 @@ def test_tiny_sdxl_img2img_produces_a_finite_image(sdxl: LoadedCheckpoint) -> No
 
 def test_vae_override_loads_its_own_weights(tiny_models_dir: Path, sd15: LoadedCheckpoint) -> None:
     before = {k: v.clone() for k, v in sd15.vae.state_dict().items()}
-    vae = load_vae(_entry(tiny_models_dir, "vae", "tiny-vae"), sd15)
+    vae = load_vae(_entry(tiny_models_dir, "vae", "tiny-vae"), like=sd15)
     _assert_same_weights(vae, tiny_vae_override())
     assert vae is not sd15.vae
     assert not torch.equal(vae.decoder.conv_out.weight, sd15.vae.decoder.conv_out.weight)
@@ -267,7 +267,7 @@ def test_vae_override_loads_its_own_weights(tiny_models_dir: Path, sd15: LoadedC
 
 
 def test_vae_override_takes_the_checkpoint_scaling(tiny_models_dir: Path, sdxl: LoadedCheckpoint) -> None:
-    vae = load_vae(_entry(tiny_models_dir, "vae", "tiny-vae"), sdxl)
+    vae = load_vae(_entry(tiny_models_dir, "vae", "tiny-vae"), like=sdxl)
     assert vae.config.scaling_factor == 0.13025
     _assert_same_weights(vae, tiny_vae_override())
 
@@ -280,14 +280,29 @@ def test_vae_prefixed_and_diffusers_layouts(tiny_models_dir: Path, tmp_path: Pat
     tiny_vae_override().save_pretrained(str(vae_dir / "folder-vae"))
     original = tiny_vae_override()
     for name in ("pref", "folder-vae"):
-        vae = load_vae(_entry(tmp_path / "models", "vae", name), sd15)
+        vae = load_vae(_entry(tmp_path / "models", "vae", name), like=sd15)
         _assert_same_weights(vae, original)
 
 
-def test_vae_that_does_not_fit_is_a_clear_error(tiny_models_dir: Path) -> None:
-    # Without a checkpoint to copy the architecture from, the shipped (real-size) config is used.
+def test_vae_sidecar_config_makes_it_standalone(tiny_models_dir: Path) -> None:
+    vae = load_vae(_entry(tiny_models_dir, "vae", "tiny-vae"), "cpu", torch.float32)
+    _assert_same_weights(vae, tiny_vae_override())
+    assert vae.config.scaling_factor == 0.18215
+
+
+def test_vae_that_does_not_fit_is_a_clear_error(tiny_models_dir: Path, tmp_path: Path) -> None:
+    # Without sidecar or checkpoint to copy the architecture from, the shipped (real-size) config is used.
+    vae_dir = tmp_path / "models" / "vae"
+    vae_dir.mkdir(parents=True)
+    shutil.copy2(tiny_models_dir / "vae" / "tiny-vae.safetensors", vae_dir / "lonely.safetensors")
     with pytest.raises(ModelLoadError, match="do not fit"):
-        load_vae(_entry(tiny_models_dir, "vae", "tiny-vae"), device="cpu")
+        load_vae(_entry(tmp_path / "models", "vae", "lonely"), "cpu")
+    (vae_dir / "empty.safetensors").write_bytes(b"")
+    safetensors.torch.save_file({"lora_unet_x.alpha": torch.ones(1)}, str(vae_dir / "lora.safetensors"))
+    with pytest.raises(ModelLoadError, match="no VAE weights"):
+        load_vae(_entry(tmp_path / "models", "vae", "lora"), "cpu")
+    with pytest.raises(ModelLoadError, match="cannot read"):
+        load_vae(_entry(tmp_path / "models", "vae", "empty"), "cpu")
 
 
 # ---------------------------------------------------------------------------------------------- cache

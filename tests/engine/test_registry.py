@@ -101,8 +101,10 @@ def test_sdxl_detection_for_folders_and_sidecars(tmp_path: Path, tiny_models_dir
 
 
 def test_sidecars_and_other_files_are_not_models(tiny_models_dir: Path) -> None:
-    names = [e.sd_name for e in ModelRegistry(tiny_models_dir).list("checkpoint")]
+    reg = ModelRegistry(tiny_models_dir)
+    names = [e.sd_name for e in reg.list("checkpoint")]
     assert sorted(names) == ["tiny-sd15-diffusers", "tiny-sd15.safetensors", "tiny-sdxl.safetensors"]
+    assert [e.sd_name for e in reg.list("vae")] == ["tiny-vae.safetensors"]
 
 
 def test_rescan_when_files_are_added_or_removed(tmp_path: Path) -> None:

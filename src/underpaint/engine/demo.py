@@ -185,8 +185,8 @@ def write_demo_models(models_dir: Path) -> dict[str, Path]:
     """Write the tiny models into the models layout and return their paths by name:
 
     ``tiny-sd15`` / ``tiny-sdxl`` (``checkpoint/*.safetensors`` + sidecar ``*.config/``), ``tiny-sd15-diffusers``
-    (``checkpoint/`` diffusers folder, same weights as tiny-sd15), ``tiny-vae`` (``vae/tiny-vae.safetensors``,
-    A1111 VAE layout, fits both tiny checkpoints).
+    (``checkpoint/`` diffusers folder, same weights as tiny-sd15), ``tiny-vae`` (``vae/tiny-vae.safetensors`` +
+    sidecar ``tiny-vae.config/config.json``, A1111 VAE layout, fits both tiny checkpoints).
     """
     models_dir = Path(models_dir)
     ckpt_dir = models_dir / "checkpoint"
@@ -207,4 +207,13 @@ def write_demo_models(models_dir: Path) -> dict[str, Path]:
         vae = tiny_vae_override()
         vae_sd = vae_to_ldm(vae.state_dict(), vae.config)
         safetensors.torch.save_file({k: v.contiguous() for k, v in vae_sd.items()}, str(paths["tiny-vae"]), _META)
+        # The sidecar makes the file loadable on its own; with a checkpoint, its scaling factor still wins.
+        side = vae_dir / "tiny-vae.config"
+        side.mkdir(exist_ok=True)
+        vae.save_config(str(side))
     return paths
+
+
+def write_all_demo_models(models_dir: Path) -> dict[str, Path]:
+    """Everything ``underpaint demo-models DIR`` writes (today: the checkpoints and the VAE above)."""
+    return write_demo_models(models_dir)

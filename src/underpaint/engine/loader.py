@@ -353,14 +353,17 @@ def _vae_config(entry: ModelEntry, like: LoadedCheckpoint | None) -> dict[str, A
 
 def load_vae(
     entry: ModelEntry,
-    like: LoadedCheckpoint | None = None,
-    *,
     device: torch.device | str | None = None,
     dtype: torch.dtype | None = None,
+    *,
+    like: LoadedCheckpoint | None = None,
 ) -> AutoencoderKL:
     """A VAE override from ``M/vae/``: A1111 single file (LDM keys, optionally ``first_stage_model.``-prefixed, or
-    diffusers keys) or a diffusers folder. ``like`` is the checkpoint it will replace a VAE for: its VAE config
-    gives the architecture and scaling factor, and its device/dtype are the defaults. Returns a new module."""
+    diffusers keys) or a diffusers folder; always a new module (the checkpoint's own VAE is never touched).
+
+    Architecture: the file's sidecar ``<stem>.config/`` (``config.json`` or ``vae/config.json``), else ``like``'s
+    VAE config, else the shipped SD VAE config (SD 1.5 and SDXL VAEs share it). ``like`` is the checkpoint the VAE
+    will serve: it also gives the scaling factor (A1111 keeps the checkpoint's) and the default device/dtype."""
     if like is not None:
         dev = like.device if device is None else torch.device(device)
         dt = like.dtype if dtype is None else dtype
@@ -477,7 +480,7 @@ class ModelCache:
             if vae is not None:
                 self._vaes.move_to_end(key)
                 return vae
-            vae = load_vae(entry, like)
+            vae = load_vae(entry, like=like)
             self.stats.vae_loads += 1
             self._vaes[key] = vae
             while len(self._vaes) > self.max_vaes:
