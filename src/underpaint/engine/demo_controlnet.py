@@ -186,4 +186,3 @@ def write_demo_annotators(annotator_dir: Path) -> dict[str, Path]:
     for i, (name, build) in enumerate(_annotator_builders().items()):
         out[name] = write_annotator(build, Path(annotator_dir) / name, seed=5000 + i, half=name == "ControlNetHED.pth")
     return out
-

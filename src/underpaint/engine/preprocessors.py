@@ -5,18 +5,22 @@ Every name the Novita docs/JS SDK and the Python SDK send is known here. Three g
 * weight-free, work out of the box: ``canny``, ``shuffle`` and the Python SDK's ``invert``, ``threshold``,
   ``color``, ``scribble_xdog``, ``tile_resample``, ``binary``;
 * network annotators whose weights the operator drops into ``M/annotator/`` (file names as published with
-  lllyasviel's ControlNet annotators): HED, PiDiNet, MLSD, lineart, lineart_anime — the network definitions come
-  from the ``controlnet_aux`` package, weights are loaded with ``torch.load(weights_only=True)``;
+  lllyasviel's ControlNet annotators): HED, PiDiNet, MLSD, lineart, lineart_anime, and OpenPose (body, hands, face:
+  ``body_pose_model.pth``, ``hand_pose_model.pth``, ``facenet.pth``) — the network definitions, OpenPose's
+  detectors and its body/face drawing come from the ``controlnet_aux`` package (imported module by module, its
+  package ``__init__``s pull torchvision), weights are loaded with ``torch.load(weights_only=True)``;
 * annotators that need packages this build cannot install beside the CPU torch wheel (torchvision, timm, mmpose,
-  mediapipe): depth_midas/zoe/leres, normal_bae, openpose*, dwpose, mediapipe_face. They are accepted by the API
-  and fail the task with a reason saying so; pass a ready-made map with preprocessor ``none`` instead.
+  mediapipe): depth_midas/zoe/leres, normal_bae, dwpose, mediapipe_face. They are accepted by the API and fail the
+  task with a reason saying so; pass a ready-made map with preprocessor ``none`` instead.
 
 ``none`` (or no preprocessor) uses the image as the control map.
 """
 
 from __future__ import annotations
 
+import colorsys
 import importlib
+import importlib.util
 import os
 import sys
 import sysconfig
@@ -101,11 +105,11 @@ def color(img: Array, ctx: Context) -> Array:
 
 
 def scribble_xdog(img: Array, ctx: Context) -> Array:
-    # Difference of Gaussians, thresholded (A1111 threshold 32).
+    # Difference of Gaussians: white lines on black where 2 * (255 - dog) exceeds A1111's threshold 32.
     g1 = cv2.GaussianBlur(img.astype(np.float32), (0, 0), 0.5)
     g2 = cv2.GaussianBlur(img.astype(np.float32), (0, 0), 5.0)
-    dog = (255 - np.min(g2 - g1, axis=2)).clip(0, 255)
-    return _gray3(np.where(dog > 255 - 32, 0, 255).astype(np.uint8))
+    dog = (255 - np.min(g2 - g1, axis=2)).clip(0, 255).astype(np.uint8)
+    return _gray3(np.where(2 * (255 - dog.astype(np.int32)) > 32, 255, 0).astype(np.uint8))
 
 
 def tile_resample(img: Array, ctx: Context) -> Array:
@@ -115,13 +119,49 @@ def tile_resample(img: Array, ctx: Context) -> Array:
 # -- network annotators (controlnet_aux definitions, our weight loading) -----------------------------------
 
 
+_AUX_ROOT = os.path.join(sysconfig.get_paths()["purelib"], "controlnet_aux")
+# Packages whose __init__ imports torchvision (or imports a sibling that does): registered as bare namespaces.
+_STUB_PACKAGES = ("", "open_pose")
+_import_lock = threading.Lock()
+
+
 def _aux(module: str) -> Any:
-    """Import a controlnet_aux submodule without running its package __init__ (which pulls torchvision)."""
-    if "controlnet_aux" not in sys.modules:
-        pkg = types.ModuleType("controlnet_aux")
-        pkg.__path__ = [os.path.join(sysconfig.get_paths()["purelib"], "controlnet_aux")]
-        sys.modules["controlnet_aux"] = pkg
+    """Import a controlnet_aux submodule without running the package __init__s that pull torchvision."""
+    with _import_lock:
+        for sub in _STUB_PACKAGES:
+            name = "controlnet_aux" + (f".{sub}" if sub else "")
+            if name not in sys.modules:
+                pkg = types.ModuleType(name)
+                pkg.__path__ = [os.path.join(_AUX_ROOT, *sub.split(".")) if sub else _AUX_ROOT]
+                sys.modules[name] = pkg
     return importlib.import_module(f"controlnet_aux.{module}")
+
+
+class _NoTorchvisionTransform:
+    """Stands in for a torchvision transform that face.py instantiates at import time but never calls here."""
+
+    def __call__(self, *args: Any) -> Any:
+        raise RuntimeError("torchvision is not installed")
+
+
+def _aux_face() -> Any:
+    """``controlnet_aux.open_pose.face``: its FaceNet and Face need only torch, but the module imports torchvision's
+    ToTensor/ToPILImage at the top (instantiated, never used by them). Without torchvision, that import gets
+    placeholders for the duration of this import only."""
+    name = "controlnet_aux.open_pose.face"
+    if name in sys.modules or importlib.util.find_spec("torchvision") is not None:
+        return _aux("open_pose.face")
+    _aux("open_pose.util")
+    tv, tvt = types.ModuleType("torchvision"), types.ModuleType("torchvision.transforms")
+    tvt.ToTensor = tvt.ToPILImage = _NoTorchvisionTransform  # type: ignore[attr-defined]
+    tv.transforms = tvt  # type: ignore[attr-defined]
+    with _import_lock:
+        sys.modules.update({"torchvision": tv, "torchvision.transforms": tvt})
+        try:
+            return importlib.import_module(name)
+        finally:
+            sys.modules.pop("torchvision", None)
+            sys.modules.pop("torchvision.transforms", None)
 
 
 _nets: dict[tuple[str, Path], Any] = {}
@@ -135,17 +175,29 @@ def _load_state(path: Path) -> dict[str, torch.Tensor]:
     return {k.replace("module.", ""): v for k, v in state.items()}
 
 
-def _net(kind: str, path: Path, build: Callable[[], torch.nn.Module]) -> Any:
-    key = (kind, path)
+def _cached(key: tuple[str, Path], build: Callable[[], Any]) -> Any:
     with _nets_lock:
         if key not in _nets:
-            net = build()
-            try:
-                net.load_state_dict(_load_state(path))
-            except Exception as exc:  # wrong file, truncated download ...
-                raise JobError(f"annotator weights {path.name} could not be loaded for {kind}: {exc}") from exc
-            _nets[key] = net.float().eval()
+            _nets[key] = build()
         return _nets[key]
+
+
+def _net(kind: str, path: Path, build: Callable[[], torch.nn.Module], strip_prefix: bool = False) -> Any:
+    """``build()`` with the weights of ``path``; ``strip_prefix``: the file's names lack the first module level
+    (the OpenPose files: ``conv1_1.weight`` for the network's ``model0.conv1_1.weight``)."""
+
+    def load() -> Any:
+        net = build()
+        try:
+            state = _load_state(path)
+            if strip_prefix:
+                state = {k: state[k.split(".", 1)[1]] for k in net.state_dict()}
+            net.load_state_dict(state)
+        except Exception as exc:  # wrong file, truncated download ...
+            raise JobError(f"annotator weights {path.name} could not be loaded for {kind}: {exc!r}") from exc
+        return net.float().eval()
+
+    return _cached((kind, path), load)
 
 
 def _detector(kind: str, files: tuple[str, ...], ctx: Context) -> Any:
@@ -182,6 +234,89 @@ def _network(kind: str, files: tuple[str, ...], **call_kwargs: Any) -> Callable[
         return _gray3(np.asarray(out))
 
     return run
+
+
+# -- OpenPose (controlnet_aux's networks, detectors and drawing; our glue) ------------------------------------
+
+BODY, HAND, FACE = "body_pose_model.pth", "hand_pose_model.pth", "facenet.pth"
+# The 21-keypoint hand skeleton: wrist to each finger's four joints.
+_HAND_EDGES = [(0, 1), (1, 2), (2, 3), (3, 4), (0, 5), (5, 6), (6, 7), (7, 8), (0, 9), (9, 10), (10, 11), (11, 12)]
+_HAND_EDGES += [(0, 13), (13, 14), (14, 15), (15, 16), (0, 17), (17, 18), (18, 19), (19, 20)]
+
+
+def _openpose_models(ctx: Context, hand: bool, face: bool) -> tuple[Any, Any, Any]:
+    """Body, hand and face estimators (controlnet_aux classes around our loaded networks)."""
+    body_mod, hand_mod, model_mod = _aux("open_pose.body"), _aux("open_pose.hand"), _aux("open_pose.model")
+
+    def wrap(cls: Any, net: Any) -> Any:
+        # The estimator classes load weights in __init__ with their own torch.load; only .model is used after.
+        est = object.__new__(cls)
+        est.model = net
+        return est
+
+    d = ctx.annotator_dir
+    body = wrap(body_mod.Body, _net("openpose_body", d / BODY, model_mod.bodypose_model, strip_prefix=True))
+    hand_est = None
+    if hand:
+        hand_est = wrap(hand_mod.Hand, _net("openpose_hand", d / HAND, model_mod.handpose_model, strip_prefix=True))
+    face_est = None
+    if face:
+        face_mod = _aux_face()
+        face_est = wrap(face_mod.Face, _net("openpose_face", d / FACE, face_mod.FaceNet))
+    return body, hand_est, face_est
+
+
+def _draw_hand(canvas: Array, points: list[tuple[float, float]]) -> None:
+    """Hand skeleton in the OpenPose colours (edge hue around the wheel, blue joints); points normalised, <0 unset."""
+    h, w = canvas.shape[:2]
+    px = [(int(x * w), int(y * h)) for x, y in points]
+    for i, (a, b) in enumerate(_HAND_EDGES):
+        if min(*px[a], *px[b]) > 0:
+            rgb = colorsys.hsv_to_rgb(i / len(_HAND_EDGES), 1.0, 1.0)
+            cv2.line(canvas, px[a], px[b], tuple(int(c * 255) for c in rgb), thickness=2)
+    for x, y in px:
+        if x > 0 and y > 0:
+            cv2.circle(canvas, (x, y), 4, (0, 0, 255), thickness=-1)
+
+
+def _local_peaks(peaks: Array, x0: int, y0: int, w: int, h: int) -> list[tuple[float, float]] | None:
+    """Crop-relative peaks -> image-normalised points (``-1`` where the detector found nothing)."""
+    if peaks.ndim != 2 or peaks.shape[1] != 2:
+        return None
+    return [(-1.0, -1.0) if px < 1e-6 or py < 1e-6 else ((px + x0) / w, (py + y0) / h) for px, py in peaks.tolist()]
+
+
+def openpose_map(img: Array, ctx: Context, body: bool = True, hand: bool = False, face: bool = False) -> Array:
+    """Detect people on ``img`` (RGB) and draw the requested parts on black, at the image's size."""
+    util = _aux("open_pose.util")
+    keypoint = _aux("open_pose.body").Keypoint
+    body_est, hand_est, face_est = _openpose_models(ctx, hand, face)
+    bgr = np.ascontiguousarray(img[:, :, ::-1])  # the networks were trained on OpenCV's BGR
+    h, w = bgr.shape[:2]
+    canvas = np.zeros((h, w, 3), np.uint8)
+    candidate, subset = body_est(bgr)
+    for person in body_est.format_body_result(candidate, subset):
+        if body:
+            points = [None if k is None else keypoint(x=k.x / w, y=k.y / h) for k in person.keypoints]
+            canvas = util.draw_bodypose(canvas, points)
+        if hand_est is not None:
+            for x, y, size, _is_left in util.handDetect(person, bgr):
+                found = _local_peaks(hand_est(bgr[y : y + size, x : x + size]).astype(np.float32), x, y, w, h)
+                if found:
+                    _draw_hand(canvas, found)
+        if face_est is not None:
+            box = util.faceDetect(person, bgr)
+            if box is not None:
+                x, y, size = box
+                heatmaps = face_est(bgr[y : y + size, x : x + size])
+                found = _local_peaks(face_est.compute_peaks_from_heatmaps(heatmaps).astype(np.float32), x, y, w, h)
+                if found:
+                    canvas = util.draw_facepose(canvas, [keypoint(x=px, y=py) for px, py in found])
+    return canvas
+
+
+def _openpose(body: bool, hand: bool, face: bool) -> Callable[[Array, Context], Array]:
+    return lambda img, ctx: openpose_map(img, ctx, body=body, hand=hand, face=face)
 
 
 HED = ("ControlNetHED.pth",)
@@ -226,10 +361,14 @@ def _registry() -> dict[str, Preprocessor]:
             ("sk_model.pth", "sk_model2.pth"),
         ),
         Preprocessor("lineart_anime", _network("lineart_anime", ("netG.pth",)), ("netG.pth",)),
+        Preprocessor("openpose", _openpose(True, False, False), (BODY,)),
+        Preprocessor("openpose_hand", _openpose(True, True, False), (BODY, HAND)),
+        Preprocessor("openpose_face", _openpose(True, False, True), (BODY, FACE)),
+        Preprocessor("openpose_faceonly", _openpose(False, False, True), (BODY, FACE)),
+        Preprocessor("openpose_full", _openpose(True, True, True), (BODY, HAND, FACE)),
     ]
     unsupported = [
-        "depth", "depth_midas", "depth_zoe", "depth_leres", "depth_leres++", "normal_bae", "normal_map",
-        "openpose", "openpose_face", "openpose_faceonly", "openpose_full", "openpose_hand", "dwpose",
+        "depth", "depth_midas", "depth_zoe", "depth_leres", "depth_leres++", "normal_bae", "normal_map", "dwpose",
         "mediapipe_face", "segmentation", "oneformer_coco", "oneformer_ade20k", "clip_vision",
     ]
     out = {p.name: p for p in table}
@@ -264,6 +403,23 @@ def check(name: str | None, annotator_dir: Path) -> None:
             f"preprocessor {name!r} needs the annotator weights {', '.join(missing)}: "
             f"put them in {annotator_dir} (the models folder's annotator/ directory)"
         )
+
+
+def submit_check(name: str | None, annotator_dir: Path) -> str | None:
+    """Why a request naming ``name`` should be refused at submit (``INVALID_REQUEST_BODY``), or None.
+
+    Refused: unknown names and annotators whose weight files are missing (the message names the files and the
+    folder). Names this build cannot run (``unsupported``) are accepted, as the seed's enum promises, and the task
+    fails with the reason.
+    """
+    p = PREPROCESSORS.get(name or "none")
+    if p is not None and p.unsupported:
+        return None
+    try:
+        check(name, annotator_dir)
+    except JobError as exc:
+        return str(exc)
+    return None
 
 
 def run_preprocessor(name: str | None, image: Image.Image, ctx: Context) -> Image.Image:
