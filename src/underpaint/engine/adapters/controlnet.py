@@ -180,7 +180,16 @@ def build_control_hook(
     device: torch.device,
     seed: int = 0,
 ) -> ControlHookImpl | None:
+    """The hook adding the residuals of ``units`` to each UNet call, or None when no unit contributes.
+
+    Raises ``JobError`` for a ControlNet of the other base model, a missing annotator file, an unloadable model.
+    """
     dtype = loaded.dtype
+    for entry, spec in units:  # every refusal before any model loads or preprocessor runs
+        if entry.is_sdxl != loaded.is_sdxl:
+            base = "SDXL" if loaded.is_sdxl else "SD 1.5"
+            raise JobError(f"ControlNet {entry.stem!r} is for {entry.base_model}, the checkpoint is {base}")
+        preprocessors.check(spec.preprocessor, annotator_dir)
     prepared: list[PreparedUnit] = []
     for entry, spec in units:
         if spec.strength == 0:
