@@ -6,7 +6,7 @@ from __future__ import annotations
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import cv2
 import numpy as np
@@ -88,7 +88,7 @@ def components(loaded: LoadedCheckpoint) -> Components:
     return Components(
         unet=loaded.unet,
         vae=loaded.vae,
-        bundle=TextEncoderBundle(list(loaded.tokenizers), list(loaded.text_encoders), loaded.is_sdxl),
+        bundle=TextEncoderBundle(list(loaded.tokenizers), cast(list[Any], loaded.text_encoders), loaded.is_sdxl),
         schedule=DiscreteSchedule.from_betas(*loaded.betas),
         prediction_type=loaded.prediction_type,
         vae_scaling_factor=loaded.vae_scaling_factor,
