@@ -175,6 +175,26 @@ def test_loaded_weights_equal_the_written_ones(registry: ModelRegistry, name: st
     assert reference["controlnet_mid_block.weight"].abs().sum() > 0
 
 
+def test_other_published_layouts_load(models: Path, tmp_path: Path) -> None:
+    """A diffusers-keyed single file (a downloaded ``diffusion_pytorch_model.safetensors``, renamed) with a sidecar,
+    and a diffusers folder holding only the fp16 variant."""
+    src = models / "controlnet" / "controlnet-canny-sdxl-1.0"
+    folder = tmp_path / "controlnet"
+    (folder / "xl-diffusers-keys.config").mkdir(parents=True)
+    shutil.copy(src / "diffusion_pytorch_model.safetensors", folder / "xl-diffusers-keys.safetensors")
+    shutil.copy(src / "config.json", folder / "xl-diffusers-keys.config" / "config.json")
+    (folder / "xl-fp16").mkdir()
+    shutil.copy(src / "config.json", folder / "xl-fp16" / "config.json")
+    shutil.copy(src / "diffusion_pytorch_model.safetensors", folder / "xl-fp16" / "diffusion_pytorch_model.fp16.safetensors")
+    reg = ModelRegistry(tmp_path)
+    reference = demo.tiny_controlnet(True, demo.SDXL_CANNY_SEED).state_dict()
+    for name in ("xl-diffusers-keys", "xl-fp16"):
+        entry = reg.resolve("controlnet", name)
+        assert entry is not None and entry.is_sdxl, name
+        loaded = cn.load_controlnet_model(entry, CPU, torch.float32).state_dict()
+        assert all(torch.equal(loaded[k], reference[k]) for k in reference), name
+
+
 def test_file_without_fitting_config_is_a_clear_error(models: Path, tmp_path: Path) -> None:
     folder = tmp_path / "controlnet"
     folder.mkdir()

@@ -84,8 +84,13 @@ def load_controlnet_model(entry: ModelEntry, device: torch.device, dtype: torch.
     from diffusers.models.controlnets.controlnet import ControlNetModel
 
     if entry.path.is_dir():
+        # Folders downloaded with only the fp16 weights carry them as the "fp16" variant.
+        plain = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
+        fp16_only = not any((entry.path / f).is_file() for f in plain) and any(entry.path.glob("*.fp16.*"))
         try:
-            model = ControlNetModel.from_pretrained(entry.path, local_files_only=True, torch_dtype=dtype)
+            model = ControlNetModel.from_pretrained(
+                entry.path, local_files_only=True, torch_dtype=dtype, variant="fp16" if fp16_only else None
+            )
         except Exception as exc:  # diffusers raises many types for broken folders
             raise JobError(f"ControlNet {entry.sd_name!r} could not be loaded: {exc}") from exc
     else:
