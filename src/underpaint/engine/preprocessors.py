@@ -321,10 +321,12 @@ def _openpose(body: bool, hand: bool, face: bool) -> Callable[[Array, Context], 
 
 HED = ("ControlNetHED.pth",)
 PIDI = ("table5_pidinet.pth",)
-_TORCHVISION = (
-    "needs torchvision/timm, which cannot be installed beside this build's CPU torch wheel; "
-    "send a ready-made map with preprocessor 'none' instead"
-)
+_INSTEAD = "send a ready-made map with preprocessor 'none' instead"
+_TORCHVISION = f"needs torchvision and timm, which cannot be installed beside this build's CPU torch wheel; {_INSTEAD}"
+_UNSUPPORTED = {
+    "dwpose": f"needs OpenMMLab's mmpose and mmdet (which pull torchvision); use 'openpose_full', or {_INSTEAD}",
+    "mediapipe_face": f"needs mediapipe 0.10 (protobuf 4), which conflicts with this build's packages; {_INSTEAD}",
+}
 
 
 def _registry() -> dict[str, Preprocessor]:
@@ -373,7 +375,7 @@ def _registry() -> dict[str, Preprocessor]:
     ]
     out = {p.name: p for p in table}
     for name in unsupported:
-        out[name] = Preprocessor(name, None, unsupported=_TORCHVISION)
+        out[name] = Preprocessor(name, None, unsupported=_UNSUPPORTED.get(name, _TORCHVISION))
     return out
 
 
