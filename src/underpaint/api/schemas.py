@@ -149,6 +149,12 @@ def _check_image_type(value: str) -> str:
     return key
 
 
+def _non_empty_base64(value: str) -> str:
+    if not value.strip():
+        raise PydanticCustomError("empty_image", "must be a non-empty base64-encoded image")
+    return value  # decoded and size-checked by api.images
+
+
 def _check_webhook_url(value: str) -> str:
     if not value.lower().startswith(("http://", "https://")) or len(value) > 2048:
         raise PydanticCustomError("bad_url", "must be an http(s) URL of at most 2048 characters")
@@ -163,7 +169,7 @@ def _check_test_status(value: str) -> str:
 
 ModelName = Annotated[str, AfterValidator(_length(1, 512))]
 Unit = Annotated[float, AfterValidator(_between(0, 1))]
-Base64 = Annotated[str, AfterValidator(_length(1, 20 * 1024 * 1024))]
+Base64 = Annotated[str, AfterValidator(_non_empty_base64)]
 
 
 class _Lenient(BaseModel):
