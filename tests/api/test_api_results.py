@@ -7,9 +7,9 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
-from conftest import KEY_A, KEY_B, auth, make_services
 from fastapi.testclient import TestClient
 
+from conftest import KEY_A, KEY_B, auth, make_services
 from underpaint.api.app import create_app
 from underpaint.api.errors import ApiError, invalid_custom_output_path, rate_limited
 from underpaint.api.jobs import job_from_payload

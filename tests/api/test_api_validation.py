@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+
 from conftest import KEY_A, auth
 
 PY_SDK_EXTRA = {
