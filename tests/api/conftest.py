@@ -20,6 +20,7 @@ from underpaint.config import KeyPolicy, Settings
 from underpaint.engine.registry import ModelRegistry
 from underpaint.services import Services
 from underpaint.storage.local import LocalStorage
+from underpaint.tasks.store import SqlTaskStore
 
 KEY_A = "key-a-0123456789"
 KEY_B = "key-b-9876543210"
@@ -78,7 +79,8 @@ def png_b64() -> str:
     return b64(image_bytes())
 
 
-def make_services(models_dir: Path, tmp_path: Path, **settings: Any) -> Services:
+def make_services(models_dir: Path, tmp_path: Path, memory_store: bool = False, **settings: Any) -> Services:
+    """Services over the real SQLite task store (or the in-memory one) and local image storage."""
     base = Settings(
         data_dir=tmp_path,
         models_dir=models_dir,
@@ -87,7 +89,7 @@ def make_services(models_dir: Path, tmp_path: Path, **settings: Any) -> Services
     )
     return Services(
         settings=base.with_overrides(**settings) if settings else base,
-        store=MemStore(),
+        store=MemStore() if memory_store else SqlTaskStore(f"sqlite:///{tmp_path / 'tasks.db'}"),
         queue=ListQueue(),
         registry=ModelRegistry(models_dir),
         storage=LocalStorage(tmp_path / "images", SECRET),
@@ -95,8 +97,16 @@ def make_services(models_dir: Path, tmp_path: Path, **settings: Any) -> Services
 
 
 @pytest.fixture
-def services(models_dir: Path, tmp_path: Path) -> Services:
-    return make_services(models_dir, tmp_path)
+def services(models_dir: Path, tmp_path: Path) -> Iterator[Services]:
+    services = make_services(models_dir, tmp_path)
+    yield services
+    close = getattr(services.store, "close", None)
+    if close is not None:
+        close()
+
+
+def task_count(services: Services) -> int:
+    return sum(services.store.count_by_status().values())  # type: ignore[attr-defined]
 
 
 @pytest.fixture

@@ -9,13 +9,13 @@ from urllib.parse import urlsplit
 import pytest
 from fastapi.testclient import TestClient
 
-from conftest import KEY_A, KEY_B, auth, make_services
+from conftest import KEY_A, KEY_B, auth, make_services, task_count
 from underpaint.api.app import create_app
 from underpaint.api.errors import ApiError, invalid_custom_output_path, rate_limited
 from underpaint.api.jobs import job_from_payload
 from underpaint.engine.job import JobError
 from underpaint.storage.local import image_key
-from underpaint.tasks.types import ImageRecord, NsfwResult
+from underpaint.tasks.types import ImageRecord, NsfwResult, TaskStatus, owner_of
 
 RESULT = "/v3/async/task-result"
 
@@ -64,8 +64,9 @@ def test_keys_never_logged(client, submit, caplog, services):
     assert KEY_A not in caplog.text and "some-wrong-key" not in caplog.text  # ... the keys are not
 
 
-def test_tenant_isolation(client, submit):
+def test_tenant_isolation(client, submit, services):
     task_id = submit(key=KEY_A).json()["task_id"]
+    assert services.store.get(task_id).owner == owner_of(KEY_A)  # the hash, never the key
     assert result(client, task_id, KEY_A).status_code == 200
     r = result(client, task_id, KEY_B)
     assert r.status_code == 404 and r.json()["reason"] == "TASK_NOT_FOUND"
@@ -243,8 +244,7 @@ def test_enqueue_failure_fails_the_task(submit, services):
     services.queue.enqueue = boom  # type: ignore[method-assign]
     r = submit()
     assert r.status_code == 500 and r.json()["reason"] == "CREATE_TASK_FAILED"
-    (record,) = services.store.tasks.values()
-    assert record.status.value == "TASK_STATUS_FAILED" and record.reason
+    assert services.store.count_by_status()[TaskStatus.FAILED] == task_count(services) == 1
 
 
 def test_unknown_route_and_method(client):
@@ -270,8 +270,6 @@ class Limiter:
 
 
 def test_rate_limiter_called_and_429(submit, services):
-    from underpaint.api.auth import owner_of
-
     services.rate_limiter = Limiter(True)
     assert submit(image_num=3).status_code == 200
     assert services.rate_limiter.calls == [(KEY_A, owner_of(KEY_A), 3)]
@@ -279,7 +277,7 @@ def test_rate_limiter_called_and_429(submit, services):
     r = submit(image="not-even-an-image")  # rate limit is checked before images are decoded
     assert r.status_code == 429 and r.json()["reason"] == "RATE_LIMIT_EXCEEDED"
     assert r.headers["retry-after"] == "12"
-    assert len(services.store.tasks) == 1
+    assert task_count(services) == 1
 
 
 class Webhooks:
@@ -301,7 +299,7 @@ def test_webhook_validation_and_test_mode(submit, services):
     assert r.status_code == 400 and "not enabled" in r.json()["message"]
     services.webhooks = Webhooks()
     r = submit(extra={"webhook": {"url": "http://127.0.0.1:9/x"}})
-    assert r.status_code == 400 and not services.store.tasks
+    assert r.status_code == 400 and task_count(services) == 0
     task_id = submit(extra={"webhook": {"url": "https://hook.example/x"}}).json()["task_id"]
     assert services.queue.items[-1][0] == task_id and not services.webhooks.events
     assert services.store.get(task_id).extra["webhook"] == {"url": "https://hook.example/x"}

@@ -2,7 +2,7 @@
 
 Keys are compared as SHA-256 digests with ``hmac.compare_digest`` against every configured key, so the time
 taken does not depend on which key (or which prefix) matched. Keys are never logged; tasks store only
-``owner_of(key)``.
+``underpaint.tasks.types.owner_of(key)``.
 """
 
 from __future__ import annotations
@@ -13,11 +13,6 @@ from dataclasses import dataclass
 
 from underpaint.api.errors import invalid_api_key, missing_api_key
 from underpaint.config import KeyPolicy, Settings
-
-
-def owner_of(api_key: str) -> str:
-    """The owner hash stored with a task (same definition as ``underpaint.tasks.types.owner_of``)."""
-    return hashlib.sha256(api_key.encode("utf-8")).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -44,7 +39,7 @@ class KeyAuth:
             matched |= hmac.compare_digest(digest, known)
         if not matched:
             raise invalid_api_key()
-        owner = digest.hex()
+        owner = digest.hex()  # == owner_of(key), without hashing twice
         policy = self._policies.get(key) or self._policies.get(owner) or self._default
         return Caller(api_key=key, owner=owner, policy=policy)
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from starlette.requests import Request
@@ -11,10 +11,9 @@ from starlette.responses import JSONResponse
 
 from underpaint.api.auth import Caller, KeyAuth
 from underpaint.api.errors import ApiError
+from underpaint.api.serialize import url_resolver
 from underpaint.services import Services
 from underpaint.tasks.types import ImageRecord
-
-UrlResolver = Callable[[ImageRecord, int], str]
 
 
 @dataclass
@@ -23,7 +22,6 @@ class ApiContext:
     auth: KeyAuth
     ttl: int
     public_base_url: str | None
-    url_resolvers: dict[str, UrlResolver] = field(default_factory=dict)
 
     @classmethod
     def build(cls, services: Services) -> ApiContext:
@@ -34,7 +32,6 @@ class ApiContext:
             auth=KeyAuth(settings),
             ttl=int(settings.image_url_ttl),
             public_base_url=base,
-            url_resolvers=dict(services.extras.get("url_resolvers") or {}),
         )
 
     def caller(self, request: Request) -> Caller:
@@ -44,19 +41,7 @@ class ApiContext:
         return self.public_base_url or str(request.base_url).rstrip("/")
 
     def url_for(self, base_url: str) -> Callable[[ImageRecord], str]:
-        """Image record → absolute download URL, by the backend that holds the image."""
-        storage = self.services.storage
-        ttl = self.ttl
-
-        def url(image: ImageRecord) -> str:
-            if image.backend == storage.name:
-                return storage.url(image.key, ttl, base_url)
-            resolver = self.url_resolvers.get(image.backend)
-            if resolver is None:
-                raise LookupError(f"no URL resolver for image backend {image.backend!r}")
-            return resolver(image, ttl)
-
-        return url
+        return url_resolver(self.services, base_url)
 
 
 def error_response(err: ApiError) -> JSONResponse:
