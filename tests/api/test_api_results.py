@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -260,23 +262,39 @@ def test_unknown_route_and_method(client):
 
 
 class Limiter:
-    def __init__(self, allow: bool) -> None:
-        self.allow, self.calls = allow, []  # type: ignore[var-annotated]
+    def __init__(self, allow: bool, admit_allows: bool = True) -> None:
+        self.allow, self.admit_allows = allow, admit_allows
+        self.calls: list[tuple[str, str, int]] = []
+        self.tasks_inside_admit: list[int] = []
+        self.services: Any = None
 
     def check(self, *, api_key: str, owner: str, image_num: int) -> None:
         self.calls.append((api_key, owner, image_num))
         if not self.allow:
             raise rate_limited("images per minute exceeded", retry_after=12)
 
+    @contextmanager
+    def admit(self, *, api_key: str, owner: str, image_num: int) -> Iterator[None]:
+        if not self.admit_allows:  # another request of this key got in between check and create
+            raise rate_limited("images per minute exceeded", retry_after=3)
+        before = task_count(self.services)
+        yield
+        self.tasks_inside_admit.append(task_count(self.services) - before)
+
 
 def test_rate_limiter_called_and_429(submit, services):
-    services.rate_limiter = Limiter(True)
+    services.rate_limiter = limiter = Limiter(True)
+    limiter.services = services
     assert submit(image_num=3).status_code == 200
-    assert services.rate_limiter.calls == [(KEY_A, owner_of(KEY_A), 3)]
+    assert limiter.calls == [(KEY_A, owner_of(KEY_A), 3)]
+    assert limiter.tasks_inside_admit == [1]  # the task was created while admitted
     services.rate_limiter = Limiter(False)
     r = submit(image="not-even-an-image")  # rate limit is checked before images are decoded
     assert r.status_code == 429 and r.json()["reason"] == "RATE_LIMIT_EXCEEDED"
     assert r.headers["retry-after"] == "12"
+    services.rate_limiter = Limiter(True, admit_allows=False)
+    r = submit()
+    assert r.status_code == 429 and r.headers["retry-after"] == "3"
     assert task_count(services) == 1
 
 
@@ -314,15 +332,16 @@ def test_webhook_validation_and_test_mode(submit, services):
 def test_custom_storage_validator(submit, services):
     seen: list[dict[str, Any]] = []
 
-    def validate(aws_s3: dict[str, Any]) -> None:
-        seen.append(aws_s3)
-        if aws_s3["bucket"] == "bad":
+    def validate(custom_storage: dict[str, Any]) -> None:
+        seen.append(custom_storage)
+        if custom_storage["aws_s3"]["bucket"] == "bad":
             raise invalid_custom_output_path("bucket not allowed")
 
     services.extras["validate_custom_storage"] = validate
     s3 = {"region": "us-east-1", "bucket": "mine", "path": "out/"}
     assert submit(extra={"custom_storage": {"aws_s3": s3}}).status_code == 200
-    assert seen == [s3 | {"save_to_path_directly": False}]
+    assert seen == [{"aws_s3": s3 | {"save_to_path_directly": False}}]
+    assert submit(extra={"custom_storage": {}}).status_code == 200 and len(seen) == 1  # nothing to validate
     r = submit(extra={"custom_storage": {"aws_s3": s3 | {"bucket": "bad"}}})
     assert r.status_code == 400 and r.json()["reason"] == "INVALID_CUSTOM_OUTPUT_PATH"
 

@@ -10,7 +10,8 @@ from __future__ import annotations
 import json
 import secrets
 import uuid
-from typing import Any
+from contextlib import AbstractContextManager, nullcontext
+from typing import Any, cast
 
 from underpaint.api.auth import Caller
 from underpaint.api.context import ApiContext
@@ -60,10 +61,9 @@ def submit_img2img(ctx: ApiContext, caller: Caller, raw: bytes, base_url: str) -
         if services.webhooks is None:
             raise invalid_request("extra.webhook: webhooks are not enabled on this server", field="extra.webhook.url")
         services.webhooks.validate_url(webhook.url)
-    aws_s3 = extra.custom_storage.aws_s3 if extra.custom_storage is not None else None
     validate_storage = services.extras.get("validate_custom_storage")
-    if aws_s3 is not None and validate_storage is not None:
-        validate_storage(aws_s3.model_dump())
+    if extra.custom_storage is not None and extra.custom_storage.aws_s3 is not None and validate_storage is not None:
+        validate_storage(extra.custom_storage.model_dump(exclude_none=True))  # {"aws_s3": {...}}
 
     seed = req.seed if req.seed >= 0 else secrets.randbelow(2**32 - 1)
     payload = req.model_dump()
@@ -78,20 +78,21 @@ def submit_img2img(ctx: ApiContext, caller: Caller, raw: bytes, base_url: str) -
         lane, priority = dedicated, DEDICATED_PRIORITY
 
     task_id = str(uuid.uuid4())
-    services.store.create(
-        NewTask(
-            task_id=task_id,
-            owner=caller.owner,
-            seed=seed,
-            enable_nsfw_detection=extra.enable_nsfw_detection,
-            response_image_type=extra.response_image_type,
-            extra=extra_out,
-            payload=payload,
-            image_num=req.image_num,
-            lane=lane,
-            priority=priority,
+    with _admission(services.rate_limiter, caller, req.image_num):
+        services.store.create(
+            NewTask(
+                task_id=task_id,
+                owner=caller.owner,
+                seed=seed,
+                enable_nsfw_detection=extra.enable_nsfw_detection,
+                response_image_type=extra.response_image_type,
+                extra=extra_out,
+                payload=payload,
+                image_num=req.image_num,
+                lane=lane,
+                priority=priority,
+            )
         )
-    )
     try:
         if test_status is not None:
             services.webhooks.submit_test_event(
@@ -108,6 +109,17 @@ def submit_img2img(ctx: ApiContext, caller: Caller, raw: bytes, base_url: str) -
         services.store.fail(task_id, None, "the task could not be queued")
         raise
     return {"task_id": task_id}
+
+
+def _admission(limiter: Any, caller: Caller, image_num: int) -> AbstractContextManager[Any]:
+    """The limiter's ``admit`` (re-check and hold the owner's lock while the task is created), if it has one.
+
+    The early ``check`` rejects over-limit requests before any image is decoded; ``admit`` closes the
+    check-then-create race between concurrent requests of one key in this process."""
+    admit = getattr(limiter, "admit", None)
+    if admit is None:
+        return nullcontext()
+    return cast(AbstractContextManager[Any], admit(api_key=caller.api_key, owner=caller.owner, image_num=image_num))
 
 
 # ---------------------------------------------------------------------------------------------------------------
