@@ -158,6 +158,8 @@ def test_signed_url_tampering_and_expiry(client, submit, services):
     finish(services, task_id, [ImageRecord(key, "jpeg")])
     url = result(client, task_id).json()["images"][0]["image_url"]
     assert client.get(url).headers["content-type"] == "image/jpeg"
+    head = client.head(url)
+    assert head.status_code == 200 and head.headers["content-length"] == str(len(b"jpeg-bytes")) and not head.content
     parts = urlsplit(url)
     path, query = parts.path, dict(p.split("=") for p in parts.query.split("&"))
     bad_sig = query["sig"][:-1] + ("0" if query["sig"][-1] != "0" else "1")

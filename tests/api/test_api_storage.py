@@ -91,3 +91,17 @@ def test_secret_race_gives_one_value(tmp_path):
     for t in threads:
         t.join()
     assert len(set(results)) == 1 and Path(tmp_path / "url_secret").read_bytes() == results[0]
+
+
+def test_api_imports_stay_light():
+    """Workers import ``api.jobs`` without FastAPI; nothing in ``api`` pulls torch."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, underpaint.api.jobs; assert 'fastapi' not in sys.modules, 'fastapi'; "
+        "import underpaint.api.app; assert 'torch' not in sys.modules, 'torch'"
+    )
+    src = str(Path(__file__).resolve().parents[2] / "src")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={"PYTHONPATH": src})
+    assert result.returncode == 0, result.stderr
