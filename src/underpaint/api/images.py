@@ -82,7 +82,7 @@ def open_image(raw: bytes, field: str = "image_base64") -> DecodedImage:
         im = Image.open(io.BytesIO(raw))
     except Image.DecompressionBombError:
         raise _too_many_pixels(field, None) from None
-    except Exception:  # noqa: BLE001 - any parser failure on untrusted bytes is the client's bad image
+    except Exception:  # any parser failure on untrusted bytes is the client's bad image
         raise invalid_image_format(
             f"{field}: not a readable image (supported: PNG, JPEG, WebP, BMP, GIF)", field=field
         ) from None
@@ -104,11 +104,11 @@ def open_image(raw: bytes, field: str = "image_base64") -> DecodedImage:
             im.load()
         except Image.DecompressionBombError:
             raise _too_many_pixels(field, (width, height)) from None
-        except Exception:  # noqa: BLE001 - truncated/corrupt data surfaces as assorted errors inside Pillow
+        except Exception:  # truncated/corrupt data surfaces as assorted errors inside Pillow
             raise invalid_image_format(f"{field}: image data is truncated or corrupt", field=field) from None
         try:
             rgb = to_rgb(im)
-        except Exception:  # noqa: BLE001 - exotic modes Pillow cannot convert (LAB, HSV ...)
+        except Exception:  # exotic modes Pillow cannot convert (LAB, HSV ...)
             raise invalid_image_format(
                 f"{field}: unsupported color mode {im.mode}; send an RGB, grayscale or CMYK image", field=field
             ) from None
@@ -121,8 +121,7 @@ def decode_image(data: str, field: str = "image_base64") -> DecodedImage:
 
 def to_rgb(im: Image.Image) -> Image.Image:
     """8-bit RGB as a viewer would display it (EXIF orientation applied, transparency on white)."""
-    if im.getexif().get(0x0112, 1) != 1:
-        im = ImageOps.exif_transpose(im)
+    im = _upright(im)
     if im.mode == "RGB":
         return im
     if im.mode in _SIXTEEN_BIT_MODES:
@@ -138,6 +137,16 @@ def to_rgb(im: Image.Image) -> Image.Image:
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")
     return im.convert("RGB")
+
+
+def _upright(im: Image.Image) -> Image.Image:
+    """Apply the EXIF orientation; a malformed EXIF block is ignored rather than failing the image."""
+    try:
+        if im.getexif().get(0x0112, 1) in (1, None):
+            return im
+        return ImageOps.exif_transpose(im)
+    except Exception:  # EXIF is optional metadata from untrusted files
+        return im
 
 
 def _too_many_pixels(field: str, size: tuple[int, int] | None) -> Exception:
