@@ -211,3 +211,26 @@ def test_png_with_missing_padding_through_api(submit):
     text = base64.b64encode(image_bytes((17, 17))).decode()
     assert text.endswith("=")
     assert submit(image=text.rstrip("=")).status_code == 200
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG", "WEBP", "GIF", "BMP"])
+def test_mutated_files_only_ever_give_api_errors(fmt):
+    """Random byte flips and cuts of valid files: every outcome is an image or a 400, never another exception."""
+    rng = np.random.default_rng(1234)
+    original = bytearray(image_bytes((24, 16), fmt=fmt) if fmt != "GIF" else animated("GIF"))
+    outcomes = {"ok": 0, "error": 0}
+    for _ in range(120):
+        data = bytearray(original)
+        for pos in rng.integers(0, len(data), size=int(rng.integers(1, 6))):
+            data[pos] = int(rng.integers(0, 256))
+        if rng.random() < 0.3:
+            data = data[: int(rng.integers(1, len(data)))]
+        try:
+            decoded = decode_image(b64(bytes(data)))
+        except ApiError as err:
+            assert err.status == 400
+            outcomes["error"] += 1
+        else:
+            assert decoded.image.mode == "RGB"
+            outcomes["ok"] += 1
+    assert outcomes["error"] > 0

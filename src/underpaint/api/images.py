@@ -86,32 +86,34 @@ def open_image(raw: bytes, field: str = "image_base64") -> DecodedImage:
         raise invalid_image_format(
             f"{field}: not a readable image (supported: PNG, JPEG, WebP, BMP, GIF)", field=field
         ) from None
-    with im:
-        fmt = (im.format or "").upper()
-        if fmt not in ALLOWED_FORMATS:
-            raise invalid_image_format(
-                f"{field}: unsupported image format {fmt or 'unknown'} (supported: PNG, JPEG, WebP, BMP, GIF)",
-                field=field,
-            )
-        width, height = im.size  # from the header: nothing decoded yet
-        if width <= 0 or height <= 0:
-            raise invalid_image_format(f"{field}: image has no pixels", field=field)
-        if width * height > MAX_IMAGE_PIXELS:
-            raise _too_many_pixels(field, (width, height))
-        if fmt != "MPO" and getattr(im, "n_frames", 1) > 1:
-            raise invalid_image_format(f"{field}: animated images are not supported; send a single frame", field=field)
-        try:
+    # Not closed on purpose: the data lives in memory (BytesIO), and the RGB result may be this very object.
+    fmt = (im.format or "").upper()
+    if fmt not in ALLOWED_FORMATS:
+        raise invalid_image_format(
+            f"{field}: unsupported image format {fmt or 'unknown'} (supported: PNG, JPEG, WebP, BMP, GIF)",
+            field=field,
+        )
+    width, height = im.size  # from the header: nothing decoded yet
+    if width <= 0 or height <= 0:
+        raise invalid_image_format(f"{field}: image has no pixels", field=field)
+    if width * height > MAX_IMAGE_PIXELS:
+        raise _too_many_pixels(field, (width, height))
+    try:
+        animated = fmt != "MPO" and getattr(im, "n_frames", 1) > 1  # GIF counts frames by scanning the file
+        if not animated:
             im.load()
-        except Image.DecompressionBombError:
-            raise _too_many_pixels(field, (width, height)) from None
-        except Exception:  # truncated/corrupt data surfaces as assorted errors inside Pillow
-            raise invalid_image_format(f"{field}: image data is truncated or corrupt", field=field) from None
-        try:
-            rgb = to_rgb(im)
-        except Exception:  # exotic modes Pillow cannot convert (LAB, HSV ...)
-            raise invalid_image_format(
-                f"{field}: unsupported color mode {im.mode}; send an RGB, grayscale or CMYK image", field=field
-            ) from None
+    except Image.DecompressionBombError:
+        raise _too_many_pixels(field, (width, height)) from None
+    except Exception:  # truncated/corrupt data surfaces as assorted errors inside Pillow
+        raise invalid_image_format(f"{field}: image data is truncated or corrupt", field=field) from None
+    if animated:
+        raise invalid_image_format(f"{field}: animated images are not supported; send a single frame", field=field)
+    try:
+        rgb = to_rgb(im)
+    except Exception:  # exotic modes Pillow cannot convert (LAB, HSV ...)
+        raise invalid_image_format(
+            f"{field}: unsupported color mode {im.mode}; send an RGB, grayscale or CMYK image", field=field
+        ) from None
     return DecodedImage(rgb, fmt)
 
 
