@@ -397,3 +397,27 @@ def test_job_from_bad_payload_raises_job_error(submit, services):
         job_from_payload({k: v for k, v in payload.items() if k != "prompt"}, 1)
     with pytest.raises(JobError):
         job_from_payload(payload, -1)
+
+
+def test_with_the_real_rate_limiter_and_custom_storage_check(models_dir, tmp_path, png_b64):
+    from underpaint.api.ratelimit import RateLimiter
+    from underpaint.config import KeyPolicy
+    from underpaint.storage.custom import validate_custom_storage
+
+    services = make_services(models_dir, tmp_path, key_policies={KEY_A: KeyPolicy(images_per_minute=3)})
+    services.rate_limiter = RateLimiter(services.settings, services.store)
+    services.extras["validate_custom_storage"] = validate_custom_storage
+    client = TestClient(create_app(services))
+    req = {"model_name": "dreamshaper_8", "image_base64": png_b64, "prompt": "p", "image_num": 2}
+
+    def post(key: str = KEY_A, **extra: Any) -> Any:
+        return client.post("/v3/async/img2img", json={"request": req, "extra": extra}, headers=auth(key))
+
+    assert post().status_code == 200
+    r = post()  # 2 + 2 > 3 images per minute
+    assert r.status_code == 429 and r.json()["reason"] == "RATE_LIMIT_EXCEEDED" and int(r.headers["retry-after"]) >= 1
+    assert post(KEY_B).status_code == 200  # other keys are not limited
+    s3 = {"region": "us-east-1", "bucket": "Not_A_Bucket", "path": "out"}
+    r = post(KEY_B, custom_storage={"aws_s3": s3})
+    assert r.status_code == 400 and r.json()["reason"] == "INVALID_CUSTOM_OUTPUT_PATH"
+    assert post(KEY_B, custom_storage={"aws_s3": s3 | {"bucket": "my-bucket"}}).status_code == 200
