@@ -323,13 +323,12 @@ def field_path(loc: tuple[int | str, ...]) -> str:
     return out or "body"
 
 
-def validation_error_to_api(errors: list[dict[str, Any]], prefix: tuple[int | str, ...] = ()) -> ApiError:
+def validation_error_to_api(errors: list[dict[str, Any]]) -> ApiError:
     """The first pydantic error as a Novita 400 naming the field, e.g. ``request.width: must be between ...``."""
     if not errors:
         return invalid_request("invalid request body")
     err = errors[0]
     loc = tuple(p for p in err.get("loc", ()) if p not in ("body",))
-    loc = prefix + loc
     kind = err.get("type", "")
     message = _TYPE_MESSAGES.get(kind) or _lower_first(str(err.get("msg", "is invalid")))
     field = field_path(loc)
