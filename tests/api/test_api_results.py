@@ -421,3 +421,13 @@ def test_with_the_real_rate_limiter_and_custom_storage_check(models_dir, tmp_pat
     r = post(KEY_B, custom_storage={"aws_s3": s3})
     assert r.status_code == 400 and r.json()["reason"] == "INVALID_CUSTOM_OUTPUT_PATH"
     assert post(KEY_B, custom_storage={"aws_s3": s3 | {"bucket": "my-bucket"}}).status_code == 200
+
+
+def test_no_keys_configured_refuses_everything_and_warns(models_dir, tmp_path, caplog):
+    services = make_services(models_dir, tmp_path, api_keys=())
+    assert services.settings.api_keys == ()
+    with caplog.at_level(logging.WARNING):
+        client = TestClient(create_app(services))
+    assert "no API keys configured" in caplog.text
+    r = client.get("/v3/model", headers=auth())
+    assert r.status_code == 403 and r.json()["reason"] == "INVALID_API_KEY"

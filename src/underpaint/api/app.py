@@ -62,6 +62,8 @@ class NovitaRoute(APIRoute):
 
 def create_app(services: Services) -> FastAPI:
     ctx = ApiContext.build(services)
+    if not services.settings.api_keys:
+        logger.warning("no API keys configured (settings.api_keys): every API request will get 403 INVALID_API_KEY")
     app = FastAPI(title="Underpaint", docs_url=None, redoc_url=None, openapi_url=None)
     app.router.route_class = NovitaRoute
     app.state.ctx = ctx
