@@ -327,3 +327,22 @@ def test_missing_annotator_is_a_clear_error(registry: ModelRegistry, sd15: Loade
     message = str(err.value)
     assert "sk_model.pth" in message and "sk_model2.pth" in message and str(registry.models_dir / "annotator") in message
     assert fresh_cache.loads == 0
+
+
+@pytest.mark.parametrize("config_name", ["controlnet_sd15", "controlnet_sdxl"])
+def test_real_shapes_map_completely(config_name: str) -> None:
+    """On the shipped real-size configs (meta tensors, no memory): every weight of the model has exactly one
+    lllyasviel-layout key and comes back from it with its shape."""
+    from accelerate import init_empty_weights
+    from diffusers.models.controlnets.controlnet import ControlNetModel
+
+    config = dict(ControlNetModel.load_config(str(cn.CONFIG_ROOT / config_name)))
+    with init_empty_weights():
+        model = ControlNetModel.from_config(config)
+    state = model.state_dict()
+    ldm = demo.controlnet_to_ldm(state, config)
+    assert len(ldm) == len(state)
+    back = cn._ldm_to_diffusers(ldm, config)
+    assert back.keys() == state.keys()
+    assert all(back[k].shape == state[k].shape for k in state)
+    assert ("control_model.label_emb.0.0.weight" in ldm) == (config_name == "controlnet_sdxl")
