@@ -346,3 +346,41 @@ def test_real_shapes_map_completely(config_name: str) -> None:
     assert back.keys() == state.keys()
     assert all(back[k].shape == state[k].shape for k in state)
     assert ("control_model.label_emb.0.0.weight" in ldm) == (config_name == "controlnet_sdxl")
+
+
+# -- through the executor (the worker's path) --------------------------------------------------------------------
+
+
+def test_executor_runs_units_and_refuses_the_wrong_base(models: Path) -> None:
+    from underpaint.config import Settings
+    from underpaint.engine.executor import DiffusersExecutor
+    from underpaint.engine.job import GenerationJob
+
+    executor = DiffusersExecutor(Settings(models_dir=models, device="cpu", torch_threads=1), ModelRegistry(models))
+
+    def job(*units: ControlNetUnitSpec) -> np.ndarray:
+        spec = GenerationJob(
+            checkpoint="tiny-sd15.safetensors",
+            init_image=init_image(),
+            prompt="a cat",
+            negative_prompt="",
+            width=SIZE,
+            height=SIZE,
+            image_num=1,
+            steps=4,
+            guidance_scale=7.0,
+            sampler_name="Euler",
+            seed=11,
+            strength=0.75,
+            controlnets=units,
+        )
+        return np.asarray(executor.generate(spec)[0].image).astype(np.int16)
+
+    plain = job()
+    controlled = job(unit(CANNY, image=control_image((48, 40)), preprocessor="canny"), unit(OPENPOSE, strength=0.5))
+    assert differ(controlled, plain) > 2.0
+    assert np.array_equal(job(unit(CANNY, strength=0.0)), plain)
+    with pytest.raises(JobError, match="is for SDXL 1.0"):
+        job(unit("controlnet-canny-sdxl-1.0"))
+    with pytest.raises(JobError, match="sk_model.pth"):
+        job(unit(CANNY, preprocessor="lineart_coarse"))
