@@ -87,6 +87,8 @@ def test_missing_annotator_names_file_and_folder(picture: Image.Image, tmp_path:
 def test_unsupported_and_unknown_are_clear(tmp_path: Path) -> None:
     with pytest.raises(JobError, match="torchvision"):
         P.check("depth_midas", tmp_path)
+    with pytest.raises(JobError, match="use 'depth_leres'"):
+        P.check("depth_leres++", tmp_path)
     with pytest.raises(JobError, match="not supported"):
         P.check("no_such_preprocessor", tmp_path)
 
@@ -193,3 +195,36 @@ def test_broken_annotator_file_is_a_clear_error(picture: Image.Image, tmp_path: 
     (tmp_path / "table5_pidinet.pth").write_bytes(b"not a checkpoint")
     with pytest.raises(JobError, match="table5_pidinet.pth could not be loaded"):
         P.run_preprocessor("softedge_pidinet", picture, ctx(tmp_path))
+
+
+# -- LeReS depth -----------------------------------------------------------------------------------------------------
+
+
+def test_depth_leres_runs_from_a_published_layout_file(picture: Image.Image, tmp_path: Path) -> None:
+    """res101.pth nests the weights under ``depth_model`` with DataParallel's ``module.`` prefix."""
+    from underpaint.engine.demo_controlnet import write_zero_annotator
+
+    write_zero_annotator(P._leres_net, tmp_path / "flat.pth")
+    flat = torch.load(tmp_path / "flat.pth", weights_only=True)
+    torch.save({"depth_model": {"module." + k: v for k, v in flat.items()}}, tmp_path / "res101.pth")
+    out = np.asarray(P.run_preprocessor("depth_leres", picture, ctx(tmp_path)))
+    assert out.shape == (96, 128, 3) and (out == 255).all()  # a flat prediction: no depth range, inverted zeros
+
+
+def test_depth_leres_maps_near_to_white(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    class Ramp(torch.nn.Module):
+        """Predicted depth grows from left to right."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.anchor = torch.nn.Parameter(torch.zeros(1))
+
+        def depth_model(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.linspace(0, 1, x.shape[3]).expand(1, 1, x.shape[2], x.shape[3])
+
+    monkeypatch.setattr(P, "_net", lambda *a, **k: Ramp())
+    (tmp_path / "res101.pth").write_bytes(b"")  # present; the patched loader never reads it
+    image = Image.new("RGB", (128, 64), (80, 80, 80))
+    out = np.asarray(P.run_preprocessor("depth_leres", image, ctx(tmp_path)))[:, :, 0].astype(int)
+    assert out[:, 0].min() >= 250 and out[:, -1].max() <= 5  # near (small depth) white, far black
+    assert (np.diff(out[32]) <= 0).all()

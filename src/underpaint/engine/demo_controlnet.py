@@ -166,14 +166,15 @@ def write_annotator(build: Callable[[], torch.nn.Module], path: Path, seed: int,
 
 
 def write_zero_annotator(build: Callable[[], torch.nn.Module], path: Path, prefix_depth: int = 0) -> Path:
-    """All-zero weights stored as stride-0 views of one element: any network's file in a few KB.
+    """All-zero weights stored as stride-0 views of one element each: any network's file in a few KB.
 
     A zero network finds nothing (every heatmap is 0), which still runs the whole detection and drawing path.
     ``prefix_depth`` drops that many leading name parts (the OpenPose files omit the ``model0.``-style prefix).
     """
-    zero = torch.zeros(1)
+    with torch.device("meta"):  # shapes only: no memory, no init time
+        shapes = build().state_dict()
     state = {
-        ".".join(k.split(".")[prefix_depth:]): zero.to(v.dtype).expand(v.shape) for k, v in build().state_dict().items()
+        ".".join(k.split(".")[prefix_depth:]): torch.zeros((), dtype=v.dtype).expand(v.shape) for k, v in shapes.items()
     }
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(state, str(path))

@@ -5,13 +5,13 @@ Every name the Novita docs/JS SDK and the Python SDK send is known here. Three g
 * weight-free, work out of the box: ``canny``, ``shuffle`` and the Python SDK's ``invert``, ``threshold``,
   ``color``, ``scribble_xdog``, ``tile_resample``, ``binary``;
 * network annotators whose weights the operator drops into ``M/annotator/`` (file names as published with
-  lllyasviel's ControlNet annotators): HED, PiDiNet, MLSD, lineart, lineart_anime, and OpenPose (body, hands, face:
-  ``body_pose_model.pth``, ``hand_pose_model.pth``, ``facenet.pth``) — the network definitions, OpenPose's
-  detectors and its body/face drawing come from the ``controlnet_aux`` package (imported module by module, its
-  package ``__init__``s pull torchvision), weights are loaded with ``torch.load(weights_only=True)``;
+  lllyasviel's ControlNet annotators): HED, PiDiNet, MLSD, lineart, lineart_anime, LeReS depth (``res101.pth``)
+  and OpenPose (body, hands, face: ``body_pose_model.pth``, ``hand_pose_model.pth``, ``facenet.pth``). The network
+  definitions, OpenPose's detectors and its body/face drawing come from the ``controlnet_aux`` package (imported
+  module by module: its package ``__init__``s pull torchvision); weights load with ``torch.load(weights_only=True)``;
 * annotators that need packages this build cannot install beside the CPU torch wheel (torchvision, timm, mmpose,
-  mediapipe): depth_midas/zoe/leres, normal_bae, dwpose, mediapipe_face. They are accepted by the API and fail the
-  task with a reason saying so; pass a ready-made map with preprocessor ``none`` instead.
+  mediapipe): depth_midas/zoe, depth_leres++, normal_bae, dwpose, mediapipe_face. They are accepted by the API
+  and fail the task with a reason saying so; pass a ready-made map with preprocessor ``none`` instead.
 
 ``none`` (or no preprocessor) uses the image as the control map.
 """
@@ -121,7 +121,7 @@ def tile_resample(img: Array, ctx: Context) -> Array:
 
 _AUX_ROOT = os.path.join(sysconfig.get_paths()["purelib"], "controlnet_aux")
 # Packages whose __init__ imports torchvision (or imports a sibling that does): registered as bare namespaces.
-_STUB_PACKAGES = ("", "open_pose")
+_STUB_PACKAGES = ("", "open_pose", "leres")
 _import_lock = threading.Lock()
 
 
@@ -168,11 +168,14 @@ _nets: dict[tuple[str, Path], Any] = {}
 _nets_lock = threading.Lock()
 
 
-def _load_state(path: Path) -> dict[str, torch.Tensor]:
+def _load_state(path: Path, nested: str | None = None) -> dict[str, torch.Tensor]:
+    """A plain state dict from an annotator file: un-nested (``state_dict`` or ``nested``), DataParallel's
+    leading ``module.`` dropped."""
     state = torch.load(path, map_location="cpu", weights_only=True)
-    if isinstance(state, dict) and "state_dict" in state:
-        state = state["state_dict"]
-    return {k.replace("module.", ""): v for k, v in state.items()}
+    for key in ("state_dict", nested):
+        if key and isinstance(state, dict) and key in state:
+            state = state[key]
+    return {k.removeprefix("module."): v for k, v in state.items()}
 
 
 def _cached(key: tuple[str, Path], build: Callable[[], Any]) -> Any:
@@ -182,14 +185,17 @@ def _cached(key: tuple[str, Path], build: Callable[[], Any]) -> Any:
         return _nets[key]
 
 
-def _net(kind: str, path: Path, build: Callable[[], torch.nn.Module], strip_prefix: bool = False) -> Any:
+def _net(
+    kind: str, path: Path, build: Callable[[], torch.nn.Module], strip_prefix: bool = False, nested: str | None = None
+) -> Any:
     """``build()`` with the weights of ``path``; ``strip_prefix``: the file's names lack the first module level
-    (the OpenPose files: ``conv1_1.weight`` for the network's ``model0.conv1_1.weight``)."""
+    (the OpenPose files: ``conv1_1.weight`` for the network's ``model0.conv1_1.weight``); ``nested``: the state
+    dict sits under that key (LeReS: ``depth_model``)."""
 
     def load() -> Any:
         net = build()
         try:
-            state = _load_state(path)
+            state = _load_state(path, nested)
             if strip_prefix:
                 state = {k: state[k.split(".", 1)[1]] for k in net.state_dict()}
             net.load_state_dict(state)
@@ -319,12 +325,41 @@ def _openpose(body: bool, hand: bool, face: bool) -> Callable[[Array, Context], 
     return lambda img, ctx: openpose_map(img, ctx, body=body, hand=hand, face=face)
 
 
+# -- LeReS depth (controlnet_aux's network; our glue, A1111's depth_leres without boosting) --------------------
+
+LERES = ("res101.pth",)
+_IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
+_IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
+
+
+def _leres_net() -> torch.nn.Module:
+    net: torch.nn.Module = _aux("leres.leres.multi_depth_model_woauxi").RelDepthModel(backbone="resnext101")
+    return net
+
+
+def depth_leres(img: Array, ctx: Context) -> Array:
+    """Relative depth, near = white (A1111 ``depth_leres`` with both thresholds at 0)."""
+    net = _net("leres", ctx.annotator_dir / LERES[0], _leres_net, nested="depth_model")
+    h, w = img.shape[:2]
+    # The encoder halves the size five times: run at multiples of 64, as A1111's detect resolution is.
+    size = (max(64, round(w / 64) * 64), max(64, round(h / 64) * 64))
+    # As A1111 feeds it: channels reversed, values left at 0-255 under the ImageNet normalisation.
+    x = (cv2.resize(img, size, interpolation=cv2.INTER_AREA)[:, :, ::-1].astype(np.float32) - _IMAGENET_MEAN) / _IMAGENET_STD
+    tensor = torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)))[None].to(next(net.parameters()).device)
+    pred = net.depth_model(tensor).squeeze().float().cpu().numpy()
+    pred = cv2.resize(pred, (w, h), interpolation=cv2.INTER_CUBIC)
+    lo, hi = float(pred.min()), float(pred.max())
+    depth16 = ((pred - lo) / (hi - lo) * 65535 if hi - lo > np.finfo(float).eps else np.zeros_like(pred)).astype(np.uint16)
+    return _gray3(cv2.bitwise_not(cv2.convertScaleAbs(depth16, alpha=255.0 / 65535.0)))
+
+
 HED = ("ControlNetHED.pth",)
 PIDI = ("table5_pidinet.pth",)
 _INSTEAD = "send a ready-made map with preprocessor 'none' instead"
 _TORCHVISION = f"needs torchvision and timm, which cannot be installed beside this build's CPU torch wheel; {_INSTEAD}"
 _UNSUPPORTED = {
     "dwpose": f"needs OpenMMLab's mmpose and mmdet (which pull torchvision); use 'openpose_full', or {_INSTEAD}",
+    "depth_leres++": f"(LeReS with boosting) needs torchvision for its pix2pix merge network; use 'depth_leres', or {_INSTEAD}",
     "mediapipe_face": f"needs mediapipe 0.10 (protobuf 4), which conflicts with this build's packages; {_INSTEAD}",
 }
 
@@ -363,6 +398,7 @@ def _registry() -> dict[str, Preprocessor]:
             ("sk_model.pth", "sk_model2.pth"),
         ),
         Preprocessor("lineart_anime", _network("lineart_anime", ("netG.pth",)), ("netG.pth",)),
+        Preprocessor("depth_leres", depth_leres, LERES),
         Preprocessor("openpose", _openpose(True, False, False), (BODY,)),
         Preprocessor("openpose_hand", _openpose(True, True, False), (BODY, HAND)),
         Preprocessor("openpose_face", _openpose(True, False, True), (BODY, FACE)),
@@ -370,7 +406,7 @@ def _registry() -> dict[str, Preprocessor]:
         Preprocessor("openpose_full", _openpose(True, True, True), (BODY, HAND, FACE)),
     ]
     unsupported = [
-        "depth", "depth_midas", "depth_zoe", "depth_leres", "depth_leres++", "normal_bae", "normal_map", "dwpose",
+        "depth", "depth_midas", "depth_zoe", "depth_leres++", "normal_bae", "normal_map", "dwpose",
         "mediapipe_face", "segmentation", "oneformer_coco", "oneformer_ade20k", "clip_vision",
     ]
     out = {p.name: p for p in table}
