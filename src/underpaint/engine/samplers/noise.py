@@ -1,0 +1,67 @@
+"""Per-image random streams with A1111's seed semantics (CPU randn source, eta-noise-seed-delta 0).
+
+Each image of a batch owns a CPU ``torch.Generator`` seeded with its own seed (``seed + i``). Its first draw is the
+initial noise; every later draw (ancestral / DPM-fast noise) continues the same stream, so image ``i`` of a batch is
+the same as a single run with seed ``seed + i``. Draws are float32 on CPU, then moved to the latent's device and
+dtype, which makes results independent of the device the UNet runs on.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torchsde
+from torch import Tensor
+
+
+class NoiseSource:
+    """One CPU generator per image, seeded with that image's seed."""
+
+    def __init__(self, seeds: Sequence[int]) -> None:
+        if len(seeds) == 0:
+            raise ValueError("NoiseSource needs at least one seed")
+        for s in seeds:
+            if isinstance(s, bool) or not isinstance(s, int) or s < 0:
+                raise ValueError(f"seeds must be non-negative integers, got {s!r}")
+        self.seeds: tuple[int, ...] = tuple(seeds)
+        self.generators: list[torch.Generator] = [torch.Generator("cpu").manual_seed(s) for s in self.seeds]
+
+    def __len__(self) -> int:
+        return len(self.seeds)
+
+    def randn_like(self, x: Tensor) -> Tensor:
+        """Standard normal noise shaped like ``x`` ([B, ...]); slice i comes from generator i."""
+        if x.shape[0] != len(self.generators):
+            raise ValueError(f"batch size {x.shape[0]} does not match the {len(self.generators)} seeds")
+        shape = tuple(x.shape[1:])
+        draws = [torch.randn(shape, generator=g, dtype=torch.float32) for g in self.generators]
+        return torch.stack(draws).to(device=x.device, dtype=x.dtype)
+
+
+class BrownianNoise:
+    """Brownian-tree noise for DPM++ SDE: one ``torchsde.BrownianTree`` per image, seeded with the image seed.
+
+    The trees live on CPU in float32 (A1111 with the CPU randn source draws Brownian increments as float32 CPU
+    normals), so the path depends only on the seed and the sigma interval, not on the device or latent dtype.
+    ``__call__(sigma, sigma_next)`` returns the normalised increment ``(W(sigma_next) - W(sigma)) / sqrt(|dsigma|)``.
+    """
+
+    def __init__(self, x: Tensor, seeds: Sequence[int], sigma_min: float, sigma_max: float) -> None:
+        if len(seeds) != x.shape[0]:
+            raise ValueError(f"batch size {x.shape[0]} does not match the {len(seeds)} seeds")
+        if not 0 < sigma_min < sigma_max:
+            raise ValueError("BrownianNoise needs 0 < sigma_min < sigma_max")
+        self._device = x.device
+        self._dtype = x.dtype
+        w0 = torch.zeros(tuple(x.shape[1:]), dtype=torch.float32)
+        self._trees = [torchsde.BrownianTree(sigma_min, w0, sigma_max, entropy=s) for s in seeds]
+
+    def __call__(self, sigma: float, sigma_next: float) -> Tensor:
+        lo, hi = (sigma, sigma_next) if sigma < sigma_next else (sigma_next, sigma)
+        w = torch.stack([tree(lo, hi) for tree in self._trees])
+        if sigma > sigma_next:
+            w = -w
+        w = w / math.sqrt(abs(sigma_next - sigma))
+        return w.to(device=self._device, dtype=self._dtype)
