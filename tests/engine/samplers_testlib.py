@@ -73,7 +73,7 @@ def toy_model(schedule: DiscreteSchedule, prediction_type: str = "epsilon") -> C
     return fn
 
 
-def tiny_unet_fn(dtype: torch.dtype = torch.float64, batch: int = 1) -> Callable[[Tensor, Tensor], Tensor]:
+def tiny_unet_fn(dtype: torch.dtype = torch.float64) -> Callable[[Tensor, Tensor], Tensor]:
     """A seeded, randomly initialised tiny UNet2DConditionModel as (x_in, t) -> output."""
     from diffusers import UNet2DConditionModel
 
@@ -91,11 +91,13 @@ def tiny_unet_fn(dtype: torch.dtype = torch.float64, batch: int = 1) -> Callable
         norm_num_groups=8,
     ).to(dtype)
     unet.eval()
-    ctx = torch.randn(batch, 7, 32, generator=torch.Generator().manual_seed(1)).to(dtype)
+    # One prompt embedding shared by every image, so that a batch equals its single runs.
+    ctx = torch.randn(1, 7, 32, generator=torch.Generator().manual_seed(1)).to(dtype)
 
     @torch.no_grad()
     def fn(x_in: Tensor, t: Tensor) -> Tensor:
-        return unet(x_in, t, encoder_hidden_states=ctx[: x_in.shape[0]]).sample  # type: ignore[no-any-return]
+        hidden = ctx.expand(x_in.shape[0], -1, -1)
+        return unet(x_in, t, encoder_hidden_states=hidden).sample  # type: ignore[no-any-return]
 
     return fn
 

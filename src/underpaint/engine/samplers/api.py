@@ -187,7 +187,9 @@ def expected_model_evals(name: str, n_sigma_steps: int) -> int | None:
     if n < 0:
         raise ValueError("n_sigma_steps must be non-negative")
     if spec.kind == "dpm_adaptive":
-        return None
+        return 0 if n <= 1 else None
+    if spec.kind == "dpm_fast":
+        return 0 if n <= 1 else n
     if spec.kind == "ddim":
         return max(n - 1, 0)
     if spec.kind == "plms":
@@ -268,13 +270,14 @@ def sample(
         lo, hi = brownian_range if brownian_range is not None else (min(s for s in sig if s > 0), max(sig))
         noise_fn = BrownianNoise(x, noise.seeds, lo, hi)
 
+    if spec.kind in ("dpm_fast", "dpm_adaptive") and n == 1:
+        # A single sigma step (strength < 1/steps) gives sigma_min == sigma_max: nothing to integrate (A1111's
+        # k-diffusion call raises here). Return the noised latent unchanged.
+        progress.finish()
+        return x
     if spec.kind == "dpm_fast":
-        if n < 2:
-            raise ValueError("DPM fast needs at least two sigma steps")
         out = k_samplers.dpm_fast(denoiser, x, sig[-2], sig[0], n, noise_fn, progress.step)
     elif spec.kind == "dpm_adaptive":
-        if n < 2:
-            raise ValueError("DPM adaptive needs at least two sigma steps")
         out = k_samplers.dpm_adaptive(denoiser, x, sig[-2], sig[0], noise_fn, progress.fraction)
     else:
         assert spec.fn is not None
