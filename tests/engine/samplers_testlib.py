@@ -12,7 +12,6 @@ import importlib.util
 import sys
 import types
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -216,9 +215,7 @@ def reference_img2img(
         args = (wrap, x, sigma_sched)
     if func_name == "sample_dpmpp_sde":
         # A1111 CPU randn source: Brownian increments are float32 CPU normals (trees built on a float32 tensor).
-        tree = sampling.BrownianTreeNoiseSampler(
-            x.float(), sigmas[sigmas > 0].min(), sigmas.max(), seed=list(seeds)
-        )
+        tree = sampling.BrownianTreeNoiseSampler(x.float(), sigmas[sigmas > 0].min(), sigmas.max(), seed=list(seeds))
         kwargs["noise_sampler"] = lambda s, s_next: tree(s, s_next).to(x.dtype)
     original_torch = sampling.torch
     sampling.torch = _HijackedTorch(noise)

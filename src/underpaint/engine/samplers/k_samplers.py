@@ -47,9 +47,7 @@ def euler(denoise: Denoiser, x: Tensor, sigmas: Sequence[float], noise: NoiseFn,
     return x
 
 
-def euler_ancestral(
-    denoise: Denoiser, x: Tensor, sigmas: Sequence[float], noise: NoiseFn, on_step: OnStep
-) -> Tensor:
+def euler_ancestral(denoise: Denoiser, x: Tensor, sigmas: Sequence[float], noise: NoiseFn, on_step: OnStep) -> Tensor:
     for i in range(len(sigmas) - 1):
         s, s_next = sigmas[i], sigmas[i + 1]
         down, up = ancestral_step(s, s_next)
@@ -92,9 +90,7 @@ def dpm2(denoise: Denoiser, x: Tensor, sigmas: Sequence[float], noise: NoiseFn, 
     return x
 
 
-def dpm2_ancestral(
-    denoise: Denoiser, x: Tensor, sigmas: Sequence[float], noise: NoiseFn, on_step: OnStep
-) -> Tensor:
+def dpm2_ancestral(denoise: Denoiser, x: Tensor, sigmas: Sequence[float], noise: NoiseFn, on_step: OnStep) -> Tensor:
     for i in range(len(sigmas) - 1):
         s, s_next = sigmas[i], sigmas[i + 1]
         d = _d(x, s, denoise(x, s))
@@ -256,8 +252,10 @@ class _DPMSolver:
         u1 = x - eps * (math.exp(-s1) * math.expm1(r1 * h))
         eps_1 = self.eps(cache, u1, s1)
         sig2 = math.exp(-s2)
-        u2 = x - eps * (sig2 * math.expm1(r2 * h)) - (eps_1 - eps) * (
-            sig2 * (r2 / r1) * (math.expm1(r2 * h) / (r2 * h) - 1)
+        u2 = (
+            x
+            - eps * (sig2 * math.expm1(r2 * h))
+            - (eps_1 - eps) * (sig2 * (r2 / r1) * (math.expm1(r2 * h) / (r2 * h) - 1))
         )
         eps_2 = self.eps(cache, u2, s2)
         sig = math.exp(-lam_next)

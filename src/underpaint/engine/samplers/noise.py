@@ -16,7 +16,6 @@ import torch
 import torchsde
 from torch import Tensor
 
-
 # torchsde rounds the tree's end points to the tree dtype (float32) and then warns when a query at exactly sigma_max
 # lies a float32 ulp outside. A1111 builds the same float32 trees and gets the same (harmless) warning every step.
 warnings.filterwarnings("ignore", message=r"Should have (ta|tb)>?<?=t[01]", module=r"torchsde\._brownian")
