@@ -190,14 +190,17 @@ def reference_img2img(
     strength: float,
     seeds: list[int],
     prediction_type: str = "epsilon",
+    noise: NoiseSource | None = None,
 ) -> tuple[Tensor, int]:
-    """A1111 img2img through k-diffusion (A-old ``sample_img2img`` rules). Returns (latent, model calls)."""
+    """A1111 img2img through k-diffusion (A-old ``sample_img2img`` rules). Returns (latent, model calls).
+
+    ``noise`` (fresh per-image generators by default) feeds the initial noise and every ``randn_like``."""
     sampling, external = kdiffusion()
     func_name, _, _ = _REF_FUNCS[name]
     counting = CountingModel(model_fn)
     inner = _ApplyModel(counting, SCHEDULE.alphas_cumprod)
     wrap = (external.CompVisVDenoiser if prediction_type == "v_prediction" else external.CompVisDenoiser)(inner)
-    noise = NoiseSource(seeds)
+    noise = NoiseSource(seeds) if noise is None else noise
     first = noise.randn_like(init)
     sigmas = reference_sigmas(name, steps).to(init.dtype)
     t_enc = int(min(strength, 0.999) * steps)

@@ -321,3 +321,37 @@ def test_prediction_type_is_validated() -> None:
         sample_img2img(
             "Euler", toy_model(SCHEDULE), SCHEDULE, init_latent(), 10, 0.5, NoiseSource([1, 2]), prediction_type="x0"
         )
+
+
+@pytest.mark.parametrize(("name", "draws"), [("DDIM", 1 + 14), ("PLMS", 1), ("UniPC", 1)])
+def test_timestep_samplers_consume_a1111_draws(name: str, draws: int) -> None:
+    """A1111 >= 1.6 DDIM calls randn_like once per step even at eta 0; PLMS/UniPC draw only the initial noise."""
+    noise = NoiseSource([21])
+    sample_img2img(name, toy_model(SCHEDULE), SCHEDULE, init_latent(batch=1), 20, 0.75, noise)
+    fresh = torch.Generator().manual_seed(21)
+    for _ in range(draws):
+        torch.randn((4, 8, 8), generator=fresh)
+    assert torch.equal(noise.generators[0].get_state(), fresh.get_state())
+
+
+@pytest.mark.parametrize("name", ["DDIM", "PLMS", "UniPC", "DPM fast", "DPM adaptive"])
+def test_tiny_strength_returns_the_noised_latent_without_model_calls(name: str) -> None:
+    counting = CountingModel(toy_model(SCHEDULE))
+    init = init_latent(batch=1)
+    steps, strength = 20, 0.06  # t_enc = 1
+    if name in ("DPM fast", "DPM adaptive"):
+        strength = 0.04  # t_enc = 0: a single sigma step
+    out = sample_img2img(name, counting, SCHEDULE, init, steps, strength, NoiseSource([5]))
+    first = NoiseSource([5]).randn_like(init)
+    if name in ("DPM fast", "DPM adaptive"):
+        expected = init + first * float(img2img_sigmas(name, SCHEDULE, steps, strength)[0])
+    elif name == "UniPC":
+        # t_enc = 1: one UniPC step from the noised latent, one evaluation.
+        assert counting.calls == 1 and img2img_model_evals(name, SCHEDULE, steps, strength) == 1
+        return
+    else:
+        _, t_noise = img2img_timesteps(name, steps, strength)
+        abar = float(SCHEDULE.alphas_cumprod[t_noise])
+        expected = init * abar**0.5 + first * (1 - abar) ** 0.5
+    assert counting.calls == 0 == img2img_model_evals(name, SCHEDULE, steps, strength)
+    assert torch.allclose(out, expected, atol=1e-12)

@@ -53,11 +53,15 @@ def test_sigma_samplers_match_kdiffusion(name: str, prediction_type: str) -> Non
     model = toy_model(SCHEDULE, prediction_type)
     init = init_latent()
     counting = CountingModel(model)
-    ours = sample_img2img(name, counting, SCHEDULE, init, 10, 0.75, NoiseSource(SEEDS), prediction_type=prediction_type)
-    ref, ref_calls = reference_img2img(name, model, init, 10, 0.75, SEEDS, prediction_type)
+    our_noise, ref_noise = NoiseSource(SEEDS), NoiseSource(SEEDS)
+    ours = sample_img2img(name, counting, SCHEDULE, init, 10, 0.75, our_noise, prediction_type=prediction_type)
+    ref, ref_calls = reference_img2img(name, model, init, 10, 0.75, SEEDS, prediction_type, noise=ref_noise)
     assert torch.isfinite(ours).all()
     assert rel_err(ours, ref) <= _tol(name)
     assert counting.calls == ref_calls
+    # Per-image streams end in the same state as A1111's (incl. the unused per-step draws of Euler/Heun/DPM2).
+    for ours_gen, ref_gen in zip(our_noise.generators, ref_noise.generators, strict=True):
+        assert torch.equal(ours_gen.get_state(), ref_gen.get_state())
     expected = img2img_model_evals(name, SCHEDULE, 10, 0.75)
     if expected is not None:
         assert counting.calls == expected

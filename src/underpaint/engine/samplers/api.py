@@ -18,8 +18,9 @@ would be Karras). Other fixed choices, matching A1111 defaults of that era:
   ``t_enc - 1`` steps and stop at abar[1]; UniPC (bh1, order 3, lower-order final, data prediction, time-uniform)
   starts at continuous time ``timesteps[t_enc - 1] / 1000 + 1/1000`` as A1111 does. Their output is the VP latent,
   which A1111 decodes as is.
-* Euler/Heun/DPM2 and DDIM (eta 0) draw a noise tensor every step in A1111 and never use it (churn 0, eta 0). No
-  later draw depends on that stream, so those unused draws are skipped here; the outputs are identical.
+* Euler/Heun/DPM2 (churn 0) and DDIM (eta 0) draw a noise tensor every step in A1111 and never use it. Nothing
+  in the step depends on those draws, so instead of drawing per step the generators are advanced by the same count
+  after sampling: the per-image streams end in A1111's state without per-step cost.
 
 Where A1111 would crash, this module degrades gracefully instead: UniPC with fewer steps than its order uses
 order = steps, and a timesteps sampler with no step to take returns the noised init latent.
@@ -75,14 +76,15 @@ class _Spec:
     discard_penultimate: bool = False
     noise: str = "none"  # "none" | "ancestral" | "brownian"
     second_order: bool = False
+    unused_draws: bool = False  # A1111 draws (and ignores) one noise tensor per step
 
 
 _SPECS: dict[str, _Spec] = {
     "Euler a": _Spec("sigmas", k_samplers.euler_ancestral, noise="ancestral"),
-    "Euler": _Spec("sigmas", k_samplers.euler),
+    "Euler": _Spec("sigmas", k_samplers.euler, unused_draws=True),
     "LMS": _Spec("sigmas", k_samplers.lms),
-    "Heun": _Spec("sigmas", k_samplers.heun, second_order=True),
-    "DPM2": _Spec("sigmas", k_samplers.dpm2, discard_penultimate=True, second_order=True),
+    "Heun": _Spec("sigmas", k_samplers.heun, second_order=True, unused_draws=True),
+    "DPM2": _Spec("sigmas", k_samplers.dpm2, discard_penultimate=True, second_order=True, unused_draws=True),
     "DPM2 a": _Spec(
         "sigmas", k_samplers.dpm2_ancestral, discard_penultimate=True, noise="ancestral", second_order=True
     ),
@@ -92,7 +94,9 @@ _SPECS: dict[str, _Spec] = {
     "DPM fast": _Spec("dpm_fast", noise="ancestral"),
     "DPM adaptive": _Spec("dpm_adaptive", noise="ancestral"),
     "LMS Karras": _Spec("sigmas", k_samplers.lms, karras=True),
-    "DPM2 Karras": _Spec("sigmas", k_samplers.dpm2, karras=True, discard_penultimate=True, second_order=True),
+    "DPM2 Karras": _Spec(
+        "sigmas", k_samplers.dpm2, karras=True, discard_penultimate=True, second_order=True, unused_draws=True
+    ),
     "DPM2 a Karras": _Spec(
         "sigmas",
         k_samplers.dpm2_ancestral,
@@ -106,7 +110,7 @@ _SPECS: dict[str, _Spec] = {
     ),
     "DPM++ 2M Karras": _Spec("sigmas", k_samplers.dpmpp_2m, karras=True),
     "DPM++ SDE Karras": _Spec("sigmas", k_samplers.dpmpp_sde, karras=True, noise="brownian", second_order=True),
-    "DDIM": _Spec("ddim"),
+    "DDIM": _Spec("ddim", unused_draws=True),
     "PLMS": _Spec("plms"),
     "UniPC": _Spec("unipc"),
 }
@@ -282,6 +286,8 @@ def sample(
     else:
         assert spec.fn is not None
         out = spec.fn(denoiser, x, sig, noise_fn, progress.step)
+        if spec.unused_draws:
+            noise.advance(x, n)
     progress.finish()
     return out
 
@@ -326,6 +332,7 @@ def sample_img2img(
                 x = timestep_samplers.unipc(eps_fn, x, len(ts_sched), schedule, progress.step, t_start=t_start)
         elif spec.kind == "ddim":
             x = timestep_samplers.ddim(eps_fn, x, ts_sched, schedule, progress.step)
+            noise.advance(x, max(len(ts_sched) - 1, 0))
         else:
             x = timestep_samplers.plms(eps_fn, x, ts_sched, schedule, progress.step)
         progress.finish()

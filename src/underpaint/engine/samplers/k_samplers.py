@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 
+import torch
 from scipy import integrate
 from torch import Tensor
 
@@ -334,7 +335,8 @@ def dpm_adaptive(
         x_low = solver.step2(x, s, target, cache, r1=1 / 3)
         x_high = solver.step3(x, s, target, cache)
         delta = (rtol * x_low.abs().maximum(x_prev.abs())).clamp(min=atol)
-        error = float(((x_low - x_high) / delta).norm()) / numel_sqrt
+        # Norm in float32 at least: a half-precision sum of squares can overflow.
+        error = float(((x_low - x_high) / delta).to(torch.promote_types(x.dtype, torch.float32)).norm()) / numel_sqrt
         factor = (1.0 / (error + 1e-8)) ** exponent
         factor = 1 + math.atan(factor - 1)  # soft limiter
         h *= factor

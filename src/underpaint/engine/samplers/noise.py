@@ -44,6 +44,13 @@ class NoiseSource:
         draws = [torch.randn(shape, generator=g, dtype=torch.float32) for g in self.generators]
         return torch.stack(draws).to(device=x.device, dtype=x.dtype)
 
+    def advance(self, x: Tensor, count: int) -> None:
+        """Consume ``count`` draws shaped like ``x`` per image without using them (on CPU only)."""
+        shape = tuple(x.shape[1:])
+        for g in self.generators:
+            for _ in range(count):
+                torch.randn(shape, generator=g, dtype=torch.float32)
+
 
 class BrownianNoise:
     """Brownian-tree noise for DPM++ SDE: one ``torchsde.BrownianTree`` per image, seeded with the image seed.
