@@ -36,7 +36,14 @@ import torch
 from torch import Tensor
 
 from underpaint.engine.samplers import k_samplers, timestep_samplers
-from underpaint.engine.samplers.denoiser import Denoiser, ModelFn, guard_cancel, make_denoiser, make_eps_fn
+from underpaint.engine.samplers.denoiser import (
+    PREDICTION_TYPES,
+    Denoiser,
+    ModelFn,
+    guard_cancel,
+    make_denoiser,
+    make_eps_fn,
+)
 from underpaint.engine.samplers.noise import BrownianNoise, NoiseSource
 from underpaint.engine.samplers.schedule import DiscreteSchedule
 
@@ -317,10 +324,14 @@ def sample_img2img(
         raise ValueError(f"init_latent must be [B, C, h, w], got shape {tuple(init_latent.shape)}")
     if init_latent.shape[0] != len(noise):
         raise ValueError(f"batch size {init_latent.shape[0]} does not match the {len(noise)} seeds")
+    if prediction_type not in PREDICTION_TYPES:
+        raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
     model_fn = guard_cancel(model_fn, should_cancel)
     initial_noise = noise.randn_like(init_latent)
 
     if spec.kind in _TIMESTEP_KINDS:
+        if schedule.num_timesteps != 1000:
+            raise ValueError(f"{canonical} follows A1111's 1000-timestep grid; this model has {schedule.num_timesteps}")
         ts_sched, t_noise = img2img_timesteps(canonical, steps, strength)
         abar = schedule.alpha_cumprod(t_noise)
         x = init_latent * abar**0.5 + initial_noise * (1.0 - abar) ** 0.5
