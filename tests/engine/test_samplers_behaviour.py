@@ -355,3 +355,37 @@ def test_tiny_strength_returns_the_noised_latent_without_model_calls(name: str) 
         expected = init * abar**0.5 + first * (1 - abar) ** 0.5
     assert counting.calls == 0 == img2img_model_evals(name, SCHEDULE, steps, strength)
     assert torch.allclose(out, expected, atol=1e-12)
+
+
+@pytest.mark.parametrize("karras", [False, True])
+def test_dpmpp_sde_prefetch_list_is_exactly_what_the_sampler_queries(karras: bool) -> None:
+    from underpaint.engine.samplers import k_samplers
+
+    sigmas = full_sigmas("DPM++ SDE Karras" if karras else "DPM++ SDE", SCHEDULE, 9).tolist()[3:]
+    asked: list[tuple[float, float]] = []
+
+    def record(s: float, s_next: float) -> Tensor:
+        asked.append((s, s_next))
+        return torch.zeros(1, 4, 8, 8, dtype=torch.float64)
+
+    denoise = make_denoiser(toy_model(SCHEDULE), SCHEDULE)
+    k_samplers.dpmpp_sde(denoise, init_latent(batch=1), sigmas, record, lambda _: None)
+    assert asked == k_samplers.dpmpp_sde_noise_queries(sigmas)
+    assert len(asked) == 2 * (len(sigmas) - 2)
+
+
+def test_brownian_noise_prefetch_gives_the_same_values_as_inline_queries() -> None:
+    from underpaint.engine.samplers import BrownianNoise
+
+    x = torch.zeros(2, 4, 8, 8)
+    queries = [(14.0, 9.0), (14.0, 5.0), (5.0, 2.0), (5.0, 1.0), (1.0, 0.5)]
+    inline = BrownianNoise(x, [3, 4], 0.1, 14.6)
+    expected = [inline(*q) for q in queries]
+    inline.close()
+    pre = BrownianNoise(x, [3, 4], 0.1, 14.6)
+    pre.prefetch(queries)
+    got = [pre(*q) for q in queries]
+    pre.close()
+    for a, b in zip(got, expected, strict=True):
+        assert torch.equal(a, b)
+    assert not torch.equal(expected[0][0], expected[0][1])  # per-image trees differ

@@ -276,23 +276,27 @@ def sample(
     def ancestral(_s: float, _s_next: float) -> Tensor:
         return noise.randn_like(x)
 
-    noise_fn: k_samplers.NoiseFn = ancestral
-    if spec.noise == "brownian":
-        lo, hi = brownian_range if brownian_range is not None else (min(s for s in sig if s > 0), max(sig))
-        noise_fn = BrownianNoise(x, noise.seeds, lo, hi)
-
     if spec.kind in ("dpm_fast", "dpm_adaptive") and n == 1:
         # A single sigma step (strength < 1/steps) gives sigma_min == sigma_max: nothing to integrate (A1111's
         # k-diffusion call raises here). Return the noised latent unchanged.
         progress.finish()
         return x
     if spec.kind == "dpm_fast":
-        out = k_samplers.dpm_fast(denoiser, x, sig[-2], sig[0], n, noise_fn, progress.step)
+        out = k_samplers.dpm_fast(denoiser, x, sig[-2], sig[0], n, ancestral, progress.step)
     elif spec.kind == "dpm_adaptive":
-        out = k_samplers.dpm_adaptive(denoiser, x, sig[-2], sig[0], noise_fn, progress.fraction)
+        out = k_samplers.dpm_adaptive(denoiser, x, sig[-2], sig[0], ancestral, progress.fraction)
+    elif spec.noise == "brownian":
+        assert spec.fn is not None
+        lo, hi = brownian_range if brownian_range is not None else (min(s for s in sig if s > 0), max(sig))
+        brownian = BrownianNoise(x, noise.seeds, lo, hi)
+        try:
+            brownian.prefetch(k_samplers.dpmpp_sde_noise_queries(sig))
+            out = spec.fn(denoiser, x, sig, brownian, progress.step)
+        finally:
+            brownian.close()
     else:
         assert spec.fn is not None
-        out = spec.fn(denoiser, x, sig, noise_fn, progress.step)
+        out = spec.fn(denoiser, x, sig, ancestral, progress.step)
         if spec.unused_draws:
             noise.advance(x, n)
     progress.finish()

@@ -188,6 +188,20 @@ def dpmpp_2m(denoise: Denoiser, x: Tensor, sigmas: Sequence[float], noise: Noise
     return x
 
 
+def _sde_midpoint(s: float, s_next: float, r: float) -> float:
+    t = _lam(s)
+    return math.exp(-(t + (_lam(s_next) - t) * r))
+
+
+def dpmpp_sde_noise_queries(sigmas: Sequence[float], r: float = 0.5) -> list[tuple[float, float]]:
+    """The (sigma, sigma_next) pairs ``dpmpp_sde`` asks its noise function for, in order (for prefetching)."""
+    queries = []
+    for s, s_next in zip(sigmas[:-1], sigmas[1:], strict=True):
+        if s_next != 0:
+            queries += [(s, _sde_midpoint(s, s_next, r)), (s, s_next)]
+    return queries
+
+
 def dpmpp_sde(
     denoise: Denoiser, x: Tensor, sigmas: Sequence[float], noise: NoiseFn, on_step: OnStep, r: float = 0.5
 ) -> Tensor:
@@ -197,9 +211,8 @@ def dpmpp_sde(
         if s_next == 0:
             x = x + _d(x, s, den) * (s_next - s)
         else:
-            t, t_next = _lam(s), _lam(s_next)
-            h = t_next - t
-            s_mid = math.exp(-(t + h * r))
+            t = _lam(s)
+            s_mid = _sde_midpoint(s, s_next, r)
             # Stage 1: stochastic step to the intermediate level.
             down, up = ancestral_step(s, s_mid)
             x_2 = x * (down / s) - den * math.expm1(t - _lam(down))
