@@ -9,7 +9,7 @@ Because wall-clock ratios on a shared machine are noisy, the sampler's own cost 
 run with a trivial model (``x * 0.01``) gives the sampler overhead per evaluation in microseconds, and
 ``(bare + overhead) / bare`` is a noise-free estimate of the ratio.
 
-    OMP_NUM_THREADS=1 python bench/samplers_overhead.py [--repeats 3] [--size 64]
+    OMP_NUM_THREADS=1 PYTHONPATH=src python bench/samplers_overhead.py [--repeats 3] [--size 64] [--names "Euler a" ...]
 """
 
 from __future__ import annotations
@@ -47,6 +47,7 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=64, help="latent side (image side / 8)")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--strength", type=float, default=0.75)
+    parser.add_argument("--names", nargs="*", default=list(SAMPLER_NAMES), help="sampler names (default: all 20)")
     args = parser.parse_args()
     torch.set_num_threads(1)
 
@@ -84,7 +85,7 @@ def main() -> None:
             best = min(best, (time.perf_counter() - start) / n_evals)
         return best
 
-    for name in SAMPLER_NAMES:
+    for name in args.names:
         calls = 0
 
         def counted(x: Tensor, t: Tensor) -> Tensor:
