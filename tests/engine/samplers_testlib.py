@@ -7,6 +7,7 @@ imported (field notes 8). The reference is driven with A1111's argument rules.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.util
 import sys
@@ -72,12 +73,14 @@ def toy_model(schedule: DiscreteSchedule, prediction_type: str = "epsilon") -> C
     return fn
 
 
+@functools.cache
 def tiny_unet_fn(dtype: torch.dtype = torch.float64) -> Callable[[Tensor, Tensor], Tensor]:
     """A seeded, randomly initialised tiny UNet2DConditionModel as (x_in, t) -> output."""
     from diffusers import UNet2DConditionModel
 
     torch.manual_seed(0)
-    unet = UNet2DConditionModel(
+    unet_cls: Any = UNet2DConditionModel
+    unet = unet_cls(
         sample_size=16,
         in_channels=4,
         out_channels=4,
@@ -96,7 +99,8 @@ def tiny_unet_fn(dtype: torch.dtype = torch.float64) -> Callable[[Tensor, Tensor
     @torch.no_grad()
     def fn(x_in: Tensor, t: Tensor) -> Tensor:
         hidden = ctx.expand(x_in.shape[0], -1, -1)
-        return unet(x_in, t, encoder_hidden_states=hidden).sample  # type: ignore[no-any-return]
+        out: Tensor = unet(x_in, t, encoder_hidden_states=hidden).sample
+        return out
 
     return fn
 

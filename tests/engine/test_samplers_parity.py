@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 import torch
@@ -109,7 +110,7 @@ def _ldm_scheduler_kwargs() -> dict[str, object]:
     return {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012}
 
 
-def _use_ldm_alphas(scheduler: DDIMScheduler | PNDMScheduler) -> None:
+def _use_ldm_alphas(scheduler: Any) -> None:
     # diffusers builds alphas_cumprod in float32 from the start; use the ldm-built table of the schedule.
     scheduler.alphas_cumprod = SCHEDULE.alphas_cumprod.clone()
     scheduler.final_alpha_cumprod = SCHEDULE.alphas_cumprod[0].clone()
@@ -136,7 +137,7 @@ def test_ddim_matches_diffusers_ldm_config(strength: float, prediction_type: str
         "DDIM", model, SCHEDULE, init_latent(), steps, strength, NoiseSource(SEEDS), prediction_type=prediction_type
     )
     x, ts_sched = _noised("DDIM", steps, strength)
-    ref = DDIMScheduler(
+    ref: Any = DDIMScheduler(
         **_ldm_scheduler_kwargs(),
         timestep_spacing="leading",
         steps_offset=1,
@@ -158,7 +159,7 @@ def test_plms_matches_diffusers_ldm_config(strength: float) -> None:
     steps = 12
     ours = sample_img2img("PLMS", model, SCHEDULE, init_latent(), steps, strength, NoiseSource(SEEDS))
     x, ts_sched = _noised("PLMS", steps, strength)
-    ref = PNDMScheduler(
+    ref: Any = PNDMScheduler(
         **_ldm_scheduler_kwargs(),
         timestep_spacing="leading",
         steps_offset=1,
@@ -180,7 +181,7 @@ def test_unipc_matches_diffusers_on_integer_grids(steps: int) -> None:
     model = toy_model(SCHEDULE)
     x_t = NoiseSource(SEEDS).randn_like(init_latent())
     ours = tsm.unipc(make_eps_fn(model, SCHEDULE), x_t, steps, SCHEDULE, lambda _: None)
-    ref = UniPCMultistepScheduler(
+    ref: Any = UniPCMultistepScheduler(
         **_ldm_scheduler_kwargs(),
         solver_order=3,
         solver_type="bh1",
@@ -220,7 +221,7 @@ def test_ddim_on_tiny_unet_matches_diffusers() -> None:
     ts_sched, t_noise = img2img_timesteps("DDIM", 6, 0.9)
     abar = float(SCHEDULE.alphas_cumprod[t_noise])
     x = init * abar**0.5 + NoiseSource(SEEDS[:1]).randn_like(init) * (1 - abar) ** 0.5
-    ref = DDIMScheduler(
+    ref: Any = DDIMScheduler(
         **_ldm_scheduler_kwargs(), timestep_spacing="leading", steps_offset=1, set_alpha_to_one=False, clip_sample=False
     )
     _use_ldm_alphas(ref)
