@@ -389,3 +389,11 @@ def test_brownian_noise_prefetch_gives_the_same_values_as_inline_queries() -> No
     for a, b in zip(got, expected, strict=True):
         assert torch.equal(a, b)
     assert not torch.equal(expected[0][0], expected[0][1])  # per-image trees differ
+
+
+def test_dpm_adaptive_stops_on_non_finite_model_output() -> None:
+    def nan_model(x: Tensor, t: Tensor) -> Tensor:
+        return torch.full_like(x, float("nan"))
+
+    with pytest.raises(FloatingPointError):
+        sample_img2img("DPM adaptive", nan_model, SCHEDULE, init_latent(batch=1), 10, 0.5, NoiseSource([1]))

@@ -298,7 +298,7 @@ def dpm_fast(
     solver = _DPMSolver(denoise)
     lam_start, lam_end = _lam(sigma_max), _lam(sigma_min)
     m = n // 3 + 1
-    lams = [lam_start + (lam_end - lam_start) * k / m for k in range(m + 1)]
+    lams = [lam_start + (lam_end - lam_start) * k / m for k in range(m)] + [lam_end]
     orders = [3] * (m - 2) + [2, 1] if n % 3 == 0 else [3] * (m - 1) + [n % 3]
     for i, order in enumerate(orders):
         lam, lam_next = lams[i], lams[i + 1]
@@ -350,6 +350,9 @@ def dpm_adaptive(
         delta = (rtol * x_low.abs().maximum(x_prev.abs())).clamp(min=atol)
         # Norm in float32 at least: a half-precision sum of squares can overflow.
         error = float(((x_low - x_high) / delta).to(torch.promote_types(x.dtype, torch.float32)).norm()) / numel_sqrt
+        if not math.isfinite(error):
+            # A NaN/inf error would never be accepted and the loop would not terminate.
+            raise FloatingPointError("DPM adaptive: the model produced non-finite values")
         factor = (1.0 / (error + 1e-8)) ** exponent
         factor = 1 + math.atan(factor - 1)  # soft limiter
         h *= factor
