@@ -212,10 +212,11 @@ def reference_img2img(
     x = init + first * sigma_sched[0]
     kwargs: dict[str, Any] = {"extra_args": {"cond": None}, "disable": True}
     if func_name in ("sample_dpm_fast", "sample_dpm_adaptive"):
-        # A1111 passes float32 sigma tensors; k-diffusion then builds its lambda grid in float32 (with float64
-        # bounds its float32 linspace misses the float64 end point and the last step takes sqrt(<0) = NaN).
-        kwargs.update(sigma_min=sigma_sched[-2].float(), sigma_max=sigma_sched[0].float(), eta=1.0)
+        kwargs.update(sigma_min=sigma_sched[-2], sigma_max=sigma_sched[0], eta=1.0)
         if func_name == "sample_dpm_fast":
+            # k-diffusion builds the DPM-fast lambda grid with a float32 linspace; with float64 bounds it misses the
+            # float64 end point and its last step takes sqrt(<0) = NaN. A1111 passes float32 sigmas: do the same.
+            kwargs.update(sigma_min=sigma_sched[-2].float(), sigma_max=sigma_sched[0].float())
             kwargs["n"] = len(sigma_sched) - 1
         args: tuple[Any, ...] = (wrap, x)
     else:
