@@ -1,0 +1,69 @@
+"""Novita-style errors: ``{code, reason, message, metadata}`` with the HTTP status as ``code``.
+
+Anything raised as ``ApiError`` reaches the client in that shape; handlers in ``api/app.py`` map validation
+errors and unexpected exceptions to it too, so a client never sees a bare 500 page.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class ApiError(Exception):
+    def __init__(
+        self,
+        status: int,
+        reason: str,
+        message: str,
+        metadata: dict[str, Any] | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.reason = reason
+        self.message = message
+        self.metadata = metadata or {}
+        self.headers = headers or {}
+
+    def body(self) -> dict[str, Any]:
+        return {"code": self.status, "reason": self.reason, "message": self.message, "metadata": self.metadata}
+
+
+def invalid_request(message: str, **metadata: Any) -> ApiError:
+    return ApiError(400, "INVALID_REQUEST_BODY", message, metadata)
+
+
+def invalid_image_size(message: str, **metadata: Any) -> ApiError:
+    return ApiError(400, "INVALID_IMAGE_SIZE", message, metadata)
+
+
+def invalid_image_format(message: str, **metadata: Any) -> ApiError:
+    return ApiError(400, "INVALID_IMAGE_FORMAT", message, metadata)
+
+
+def image_too_large(message: str, **metadata: Any) -> ApiError:
+    return ApiError(400, "IMAGE_FILE_EXCEEDS_MAX_SIZE", message, metadata)
+
+
+def image_too_many_pixels(message: str, **metadata: Any) -> ApiError:
+    return ApiError(400, "IMAGE_EXCEEDS_MAX_RESOLUTION", message, metadata)
+
+
+def invalid_custom_output_path(message: str, **metadata: Any) -> ApiError:
+    return ApiError(400, "INVALID_CUSTOM_OUTPUT_PATH", message, metadata)
+
+
+def missing_api_key() -> ApiError:
+    return ApiError(400, "MISSING_API_KEY", "missing API key: send 'Authorization: Bearer <key>'")
+
+
+def invalid_api_key() -> ApiError:
+    return ApiError(403, "INVALID_API_KEY", "invalid API key")
+
+
+def task_not_found(task_id: str) -> ApiError:
+    return ApiError(404, "TASK_NOT_FOUND", f"task {task_id!r} not found", {"task_id": task_id})
+
+
+def rate_limited(message: str, retry_after: int, **metadata: Any) -> ApiError:
+    return ApiError(429, "RATE_LIMIT_EXCEEDED", message, metadata, headers={"Retry-After": str(max(1, retry_after))})
