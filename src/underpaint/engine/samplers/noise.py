@@ -35,6 +35,11 @@ class NoiseSource:
         self.seeds: tuple[int, ...] = tuple(seeds)
         self.generators: list[torch.Generator] = [torch.Generator("cpu").manual_seed(s) for s in self.seeds]
 
+    @classmethod
+    def from_seeds(cls, seeds: Sequence[int]) -> NoiseSource:
+        """Same as ``NoiseSource(seeds)``: generator i is ``torch.Generator("cpu").manual_seed(seeds[i])``."""
+        return cls(seeds)
+
     def __len__(self) -> int:
         return len(self.seeds)
 
