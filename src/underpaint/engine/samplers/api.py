@@ -22,8 +22,12 @@ would be Karras). Other fixed choices, matching A1111 defaults of that era:
   in the step depends on those draws, so instead of drawing per step the generators are advanced by the same count
   after sampling: the per-image streams end in A1111's state without per-step cost.
 
-Where A1111 would crash, this module degrades gracefully instead: UniPC with fewer steps than its order uses
-order = steps, and a timesteps sampler with no step to take returns the noised init latent.
+* Noise uses A1111's CPU randn source (per-image CPU generators, see ``noise``), not its default GPU source.
+* DPM adaptive measures its error over the whole batch (as A1111), so its images depend on their batch mates.
+
+Where A1111 raises, this module degrades gracefully instead: UniPC with fewer steps than its order uses
+order = steps; UniPC with t_enc = 0 and DPM fast/adaptive with a single sigma step (strength < 1/steps) return the
+noised init latent (DDIM/PLMS with t_enc <= 1 do the same, as in A1111).
 """
 
 from __future__ import annotations
