@@ -124,6 +124,9 @@ def test_uniform_timesteps_and_img2img_timesteps() -> None:
     assert ts == list(range(1, 751, 50)) and t_noise == 751
     ts, t_noise = img2img_timesteps("PLMS", 20, 1.0)
     assert len(ts) == 19 and t_noise == 951
+    assert len(uniform_timesteps(1000)) == 1000
+    with pytest.raises(ValueError, match="between 1 and 1000"):
+        img2img_timesteps("DDIM", 1001, 0.5)
 
 
 @pytest.mark.parametrize("bad", [(0, 0.5), (-3, 0.5), (10, -0.1), (10, 1.5)])

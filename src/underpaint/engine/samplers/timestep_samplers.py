@@ -24,9 +24,9 @@ from underpaint.engine.samplers.schedule import DiscreteSchedule
 
 def uniform_timesteps(steps: int, num_train_timesteps: int = 1000) -> list[int]:
     """ldm "uniform" DDIM grid, +1 offset, clipped: ascending, starts at 1."""
-    if steps < 1:
-        raise ValueError("steps must be at least 1")
-    stride = max(num_train_timesteps // steps, 1)
+    if not 1 <= steps <= num_train_timesteps:
+        raise ValueError(f"steps must be between 1 and {num_train_timesteps} for DDIM/PLMS/UniPC, got {steps}")
+    stride = num_train_timesteps // steps
     return [min(max(t + 1, 0), num_train_timesteps - 1) for t in range(0, num_train_timesteps, stride)]
 
 
