@@ -26,6 +26,7 @@ import sys
 import sysconfig
 import threading
 import types
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -164,7 +165,9 @@ def _aux_face() -> Any:
             sys.modules.pop("torchvision.transforms", None)
 
 
-_nets: dict[tuple[str, Path], Any] = {}
+# Loaded annotator networks, least recently used dropped beyond the limit (OpenPose and LeReS are 0.2-0.5 GB each).
+_NETS_LIMIT = 4
+_nets: OrderedDict[tuple[str, Path, float, str], Any] = OrderedDict()
 _nets_lock = threading.Lock()
 
 
@@ -178,19 +181,27 @@ def _load_state(path: Path, nested: str | None = None) -> dict[str, torch.Tensor
     return {k.removeprefix("module."): v for k, v in state.items()}
 
 
-def _cached(key: tuple[str, Path], build: Callable[[], Any]) -> Any:
+def _cached(key: tuple[str, Path, float, str], build: Callable[[], Any]) -> Any:
     with _nets_lock:
         if key not in _nets:
             _nets[key] = build()
+            while len(_nets) > _NETS_LIMIT:
+                _nets.popitem(last=False)
+        _nets.move_to_end(key)
         return _nets[key]
 
 
 def _net(
-    kind: str, path: Path, build: Callable[[], torch.nn.Module], strip_prefix: bool = False, nested: str | None = None
+    kind: str,
+    path: Path,
+    device: torch.device,
+    build: Callable[[], torch.nn.Module],
+    strip_prefix: bool = False,
+    nested: str | None = None,
 ) -> Any:
-    """``build()`` with the weights of ``path``; ``strip_prefix``: the file's names lack the first module level
-    (the OpenPose files: ``conv1_1.weight`` for the network's ``model0.conv1_1.weight``); ``nested``: the state
-    dict sits under that key (LeReS: ``depth_model``)."""
+    """``build()`` with the weights of ``path``, on ``device``; ``strip_prefix``: the file's names lack the first
+    module level (the OpenPose files: ``conv1_1.weight`` for the network's ``model0.conv1_1.weight``); ``nested``:
+    the state dict sits under that key (LeReS: ``depth_model``)."""
 
     def load() -> Any:
         net = build()
@@ -201,33 +212,37 @@ def _net(
             net.load_state_dict(state)
         except Exception as exc:  # wrong file, truncated download ...
             raise JobError(f"annotator weights {path.name} could not be loaded for {kind}: {exc!r}") from exc
-        return net.float().eval()
+        return net.float().eval().to(device)
 
-    return _cached((kind, path), load)
+    try:
+        mtime = path.stat().st_mtime  # in the key: a replaced file is loaded afresh
+    except OSError as exc:
+        raise JobError(f"annotator weights {path.name} are gone from {path.parent}: {exc}") from exc
+    return _cached((kind, path, mtime, str(device)), load)
 
 
 def _detector(kind: str, files: tuple[str, ...], ctx: Context) -> Any:
     paths = [ctx.annotator_dir / f for f in files]
     if kind == "hed":
         m = _aux("hed")
-        return m.HEDdetector(_net(kind, paths[0], m.ControlNetHED_Apache2))
+        return m.HEDdetector(_net(kind, paths[0], ctx.device, m.ControlNetHED_Apache2))
     if kind == "pidinet":
         m = _aux("pidi")
-        return m.PidiNetDetector(_net(kind, paths[0], _aux("pidi.model").pidinet))
+        return m.PidiNetDetector(_net(kind, paths[0], ctx.device, _aux("pidi.model").pidinet))
     if kind == "mlsd":
         m = _aux("mlsd")
-        return m.MLSDdetector(_net(kind, paths[0], _aux("mlsd.models.mbv2_mlsd_large").MobileV2_MLSD_Large))
+        return m.MLSDdetector(_net(kind, paths[0], ctx.device, _aux("mlsd.models.mbv2_mlsd_large").MobileV2_MLSD_Large))
     if kind == "lineart":
         m = _aux("lineart")
         return m.LineartDetector(
-            _net(kind, paths[0], lambda: m.Generator(3, 1, 3)), _net(kind + "_coarse", paths[1], lambda: m.Generator(3, 1, 3))
+            _net(kind, paths[0], ctx.device, lambda: m.Generator(3, 1, 3)), _net(kind + "_coarse", paths[1], ctx.device, lambda: m.Generator(3, 1, 3))
         )
     if kind == "lineart_anime":
         import functools
 
         m = _aux("lineart_anime")
         norm = functools.partial(torch.nn.InstanceNorm2d, affine=False, track_running_stats=False)
-        return m.LineartAnimeDetector(_net(kind, paths[0], lambda: m.UnetGenerator(3, 1, 8, 64, norm_layer=norm)))
+        return m.LineartAnimeDetector(_net(kind, paths[0], ctx.device, lambda: m.UnetGenerator(3, 1, 8, 64, norm_layer=norm)))
     raise AssertionError(kind)
 
 
@@ -261,14 +276,14 @@ def _openpose_models(ctx: Context, hand: bool, face: bool) -> tuple[Any, Any, An
         return est
 
     d = ctx.annotator_dir
-    body = wrap(body_mod.Body, _net("openpose_body", d / BODY, model_mod.bodypose_model, strip_prefix=True))
+    body = wrap(body_mod.Body, _net("openpose_body", d / BODY, ctx.device, model_mod.bodypose_model, strip_prefix=True))
     hand_est = None
     if hand:
-        hand_est = wrap(hand_mod.Hand, _net("openpose_hand", d / HAND, model_mod.handpose_model, strip_prefix=True))
+        hand_est = wrap(hand_mod.Hand, _net("openpose_hand", d / HAND, ctx.device, model_mod.handpose_model, strip_prefix=True))
     face_est = None
     if face:
         face_mod = _aux_face()
-        face_est = wrap(face_mod.Face, _net("openpose_face", d / FACE, face_mod.FaceNet))
+        face_est = wrap(face_mod.Face, _net("openpose_face", d / FACE, ctx.device, face_mod.FaceNet))
     return body, hand_est, face_est
 
 
@@ -339,7 +354,7 @@ def _leres_net() -> torch.nn.Module:
 
 def depth_leres(img: Array, ctx: Context) -> Array:
     """Relative depth, near = white (A1111 ``depth_leres`` with both thresholds at 0)."""
-    net = _net("leres", ctx.annotator_dir / LERES[0], _leres_net, nested="depth_model")
+    net = _net("leres", ctx.annotator_dir / LERES[0], ctx.device, _leres_net, nested="depth_model")
     h, w = img.shape[:2]
     # The encoder halves the size five times: run at multiples of 64, as A1111's detect resolution is.
     size = (max(64, round(w / 64) * 64), max(64, round(h / 64) * 64))
