@@ -14,6 +14,7 @@ optional ``:port`` for single addresses).
 from __future__ import annotations
 
 import ipaddress
+import re
 import socket
 import typing
 from collections.abc import Sequence
@@ -28,6 +29,8 @@ IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 _SCHEMES = ("http", "https")
+# What a host may hold once httpx parsed it: DNS labels (IDNA already applied), IPv4, or IPv6 without a zone.
+_HOST_CHARS = re.compile(r"[A-Za-z0-9._:_-]+")
 _MAX_URL_LENGTH = 2048
 _CGNAT = ipaddress.ip_network("100.64.0.0/10")
 _NAT64 = ipaddress.ip_network("64:ff9b::/96")
@@ -84,8 +87,8 @@ def refusal_reason(ip: IPAddress) -> str | None:
         (ip.is_link_local, "a link-local address"),
         (ip.is_multicast, "a multicast address"),
         (ip in _CGNAT, "a shared (CGNAT) address"),
-        (ip.is_private, "a private address"),
         (ip.is_reserved, "a reserved address"),
+        (ip.is_private, "a private address"),
         (not ip.is_global, "not a globally routable address"),
     )
     for hit, reason in checks:
@@ -174,6 +177,10 @@ def _parse(url: str) -> tuple[str, str, int]:
         )
     if not parsed.host:
         raise invalid_request("extra.webhook.url has no host", url=url)
+    if not _HOST_CHARS.fullmatch(parsed.host):
+        raise invalid_request(f"extra.webhook.url is not a valid URL: bad host {parsed.host!r}", url=url)
+    if parsed.port is not None and not 0 < parsed.port < 65536:
+        raise invalid_request(f"extra.webhook.url is not a valid URL: port {parsed.port} out of range", url=url)
     port = parsed.port or (443 if scheme == "https" else 80)
     return scheme, parsed.host, port
 
