@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import httpx
 import pytest
-from conftest import Receiver
+from webhook_receiver import Receiver
 
 from underpaint.api.errors import ApiError
 from underpaint.delivery import ssrf
@@ -141,4 +141,4 @@ def test_guard_connects_to_the_checked_address_keeping_the_host_header(
     with httpx.Client(transport=GuardedTransport(("127.0.0.1/32",))) as client:
         assert _post(client, url) == 200
     assert calls == ["hooks.internal"]  # resolved once, by the guard; the socket went to the checked address
-    assert receiver.requests[0].headers["Host"] == f"hooks.internal:{receiver.port}"
+    assert receiver.requests[0].headers["host"] == f"hooks.internal:{receiver.port}"

@@ -30,7 +30,7 @@ IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 _SCHEMES = ("http", "https")
 # What a host may hold once httpx parsed it: DNS labels (IDNA already applied), IPv4, or IPv6 without a zone.
-_HOST_CHARS = re.compile(r"[A-Za-z0-9._:_-]+")
+_HOST_CHARS = re.compile(r"[A-Za-z0-9_.:-]+")
 _MAX_URL_LENGTH = 2048
 _CGNAT = ipaddress.ip_network("100.64.0.0/10")
 _NAT64 = ipaddress.ip_network("64:ff9b::/96")

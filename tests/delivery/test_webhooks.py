@@ -1,0 +1,333 @@
+"""Webhook delivery against a real HTTP receiver on 127.0.0.1 (allowlisted in the test settings)."""
+
+from __future__ import annotations
+
+import io
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from PIL import Image
+from webhook_receiver import Receiver, wait_for
+
+from underpaint.api.errors import ApiError
+from underpaint.config import KeyPolicy, Settings
+from underpaint.delivery import ssrf
+from underpaint.delivery.signing import derive_secret, make_secret_for, normalize_secret, verify
+from underpaint.delivery.test_mode import FAILED_REASON, requested_test_status
+from underpaint.delivery.webhooks import DELIVERED, FAILED, PENDING, WebhookDispatcher
+from underpaint.tasks.types import ImageRecord, TaskRecord, TaskStatus
+
+SERVER_SECRET = b"test-server-secret"
+OWNER = "owner-hash-1"
+
+
+def secret_for(owner: str) -> str:
+    return derive_secret(SERVER_SECRET, owner)
+
+
+def settings(**overrides: Any) -> Settings:
+    base = {"webhook_allow_hosts": ("127.0.0.1",), "webhook_timeout": 0.3, "webhook_max_retries": 5}
+    base.update(overrides)
+    return Settings(**base)
+
+
+def result_body(task_id: str, status: str = "TASK_STATUS_SUCCEED") -> dict[str, Any]:
+    return {
+        "extra": {"seed": "42", "enable_nsfw_detection": False, "debug_info": {"request_info": ""}},
+        "task": {"task_id": task_id, "status": status, "reason": "", "task_type": "IMG_TO_IMG", "eta": 0,
+                 "progress_percent": 0},
+        "images": [{"image_url": "http://127.0.0.1/x.png", "image_url_ttl": 3600, "image_type": "png",
+                    "nsfw_detection_result": None}],
+        "videos": [],
+        "audios": [],
+    }  # fmt: skip
+
+
+@pytest.fixture
+def db_url(tmp_path: Path) -> str:
+    return f"sqlite:///{tmp_path / 'underpaint.db'}"
+
+
+@pytest.fixture
+def dispatcher(db_url: str) -> Iterator[WebhookDispatcher]:
+    d = WebhookDispatcher(db_url, settings(), secret_for, backoff_base=0.02, poll_interval=0.05)
+    d.start()
+    yield d
+    d.stop()
+
+
+def final(d: WebhookDispatcher, task_id: str, timeout: float = 10.0) -> str:
+    assert wait_for(lambda: d.deliveries(task_id)[0].status != PENDING, timeout), "delivery never finished"
+    return d.deliveries(task_id)[0].status
+
+
+def test_payload_is_the_task_result_body(dispatcher: WebhookDispatcher, receiver: Receiver) -> None:
+    body = result_body("t1")
+    dispatcher.enqueue("t1", OWNER, receiver.url, body)
+    assert final(dispatcher, "t1") == DELIVERED
+    assert receiver.count() == 1
+    got = receiver.requests[0]
+    assert got.path == "/hook"
+    assert got.headers["content-type"] == "application/json"
+    event = json.loads(got.body)
+    assert event["event_type"] == "ASYNC_TASK_RESULT"
+    expected = json.loads(json.dumps(body))
+    expected["extra"]["webhook"] = {"url": receiver.url}  # the payload echoes the webhook config
+    assert event["payload"] == expected
+    row = dispatcher.deliveries("t1")[0]
+    assert (row.attempts, row.last_error) == (1, "")
+
+
+def test_existing_webhook_echo_is_kept(dispatcher: WebhookDispatcher, receiver: Receiver) -> None:
+    body = result_body("t1")
+    body["extra"]["webhook"] = {"url": receiver.url, "test_mode": {"enabled": False}}
+    dispatcher.enqueue("t1", OWNER, receiver.url, body)
+    assert final(dispatcher, "t1") == DELIVERED
+    assert json.loads(receiver.requests[0].body)["payload"]["extra"]["webhook"] == body["extra"]["webhook"]
+
+
+def test_retries_after_500_then_succeeds(dispatcher: WebhookDispatcher, receiver: Receiver) -> None:
+    receiver.fail_first = 2
+    dispatcher.enqueue("t1", OWNER, receiver.url, result_body("t1"))
+    assert final(dispatcher, "t1") == DELIVERED
+    assert receiver.count() == 3
+    assert dispatcher.deliveries("t1")[0].attempts == 3
+    ids = {r.headers["webhook-id"] for r in receiver.requests}
+    assert len(ids) == 1  # the message id is stable across retries, so receivers can deduplicate
+
+
+def test_retries_after_timeout(dispatcher: WebhookDispatcher, receiver: Receiver) -> None:
+    receiver.hang_first, receiver.hang_seconds = 1, 1.5  # longer than the 0.3 s test timeout
+    dispatcher.enqueue("t1", OWNER, receiver.url, result_body("t1"))
+    assert final(dispatcher, "t1") == DELIVERED
+    assert receiver.count() == 2
+    assert dispatcher.deliveries("t1")[0].attempts == 2
+
+
+def test_gives_up_after_five_retries(db_url: str, receiver: Receiver) -> None:
+    receiver.fail_first = 100
+    with WebhookDispatcher(db_url, settings(), secret_for, backoff_base=0.01, poll_interval=0.05) as d:
+        d.enqueue("t1", OWNER, receiver.url, result_body("t1"))
+        assert final(d, "t1") == FAILED
+        time.sleep(0.3)  # no attempt after giving up
+    row = d.deliveries("t1")[0]
+    assert receiver.count() == 6  # the first attempt plus 5 retries
+    assert (row.attempts, row.last_error) == (6, "HTTP 500")
+
+
+def test_backoff_grows_exponentially(db_url: str, receiver: Receiver) -> None:
+    receiver.fail_first = 100
+    with WebhookDispatcher(db_url, settings(webhook_max_retries=3), secret_for, backoff_base=0.2,
+                           poll_interval=0.05) as d:  # fmt: skip
+        d.enqueue("t1", OWNER, receiver.url, result_body("t1"))
+        assert final(d, "t1") == FAILED
+    times = [r.at for r in receiver.requests]
+    gaps = [b - a for a, b in zip(times, times[1:], strict=False)]
+    assert len(gaps) == 3
+    for gap, expected in zip(gaps, (0.2, 0.4, 0.8), strict=True):
+        assert expected - 0.02 <= gap < expected + 0.5
+
+
+def test_resumes_pending_delivery_after_restart(db_url: str, receiver: Receiver) -> None:
+    # Enqueued by a process that never sent it (e.g. a worker that died right after finishing the task).
+    first = WebhookDispatcher(db_url, settings(), secret_for)
+    first.enqueue("t1", OWNER, receiver.url, result_body("t1"))
+    assert receiver.count() == 0
+    with WebhookDispatcher(db_url, settings(), secret_for, poll_interval=0.05) as second:
+        assert final(second, "t1") == DELIVERED
+    assert receiver.count() == 1
+
+
+def test_resumes_a_retry_after_restart(db_url: str, receiver: Receiver) -> None:
+    receiver.fail_first = 1
+    first = WebhookDispatcher(db_url, settings(), secret_for, backoff_base=0.5, poll_interval=0.05)
+    first.start()
+    first.enqueue("t1", OWNER, receiver.url, result_body("t1"))
+    assert wait_for(lambda: first.deliveries("t1")[0].attempts == 1)
+    first.stop()
+    assert first.deliveries("t1")[0].status == PENDING
+    with WebhookDispatcher(db_url, settings(), secret_for, poll_interval=0.05) as second:
+        assert final(second, "t1") == DELIVERED
+    assert receiver.count() == 2
+    assert receiver.requests[1].at - receiver.requests[0].at >= 0.45  # the stored backoff is honoured
+
+
+def test_signature_verifies(dispatcher: WebhookDispatcher, receiver: Receiver) -> None:
+    dispatcher.enqueue("t1", OWNER, receiver.url, result_body("t1"))
+    assert final(dispatcher, "t1") == DELIVERED
+    got = receiver.requests[0]
+    secret = secret_for(OWNER)
+    assert got.headers["webhook-signature"].startswith("v1,")
+    assert got.headers["webhook-id"] == dispatcher.deliveries("t1")[0].id
+    assert abs(int(got.headers["webhook-timestamp"]) - time.time()) < 60
+    assert verify(got.body, got.headers, secret)
+    assert not verify(got.body.replace(b'"t1"', b'"t2"'), got.headers, secret)  # tampered body
+    assert not verify(got.body, got.headers, secret_for("someone-else"))
+    assert not verify(got.body, got.headers, secret, now=time.time() + 3600)  # replayed too late
+    assert not verify(got.body, {**got.headers, "webhook-id": "msg_other"}, secret)
+
+
+def test_secrets_per_key() -> None:
+    assert derive_secret(SERVER_SECRET, "a") == derive_secret(SERVER_SECRET, "a")
+    assert derive_secret(SERVER_SECRET, "a") != derive_secret(SERVER_SECRET, "b")
+    assert derive_secret(SERVER_SECRET, "a") != derive_secret(b"other server", "a")
+    assert derive_secret(SERVER_SECRET, "a").startswith("whsec_")
+    policies = {"key-1": KeyPolicy(webhook_secret="my-own-secret"), "key-2": KeyPolicy()}
+    lookup = make_secret_for(Settings(key_policies=policies), SERVER_SECRET, owner_of=lambda key: "h:" + key)
+    assert lookup("h:key-1") == normalize_secret("my-own-secret")
+    assert lookup("h:key-2") == derive_secret(SERVER_SECRET, "h:key-2")
+    with pytest.raises(ValueError, match="base64"):
+        normalize_secret("whsec_not base64!")
+
+
+def test_enqueue_is_idempotent_per_task(dispatcher: WebhookDispatcher, receiver: Receiver) -> None:
+    dispatcher.enqueue("t1", OWNER, receiver.url, result_body("t1"))
+    dispatcher.enqueue("t1", OWNER, receiver.url, result_body("t1"))  # e.g. a broker delivered the task twice
+    assert final(dispatcher, "t1") == DELIVERED
+    time.sleep(0.2)
+    assert len(dispatcher.deliveries("t1")) == 1
+    assert receiver.count() == 1
+
+
+def test_enqueue_never_waits_for_a_hanging_receiver(db_url: str, receiver: Receiver) -> None:
+    receiver.hang_first, receiver.hang_seconds = 1000, 2.0
+    with WebhookDispatcher(db_url, settings(webhook_timeout=1.0), secret_for, workers=2) as d:
+        started = time.monotonic()
+        for i in range(10):
+            d.enqueue(f"t{i}", OWNER, receiver.url, result_body(f"t{i}"))
+        elapsed = time.monotonic() - started
+        assert wait_for(lambda: receiver.count() >= 2)
+    assert elapsed < 1.0  # sending inline would take at least 10 x 1 s
+
+
+def test_connect_time_ssrf_check_defeats_rebinding(
+    db_url: str, receiver: Receiver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    answers = iter([["93.184.216.34"], ["127.0.0.1"]])  # public when submitted, loopback when delivered
+    monkeypatch.setattr(ssrf, "resolve", lambda host, port: next(answers))
+    url = f"http://rebind.example:{receiver.port}/hook"
+    with WebhookDispatcher(db_url, settings(webhook_allow_hosts=()), secret_for, poll_interval=0.05) as d:
+        d.validate_url(url)  # passes: the name looked public at submit
+        d.enqueue("t1", OWNER, url, result_body("t1"))
+        assert final(d, "t1") == FAILED
+    row = d.deliveries("t1")[0]
+    assert "refused" in row.last_error and "loopback" in row.last_error
+    assert row.attempts == 1  # a refused target is not retried
+    assert receiver.count() == 0
+
+
+def test_validate_url_uses_the_allowlist(db_url: str) -> None:
+    open_ = WebhookDispatcher(db_url, settings(), secret_for)
+    open_.validate_url("http://127.0.0.1:9/hook")
+    closed = WebhookDispatcher(db_url, settings(webhook_allow_hosts=()), secret_for)
+    with pytest.raises(ApiError, match="loopback"):
+        closed.validate_url("http://127.0.0.1:9/hook")
+
+
+# --- test mode ----------------------------------------------------------------------------------------------
+
+
+class MemoryStorage:
+    name = "local"
+
+    def __init__(self) -> None:
+        self.files: dict[str, bytes] = {}
+
+    def put(self, key: str, data: bytes, content_type: str) -> None:
+        self.files[key] = data
+
+    def get(self, key: str) -> bytes:
+        return self.files[key]
+
+    def url(self, key: str, ttl: int, base_url: str) -> str:
+        return f"{base_url}/v3/files/{key}?ttl={ttl}"
+
+    def delete(self, key: str) -> None:
+        self.files.pop(key, None)
+
+
+class MemoryStore:
+    """Just the TaskStore methods test mode uses."""
+
+    def __init__(self, record: TaskRecord) -> None:
+        self.record = record
+
+    def get(self, task_id: str, owner: str | None = None) -> TaskRecord | None:
+        return self.record if task_id == self.record.task_id else None
+
+    def complete_unleased(self, task_id: str, images: list[ImageRecord]) -> bool:
+        if self.record.status.terminal:
+            return False
+        self.record.status, self.record.images = TaskStatus.SUCCEED, images
+        return True
+
+    def fail(self, task_id: str, worker_id: str | None, reason: str) -> bool:
+        if self.record.status.terminal or worker_id is not None:
+            return False
+        self.record.status, self.record.reason = TaskStatus.FAILED, reason
+        return True
+
+
+def _test_mode(db_url: str, status: str, url: str) -> tuple[WebhookDispatcher, MemoryStore, MemoryStorage, dict]:
+    extra = {"webhook": {"url": url, "test_mode": {"enabled": True, "return_task_status": status}}}
+    record = TaskRecord(task_id="tm1", owner=OWNER, status=TaskStatus.QUEUED, seed=1234, extra=extra)
+    store, storage = MemoryStore(record), MemoryStorage()
+    d = WebhookDispatcher(db_url, settings(), secret_for, storage=storage, store=store, poll_interval=0.05)  # type: ignore[arg-type]
+    return d, store, storage, extra
+
+
+def test_test_mode_succeed(db_url: str, receiver: Receiver) -> None:
+    d, store, storage, extra = _test_mode(db_url, "TASK_STATUS_SUCCEED", receiver.url)
+    assert requested_test_status(extra) is TaskStatus.SUCCEED
+    with d:
+        d.submit_test_event("tm1", OWNER, TaskStatus.SUCCEED, extra, "http://testserver")
+        assert store.record.status is TaskStatus.SUCCEED  # polling agrees with the event at once
+        assert final(d, "tm1") == DELIVERED
+    payload = json.loads(receiver.requests[0].body)["payload"]
+    assert payload["task"] == {"task_id": "tm1", "status": "TASK_STATUS_SUCCEED", "reason": "",
+                               "task_type": "IMG_TO_IMG", "eta": 0, "progress_percent": 0}  # fmt: skip
+    assert payload["extra"]["webhook"] == extra["webhook"]
+    assert payload["extra"]["seed"] == "1234"
+    assert payload["videos"] == [] and payload["audios"] == []
+    [image] = payload["images"]
+    key = store.record.images[0].key
+    assert image == {"image_url": storage.url(key, 3600, "http://testserver"), "image_url_ttl": 3600,
+                     "image_type": "png", "nsfw_detection_result": None}  # fmt: skip
+    assert Image.open(io.BytesIO(storage.files[key])).size == (64, 64)  # a real image behind the URL
+
+
+def test_test_mode_failed(db_url: str, receiver: Receiver) -> None:
+    d, store, storage, extra = _test_mode(db_url, "TASK_STATUS_FAILED", receiver.url)
+    assert requested_test_status(extra) is TaskStatus.FAILED
+    with d:
+        d.submit_test_event("tm1", OWNER, "TASK_STATUS_FAILED", extra, "http://testserver")
+        assert (store.record.status, store.record.reason) == (TaskStatus.FAILED, FAILED_REASON)
+        assert final(d, "tm1") == DELIVERED
+    payload = json.loads(receiver.requests[0].body)["payload"]
+    assert payload["task"]["status"] == "TASK_STATUS_FAILED"
+    assert payload["task"]["reason"] == FAILED_REASON
+    assert payload["images"] == []
+    assert storage.files == {}
+
+
+def test_requested_test_status_parsing() -> None:
+    assert requested_test_status(None) is None
+    assert requested_test_status({"webhook": {"url": "x"}}) is None
+    assert requested_test_status({"webhook": {"url": "x", "test_mode": {"enabled": False}}}) is None
+    assert requested_test_status({"webhook": {"url": "x", "test_mode": {"enabled": True}}}) is TaskStatus.SUCCEED
+    with pytest.raises(ApiError, match="return_task_status"):
+        requested_test_status({"webhook": {"test_mode": {"enabled": True, "return_task_status": "DONE"}}})
+
+
+def test_purge_removes_finished_rows_only(dispatcher: WebhookDispatcher, receiver: Receiver) -> None:
+    dispatcher.enqueue("t1", OWNER, receiver.url, result_body("t1"))
+    assert final(dispatcher, "t1") == DELIVERED
+    dispatcher.stop()
+    dispatcher.enqueue("t2", OWNER, receiver.url, result_body("t2"))
+    assert dispatcher.purge(time.time() + 1) == 1
+    assert dispatcher.deliveries("t1") == []
+    assert dispatcher.count_pending() == 1
