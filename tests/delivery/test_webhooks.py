@@ -30,7 +30,7 @@ def secret_for(owner: str) -> str:
 
 
 def settings(**overrides: Any) -> Settings:
-    base = {"webhook_allow_hosts": ("127.0.0.1",), "webhook_timeout": 0.3, "webhook_max_retries": 5}
+    base: dict[str, Any] = {"webhook_allow_hosts": ("127.0.0.1",), "webhook_timeout": 0.3, "webhook_max_retries": 5}
     base.update(overrides)
     return Settings(**base)
 
