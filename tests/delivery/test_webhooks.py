@@ -5,10 +5,12 @@ from __future__ import annotations
 import io
 import json
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import pytest
 from PIL import Image
 from webhook_receiver import Receiver, wait_for
@@ -47,9 +49,24 @@ def result_body(task_id: str, status: str = "TASK_STATUS_SUCCEED") -> dict[str, 
     }  # fmt: skip
 
 
-@pytest.fixture
-def db_url(tmp_path: Path) -> str:
-    return f"sqlite:///{tmp_path / 'underpaint.db'}"
+PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/test"
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.services)])
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """The outbox on SQLite (embedded) and on PostgreSQL (scale-out), in a fresh schema per test."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'underpaint.db'}"
+        return
+    schema = "wh_" + uuid.uuid4().hex[:12]
+    # No skip: an unreachable server makes this fixture (and so the test) fail.
+    with psycopg.connect(PG_ADMIN, autocommit=True, connect_timeout=5) as conn:
+        conn.execute(f"CREATE SCHEMA {schema}")
+    try:
+        yield f"postgresql+psycopg://postgres@127.0.0.1:5432/test?options=-csearch_path%3D{schema}"
+    finally:
+        with psycopg.connect(PG_ADMIN, autocommit=True, connect_timeout=5) as conn:
+            conn.execute(f"DROP SCHEMA {schema} CASCADE")
 
 
 @pytest.fixture
@@ -57,7 +74,7 @@ def dispatcher(db_url: str) -> Iterator[WebhookDispatcher]:
     d = WebhookDispatcher(db_url, settings(), secret_for, backoff_base=0.02, poll_interval=0.05)
     d.start()
     yield d
-    d.stop()
+    d.close()
 
 
 def final(d: WebhookDispatcher, task_id: str, timeout: float = 10.0) -> str:

@@ -157,6 +157,7 @@ class WebhookDispatcher:
         lease_seconds: float | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
+        self._owns_engine = isinstance(engine_or_url, str)
         self.engine = _engine_for(engine_or_url) if isinstance(engine_or_url, str) else engine_or_url
         _create_table(self.engine)
         self.settings = settings
@@ -301,6 +302,12 @@ class WebhookDispatcher:
         self._pool.shutdown(wait=True, cancel_futures=True)
         self._client.close()
         self._thread = self._pool = self._client = None
+
+    def close(self) -> None:
+        """Stop, and release the database connections if this dispatcher made its own engine."""
+        self.stop()
+        if self._owns_engine:
+            self.engine.dispose()
 
     def __enter__(self) -> WebhookDispatcher:
         self.start()
