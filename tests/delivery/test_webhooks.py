@@ -201,6 +201,19 @@ def test_secrets_per_key() -> None:
         normalize_secret("whsec_not base64!")
 
 
+def test_unexpected_sender_error_counts_as_an_attempt(db_url: str, receiver: Receiver) -> None:
+    def broken_secret(owner: str) -> str:
+        raise ValueError("webhook secret must be 'whsec_' followed by base64")
+
+    with WebhookDispatcher(db_url, settings(webhook_max_retries=1), broken_secret, backoff_base=0.01,
+                           poll_interval=0.05) as d:  # fmt: skip
+        d.enqueue("t1", OWNER, receiver.url, result_body("t1"))
+        assert final(d, "t1") == FAILED
+    row = d.deliveries("t1")[0]
+    assert row.attempts == 2 and "whsec_" in row.last_error
+    assert receiver.count() == 0
+
+
 def test_enqueue_is_idempotent_per_task(dispatcher: WebhookDispatcher, receiver: Receiver) -> None:
     dispatcher.enqueue("t1", OWNER, receiver.url, result_body("t1"))
     dispatcher.enqueue("t1", OWNER, receiver.url, result_body("t1"))  # e.g. a broker delivered the task twice

@@ -115,6 +115,7 @@ def _engine_for(url: str) -> Engine:
         cur = dbapi_conn.cursor()
         cur.execute("PRAGMA journal_mode=WAL")  # same mode as the task store on this file
         cur.execute("PRAGMA busy_timeout=30000")
+        cur.execute("PRAGMA synchronous=NORMAL")  # no fsync per enqueue; WAL stays consistent across crashes
         cur.close()
 
     return engine
@@ -212,7 +213,10 @@ class WebhookDispatcher:
         except IntegrityError:
             log.info("webhook for task %s (%s) already queued; ignoring the repeat", task_id, event)
             return
-        self._wake.set()
+        with self._lock:
+            idle = len(self._inflight) < self.workers
+        if idle:  # with every sender busy, the next one to finish wakes the loop anyway
+            self._wake.set()
 
     def enqueue_for_task(self, task: TaskRecord, body: dict[str, Any]) -> bool:
         """Enqueue the result webhook of a finished task if its request asked for one. Returns whether it did."""
@@ -382,7 +386,11 @@ class WebhookDispatcher:
         self._wake.set()
 
     def _attempt(self, delivery_id: str, row: dict[str, Any]) -> None:
-        ok, error, permanent = self._post(delivery_id, row)
+        try:
+            ok, error, permanent = self._post(delivery_id, row)
+        except Exception as exc:  # e.g. a malformed configured secret: count it, so the row cannot loop forever
+            log.exception("webhook delivery %s: unexpected error", delivery_id)
+            ok, error, permanent = False, f"internal error: {type(exc).__name__}: {exc}", False
         attempts = int(row["attempts"]) + 1
         now = self.clock()
         values: dict[str, Any] = {"attempts": attempts, "lease_until": None, "updated_at": now, "last_error": error}
