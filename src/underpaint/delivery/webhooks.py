@@ -209,7 +209,7 @@ class WebhookDispatcher:
         }
         try:
             with self.engine.begin() as conn:
-                conn.execute(insert(_d).values(**row))
+                conn.execute(insert(_d), row)  # parameters apart: the compiled INSERT is cached
         except IntegrityError:
             log.info("webhook for task %s (%s) already queued; ignoring the repeat", task_id, event)
             return
