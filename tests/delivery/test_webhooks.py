@@ -18,10 +18,11 @@ from webhook_receiver import Receiver, wait_for
 from underpaint.api.errors import ApiError
 from underpaint.config import KeyPolicy, Settings
 from underpaint.delivery import ssrf
-from underpaint.delivery.signing import derive_secret, make_secret_for, normalize_secret, verify
+from underpaint.delivery.signing import derive_secret, make_secret_for, normalize_secret, sign, verify
 from underpaint.delivery.test_mode import FAILED_REASON, requested_test_status
 from underpaint.delivery.webhooks import DELIVERED, FAILED, PENDING, WebhookDispatcher
-from underpaint.tasks.types import ImageRecord, TaskRecord, TaskStatus
+from underpaint.tasks.store import SqlTaskStore
+from underpaint.tasks.types import NewTask, TaskStatus
 
 SERVER_SECRET = b"test-server-secret"
 OWNER = "owner-hash-1"
@@ -199,6 +200,10 @@ def test_secrets_per_key() -> None:
     assert lookup("h:key-2") == derive_secret(SERVER_SECRET, "h:key-2")
     with pytest.raises(ValueError, match="base64"):
         normalize_secret("whsec_not base64!")
+    # A raw configured secret and its whsec_ form sign alike, so either may be handed to the receiver.
+    assert sign("my-own-secret", "msg_1", 1700000000, b"{}") == sign(
+        normalize_secret("my-own-secret"), "msg_1", 1700000000, b"{}"
+    )
 
 
 def test_unexpected_sender_error_counts_as_an_attempt(db_url: str, receiver: Receiver) -> None:
@@ -280,42 +285,31 @@ class MemoryStorage:
         self.files.pop(key, None)
 
 
-class MemoryStore:
-    """Just the TaskStore methods test mode uses."""
-
-    def __init__(self, record: TaskRecord) -> None:
-        self.record = record
-
-    def get(self, task_id: str, owner: str | None = None) -> TaskRecord | None:
-        return self.record if task_id == self.record.task_id else None
-
-    def complete_unleased(self, task_id: str, images: list[ImageRecord]) -> bool:
-        if self.record.status.terminal:
-            return False
-        self.record.status, self.record.images = TaskStatus.SUCCEED, images
-        return True
-
-    def fail(self, task_id: str, worker_id: str | None, reason: str) -> bool:
-        if self.record.status.terminal or worker_id is not None:
-            return False
-        self.record.status, self.record.reason = TaskStatus.FAILED, reason
-        return True
+@pytest.fixture
+def task_store(db_url: str) -> Iterator[SqlTaskStore]:
+    store = SqlTaskStore(db_url)  # the real task store, in the same database as the outbox
+    yield store
+    store.close()
 
 
-def _test_mode(db_url: str, status: str, url: str) -> tuple[WebhookDispatcher, MemoryStore, MemoryStorage, dict]:
+def _test_mode(
+    store: SqlTaskStore, db_url: str, status: str, url: str
+) -> tuple[WebhookDispatcher, MemoryStorage, dict[str, Any]]:
     extra = {"webhook": {"url": url, "test_mode": {"enabled": True, "return_task_status": status}}}
-    record = TaskRecord(task_id="tm1", owner=OWNER, status=TaskStatus.QUEUED, seed=1234, extra=extra)
-    store, storage = MemoryStore(record), MemoryStorage()
-    d = WebhookDispatcher(db_url, settings(), secret_for, storage=storage, store=store, poll_interval=0.05)  # type: ignore[arg-type]
-    return d, store, storage, extra
+    store.create(NewTask("tm1", OWNER, 1234, False, "png", extra, payload={}))
+    storage = MemoryStorage()
+    d = WebhookDispatcher(db_url, settings(), secret_for, storage=storage, store=store, poll_interval=0.05)
+    return d, storage, extra
 
 
-def test_test_mode_succeed(db_url: str, receiver: Receiver) -> None:
-    d, store, storage, extra = _test_mode(db_url, "TASK_STATUS_SUCCEED", receiver.url)
+def test_test_mode_succeed(task_store: SqlTaskStore, db_url: str, receiver: Receiver) -> None:
+    d, storage, extra = _test_mode(task_store, db_url, "TASK_STATUS_SUCCEED", receiver.url)
     assert requested_test_status(extra) is TaskStatus.SUCCEED
     with d:
         d.submit_test_event("tm1", OWNER, TaskStatus.SUCCEED, extra, "http://testserver")
-        assert store.record.status is TaskStatus.SUCCEED  # polling agrees with the event at once
+        record = task_store.get("tm1")
+        assert record is not None and record.status is TaskStatus.SUCCEED  # polling agrees with the event at once
+        assert not task_store.complete_unleased("tm1", [])  # an ended task stays as it is
         assert final(d, "tm1") == DELIVERED
     payload = json.loads(receiver.requests[0].body)["payload"]
     assert payload["task"] == {"task_id": "tm1", "status": "TASK_STATUS_SUCCEED", "reason": "",
@@ -324,18 +318,19 @@ def test_test_mode_succeed(db_url: str, receiver: Receiver) -> None:
     assert payload["extra"]["seed"] == "1234"
     assert payload["videos"] == [] and payload["audios"] == []
     [image] = payload["images"]
-    key = store.record.images[0].key
+    key = record.images[0].key
     assert image == {"image_url": storage.url(key, 3600, "http://testserver"), "image_url_ttl": 3600,
                      "image_type": "png", "nsfw_detection_result": None}  # fmt: skip
     assert Image.open(io.BytesIO(storage.files[key])).size == (64, 64)  # a real image behind the URL
 
 
-def test_test_mode_failed(db_url: str, receiver: Receiver) -> None:
-    d, store, storage, extra = _test_mode(db_url, "TASK_STATUS_FAILED", receiver.url)
+def test_test_mode_failed(task_store: SqlTaskStore, db_url: str, receiver: Receiver) -> None:
+    d, storage, extra = _test_mode(task_store, db_url, "TASK_STATUS_FAILED", receiver.url)
     assert requested_test_status(extra) is TaskStatus.FAILED
     with d:
         d.submit_test_event("tm1", OWNER, "TASK_STATUS_FAILED", extra, "http://testserver")
-        assert (store.record.status, store.record.reason) == (TaskStatus.FAILED, FAILED_REASON)
+        record = task_store.get("tm1")
+        assert record is not None and (record.status, record.reason) == (TaskStatus.FAILED, FAILED_REASON)
         assert final(d, "tm1") == DELIVERED
     payload = json.loads(receiver.requests[0].body)["payload"]
     assert payload["task"]["status"] == "TASK_STATUS_FAILED"

@@ -41,9 +41,11 @@ def normalize_secret(secret: str) -> str:
 
 
 def _key(secret: str) -> bytes:
-    encoded = secret[len(_PREFIX) :] if secret.startswith(_PREFIX) else secret
+    """The HMAC key: base64 after ``whsec_``; a secret without the prefix is raw text (as ``normalize_secret``)."""
+    if not secret.startswith(_PREFIX):
+        return secret.encode("utf-8")
     try:
-        return base64.b64decode(encoded, validate=True)
+        return base64.b64decode(secret[len(_PREFIX) :], validate=True)
     except (binascii.Error, ValueError) as exc:
         raise ValueError("webhook secret must be 'whsec_' followed by base64") from exc
 
