@@ -1,10 +1,11 @@
-"""Does a hanging webhook receiver slow generation down? (issue #5 benchmark: at most 5% lower throughput)
+"""Does a hanging webhook receiver slow generation down? (issue #5 benchmark: at most 5 % lower throughput)
 
-A fake generation loop runs N tasks of fixed CPU work (single-threaded torch matmuls, which like a real UNet step
-release the GIL) and, as the real worker does, enqueues one result webhook per finished task. The receiver on
-127.0.0.1 hangs ``--hang`` seconds on every call, so with the production 5 s timeout every attempt times out and
-is retried with backoff while the loop keeps running. Rounds alternate between "no webhooks" and "hanging
-receiver" so that load from other processes hits both alike; the medians are compared.
+Two identical worker processes run side by side for a fixed time, each a fake generation loop of fixed CPU work
+per task (single-threaded torch matmuls, which like a real UNet step release the GIL). One of them, as the real
+worker does, enqueues a result webhook per finished task into its own ``WebhookDispatcher``, whose sender runs in
+that process; the receiver (a third process, on 127.0.0.1) hangs ``--hang`` seconds on every call, so with the
+production 5 s timeout every attempt times out and is retried with backoff. Running the two side by side means
+load from other processes on a shared machine hits both alike; the process roles swap every trial.
 
 Run from the repository root:  PYTHONPATH=src OMP_NUM_THREADS=1 python bench/webhook_throughput.py
 """
@@ -17,18 +18,17 @@ import multiprocessing
 import statistics
 import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from multiprocessing.synchronize import Event
 from pathlib import Path
-
-import torch
-from sqlalchemy import func, select
+from typing import Any
 
 from underpaint.config import Settings
 from underpaint.delivery.signing import derive_secret
-from underpaint.delivery.webhooks import WebhookDispatcher, deliveries_table
+from underpaint.delivery.webhooks import WebhookDispatcher
+
+SETTINGS = Settings(webhook_allow_hosts=("127.0.0.1",), webhook_timeout=5.0, webhook_max_retries=5)
 
 
 def _serve(hang: float, ports: multiprocessing.Queue[int]) -> None:
@@ -50,27 +50,16 @@ def _serve(hang: float, ports: multiprocessing.Queue[int]) -> None:
     server.serve_forever()
 
 
-@contextmanager
-def hanging_receiver(hang: float) -> Iterator[str]:
-    """The receiver runs in its own process, like a real remote endpoint: its threads cost us no CPU or GIL."""
-    ports: multiprocessing.Queue[int] = multiprocessing.Queue()
-    process = multiprocessing.Process(target=_serve, args=(hang, ports), daemon=True)
-    process.start()
-    try:
-        yield f"http://127.0.0.1:{ports.get(timeout=30)}/hook"
-    finally:
-        process.terminate()
-        process.join(10)
+def calibrate(task_ms: float) -> int:
+    """Matmul iterations per fake task so that one task takes about ``task_ms`` of CPU."""
+    import torch
 
-
-def make_work(task_ms: float) -> tuple[int, torch.Tensor, torch.Tensor]:
-    """Operands and an iteration count so that one fake task takes about ``task_ms`` of CPU."""
+    torch.set_num_threads(1)
     a, b = torch.randn(256, 256), torch.randn(256, 256)
     started = time.thread_time()  # CPU time: other processes' load does not skew the calibration
     for _ in range(50):
         torch.tanh(a @ b)
-    per_iter = (time.thread_time() - started) / 50
-    return max(1, round(task_ms / 1000 / per_iter)), a, b
+    return max(1, round(task_ms / 1000 / ((time.thread_time() - started) / 50)))
 
 
 def body(task_id: str) -> dict[str, object]:
@@ -84,107 +73,128 @@ def body(task_id: str) -> dict[str, object]:
     }  # fmt: skip
 
 
+def secret_for(owner: str) -> str:
+    return derive_secret(b"bench", owner)
+
+
 @dataclass
-class Round:
+class Run:
     tasks_per_s: float
     gen_cpu_ms: float  # CPU of the generation thread per task (includes enqueue)
-    background_cpu_ms: float  # CPU of every other thread of the process per task (the webhook sender)
-    slowest_enqueue_ms: float
+    background_cpu_ms: float  # CPU of all other threads of the process per task (the webhook sender)
     enqueue_cpu_ms: float  # CPU of the generation thread spent in enqueue, per task
+    slowest_enqueue_ms: float
+    attempts: int  # delivery attempts the sender made (all time out against the hanging receiver)
 
 
-def run_round(
-    tag: str, tasks: int, work: tuple[int, torch.Tensor, torch.Tensor], dispatcher: WebhookDispatcher | None, url: str
-) -> Round:
-    iters, a, b = work
-    slowest = enqueue_cpu = 0.0
+def worker(iters: int, seconds: float, url: str | None, db: str, go: Event, out: multiprocessing.Queue[Any]) -> None:
+    import torch
+
+    torch.set_num_threads(1)
+    a, b = torch.randn(256, 256), torch.randn(256, 256)
+    dispatcher = WebhookDispatcher(db, SETTINGS, secret_for) if url else None
+    if dispatcher is not None:
+        dispatcher.start()
+    go.wait()
+    tasks, slowest, enqueue_cpu = 0, 0.0, 0.0
     cpu0, thread0, started = time.process_time(), time.thread_time(), time.perf_counter()
-    for i in range(tasks):
+    while time.perf_counter() - started < seconds:
         for _ in range(iters):
             torch.tanh(a @ b)
-        if dispatcher is not None:
+        tasks += 1
+        if dispatcher is not None and url is not None:
             t0, c0 = time.perf_counter(), time.thread_time()
-            dispatcher.enqueue(f"{tag}-{i}", "bench-owner", url, body(f"{tag}-{i}"))
+            dispatcher.enqueue(f"t{tasks}", "bench-owner", url, body(f"t{tasks}"))
             slowest = max(slowest, time.perf_counter() - t0)
             enqueue_cpu += time.thread_time() - c0
     wall = time.perf_counter() - started
     gen_cpu, all_cpu = time.thread_time() - thread0, time.process_time() - cpu0
-    return Round(
-        tasks / wall,
-        gen_cpu / tasks * 1000,
-        (all_cpu - gen_cpu) / tasks * 1000,
-        slowest * 1000,
-        enqueue_cpu / tasks * 1000,
-    )
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
-    parser.add_argument("--tasks", type=int, default=12, help="tasks per round")
-    parser.add_argument("--task-ms", type=float, default=250.0, help="CPU work per fake task")
-    parser.add_argument("--rounds", type=int, default=10, help="pairs of rounds (baseline, hanging)")
-    parser.add_argument("--hang", type=float, default=5.0, help="seconds the receiver hangs on every call")
-    args = parser.parse_args()
-    torch.set_num_threads(1)
-    work = make_work(args.task_ms)
-    settings = Settings(webhook_allow_hosts=("127.0.0.1",), webhook_timeout=5.0, webhook_max_retries=5)
-    ratios: list[float] = []
-    base_rounds: list[Round] = []
-    hook_rounds: list[Round] = []
-    with tempfile.TemporaryDirectory() as tmp, hanging_receiver(args.hang) as url:
-        # One dispatcher for the whole run, like a server: its outbox fills up with retrying deliveries.
-        dispatcher = WebhookDispatcher(f"sqlite:///{Path(tmp) / 'bench.db'}", settings, secret_for)
-        dispatcher.start()
-        for r in range(args.rounds):
-            # Alternate which mode goes first so that drifting load from other processes cancels out.
-            order = [False, True] if r % 2 == 0 else [True, False]
-            results = {
-                hooked: run_round(f"r{r}", args.tasks, work, dispatcher if hooked else None, url) for hooked in order
-            }
-            base, hook = results[False], results[True]
-            base_rounds.append(base)
-            hook_rounds.append(hook)
-            ratios.append(hook.tasks_per_s / base.tasks_per_s)
-            print(
-                f"pair {r}: no webhooks {base.tasks_per_s:.2f} tasks/s, hanging receiver {hook.tasks_per_s:.2f} tasks/s"
-            )
-        with dispatcher.engine.connect() as conn:
-            attempts = conn.execute(select(func.sum(deliveries_table.c.attempts))).scalar_one()
-        pending = dispatcher.count_pending()
+    attempts = 0
+    if dispatcher is not None:
+        dispatcher.stop()
+        attempts = sum(d.attempts for i in range(1, tasks + 1) for d in dispatcher.deliveries(f"t{i}"))
         dispatcher.close()
-
-    def med(rounds: list[Round], name: str) -> float:
-        return round(statistics.median(getattr(x, name) for x in rounds), 3)
-
-    print(
-        json.dumps(
-            {
-                "tasks_per_round": args.tasks,
-                "task_ms": args.task_ms,
-                "pairs": args.rounds,
-                "hang_s": args.hang,
-                "median_throughput_ratio": round(statistics.median(ratios), 4),
-                "throughput_ratios": [round(x, 3) for x in ratios],
-                "generation_cpu_ms_per_task": {
-                    "no_webhooks": med(base_rounds, "gen_cpu_ms"),
-                    "hanging": med(hook_rounds, "gen_cpu_ms"),
-                },
-                "background_cpu_ms_per_task": {
-                    "no_webhooks": med(base_rounds, "background_cpu_ms"),
-                    "hanging": med(hook_rounds, "background_cpu_ms"),
-                },
-                "enqueue_cpu_ms_per_task": med(hook_rounds, "enqueue_cpu_ms"),
-                "slowest_enqueue_ms": round(max(x.slowest_enqueue_ms for x in hook_rounds), 2),
-                "deliveries_pending_at_end": pending,
-                "delivery_attempts_made": attempts,
-            },
-            indent=2,
+    ms = 1000 / tasks
+    out.put(
+        (
+            url is not None,
+            asdict(
+                Run(tasks / wall, gen_cpu * ms, (all_cpu - gen_cpu) * ms, enqueue_cpu * ms, slowest * 1000, attempts)
+            ),
         )
     )
 
 
-def secret_for(owner: str) -> str:
-    return derive_secret(b"bench", owner)
+def trial(ctx: Any, iters: int, seconds: float, url: str, tmp: str, n: int) -> tuple[Run, Run]:
+    """One side-by-side run; returns (no webhooks, hanging receiver)."""
+    go, out = ctx.Event(), ctx.Queue()
+    roles = [None, url] if n % 2 == 0 else [url, None]  # alternate which process starts first
+    procs = [
+        ctx.Process(target=worker, args=(iters, seconds, role, f"sqlite:///{Path(tmp) / f'{n}-{i}.db'}", go, out))
+        for i, role in enumerate(roles)
+    ]
+    for p in procs:
+        p.start()
+    time.sleep(3.0)  # both imported torch and started their dispatcher
+    go.set()
+    results = dict(out.get(timeout=seconds + 120) for _ in procs)
+    for p in procs:
+        p.join(30)
+    return Run(**results[False]), Run(**results[True])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=20.0, help="length of one side-by-side trial")
+    parser.add_argument("--trials", type=int, default=5)
+    parser.add_argument("--task-ms", type=float, default=250.0, help="CPU work per fake task")
+    parser.add_argument("--hang", type=float, default=5.0, help="seconds the receiver hangs on every call")
+    args = parser.parse_args()
+    ctx = multiprocessing.get_context("spawn")
+    iters = calibrate(args.task_ms)
+    ports: multiprocessing.Queue[int] = ctx.Queue()
+    receiver = ctx.Process(target=_serve, args=(args.hang, ports), daemon=True)
+    receiver.start()
+    url = f"http://127.0.0.1:{ports.get(timeout=30)}/hook"
+    pairs: list[tuple[Run, Run]] = []
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            for n in range(args.trials):
+                base, hook = trial(ctx, iters, args.seconds, url, tmp, n)
+                pairs.append((base, hook))
+                print(
+                    f"trial {n}: no webhooks {base.tasks_per_s:.3f} tasks/s, hanging receiver "
+                    f"{hook.tasks_per_s:.3f} tasks/s ({hook.attempts} timed-out deliveries)"
+                )
+    finally:
+        receiver.terminate()
+        receiver.join(10)
+
+    def med(values: list[float]) -> float:
+        return round(statistics.median(values), 3)
+
+    ratios = [h.tasks_per_s / b.tasks_per_s for b, h in pairs]
+    base_gen, hook_gen = med([b.gen_cpu_ms for b, _ in pairs]), med([h.gen_cpu_ms for _, h in pairs])
+    sender_cpu = med([h.background_cpu_ms for _, h in pairs])
+    # What webhooks cost per task in CPU: the generation thread's extra (enqueue) plus all of the sender's work.
+    overhead_pct = 100 * (hook_gen - base_gen + sender_cpu) / base_gen
+    summary = {
+        "task_ms": args.task_ms,
+        "trial_seconds": args.seconds,
+        "trials": args.trials,
+        "hang_s": args.hang,
+        "median_throughput_ratio": round(statistics.median(ratios), 4),
+        "throughput_ratios": [round(r, 3) for r in ratios],
+        "cpu_overhead_pct": round(overhead_pct, 2),
+        "generation_cpu_ms_per_task": {"no_webhooks": base_gen, "hanging": hook_gen},
+        "sender_cpu_ms_per_task": sender_cpu,
+        "enqueue_cpu_ms_per_task": med([h.enqueue_cpu_ms for _, h in pairs]),
+        "slowest_enqueue_ms": round(max(h.slowest_enqueue_ms for _, h in pairs), 2),
+        "timed_out_deliveries": sum(h.attempts for _, h in pairs),
+    }
+    print(json.dumps(summary, indent=2))
+    if statistics.median(ratios) < 0.95:
+        raise SystemExit("FAIL: a hanging webhook receiver cost more than 5 % of generation throughput")
 
 
 if __name__ == "__main__":
