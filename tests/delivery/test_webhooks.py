@@ -13,7 +13,7 @@ from typing import Any
 import psycopg
 import pytest
 from PIL import Image
-from webhook_receiver import Receiver, wait_for
+from webhook_receiver import Receiver, running_receiver, wait_for
 
 from underpaint.api.errors import ApiError
 from underpaint.config import KeyPolicy, Settings
@@ -237,6 +237,42 @@ def test_enqueue_never_waits_for_a_hanging_receiver(db_url: str, receiver: Recei
         elapsed = time.monotonic() - started
         assert wait_for(lambda: receiver.count() >= 2)
     assert elapsed < 1.0  # sending inline would take at least 10 x 1 s
+
+
+def test_one_hanging_receiver_does_not_hold_up_others(db_url: str, receiver: Receiver) -> None:
+    receiver.hang_first, receiver.hang_seconds = 1000, 2.0
+    with running_receiver() as healthy:
+        d = WebhookDispatcher(db_url, settings(webhook_timeout=1.0), secret_for, workers=4, per_target=2,
+                              poll_interval=0.05)  # fmt: skip
+        with d:
+            for i in range(6):
+                d.enqueue(f"slow{i}", OWNER, receiver.url, result_body(f"slow{i}"))
+            time.sleep(0.2)
+            d.enqueue("fast", OWNER, healthy.url, result_body("fast"))
+            assert final(d, "fast", timeout=0.8) == DELIVERED
+            assert receiver.count() == 2  # the hanging receiver gets no more than its share of senders
+
+
+def test_sender_sleeps_while_all_senders_are_busy(
+    db_url: str, receiver: Receiver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    receiver.hang_first, receiver.hang_seconds = 1000, 2.0
+    d = WebhookDispatcher(db_url, settings(webhook_timeout=1.0), secret_for, workers=1, poll_interval=0.5)
+    passes = 0
+    dispatch = d._dispatch_due
+
+    def counting() -> float:
+        nonlocal passes
+        passes += 1
+        return dispatch()
+
+    monkeypatch.setattr(d, "_dispatch_due", counting)
+    with d:
+        for i in range(3):
+            d.enqueue(f"t{i}", OWNER, receiver.url, result_body(f"t{i}"))
+        time.sleep(0.8)  # one attempt hangs; two rows are due but have no sender
+        assert receiver.count() == 1
+    assert passes < 10  # woken by enqueues and the poll interval, not spinning
 
 
 def test_connect_time_ssrf_check_defeats_rebinding(

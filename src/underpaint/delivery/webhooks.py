@@ -15,6 +15,7 @@ import logging
 import threading
 import time
 import uuid
+from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -59,6 +60,8 @@ log = logging.getLogger(__name__)
 EVENT_TYPE = "ASYNC_TASK_RESULT"
 PENDING, DELIVERED, FAILED = "pending", "delivered", "failed"
 USER_AGENT = "Underpaint-Webhooks/1"
+# Due rows looked at per pass; rows of receivers at their concurrency limit are skipped within this window.
+_SCAN_WINDOW = 256
 
 metadata = MetaData()
 deliveries_table = Table(
@@ -129,6 +132,15 @@ def _create_table(engine: Engine) -> None:
         metadata.create_all(engine)
 
 
+def _target(url: str) -> str:
+    """The receiver a URL points at, for the per-receiver concurrency limit."""
+    try:
+        parsed = httpx.URL(url)
+    except (httpx.InvalidURL, TypeError, ValueError):
+        return url
+    return f"{parsed.host}:{parsed.port or (443 if parsed.scheme == 'https' else 80)}"
+
+
 def _unleased(now: float) -> ColumnElement[bool]:
     return or_(_d.c.lease_until.is_(None), _d.c.lease_until < now)
 
@@ -153,7 +165,8 @@ class WebhookDispatcher:
         storage: ImageStorage | None = None,
         store: TaskStore | None = None,
         backoff_base: float = 1.0,
-        workers: int = 4,
+        workers: int = 8,
+        per_target: int = 2,
         poll_interval: float = 1.0,
         lease_seconds: float | None = None,
         clock: Callable[[], float] = time.time,
@@ -167,6 +180,9 @@ class WebhookDispatcher:
         self.store = store
         self.backoff_base = backoff_base
         self.workers = max(1, workers)
+        # At most this many attempts in flight per receiver (host:port), so that one hanging receiver cannot
+        # occupy every sender and delay everyone else's webhooks.
+        self.per_target = max(1, per_target)
         self.poll_interval = poll_interval
         # An attempt outlives the POST timeout by a margin; a row whose sender died is retried after this.
         self.lease_seconds = lease_seconds if lease_seconds is not None else settings.webhook_timeout + 30.0
@@ -176,7 +192,7 @@ class WebhookDispatcher:
         self._thread: threading.Thread | None = None
         self._pool: ThreadPoolExecutor | None = None
         self._client: httpx.Client | None = None
-        self._inflight: set[str] = set()
+        self._inflight: dict[str, str] = {}  # delivery id -> target (host:port)
         self._lock = threading.Lock()
 
     # --- submit side (API, workers) -------------------------------------------------------------------------
@@ -333,36 +349,39 @@ class WebhookDispatcher:
     def _dispatch_due(self) -> float:
         """Hand due rows to the pool; return how long to sleep before looking again."""
         with self._lock:
-            free = self.workers - len(self._inflight)
-            busy = set(self._inflight)
+            inflight = dict(self._inflight)
+        free = self.workers - len(inflight)
+        per_target = Counter(inflight.values())
         now = self.clock()
-        if free > 0:
-            with self.engine.connect() as conn:
-                due = (
-                    conn.execute(
-                        select(_d.c.id)
-                        .where(_d.c.status == PENDING, _d.c.next_attempt_at <= now, _unleased(now))
-                        .order_by(_d.c.next_attempt_at)
-                        .limit(free + len(busy))
-                    )
-                    .scalars()
-                    .all()
-                )
-            for delivery_id in [d for d in due if d not in busy][:free]:
-                self._claim_and_send(delivery_id, now)
+        left_waiting = False
         with self.engine.connect() as conn:
-            upcoming = conn.execute(
-                select(_d.c.next_attempt_at, _d.c.lease_until)
-                .where(_d.c.status == PENDING)
+            due = conn.execute(
+                select(_d.c.id, _d.c.url)
+                .where(_d.c.status == PENDING, _d.c.next_attempt_at <= now, _unleased(now))
                 .order_by(_d.c.next_attempt_at)
-                .limit(1)
-            ).first()
-        if upcoming is None:
+                .limit(_SCAN_WINDOW)
+            ).all()
+        for delivery_id, url in due:
+            if delivery_id in inflight:
+                continue
+            target = _target(url)
+            if free <= 0 or per_target[target] >= self.per_target:
+                left_waiting = True  # a finishing attempt wakes the loop
+                continue
+            if self._claim_and_send(delivery_id, target, now):
+                free -= 1
+                per_target[target] += 1
+        if left_waiting:
             return self.poll_interval
-        soonest = max(upcoming[0], upcoming[1] or 0.0)
-        return min(self.poll_interval, max(0.0, soonest - self.clock()))
+        with self.engine.connect() as conn:
+            soonest = conn.execute(
+                select(func.min(_d.c.next_attempt_at)).where(_d.c.status == PENDING, _unleased(now))
+            ).scalar()
+        if soonest is None:
+            return self.poll_interval  # also picks up rows other processes add, and expired leases
+        return min(self.poll_interval, max(0.0, float(soonest) - self.clock()))
 
-    def _claim_and_send(self, delivery_id: str, now: float) -> None:
+    def _claim_and_send(self, delivery_id: str, target: str, now: float) -> bool:
         claim = (
             update(_d)
             .where(_d.c.id == delivery_id, _d.c.status == PENDING, _unleased(now))
@@ -370,17 +389,18 @@ class WebhookDispatcher:
         )
         with self.engine.begin() as conn:
             if conn.execute(claim).rowcount != 1:
-                return  # another dispatcher took it
+                return False  # another dispatcher took it
             row = conn.execute(select(_d).where(_d.c.id == delivery_id)).one()
         with self._lock:
-            self._inflight.add(delivery_id)
+            self._inflight[delivery_id] = target
         assert self._pool is not None
-        future = self._pool.submit(self._attempt, row._mapping["id"], dict(row._mapping))
+        future = self._pool.submit(self._attempt, delivery_id, dict(row._mapping))
         future.add_done_callback(functools.partial(self._done, delivery_id))
+        return True
 
     def _done(self, delivery_id: str, future: Future[None]) -> None:
         with self._lock:
-            self._inflight.discard(delivery_id)
+            self._inflight.pop(delivery_id, None)
         if not future.cancelled() and future.exception() is not None:
             log.error("webhook delivery %s crashed", delivery_id, exc_info=future.exception())
         self._wake.set()
