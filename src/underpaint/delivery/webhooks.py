@@ -4,7 +4,8 @@
 sender claims due rows with a short lease (several processes may run a dispatcher on one database; a claimed row
 is sent by one of them), POSTs ``{"event_type": "ASYNC_TASK_RESULT", "payload": <task-result body>}`` with
 Standard Webhooks signature headers, and retries on timeout, connection errors or non-2xx with exponential
-backoff. Rows stay ``pending`` until delivered or out of retries, so a restart resumes them.
+backoff. Rows stay ``pending`` until delivered or out of retries, so a restart resumes them. At most
+``per_target`` attempts run at once per receiver, so one hanging receiver cannot delay everyone else's webhooks.
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ from underpaint.delivery import ssrf
 from underpaint.delivery.signing import signature_headers
 from underpaint.delivery.test_mode import FAILED_REASON, mock_body, sample_png
 from underpaint.storage.base import ImageStorage
-from underpaint.tasks.types import ImageRecord, TaskRecord, TaskStatus, TaskStore
+from underpaint.tasks.types import ImageRecord, TaskStatus, TaskStore
 
 log = logging.getLogger(__name__)
 
@@ -233,15 +234,6 @@ class WebhookDispatcher:
             idle = len(self._inflight) < self.workers
         if idle:  # with every sender busy, the next one to finish wakes the loop anyway
             self._wake.set()
-
-    def enqueue_for_task(self, task: TaskRecord, body: dict[str, Any]) -> bool:
-        """Enqueue the result webhook of a finished task if its request asked for one. Returns whether it did."""
-        webhook = task.extra.get("webhook") if isinstance(task.extra, dict) else None
-        url = webhook.get("url") if isinstance(webhook, dict) else None
-        if not url or not task.status.terminal:
-            return False
-        self.enqueue(task.task_id, task.owner, str(url), body)
-        return True
 
     def submit_test_event(
         self, task_id: str, owner: str, status: TaskStatus | str, extra: dict[str, Any], base_url: str
