@@ -81,6 +81,19 @@ def test_unresolvable_host_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
         check_url("https://nowhere.invalid/hook", ())
 
 
+def test_internationalized_names_are_checked_in_idna_form(monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: list[str] = []
+
+    def fake(host: str, port: int) -> list[str]:
+        seen.append(host)
+        return ["10.0.0.5"]
+
+    monkeypatch.setattr(ssrf, "resolve", fake)
+    with pytest.raises(ApiError, match="private"):
+        check_url("https://bücher.example/hook", ())
+    assert seen == ["xn--bcher-kva.example"]
+
+
 def test_any_private_answer_refuses_a_mixed_name(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(ssrf, "resolve", lambda host, port: ["93.184.216.34", "10.0.0.5"])
     with pytest.raises(ApiError, match=r"'hooks.example.com' resolves to 10.0.0.5, which is a private"):

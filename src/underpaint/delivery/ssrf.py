@@ -175,14 +175,15 @@ def _parse(url: str) -> tuple[str, str, int]:
         raise invalid_request(
             f"extra.webhook.url scheme {scheme or '(none)'!r} is not allowed: use http or https", url=url
         )
-    if not parsed.host:
+    host = parsed.raw_host.decode("ascii", "replace")  # IDNA-encoded, as it is resolved and sent
+    if not host:
         raise invalid_request("extra.webhook.url has no host", url=url)
-    if not _HOST_CHARS.fullmatch(parsed.host):
+    if not _HOST_CHARS.fullmatch(host):
         raise invalid_request(f"extra.webhook.url is not a valid URL: bad host {parsed.host!r}", url=url)
     if parsed.port is not None and not 0 < parsed.port < 65536:
         raise invalid_request(f"extra.webhook.url is not a valid URL: port {parsed.port} out of range", url=url)
     port = parsed.port or (443 if scheme == "https" else 80)
-    return scheme, parsed.host, port
+    return scheme, host, port
 
 
 def check_url(url: str, allow_hosts: Sequence[str]) -> None:
