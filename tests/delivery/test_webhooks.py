@@ -16,10 +16,11 @@ from PIL import Image
 from webhook_receiver import Receiver, running_receiver, wait_for
 
 from underpaint.api.errors import ApiError
+from underpaint.api.serialize import task_result_body
 from underpaint.config import KeyPolicy, Settings
 from underpaint.delivery import ssrf
 from underpaint.delivery.signing import derive_secret, make_secret_for, normalize_secret, sign, verify
-from underpaint.delivery.test_mode import FAILED_REASON, requested_test_status
+from underpaint.delivery.test_mode import FAILED_REASON
 from underpaint.delivery.webhooks import DELIVERED, FAILED, PENDING, WebhookDispatcher
 from underpaint.tasks.store import SqlTaskStore
 from underpaint.tasks.types import NewTask, TaskStatus
@@ -340,48 +341,44 @@ def _test_mode(
 
 def test_test_mode_succeed(task_store: SqlTaskStore, db_url: str, receiver: Receiver) -> None:
     d, storage, extra = _test_mode(task_store, db_url, "TASK_STATUS_SUCCEED", receiver.url)
-    assert requested_test_status(extra) is TaskStatus.SUCCEED
     with d:
-        d.submit_test_event("tm1", OWNER, TaskStatus.SUCCEED, extra, "http://testserver")
+        d.submit_test_event("tm1", OWNER, "TASK_STATUS_SUCCEED", extra, "http://testserver")
         record = task_store.get("tm1")
         assert record is not None and record.status is TaskStatus.SUCCEED  # polling agrees with the event at once
         assert not task_store.complete_unleased("tm1", [])  # an ended task stays as it is
         assert final(d, "tm1") == DELIVERED
     payload = json.loads(receiver.requests[0].body)["payload"]
-    assert payload["task"] == {"task_id": "tm1", "status": "TASK_STATUS_SUCCEED", "reason": "",
-                               "task_type": "IMG_TO_IMG", "eta": 0, "progress_percent": 0}  # fmt: skip
-    assert payload["extra"]["webhook"] == extra["webhook"]
+    polled = task_result_body(record, lambda image: storage.url(image.key, 3600, "http://testserver"), 3600)
+    assert payload == {**polled, "extra": {**polled["extra"], "webhook": extra["webhook"]}}
+    assert payload["task"]["status"] == "TASK_STATUS_SUCCEED" and payload["task"]["reason"] == ""
     assert payload["extra"]["seed"] == "1234"
-    assert payload["videos"] == [] and payload["audios"] == []
     [image] = payload["images"]
     key = record.images[0].key
-    assert image == {"image_url": storage.url(key, 3600, "http://testserver"), "image_url_ttl": 3600,
-                     "image_type": "png", "nsfw_detection_result": None}  # fmt: skip
+    assert image["image_url"] == storage.url(key, 3600, "http://testserver")
+    assert (image["image_url_ttl"], image["image_type"], image["nsfw_detection_result"]) == (3600, "png", None)
     assert Image.open(io.BytesIO(storage.files[key])).size == (64, 64)  # a real image behind the URL
 
 
 def test_test_mode_failed(task_store: SqlTaskStore, db_url: str, receiver: Receiver) -> None:
     d, storage, extra = _test_mode(task_store, db_url, "TASK_STATUS_FAILED", receiver.url)
-    assert requested_test_status(extra) is TaskStatus.FAILED
     with d:
-        d.submit_test_event("tm1", OWNER, "TASK_STATUS_FAILED", extra, "http://testserver")
+        d.submit_test_event("tm1", OWNER, TaskStatus.FAILED, extra, "http://testserver")
         record = task_store.get("tm1")
         assert record is not None and (record.status, record.reason) == (TaskStatus.FAILED, FAILED_REASON)
         assert final(d, "tm1") == DELIVERED
     payload = json.loads(receiver.requests[0].body)["payload"]
     assert payload["task"]["status"] == "TASK_STATUS_FAILED"
     assert payload["task"]["reason"] == FAILED_REASON
-    assert payload["images"] == []
+    assert payload["images"] == [] and payload["videos"] == [] and payload["audios"] == []
+    assert payload["extra"]["webhook"] == extra["webhook"]
     assert storage.files == {}
 
 
-def test_requested_test_status_parsing() -> None:
-    assert requested_test_status(None) is None
-    assert requested_test_status({"webhook": {"url": "x"}}) is None
-    assert requested_test_status({"webhook": {"url": "x", "test_mode": {"enabled": False}}}) is None
-    assert requested_test_status({"webhook": {"url": "x", "test_mode": {"enabled": True}}}) is TaskStatus.SUCCEED
-    with pytest.raises(ApiError, match="return_task_status"):
-        requested_test_status({"webhook": {"test_mode": {"enabled": True, "return_task_status": "DONE"}}})
+def test_test_mode_rejects_a_non_terminal_status(task_store: SqlTaskStore, db_url: str, receiver: Receiver) -> None:
+    d, _storage, extra = _test_mode(task_store, db_url, "TASK_STATUS_SUCCEED", receiver.url)
+    with pytest.raises(ValueError, match="SUCCEED or FAILED"):
+        d.submit_test_event("tm1", OWNER, "TASK_STATUS_QUEUED", extra, "http://testserver")
+    assert d.deliveries("tm1") == []
 
 
 def test_purge_removes_finished_rows_only(dispatcher: WebhookDispatcher, receiver: Receiver) -> None:

@@ -49,10 +49,11 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DatabaseError, IntegrityError
 from sqlalchemy.sql.elements import ColumnElement
 
+from underpaint.api.serialize import task_result_body
 from underpaint.config import Settings
 from underpaint.delivery import ssrf
 from underpaint.delivery.signing import signature_headers
-from underpaint.delivery.test_mode import FAILED_REASON, mock_body, sample_png
+from underpaint.delivery.test_mode import FAILED_REASON, sample_png
 from underpaint.storage.base import ImageStorage
 from underpaint.tasks.types import ImageRecord, TaskStatus, TaskStore
 
@@ -238,35 +239,31 @@ class WebhookDispatcher:
     def submit_test_event(
         self, task_id: str, owner: str, status: TaskStatus | str, extra: dict[str, Any], base_url: str
     ) -> None:
-        """Test mode: end the (already created) task as ``status`` without generating, and send a mock event."""
+        """Test mode: end the (already created) task as ``status`` without generating, and send its result event.
+
+        SUCCEED gets one real, downloadable sample PNG in the image storage; FAILED gets ``FAILED_REASON``. The
+        payload is built from the stored task by the task-result serializer, so polling shows the same body.
+        """
         status = TaskStatus(status)
         if not status.terminal:
             raise ValueError(f"test mode status must be SUCCEED or FAILED, not {status.value}")
         url = str((extra.get("webhook") or {}).get("url") or "")
         if not url:
             raise ValueError("test mode needs extra.webhook.url")
-        record = self.store.get(task_id) if self.store is not None else None
-        ttl = self.settings.image_url_ttl
-        image_urls: list[str] = []
+        if self.store is None or self.storage is None:
+            raise RuntimeError("WebhookDispatcher needs the task store and image storage for test mode")
+        storage, ttl = self.storage, self.settings.image_url_ttl
         if status is TaskStatus.SUCCEED:
-            if self.storage is None:
-                raise RuntimeError("WebhookDispatcher needs a storage to serve test-mode sample images")
-            image = ImageRecord(key=f"test_data/{task_id}.png", image_type="png", backend=self.storage.name)
-            self.storage.put(image.key, sample_png(), "image/png")
-            image_urls.append(self.storage.url(image.key, ttl, base_url))
-            if self.store is not None:
-                self.store.complete_unleased(task_id, [image])
-        elif self.store is not None:
+            image = ImageRecord(key=f"test_data/{task_id}.png", image_type="png", backend=storage.name)
+            storage.put(image.key, sample_png(), "image/png")
+            self.store.complete_unleased(task_id, [image])
+        else:
             self.store.fail(task_id, None, FAILED_REASON)
-        body = mock_body(
-            task_id,
-            status,
-            extra,
-            image_urls,
-            ttl,
-            seed=record.seed if record is not None else -1,
-            enable_nsfw_detection=record.enable_nsfw_detection if record is not None else False,
-        )
+        record = self.store.get(task_id)
+        if record is None:
+            raise LookupError(f"test mode: task {task_id!r} does not exist")
+        body = task_result_body(record, lambda image: storage.url(image.key, ttl, base_url), ttl)
+        body["extra"]["webhook"] = dict(extra["webhook"])  # echo the webhook config, as Novita does
         self.enqueue(task_id, owner, url, body)
 
     # --- inspection -----------------------------------------------------------------------------------------
