@@ -38,7 +38,7 @@ class ListQueue:
 
 
 @pytest.fixture
-def app_and_services(tmp_path: Path) -> Iterator[tuple[TestClient, Services]]:
+def app_and_services(tmp_path: Path) -> Iterator[tuple[TestClient, Services, ListQueue]]:
     checkpoint = tmp_path / "models" / "checkpoint" / "tiny_sd15.safetensors"
     checkpoint.parent.mkdir(parents=True)
     save_file({"model.diffusion_model.input_blocks.0.0.weight": np.zeros(1, dtype=np.float32)}, str(checkpoint))
@@ -52,14 +52,15 @@ def app_and_services(tmp_path: Path) -> Iterator[tuple[TestClient, Services]]:
     url = f"sqlite:///{tmp_path / 'underpaint.db'}"
     store = SqlTaskStore(url)
     storage = LocalStorage(tmp_path / "images", SERVER_SECRET)
-    services = Services(settings, store, ListQueue(), ModelRegistry(settings.models_dir), storage)
+    queue = ListQueue()
+    services = Services(settings, store, queue, ModelRegistry(settings.models_dir), storage)
     services.webhooks = WebhookDispatcher(
         url, settings, lambda owner: derive_secret(SERVER_SECRET, owner), store=store, storage=storage,
         poll_interval=0.05,
     )  # fmt: skip
     services.webhooks.start()
     with TestClient(create_app(services), raise_server_exceptions=False) as client:
-        yield client, services
+        yield client, services, queue
     services.webhooks.close()
     store.close()
 
@@ -78,14 +79,14 @@ def _submit(client: TestClient, extra: dict[str, object]) -> dict[str, object]:
 
 @pytest.mark.parametrize("status", ["TASK_STATUS_SUCCEED", "TASK_STATUS_FAILED"])
 def test_test_mode_event_equals_the_polled_task_result(
-    app_and_services: tuple[TestClient, Services], receiver: Receiver, status: str
+    app_and_services: tuple[TestClient, Services, ListQueue], receiver: Receiver, status: str
 ) -> None:
-    client, services = app_and_services
+    client, services, queue = app_and_services
     webhook = {"url": receiver.url, "test_mode": {"enabled": True, "return_task_status": status}}
     submitted = _submit(client, {"webhook": webhook})
     assert submitted["_status"] == 200, submitted
     task_id = str(submitted["task_id"])
-    assert services.queue.items == []  # test mode runs no generation
+    assert queue.items == []  # test mode runs no generation
     assert wait_for(lambda: services.webhooks.deliveries(task_id)[0].status == DELIVERED)
     got = receiver.requests[0]
     assert verify(got.body, got.headers, derive_secret(SERVER_SECRET, owner_of(KEY)))
@@ -105,10 +106,10 @@ def test_test_mode_event_equals_the_polled_task_result(
         assert payload["images"] == [] and payload["task"]["reason"]
 
 
-def test_submit_refuses_internal_webhook_targets(app_and_services: tuple[TestClient, Services]) -> None:
-    client, services = app_and_services
+def test_submit_refuses_internal_webhook_targets(app_and_services: tuple[TestClient, Services, ListQueue]) -> None:
+    client, _services, queue = app_and_services
     for url in ("http://10.1.2.3/hook", "http://169.254.169.254/latest/meta-data", "file:///etc/passwd"):
         refused = _submit(client, {"webhook": {"url": url}})
         assert refused["_status"] == 400 and refused["reason"] == "INVALID_REQUEST_BODY", refused
         assert "extra.webhook.url" in str(refused["message"])
-    assert services.queue.items == []
+    assert queue.items == []
