@@ -228,3 +228,16 @@ def test_depth_leres_maps_near_to_white(tmp_path: Path, monkeypatch: pytest.Monk
     out = np.asarray(P.run_preprocessor("depth_leres", image, ctx(tmp_path)))[:, :, 0].astype(int)
     assert out[:, 0].min() >= 250 and out[:, -1].max() <= 5  # near (small depth) white, far black
     assert (np.diff(out[32]) <= 0).all()
+
+
+def test_normal_bae_runs_from_a_published_layout_file(picture: Image.Image, tmp_path: Path) -> None:
+    """scannet.pt nests the weights under ``model`` with DataParallel's ``module.`` prefix."""
+    from underpaint.engine.demo_controlnet import write_zero_annotator
+
+    write_zero_annotator(P._normal_bae_net, tmp_path / "flat.pth")
+    flat = torch.load(tmp_path / "flat.pth", weights_only=True)
+    torch.save({"model": {"module." + k: v for k, v in flat.items()}}, tmp_path / "scannet.pt")
+    out = np.asarray(P.run_preprocessor("normal_bae", picture, ctx(tmp_path)))
+    # a zero network predicts the zero vector, which the normal map shows as mid-grey
+    assert out.shape == (96, 128, 3) and (out == 127).all()
+    assert "torchvision" not in __import__("sys").modules

@@ -5,12 +5,13 @@ Every name the Novita docs/JS SDK and the Python SDK send is known here. Three g
 * weight-free, work out of the box: ``canny``, ``shuffle`` and the Python SDK's ``invert``, ``threshold``,
   ``color``, ``scribble_xdog``, ``tile_resample``, ``binary``;
 * network annotators whose weights the operator drops into ``M/annotator/`` (file names as published with
-  lllyasviel's ControlNet annotators): HED, PiDiNet, MLSD, lineart, lineart_anime, LeReS depth (``res101.pth``)
-  and OpenPose (body, hands, face: ``body_pose_model.pth``, ``hand_pose_model.pth``, ``facenet.pth``). The network
-  definitions, OpenPose's detectors and its body/face drawing come from the ``controlnet_aux`` package (imported
-  module by module: its package ``__init__``s pull torchvision); weights load with ``torch.load(weights_only=True)``;
+  lllyasviel's ControlNet annotators): HED, PiDiNet, MLSD, lineart, lineart_anime, LeReS depth (``res101.pth``),
+  NormalBae (``scannet.pt``) and OpenPose (body, hands, face: ``body_pose_model.pth``, ``hand_pose_model.pth``,
+  ``facenet.pth``). The network definitions, OpenPose's detectors and its body/face drawing come from the
+  ``controlnet_aux`` package (imported module by module: its package ``__init__``s pull torchvision); weights load
+  with ``torch.load(weights_only=True)``;
 * annotators that need packages this build cannot install beside the CPU torch wheel (torchvision, timm, mmpose,
-  mediapipe): depth_midas/zoe, depth_leres++, normal_bae, dwpose, mediapipe_face. They are accepted by the API
+  mediapipe): depth_midas/zoe, depth_leres++, normal_map, dwpose, mediapipe_face. They are accepted by the API
   and fail the task with a reason saying so; pass a ready-made map with preprocessor ``none`` instead.
 
 ``none`` (or no preprocessor) uses the image as the control map.
@@ -19,8 +20,10 @@ Every name the Novita docs/JS SDK and the Python SDK send is known here. Three g
 from __future__ import annotations
 
 import colorsys
+import contextlib
 import importlib
 import importlib.util
+import io
 import os
 import sys
 import sysconfig
@@ -122,7 +125,7 @@ def tile_resample(img: Array, ctx: Context) -> Array:
 
 _AUX_ROOT = os.path.join(sysconfig.get_paths()["purelib"], "controlnet_aux")
 # Packages whose __init__ imports torchvision (or imports a sibling that does): registered as bare namespaces.
-_STUB_PACKAGES = ("", "open_pose", "leres")
+_STUB_PACKAGES = ("", "open_pose", "leres", "normalbae")
 _import_lock = threading.Lock()
 
 
@@ -368,6 +371,33 @@ def depth_leres(img: Array, ctx: Context) -> Array:
     return _gray3(cv2.bitwise_not(cv2.convertScaleAbs(depth16, alpha=255.0 / 65535.0)))
 
 
+# -- NormalBae (controlnet_aux's network; our glue, A1111's normal_bae) --------------------------------------------
+
+NORMAL_BAE = ("scannet.pt",)
+
+
+def _normal_bae_net() -> torch.nn.Module:
+    args = types.SimpleNamespace(
+        mode="client", architecture="BN", pretrained="scannet", sampling_ratio=0.4, importance_ratio=0.7
+    )
+    # Its encoder is built through torch.hub from the bundled local repo, which prints progress: keep it quiet.
+    with contextlib.redirect_stdout(io.StringIO()):
+        net: torch.nn.Module = _aux("normalbae.nets.NNET").NNET(args)
+    return net
+
+
+def normal_bae(img: Array, ctx: Context) -> Array:
+    """Surface normals as RGB (x, y, z mapped from [-1, 1] to [0, 255])."""
+    net = _net("normal_bae", ctx.annotator_dir / NORMAL_BAE[0], ctx.device, _normal_bae_net, nested="model")
+    h, w = img.shape[:2]
+    size = (max(64, round(w / 64) * 64), max(64, round(h / 64) * 64))
+    x = (cv2.resize(img, size, interpolation=cv2.INTER_AREA).astype(np.float32) / 255 - _IMAGENET_MEAN) / _IMAGENET_STD
+    tensor = torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)))[None].to(next(net.parameters()).device)
+    normal = net(tensor)[0][-1][0, :3]  # the finest prediction; channel 4 is the confidence
+    rgb = ((normal + 1) * 0.5).clamp(0, 1).permute(1, 2, 0).float().cpu().numpy()
+    return cv2.resize((rgb * 255).astype(np.uint8), (w, h), interpolation=cv2.INTER_LINEAR)
+
+
 HED = ("ControlNetHED.pth",)
 PIDI = ("table5_pidinet.pth",)
 _INSTEAD = "send a ready-made map with preprocessor 'none' instead"
@@ -414,6 +444,7 @@ def _registry() -> dict[str, Preprocessor]:
         ),
         Preprocessor("lineart_anime", _network("lineart_anime", ("netG.pth",)), ("netG.pth",)),
         Preprocessor("depth_leres", depth_leres, LERES),
+        Preprocessor("normal_bae", normal_bae, NORMAL_BAE),
         Preprocessor("openpose", _openpose(True, False, False), (BODY,)),
         Preprocessor("openpose_hand", _openpose(True, True, False), (BODY, HAND)),
         Preprocessor("openpose_face", _openpose(True, False, True), (BODY, FACE)),
@@ -421,7 +452,7 @@ def _registry() -> dict[str, Preprocessor]:
         Preprocessor("openpose_full", _openpose(True, True, True), (BODY, HAND, FACE)),
     ]
     unsupported = [
-        "depth", "depth_midas", "depth_zoe", "depth_leres++", "normal_bae", "normal_map", "dwpose",
+        "depth", "depth_midas", "depth_zoe", "depth_leres++", "normal_map", "dwpose",
         "mediapipe_face", "segmentation", "oneformer_coco", "oneformer_ade20k", "clip_vision",
     ]
     out = {p.name: p for p in table}
