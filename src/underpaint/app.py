@@ -84,12 +84,20 @@ def build_services(settings: Settings) -> Services:
     secret_for = make_secret_for(settings, secret, owner_of)
     services.webhooks = WebhookDispatcher(store.engine, settings, secret_for, store=store, storage=storage)
     services.rate_limiter = RateLimiter(settings, store)
-    services.extras["validate_custom_storage"] = lambda cs: validate_custom_storage(cs)
+    services.extras["validate_custom_storage"] = validate_custom_storage
+    services.extras["check_preprocessor"] = lambda name: _preprocessor_problem(name, registry)
     services.extras["url_resolvers"] = {"custom": lambda image, ttl: presign_custom(image, ttl, settings)}
     from underpaint.engine.loader import file_sha256
 
     services.extras["file_hash"] = lambda entry: file_sha256(entry.path)
     return services
+
+
+def _preprocessor_problem(name: str | None, registry: ModelRegistry) -> str | None:
+    # Imported on first use: API nodes that never see a ControlNet request never import torch.
+    from underpaint.engine.preprocessors import submit_check
+
+    return submit_check(name, registry.models_dir / "annotator")
 
 
 @dataclass
