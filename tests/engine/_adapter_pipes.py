@@ -22,6 +22,8 @@ from diffusers import (
 from PIL import Image
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
+from underpaint.engine.registry import ModelEntry, ModelRegistry
+
 TOKENIZER_DIR = Path(__file__).resolve().parents[2] / "src" / "underpaint" / "engine" / "configs" / "clip_tokenizer"
 
 
@@ -60,7 +62,7 @@ def _vae() -> AutoencoderKL:
 
 def _scheduler() -> EulerDiscreteScheduler:
     return EulerDiscreteScheduler(
-        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000, steps_offset=1
     )
 
 
@@ -166,3 +168,15 @@ def save_configs(loaded: TinyLoaded, target: Path) -> Path:
     if loaded.is_sdxl:
         pipe.text_encoder_2.config.save_pretrained(target / "text_encoder_2")
     return target
+
+
+def text_encoders(loaded: TinyLoaded) -> list[Any]:
+    pipe = loaded.pipe
+    return [pipe.text_encoder] + ([pipe.text_encoder_2] if loaded.is_sdxl else [])
+
+
+def resolve(models_dir: Path, kind: str, name: str) -> ModelEntry:
+    """Through the real registry, as the API resolves request names."""
+    entry = ModelRegistry(models_dir).resolve(kind, name)
+    assert entry is not None, f"{kind}/{name} not found in {models_dir}"
+    return entry

@@ -111,7 +111,7 @@ def _te_targets(text_encoder: nn.Module) -> list[tuple[str, nn.Module]]:
 
 
 def _random_pair(module: nn.Module, rank: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    weight = module.weight
+    weight: torch.Tensor = module.weight  # type: ignore[assignment]
     out_ch, in_ch = int(weight.shape[0]), int(weight.shape[1])
     if isinstance(module, nn.Conv2d):
         kh, kw = module.kernel_size
@@ -147,7 +147,7 @@ def lora_layers(
         prefixes = [("lora_te1_", "text_encoder"), ("lora_te2_", "text_encoder_2")]
     else:
         prefixes = [("lora_te_", "text_encoder")]
-    for (prefix, component), encoder in zip(prefixes, text_encoders, strict=True):
+    for (prefix, component), encoder in zip(prefixes, text_encoders, strict=False):  # [] = UNet only
         for path, module in _te_targets(encoder):
             down, up = _random_pair(module, rank, gen)
             layers.append(LoraLayer(prefix + path.replace(".", "_"), component, path, down, up, alpha))
@@ -221,25 +221,26 @@ def tiny_image_encoder(projection_dim: int, seed: int = 0) -> Any:
     from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
     torch.manual_seed(seed)
-    config = CLIPVisionConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        image_size=32,
-        patch_size=8,
-        projection_dim=projection_dim,
-    )
+    params: dict[str, Any] = {
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "image_size": 32,
+        "patch_size": 8,
+        "projection_dim": projection_dim,
+    }
+    config = CLIPVisionConfig(**params)
     return CLIPVisionModelWithProjection(config).eval()
 
 
 def ip_adapter_state(
-    unet: nn.Module, image_embed_dim: int, seed: int = 0, num_tokens: int = 4
+    unet: Any, image_embed_dim: int, seed: int = 0, num_tokens: int = 4
 ) -> dict[str, dict[str, torch.Tensor]]:
     """``{"image_proj": ..., "ip_adapter": ...}`` as in ``ip-adapter_sd15.bin``: an ImageProjection (proj + norm) and
     ``to_k_ip`` / ``to_v_ip`` per cross-attention processor, numbered 1, 3, 5... in ``attn_processors`` order."""
     gen = torch.Generator().manual_seed(seed)
-    cross_dim = int(unet.config.cross_attention_dim)  # type: ignore[union-attr]
+    cross_dim = int(unet.config.cross_attention_dim)
     image_proj = {
         "proj.weight": torch.randn(cross_dim * num_tokens, image_embed_dim, generator=gen) / image_embed_dim**0.5,
         "proj.bias": torch.zeros(cross_dim * num_tokens),
@@ -248,7 +249,7 @@ def ip_adapter_state(
     }
     ip: dict[str, torch.Tensor] = {}
     index = 0
-    for name in unet.attn_processors:  # type: ignore[union-attr]
+    for name in unet.attn_processors:
         if name.endswith("attn1.processor"):
             index += 1
             continue
@@ -302,20 +303,31 @@ def write_demo_adapters(models_dir: Path, sd15_config: Path | None, sdxl_config:
         unet, encoders = _meta_models(config_dir, sdxl)
         layers = lora_layers(unet, encoders, sdxl=sdxl, conv=True, seed=1)
         written.append(save_kohya_lora(lora_dir / f"tiny-detail-{tag}.safetensors", layers))
-        written.append(save_kohya_lora(lora_dir / f"tiny-style-{tag}.safetensors", lora_layers(
-            unet, encoders, sdxl=sdxl, seed=2, rank=2, alpha=1.0)))
+        written.append(
+            save_kohya_lora(
+                lora_dir / f"tiny-style-{tag}.safetensors",
+                lora_layers(unet, encoders, sdxl=sdxl, seed=2, rank=2, alpha=1.0),
+            )
+        )
         dims = _embedding_dims(encoders)
         if sdxl:
-            written.append(save_sdxl_embedding(
-                ti_dir / "tiny-negative-sdxl.safetensors", random_vectors(2, dims[0], 11), random_vectors(2, dims[1], 12)
-            ))
+            written.append(
+                save_sdxl_embedding(
+                    ti_dir / "tiny-negative-sdxl.safetensors",
+                    random_vectors(2, dims[0], 11),
+                    random_vectors(2, dims[1], 12),
+                )
+            )
         else:
-            written.append(save_peft_lora(lora_dir / "tiny-peft-sd15.safetensors", lora_layers(
-                unet, encoders, sdxl=False, seed=3)))
+            written.append(
+                save_peft_lora(lora_dir / "tiny-peft-sd15.safetensors", lora_layers(unet, encoders, sdxl=False, seed=3))
+            )
             written.append(save_a1111_embedding_pt(ti_dir / "tiny-subject-sd15.pt", random_vectors(3, dims[0], 13)))
-            written.append(save_a1111_embedding_safetensors(
-                ti_dir / "tiny-easynegative-sd15.safetensors", random_vectors(2, dims[0], 14)
-            ))
+            written.append(
+                save_a1111_embedding_safetensors(
+                    ti_dir / "tiny-easynegative-sd15.safetensors", random_vectors(2, dims[0], 14)
+                )
+            )
         encoder = tiny_image_encoder(projection_dim=32, seed=21 if sdxl else 20)
         encoder.save_pretrained(ip_dir / IMAGE_ENCODERS_DIR / tag)
         written.append(ip_dir / IMAGE_ENCODERS_DIR / tag)

@@ -32,6 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from underpaint.engine.adapters import short_reason
 from underpaint.engine.job import JobError
 from underpaint.engine.registry import ModelEntry
 
@@ -111,7 +112,7 @@ def read_embedding_file(path: Path) -> EmbeddingFile:
     except JobError:
         raise
     except Exception as exc:  # pickle, safetensors and OS errors: the file is unusable
-        raise JobError(f"{label} could not be read: {exc}") from exc
+        raise JobError(f"{label} could not be read: {short_reason(exc)}") from exc
     if isinstance(data, torch.Tensor):
         return EmbeddingFile(_as_matrix(data, label), None, None, False)
     if not isinstance(data, dict):
@@ -309,14 +310,16 @@ def _key(entry: ModelEntry) -> tuple[str, float, int]:
     return (str(entry.path.resolve()), entry.mtime, entry.size)
 
 
-def _vectors_for(file: EmbeddingFile, encoders: list[tuple[Any, nn.Module]], loaded: Any, entry: ModelEntry) -> list[
-    torch.Tensor
-]:
+def _vectors_for(
+    file: EmbeddingFile, encoders: list[tuple[Any, nn.Module]], loaded: Any, entry: ModelEntry
+) -> list[torch.Tensor]:
     """One (vectors, dim) matrix per text encoder, or a ``JobError`` when the file is for the other base model."""
     checkpoint = getattr(loaded, "name", "the checkpoint")
     name = entry.sd_name_in_api
     if loaded.is_sdxl and file.clip_g is None:
-        raise JobError(f"embedding {name} is an SD 1.5 embedding; checkpoint {checkpoint} is SDXL (needs clip_l + clip_g)")
+        raise JobError(
+            f"embedding {name} is an SD 1.5 embedding; checkpoint {checkpoint} is SDXL (needs clip_l + clip_g)"
+        )
     if not loaded.is_sdxl and file.clip_g is not None:
         raise JobError(f"embedding {name} is an SDXL embedding (clip_l + clip_g); checkpoint {checkpoint} is SD 1.5")
     matrices = [file.clip_l] + ([file.clip_g] if file.clip_g is not None else [])

@@ -30,6 +30,7 @@ from typing import Any
 import torch
 from PIL import Image
 
+from underpaint.engine.adapters import short_reason
 from underpaint.engine.job import JobError
 from underpaint.engine.registry import ModelEntry
 
@@ -64,7 +65,7 @@ def read_ip_adapter_file(path: Path) -> IPState:
     except JobError:
         raise
     except Exception as exc:  # pickle, safetensors and OS errors: the file is unusable
-        raise JobError(f"{label} could not be read: {exc}") from exc
+        raise JobError(f"{label} could not be read: {short_reason(exc)}") from exc
     if not isinstance(state, dict) or not state.get("image_proj") or not state.get("ip_adapter"):
         raise JobError(f"{label} is not an IP-Adapter file (needs image_proj and ip_adapter weights)")
     return {"image_proj": dict(state["image_proj"]), "ip_adapter": dict(state["ip_adapter"])}
@@ -177,7 +178,9 @@ class IPAdapterManager:
         try:
             encoder = _Encoder(folder)
         except Exception as exc:  # transformers raises OSError/ValueError for broken folders
-            raise JobError(f"IP-Adapter {entry.sd_name}: image encoder {folder} could not be loaded: {exc}") from exc
+            raise JobError(
+                f"IP-Adapter {entry.sd_name}: image encoder {folder} could not be loaded: {short_reason(exc)}"
+            ) from exc
         self._encoders[cache_key] = encoder
         while len(self._encoders) > self.max_encoders:
             self._encoders.popitem(last=False)
@@ -204,7 +207,9 @@ class IPAdapterManager:
         except Exception as exc:  # shape/key errors from diffusers
             pipe.unload_ip_adapter()
             checkpoint = getattr(loaded, "name", "the checkpoint")
-            raise JobError(f"IP-Adapter {entry.sd_name} could not be applied to checkpoint {checkpoint}: {exc}") from exc
+            raise JobError(
+                f"IP-Adapter {entry.sd_name} could not be applied to checkpoint {checkpoint}: {short_reason(exc)}"
+            ) from exc
         self.adapter_loads += 1
 
     @staticmethod

@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 
+from underpaint.engine.adapters import short_reason
 from underpaint.engine.job import JobError
 from underpaint.engine.registry import ModelEntry
 
@@ -62,7 +63,7 @@ def read_lora_file(path: Path) -> StateDict:
     except JobError:
         raise
     except Exception as exc:  # safetensors, pickle and OS errors all mean "cannot use this file"
-        raise JobError(f"LoRA {name} could not be read: {exc}") from exc
+        raise JobError(f"LoRA {name} could not be read: {short_reason(exc)}") from exc
     if isinstance(data, dict) and isinstance(data.get("state_dict"), dict):
         data = data["state_dict"]
     if not isinstance(data, dict) or not data or not all(isinstance(v, torch.Tensor) for v in data.values()):
@@ -191,7 +192,9 @@ class LoraManager:
                 pipe.disable_lora()
                 return
             pipe.enable_lora()
-            pipe.set_adapters(list(weights), list(weights.values()))
+            # peft sums adapters in list order; a fixed order makes a set's output independent of request order.
+            names = sorted(weights)
+            pipe.set_adapters(names, [weights[n] for n in names])
 
     def forget(self, loaded: Any) -> None:
         """Drop the bookkeeping for a checkpoint leaving the cache (its adapters go with the pipe)."""
@@ -215,7 +218,9 @@ class LoraManager:
             pipe.load_lora_weights(lora, adapter_name=name)
         except Exception as exc:  # diffusers/peft raise ValueError, KeyError, RuntimeError (shape) ...
             _drop_partial(pipe, name)
-            raise JobError(f"LoRA {entry.sd_name_in_api} could not be applied to checkpoint {checkpoint}: {exc}") from exc
+            raise JobError(
+                f"LoRA {entry.sd_name_in_api} could not be applied to checkpoint {checkpoint}: {short_reason(exc)}"
+            ) from exc
         present = {n for names in pipe.get_list_adapters().values() for n in names}
         if name not in present:
             raise JobError(f"LoRA {entry.sd_name_in_api} matched no layer of checkpoint {checkpoint}")
