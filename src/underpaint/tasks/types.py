@@ -8,11 +8,12 @@ twice by a broker still runs to completion at most once.
 from __future__ import annotations
 
 import enum
+import hashlib
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 
-class TaskStatus(str, enum.Enum):
+class TaskStatus(enum.StrEnum):
     QUEUED = "TASK_STATUS_QUEUED"
     PROCESSING = "TASK_STATUS_PROCESSING"
     SUCCEED = "TASK_STATUS_SUCCEED"
@@ -59,6 +60,10 @@ class TaskRecord:
     images: list[ImageRecord] = field(default_factory=list)
     # The request's ``extra`` object as accepted (webhook, custom_storage ...), echoed in webhooks.
     extra: dict[str, Any] = field(default_factory=dict)
+    image_num: int = 1
+    # Lease: the worker currently running the task and when its lease runs out (PROCESSING only).
+    worker_id: str | None = None
+    lease_expires_at: float | None = None
 
 
 @dataclass
@@ -76,7 +81,15 @@ class NewTask:
     priority: int = 0
 
 
+def owner_of(api_key: str) -> str:
+    """The owner hash stored with a task: raw API keys are never stored or logged."""
+    return hashlib.sha256(api_key.encode("utf-8")).hexdigest()
+
+
 class TaskStore(Protocol):
+    # How long a claim stays valid without a heartbeat; workers renew well within it.
+    lease_seconds: float
+
     def create(self, task: NewTask) -> TaskRecord: ...
 
     def get(self, task_id: str, owner: str | None = None) -> TaskRecord | None:
@@ -96,9 +109,32 @@ class TaskStore(Protocol):
         """Also renews the lease. Returns False if this worker no longer owns the task."""
         ...
 
-    def complete(self, task_id: str, worker_id: str, images: list[ImageRecord]) -> bool: ...
+    def renew_lease(self, task_id: str, worker_id: str) -> bool:
+        """Heartbeat without progress (model loading ...). Returns False if this worker no longer owns the task."""
+        ...
 
-    def fail(self, task_id: str, worker_id: str | None, reason: str) -> bool: ...
+    def complete(self, task_id: str, worker_id: str, images: list[ImageRecord]) -> bool:
+        """PROCESSING -> SUCCEED, only for the lease holder. False means: discard your results."""
+        ...
+
+    def fail(self, task_id: str, worker_id: str | None, reason: str) -> bool:
+        """-> FAILED. With a worker_id only for the lease holder; ``None`` fails any unfinished task."""
+        ...
+
+    def requeue_expired(self, now: float | None = None) -> list[str]:
+        """PROCESSING tasks whose lease ran out before ``now`` go back to QUEUED, or to FAILED once they used
+        up their attempts. Returns the ids this call changed (check ``status`` to tell the two apart)."""
+        ...
+
+    def purge(self, older_than: float, limit: int = 500) -> list[TaskRecord]:
+        """Delete up to ``limit`` ended tasks (and inputs) finished before ``older_than``; returns them."""
+        ...
+
+    def list_queued_ids(self, lanes: tuple[str, ...] | None = None) -> list[str]:
+        """QUEUED task ids in claim order (priority, then age)."""
+        ...
+
+    def count_by_status(self) -> dict[TaskStatus, int]: ...
 
     def count_unfinished(self, owner: str) -> int: ...
 

@@ -1,0 +1,142 @@
+"""``underpaint`` command line: serve, worker, models, demo-models, webhook-secret."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from underpaint.config import Settings, load_settings
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="TOML or JSON config file (env UNDERPAINT_CONFIG)")
+    p.add_argument("--data-dir", type=Path, help="task database, images and secrets (default ./data)")
+    p.add_argument("--models-dir", type=Path, help="models folder (default ./models)")
+    p.add_argument("--database-url", help="SQLAlchemy URL of the task store (default SQLite in the data dir)")
+    p.add_argument("--device", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--torch-threads", type=int, help="torch intra-op threads (default: torch's own)")
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    base = load_settings(args.config)
+    return base.with_overrides(
+        data_dir=getattr(args, "data_dir", None),
+        models_dir=getattr(args, "models_dir", None),
+        database_url=getattr(args, "database_url", None),
+        device=getattr(args, "device", None),
+        torch_threads=getattr(args, "torch_threads", None),
+        host=getattr(args, "host", None),
+        port=getattr(args, "port", None),
+        public_base_url=getattr(args, "public_base_url", None),
+        queue_backend=getattr(args, "queue", None),
+        broker_url=getattr(args, "broker_url", None),
+    )
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from underpaint.app import run_server
+
+    settings = _settings(args)
+    if args.no_worker:
+        settings = settings.with_overrides(run_worker=False)
+    if not settings.api_keys:
+        print("warning: no API keys configured (UNDERPAINT_API_KEYS); every request will get 403", file=sys.stderr)
+    run_server(settings)
+    return 0
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    from underpaint.scale.worker import run_worker
+
+    settings = _settings(args)
+    run_worker(settings, queues=args.queues, concurrency=args.concurrency)
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from underpaint.engine.registry import ModelRegistry
+
+    settings = _settings(args)
+    registry = ModelRegistry(settings.models_dir)
+    rows = [
+        {"type": e.kind, "sd_name": e.sd_name, "sd_name_in_api": e.sd_name_in_api, "base_model": e.base_model, "size": e.size}
+        for e in registry.list(args.type)
+    ]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        for r in rows:
+            print(f"{r['type']:<17} {r['base_model']:<9} {r['sd_name']}")
+        if not rows:
+            print(f"no models under {settings.models_dir} (try: underpaint demo-models {settings.models_dir})")
+    return 0
+
+
+def cmd_demo_models(args: argparse.Namespace) -> int:
+    from underpaint.engine.demo import write_all_demo_models
+
+    written = write_all_demo_models(Path(args.dir))
+    for name, path in written.items():
+        print(f"{name}: {path}")
+    print("These are tiny random-weight models: they exercise every code path but draw noise, not pictures.")
+    return 0
+
+
+def cmd_webhook_secret(args: argparse.Namespace) -> int:
+    from underpaint.app import webhook_secret_for_key
+
+    settings = _settings(args)
+    print(webhook_secret_for_key(settings, args.key))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="underpaint", description=__doc__)
+    parser.add_argument("--log-level", default="INFO")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("serve", help="HTTP API (+ in-process worker unless --no-worker)")
+    _common(p)
+    p.add_argument("--host", help="bind address (default 127.0.0.1)")
+    p.add_argument("--port", type=int, help="port (default 8188)")
+    p.add_argument("--public-base-url", help="absolute base URL for image links (default: from the request)")
+    p.add_argument("--no-worker", action="store_true", help="API node only (scale-out mode)")
+    p.add_argument("--queue", help="local | celery")
+    p.add_argument("--broker-url", help="Celery broker URL (redis://... or amqp://...)")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("worker", help="a GPU worker consuming Celery queues (scale-out mode)")
+    _common(p)
+    p.add_argument("--broker-url", help="Celery broker URL")
+    p.add_argument("--queues", default="sd15,sdxl", help="comma-separated queues to consume")
+    p.add_argument("--concurrency", type=int, default=1)
+    p.set_defaults(func=cmd_worker)
+
+    p = sub.add_parser("models", help="list what the model registry sees")
+    _common(p)
+    p.add_argument("--type", choices=["checkpoint", "lora", "vae", "textualinversion", "controlnet", "ipadapter", "annotator"])
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser("demo-models", help="write tiny random-weight models in the real formats into DIR")
+    p.add_argument("dir")
+    p.set_defaults(func=cmd_demo_models)
+
+    p = sub.add_parser("webhook-secret", help="print the webhook signing secret of an API key")
+    _common(p)
+    p.add_argument("--key", required=True)
+    p.set_defaults(func=cmd_webhook_secret)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

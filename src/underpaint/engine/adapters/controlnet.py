@@ -1,0 +1,153 @@
+"""ControlNet units: load the models, prepare the control maps, and add their residuals to each UNet call.
+
+A1111 semantics: unit ``strength`` is the conditioning scale (default 1.0; diffusers' img2img pipelines default to
+0.8, which we never use), a unit acts while ``guidance_start <= progress <= guidance_end`` of the sampling steps,
+the control map goes to both halves of the CFG batch, and several units add their residuals.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from underpaint.engine import preprocessors
+from underpaint.engine.job import ControlNetUnitSpec, JobError
+from underpaint.engine.registry import ModelEntry
+
+CONFIG_ROOT = Path(__file__).resolve().parents[1] / "configs"
+
+
+def _config_dir(entry: ModelEntry) -> Path:
+    side = entry.sidecar_config
+    if side is not None:
+        return side
+    return CONFIG_ROOT / ("controlnet_sdxl" if entry.is_sdxl else "controlnet_sd15")
+
+
+def load_controlnet_model(entry: ModelEntry, device: torch.device, dtype: torch.dtype) -> Any:
+    from diffusers import ControlNetModel
+
+    try:
+        if entry.path.is_dir():
+            model = ControlNetModel.from_pretrained(entry.path, local_files_only=True, torch_dtype=dtype)
+        else:
+            model = ControlNetModel.from_single_file(
+                str(entry.path), config=str(_config_dir(entry)), local_files_only=True, torch_dtype=dtype
+            )
+    except Exception as exc:
+        raise JobError(f"ControlNet {entry.sd_name!r} could not be loaded: {exc}") from exc
+    return model.to(device).eval()
+
+
+class ControlNetCache:
+    """Loaded ControlNets, least recently used evicted beyond ``capacity`` (they are 0.7-2.5 GB each)."""
+
+    def __init__(self, capacity: int = 3) -> None:
+        self.capacity = capacity
+        self._models: OrderedDict[tuple[Path, float, str], Any] = OrderedDict()
+        self._lock = threading.Lock()
+        self.loads = 0
+
+    def get(self, entry: ModelEntry, device: torch.device, dtype: torch.dtype) -> Any:
+        key = (entry.path, entry.mtime, str(dtype))
+        with self._lock:
+            if key in self._models:
+                self._models.move_to_end(key)
+                return self._models[key]
+        model = load_controlnet_model(entry, device, dtype)
+        with self._lock:
+            self.loads += 1
+            self._models[key] = model
+            while len(self._models) > self.capacity:
+                self._models.popitem(last=False)
+        return model
+
+
+_cache = ControlNetCache()
+
+
+@dataclass
+class PreparedUnit:
+    model: Any
+    image: torch.Tensor  # [1, 3, H, W] in [0, 1]
+    scale: float
+    start: float
+    end: float
+
+
+def control_tensor(image: Image.Image, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    arr = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
+    return torch.from_numpy(arr).permute(2, 0, 1).unsqueeze(0).to(device, dtype)
+
+
+class ControlHookImpl:
+    def __init__(self, units: list[PreparedUnit]) -> None:
+        self.units = units
+
+    def __call__(
+        self,
+        x_in: torch.Tensor,
+        t: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        added_cond_kwargs: dict[str, Any] | None,
+        step_fraction: float,
+    ) -> dict[str, Any]:
+        down: list[torch.Tensor] | None = None
+        mid: torch.Tensor | None = None
+        for unit in self.units:
+            if not unit.start <= step_fraction <= unit.end:
+                continue
+            cond = unit.image.expand(x_in.shape[0], -1, -1, -1)
+            d, m = unit.model(
+                x_in.to(unit.image.dtype),
+                t,
+                encoder_hidden_states=encoder_hidden_states,
+                controlnet_cond=cond,
+                conditioning_scale=unit.scale,
+                added_cond_kwargs=added_cond_kwargs,
+                return_dict=False,
+            )
+            if down is None:
+                down, mid = list(d), m
+            else:
+                down = [a + b for a, b in zip(down, d, strict=True)]
+                mid = mid + m if mid is not None else m
+        if down is None:
+            return {}
+        return {"down_block_additional_residuals": tuple(down), "mid_block_additional_residual": mid}
+
+
+def build_control_hook(
+    loaded: Any,
+    units: list[tuple[ModelEntry, ControlNetUnitSpec]],
+    width: int,
+    height: int,
+    annotator_dir: Path,
+    device: torch.device,
+    seed: int = 0,
+) -> ControlHookImpl | None:
+    dtype = loaded.dtype
+    prepared: list[PreparedUnit] = []
+    for entry, spec in units:
+        if spec.strength == 0:
+            continue  # a unit at strength 0 contributes nothing: skip its model entirely
+        image = spec.image.convert("RGB").resize((width, height), Image.Resampling.LANCZOS)
+        ctx = preprocessors.Context(annotator_dir=annotator_dir, seed=seed, device=device)
+        control_map = preprocessors.run_preprocessor(spec.preprocessor, image, ctx)
+        prepared.append(
+            PreparedUnit(
+                model=_cache.get(entry, device, dtype),
+                image=control_tensor(control_map, device, dtype),
+                scale=float(spec.strength),
+                start=float(spec.guidance_start),
+                end=float(spec.guidance_end),
+            )
+        )
+    return ControlHookImpl(prepared) if prepared else None

@@ -1,0 +1,173 @@
+"""The executor: runs one ``GenerationJob`` on this process's device.
+
+It owns the model cache and the adapter managers, resolves the job's names against the registry, applies the
+per-task adapters (VAE override, LoRAs, embeddings, IP-Adapter, ControlNet), runs ``pipeline.generate`` and
+builds each image's infotext. One job at a time per executor (one device).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from contextlib import contextmanager
+from typing import Any, Iterator
+
+import torch
+
+from underpaint.config import Settings
+from underpaint.engine import pipeline
+from underpaint.engine.adapters.embeddings import EmbeddingManager
+from underpaint.engine.adapters.ip_adapter import IPAdapterManager
+from underpaint.engine.adapters.lora import LoraManager
+from underpaint.engine.conditioning import TextEncoderBundle
+from underpaint.engine.devices import configure_torch_threads, pick_device, pick_dtype
+from underpaint.engine.job import GeneratedImage, GenerationJob, JobError, ProgressCallback
+from underpaint.engine.loader import LoadedCheckpoint, ModelCache, file_sha256
+from underpaint.engine.metadata import InfotextParams, build_infotext
+from underpaint.engine.registry import ModelEntry, ModelRegistry
+from underpaint.engine.samplers import DiscreteSchedule
+
+
+class DiffusersExecutor:
+    def __init__(self, settings: Settings, registry: ModelRegistry) -> None:
+        configure_torch_threads(settings.torch_threads)
+        self.settings = settings
+        self.registry = registry
+        self.device = pick_device(settings.device)
+        self.dtype = pick_dtype(self.device)
+        self.cache = ModelCache(settings, self.device, self.dtype)
+        self.loras = LoraManager()
+        self.embeddings = EmbeddingManager()
+        self.ip_adapters = IPAdapterManager()
+        self._lock = threading.Lock()
+        self._schedules: dict[tuple[Any, ...], DiscreteSchedule] = {}
+
+    # -- name resolution -------------------------------------------------------------------------------
+    def _entry(self, kind: str, name: str) -> ModelEntry:
+        entry = self.registry.resolve(kind, name)
+        if entry is None:
+            raise JobError(f"{kind} {name!r} is not in the models folder (it may have been removed after submit)")
+        return entry
+
+    def _schedule(self, loaded: LoadedCheckpoint) -> DiscreteSchedule:
+        key = tuple(loaded.betas)
+        if key not in self._schedules:
+            beta_start, beta_end, n, kind = loaded.betas
+            self._schedules[key] = DiscreteSchedule.from_betas(beta_start, beta_end, n, kind)
+        return self._schedules[key]
+
+    @contextmanager
+    def _vae(self, loaded: LoadedCheckpoint, job: GenerationJob) -> Iterator[Any]:
+        if not job.vae:
+            yield loaded.vae
+            return
+        entry = self._entry("vae", job.vae)
+        yield self.cache.get_vae(entry, loaded)
+
+    # -- generation ------------------------------------------------------------------------------------
+    def generate(
+        self,
+        job: GenerationJob,
+        on_progress: ProgressCallback | None = None,
+        should_cancel: Callable[[], bool] | None = None,
+    ) -> list[GeneratedImage]:
+        with self._lock:
+            return self._generate(job, on_progress, should_cancel)
+
+    def _generate(
+        self,
+        job: GenerationJob,
+        on_progress: ProgressCallback | None,
+        should_cancel: Callable[[], bool] | None,
+    ) -> list[GeneratedImage]:
+        ckpt_entry = self._entry("checkpoint", job.checkpoint)
+        loaded = self.cache.get(ckpt_entry)
+        lora_entries = [(self._entry("lora", spec.name), spec.strength) for spec in job.loras]
+        for entry, _ in lora_entries:
+            if entry.is_sdxl != loaded.is_sdxl:
+                raise JobError(f"LoRA {entry.sd_name!r} is for {entry.base_model}, the checkpoint is {ckpt_entry.base_model}")
+        self.loras.activate(loaded, lora_entries)
+        plan = self.embeddings.apply(
+            loaded, [self._entry("textualinversion", e.name) for e in job.embeddings], job.prompt, job.negative_prompt
+        )
+        added_cond: dict[str, Any] = {}
+        if job.ip_adapters:
+            spec = job.ip_adapters[0]
+            added_cond = self.ip_adapters.activate(loaded, self._entry("ipadapter", spec.model), spec.image, spec.strength)
+        else:
+            self.ip_adapters.activate(loaded, None, None, 0.0)
+        seeds = list(pipeline.seeds_for(job.seed, job.image_num))
+        inputs = pipeline.PipelineInputs(
+            init_image=job.init_image,
+            prompt=plan.prompt,
+            negative_prompt=plan.negative_prompt,
+            width=job.width,
+            height=job.height,
+            seeds=seeds,
+            steps=job.steps,
+            guidance_scale=job.guidance_scale,
+            sampler_name=job.sampler_name,
+            strength=job.strength,
+            clip_skip=job.clip_skip,
+            token_expansions=plan.token_expansions,
+            added_cond=added_cond,
+            control=self._control_hook(loaded, job),
+        )
+        with self._vae(loaded, job) as vae:
+            components = pipeline.Components(
+                unet=loaded.unet,
+                vae=vae,
+                bundle=TextEncoderBundle(list(loaded.tokenizers), list(loaded.text_encoders), loaded.is_sdxl),
+                schedule=self._schedule(loaded),
+                prediction_type=loaded.prediction_type,
+                vae_scaling_factor=loaded.vae_scaling_factor,
+                is_sdxl=loaded.is_sdxl,
+                device=self.device,
+                dtype=self.dtype,
+            )
+            images = pipeline.generate(components, inputs, on_progress, should_cancel)
+        vae_hash = file_sha256(self._entry("vae", job.vae).path)[:10] if job.vae else None
+        out = []
+        for img, seed in zip(images, seeds, strict=True):
+            params = InfotextParams(
+                prompt=job.prompt,
+                negative_prompt=job.negative_prompt,
+                steps=job.steps,
+                sampler_name=job.sampler_name,
+                guidance_scale=job.guidance_scale,
+                seed=seed,
+                width=job.width,
+                height=job.height,
+                model_name=ckpt_entry.stem,
+                model_hash=loaded.sha256_short,
+                strength=job.strength,
+                clip_skip=job.clip_skip,
+                loras=tuple((e.stem, w) for e, w in lora_entries),
+                vae_name=job.vae,
+                vae_hash=vae_hash,
+            )
+            out.append(GeneratedImage(image=img, seed=seed, infotext=build_infotext(params)))
+        return out
+
+    def _control_hook(self, loaded: LoadedCheckpoint, job: GenerationJob) -> pipeline.ControlHook | None:
+        if not job.controlnets:
+            return None
+        from underpaint.engine.adapters.controlnet import build_control_hook
+
+        entries = [self._entry("controlnet", u.model) for u in job.controlnets]
+        for entry in entries:
+            if entry.is_sdxl != loaded.is_sdxl:
+                raise JobError(f"ControlNet {entry.sd_name!r} is for {entry.base_model}, the checkpoint is not")
+        annotators = self.registry.models_dir / "annotator"
+        return build_control_hook(
+            loaded, list(zip(entries, job.controlnets, strict=True)), job.width, job.height, annotators, self.device
+        )
+
+    @property
+    def checkpoint_loads(self) -> int:
+        return self.cache.stats.checkpoint_loads
+
+    def release(self) -> None:
+        self.cache.clear()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()

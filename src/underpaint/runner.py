@@ -1,0 +1,92 @@
+"""The bridge from a claimed task to stored images: payload -> job -> executor -> encode -> NSFW -> storage.
+
+Workers (the embedded thread and Celery workers alike) call ``GenerationRunner.run``; it knows nothing about
+how the task was delivered.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+from underpaint.api.jobs import job_from_payload
+from underpaint.engine.job import Executor, GeneratedImage, Progress
+from underpaint.engine.metadata import CONTENT_TYPES, encode_image
+from underpaint.services import Services
+from underpaint.tasks.types import ImageRecord, NsfwResult, TaskRecord
+
+log = logging.getLogger(__name__)
+
+Reporter = Callable[[int, int], None]
+
+
+class GenerationRunner:
+    def __init__(self, services: Services, executor: Executor, nsfw: Any = None) -> None:
+        self.services = services
+        self.executor = executor
+        self.nsfw = nsfw
+        # NSFW detection runs on the CPU (onnxruntime) beside encoding and upload, never on the GPU.
+        self._side = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nsfw")
+
+    def run(self, task: TaskRecord, payload: dict[str, Any], report: Reporter) -> list[ImageRecord]:
+        job = job_from_payload(payload, task.seed)
+
+        def on_progress(p: Progress) -> None:
+            report(int(p.fraction * 100), int(round(p.eta_seconds)))
+
+        # The reporter knows when this worker lost its lease (another worker took the task over).
+        should_cancel = getattr(report, "should_cancel", None)
+        images = self.executor.generate(job, on_progress=on_progress, should_cancel=should_cancel)
+        verdicts = self._detect(task, images)
+        records = self._store(task, images, verdicts)
+        return records
+
+    def _detect(self, task: TaskRecord, images: list[GeneratedImage]) -> Future[list[NsfwResult]] | None:
+        if not task.enable_nsfw_detection or self.nsfw is None:
+            return None
+        level = int(task.extra.get("nsfw_detection_level") or 0)
+        return self._side.submit(self.nsfw.detect, [g.image for g in images], level)
+
+    def _store(
+        self, task: TaskRecord, images: list[GeneratedImage], verdicts: Future[list[NsfwResult]] | None
+    ) -> list[ImageRecord]:
+        fmt = task.response_image_type
+        custom = (task.extra.get("custom_storage") or {}).get("aws_s3")
+        records: list[tuple[str, str, dict[str, str]]] = []
+        for g in images:
+            data = encode_image(g.image, fmt, g.infotext)
+            filename = f"{uuid.uuid4().hex}.{fmt}"
+            if custom:
+                from underpaint.storage import custom as custom_storage
+
+                target = custom_storage.custom_target(custom, self.services.settings)
+                key = custom_storage.object_key(target, task.task_id, filename, bool(custom.get("save_to_path_directly")))
+                location = custom_storage.put_custom(target, key, data, CONTENT_TYPES[fmt])
+                records.append((key, "custom", location))
+            else:
+                key = f"{task.task_id}/{filename}"
+                self.services.storage.put(key, data, CONTENT_TYPES[fmt])
+                records.append((key, self.services.storage.name, {}))
+        results: list[NsfwResult | None] = [None] * len(records)
+        if verdicts is not None:
+            try:
+                results = list(verdicts.result())
+            except Exception:  # the detector failing must not lose the images
+                log.exception("NSFW detection failed for task %s", task.task_id)
+                results = [NsfwResult(valid=False, confidence=0.0)] * len(records)
+        return [
+            ImageRecord(key=key, image_type=fmt, nsfw=verdict, backend=backend, location=location)
+            for (key, backend, location), verdict in zip(records, results, strict=True)
+        ]
+
+    def discard(self, records: list[ImageRecord]) -> None:
+        """Remove images of a run that lost its lease (another worker finished the task)."""
+        for r in records:
+            if r.backend == self.services.storage.name:
+                try:
+                    self.services.storage.delete(r.key)
+                except Exception:
+                    log.warning("could not delete orphan image %s", r.key)

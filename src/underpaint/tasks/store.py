@@ -1,0 +1,500 @@
+"""The durable task store: one SQLAlchemy Core implementation for SQLite (embedded) and PostgreSQL (scale-out).
+
+Every state change is a single guarded UPDATE, so concurrent API processes, workers and sweepers never need
+to coordinate beyond the database: claiming picks a QUEUED row atomically (``FOR UPDATE SKIP LOCKED`` on
+PostgreSQL, a write-locked ``UPDATE ... WHERE task_id = (SELECT ...)`` on SQLite) and only the lease holder
+can finish a task. Input payloads live in their own table so that polling never reads input images.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    Column,
+    Connection,
+    Engine,
+    Float,
+    Index,
+    Integer,
+    MetaData,
+    Row,
+    String,
+    Table,
+    Text,
+    create_engine,
+    delete,
+    event,
+    func,
+    insert,
+    select,
+    text,
+    update,
+)
+from sqlalchemy.engine import make_url
+from sqlalchemy.sql.elements import ColumnElement
+
+from underpaint.config import Settings
+from underpaint.tasks.types import ImageRecord, NewTask, NsfwResult, TaskRecord, TaskStatus
+
+_QUEUED = TaskStatus.QUEUED.value
+_PROCESSING = TaskStatus.PROCESSING.value
+_SUCCEED = TaskStatus.SUCCEED.value
+_FAILED = TaskStatus.FAILED.value
+_ENDED = (_SUCCEED, _FAILED)
+
+metadata = MetaData()
+
+tasks_table = Table(
+    "tasks",
+    metadata,
+    Column("task_id", String(64), primary_key=True),
+    Column("owner", String(64), nullable=False),
+    Column("status", String(32), nullable=False),
+    Column("reason", Text, nullable=False, default=""),
+    Column("progress_percent", Integer, nullable=False, default=0),
+    Column("eta", Integer, nullable=False, default=0),
+    Column("seed", BigInteger, nullable=False),
+    Column("enable_nsfw_detection", Boolean, nullable=False),
+    Column("response_image_type", String(16), nullable=False),
+    Column("lane", String(64), nullable=False),
+    Column("priority", Integer, nullable=False),
+    Column("attempts", Integer, nullable=False, default=0),
+    Column("image_num", Integer, nullable=False),
+    Column("worker_id", String(255)),
+    Column("lease_expires_at", Float),
+    Column("created_at", Float, nullable=False),
+    Column("started_at", Float),
+    Column("finished_at", Float),
+    Column("images", JSON, nullable=False),
+    Column("extra", JSON, nullable=False),
+)
+_t = tasks_table
+Index("ix_tasks_claim", _t.c.status, _t.c.priority.desc(), _t.c.created_at)
+Index("ix_tasks_owner_created", _t.c.owner, _t.c.created_at)
+Index("ix_tasks_owner_status", _t.c.owner, _t.c.status)
+Index("ix_tasks_status_lease", _t.c.status, _t.c.lease_expires_at)
+Index("ix_tasks_status_finished", _t.c.status, _t.c.finished_at)
+
+payloads_table = Table(
+    "task_payloads",
+    metadata,
+    Column("task_id", String(64), primary_key=True),
+    Column("payload", JSON, nullable=False),
+)
+
+schema_version_table = Table("schema_version", MetaData(), Column("version", Integer, nullable=False))
+
+
+# --- migrations -----------------------------------------------------------------------------------------------
+# Applied in order, each exactly once per database, inside one locked transaction. A schema change is a new
+# function appended here that also updates the Table definitions above; from then on ``_m001_initial`` must
+# create its tables from a frozen copy of the v1 definitions instead of ``metadata``.
+
+
+def _m001_initial(conn: Connection) -> None:
+    metadata.create_all(conn)
+
+
+MIGRATIONS: list[Callable[[Connection], None]] = [_m001_initial]
+
+# Any constant works; it only has to be the same in every process that migrates this database.
+_PG_MIGRATION_LOCK = 0x756E6465727061
+
+
+def migrate(engine: Engine, migrations: Sequence[Callable[[Connection], None]] = MIGRATIONS) -> int:
+    """Bring the schema up to ``len(migrations)``; safe when several processes start at once. Returns it."""
+    with engine.execution_options(underpaint_tx="immediate").begin() as conn:
+        if conn.dialect.name == "postgresql":
+            conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _PG_MIGRATION_LOCK})
+        schema_version_table.create(conn, checkfirst=True)
+        current = conn.execute(select(func.max(schema_version_table.c.version))).scalar()
+        if current is None:
+            conn.execute(insert(schema_version_table).values(version=0))
+            current = 0
+        if current > len(migrations):
+            raise RuntimeError(
+                f"database schema version {current} is newer than this Underpaint ({len(migrations)}); upgrade it"
+            )
+        for migration in migrations[current:]:
+            migration(conn)
+        conn.execute(update(schema_version_table).values(version=len(migrations)))
+        return len(migrations)
+
+
+# --- engine ---------------------------------------------------------------------------------------------------
+
+
+def _sqlite_engine(url: str) -> Engine:
+    parsed = make_url(url)
+    database = parsed.database or ""
+    if database in ("", ":memory:") or database.startswith("file::memory:"):
+        raise ValueError("in-memory SQLite cannot be shared between threads; give the task store a file path")
+    Path(database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+    engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_conn: Any, _record: Any) -> None:
+        # Take transaction control away from the sqlite3 module so that BEGIN IMMEDIATE below is ours.
+        dbapi_conn.isolation_level = None
+        cur = dbapi_conn.cursor()
+        cur.execute("PRAGMA busy_timeout=30000")
+        cur.execute("PRAGMA journal_mode=WAL")  # readers (task polling) never wait for the worker's writes
+        cur.execute("PRAGMA synchronous=NORMAL")  # durable across process kills; WAL keeps it consistent
+        cur.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn: Connection) -> None:
+        mode = conn.get_execution_options().get("underpaint_tx")
+        if mode == "immediate":
+            # Write lock up front: a deferred transaction that reads and then writes can fail with
+            # "database is locked" without waiting for busy_timeout.
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
+        elif mode != "autocommit":
+            conn.exec_driver_sql("BEGIN")
+
+    return engine
+
+
+def _make_engine(url: str) -> Engine:
+    parsed = make_url(url)
+    backend = parsed.get_backend_name()
+    if backend == "sqlite":
+        return _sqlite_engine(url)
+    if backend == "postgresql":
+        if parsed.drivername == "postgresql":
+            parsed = parsed.set(drivername="postgresql+psycopg")  # psycopg 3 is the driver we ship, not psycopg2
+        return create_engine(parsed, pool_pre_ping=True, pool_size=10, max_overflow=20)
+    raise ValueError(f"unsupported task store URL {url.split(':', 1)[0]!r}: use sqlite:/// or postgresql+psycopg://")
+
+
+# --- conversions ----------------------------------------------------------------------------------------------
+
+
+def _image_to_json(image: ImageRecord) -> dict[str, Any]:
+    nsfw = None if image.nsfw is None else {"valid": image.nsfw.valid, "confidence": image.nsfw.confidence}
+    return {
+        "key": image.key,
+        "image_type": image.image_type,
+        "nsfw": nsfw,
+        "backend": image.backend,
+        "location": dict(image.location),
+    }
+
+
+def _image_from_json(data: dict[str, Any]) -> ImageRecord:
+    nsfw = data.get("nsfw")
+    return ImageRecord(
+        key=data["key"],
+        image_type=data["image_type"],
+        nsfw=None if nsfw is None else NsfwResult(valid=bool(nsfw["valid"]), confidence=float(nsfw["confidence"])),
+        backend=data.get("backend", "local"),
+        location=dict(data.get("location") or {}),
+    )
+
+
+def _record(row: Row[Any]) -> TaskRecord:
+    m = row._mapping
+    return TaskRecord(
+        task_id=m["task_id"],
+        owner=m["owner"],
+        status=TaskStatus(m["status"]),
+        reason=m["reason"],
+        progress_percent=m["progress_percent"],
+        eta=m["eta"],
+        seed=m["seed"],
+        enable_nsfw_detection=m["enable_nsfw_detection"],
+        response_image_type=m["response_image_type"],
+        lane=m["lane"],
+        priority=m["priority"],
+        attempts=m["attempts"],
+        created_at=m["created_at"],
+        started_at=m["started_at"],
+        finished_at=m["finished_at"],
+        images=[_image_from_json(i) for i in m["images"]],
+        extra=dict(m["extra"]),
+        image_num=m["image_num"],
+        worker_id=m["worker_id"],
+        lease_expires_at=m["lease_expires_at"],
+    )
+
+
+def _crash_reason(attempts: int) -> str:
+    return (
+        f"worker crashed repeatedly ({attempts} attempts): the task stopped its worker each time "
+        "(out of memory? an input that breaks the model?); try smaller width/height/image_num or other inputs"
+    )
+
+
+class SqlTaskStore:
+    """``TaskStore`` on SQLite (``sqlite:///path``) or PostgreSQL (``postgresql+psycopg://...``).
+
+    ``lease_seconds``: how long a claim stays valid without a heartbeat. ``max_attempts``: claims a task may
+    use before a crashed attempt ends it FAILED. ``clock`` is injectable for tests.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        lease_seconds: float = 120.0,
+        max_attempts: int = 3,
+        clock: Callable[[], float] = time.time,
+        migrations: Sequence[Callable[[Connection], None]] = MIGRATIONS,
+    ) -> None:
+        if lease_seconds <= 0:
+            raise ValueError("lease_seconds must be positive")
+        if max_attempts < 1:
+            raise ValueError("max_attempts must be at least 1")
+        self.url = url
+        self.lease_seconds = float(lease_seconds)
+        self.max_attempts = max_attempts
+        self.clock = clock
+        self.engine = _make_engine(url)
+        self._dialect = self.engine.dialect.name
+        # Reads are single statements: on SQLite they run without BEGIN (each is its own snapshot).
+        self._read = self.engine.execution_options(underpaint_tx="autocommit")
+        self._write = self.engine.execution_options(underpaint_tx="immediate")
+        self.schema_version = migrate(self.engine, migrations)
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> SqlTaskStore:
+        return cls(
+            settings.resolved_database_url,
+            lease_seconds=settings.lease_seconds,
+            max_attempts=settings.max_attempts,
+        )
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    # --- API side ---
+
+    def create(self, task: NewTask) -> TaskRecord:
+        now = self.clock()
+        values: dict[str, Any] = {
+            "task_id": task.task_id,
+            "owner": task.owner,
+            "status": _QUEUED,
+            "reason": "",
+            "progress_percent": 0,
+            "eta": 0,
+            "seed": task.seed,
+            "enable_nsfw_detection": task.enable_nsfw_detection,
+            "response_image_type": task.response_image_type,
+            "lane": task.lane,
+            "priority": task.priority,
+            "attempts": 0,
+            "image_num": task.image_num,
+            "worker_id": None,
+            "lease_expires_at": None,
+            "created_at": now,
+            "started_at": None,
+            "finished_at": None,
+            "images": [],
+            "extra": task.extra,
+        }
+        with self._write.begin() as conn:
+            conn.execute(insert(_t).values(**values))
+            conn.execute(insert(payloads_table).values(task_id=task.task_id, payload=task.payload))
+        return _record_from_values(values)
+
+    def get(self, task_id: str, owner: str | None = None) -> TaskRecord | None:
+        stmt = select(_t).where(_t.c.task_id == task_id)
+        if owner is not None:
+            stmt = stmt.where(_t.c.owner == owner)
+        with self._read.connect() as conn:
+            row = conn.execute(stmt).first()
+        return None if row is None else _record(row)
+
+    def get_payload(self, task_id: str) -> dict[str, Any]:
+        """Raises ``KeyError`` when the input is gone (task ended or purged)."""
+        with self._read.connect() as conn:
+            payload = conn.execute(select(payloads_table.c.payload).where(payloads_table.c.task_id == task_id)).scalar()
+        if payload is None:
+            raise KeyError(task_id)
+        return dict(payload)
+
+    def count_unfinished(self, owner: str) -> int:
+        stmt = select(func.count()).where(_t.c.owner == owner, _t.c.status.in_((_QUEUED, _PROCESSING)))
+        with self._read.connect() as conn:
+            return int(conn.execute(stmt).scalar_one())
+
+    def images_created_since(self, owner: str, since: float) -> int:
+        stmt = select(func.coalesce(func.sum(_t.c.image_num), 0)).where(_t.c.owner == owner, _t.c.created_at >= since)
+        with self._read.connect() as conn:
+            return int(conn.execute(stmt).scalar_one())
+
+    def list_queued_ids(self, lanes: tuple[str, ...] | None = None) -> list[str]:
+        stmt = select(_t.c.task_id).where(*self._queued_filter(lanes)).order_by(*_CLAIM_ORDER)
+        with self._read.connect() as conn:
+            return list(conn.execute(stmt).scalars())
+
+    def count_by_status(self) -> dict[TaskStatus, int]:
+        counts = dict.fromkeys(TaskStatus, 0)
+        with self._read.connect() as conn:
+            for status, n in conn.execute(select(_t.c.status, func.count()).group_by(_t.c.status)):
+                counts[TaskStatus(status)] = int(n)
+        return counts
+
+    # --- worker side ---
+
+    def claim(self, task_id: str | None, worker_id: str, lanes: tuple[str, ...] | None = None) -> TaskRecord | None:
+        now = self.clock()
+        if task_id is None:
+            pick = select(_t.c.task_id).where(*self._queued_filter(lanes)).order_by(*_CLAIM_ORDER).limit(1)
+            if self._dialect == "postgresql":
+                pick = pick.with_for_update(skip_locked=True)
+            target: ColumnElement[bool] = _t.c.task_id == pick.scalar_subquery()
+            claimable: ColumnElement[bool] = _t.c.status == _QUEUED
+        else:
+            # A named task (a broker delivery) may also be taken over from a holder whose lease ran out.
+            target = _t.c.task_id == task_id
+            claimable = (_t.c.status == _QUEUED) | (
+                (_t.c.status == _PROCESSING) & (_t.c.lease_expires_at < now) & (_t.c.attempts < self.max_attempts)
+            )
+            if lanes is not None:
+                claimable = claimable & _t.c.lane.in_(lanes)
+        stmt = (
+            update(_t)
+            .where(target, claimable)
+            .values(
+                status=_PROCESSING,
+                worker_id=worker_id,
+                lease_expires_at=now + self.lease_seconds,
+                attempts=_t.c.attempts + 1,
+                started_at=now,
+                progress_percent=0,
+                eta=0,
+            )
+            .returning(*_t.c)
+        )
+        with self._write.begin() as conn:
+            row = conn.execute(stmt).first()
+        return None if row is None else _record(row)
+
+    def update_progress(self, task_id: str, worker_id: str, progress_percent: int, eta: int) -> bool:
+        percent = min(100, max(0, int(progress_percent)))
+        return self._holder_update(
+            task_id, worker_id, progress_percent=percent, eta=max(0, int(eta)), lease_expires_at=self._lease_end()
+        )
+
+    def renew_lease(self, task_id: str, worker_id: str) -> bool:
+        return self._holder_update(task_id, worker_id, lease_expires_at=self._lease_end())
+
+    def complete(self, task_id: str, worker_id: str, images: list[ImageRecord]) -> bool:
+        return self._finish(
+            task_id,
+            _holder(worker_id),
+            status=_SUCCEED,
+            images=[_image_to_json(i) for i in images],
+            progress_percent=100,
+            eta=0,
+        )
+
+    def fail(self, task_id: str, worker_id: str | None, reason: str) -> bool:
+        guard = _t.c.status.in_((_QUEUED, _PROCESSING)) if worker_id is None else _holder(worker_id)
+        return self._finish(task_id, guard, status=_FAILED, reason=reason, eta=0)
+
+    def requeue_expired(self, now: float | None = None) -> list[str]:
+        now = self.clock() if now is None else now
+        expired = (_t.c.status == _PROCESSING) & (_t.c.lease_expires_at < now)
+        changed: list[str] = []
+        with self._write.begin() as conn:
+            rows = conn.execute(self._locking(select(_t.c.task_id, _t.c.attempts).where(expired))).all()
+            for tid, attempts in rows:
+                exhausted = attempts >= self.max_attempts
+                if exhausted:
+                    values: dict[str, Any] = {"status": _FAILED, "reason": _crash_reason(attempts)}
+                    values["finished_at"] = self.clock()
+                else:
+                    values = {"status": _QUEUED, "worker_id": None, "progress_percent": 0}
+                stmt = update(_t).where(_t.c.task_id == tid, expired).values(lease_expires_at=None, eta=0, **values)
+                if conn.execute(stmt).rowcount != 1:
+                    continue
+                if exhausted:
+                    conn.execute(delete(payloads_table).where(payloads_table.c.task_id == tid))
+                changed.append(tid)
+        return changed
+
+    def purge(self, older_than: float, limit: int = 500) -> list[TaskRecord]:
+        pick = (
+            select(_t)
+            .where(_t.c.status.in_(_ENDED), _t.c.finished_at < older_than)
+            .order_by(_t.c.finished_at)
+            .limit(limit)
+        )
+        with self._write.begin() as conn:
+            records = [_record(r) for r in conn.execute(self._locking(pick))]
+            ids = [r.task_id for r in records]
+            if ids:
+                conn.execute(delete(payloads_table).where(payloads_table.c.task_id.in_(ids)))
+                conn.execute(delete(_t).where(_t.c.task_id.in_(ids)))
+        return records
+
+    # --- helpers ---
+
+    def _lease_end(self) -> float:
+        return self.clock() + self.lease_seconds
+
+    def _locking(self, stmt: Any) -> Any:
+        # SQLite's BEGIN IMMEDIATE already serializes writers; PostgreSQL needs row locks, and two sweepers
+        # should split the work rather than wait for each other.
+        return stmt.with_for_update(skip_locked=True) if self._dialect == "postgresql" else stmt
+
+    @staticmethod
+    def _queued_filter(lanes: tuple[str, ...] | None) -> list[ColumnElement[bool]]:
+        conds: list[ColumnElement[bool]] = [_t.c.status == _QUEUED]
+        if lanes is not None:
+            conds.append(_t.c.lane.in_(lanes))
+        return conds
+
+    def _holder_update(self, task_id: str, worker_id: str, **values: Any) -> bool:
+        stmt = update(_t).where(_t.c.task_id == task_id, _holder(worker_id)).values(**values)
+        with self._write.begin() as conn:
+            return conn.execute(stmt).rowcount == 1
+
+    def _finish(self, task_id: str, guard: ColumnElement[bool], **values: Any) -> bool:
+        """End a task and drop its input in one transaction; False if ``guard`` no longer holds."""
+        stmt = (
+            update(_t)
+            .where(_t.c.task_id == task_id, guard)
+            .values(finished_at=self.clock(), lease_expires_at=None, **values)
+        )
+        with self._write.begin() as conn:
+            if conn.execute(stmt).rowcount != 1:
+                return False
+            conn.execute(delete(payloads_table).where(payloads_table.c.task_id == task_id))
+            return True
+
+
+_CLAIM_ORDER = (_t.c.priority.desc(), _t.c.created_at, _t.c.task_id)
+
+
+def _holder(worker_id: str) -> ColumnElement[bool]:
+    return (_t.c.status == _PROCESSING) & (_t.c.worker_id == worker_id)
+
+
+def _record_from_values(values: dict[str, Any]) -> TaskRecord:
+    return TaskRecord(
+        task_id=values["task_id"],
+        owner=values["owner"],
+        status=TaskStatus(values["status"]),
+        seed=values["seed"],
+        enable_nsfw_detection=values["enable_nsfw_detection"],
+        response_image_type=values["response_image_type"],
+        lane=values["lane"],
+        priority=values["priority"],
+        created_at=values["created_at"],
+        extra=dict(values["extra"]),
+        image_num=values["image_num"],
+    )
+
+
+__all__ = ["MIGRATIONS", "SqlTaskStore", "metadata", "migrate", "payloads_table", "tasks_table"]

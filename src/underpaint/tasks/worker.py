@@ -1,0 +1,288 @@
+"""Running tasks: claim from the store, run, record the outcome. Only the lease holder may record it.
+
+``process_task`` runs one named task in the calling thread (a Celery task calls it with the delivered id);
+``Worker`` is the embedded loop that claims the next task by priority/age, one at a time (one GPU).
+
+Double delivery is harmless: claiming is atomic and ``complete``/``fail`` only succeed for the current lease
+holder, so a worker that lost its lease discards its results and never fires ``on_terminal`` (webhooks).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from underpaint.config import Settings
+from underpaint.engine.job import JobCancelled, JobError
+from underpaint.storage.base import ImageStorage, StorageError
+from underpaint.tasks.lifecycle import TerminalHook, delete_images, notify_terminal, sweep_expired
+from underpaint.tasks.queue import LocalQueue
+from underpaint.tasks.types import ImageRecord, TaskRecord, TaskStore
+
+log = logging.getLogger("underpaint.tasks")
+
+_MAX_REASON = 1000
+
+
+class ProgressReporter:
+    """Passed to the runner: ``report(progress_percent, eta_seconds)`` writes progress to the store.
+
+    Writes are throttled to one per ``min_interval`` seconds, except 100 % which is always written. When the
+    store says this worker no longer holds the task, the call raises ``JobCancelled``; ``should_cancel`` is the
+    same signal for ``Executor.generate(should_cancel=...)``.
+    """
+
+    def __init__(
+        self,
+        store: TaskStore,
+        task_id: str,
+        worker_id: str,
+        *,
+        min_interval: float = 0.25,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.store = store
+        self.task_id = task_id
+        self.worker_id = worker_id
+        self.min_interval = min_interval
+        self.clock = clock
+        self._last_write: float | None = None
+        self._lost = threading.Event()
+
+    def mark_lost(self) -> None:
+        self._lost.set()
+
+    def should_cancel(self) -> bool:
+        return self._lost.is_set()
+
+    def __call__(self, progress_percent: int, eta_seconds: int) -> None:
+        if self._lost.is_set():
+            raise JobCancelled(f"task {self.task_id}: this worker lost its lease")
+        now = self.clock()
+        due = self._last_write is None or now - self._last_write >= self.min_interval
+        if not (due or progress_percent >= 100):
+            return
+        self._last_write = now
+        if not self.store.update_progress(self.task_id, self.worker_id, int(progress_percent), int(eta_seconds)):
+            self._lost.set()
+            raise JobCancelled(f"task {self.task_id}: this worker lost its lease")
+
+
+class TaskRunner(Protocol):
+    def run(self, task: TaskRecord, payload: dict[str, Any], report: ProgressReporter) -> list[ImageRecord]:
+        """Generate and store the images of ``task``. Image keys must be unique per attempt (``task.attempts``)
+        so that a run that lost its lease can delete its own images without touching the winner's."""
+        ...
+
+
+class _LeaseKeeper:
+    """Renews the lease while the runner is busy without reporting progress (a long model load, say)."""
+
+    def __init__(self, store: TaskStore, reporter: ProgressReporter, interval: float) -> None:
+        self.store = store
+        self.reporter = reporter
+        self.interval = interval
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name=f"lease-{reporter.task_id}", daemon=True)
+
+    def __enter__(self) -> _LeaseKeeper:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self._done.set()
+        self._thread.join()
+
+    def _loop(self) -> None:
+        r = self.reporter
+        while not self._done.wait(self.interval):
+            try:
+                if not self.store.renew_lease(r.task_id, r.worker_id):
+                    r.mark_lost()
+                    return
+            except Exception:
+                # A database hiccup: keep trying; the lease is long enough to survive a few misses.
+                log.exception("lease renewal failed for task %s", r.task_id)
+
+
+def default_worker_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+def _short(text: str) -> str:
+    return text if len(text) <= _MAX_REASON else text[: _MAX_REASON - 3] + "..."
+
+
+def _failure_reason(exc: Exception) -> str:
+    if isinstance(exc, JobError | StorageError | ValueError):
+        return _short(str(exc) or type(exc).__name__)
+    return _short(
+        f"internal error: {type(exc).__name__}: {exc}. Nothing was wrong with the request as far as the server "
+        "can tell; retry it, and report it to the operator if it keeps failing"
+    )
+
+
+def run_claimed(
+    store: TaskStore,
+    task: TaskRecord,
+    worker_id: str,
+    runner: TaskRunner,
+    *,
+    on_terminal: TerminalHook | None = None,
+    storage: ImageStorage | None = None,
+) -> None:
+    """Run a task this worker has just claimed and record its outcome (if it still holds the lease)."""
+    try:
+        payload = store.get_payload(task.task_id)
+    except KeyError:
+        if store.fail(task.task_id, worker_id, "the task's input is no longer available; submit the task again"):
+            notify_terminal(store, [task.task_id], on_terminal)
+        return
+    reporter = ProgressReporter(store, task.task_id, worker_id)
+    try:
+        with _LeaseKeeper(store, reporter, interval=store.lease_seconds / 3):
+            images = runner.run(task, payload, reporter)
+    except JobCancelled:
+        log.warning("task %s: run abandoned (lease lost or cancelled); its result is not recorded", task.task_id)
+        return
+    except Exception as exc:
+        if isinstance(exc, JobError | StorageError | ValueError):
+            log.info("task %s failed: %s", task.task_id, exc)
+        else:
+            log.exception("task %s failed with an unexpected error", task.task_id)
+        if store.fail(task.task_id, worker_id, _failure_reason(exc)):
+            notify_terminal(store, [task.task_id], on_terminal)
+        return
+    if store.complete(task.task_id, worker_id, images):
+        notify_terminal(store, [task.task_id], on_terminal)
+        return
+    log.warning("task %s: lease lost before completion; discarding %d image(s)", task.task_id, len(images))
+    if storage is not None:
+        delete_images(storage, images)
+
+
+def process_task(
+    task_id: str,
+    store: TaskStore,
+    runner: TaskRunner,
+    *,
+    worker_id: str | None = None,
+    on_terminal: TerminalHook | None = None,
+    storage: ImageStorage | None = None,
+) -> TaskRecord | None:
+    """Claim ``task_id`` and run it in this thread (the entry point for a Celery task).
+
+    Returns the task as recorded afterwards, or None when it could not be claimed (finished, running under a
+    live lease elsewhere, or unknown): a redelivered message then simply does nothing. Only a short-lived
+    lease-renewal thread is used, joined before returning.
+    """
+    wid = worker_id or default_worker_id()
+    task = store.claim(task_id, wid)
+    if task is None:
+        return None
+    run_claimed(store, task, wid, runner, on_terminal=on_terminal, storage=storage)
+    return store.get(task_id)
+
+
+class Worker:
+    """The embedded worker: one background thread claiming and running tasks one at a time.
+
+    ``queue`` (a ``LocalQueue``) wakes it as soon as a task is enqueued; without one, or for tasks written by
+    another process, it polls the store every ``poll_interval`` seconds. Every ``sweep_interval`` seconds it
+    requeues tasks whose lease expired.
+    """
+
+    def __init__(
+        self,
+        store: TaskStore,
+        runner: TaskRunner,
+        settings: Settings,
+        worker_id: str | None = None,
+        lanes: tuple[str, ...] | None = None,
+        *,
+        queue: LocalQueue | None = None,
+        on_terminal: TerminalHook | None = None,
+        storage: ImageStorage | None = None,
+        poll_interval: float = 1.0,
+        sweep_interval: float | None = None,
+    ) -> None:
+        self.store = store
+        self.runner = runner
+        self.worker_id = worker_id or default_worker_id()
+        self.lanes = lanes
+        self.queue = queue
+        self.on_terminal = on_terminal
+        self.storage = storage
+        self.poll_interval = poll_interval
+        self.sweep_interval = sweep_interval if sweep_interval is not None else max(1.0, settings.lease_seconds / 4)
+        self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def run_once(self) -> bool:
+        """Claim the next task (priority, then age) and run it. False when nothing was queued."""
+        task = self.store.claim(None, self.worker_id, self.lanes)
+        if task is None:
+            return False
+        log.info("task %s: attempt %d on %s", task.task_id, task.attempts, self.worker_id)
+        run_claimed(
+            self.store,
+            task,
+            self.worker_id,
+            self.runner,
+            on_terminal=self.on_terminal,
+            storage=self.storage,
+        )
+        return True
+
+    def sweep(self) -> list[str]:
+        return sweep_expired(self.store, self.on_terminal, self.queue)
+
+    def start(self) -> None:
+        if self.running:
+            raise RuntimeError("worker already started")
+        self._stopping.clear()
+        self._thread = threading.Thread(target=self._loop, name="underpaint-worker", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float | None = 30.0) -> bool:
+        """Stop after the current task. Returns False if it was still running after ``timeout``: the process may
+        then exit anyway, and ``recover_on_start`` requeues that task on the next start."""
+        self._stopping.set()
+        if self.queue is not None:
+            self.queue.wake()
+        if self._thread is None:
+            return True
+        self._thread.join(timeout)
+        stopped = not self._thread.is_alive()
+        if stopped:
+            self._thread = None
+        return stopped
+
+    def _loop(self) -> None:
+        next_sweep = 0.0
+        while not self._stopping.is_set():
+            try:
+                if time.monotonic() >= next_sweep:
+                    self.sweep()
+                    next_sweep = time.monotonic() + self.sweep_interval
+                if self.run_once():
+                    continue
+            except Exception:
+                log.exception("worker %s: store error; retrying in %.1f s", self.worker_id, self.poll_interval)
+            self._wait()
+
+    def _wait(self) -> None:
+        if self.queue is not None:
+            self.queue.wait(self.poll_interval)
+        else:
+            self._stopping.wait(self.poll_interval)

@@ -1,0 +1,63 @@
+"""Kill the server (SIGKILL) while a task runs and another waits; after a restart both complete."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import httpx
+
+from _server import LiveServer
+
+AUTH = {"Authorization": "Bearer key-a"}
+
+
+def _submit(server: LiveServer, png_b64: str, steps: int, seed: int) -> str:
+    body = {
+        "request": {
+            "model_name": "tiny-sd15.safetensors", "image_base64": png_b64, "prompt": "a castle",
+            "width": 192, "height": 192, "image_num": 1, "steps": steps, "seed": seed,
+            "guidance_scale": 7, "sampler_name": "Heun", "strength": 1.0,
+        }
+    }
+    r = httpx.post(server.url + "/v3/async/img2img", json=body, headers=AUTH, timeout=30)
+    assert r.status_code == 200, r.text
+    return str(r.json()["task_id"])
+
+
+def _status(server: LiveServer, task_id: str) -> dict:
+    r = httpx.get(server.url + "/v3/async/task-result", params={"task_id": task_id}, headers=AUTH, timeout=30)
+    assert r.status_code == 200, r.text
+    return dict(r.json())
+
+
+def _wait(server: LiveServer, task_id: str, predicate, timeout: float) -> dict:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        body = _status(server, task_id)
+        if predicate(body):
+            return body
+        time.sleep(0.1)
+    raise AssertionError(f"timed out; last status {body['task']}")
+
+
+def test_kill_while_processing_then_restart_completes(tmp_path: Path, tiny_models_dir: Path, png_b64: str) -> None:
+    server = LiveServer(tmp_path / "data", tiny_models_dir).start()
+    try:
+        running = _submit(server, png_b64, steps=100, seed=1)
+        waiting = _submit(server, png_b64, steps=4, seed=2)
+        body = _wait(server, running, lambda b: b["task"]["progress_percent"] > 0, timeout=120)
+        assert body["task"]["status"] == "TASK_STATUS_PROCESSING"
+        assert _status(server, waiting)["task"]["status"] == "TASK_STATUS_QUEUED"
+        server.kill()
+
+        server = LiveServer(tmp_path / "data", tiny_models_dir, port=server.port).start()
+        for task_id in (running, waiting):
+            done = _wait(server, task_id, lambda b: b["task"]["status"] in ("TASK_STATUS_SUCCEED", "TASK_STATUS_FAILED"),
+                         timeout=300)
+            assert done["task"]["status"] == "TASK_STATUS_SUCCEED", done["task"]
+            assert len(done["images"]) == 1
+            img = httpx.get(done["images"][0]["image_url"], timeout=30)
+            assert img.status_code == 200 and img.content[:8] == b"\x89PNG\r\n\x1a\n"
+    finally:
+        server.stop()

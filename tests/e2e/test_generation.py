@@ -1,0 +1,158 @@
+"""The whole stack in one process (API in-process, worker driven step by step) on tiny models."""
+
+from __future__ import annotations
+
+import base64
+import io
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from _server import make_png
+from underpaint.api.app import create_app
+from underpaint.app import build_local_worker, build_services
+from underpaint.config import Settings
+from underpaint.engine.metadata import read_infotext
+
+A = {"Authorization": "Bearer key-a"}
+
+
+class Stack:
+    def __init__(self, client: TestClient, worker: Any, services: Any) -> None:
+        self.client = client
+        self.worker = worker
+        self.services = services
+
+    def submit(self, **request: Any) -> str:
+        extra = request.pop("extra", {})
+        body = {
+            "extra": extra,
+            "request": {
+                "model_name": "tiny-sd15.safetensors",
+                "image_base64": base64.b64encode(make_png()).decode(),
+                "prompt": "a red house",
+                "width": 128, "height": 128, "image_num": 1, "steps": 5, "seed": 77,
+                "guidance_scale": 6.0, "sampler_name": "Euler a", "strength": 0.7,
+                **request,
+            },
+        }
+        r = self.client.post("/v3/async/img2img", json=body, headers=A)
+        assert r.status_code == 200, r.text
+        return str(r.json()["task_id"])
+
+    def run(self, task_id: str) -> dict[str, Any]:
+        assert self.worker.run_once()
+        r = self.client.get("/v3/async/task-result", params={"task_id": task_id}, headers=A)
+        assert r.status_code == 200
+        return dict(r.json())
+
+    def images(self, result: dict[str, Any]) -> list[bytes]:
+        out = []
+        for img in result["images"]:
+            r = self.client.get(img["image_url"])  # no auth header: signed URL
+            assert r.status_code == 200
+            out.append(r.content)
+        return out
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory, tiny_models_dir: Path) -> Iterator[Stack]:
+    settings = Settings(
+        data_dir=tmp_path_factory.mktemp("data"), models_dir=tiny_models_dir,
+        api_keys=("key-a", "key-b"), torch_threads=1, run_worker=False, public_base_url="http://testserver",
+    )
+    services = build_services(settings)
+    worker = build_local_worker(services)
+    with TestClient(create_app(services)) as client:
+        yield Stack(client, worker, services)
+
+
+def pixels(data: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB")).astype(np.int16)
+
+
+def test_same_seed_same_pixels_and_size(stack: Stack) -> None:
+    a = stack.run(stack.submit(seed=5, width=128, height=96))
+    b = stack.run(stack.submit(seed=5, width=128, height=96))
+    c = stack.run(stack.submit(seed=6, width=128, height=96))
+    assert a["task"]["status"] == "TASK_STATUS_SUCCEED", a["task"]
+    (ia,), (ib,), (ic,) = stack.images(a), stack.images(b), stack.images(c)
+    assert pixels(ia).shape == (96, 128, 3)
+    assert np.array_equal(pixels(ia), pixels(ib))
+    assert not np.array_equal(pixels(ia), pixels(ic))
+    assert a["extra"]["seed"] == "5"
+
+
+def test_image_num_uses_consecutive_seeds(stack: Stack) -> None:
+    batch = stack.images(stack.run(stack.submit(seed=1000, image_num=3, sampler_name="DPM++ SDE")))
+    assert len(batch) == 3
+    for i, data in enumerate(batch):
+        (single,) = stack.images(stack.run(stack.submit(seed=1000 + i, sampler_name="DPM++ SDE")))
+        diff = np.abs(pixels(data) - pixels(single))
+        assert diff.max() <= 1, f"image {i} differs from the single run with seed {1000 + i} by {diff.max()}"
+
+
+def test_random_seed_is_reported_and_reproducible(stack: Stack) -> None:
+    first = stack.run(stack.submit(seed=-1))
+    seed = int(first["extra"]["seed"])
+    assert 0 <= seed < 2**32
+    again = stack.run(stack.submit(seed=seed))
+    assert np.array_equal(pixels(stack.images(first)[0]), pixels(stack.images(again)[0]))
+
+
+@pytest.mark.parametrize("fmt", ["png", "webp", "jpeg"])
+def test_output_formats_carry_infotext(stack: Stack, fmt: str) -> None:
+    result = stack.run(stack.submit(extra={"response_image_type": fmt}, clip_skip=2, prompt="(a house:1.2)"))
+    (data,) = stack.images(result)
+    assert result["images"][0]["image_type"] == fmt
+    assert Image.open(io.BytesIO(data)).format == {"png": "PNG", "webp": "WEBP", "jpeg": "JPEG"}[fmt]
+    info = read_infotext(data)
+    assert info is not None and info.startswith("(a house:1.2)")
+    assert "Sampler: Euler a" in info and "Seed: 77" in info and "Clip skip: 2" in info and "Denoising strength: 0.7" in info
+
+
+def test_progress_and_eta_move_during_sampling(stack: Stack, monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: list[tuple[int, int]] = []
+    store = stack.services.store
+    original = store.update_progress
+
+    def spy(task_id: str, worker_id: str, progress_percent: int, eta: int) -> bool:
+        seen.append((progress_percent, eta))
+        return bool(original(task_id, worker_id, progress_percent, eta))
+
+    monkeypatch.setattr(store, "update_progress", spy)
+    stack.run(stack.submit(steps=40, strength=1.0, sampler_name="Heun"))
+    progress = [p for p, _ in seen]
+    assert len(set(progress)) >= 3, seen
+    assert progress == sorted(progress)
+    assert seen[0][1] >= seen[-2][1]
+
+
+def test_every_sampler_name_runs(stack: Stack) -> None:
+    from underpaint.engine.samplers import SAMPLER_NAMES
+
+    ids = [stack.submit(sampler_name=name, steps=3, width=128, height=128) for name in SAMPLER_NAMES]
+    for task_id, name in zip(ids, SAMPLER_NAMES, strict=True):
+        result = stack.run(task_id)
+        assert result["task"]["status"] == "TASK_STATUS_SUCCEED", (name, result["task"])
+
+
+def test_missing_checkpoint_at_run_time_fails_with_reason(stack: Stack, tiny_models_dir: Path, tmp_path: Path) -> None:
+    import shutil
+
+    src = tiny_models_dir / "checkpoint" / "tiny-sd15.safetensors"
+    copy = tiny_models_dir / "checkpoint" / "doomed.safetensors"
+    shutil.copy(src, copy)
+    side = tiny_models_dir / "checkpoint" / "tiny-sd15.config"
+    shutil.copytree(side, tiny_models_dir / "checkpoint" / "doomed.config")
+    task_id = stack.submit(model_name="doomed.safetensors")
+    copy.unlink()
+    shutil.rmtree(tiny_models_dir / "checkpoint" / "doomed.config")
+    result = stack.run(task_id)
+    assert result["task"]["status"] == "TASK_STATUS_FAILED"
+    assert "doomed" in result["task"]["reason"]

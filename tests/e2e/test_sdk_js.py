@@ -1,0 +1,32 @@
+"""The official JS SDK (novita-sdk 3.1.3, setBaseUrl, bare-key auth) against a live server."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+from _server import LiveServer
+
+JS_DIR = Path(__file__).resolve().parents[1] / "js"
+
+
+def test_js_sdk_submit_poll_and_list(live_server: LiveServer, tmp_path: Path, png_b64: str) -> None:
+    node = shutil.which("node")
+    assert node, "node is required for the JS SDK test"
+    assert (JS_DIR / "node_modules" / "novita-sdk").is_dir(), "run scripts/bootstrap (npm install in tests/js)"
+    image_file = tmp_path / "img.b64"
+    image_file.write_text(png_b64)
+    out = subprocess.run(
+        [node, str(JS_DIR / "sdk_flow.js"), live_server.url, "key-b", "tiny-sd15", str(image_file)],
+        capture_output=True, text=True, timeout=300, check=False,
+    )
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout)
+    progress = result["progress"]
+    assert progress["task"]["status"] == "TASK_STATUS_SUCCEED", progress["task"]
+    assert progress["task"]["task_type"] == "IMG_TO_IMG"
+    assert len(progress["images"]) == 1 and progress["images"][0]["image_url"].startswith("http://127.0.0.1")
+    assert any(m["sd_name"] == "tiny-sd15.safetensors" for m in result["models"]["models"])
+    assert result["error"]["code"] == 404 and result["error"]["reason"] == "TASK_NOT_FOUND"

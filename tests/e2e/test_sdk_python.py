@@ -1,0 +1,51 @@
+"""The official Python SDK (novita-client 0.7.1), unchanged but for its base URL, against a live server."""
+
+from __future__ import annotations
+
+import base64
+import io
+
+from novita_client import NovitaClient
+from novita_client.exceptions import NovitaResponseError
+from PIL import Image
+
+from _server import LiveServer, make_png
+
+
+def test_img2img_v3_and_wait_for_task(live_server: LiveServer) -> None:
+    client = NovitaClient("key-a", base_url=live_server.url)
+    init = Image.open(io.BytesIO(make_png()))
+    res = client.img2img_v3(
+        model_name="tiny-sd15.safetensors",
+        input_image=init,
+        prompt="a lighthouse, (sunset:1.2)",
+        image_num=2,
+        width=128,
+        height=96,
+        steps=6,
+        seed=1234,
+        sampler_name="DPM++ 2M Karras",
+        strength=0.7,
+        response_image_type="png",
+    )
+    assert res.task.status.value == "TASK_STATUS_SUCCEED", res.task.reason
+    assert res.extra.seed == 1234
+    assert len(res.images) == 2 and len(res.images_encoded) == 2
+    for encoded in res.images_encoded:
+        img = Image.open(io.BytesIO(base64.b64decode(encoded)))
+        assert img.size == (128, 96)
+        assert "Sampler: DPM++ 2M Karras" in img.info["parameters"]
+
+
+def test_python_sdk_sees_errors_and_models(live_server: LiveServer) -> None:
+    client = NovitaClient("key-a", base_url=live_server.url)
+    models = client.models_v3(refresh=True)
+    names = [m.sd_name for m in models]
+    assert "tiny-sd15.safetensors" in names
+    assert len(names) == len(set((m.sd_name, m.type.name) for m in models)), "models_v3 must list each model once"
+    try:
+        client.async_task_result("no-such-task")
+    except NovitaResponseError as exc:
+        assert "404" in str(exc)
+    else:
+        raise AssertionError("unknown task must be an error")

@@ -1,0 +1,314 @@
+"""Worker, process_task and ProgressReporter against a real SQLite store with fake runners (no torch work)."""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from underpaint.config import Settings
+from underpaint.engine.job import JobCancelled, JobError
+from underpaint.storage.base import StorageError
+from underpaint.tasks.queue import LocalQueue
+from underpaint.tasks.store import SqlTaskStore
+from underpaint.tasks.types import ImageRecord, NewTask, TaskRecord, TaskStatus
+from underpaint.tasks.worker import ProgressReporter, Worker, process_task
+
+SETTINGS = Settings(lease_seconds=60, max_attempts=3)
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[SqlTaskStore]:
+    s = SqlTaskStore(f"sqlite:///{tmp_path / 'tasks.db'}", lease_seconds=60, max_attempts=3)
+    yield s
+    s.close()
+
+
+def add(store: SqlTaskStore, task_id: str | None = None, **kw: Any) -> str:
+    tid = task_id or uuid.uuid4().hex
+    store.create(
+        NewTask(
+            task_id=tid,
+            owner="o",
+            seed=1,
+            enable_nsfw_detection=False,
+            response_image_type="png",
+            extra={},
+            payload={"prompt": f"prompt of {tid}"},
+            **kw,
+        )
+    )
+    return tid
+
+
+class FakeStorage:
+    name = "local"
+
+    def __init__(self) -> None:
+        self.deleted: list[str] = []
+
+    def put(self, key: str, data: bytes, content_type: str) -> None:
+        raise NotImplementedError
+
+    def get(self, key: str) -> bytes:
+        raise NotImplementedError
+
+    def url(self, key: str, ttl: int, base_url: str) -> str:
+        raise NotImplementedError
+
+    def delete(self, key: str) -> None:
+        self.deleted.append(key)
+
+
+class FnRunner:
+    """Runs ``fn`` and records every call."""
+
+    def __init__(self, fn: Callable[[TaskRecord, dict[str, Any], ProgressReporter], list[ImageRecord]]) -> None:
+        self.fn = fn
+        self.calls: list[tuple[TaskRecord, dict[str, Any]]] = []
+
+    def run(self, task: TaskRecord, payload: dict[str, Any], report: ProgressReporter) -> list[ImageRecord]:
+        self.calls.append((task, payload))
+        return self.fn(task, payload, report)
+
+
+def images_for(task: TaskRecord) -> list[ImageRecord]:
+    return [ImageRecord(key=f"{task.task_id}/{task.attempts}_0.png", image_type="png")]
+
+
+def test_worker_runs_task_records_images_and_progress(store: SqlTaskStore) -> None:
+    tid = add(store)
+    seen_mid_run: list[TaskRecord | None] = []
+
+    def fn(task: TaskRecord, payload: dict[str, Any], report: ProgressReporter) -> list[ImageRecord]:
+        assert payload == {"prompt": f"prompt of {tid}"}
+        report(30, 9)
+        seen_mid_run.append(store.get(task.task_id))
+        return images_for(task)
+
+    terminal: list[TaskRecord] = []
+    worker = Worker(store, FnRunner(fn), SETTINGS, worker_id="w", on_terminal=terminal.append)
+    assert worker.run_once()
+    assert not worker.run_once()
+    mid = seen_mid_run[0]
+    assert mid is not None and mid.status is TaskStatus.PROCESSING and (mid.progress_percent, mid.eta) == (30, 9)
+    done = store.get(tid)
+    assert done is not None and done.status is TaskStatus.SUCCEED
+    assert done.images == [ImageRecord(key=f"{tid}/1_0.png", image_type="png")]
+    assert terminal == [done]
+
+
+@pytest.mark.parametrize(
+    ("exc", "reason"),
+    [
+        (JobError("checkpoint 'x.safetensors' is not installed"), "checkpoint 'x.safetensors' is not installed"),
+        (StorageError("bucket 'b' denied access"), "bucket 'b' denied access"),
+        (ValueError("width must be a multiple of 8"), "width must be a multiple of 8"),
+        (JobError(), "JobError"),
+    ],
+)
+def test_user_errors_fail_with_their_message(store: SqlTaskStore, exc: Exception, reason: str) -> None:
+    tid = add(store)
+
+    def fn(task: TaskRecord, payload: dict[str, Any], report: ProgressReporter) -> list[ImageRecord]:
+        raise exc
+
+    terminal: list[TaskRecord] = []
+    Worker(store, FnRunner(fn), SETTINGS, on_terminal=terminal.append).run_once()
+    task = store.get(tid)
+    assert task is not None and task.status is TaskStatus.FAILED and task.reason == reason
+    assert [t.task_id for t in terminal] == [tid]
+
+
+def test_unexpected_errors_fail_with_type_and_message_and_are_logged(
+    store: SqlTaskStore, caplog: pytest.LogCaptureFixture
+) -> None:
+    tid = add(store)
+
+    def fn(task: TaskRecord, payload: dict[str, Any], report: ProgressReporter) -> list[ImageRecord]:
+        raise RuntimeError("CUDA out of memory")
+
+    with caplog.at_level(logging.ERROR, logger="underpaint.tasks"):
+        Worker(store, FnRunner(fn), SETTINGS).run_once()
+    task = store.get(tid)
+    assert task is not None and task.status is TaskStatus.FAILED
+    assert task.reason.startswith("internal error: RuntimeError: CUDA out of memory")
+    assert any(r.exc_info and tid in r.getMessage() for r in caplog.records)
+
+
+def test_cancelled_run_leaves_task_alone(store: SqlTaskStore) -> None:
+    tid = add(store)
+
+    def fn(task: TaskRecord, payload: dict[str, Any], report: ProgressReporter) -> list[ImageRecord]:
+        raise JobCancelled()
+
+    terminal: list[TaskRecord] = []
+    Worker(store, FnRunner(fn), SETTINGS, worker_id="w", on_terminal=terminal.append).run_once()
+    task = store.get(tid)
+    assert task is not None and task.status is TaskStatus.PROCESSING and task.worker_id == "w"
+    assert terminal == []
+
+
+def test_failing_hook_never_fails_the_task(store: SqlTaskStore, caplog: pytest.LogCaptureFixture) -> None:
+    tid = add(store)
+
+    def hook(task: TaskRecord) -> None:
+        raise OSError("webhook endpoint down")
+
+    with caplog.at_level(logging.ERROR, logger="underpaint.tasks"):
+        Worker(store, FnRunner(lambda t, p, r: images_for(t)), SETTINGS, on_terminal=hook).run_once()
+    assert store.get(tid).status is TaskStatus.SUCCEED  # type: ignore[union-attr]
+    assert any("on_terminal" in r.getMessage() for r in caplog.records)
+
+
+def test_lost_lease_raises_on_next_report(store: SqlTaskStore) -> None:
+    tid = add(store)
+    after_report: list[bool] = []
+
+    def fn(task: TaskRecord, payload: dict[str, Any], report: ProgressReporter) -> list[ImageRecord]:
+        # Another worker takes the task over (as after a lease expiry and redelivery).
+        assert store.requeue_expired(now=time.time() + 3600) == [tid]
+        assert store.claim(tid, "other") is not None
+        report(50, 1)
+        after_report.append(True)
+        return images_for(task)
+
+    terminal: list[TaskRecord] = []
+    Worker(store, FnRunner(fn), SETTINGS, worker_id="w", on_terminal=terminal.append).run_once()
+    assert after_report == [] and terminal == []
+    task = store.get(tid)
+    assert task is not None and task.status is TaskStatus.PROCESSING and task.worker_id == "other"
+
+
+def test_loser_discards_its_images(store: SqlTaskStore) -> None:
+    tid = add(store)
+
+    def fn(task: TaskRecord, payload: dict[str, Any], report: ProgressReporter) -> list[ImageRecord]:
+        store.requeue_expired(now=time.time() + 3600)
+        winner = store.claim(tid, "winner")
+        assert winner is not None and store.complete(tid, "winner", images_for(winner))
+        return images_for(task)  # finished too late, without reporting
+
+    storage = FakeStorage()
+    terminal: list[TaskRecord] = []
+    Worker(store, FnRunner(fn), SETTINGS, worker_id="w", on_terminal=terminal.append, storage=storage).run_once()
+    assert storage.deleted == [f"{tid}/1_0.png"]  # the loser's own image only
+    assert store.get(tid).images == [ImageRecord(key=f"{tid}/2_0.png", image_type="png")]  # type: ignore[union-attr]
+    assert terminal == []
+
+
+def test_lease_is_renewed_while_runner_is_silent(tmp_path: Path) -> None:
+    store = SqlTaskStore(f"sqlite:///{tmp_path / 'lease.db'}", lease_seconds=0.3, max_attempts=3)
+    tid = add(store)
+    swept: list[list[str]] = []
+
+    def fn(task: TaskRecord, payload: dict[str, Any], report: ProgressReporter) -> list[ImageRecord]:
+        for _ in range(8):  # 1.2 s without a report: four leases long
+            time.sleep(0.15)
+            swept.append(store.requeue_expired())
+        return images_for(task)
+
+    Worker(store, FnRunner(fn), SETTINGS).run_once()
+    assert len(swept) == 8 and all(s == [] for s in swept)
+    assert store.get(tid).status is TaskStatus.SUCCEED  # type: ignore[union-attr]
+    store.close()
+
+
+def test_progress_reporter_throttles_but_writes_final(store: SqlTaskStore) -> None:
+    tid = add(store)
+    store.claim(tid, "w")
+    now = [0.0]
+    writes: list[tuple[int, int]] = []
+    real = store.update_progress
+
+    def spy(task_id: str, worker_id: str, progress_percent: int, eta: int) -> bool:
+        writes.append((progress_percent, eta))
+        return real(task_id, worker_id, progress_percent, eta)
+
+    store.update_progress = spy  # type: ignore[method-assign]
+    report = ProgressReporter(store, tid, "w", min_interval=0.25, clock=lambda: now[0])
+    for t, pct in [(0.0, 10), (0.1, 20), (0.2, 30), (0.3, 40), (0.35, 50), (0.4, 100)]:
+        now[0] = t
+        report(pct, 5)
+    assert writes == [(10, 5), (40, 5), (100, 5)]
+    assert store.get(tid).progress_percent == 100  # type: ignore[union-attr]
+    assert not report.should_cancel()
+
+
+def test_process_task_runs_exactly_the_named_task_once(store: SqlTaskStore) -> None:
+    first = add(store, priority=10)
+    named = add(store)
+    runner = FnRunner(lambda t, p, r: images_for(t))
+    done = process_task(named, store, runner, worker_id="celery-1")
+    assert done is not None and done.task_id == named and done.status is TaskStatus.SUCCEED
+    assert process_task(named, store, runner) is None  # redelivery after completion
+    assert process_task("unknown", store, runner) is None
+    assert [c[0].task_id for c in runner.calls] == [named]
+    assert store.get(first).status is TaskStatus.QUEUED  # type: ignore[union-attr]
+
+
+def test_process_task_ignores_delivery_while_another_worker_holds_it(store: SqlTaskStore) -> None:
+    tid = add(store)
+    store.claim(tid, "busy")
+    runner = FnRunner(lambda t, p, r: images_for(t))
+    assert process_task(tid, store, runner) is None
+    assert runner.calls == []
+
+
+def test_missing_payload_fails_with_reason(store: SqlTaskStore) -> None:
+    tid = add(store)
+    with store.engine.begin() as conn:
+        conn.exec_driver_sql("DELETE FROM task_payloads")
+    runner = FnRunner(lambda t, p, r: images_for(t))
+    Worker(store, runner, SETTINGS).run_once()
+    task = store.get(tid)
+    assert task is not None and task.status is TaskStatus.FAILED and "input is no longer available" in task.reason
+    assert runner.calls == []
+
+
+def test_background_worker_serves_by_priority_and_stops(store: SqlTaskStore) -> None:
+    queue = LocalQueue()
+    order: list[str] = []
+    low = add(store, priority=0)
+    high = add(store, priority=5, lane="enterprise")
+
+    def fn(task: TaskRecord, payload: dict[str, Any], report: ProgressReporter) -> list[ImageRecord]:
+        order.append(task.task_id)
+        return images_for(task)
+
+    worker = Worker(store, FnRunner(fn), SETTINGS, queue=queue, poll_interval=30.0)
+    worker.start()
+    try:
+        _wait_for(lambda: order == [high, low])
+        late = add(store)
+        queue.enqueue(late, "default")  # wakes the worker long before its 30 s poll
+        _wait_for(lambda: store.get(late).status is TaskStatus.SUCCEED)  # type: ignore[union-attr]
+    finally:
+        assert worker.stop(timeout=10)
+    assert not worker.running
+
+
+def test_worker_sweep_fails_exhausted_tasks_and_notifies(tmp_path: Path) -> None:
+    now = [1000.0]
+    store = SqlTaskStore(f"sqlite:///{tmp_path / 's.db'}", lease_seconds=10, max_attempts=1, clock=lambda: now[0])
+    tid = add(store)
+    store.claim(tid, "dead")
+    now[0] += 11
+    terminal: list[TaskRecord] = []
+    worker = Worker(store, FnRunner(lambda t, p, r: []), SETTINGS, on_terminal=terminal.append)
+    assert worker.sweep() == [tid]
+    assert [t.status for t in terminal] == [TaskStatus.FAILED]
+    assert "worker crashed repeatedly (1 attempts)" in terminal[0].reason
+    store.close()
+
+
+def _wait_for(cond: Callable[[], bool], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.02)
