@@ -160,16 +160,6 @@ def run(loaded: TinyLoaded, prompt: str = "a photo of a cat", negative: str = ""
     return np.asarray((out.images[0] * 255).round().astype(np.uint8))
 
 
-def save_configs(loaded: TinyLoaded, target: Path) -> Path:
-    """Write a diffusers config tree (no weights) like a checkpoint's sidecar ``<stem>.config/`` folder."""
-    pipe = loaded.pipe
-    pipe.unet.save_config(target / "unet")
-    pipe.text_encoder.config.save_pretrained(target / "text_encoder")
-    if loaded.is_sdxl:
-        pipe.text_encoder_2.config.save_pretrained(target / "text_encoder_2")
-    return target
-
-
 def text_encoders(loaded: TinyLoaded) -> list[Any]:
     pipe = loaded.pipe
     return [pipe.text_encoder] + ([pipe.text_encoder_2] if loaded.is_sdxl else [])
@@ -180,3 +170,19 @@ def resolve(models_dir: Path, kind: str, name: str) -> ModelEntry:
     entry = ModelRegistry(models_dir).resolve(kind, name)
     assert entry is not None, f"{kind}/{name} not found in {models_dir}"
     return entry
+
+
+def demo_models(tiny_models_dir: Path, dest: Path) -> Path:
+    """A writable copy of the session's tiny demo checkpoints plus ``write_demo_adapters`` sized from their sidecars."""
+    from underpaint.engine.demo_adapters import write_demo_adapters
+
+    shutil.copytree(tiny_models_dir, dest)
+    write_demo_adapters(dest, dest / "checkpoint" / "tiny-sd15.config", dest / "checkpoint" / "tiny-sdxl.config")
+    return dest
+
+
+def load(models_dir: Path, checkpoint: str) -> Any:
+    """A checkpoint through the real loader (``engine.loader.LoadedCheckpoint``)."""
+    from underpaint.engine.loader import load_checkpoint
+
+    return load_checkpoint(resolve(models_dir, "checkpoint", checkpoint), "cpu", torch.float32)

@@ -195,3 +195,27 @@ def test_bad_requests(models: Path) -> None:
         manager.apply(tiny.sd15(), [_entry(models, "subject.pt"), _entry(models, "subject.safetensors")], "", "")
     with pytest.raises(JobError, match="at most 5"):
         manager.apply(tiny.sd15(), [_entry(models, "texture")] * 6, "", "")
+
+
+def test_demo_set_with_the_real_loader_and_prompt_encoder(tiny_models_dir: Path, tmp_path: Path) -> None:
+    """The plan's texts and token_expansions through conditioning.encode_prompt: each vector token is one position,
+    the head expands to all vectors, and the result equals encoding the written-out tokens."""
+    from underpaint.engine.conditioning import TextEncoderBundle, encode_prompt
+
+    models = tiny.demo_models(tiny_models_dir, tmp_path / "models")
+    manager = EmbeddingManager()
+    for checkpoint, names, vectors in (
+        ("tiny-sd15.safetensors", ["tiny-subject-sd15", "tiny-easynegative-sd15.safetensors"], 3 + 2),
+        ("tiny-sdxl.safetensors", ["tiny-negative-sdxl"], 2),
+    ):
+        loaded = tiny.load(models, checkpoint)
+        bundle = TextEncoderBundle(list(loaded.tokenizers), list(loaded.text_encoders), loaded.is_sdxl)
+        base = encode_prompt(bundle, "a cat").embeds
+        plan = manager.apply(loaded, [_entry(models, n) for n in names], "a cat", "")
+        assert sum(len(t) for t in plan.token_expansions.values()) == vectors
+        both = plan.prompt + ", " + plan.negative_prompt
+        with_map = encode_prompt(bundle, both, token_expansions=plan.token_expansions).embeds
+        written = encode_prompt(bundle, plan.expand(both)).embeds
+        assert torch.equal(with_map, written)
+        assert not torch.equal(encode_prompt(bundle, plan.negative_prompt).embeds, encode_prompt(bundle, "").embeds)
+        assert torch.equal(encode_prompt(bundle, "a cat").embeds, base)

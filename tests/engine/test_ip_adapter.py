@@ -144,16 +144,17 @@ def test_lora_and_ip_adapter_together_then_both_off(tmp_path: Path) -> None:
     assert np.array_equal(tiny.run(loaded), base)
 
 
-def test_demo_set_loads(tmp_path: Path) -> None:
-    sd15, sdxl = tiny.sd15(), tiny.sdxl(tmp_path)
-    demo.write_demo_adapters(
-        tmp_path,
-        tiny.save_configs(sd15, tmp_path / "checkpoint" / "tiny-sd15.config"),
-        tiny.save_configs(sdxl, tmp_path / "checkpoint" / "tiny-sdxl.config"),
-    )
+def test_demo_set_on_the_real_loader(tiny_models_dir: Path, tmp_path: Path) -> None:
+    models = tiny.demo_models(tiny_models_dir, tmp_path / "models")
     manager = IPAdapterManager()
-    for loaded, name in ((sd15, "ip-adapter_sd15.bin"), (sdxl, "ip-adapter_sdxl.bin")):
-        entry = tiny.resolve(tmp_path, "ipadapter", name)
+    for checkpoint, name in (
+        ("tiny-sd15.safetensors", "ip-adapter_sd15.bin"),
+        ("tiny-sdxl.safetensors", "ip-adapter_sdxl"),
+    ):
+        loaded = tiny.load(models, checkpoint)
+        entry = tiny.resolve(models, "ipadapter", name)
         assert entry.is_sdxl == loaded.is_sdxl
         base = tiny.run(loaded)
         assert _diff(_run(loaded, manager.activate(loaded, entry, tiny.init_image(5), 1.0)), base) > 1.0
+        manager.activate(loaded, None, None, 0.0)
+        assert np.array_equal(tiny.run(loaded), base)

@@ -229,21 +229,21 @@ def test_more_than_five_is_refused_and_the_bound_must_hold_a_task(models: Path) 
         LoraManager().activate(loaded, [(entry, 0.1)] * 6)
 
 
-def test_demo_set_loads_through_the_registry(models: Path) -> None:
-    """write_demo_adapters sized from checkpoint config trees: every LoRA in it loads by name without extension."""
-    sd15, sdxl = tiny.sd15(), tiny.sdxl(models)
-    demo.write_demo_adapters(
-        models,
-        tiny.save_configs(sd15, models / "checkpoint" / "tiny-sd15.config"),
-        tiny.save_configs(sdxl, models / "checkpoint" / "tiny-sdxl.config"),
-    )
+def test_demo_set_on_the_real_loader(tiny_models_dir: Path, tmp_path: Path) -> None:
+    """engine.demo checkpoints through engine.loader, demo LoRAs sized from their sidecar configs, names without
+    extension: every file loads, changes the output, and switching off restores the checkpoint's own bytes."""
+    models = tiny.demo_models(tiny_models_dir, tmp_path / "models")
     manager = LoraManager()
-    for loaded, names in (
-        (sd15, ["tiny-detail-sd15", "tiny-style-sd15", "tiny-peft-sd15"]),
-        (sdxl, ["tiny-detail-sdxl", "tiny-style-sdxl"]),
+    for checkpoint, names in (
+        ("tiny-sd15.safetensors", ["tiny-detail-sd15", "tiny-style-sd15", "tiny-peft-sd15"]),
+        ("tiny-sdxl.safetensors", ["tiny-detail-sdxl", "tiny-style-sdxl"]),
     ):
+        loaded = tiny.load(models, checkpoint)
         base = tiny.run(loaded)
         entries = [tiny.resolve(models, "lora", n) for n in names]
         assert all(e.is_sdxl == loaded.is_sdxl for e in entries)  # the registry's detection agrees
-        manager.activate(loaded, [(e, 0.8) for e in entries])
-        assert _diff(tiny.run(loaded), base) > 1.0
+        for entry in entries:
+            manager.activate(loaded, [(entry, 0.8)])
+            assert _diff(tiny.run(loaded), base) > 1.0, entry.sd_name
+        manager.activate(loaded, [])
+        assert np.array_equal(tiny.run(loaded), base)

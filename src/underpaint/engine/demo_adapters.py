@@ -274,7 +274,8 @@ def save_ip_adapter(path: Path, state: dict[str, dict[str, torch.Tensor]]) -> Pa
 # ---- the demo set -----------------------------------------------------------------------------------------------
 
 
-def _meta_models(config_dir: Path, sdxl: bool) -> tuple[nn.Module, list[nn.Module]]:
+def meta_models(config_dir: Path, sdxl: bool) -> tuple[nn.Module, list[nn.Module]]:
+    """UNet and text encoder(s) of a diffusers config tree on the meta device: names and shapes, no memory."""
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
@@ -300,7 +301,7 @@ def write_demo_adapters(models_dir: Path, sd15_config: Path | None, sdxl_config:
         if config_dir is None:
             continue
         tag = "sdxl" if sdxl else "sd15"
-        unet, encoders = _meta_models(config_dir, sdxl)
+        unet, encoders = meta_models(config_dir, sdxl)
         layers = lora_layers(unet, encoders, sdxl=sdxl, conv=True, seed=1)
         written.append(save_kohya_lora(lora_dir / f"tiny-detail-{tag}.safetensors", layers))
         written.append(

@@ -136,6 +136,10 @@ class _PipeState:
     """Adapters resident on one pipe, least recently used first."""
 
     adapters: OrderedDict[str, ModelEntry] = field(default_factory=OrderedDict)
+    # What the wrapped layers were last told, None = unknown (a load adds layers in their default state).
+    # enable_lora/set_adapters walk every parameter of every LoRA layer, so repeating them is the main switch cost.
+    enabled: bool | None = None
+    active: tuple[tuple[str, float], ...] | None = None
 
 
 class LoraManager:
@@ -187,14 +191,19 @@ class LoraManager:
                 state.adapters.move_to_end(name)
             if not state.adapters:
                 return  # never had a LoRA: nothing to switch off
-            # Both calls only flip flags on the wrapped layers; doing them every task keeps no state to go stale.
             if not weights:
-                pipe.disable_lora()
+                if state.enabled is not False:
+                    pipe.disable_lora()
+                    state.enabled = False
                 return
-            pipe.enable_lora()
+            if state.enabled is not True:
+                pipe.enable_lora()
+                state.enabled = True
             # peft sums adapters in list order; a fixed order makes a set's output independent of request order.
-            names = sorted(weights)
-            pipe.set_adapters(names, [weights[n] for n in names])
+            active = tuple(sorted(weights.items()))
+            if active != state.active:
+                pipe.set_adapters([n for n, _ in active], [w for _, w in active])
+                state.active = active
 
     def forget(self, loaded: Any) -> None:
         """Drop the bookkeeping for a checkpoint leaving the cache (its adapters go with the pipe)."""
@@ -208,6 +217,7 @@ class LoraManager:
                 return
             pipe.delete_adapters([victim])
             del state.adapters[victim]
+            state.active = None
 
     def _load(self, loaded: Any, state: _PipeState, name: str, entry: ModelEntry) -> None:
         lora = self._states.get(entry)
@@ -218,6 +228,7 @@ class LoraManager:
             pipe.load_lora_weights(lora, adapter_name=name)
         except Exception as exc:  # diffusers/peft raise ValueError, KeyError, RuntimeError (shape) ...
             _drop_partial(pipe, name)
+            state.enabled = state.active = None
             raise JobError(
                 f"LoRA {entry.sd_name_in_api} could not be applied to checkpoint {checkpoint}: {short_reason(exc)}"
             ) from exc
@@ -225,6 +236,7 @@ class LoraManager:
         if name not in present:
             raise JobError(f"LoRA {entry.sd_name_in_api} matched no layer of checkpoint {checkpoint}")
         state.adapters[name] = entry
+        state.enabled = state.active = None
         self.adapter_loads += 1
 
 
