@@ -158,3 +158,17 @@ def test_demo_set_on_the_real_loader(tiny_models_dir: Path, tmp_path: Path) -> N
         assert _diff(_run(loaded, manager.activate(loaded, entry, tiny.init_image(5), 1.0)), base) > 1.0
         manager.activate(loaded, None, None, 0.0)
         assert np.array_equal(tiny.run(loaded), base)
+
+
+def test_unload_restores_the_checkpoint_own_attention_processors(tmp_path: Path) -> None:
+    from diffusers.models.attention_processor import AttnProcessor
+
+    loaded = tiny.sd15()
+    loaded.pipe.unet.set_attn_processor(AttnProcessor())  # not diffusers' default class
+    _write(tmp_path, loaded, "ip-adapter_sd15.bin")
+    base = tiny.run(loaded)
+    manager = IPAdapterManager()
+    manager.activate(loaded, tiny.resolve(tmp_path, "ipadapter", "ip-adapter_sd15"), tiny.init_image(5), 1.0)
+    manager.activate(loaded, None, None, 0.0)
+    assert {type(p) for p in loaded.pipe.unet.attn_processors.values()} == {AttnProcessor}
+    assert np.array_equal(tiny.run(loaded), base)

@@ -114,6 +114,9 @@ class IPAdapterManager:
         self._encoders: OrderedDict[str, _Encoder] = OrderedDict()
         self._files: OrderedDict[tuple[str, float], IPState] = OrderedDict()
         self._active: weakref.WeakKeyDictionary[Any, tuple[str, float]] = weakref.WeakKeyDictionary()
+        # The UNet's own attention processors before an adapter replaced them, restored exactly on unload
+        # (diffusers' unload installs its default class, which need not be what the checkpoint ran with).
+        self._saved: weakref.WeakKeyDictionary[Any, dict[str, Any]] = weakref.WeakKeyDictionary()
         self._lock = threading.Lock()
         self.adapter_loads = 0
 
@@ -138,7 +141,7 @@ class IPAdapterManager:
         with self._lock:
             if entry is None:
                 if self._active.pop(pipe, None) is not None:
-                    pipe.unload_ip_adapter()
+                    self._unload(pipe)
                 return {}
             if image is None:
                 raise JobError(f"IP-Adapter {entry.sd_name} needs a reference image")
@@ -149,7 +152,7 @@ class IPAdapterManager:
             self._check_encoder(state, encoder, entry)
             if self._active.get(pipe) != key:
                 if self._active.pop(pipe, None) is not None:
-                    pipe.unload_ip_adapter()
+                    self._unload(pipe)
                 self._load(pipe, state, encoder, entry, loaded)
                 self._active[pipe] = key
             pipe.set_ip_adapter_scale(float(scale))
@@ -201,16 +204,23 @@ class IPAdapterManager:
     def _load(self, pipe: Any, state: IPState, encoder: _Encoder, entry: ModelEntry, loaded: Any) -> None:
         # diffusers consumes the nested dicts; hand it copies so the cached file stays intact.
         copy = {group: dict(part) for group, part in state.items()}
+        self._saved[pipe] = dict(pipe.unet.attn_processors)
         try:
             pipe.register_modules(image_encoder=encoder.model)
             pipe.load_ip_adapter(copy, subfolder="", weight_name="", image_encoder_folder=None)
         except Exception as exc:  # shape/key errors from diffusers
-            pipe.unload_ip_adapter()
+            self._unload(pipe)
             checkpoint = getattr(loaded, "name", "the checkpoint")
             raise JobError(
                 f"IP-Adapter {entry.sd_name} could not be applied to checkpoint {checkpoint}: {short_reason(exc)}"
             ) from exc
         self.adapter_loads += 1
+
+    def _unload(self, pipe: Any) -> None:
+        pipe.unload_ip_adapter()
+        saved = self._saved.pop(pipe, None)
+        if saved is not None:
+            pipe.unet.set_attn_processor(saved)
 
     @staticmethod
     @torch.no_grad()
