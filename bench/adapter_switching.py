@@ -22,8 +22,10 @@ from __future__ import annotations
 
 import argparse
 import gc
+import json
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -65,12 +67,10 @@ def write_pool(models: Path, pool: int) -> None:
 
 def lora_sets(registry: ModelRegistry, sdxl: bool, pool: int) -> list[list[tuple[ModelEntry, float]]]:
     tag = "sdxl" if sdxl else "sd15"
-    entries = [registry.resolve("lora", f"pool-{tag}-{k:02d}") for k in range(pool)]
-    assert all(e is not None for e in entries)
-    return [
-        [(entries[(k + 3 * j) % pool], 0.3 + 0.2 * j) for j in range(1 + k % 3)]  # type: ignore[misc]
-        for k in range(N_SETS)
-    ]
+    found = [registry.resolve("lora", f"pool-{tag}-{k:02d}") for k in range(pool)]
+    entries = [e for e in found if e is not None]
+    assert len(entries) == pool
+    return [[(entries[(k + 3 * j) % pool], 0.3 + 0.2 * j) for j in range(1 + k % 3)] for k in range(N_SETS)]
 
 
 def checkpoint_load_seconds(entry: ModelEntry) -> float:
@@ -94,6 +94,17 @@ def generate(loaded: LoadedCheckpoint, image: Image.Image) -> None:
         generator=torch.Generator().manual_seed(1),
         output_type="np",
     )
+
+
+def run_control(args: argparse.Namespace) -> dict[str, float]:
+    """The same schedule without LoRAs in a fresh process: what checkpoint reloads alone do to RSS."""
+    cmd = [sys.executable, __file__, "--control", "--tasks", str(args.tasks), "--pool", str(args.pool)]
+    if args.no_generate:
+        cmd.append("--no-generate")
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    line = next(x for x in out.splitlines() if x.startswith("CONTROL "))
+    data: dict[str, float] = json.loads(line.removeprefix("CONTROL "))
+    return data
 
 
 def main() -> int:
@@ -170,7 +181,15 @@ def main() -> int:
         f"growth {growth * 100:+.2f} %  (claim: within 5 %)"
     )
     if args.control:
+        print("CONTROL " + json.dumps({"rss50": rss[50], "rss_end": rss[args.tasks]}))
         return 0
+    control = run_control(args)
+    ctrl_growth = (control["rss_end"] - control["rss50"]) / control["rss50"]
+    attributable = growth - ctrl_growth
+    print(
+        f"  control run (same schedule, no LoRA, separate process): RSS growth {ctrl_growth * 100:+.2f} %; "
+        f"growth attributable to adapters {attributable * 100:+.2f} %"
+    )
     worst = 0.0
     for name in load_s:
         w = statistics.median(warm[name]) if warm[name] else float("nan")
