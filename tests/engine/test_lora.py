@@ -247,3 +247,22 @@ def test_demo_set_on_the_real_loader(tiny_models_dir: Path, tmp_path: Path) -> N
             assert _diff(tiny.run(loaded), base) > 1.0, entry.sd_name
         manager.activate(loaded, [])
         assert np.array_equal(tiny.run(loaded), base)
+
+
+def test_pickled_kohya_file_and_duplicates_stack(models: Path) -> None:
+    loaded = tiny.sd15()
+    layers = _kohya(models, loaded, "st", seed=50)
+    from safetensors.torch import load_file
+
+    torch.save(load_file(str(models / "lora" / "st.safetensors")), str(models / "lora" / "pickled.pt"))
+    manager = LoraManager()
+    manager.activate(loaded, [(tiny.resolve(models, "lora", "st"), 0.6)])
+    from_safetensors = tiny.run(loaded)
+    manager.activate(loaded, [(tiny.resolve(models, "lora", "pickled"), 0.6)])
+    assert np.array_equal(tiny.run(loaded), from_safetensors)
+    # Listed twice: the strengths add up, as two identical <lora:...> tags do in A1111.
+    manager.activate(loaded, [(tiny.resolve(models, "lora", "st"), 0.3), (tiny.resolve(models, "lora", "st"), 0.3)])
+    assert np.array_equal(tiny.run(loaded), from_safetensors)
+    merged = tiny.sd15()
+    _hand_merge(merged, [(layers, 0.6)])
+    assert _diff(tiny.run(merged), from_safetensors) < 0.01
