@@ -157,13 +157,15 @@ def on_terminal_hook(services: Services) -> Any:
 
 
 def build_local_worker(services: Services) -> Any:
+    from underpaint.tasks.queue import LocalQueue
     from underpaint.tasks.worker import Worker
 
+    queue = services.queue
     return Worker(
         services.store,
         build_runner(services),
         services.settings,
-        queue=services.queue,
+        queue=queue if isinstance(queue, LocalQueue) else None,
         on_terminal=on_terminal_hook(services),
         storage=services.storage,
     )

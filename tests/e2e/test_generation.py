@@ -10,10 +10,10 @@ from typing import Any
 
 import numpy as np
 import pytest
+from _server import make_png
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from _server import make_png
 from underpaint.api.app import create_app
 from underpaint.app import build_local_worker, build_services
 from underpaint.config import Settings
@@ -77,12 +77,12 @@ def pixels(data: bytes) -> np.ndarray:
 
 
 def test_same_seed_same_pixels_and_size(stack: Stack) -> None:
-    a = stack.run(stack.submit(seed=5, width=128, height=96))
-    b = stack.run(stack.submit(seed=5, width=128, height=96))
-    c = stack.run(stack.submit(seed=6, width=128, height=96))
+    a = stack.run(stack.submit(seed=5, width=192, height=128))
+    b = stack.run(stack.submit(seed=5, width=192, height=128))
+    c = stack.run(stack.submit(seed=6, width=192, height=128))
     assert a["task"]["status"] == "TASK_STATUS_SUCCEED", a["task"]
     (ia,), (ib,), (ic,) = stack.images(a), stack.images(b), stack.images(c)
-    assert pixels(ia).shape == (96, 128, 3)
+    assert pixels(ia).shape == (128, 192, 3)
     assert np.array_equal(pixels(ia), pixels(ib))
     assert not np.array_equal(pixels(ia), pixels(ic))
     assert a["extra"]["seed"] == "5"
