@@ -89,8 +89,8 @@ def test_same_seed_same_pixels_and_size(stack: Stack) -> None:
 
 
 def test_image_num_uses_consecutive_seeds(stack: Stack) -> None:
-    batch = stack.images(stack.run(stack.submit(seed=1000, image_num=3, sampler_name="DPM++ SDE")))
-    assert len(batch) == 3
+    batch = stack.images(stack.run(stack.submit(seed=1000, image_num=4, sampler_name="DPM++ SDE")))
+    assert len(batch) == 4
     for i, data in enumerate(batch):
         (single,) = stack.images(stack.run(stack.submit(seed=1000 + i, sampler_name="DPM++ SDE")))
         diff = np.abs(pixels(data) - pixels(single))
@@ -156,3 +156,23 @@ def test_missing_checkpoint_at_run_time_fails_with_reason(stack: Stack, tiny_mod
     result = stack.run(task_id)
     assert result["task"]["status"] == "TASK_STATUS_FAILED"
     assert "doomed" in result["task"]["reason"]
+
+
+def test_sd_vae_applies_to_its_task_only(stack: Stack) -> None:
+    (base,) = stack.images(stack.run(stack.submit(seed=9)))
+    with_vae = stack.run(stack.submit(seed=9, sd_vae="tiny-vae.safetensors"))
+    (vae_img,) = stack.images(with_vae)
+    (after,) = stack.images(stack.run(stack.submit(seed=9)))
+    assert not np.array_equal(pixels(base), pixels(vae_img))
+    assert np.array_equal(pixels(base), pixels(after)), "the override must not leak into later tasks"
+    info = read_infotext(vae_img)
+    assert info is not None and "VAE: tiny-vae.safetensors" in info
+
+
+def test_long_prompt_and_weights_change_the_image(stack: Stack) -> None:
+    base = pixels(stack.images(stack.run(stack.submit(seed=3, prompt="a red house")))[0])
+    weighted = pixels(stack.images(stack.run(stack.submit(seed=3, prompt="a (red:1.5) house")))[0])
+    long_prompt = "a red house, " + ", ".join(f"detail {i}" for i in range(60))
+    long_img = pixels(stack.images(stack.run(stack.submit(seed=3, prompt=long_prompt)))[0])
+    assert not np.array_equal(base, weighted)
+    assert not np.array_equal(base, long_img)
