@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import base64
 import os
+import sqlite3
 import statistics
 import sys
 import tempfile
@@ -46,20 +47,46 @@ def request_fields(png_b64: str, size: int, steps: int, seed: int) -> dict[str, 
     }  # fmt: skip
 
 
-def http_run(client: httpx.Client, fields: dict[str, Any], poll_s: float) -> float:
-    started = time.perf_counter()
+class HttpRun:
+    """One HTTP task: client-side wall times (``time.time``, comparable with the server's task timestamps)."""
+
+    def __init__(self, task_id: str, sent: float, accepted: float, seen: float) -> None:
+        self.task_id, self.sent, self.accepted, self.seen = task_id, sent, accepted, seen
+
+    @property
+    def seconds(self) -> float:
+        return self.seen - self.sent
+
+
+def http_run(client: httpx.Client, fields: dict[str, Any], poll_s: float) -> HttpRun:
+    sent = time.time()
     r = client.post("/v3/async/img2img", json={"extra": {}, "request": fields}, headers=HEADERS)
     r.raise_for_status()
-    task_id = r.json()["task_id"]
+    accepted, task_id = time.time(), r.json()["task_id"]
     while True:
         time.sleep(poll_s)
         r = client.get("/v3/async/task-result", params={"task_id": task_id}, headers=HEADERS)
         r.raise_for_status()
         status = r.json()["task"]["status"]
         if status == "TASK_STATUS_SUCCEED":
-            return time.perf_counter() - started
+            return HttpRun(task_id, sent, accepted, time.time())
         if status == "TASK_STATUS_FAILED":
             raise RuntimeError(f"task failed: {r.json()['task']['reason']}")
+
+
+def breakdown(db: Path, runs: list[HttpRun]) -> dict[str, float]:
+    """Median ms of each leg of the HTTP runs, from the server's task rows (created, started, finished)."""
+    legs: dict[str, list[float]] = {"submit (POST answered)": [], "queued (row -> worker claim)": [],
+                                    "worker run (claim -> SUCCEED row)": [], "poll lag (SUCCEED row -> client)": []}  # fmt: skip
+    with sqlite3.connect(db) as conn:
+        for run in runs:
+            created, started, finished = conn.execute(
+                "SELECT created_at, started_at, finished_at FROM tasks WHERE task_id = ?", (run.task_id,)
+            ).fetchone()
+            for name, value in zip(legs, (run.accepted - run.sent, started - created, finished - started,
+                                          run.seen - finished), strict=True):  # fmt: skip
+                legs[name].append(value * 1000)
+    return {name: statistics.median(values) for name, values in legs.items()}
 
 
 def main() -> None:
@@ -79,6 +106,7 @@ def main() -> None:
     from underpaint.engine.executor import DiffusersExecutor
     from underpaint.engine.registry import ModelRegistry
 
+    load_before = os.getloadavg()[0]
     torch.set_num_threads(1)  # one intra-op thread, as the server's worker runs (--torch-threads 1)
     with tempfile.TemporaryDirectory() as tmp:
         models = Path(tmp) / "models"
@@ -93,7 +121,7 @@ def main() -> None:
                 executor.generate(job)  # warm-up: checkpoint load, first-call allocations
                 http_run(client, fields, args.poll_ms / 1000)
                 direct: list[float] = []
-                http: list[float] = []
+                runs: list[HttpRun] = []
                 for i in range(args.runs):
                     order = ("direct", "http") if i % 2 == 0 else ("http", "direct")  # alternate to cancel drift
                     for kind in order:
@@ -102,21 +130,25 @@ def main() -> None:
                             executor.generate(job)
                             direct.append(time.perf_counter() - t0)
                         else:
-                            http.append(http_run(client, fields, args.poll_ms / 1000))
-                    print(f"run {i}: direct {direct[-1] * 1000:7.1f} ms   http {http[-1] * 1000:7.1f} ms   "
-                          f"ratio {http[-1] / direct[-1]:.3f}")  # fmt: skip
+                            runs.append(http_run(client, fields, args.poll_ms / 1000))
+                    print(f"run {i}: direct {direct[-1] * 1000:7.1f} ms   http {runs[-1].seconds * 1000:7.1f} ms   "
+                          f"ratio {runs[-1].seconds / direct[-1]:.3f}")  # fmt: skip
         finally:
             server.stop()
+        legs = breakdown(Path(tmp) / "data" / "underpaint.db", runs)
+    http = [r.seconds for r in runs]
 
     med_d, med_h = statistics.median(direct), statistics.median(http)
     ratio = med_h / med_d
     pair_ratio = statistics.median(h / d for h, d in zip(http, direct, strict=True))
     print(f"\n{args.size}x{args.size}, {args.steps} steps (strength 0.75), Euler a, tiny SD1.5, {args.runs} runs each, "
-          f"poll every {args.poll_ms:.0f} ms, load average {os.getloadavg()[0]:.2f}")  # fmt: skip
+          f"poll every {args.poll_ms:.0f} ms, load average {load_before:.2f} -> {os.getloadavg()[0]:.2f}")  # fmt: skip
     print(f"  {'':<22}{'median':>10}{'min':>10}{'max':>10}")
     for name, xs in (("direct executor", direct), ("HTTP submit->SUCCEED", http)):
         print(f"  {name:<22}{statistics.median(xs) * 1000:>8.1f}ms{min(xs) * 1000:>8.1f}ms{max(xs) * 1000:>8.1f}ms")
-    print(f"  overhead (median)     {(med_h - med_d) * 1000:.1f} ms")
+    print(f"  overhead (median)     {(med_h - med_d) * 1000:.1f} ms; HTTP legs (median ms):")
+    for name, ms in legs.items():
+        print(f"    {name:<36}{ms:8.1f}")
     print(f"  ratio of medians      {ratio:.3f}   (median of per-pair ratios {pair_ratio:.3f}; target <= {TARGET})")
     if ratio > TARGET:
         print("FAIL")
