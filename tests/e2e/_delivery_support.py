@@ -26,6 +26,7 @@ from underpaint.api.app import create_app
 from underpaint.app import build_local_worker, build_services
 from underpaint.config import Settings
 from underpaint.services import Services
+from underpaint.tasks.store import SqlTaskStore
 
 REGION = "us-east-1"
 MODEL = "tiny-sd15.safetensors"
@@ -105,6 +106,7 @@ def open_stack(data_dir: Path, models_dir: Path, **settings: Any) -> Iterator[St
             yield Stack(client, worker, services)
     finally:
         webhooks.stop()
+        assert isinstance(services.store, SqlTaskStore)
         services.store.close()
 
 
