@@ -168,11 +168,10 @@ def _encoders(pipe: Any) -> list[tuple[Any, nn.Module]]:
 
 
 def _token_id(tokenizer: Any, token: str) -> int:
-    vocab = tokenizer.get_vocab()
-    if token not in vocab:
+    # get_added_vocab() is small; get_vocab() would build the whole 49k-entry dict on every call.
+    if token not in tokenizer.get_added_vocab():
         tokenizer.add_tokens([token])
-        vocab = tokenizer.get_vocab()
-    return int(vocab[token])
+    return int(tokenizer.get_added_vocab()[token])
 
 
 def _ensure_rows(encoder: nn.Module, rows: int) -> nn.Embedding:
