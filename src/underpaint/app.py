@@ -170,9 +170,11 @@ def build_local_worker(services: Services) -> Any:
 
 def create_service(settings: Settings) -> tuple[Service, Any]:
     from underpaint.api.app import create_app
+    from underpaint.scale.metrics import install_metrics
 
     service = Service(build_services(settings))
     app = create_app(service.services)
+    install_metrics(app, service.services)
     app.router.on_startup.append(service.start)
     app.router.on_shutdown.append(service.stop)
     return service, app
@@ -183,4 +185,6 @@ def run_server(settings: Settings) -> None:
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     _, app = create_service(settings)
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level="info", access_log=False)
+    # With JSON logs, uvicorn's own loggers go through the root handler too (log_config=None).
+    log_config: Any = None if settings.log_format == "json" else uvicorn.config.LOGGING_CONFIG
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level="info", access_log=False, log_config=log_config)
