@@ -36,6 +36,8 @@ class Settings:
     public_base_url: str | None = None
     api_keys: tuple[str, ...] = field(default=(), repr=False)
     key_policies: dict[str, KeyPolicy] = field(default_factory=dict, repr=False)
+    # Limits for keys without an entry in key_policies; None = unlimited.
+    default_key_policy: KeyPolicy | None = None
     # Task store: SQLAlchemy URL; default is SQLite under data_dir.
     database_url: str | None = None
     # "local" (in-process worker polling the store) or "celery".
@@ -95,6 +97,9 @@ def _coerce(values: dict[str, Any]) -> dict[str, Any]:
         t = str(types[name])
         if name == "key_policies" and isinstance(value, dict):
             value = {k: v if isinstance(v, KeyPolicy) else KeyPolicy(**v) for k, v in value.items()}
+        elif name == "default_key_policy" and isinstance(value, str | dict):
+            # From a config table, or JSON in UNDERPAINT_DEFAULT_KEY_POLICY.
+            value = KeyPolicy(**(json.loads(value) if isinstance(value, str) else value))
         elif isinstance(value, str):
             if t.startswith("tuple"):
                 value = tuple(v.strip() for v in value.split(",") if v.strip())

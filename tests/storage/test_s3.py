@@ -1,0 +1,260 @@
+"""S3 storage against a real S3-protocol server (moto in server mode on 127.0.0.1), reached over HTTP."""
+
+from __future__ import annotations
+
+import io
+import socket
+import urllib.request
+from collections.abc import Iterator
+from typing import Any
+
+import boto3
+import pytest
+from moto.server import ThreadedMotoServer
+from PIL import Image
+
+from underpaint.api.errors import ApiError
+from underpaint.config import Settings
+from underpaint.storage.base import StorageError
+from underpaint.storage.custom import (
+    custom_target,
+    custom_target_from_extra,
+    object_key,
+    presign_custom,
+    put_custom,
+    validate_custom_storage,
+)
+from underpaint.storage.s3 import S3Storage
+from underpaint.tasks.types import ImageRecord
+
+REGION = "us-east-1"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def endpoint() -> Iterator[str]:
+    mp = pytest.MonkeyPatch()
+    # Dummy credentials for boto3's standard chain; never real ones, never the machine's config files.
+    for name, value in {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": REGION,
+        "AWS_CONFIG_FILE": "/nonexistent",
+        "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent",
+    }.items():
+        mp.setenv(name, value)
+    mp.delenv("AWS_SESSION_TOKEN", raising=False)
+    mp.delenv("AWS_PROFILE", raising=False)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=_free_port(), verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    try:
+        yield f"http://{host}:{port}"
+    finally:
+        server.stop()
+        mp.undo()
+
+
+@pytest.fixture(scope="module")
+def admin(endpoint: str) -> Any:
+    """A plain boto3 client to set up buckets and inspect what the code under test wrote."""
+    return boto3.client("s3", region_name=REGION, endpoint_url=endpoint)
+
+
+def _bucket(admin: Any, name: str) -> str:
+    admin.create_bucket(Bucket=name)
+    return name
+
+
+def _png() -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (16, 8), (200, 30, 60)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _download(url: str) -> tuple[bytes, str]:
+    with urllib.request.urlopen(url, timeout=10) as response:  # plain GET, no auth header
+        return response.read(), response.headers.get("Content-Type", "")
+
+
+def test_default_store_put_get_url_delete(endpoint: str, admin: Any) -> None:
+    _bucket(admin, "default-store")
+    settings = Settings(storage_backend="s3", s3_bucket="default-store", s3_prefix="outputs/", s3_endpoint_url=endpoint)
+    storage = S3Storage.from_settings(settings)
+    assert storage.name == "s3"
+    data = _png()
+    storage.put("task-1/0.png", data, "image/png")
+    # The operator's prefix is applied under the hood; the key the store records stays prefix-free.
+    stored = admin.get_object(Bucket="default-store", Key="outputs/task-1/0.png")
+    assert stored["Body"].read() == data and stored["ContentType"] == "image/png"
+    assert storage.get("task-1/0.png") == data
+
+    url = storage.url("task-1/0.png", ttl=3600, base_url="http://ignored.example")
+    assert url.startswith(endpoint + "/default-store/outputs/task-1/0.png?")
+    assert "X-Amz-Expires=3600" in url and "X-Amz-Signature=" in url
+    body, content_type = _download(url)
+    assert body == data and content_type == "image/png"
+    assert Image.open(io.BytesIO(body)).size == (16, 8)
+
+    storage.delete("task-1/0.png")
+    with pytest.raises(StorageError, match="object not found"):
+        storage.get("task-1/0.png")
+
+
+def test_settings_without_bucket_is_a_clear_error() -> None:
+    with pytest.raises(ValueError, match="s3_bucket"):
+        S3Storage.from_settings(Settings(storage_backend="s3"))
+
+
+def test_missing_bucket_names_the_bucket(endpoint: str) -> None:
+    storage = S3Storage("no-such-bucket-here", "p", REGION, endpoint)
+    with pytest.raises(StorageError) as info:
+        storage.put("x.png", b"123", "image/png")
+    message = str(info.value)
+    assert "'no-such-bucket-here'" in message and "does not exist" in message
+
+
+def test_rejected_credentials_are_reported(endpoint: str, admin: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    _bucket(admin, "creds")
+    import underpaint.storage.s3 as s3mod
+
+    monkeypatch.setattr(s3mod, "_clients", {})  # fresh clients pick up the bad credentials
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "")
+    with pytest.raises(StorageError, match="'creds'.*credentials"):
+        S3Storage("creds", "", REGION, endpoint).put("x.png", b"1", "image/png")
+
+
+def test_unreachable_endpoint_is_reported() -> None:
+    storage = S3Storage("some-bucket", "", REGION, f"http://127.0.0.1:{_free_port()}")
+    with pytest.raises(StorageError, match="'some-bucket'.*cannot reach the S3 endpoint"):
+        storage.put("x.png", b"1", "image/png")
+
+
+@pytest.mark.parametrize(
+    ("direct", "expected"),
+    [(True, "renders/2026/task-9_0.png"), (False, "renders/2026/task-9/task-9_0.png")],
+)
+def test_custom_bucket_keys_and_presigned_url(endpoint: str, admin: Any, direct: bool, expected: str) -> None:
+    bucket = _bucket(admin, f"user-bucket-{str(direct).lower()}")
+    extra = {
+        "custom_storage": {
+            "aws_s3": {"region": REGION, "bucket": bucket, "path": "/renders/2026/", "save_to_path_directly": direct}
+        }
+    }
+    validate_custom_storage(extra["custom_storage"])
+    settings = Settings(s3_endpoint_url=endpoint)
+    target = custom_target_from_extra(extra, settings)
+    assert target is not None and target.endpoint_url == endpoint
+    key = object_key(target, "task-9", "task-9_0.png")
+    assert key == expected
+    assert object_key(target, "task-9", "task-9_0.png", direct) == expected
+    data = _png()
+    location = put_custom(target, key, data, "image/png")
+    assert location == {"bucket": bucket, "region": REGION}
+    listed = [o["Key"] for o in admin.list_objects_v2(Bucket=bucket)["Contents"]]
+    assert listed == [expected]
+
+    record = ImageRecord(key=key, image_type="png", backend="custom", location=location)
+    url = presign_custom(record, ttl=600, settings=settings)
+    assert "X-Amz-Expires=600" in url
+    assert _download(url) == (data, "image/png")
+
+
+def test_custom_bucket_default_is_extra_directory_and_root_path(endpoint: str) -> None:
+    target = custom_target({"region": "eu-west-1", "bucket": "b-1", "path": "/"})
+    assert target.save_to_path_directly is False and target.path == ""
+    assert object_key(target, "t1", "a.webp") == "t1/a.webp"
+    assert object_key(target, "t1", "a.webp", save_to_path_directly=True) == "a.webp"
+    assert target.endpoint_url is None  # no server endpoint: AWS
+
+
+def test_custom_missing_bucket_fails_with_its_name(endpoint: str) -> None:
+    target = custom_target(
+        {"region": REGION, "bucket": "ghost-bucket", "path": "x"}, Settings(s3_endpoint_url=endpoint)
+    )
+    with pytest.raises(StorageError, match="'ghost-bucket'.*does not exist"):
+        put_custom(target, object_key(target, "t", "t_0.png"), b"1", "image/png")
+
+
+@pytest.mark.parametrize(
+    ("aws_s3", "fragment"),
+    [
+        ({"region": REGION, "bucket": "Upper-Case", "path": "p"}, "bucket 'Upper-Case'"),
+        ({"region": REGION, "bucket": "ab", "path": "p"}, "3-63 characters"),
+        ({"region": REGION, "bucket": "a" * 64, "path": "p"}, "3-63 characters"),
+        ({"region": REGION, "bucket": "under_score", "path": "p"}, "bucket"),
+        ({"region": REGION, "bucket": "-dash-first", "path": "p"}, "bucket"),
+        ({"region": REGION, "bucket": "two..dots", "path": "p"}, "'..'"),
+        ({"region": REGION, "bucket": "192.168.1.10", "path": "p"}, "IP address"),
+        ({"region": REGION, "bucket": "xn--bucket", "path": "p"}, "reserved"),
+        ({"region": REGION, "bucket": "mine-s3alias", "path": "p"}, "reserved"),
+        ({"region": "Mars North", "bucket": "ok-bucket", "path": "p"}, "region"),
+        ({"bucket": "ok-bucket", "path": "p"}, "region is required"),
+        ({"region": REGION, "path": "p"}, "bucket is required"),
+        ({"region": REGION, "bucket": "ok-bucket"}, "path is required"),
+        ({"region": REGION, "bucket": "ok-bucket", "path": 7}, "path is required"),
+        ({"region": REGION, "bucket": "ok-bucket", "path": "a/../b"}, "'..'"),
+        ({"region": REGION, "bucket": "ok-bucket", "path": "a//b"}, "empty"),
+        ({"region": REGION, "bucket": "ok-bucket", "path": "./a"}, "'.'"),
+        ({"region": REGION, "bucket": "ok-bucket", "path": "a\\b"}, "backslash"),
+        ({"region": REGION, "bucket": "ok-bucket", "path": "a\nb"}, "control"),
+        ({"region": REGION, "bucket": "ok-bucket", "path": "x" * 901}, "longer than"),
+        ({"region": REGION, "bucket": "ok-bucket", "path": "p", "save_to_path_directly": "yes"}, "boolean"),
+        ({"region": REGION, "bucket": "ok-bucket", "path": "p", "acl": "public-read"}, "unknown fields: acl"),
+    ],
+)
+def test_invalid_custom_storage_is_rejected_at_submit(aws_s3: dict[str, Any], fragment: str) -> None:
+    with pytest.raises(ApiError) as info:
+        validate_custom_storage({"aws_s3": aws_s3})
+    assert info.value.status == 400 and info.value.reason == "INVALID_CUSTOM_OUTPUT_PATH"
+    assert fragment in info.value.message
+
+
+def test_custom_storage_shapes() -> None:
+    validate_custom_storage(None)
+    validate_custom_storage({})
+    validate_custom_storage({"aws_s3": {"region": "us-gov-west-1", "bucket": "my.bucket-1", "path": "a/b c/ü"}})
+    bad_shapes: list[Any] = [{"gcs": {}}, {"aws_s3": "s3://x"}, "s3://x"]
+    for bad in bad_shapes:
+        with pytest.raises(ApiError) as info:
+            validate_custom_storage(bad)
+        assert info.value.reason == "INVALID_CUSTOM_OUTPUT_PATH"
+    assert custom_target_from_extra({}) is None
+
+
+@pytest.mark.parametrize(
+    ("code", "status", "fragment"),
+    [
+        ("AccessDenied", 403, "access denied"),
+        ("InvalidAccessKeyId", 403, "access key was rejected"),
+        ("SignatureDoesNotMatch", 403, "secret key was rejected"),
+        ("PermanentRedirect", 301, "another region"),
+        ("", 403, "access denied"),  # HEAD-style errors carry only the status
+        ("SlowDown", 503, "SlowDown: please slow down"),
+    ],
+)
+def test_client_errors_are_described(code: str, status: int, fragment: str) -> None:
+    from botocore.exceptions import ClientError
+
+    from underpaint.storage.s3 import storage_error
+
+    exc = ClientError(
+        {"Error": {"Code": code, "Message": "please slow down"}, "ResponseMetadata": {"HTTPStatusCode": status}},
+        "PutObject",
+    )
+    message = str(storage_error(exc, "upload", "their-bucket", "out/a.png"))
+    assert message.startswith("S3 upload failed (bucket 'their-bucket', key 'out/a.png'): ")
+    assert fragment in message
+
+
+def test_aws_urls_are_regional_virtual_hosted(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    url = S3Storage("my-bucket", "p", "eu-west-1").url("a.png", ttl=60)  # signing is local: no request is made
+    assert url.startswith("https://my-bucket.s3.eu-west-1.amazonaws.com/p/a.png?X-Amz-Algorithm=AWS4-HMAC-SHA256")
