@@ -112,7 +112,16 @@ class WorkerContext:
 
 
 def register_task(app: Celery, ctx: WorkerContext) -> None:
-    @app.task(name=TASK_NAME, bind=True, ignore_result=True, acks_late=True, reject_on_worker_lost=True, max_retries=None)
+    """Define the Celery task on ``app``: a message names a task, ``ctx`` runs it.
+
+    ``app`` must also be the process's default app (``app.set_default()``): parts of the worker look tasks up
+    through it.
+    """
+
+    @app.task(
+        name=TASK_NAME, bind=True, shared=False, lazy=False, ignore_result=True, acks_late=True,
+        reject_on_worker_lost=True, max_retries=None,
+    )  # fmt: skip
     def process(self: Any, task_id: str) -> None:
         try:
             ctx.handle(task_id)
@@ -150,6 +159,7 @@ def run_worker(
     ctx = build_context(settings, concurrency)
     queue = ctx.services.queue
     app = queue.app if isinstance(queue, CeleryQueue) else create_celery_app(settings)
+    app.set_default()
     register_task(app, ctx)
     if metrics_port is not None:
         from prometheus_client import REGISTRY, start_http_server
