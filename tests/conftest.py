@@ -12,3 +12,55 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import torch  # noqa: E402
 
 torch.set_num_threads(1)
+
+
+# ---------------------------------------------------------------------------------------------------- tiny models
+
+import hashlib  # noqa: E402
+import shutil  # noqa: E402
+import uuid  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+
+def _demo_cache_key() -> str:
+    """Changes whenever the code or library versions that shape the tiny files change."""
+    import diffusers
+    import transformers
+
+    import underpaint.engine.convert as convert
+    import underpaint.engine.demo as demo
+
+    digest = hashlib.sha256()
+    for module in (demo, convert):
+        digest.update(Path(str(module.__file__)).read_bytes())
+    digest.update(f"{torch.__version__}/{diffusers.__version__}/{transformers.__version__}".encode())
+    return digest.hexdigest()[:16]
+
+
+def _cached_demo_models() -> Path:
+    """Build the tiny models once per code version under ~/.cache/underpaint-test (atomic publish by rename)."""
+    from underpaint.engine.demo import write_demo_models
+
+    root = Path(os.environ.get("UNDERPAINT_TEST_CACHE", Path.home() / ".cache" / "underpaint-test"))
+    final = root / _demo_cache_key()
+    if (final / ".complete").exists():
+        return final
+    staging = root / f".staging-{uuid.uuid4().hex}"
+    write_demo_models(staging)
+    (staging / ".complete").write_text("ok")
+    try:
+        staging.rename(final)
+    except OSError:  # another session published the same version first
+        shutil.rmtree(staging, ignore_errors=True)
+    return final
+
+
+@pytest.fixture(scope="session")
+def tiny_models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A models folder (``M/``) with tiny-sd15(.safetensors + .config/), tiny-sdxl, tiny-sd15-diffusers and
+    vae/tiny-vae.safetensors; a private copy per session, but treat it as read-only (copy it to modify it)."""
+    dest = tmp_path_factory.mktemp("models") / "models"
+    shutil.copytree(_cached_demo_models(), dest, ignore=shutil.ignore_patterns(".complete"))
+    return dest

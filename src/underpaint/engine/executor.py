@@ -22,7 +22,7 @@ from underpaint.engine.adapters.lora import LoraManager
 from underpaint.engine.conditioning import TextEncoderBundle
 from underpaint.engine.devices import configure_torch_threads, pick_device, pick_dtype
 from underpaint.engine.job import GeneratedImage, GenerationJob, JobError, ProgressCallback
-from underpaint.engine.loader import LoadedCheckpoint, ModelCache, file_sha256, load_vae
+from underpaint.engine.loader import LoadedCheckpoint, ModelCache, file_sha256
 from underpaint.engine.metadata import InfotextParams, build_infotext
 from underpaint.engine.registry import ModelEntry, ModelRegistry
 from underpaint.engine.samplers import DiscreteSchedule
@@ -35,7 +35,7 @@ class DiffusersExecutor:
         self.registry = registry
         self.device = pick_device(settings.device)
         self.dtype = pick_dtype(self.device)
-        self.cache = ModelCache(settings.checkpoint_cache_bytes, self.device, self.dtype)
+        self.cache = ModelCache(settings, self.device, self.dtype)
         self.loras = LoraManager()
         self.embeddings = EmbeddingManager()
         self.ip_adapters = IPAdapterManager()
@@ -62,7 +62,7 @@ class DiffusersExecutor:
             yield loaded.vae
             return
         entry = self._entry("vae", job.vae)
-        yield load_vae(entry, self.device, self.dtype)
+        yield self.cache.get_vae(entry, loaded)
 
     # -- generation ------------------------------------------------------------------------------------
     def generate(

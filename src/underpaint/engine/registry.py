@@ -11,9 +11,12 @@ overrides the shipped config. The registry rescans a folder when its mtime chang
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import struct
 import threading
+import zipfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -74,6 +77,22 @@ def safetensors_keys(path: Path) -> tuple[list[str], dict[str, str]]:
     return list(header), meta
 
 
+def pickle_keys(path: Path) -> list[str] | None:
+    """Tensor names of a zip-format torch pickle, memory-mapped (tensor data is not read) and loaded with
+    ``weights_only`` (no code runs). ``None`` for legacy or unreadable files."""
+    if not zipfile.is_zipfile(path):
+        return None
+    import torch  # deferred: the registry is used by processes that never load a model
+
+    try:
+        data = torch.load(str(path), map_location="cpu", mmap=True, weights_only=True)
+    except Exception:  # unsafe or damaged pickles are reported when the model is loaded
+        return None
+    while isinstance(data, dict) and isinstance(data.get("state_dict"), dict):
+        data = data["state_dict"]
+    return [str(k) for k in data] if isinstance(data, dict) else None
+
+
 def detect_sdxl(path: Path, kind: str) -> bool:
     """SD 1.5 vs SDXL from the file's keys (shapes in real files are reliable too, keys are cheaper)."""
     try:
@@ -89,9 +108,13 @@ def detect_sdxl(path: Path, kind: str) -> bool:
         side = path.with_name(path.name.rsplit(".", 1)[0] + ".config") / "model_index.json"
         if side.exists():
             return "XL" in json.loads(side.read_text()).get("_class_name", "")
-        if path.suffix.lower() != ".safetensors":
-            return "xl" in path.name.lower()
-        keys, _ = safetensors_keys(path)
+        if path.suffix.lower() == ".safetensors":
+            keys, _ = safetensors_keys(path)
+        else:
+            found = pickle_keys(path)
+            if found is None:
+                return "xl" in path.name.lower()
+            keys = found
     except (OSError, ValueError, struct.error):
         return False
     if kind == "checkpoint":
@@ -109,9 +132,76 @@ def detect_sdxl(path: Path, kind: str) -> bool:
     return False
 
 
+class FileHashCache:
+    """sha256 of model files, computed lazily and cached by (path, mtime, size): real checkpoints are GBs.
+
+    With ``persist_path`` the cache survives restarts (a JSON file; written atomically after each new hash).
+    """
+
+    def __init__(self, persist_path: Path | None = None) -> None:
+        self.persist_path = persist_path
+        self._lock = threading.Lock()
+        self._hashes: dict[str, tuple[float, int, str]] = {}
+        if persist_path is not None and persist_path.exists():
+            try:
+                raw = json.loads(persist_path.read_text())
+                self._hashes = {k: (float(v[0]), int(v[1]), str(v[2])) for k, v in raw.items()}
+            except (OSError, ValueError, TypeError, IndexError, AttributeError):
+                self._hashes = {}  # a damaged cache only costs rehashing
+
+    def sha256(self, path: Path) -> str:
+        """Hex sha256 of a file; for a folder (diffusers layout) the sha256 of its files' names and hashes."""
+        path = Path(path)
+        if path.is_dir():
+            digest = hashlib.sha256()
+            for f in sorted(p for p in path.rglob("*") if p.is_file()):
+                digest.update(f"{f.relative_to(path).as_posix()}\0{self.sha256(f)}\n".encode())
+            return digest.hexdigest()
+        st = path.stat()
+        key = str(path.resolve())
+        with self._lock:
+            cached = self._hashes.get(key)
+        if cached is not None and cached[0] == st.st_mtime and cached[1] == st.st_size:
+            return cached[2]
+        digest = hashlib.sha256()
+        with path.open("rb") as fh:
+            for chunk in iter(lambda: fh.read(8 * 1024 * 1024), b""):
+                digest.update(chunk)
+        value = digest.hexdigest()
+        with self._lock:
+            self._hashes[key] = (st.st_mtime, st.st_size, value)
+            self._save()
+        return value
+
+    def _save(self) -> None:
+        if self.persist_path is None:
+            return
+        tmp = self.persist_path.with_name(self.persist_path.name + ".tmp")
+        try:
+            self.persist_path.parent.mkdir(parents=True, exist_ok=True)
+            tmp.write_text(json.dumps(self._hashes))
+            os.replace(tmp, self.persist_path)
+        except OSError:
+            pass  # persistence is an optimisation; the in-memory cache still holds the value
+
+
+_default_hashes = FileHashCache()
+
+
+def file_sha256(path: Path) -> str:
+    """Full hex sha256 of a model file (what ``/v3/model`` reports), cached by (path, mtime, size)."""
+    return _default_hashes.sha256(path)
+
+
+def short_hash(sha256: str) -> str:
+    """A1111's short model hash: the first 10 hex digits of the file's sha256."""
+    return sha256[:10]
+
+
 class ModelRegistry:
-    def __init__(self, models_dir: Path) -> None:
+    def __init__(self, models_dir: Path, hashes: FileHashCache | None = None) -> None:
         self.models_dir = Path(models_dir)
+        self.hashes = hashes if hashes is not None else _default_hashes
         self._lock = threading.Lock()
         self._by_kind: dict[str, list[ModelEntry]] = {k: [] for k in KINDS}
         self._mtimes: dict[str, float] = {}
@@ -160,6 +250,10 @@ class ModelRegistry:
                 self._refresh(k)
                 out.extend(self._by_kind[k])
             return out
+
+    def hash_sha256(self, entry: ModelEntry) -> str:
+        """Full sha256 of the entry's file (or folder), cached; the first call on a big file takes a while."""
+        return self.hashes.sha256(entry.path)
 
     def resolve(self, kind: str, name: str) -> ModelEntry | None:
         """By ``sd_name`` or ``sd_name_in_api``, with or without extension, case-sensitive first."""

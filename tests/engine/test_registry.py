@@ -1,0 +1,179 @@
+"""The models folder as the API sees it: listing, name resolution, SDXL detection, rescans, file hashes."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import safetensors.torch
+import torch
+
+from underpaint.engine.registry import SD15, SDXL, FileHashCache, ModelRegistry, detect_sdxl, short_hash
+
+
+def _st(path: Path, keys: list[str]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    safetensors.torch.save_file({k: torch.zeros(1) for k in keys}, str(path))
+    return path
+
+
+def _registry(tmp_path: Path) -> ModelRegistry:
+    reg = ModelRegistry(tmp_path / "models")
+    reg.ensure_layout()
+    return reg
+
+
+def test_resolution_with_and_without_extension(tmp_path: Path) -> None:
+    reg = _registry(tmp_path)
+    m = reg.models_dir
+    _st(m / "checkpoint" / "DreamShaper_8.safetensors", ["model.diffusion_model.x"])
+    _st(m / "lora" / "add_detail.safetensors", ["lora_unet_down_blocks_0.lora_down.weight"])
+    for name in ("DreamShaper_8.safetensors", "DreamShaper_8", "dreamshaper_8.SAFETENSORS", "dreamshaper_8"):
+        entry = reg.resolve("checkpoint", name)
+        assert entry is not None and entry.sd_name == "DreamShaper_8.safetensors", name
+    assert reg.resolve("checkpoint", "DreamShaper_8.ckpt") is not None  # other extension, same stem
+    assert reg.resolve("checkpoint", "nope") is None
+    assert reg.resolve("checkpoint", "") is None
+    assert reg.resolve("lora", "add_detail") is not None
+    assert reg.resolve("lora", "DreamShaper_8") is None  # kinds are separate
+
+
+def test_exact_match_wins_over_case_insensitive(tmp_path: Path) -> None:
+    reg = _registry(tmp_path)
+    _st(reg.models_dir / "lora" / "Style.safetensors", ["lora_te_x.alpha"])
+    _st(reg.models_dir / "lora" / "style.safetensors", ["lora_te_x.alpha"])
+    for name in ("style", "Style"):
+        entry = reg.resolve("lora", name)
+        assert entry is not None and entry.stem == name
+
+
+def test_sd_name_in_api_and_ids(tmp_path: Path) -> None:
+    reg = _registry(tmp_path)
+    _st(reg.models_dir / "checkpoint" / "a.safetensors", ["model.diffusion_model.x"])
+    _st(reg.models_dir / "lora" / "b.safetensors", ["lora_te_x.alpha"])
+    _st(reg.models_dir / "textualinversion" / "c.pt.safetensors", ["emb_params"])
+    ckpt, lora, ti = reg.list("checkpoint")[0], reg.list("lora")[0], reg.list("textualinversion")[0]
+    assert ckpt.sd_name_in_api == "a.safetensors"
+    assert lora.sd_name_in_api == "b"
+    assert ti.sd_name_in_api == "c.pt"
+    assert ckpt.id != lora.id and ckpt.id > 0
+    assert ModelRegistry(reg.models_dir).list("checkpoint")[0].id == ckpt.id  # stable across instances
+    assert ckpt.size == (reg.models_dir / "checkpoint" / "a.safetensors").stat().st_size
+
+
+def test_sdxl_detection_from_keys(tmp_path: Path) -> None:
+    d = tmp_path / "m"
+    cases = {
+        ("checkpoint", "xl.safetensors"): (["conditioner.embedders.1.model.ln_final.weight"], True),
+        ("checkpoint", "v15.safetensors"): (["cond_stage_model.transformer.text_model.x"], False),
+        ("lora", "xl_te.safetensors"): (["lora_te2_text_model_encoder.alpha"], True),
+        ("lora", "xl_unet.safetensors"): (["lora_unet_input_blocks_4_1_proj_in.lora_up.weight"], True),
+        ("lora", "v15.safetensors"): (["lora_unet_down_blocks_0_attentions_0_proj_in.lora_up.weight"], False),
+        ("textualinversion", "xl.safetensors"): (["clip_g", "clip_l"], True),
+        ("textualinversion", "v15.safetensors"): (["emb_params"], False),
+        ("controlnet", "xl.safetensors"): (["add_embedding.linear_1.weight"], True),
+        ("controlnet", "xl_ldm.safetensors"): (["control_model.label_emb.0.0.weight"], True),
+        ("controlnet", "v15.safetensors"): (["control_model.input_blocks.0.0.weight"], False),
+    }
+    for (kind, name), (keys, want) in cases.items():
+        assert detect_sdxl(_st(d / kind / name, keys), kind) is want, (kind, name)
+
+
+def test_sdxl_detection_for_folders_and_sidecars(tmp_path: Path, tiny_models_dir: Path) -> None:
+    reg = ModelRegistry(tiny_models_dir)
+    by_name = {e.sd_name: e for e in reg.list("checkpoint")}
+    assert by_name["tiny-sdxl.safetensors"].is_sdxl and by_name["tiny-sdxl.safetensors"].base_model == SDXL
+    assert not by_name["tiny-sd15.safetensors"].is_sdxl and by_name["tiny-sd15.safetensors"].base_model == SD15
+    assert not by_name["tiny-sd15-diffusers"].is_sdxl
+    cn = tmp_path / "controlnet" / "cn-xl"
+    cn.mkdir(parents=True)
+    (cn / "config.json").write_text(json.dumps({"addition_embed_type": "text_time"}))
+    assert detect_sdxl(cn, "controlnet")
+    # A sidecar config decides for files whose keys cannot be read cheaply.
+    ckpt = tmp_path / "checkpoint"
+    ckpt.mkdir()
+    (ckpt / "old.ckpt").write_bytes(b"x")
+    (ckpt / "old.config").mkdir()
+    (ckpt / "old.config" / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionXLPipeline"}))
+    assert detect_sdxl(ckpt / "old.ckpt", "checkpoint")
+
+
+def test_sidecars_and_other_files_are_not_models(tiny_models_dir: Path) -> None:
+    reg = ModelRegistry(tiny_models_dir)
+    names = [e.sd_name for e in reg.list("checkpoint")]
+    assert sorted(names) == ["tiny-sd15-diffusers", "tiny-sd15.safetensors", "tiny-sdxl.safetensors"]
+    assert [e.sd_name for e in reg.list("vae")] == ["tiny-vae.safetensors"]
+
+
+def test_rescan_when_files_are_added_or_removed(tmp_path: Path) -> None:
+    reg = _registry(tmp_path)
+    folder = reg.models_dir / "lora"
+    assert reg.list("lora") == []
+    _st(folder / "new.safetensors", ["lora_te_x.alpha"])
+    (folder / "notes.txt").write_text("not a model")
+    (folder / ".hidden.safetensors").write_bytes(b"")
+    (folder / "random_dir").mkdir()
+    assert [e.sd_name for e in reg.list("lora")] == ["new.safetensors"]
+    assert reg.resolve("lora", "new") is not None
+    (folder / "new.safetensors").unlink()
+    assert reg.list("lora") == [] and reg.resolve("lora", "new") is None
+    assert reg.list("no-such-kind") == []
+
+
+def test_hash_sha256_is_cached_by_mtime_and_size(tmp_path: Path) -> None:
+    reg = _registry(tmp_path)
+    path = _st(reg.models_dir / "checkpoint" / "a.safetensors", ["model.diffusion_model.x"])
+    entry = reg.list("checkpoint")[0]
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    assert reg.hash_sha256(entry) == digest and short_hash(digest) == digest[:10]
+    # Same size and mtime: the cache answers without reading the file (which now has other bytes).
+    stat = path.stat()
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF
+    path.write_bytes(bytes(data))
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert reg.hash_sha256(entry) == digest
+    # A new mtime invalidates it.
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    assert reg.hash_sha256(entry) == hashlib.sha256(bytes(data)).hexdigest()
+
+
+def test_hash_cache_persists_and_survives_damage(tmp_path: Path) -> None:
+    store = tmp_path / "hashes.json"
+    path = tmp_path / "f.bin"
+    path.write_bytes(b"hello")
+    first = FileHashCache(store).sha256(path)
+    assert first == hashlib.sha256(b"hello").hexdigest() and store.exists()
+    stat = path.stat()
+    path.write_bytes(b"HELLO")  # same size; restore the mtime so only a persisted entry explains the old answer
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert FileHashCache(store).sha256(path) == first
+    store.write_text("{not json")
+    assert FileHashCache(store).sha256(path) == hashlib.sha256(b"HELLO").hexdigest()
+
+
+def test_folder_hash_covers_its_files(tmp_path: Path) -> None:
+    folder = tmp_path / "pipe"
+    (folder / "unet").mkdir(parents=True)
+    (folder / "model_index.json").write_text("{}")
+    (folder / "unet" / "w.bin").write_bytes(b"1")
+    cache = FileHashCache()
+    before = cache.sha256(folder)
+    assert cache.sha256(folder) == before and len(before) == 64
+    (folder / "unet" / "w2.bin").write_bytes(b"2")
+    assert cache.sha256(folder) != before
+
+
+def test_sdxl_detection_reads_ckpt_keys_without_running_code(tmp_path: Path) -> None:
+    xl = tmp_path / "checkpoint" / "plain.ckpt"
+    xl.parent.mkdir(parents=True)
+    torch.save({"state_dict": {"conditioner.embedders.1.model.ln_final.weight": torch.zeros(1)}}, str(xl))
+    v15 = tmp_path / "checkpoint" / "xl_named_but_sd15.ckpt"
+    torch.save({"state_dict": {"cond_stage_model.transformer.x": torch.zeros(1)}}, str(v15))
+    assert detect_sdxl(xl, "checkpoint") is True
+    assert detect_sdxl(v15, "checkpoint") is False
+    legacy = tmp_path / "checkpoint" / "legacy_xl.ckpt"
+    legacy.write_bytes(b"not a zip")  # unreadable: falls back to the name
+    assert detect_sdxl(legacy, "checkpoint") is True
