@@ -150,6 +150,10 @@ class ApiNode(_Process):
 
     def start(self, timeout: float = 120.0) -> ApiNode:
         self.spawn()
+        return self.start_wait(timeout)
+
+    def start_wait(self, timeout: float = 120.0) -> ApiNode:
+        """Wait until the spawned node answers ``/health`` with 200."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             self.check_alive()
