@@ -1,0 +1,169 @@
+"""The FastAPI application: Novita v3 routes, Novita-shaped errors for everything that can go wrong.
+
+Every non-200 reply has the body ``{code, reason, message, metadata}``: ``ApiError`` as raised; request
+validation → 400 ``INVALID_REQUEST_BODY`` naming the field; unknown route → 404 ``API_NOT_FOUND``; wrong method
+→ 405 ``METHOD_NOT_ALLOWED``; any unexpected exception → 500 (``CREATE_TASK_FAILED`` on submit,
+``GET_RESULT_FAILED`` on task-result) with a generic message: the traceback goes to the log, never to the client.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+from fastapi import FastAPI
+from fastapi.exceptions import RequestValidationError
+from fastapi.routing import APIRoute
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from underpaint.api.context import ApiContext, error_response, json_ok
+from underpaint.api.errors import ApiError, invalid_request, task_not_found
+from underpaint.api.files import serve_file
+from underpaint.api.models_route import list_models
+from underpaint.api.schemas import validation_error_to_api
+from underpaint.api.serialize import task_result_body
+from underpaint.api.submit import MAX_BODY_BYTES, submit_img2img
+from underpaint.services import Services
+
+logger = logging.getLogger("underpaint.api")
+
+SUBMIT_PATH = "/v3/async/img2img"
+RESULT_PATH = "/v3/async/task-result"
+_FAILURE_REASONS = {SUBMIT_PATH: "CREATE_TASK_FAILED", RESULT_PATH: "GET_RESULT_FAILED"}
+_FAILURE_MESSAGES = {
+    SUBMIT_PATH: "internal error while creating the task; please retry",
+    RESULT_PATH: "internal error while reading the task result; please retry",
+}
+
+
+class NovitaRoute(APIRoute):
+    """Turns exceptions escaping an endpoint into Novita 500s (logged with traceback, never sent)."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+        reason = _FAILURE_REASONS.get(self.path, "INTERNAL_SERVER_ERROR")
+        message = _FAILURE_MESSAGES.get(self.path, "internal server error")
+
+        async def guarded(request: Request) -> Response:
+            try:
+                return await handler(request)
+            except (ApiError, StarletteHTTPException, RequestValidationError):
+                raise
+            except Exception:
+                logger.exception("%s %s failed", request.method, self.path)
+                return error_response(ApiError(500, reason, message))
+
+        return guarded
+
+
+def create_app(services: Services) -> FastAPI:
+    ctx = ApiContext.build(services)
+    if not services.settings.api_keys:
+        logger.warning("no API keys configured (settings.api_keys): every API request will get 403 INVALID_API_KEY")
+    app = FastAPI(title="Underpaint", docs_url=None, redoc_url=None, openapi_url=None)
+    app.router.route_class = NovitaRoute
+    app.state.ctx = ctx
+    _install_error_handlers(app)
+
+    @app.post(SUBMIT_PATH)
+    async def img2img(request: Request) -> Response:
+        caller = ctx.caller(request)
+        raw = await _read_body(request)
+        body = await run_in_threadpool(submit_img2img, ctx, caller, raw, ctx.base_url(request))
+        return json_ok(body)
+
+    @app.get(RESULT_PATH)
+    def task_result(request: Request) -> Response:
+        caller = ctx.caller(request)
+        task_id = request.query_params.get("task_id", "").strip()
+        if not task_id:
+            raise invalid_request("task_id: is required (GET /v3/async/task-result?task_id=<id>)", field="task_id")
+        if len(task_id) > 64:
+            raise task_not_found(task_id[:64])
+        task = services.store.get(task_id, caller.owner)
+        if task is None:
+            raise task_not_found(task_id)
+        return json_ok(task_result_body(task, ctx.url_for(ctx.base_url(request)), ctx.ttl))
+
+    @app.get("/v3/model")
+    def models(request: Request) -> Response:
+        ctx.caller(request)
+        return json_ok(list_models(services.registry, request.query_params, services.extras.get("file_hash")))
+
+    @app.api_route("/v3/files/{key:path}", methods=["GET", "HEAD"])
+    def files(request: Request, key: str) -> Response:
+        return serve_file(ctx, request, key)
+
+    @app.get("/health")
+    def health() -> Response:
+        return _health(services.extras.get("health"))
+
+    return app
+
+
+async def _read_body(request: Request) -> bytes:
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+        raise _body_too_large()
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > MAX_BODY_BYTES:
+            raise _body_too_large()
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _body_too_large() -> ApiError:
+    return invalid_request(f"request body exceeds {MAX_BODY_BYTES // (1024 * 1024)} MB")
+
+
+def _health(check: Callable[[], dict[str, Any]] | None) -> Response:
+    """200 ``{"status": "ok"}``; with a readiness callable, its checks are included and any check that is not
+    ``True``/``"ok"`` turns the reply into 503 ``{"status": "unavailable", "checks": {...}}``."""
+    if check is None:
+        return JSONResponse({"status": "ok"})
+    try:
+        checks = dict(check())
+    except Exception as exc:  # a failing probe means "not ready", not a crash
+        logger.warning("health check failed: %r", exc)
+        return JSONResponse({"status": "unavailable", "checks": {"health": f"error: {type(exc).__name__}"}}, 503)
+    healthy = all(v is True or v == "ok" for v in checks.values())
+    return JSONResponse({"status": "ok" if healthy else "unavailable", "checks": checks}, 200 if healthy else 503)
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    async def on_api_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, ApiError)
+        return error_response(exc)
+
+    async def on_validation_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, RequestValidationError)
+        return error_response(validation_error_to_api(list(exc.errors())))
+
+    async def on_http_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, StarletteHTTPException)
+        if exc.status_code == 404:
+            err = ApiError(404, "API_NOT_FOUND", f"no API at {request.method} {request.url.path}")
+        elif exc.status_code == 405:
+            err = ApiError(405, "METHOD_NOT_ALLOWED", f"method {request.method} is not allowed on {request.url.path}")
+        else:
+            err = ApiError(exc.status_code, "HTTP_ERROR", str(exc.detail))
+        err.headers = dict(exc.headers or {})
+        return error_response(err)
+
+    async def on_unexpected(request: Request, exc: Exception) -> Response:
+        # Last resort (errors outside endpoints, e.g. in middleware); endpoint errors are caught by NovitaRoute.
+        logger.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+        reason = _FAILURE_REASONS.get(request.url.path, "INTERNAL_SERVER_ERROR")
+        return error_response(ApiError(500, reason, "internal server error"))
+
+    app.add_exception_handler(ApiError, on_api_error)
+    app.add_exception_handler(RequestValidationError, on_validation_error)
+    app.add_exception_handler(StarletteHTTPException, on_http_error)
+    app.add_exception_handler(Exception, on_unexpected)

@@ -1,0 +1,354 @@
+"""The ``POST /v3/async/img2img`` body as pydantic models, with Novita's ranges and defaults.
+
+Lenient where the official SDKs need it: explicit ``null`` means "use the default" for every optional field
+(the Python SDK sends ``"steps": null``), unknown keys are ignored, ``request.extra`` is ignored, ``extra`` may be
+absent / ``null`` / ``{}``, sampler names tolerate case and spacing, ``jpg`` means ``jpeg``. Strict where a
+mistake would silently change the result: out-of-range numbers, unknown samplers and preprocessors, malformed
+bools are rejected with a message naming the field (see ``validation_error_to_api``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Annotated, Any, TypeVar
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic_core import PydanticCustomError
+
+from underpaint.api.errors import ApiError, invalid_image_size, invalid_request
+
+# The 20 A1111 sampler names Novita documents (A1111 ≤ v1.8 semantics: the suffix picks the schedule).
+SAMPLER_NAMES: tuple[str, ...] = (
+    "Euler a",
+    "Euler",
+    "LMS",
+    "Heun",
+    "DPM2",
+    "DPM2 a",
+    "DPM++ 2S a",
+    "DPM++ 2M",
+    "DPM++ SDE",
+    "DPM fast",
+    "DPM adaptive",
+    "LMS Karras",
+    "DPM2 Karras",
+    "DPM2 a Karras",
+    "DPM++ 2S a Karras",
+    "DPM++ 2M Karras",
+    "DPM++ SDE Karras",
+    "DDIM",
+    "PLMS",
+    "UniPC",
+)
+
+
+def _sampler_key(name: str) -> str:
+    return "".join(name.lower().replace("_", " ").replace("-", " ").split())
+
+
+_SAMPLER_LOOKUP = {_sampler_key(n): n for n in SAMPLER_NAMES}
+# The Python SDK's ``Samplers.DPMPP_KARRAS`` ("DPM++ Karras") is not an A1111 name; it meant DPM++ 2M Karras.
+_SAMPLER_LOOKUP[_sampler_key("DPM++ Karras")] = "DPM++ 2M Karras"
+
+
+def normalize_sampler_name(name: str) -> str | None:
+    """Canonical A1111 name for ``name`` (case, spaces, ``_``/``-`` ignored), or None if unknown."""
+    return _SAMPLER_LOOKUP.get(_sampler_key(name))
+
+
+# ControlNet preprocessors: the docs/JS vocabulary, the Python SDK's A1111 names, and "none".
+PREPROCESSORS: frozenset[str] = frozenset(
+    {
+        # docs / JS SDK
+        "scribble_hed", "softedge_hed", "scribble_hedsafe", "softedge_hedsafe", "depth_midas", "mlsd",
+        "openpose", "openpose_face", "openpose_faceonly", "openpose_full", "openpose_hand", "dwpose",
+        "scribble_pidinet", "softedge_pidinet", "scribble_pidsafe", "softedge_pidsafe", "normal_bae",
+        "lineart_coarse", "lineart_realistic", "lineart_anime", "lineart", "depth_zoe", "shuffle",
+        "mediapipe_face", "canny", "depth", "depth_leres", "depth_leres++",
+        # Python SDK (A1111 ControlNet extension names)
+        "none", "hed", "hed_safe", "normal_map", "clip_vision", "color", "pidinet", "pidinet_safe",
+        "pidinet_sketch", "pidinet_scribble", "scribble_xdog", "segmentation", "threshold", "oneformer_coco",
+        "oneformer_ade20k", "lineart_standard", "tile_resample", "invert", "lineart_anime_denoise",
+        "reference_only", "reference_adain", "reference_adain+attn", "inpaint", "inpaint_only",
+        "inpaint_only+lama", "tile_colorfix", "tile_colorfix+sharp",
+    }
+)  # fmt: skip
+
+IMAGE_TYPES = ("png", "webp", "jpeg")
+TASK_STATUSES = ("TASK_STATUS_SUCCEED", "TASK_STATUS_FAILED")
+MAX_SEED = 2**32 - 1
+
+
+def _between(lo: float, hi: float) -> Callable[[Any], Any]:
+    def check(value: Any) -> Any:
+        if isinstance(value, float) and not math.isfinite(value):
+            raise PydanticCustomError("finite_number", "must be a finite number")
+        if not lo <= value <= hi:
+            raise PydanticCustomError("out_of_range", "must be between {lo} and {hi}", {"lo": _fmt(lo), "hi": _fmt(hi)})
+        return value
+
+    return check
+
+
+def _fmt(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else str(x)
+
+
+def _length(lo: int, hi: int) -> Callable[[str], str]:
+    def check(value: str) -> str:
+        if not lo <= len(value) <= hi:
+            raise PydanticCustomError(
+                "bad_length",
+                "length must be between {lo} and {hi} characters (got {n})",
+                {"lo": lo, "hi": hi, "n": len(value)},
+            )
+        return value
+
+    return check
+
+
+def _at_most(n: int) -> Callable[[list[Any]], list[Any]]:
+    def check(value: list[Any]) -> list[Any]:
+        if len(value) > n:
+            raise PydanticCustomError(
+                "too_many", "at most {n} items are allowed (got {got})", {"n": n, "got": len(value)}
+            )
+        return value
+
+    return check
+
+
+def _check_sampler(value: str) -> str:
+    found = normalize_sampler_name(value)
+    if found is None:
+        raise PydanticCustomError(
+            "unknown_sampler", "unknown sampler '{name}'; expected one of: {names}",
+            {"name": value, "names": ", ".join(SAMPLER_NAMES)},
+        )  # fmt: skip
+    return found
+
+
+def _check_preprocessor(value: str | None) -> str | None:
+    if value is None:
+        return None
+    key = value.strip().lower()
+    if key not in PREPROCESSORS:
+        raise PydanticCustomError(
+            "unknown_preprocessor", "unknown preprocessor '{name}'; expected one of: {names}",
+            {"name": value, "names": ", ".join(sorted(PREPROCESSORS))},
+        )  # fmt: skip
+    return None if key == "none" else key
+
+
+def _check_image_type(value: str) -> str:
+    key = value.strip().lower()
+    key = "jpeg" if key == "jpg" else key
+    if key not in IMAGE_TYPES:
+        raise PydanticCustomError("bad_image_type", "must be one of png, webp, jpeg (got '{v}')", {"v": value})
+    return key
+
+
+def _non_empty_base64(value: str) -> str:
+    if not value.strip():
+        raise PydanticCustomError("empty_image", "must be a non-empty base64-encoded image")
+    return value  # decoded and size-checked by api.images
+
+
+def _check_webhook_url(value: str) -> str:
+    if not value.lower().startswith(("http://", "https://")) or len(value) > 2048:
+        raise PydanticCustomError("bad_url", "must be an http(s) URL of at most 2048 characters")
+    return value
+
+
+def _check_test_status(value: str) -> str:
+    if value not in TASK_STATUSES:
+        raise PydanticCustomError("bad_status", "must be TASK_STATUS_SUCCEED or TASK_STATUS_FAILED")
+    return value
+
+
+ModelName = Annotated[str, AfterValidator(_length(1, 512))]
+Unit = Annotated[float, AfterValidator(_between(0, 1))]
+Base64 = Annotated[str, AfterValidator(_non_empty_base64)]
+
+
+class _Lenient(BaseModel):
+    """Ignore unknown keys; treat explicit nulls as absent so that defaults apply."""
+
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _drop_nulls(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            return {k: v for k, v in data.items() if v is not None}
+        return data
+
+
+class LoraIn(_Lenient):
+    model_name: ModelName
+    strength: Unit = 1.0
+
+
+class EmbeddingIn(_Lenient):
+    model_name: ModelName
+
+
+class ControlNetUnitIn(_Lenient):
+    model_name: ModelName
+    image_base64: Base64
+    strength: Unit = 1.0
+    preprocessor: Annotated[str | None, AfterValidator(_check_preprocessor)] = None
+    guidance_start: Unit = 0.0
+    guidance_end: Unit = 1.0
+
+    @model_validator(mode="after")
+    def _ordered(self) -> ControlNetUnitIn:
+        if self.guidance_start >= self.guidance_end:
+            raise PydanticCustomError(
+                "bad_guidance_window",
+                "guidance_start ({s}) must be less than guidance_end ({e})",
+                {"s": self.guidance_start, "e": self.guidance_end},
+            )
+        return self
+
+
+class ControlNetIn(_Lenient):
+    units: Annotated[list[ControlNetUnitIn], AfterValidator(_at_most(5))]
+
+    @model_validator(mode="after")
+    def _not_empty(self) -> ControlNetIn:
+        if not self.units:
+            raise PydanticCustomError("no_units", "controlnet.units must contain at least one unit")
+        return self
+
+
+class IPAdapterIn(_Lenient):
+    model_name: ModelName
+    image_base64: Base64
+    strength: Unit = 1.0
+
+
+class Img2ImgRequest(_Lenient):
+    model_name: ModelName
+    image_base64: Base64
+    prompt: Annotated[str, AfterValidator(_length(1, 1024))]
+    negative_prompt: Annotated[str, AfterValidator(_length(0, 1024))] = ""
+    width: Annotated[int, AfterValidator(_between(128, 2048))] = 512
+    height: Annotated[int, AfterValidator(_between(128, 2048))] = 512
+    image_num: Annotated[int, AfterValidator(_between(1, 8))] = 1
+    steps: Annotated[int, AfterValidator(_between(1, 100))] = 20
+    guidance_scale: Annotated[float, AfterValidator(_between(1, 30))] = 7.5
+    sampler_name: Annotated[str, AfterValidator(_check_sampler)] = "Euler a"
+    seed: Annotated[int, AfterValidator(_between(-1, MAX_SEED))] = -1
+    sd_vae: ModelName | None = None
+    clip_skip: Annotated[int, AfterValidator(_between(1, 12))] = 1
+    strength: Unit = 0.5
+    loras: Annotated[list[LoraIn], AfterValidator(_at_most(5))] = Field(default_factory=list)
+    embeddings: Annotated[list[EmbeddingIn], AfterValidator(_at_most(5))] = Field(default_factory=list)
+    controlnet: ControlNetIn | None = None
+    ip_adapters: Annotated[list[IPAdapterIn], AfterValidator(_at_most(1))] = Field(default_factory=list)
+
+
+class TestModeIn(_Lenient):
+    enabled: bool = False
+    return_task_status: Annotated[str, AfterValidator(_check_test_status)] = "TASK_STATUS_SUCCEED"
+
+
+class WebhookIn(_Lenient):
+    url: Annotated[str, AfterValidator(_check_webhook_url)]
+    test_mode: TestModeIn | None = None
+
+
+class AwsS3In(_Lenient):
+    region: Annotated[str, AfterValidator(_length(1, 64))]
+    bucket: Annotated[str, AfterValidator(_length(1, 255))]
+    path: Annotated[str, AfterValidator(_length(0, 1024))]
+    save_to_path_directly: bool = False
+
+
+class CustomStorageIn(_Lenient):
+    aws_s3: AwsS3In | None = None
+
+
+class EnterprisePlanIn(_Lenient):
+    enabled: bool = False
+
+
+class ExtraIn(_Lenient):
+    response_image_type: Annotated[str, AfterValidator(_check_image_type)] = "png"
+    enable_nsfw_detection: bool = False
+    nsfw_detection_level: Annotated[int, AfterValidator(_between(0, 2))] = 0
+    webhook: WebhookIn | None = None
+    custom_storage: CustomStorageIn | None = None
+    enterprise_plan: EnterprisePlanIn | None = None
+
+
+class Img2ImgBody(_Lenient):
+    extra: ExtraIn = Field(default_factory=ExtraIn)
+    request: Img2ImgRequest
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Validation errors → Novita errors
+
+_TYPE_MESSAGES = {
+    "missing": "is required",
+    "int_type": "must be an integer",
+    "int_parsing": "must be an integer",
+    "int_from_float": "must be an integer",
+    "float_type": "must be a number",
+    "float_parsing": "must be a number",
+    "finite_number": "must be a finite number",
+    "bool_type": "must be a boolean (true or false)",
+    "bool_parsing": "must be a boolean (true or false)",
+    "string_type": "must be a string",
+    "list_type": "must be an array",
+    "model_type": "must be an object",
+    "model_attributes_type": "must be an object",
+    "dict_type": "must be an object",
+}
+
+_SIZE_FIELDS = {("request", "width"), ("request", "height")}
+
+
+def field_path(loc: tuple[int | str, ...]) -> str:
+    """``("request", "loras", 0, "strength")`` → ``request.loras[0].strength``."""
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += f".{part}" if out else str(part)
+    return out or "body"
+
+
+def validation_error_to_api(errors: list[dict[str, Any]]) -> ApiError:
+    """The first pydantic error as a Novita 400 naming the field, e.g. ``request.width: must be between ...``."""
+    if not errors:
+        return invalid_request("invalid request body")
+    err = errors[0]
+    loc = tuple(p for p in err.get("loc", ()) if p not in ("body",))
+    kind = err.get("type", "")
+    message = _TYPE_MESSAGES.get(kind) or _lower_first(str(err.get("msg", "is invalid")))
+    field = field_path(loc)
+    text = f"{field}: {message}"
+    if len(errors) > 1:
+        text += f" (and {len(errors) - 1} more error{'s' if len(errors) > 2 else ''})"
+    if loc in _SIZE_FIELDS and kind == "out_of_range":
+        return invalid_image_size(text, field=field)
+    return invalid_request(text, field=field)
+
+
+def _lower_first(s: str) -> str:
+    return s[:1].lower() + s[1:]
+
+
+T = TypeVar("T", bound=BaseModel)
+
+
+def parse_body(model: type[T], data: Any) -> T:
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise validation_error_to_api([dict(e) for e in exc.errors(include_url=False, include_input=False)]) from None

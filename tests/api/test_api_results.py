@@ -1,0 +1,433 @@
+"""Auth, tenant isolation, task-result shape per status, signed image URLs, error hygiene, collaborators."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+from urllib.parse import urlsplit
+
+import pytest
+from fastapi.testclient import TestClient
+
+from conftest import KEY_A, KEY_B, auth, make_services, task_count
+from underpaint.api.app import create_app
+from underpaint.api.errors import ApiError, invalid_custom_output_path, rate_limited
+from underpaint.api.jobs import job_from_payload
+from underpaint.engine.job import JobError
+from underpaint.storage.local import image_key
+from underpaint.tasks.types import ImageRecord, NsfwResult, TaskStatus, owner_of
+
+RESULT = "/v3/async/task-result"
+
+
+def result(client: TestClient, task_id: str, key: str = KEY_A) -> Any:
+    return client.get(RESULT, params={"task_id": task_id}, headers=auth(key))
+
+
+# --- auth -------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("header", [f"Bearer {KEY_A}", KEY_A, f"bearer  {KEY_A} ", f"BEARER {KEY_A}"])
+def test_auth_forms_accepted(client, header):
+    assert client.get("/v3/model", headers={"Authorization": header}).status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("headers", "status", "reason"),
+    [
+        ({}, 400, "MISSING_API_KEY"),
+        ({"Authorization": ""}, 400, "MISSING_API_KEY"),
+        ({"Authorization": "Bearer "}, 400, "MISSING_API_KEY"),
+        ({"Authorization": "Bearer wrong"}, 403, "INVALID_API_KEY"),
+        ({"Authorization": KEY_A[:-1]}, 403, "INVALID_API_KEY"),
+        ({"Authorization": f"Basic {KEY_A}"}, 403, "INVALID_API_KEY"),
+    ],
+)
+@pytest.mark.parametrize(
+    ("method", "path"), [("GET", "/v3/model"), ("GET", RESULT + "?task_id=x"), ("POST", "/v3/async/img2img")]
+)
+def test_auth_failures(client, headers, status, reason, method, path):
+    r = client.request(method, path, headers=headers, json={})
+    assert r.status_code == status
+    assert r.json() == {"code": status, "reason": reason, "message": r.json()["message"], "metadata": {}}
+
+
+def test_keys_never_logged(client, submit, caplog, services):
+    def boom(*a: Any, **k: Any) -> None:
+        raise RuntimeError("store down")
+
+    services.store.create = boom  # type: ignore[method-assign]
+    with caplog.at_level(logging.DEBUG):
+        submit()
+        client.get("/v3/model", headers={"Authorization": "Bearer some-wrong-key"})
+    assert "store down" in caplog.text  # the failure is logged ...
+    assert KEY_A not in caplog.text and "some-wrong-key" not in caplog.text  # ... the keys are not
+
+
+def test_tenant_isolation(client, submit, services):
+    task_id = submit(key=KEY_A).json()["task_id"]
+    assert services.store.get(task_id).owner == owner_of(KEY_A)  # the hash, never the key
+    assert result(client, task_id, KEY_A).status_code == 200
+    r = result(client, task_id, KEY_B)
+    assert r.status_code == 404 and r.json()["reason"] == "TASK_NOT_FOUND"
+
+
+@pytest.mark.parametrize(("params", "status", "reason"), [
+    ({}, 400, "INVALID_REQUEST_BODY"),
+    ({"task_id": ""}, 400, "INVALID_REQUEST_BODY"),
+    ({"task_id": "no-such-task"}, 404, "TASK_NOT_FOUND"),
+    ({"task_id": "x" * 500}, 404, "TASK_NOT_FOUND"),
+])  # fmt: skip
+def test_task_result_bad_ids(client, params, status, reason):
+    r = client.get(RESULT, params=params, headers=auth())
+    assert r.status_code == status and r.json()["reason"] == reason and r.json()["code"] == status
+
+
+# --- task-result shape --------------------------------------------------------------------------------------------
+
+
+def check_shape(data: dict[str, Any], status: str) -> None:
+    assert set(data) == {"task", "extra", "images", "videos", "audios"}
+    task = data["task"]
+    assert set(task) == {"task_id", "task_type", "status", "reason", "eta", "progress_percent"}
+    assert task["task_type"] == "IMG_TO_IMG" and task["status"] == status
+    assert isinstance(task["eta"], int) and isinstance(task["progress_percent"], int)
+    extra = data["extra"]
+    assert isinstance(extra["seed"], str) and isinstance(extra["enable_nsfw_detection"], bool)
+    assert all(isinstance(v, int) for v in extra["debug_info"].values())
+    assert set(extra["debug_info"]) == {"submit_time_ms", "execute_time_ms", "complete_time_ms"}
+    assert data["videos"] == [] and data["audios"] == []
+
+
+def test_queued_processing_failed(client, submit, services):
+    task_id = submit(seed=77).json()["task_id"]
+    data = result(client, task_id).json()
+    check_shape(data, "TASK_STATUS_QUEUED")
+    assert data["extra"]["seed"] == "77" and data["images"] == []
+    assert data["extra"]["debug_info"]["submit_time_ms"] > 1_600_000_000_000
+    assert data["extra"]["debug_info"]["execute_time_ms"] == 0
+
+    services.store.claim(task_id, "w1")
+    services.store.update_progress(task_id, "w1", 42, 7)
+    data = result(client, task_id).json()
+    check_shape(data, "TASK_STATUS_PROCESSING")
+    assert (data["task"]["progress_percent"], data["task"]["eta"]) == (42, 7)
+    assert data["extra"]["debug_info"]["execute_time_ms"] >= data["extra"]["debug_info"]["submit_time_ms"]
+
+    services.store.fail(task_id, "w1", "")
+    data = result(client, task_id).json()
+    check_shape(data, "TASK_STATUS_FAILED")
+    assert data["task"]["reason"]  # FAILED always carries a reason
+    assert data["extra"]["debug_info"]["complete_time_ms"] > 0
+
+
+def finish(services: Any, task_id: str, images: list[ImageRecord]) -> None:
+    services.store.claim(task_id, "w1")
+    services.store.complete(task_id, "w1", images)
+
+
+def test_succeed_with_downloadable_signed_urls(client, submit, services):
+    task_id = submit(extra={"enable_nsfw_detection": True, "response_image_type": "png"}).json()["task_id"]
+    keys = [image_key(task_id, "png") for _ in range(2)]
+    for i, key in enumerate(keys):
+        services.storage.put(key, b"\x89PNG-fake-%d" % i, "image/png")
+    finish(services, task_id, [
+        ImageRecord(keys[0], "png", NsfwResult(True, 3.2)),
+        ImageRecord(keys[1], "png", None),
+    ])  # fmt: skip
+    data = result(client, task_id).json()
+    check_shape(data, "TASK_STATUS_SUCCEED")
+    assert data["extra"]["enable_nsfw_detection"] is True
+    first, second = data["images"]
+    assert first["nsfw_detection_result"] == {"valid": True, "confidence": 3.2}
+    assert second["nsfw_detection_result"] is None
+    for i, image in enumerate(data["images"]):
+        assert image["image_url_ttl"] == 3600 and image["image_type"] == "png"
+        assert image["image_url"].startswith("http://testserver/v3/files/")
+        r = client.get(image["image_url"])  # no Authorization header
+        assert r.status_code == 200 and r.content == b"\x89PNG-fake-%d" % i
+        assert r.headers["content-type"] == "image/png"
+
+
+def test_signed_url_tampering_and_expiry(client, submit, services):
+    task_id = submit().json()["task_id"]
+    key = image_key(task_id, "jpeg")
+    services.storage.put(key, b"jpeg-bytes", "image/jpeg")
+    finish(services, task_id, [ImageRecord(key, "jpeg")])
+    url = result(client, task_id).json()["images"][0]["image_url"]
+    assert client.get(url).headers["content-type"] == "image/jpeg"
+    head = client.head(url)
+    assert head.status_code == 200 and head.headers["content-length"] == str(len(b"jpeg-bytes")) and not head.content
+    parts = urlsplit(url)
+    path, query = parts.path, dict(p.split("=") for p in parts.query.split("&"))
+    bad_sig = query["sig"][:-1] + ("0" if query["sig"][-1] != "0" else "1")
+    cases = [
+        f"{path}?expires={query['expires']}&sig={bad_sig}",
+        f"{path}?expires={int(query['expires']) + 60}&sig={query['sig']}",  # extended expiry
+        f"{path.replace('.jpeg', '.png')}?expires={query['expires']}&sig={query['sig']}",  # another file
+        path,  # unsigned
+    ]
+    for tampered in cases:
+        r = client.get(tampered)
+        assert r.status_code == 403 and r.json()["code"] == 403, tampered
+    past = 1_000_000
+    r = client.get(f"{path}?expires={past}&sig={services.storage.sign(key, past)}")
+    assert r.status_code == 403 and r.json()["reason"] == "URL_EXPIRED"
+    services.storage.delete(key)
+    r = client.get(url)
+    assert r.status_code == 404 and r.json()["reason"] == "FILE_NOT_FOUND"
+
+
+def test_path_traversal_in_file_route(client, services, tmp_path):
+    (tmp_path / "outside.png").write_bytes(b"secret")  # sibling of the images root
+    for sent, decoded in [("%2e%2e/outside.png", "../outside.png"), ("x/%2e%2e/%2e%2e/outside.png", "x/../../outside.png"),
+                          ("..%2foutside.png", "../outside.png")]:  # fmt: skip
+        # even a correctly signed traversal key is refused (the signer would never sign one)
+        r = client.get(f"/v3/files/{sent}?expires=9999999999&sig={services.storage.sign(decoded, 9999999999)}")
+        assert r.status_code == 403 and r.json()["reason"] == "INVALID_SIGNATURE"
+        assert b"secret" not in r.content
+
+
+def test_public_base_url_and_other_backends(models_dir, tmp_path):
+    services = make_services(models_dir, tmp_path, public_base_url="https://img.example.com/")
+    services.extras["url_resolvers"] = {"s3": lambda image, ttl: f"https://s3.example/{image.key}?ttl={ttl}"}
+    client = TestClient(create_app(services), raise_server_exceptions=False)
+    task_id = client.post("/v3/async/img2img", json={"request": _minimal()}, headers=auth()).json()["task_id"]
+    finish(services, task_id, [ImageRecord(f"{task_id}/a.png", "png"), ImageRecord("k/b.webp", "webp", backend="s3")])
+    urls = [i["image_url"] for i in result(client, task_id).json()["images"]]
+    assert urls[0].startswith(f"https://img.example.com/v3/files/{task_id}/a.png?expires=")
+    assert urls[1] == "https://s3.example/k/b.webp?ttl=3600"
+    assert services.store.get(task_id).extra["_base_url"] == "https://img.example.com"
+
+
+def _minimal() -> dict[str, Any]:
+    from conftest import b64, image_bytes
+
+    return {"model_name": "dreamshaper_8", "image_base64": b64(image_bytes()), "prompt": "p"}
+
+
+# --- 500s never leak -----------------------------------------------------------------------------------------------
+
+
+def test_result_500_does_not_leak(client, submit, services):
+    task_id = submit().json()["task_id"]
+
+    def boom(*a: Any, **k: Any) -> None:
+        raise RuntimeError("password=hunter2 at /srv/secret.py")
+
+    services.store.get = boom  # type: ignore[method-assign]
+    r = result(client, task_id)
+    assert r.status_code == 500
+    assert r.json()["reason"] == "GET_RESULT_FAILED" and r.json()["code"] == 500
+    assert "hunter2" not in r.text and "Traceback" not in r.text and "secret.py" not in r.text
+
+
+def test_unknown_image_backend_is_a_clean_500(client, submit, services):
+    task_id = submit().json()["task_id"]
+    finish(services, task_id, [ImageRecord("x/y.png", "png", backend="gcs")])
+    r = result(client, task_id)
+    assert r.status_code == 500 and r.json()["reason"] == "GET_RESULT_FAILED" and "gcs" not in r.text
+
+
+def test_submit_500_does_not_leak(submit, services):
+    def boom(*a: Any, **k: Any) -> None:
+        raise RuntimeError("dsn=postgres://admin:pw@db")
+
+    services.store.create = boom  # type: ignore[method-assign]
+    r = submit()
+    assert r.status_code == 500 and r.json()["reason"] == "CREATE_TASK_FAILED"
+    assert "admin" not in r.text and "Traceback" not in r.text
+
+
+def test_enqueue_failure_fails_the_task(submit, services):
+    def boom(*a: Any, **k: Any) -> None:
+        raise ConnectionError("broker down")
+
+    services.queue.enqueue = boom  # type: ignore[method-assign]
+    r = submit()
+    assert r.status_code == 500 and r.json()["reason"] == "CREATE_TASK_FAILED"
+    assert services.store.count_by_status()[TaskStatus.FAILED] == task_count(services) == 1
+
+
+def test_unknown_route_and_method(client):
+    r = client.get("/v3/nothing", headers=auth())
+    assert r.status_code == 404 and r.json() == {
+        "code": 404, "reason": "API_NOT_FOUND", "message": r.json()["message"], "metadata": {}
+    }  # fmt: skip
+    r = client.get("/v3/async/img2img", headers=auth())
+    assert r.status_code == 405 and r.json()["code"] == 405 and r.json()["reason"] == "METHOD_NOT_ALLOWED"
+
+
+# --- collaborators: rate limiter, webhooks, custom storage, health ---------------------------------------------
+
+
+class Limiter:
+    def __init__(self, allow: bool, admit_allows: bool = True) -> None:
+        self.allow, self.admit_allows = allow, admit_allows
+        self.calls: list[tuple[str, str, int]] = []
+        self.tasks_inside_admit: list[int] = []
+        self.services: Any = None
+
+    def check(self, *, api_key: str, owner: str, image_num: int) -> None:
+        self.calls.append((api_key, owner, image_num))
+        if not self.allow:
+            raise rate_limited("images per minute exceeded", retry_after=12)
+
+    @contextmanager
+    def admit(self, *, api_key: str, owner: str, image_num: int) -> Iterator[None]:
+        if not self.admit_allows:  # another request of this key got in between check and create
+            raise rate_limited("images per minute exceeded", retry_after=3)
+        before = task_count(self.services)
+        yield
+        self.tasks_inside_admit.append(task_count(self.services) - before)
+
+
+def test_rate_limiter_called_and_429(submit, services):
+    services.rate_limiter = limiter = Limiter(True)
+    limiter.services = services
+    assert submit(image_num=3).status_code == 200
+    assert limiter.calls == [(KEY_A, owner_of(KEY_A), 3)]
+    assert limiter.tasks_inside_admit == [1]  # the task was created while admitted
+    services.rate_limiter = Limiter(False)
+    r = submit(image="not-even-an-image")  # rate limit is checked before images are decoded
+    assert r.status_code == 429 and r.json()["reason"] == "RATE_LIMIT_EXCEEDED"
+    assert r.headers["retry-after"] == "12"
+    services.rate_limiter = Limiter(True, admit_allows=False)
+    r = submit()
+    assert r.status_code == 429 and r.headers["retry-after"] == "3"
+    assert task_count(services) == 1
+
+
+class Webhooks:
+    def __init__(self) -> None:
+        self.validated: list[str] = []
+        self.events: list[dict[str, Any]] = []
+
+    def validate_url(self, url: str) -> None:
+        if "127.0.0.1" in url:
+            raise ApiError(400, "INVALID_REQUEST_BODY", "extra.webhook.url: private address refused")
+        self.validated.append(url)
+
+    def submit_test_event(self, **kwargs: Any) -> None:
+        self.events.append(kwargs)
+
+
+def test_webhook_validation_and_test_mode(submit, services):
+    r = submit(extra={"webhook": {"url": "https://hook.example/x"}})
+    assert r.status_code == 400 and "not enabled" in r.json()["message"]
+    services.webhooks = Webhooks()
+    r = submit(extra={"webhook": {"url": "http://127.0.0.1:9/x"}})
+    assert r.status_code == 400 and task_count(services) == 0
+    task_id = submit(extra={"webhook": {"url": "https://hook.example/x"}}).json()["task_id"]
+    assert services.queue.items[-1][0] == task_id and not services.webhooks.events
+    assert services.store.get(task_id).extra["webhook"] == {"url": "https://hook.example/x"}
+    mode = {"enabled": True, "return_task_status": "TASK_STATUS_FAILED"}
+    task_id = submit(extra={"webhook": {"url": "https://hook.example/y", "test_mode": mode}}).json()["task_id"]
+    (event,) = services.webhooks.events
+    assert event["task_id"] == task_id and event["status"] == "TASK_STATUS_FAILED"
+    assert event["base_url"] == "http://testserver" and event["extra"]["webhook"]["url"] == "https://hook.example/y"
+    assert task_id not in [t for t, _ in services.queue.items]
+
+
+def test_custom_storage_validator(submit, services):
+    seen: list[dict[str, Any]] = []
+
+    def validate(custom_storage: dict[str, Any]) -> None:
+        seen.append(custom_storage)
+        if custom_storage["aws_s3"]["bucket"] == "bad":
+            raise invalid_custom_output_path("bucket not allowed")
+
+    services.extras["validate_custom_storage"] = validate
+    s3 = {"region": "us-east-1", "bucket": "mine", "path": "out/"}
+    assert submit(extra={"custom_storage": {"aws_s3": s3}}).status_code == 200
+    assert seen == [{"aws_s3": s3 | {"save_to_path_directly": False}}]
+    assert submit(extra={"custom_storage": {}}).status_code == 200 and len(seen) == 1  # nothing to validate
+    r = submit(extra={"custom_storage": {"aws_s3": s3 | {"bucket": "bad"}}})
+    assert r.status_code == 400 and r.json()["reason"] == "INVALID_CUSTOM_OUTPUT_PATH"
+
+
+def test_health(client, services):
+    assert client.get("/health").json() == {"status": "ok"}
+    services.extras["health"] = lambda: {"store": "ok", "broker": True}
+    app = create_app(services)
+    with TestClient(app) as c:
+        r = c.get("/health")
+        assert r.status_code == 200 and r.json()["checks"] == {"store": "ok", "broker": True}
+        services.extras["health"] = lambda: {"store": "ok", "broker": "connection refused"}
+        r = TestClient(create_app(services)).get("/health")
+        assert r.status_code == 503 and r.json()["status"] == "unavailable"
+
+
+# --- jobs ------------------------------------------------------------------------------------------------------
+
+
+def test_job_from_stored_payload(submit, services, png_b64):
+    r = submit(
+        seed=5,
+        steps=12,
+        sampler_name="dpm++ 2m karras",
+        sd_vae="vae-ft-mse-840000",
+        loras=[{"model_name": "add_detail", "strength": 0.4}],
+        embeddings=[{"model_name": "easynegative"}],
+        controlnet={"units": [{"model_name": "control_v11p_sd15_canny", "image_base64": png_b64,
+                               "preprocessor": "none", "guidance_end": 0.7}]},
+        ip_adapters=[{"model_name": "ip-adapter_sd15", "image_base64": png_b64, "strength": 0.3}],
+    )  # fmt: skip
+    task_id = r.json()["task_id"]
+    job = job_from_payload(services.store.get_payload(task_id), services.store.get(task_id).seed)
+    assert job.checkpoint == "dreamshaper_8.safetensors" and job.vae == "vae-ft-mse-840000.safetensors"
+    assert (job.seed, job.steps, job.sampler_name, job.strength) == (5, 12, "DPM++ 2M Karras", 0.5)
+    assert job.init_image.mode == "RGB" and job.init_image.size == (64, 64)
+    assert job.loras[0].name == "add_detail.safetensors" and job.loras[0].strength == 0.4
+    assert job.embeddings[0].name == "easynegative.safetensors"
+    unit = job.controlnets[0]
+    assert unit.model == "control_v11p_sd15_canny.safetensors" and unit.preprocessor is None
+    assert (unit.strength, unit.guidance_start, unit.guidance_end) == (1.0, 0.0, 0.7)
+    assert job.ip_adapters[0].model == "ip-adapter_sd15.bin" and job.ip_adapters[0].strength == 0.3
+
+
+def test_job_from_bad_payload_raises_job_error(submit, services):
+    task_id = submit().json()["task_id"]
+    payload = services.store.get_payload(task_id)
+    with pytest.raises(JobError):
+        job_from_payload(payload | {"image_base64": "%%%"}, 1)
+    with pytest.raises(JobError):
+        job_from_payload({k: v for k, v in payload.items() if k != "prompt"}, 1)
+    with pytest.raises(JobError):
+        job_from_payload(payload, -1)
+
+
+def test_with_the_real_rate_limiter_and_custom_storage_check(models_dir, tmp_path, png_b64):
+    from underpaint.api.ratelimit import RateLimiter
+    from underpaint.config import KeyPolicy
+    from underpaint.storage.custom import validate_custom_storage
+
+    services = make_services(models_dir, tmp_path, key_policies={KEY_A: KeyPolicy(images_per_minute=3)})
+    services.rate_limiter = RateLimiter(services.settings, services.store)
+    services.extras["validate_custom_storage"] = validate_custom_storage
+    client = TestClient(create_app(services))
+    req = {"model_name": "dreamshaper_8", "image_base64": png_b64, "prompt": "p", "image_num": 2}
+
+    def post(key: str = KEY_A, **extra: Any) -> Any:
+        return client.post("/v3/async/img2img", json={"request": req, "extra": extra}, headers=auth(key))
+
+    assert post().status_code == 200
+    r = post()  # 2 + 2 > 3 images per minute
+    assert r.status_code == 429 and r.json()["reason"] == "RATE_LIMIT_EXCEEDED" and int(r.headers["retry-after"]) >= 1
+    assert post(KEY_B).status_code == 200  # other keys are not limited
+    s3 = {"region": "us-east-1", "bucket": "Not_A_Bucket", "path": "out"}
+    r = post(KEY_B, custom_storage={"aws_s3": s3})
+    assert r.status_code == 400 and r.json()["reason"] == "INVALID_CUSTOM_OUTPUT_PATH"
+    assert post(KEY_B, custom_storage={"aws_s3": s3 | {"bucket": "my-bucket"}}).status_code == 200
+
+
+def test_no_keys_configured_refuses_everything_and_warns(models_dir, tmp_path, caplog):
+    services = make_services(models_dir, tmp_path, api_keys=())
+    assert services.settings.api_keys == ()
+    with caplog.at_level(logging.WARNING):
+        client = TestClient(create_app(services))
+    assert "no API keys configured" in caplog.text
+    r = client.get("/v3/model", headers=auth())
+    assert r.status_code == 403 and r.json()["reason"] == "INVALID_API_KEY"
