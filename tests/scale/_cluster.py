@@ -29,7 +29,7 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def png_b64(size: tuple[int, int] = (64, 64), seed: int = 0) -> str:
+def png_b64(size: tuple[int, int] = (128, 128), seed: int = 0) -> str:
     import numpy as np
     from PIL import Image
 
@@ -166,7 +166,7 @@ class ApiNode(_Process):
         self.stop()
         raise RuntimeError(f"{self.name} did not become healthy:\n{self.log_tail()}")
 
-    def submit(self, model: str = "tiny-sd15.safetensors", steps: int = 2, seed: int = 1, size: int = 64,
+    def submit(self, model: str = "tiny-sd15.safetensors", steps: int = 2, seed: int = 1, size: int = 128,
                image_num: int = 1) -> str:
         body = {
             "extra": {"response_image_type": "png"},

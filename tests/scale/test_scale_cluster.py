@@ -15,8 +15,8 @@ from typing import Any
 import boto3
 import httpx
 import pytest
-
 from _cluster import AUTH, ApiNode, Cluster, WorkerNode, wait_all
+
 from underpaint.tasks.store import SqlTaskStore
 from underpaint.tasks.types import TaskRecord, TaskStatus
 
@@ -53,7 +53,9 @@ class Running:
 
     def objects(self, task_id: str) -> list[str]:
         listing = self.s3.list_objects_v2(Bucket=self.cluster.s3_bucket)
-        return [o["Key"] for o in listing.get("Contents", []) if f"/{task_id}/" in f"/{o['Key']}"]
+        # Object keys are "<s3_prefix>/<image key>"; the prefix is Settings.s3_prefix ("underpaint").
+        keys = [str(o["Key"]).removeprefix("underpaint/") for o in listing.get("Contents", [])]
+        return [k for k in keys if k.startswith(f"{task_id}/")]
 
     def record(self, task_id: str) -> TaskRecord:
         rec = self.store.get(task_id)
@@ -91,6 +93,14 @@ def running(
     finally:
         run.stop_all()
         run.store.close()
+
+
+def stop_together(procs: list[Any]) -> None:
+    for p in procs:
+        if p.proc is not None and p.proc.poll() is None:
+            p.proc.terminate()
+    for p in procs:
+        p.stop()
 
 
 def _assert_exactly_once(run: Running, bodies: dict[str, dict[str, Any]], image_nums: dict[str, int]) -> None:
@@ -155,10 +165,12 @@ def test_sigkill_worker_mid_task_completes_on_the_other(running: Running) -> Non
 
 
 def test_stop_and_restart_everything_with_tasks_queued_loses_nothing(running: Running) -> None:
-    ids = [running.apis[i % 2].submit(steps=2, seed=100 + i) for i in range(8)]
-    running.stop_all()  # SIGTERM: workers finish what they run (warm shutdown), the rest stays queued
-    statuses = {running.record(t).status for t in ids}
-    assert TaskStatus.QUEUED in statuses and TaskStatus.PROCESSING not in statuses
+    ids = [running.apis[i % 2].submit(steps=8, seed=100 + i) for i in range(4)]
+    stop_together(running.workers)  # SIGTERM: a worker finishes what it runs (warm shutdown), then exits
+    ids += [running.apis[i % 2].submit(steps=2, seed=200 + i) for i in range(4)]  # queued while no worker runs
+    stop_together(running.apis)
+    statuses = [running.record(t).status for t in ids]
+    assert statuses.count(TaskStatus.QUEUED) >= 4 and TaskStatus.PROCESSING not in statuses
     running.workers = []
     running.start_apis(2)
     running.start_worker("w3")
