@@ -40,6 +40,46 @@ def png_b64(size: tuple[int, int] = (128, 128), seed: int = 0) -> str:
     return base64.b64encode(buf.getvalue()).decode()
 
 
+class WebhookReceiver:
+    """A loopback HTTP server that records every webhook POST body."""
+
+    def __init__(self) -> None:
+        import json
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        received: list[dict[str, Any]] = []
+        lock = threading.Lock()
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802 - http.server's naming
+                body = self.rfile.read(int(self.headers.get("content-length") or 0))
+                with lock:
+                    received.append(json.loads(body))
+                self.send_response(200)
+                self.end_headers()
+
+            def log_message(self, *_args: Any) -> None:
+                pass
+
+        self.received = received
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = int(self.server.server_address[1])
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/hook"
+
+    def task_ids(self) -> list[str]:
+        return [str(b["payload"]["task"]["task_id"]) for b in list(self.received)]
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
 @dataclass
 class Cluster:
     """Shared configuration of every process of one test."""
@@ -167,9 +207,12 @@ class ApiNode(_Process):
         raise RuntimeError(f"{self.name} did not become healthy:\n{self.log_tail()}")
 
     def submit(self, model: str = "tiny-sd15.safetensors", steps: int = 2, seed: int = 1, size: int = 128,
-               image_num: int = 1) -> str:
+               image_num: int = 1, webhook: str | None = None) -> str:
+        extra: dict[str, Any] = {"response_image_type": "png"}
+        if webhook is not None:
+            extra["webhook"] = {"url": webhook}
         body = {
-            "extra": {"response_image_type": "png"},
+            "extra": extra,
             "request": {
                 "model_name": model, "image_base64": png_b64(seed=seed), "prompt": "a lighthouse",
                 "width": size, "height": size, "image_num": image_num, "steps": steps, "seed": seed,

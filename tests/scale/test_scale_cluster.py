@@ -15,7 +15,8 @@ from typing import Any
 import boto3
 import httpx
 import pytest
-from _cluster import AUTH, ApiNode, Cluster, WorkerNode, wait_all
+from _cluster import AUTH, ApiNode, Cluster, WebhookReceiver, WorkerNode, wait_all
+from sqlalchemy import text
 
 from underpaint.tasks.store import SqlTaskStore
 from underpaint.tasks.types import TaskRecord, TaskStatus
@@ -24,9 +25,10 @@ pytestmark = [pytest.mark.services, pytest.mark.slow]
 
 
 class Running:
-    def __init__(self, cluster: Cluster, store: SqlTaskStore) -> None:
+    def __init__(self, cluster: Cluster, store: SqlTaskStore, receiver: WebhookReceiver) -> None:
         self.cluster = cluster
         self.store = store
+        self.receiver = receiver
         self.apis: list[ApiNode] = []
         self.workers: list[WorkerNode] = []
         self.s3 = boto3.client("s3", endpoint_url=cluster.s3_endpoint, region_name="us-east-1")
@@ -82,8 +84,10 @@ def running(
 
     bucket = f"underpaint-{uuid.uuid4().hex[:12]}"
     boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1").create_bucket(Bucket=bucket)
-    cluster = Cluster(tmp_path_factory.mktemp("cluster"), tiny_models_dir, pg_url, redis_url, s3_endpoint, bucket)
-    run = Running(cluster, SqlTaskStore(pg_url))
+    receiver = WebhookReceiver()
+    cluster = Cluster(tmp_path_factory.mktemp("cluster"), tiny_models_dir, pg_url, redis_url, s3_endpoint, bucket,
+                      extra_env={"UNDERPAINT_WEBHOOK_ALLOW_HOSTS": f"127.0.0.1:{receiver.port}"})  # fmt: skip
+    run = Running(cluster, SqlTaskStore(pg_url), receiver)
     try:
         run.start_apis(2)
         run.start_worker("w0")
@@ -93,6 +97,7 @@ def running(
     finally:
         run.stop_all()
         run.store.close()
+        receiver.close()
 
 
 def stop_together(procs: list[Any]) -> None:
@@ -122,9 +127,17 @@ def test_forty_tasks_across_two_api_nodes_run_exactly_once(running: Running) -> 
         api = running.apis[i % 2]
         n = 2 if i % 5 == 0 else 1
         model = "tiny-sdxl.safetensors" if i % 8 == 3 else "tiny-sd15.safetensors"
-        image_nums[api.submit(model=model, steps=2, seed=i, image_num=n)] = n
+        image_nums[api.submit(model=model, steps=2, seed=i, image_num=n, webhook=running.receiver.url)] = n
     bodies = wait_all(running.apis[0], list(image_nums), timeout=600, procs=running.procs)
     _assert_exactly_once(running, bodies, image_nums)
+    deadline = time.monotonic() + 60
+    while len(running.receiver.task_ids()) < len(image_nums) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    time.sleep(1.0)  # a duplicate would arrive now
+    assert sorted(running.receiver.task_ids()) == sorted(image_nums)  # one webhook per task
+    with running.store.engine.connect() as conn:
+        rows = conn.execute(text("SELECT task_id, status FROM webhook_deliveries")).all()
+    assert sorted(r[0] for r in rows) == sorted(image_nums) and {r[1] for r in rows} == {"delivered"}
     for task_id in image_nums:  # every result is readable, identically, from the other node
         other = running.apis[1].result(task_id)
         assert other["task"] == bodies[task_id]["task"]
