@@ -156,11 +156,14 @@ def on_terminal_hook(services: Services) -> Any:
 
 
 def build_local_worker(services: Services) -> Any:
+    from underpaint.scale.metrics import InstrumentedRunner
     from underpaint.tasks.worker import Worker
 
+    runner = InstrumentedRunner(build_runner(services))  # generation seconds and model loads for /metrics
+    services.extras["runners"] = [runner]
     return Worker(
         services.store,
-        build_runner(services),
+        runner,
         services.settings,
         queue=services.queue,
         on_terminal=on_terminal_hook(services),

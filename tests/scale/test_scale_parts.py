@@ -338,3 +338,27 @@ def test_instrumented_runner_observes_generation_seconds(tmp_path: Path) -> None
     runner.run(rec, {}, lambda p, e: None)
     after = REGISTRY.get_sample_value("underpaint_generation_seconds_count", {"base_model": "sdxl", "outcome": "ok"})
     assert (after or 0) - (before or 0) == 1
+
+
+def test_worker_on_rabbitmq_runs_a_task_once(store: SqlTaskStore, amqp_url: str, tmp_path: Path) -> None:
+    lane = f"enterprise.t{uuid.uuid4().hex[:8]}"
+    settings = Settings(broker_url=amqp_url, queue_backend="celery", lease_seconds=2, data_dir=tmp_path)
+    queue = CeleryQueue(settings)
+    services = Services(settings=settings, store=store, queue=queue, registry=ModelRegistry(tmp_path),
+                        storage=FakeStorage())  # fmt: skip
+    runner = FakeRunner(services.storage)  # type: ignore[arg-type]
+    register_task(queue.app, WorkerContext(services, [runner], lambda rec: None))
+    task_id = _new(store, lane)
+    queue.enqueue(task_id, lane)
+    queue.enqueue(task_id, lane)  # a duplicate delivery
+    try:
+        with _CeleryThread(queue.app, [lane]):
+            rec = _wait_status(store, task_id, TaskStatus.SUCCEED)
+            deadline = time.monotonic() + 10
+            probe = BrokerProbe(services)
+            while time.monotonic() < deadline and probe.queue_depths().get(lane, 0):
+                time.sleep(0.1)
+        assert runner.runs == [task_id] and rec.attempts == 1
+    finally:
+        with queue.app.connection_for_write() as conn:
+            conn.default_channel.queue_delete(lane)

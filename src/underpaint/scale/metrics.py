@@ -181,7 +181,11 @@ def metrics_text(services: Services) -> bytes:
 
 
 def install_metrics(app: Any, services: Services) -> None:
-    """Add ``GET /metrics`` (and, in Celery mode, ``GET /health/workers`` plus broker/store ``/health`` checks)."""
+    """Add ``GET /metrics`` (and, in Celery mode, ``GET /health/workers`` plus broker/store ``/health`` checks).
+
+    ``/metrics`` = this process's default registry (generation histogram, tasks run) + the cluster view + the
+    model loads of the runners listed in ``services.extras["runners"]`` (the embedded worker's).
+    """
     registry = CollectorRegistry(auto_describe=False)
     depths: Callable[[], dict[str, int]] | None = None
     if services.settings.queue_backend == "celery":
@@ -192,6 +196,8 @@ def install_metrics(app: Any, services: Services) -> None:
         services.extras["health"] = probe.health
         services.extras["broker_probe"] = probe
     registry.register(ClusterCollector(services, depths))
+    # Embedded mode: the in-process worker's runners (``build_local_worker`` lists them in extras).
+    registry.register(ModelLoadsCollector(lambda: services.extras.get("runners", [])))
     services.extras["metrics_registry"] = registry
 
     @app.get("/metrics", include_in_schema=False)
