@@ -3,7 +3,12 @@
 Needs PostgreSQL (127.0.0.1:5432, user postgres) and Redis (127.0.0.1:6379); S3 is a moto server started here.
 Every process runs with one torch thread. Usage (from the repository root):
 
-    OMP_NUM_THREADS=1 python bench/scale_throughput.py [--tasks 24] [--steps 4] [--submits 60]
+    OMP_NUM_THREADS=1 python bench/scale_throughput.py [--tasks 16] [--steps 20] [--submits 60]
+
+Throughput: one API node, then 1 and 2 workers; all tasks are queued before the clock starts and completion is
+read from the database. Submit latency: sequential submits to an API node with no worker running, in Celery
+mode (PostgreSQL store, Redis broker) and in embedded mode (``serve --no-worker``: SQLite, local queue), so that
+only the API path is compared.
 
 Exits non-zero when 2 workers give less than 1.6x the tasks per minute of one, or when the Celery-mode submit
 p50 is more than 2x the embedded mode's.
@@ -12,6 +17,7 @@ p50 is more than 2x the embedded mode's.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import tempfile
@@ -53,20 +59,34 @@ def _free_redis_db() -> int:
     raise SystemExit("no free Redis database number")
 
 
+def wait_done(db_url: str, ids: list[str], timeout: float) -> None:
+    """Wait until every task ended, asking the database twice a second (HTTP polling of many tasks would load
+    the API node, which shares the machine with the workers being measured)."""
+    dsn = db_url.replace("postgresql+psycopg://", "postgresql://")
+    deadline = time.monotonic() + timeout
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        while time.monotonic() < deadline:
+            rows = conn.execute("SELECT status, reason FROM tasks WHERE task_id = ANY(%s)", (ids,)).fetchall()
+            ended = [r for r in rows if r[0] in ("TASK_STATUS_SUCCEED", "TASK_STATUS_FAILED")]
+            failed = [r for r in ended if r[0] == "TASK_STATUS_FAILED"]
+            if failed:
+                raise SystemExit(f"{len(failed)} task(s) failed: {failed[0][1]}")
+            if len(ended) == len(ids):
+                return
+            time.sleep(0.5)
+    raise SystemExit(f"tasks did not finish in {timeout} s")
+
+
 def throughput(cluster: Cluster, api: ApiNode, n_workers: int, tasks: int, steps: int) -> float:
-    """Tasks per minute with ``n_workers`` workers, after one warm-up task per worker (model load)."""
+    """Tasks per minute with ``n_workers`` workers, after two warm-up tasks per worker (model load)."""
     workers = [cluster.worker(f"bench-w{n_workers}-{i}").start() for i in range(n_workers)]
     try:
         warm = [api.submit(steps=steps, seed=i) for i in range(2 * n_workers)]
         wait_all(api, warm, timeout=600, procs=[api, *workers])
+        ids = [api.submit(steps=steps, seed=1000 + i) for i in range(tasks)]  # all queued before the clock starts
         start = time.perf_counter()
-        ids = [api.submit(steps=steps, seed=1000 + i) for i in range(tasks)]
-        bodies = wait_all(api, ids, timeout=1800, procs=[api, *workers])
-        elapsed = time.perf_counter() - start
-        failed = [t for t, b in bodies.items() if b["task"]["status"] != "TASK_STATUS_SUCCEED"]
-        if failed:
-            raise SystemExit(f"{len(failed)} task(s) failed: {bodies[failed[0]]['task']}")
-        return tasks * 60.0 / elapsed
+        wait_done(cluster.database_url, ids, timeout=1800)
+        return tasks * 60.0 / (time.perf_counter() - start)
     finally:
         for w in workers:
             w.stop()
@@ -91,7 +111,6 @@ def submit_latencies(url: str, n: int, steps: int) -> list[float]:
 
 
 def embedded_submit_latencies(root: Path, models: Path, n: int, steps: int) -> list[float]:
-    import os
     import subprocess
 
     port = free_port()
@@ -99,8 +118,8 @@ def embedded_submit_latencies(root: Path, models: Path, n: int, steps: int) -> l
            "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}  # fmt: skip
     log = (root / "embedded.log").open("ab")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "underpaint.cli", "serve", "--port", str(port), "--data-dir", str(root / "embedded"),
-         "--models-dir", str(models), "--torch-threads", "1"],
+        [sys.executable, "-m", "underpaint.cli", "serve", "--no-worker", "--port", str(port), "--data-dir",
+         str(root / "embedded"), "--models-dir", str(models), "--torch-threads", "1"],
         env=env, stdout=log, stderr=subprocess.STDOUT,
     )  # fmt: skip
     url = f"http://127.0.0.1:{port}"
@@ -121,8 +140,8 @@ def embedded_submit_latencies(root: Path, models: Path, n: int, steps: int) -> l
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--tasks", type=int, default=24)
-    ap.add_argument("--steps", type=int, default=4)
+    ap.add_argument("--tasks", type=int, default=16)
+    ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--submits", type=int, default=60)
     args = ap.parse_args()
 
@@ -146,12 +165,7 @@ def main() -> int:
     try:
         one = throughput(cluster, api, 1, args.tasks, args.steps)
         two = throughput(cluster, api, 2, args.tasks, args.steps)
-        # As in embedded mode, a worker generates while the API takes submits (there it shares the process).
-        worker = cluster.worker("bench-latency").start()
-        try:
-            celery_lat = submit_latencies(api.url, args.submits, args.steps)
-        finally:
-            worker.stop()
+        celery_lat = submit_latencies(api.url, args.submits, args.steps)  # the API node alone, no worker running
     finally:
         api.stop()
         s3.stop()
@@ -162,6 +176,7 @@ def main() -> int:
     ratio = two / one
     p50_c, p50_e = statistics.median(celery_lat), statistics.median(embedded_lat)
     print(f"throughput, tiny SD1.5 model, 128x128, {args.steps} steps, {args.tasks} tasks, 1 torch thread per worker")
+    print(f"  machine: {os.cpu_count()} cores, load average {os.getloadavg()[0]:.2f} at the end")
     print(f"  1 worker   {one:7.1f} tasks/min")
     print(f"  2 workers  {two:7.1f} tasks/min   ({ratio:.2f}x; target >= 1.6x)")
     print(f"submit latency over {args.submits} sequential submits (128x128 PNG input)")

@@ -53,7 +53,11 @@ def cmd_worker(args: argparse.Namespace) -> int:
     from underpaint.scale.worker import run_worker
 
     settings = _settings(args)
-    return run_worker(settings, queues=args.queues, concurrency=args.concurrency, metrics_port=args.metrics_port)
+    try:
+        return run_worker(settings, queues=args.queues, concurrency=args.concurrency, metrics_port=args.metrics_port)
+    except ValueError as exc:  # bad --queues, --concurrency, broker URL ...: a message, not a traceback
+        print(f"underpaint worker: error: {exc}", file=sys.stderr)
+        return 2
 
 
 def cmd_models(args: argparse.Namespace) -> int:

@@ -39,12 +39,19 @@ _h = heartbeats_table
 _PG_LOCK = 0x756E647370686231  # any constant; serializes table creation between processes starting together
 
 
+_ensured: set[str] = set()
+
+
 def ensure_table(engine: Engine) -> None:
-    """Create the table if missing; safe when several workers start at once."""
+    """Create the table if missing (once per database and process); safe when several workers start at once."""
+    key = engine.url.render_as_string(hide_password=False)
+    if key in _ensured:
+        return
     with engine.execution_options(underpaint_tx="immediate").begin() as conn:
         if conn.dialect.name == "postgresql":
             conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _PG_LOCK})
         heartbeats_table.create(conn, checkfirst=True)
+    _ensured.add(key)
 
 
 @dataclass(frozen=True)
