@@ -31,9 +31,10 @@ def _demo_cache_key() -> str:
 
     import underpaint.engine.convert as convert
     import underpaint.engine.demo as demo
+    import underpaint.engine.demo_controlnet as demo_controlnet
 
     digest = hashlib.sha256()
-    for module in (demo, convert):
+    for module in (demo, convert, demo_controlnet):
         digest.update(Path(str(module.__file__)).read_bytes())
     digest.update(f"{torch.__version__}/{diffusers.__version__}/{transformers.__version__}".encode())
     return digest.hexdigest()[:16]
@@ -41,14 +42,14 @@ def _demo_cache_key() -> str:
 
 def _cached_demo_models() -> Path:
     """Build the tiny models once per code version under ~/.cache/underpaint-test (atomic publish by rename)."""
-    from underpaint.engine.demo import write_demo_models
+    from underpaint.engine.demo import write_all_demo_models
 
     root = Path(os.environ.get("UNDERPAINT_TEST_CACHE", Path.home() / ".cache" / "underpaint-test"))
     final = root / _demo_cache_key()
     if (final / ".complete").exists():
         return final
     staging = root / f".staging-{uuid.uuid4().hex}"
-    write_demo_models(staging)
+    write_all_demo_models(staging)
     (staging / ".complete").write_text("ok")
     try:
         staging.rename(final)

@@ -52,13 +52,11 @@ def server_secret(settings: Settings) -> bytes:
 
 
 def webhook_secret_for_key(settings: Settings, api_key: str) -> str:
-    from underpaint.delivery.signing import derive_secret
+    """The secret a receiver uses to verify this key's webhook signatures (``whsec_...``)."""
+    from underpaint.delivery.signing import make_secret_for
     from underpaint.tasks.types import owner_of
 
-    policy = settings.key_policies.get(api_key)
-    if policy is not None and policy.webhook_secret:
-        return policy.webhook_secret
-    return derive_secret(server_secret(settings), owner_of(api_key))
+    return make_secret_for(settings, server_secret(settings), owner_of)(owner_of(api_key))
 
 
 def build_services(settings: Settings) -> Services:
@@ -73,17 +71,6 @@ def build_services(settings: Settings) -> Services:
     secret = server_secret(settings)
     store = SqlTaskStore.from_settings(settings)
     storage = build_storage(settings, secret)
-    owners_secret = {k: p.webhook_secret for k, p in settings.key_policies.items() if p.webhook_secret}
-
-    def secret_for(owner: str) -> str:
-        from underpaint.delivery.signing import derive_secret
-        from underpaint.tasks.types import owner_of
-
-        for key, s in owners_secret.items():
-            if owner_of(key) == owner and s:
-                return s
-        return derive_secret(secret, owner)
-
     services = Services(
         settings=settings,
         store=store,
@@ -91,14 +78,26 @@ def build_services(settings: Settings) -> Services:
         registry=registry,
         storage=storage,
     )
-    services.webhooks = WebhookDispatcher(settings.resolved_database_url, settings, secret_for, store=store, storage=storage)
+    from underpaint.delivery.signing import make_secret_for
+    from underpaint.tasks.types import owner_of
+
+    secret_for = make_secret_for(settings, secret, owner_of)
+    services.webhooks = WebhookDispatcher(store.engine, settings, secret_for, store=store, storage=storage)
     services.rate_limiter = RateLimiter(settings, store)
-    services.extras["validate_custom_storage"] = lambda cs: validate_custom_storage(cs)
+    services.extras["validate_custom_storage"] = validate_custom_storage
+    services.extras["check_preprocessor"] = lambda name: _preprocessor_problem(name, registry)
     services.extras["url_resolvers"] = {"custom": lambda image, ttl: presign_custom(image, ttl, settings)}
     from underpaint.engine.loader import file_sha256
 
     services.extras["file_hash"] = lambda entry: file_sha256(entry.path)
     return services
+
+
+def _preprocessor_problem(name: str | None, registry: ModelRegistry) -> str | None:
+    # Imported on first use: API nodes that never see a ControlNet request never import torch.
+    from underpaint.engine.preprocessors import submit_check
+
+    return submit_check(name, registry.models_dir / "annotator")
 
 
 @dataclass
@@ -119,7 +118,9 @@ class Service:
             self.worker = build_local_worker(self.services)
             self.worker.start()
         self.services.webhooks.start()
-        self.sweeper = RetentionSweeper(self.services.store, self.services.storage, s.retention_seconds)
+        self.sweeper = RetentionSweeper(
+            self.services.store, self.services.storage, s.retention_seconds, also_purge=[self.services.webhooks.purge]
+        )
         self.sweeper.start()
 
     def stop(self) -> None:

@@ -87,5 +87,157 @@ def test_missing_annotator_names_file_and_folder(picture: Image.Image, tmp_path:
 def test_unsupported_and_unknown_are_clear(tmp_path: Path) -> None:
     with pytest.raises(JobError, match="torchvision"):
         P.check("depth_midas", tmp_path)
+    with pytest.raises(JobError, match="use 'depth_leres'"):
+        P.check("depth_leres++", tmp_path)
     with pytest.raises(JobError, match="not supported"):
         P.check("no_such_preprocessor", tmp_path)
+
+
+def test_other_weight_free_maps(picture: Image.Image, tmp_path: Path) -> None:
+    arr = np.asarray(picture)
+    gray = cv2.cvtColor(arr, cv2.COLOR_RGB2GRAY)
+    otsu = cv2.threshold(gray, 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)[1]
+    assert np.array_equal(np.asarray(P.run_preprocessor("binary", picture, ctx(tmp_path)))[:, :, 1], otsu)
+    assert np.array_equal(np.asarray(P.run_preprocessor("tile_resample", picture, ctx(tmp_path))), arr)
+    big = Image.fromarray(np.asarray(picture.resize((256, 192))))
+    color = np.asarray(P.run_preprocessor("color", big, ctx(tmp_path)))
+    # a 64x mosaic: 4x3 flat cells of one colour each
+    assert color.shape == (192, 256, 3) and len(np.unique(color.reshape(-1, 3), axis=0)) <= 12
+    assert (color[:64, :64] == color[0, 0]).all()
+    block = np.zeros((96, 128, 3), np.uint8)
+    block[30:60, 40:80] = 255
+    xdog = np.asarray(P.run_preprocessor("scribble_xdog", Image.fromarray(block), ctx(tmp_path)))[:, :, 0]
+    # white lines on black along the block's outline, nothing in the flat areas
+    assert set(np.unique(xdog)) == {0, 255}
+    assert xdog[29, 60] == 255 and xdog[0, 0] == 0 and xdog[45, 60] == 0
+
+
+# -- OpenPose ------------------------------------------------------------------------------------------------------
+
+# One standing person in a 256 x 256 image, OpenPose's 18 body keypoints (nose, neck, R arm, L arm, R leg, L leg,
+# eyes, ears) in pixels.
+PERSON = [
+    (128, 50), (128, 80), (100, 80), (90, 115), (85, 150), (156, 80), (166, 115), (171, 150), (110, 150),
+    (108, 190), (106, 230), (146, 150), (148, 190), (150, 230), (120, 44), (136, 44), (112, 48), (144, 48),
+]  # fmt: skip
+
+
+def _zero_openpose_weights(folder: Path) -> None:
+    from underpaint.engine.demo_controlnet import write_zero_annotator
+
+    model = P._aux("open_pose.model")
+    write_zero_annotator(model.bodypose_model, folder / P.BODY, prefix_depth=1)
+    write_zero_annotator(model.handpose_model, folder / P.HAND, prefix_depth=1)
+    write_zero_annotator(P._aux_face().FaceNet, folder / P.FACE)
+
+
+def test_openpose_family_runs_from_local_weights(tmp_path: Path) -> None:
+    """Every OpenPose variant loads its files and runs detection end to end (zero nets find nobody: black map)."""
+    _zero_openpose_weights(tmp_path)
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (96, 128, 3), dtype=np.uint8))
+    for name in ("openpose_full", "openpose_faceonly"):  # all three files; the body net runs (~3 s each)
+        out = np.asarray(P.run_preprocessor(name, image, ctx(tmp_path)))
+        assert out.shape == (96, 128, 3) and out.max() == 0, name
+    assert "torchvision" not in __import__("sys").modules  # the face import's placeholders did not leak
+
+
+def test_openpose_glue_draws_detected_person(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With a detected person, body drawing, hand crops and the face crop go through our glue."""
+    _zero_openpose_weights(tmp_path)
+    candidate = np.array([[x, y, 0.9, i] for i, (x, y) in enumerate(PERSON)], dtype=np.float64)
+    subset = np.array([[*range(18), 16.0, 18.0]])
+    body_cls, hand_cls, face_cls = P._aux("open_pose.body").Body, P._aux("open_pose.hand").Hand, P._aux_face().Face
+    monkeypatch.setattr(body_cls, "__call__", lambda self, img: (candidate, subset))
+    hand_crops: list[tuple[int, ...]] = []
+    face_crops: list[tuple[int, ...]] = []
+
+    def hand_call(self: object, crop: np.ndarray) -> np.ndarray:
+        hand_crops.append(crop.shape)
+        return np.array([[4.0 + i, 4.0 + i] for i in range(21)])  # a diagonal "hand" inside the crop
+
+    real_face_call = face_cls.__call__
+
+    def face_call(self: object, crop: np.ndarray) -> np.ndarray:
+        face_crops.append(crop.shape)
+        return real_face_call(self, crop)  # the zero FaceNet: heatmaps of the crop's size, no landmarks
+
+    monkeypatch.setattr(hand_cls, "__call__", hand_call)
+    monkeypatch.setattr(face_cls, "__call__", face_call)
+    image = Image.new("RGB", (256, 256), (90, 90, 90))
+    maps = {n: np.asarray(P.run_preprocessor(n, image, ctx(tmp_path))) for n in ("openpose", "openpose_hand")}
+    assert maps["openpose"].max() > 0 and len(hand_crops) == 2  # both wrists give a hand crop
+    assert (maps["openpose_hand"] != maps["openpose"]).any()  # the hands were drawn on top
+    full = np.asarray(P.run_preprocessor("openpose_full", image, ctx(tmp_path)))
+    # the face crop went through the zero FaceNet, which finds no landmarks: nothing more drawn
+    assert np.array_equal(full, maps["openpose_hand"]) and len(face_crops) == 1
+
+
+def test_openpose_needs_only_the_files_of_its_parts(tmp_path: Path) -> None:
+    assert P.missing_files("openpose", tmp_path) == [P.BODY]
+    assert P.missing_files("openpose_hand", tmp_path) == [P.BODY, P.HAND]
+    assert P.missing_files("openpose_full", tmp_path) == [P.BODY, P.HAND, P.FACE]
+    assert P.missing_files("openpose_faceonly", tmp_path) == [P.BODY, P.FACE]
+
+
+def test_submit_check(tmp_path: Path) -> None:
+    assert P.submit_check(None, tmp_path) is None and P.submit_check("none", tmp_path) is None
+    assert P.submit_check("canny", tmp_path) is None
+    msg = P.submit_check("openpose_hand", tmp_path)
+    assert msg is not None and P.BODY in msg and P.HAND in msg and str(tmp_path) in msg
+    assert "not supported" in (P.submit_check("bogus", tmp_path) or "")
+    # accepted at submit (the seed's enum), the task then fails with the reason
+    assert P.submit_check("depth_midas", tmp_path) is None
+    (tmp_path / "ControlNetHED.pth").write_bytes(b"")
+    assert P.submit_check("softedge_hed", tmp_path) is None
+
+
+def test_broken_annotator_file_is_a_clear_error(picture: Image.Image, tmp_path: Path) -> None:
+    (tmp_path / "table5_pidinet.pth").write_bytes(b"not a checkpoint")
+    with pytest.raises(JobError, match="table5_pidinet.pth could not be loaded"):
+        P.run_preprocessor("softedge_pidinet", picture, ctx(tmp_path))
+
+
+# -- LeReS depth -----------------------------------------------------------------------------------------------------
+
+
+def test_depth_leres_runs_from_a_published_layout_file(picture: Image.Image, tmp_path: Path) -> None:
+    """res101.pth nests the weights under ``depth_model`` with DataParallel's ``module.`` prefix."""
+    from underpaint.engine.demo_controlnet import write_zero_annotator
+
+    write_zero_annotator(P._leres_net, tmp_path / "flat.pth")
+    flat = torch.load(tmp_path / "flat.pth", weights_only=True)
+    torch.save({"depth_model": {"module." + k: v for k, v in flat.items()}}, tmp_path / "res101.pth")
+    out = np.asarray(P.run_preprocessor("depth_leres", picture, ctx(tmp_path)))
+    assert out.shape == (96, 128, 3) and (out == 255).all()  # a flat prediction: no depth range, inverted zeros
+
+
+def test_depth_leres_maps_near_to_white(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    class Ramp(torch.nn.Module):
+        """Predicted depth grows from left to right."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.anchor = torch.nn.Parameter(torch.zeros(1))
+
+        def depth_model(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.linspace(0, 1, x.shape[3]).expand(1, 1, x.shape[2], x.shape[3])
+
+    monkeypatch.setattr(P, "_net", lambda *a, **k: Ramp())
+    (tmp_path / "res101.pth").write_bytes(b"")  # present; the patched loader never reads it
+    image = Image.new("RGB", (128, 64), (80, 80, 80))
+    out = np.asarray(P.run_preprocessor("depth_leres", image, ctx(tmp_path)))[:, :, 0].astype(int)
+    assert out[:, 0].min() >= 250 and out[:, -1].max() <= 5  # near (small depth) white, far black
+    assert (np.diff(out[32]) <= 0).all()
+
+
+def test_normal_bae_runs_from_a_published_layout_file(picture: Image.Image, tmp_path: Path) -> None:
+    """scannet.pt nests the weights under ``model`` with DataParallel's ``module.`` prefix."""
+    from underpaint.engine.demo_controlnet import write_zero_annotator
+
+    write_zero_annotator(P._normal_bae_net, tmp_path / "flat.pth")
+    flat = torch.load(tmp_path / "flat.pth", weights_only=True)
+    torch.save({"model": {"module." + k: v for k, v in flat.items()}}, tmp_path / "scannet.pt")
+    out = np.asarray(P.run_preprocessor("normal_bae", picture, ctx(tmp_path)))
+    # a zero network predicts the zero vector, which the normal map shows as mid-grey
+    assert out.shape == (96, 128, 3) and (out == 127).all()
+    assert "torchvision" not in __import__("sys").modules

@@ -242,3 +242,16 @@ def test_retention_sweeper_thread(db_url: str) -> None:
     store.close()
     with pytest.raises(ValueError):
         RetentionSweeper(store, RecordingStorage(), retention_seconds=-1)
+
+
+def test_retention_also_purges_attached_records(tmp_path: Path) -> None:
+    cutoffs: list[float] = []
+    store = SqlTaskStore(f"sqlite:///{tmp_path / 'r.db'}")
+
+    def purge(cutoff: float) -> int:
+        cutoffs.append(cutoff)
+        return 0
+
+    sweeper = RetentionSweeper(store, RecordingStorage(), 100, clock=lambda: 1000.0, also_purge=[purge])
+    sweeper.run_once()
+    assert cutoffs == [900.0]

@@ -52,6 +52,7 @@ def submit_img2img(ctx: ApiContext, caller: Caller, raw: bytes, base_url: str) -
         services.rate_limiter.check(api_key=caller.api_key, owner=caller.owner, image_num=req.image_num)
 
     names = resolve_models(services.registry, req)
+    _check_preprocessors(services.extras.get("check_preprocessor"), req)
     _check_images(req)
 
     webhook = extra.webhook
@@ -186,6 +187,17 @@ def _apply_names(payload: dict[str, Any], names: dict[str, Any]) -> None:
     if payload.get("controlnet"):
         for unit, entry in zip(payload["controlnet"]["units"], names["controlnet"], strict=True):
             unit["model_name"] = entry.sd_name
+
+
+def _check_preprocessors(check: Any, req: Img2ImgRequest) -> None:
+    """Refuse a unit whose preprocessor needs annotator weights that are not installed (the check names them)."""
+    if check is None or req.controlnet is None:
+        return
+    for i, unit in enumerate(req.controlnet.units):
+        problem = check(unit.preprocessor)
+        if problem:
+            field = f"request.controlnet.units[{i}].preprocessor"
+            raise invalid_request(f"{field}: {problem}", field=field)
 
 
 def _check_images(req: Img2ImgRequest) -> None:

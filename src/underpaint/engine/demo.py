@@ -215,5 +215,9 @@ def write_demo_models(models_dir: Path) -> dict[str, Path]:
 
 
 def write_all_demo_models(models_dir: Path) -> dict[str, Path]:
-    """Everything ``underpaint demo-models DIR`` writes (today: the checkpoints and the VAE above)."""
-    return write_demo_models(models_dir)
+    """Everything ``underpaint demo-models DIR`` writes: checkpoints, VAE, ControlNets and annotators."""
+    from underpaint.engine.demo_controlnet import write_demo_controlnets
+
+    written = write_demo_models(models_dir)
+    written.update(write_demo_controlnets(models_dir))
+    return written

@@ -10,7 +10,8 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any, cast
+from collections.abc import Iterator
 
 import torch
 
@@ -117,7 +118,7 @@ class DiffusersExecutor:
             components = pipeline.Components(
                 unet=loaded.unet,
                 vae=vae,
-                bundle=TextEncoderBundle(list(loaded.tokenizers), list(loaded.text_encoders), loaded.is_sdxl),
+                bundle=TextEncoderBundle(list(loaded.tokenizers), cast(list[Any], list(loaded.text_encoders)), loaded.is_sdxl),
                 schedule=self._schedule(loaded),
                 prediction_type=loaded.prediction_type,
                 vae_scaling_factor=loaded.vae_scaling_factor,
@@ -155,12 +156,15 @@ class DiffusersExecutor:
         from underpaint.engine.adapters.controlnet import build_control_hook
 
         entries = [self._entry("controlnet", u.model) for u in job.controlnets]
-        for entry in entries:
-            if entry.is_sdxl != loaded.is_sdxl:
-                raise JobError(f"ControlNet {entry.sd_name!r} is for {entry.base_model}, the checkpoint is not")
         annotators = self.registry.models_dir / "annotator"
         return build_control_hook(
-            loaded, list(zip(entries, job.controlnets, strict=True)), job.width, job.height, annotators, self.device
+            loaded,
+            list(zip(entries, job.controlnets, strict=True)),
+            job.width,
+            job.height,
+            annotators,
+            self.device,
+            seed=job.seed,
         )
 
     @property

@@ -5,10 +5,13 @@ Every name the Novita docs/JS SDK and the Python SDK send is known here. Three g
 * weight-free, work out of the box: ``canny``, ``shuffle`` and the Python SDK's ``invert``, ``threshold``,
   ``color``, ``scribble_xdog``, ``tile_resample``, ``binary``;
 * network annotators whose weights the operator drops into ``M/annotator/`` (file names as published with
-  lllyasviel's ControlNet annotators): HED, PiDiNet, MLSD, lineart, lineart_anime — the network definitions come
-  from the ``controlnet_aux`` package, weights are loaded with ``torch.load(weights_only=True)``;
+  lllyasviel's ControlNet annotators): HED, PiDiNet, MLSD, lineart, lineart_anime, LeReS depth (``res101.pth``),
+  NormalBae (``scannet.pt``) and OpenPose (body, hands, face: ``body_pose_model.pth``, ``hand_pose_model.pth``,
+  ``facenet.pth``). The network definitions, OpenPose's detectors and its body/face drawing come from the
+  ``controlnet_aux`` package (imported module by module: its package ``__init__``s pull torchvision); weights load
+  with ``torch.load(weights_only=True)``;
 * annotators that need packages this build cannot install beside the CPU torch wheel (torchvision, timm, mmpose,
-  mediapipe): depth_midas/zoe/leres, normal_bae, openpose*, dwpose, mediapipe_face. They are accepted by the API
+  mediapipe): depth_midas/zoe, depth_leres++, normal_map, dwpose, mediapipe_face. They are accepted by the API
   and fail the task with a reason saying so; pass a ready-made map with preprocessor ``none`` instead.
 
 ``none`` (or no preprocessor) uses the image as the control map.
@@ -16,12 +19,17 @@ Every name the Novita docs/JS SDK and the Python SDK send is known here. Three g
 
 from __future__ import annotations
 
+import colorsys
+import contextlib
 import importlib
+import importlib.util
+import io
 import os
 import sys
 import sysconfig
 import threading
 import types
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -101,11 +109,11 @@ def color(img: Array, ctx: Context) -> Array:
 
 
 def scribble_xdog(img: Array, ctx: Context) -> Array:
-    # Difference of Gaussians, thresholded (A1111 threshold 32).
+    # Difference of Gaussians: white lines on black where 2 * (255 - dog) exceeds A1111's threshold 32.
     g1 = cv2.GaussianBlur(img.astype(np.float32), (0, 0), 0.5)
     g2 = cv2.GaussianBlur(img.astype(np.float32), (0, 0), 5.0)
-    dog = (255 - np.min(g2 - g1, axis=2)).clip(0, 255)
-    return _gray3(np.where(dog > 255 - 32, 0, 255).astype(np.uint8))
+    dog = (255 - np.min(g2 - g1, axis=2)).clip(0, 255).astype(np.uint8)
+    return _gray3(np.where(2 * (255 - dog.astype(np.int32)) > 32, 255, 0).astype(np.uint8))
 
 
 def tile_resample(img: Array, ctx: Context) -> Array:
@@ -115,61 +123,129 @@ def tile_resample(img: Array, ctx: Context) -> Array:
 # -- network annotators (controlnet_aux definitions, our weight loading) -----------------------------------
 
 
+_AUX_ROOT = os.path.join(sysconfig.get_paths()["purelib"], "controlnet_aux")
+# Packages whose __init__ imports torchvision (or imports a sibling that does): registered as bare namespaces.
+_STUB_PACKAGES = ("", "open_pose", "leres", "normalbae")
+_import_lock = threading.Lock()
+
+
 def _aux(module: str) -> Any:
-    """Import a controlnet_aux submodule without running its package __init__ (which pulls torchvision)."""
-    if "controlnet_aux" not in sys.modules:
-        pkg = types.ModuleType("controlnet_aux")
-        pkg.__path__ = [os.path.join(sysconfig.get_paths()["purelib"], "controlnet_aux")]
-        sys.modules["controlnet_aux"] = pkg
+    """Import a controlnet_aux submodule without running the package __init__s that pull torchvision."""
+    with _import_lock:
+        for sub in _STUB_PACKAGES:
+            name = "controlnet_aux" + (f".{sub}" if sub else "")
+            if name not in sys.modules:
+                pkg = types.ModuleType(name)
+                pkg.__path__ = [os.path.join(_AUX_ROOT, *sub.split(".")) if sub else _AUX_ROOT]
+                sys.modules[name] = pkg
     return importlib.import_module(f"controlnet_aux.{module}")
 
 
-_nets: dict[tuple[str, Path], Any] = {}
+class _NoTorchvisionTransform:
+    """Stands in for a torchvision transform that face.py instantiates at import time but never calls here."""
+
+    def __call__(self, *args: Any) -> Any:
+        raise RuntimeError("torchvision is not installed")
+
+
+def _aux_face() -> Any:
+    """``controlnet_aux.open_pose.face``: its FaceNet and Face need only torch, but the module imports torchvision's
+    ToTensor/ToPILImage at the top (instantiated, never used by them). Without torchvision, that import gets
+    placeholders for the duration of this import only."""
+    name = "controlnet_aux.open_pose.face"
+    if name in sys.modules or importlib.util.find_spec("torchvision") is not None:
+        return _aux("open_pose.face")
+    _aux("open_pose.util")
+    tv, tvt = types.ModuleType("torchvision"), types.ModuleType("torchvision.transforms")
+    tvt.ToTensor = tvt.ToPILImage = _NoTorchvisionTransform  # type: ignore[attr-defined]
+    tv.transforms = tvt  # type: ignore[attr-defined]
+    with _import_lock:
+        sys.modules.update({"torchvision": tv, "torchvision.transforms": tvt})
+        try:
+            return importlib.import_module(name)
+        finally:
+            sys.modules.pop("torchvision", None)
+            sys.modules.pop("torchvision.transforms", None)
+
+
+# Loaded annotator networks, least recently used dropped beyond the limit (OpenPose and LeReS are 0.2-0.5 GB each).
+_NETS_LIMIT = 4
+_nets: OrderedDict[tuple[str, Path, float, str], Any] = OrderedDict()
 _nets_lock = threading.Lock()
 
 
-def _load_state(path: Path) -> dict[str, torch.Tensor]:
+def _load_state(path: Path, nested: str | None = None) -> dict[str, torch.Tensor]:
+    """A plain state dict from an annotator file: un-nested (``state_dict`` or ``nested``), DataParallel's
+    leading ``module.`` dropped."""
     state = torch.load(path, map_location="cpu", weights_only=True)
-    if isinstance(state, dict) and "state_dict" in state:
-        state = state["state_dict"]
-    return {k.replace("module.", ""): v for k, v in state.items()}
+    for key in ("state_dict", nested):
+        if key and isinstance(state, dict) and key in state:
+            state = state[key]
+    return {k.removeprefix("module."): v for k, v in state.items()}
 
 
-def _net(kind: str, path: Path, build: Callable[[], torch.nn.Module]) -> Any:
-    key = (kind, path)
+def _cached(key: tuple[str, Path, float, str], build: Callable[[], Any]) -> Any:
     with _nets_lock:
         if key not in _nets:
-            net = build()
-            try:
-                net.load_state_dict(_load_state(path))
-            except Exception as exc:  # wrong file, truncated download ...
-                raise JobError(f"annotator weights {path.name} could not be loaded for {kind}: {exc}") from exc
-            _nets[key] = net.float().eval()
+            _nets[key] = build()
+            while len(_nets) > _NETS_LIMIT:
+                _nets.popitem(last=False)
+        _nets.move_to_end(key)
         return _nets[key]
+
+
+def _net(
+    kind: str,
+    path: Path,
+    device: torch.device,
+    build: Callable[[], torch.nn.Module],
+    strip_prefix: bool = False,
+    nested: str | None = None,
+) -> Any:
+    """``build()`` with the weights of ``path``, on ``device``; ``strip_prefix``: the file's names lack the first
+    module level (the OpenPose files: ``conv1_1.weight`` for the network's ``model0.conv1_1.weight``); ``nested``:
+    the state dict sits under that key (LeReS: ``depth_model``)."""
+
+    def load() -> Any:
+        net = build()
+        try:
+            state = _load_state(path, nested)
+            if strip_prefix:
+                state = {k: state[k.split(".", 1)[1]] for k in net.state_dict()}
+            net.load_state_dict(state)
+        except Exception as exc:  # wrong file, truncated download ...
+            raise JobError(f"annotator weights {path.name} could not be loaded for {kind}: {exc!r}") from exc
+        return net.float().eval().to(device)
+
+    try:
+        mtime = path.stat().st_mtime  # in the key: a replaced file is loaded afresh
+    except OSError as exc:
+        raise JobError(f"annotator weights {path.name} are gone from {path.parent}: {exc}") from exc
+    return _cached((kind, path, mtime, str(device)), load)
 
 
 def _detector(kind: str, files: tuple[str, ...], ctx: Context) -> Any:
     paths = [ctx.annotator_dir / f for f in files]
     if kind == "hed":
         m = _aux("hed")
-        return m.HEDdetector(_net(kind, paths[0], m.ControlNetHED_Apache2))
+        return m.HEDdetector(_net(kind, paths[0], ctx.device, m.ControlNetHED_Apache2))
     if kind == "pidinet":
         m = _aux("pidi")
-        return m.PidiNetDetector(_net(kind, paths[0], _aux("pidi.model").pidinet))
+        return m.PidiNetDetector(_net(kind, paths[0], ctx.device, _aux("pidi.model").pidinet))
     if kind == "mlsd":
         m = _aux("mlsd")
-        return m.MLSDdetector(_net(kind, paths[0], _aux("mlsd.models.mbv2_mlsd_large").MobileV2_MLSD_Large))
+        return m.MLSDdetector(_net(kind, paths[0], ctx.device, _aux("mlsd.models.mbv2_mlsd_large").MobileV2_MLSD_Large))
     if kind == "lineart":
         m = _aux("lineart")
         return m.LineartDetector(
-            _net(kind, paths[0], lambda: m.Generator(3, 1, 3)), _net(kind + "_coarse", paths[1], lambda: m.Generator(3, 1, 3))
+            _net(kind, paths[0], ctx.device, lambda: m.Generator(3, 1, 3)), _net(kind + "_coarse", paths[1], ctx.device, lambda: m.Generator(3, 1, 3))
         )
     if kind == "lineart_anime":
         import functools
 
         m = _aux("lineart_anime")
         norm = functools.partial(torch.nn.InstanceNorm2d, affine=False, track_running_stats=False)
-        return m.LineartAnimeDetector(_net(kind, paths[0], lambda: m.UnetGenerator(3, 1, 8, 64, norm_layer=norm)))
+        return m.LineartAnimeDetector(_net(kind, paths[0], ctx.device, lambda: m.UnetGenerator(3, 1, 8, 64, norm_layer=norm)))
     raise AssertionError(kind)
 
 
@@ -184,12 +260,153 @@ def _network(kind: str, files: tuple[str, ...], **call_kwargs: Any) -> Callable[
     return run
 
 
+# -- OpenPose (controlnet_aux's networks, detectors and drawing; our glue) ------------------------------------
+
+BODY, HAND, FACE = "body_pose_model.pth", "hand_pose_model.pth", "facenet.pth"
+# The 21-keypoint hand skeleton: wrist to each finger's four joints.
+_HAND_EDGES = [(0, 1), (1, 2), (2, 3), (3, 4), (0, 5), (5, 6), (6, 7), (7, 8), (0, 9), (9, 10), (10, 11), (11, 12)]
+_HAND_EDGES += [(0, 13), (13, 14), (14, 15), (15, 16), (0, 17), (17, 18), (18, 19), (19, 20)]
+
+
+def _openpose_models(ctx: Context, hand: bool, face: bool) -> tuple[Any, Any, Any]:
+    """Body, hand and face estimators (controlnet_aux classes around our loaded networks)."""
+    body_mod, hand_mod, model_mod = _aux("open_pose.body"), _aux("open_pose.hand"), _aux("open_pose.model")
+
+    def wrap(cls: Any, net: Any) -> Any:
+        # The estimator classes load weights in __init__ with their own torch.load; only .model is used after.
+        est = object.__new__(cls)
+        est.model = net
+        return est
+
+    d = ctx.annotator_dir
+    body = wrap(body_mod.Body, _net("openpose_body", d / BODY, ctx.device, model_mod.bodypose_model, strip_prefix=True))
+    hand_est = None
+    if hand:
+        hand_est = wrap(hand_mod.Hand, _net("openpose_hand", d / HAND, ctx.device, model_mod.handpose_model, strip_prefix=True))
+    face_est = None
+    if face:
+        face_mod = _aux_face()
+        face_est = wrap(face_mod.Face, _net("openpose_face", d / FACE, ctx.device, face_mod.FaceNet))
+    return body, hand_est, face_est
+
+
+def _draw_hand(canvas: Array, points: list[tuple[float, float]]) -> None:
+    """Hand skeleton in the OpenPose colours (edge hue around the wheel, blue joints); points normalised, <0 unset."""
+    h, w = canvas.shape[:2]
+    px = [(int(x * w), int(y * h)) for x, y in points]
+    for i, (a, b) in enumerate(_HAND_EDGES):
+        if min(*px[a], *px[b]) > 0:
+            rgb = colorsys.hsv_to_rgb(i / len(_HAND_EDGES), 1.0, 1.0)
+            cv2.line(canvas, px[a], px[b], tuple(int(c * 255) for c in rgb), thickness=2)
+    for x, y in px:
+        if x > 0 and y > 0:
+            cv2.circle(canvas, (x, y), 4, (0, 0, 255), thickness=-1)
+
+
+def _local_peaks(peaks: Array, x0: int, y0: int, w: int, h: int) -> list[tuple[float, float]] | None:
+    """Crop-relative peaks -> image-normalised points (``-1`` where the detector found nothing)."""
+    if peaks.ndim != 2 or peaks.shape[1] != 2:
+        return None
+    return [(-1.0, -1.0) if px < 1e-6 or py < 1e-6 else ((px + x0) / w, (py + y0) / h) for px, py in peaks.tolist()]
+
+
+def openpose_map(img: Array, ctx: Context, body: bool = True, hand: bool = False, face: bool = False) -> Array:
+    """Detect people on ``img`` (RGB) and draw the requested parts on black, at the image's size."""
+    util = _aux("open_pose.util")
+    keypoint = _aux("open_pose.body").Keypoint
+    body_est, hand_est, face_est = _openpose_models(ctx, hand, face)
+    bgr = np.ascontiguousarray(img[:, :, ::-1])  # the networks were trained on OpenCV's BGR
+    h, w = bgr.shape[:2]
+    canvas = np.zeros((h, w, 3), np.uint8)
+    candidate, subset = body_est(bgr)
+    for person in body_est.format_body_result(candidate, subset):
+        if body:
+            points = [None if k is None else keypoint(x=k.x / w, y=k.y / h) for k in person.keypoints]
+            canvas = util.draw_bodypose(canvas, points)
+        if hand_est is not None:
+            for x, y, size, _is_left in util.handDetect(person, bgr):
+                found = _local_peaks(hand_est(bgr[y : y + size, x : x + size]).astype(np.float32), x, y, w, h)
+                if found:
+                    _draw_hand(canvas, found)
+        if face_est is not None:
+            box = util.faceDetect(person, bgr)
+            if box is not None:
+                x, y, size = box
+                heatmaps = face_est(bgr[y : y + size, x : x + size])
+                found = _local_peaks(face_est.compute_peaks_from_heatmaps(heatmaps).astype(np.float32), x, y, w, h)
+                if found:
+                    canvas = util.draw_facepose(canvas, [keypoint(x=px, y=py) for px, py in found])
+    return canvas
+
+
+def _openpose(body: bool, hand: bool, face: bool) -> Callable[[Array, Context], Array]:
+    return lambda img, ctx: openpose_map(img, ctx, body=body, hand=hand, face=face)
+
+
+# -- LeReS depth (controlnet_aux's network; our glue, A1111's depth_leres without boosting) --------------------
+
+LERES = ("res101.pth",)
+_IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
+_IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
+
+
+def _leres_net() -> torch.nn.Module:
+    net: torch.nn.Module = _aux("leres.leres.multi_depth_model_woauxi").RelDepthModel(backbone="resnext101")
+    return net
+
+
+def depth_leres(img: Array, ctx: Context) -> Array:
+    """Relative depth, near = white (A1111 ``depth_leres`` with both thresholds at 0)."""
+    net = _net("leres", ctx.annotator_dir / LERES[0], ctx.device, _leres_net, nested="depth_model")
+    h, w = img.shape[:2]
+    # The encoder halves the size five times: run at multiples of 64, as A1111's detect resolution is.
+    size = (max(64, round(w / 64) * 64), max(64, round(h / 64) * 64))
+    # As A1111 feeds it: channels reversed, values left at 0-255 under the ImageNet normalisation.
+    x = (cv2.resize(img, size, interpolation=cv2.INTER_AREA)[:, :, ::-1].astype(np.float32) - _IMAGENET_MEAN) / _IMAGENET_STD
+    tensor = torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)))[None].to(next(net.parameters()).device)
+    pred = net.depth_model(tensor).squeeze().float().cpu().numpy()
+    pred = cv2.resize(pred, (w, h), interpolation=cv2.INTER_CUBIC)
+    lo, hi = float(pred.min()), float(pred.max())
+    depth16 = ((pred - lo) / (hi - lo) * 65535 if hi - lo > np.finfo(float).eps else np.zeros_like(pred)).astype(np.uint16)
+    return _gray3(cv2.bitwise_not(cv2.convertScaleAbs(depth16, alpha=255.0 / 65535.0)))
+
+
+# -- NormalBae (controlnet_aux's network; our glue, A1111's normal_bae) --------------------------------------------
+
+NORMAL_BAE = ("scannet.pt",)
+
+
+def _normal_bae_net() -> torch.nn.Module:
+    args = types.SimpleNamespace(
+        mode="client", architecture="BN", pretrained="scannet", sampling_ratio=0.4, importance_ratio=0.7
+    )
+    # Its encoder is built through torch.hub from the bundled local repo, which prints progress: keep it quiet.
+    with contextlib.redirect_stdout(io.StringIO()):
+        net: torch.nn.Module = _aux("normalbae.nets.NNET").NNET(args)
+    return net
+
+
+def normal_bae(img: Array, ctx: Context) -> Array:
+    """Surface normals as RGB (x, y, z mapped from [-1, 1] to [0, 255])."""
+    net = _net("normal_bae", ctx.annotator_dir / NORMAL_BAE[0], ctx.device, _normal_bae_net, nested="model")
+    h, w = img.shape[:2]
+    size = (max(64, round(w / 64) * 64), max(64, round(h / 64) * 64))
+    x = (cv2.resize(img, size, interpolation=cv2.INTER_AREA).astype(np.float32) / 255 - _IMAGENET_MEAN) / _IMAGENET_STD
+    tensor = torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)))[None].to(next(net.parameters()).device)
+    normal = net(tensor)[0][-1][0, :3]  # the finest prediction; channel 4 is the confidence
+    rgb = ((normal + 1) * 0.5).clamp(0, 1).permute(1, 2, 0).float().cpu().numpy()
+    return cv2.resize((rgb * 255).astype(np.uint8), (w, h), interpolation=cv2.INTER_LINEAR)
+
+
 HED = ("ControlNetHED.pth",)
 PIDI = ("table5_pidinet.pth",)
-_TORCHVISION = (
-    "needs torchvision/timm, which cannot be installed beside this build's CPU torch wheel; "
-    "send a ready-made map with preprocessor 'none' instead"
-)
+_INSTEAD = "send a ready-made map with preprocessor 'none' instead"
+_TORCHVISION = f"needs torchvision and timm, which cannot be installed beside this build's CPU torch wheel; {_INSTEAD}"
+_UNSUPPORTED = {
+    "dwpose": f"needs OpenMMLab's mmpose and mmdet (which pull torchvision); use 'openpose_full', or {_INSTEAD}",
+    "depth_leres++": f"(LeReS with boosting) needs torchvision for its pix2pix merge network; use 'depth_leres', or {_INSTEAD}",
+    "mediapipe_face": f"needs mediapipe 0.10 (protobuf 4), which conflicts with this build's packages; {_INSTEAD}",
+}
 
 
 def _registry() -> dict[str, Preprocessor]:
@@ -226,15 +443,21 @@ def _registry() -> dict[str, Preprocessor]:
             ("sk_model.pth", "sk_model2.pth"),
         ),
         Preprocessor("lineart_anime", _network("lineart_anime", ("netG.pth",)), ("netG.pth",)),
+        Preprocessor("depth_leres", depth_leres, LERES),
+        Preprocessor("normal_bae", normal_bae, NORMAL_BAE),
+        Preprocessor("openpose", _openpose(True, False, False), (BODY,)),
+        Preprocessor("openpose_hand", _openpose(True, True, False), (BODY, HAND)),
+        Preprocessor("openpose_face", _openpose(True, False, True), (BODY, FACE)),
+        Preprocessor("openpose_faceonly", _openpose(False, False, True), (BODY, FACE)),
+        Preprocessor("openpose_full", _openpose(True, True, True), (BODY, HAND, FACE)),
     ]
     unsupported = [
-        "depth", "depth_midas", "depth_zoe", "depth_leres", "depth_leres++", "normal_bae", "normal_map",
-        "openpose", "openpose_face", "openpose_faceonly", "openpose_full", "openpose_hand", "dwpose",
+        "depth", "depth_midas", "depth_zoe", "depth_leres++", "normal_map", "dwpose",
         "mediapipe_face", "segmentation", "oneformer_coco", "oneformer_ade20k", "clip_vision",
     ]
     out = {p.name: p for p in table}
     for name in unsupported:
-        out[name] = Preprocessor(name, None, unsupported=_TORCHVISION)
+        out[name] = Preprocessor(name, None, unsupported=_UNSUPPORTED.get(name, _TORCHVISION))
     return out
 
 
@@ -264,6 +487,23 @@ def check(name: str | None, annotator_dir: Path) -> None:
             f"preprocessor {name!r} needs the annotator weights {', '.join(missing)}: "
             f"put them in {annotator_dir} (the models folder's annotator/ directory)"
         )
+
+
+def submit_check(name: str | None, annotator_dir: Path) -> str | None:
+    """Why a request naming ``name`` should be refused at submit (``INVALID_REQUEST_BODY``), or None.
+
+    Refused: unknown names and annotators whose weight files are missing (the message names the files and the
+    folder). Names this build cannot run (``unsupported``) are accepted, as the seed's enum promises, and the task
+    fails with the reason.
+    """
+    p = PREPROCESSORS.get(name or "none")
+    if p is not None and p.unsupported:
+        return None
+    try:
+        check(name, annotator_dir)
+    except JobError as exc:
+        return str(exc)
+    return None
 
 
 def run_preprocessor(name: str | None, image: Image.Image, ctx: Context) -> Image.Image:

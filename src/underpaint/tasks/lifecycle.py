@@ -13,7 +13,7 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 
 from underpaint.storage.base import ImageStorage
 from underpaint.tasks.types import ImageRecord, TaskQueue, TaskRecord, TaskStatus, TaskStore
@@ -118,6 +118,7 @@ class RetentionSweeper:
         interval: float = 600.0,
         batch: int = 500,
         clock: Callable[[], float] = time.time,
+        also_purge: Sequence[Callable[[float], int]] = (),
     ) -> None:
         if retention_seconds < 0:
             raise ValueError("retention_seconds must not be negative")
@@ -127,6 +128,8 @@ class RetentionSweeper:
         self.interval = interval
         self.batch = batch
         self.clock = clock
+        # Other records kept per task (the webhook outbox) that age out with the same cutoff.
+        self.also_purge = tuple(also_purge)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -141,6 +144,8 @@ class RetentionSweeper:
             total += len(purged)
             if len(purged) < self.batch:
                 break
+        for purge in self.also_purge:
+            purge(cutoff)
         if total:
             log.info("retention: purged %d task(s) that ended before %.0f", total, cutoff)
         return total

@@ -398,6 +398,17 @@ class SqlTaskStore:
             eta=0,
         )
 
+    def complete_unleased(self, task_id: str, images: list[ImageRecord]) -> bool:
+        return self._finish(
+            task_id,
+            _t.c.status.in_((_QUEUED, _PROCESSING)),
+            status=_SUCCEED,
+            images=[_image_to_json(i) for i in images],
+            worker_id=None,
+            progress_percent=100,
+            eta=0,
+        )
+
     def fail(self, task_id: str, worker_id: str | None, reason: str) -> bool:
         guard = _t.c.status.in_((_QUEUED, _PROCESSING)) if worker_id is None else _holder(worker_id)
         return self._finish(task_id, guard, status=_FAILED, reason=reason, eta=0)

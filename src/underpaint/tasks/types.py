@@ -117,6 +117,10 @@ class TaskStore(Protocol):
         """PROCESSING -> SUCCEED, only for the lease holder. False means: discard your results."""
         ...
 
+    def complete_unleased(self, task_id: str, images: list[ImageRecord]) -> bool:
+        """Unfinished -> SUCCEED without a lease (webhook test mode, which runs no generation). False if ended."""
+        ...
+
     def fail(self, task_id: str, worker_id: str | None, reason: str) -> bool:
         """-> FAILED. With a worker_id only for the lease holder; ``None`` fails any unfinished task."""
         ...

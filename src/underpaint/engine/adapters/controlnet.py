@@ -22,6 +22,8 @@ from underpaint.engine.job import ControlNetUnitSpec, JobError
 from underpaint.engine.registry import ModelEntry
 
 CONFIG_ROOT = Path(__file__).resolve().parents[1] / "configs"
+CONTROL_PREFIX = "control_model."
+StateDict = dict[str, torch.Tensor]
 
 
 def _config_dir(entry: ModelEntry) -> Path:
@@ -31,18 +33,68 @@ def _config_dir(entry: ModelEntry) -> Path:
     return CONFIG_ROOT / ("controlnet_sdxl" if entry.is_sdxl else "controlnet_sd15")
 
 
-def load_controlnet_model(entry: ModelEntry, device: torch.device, dtype: torch.dtype) -> Any:
-    from diffusers import ControlNetModel
+def _ldm_to_diffusers(sd: StateDict, config: dict[str, Any]) -> StateDict:
+    """lllyasviel/A1111 layout (``control_model.*`` or unprefixed) -> diffusers ``ControlNetModel`` names."""
+    from diffusers.loaders.single_file_utils import convert_controlnet_checkpoint
 
+    if "time_embedding.linear_1.weight" in sd:  # already diffusers names (e.g. diffusers_xl_*.safetensors)
+        return sd
+    inner = {k[len(CONTROL_PREFIX) :]: v for k, v in sd.items() if k.startswith(CONTROL_PREFIX)} or sd
+    converted = {k: v for k, v in convert_controlnet_checkpoint(inner, config).items() if v is not None}
+    # diffusers 0.42's converter drops SDXL's label_emb (the text_time embedding): map it here.
+    for ldm, ours in (("label_emb.0.0.", "add_embedding.linear_1."), ("label_emb.0.2.", "add_embedding.linear_2.")):
+        for leaf in ("weight", "bias"):
+            if ldm + leaf in inner:
+                converted[ours + leaf] = inner[ldm + leaf]
+    return converted
+
+
+def _load_single_file(entry: ModelEntry, dtype: torch.dtype) -> Any:
+    from accelerate import init_empty_weights
+    from diffusers.models.controlnets.controlnet import ControlNetModel
+
+    from underpaint.engine.loader import ModelLoadError, load_state_dict_file
+
+    config_dir = _config_dir(entry)
+    config = dict(ControlNetModel.load_config(str(config_dir)))
     try:
-        if entry.path.is_dir():
-            model = ControlNetModel.from_pretrained(entry.path, local_files_only=True, torch_dtype=dtype)
-        else:
-            model = ControlNetModel.from_single_file(
-                str(entry.path), config=str(_config_dir(entry)), local_files_only=True, torch_dtype=dtype
-            )
-    except Exception as exc:
+        sd = _ldm_to_diffusers(load_state_dict_file(entry.path), config)
+    except ModelLoadError as exc:
         raise JobError(f"ControlNet {entry.sd_name!r} could not be loaded: {exc}") from exc
+    with init_empty_weights():
+        model = ControlNetModel.from_config(config)
+    expected = set(model.state_dict())
+    missing, unexpected = sorted(expected - set(sd)), sorted(set(sd) - expected)
+    if missing or unexpected:
+        raise JobError(
+            f"ControlNet {entry.sd_name!r} does not fit the {'SDXL' if entry.is_sdxl else 'SD 1.5'} ControlNet config "
+            f"{config_dir}: {len(missing)} weights missing (e.g. {missing[:3]}), {len(unexpected)} unexpected "
+            f"(e.g. {unexpected[:3]}); a sidecar {entry.stem}.config/config.json next to the file overrides the config"
+        )
+    try:
+        model.load_state_dict(sd, strict=True, assign=True)
+    except RuntimeError as exc:  # shape mismatches
+        raise JobError(f"ControlNet {entry.sd_name!r} does not fit the config {config_dir}: {exc}") from exc
+    return model.to(dtype)
+
+
+def load_controlnet_model(entry: ModelEntry, device: torch.device, dtype: torch.dtype) -> Any:
+    """A diffusers folder (``from_pretrained``) or a single file (.safetensors/.pth/.ckpt, lllyasviel or diffusers
+    key layout) with its sidecar config or the shipped SD 1.5 / SDXL one."""
+    from diffusers.models.controlnets.controlnet import ControlNetModel
+
+    if entry.path.is_dir():
+        # Folders downloaded with only the fp16 weights carry them as the "fp16" variant.
+        plain = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
+        fp16_only = not any((entry.path / f).is_file() for f in plain) and any(entry.path.glob("*.fp16.*"))
+        try:
+            model = ControlNetModel.from_pretrained(
+                entry.path, local_files_only=True, torch_dtype=dtype, variant="fp16" if fp16_only else None
+            )
+        except Exception as exc:  # diffusers raises many types for broken folders
+            raise JobError(f"ControlNet {entry.sd_name!r} could not be loaded: {exc}") from exc
+    else:
+        model = _load_single_file(entry, dtype)
     return model.to(device).eval()
 
 
@@ -133,7 +185,16 @@ def build_control_hook(
     device: torch.device,
     seed: int = 0,
 ) -> ControlHookImpl | None:
+    """The hook adding the residuals of ``units`` to each UNet call, or None when no unit contributes.
+
+    Raises ``JobError`` for a ControlNet of the other base model, a missing annotator file, an unloadable model.
+    """
     dtype = loaded.dtype
+    for entry, spec in units:  # every refusal before any model loads or preprocessor runs
+        if entry.is_sdxl != loaded.is_sdxl:
+            base = "SDXL" if loaded.is_sdxl else "SD 1.5"
+            raise JobError(f"ControlNet {entry.stem!r} is for {entry.base_model}, the checkpoint is {base}")
+        preprocessors.check(spec.preprocessor, annotator_dir)
     prepared: list[PreparedUnit] = []
     for entry, spec in units:
         if spec.strength == 0:

@@ -1,0 +1,37 @@
+"""A1111-faithful samplers (the 20 names of A1111 v1.0-v1.8) over a diffusers-style UNet. See ``api``."""
+
+from underpaint.engine.samplers.api import (
+    SAMPLER_NAMES,
+    expected_model_evals,
+    full_sigmas,
+    img2img_model_evals,
+    img2img_sigmas,
+    img2img_steps,
+    img2img_t_enc,
+    img2img_timesteps,
+    normalize_sampler_name,
+    sample,
+    sample_img2img,
+)
+from underpaint.engine.samplers.denoiser import make_denoiser, make_eps_fn
+from underpaint.engine.samplers.noise import BrownianNoise, NoiseSource
+from underpaint.engine.samplers.schedule import DiscreteSchedule
+
+__all__ = [
+    "SAMPLER_NAMES",
+    "BrownianNoise",
+    "DiscreteSchedule",
+    "NoiseSource",
+    "expected_model_evals",
+    "full_sigmas",
+    "img2img_model_evals",
+    "img2img_sigmas",
+    "img2img_steps",
+    "img2img_t_enc",
+    "img2img_timesteps",
+    "make_denoiser",
+    "make_eps_fn",
+    "normalize_sampler_name",
+    "sample",
+    "sample_img2img",
+]

@@ -1,0 +1,366 @@
+"""The 20 A1111 sampler names and the img2img entry point used by the pipeline.
+
+Name semantics follow A1111 v1.0 - v1.8 (before samplers and schedule types were split in v1.9): a bare name
+uses A1111's *default* (uniform-in-t) sigma schedule and only the " Karras" suffix selects the Karras schedule.
+So "DPM++ 2M" is uniform and "DPM++ 2M Karras" is Karras (in A1111 >= v1.9, "DPM++ 2M" with "Automatic" schedule
+would be Karras). Other fixed choices, matching A1111 defaults of that era:
+
+* eta = 1 for every ancestral sampler and for DPM fast / DPM adaptive, s_noise = 1, s_churn = 0,
+  eta-noise-seed-delta 0, no sigma quantization, fp32 alphas_cumprod (post-#14071 behaviour).
+* DPM2 and DPM2 a (with or without Karras) discard the penultimate sigma (schedule built for steps + 1).
+* img2img: ``t_enc = int(min(strength, 0.999) * steps)``; the sampler runs ``sigmas[steps - t_enc - 1:]``
+  (t_enc + 1 steps) from ``x = init_latent + noise * sigma_sched[0]``. DPM fast/adaptive integrate from
+  ``sigma_sched[0]`` down to ``sigma_sched[-2]`` (they cannot reach sigma 0) with ``n = len(sigma_sched) - 1``.
+* DPM++ SDE draws its noise from per-image Brownian trees seeded with the image seeds over
+  [smallest positive sigma, largest sigma] of the full (un-sliced) schedule.
+* DDIM / PLMS / UniPC follow A1111 >= v1.6 ("timesteps" samplers): grid ``clip(range(0,1000,1000//N)+1, 0, 999)``,
+  img2img noises to ``abar[timesteps[t_enc]]`` and runs ``timesteps[:t_enc]``; DDIM and PLMS therefore make
+  ``t_enc - 1`` steps and stop at abar[1]; UniPC (bh1, order 3, lower-order final, data prediction, time-uniform)
+  starts at continuous time ``timesteps[t_enc - 1] / 1000 + 1/1000`` as A1111 does. Their output is the VP latent,
+  which A1111 decodes as is.
+* Euler/Heun/DPM2 (churn 0) and DDIM (eta 0) draw a noise tensor every step in A1111 and never use it. Nothing
+  in the step depends on those draws, so instead of drawing per step the generators are advanced by the same count
+  after sampling: the per-image streams end in A1111's state without per-step cost.
+
+* Noise uses A1111's CPU randn source (per-image CPU generators, see ``noise``), not its default GPU source.
+* DPM adaptive measures its error over the whole batch (as A1111), so its images depend on their batch mates.
+
+Where A1111 raises, this module degrades gracefully instead: UniPC with fewer steps than its order uses
+order = steps; UniPC with t_enc = 0 and DPM fast/adaptive with a single sigma step (strength < 1/steps) return the
+noised init latent (DDIM/PLMS with t_enc <= 1 do the same, as in A1111).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from underpaint.engine.samplers import k_samplers, timestep_samplers
+from underpaint.engine.samplers.denoiser import (
+    PREDICTION_TYPES,
+    Denoiser,
+    ModelFn,
+    guard_cancel,
+    make_denoiser,
+    make_eps_fn,
+)
+from underpaint.engine.samplers.noise import BrownianNoise, NoiseSource
+from underpaint.engine.samplers.schedule import DiscreteSchedule
+
+ProgressCallback = Callable[[int, int], None]
+
+SAMPLER_NAMES: tuple[str, ...] = (
+    "Euler a",
+    "Euler",
+    "LMS",
+    "Heun",
+    "DPM2",
+    "DPM2 a",
+    "DPM++ 2S a",
+    "DPM++ 2M",
+    "DPM++ SDE",
+    "DPM fast",
+    "DPM adaptive",
+    "LMS Karras",
+    "DPM2 Karras",
+    "DPM2 a Karras",
+    "DPM++ 2S a Karras",
+    "DPM++ 2M Karras",
+    "DPM++ SDE Karras",
+    "DDIM",
+    "PLMS",
+    "UniPC",
+)
+
+SigmaSampler = Callable[[Denoiser, Tensor, Sequence[float], k_samplers.NoiseFn, k_samplers.OnStep], Tensor]
+
+
+@dataclass(frozen=True)
+class _Spec:
+    kind: str  # "sigmas" | "dpm_fast" | "dpm_adaptive" | "ddim" | "plms" | "unipc"
+    fn: SigmaSampler | None = None
+    karras: bool = False
+    discard_penultimate: bool = False
+    noise: str = "none"  # "none" | "ancestral" | "brownian"
+    second_order: bool = False
+    unused_draws: bool = False  # A1111 draws (and ignores) one noise tensor per step
+
+
+_SPECS: dict[str, _Spec] = {
+    "Euler a": _Spec("sigmas", k_samplers.euler_ancestral, noise="ancestral"),
+    "Euler": _Spec("sigmas", k_samplers.euler, unused_draws=True),
+    "LMS": _Spec("sigmas", k_samplers.lms),
+    "Heun": _Spec("sigmas", k_samplers.heun, second_order=True, unused_draws=True),
+    "DPM2": _Spec("sigmas", k_samplers.dpm2, discard_penultimate=True, second_order=True, unused_draws=True),
+    "DPM2 a": _Spec(
+        "sigmas", k_samplers.dpm2_ancestral, discard_penultimate=True, noise="ancestral", second_order=True
+    ),
+    "DPM++ 2S a": _Spec("sigmas", k_samplers.dpmpp_2s_ancestral, noise="ancestral", second_order=True),
+    "DPM++ 2M": _Spec("sigmas", k_samplers.dpmpp_2m),
+    "DPM++ SDE": _Spec("sigmas", k_samplers.dpmpp_sde, noise="brownian", second_order=True),
+    "DPM fast": _Spec("dpm_fast", noise="ancestral"),
+    "DPM adaptive": _Spec("dpm_adaptive", noise="ancestral"),
+    "LMS Karras": _Spec("sigmas", k_samplers.lms, karras=True),
+    "DPM2 Karras": _Spec(
+        "sigmas", k_samplers.dpm2, karras=True, discard_penultimate=True, second_order=True, unused_draws=True
+    ),
+    "DPM2 a Karras": _Spec(
+        "sigmas",
+        k_samplers.dpm2_ancestral,
+        karras=True,
+        discard_penultimate=True,
+        noise="ancestral",
+        second_order=True,
+    ),
+    "DPM++ 2S a Karras": _Spec(
+        "sigmas", k_samplers.dpmpp_2s_ancestral, karras=True, noise="ancestral", second_order=True
+    ),
+    "DPM++ 2M Karras": _Spec("sigmas", k_samplers.dpmpp_2m, karras=True),
+    "DPM++ SDE Karras": _Spec("sigmas", k_samplers.dpmpp_sde, karras=True, noise="brownian", second_order=True),
+    "DDIM": _Spec("ddim", unused_draws=True),
+    "PLMS": _Spec("plms"),
+    "UniPC": _Spec("unipc"),
+}
+
+_TIMESTEP_KINDS = ("ddim", "plms", "unipc")
+
+
+def _key(name: str) -> str:
+    return re.sub(r"\s+", " ", name.strip()).casefold()
+
+
+_BY_KEY: dict[str, str] = {_key(n): n for n in SAMPLER_NAMES}
+# The Novita Python SDK spells "DPM++ 2M Karras" as "DPM++ Karras".
+_BY_KEY[_key("DPM++ Karras")] = "DPM++ 2M Karras"
+
+
+def normalize_sampler_name(name: str) -> str | None:
+    """Canonical A1111 name for ``name`` (case/whitespace-insensitive), or None if it is not one of the 20."""
+    if not isinstance(name, str):
+        return None
+    return _BY_KEY.get(_key(name))
+
+
+def _spec(name: str) -> tuple[str, _Spec]:
+    canonical = normalize_sampler_name(name)
+    if canonical is None:
+        raise ValueError(f"unknown sampler {name!r}; expected one of: {', '.join(SAMPLER_NAMES)}")
+    return canonical, _SPECS[canonical]
+
+
+def _check_steps_strength(steps: int, strength: float) -> None:
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be a positive integer, got {steps!r}")
+    if not 0.0 <= strength <= 1.0:
+        raise ValueError(f"strength must be within [0, 1], got {strength!r}")
+
+
+def img2img_t_enc(steps: int, strength: float) -> int:
+    """A1111's number of encoding steps: ``int(min(strength, 0.999) * steps)``."""
+    _check_steps_strength(steps, strength)
+    return int(min(strength, 0.999) * steps)
+
+
+def full_sigmas(name: str, schedule: DiscreteSchedule, steps: int) -> Tensor:
+    """The sigma schedule A1111 builds for ``steps`` (incl. the final 0), with the Karras and discard rules."""
+    _, spec = _spec(name)
+    if spec.kind in _TIMESTEP_KINDS:
+        raise ValueError(f"{name} is a timesteps sampler and has no sigma schedule")
+    _check_steps_strength(steps, 1.0)
+    n = steps + 1 if spec.discard_penultimate else steps
+    sigmas = schedule.get_sigmas_karras(n) if spec.karras else schedule.get_sigmas(n)
+    if spec.discard_penultimate:
+        sigmas = torch.cat([sigmas[:-2], sigmas[-1:]])
+    return sigmas
+
+
+def img2img_sigmas(name: str, schedule: DiscreteSchedule, steps: int, strength: float) -> Tensor:
+    """The sigmas the sampler walks for img2img: ``full[steps - t_enc - 1:]`` (t_enc + 1 steps)."""
+    sigmas = full_sigmas(name, schedule, steps)
+    return sigmas[steps - img2img_t_enc(steps, strength) - 1 :]
+
+
+def img2img_timesteps(name: str, steps: int, strength: float) -> tuple[list[int], int]:
+    """For DDIM/PLMS/UniPC: (timesteps handed to the sampler, timestep the init latent is noised to)."""
+    _, spec = _spec(name)
+    if spec.kind not in _TIMESTEP_KINDS:
+        raise ValueError(f"{name} is a sigma sampler; use img2img_sigmas")
+    t_enc = img2img_t_enc(steps, strength)
+    timesteps = timestep_samplers.uniform_timesteps(steps)
+    return timesteps[:t_enc], timesteps[t_enc]
+
+
+def expected_model_evals(name: str, n_sigma_steps: int) -> int | None:
+    """Model evaluations for one run. ``n_sigma_steps`` = ``len(sigmas) - 1`` for sigma samplers and
+    ``len(timesteps)`` for DDIM/PLMS/UniPC. None for DPM adaptive (step count chosen at run time)."""
+    _, spec = _spec(name)
+    n = n_sigma_steps
+    if n < 0:
+        raise ValueError("n_sigma_steps must be non-negative")
+    if spec.kind == "dpm_adaptive":
+        return 0 if n <= 1 else None
+    if spec.kind == "dpm_fast":
+        return 0 if n <= 1 else n
+    if spec.kind == "ddim":
+        return max(n - 1, 0)
+    if spec.kind == "plms":
+        return n if n >= 2 else 0
+    if spec.second_order:
+        return max(2 * n - 1, 0)
+    return n
+
+
+def img2img_steps(name: str, schedule: DiscreteSchedule, steps: int, strength: float) -> int:
+    """Sampler steps an img2img run reports through its progress callback."""
+    _, spec = _spec(name)
+    if spec.kind in ("ddim", "plms"):
+        return max(len(img2img_timesteps(name, steps, strength)[0]) - 1, 0)
+    if spec.kind == "unipc":
+        return len(img2img_timesteps(name, steps, strength)[0])
+    return len(img2img_sigmas(name, schedule, steps, strength)) - 1
+
+
+def img2img_model_evals(name: str, schedule: DiscreteSchedule, steps: int, strength: float) -> int | None:
+    """Model evaluations of an img2img run (None for DPM adaptive)."""
+    _, spec = _spec(name)
+    if spec.kind in _TIMESTEP_KINDS:
+        return expected_model_evals(name, len(img2img_timesteps(name, steps, strength)[0]))
+    return expected_model_evals(name, len(img2img_sigmas(name, schedule, steps, strength)) - 1)
+
+
+class _Progress:
+    def __init__(self, callback: ProgressCallback | None, total: int) -> None:
+        self.callback = callback
+        self.total = total
+        self.done = 0
+
+    def step(self, completed: int) -> None:
+        completed = min(completed, self.total)
+        if self.callback is not None and completed > self.done:
+            self.callback(completed, self.total)
+        self.done = max(self.done, completed)
+
+    def fraction(self, frac: float) -> None:
+        # Adaptive solver: report whole steps of the nominal count, never "done" before the end.
+        self.step(min(int(frac * self.total), self.total - 1))
+
+    def finish(self) -> None:
+        self.step(self.total)
+
+
+def sample(
+    name: str,
+    denoiser: Denoiser,
+    x: Tensor,
+    sigmas: Tensor | Sequence[float],
+    noise: NoiseSource,
+    *,
+    brownian_range: tuple[float, float] | None = None,
+    callback: ProgressCallback | None = None,
+) -> Tensor:
+    """Run a sigma sampler over an explicit descending sigma list (ending in 0) starting from ``x``.
+
+    DPM fast / adaptive integrate from ``sigmas[0]`` to ``sigmas[-2]`` with ``n = len(sigmas) - 1`` (A1111's img2img
+    rule). ``brownian_range`` = (sigma_min, sigma_max) of the Brownian tree for DPM++ SDE; by default the smallest
+    positive and the largest sigma of ``sigmas``.
+    """
+    canonical, spec = _spec(name)
+    if spec.kind in _TIMESTEP_KINDS:
+        raise ValueError(f"{canonical} is a timesteps sampler; use sample_img2img")
+    sig = [float(s) for s in (sigmas.tolist() if isinstance(sigmas, Tensor) else sigmas)]
+    if len(sig) < 2 or sig[-1] != 0.0 or any(b >= a for a, b in zip(sig, sig[1:], strict=False)):
+        raise ValueError("sigmas must be strictly decreasing and end with 0")
+    n = len(sig) - 1
+    progress = _Progress(callback, n)
+
+    def ancestral(_s: float, _s_next: float) -> Tensor:
+        return noise.randn_like(x)
+
+    if spec.kind in ("dpm_fast", "dpm_adaptive") and n == 1:
+        # A single sigma step (strength < 1/steps) gives sigma_min == sigma_max: nothing to integrate (A1111's
+        # k-diffusion call raises here). Return the noised latent unchanged.
+        progress.finish()
+        return x
+    if spec.kind == "dpm_fast":
+        out = k_samplers.dpm_fast(denoiser, x, sig[-2], sig[0], n, ancestral, progress.step)
+    elif spec.kind == "dpm_adaptive":
+        out = k_samplers.dpm_adaptive(denoiser, x, sig[-2], sig[0], ancestral, progress.fraction)
+    elif spec.noise == "brownian":
+        assert spec.fn is not None
+        lo, hi = brownian_range if brownian_range is not None else (min(s for s in sig if s > 0), max(sig))
+        brownian = BrownianNoise(x, noise.seeds, lo, hi)
+        try:
+            brownian.prefetch(k_samplers.dpmpp_sde_noise_queries(sig))
+            out = spec.fn(denoiser, x, sig, brownian, progress.step)
+        finally:
+            brownian.close()
+    else:
+        assert spec.fn is not None
+        out = spec.fn(denoiser, x, sig, ancestral, progress.step)
+        if spec.unused_draws:
+            noise.advance(x, n)
+    progress.finish()
+    return out
+
+
+def sample_img2img(
+    sampler_name: str,
+    model_fn: ModelFn,
+    schedule: DiscreteSchedule,
+    init_latent: Tensor,
+    steps: int,
+    strength: float,
+    noise: NoiseSource,
+    *,
+    prediction_type: str = "epsilon",
+    callback: ProgressCallback | None = None,
+    should_cancel: Callable[[], bool] | None = None,
+) -> Tensor:
+    """A1111 img2img sampling (see module docstring). ``model_fn(x_in, t) -> eps | v`` with CFG already applied.
+
+    The first draw of every generator in ``noise`` is that image's initial noise. Returns the final latent (still
+    multiplied by the VAE scaling factor). Raises ``JobCancelled`` when ``should_cancel()`` turns true (checked
+    before every model evaluation) and ``ValueError`` on bad arguments.
+    """
+    canonical, spec = _spec(sampler_name)
+    _check_steps_strength(steps, strength)
+    if init_latent.ndim != 4:
+        raise ValueError(f"init_latent must be [B, C, h, w], got shape {tuple(init_latent.shape)}")
+    if init_latent.shape[0] != len(noise):
+        raise ValueError(f"batch size {init_latent.shape[0]} does not match the {len(noise)} seeds")
+    if prediction_type not in PREDICTION_TYPES:
+        raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
+    model_fn = guard_cancel(model_fn, should_cancel)
+    initial_noise = noise.randn_like(init_latent)
+
+    if spec.kind in _TIMESTEP_KINDS:
+        if schedule.num_timesteps != 1000:
+            raise ValueError(f"{canonical} follows A1111's 1000-timestep grid; this model has {schedule.num_timesteps}")
+        ts_sched, t_noise = img2img_timesteps(canonical, steps, strength)
+        abar = schedule.alpha_cumprod(t_noise)
+        x = init_latent * abar**0.5 + initial_noise * (1.0 - abar) ** 0.5
+        eps_fn = make_eps_fn(model_fn, schedule, prediction_type)
+        progress = _Progress(callback, img2img_steps(canonical, schedule, steps, strength))
+        if spec.kind == "unipc":
+            if ts_sched:
+                t_start = ts_sched[-1] / 1000 + 1 / 1000
+                x = timestep_samplers.unipc(eps_fn, x, len(ts_sched), schedule, progress.step, t_start=t_start)
+        elif spec.kind == "ddim":
+            x = timestep_samplers.ddim(eps_fn, x, ts_sched, schedule, progress.step)
+            noise.advance(x, max(len(ts_sched) - 1, 0))
+        else:
+            x = timestep_samplers.plms(eps_fn, x, ts_sched, schedule, progress.step)
+        progress.finish()
+        return x
+
+    full = full_sigmas(canonical, schedule, steps)
+    sigma_sched = full[steps - img2img_t_enc(steps, strength) - 1 :]
+    x = init_latent + initial_noise * float(sigma_sched[0])
+    positive = full[full > 0]
+    brownian_range = (float(positive.min()), float(full.max()))
+    denoiser = make_denoiser(model_fn, schedule, prediction_type)
+    return sample(canonical, denoiser, x, sigma_sched, noise, brownian_range=brownian_range, callback=callback)
