@@ -7,6 +7,7 @@ holding a task's lease; stop and restart of every process with tasks queued; rou
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -121,6 +122,21 @@ def _assert_exactly_once(run: Running, bodies: dict[str, dict[str, Any]], image_
     assert len(keys) == len(set(keys))
 
 
+def _assert_log_lines_carry_task_ids(run: Running, task_ids: set[str]) -> None:
+    """Every JSON log line of the workers that is about one of ``task_ids`` has it in its ``task_id`` field."""
+    about: dict[str, int] = {}
+    for w in run.workers:
+        for line in w.log_path.read_text().splitlines():
+            if not line.startswith("{"):
+                continue  # library warnings printed before logging is configured
+            row = json.loads(line)
+            named = [t for t in task_ids if t in row["message"]]
+            for t in named:
+                assert row["task_id"] == t, row
+                about[t] = about.get(t, 0) + 1
+    assert set(about) == task_ids  # each task was logged (received, finished ...) by some worker
+
+
 def test_forty_tasks_across_two_api_nodes_run_exactly_once(running: Running) -> None:
     image_nums: dict[str, int] = {}
     for i in range(40):
@@ -147,6 +163,7 @@ def test_forty_tasks_across_two_api_nodes_run_exactly_once(running: Running) -> 
     assert workers_used == {str(w.pid) for w in running.workers}  # both workers took tasks
     url = bodies[next(iter(bodies))]["images"][0]["image_url"]
     assert httpx.get(url, timeout=30).content[:8] == b"\x89PNG\r\n\x1a\n"
+    _assert_log_lines_carry_task_ids(running, set(image_nums))
     metrics = httpx.get(running.apis[1].url + "/metrics", timeout=30).text
     assert 'underpaint_tasks{status="TASK_STATUS_SUCCEED"}' in metrics and "underpaint_queue_depth" in metrics
     health = httpx.get(running.apis[1].url + "/health", timeout=30).json()

@@ -90,10 +90,15 @@ def test_json_logs_carry_the_task_id() -> None:
         with task_context("t-123"):
             logger.info("inside %s", "x", extra={"attempt": 2})
             logging.getLogger("underpaint.test.jsonlog.child").error("child")
+        celery_like = logging.getLogger("celery.test.jsonlog")
+        celery_like.addHandler(handler)
+        celery_like.propagate = False
+        celery_like.warning("Task %(name)s[%(id)s] received", {"name": "n", "id": "t-456"})
+        celery_like.removeHandler(handler)
     finally:
         logger.removeHandler(handler)
     lines = [json.loads(line) for line in stream.getvalue().splitlines()]
-    assert [x["task_id"] for x in lines] == [None, "t-123", "t-123"]
+    assert [x["task_id"] for x in lines] == [None, "t-123", "t-123", "t-456"]
     assert lines[1]["message"] == "inside x" and lines[1]["attempt"] == 2 and lines[1]["level"] == "INFO"
 
 

@@ -21,6 +21,8 @@ class CeleryQueue:
         self.app.send_task(
             TASK_NAME,
             args=[task_id],
+            # The message id is the task id, so Celery's own log lines ("Task ...[<id>] received") name the task.
+            task_id=task_id,
             queue=queue,
             retry=True,
             retry_policy={"max_retries": 3, "interval_start": 0.2, "interval_step": 0.5, "interval_max": 2.0},

@@ -36,8 +36,17 @@ class TaskIdFilter(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         if getattr(record, "task_id", None) is None:
-            record.task_id = current_task_id.get() or "-"
+            record.task_id = current_task_id.get() or _celery_message_id(record) or "-"
         return True
+
+
+def _celery_message_id(record: logging.LogRecord) -> str | None:
+    """Celery logs a message's received/succeeded/failed lines outside our task body, with the message id in a
+    dict of arguments; our messages use the task id as message id (``CeleryQueue``)."""
+    if record.name.startswith("celery.") and isinstance(record.args, dict):
+        value = record.args.get("id")
+        return value if isinstance(value, str) else None
+    return None
 
 
 class JsonFormatter(logging.Formatter):
