@@ -28,7 +28,7 @@ from underpaint.scale.heartbeat import Heartbeat, list_workers
 from underpaint.scale.logging import JsonFormatter, TaskIdFilter, task_context
 from underpaint.scale.metrics import ClusterCollector, InstrumentedRunner
 from underpaint.scale.routing import known_queues, parse_queues, task_lane
-from underpaint.scale.worker import WorkerContext, register_task
+from underpaint.scale.worker import WorkerContext, register_task, worker_pool
 from underpaint.services import Services
 from underpaint.tasks.store import SqlTaskStore
 from underpaint.tasks.types import ImageRecord, NewTask, TaskRecord, TaskStatus
@@ -68,7 +68,7 @@ def test_celery_config_is_durable_and_rejects_unknown_brokers() -> None:
     assert conf["task_acks_late"] and conf["task_reject_on_worker_lost"]
     assert conf["worker_prefetch_multiplier"] == 1
     assert conf["broker_transport_options"]["visibility_timeout"] == 77
-    assert conf["task_serializer"] == "json" and conf["accept_content"] == ["json"]
+    assert conf["task_serializer"] == "json" and conf["accept_content"] == ["json"] and conf["broker_heartbeat"] == 0
     with pytest.raises(ValueError, match="unsupported broker URL"):
         celery_config(Settings(broker_url="kafka://x"))
 
@@ -221,9 +221,12 @@ def test_celery_queue_on_rabbitmq(amqp_url: str, tmp_path: Path, store: SqlTaskS
 
 
 class _CeleryThread:
+    """A Celery worker consuming in a thread of the test process, with the pool ``run_worker`` uses for
+    concurrency 1."""
+
     def __init__(self, app: Any, queues: list[str]) -> None:
         self.controller = app.WorkController(
-            pool_cls="threads", concurrency=1, queues=queues, without_gossip=True, without_mingle=True,
+            pool_cls=worker_pool(1), concurrency=1, queues=queues, without_gossip=True, without_mingle=True,
             without_heartbeat=True, hostname=f"test-{uuid.uuid4().hex[:6]}@localhost", loglevel="WARNING",
         )  # fmt: skip
         app.set_default()  # as ``run_worker`` does: worker parts look tasks up through the default app
@@ -234,8 +237,16 @@ class _CeleryThread:
         return self
 
     def __exit__(self, *_exc: object) -> None:
-        self.controller.stop()
-        self.thread.join(30)
+        # Ask the consumer loop to stop itself, on its own thread (as a signal does in a worker process):
+        # closing its broker connection from this thread can hang py-amqp.
+        from celery.worker import state
+
+        state.should_stop = 0
+        try:
+            self.thread.join(60)
+        finally:
+            state.should_stop = None
+        assert not self.thread.is_alive(), "the Celery worker thread did not stop"
 
 
 def _wait_status(store: SqlTaskStore, task_id: str, status: TaskStatus, timeout: float = 30) -> TaskRecord:

@@ -46,6 +46,9 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "worker_redirect_stdouts": False,
         "worker_send_task_events": False,
         "worker_disable_rate_limits": True,
+        # RabbitMQ: a solo-pool worker cannot answer AMQP heartbeats while a generation runs, and the broker would
+        # drop its connection mid-task; a dead peer is found by TCP keepalive instead.
+        "broker_heartbeat": 0,
     }
 
 

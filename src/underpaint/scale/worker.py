@@ -11,7 +11,9 @@ the lease holder can record a result, so a task never completes twice. Besides t
 - the webhook sender (the outbox is shared; each delivery is sent by one process).
 
 ``concurrency`` runs that many generations at once, each with its own executor and model cache (so memory
-grows with it); on a GPU machine run one worker per GPU with ``--device cuda:N`` and concurrency 1.
+grows with it); on a GPU machine run one worker per GPU with ``--device cuda:N`` and concurrency 1. Concurrency 1
+uses Celery's solo pool (everything on one thread); more uses the threads pool, where acknowledgements come from
+pool threads: fine on Redis, while on RabbitMQ prefer several processes of concurrency 1.
 """
 
 from __future__ import annotations
@@ -131,6 +133,12 @@ def register_task(app: Celery, ctx: WorkerContext) -> None:
             raise self.retry(exc=exc, countdown=RETRY_DELAY) from exc
 
 
+def worker_pool(concurrency: int) -> str:
+    """``solo`` for one generation at a time: the task runs in the consumer's thread, so every broker operation
+    (acks included) stays on one thread, which py-amqp (RabbitMQ) requires. ``threads`` for more."""
+    return "solo" if concurrency == 1 else "threads"
+
+
 def worker_settings(settings: Settings) -> Settings:
     return settings.with_overrides(queue_backend="celery", run_worker=False)
 
@@ -177,7 +185,7 @@ def run_worker(
             hostname=f"underpaint-{os.getpid()}@{socket.gethostname()}",
             queues=list(names),
             concurrency=concurrency,
-            pool="threads",
+            pool=worker_pool(concurrency),
             without_gossip=True,
             without_mingle=True,
             without_heartbeat=True,
