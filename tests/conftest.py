@@ -31,10 +31,11 @@ def _demo_cache_key() -> str:
 
     import underpaint.engine.convert as convert
     import underpaint.engine.demo as demo
+    import underpaint.engine.demo_adapters as demo_adapters
     import underpaint.engine.demo_controlnet as demo_controlnet
 
     digest = hashlib.sha256()
-    for module in (demo, convert, demo_controlnet):
+    for module in (demo, convert, demo_controlnet, demo_adapters):
         digest.update(Path(str(module.__file__)).read_bytes())
     digest.update(f"{torch.__version__}/{diffusers.__version__}/{transformers.__version__}".encode())
     return digest.hexdigest()[:16]

@@ -158,15 +158,17 @@ def on_terminal_hook(services: Services) -> Any:
 
 def build_local_worker(services: Services) -> Any:
     from underpaint.scale.metrics import InstrumentedRunner
+    from underpaint.tasks.queue import LocalQueue
     from underpaint.tasks.worker import Worker
 
     runner = InstrumentedRunner(build_runner(services))  # generation seconds and model loads for /metrics
     services.extras["runners"] = [runner]
+    queue = services.queue
     return Worker(
         services.store,
         runner,
         services.settings,
-        queue=services.queue,
+        queue=queue if isinstance(queue, LocalQueue) else None,
         on_terminal=on_terminal_hook(services),
         storage=services.storage,
     )

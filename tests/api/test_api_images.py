@@ -11,9 +11,9 @@ import zlib
 
 import numpy as np
 import pytest
+from api_support import b64, image_bytes
 from PIL import Image
 
-from conftest import b64, image_bytes
 from underpaint.api.errors import ApiError
 from underpaint.api.images import decode_base64, decode_image
 

@@ -9,9 +9,9 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
+from api_support import KEY_A, KEY_B, auth, make_services, task_count
 from fastapi.testclient import TestClient
 
-from conftest import KEY_A, KEY_B, auth, make_services, task_count
 from underpaint.api.app import create_app
 from underpaint.api.errors import ApiError, invalid_custom_output_path, rate_limited
 from underpaint.api.jobs import job_from_payload
@@ -203,7 +203,7 @@ def test_public_base_url_and_other_backends(models_dir, tmp_path):
 
 
 def _minimal() -> dict[str, Any]:
-    from conftest import b64, image_bytes
+    from api_support import b64, image_bytes
 
     return {"model_name": "dreamshaper_8", "image_base64": b64(image_bytes()), "prompt": "p"}
 

@@ -5,8 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-
-from conftest import KEY_A, auth
+from api_support import KEY_A, auth
 
 PY_SDK_EXTRA = {
     "response_image_type": "jpeg",
@@ -414,7 +413,7 @@ def test_enterprise_plan_routes_to_dedicated_lane(submit, services):
 
 
 def test_enterprise_plan_without_dedicated_lane_uses_default(submit, services):
-    from conftest import KEY_B
+    from api_support import KEY_B
 
     _, record = stored(services, submit(extra={"enterprise_plan": {"enabled": True}}, key=KEY_B))
     assert services.queue.items[-1] == (record.task_id, "sd15") and record.priority == 0

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
+import io
 import os
 import signal
 import socket
 import subprocess
 import sys
 import time
-import io
 from pathlib import Path
 
 import httpx

@@ -1,13 +1,10 @@
 from __future__ import annotations
 
 import base64
-import io
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from PIL import Image
-
 from _server import LiveServer, make_png
 
 

@@ -6,7 +6,6 @@ import time
 from pathlib import Path
 
 import httpx
-
 from _server import LiveServer
 
 AUTH = {"Authorization": "Bearer key-a"}

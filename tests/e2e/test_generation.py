@@ -10,10 +10,10 @@ from typing import Any
 
 import numpy as np
 import pytest
+from _server import make_png
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from _server import make_png
 from underpaint.api.app import create_app
 from underpaint.app import build_local_worker, build_services
 from underpaint.config import Settings
@@ -77,20 +77,20 @@ def pixels(data: bytes) -> np.ndarray:
 
 
 def test_same_seed_same_pixels_and_size(stack: Stack) -> None:
-    a = stack.run(stack.submit(seed=5, width=128, height=96))
-    b = stack.run(stack.submit(seed=5, width=128, height=96))
-    c = stack.run(stack.submit(seed=6, width=128, height=96))
+    a = stack.run(stack.submit(seed=5, width=192, height=128))
+    b = stack.run(stack.submit(seed=5, width=192, height=128))
+    c = stack.run(stack.submit(seed=6, width=192, height=128))
     assert a["task"]["status"] == "TASK_STATUS_SUCCEED", a["task"]
     (ia,), (ib,), (ic,) = stack.images(a), stack.images(b), stack.images(c)
-    assert pixels(ia).shape == (96, 128, 3)
+    assert pixels(ia).shape == (128, 192, 3)
     assert np.array_equal(pixels(ia), pixels(ib))
     assert not np.array_equal(pixels(ia), pixels(ic))
     assert a["extra"]["seed"] == "5"
 
 
 def test_image_num_uses_consecutive_seeds(stack: Stack) -> None:
-    batch = stack.images(stack.run(stack.submit(seed=1000, image_num=3, sampler_name="DPM++ SDE")))
-    assert len(batch) == 3
+    batch = stack.images(stack.run(stack.submit(seed=1000, image_num=4, sampler_name="DPM++ SDE")))
+    assert len(batch) == 4
     for i, data in enumerate(batch):
         (single,) = stack.images(stack.run(stack.submit(seed=1000 + i, sampler_name="DPM++ SDE")))
         diff = np.abs(pixels(data) - pixels(single))
@@ -156,3 +156,23 @@ def test_missing_checkpoint_at_run_time_fails_with_reason(stack: Stack, tiny_mod
     result = stack.run(task_id)
     assert result["task"]["status"] == "TASK_STATUS_FAILED"
     assert "doomed" in result["task"]["reason"]
+
+
+def test_sd_vae_applies_to_its_task_only(stack: Stack) -> None:
+    (base,) = stack.images(stack.run(stack.submit(seed=9)))
+    with_vae = stack.run(stack.submit(seed=9, sd_vae="tiny-vae.safetensors"))
+    (vae_img,) = stack.images(with_vae)
+    (after,) = stack.images(stack.run(stack.submit(seed=9)))
+    assert not np.array_equal(pixels(base), pixels(vae_img))
+    assert np.array_equal(pixels(base), pixels(after)), "the override must not leak into later tasks"
+    info = read_infotext(vae_img)
+    assert info is not None and "VAE: tiny-vae.safetensors" in info
+
+
+def test_long_prompt_and_weights_change_the_image(stack: Stack) -> None:
+    base = pixels(stack.images(stack.run(stack.submit(seed=3, prompt="a red house")))[0])
+    weighted = pixels(stack.images(stack.run(stack.submit(seed=3, prompt="a (red:1.5) house")))[0])
+    long_prompt = "a red house, " + ", ".join(f"detail {i}" for i in range(60))
+    long_img = pixels(stack.images(stack.run(stack.submit(seed=3, prompt=long_prompt)))[0])
+    assert not np.array_equal(base, weighted)
+    assert not np.array_equal(base, long_img)

@@ -5,11 +5,10 @@ from __future__ import annotations
 import base64
 import io
 
+from _server import LiveServer, make_png
 from novita_client import NovitaClient
 from novita_client.exceptions import NovitaResponseError
 from PIL import Image
-
-from _server import LiveServer, make_png
 
 
 def test_img2img_v3_and_wait_for_task(live_server: LiveServer) -> None:
@@ -21,7 +20,7 @@ def test_img2img_v3_and_wait_for_task(live_server: LiveServer) -> None:
         prompt="a lighthouse, (sunset:1.2)",
         image_num=2,
         width=128,
-        height=96,
+        height=160,
         steps=6,
         seed=1234,
         sampler_name="DPM++ 2M Karras",
@@ -33,7 +32,7 @@ def test_img2img_v3_and_wait_for_task(live_server: LiveServer) -> None:
     assert len(res.images) == 2 and len(res.images_encoded) == 2
     for encoded in res.images_encoded:
         img = Image.open(io.BytesIO(base64.b64decode(encoded)))
-        assert img.size == (128, 96)
+        assert img.size == (128, 160)
         assert "Sampler: DPM++ 2M Karras" in img.info["parameters"]
 
 

@@ -71,7 +71,7 @@ def test_sidecar_configs_describe_the_tiny_shapes(tiny_models_dir: Path) -> None
     assert json.loads((side / "text_encoder_2" / "config.json").read_text())["hidden_size"] == 64
     assert json.loads((side / "unet" / "config.json").read_text())["cross_attention_dim"] == 96
     total = sum(f.stat().st_size for f in tiny_models_dir.rglob("*") if f.is_file())
-    assert total < 120 * 1024**2
+    assert total < 200 * 1024**2  # everything demo-models writes (checkpoints, adapters, ControlNets, annotators)
 
 
 def test_files_are_deterministic(tiny_models_dir: Path, tmp_path: Path) -> None:

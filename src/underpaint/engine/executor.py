@@ -8,12 +8,12 @@ builds each image's infotext. One job at a time per executor (one device).
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, cast
-from collections.abc import Iterator
 
 import torch
+import transformers
 
 from underpaint.config import Settings
 from underpaint.engine import pipeline
@@ -32,6 +32,8 @@ from underpaint.engine.samplers import DiscreteSchedule
 class DiffusersExecutor:
     def __init__(self, settings: Settings, registry: ModelRegistry) -> None:
         configure_torch_threads(settings.torch_threads)
+        # transformers prints a long "missing keys" report for every text-encoder LoRA load; it is harmless.
+        transformers.logging.set_verbosity_error()
         self.settings = settings
         self.registry = registry
         self.device = pick_device(settings.device)
@@ -84,10 +86,7 @@ class DiffusersExecutor:
         ckpt_entry = self._entry("checkpoint", job.checkpoint)
         loaded = self.cache.get(ckpt_entry)
         lora_entries = [(self._entry("lora", spec.name), spec.strength) for spec in job.loras]
-        for entry, _ in lora_entries:
-            if entry.is_sdxl != loaded.is_sdxl:
-                raise JobError(f"LoRA {entry.sd_name!r} is for {entry.base_model}, the checkpoint is {ckpt_entry.base_model}")
-        self.loras.activate(loaded, lora_entries)
+        self.loras.activate(loaded, lora_entries)  # checks each LoRA's base model from its keys and shapes
         plan = self.embeddings.apply(
             loaded, [self._entry("textualinversion", e.name) for e in job.embeddings], job.prompt, job.negative_prompt
         )
@@ -131,8 +130,8 @@ class DiffusersExecutor:
         out = []
         for img, seed in zip(images, seeds, strict=True):
             params = InfotextParams(
-                prompt=job.prompt,
-                negative_prompt=job.negative_prompt,
+                prompt=plan.display_prompt,
+                negative_prompt=plan.display_negative_prompt,
                 steps=job.steps,
                 sampler_name=job.sampler_name,
                 guidance_scale=job.guidance_scale,

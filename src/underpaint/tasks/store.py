@@ -8,6 +8,7 @@ can finish a task. Input payloads live in their own table so that polling never 
 
 from __future__ import annotations
 
+import sqlite3
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -131,6 +132,19 @@ def migrate(engine: Engine, migrations: Sequence[Callable[[Connection], None]] =
 # --- engine ---------------------------------------------------------------------------------------------------
 
 
+def _enable_wal(cur: Any, attempts: int = 100) -> None:
+    """Switch to WAL, retrying: the switch needs an exclusive lock and answers "database is locked" at once,
+    without the busy handler, while another process opens the same new database file."""
+    for attempt in range(attempts):
+        try:
+            cur.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or attempt == attempts - 1:
+                raise
+            time.sleep(0.05)
+
+
 def _sqlite_engine(url: str) -> Engine:
     parsed = make_url(url)
     database = parsed.database or ""
@@ -145,7 +159,7 @@ def _sqlite_engine(url: str) -> Engine:
         dbapi_conn.isolation_level = None
         cur = dbapi_conn.cursor()
         cur.execute("PRAGMA busy_timeout=30000")
-        cur.execute("PRAGMA journal_mode=WAL")  # readers (task polling) never wait for the worker's writes
+        _enable_wal(cur)  # readers (task polling) never wait for the worker's writes
         cur.execute("PRAGMA synchronous=NORMAL")  # durable across process kills; WAL keeps it consistent
         cur.close()
 

@@ -1,0 +1,213 @@
+"""Helpers for the delivery e2e tests: an in-process stack, a loopback webhook receiver, a moto S3 server.
+
+A module with its own name (not conftest) so the test file imports these unambiguously.
+"""
+
+from __future__ import annotations
+
+import base64
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+import pytest
+from _server import make_png
+from fastapi.testclient import TestClient
+from moto.server import ThreadedMotoServer
+
+from underpaint.api.app import create_app
+from underpaint.app import build_local_worker, build_services
+from underpaint.config import Settings
+from underpaint.services import Services
+from underpaint.tasks.store import SqlTaskStore
+
+REGION = "us-east-1"
+MODEL = "tiny-sd15.safetensors"
+
+
+def auth(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+def img2img_body(extra: dict[str, Any] | None = None, **request: Any) -> dict[str, Any]:
+    """A small, fast img2img request (128 px, 3 steps) with ``request`` fields overriding the defaults."""
+    return {
+        "extra": extra or {},
+        "request": {
+            "model_name": MODEL,
+            "image_base64": base64.b64encode(make_png()).decode(),
+            "prompt": "a red house",
+            "width": 128, "height": 128, "image_num": 1, "steps": 3, "seed": 11,
+            "guidance_scale": 6.0, "sampler_name": "Euler", "strength": 0.7,
+            **request,
+        },
+    }  # fmt: skip
+
+
+class Stack:
+    """API in-process (TestClient), worker driven step by step, webhook sender running."""
+
+    def __init__(self, client: TestClient, worker: Any, services: Services) -> None:
+        self.client = client
+        self.worker = worker
+        self.services = services
+
+    @property
+    def settings(self) -> Settings:
+        return self.services.settings
+
+    def post(self, key: str = "key-a", extra: dict[str, Any] | None = None, **request: Any) -> Any:
+        return self.client.post("/v3/async/img2img", json=img2img_body(extra, **request), headers=auth(key))
+
+    def submit(self, key: str = "key-a", extra: dict[str, Any] | None = None, **request: Any) -> str:
+        r = self.post(key, extra, **request)
+        assert r.status_code == 200, r.text
+        return str(r.json()["task_id"])
+
+    def result(self, task_id: str, key: str = "key-a") -> dict[str, Any]:
+        r = self.client.get("/v3/async/task-result", params={"task_id": task_id}, headers=auth(key))
+        assert r.status_code == 200, r.text
+        return dict(r.json())
+
+    def status(self, task_id: str, key: str = "key-a") -> str:
+        return str(self.result(task_id, key)["task"]["status"])
+
+    def run(self, task_id: str, key: str = "key-a") -> dict[str, Any]:
+        """Run the next queued task (it must be ``task_id``) and return its task-result body."""
+        assert self.worker.run_once()
+        result = self.result(task_id, key)
+        assert result["task"]["status"] in ("TASK_STATUS_SUCCEED", "TASK_STATUS_FAILED"), result["task"]
+        return result
+
+
+@contextmanager
+def open_stack(data_dir: Path, models_dir: Path, **settings: Any) -> Iterator[Stack]:
+    base: dict[str, Any] = {
+        "data_dir": data_dir, "models_dir": models_dir, "api_keys": ("key-a", "key-b"), "torch_threads": 1,
+        "run_worker": False, "public_base_url": "http://testserver",
+    }  # fmt: skip
+    services = build_services(Settings(**{**base, **settings}))
+    webhooks = services.webhooks
+    assert webhooks is not None
+    # Fast sender for tests: look at the outbox often, retry after a few tens of milliseconds.
+    webhooks.poll_interval = 0.05
+    webhooks.backoff_base = 0.05
+    webhooks.start()
+    worker = build_local_worker(services)
+    try:
+        with TestClient(create_app(services)) as client:
+            yield Stack(client, worker, services)
+    finally:
+        webhooks.stop()
+        assert isinstance(services.store, SqlTaskStore)
+        services.store.close()
+
+
+# ------------------------------------------------------------------------------------------------ webhooks
+
+
+@dataclass
+class Received:
+    path: str
+    headers: dict[str, str]  # lower-case names
+    body: bytes
+
+
+@dataclass
+class Receiver:
+    port: int = 0
+    requests: list[Received] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/hook"
+
+    def received(self) -> list[Received]:
+        with self.lock:
+            return list(self.requests)
+
+
+@contextmanager
+def running_receiver() -> Iterator[Receiver]:
+    """A real HTTP server on 127.0.0.1 that records every POST and answers 200."""
+    state = Receiver()
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            body = self.rfile.read(int(self.headers.get("content-length") or 0))
+            with state.lock:
+                state.requests.append(Received(self.path, {k.lower(): v for k, v in self.headers.items()}, body))
+            self.send_response(200)
+            self.send_header("content-length", "2")
+            self.end_headers()
+            self.wfile.write(b"ok")
+
+        def log_message(self, format: str, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    state.port = int(server.server_address[1])
+    thread = threading.Thread(target=server.serve_forever, name="webhook-receiver", daemon=True)
+    thread.start()
+    try:
+        yield state
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.02)
+    return predicate()
+
+
+def split_url(url: str) -> tuple[str, str, str, list[str]]:
+    """(scheme, host, path, sorted query parameter names): an image URL without its signature/expiry values."""
+    parts = urlsplit(url)
+    return parts.scheme, parts.netloc, parts.path, sorted(parse_qs(parts.query))
+
+
+# ------------------------------------------------------------------------------------------------ S3 (moto)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextmanager
+def moto_endpoint() -> Iterator[str]:
+    """moto's S3 server on 127.0.0.1 with dummy credentials in boto3's standard chain. Raises if it cannot run."""
+    mp = pytest.MonkeyPatch()
+    for name, value in {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": REGION,
+        "AWS_CONFIG_FILE": "/nonexistent",
+        "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent",
+    }.items():
+        mp.setenv(name, value)
+    mp.delenv("AWS_SESSION_TOKEN", raising=False)
+    mp.delenv("AWS_PROFILE", raising=False)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=_free_port(), verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    try:
+        yield f"http://{host}:{port}"
+    finally:
+        server.stop()
+        mp.undo()
