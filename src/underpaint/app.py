@@ -157,13 +157,16 @@ def on_terminal_hook(services: Services) -> Any:
 
 
 def build_local_worker(services: Services) -> Any:
+    from underpaint.scale.metrics import InstrumentedRunner
     from underpaint.tasks.queue import LocalQueue
     from underpaint.tasks.worker import Worker
 
+    runner = InstrumentedRunner(build_runner(services))  # generation seconds and model loads for /metrics
+    services.extras["runners"] = [runner]
     queue = services.queue
     return Worker(
         services.store,
-        build_runner(services),
+        runner,
         services.settings,
         queue=queue if isinstance(queue, LocalQueue) else None,
         on_terminal=on_terminal_hook(services),
@@ -173,9 +176,11 @@ def build_local_worker(services: Services) -> Any:
 
 def create_service(settings: Settings) -> tuple[Service, Any]:
     from underpaint.api.app import create_app
+    from underpaint.scale.metrics import install_metrics
 
     service = Service(build_services(settings))
     app = create_app(service.services)
+    install_metrics(app, service.services)
     app.router.on_startup.append(service.start)
     app.router.on_shutdown.append(service.stop)
     return service, app
@@ -186,4 +191,6 @@ def run_server(settings: Settings) -> None:
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     _, app = create_service(settings)
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level="info", access_log=False)
+    # With JSON logs, uvicorn's own loggers go through the root handler too (log_config=None).
+    log_config: Any = None if settings.log_format == "json" else uvicorn.config.LOGGING_CONFIG
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level="info", access_log=False, log_config=log_config)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
+import os
 import sys
 from pathlib import Path
 
@@ -33,6 +33,7 @@ def _settings(args: argparse.Namespace) -> Settings:
         public_base_url=getattr(args, "public_base_url", None),
         queue_backend=getattr(args, "queue", None),
         broker_url=getattr(args, "broker_url", None),
+        log_format=getattr(args, "log_format", None),
     )
 
 
@@ -52,8 +53,11 @@ def cmd_worker(args: argparse.Namespace) -> int:
     from underpaint.scale.worker import run_worker
 
     settings = _settings(args)
-    run_worker(settings, queues=args.queues, concurrency=args.concurrency)
-    return 0
+    try:
+        return run_worker(settings, queues=args.queues, concurrency=args.concurrency, metrics_port=args.metrics_port)
+    except ValueError as exc:  # bad --queues, --concurrency, broker URL ...: a message, not a traceback
+        print(f"underpaint worker: error: {exc}", file=sys.stderr)
+        return 2
 
 
 def cmd_models(args: argparse.Namespace) -> int:
@@ -96,6 +100,12 @@ def cmd_webhook_secret(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="underpaint", description=__doc__)
     parser.add_argument("--log-level", default="INFO")
+    parser.add_argument(
+        "--log-format",
+        choices=["text", "json"],
+        default=os.environ.get("UNDERPAINT_LOG_FORMAT", "text"),
+        help="json: one object per line with the task id (env UNDERPAINT_LOG_FORMAT)",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("serve", help="HTTP API (+ in-process worker unless --no-worker)")
@@ -112,7 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.add_argument("--broker-url", help="Celery broker URL")
     p.add_argument("--queues", default="sd15,sdxl", help="comma-separated queues to consume")
-    p.add_argument("--concurrency", type=int, default=1)
+    p.add_argument("--concurrency", type=int, default=1, help="generations at once, each with its own model cache")
+    p.add_argument("--metrics-port", type=int, help="serve this worker's Prometheus metrics on this port")
     p.set_defaults(func=cmd_worker)
 
     p = sub.add_parser("models", help="list what the model registry sees")
@@ -134,7 +145,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from underpaint.scale.logging import configure_logging
+
+    configure_logging(args.log_level, args.log_format)
     return int(args.func(args))
 
 

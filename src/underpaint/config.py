@@ -43,6 +43,13 @@ class Settings:
     # "local" (in-process worker polling the store) or "celery".
     queue_backend: str = "local"
     broker_url: str = "redis://127.0.0.1:6379/0"
+    # Redis broker: an unacknowledged message goes back to its queue after this many seconds (the store's lease,
+    # not this, decides when a crashed task is retried; this only bounds how long a lost message is invisible).
+    broker_visibility_timeout: int = 3600
+    # Checkpoints (sd_name) that get a queue of their own, "<base>.<stem>", so their workers keep them loaded.
+    checkpoint_queues: tuple[str, ...] = ()
+    # "text" or "json" (one JSON object per line, with the task id when one is being handled).
+    log_format: str = "text"
     run_worker: bool = True
     image_url_ttl: int = 3600
     retention_seconds: int = 7 * 24 * 3600

@@ -76,7 +76,7 @@ def test_python_sdk_body_is_accepted_with_defaults_and_resolved_names(client, se
     assert "extra" not in payload  # request.extra is ignored
     assert record.response_image_type == "jpeg"
     assert 0 <= record.seed < 2**32 - 1 and payload["seed"] == record.seed
-    assert services.queue.items == [(record.task_id, "default")]
+    assert services.queue.items == [(record.task_id, "sd15")]
 
 
 def test_raw_python_call_with_extra_null(client, services, png_b64):
@@ -407,16 +407,16 @@ def test_wrong_base_controlnet_and_ipadapter_on_sdxl(submit, png_b64):
 
 def test_enterprise_plan_routes_to_dedicated_lane(submit, services):
     _, record = stored(services, submit(extra={"enterprise_plan": {"enabled": True}}))
-    assert services.queue.items[-1] == (record.task_id, "gold")
+    assert services.queue.items[-1] == (record.task_id, "enterprise.gold")
     # the NewTask carried lane and priority
-    assert record.lane == "gold" and record.priority == 10
+    assert record.lane == "enterprise.gold" and record.priority == 10
 
 
 def test_enterprise_plan_without_dedicated_lane_uses_default(submit, services):
     from api_support import KEY_B
 
     _, record = stored(services, submit(extra={"enterprise_plan": {"enabled": True}}, key=KEY_B))
-    assert services.queue.items[-1] == (record.task_id, "default") and record.priority == 0
+    assert services.queue.items[-1] == (record.task_id, "sd15") and record.priority == 0
 
 
 def test_task_immediately_queryable(client, submit):

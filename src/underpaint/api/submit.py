@@ -19,6 +19,7 @@ from underpaint.api.errors import invalid_request
 from underpaint.api.images import decode_image
 from underpaint.api.schemas import Img2ImgBody, Img2ImgRequest, parse_body
 from underpaint.engine.registry import ModelEntry, ModelRegistry
+from underpaint.scale.routing import task_lane
 from underpaint.tasks.types import NewTask
 
 MAX_BODY_BYTES = 100 * 1024 * 1024  # init image + 5 ControlNet images + 1 IP-Adapter image, as base64
@@ -73,10 +74,13 @@ def submit_img2img(ctx: ApiContext, caller: Caller, raw: bytes, base_url: str) -
     extra_out = extra.model_dump(exclude_none=True)
     extra_out["_base_url"] = base_url
 
-    lane, priority = "default", 0
+    # The lane is the Celery queue in scale-out mode (by base model, or the key's dedicated pool); the embedded
+    # worker runs every lane.
     dedicated = caller.policy.dedicated_lane
-    if dedicated and extra.enterprise_plan is not None and extra.enterprise_plan.enabled:
-        lane, priority = dedicated, DEDICATED_PRIORITY
+    if not (extra.enterprise_plan is not None and extra.enterprise_plan.enabled):
+        dedicated = None
+    lane = task_lane(services.settings, names["model_name"], dedicated)
+    priority = DEDICATED_PRIORITY if dedicated else 0
 
     task_id = str(uuid.uuid4())
     with _admission(services.rate_limiter, caller, req.image_num):

@@ -1,0 +1,194 @@
+"""Scale-out benchmarks: worker throughput (1 vs 2 workers) and API submit latency (Celery mode vs embedded).
+
+Needs PostgreSQL (127.0.0.1:5432, user postgres) and Redis (127.0.0.1:6379); S3 is a moto server started here.
+Every process runs with one torch thread. Usage (from the repository root):
+
+    OMP_NUM_THREADS=1 python bench/scale_throughput.py [--tasks 16] [--steps 20] [--submits 60]
+
+Throughput: one API node, then 1 and 2 workers; all tasks are queued before the clock starts and completion is
+read from the database. Submit latency: sequential submits to an API node with no worker running, in Celery
+mode (PostgreSQL store, Redis broker) and in embedded mode (``serve --no-worker``: SQLite, local queue), so that
+only the API path is compared.
+
+Exits non-zero when 2 workers give less than 1.6x the tasks per minute of one, or when the Celery-mode submit
+p50 is more than 2x the embedded mode's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import boto3
+import httpx
+import psycopg
+import redis
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "scale"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from _cluster import AUTH, ApiNode, Cluster, free_port, png_b64, wait_all  # noqa: E402
+
+PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
+
+
+def _fresh_database() -> tuple[str, str]:
+    name = f"underpaint_bench_{uuid.uuid4().hex[:10]}"
+    with psycopg.connect(PG_ADMIN, autocommit=True) as admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+    return name, f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
+
+
+def _drop_database(name: str) -> None:
+    with psycopg.connect(PG_ADMIN, autocommit=True) as admin:
+        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def _free_redis_db() -> int:
+    marker = uuid.uuid4().hex
+    for db in range(14, 0, -1):
+        client = redis.Redis(host="127.0.0.1", port=6379, db=db)
+        if client.dbsize() == 0 and client.set("underpaint:test-owner", marker, nx=True, ex=3600):
+            return db
+    raise SystemExit("no free Redis database number")
+
+
+def wait_done(db_url: str, ids: list[str], timeout: float) -> None:
+    """Wait until every task ended, asking the database twice a second (HTTP polling of many tasks would load
+    the API node, which shares the machine with the workers being measured)."""
+    dsn = db_url.replace("postgresql+psycopg://", "postgresql://")
+    deadline = time.monotonic() + timeout
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        while time.monotonic() < deadline:
+            rows = conn.execute("SELECT status, reason FROM tasks WHERE task_id = ANY(%s)", (ids,)).fetchall()
+            ended = [r for r in rows if r[0] in ("TASK_STATUS_SUCCEED", "TASK_STATUS_FAILED")]
+            failed = [r for r in ended if r[0] == "TASK_STATUS_FAILED"]
+            if failed:
+                raise SystemExit(f"{len(failed)} task(s) failed: {failed[0][1]}")
+            if len(ended) == len(ids):
+                return
+            time.sleep(0.5)
+    raise SystemExit(f"tasks did not finish in {timeout} s")
+
+
+def throughput(cluster: Cluster, api: ApiNode, n_workers: int, tasks: int, steps: int) -> float:
+    """Tasks per minute with ``n_workers`` workers, after two warm-up tasks per worker (model load)."""
+    workers = [cluster.worker(f"bench-w{n_workers}-{i}").start() for i in range(n_workers)]
+    try:
+        warm = [api.submit(steps=steps, seed=i) for i in range(2 * n_workers)]
+        wait_all(api, warm, timeout=600, procs=[api, *workers])
+        ids = [api.submit(steps=steps, seed=1000 + i) for i in range(tasks)]  # all queued before the clock starts
+        start = time.perf_counter()
+        wait_done(cluster.database_url, ids, timeout=1800)
+        return tasks * 60.0 / (time.perf_counter() - start)
+    finally:
+        for w in workers:
+            w.stop()
+
+
+def submit_latencies(url: str, n: int, steps: int) -> list[float]:
+    body = {
+        "request": {
+            "model_name": "tiny-sd15.safetensors", "image_base64": png_b64(), "prompt": "a lighthouse",
+            "width": 128, "height": 128, "image_num": 1, "steps": steps, "seed": 1, "sampler_name": "Euler",
+            "guidance_scale": 7, "strength": 0.9,
+        }
+    }  # fmt: skip
+    out: list[float] = []
+    with httpx.Client(timeout=60) as client:
+        for _ in range(n):
+            t0 = time.perf_counter()
+            r = client.post(url + "/v3/async/img2img", json=body, headers=AUTH)
+            out.append(time.perf_counter() - t0)
+            assert r.status_code == 200, r.text
+    return out
+
+
+def embedded_submit_latencies(root: Path, models: Path, n: int, steps: int) -> list[float]:
+    import subprocess
+
+    port = free_port()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "UNDERPAINT_API_KEYS": "key-scale",
+           "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}  # fmt: skip
+    log = (root / "embedded.log").open("ab")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "underpaint.cli", "serve", "--no-worker", "--port", str(port), "--data-dir",
+         str(root / "embedded"), "--models-dir", str(models), "--torch-threads", "1"],
+        env=env, stdout=log, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(url + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        submit_latencies(url, 5, steps)  # warm-up
+        return submit_latencies(url, n, steps)
+    finally:
+        proc.terminate()
+        proc.wait(60)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--tasks", type=int, default=16)
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--submits", type=int, default=60)
+    args = ap.parse_args()
+
+    from moto.server import ThreadedMotoServer
+
+    from underpaint.engine.demo import write_demo_models
+
+    root = Path(tempfile.mkdtemp(prefix="underpaint-bench-"))
+    models = root / "models"
+    write_demo_models(models)
+    db_name, db_url = _fresh_database()
+    redis_db = _free_redis_db()
+    s3_port = free_port()
+    s3 = ThreadedMotoServer(ip_address="127.0.0.1", port=s3_port, verbose=False)
+    s3.start()
+    endpoint = f"http://127.0.0.1:{s3_port}"
+    boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="testing",
+                 aws_secret_access_key="testing").create_bucket(Bucket="bench")  # fmt: skip
+    cluster = Cluster(root, models, db_url, f"redis://127.0.0.1:6379/{redis_db}", endpoint, "bench", lease_seconds=60)
+    api = cluster.api("bench-api").start()
+    try:
+        one = throughput(cluster, api, 1, args.tasks, args.steps)
+        two = throughput(cluster, api, 2, args.tasks, args.steps)
+        celery_lat = submit_latencies(api.url, args.submits, args.steps)  # the API node alone, no worker running
+    finally:
+        api.stop()
+        s3.stop()
+        _drop_database(db_name)
+        redis.Redis(host="127.0.0.1", port=6379, db=redis_db).flushdb()
+    embedded_lat = embedded_submit_latencies(root, models, args.submits, args.steps)
+
+    ratio = two / one
+    p50_c, p50_e = statistics.median(celery_lat), statistics.median(embedded_lat)
+    print(f"throughput, tiny SD1.5 model, 128x128, {args.steps} steps, {args.tasks} tasks, 1 torch thread per worker")
+    print(f"  machine: {os.cpu_count()} cores, load average {os.getloadavg()[0]:.2f} at the end")
+    print(f"  1 worker   {one:7.1f} tasks/min")
+    print(f"  2 workers  {two:7.1f} tasks/min   ({ratio:.2f}x; target >= 1.6x)")
+    print(f"submit latency over {args.submits} sequential submits (128x128 PNG input)")
+    print(f"  celery mode (PostgreSQL + Redis)  p50 {p50_c * 1000:6.1f} ms   p90 {_p90(celery_lat) * 1000:6.1f} ms")
+    print(f"  embedded mode (SQLite)            p50 {p50_e * 1000:6.1f} ms   p90 {_p90(embedded_lat) * 1000:6.1f} ms")
+    print(f"  ratio p50 {p50_c / p50_e:.2f}x (target <= 2x)")
+    return 0 if ratio >= 1.6 and p50_c <= 2 * p50_e else 1
+
+
+def _p90(values: list[float]) -> float:
+    return sorted(values)[int(0.9 * (len(values) - 1))]
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,237 @@
+"""Prometheus metrics.
+
+Two kinds of numbers, from two kinds of processes:
+
+- cluster state, read from the shared store and the broker at scrape time by any API node (``/metrics``): queue
+  depth per queue, tasks by status, webhook deliveries by status, live workers and their model loads (from the
+  heartbeat rows);
+- what happens inside the process that generates (a worker, or the embedded server): the generation-seconds
+  histogram, model loads and tasks run, in the process's default registry. Workers serve it on
+  ``--metrics-port``; the embedded server's ``/metrics`` includes it.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+from sqlalchemy import Engine, column, func, select, table
+from sqlalchemy.exc import DBAPIError
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from underpaint.services import Services
+from underpaint.tasks.types import ImageRecord, TaskRecord, TaskStatus
+
+log = logging.getLogger("underpaint.scale")
+
+GENERATION_SECONDS = Histogram(
+    "underpaint_generation_seconds",
+    "Wall time of one task's generation (model load, sampling, encoding, upload)",
+    ["base_model", "outcome"],
+    buckets=(0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600, float("inf")),
+)
+TASKS_RUN = Counter("underpaint_worker_tasks_run", "Generations run by this process", ["outcome"])
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+_webhook_table = table("webhook_deliveries", column("status"))
+
+
+class InstrumentedRunner:
+    """Wraps a ``TaskRunner``: times each run into ``underpaint_generation_seconds``."""
+
+    def __init__(self, runner: Any) -> None:
+        self.runner = runner
+
+    @property
+    def executor(self) -> Any:
+        return getattr(self.runner, "executor", None)
+
+    def run(self, task: TaskRecord, payload: dict[str, Any], report: Any) -> list[ImageRecord]:
+        base = "sdxl" if task.lane.startswith("sdxl") else "sd15" if task.lane.startswith("sd15") else "other"
+        start = time.perf_counter()
+        outcome = "error"
+        try:
+            images = self.runner.run(task, payload, report)
+            outcome = "ok"
+            return images
+        finally:
+            GENERATION_SECONDS.labels(base, outcome).observe(time.perf_counter() - start)
+            TASKS_RUN.labels(outcome).inc()
+
+    def discard(self, records: list[ImageRecord]) -> None:
+        discard = getattr(self.runner, "discard", None)
+        if discard is not None:
+            discard(records)
+
+
+def model_loads(runners: Iterable[Any]) -> int:
+    total = 0
+    for r in runners:
+        loads = getattr(getattr(r, "executor", None), "checkpoint_loads", 0)
+        total += int(loads() if callable(loads) else loads)
+    return total
+
+
+class ModelLoadsCollector(Collector):
+    """``underpaint_model_loads_total``: checkpoint loads (cache misses) of this process's executors."""
+
+    def __init__(self, runners: Callable[[], Iterable[Any]]) -> None:
+        self.runners = runners
+
+    def collect(self) -> Iterator[Metric]:
+        c = CounterMetricFamily("underpaint_model_loads", "Checkpoints loaded from disk by this process")
+        c.add_metric([], model_loads(self.runners()))
+        yield c
+
+
+def store_engine(services: Services) -> Engine:
+    engine = getattr(services.store, "engine", None)
+    if not isinstance(engine, Engine):
+        raise TypeError("metrics need the SQL task store (SqlTaskStore)")
+    return engine
+
+
+def webhook_counts(engine: Engine) -> dict[str, int]:
+    stmt = select(_webhook_table.c.status, func.count()).group_by(_webhook_table.c.status)
+    try:
+        with engine.connect() as conn:
+            return {str(s): int(n) for s, n in conn.execute(stmt)}
+    except DBAPIError:  # no outbox table yet: nothing was ever sent
+        return {}
+
+
+class ClusterCollector(Collector):
+    """Scrape-time view of the shared state; each part that cannot be read is left out (and logged)."""
+
+    def __init__(self, services: Services, queue_depths: Callable[[], dict[str, int]] | None = None) -> None:
+        self.services = services
+        self.queue_depths = queue_depths
+
+    def collect(self) -> Iterator[Metric]:
+        yield from self._guard("tasks", self._tasks)
+        yield from self._guard("webhooks", self._webhooks)
+        if self.queue_depths is not None:
+            yield from self._guard("queues", self._queues)
+            yield from self._guard("workers", self._workers)
+
+    def _guard(self, name: str, part: Callable[[], Iterator[Metric]]) -> Iterator[Metric]:
+        try:
+            yield from list(part())
+        except Exception as exc:
+            log.warning("metrics: could not read %s: %r", name, exc)
+
+    def _tasks(self) -> Iterator[Metric]:
+        g = GaugeMetricFamily("underpaint_tasks", "Tasks in the store by status", labels=["status"])
+        counts: dict[TaskStatus, int] = self.services.store.count_by_status()
+        for status, n in counts.items():
+            g.add_metric([status.value], n)
+        yield g
+
+    def _webhooks(self) -> Iterator[Metric]:
+        g = GaugeMetricFamily("underpaint_webhook_deliveries", "Webhook deliveries by status", labels=["status"])
+        for status, n in sorted(webhook_counts(store_engine(self.services)).items()):
+            g.add_metric([status], n)
+        yield g
+
+    def _queues(self) -> Iterator[Metric]:
+        assert self.queue_depths is not None
+        g = GaugeMetricFamily("underpaint_queue_depth", "Messages waiting in each broker queue", labels=["queue"])
+        for queue, n in sorted(self.queue_depths().items()):
+            g.add_metric([queue], n)
+        yield g
+
+    def _workers(self) -> Iterator[Metric]:
+        from underpaint.scale.heartbeat import list_workers
+
+        now = time.time()
+        stale = worker_stale_after(self.services.settings.lease_seconds)
+        alive = [w for w in list_workers(store_engine(self.services)) if w.alive(now, stale)]
+        g = GaugeMetricFamily("underpaint_workers_alive", "Workers whose heartbeat is recent", labels=["queue"])
+        per_queue: dict[str, int] = {}
+        for w in alive:
+            for q in w.queues:
+                per_queue[q] = per_queue.get(q, 0) + 1
+        for q, n in sorted(per_queue.items()):
+            g.add_metric([q], n)
+        yield g
+        busy = GaugeMetricFamily("underpaint_worker_busy", "Tasks running on each live worker", labels=["worker"])
+        loads = CounterMetricFamily("underpaint_worker_model_loads", "Checkpoint loads per live worker", labels=["worker"])
+        for w in alive:
+            busy.add_metric([w.worker_id], w.busy)
+            loads.add_metric([w.worker_id], w.model_loads)
+        yield busy
+        yield loads
+
+
+def worker_stale_after(lease_seconds: float) -> float:
+    from underpaint.scale.heartbeat import default_interval
+
+    return 3 * default_interval(lease_seconds)
+
+
+def metrics_text(services: Services) -> bytes:
+    registry: CollectorRegistry = services.extras["metrics_registry"]
+    return generate_latest(REGISTRY) + generate_latest(registry)
+
+
+def install_metrics(app: Any, services: Services) -> None:
+    """Add ``GET /metrics`` (and, in Celery mode, ``GET /health/workers`` plus broker/store ``/health`` checks).
+
+    ``/metrics`` = this process's default registry (generation histogram, tasks run) + the cluster view + the
+    model loads of the runners listed in ``services.extras["runners"]`` (the embedded worker's).
+    """
+    registry = CollectorRegistry(auto_describe=False)
+    depths: Callable[[], dict[str, int]] | None = None
+    if services.settings.queue_backend == "celery":
+        from underpaint.scale.broker import BrokerProbe
+
+        probe = BrokerProbe(services)
+        depths = probe.queue_depths
+        services.extras["health"] = probe.health
+        services.extras["broker_probe"] = probe
+    registry.register(ClusterCollector(services, depths))
+    # Embedded mode: the in-process worker's runners (``build_local_worker`` lists them in extras).
+    registry.register(ModelLoadsCollector(lambda: services.extras.get("runners", [])))
+    services.extras["metrics_registry"] = registry
+
+    @app.get("/metrics", include_in_schema=False)
+    def metrics() -> Response:
+        return Response(metrics_text(services), media_type=CONTENT_TYPE)
+
+    if depths is not None:
+
+        @app.get("/health/workers", include_in_schema=False)
+        def workers(request: Request) -> Response:
+            return JSONResponse(workers_body(services))
+
+
+def workers_body(services: Services) -> dict[str, Any]:
+    from underpaint.scale.heartbeat import list_workers
+
+    now = time.time()
+    stale = worker_stale_after(services.settings.lease_seconds)
+    rows = list_workers(store_engine(services))
+    return {
+        "alive": sum(1 for w in rows if w.alive(now, stale)),
+        "workers": [
+            {
+                "worker_id": w.worker_id,
+                "hostname": w.hostname,
+                "pid": w.pid,
+                "queues": list(w.queues),
+                "concurrency": w.concurrency,
+                "busy": w.busy,
+                "tasks_done": w.tasks_done,
+                "model_loads": w.model_loads,
+                "last_seen_seconds_ago": round(now - w.last_seen, 1),
+                "alive": w.alive(now, stale),
+            }
+            for w in rows
+        ],
+    }

@@ -1,0 +1,380 @@
+"""Scale-out parts against real services, without the diffusion engine: routing, the Celery queue on Redis and
+RabbitMQ, queue depth, a Celery worker honouring its queues, double delivery, crash recovery via the lease
+sweeper, heartbeats, metrics and JSON logs."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+from prometheus_client import CollectorRegistry, generate_latest
+from sqlalchemy import text
+
+from underpaint.config import KeyPolicy, Settings
+from underpaint.engine.registry import ModelEntry, ModelRegistry
+from underpaint.scale.broker import BrokerProbe
+from underpaint.scale.celery_app import TASK_NAME, celery_config, create_celery_app
+from underpaint.scale.celery_queue import CeleryQueue
+from underpaint.scale.heartbeat import Heartbeat, list_workers
+from underpaint.scale.logging import JsonFormatter, TaskIdFilter, task_context
+from underpaint.scale.metrics import ClusterCollector, InstrumentedRunner
+from underpaint.scale.routing import known_queues, parse_queues, task_lane
+from underpaint.scale.worker import WorkerContext, register_task, worker_pool
+from underpaint.services import Services
+from underpaint.tasks.store import SqlTaskStore
+from underpaint.tasks.types import ImageRecord, NewTask, TaskRecord, TaskStatus
+
+pytestmark = pytest.mark.services
+
+
+def _entry(name: str, sdxl: bool) -> ModelEntry:
+    return ModelEntry(kind="checkpoint", sd_name=name, path=Path(name), is_sdxl=sdxl, size=1, mtime=0.0)
+
+
+# --- routing ----------------------------------------------------------------------------------------------------
+
+
+def test_lane_by_base_model_checkpoint_and_enterprise() -> None:
+    s = Settings(checkpoint_queues=("DreamShaper 8.safetensors",))
+    assert task_lane(s, _entry("tiny-sd15.safetensors", False)) == "sd15"
+    assert task_lane(s, _entry("tiny-sdxl.safetensors", True)) == "sdxl"
+    assert task_lane(s, _entry("DreamShaper 8.safetensors", False)) == "sd15.dreamshaper-8"
+    assert task_lane(s, _entry("tiny-sdxl.safetensors", True), dedicated_lane="Acme") == "enterprise.acme"
+    s2 = replace(s, key_policies={"k": KeyPolicy(dedicated_lane="acme")})
+    assert known_queues(s2, [_entry("DreamShaper 8.safetensors", False)]) == [
+        "sd15", "sdxl", "sd15.dreamshaper-8", "enterprise.acme"
+    ]  # fmt: skip
+
+
+def test_parse_queues_rejects_bad_names() -> None:
+    assert parse_queues(" sd15, sdxl ,sd15") == ("sd15", "sdxl")
+    with pytest.raises(ValueError, match="no queue"):
+        parse_queues(" , ")
+    with pytest.raises(ValueError, match="invalid queue name"):
+        parse_queues("sd15,SDXL queue")
+
+
+def test_celery_config_is_durable_and_rejects_unknown_brokers() -> None:
+    conf = celery_config(Settings(broker_visibility_timeout=77))
+    assert conf["task_acks_late"] and conf["task_reject_on_worker_lost"]
+    assert conf["worker_prefetch_multiplier"] == 1
+    assert conf["broker_transport_options"]["visibility_timeout"] == 77
+    assert conf["task_serializer"] == "json" and conf["accept_content"] == ["json"] and conf["broker_heartbeat"] == 0
+    with pytest.raises(ValueError, match="unsupported broker URL"):
+        celery_config(Settings(broker_url="kafka://x"))
+
+
+# --- JSON logs --------------------------------------------------------------------------------------------------
+
+
+def test_json_logs_carry_the_task_id() -> None:
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.addFilter(TaskIdFilter())
+    handler.setFormatter(JsonFormatter())
+    logger = logging.getLogger("underpaint.test.jsonlog")
+    logger.addHandler(handler)
+    logger.propagate = False
+    logger.setLevel(logging.INFO)
+    try:
+        logger.warning("outside")
+        with task_context("t-123"):
+            logger.info("inside %s", "x", extra={"attempt": 2})
+            logging.getLogger("underpaint.test.jsonlog.child").error("child")
+        celery_like = logging.getLogger("celery.test.jsonlog")
+        celery_like.addHandler(handler)
+        celery_like.propagate = False
+        celery_like.warning("Task %(name)s[%(id)s] received", {"name": "n", "id": "t-456"})
+        celery_like.removeHandler(handler)
+    finally:
+        logger.removeHandler(handler)
+    lines = [json.loads(line) for line in stream.getvalue().splitlines()]
+    assert [x["task_id"] for x in lines] == [None, "t-123", "t-123", "t-456"]
+    assert lines[1]["message"] == "inside x" and lines[1]["attempt"] == 2 and lines[1]["level"] == "INFO"
+
+
+# --- shared fixtures --------------------------------------------------------------------------------------------
+
+
+class FakeStorage:
+    name = "s3"
+
+    def __init__(self) -> None:
+        self.objects: dict[str, bytes] = {}
+
+    def put(self, key: str, data: bytes, content_type: str) -> None:
+        self.objects[key] = data
+
+    def get(self, key: str) -> bytes:
+        return self.objects[key]
+
+    def url(self, key: str, ttl: int, base_url: str) -> str:
+        return f"s3://{key}"
+
+    def delete(self, key: str) -> None:
+        self.objects.pop(key, None)
+
+
+class FakeRunner:
+    """Stands in for the diffusion runner: reports progress, optionally blocks, stores one object."""
+
+    def __init__(self, storage: FakeStorage, gate: threading.Event | None = None) -> None:
+        self.storage = storage
+        self.gate = gate
+        self.runs: list[str] = []
+        self.started = threading.Event()
+
+    def run(self, task: TaskRecord, payload: dict[str, Any], report: Any) -> list[ImageRecord]:
+        self.runs.append(task.task_id)
+        self.started.set()
+        report(50, 1)
+        if self.gate is not None:
+            assert self.gate.wait(30)
+        key = f"{task.task_id}/{task.attempts}.png"
+        self.storage.put(key, b"png", "image/png")
+        return [ImageRecord(key=key, image_type="png", backend="s3")]
+
+
+@pytest.fixture()
+def store(pg_url: str) -> Iterator[SqlTaskStore]:
+    s = SqlTaskStore(pg_url, lease_seconds=2, max_attempts=2)
+    with s.engine.begin() as conn:
+        conn.execute(text("DELETE FROM task_payloads"))
+        conn.execute(text("DELETE FROM tasks"))
+    yield s
+    s.close()
+
+
+def _services(store: SqlTaskStore, redis_url: str, tmp_path: Path) -> Services:
+    settings = Settings(broker_url=redis_url, queue_backend="celery", lease_seconds=2, max_attempts=2,
+                        data_dir=tmp_path, models_dir=tmp_path / "models")  # fmt: skip
+    return Services(settings=settings, store=store, queue=CeleryQueue(settings), registry=ModelRegistry(tmp_path),
+                    storage=FakeStorage())  # fmt: skip
+
+
+def _new(store: SqlTaskStore, lane: str) -> str:
+    task_id = str(uuid.uuid4())
+    store.create(NewTask(task_id=task_id, owner="o", seed=1, enable_nsfw_detection=False, response_image_type="png",
+                         extra={}, payload={"prompt": "x"}, lane=lane))  # fmt: skip
+    return task_id
+
+
+def _flush(redis_url: str) -> None:
+    import redis
+
+    client = redis.Redis.from_url(redis_url)
+    for key in client.keys("*"):
+        if key != b"underpaint:test-owner":
+            client.delete(key)
+
+
+# --- queue depth and routing on the brokers ---------------------------------------------------------------------
+
+
+def test_celery_queue_routes_to_lane_on_redis(store: SqlTaskStore, redis_url: str, tmp_path: Path) -> None:
+    _flush(redis_url)
+    services = _services(store, redis_url, tmp_path)
+    probe = BrokerProbe(services)
+    assert probe.queue_depths() == {"sd15": 0, "sdxl": 0}
+    services.queue.enqueue("a", "sdxl")
+    services.queue.enqueue("b", "sdxl")
+    services.queue.enqueue("c", "sd15")
+    assert probe.queue_depths() == {"sd15": 1, "sdxl": 2}
+    assert probe.health() == {"store": "ok", "broker": "ok"}
+    down = BrokerProbe(services, app=create_celery_app(replace(services.settings, broker_url="redis://127.0.0.1:1/0")))
+    assert down.health()["broker"] == "unreachable"
+    _flush(redis_url)
+
+
+def test_celery_queue_on_rabbitmq(amqp_url: str, tmp_path: Path, store: SqlTaskStore) -> None:
+    lane = f"test{uuid.uuid4().hex[:8]}"
+    settings = Settings(broker_url=amqp_url, queue_backend="celery", key_policies={"k": KeyPolicy(dedicated_lane=lane)})
+    queue = CeleryQueue(settings)
+    services = Services(settings=settings, store=store, queue=queue, registry=ModelRegistry(tmp_path),
+                        storage=FakeStorage())  # fmt: skip
+    probe = BrokerProbe(services)
+    try:
+        queue.enqueue("t1", f"enterprise.{lane}")
+        queue.enqueue("t2", f"enterprise.{lane}")
+        depths = probe.queue_depths()
+        assert depths[f"enterprise.{lane}"] == 2
+        assert probe.health()["broker"] == "ok"
+        with queue.app.connection_for_write() as conn:
+            msg = conn.SimpleQueue(f"enterprise.{lane}").get(timeout=5)
+            assert msg.headers["task"] == TASK_NAME and msg.payload[0] == ["t1"]
+            msg.ack()
+    finally:
+        with queue.app.connection_for_write() as conn:
+            conn.default_channel.queue_delete(f"enterprise.{lane}")
+
+
+# --- a real Celery worker consuming from Redis ---------------------------------------------------------------------
+
+
+class _CeleryThread:
+    """A Celery worker consuming in a thread of the test process, with the pool ``run_worker`` uses for
+    concurrency 1."""
+
+    def __init__(self, app: Any, queues: list[str]) -> None:
+        self.controller = app.WorkController(
+            pool_cls=worker_pool(1), concurrency=1, queues=queues, without_gossip=True, without_mingle=True,
+            without_heartbeat=True, hostname=f"test-{uuid.uuid4().hex[:6]}@localhost", loglevel="WARNING",
+        )  # fmt: skip
+        app.set_default()  # as ``run_worker`` does: worker parts look tasks up through the default app
+        self.thread = threading.Thread(target=self.controller.start, daemon=True)
+
+    def __enter__(self) -> _CeleryThread:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        # Ask the consumer loop to stop itself, on its own thread (as a signal does in a worker process):
+        # closing its broker connection from this thread can hang py-amqp.
+        from celery.worker import state
+
+        state.should_stop = 0
+        try:
+            self.thread.join(60)
+        finally:
+            state.should_stop = None
+        assert not self.thread.is_alive(), "the Celery worker thread did not stop"
+
+
+def _wait_status(store: SqlTaskStore, task_id: str, status: TaskStatus, timeout: float = 30) -> TaskRecord:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        rec = store.get(task_id)
+        if rec is not None and rec.status is status:
+            return rec
+        time.sleep(0.1)
+    raise AssertionError(f"task {task_id} not {status}: {store.get(task_id)}")
+
+
+def test_worker_only_takes_its_queues_and_runs_each_task_once(store: SqlTaskStore, redis_url: str, tmp_path: Path) -> None:
+    _flush(redis_url)
+    services = _services(store, redis_url, tmp_path)
+    runner = FakeRunner(services.storage)  # type: ignore[arg-type]
+    terminal: list[str] = []
+    ctx = WorkerContext(services, [InstrumentedRunner(runner)], lambda rec: terminal.append(rec.task_id))
+    app = services.queue.app  # type: ignore[attr-defined]
+    register_task(app, ctx)
+    sd15, sdxl = _new(store, "sd15"), _new(store, "sdxl")
+    services.queue.enqueue(sd15, "sd15")
+    services.queue.enqueue(sdxl, "sdxl")
+    services.queue.enqueue(sd15, "sd15")  # delivered twice
+    with _CeleryThread(app, ["sd15"]):
+        done = _wait_status(store, sd15, TaskStatus.SUCCEED)
+        deadline = time.monotonic() + 10
+        while BrokerProbe(services).queue_depths()["sd15"] and time.monotonic() < deadline:
+            time.sleep(0.1)
+        time.sleep(0.5)
+    assert runner.runs == [sd15]  # the duplicate message did nothing; the SDXL task was never taken
+    assert terminal == [sd15] and done.attempts == 1 and len(done.images) == 1
+    assert store.get(sdxl).status is TaskStatus.QUEUED  # type: ignore[union-attr]
+    assert BrokerProbe(services).queue_depths() == {"sd15": 0, "sdxl": 1}
+    _flush(redis_url)
+
+
+def test_dead_worker_task_is_swept_and_rerun_then_fails_after_max_attempts(
+    store: SqlTaskStore, redis_url: str, tmp_path: Path
+) -> None:
+    _flush(redis_url)
+    services = _services(store, redis_url, tmp_path)
+    runner = FakeRunner(services.storage)  # type: ignore[arg-type]
+    ctx = WorkerContext(services, [runner], lambda rec: None)
+    app = services.queue.app  # type: ignore[attr-defined]
+    register_task(app, ctx)
+    task_id = _new(store, "sd15")
+    assert store.claim(task_id, "deadhost:1:x") is not None  # a worker took it, then died (no heartbeat)
+    assert ctx.sweep() == []  # lease still valid
+    time.sleep(2.2)
+    assert ctx.sweep() == [task_id]  # requeued and announced on its queue again
+    assert BrokerProbe(services).queue_depths()["sd15"] == 1
+    with _CeleryThread(app, ["sd15"]):
+        rec = _wait_status(store, task_id, TaskStatus.SUCCEED)
+    assert rec.attempts == 2 and runner.runs == [task_id]
+    assert list(services.storage.objects) == [f"{task_id}/2.png"]  # type: ignore[attr-defined]
+
+    # A task that keeps killing its workers: after max_attempts (2) it ends FAILED with a reason.
+    killer = _new(store, "sd15")
+    for n in range(2):
+        assert store.claim(killer, f"deadhost:{n}:x") is not None
+        time.sleep(2.2)
+        ctx.sweep()
+    rec2 = store.get(killer)
+    assert rec2 is not None and rec2.status is TaskStatus.FAILED and "2 attempts" in rec2.reason
+    _flush(redis_url)
+
+
+# --- heartbeats and metrics -------------------------------------------------------------------------------------
+
+
+def test_heartbeat_rows_and_cluster_metrics(store: SqlTaskStore, redis_url: str, tmp_path: Path) -> None:
+    _flush(redis_url)
+    services = _services(store, redis_url, tmp_path)
+    hb = Heartbeat(store.engine, ("sd15",), 1, lambda: {"busy": 1, "tasks_done": 3, "model_loads": 2}, interval=0.2)
+    hb.start()
+    try:
+        time.sleep(0.5)
+        (info,) = [w for w in list_workers(store.engine) if w.worker_id == hb.worker_id]
+        assert info.queues == ("sd15",) and info.tasks_done == 3 and time.time() - info.last_seen < 1.0
+        for lane in ("sd15", "sd15", "sdxl"):
+            services.queue.enqueue(_new(store, lane), lane)
+        store.claim(None, "w:1:x")
+        registry = CollectorRegistry(auto_describe=False)
+        registry.register(ClusterCollector(services, BrokerProbe(services).queue_depths))
+        out = generate_latest(registry).decode()
+    finally:
+        hb.stop()
+    assert 'underpaint_queue_depth{queue="sd15"} 2.0' in out
+    assert 'underpaint_queue_depth{queue="sdxl"} 1.0' in out
+    assert 'underpaint_tasks{status="TASK_STATUS_QUEUED"} 2.0' in out
+    assert 'underpaint_tasks{status="TASK_STATUS_PROCESSING"} 1.0' in out
+    assert 'underpaint_workers_alive{queue="sd15"} 1.0' in out
+    assert f'underpaint_worker_model_loads_total{{worker="{hb.worker_id}"}} 2.0' in out
+    assert [w for w in list_workers(store.engine) if w.worker_id == hb.worker_id] == []  # removed on stop
+    _flush(redis_url)
+
+
+def test_instrumented_runner_observes_generation_seconds(tmp_path: Path) -> None:
+    from prometheus_client import REGISTRY
+
+    runner = InstrumentedRunner(FakeRunner(FakeStorage()))
+    rec = TaskRecord(task_id="m1", owner="o", status=TaskStatus.PROCESSING, lane="sdxl", attempts=1)
+    before = REGISTRY.get_sample_value("underpaint_generation_seconds_count", {"base_model": "sdxl", "outcome": "ok"})
+    runner.run(rec, {}, lambda p, e: None)
+    after = REGISTRY.get_sample_value("underpaint_generation_seconds_count", {"base_model": "sdxl", "outcome": "ok"})
+    assert (after or 0) - (before or 0) == 1
+
+
+def test_worker_on_rabbitmq_runs_a_task_once(store: SqlTaskStore, amqp_url: str, tmp_path: Path) -> None:
+    lane = f"enterprise.t{uuid.uuid4().hex[:8]}"
+    settings = Settings(broker_url=amqp_url, queue_backend="celery", lease_seconds=2, data_dir=tmp_path)
+    queue = CeleryQueue(settings)
+    services = Services(settings=settings, store=store, queue=queue, registry=ModelRegistry(tmp_path),
+                        storage=FakeStorage())  # fmt: skip
+    runner = FakeRunner(services.storage)  # type: ignore[arg-type]
+    register_task(queue.app, WorkerContext(services, [runner], lambda rec: None))
+    task_id = _new(store, lane)
+    queue.enqueue(task_id, lane)
+    queue.enqueue(task_id, lane)  # a duplicate delivery
+    try:
+        with _CeleryThread(queue.app, [lane]):
+            rec = _wait_status(store, task_id, TaskStatus.SUCCEED)
+            deadline = time.monotonic() + 10
+            probe = BrokerProbe(services)
+            while time.monotonic() < deadline and probe.queue_depths().get(lane, 0):
+                time.sleep(0.1)
+        assert runner.runs == [task_id] and rec.attempts == 1
+    finally:
+        with queue.app.connection_for_write() as conn:
+            conn.default_channel.queue_delete(lane)
