@@ -280,7 +280,7 @@ def test_enterprise_plan_runs_a_dedicated_key_first(stack: Stack) -> None:
     a1, a2 = stack.submit(), stack.submit()
     vip = stack.submit(key="key-b", extra=enterprise)
     record = stack.services.store.get(vip)
-    assert record is not None and record.lane == "vip"
+    assert record is not None and record.lane == "enterprise.vip"
 
     assert stack.worker.run_once()
     assert stack.status(vip, "key-b") == SUCCEED
@@ -289,7 +289,7 @@ def test_enterprise_plan_runs_a_dedicated_key_first(stack: Stack) -> None:
     # key-a has no dedicated lane: the flag is accepted and ignored.
     a3 = stack.submit(extra=enterprise)
     record = stack.services.store.get(a3)
-    assert record is not None and record.lane == "default"
+    assert record is not None and record.lane == "sd15"
     for expected in (a1, a2, a3):
         assert stack.worker.run_once()
         assert stack.status(expected) == SUCCEED
