@@ -40,6 +40,10 @@ def build_queue(settings: Settings) -> TaskQueue:
         return CeleryQueue(settings)
     from underpaint.tasks.queue import LocalQueue
 
+    if settings.run_worker and settings.worker_process:
+        from underpaint.worker_process import wake_event
+
+        return LocalQueue(wake_event())
     return LocalQueue()
 
 
@@ -59,7 +63,7 @@ def webhook_secret_for_key(settings: Settings, api_key: str) -> str:
     return make_secret_for(settings, server_secret(settings), owner_of)(owner_of(api_key))
 
 
-def build_services(settings: Settings) -> Services:
+def build_services(settings: Settings, queue: TaskQueue | None = None) -> Services:
     from underpaint.api.ratelimit import RateLimiter
     from underpaint.delivery.webhooks import WebhookDispatcher
     from underpaint.storage.custom import presign_custom, validate_custom_storage
@@ -74,7 +78,7 @@ def build_services(settings: Settings) -> Services:
     services = Services(
         settings=settings,
         store=store,
-        queue=build_queue(settings),
+        queue=queue if queue is not None else build_queue(settings),
         registry=registry,
         storage=storage,
     )
@@ -114,8 +118,20 @@ class Service:
 
         s = self.services.settings
         if s.run_worker and s.queue_backend == "local":
-            recover_on_start(self.services.store, on_terminal=on_terminal_hook(self.services), queue=self.services.queue)
-            self.worker = build_local_worker(self.services)
+            hook = on_terminal_hook(self.services)
+
+            def recover() -> None:
+                recover_on_start(self.services.store, on_terminal=hook, queue=self.services.queue)
+
+            recover()
+            if s.worker_process:
+                from underpaint.tasks.queue import LocalQueue
+                from underpaint.worker_process import WorkerProcess
+
+                assert isinstance(self.services.queue, LocalQueue)
+                self.worker = WorkerProcess(s, self.services.queue.event, on_child_death=recover)
+            else:
+                self.worker = build_local_worker(self.services)
             self.worker.start()
         self.services.webhooks.start()
         self.sweeper = RetentionSweeper(

@@ -51,6 +51,10 @@ class Settings:
     # "text" or "json" (one JSON object per line, with the task id when one is being handled).
     log_format: str = "text"
     run_worker: bool = True
+    # Embedded mode: run the worker in a child process (no GIL shared with the HTTP server) or in a thread.
+    worker_process: bool = True
+    # Where that worker process serves its own Prometheus metrics (generation seconds, model loads); off if None.
+    worker_metrics_port: int | None = None
     image_url_ttl: int = 3600
     retention_seconds: int = 7 * 24 * 3600
     # A task whose worker vanished is retried after this many seconds without a heartbeat.

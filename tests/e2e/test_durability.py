@@ -60,3 +60,26 @@ def test_kill_while_processing_then_restart_completes(tmp_path: Path, tiny_model
             assert img.status_code == 200 and img.content[:8] == b"\x89PNG\r\n\x1a\n"
     finally:
         server.stop()
+
+
+def test_worker_process_killed_mid_task_is_restarted_and_the_task_completes(
+    tmp_path: Path, tiny_models_dir: Path, png_b64: str
+) -> None:
+    import psutil
+
+    server = LiveServer(tmp_path / "data", tiny_models_dir).start()
+    try:
+        task_id = _submit(server, png_b64, steps=100, seed=3)
+        _wait(server, task_id, lambda b: b["task"]["progress_percent"] > 0, timeout=120)
+        assert server.proc is not None
+        children = psutil.Process(server.proc.pid).children()
+        workers = [c for c in children if "spawn" in " ".join(c.cmdline())]
+        assert len(workers) == 1, [c.cmdline() for c in children]
+        workers[0].kill()
+        done = _wait(server, task_id, lambda b: b["task"]["status"] in ("TASK_STATUS_SUCCEED", "TASK_STATUS_FAILED"),
+                     timeout=300)
+        assert done["task"]["status"] == "TASK_STATUS_SUCCEED", done["task"]
+        assert len(done["images"]) == 1
+        assert psutil.Process(server.proc.pid).is_running()  # the API kept serving throughout
+    finally:
+        server.stop()

@@ -7,13 +7,22 @@ by priority then age, across all lanes.
 from __future__ import annotations
 
 import threading
+from typing import Any
 
 
 class LocalQueue:
-    """``TaskQueue`` for embedded mode (one process, one worker)."""
+    """``TaskQueue`` for embedded mode (one machine, one worker).
 
-    def __init__(self) -> None:
-        self._ready = threading.Event()
+    ``event`` may be a ``multiprocessing`` Event shared with the worker process (``worker_process.py``).
+    """
+
+    def __init__(self, event: Any = None) -> None:
+        self._ready = event if event is not None else threading.Event()
+
+    @property
+    def event(self) -> Any:
+        """The wake-up event (share it with a worker process)."""
+        return self._ready
 
     def enqueue(self, task_id: str, lane: str) -> None:
         self._ready.set()
