@@ -200,7 +200,7 @@ def test_normalize_sampler_name() -> None:
     assert normalize_sampler_name("dpm++  2m   karras") == "DPM++ 2M Karras"
     assert normalize_sampler_name("DPM++ Karras") == "DPM++ 2M Karras"
     assert normalize_sampler_name("DPM++ 2M SDE") is None
-    assert normalize_sampler_name("euler_a") is None
+    assert normalize_sampler_name("euler_a") == "Euler a"  # "_" and "-" read as spaces
     assert normalize_sampler_name("") is None
     with pytest.raises(ValueError, match="unknown sampler"):
         sample_img2img("Euler b", toy_model(SCHEDULE), SCHEDULE, init_latent(), 10, 0.5, NoiseSource([1, 2]))

@@ -17,45 +17,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 from pydantic_core import PydanticCustomError
 
 from underpaint.api.errors import ApiError, invalid_image_size, invalid_request
-
-# The 20 A1111 sampler names Novita documents (A1111 ≤ v1.8 semantics: the suffix picks the schedule).
-SAMPLER_NAMES: tuple[str, ...] = (
-    "Euler a",
-    "Euler",
-    "LMS",
-    "Heun",
-    "DPM2",
-    "DPM2 a",
-    "DPM++ 2S a",
-    "DPM++ 2M",
-    "DPM++ SDE",
-    "DPM fast",
-    "DPM adaptive",
-    "LMS Karras",
-    "DPM2 Karras",
-    "DPM2 a Karras",
-    "DPM++ 2S a Karras",
-    "DPM++ 2M Karras",
-    "DPM++ SDE Karras",
-    "DDIM",
-    "PLMS",
-    "UniPC",
-)
-
-
-def _sampler_key(name: str) -> str:
-    return "".join(name.lower().replace("_", " ").replace("-", " ").split())
-
-
-_SAMPLER_LOOKUP = {_sampler_key(n): n for n in SAMPLER_NAMES}
-# The Python SDK's ``Samplers.DPMPP_KARRAS`` ("DPM++ Karras") is not an A1111 name; it meant DPM++ 2M Karras.
-_SAMPLER_LOOKUP[_sampler_key("DPM++ Karras")] = "DPM++ 2M Karras"
-
-
-def normalize_sampler_name(name: str) -> str | None:
-    """Canonical A1111 name for ``name`` (case, spaces, ``_``/``-`` ignored), or None if unknown."""
-    return _SAMPLER_LOOKUP.get(_sampler_key(name))
-
+from underpaint.vocabulary import SAMPLER_NAMES, normalize_sampler_name
 
 # ControlNet preprocessors: the docs/JS vocabulary, the Python SDK's A1111 names, and "none".
 PREPROCESSORS: frozenset[str] = frozenset(

@@ -32,7 +32,6 @@ noised init latent (DDIM/PLMS with t_enc <= 1 do the same, as in A1111).
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -50,31 +49,10 @@ from underpaint.engine.samplers.denoiser import (
 )
 from underpaint.engine.samplers.noise import BrownianNoise, NoiseSource
 from underpaint.engine.samplers.schedule import DiscreteSchedule
+from underpaint.vocabulary import SAMPLER_NAMES, normalize_sampler_name
 
 ProgressCallback = Callable[[int, int], None]
 
-SAMPLER_NAMES: tuple[str, ...] = (
-    "Euler a",
-    "Euler",
-    "LMS",
-    "Heun",
-    "DPM2",
-    "DPM2 a",
-    "DPM++ 2S a",
-    "DPM++ 2M",
-    "DPM++ SDE",
-    "DPM fast",
-    "DPM adaptive",
-    "LMS Karras",
-    "DPM2 Karras",
-    "DPM2 a Karras",
-    "DPM++ 2S a Karras",
-    "DPM++ 2M Karras",
-    "DPM++ SDE Karras",
-    "DDIM",
-    "PLMS",
-    "UniPC",
-)
 
 SigmaSampler = Callable[[Denoiser, Tensor, Sequence[float], k_samplers.NoiseFn, k_samplers.OnStep], Tensor]
 
@@ -127,22 +105,6 @@ _SPECS: dict[str, _Spec] = {
 }
 
 _TIMESTEP_KINDS = ("ddim", "plms", "unipc")
-
-
-def _key(name: str) -> str:
-    return re.sub(r"\s+", " ", name.strip()).casefold()
-
-
-_BY_KEY: dict[str, str] = {_key(n): n for n in SAMPLER_NAMES}
-# The Novita Python SDK spells "DPM++ 2M Karras" as "DPM++ Karras".
-_BY_KEY[_key("DPM++ Karras")] = "DPM++ 2M Karras"
-
-
-def normalize_sampler_name(name: str) -> str | None:
-    """Canonical A1111 name for ``name`` (case/whitespace-insensitive), or None if it is not one of the 20."""
-    if not isinstance(name, str):
-        return None
-    return _BY_KEY.get(_key(name))
 
 
 def _spec(name: str) -> tuple[str, _Spec]:
