@@ -5,16 +5,15 @@ from __future__ import annotations
 import io
 import json
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import psycopg
 import pytest
 from PIL import Image
 from webhook_receiver import Receiver, running_receiver, wait_for
 
+from service_fixtures import postgres_schema_url
 from underpaint.api.errors import ApiError
 from underpaint.api.serialize import task_result_body
 from underpaint.config import KeyPolicy, Settings
@@ -51,7 +50,6 @@ def result_body(task_id: str, status: str = "TASK_STATUS_SUCCEED") -> dict[str, 
     }  # fmt: skip
 
 
-PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/test"
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.services)])
@@ -60,15 +58,9 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     if request.param == "sqlite":
         yield f"sqlite:///{tmp_path / 'underpaint.db'}"
         return
-    schema = "wh_" + uuid.uuid4().hex[:12]
     # No skip: an unreachable server makes this fixture (and so the test) fail.
-    with psycopg.connect(PG_ADMIN, autocommit=True, connect_timeout=5) as conn:
-        conn.execute(f"CREATE SCHEMA {schema}")
-    try:
-        yield f"postgresql+psycopg://postgres@127.0.0.1:5432/test?options=-csearch_path%3D{schema}"
-    finally:
-        with psycopg.connect(PG_ADMIN, autocommit=True, connect_timeout=5) as conn:
-            conn.execute(f"DROP SCHEMA {schema} CASCADE")
+    with postgres_schema_url("wh_") as url:
+        yield url
 
 
 @pytest.fixture

@@ -6,7 +6,6 @@ A module with its own name (not conftest) so the test file imports these unambig
 from __future__ import annotations
 
 import base64
-import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -17,11 +16,10 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
-import pytest
 from _server import make_png
 from fastapi.testclient import TestClient
-from moto.server import ThreadedMotoServer
 
+import service_fixtures
 from underpaint.api.app import create_app
 from underpaint.app import build_local_worker, build_services
 from underpaint.config import Settings
@@ -183,31 +181,8 @@ def split_url(url: str) -> tuple[str, str, str, list[str]]:
 # ------------------------------------------------------------------------------------------------ S3 (moto)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @contextmanager
 def moto_endpoint() -> Iterator[str]:
-    """moto's S3 server on 127.0.0.1 with dummy credentials in boto3's standard chain. Raises if it cannot run."""
-    mp = pytest.MonkeyPatch()
-    for name, value in {
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_DEFAULT_REGION": REGION,
-        "AWS_CONFIG_FILE": "/nonexistent",
-        "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent",
-    }.items():
-        mp.setenv(name, value)
-    mp.delenv("AWS_SESSION_TOKEN", raising=False)
-    mp.delenv("AWS_PROFILE", raising=False)
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=_free_port(), verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    try:
-        yield f"http://{host}:{port}"
-    finally:
-        server.stop()
-        mp.undo()
+    """moto's S3 server on 127.0.0.1 with dummy credentials. Raises if it cannot run."""
+    with service_fixtures.moto_endpoint(REGION) as url:
+        yield url

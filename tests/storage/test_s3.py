@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 import io
-import socket
 import urllib.request
 from collections.abc import Iterator
 from typing import Any
 
 import boto3
 import pytest
-from moto.server import ThreadedMotoServer
 from PIL import Image
 
+from service_fixtures import free_port, moto_endpoint
 from underpaint.api.errors import ApiError
 from underpaint.config import Settings
 from underpaint.storage.base import StorageError
@@ -30,34 +29,10 @@ from underpaint.tasks.types import ImageRecord
 REGION = "us-east-1"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
 def endpoint() -> Iterator[str]:
-    mp = pytest.MonkeyPatch()
-    # Dummy credentials for boto3's standard chain; never real ones, never the machine's config files.
-    for name, value in {
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_DEFAULT_REGION": REGION,
-        "AWS_CONFIG_FILE": "/nonexistent",
-        "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent",
-    }.items():
-        mp.setenv(name, value)
-    mp.delenv("AWS_SESSION_TOKEN", raising=False)
-    mp.delenv("AWS_PROFILE", raising=False)
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=_free_port(), verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    try:
-        yield f"http://{host}:{port}"
-    finally:
-        server.stop()
-        mp.undo()
+    with moto_endpoint(REGION) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
@@ -131,7 +106,7 @@ def test_rejected_credentials_are_reported(endpoint: str, admin: Any, monkeypatc
 
 
 def test_unreachable_endpoint_is_reported() -> None:
-    storage = S3Storage("some-bucket", "", REGION, f"http://127.0.0.1:{_free_port()}")
+    storage = S3Storage("some-bucket", "", REGION, f"http://127.0.0.1:{free_port()}")
     with pytest.raises(StorageError, match="'some-bucket'.*cannot reach the S3 endpoint"):
         storage.put("x.png", b"1", "image/png")
 

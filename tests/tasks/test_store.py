@@ -8,14 +8,13 @@ import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import psycopg
 import pytest
 from sqlalchemy import Connection, text
 
+from service_fixtures import postgres_schema_url
 from underpaint.tasks.store import MIGRATIONS, SqlTaskStore
 from underpaint.tasks.types import ImageRecord, NewTask, NsfwResult, TaskStatus, owner_of
 
-PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/test"
 
 
 class Clock:
@@ -34,15 +33,9 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     if request.param == "sqlite":
         yield f"sqlite:///{tmp_path / 'sub' / 'tasks.db'}"
         return
-    schema = "up_" + uuid.uuid4().hex[:12]
     # No skip: an unreachable server makes this fixture (and so the test) fail.
-    with psycopg.connect(PG_ADMIN, autocommit=True, connect_timeout=5) as conn:
-        conn.execute(f"CREATE SCHEMA {schema}")
-    try:
-        yield f"postgresql+psycopg://postgres@127.0.0.1:5432/test?options=-csearch_path%3D{schema}"
-    finally:
-        with psycopg.connect(PG_ADMIN, autocommit=True, connect_timeout=5) as conn:
-            conn.execute(f"DROP SCHEMA {schema} CASCADE")
+    with postgres_schema_url("up_") as url:
+        yield url
 
 
 StoreFactory = Callable[..., SqlTaskStore]
