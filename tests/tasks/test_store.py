@@ -16,7 +16,6 @@ from underpaint.tasks.store import MIGRATIONS, SqlTaskStore
 from underpaint.tasks.types import ImageRecord, NewTask, NsfwResult, TaskStatus, owner_of
 
 
-
 class Clock:
     def __init__(self, now: float = 1_000_000.0) -> None:
         self.now = now
