@@ -6,12 +6,8 @@ A module with its own name (not conftest) so the test file imports these unambig
 from __future__ import annotations
 
 import base64
-import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -109,67 +105,6 @@ def open_stack(data_dir: Path, models_dir: Path, **settings: Any) -> Iterator[St
 
 
 # ------------------------------------------------------------------------------------------------ webhooks
-
-
-@dataclass
-class Received:
-    path: str
-    headers: dict[str, str]  # lower-case names
-    body: bytes
-
-
-@dataclass
-class Receiver:
-    port: int = 0
-    requests: list[Received] = field(default_factory=list)
-    lock: threading.Lock = field(default_factory=threading.Lock)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/hook"
-
-    def received(self) -> list[Received]:
-        with self.lock:
-            return list(self.requests)
-
-
-@contextmanager
-def running_receiver() -> Iterator[Receiver]:
-    """A real HTTP server on 127.0.0.1 that records every POST and answers 200."""
-    state = Receiver()
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_POST(self) -> None:
-            body = self.rfile.read(int(self.headers.get("content-length") or 0))
-            with state.lock:
-                state.requests.append(Received(self.path, {k.lower(): v for k, v in self.headers.items()}, body))
-            self.send_response(200)
-            self.send_header("content-length", "2")
-            self.end_headers()
-            self.wfile.write(b"ok")
-
-        def log_message(self, format: str, *args: object) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    state.port = int(server.server_address[1])
-    thread = threading.Thread(target=server.serve_forever, name="webhook-receiver", daemon=True)
-    thread.start()
-    try:
-        yield state
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join()
-
-
-def wait_for(predicate: Callable[[], bool], timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.02)
-    return predicate()
 
 
 def split_url(url: str) -> tuple[str, str, str, list[str]]:

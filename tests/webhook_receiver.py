@@ -38,6 +38,10 @@ class Receiver:
         with self.lock:
             return len(self.requests)
 
+    def received(self) -> list[Received]:
+        with self.lock:
+            return list(self.requests)
+
     def _answer(self, handler: BaseHTTPRequestHandler) -> None:
         body = handler.rfile.read(int(handler.headers.get("content-length") or 0))
         with self.lock:
