@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from _tiny_text import text_config
 from diffusers import (
     AutoencoderKL,
     EulerDiscreteScheduler,
@@ -20,7 +21,7 @@ from diffusers import (
     UNet2DConditionModel,
 )
 from PIL import Image
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from underpaint.engine.registry import ModelEntry, ModelRegistry
 
@@ -32,21 +33,6 @@ class TinyLoaded:
     pipe: Any
     is_sdxl: bool
     name: str
-
-
-def _text_config(hidden: int, projection: int | None = None) -> CLIPTextConfig:
-    return CLIPTextConfig(
-        vocab_size=49408,
-        hidden_size=hidden,
-        intermediate_size=hidden * 2,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        max_position_embeddings=77,
-        projection_dim=projection or hidden,
-        bos_token_id=49406,
-        eos_token_id=49407,
-        pad_token_id=49407,
-    )
 
 
 def _vae() -> AutoencoderKL:
@@ -93,7 +79,7 @@ def sd15(seed: int = 0, name: str = "tiny-sd15") -> TinyLoaded:
     )
     pipe = StableDiffusionImg2ImgPipeline(
         vae=_vae(),
-        text_encoder=CLIPTextModel(_text_config(32)),
+        text_encoder=CLIPTextModel(text_config(32, layers=2)),
         tokenizer=tokenizer(),
         unet=unet,
         scheduler=_scheduler(),
@@ -108,7 +94,7 @@ def sd15(seed: int = 0, name: str = "tiny-sd15") -> TinyLoaded:
 
 def sdxl(tmp_dir: Path, seed: int = 0, name: str = "tiny-sdxl") -> TinyLoaded:
     torch.manual_seed(seed)
-    te2 = CLIPTextModelWithProjection(_text_config(64, projection=48))
+    te2 = CLIPTextModelWithProjection(text_config(64, projection=48, layers=2))
     unet = UNet2DConditionModel(
         block_out_channels=(16, 32),
         layers_per_block=2,
@@ -126,7 +112,7 @@ def sdxl(tmp_dir: Path, seed: int = 0, name: str = "tiny-sdxl") -> TinyLoaded:
     )
     pipe = StableDiffusionXLImg2ImgPipeline(
         vae=_vae(),
-        text_encoder=CLIPTextModel(_text_config(32)),
+        text_encoder=CLIPTextModel(text_config(32, layers=2)),
         text_encoder_2=te2,
         tokenizer=tokenizer(),
         tokenizer_2=tokenizer_pad_bang(tmp_dir),

@@ -13,12 +13,12 @@ from underpaint.engine.conditioning import TextEncoderBundle
 TOKENIZER_DIR = Path(__file__).resolve().parents[2] / "src" / "underpaint" / "engine" / "configs" / "clip_tokenizer"
 
 
-def _config(hidden: int, projection: int | None = None) -> CLIPTextConfig:
+def text_config(hidden: int, projection: int | None = None, layers: int = 5) -> CLIPTextConfig:
     return CLIPTextConfig(
         vocab_size=49408,
         hidden_size=hidden,
         intermediate_size=hidden * 2,
-        num_hidden_layers=5,
+        num_hidden_layers=layers,
         num_attention_heads=4,
         max_position_embeddings=77,
         projection_dim=projection or hidden,
@@ -44,12 +44,12 @@ def tokenizer_pad_bang(tmp_dir: Path) -> CLIPTokenizer:
 
 def text_encoder(seed: int = 0) -> CLIPTextModel:
     torch.manual_seed(seed)
-    return CLIPTextModel(_config(32)).eval()
+    return CLIPTextModel(text_config(32)).eval()
 
 
 def text_encoder_with_projection(seed: int = 1) -> CLIPTextModelWithProjection:
     torch.manual_seed(seed)
-    return CLIPTextModelWithProjection(_config(64, projection=48)).eval()
+    return CLIPTextModelWithProjection(text_config(64, projection=48)).eval()
 
 
 def sd15_bundle() -> TextEncoderBundle:
