@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import httpx
 import pytest
-from webhook_receiver import Receiver
 
 from underpaint.api.errors import ApiError
 from underpaint.delivery import ssrf
 from underpaint.delivery.ssrf import BlockedDestination, GuardedTransport, check_url
+from webhook_receiver import Receiver
 
 
 @pytest.mark.parametrize(

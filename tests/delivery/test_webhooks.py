@@ -11,7 +11,6 @@ from typing import Any
 
 import pytest
 from PIL import Image
-from webhook_receiver import Receiver, running_receiver, wait_for
 
 from service_fixtures import postgres_schema_url
 from underpaint.api.errors import ApiError
@@ -23,6 +22,7 @@ from underpaint.delivery.test_mode import FAILED_REASON
 from underpaint.delivery.webhooks import DELIVERED, FAILED, PENDING, WebhookDispatcher
 from underpaint.tasks.store import SqlTaskStore
 from underpaint.tasks.types import NewTask, TaskStatus
+from webhook_receiver import Receiver, running_receiver, wait_for
 
 SERVER_SECRET = b"test-server-secret"
 OWNER = "owner-hash-1"
