@@ -97,6 +97,24 @@ def test_create_get_roundtrip_and_owner_isolation(store: SqlTaskStore, clock: Cl
     assert store.get_payload("t1")["prompt"] == "a cat"
 
 
+def test_sqlite_point_read_equals_the_sqlalchemy_read(tmp_path: Path, clock: Clock) -> None:
+    """The API's task read on SQLite bypasses SQLAlchemy (``inline_reads``); it must return the same record."""
+    store = SqlTaskStore(f"sqlite:///{tmp_path / 'tasks.db'}", clock=clock)
+    assert store.inline_reads
+    store.create(new_task("t1", seed=2**40, enable_nsfw_detection=False))
+    store.claim("t1", "w1")
+    store.update_progress("t1", "w1", 40, 3)
+    fast_running = store.get("t1", "owner-a")
+    assert fast_running is not None and fast_running.progress_percent == 40  # sees the writer's commit at once
+    store.complete("t1", "w1", IMAGES)
+    fast = store.get("t1", "owner-a")
+    store._fast = None  # the SQLAlchemy Core path (the one PostgreSQL uses)
+    assert store.get("t1", "owner-a") == fast
+    assert fast is not None and fast.images == IMAGES and fast.enable_nsfw_detection is False
+    assert fast.seed == 2**40 and fast.status is TaskStatus.SUCCEED
+    store.close()
+
+
 def test_owner_of_hashes_keys() -> None:
     assert owner_of("key-1") == owner_of("key-1")
     assert owner_of("key-1") != owner_of("key-2")
