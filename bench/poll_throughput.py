@@ -195,6 +195,13 @@ def window(done: list[float], lat: list[float], a: CpuSnap, b: CpuSnap) -> Windo
     return Window(len(sel) / span, sel[len(sel) // 2] * 1000, p99 * 1000, len(sel), loop, other, machine)
 
 
+def generating_pid(server_pid: int) -> int:
+    """The process that runs generations: the embedded worker's child process, else the server itself."""
+    children = [int(c) for c in Path(f"/proc/{server_pid}/task/{server_pid}/children").read_text().split()]
+    # the busiest child: multiprocessing may also have started its resource tracker
+    return max(children, key=lambda c: _cpu_seconds(f"/proc/{c}/stat")) if children else server_pid
+
+
 # -- the generation side ---------------------------------------------------------------------------------------
 def submit(client: httpx.Client, png_b64: str, steps: int, seed: int) -> str:
     body = {"extra": {}, "request": {
@@ -293,7 +300,8 @@ def main() -> None:
                 targets = [submit(client, png, 1, seed=i) for i in range(args.targets)]
                 for t in targets:
                     wait_done(db, t)  # also warms the worker up
-                pid = server.proc.pid if server.proc else 0
+                server_pid = server.proc.pid if server.proc else 0
+                pid = generating_pid(server_pid)
                 before = thread_cpu(pid)
                 run_tasks(client, db, png, args.steps, 1)
                 after = thread_cpu(pid)
