@@ -154,6 +154,35 @@ def test_diffusers_folder_matches_single_file(tiny_models_dir: Path, sd15: Loade
     _assert_same_weights(folder.text_encoders[0], sd15.text_encoders[0])
 
 
+def test_folder_tokenizers_are_read_once_and_reread_when_replaced(
+    tiny_models_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every CLIPTokenizer.from_pretrained leaks native memory (~9 MB), so a folder's tokenizer is read from disk once
+    and each load gets a private copy; replacing the files on disk is noticed."""
+    from transformers import CLIPTokenizer
+
+    folder = tmp_path / "checkpoint" / "mine"
+    shutil.copytree(tiny_models_dir / "checkpoint" / "tiny-sd15-diffusers", folder)
+    reads: list[str] = []
+    real = CLIPTokenizer.from_pretrained.__func__  # type: ignore[attr-defined]
+
+    def counting(cls: type, path: str, *args: object, **kwargs: object) -> object:
+        reads.append(str(path))
+        return real(cls, path, *args, **kwargs)
+
+    monkeypatch.setattr(CLIPTokenizer, "from_pretrained", classmethod(counting))
+    entry = _entry(tmp_path, "checkpoint", "mine")
+    first = load_checkpoint(entry, CPU, torch.float32)
+    second = load_checkpoint(entry, CPU, torch.float32)
+    assert reads.count(str(folder / "tokenizer")) == 1
+    assert first.tokenizers[0] is not second.tokenizers[0]  # private: embeddings add tokens per checkpoint
+    assert first.tokenizers[0]("a photo").input_ids == second.tokenizers[0]("a photo").input_ids
+    vocab = folder / "tokenizer" / "tokenizer.json"  # transformers 5 saves the fast tokenizer file
+    os.utime(vocab, ns=(vocab.stat().st_atime_ns, vocab.stat().st_mtime_ns + 10**9))
+    load_checkpoint(entry, CPU, torch.float32)
+    assert reads.count(str(folder / "tokenizer")) == 2
+
+
 def test_ckpt_with_state_dict_nesting_loads(tiny_models_dir: Path, tmp_path: Path, sd15: LoadedCheckpoint) -> None:
     models = tmp_path / "models"
     write_ckpt(tiny_models_dir / "checkpoint" / "tiny-sd15.safetensors", models / "checkpoint" / "old.ckpt")

@@ -154,7 +154,7 @@ def module_bytes(*modules: torch.nn.Module) -> int:
 # ---------------------------------------------------------------------------------------------------- tokenizers
 
 
-_tokenizer_templates: dict[tuple[str, str | None], CLIPTokenizer] = {}
+_tokenizer_templates: dict[tuple[str, str | None, tuple[tuple[str, int], ...]], CLIPTokenizer] = {}
 _tokenizer_lock = threading.Lock()
 
 
@@ -165,7 +165,9 @@ def _tokenizer(path: Path, pad_token: str | None = None) -> CLIPTokenizer:
     over checkpoint reloads; a deep copy of a cached template does not. Copies stay private because embeddings
     add tokens to a checkpoint's tokenizers.
     """
-    key = (str(path), pad_token)
+    # The files' mtimes are part of the key: a tokenizer replaced on disk is read again.
+    stamp = tuple(sorted((f.name, f.stat().st_mtime_ns) for f in path.iterdir() if f.is_file()))
+    key = (str(path), pad_token, stamp)
     with _tokenizer_lock:
         template = _tokenizer_templates.get(key)
         if template is None:
@@ -183,7 +185,7 @@ def load_tokenizers(is_sdxl: bool, config_dir: Path | None = None) -> list[CLIPT
     out: list[CLIPTokenizer] = []
     for name in names:
         own = config_dir / name if config_dir is not None else None
-        if own is not None and (own / "vocab.json").exists():
+        if own is not None and ((own / "vocab.json").exists() or (own / "tokenizer.json").exists()):
             out.append(_tokenizer(own))
         elif name == "tokenizer_2":
             out.append(_tokenizer(TOKENIZER_DIR, pad_token="!"))
@@ -290,11 +292,12 @@ def _folder_pipeline(entry: ModelEntry, dtype: torch.dtype) -> Img2ImgPipeline:
     index = json.loads(index_path.read_text())
     is_sdxl = "XL" in index.get("_class_name", "")
     kwargs: dict[str, Any] = {"local_files_only": True, "dtype": dtype}
-    # Folders without tokenizer files get the shipped ones.
+    # Tokenizers come from our template cache, never from the pipeline's from_pretrained (which leaks, see
+    # ``_tokenizer``); folders without tokenizer files get the shipped ones.
     fallback = load_tokenizers(is_sdxl)
     for i, name in enumerate(["tokenizer", "tokenizer_2"] if is_sdxl else ["tokenizer"]):
-        if not (entry.path / name).is_dir():
-            kwargs[name] = fallback[i]
+        own = entry.path / name
+        kwargs[name] = _tokenizer(own) if own.is_dir() else fallback[i]
     cls: type[Img2ImgPipeline]
     if is_sdxl:
         cls = StableDiffusionXLImg2ImgPipeline
