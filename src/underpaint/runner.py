@@ -56,20 +56,26 @@ class GenerationRunner:
         fmt = task.response_image_type
         custom = (task.extra.get("custom_storage") or {}).get("aws_s3")
         records: list[tuple[str, str, dict[str, str]]] = []
-        for g in images:
-            data = encode_image(g.image, fmt, g.infotext)
-            filename = f"{uuid.uuid4().hex}.{fmt}"
-            if custom:
-                from underpaint.storage import custom as custom_storage
+        try:
+            for g in images:
+                data = encode_image(g.image, fmt, g.infotext)
+                filename = f"{uuid.uuid4().hex}.{fmt}"
+                if custom:
+                    from underpaint.storage import custom as custom_storage
 
-                target = custom_storage.custom_target(custom, self.services.settings)
-                key = custom_storage.object_key(target, task.task_id, filename, bool(custom.get("save_to_path_directly")))
-                location = custom_storage.put_custom(target, key, data, CONTENT_TYPES[fmt])
-                records.append((key, "custom", location))
-            else:
-                key = f"{task.task_id}/{filename}"
-                self.services.storage.put(key, data, CONTENT_TYPES[fmt])
-                records.append((key, self.services.storage.name, {}))
+                    target = custom_storage.custom_target(custom, self.services.settings)
+                    save_directly = bool(custom.get("save_to_path_directly"))
+                    key = custom_storage.object_key(target, task.task_id, filename, save_directly)
+                    location = custom_storage.put_custom(target, key, data, CONTENT_TYPES[fmt])
+                    records.append((key, "custom", location))
+                else:
+                    key = f"{task.task_id}/{filename}"
+                    self.services.storage.put(key, data, CONTENT_TYPES[fmt])
+                    records.append((key, self.services.storage.name, {}))
+        except Exception:
+            # The task fails: leave none of its images behind, in our storage or in the user's bucket.
+            self.discard([ImageRecord(key=k, image_type=fmt, nsfw=None, backend=b, location=loc) for k, b, loc in records])
+            raise
         results: list[NsfwResult | None] = [None] * len(records)
         if verdicts is not None:
             try:
@@ -83,10 +89,15 @@ class GenerationRunner:
         ]
 
     def discard(self, records: list[ImageRecord]) -> None:
-        """Remove images of a run that lost its lease (another worker finished the task)."""
+        """Remove images of a run whose results are dropped: it lost its lease (another worker finished the task)
+        or a later upload of the same task failed. Best effort: a failure is logged, never raised."""
         for r in records:
-            if r.backend == self.services.storage.name:
-                try:
+            try:
+                if r.backend == self.services.storage.name:
                     self.services.storage.delete(r.key)
-                except Exception:
-                    log.warning("could not delete orphan image %s", r.key)
+                elif r.backend == "custom":
+                    from underpaint.storage.custom import delete_custom
+
+                    delete_custom(r, self.services.settings)
+            except Exception:
+                log.warning("could not delete orphan image %s (%s)", r.key, r.backend)

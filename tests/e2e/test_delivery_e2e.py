@@ -206,6 +206,31 @@ def test_missing_custom_bucket_fails_the_task_naming_it(stack: Stack) -> None:
     assert result["images"] == []
 
 
+def test_upload_failing_midway_leaves_nothing_in_the_users_bucket(
+    stack: Stack, admin: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from underpaint.storage import custom as custom_storage
+    from underpaint.storage.base import StorageError
+
+    bucket = "user-out-partial"
+    admin.create_bucket(Bucket=bucket)
+    real_put = custom_storage.put_custom
+    calls: list[str] = []
+
+    def second_fails(target: Any, key: str, data: bytes, content_type: str) -> dict[str, str]:
+        calls.append(key)
+        if len(calls) == 2:
+            raise StorageError(f"bucket {bucket!r}: connection reset while uploading")
+        return real_put(target, key, data, content_type)
+
+    monkeypatch.setattr(custom_storage, "put_custom", second_fails)
+    aws_s3 = {"region": REGION, "bucket": bucket, "path": "out"}
+    result = stack.run(stack.submit(extra={"custom_storage": {"aws_s3": aws_s3}}, image_num=2))
+    assert result["task"]["status"] == FAILED and bucket in result["task"]["reason"]
+    assert len(calls) == 2  # the first image was uploaded ...
+    assert _objects(admin, bucket) == []  # ... and removed when the second failed
+
+
 def test_invalid_custom_bucket_name_is_refused_at_submit(stack: Stack) -> None:
     aws_s3 = {"region": REGION, "bucket": "Bad_Bucket", "path": "x"}
     r = stack.post(extra={"custom_storage": {"aws_s3": aws_s3}})

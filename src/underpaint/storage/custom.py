@@ -165,6 +165,14 @@ def put_custom(target: CustomS3Target, key: str, data: bytes, content_type: str)
     return {"bucket": target.bucket, "region": target.region}
 
 
+def delete_custom(image: ImageRecord, settings: Settings | None = None) -> None:
+    """Remove an image this service wrote to a user's bucket (a run whose results are discarded)."""
+    loc = image.location
+    if "bucket" not in loc:
+        raise ValueError(f"image {image.key!r} has no custom bucket in its location")
+    _storage(loc["bucket"], loc.get("region"), _endpoint(settings)).delete(image.key)
+
+
 def presign_custom(image: ImageRecord, ttl: int, settings: Settings | None = None) -> str:
     """``image_url`` for an image stored with ``backend="custom"`` (endpoint: ``settings.s3_endpoint_url``)."""
     loc = image.location
