@@ -129,7 +129,8 @@ class Service:
                 from underpaint.worker_process import WorkerProcess
 
                 assert isinstance(self.services.queue, LocalQueue)
-                self.worker = WorkerProcess(s, self.services.queue.event, on_child_death=recover)
+                env = self.services.extras.get("worker_env") or {}
+                self.worker = WorkerProcess(s, self.services.queue.event, on_child_death=recover, env=env)
             else:
                 self.worker = build_local_worker(self.services)
             self.worker.start()

@@ -12,12 +12,14 @@ that the next start recovers. If the child dies, the parent requeues its task an
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import logging
 import multiprocessing
 import os
 import signal
 import threading
+from collections.abc import Iterator
 from multiprocessing.context import SpawnProcess
 from typing import Any
 
@@ -49,7 +51,9 @@ def child_main(settings: Settings, wake: Any, parent_pid: int, log_level: int) -
     if settings.worker_metrics_port is not None:
         from prometheus_client import start_http_server
 
-        start_http_server(settings.worker_metrics_port, addr=settings.host)
+        from underpaint.scale.metrics import serving_registry
+
+        start_http_server(settings.worker_metrics_port, addr=settings.host, registry=serving_registry())
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the whole group; the parent decides
@@ -63,8 +67,11 @@ def child_main(settings: Settings, wake: Any, parent_pid: int, log_level: int) -
 class WorkerProcess:
     """Starts the child, watches it, restarts it if it dies, stops it with the server."""
 
-    def __init__(self, settings: Settings, wake: Any, on_child_death: Any = None) -> None:
+    def __init__(
+        self, settings: Settings, wake: Any, on_child_death: Any = None, env: dict[str, str] | None = None
+    ) -> None:
         self.settings = settings
+        self.env = dict(env or {})  # extra environment for the child (set before it imports anything)
         self.wake = wake
         self.on_child_death = on_child_death
         self._ctx = multiprocessing.get_context("spawn")
@@ -88,7 +95,8 @@ class WorkerProcess:
             name="underpaint-worker",
             daemon=False,
         )
-        proc.start()
+        with _environ(self.env):
+            proc.start()
         self._proc = proc
         log.info("worker process %s started", proc.pid)
 
@@ -129,6 +137,25 @@ class WorkerProcess:
         if self._watch is not None:
             self._watch.join(5)
             self._watch = None
+
+
+_environ_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def _environ(extra: dict[str, str]) -> Iterator[None]:
+    """``extra`` in os.environ while a child is spawned (it inherits the environment), then as before."""
+    with _environ_lock:
+        saved = {k: os.environ.get(k) for k in extra}
+        os.environ.update(extra)
+        try:
+            yield
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
 
 
 def wake_event() -> Any:

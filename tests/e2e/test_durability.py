@@ -81,5 +81,11 @@ def test_worker_process_killed_mid_task_is_restarted_and_the_task_completes(
         assert done["task"]["status"] == "TASK_STATUS_SUCCEED", done["task"]
         assert len(done["images"]) == 1
         assert psutil.Process(server.proc.pid).is_running()  # the API kept serving throughout
+        # The server's /metrics carries the worker child's numbers: the killed run never finished, the new one did.
+        metrics = httpx.get(server.url + "/metrics", timeout=30).text
+        assert 'underpaint_generation_seconds_count{base_model="sd15",outcome="ok"} 1.0' in metrics, metrics
+        assert 'underpaint_worker_tasks_run_total{outcome="ok"} 1.0' in metrics
+        assert "underpaint_model_loads_total 1.0" in metrics
+        assert metrics.count("# TYPE underpaint_generation_seconds histogram") == 1
     finally:
         server.stop()

@@ -15,6 +15,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 from sqlalchemy import text
@@ -346,7 +347,7 @@ def test_heartbeat_rows_and_cluster_metrics(store: SqlTaskStore, redis_url: str,
 
 
 def test_instrumented_runner_observes_generation_seconds(tmp_path: Path) -> None:
-    from prometheus_client import REGISTRY
+    from underpaint.scale.metrics import WORKER_REGISTRY as REGISTRY
 
     runner = InstrumentedRunner(FakeRunner(FakeStorage()))
     rec = TaskRecord(task_id="m1", owner="o", status=TaskStatus.PROCESSING, lane="sdxl", attempts=1)
@@ -378,3 +379,23 @@ def test_worker_on_rabbitmq_runs_a_task_once(store: SqlTaskStore, amqp_url: str,
     finally:
         with queue.app.connection_for_write() as conn:
             conn.default_channel.queue_delete(lane)
+
+
+def test_a_workers_metrics_port_serves_generation_and_process_metrics() -> None:
+    import socket
+
+    from prometheus_client import start_http_server
+
+    from underpaint.scale.metrics import serving_registry
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server, thread = start_http_server(port, addr="127.0.0.1", registry=serving_registry())
+    try:
+        text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+    finally:
+        server.shutdown()
+        thread.join(5)
+    for family in ("underpaint_generation_seconds", "underpaint_model_loads", "process_cpu_seconds"):
+        assert f"# TYPE {family}" in text, family

@@ -13,8 +13,10 @@ Two kinds of numbers, from two kinds of processes:
 from __future__ import annotations
 
 import logging
+import shutil
 import time
 from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
 from typing import Any
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram, generate_latest
@@ -30,13 +32,22 @@ from underpaint.tasks.types import ImageRecord, TaskRecord, TaskStatus
 
 log = logging.getLogger("underpaint.scale")
 
+# What a generating process reports. A registry of its own, so that a server whose worker is a child process
+# exports the child's numbers (through prometheus_client's multiprocess files) and not its own empty ones.
+WORKER_REGISTRY = CollectorRegistry()
 GENERATION_SECONDS = Histogram(
     "underpaint_generation_seconds",
     "Wall time of one task's generation (model load, sampling, encoding, upload)",
     ["base_model", "outcome"],
     buckets=(0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600, float("inf")),
+    registry=WORKER_REGISTRY,
 )
-TASKS_RUN = Counter("underpaint_worker_tasks_run", "Generations run by this process", ["outcome"])
+TASKS_RUN = Counter(
+    "underpaint_worker_tasks_run", "Generations run by this process", ["outcome"], registry=WORKER_REGISTRY
+)
+MODEL_LOADS = Counter("underpaint_model_loads", "Checkpoints loaded from disk by this process", registry=WORKER_REGISTRY)
+# Set for the embedded worker's child process: prometheus_client then keeps its values in files there.
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 _webhook_table = table("webhook_deliveries", column("status"))
@@ -55,6 +66,7 @@ class InstrumentedRunner:
     def run(self, task: TaskRecord, payload: dict[str, Any], report: Any) -> list[ImageRecord]:
         base = "sdxl" if task.lane.startswith("sdxl") else "sd15" if task.lane.startswith("sd15") else "other"
         start = time.perf_counter()
+        loads = model_loads([self.runner])
         outcome = "error"
         try:
             images = self.runner.run(task, payload, report)
@@ -63,6 +75,7 @@ class InstrumentedRunner:
         finally:
             GENERATION_SECONDS.labels(base, outcome).observe(time.perf_counter() - start)
             TASKS_RUN.labels(outcome).inc()
+            MODEL_LOADS.inc(max(0, model_loads([self.runner]) - loads))
 
     def discard(self, records: list[ImageRecord]) -> None:
         discard = getattr(self.runner, "discard", None)
@@ -78,16 +91,30 @@ def model_loads(runners: Iterable[Any]) -> int:
     return total
 
 
-class ModelLoadsCollector(Collector):
-    """``underpaint_model_loads_total``: checkpoint loads (cache misses) of this process's executors."""
+class _Merged(Collector):
+    """Several registries as one collector (``start_http_server`` serves a single registry)."""
 
-    def __init__(self, runners: Callable[[], Iterable[Any]]) -> None:
-        self.runners = runners
+    def __init__(self, *registries: CollectorRegistry) -> None:
+        self.registries = registries
 
     def collect(self) -> Iterator[Metric]:
-        c = CounterMetricFamily("underpaint_model_loads", "Checkpoints loaded from disk by this process")
-        c.add_metric([], model_loads(self.runners()))
-        yield c
+        for registry in self.registries:
+            yield from registry.collect()
+
+
+def serving_registry() -> CollectorRegistry:
+    """What a generating process serves on its own metrics port: process metrics plus its generation numbers."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_Merged(REGISTRY, WORKER_REGISTRY))
+    return registry
+
+
+def worker_metrics_dir(data_dir: Path) -> Path:
+    """An empty folder for the embedded worker's multiprocess metric files (emptied at each server start)."""
+    folder = data_dir / "worker-metrics"
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    return folder
 
 
 def store_engine(services: Services) -> Engine:
@@ -196,8 +223,16 @@ def install_metrics(app: Any, services: Services) -> None:
         services.extras["health"] = probe.health
         services.extras["broker_probe"] = probe
     registry.register(ClusterCollector(services, depths))
-    # Embedded mode: the in-process worker's runners (``build_local_worker`` lists them in extras).
-    registry.register(ModelLoadsCollector(lambda: services.extras.get("runners", [])))
+    settings = services.settings
+    if settings.run_worker and settings.queue_backend == "local":
+        if settings.worker_process:  # the worker child writes its values to files; read them at scrape time
+            from prometheus_client.multiprocess import MultiProcessCollector
+
+            folder = worker_metrics_dir(settings.data_dir)
+            services.extras["worker_env"] = {MULTIPROC_ENV: str(folder)}
+            MultiProcessCollector(registry, path=str(folder))
+        else:
+            registry.register(_Merged(WORKER_REGISTRY))
     services.extras["metrics_registry"] = registry
 
     @app.get("/metrics", include_in_schema=False)

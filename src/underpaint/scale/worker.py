@@ -34,7 +34,7 @@ from underpaint.scale.celery_app import TASK_NAME, create_celery_app
 from underpaint.scale.celery_queue import CeleryQueue
 from underpaint.scale.heartbeat import Heartbeat, default_interval
 from underpaint.scale.logging import task_context
-from underpaint.scale.metrics import InstrumentedRunner, ModelLoadsCollector, model_loads, store_engine
+from underpaint.scale.metrics import InstrumentedRunner, model_loads, serving_registry, store_engine
 from underpaint.scale.routing import parse_queues
 from underpaint.services import Services
 from underpaint.tasks.lifecycle import sweep_expired
@@ -170,10 +170,9 @@ def run_worker(
     app.set_default()
     register_task(app, ctx)
     if metrics_port is not None:
-        from prometheus_client import REGISTRY, start_http_server
+        from prometheus_client import start_http_server
 
-        REGISTRY.register(ModelLoadsCollector(lambda: ctx.runners))
-        start_http_server(metrics_port, addr=settings.host)
+        start_http_server(metrics_port, addr=settings.host, registry=serving_registry())
     engine = store_engine(ctx.services)
     heartbeat = Heartbeat(engine, names, concurrency, ctx.stats, interval=default_interval(settings.lease_seconds))
     heartbeat.start()
