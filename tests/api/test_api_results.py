@@ -258,6 +258,8 @@ def test_unknown_route_and_method(client):
     }  # fmt: skip
     r = client.get("/v3/async/img2img", headers=auth())
     assert r.status_code == 405 and r.json()["code"] == 405 and r.json()["reason"] == "METHOD_NOT_ALLOWED"
+    r = client.post("/v3/async/task-result?task_id=x", headers=auth())  # a plain Starlette route: same errors
+    assert r.status_code == 405 and r.json()["reason"] == "METHOD_NOT_ALLOWED" and "allow" in r.headers
 
 
 # --- collaborators: rate limiter, webhooks, custom storage, health ---------------------------------------------
