@@ -1,6 +1,6 @@
 """ControlNet preprocessors ("annotators"): turn a unit's image into the control map its ControlNet expects.
 
-Every name the Novita docs/JS SDK and the Python SDK send is known here. Three groups:
+Every name the Novita docs/JS SDK and the Python SDK send is known here. Four groups:
 
 * weight-free, work out of the box: ``canny``, ``shuffle`` and the Python SDK's ``invert``, ``threshold``,
   ``color``, ``scribble_xdog``, ``tile_resample``, ``binary``;
@@ -10,9 +10,11 @@ Every name the Novita docs/JS SDK and the Python SDK send is known here. Three g
   ``facenet.pth``). The network definitions, OpenPose's detectors and its body/face drawing come from the
   ``controlnet_aux`` package (imported module by module: its package ``__init__``s pull torchvision); weights load
   with ``torch.load(weights_only=True)``;
-* annotators that need packages this build cannot install beside the CPU torch wheel (torchvision, timm, mmpose,
-  mediapipe): depth_midas/zoe, depth_leres++, normal_map, dwpose, mediapipe_face. They are accepted by the API
-  and fail the task with a reason saying so; pass a ready-made map with preprocessor ``none`` instead.
+* DWPose (``yolox_l.onnx``, ``dw-ll_ucoco_384.onnx`` on onnxruntime) and the MediaPipe face mesh (models inside the
+  mediapipe wheel): ``underpaint.engine.annotators``;
+* annotators that need packages this build cannot install beside the CPU torch wheel (torchvision, timm):
+  depth_midas/zoe, depth_leres++, normal_map. They are accepted by the API and fail the task with a reason saying
+  so; pass a ready-made map with preprocessor ``none`` instead.
 
 ``none`` (or no preprocessor) uses the image as the control map.
 """
@@ -40,6 +42,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from underpaint.engine.annotators import dwpose, mediapipe_face
 from underpaint.engine.job import JobError
 
 Array = np.ndarray
@@ -403,9 +406,7 @@ PIDI = ("table5_pidinet.pth",)
 _INSTEAD = "send a ready-made map with preprocessor 'none' instead"
 _TORCHVISION = f"needs torchvision and timm, which cannot be installed beside this build's CPU torch wheel; {_INSTEAD}"
 _UNSUPPORTED = {
-    "dwpose": f"needs OpenMMLab's mmpose and mmdet (which pull torchvision); use 'openpose_full', or {_INSTEAD}",
     "depth_leres++": f"(LeReS with boosting) needs torchvision for its pix2pix merge network; use 'depth_leres', or {_INSTEAD}",
-    "mediapipe_face": f"needs mediapipe 0.10 (protobuf 4), which conflicts with this build's packages; {_INSTEAD}",
 }
 
 
@@ -450,10 +451,12 @@ def _registry() -> dict[str, Preprocessor]:
         Preprocessor("openpose_face", _openpose(True, False, True), (BODY, FACE)),
         Preprocessor("openpose_faceonly", _openpose(False, False, True), (BODY, FACE)),
         Preprocessor("openpose_full", _openpose(True, True, True), (BODY, HAND, FACE)),
+        Preprocessor("dwpose", dwpose.dwpose, dwpose.FILES),
+        Preprocessor("mediapipe_face", mediapipe_face.mediapipe_face),
     ]
     unsupported = [
-        "depth", "depth_midas", "depth_zoe", "depth_leres++", "normal_map", "dwpose",
-        "mediapipe_face", "segmentation", "oneformer_coco", "oneformer_ade20k", "clip_vision",
+        "depth", "depth_midas", "depth_zoe", "depth_leres++", "normal_map",
+        "segmentation", "oneformer_coco", "oneformer_ade20k", "clip_vision",
     ]
     out = {p.name: p for p in table}
     for name in unsupported:

@@ -1,0 +1,2 @@
+"""ControlNet annotators implemented here (the registry, shared loading helpers and the others live in
+``underpaint.engine.preprocessors``)."""
