@@ -139,7 +139,7 @@ def _aux(module: str) -> Any:
     return importlib.import_module(f"controlnet_aux.{module}")
 
 
-# Loaded annotator networks, least recently used dropped beyond the limit (OpenPose and LeReS are 0.2-0.5 GB each).
+# Loaded annotator networks, least recently used dropped beyond the limit (most are 0.1-0.5 GB, Zoe 1.4 GB).
 _NETS_LIMIT = 4
 _nets: OrderedDict[tuple[str, Path, float, str], Any] = OrderedDict()
 _nets_lock = threading.Lock()
