@@ -3,6 +3,7 @@ formats (``engine.demo_controlnet``): lllyasviel single files (+ sidecar config)
 
 from __future__ import annotations
 
+import re
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -384,3 +385,56 @@ def test_executor_runs_units_and_refuses_the_wrong_base(models: Path) -> None:
         job(unit("controlnet-canny-sdxl-1.0"))
     with pytest.raises(JobError, match="sk_model.pth"):
         job(unit(CANNY, preprocessor="lineart_coarse"))
+
+
+# A zero MiDaS predicts a flat depth: controlnet_aux's min-max normalisation divides 0 by 0 (both sides alike here).
+@pytest.mark.filterwarnings("ignore:invalid value encountered in cast:RuntimeWarning")
+def test_executor_runs_a_depth_unit(
+    models: Path, sdxl: LoadedCheckpoint, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A unit with preprocessor ``depth`` (MiDaS) through the worker's path: refused naming the file while it is
+    missing, then the map made from the published-layout file conditions the SDXL depth ControlNet."""
+    from underpaint.config import Settings
+    from underpaint.engine import preprocessors
+    from underpaint.engine.demo_controlnet import write_zero_annotator
+    from underpaint.engine.executor import DiffusersExecutor
+    from underpaint.engine.job import GenerationJob
+
+    mine = tmp_path / "models"  # the module's models plus an annotator folder of this test's own
+    (mine / "annotator").mkdir(parents=True)
+    for part in ("checkpoint", "controlnet"):
+        (mine / part).symlink_to(models / part, target_is_directory=True)
+    executor = DiffusersExecutor(Settings(models_dir=mine, device="cpu", torch_threads=1), ModelRegistry(mine))
+    monkeypatch.setattr(preprocessors, "A1111_RESOLUTION", 64)  # the same path, a smaller MiDaS input
+
+    def job(*units: ControlNetUnitSpec) -> np.ndarray:
+        spec = GenerationJob(
+            checkpoint="tiny-sdxl.safetensors",
+            init_image=init_image(),
+            prompt="a cat",
+            negative_prompt="",
+            width=SIZE,
+            height=SIZE,
+            image_num=1,
+            steps=4,
+            guidance_scale=7.0,
+            sampler_name="Euler",
+            seed=11,
+            strength=0.75,
+            controlnets=units,
+        )
+        return np.asarray(executor.generate(spec)[0].image).astype(np.int16)
+
+    depth_unit = unit("controlnet-depth-sdxl-1.0", image=init_image(), preprocessor="depth")
+    with pytest.raises(JobError, match=re.escape(f"{preprocessors.MIDAS[0]}: put them in {mine / 'annotator'}")):
+        job(depth_unit)
+    write_zero_annotator(preprocessors._midas_net, mine / "annotator" / preprocessors.MIDAS[0])
+    assert differ(job(depth_unit), job()) > 1.0  # the unit acts
+    # and its control map is the depth map (the tiny ControlNet barely tells maps apart: checked on the hook)
+    registry = ModelRegistry(mine)
+    entry = registry.resolve("controlnet", depth_unit.model)
+    assert entry is not None
+    control = cn.build_control_hook(sdxl, [(entry, depth_unit)], SIZE, SIZE, mine / "annotator", CPU, seed=3)
+    ctx = preprocessors.Context(mine / "annotator", 3, CPU)
+    expected = np.asarray(preprocessors.run_preprocessor("depth", init_image(), ctx), np.float32) / 255
+    assert torch.equal(control.units[0].image[0].permute(1, 2, 0), torch.from_numpy(expected))

@@ -5,16 +5,16 @@ Every name the Novita docs/JS SDK and the Python SDK send is known here. Four gr
 * weight-free, work out of the box: ``canny``, ``shuffle`` and the Python SDK's ``invert``, ``threshold``,
   ``color``, ``scribble_xdog``, ``tile_resample``, ``binary``;
 * network annotators whose weights the operator drops into ``M/annotator/`` (file names as published with
-  lllyasviel's ControlNet annotators): HED, PiDiNet, MLSD, lineart, lineart_anime, LeReS depth (``res101.pth``),
-  NormalBae (``scannet.pt``) and OpenPose (body, hands, face: ``body_pose_model.pth``, ``hand_pose_model.pth``,
-  ``facenet.pth``). The network definitions, OpenPose's detectors and its body/face drawing come from the
-  ``controlnet_aux`` package (imported module by module: its package ``__init__``s pull torchvision); weights load
-  with ``torch.load(weights_only=True)``;
+  lllyasviel's ControlNet annotators): HED, PiDiNet, MLSD, lineart, lineart_anime, MiDaS depth and normal_map
+  (``dpt_hybrid-midas-501f0c75.pt``), Zoe depth (``ZoeD_M12_N.pt``), LeReS depth (``res101.pth``, plus
+  ``latest_net_G.pth`` for boosting), NormalBae (``scannet.pt``) and OpenPose (body, hands, face:
+  ``body_pose_model.pth``, ``hand_pose_model.pth``, ``facenet.pth``). The network definitions, the detectors' pre-
+  and postprocessing and OpenPose's body/face drawing come from the ``controlnet_aux`` package (its top-level
+  ``__init__`` is never run); weights load with ``torch.load(weights_only=True)``, strictly;
 * DWPose (``yolox_l.onnx``, ``dw-ll_ucoco_384.onnx`` on onnxruntime) and the MediaPipe face mesh (models inside the
   mediapipe wheel): ``underpaint.engine.annotators``;
-* annotators that need packages this build cannot install beside the CPU torch wheel (torchvision, timm):
-  depth_midas/zoe, depth_leres++, normal_map. They are accepted by the API and fail the task with a reason saying
-  so; pass a ready-made map with preprocessor ``none`` instead.
+* annotators that controlnet_aux does not have (segmentation, oneformer, clip_vision). They are accepted by the
+  API and fail the task with a reason saying so; pass a ready-made map with preprocessor ``none`` instead.
 
 ``none`` (or no preprocessor) uses the image as the control map.
 """
@@ -24,7 +24,6 @@ from __future__ import annotations
 import colorsys
 import contextlib
 import importlib
-import importlib.util
 import io
 import os
 import sys
@@ -127,51 +126,22 @@ def tile_resample(img: Array, ctx: Context) -> Array:
 
 
 _AUX_ROOT = os.path.join(sysconfig.get_paths()["purelib"], "controlnet_aux")
-# Packages whose __init__ imports torchvision (or imports a sibling that does): registered as bare namespaces.
-_STUB_PACKAGES = ("", "open_pose", "leres", "normalbae")
 _import_lock = threading.Lock()
 
 
 def _aux(module: str) -> Any:
-    """Import a controlnet_aux submodule without running the package __init__s that pull torchvision."""
+    """Import a controlnet_aux submodule. The top-level package is registered as a bare namespace first: its
+    ``__init__`` imports every detector (mediapipe and mmpose probes, and segment_anything, which overwrites timm's
+    registry entries)."""
     with _import_lock:
-        for sub in _STUB_PACKAGES:
-            name = "controlnet_aux" + (f".{sub}" if sub else "")
-            if name not in sys.modules:
-                pkg = types.ModuleType(name)
-                pkg.__path__ = [os.path.join(_AUX_ROOT, *sub.split(".")) if sub else _AUX_ROOT]
-                sys.modules[name] = pkg
+        if "controlnet_aux" not in sys.modules:
+            pkg = types.ModuleType("controlnet_aux")
+            pkg.__path__ = [_AUX_ROOT]
+            sys.modules["controlnet_aux"] = pkg
     return importlib.import_module(f"controlnet_aux.{module}")
 
 
-class _NoTorchvisionTransform:
-    """Stands in for a torchvision transform that face.py instantiates at import time but never calls here."""
-
-    def __call__(self, *args: Any) -> Any:
-        raise RuntimeError("torchvision is not installed")
-
-
-def _aux_face() -> Any:
-    """``controlnet_aux.open_pose.face``: its FaceNet and Face need only torch, but the module imports torchvision's
-    ToTensor/ToPILImage at the top (instantiated, never used by them). Without torchvision, that import gets
-    placeholders for the duration of this import only."""
-    name = "controlnet_aux.open_pose.face"
-    if name in sys.modules or importlib.util.find_spec("torchvision") is not None:
-        return _aux("open_pose.face")
-    _aux("open_pose.util")
-    tv, tvt = types.ModuleType("torchvision"), types.ModuleType("torchvision.transforms")
-    tvt.ToTensor = tvt.ToPILImage = _NoTorchvisionTransform  # type: ignore[attr-defined]
-    tv.transforms = tvt  # type: ignore[attr-defined]
-    with _import_lock:
-        sys.modules.update({"torchvision": tv, "torchvision.transforms": tvt})
-        try:
-            return importlib.import_module(name)
-        finally:
-            sys.modules.pop("torchvision", None)
-            sys.modules.pop("torchvision.transforms", None)
-
-
-# Loaded annotator networks, least recently used dropped beyond the limit (OpenPose and LeReS are 0.2-0.5 GB each).
+# Loaded annotator networks, least recently used dropped beyond the limit (most are 0.1-0.5 GB, Zoe 1.4 GB).
 _NETS_LIMIT = 4
 _nets: OrderedDict[tuple[str, Path, float, str], Any] = OrderedDict()
 _nets_lock = threading.Lock()
@@ -207,7 +177,7 @@ def _net(
 ) -> Any:
     """``build()`` with the weights of ``path``, on ``device``; ``strip_prefix``: the file's names lack the first
     module level (the OpenPose files: ``conv1_1.weight`` for the network's ``model0.conv1_1.weight``); ``nested``:
-    the state dict sits under that key (LeReS: ``depth_model``)."""
+    the state dict sits under that key (LeReS: ``depth_model``, Zoe: ``model``)."""
 
     def load() -> Any:
         net = build()
@@ -215,7 +185,12 @@ def _net(
             state = _load_state(path, nested)
             if strip_prefix:
                 state = {k: state[k.split(".", 1)[1]] for k in net.state_dict()}
-            net.load_state_dict(state)
+            # Buffers the network computes at build and no longer saves (timm's BEiT relative_position_index,
+            # which the older timm the Zoe file was written with did save) come from the build, not the file.
+            transient = {name for name, _ in net.named_buffers()} - net.state_dict().keys()
+            state = {k: v for k, v in state.items() if k not in transient}
+            # Strict whatever the class overrides: ZoeDepth's own load_state_dict is non-strict under timm 1.x.
+            torch.nn.Module.load_state_dict(net, state)
         except Exception as exc:  # wrong file, truncated download ...
             raise JobError(f"annotator weights {path.name} could not be loaded for {kind}: {exc!r}") from exc
         return net.float().eval().to(device)
@@ -229,6 +204,14 @@ def _net(
 
 def _detector(kind: str, files: tuple[str, ...], ctx: Context) -> Any:
     paths = [ctx.annotator_dir / f for f in files]
+    if kind == "midas":
+        return _aux("midas").MidasDetector(_net(kind, paths[0], ctx.device, _midas_net))
+    if kind == "zoe":
+        return _aux("zoe").ZoeDetector(_net(kind, paths[0], ctx.device, _zoe_net, nested="model"))
+    if kind == "leres":
+        depth = _net(kind, paths[0], ctx.device, _leres_net, nested="depth_model")
+        merge = _merge_model(_net("leres_merge", paths[1], ctx.device, _merge_net), ctx.device) if paths[1:] else None
+        return _aux("leres").LeresDetector(depth, merge)
     if kind == "hed":
         m = _aux("hed")
         return m.HEDdetector(_net(kind, paths[0], ctx.device, m.ControlNetHED_Apache2))
@@ -252,12 +235,19 @@ def _detector(kind: str, files: tuple[str, ...], ctx: Context) -> Any:
     raise AssertionError(kind)
 
 
-def _network(kind: str, files: tuple[str, ...], **call_kwargs: Any) -> Callable[[Array, Context], Array]:
+def _network(
+    kind: str, files: tuple[str, ...], a1111_res: bool = False, **call_kwargs: Any
+) -> Callable[[Array, Context], Array]:
+    """Run controlnet_aux's detector for ``kind`` on our loaded networks. It detects with the short side at
+    ``A1111_RESOLUTION`` (``a1111_res``) or at the output's; run_preprocessor resizes the map to the output size."""
+
     def run(img: Array, ctx: Context) -> Array:
         detector = _detector(kind, files, ctx)
-        h, w = img.shape[:2]
-        res = min(h, w)  # detect at the output resolution; the map is resized to the exact size below
-        out = detector(img, detect_resolution=res, image_resolution=res, output_type="np", **call_kwargs)
+        res = A1111_RESOLUTION if a1111_res else min(img.shape[:2])
+        with _boosting() if call_kwargs.get("boost") else contextlib.nullcontext():
+            out = detector(img, detect_resolution=res, image_resolution=res, output_type="np", **call_kwargs)
+        if isinstance(out, tuple):  # MiDaS with depth_and_normal: (depth, normal)
+            out = out[1]
         return _gray3(np.asarray(out))
 
     return run
@@ -288,7 +278,7 @@ def _openpose_models(ctx: Context, hand: bool, face: bool) -> tuple[Any, Any, An
         hand_est = wrap(hand_mod.Hand, _net("openpose_hand", d / HAND, ctx.device, model_mod.handpose_model, strip_prefix=True))
     face_est = None
     if face:
-        face_mod = _aux_face()
+        face_mod = _aux("open_pose.face")
         face_est = wrap(face_mod.Face, _net("openpose_face", d / FACE, ctx.device, face_mod.FaceNet))
     return body, hand_est, face_est
 
@@ -346,11 +336,33 @@ def _openpose(body: bool, hand: bool, face: bool) -> Callable[[Array, Context], 
     return lambda img, ctx: openpose_map(img, ctx, body=body, hand=hand, face=face)
 
 
-# -- LeReS depth (controlnet_aux's network; our glue, A1111's depth_leres without boosting) --------------------
+# -- depth: MiDaS, Zoe, LeReS (controlnet_aux's networks and detectors; our weight loading) --------------------
 
+# A1111's preprocessor resolution when the request sets none (its API's default processor_res); the depth family
+# detects at it (their networks were trained around this size), the other annotators at the output size.
+A1111_RESOLUTION = 512
+# A1111's default "Normal Background Threshold" of normal_map: normals flattened where depth < 40% of its range.
+NORMAL_MAP_BACKGROUND = 0.4
+MIDAS = ("dpt_hybrid-midas-501f0c75.pt",)
+ZOE = ("ZoeD_M12_N.pt",)
 LERES = ("res101.pth",)
-_IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
-_IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
+LERES_BOOST = ("res101.pth", "latest_net_G.pth")
+_boost_lock = threading.Lock()
+
+
+def _midas_net() -> torch.nn.Module:
+    # MiDaS v3 DPT-Hybrid, as controlnet_aux's MiDaSInference("dpt_hybrid") builds it; path=None: no download.
+    dpt = _aux("midas.midas.dpt_depth").DPTDepthModel
+    net: torch.nn.Module = dpt(path=None, backbone="vitb_rn50_384", non_negative=True)
+    return net
+
+
+def _zoe_net() -> torch.nn.Module:
+    # ZoeD_M12_N: ZoeDepth on a MiDaS BEiT-L core, built from the bundled MiDaS repo (torch.hub source="local")
+    # with use_pretrained_midas=False in the "infer" config: nothing is downloaded.
+    config = _aux("zoe.zoedepth.utils.config").get_config("zoedepth", "infer")
+    net: torch.nn.Module = _aux("zoe").ZoeDepth.build_from_config(config)
+    return net
 
 
 def _leres_net() -> torch.nn.Module:
@@ -358,25 +370,34 @@ def _leres_net() -> torch.nn.Module:
     return net
 
 
-def depth_leres(img: Array, ctx: Context) -> Array:
-    """Relative depth, near = white (A1111 ``depth_leres`` with both thresholds at 0)."""
-    net = _net("leres", ctx.annotator_dir / LERES[0], ctx.device, _leres_net, nested="depth_model")
-    h, w = img.shape[:2]
-    # The encoder halves the size five times: run at multiples of 64, as A1111's detect resolution is.
-    size = (max(64, round(w / 64) * 64), max(64, round(h / 64) * 64))
-    # As A1111 feeds it: channels reversed, values left at 0-255 under the ImageNet normalisation.
-    x = (cv2.resize(img, size, interpolation=cv2.INTER_AREA)[:, :, ::-1].astype(np.float32) - _IMAGENET_MEAN) / _IMAGENET_STD
-    tensor = torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)))[None].to(next(net.parameters()).device)
-    pred = net.depth_model(tensor).squeeze().float().cpu().numpy()
-    pred = cv2.resize(pred, (w, h), interpolation=cv2.INTER_CUBIC)
-    lo, hi = float(pred.min()), float(pred.max())
-    depth16 = ((pred - lo) / (hi - lo) * 65535 if hi - lo > np.finfo(float).eps else np.zeros_like(pred)).astype(np.uint16)
-    return _gray3(cv2.bitwise_not(cv2.convertScaleAbs(depth16, alpha=255.0 / 65535.0)))
+def _merge_net() -> torch.nn.Module:
+    """The boosting merge network (Pix2Pix4DepthModel's generator: ``unet_1024``, 2 -> 1 channels, no norm),
+    without define_G's random initialisation."""
+    nets = _aux("leres.pix2pix.models.networks")
+    net: torch.nn.Module = nets.UnetGenerator(2, 1, 10, 64, norm_layer=nets.get_norm_layer("none"), use_dropout=False)
+    return net
+
+
+def _merge_model(net: torch.nn.Module, device: torch.device) -> Any:
+    """A Pix2Pix4DepthModel around our loaded generator. Its __init__ wants the training script's options and
+    loads weights its own way; estimateboost uses only set_input/test/get_current_visuals, which need these."""
+    model = object.__new__(_aux("leres.pix2pix.models.pix2pix4depth_model").Pix2Pix4DepthModel)
+    model.netG, model.device, model.visual_names = net, device, ["fake_B"]
+    return model
+
+
+@contextlib.contextmanager
+def _boosting() -> Any:
+    # estimateboost keeps its patch settings in module globals and prints its progress: one at a time, quietly.
+    with _boost_lock, contextlib.redirect_stdout(io.StringIO()):
+        yield
 
 
 # -- NormalBae (controlnet_aux's network; our glue, A1111's normal_bae) --------------------------------------------
 
 NORMAL_BAE = ("scannet.pt",)
+_IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
+_IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
 
 
 def _normal_bae_net() -> torch.nn.Module:
@@ -404,10 +425,7 @@ def normal_bae(img: Array, ctx: Context) -> Array:
 HED = ("ControlNetHED.pth",)
 PIDI = ("table5_pidinet.pth",)
 _INSTEAD = "send a ready-made map with preprocessor 'none' instead"
-_TORCHVISION = f"needs torchvision and timm, which cannot be installed beside this build's CPU torch wheel; {_INSTEAD}"
-_UNSUPPORTED = {
-    "depth_leres++": f"(LeReS with boosting) needs torchvision for its pix2pix merge network; use 'depth_leres', or {_INSTEAD}",
-}
+_NOT_HERE = f"has no implementation in this build (controlnet_aux has no such annotator); {_INSTEAD}"
 
 
 def _registry() -> dict[str, Preprocessor]:
@@ -444,7 +462,16 @@ def _registry() -> dict[str, Preprocessor]:
             ("sk_model.pth", "sk_model2.pth"),
         ),
         Preprocessor("lineart_anime", _network("lineart_anime", ("netG.pth",)), ("netG.pth",)),
-        Preprocessor("depth_leres", depth_leres, LERES),
+        Preprocessor("depth", _network("midas", MIDAS, a1111_res=True), MIDAS),  # A1111's "depth" is MiDaS
+        Preprocessor("depth_midas", _network("midas", MIDAS, a1111_res=True), MIDAS),
+        Preprocessor(
+            "normal_map",
+            _network("midas", MIDAS, a1111_res=True, depth_and_normal=True, bg_th=NORMAL_MAP_BACKGROUND),
+            MIDAS,
+        ),
+        Preprocessor("depth_zoe", _network("zoe", ZOE, a1111_res=True), ZOE),
+        Preprocessor("depth_leres", _network("leres", LERES, a1111_res=True), LERES),  # both thresholds at 0
+        Preprocessor("depth_leres++", _network("leres", LERES_BOOST, a1111_res=True, boost=True), LERES_BOOST),
         Preprocessor("normal_bae", normal_bae, NORMAL_BAE),
         Preprocessor("openpose", _openpose(True, False, False), (BODY,)),
         Preprocessor("openpose_hand", _openpose(True, True, False), (BODY, HAND)),
@@ -454,13 +481,10 @@ def _registry() -> dict[str, Preprocessor]:
         Preprocessor("dwpose", dwpose.dwpose, dwpose.FILES),
         Preprocessor("mediapipe_face", mediapipe_face.mediapipe_face),
     ]
-    unsupported = [
-        "depth", "depth_midas", "depth_zoe", "depth_leres++", "normal_map",
-        "segmentation", "oneformer_coco", "oneformer_ade20k", "clip_vision",
-    ]
+    unsupported = ["segmentation", "oneformer_coco", "oneformer_ade20k", "clip_vision"]
     out = {p.name: p for p in table}
     for name in unsupported:
-        out[name] = Preprocessor(name, None, unsupported=_UNSUPPORTED.get(name, _TORCHVISION))
+        out[name] = Preprocessor(name, None, unsupported=_NOT_HERE)
     return out
 
 
