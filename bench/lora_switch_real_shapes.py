@@ -12,8 +12,10 @@ encoder's, rank ``--rank``).
 
 Measured (wall time, 1 torch thread): ``load_checkpoint`` of that file, median of ``--loads`` (the file is read
 once before, so it comes from the page cache: the cheapest a load gets); then, on the loaded checkpoint,
-``LoraManager.activate`` for: a first set (each adapter injected into the pipe: the cold switch), a second set with
-other LoRAs (cold again), back to the first (its adapters are resident: only weights change) and to none.
+``LoraManager.activate`` for: a first set (each LoRA file read, its keys converted, its tensors placed for the pipe
+and the hooks set: the cold switch), a second set with other LoRAs (cold again), back to the first (its adapters
+are resident: only the hooks' terms change), the second again, and none. The LoRA files were just written, so
+they too come from the page cache.
 
     OMP_NUM_THREADS=1 python bench/lora_switch_real_shapes.py [--rank 32] [--loads 3]
 """
@@ -113,8 +115,8 @@ def main() -> int:
         set_a = [(loras[0], 0.7), (loras[1], 0.4)]  # type: ignore[list-item]
         set_b = [(loras[2], 0.6), (loras[3], 0.5)]  # type: ignore[list-item]
         steps = [
-            ("first set (2 LoRAs injected)", set_a),
-            ("other set (2 more injected)", set_b),
+            ("first set (2 LoRAs read + placed)", set_a),
+            ("other set (2 more read + placed)", set_b),
             ("back to the first (resident)", set_a),
             ("the other again (resident)", set_b),
             ("no LoRA", []),

@@ -1,7 +1,8 @@
-"""LoRA: strengths, byte-identical removal, five at once, SD 1.5 + SDXL, hand merge, wrong base model, cache bound."""
+"""LoRA: strengths, byte-identical removal, five at once, SD 1.5 + SDXL, hand merge, wrong base model, cache bound,\nLoCon convs against a merged conv, re-use of converted tensors, hooks removed on forget."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import _adapter_pipes as tiny
@@ -11,8 +12,9 @@ import torch
 import transformers
 
 from underpaint.engine import demo_adapters as demo
-from underpaint.engine.adapters.lora import LoraManager
+from underpaint.engine.adapters.lora import LoraManager, adapter_name
 from underpaint.engine.job import JobError
+from underpaint.engine.registry import ModelEntry
 
 transformers.logging.set_verbosity_error()
 
@@ -85,18 +87,14 @@ def test_loaded_lora_matches_a_hand_merge(models: Path, sdxl: bool) -> None:
     assert _diff(tiny.run(merged), tiny.run(tiny.sdxl(models) if sdxl else tiny.sd15())) > 1.0
 
 
-def test_every_module_in_the_file_is_wrapped(models: Path) -> None:
-    from peft.tuners.lora import LoraLayer as PeftLoraLayer
-
+def test_every_module_in_the_file_is_hooked(models: Path) -> None:
     loaded = tiny.sdxl(models)
     layers = _kohya(models, loaded, "xl", seed=4, conv=True)
-    LoraManager().activate(loaded, [(tiny.resolve(models, "lora", "xl"), 1.0)])
-    wrapped = sum(
-        isinstance(m, PeftLoraLayer)
-        for component in ("unet", "text_encoder", "text_encoder_2")
-        for m in getattr(loaded.pipe, component).modules()
-    )
-    assert wrapped == len(layers)
+    manager = LoraManager()
+    manager.activate(loaded, [(tiny.resolve(models, "lora", "xl"), 1.0)])
+    # SGM / lora_te1_ / lora_te2_ names land on the diffusers modules they were written from, and nowhere else.
+    assert set(manager.hooked_layers(loaded)) == {(layer.component, layer.module) for layer in layers}
+    assert len(manager.hooked_layers(loaded)) == len(layers)
 
 
 def test_five_at_once_match_the_hand_merge_of_all_five(models: Path) -> None:
@@ -196,7 +194,9 @@ def test_cache_bound_while_cycling_twenty_sets(models: Path) -> None:
         for i, lora_set in enumerate(sets):
             manager.activate(loaded, [(e, 0.5) for e in lora_set])
             assert len(manager.loaded_adapters(loaded)) <= 5
-            assert len(loaded.pipe.get_list_adapters()["unet"]) <= 5
+            # what the forward passes really add: exactly this set, all of it resident
+            assert manager.active_adapters(loaded) == {adapter_name(e) for e in lora_set}
+            assert manager.active_adapters(loaded) <= set(manager.loaded_adapters(loaded))
             if i % 7 == 0:
                 image = tiny.run(loaded)
                 if round_ == 0:
@@ -204,7 +204,7 @@ def test_cache_bound_while_cycling_twenty_sets(models: Path) -> None:
                 else:  # evicted and reloaded (from the state cache) gives the same bytes
                     assert np.array_equal(image, first[i])
     assert manager.adapter_loads > 8  # eviction really happened
-    assert manager.disk_reads == 8  # ... but each file was read from disk once
+    assert manager.disk_reads == 8 and manager.conversions == 8  # ... but each file was read and converted once
 
 
 def test_forget_and_a_second_checkpoint_share_the_file_cache(models: Path) -> None:
@@ -266,3 +266,160 @@ def test_pickled_kohya_file_and_duplicates_stack(models: Path) -> None:
     merged = tiny.sd15()
     _hand_merge(merged, [(layers, 0.6)])
     assert _diff(tiny.run(merged), from_safetensors) < 0.01
+
+
+def _exact_delta(layer: demo.LoraLayer) -> torch.Tensor:
+    """``alpha/rank * up @ down`` in float64, from the values the file holds."""
+    up, down = layer.up.double().flatten(1), layer.down.double().flatten(1)
+    return ((up @ down) * (layer.alpha / layer.rank)).reshape(layer.up.shape[0], *layer.down.shape[1:])
+
+
+def test_conv_and_linear_deltas_equal_the_merged_layer_in_the_module_dtype(models: Path) -> None:
+    """A LoCon 3x3 pair, one on a strided conv, a 1x1 conv and a linear layer each add exactly what merging them
+    into the weight would; a float16 file is applied in the module's float64."""
+    loaded = tiny.sd15()
+    unet = loaded.pipe.unet.to(torch.float64)
+    layers = demo.lora_layers(unet, [], sdxl=False, seed=60, conv=True, alpha=3.0)
+    gen = torch.Generator().manual_seed(61)
+    strided = "down_blocks.0.downsamplers.0.conv"
+    assert unet.get_submodule(strided).stride == (2, 2)
+    layers.append(
+        demo.LoraLayer(
+            "lora_unet_" + strided.replace(".", "_"),
+            "unet",
+            strided,
+            torch.randn(4, 16, 3, 3, generator=gen) / 12,
+            torch.randn(16, 4, 1, 1, generator=gen) / 2,
+            3.0,
+        )
+    )
+    layers = [demo.LoraLayer(x.key, x.component, x.module, x.down.half(), x.up.half(), x.alpha) for x in layers]
+    demo.save_kohya_lora(models / "lora" / "convs.safetensors", layers)
+    LoraManager().activate(loaded, [(tiny.resolve(models, "lora", "convs"), 0.7)])
+
+    by_path = {layer.module: layer for layer in layers}
+    for path in (strided, "down_blocks.0.resnets.0.conv1", "down_blocks.0.attentions.0.proj_in",
+                 "up_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k"):  # fmt: skip
+        module = unet.get_submodule(path)
+        weight = module.weight + 0.7 * _exact_delta(by_path[path])
+        if isinstance(module, torch.nn.Conv2d):
+            x = torch.randn(2, module.in_channels, 9, 9, generator=gen, dtype=torch.float64)
+            expected = torch.nn.functional.conv2d(x, weight, module.bias, module.stride, module.padding)
+        else:
+            x = torch.randn(2, 5, module.in_features, generator=gen, dtype=torch.float64)
+            expected = torch.nn.functional.linear(x, weight, module.bias)
+        with torch.no_grad():
+            got = module(x)
+        assert got.dtype == torch.float64 and got.shape == expected.shape, path
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-12)
+
+
+def test_switching_back_and_forth_gives_the_images_of_fresh_pipes(models: Path) -> None:
+    loaded = tiny.sd15()
+    _kohya(models, loaded, "a", seed=70, conv=True)
+    _kohya(models, loaded, "b", seed=71)
+    a, b = tiny.resolve(models, "lora", "a"), tiny.resolve(models, "lora", "b")
+    sets: dict[str, list[tuple[ModelEntry, float]]] = {
+        "a": [(a, 0.8)], "ab": [(a, 0.3), (b, 0.9)], "b-neg": [(b, -0.5)], "none": []
+    }  # fmt: skip
+    fresh = {}
+    for key, lora_set in sets.items():
+        pipe = tiny.sd15()
+        LoraManager().activate(pipe, lora_set)
+        fresh[key] = tiny.run(pipe)
+    assert len({image.tobytes() for image in fresh.values()}) == 4
+    manager = LoraManager()
+    for key in ("a", "ab", "none", "b-neg", "a", "none", "ab", "b-neg", "a"):
+        manager.activate(loaded, sets[key])
+        assert np.array_equal(tiny.run(loaded), fresh[key]), key
+    assert manager.adapter_loads == 2 and manager.disk_reads == 2
+
+
+def test_converted_tensors_are_reused_not_reread_or_reconverted(models: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from underpaint.engine.adapters import lora as lora_module
+
+    calls = {"read": 0, "convert": 0}
+    real_read, real_convert = lora_module.read_lora_file, lora_module.convert_lora
+
+    def read(path: Path) -> dict[str, torch.Tensor]:
+        calls["read"] += 1
+        return real_read(path)
+
+    def convert(state: dict[str, torch.Tensor], loaded: object) -> dict[tuple[str, str], lora_module.LoraPair]:
+        calls["convert"] += 1
+        return real_convert(state, loaded)
+
+    monkeypatch.setattr(lora_module, "read_lora_file", read)
+    monkeypatch.setattr(lora_module, "convert_lora", convert)
+    one, two = tiny.sd15(seed=0, name="one"), tiny.sd15(seed=1, name="two")
+    for i in range(6):
+        _kohya(models, one, f"r{i}", seed=80 + i, rank=2)
+    entries = [tiny.resolve(models, "lora", f"r{i}") for i in range(6)]
+    manager = LoraManager(max_loaded_per_pipe=5)
+    manager.activate(one, [(entries[0], 1.0)])
+    first = tiny.run(one)
+    manager.activate(two, [(entries[0], 1.0)])  # another checkpoint: placed again, from the cache
+    manager.activate(one, [(e, 0.2) for e in entries[1:]])  # evicts entries[0] from `one`
+    assert adapter_name(entries[0]) not in manager.loaded_adapters(one)
+    manager.activate(one, [(entries[0], 1.0)])  # back on `one`: placed again, still from the cache
+    assert np.array_equal(tiny.run(one), first)
+    assert calls == {"read": 6, "convert": 6}
+    assert manager.disk_reads == 6 and manager.conversions == 6 and manager.adapter_loads == 8
+
+    # an edited file is a new version: read and converted again
+    path = entries[0].path
+    os.utime(path, (path.stat().st_atime, path.stat().st_mtime + 10))
+    manager.activate(one, [(tiny.resolve(models, "lora", "r0"), 1.0)])
+    assert calls == {"read": 7, "convert": 7}
+
+
+def test_no_layer_wrong_shape_or_dora_is_refused_and_leaves_no_hook(models: Path) -> None:
+    from safetensors.torch import save_file
+
+    loaded = tiny.sd15()
+    base = tiny.run(loaded)
+    save_file(
+        {
+            "unet.not_a_block.to_q.lora_A.weight": torch.randn(4, 8),
+            "unet.not_a_block.to_q.lora_B.weight": torch.randn(8, 4),
+        },
+        str(models / "lora" / "nowhere.safetensors"),
+    )
+    layers = _kohya(models, loaded, "wide", seed=90)
+    proj_out = next(layer for layer in layers if layer.module == "down_blocks.0.attentions.0.proj_out")
+    too_wide = torch.randn(4, 17, 1, 1)  # the layer has 16 input channels
+    wrong = [layers[0], demo.LoraLayer(proj_out.key, "unet", proj_out.module, too_wide, proj_out.up, 2.0)]
+    demo.save_kohya_lora(models / "lora" / "wide.safetensors", wrong)
+    manager = LoraManager()
+    with pytest.raises(JobError, match="LoRA nowhere matched no layer of checkpoint tiny-sd15"):
+        manager.activate(loaded, [(tiny.resolve(models, "lora", "nowhere"), 1.0)])
+    with pytest.raises(
+        JobError, match=r"LoRA wide could not be applied to checkpoint tiny-sd15: unet.down_blocks.0.*shapes"
+    ):
+        manager.activate(loaded, [(tiny.resolve(models, "lora", "wide"), 1.0)])
+    q = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
+    dora = {f"{q}.lora_A.weight": torch.randn(4, 16), f"{q}.lora_B.weight": torch.randn(16, 4)}
+    save_file({**dora, f"{q}.lora_magnitude_vector": torch.ones(16)}, str(models / "lora" / "dora.safetensors"))
+    with pytest.raises(JobError, match="LoRA dora could not be applied .*unsupported LoRA tensors.*magnitude"):
+        manager.activate(loaded, [(tiny.resolve(models, "lora", "dora"), 1.0)])
+    assert manager.loaded_adapters(loaded) == [] and manager.hooked_layers(loaded) == []
+    assert np.array_equal(tiny.run(loaded), base)
+
+
+def test_forget_removes_every_hook(models: Path) -> None:
+    loaded = tiny.sdxl(models)
+    _kohya(models, loaded, "gone", seed=95, conv=True)
+    base = tiny.run(loaded)
+    components = ("unet", "text_encoder", "text_encoder_2")
+
+    def hooks() -> int:  # transformers registers a few of its own
+        return sum(len(m._forward_hooks) for c in components for m in getattr(loaded.pipe, c).modules())
+
+    before = hooks()
+    manager = LoraManager()
+    manager.activate(loaded, [(tiny.resolve(models, "lora", "gone"), 1.0)])
+    assert hooks() == before + len(manager.hooked_layers(loaded)) > before
+    manager.forget(loaded)
+    assert manager.hooked_layers(loaded) == [] and manager.loaded_adapters(loaded) == []
+    assert hooks() == before
+    assert np.array_equal(tiny.run(loaded), base)

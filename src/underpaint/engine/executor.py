@@ -32,7 +32,7 @@ from underpaint.engine.samplers import DiscreteSchedule
 class DiffusersExecutor:
     def __init__(self, settings: Settings, registry: ModelRegistry) -> None:
         configure_torch_threads(settings.torch_threads)
-        # transformers prints a long "missing keys" report for every text-encoder LoRA load; it is harmless.
+        # transformers prints long "missing/unexpected keys" load reports for partial state dicts; they are noise.
         transformers.logging.set_verbosity_error()
         self.settings = settings
         self.registry = registry
