@@ -13,7 +13,7 @@ import sqlite3
 import threading
 import time
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -228,7 +228,11 @@ def _image_from_json(data: dict[str, Any]) -> ImageRecord:
 
 
 def _record(row: Row[Any]) -> TaskRecord:
-    m = row._mapping
+    return _record_from(row._mapping, decode=lambda v: v)  # SQLAlchemy's JSON type has decoded the JSON columns
+
+
+def _record_from(m: Mapping[Any, Any], decode: Callable[[Any], Any]) -> TaskRecord:
+    """A task row as a ``TaskRecord``; ``decode`` turns a JSON column's stored value into Python data."""
     return TaskRecord(
         task_id=m["task_id"],
         owner=m["owner"],
@@ -237,7 +241,7 @@ def _record(row: Row[Any]) -> TaskRecord:
         progress_percent=m["progress_percent"],
         eta=m["eta"],
         seed=m["seed"],
-        enable_nsfw_detection=m["enable_nsfw_detection"],
+        enable_nsfw_detection=bool(m["enable_nsfw_detection"]),
         response_image_type=m["response_image_type"],
         lane=m["lane"],
         priority=m["priority"],
@@ -245,8 +249,8 @@ def _record(row: Row[Any]) -> TaskRecord:
         created_at=m["created_at"],
         started_at=m["started_at"],
         finished_at=m["finished_at"],
-        images=[_image_from_json(i) for i in m["images"]],
-        extra=dict(m["extra"]),
+        images=[_image_from_json(i) for i in decode(m["images"])],
+        extra=dict(decode(m["extra"])),
         image_num=m["image_num"],
         worker_id=m["worker_id"],
         lease_expires_at=m["lease_expires_at"],
@@ -306,29 +310,7 @@ class _Conn:
 
 
 def _record_from_sqlite(row: tuple[Any, ...]) -> TaskRecord:
-    m = dict(zip(_COLUMNS, row, strict=True))
-    return TaskRecord(
-        task_id=m["task_id"],
-        owner=m["owner"],
-        status=TaskStatus(m["status"]),
-        reason=m["reason"],
-        progress_percent=m["progress_percent"],
-        eta=m["eta"],
-        seed=m["seed"],
-        enable_nsfw_detection=bool(m["enable_nsfw_detection"]),
-        response_image_type=m["response_image_type"],
-        lane=m["lane"],
-        priority=m["priority"],
-        attempts=m["attempts"],
-        created_at=m["created_at"],
-        started_at=m["started_at"],
-        finished_at=m["finished_at"],
-        images=[_image_from_json(i) for i in json.loads(m["images"])],
-        extra=dict(json.loads(m["extra"])),
-        image_num=m["image_num"],
-        worker_id=m["worker_id"],
-        lease_expires_at=m["lease_expires_at"],
-    )
+    return _record_from(dict(zip(_COLUMNS, row, strict=True)), decode=json.loads)
 
 
 def _crash_reason(attempts: int) -> str:
