@@ -125,6 +125,28 @@ def run(registry: ModelRegistry, loaded: LoadedCheckpoint, units: list[ControlNe
     return np.asarray(generate(components(loaded), inputs)[0]).astype(np.int16)
 
 
+def run_executor(executor: Any, checkpoint: str, units: tuple[ControlNetUnitSpec, ...]) -> np.ndarray:
+    """One 4-step img2img of the test picture through the executor (the worker's path), as int16 pixels."""
+    from underpaint.engine.job import GenerationJob
+
+    spec = GenerationJob(
+        checkpoint=checkpoint,
+        init_image=init_image(),
+        prompt="a cat",
+        negative_prompt="",
+        width=SIZE,
+        height=SIZE,
+        image_num=1,
+        steps=4,
+        guidance_scale=7.0,
+        sampler_name="Euler",
+        seed=11,
+        strength=0.75,
+        controlnets=units,
+    )
+    return np.asarray(executor.generate(spec)[0].image).astype(np.int16)
+
+
 def differ(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.abs(a - b).mean())
 
@@ -355,27 +377,11 @@ def test_real_shapes_map_completely(config_name: str) -> None:
 def test_executor_runs_units_and_refuses_the_wrong_base(models: Path) -> None:
     from underpaint.config import Settings
     from underpaint.engine.executor import DiffusersExecutor
-    from underpaint.engine.job import GenerationJob
 
     executor = DiffusersExecutor(Settings(models_dir=models, device="cpu", torch_threads=1), ModelRegistry(models))
 
     def job(*units: ControlNetUnitSpec) -> np.ndarray:
-        spec = GenerationJob(
-            checkpoint="tiny-sd15.safetensors",
-            init_image=init_image(),
-            prompt="a cat",
-            negative_prompt="",
-            width=SIZE,
-            height=SIZE,
-            image_num=1,
-            steps=4,
-            guidance_scale=7.0,
-            sampler_name="Euler",
-            seed=11,
-            strength=0.75,
-            controlnets=units,
-        )
-        return np.asarray(executor.generate(spec)[0].image).astype(np.int16)
+        return run_executor(executor, "tiny-sd15.safetensors", units)
 
     plain = job()
     controlled = job(unit(CANNY, image=control_image((48, 40)), preprocessor="canny"), unit(OPENPOSE, strength=0.5))
@@ -398,7 +404,6 @@ def test_executor_runs_a_depth_unit(
     from underpaint.engine import preprocessors
     from underpaint.engine.demo_controlnet import write_zero_annotator
     from underpaint.engine.executor import DiffusersExecutor
-    from underpaint.engine.job import GenerationJob
 
     mine = tmp_path / "models"  # the module's models plus an annotator folder of this test's own
     (mine / "annotator").mkdir(parents=True)
@@ -408,22 +413,7 @@ def test_executor_runs_a_depth_unit(
     monkeypatch.setattr(preprocessors, "A1111_RESOLUTION", 64)  # the same path, a smaller MiDaS input
 
     def job(*units: ControlNetUnitSpec) -> np.ndarray:
-        spec = GenerationJob(
-            checkpoint="tiny-sdxl.safetensors",
-            init_image=init_image(),
-            prompt="a cat",
-            negative_prompt="",
-            width=SIZE,
-            height=SIZE,
-            image_num=1,
-            steps=4,
-            guidance_scale=7.0,
-            sampler_name="Euler",
-            seed=11,
-            strength=0.75,
-            controlnets=units,
-        )
-        return np.asarray(executor.generate(spec)[0].image).astype(np.int16)
+        return run_executor(executor, "tiny-sdxl.safetensors", units)
 
     depth_unit = unit("controlnet-depth-sdxl-1.0", image=init_image(), preprocessor="depth")
     with pytest.raises(JobError, match=re.escape(f"{preprocessors.MIDAS[0]}: put them in {mine / 'annotator'}")):
