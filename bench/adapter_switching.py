@@ -7,7 +7,7 @@ Claims checked (exit status 1 when one fails):
 
 Method: the tiny demo checkpoints (``engine.demo``: tiny-sd15 and tiny-sdxl single files, tiny-sd15-diffusers folder)
 go through the real loader and ``ModelCache`` (budget = the two largest loaded sizes + half the smallest, so
-exactly two fit). A pool of ``--pool`` kohya LoRAs per base model (half LoCon) is written by ``engine.demo_adapters``
+exactly two fit). A pool of ``--pool`` kohya LoRAs per base model (half LoCon) is written by ``demo.adapters``
 from the checkpoints' sidecar configs. Set k (k = 0..19) holds 1-3 pool LoRAs at strengths 0.3-0.7. Task i uses
 checkpoint ``(i // 10) % 3`` and set ``i % 20``; every task calls ``LoraManager.activate`` (per-pipe bound
 ``--max-loaded``) and, unless ``--no-generate``, runs a 64x64 2-step img2img on the pipe. RSS is read from
@@ -39,9 +39,9 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from underpaint.engine import demo_adapters  # noqa: E402
+from underpaint.demo import adapters as demo_adapters  # noqa: E402
 from underpaint.engine.adapters.lora import LoraManager  # noqa: E402
-from underpaint.engine.demo import write_demo_models  # noqa: E402
+from underpaint.demo.checkpoints import write_demo_models  # noqa: E402
 from underpaint.engine.loader import LoadedCheckpoint, ModelCache, load_checkpoint  # noqa: E402
 from underpaint.engine.registry import ModelEntry, ModelRegistry  # noqa: E402
 

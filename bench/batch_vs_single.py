@@ -42,9 +42,9 @@ def main() -> None:
     load_before = os.getloadavg()[0]
     import torch
 
-    from underpaint.api.jobs import job_from_payload
+    from underpaint.worker.jobs import job_from_payload
     from underpaint.config import Settings
-    from underpaint.engine.demo import write_demo_models
+    from underpaint.demo.checkpoints import write_demo_models
     from underpaint.engine.executor import DiffusersExecutor
     from underpaint.engine.registry import ModelRegistry
 

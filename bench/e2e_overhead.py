@@ -103,9 +103,9 @@ def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
 
-    from underpaint.api.jobs import job_from_payload
+    from underpaint.worker.jobs import job_from_payload
     from underpaint.config import Settings
-    from underpaint.engine.demo import write_demo_models
+    from underpaint.demo.checkpoints import write_demo_models
     from underpaint.engine.executor import DiffusersExecutor
     from underpaint.engine.registry import ModelRegistry
 

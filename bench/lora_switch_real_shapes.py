@@ -39,9 +39,9 @@ import torch  # noqa: E402
 from diffusers import AutoencoderKL, UNet2DConditionModel  # noqa: E402
 from transformers import CLIPTextConfig, CLIPTextModel  # noqa: E402
 
-from underpaint.engine import demo_adapters  # noqa: E402
+from underpaint.demo import adapters as demo_adapters  # noqa: E402
 from underpaint.engine.adapters.lora import LoraManager  # noqa: E402
-from underpaint.engine.convert import checkpoint_to_ldm  # noqa: E402
+from underpaint.demo.ldm_convert import checkpoint_to_ldm  # noqa: E402
 from underpaint.engine.loader import SD15_CONFIG, load_checkpoint  # noqa: E402
 from underpaint.engine.registry import ModelRegistry  # noqa: E402
 

@@ -147,7 +147,7 @@ def main() -> int:
 
     from moto.server import ThreadedMotoServer
 
-    from underpaint.engine.demo import write_demo_models
+    from underpaint.demo.checkpoints import write_demo_models
 
     root = Path(tempfile.mkdtemp(prefix="underpaint-bench-"))
     models = root / "models"

@@ -81,7 +81,7 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(1)  # only used to write the demo models; the server runs its own 1-thread worker
-    from underpaint.engine.demo import write_demo_models
+    from underpaint.demo.checkpoints import write_demo_models
 
     png = noise_png(args.size)
     b64 = base64.b64encode(png).decode()

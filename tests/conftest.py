@@ -29,10 +29,10 @@ def _demo_cache_key() -> str:
     import diffusers
     import transformers
 
-    import underpaint.engine.convert as convert
-    import underpaint.engine.demo as demo
-    import underpaint.engine.demo_adapters as demo_adapters
-    import underpaint.engine.demo_controlnet as demo_controlnet
+    import underpaint.demo.ldm_convert as convert
+    import underpaint.demo.checkpoints as demo
+    import underpaint.demo.adapters as demo_adapters
+    import underpaint.demo.controlnet as demo_controlnet
 
     digest = hashlib.sha256()
     for module in (demo, convert, demo_controlnet, demo_adapters):
@@ -43,7 +43,7 @@ def _demo_cache_key() -> str:
 
 def _cached_demo_models() -> Path:
     """Build the tiny models once per code version under ~/.cache/underpaint-test (atomic publish by rename)."""
-    from underpaint.engine.demo import write_all_demo_models
+    from underpaint.demo.checkpoints import write_all_demo_models
 
     root = Path(os.environ.get("UNDERPAINT_TEST_CACHE", Path.home() / ".cache" / "underpaint-test"))
     final = root / _demo_cache_key()

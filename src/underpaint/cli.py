@@ -38,7 +38,7 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from underpaint.app import run_server
+    from underpaint.wiring import run_server
 
     settings = _settings(args)
     if args.no_worker:
@@ -50,7 +50,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    from underpaint.scale.worker import run_worker
+    from underpaint.scale.celery_worker import run_worker
 
     settings = _settings(args)
     try:
@@ -80,7 +80,7 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def cmd_demo_models(args: argparse.Namespace) -> int:
-    from underpaint.engine.demo import write_all_demo_models
+    from underpaint.demo.checkpoints import write_all_demo_models
 
     written = write_all_demo_models(Path(args.dir))
     for name, path in written.items():
@@ -90,7 +90,7 @@ def cmd_demo_models(args: argparse.Namespace) -> int:
 
 
 def cmd_webhook_secret(args: argparse.Namespace) -> int:
-    from underpaint.app import webhook_secret_for_key
+    from underpaint.wiring import webhook_secret_for_key
 
     settings = _settings(args)
     print(webhook_secret_for_key(settings, args.key))
@@ -145,7 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from underpaint.scale.logging import configure_logging
+    from underpaint.scale.json_logs import configure_logging
 
     configure_logging(args.log_level, args.log_format)
     return int(args.func(args))

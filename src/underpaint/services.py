@@ -1,6 +1,6 @@
 """The objects one process needs, built from one ``Settings`` and passed to the API and the workers.
 
-``build_services`` (in ``underpaint.app``) wires concrete backends; tests build a ``Services`` by hand.
+``build_services`` (in ``underpaint.wiring``) wires concrete backends; tests build a ``Services`` by hand.
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ from fastapi.testclient import TestClient
 
 from underpaint.api.app import create_app
 from underpaint.api.errors import ApiError, invalid_custom_output_path, rate_limited
-from underpaint.api.jobs import job_from_payload
+from underpaint.worker.jobs import job_from_payload
 from underpaint.engine.job import JobError
 from underpaint.storage.local import image_key
 from underpaint.tasks.types import ImageRecord, NsfwResult, TaskStatus, owner_of

@@ -99,7 +99,7 @@ def test_api_imports_stay_light():
     import sys
 
     code = (
-        "import sys, underpaint.api.jobs; assert 'fastapi' not in sys.modules, 'fastapi'; "
+        "import sys, underpaint.worker.jobs; assert 'fastapi' not in sys.modules, 'fastapi'; "
         "import underpaint.api.app; assert 'torch' not in sys.modules, 'torch'"
     )
     src = str(Path(__file__).resolve().parents[2] / "src")

@@ -18,7 +18,7 @@ from underpaint.api.serialize import task_result_body
 from underpaint.config import KeyPolicy, Settings
 from underpaint.delivery import ssrf
 from underpaint.delivery.signing import derive_secret, make_secret_for, normalize_secret, sign, verify
-from underpaint.delivery.test_mode import FAILED_REASON
+from underpaint.delivery.sample_event import FAILED_REASON
 from underpaint.delivery.webhooks import DELIVERED, FAILED, PENDING, WebhookDispatcher
 from underpaint.tasks.store import SqlTaskStore
 from underpaint.tasks.types import NewTask, TaskStatus

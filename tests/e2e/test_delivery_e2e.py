@@ -15,7 +15,7 @@ import httpx
 import pytest
 from _delivery_support import REGION, Stack, moto_endpoint, open_stack, split_url
 
-from underpaint.app import webhook_secret_for_key
+from underpaint.wiring import webhook_secret_for_key
 from underpaint.config import KeyPolicy
 from underpaint.delivery.signing import normalize_secret, verify
 from underpaint.delivery.webhooks import DELIVERED

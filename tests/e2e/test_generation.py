@@ -15,7 +15,7 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from underpaint.api.app import create_app
-from underpaint.app import build_local_worker, build_services
+from underpaint.wiring import build_local_worker, build_services
 from underpaint.config import Settings
 from underpaint.engine.metadata import read_infotext
 

@@ -160,7 +160,7 @@ def resolve(models_dir: Path, kind: str, name: str) -> ModelEntry:
 
 def demo_models(tiny_models_dir: Path, dest: Path) -> Path:
     """A writable copy of the session's tiny demo checkpoints plus ``write_demo_adapters`` sized from their sidecars."""
-    from underpaint.engine.demo_adapters import write_demo_adapters
+    from underpaint.demo.adapters import write_demo_adapters
 
     shutil.copytree(tiny_models_dir, dest)
     write_demo_adapters(dest, dest / "checkpoint" / "tiny-sd15.config", dest / "checkpoint" / "tiny-sdxl.config")

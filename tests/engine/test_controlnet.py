@@ -1,5 +1,5 @@
 """ControlNet units through the real img2img pipeline on the tiny checkpoints, with tiny ControlNets in the real
-formats (``engine.demo_controlnet``): lllyasviel single files (+ sidecar config) and diffusers folders."""
+formats (``demo.controlnet``): lllyasviel single files (+ sidecar config) and diffusers folders."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import safetensors.torch
 import torch
 from PIL import Image
 
-from underpaint.engine import demo_controlnet as demo
+from underpaint.demo import controlnet as demo
 from underpaint.engine.adapters import controlnet as cn
 from underpaint.engine.conditioning import TextEncoderBundle
 from underpaint.engine.job import ControlNetUnitSpec, JobError
@@ -402,7 +402,7 @@ def test_executor_runs_a_depth_unit(
     missing, then the map made from the published-layout file conditions the SDXL depth ControlNet."""
     from underpaint.config import Settings
     from underpaint.engine import preprocessors
-    from underpaint.engine.demo_controlnet import write_zero_annotator
+    from underpaint.demo.controlnet import write_zero_annotator
     from underpaint.engine.executor import DiffusersExecutor
 
     mine = tmp_path / "models"  # the module's models plus an annotator folder of this test's own

@@ -17,8 +17,8 @@ from diffusers.loaders.single_file_utils import (
 )
 from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
-from underpaint.engine.convert import open_clip_to_ldm, unet_to_ldm, vae_to_ldm
-from underpaint.engine.demo import write_demo_models
+from underpaint.demo.ldm_convert import open_clip_to_ldm, unet_to_ldm, vae_to_ldm
+from underpaint.demo.checkpoints import write_demo_models
 from underpaint.engine.loader import SD15_CONFIG, SDXL_CONFIG
 
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 import transformers
 
-from underpaint.engine import demo_adapters as demo
+from underpaint.demo import adapters as demo
 from underpaint.engine.adapters.embeddings import (
     EmbeddingManager,
     EmbeddingPlan,

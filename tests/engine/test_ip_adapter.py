@@ -10,7 +10,7 @@ import pytest
 import torch
 import transformers
 
-from underpaint.engine import demo_adapters as demo
+from underpaint.demo import adapters as demo
 from underpaint.engine.adapters.ip_adapter import IMAGE_ENCODERS_DIR, IPAdapterManager
 from underpaint.engine.adapters.lora import LoraManager
 from underpaint.engine.job import JobError

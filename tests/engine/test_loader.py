@@ -21,7 +21,7 @@ from PIL import Image
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 from underpaint.config import Settings
-from underpaint.engine.demo import tiny_sd15_components, tiny_sdxl_components, tiny_vae_override, write_ckpt
+from underpaint.demo.checkpoints import tiny_sd15_components, tiny_sdxl_components, tiny_vae_override, write_ckpt
 from underpaint.engine.devices import configure_torch_threads, pick_device, pick_dtype
 from underpaint.engine.loader import (
     SD15_CONFIG,

@@ -11,7 +11,7 @@ import pytest
 import torch
 import transformers
 
-from underpaint.engine import demo_adapters as demo
+from underpaint.demo import adapters as demo
 from underpaint.engine.adapters.lora import LoraManager, adapter_name
 from underpaint.engine.job import JobError
 from underpaint.engine.registry import ModelEntry

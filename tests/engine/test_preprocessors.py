@@ -125,7 +125,7 @@ PERSON = [
 
 
 def _zero_openpose_weights(folder: Path) -> None:
-    from underpaint.engine.demo_controlnet import write_zero_annotator
+    from underpaint.demo.controlnet import write_zero_annotator
 
     model = P._aux("open_pose.model")
     write_zero_annotator(model.bodypose_model, folder / P.BODY, prefix_depth=1)
@@ -205,7 +205,7 @@ def test_broken_annotator_file_is_a_clear_error(picture: Image.Image, tmp_path: 
 
 def write_published(build: Callable[[], torch.nn.Module], path: Path, layout: Callable[[StateDict], Any]) -> None:
     """A zero annotator file (a few KB for any network size) with its state dict arranged as ``layout`` says."""
-    from underpaint.engine.demo_controlnet import write_zero_annotator
+    from underpaint.demo.controlnet import write_zero_annotator
 
     write_zero_annotator(build, path.with_name("flat.pth"))
     torch.save(layout(torch.load(path.with_name("flat.pth"), weights_only=True)), path)
@@ -367,7 +367,7 @@ def test_depth_files_are_named_when_missing(picture: Image.Image, tmp_path: Path
 
 def test_normal_bae_runs_from_a_published_layout_file(picture: Image.Image, tmp_path: Path) -> None:
     """scannet.pt nests the weights under ``model`` with DataParallel's ``module.`` prefix."""
-    from underpaint.engine.demo_controlnet import write_zero_annotator
+    from underpaint.demo.controlnet import write_zero_annotator
 
     write_zero_annotator(P._normal_bae_net, tmp_path / "flat.pth")
     flat = torch.load(tmp_path / "flat.pth", weights_only=True)

@@ -26,10 +26,10 @@ from underpaint.scale.broker import BrokerProbe
 from underpaint.scale.celery_app import TASK_NAME, celery_config, create_celery_app
 from underpaint.scale.celery_queue import CeleryQueue
 from underpaint.scale.heartbeat import Heartbeat, list_workers
-from underpaint.scale.logging import JsonFormatter, TaskIdFilter, task_context
+from underpaint.scale.json_logs import JsonFormatter, TaskIdFilter, task_context
 from underpaint.scale.metrics import ClusterCollector, InstrumentedRunner
 from underpaint.scale.routing import known_queues, parse_queues, task_lane
-from underpaint.scale.worker import WorkerContext, register_task, worker_pool
+from underpaint.scale.celery_worker import WorkerContext, register_task, worker_pool
 from underpaint.services import Services
 from underpaint.tasks.store import SqlTaskStore
 from underpaint.tasks.types import ImageRecord, NewTask, TaskRecord, TaskStatus

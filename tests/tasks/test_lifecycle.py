@@ -20,7 +20,7 @@ from underpaint.config import Settings
 from underpaint.tasks.lifecycle import RetentionSweeper, delete_images, recover_on_start
 from underpaint.tasks.store import SqlTaskStore
 from underpaint.tasks.types import ImageRecord, NewTask, TaskRecord, TaskStatus
-from underpaint.tasks.worker import ProgressReporter, Worker
+from underpaint.worker.loop import ProgressReporter, Worker
 
 SRC_DIR = Path(underpaint.__file__).resolve().parents[1]
 
@@ -134,7 +134,7 @@ CRASHING_WORKER = textwrap.dedent(
     from pathlib import Path
     from underpaint.config import Settings
     from underpaint.tasks.store import SqlTaskStore
-    from underpaint.tasks.worker import Worker
+    from underpaint.worker.loop import Worker
 
     url, marker = sys.argv[1], Path(sys.argv[2])
 

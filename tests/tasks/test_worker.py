@@ -17,7 +17,7 @@ from underpaint.storage.base import StorageError
 from underpaint.tasks.queue import LocalQueue
 from underpaint.tasks.store import SqlTaskStore
 from underpaint.tasks.types import ImageRecord, NewTask, TaskRecord, TaskStatus
-from underpaint.tasks.worker import ProgressReporter, Worker, process_task
+from underpaint.worker.loop import ProgressReporter, Worker, process_task
 
 SETTINGS = Settings(lease_seconds=60, max_attempts=3)
 

@@ -17,25 +17,14 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 from pydantic_core import PydanticCustomError
 
 from underpaint.api.errors import ApiError, invalid_image_size, invalid_request
-from underpaint.vocabulary import SAMPLER_NAMES, normalize_sampler_name
-
-# ControlNet preprocessors: the docs/JS vocabulary, the Python SDK's A1111 names, and "none".
-PREPROCESSORS: frozenset[str] = frozenset(
-    {
-        # docs / JS SDK
-        "scribble_hed", "softedge_hed", "scribble_hedsafe", "softedge_hedsafe", "depth_midas", "mlsd",
-        "openpose", "openpose_face", "openpose_faceonly", "openpose_full", "openpose_hand", "dwpose",
-        "scribble_pidinet", "softedge_pidinet", "scribble_pidsafe", "softedge_pidsafe", "normal_bae",
-        "lineart_coarse", "lineart_realistic", "lineart_anime", "lineart", "depth_zoe", "shuffle",
-        "mediapipe_face", "canny", "depth", "depth_leres", "depth_leres++",
-        # Python SDK (A1111 ControlNet extension names)
-        "none", "hed", "hed_safe", "normal_map", "clip_vision", "color", "pidinet", "pidinet_safe",
-        "pidinet_sketch", "pidinet_scribble", "scribble_xdog", "segmentation", "threshold", "oneformer_coco",
-        "oneformer_ade20k", "lineart_standard", "tile_resample", "invert", "lineart_anime_denoise",
-        "reference_only", "reference_adain", "reference_adain+attn", "inpaint", "inpaint_only",
-        "inpaint_only+lama", "tile_colorfix", "tile_colorfix+sharp",
-    }
-)  # fmt: skip
+from underpaint.vocabulary import (
+    PREPROCESSOR_NAMES,
+    SAMPLER_NAMES,
+    PreprocessorName,
+    SamplerName,
+    normalize_preprocessor_name,
+    normalize_sampler_name,
+)
 
 IMAGE_TYPES = ("png", "webp", "jpeg")
 TASK_STATUSES = ("TASK_STATUS_SUCCEED", "TASK_STATUS_FAILED")
@@ -81,7 +70,7 @@ def _at_most(n: int) -> Callable[[list[Any]], list[Any]]:
     return check
 
 
-def _check_sampler(value: str) -> str:
+def _check_sampler(value: str) -> SamplerName:
     found = normalize_sampler_name(value)
     if found is None:
         raise PydanticCustomError(
@@ -91,16 +80,14 @@ def _check_sampler(value: str) -> str:
     return found
 
 
-def _check_preprocessor(value: str | None) -> str | None:
-    if value is None:
-        return None
-    key = value.strip().lower()
-    if key not in PREPROCESSORS:
+def _check_preprocessor(value: str | None) -> PreprocessorName | None:
+    try:
+        return normalize_preprocessor_name(value)
+    except ValueError:
         raise PydanticCustomError(
-            "unknown_preprocessor", "unknown preprocessor '{name}'; expected one of: {names}",
-            {"name": value, "names": ", ".join(sorted(PREPROCESSORS))},
-        )  # fmt: skip
-    return None if key == "none" else key
+            "unknown_preprocessor", "unknown preprocessor '{name}'; this server runs: none, {names}",
+            {"name": value, "names": ", ".join(sorted(PREPROCESSOR_NAMES))},
+        ) from None  # fmt: skip
 
 
 def _check_image_type(value: str) -> str:
@@ -160,7 +147,7 @@ class ControlNetUnitIn(_Lenient):
     model_name: ModelName
     image_base64: Base64
     strength: Unit = 1.0
-    preprocessor: Annotated[str | None, AfterValidator(_check_preprocessor)] = None
+    preprocessor: Annotated[PreprocessorName | None, AfterValidator(_check_preprocessor)] = None
     guidance_start: Unit = 0.0
     guidance_end: Unit = 1.0
 
@@ -201,7 +188,7 @@ class Img2ImgRequest(_Lenient):
     image_num: Annotated[int, AfterValidator(_between(1, 8))] = 1
     steps: Annotated[int, AfterValidator(_between(1, 100))] = 20
     guidance_scale: Annotated[float, AfterValidator(_between(1, 30))] = 7.5
-    sampler_name: Annotated[str, AfterValidator(_check_sampler)] = "Euler a"
+    sampler_name: Annotated[SamplerName, AfterValidator(_check_sampler)] = SamplerName("Euler a")
     seed: Annotated[int, AfterValidator(_between(-1, MAX_SEED))] = -1
     sd_vae: ModelName | None = None
     clip_skip: Annotated[int, AfterValidator(_between(1, 12))] = 1

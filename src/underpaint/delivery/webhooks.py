@@ -53,7 +53,7 @@ from underpaint.api.serialize import task_result_body
 from underpaint.config import Settings
 from underpaint.delivery import ssrf
 from underpaint.delivery.signing import signature_headers
-from underpaint.delivery.test_mode import FAILED_REASON, sample_png
+from underpaint.delivery.sample_event import FAILED_REASON, sample_png
 from underpaint.storage.base import ImageStorage
 from underpaint.tasks.types import ImageRecord, TaskStatus, TaskStore
 

@@ -1,6 +1,6 @@
 """A1111-faithful samplers (the 20 names of A1111 v1.0-v1.8) over a diffusers-style UNet. See ``api``."""
 
-from underpaint.engine.samplers.api import (
+from underpaint.engine.samplers.sampling import (
     SAMPLER_NAMES,
     expected_model_evals,
     full_sigmas,

@@ -33,13 +33,13 @@ from underpaint.config import Settings
 from underpaint.scale.celery_app import TASK_NAME, create_celery_app
 from underpaint.scale.celery_queue import CeleryQueue
 from underpaint.scale.heartbeat import Heartbeat, default_interval
-from underpaint.scale.logging import task_context
+from underpaint.scale.json_logs import task_context
 from underpaint.scale.metrics import InstrumentedRunner, model_loads, serving_registry, store_engine
 from underpaint.scale.routing import parse_queues
 from underpaint.services import Services
 from underpaint.tasks.lifecycle import sweep_expired
 from underpaint.tasks.types import TaskRecord
-from underpaint.tasks.worker import default_worker_id, process_task
+from underpaint.worker.loop import default_worker_id, process_task
 
 log = logging.getLogger("underpaint.scale")
 
@@ -144,7 +144,7 @@ def worker_settings(settings: Settings) -> Settings:
 
 
 def build_context(settings: Settings, concurrency: int) -> WorkerContext:
-    from underpaint.app import build_runner, build_services, on_terminal_hook
+    from underpaint.wiring import build_runner, build_services, on_terminal_hook
 
     services = build_services(settings)
     runners = [InstrumentedRunner(build_runner(services)) for _ in range(concurrency)]

@@ -5,7 +5,7 @@ attention 32, a x8 VAE and a 5-layer CLIP text encoder of width 32 with the real
 twin has TE1 width 32 and TE2 width 64: equal widths make diffusers' single-file loader mistake one encoder for the
 other (field-notes trap). Everything is seeded, so the files are byte-identical from run to run.
 
-Single files are written in the original LDM/A1111 key layout (``engine.convert``) with a sidecar ``<stem>.config/``
+Single files are written in the original LDM/A1111 key layout (``demo.ldm_convert``) with a sidecar ``<stem>.config/``
 (the tiny shapes are not the shipped real ones), so they load through exactly the code path of a user's file.
 """
 
@@ -23,7 +23,7 @@ from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_img2img impo
 from diffusers.schedulers.scheduling_pndm import PNDMScheduler
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-from underpaint.engine.convert import checkpoint_to_ldm, vae_to_ldm
+from underpaint.demo.ldm_convert import checkpoint_to_ldm, vae_to_ldm
 from underpaint.engine.loader import SD15_CONFIG, SDXL_CONFIG, TOKENIZER_DIR
 
 SD15_SEED = 1500
@@ -217,8 +217,8 @@ def write_demo_models(models_dir: Path) -> dict[str, Path]:
 def write_all_demo_models(models_dir: Path) -> dict[str, Path]:
     """Everything ``underpaint demo-models DIR`` writes: checkpoints, VAE, LoRAs, embeddings, IP-Adapters,
     ControlNets and annotators."""
-    from underpaint.engine.demo_adapters import write_demo_adapters
-    from underpaint.engine.demo_controlnet import write_demo_controlnets
+    from underpaint.demo.adapters import write_demo_adapters
+    from underpaint.demo.controlnet import write_demo_controlnets
 
     written = write_demo_models(models_dir)
     ckpt = Path(models_dir) / "checkpoint"

@@ -43,7 +43,7 @@ def child_main(settings: Settings, wake: Any, parent_pid: int, log_level: int) -
     """Entry point of the worker process: build the services, run the worker until SIGTERM."""
     _die_with_parent(parent_pid)
     logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s[worker]: %(message)s")
-    from underpaint.app import build_local_worker, build_services
+    from underpaint.wiring import build_local_worker, build_services
     from underpaint.tasks.queue import LocalQueue
 
     services = build_services(settings, queue=LocalQueue(wake))

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
-from underpaint.api.jobs import job_from_payload
+from underpaint.worker.jobs import job_from_payload
 from underpaint.engine.job import Executor, GeneratedImage, Progress
 from underpaint.engine.metadata import CONTENT_TYPES, encode_image
 from underpaint.services import Services

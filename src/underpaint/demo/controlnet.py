@@ -27,8 +27,8 @@ import torch
 from diffusers.models.controlnets.controlnet import ControlNetModel
 
 from underpaint.engine import preprocessors
-from underpaint.engine.convert import unet_to_ldm
-from underpaint.engine.demo import tiny_sd15_components, tiny_sdxl_components
+from underpaint.demo.ldm_convert import unet_to_ldm
+from underpaint.demo.checkpoints import tiny_sd15_components, tiny_sdxl_components
 
 StateDict = dict[str, torch.Tensor]
 CONTROL_PREFIX = "control_model."

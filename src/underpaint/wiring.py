@@ -41,7 +41,7 @@ def build_queue(settings: Settings) -> TaskQueue:
     from underpaint.tasks.queue import LocalQueue
 
     if settings.run_worker and settings.worker_process:
-        from underpaint.worker_process import wake_event
+        from underpaint.worker.process import wake_event
 
         return LocalQueue(wake_event())
     return LocalQueue()
@@ -126,7 +126,7 @@ class Service:
             recover()
             if s.worker_process:
                 from underpaint.tasks.queue import LocalQueue
-                from underpaint.worker_process import WorkerProcess
+                from underpaint.worker.process import WorkerProcess
 
                 assert isinstance(self.services.queue, LocalQueue)
                 env = self.services.extras.get("worker_env") or {}
@@ -151,7 +151,7 @@ class Service:
 
 def build_runner(services: Services) -> Any:
     from underpaint.engine.executor import DiffusersExecutor
-    from underpaint.runner import GenerationRunner
+    from underpaint.worker.runner import GenerationRunner
     from underpaint.safety.nsfw import NsfwDetector
 
     executor = DiffusersExecutor(services.settings, services.registry)
@@ -176,7 +176,7 @@ def on_terminal_hook(services: Services) -> Any:
 def build_local_worker(services: Services) -> Any:
     from underpaint.scale.metrics import InstrumentedRunner
     from underpaint.tasks.queue import LocalQueue
-    from underpaint.tasks.worker import Worker
+    from underpaint.worker.loop import Worker
 
     runner = InstrumentedRunner(build_runner(services))  # generation seconds and model loads for /metrics
     services.extras["runners"] = [runner]
