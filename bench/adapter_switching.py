@@ -34,16 +34,16 @@ from pathlib import Path
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import diffusers  # noqa: E402
-import torch  # noqa: E402
-import transformers  # noqa: E402
-from PIL import Image  # noqa: E402
+import diffusers
+import torch
+import transformers
+from PIL import Image
 
-from underpaint.demo import adapters as demo_adapters  # noqa: E402
-from underpaint.engine.adapters.lora import LoraManager  # noqa: E402
-from underpaint.demo.checkpoints import write_demo_models  # noqa: E402
-from underpaint.engine.loader import LoadedCheckpoint, ModelCache, load_checkpoint  # noqa: E402
-from underpaint.engine.registry import ModelEntry, ModelRegistry  # noqa: E402
+from underpaint.demo import adapters as demo_adapters
+from underpaint.demo.checkpoints import write_demo_models
+from underpaint.engine.adapters.lora import LoraManager
+from underpaint.engine.loader import LoadedCheckpoint, ModelCache, load_checkpoint
+from underpaint.engine.registry import ModelEntry, ModelRegistry
 
 CHECKPOINTS = ("tiny-sd15.safetensors", "tiny-sdxl.safetensors", "tiny-sd15-diffusers")
 N_SETS = 20

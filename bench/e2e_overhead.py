@@ -103,11 +103,11 @@ def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
 
-    from underpaint.worker.jobs import job_from_payload
     from underpaint.config import Settings
     from underpaint.demo.checkpoints import write_demo_models
     from underpaint.engine.executor import DiffusersExecutor
     from underpaint.engine.registry import ModelRegistry
+    from underpaint.worker.jobs import job_from_payload
 
     load_before = os.getloadavg()[0]
     torch.set_num_threads(1)  # one intra-op thread, as the server's worker runs (--torch-threads 1)

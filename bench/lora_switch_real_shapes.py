@@ -34,16 +34,16 @@ from pathlib import Path
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import safetensors.torch  # noqa: E402
-import torch  # noqa: E402
-from diffusers import AutoencoderKL, UNet2DConditionModel  # noqa: E402
-from transformers import CLIPTextConfig, CLIPTextModel  # noqa: E402
+import safetensors.torch
+import torch
+from diffusers import AutoencoderKL, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel
 
-from underpaint.demo import adapters as demo_adapters  # noqa: E402
-from underpaint.engine.adapters.lora import LoraManager  # noqa: E402
-from underpaint.demo.ldm_convert import checkpoint_to_ldm  # noqa: E402
-from underpaint.engine.loader import SD15_CONFIG, load_checkpoint  # noqa: E402
-from underpaint.engine.registry import ModelRegistry  # noqa: E402
+from underpaint.demo import adapters as demo_adapters
+from underpaint.demo.ldm_convert import checkpoint_to_ldm
+from underpaint.engine.adapters.lora import LoraManager
+from underpaint.engine.loader import SD15_CONFIG, load_checkpoint
+from underpaint.engine.registry import ModelRegistry
 
 TARGET = 0.25
 
@@ -98,7 +98,8 @@ def main() -> int:
         registry = ModelRegistry(models)
         entry = registry.resolve("checkpoint", ckpt.name)
         loras = [registry.resolve("lora", f"real-{k}") for k in range(4)]
-        assert entry is not None and all(x is not None for x in loras)
+        assert entry is not None
+        assert all(x is not None for x in loras)
         ckpt.read_bytes()  # into the page cache
 
         load_times = []

@@ -9,7 +9,7 @@ os.environ.setdefault("MKL_NUM_THREADS", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-import torch  # noqa: E402
+import torch
 
 torch.set_num_threads(1)
 
@@ -29,10 +29,10 @@ def _demo_cache_key() -> str:
     import diffusers
     import transformers
 
-    import underpaint.demo.ldm_convert as convert
-    import underpaint.demo.checkpoints as demo
     import underpaint.demo.adapters as demo_adapters
+    import underpaint.demo.checkpoints as demo
     import underpaint.demo.controlnet as demo_controlnet
+    import underpaint.demo.ldm_convert as convert
 
     digest = hashlib.sha256()
     for module in (demo, convert, demo_controlnet, demo_adapters):

@@ -33,4 +33,6 @@ def test_webhook_secret_is_stable_per_key(tmp_path: Path, capsys: pytest.Capture
     again = capsys.readouterr().out.strip()
     main([*args, "key-b"])
     other = capsys.readouterr().out.strip()
-    assert first.startswith("whsec_") and first == again and first != other
+    assert first.startswith("whsec_")
+    assert first == again
+    assert first != other

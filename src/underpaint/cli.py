@@ -66,7 +66,13 @@ def cmd_models(args: argparse.Namespace) -> int:
     settings = _settings(args)
     registry = ModelRegistry(settings.models_dir)
     rows = [
-        {"type": e.kind, "sd_name": e.sd_name, "sd_name_in_api": e.sd_name_in_api, "base_model": e.base_model, "size": e.size}
+        {
+            "type": e.kind,
+            "sd_name": e.sd_name,
+            "sd_name_in_api": e.sd_name_in_api,
+            "base_model": e.base_model,
+            "size": e.size,
+        }
         for e in registry.list(args.type)
     ]
     if args.json:
@@ -128,7 +134,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("models", help="list what the model registry sees")
     _common(p)
-    p.add_argument("--type", choices=["checkpoint", "lora", "vae", "textualinversion", "controlnet", "ipadapter", "annotator"])
+    p.add_argument(
+        "--type", choices=["checkpoint", "lora", "vae", "textualinversion", "controlnet", "ipadapter", "annotator"]
+    )
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_models)
 

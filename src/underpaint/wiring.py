@@ -151,8 +151,8 @@ class Service:
 
 def build_runner(services: Services) -> Any:
     from underpaint.engine.executor import DiffusersExecutor
-    from underpaint.worker.runner import GenerationRunner
     from underpaint.safety.nsfw import NsfwDetector
+    from underpaint.worker.runner import GenerationRunner
 
     executor = DiffusersExecutor(services.settings, services.registry)
     return GenerationRunner(services, executor, NsfwDetector())

@@ -95,7 +95,8 @@ def test_real_image_over_16_megapixels():
     buf = io.BytesIO()
     Image.new("L", (4100, 4100)).save(buf, "PNG")  # 16.81 MP > 16 MiP
     err = error_of(b64(buf.getvalue()))
-    assert err.reason == "IMAGE_EXCEEDS_MAX_RESOLUTION" and "4100x4100" in err.message
+    assert err.reason == "IMAGE_EXCEEDS_MAX_RESOLUTION"
+    assert "4100x4100" in err.message
 
 
 def test_animated_message_is_clear():
@@ -105,10 +106,12 @@ def test_animated_message_is_clear():
 def test_broken_controlnet_and_ipadapter_images(submit, png_b64):
     unit = {"model_name": "control_v11p_sd15_canny", "image_base64": b64(noise_png()[:5000])}
     r = submit(controlnet={"units": [unit]})
-    assert r.status_code == 400 and r.json()["metadata"]["field"] == "request.controlnet.units[0].image_base64"
+    assert r.status_code == 400
+    assert r.json()["metadata"]["field"] == "request.controlnet.units[0].image_base64"
     adapter = {"model_name": "ip-adapter_sd15.bin", "image_base64": b64(animated("GIF")), "strength": 0.5}
     r = submit(ip_adapters=[adapter])
-    assert r.status_code == 400 and r.json()["metadata"]["field"] == "request.ip_adapters[0].image_base64"
+    assert r.status_code == 400
+    assert r.json()["metadata"]["field"] == "request.ip_adapters[0].image_base64"
     r = submit(ip_adapters=[adapter | {"image_base64": b64(bomb_png(20000, 20000))}])
     assert r.json()["reason"] == "IMAGE_EXCEEDS_MAX_RESOLUTION"
 
@@ -183,7 +186,9 @@ def test_exif_orientation_applied():
 @pytest.mark.parametrize("fmt", ["PNG", "JPEG", "WEBP", "BMP", "GIF"])
 def test_supported_formats(fmt):
     decoded = decode_image(b64(image_bytes((32, 24), fmt=fmt)))
-    assert decoded.raw_format == fmt and decoded.image.size == (32, 24) and decoded.image.mode == "RGB"
+    assert decoded.raw_format == fmt
+    assert decoded.image.size == (32, 24)
+    assert decoded.image.mode == "RGB"
 
 
 # --- base64 tolerance ------------------------------------------------------------------------------------------

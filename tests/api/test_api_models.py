@@ -61,9 +61,11 @@ def test_model_fields(client):
         "is_nsfw": False,
         "visibility": "public",
     }
-    assert isinstance(lora["id"], int) and lora["id"] > 0
+    assert isinstance(lora["id"], int)
+    assert lora["id"] > 0
     (ckpt,) = models(client, "filter.types=checkpoint&filter.is_sdxl=true")["models"]
-    assert ckpt["sd_name_in_api"] == "sd_xl_base_1.0.safetensors" and ckpt["base_model"] == "SDXL 1.0"
+    assert ckpt["sd_name_in_api"] == "sd_xl_base_1.0.safetensors"
+    assert ckpt["base_model"] == "SDXL 1.0"
 
 
 @pytest.mark.parametrize(
@@ -91,7 +93,8 @@ def test_each_type(client, types, count):
 )
 def test_is_sdxl_forms(client, value, expected):
     data = models(client, f"filter.is_sdxl={value}")
-    assert data["models"] and all(m["is_sdxl"] is expected for m in data["models"])
+    assert data["models"]
+    assert all(m["is_sdxl"] is expected for m in data["models"])
     bracketed = models(client, f"filter[is_sdxl]={value}")
     assert names(bracketed) == names(data)
 
@@ -100,7 +103,8 @@ def test_bad_filter_values(client):
     for query in ["filter.is_sdxl=maybe", "filter.types=sampler", "filter.visibility=everyone",
                   "pagination.limit=0", "pagination.limit=101", "pagination.limit=abc", "pagination.cursor=zzz"]:  # fmt: skip
         data = models(client, query, status=400)
-        assert data["reason"] == "INVALID_REQUEST_BODY" and data["code"] == 400
+        assert data["reason"] == "INVALID_REQUEST_BODY"
+        assert data["code"] == 400
         assert data["metadata"]["field"] in query.replace("[", ".").replace("]", "")
 
 
@@ -211,17 +215,20 @@ def test_python_sdk_models_v3_lists_each_model_once(live):
     assert len(sd_names) == MODEL_COUNT == len(set(sd_names))
     res = sdk.query_model_v3(visibility="public", types="lora", is_sdxl=False, query="detail", limit=10, cursor="0")
     assert [m.sd_name for m in res.models] == ["add_detail.safetensors"]
-    assert res.models[0].sd_name_in_api == "add_detail" and res.pagination.next_cursor == ""
+    assert res.models[0].sd_name_in_api == "add_detail"
+    assert res.pagination.next_cursor == ""
     res = sdk.query_model_v3(types="checkpoint", limit=2)
-    assert len(res.models) == 2 and res.pagination.next_cursor == "c_2"
+    assert len(res.models) == 2
+    assert res.pagination.next_cursor == "c_2"
     res = sdk.query_model_v3(types="checkpoint", limit=2, cursor=res.pagination.next_cursor)
-    assert len(res.models) == 1 and res.pagination.next_cursor == ""
+    assert len(res.models) == 1
+    assert res.pagination.next_cursor == ""
 
 
 def test_python_sdk_img2img_end_to_end(live):
     from novita_client import Img2ImgV3ControlNetUnit, Img2ImgV3Embedding, Img2V3ImgLoRA
 
-    base_url, services = live
+    base_url, _services = live
     sdk = NovitaClient(KEY_A, base_url)
     init = Image.new("RGB", (64, 64), (10, 200, 30))
     res = sdk.img2img_v3(
@@ -238,8 +245,10 @@ def test_python_sdk_img2img_end_to_end(live):
         ],
     )
     assert res.task.status.value == "TASK_STATUS_SUCCEED"
-    assert int(res.extra.seed) >= 0 and res.extra.debug_info.complete_time_ms > 0
+    assert int(res.extra.seed) >= 0
+    assert res.extra.debug_info.complete_time_ms > 0
     assert len(res.images_encoded) == 2
     for encoded in res.images_encoded:
         im = Image.open(io.BytesIO(base64.b64decode(encoded)))
-        assert im.format == "JPEG" and im.size == (128, 128)  # the Python SDK asks for jpeg
+        assert im.format == "JPEG"
+        assert im.size == (128, 128)

@@ -14,10 +14,10 @@ from fastapi.testclient import TestClient
 
 from underpaint.api.app import create_app
 from underpaint.api.errors import ApiError, invalid_custom_output_path, rate_limited
-from underpaint.worker.jobs import job_from_payload
 from underpaint.engine.job import JobError
 from underpaint.storage.local import image_key
 from underpaint.tasks.types import ImageRecord, NsfwResult, TaskStatus, owner_of
+from underpaint.worker.jobs import job_from_payload
 
 RESULT = "/v3/async/task-result"
 
@@ -63,7 +63,8 @@ def test_keys_never_logged(client, submit, caplog, services):
         submit()
         client.get("/v3/model", headers={"Authorization": "Bearer some-wrong-key"})
     assert "store down" in caplog.text  # the failure is logged ...
-    assert KEY_A not in caplog.text and "some-wrong-key" not in caplog.text  # ... the keys are not
+    assert KEY_A not in caplog.text
+    assert "some-wrong-key" not in caplog.text
 
 
 def test_tenant_isolation(client, submit, services):
@@ -71,7 +72,8 @@ def test_tenant_isolation(client, submit, services):
     assert services.store.get(task_id).owner == owner_of(KEY_A)  # the hash, never the key
     assert result(client, task_id, KEY_A).status_code == 200
     r = result(client, task_id, KEY_B)
-    assert r.status_code == 404 and r.json()["reason"] == "TASK_NOT_FOUND"
+    assert r.status_code == 404
+    assert r.json()["reason"] == "TASK_NOT_FOUND"
 
 
 @pytest.mark.parametrize(("params", "status", "reason"), [
@@ -82,7 +84,9 @@ def test_tenant_isolation(client, submit, services):
 ])  # fmt: skip
 def test_task_result_bad_ids(client, params, status, reason):
     r = client.get(RESULT, params=params, headers=auth())
-    assert r.status_code == status and r.json()["reason"] == reason and r.json()["code"] == status
+    assert r.status_code == status
+    assert r.json()["reason"] == reason
+    assert r.json()["code"] == status
 
 
 # --- task-result shape --------------------------------------------------------------------------------------------
@@ -92,20 +96,25 @@ def check_shape(data: dict[str, Any], status: str) -> None:
     assert set(data) == {"task", "extra", "images", "videos", "audios"}
     task = data["task"]
     assert set(task) == {"task_id", "task_type", "status", "reason", "eta", "progress_percent"}
-    assert task["task_type"] == "IMG_TO_IMG" and task["status"] == status
-    assert isinstance(task["eta"], int) and isinstance(task["progress_percent"], int)
+    assert task["task_type"] == "IMG_TO_IMG"
+    assert task["status"] == status
+    assert isinstance(task["eta"], int)
+    assert isinstance(task["progress_percent"], int)
     extra = data["extra"]
-    assert isinstance(extra["seed"], str) and isinstance(extra["enable_nsfw_detection"], bool)
+    assert isinstance(extra["seed"], str)
+    assert isinstance(extra["enable_nsfw_detection"], bool)
     assert all(isinstance(v, int) for v in extra["debug_info"].values())
     assert set(extra["debug_info"]) == {"submit_time_ms", "execute_time_ms", "complete_time_ms"}
-    assert data["videos"] == [] and data["audios"] == []
+    assert data["videos"] == []
+    assert data["audios"] == []
 
 
 def test_queued_processing_failed(client, submit, services):
     task_id = submit(seed=77).json()["task_id"]
     data = result(client, task_id).json()
     check_shape(data, "TASK_STATUS_QUEUED")
-    assert data["extra"]["seed"] == "77" and data["images"] == []
+    assert data["extra"]["seed"] == "77"
+    assert data["images"] == []
     assert data["extra"]["debug_info"]["submit_time_ms"] > 1_600_000_000_000
     assert data["extra"]["debug_info"]["execute_time_ms"] == 0
 
@@ -144,10 +153,12 @@ def test_succeed_with_downloadable_signed_urls(client, submit, services):
     assert first["nsfw_detection_result"] == {"valid": True, "confidence": 3.2}
     assert second["nsfw_detection_result"] is None
     for i, image in enumerate(data["images"]):
-        assert image["image_url_ttl"] == 3600 and image["image_type"] == "png"
+        assert image["image_url_ttl"] == 3600
+        assert image["image_type"] == "png"
         assert image["image_url"].startswith("http://testserver/v3/files/")
         r = client.get(image["image_url"])  # no Authorization header
-        assert r.status_code == 200 and r.content == b"\x89PNG-fake-%d" % i
+        assert r.status_code == 200
+        assert r.content == b"\x89PNG-fake-%d" % i
         assert r.headers["content-type"] == "image/png"
 
 
@@ -159,7 +170,9 @@ def test_signed_url_tampering_and_expiry(client, submit, services):
     url = result(client, task_id).json()["images"][0]["image_url"]
     assert client.get(url).headers["content-type"] == "image/jpeg"
     head = client.head(url)
-    assert head.status_code == 200 and head.headers["content-length"] == str(len(b"jpeg-bytes")) and not head.content
+    assert head.status_code == 200
+    assert head.headers["content-length"] == str(len(b"jpeg-bytes"))
+    assert not head.content
     parts = urlsplit(url)
     path, query = parts.path, dict(p.split("=") for p in parts.query.split("&"))
     bad_sig = query["sig"][:-1] + ("0" if query["sig"][-1] != "0" else "1")
@@ -174,10 +187,12 @@ def test_signed_url_tampering_and_expiry(client, submit, services):
         assert r.status_code == 403 and r.json()["code"] == 403, tampered
     past = 1_000_000
     r = client.get(f"{path}?expires={past}&sig={services.storage.sign(key, past)}")
-    assert r.status_code == 403 and r.json()["reason"] == "URL_EXPIRED"
+    assert r.status_code == 403
+    assert r.json()["reason"] == "URL_EXPIRED"
     services.storage.delete(key)
     r = client.get(url)
-    assert r.status_code == 404 and r.json()["reason"] == "FILE_NOT_FOUND"
+    assert r.status_code == 404
+    assert r.json()["reason"] == "FILE_NOT_FOUND"
 
 
 def test_path_traversal_in_file_route(client, services, tmp_path):
@@ -186,7 +201,8 @@ def test_path_traversal_in_file_route(client, services, tmp_path):
                           ("..%2foutside.png", "../outside.png")]:  # fmt: skip
         # even a correctly signed traversal key is refused (the signer would never sign one)
         r = client.get(f"/v3/files/{sent}?expires=9999999999&sig={services.storage.sign(decoded, 9999999999)}")
-        assert r.status_code == 403 and r.json()["reason"] == "INVALID_SIGNATURE"
+        assert r.status_code == 403
+        assert r.json()["reason"] == "INVALID_SIGNATURE"
         assert b"secret" not in r.content
 
 
@@ -220,15 +236,20 @@ def test_result_500_does_not_leak(client, submit, services):
     services.store.get = boom  # type: ignore[method-assign]
     r = result(client, task_id)
     assert r.status_code == 500
-    assert r.json()["reason"] == "GET_RESULT_FAILED" and r.json()["code"] == 500
-    assert "hunter2" not in r.text and "Traceback" not in r.text and "secret.py" not in r.text
+    assert r.json()["reason"] == "GET_RESULT_FAILED"
+    assert r.json()["code"] == 500
+    assert "hunter2" not in r.text
+    assert "Traceback" not in r.text
+    assert "secret.py" not in r.text
 
 
 def test_unknown_image_backend_is_a_clean_500(client, submit, services):
     task_id = submit().json()["task_id"]
     finish(services, task_id, [ImageRecord("x/y.png", "png", backend="gcs")])
     r = result(client, task_id)
-    assert r.status_code == 500 and r.json()["reason"] == "GET_RESULT_FAILED" and "gcs" not in r.text
+    assert r.status_code == 500
+    assert r.json()["reason"] == "GET_RESULT_FAILED"
+    assert "gcs" not in r.text
 
 
 def test_submit_500_does_not_leak(submit, services):
@@ -237,8 +258,10 @@ def test_submit_500_does_not_leak(submit, services):
 
     services.store.create = boom  # type: ignore[method-assign]
     r = submit()
-    assert r.status_code == 500 and r.json()["reason"] == "CREATE_TASK_FAILED"
-    assert "admin" not in r.text and "Traceback" not in r.text
+    assert r.status_code == 500
+    assert r.json()["reason"] == "CREATE_TASK_FAILED"
+    assert "admin" not in r.text
+    assert "Traceback" not in r.text
 
 
 def test_enqueue_failure_fails_the_task(submit, services):
@@ -247,19 +270,23 @@ def test_enqueue_failure_fails_the_task(submit, services):
 
     services.queue.enqueue = boom  # type: ignore[method-assign]
     r = submit()
-    assert r.status_code == 500 and r.json()["reason"] == "CREATE_TASK_FAILED"
+    assert r.status_code == 500
+    assert r.json()["reason"] == "CREATE_TASK_FAILED"
     assert services.store.count_by_status()[TaskStatus.FAILED] == task_count(services) == 1
 
 
 def test_unknown_route_and_method(client):
     r = client.get("/v3/nothing", headers=auth())
-    assert r.status_code == 404 and r.json() == {
-        "code": 404, "reason": "API_NOT_FOUND", "message": r.json()["message"], "metadata": {}
-    }  # fmt: skip
+    assert r.status_code == 404
+    assert r.json() == {"code": 404, "reason": "API_NOT_FOUND", "message": r.json()["message"], "metadata": {}}
     r = client.get("/v3/async/img2img", headers=auth())
-    assert r.status_code == 405 and r.json()["code"] == 405 and r.json()["reason"] == "METHOD_NOT_ALLOWED"
+    assert r.status_code == 405
+    assert r.json()["code"] == 405
+    assert r.json()["reason"] == "METHOD_NOT_ALLOWED"
     r = client.post("/v3/async/task-result?task_id=x", headers=auth())  # a plain Starlette route: same errors
-    assert r.status_code == 405 and r.json()["reason"] == "METHOD_NOT_ALLOWED" and "allow" in r.headers
+    assert r.status_code == 405
+    assert r.json()["reason"] == "METHOD_NOT_ALLOWED"
+    assert "allow" in r.headers
 
 
 # --- collaborators: rate limiter, webhooks, custom storage, health ---------------------------------------------
@@ -294,11 +321,13 @@ def test_rate_limiter_called_and_429(submit, services):
     assert limiter.tasks_inside_admit == [1]  # the task was created while admitted
     services.rate_limiter = Limiter(False)
     r = submit(image="not-even-an-image")  # rate limit is checked before images are decoded
-    assert r.status_code == 429 and r.json()["reason"] == "RATE_LIMIT_EXCEEDED"
+    assert r.status_code == 429
+    assert r.json()["reason"] == "RATE_LIMIT_EXCEEDED"
     assert r.headers["retry-after"] == "12"
     services.rate_limiter = Limiter(True, admit_allows=False)
     r = submit()
-    assert r.status_code == 429 and r.headers["retry-after"] == "3"
+    assert r.status_code == 429
+    assert r.headers["retry-after"] == "3"
     assert task_count(services) == 1
 
 
@@ -318,18 +347,23 @@ class Webhooks:
 
 def test_webhook_validation_and_test_mode(submit, services):
     r = submit(extra={"webhook": {"url": "https://hook.example/x"}})
-    assert r.status_code == 400 and "not enabled" in r.json()["message"]
+    assert r.status_code == 400
+    assert "not enabled" in r.json()["message"]
     services.webhooks = Webhooks()
     r = submit(extra={"webhook": {"url": "http://127.0.0.1:9/x"}})
-    assert r.status_code == 400 and task_count(services) == 0
+    assert r.status_code == 400
+    assert task_count(services) == 0
     task_id = submit(extra={"webhook": {"url": "https://hook.example/x"}}).json()["task_id"]
-    assert services.queue.items[-1][0] == task_id and not services.webhooks.events
+    assert services.queue.items[-1][0] == task_id
+    assert not services.webhooks.events
     assert services.store.get(task_id).extra["webhook"] == {"url": "https://hook.example/x"}
     mode = {"enabled": True, "return_task_status": "TASK_STATUS_FAILED"}
     task_id = submit(extra={"webhook": {"url": "https://hook.example/y", "test_mode": mode}}).json()["task_id"]
     (event,) = services.webhooks.events
-    assert event["task_id"] == task_id and event["status"] == "TASK_STATUS_FAILED"
-    assert event["base_url"] == "http://testserver" and event["extra"]["webhook"]["url"] == "https://hook.example/y"
+    assert event["task_id"] == task_id
+    assert event["status"] == "TASK_STATUS_FAILED"
+    assert event["base_url"] == "http://testserver"
+    assert event["extra"]["webhook"]["url"] == "https://hook.example/y"
     assert task_id not in [t for t, _ in services.queue.items]
 
 
@@ -345,9 +379,11 @@ def test_custom_storage_validator(submit, services):
     s3 = {"region": "us-east-1", "bucket": "mine", "path": "out/"}
     assert submit(extra={"custom_storage": {"aws_s3": s3}}).status_code == 200
     assert seen == [{"aws_s3": s3 | {"save_to_path_directly": False}}]
-    assert submit(extra={"custom_storage": {}}).status_code == 200 and len(seen) == 1  # nothing to validate
+    assert submit(extra={"custom_storage": {}}).status_code == 200
+    assert len(seen) == 1
     r = submit(extra={"custom_storage": {"aws_s3": s3 | {"bucket": "bad"}}})
-    assert r.status_code == 400 and r.json()["reason"] == "INVALID_CUSTOM_OUTPUT_PATH"
+    assert r.status_code == 400
+    assert r.json()["reason"] == "INVALID_CUSTOM_OUTPUT_PATH"
 
 
 def test_health(client, services):
@@ -356,10 +392,12 @@ def test_health(client, services):
     app = create_app(services)
     with TestClient(app) as c:
         r = c.get("/health")
-        assert r.status_code == 200 and r.json()["checks"] == {"store": "ok", "broker": True}
+        assert r.status_code == 200
+        assert r.json()["checks"] == {"store": "ok", "broker": True}
         services.extras["health"] = lambda: {"store": "ok", "broker": "connection refused"}
         r = TestClient(create_app(services)).get("/health")
-        assert r.status_code == 503 and r.json()["status"] == "unavailable"
+        assert r.status_code == 503
+        assert r.json()["status"] == "unavailable"
 
 
 # --- jobs ------------------------------------------------------------------------------------------------------
@@ -379,15 +417,20 @@ def test_job_from_stored_payload(submit, services, png_b64):
     )  # fmt: skip
     task_id = r.json()["task_id"]
     job = job_from_payload(services.store.get_payload(task_id), services.store.get(task_id).seed)
-    assert job.checkpoint == "dreamshaper_8.safetensors" and job.vae == "vae-ft-mse-840000.safetensors"
+    assert job.checkpoint == "dreamshaper_8.safetensors"
+    assert job.vae == "vae-ft-mse-840000.safetensors"
     assert (job.seed, job.steps, job.sampler_name, job.strength) == (5, 12, "DPM++ 2M Karras", 0.5)
-    assert job.init_image.mode == "RGB" and job.init_image.size == (64, 64)
-    assert job.loras[0].name == "add_detail.safetensors" and job.loras[0].strength == 0.4
+    assert job.init_image.mode == "RGB"
+    assert job.init_image.size == (64, 64)
+    assert job.loras[0].name == "add_detail.safetensors"
+    assert job.loras[0].strength == 0.4
     assert job.embeddings[0].name == "easynegative.safetensors"
     unit = job.controlnets[0]
-    assert unit.model == "control_v11p_sd15_canny.safetensors" and unit.preprocessor is None
+    assert unit.model == "control_v11p_sd15_canny.safetensors"
+    assert unit.preprocessor is None
     assert (unit.strength, unit.guidance_start, unit.guidance_end) == (1.0, 0.0, 0.7)
-    assert job.ip_adapters[0].model == "ip-adapter_sd15.bin" and job.ip_adapters[0].strength == 0.3
+    assert job.ip_adapters[0].model == "ip-adapter_sd15.bin"
+    assert job.ip_adapters[0].strength == 0.3
 
 
 def test_job_from_bad_payload_raises_job_error(submit, services):
@@ -417,11 +460,14 @@ def test_with_the_real_rate_limiter_and_custom_storage_check(models_dir, tmp_pat
 
     assert post().status_code == 200
     r = post()  # 2 + 2 > 3 images per minute
-    assert r.status_code == 429 and r.json()["reason"] == "RATE_LIMIT_EXCEEDED" and int(r.headers["retry-after"]) >= 1
+    assert r.status_code == 429
+    assert r.json()["reason"] == "RATE_LIMIT_EXCEEDED"
+    assert int(r.headers["retry-after"]) >= 1
     assert post(KEY_B).status_code == 200  # other keys are not limited
     s3 = {"region": "us-east-1", "bucket": "Not_A_Bucket", "path": "out"}
     r = post(KEY_B, custom_storage={"aws_s3": s3})
-    assert r.status_code == 400 and r.json()["reason"] == "INVALID_CUSTOM_OUTPUT_PATH"
+    assert r.status_code == 400
+    assert r.json()["reason"] == "INVALID_CUSTOM_OUTPUT_PATH"
     assert post(KEY_B, custom_storage={"aws_s3": s3 | {"bucket": "my-bucket"}}).status_code == 200
 
 
@@ -432,4 +478,5 @@ def test_no_keys_configured_refuses_everything_and_warns(models_dir, tmp_path, c
         client = TestClient(create_app(services))
     assert "no API keys configured" in caplog.text
     r = client.get("/v3/model", headers=auth())
-    assert r.status_code == 403 and r.json()["reason"] == "INVALID_API_KEY"
+    assert r.status_code == 403
+    assert r.json()["reason"] == "INVALID_API_KEY"

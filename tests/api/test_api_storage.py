@@ -90,7 +90,8 @@ def test_secret_race_gives_one_value(tmp_path):
         t.start()
     for t in threads:
         t.join()
-    assert len(set(results)) == 1 and Path(tmp_path / "url_secret").read_bytes() == results[0]
+    assert len(set(results)) == 1
+    assert Path(tmp_path / "url_secret").read_bytes() == results[0]
 
 
 def test_api_imports_stay_light():

@@ -64,18 +64,22 @@ def test_python_sdk_body_is_accepted_with_defaults_and_resolved_names(client, se
     r = client.post("/v3/async/img2img", json=python_sdk_body(png_b64), headers=auth())
     payload, record = stored(services, r)
     assert set(r.json()) == {"task_id"}
-    assert payload["steps"] == 20 and payload["clip_skip"] == 1 and payload["negative_prompt"] == ""
+    assert payload["steps"] == 20
+    assert payload["clip_skip"] == 1
+    assert payload["negative_prompt"] == ""
     assert payload["sd_vae"] is None
     assert payload["loras"] == [{"model_name": "add_detail.safetensors", "strength": 0.7}]
     assert payload["embeddings"] == [{"model_name": "easynegative.safetensors"}]
     unit = payload["controlnet"]["units"][0]
     assert unit["model_name"] == "control_v11p_sd15_canny.safetensors"
-    assert unit["preprocessor"] == "canny" and unit["strength"] == 0.8
+    assert unit["preprocessor"] == "canny"
+    assert unit["strength"] == 0.8
     assert unit["image_base64"] == png_b64  # kept as sent, not re-encoded
     assert payload["image_base64"] == png_b64
     assert "extra" not in payload  # request.extra is ignored
     assert record.response_image_type == "jpeg"
-    assert 0 <= record.seed < 2**32 - 1 and payload["seed"] == record.seed
+    assert 0 <= record.seed < 2**32 - 1
+    assert payload["seed"] == record.seed
     assert services.queue.items == [(record.task_id, "sd15")]
 
 
@@ -104,7 +108,8 @@ def test_defaults_when_fields_absent(submit, services):
         "controlnet": None,
     }
     assert {k: payload[k] for k in expected} == expected
-    assert record.response_image_type == "png" and record.enable_nsfw_detection is False
+    assert record.response_image_type == "png"
+    assert record.enable_nsfw_detection is False
     assert record.extra["nsfw_detection_level"] == 0
     assert record.extra["_base_url"] == "http://testserver"
 
@@ -120,7 +125,9 @@ def test_explicit_nulls_everywhere(submit, services):
     extra = {k: None for k in ("response_image_type", "webhook", "custom_storage", "enterprise_plan")}
     extra |= {"enable_nsfw_detection": None, "nsfw_detection_level": None}
     payload, _ = stored(services, submit(extra=extra, **nulls))
-    assert payload["steps"] == 20 and payload["width"] == 512 and payload["loras"] == []
+    assert payload["steps"] == 20
+    assert payload["width"] == 512
+    assert payload["loras"] == []
 
 
 def test_unknown_keys_ignored(submit, services):
@@ -131,7 +138,8 @@ def test_unknown_keys_ignored(submit, services):
 
 def test_explicit_seed_is_kept(submit, services):
     payload, record = stored(services, submit(seed=12345))
-    assert record.seed == 12345 and payload["seed"] == 12345
+    assert record.seed == 12345
+    assert payload["seed"] == 12345
 
 
 def test_random_seeds_differ(submit, services):
@@ -211,7 +219,8 @@ def test_request_object_required(client, value):
 @pytest.mark.parametrize("raw", [b"{not json", b"", b"[1, 2]", b'"text"', b"\xff\xfe"])
 def test_malformed_bodies(client, raw):
     r = client.post("/v3/async/img2img", content=raw, headers=auth() | {"Content-Type": "application/json"})
-    assert r.status_code == 400 and r.json()["reason"] == "INVALID_REQUEST_BODY"
+    assert r.status_code == 400
+    assert r.json()["reason"] == "INVALID_REQUEST_BODY"
 
 
 def test_body_without_json_content_type_is_parsed(client, png_b64):
@@ -330,7 +339,8 @@ def test_nsfw_flags_and_accepted_extra_stored(submit, services):
     _, record = stored(services, submit(extra=extra))
     assert record.enable_nsfw_detection is True
     assert record.extra["nsfw_detection_level"] == 2
-    assert record.extra["custom_storage"] == {} and record.extra["enterprise_plan"] == {"enabled": False}
+    assert record.extra["custom_storage"] == {}
+    assert record.extra["enterprise_plan"] == {"enabled": False}
 
 
 @pytest.mark.parametrize(
@@ -390,7 +400,9 @@ def test_wrong_base_model_sd15_checkpoint(submit, kw, field, label):
     r = submit(**kw)
     _check(r, field)
     msg = r.json()["message"]
-    assert label in msg and "SDXL 1.0" in msg and "SD 1.5" in msg
+    assert label in msg
+    assert "SDXL 1.0" in msg
+    assert "SD 1.5" in msg
 
 
 def test_wrong_base_controlnet_and_ipadapter_on_sdxl(submit, png_b64):
@@ -409,14 +421,16 @@ def test_enterprise_plan_routes_to_dedicated_lane(submit, services):
     _, record = stored(services, submit(extra={"enterprise_plan": {"enabled": True}}))
     assert services.queue.items[-1] == (record.task_id, "enterprise.gold")
     # the NewTask carried lane and priority
-    assert record.lane == "enterprise.gold" and record.priority == 10
+    assert record.lane == "enterprise.gold"
+    assert record.priority == 10
 
 
 def test_enterprise_plan_without_dedicated_lane_uses_default(submit, services):
     from api_support import KEY_B
 
     _, record = stored(services, submit(extra={"enterprise_plan": {"enabled": True}}, key=KEY_B))
-    assert services.queue.items[-1] == (record.task_id, "sd15") and record.priority == 0
+    assert services.queue.items[-1] == (record.task_id, "sd15")
+    assert record.priority == 0
 
 
 def test_task_immediately_queryable(client, submit):

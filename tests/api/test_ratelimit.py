@@ -56,7 +56,8 @@ def test_eleventh_image_in_a_minute_is_429_and_other_key_unaffected() -> None:
     with pytest.raises(ApiError) as info:
         submit(limiter, store, clock, "k1")
     err = info.value
-    assert err.status == 429 and err.reason == "RATE_LIMIT_EXCEEDED"
+    assert err.status == 429
+    assert err.reason == "RATE_LIMIT_EXCEEDED"
     assert err.body()["code"] == 429
     # Now is t0+10; the first image (t0) leaves the window [now-60, now] at t0+60, 50 s from now.
     assert err.headers["Retry-After"] == "51"  # whole seconds, rounded up past the boundary
@@ -102,7 +103,8 @@ def test_image_num_above_the_limit_is_refused_outright() -> None:
     limiter = RateLimiter(Settings(key_policies={"k1": KeyPolicy(images_per_minute=4)}), store, clock)
     with pytest.raises(ApiError) as info:
         limiter.check("k1", "owner-k1", 5)
-    assert info.value.status == 429 and "image_num 5" in info.value.message
+    assert info.value.status == 429
+    assert "image_num 5" in info.value.message
     limiter.check("k1", "owner-k1", 4)
 
 
@@ -114,7 +116,8 @@ def test_max_queued_tasks() -> None:
     store.add("owner-k1", clock.now, 1, finished=True)
     with pytest.raises(ApiError) as info:
         limiter.check("k1", "owner-k1", 1)
-    assert info.value.status == 429 and info.value.reason == "RATE_LIMIT_EXCEEDED"
+    assert info.value.status == 429
+    assert info.value.reason == "RATE_LIMIT_EXCEEDED"
     assert "queue limit" in info.value.message
     assert int(info.value.headers["Retry-After"]) >= 1
     store.tasks[0] = ("owner-k1", clock.now, 1, True)  # one finishes
@@ -206,7 +209,8 @@ def test_with_the_real_sql_store(tmp_path: Path) -> None:
             submit_real(i % 2, "k1", 3)  # 9 images, 3 unfinished tasks
         with pytest.raises(ApiError) as info:
             submit_real(1, "k1", 2)  # 11th image
-        assert info.value.status == 429 and info.value.metadata["used"] == 9
+        assert info.value.status == 429
+        assert info.value.metadata["used"] == 9
         assert info.value.headers["Retry-After"] == "58"  # first task (3 images) at t0 leaves at t0+60; now t0+3
         submit_real(0, "k1", 1)  # the 10th still fits; now 4 unfinished tasks
         clock.now += 60

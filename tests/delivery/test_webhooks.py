@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import time
 from collections.abc import Iterator
@@ -17,8 +18,8 @@ from underpaint.api.errors import ApiError
 from underpaint.api.serialize import task_result_body
 from underpaint.config import KeyPolicy, Settings
 from underpaint.delivery import ssrf
-from underpaint.delivery.signing import derive_secret, make_secret_for, normalize_secret, sign, verify
 from underpaint.delivery.sample_event import FAILED_REASON
+from underpaint.delivery.signing import derive_secret, make_secret_for, normalize_secret, sign, verify
 from underpaint.delivery.webhooks import DELIVERED, FAILED, PENDING, WebhookDispatcher
 from underpaint.tasks.store import SqlTaskStore
 from underpaint.tasks.types import NewTask, TaskStatus
@@ -48,8 +49,6 @@ def result_body(task_id: str, status: str = "TASK_STATUS_SUCCEED") -> dict[str, 
         "videos": [],
         "audios": [],
     }  # fmt: skip
-
-
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.services)])
@@ -137,7 +136,7 @@ def test_backoff_grows_exponentially(db_url: str, receiver: Receiver) -> None:
         d.enqueue("t1", OWNER, receiver.url, result_body("t1"))
         assert final(d, "t1") == FAILED
     times = [r.at for r in receiver.requests]
-    gaps = [b - a for a, b in zip(times, times[1:], strict=False)]
+    gaps = [b - a for a, b in itertools.pairwise(times)]
     assert len(gaps) == 3
     for gap, expected in zip(gaps, (0.2, 0.4, 0.8), strict=True):
         assert expected - 0.02 <= gap < expected + 0.5
@@ -208,7 +207,8 @@ def test_unexpected_sender_error_counts_as_an_attempt(db_url: str, receiver: Rec
         d.enqueue("t1", OWNER, receiver.url, result_body("t1"))
         assert final(d, "t1") == FAILED
     row = d.deliveries("t1")[0]
-    assert row.attempts == 2 and "whsec_" in row.last_error
+    assert row.attempts == 2
+    assert "whsec_" in row.last_error
     assert receiver.count() == 0
 
 
@@ -279,7 +279,8 @@ def test_connect_time_ssrf_check_defeats_rebinding(
         d.enqueue("t1", OWNER, url, result_body("t1"))
         assert final(d, "t1") == FAILED
     row = d.deliveries("t1")[0]
-    assert "refused" in row.last_error and "loopback" in row.last_error
+    assert "refused" in row.last_error
+    assert "loopback" in row.last_error
     assert row.attempts == 1  # a refused target is not retried
     assert receiver.count() == 0
 
@@ -336,13 +337,15 @@ def test_test_mode_succeed(task_store: SqlTaskStore, db_url: str, receiver: Rece
     with d:
         d.submit_test_event("tm1", OWNER, "TASK_STATUS_SUCCEED", extra, "http://testserver")
         record = task_store.get("tm1")
-        assert record is not None and record.status is TaskStatus.SUCCEED  # polling agrees with the event at once
+        assert record is not None
+        assert record.status is TaskStatus.SUCCEED
         assert not task_store.complete_unleased("tm1", [])  # an ended task stays as it is
         assert final(d, "tm1") == DELIVERED
     payload = json.loads(receiver.requests[0].body)["payload"]
     polled = task_result_body(record, lambda image: storage.url(image.key, 3600, "http://testserver"), 3600)
     assert payload == {**polled, "extra": {**polled["extra"], "webhook": extra["webhook"]}}
-    assert payload["task"]["status"] == "TASK_STATUS_SUCCEED" and payload["task"]["reason"] == ""
+    assert payload["task"]["status"] == "TASK_STATUS_SUCCEED"
+    assert payload["task"]["reason"] == ""
     assert payload["extra"]["seed"] == "1234"
     [image] = payload["images"]
     key = record.images[0].key
@@ -356,12 +359,15 @@ def test_test_mode_failed(task_store: SqlTaskStore, db_url: str, receiver: Recei
     with d:
         d.submit_test_event("tm1", OWNER, TaskStatus.FAILED, extra, "http://testserver")
         record = task_store.get("tm1")
-        assert record is not None and (record.status, record.reason) == (TaskStatus.FAILED, FAILED_REASON)
+        assert record is not None
+        assert (record.status, record.reason) == (TaskStatus.FAILED, FAILED_REASON)
         assert final(d, "tm1") == DELIVERED
     payload = json.loads(receiver.requests[0].body)["payload"]
     assert payload["task"]["status"] == "TASK_STATUS_FAILED"
     assert payload["task"]["reason"] == FAILED_REASON
-    assert payload["images"] == [] and payload["videos"] == [] and payload["audios"] == []
+    assert payload["images"] == []
+    assert payload["videos"] == []
+    assert payload["audios"] == []
     assert payload["extra"]["webhook"] == extra["webhook"]
     assert storage.files == {}
 

@@ -17,10 +17,10 @@ from fastapi.testclient import TestClient
 
 import service_fixtures
 from underpaint.api.app import create_app
-from underpaint.wiring import build_local_worker, build_services
 from underpaint.config import Settings
 from underpaint.services import Services
 from underpaint.tasks.store import SqlTaskStore
+from underpaint.wiring import build_local_worker, build_services
 
 REGION = "us-east-1"
 MODEL = "tiny-sd15.safetensors"

@@ -22,8 +22,14 @@ def free_port() -> int:
 
 
 class LiveServer:
-    def __init__(self, data_dir: Path, models_dir: Path, keys: str = "key-a,key-b", port: int | None = None,
-                 extra_env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        data_dir: Path,
+        models_dir: Path,
+        keys: str = "key-a,key-b",
+        port: int | None = None,
+        extra_env: dict[str, str] | None = None,
+    ) -> None:
         self.data_dir = data_dir
         self.models_dir = models_dir
         self.keys = keys
@@ -49,9 +55,25 @@ class LiveServer:
         }
         log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "underpaint.cli", "serve", "--host", "127.0.0.1", "--port", str(self.port),
-             "--data-dir", str(self.data_dir), "--models-dir", str(self.models_dir), "--torch-threads", "1"],
-            env=env, stdout=log, stderr=subprocess.STDOUT,
+            [
+                sys.executable,
+                "-m",
+                "underpaint.cli",
+                "serve",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--data-dir",
+                str(self.data_dir),
+                "--models-dir",
+                str(self.models_dir),
+                "--torch-threads",
+                "1",
+            ],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
         )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

@@ -8,12 +8,12 @@ import pytest
 from _server import LiveServer, make_png
 
 
-@pytest.fixture()
+@pytest.fixture
 def png_b64() -> str:
     return base64.b64encode(make_png()).decode()
 
 
-@pytest.fixture()
+@pytest.fixture
 def live_server(tmp_path: Path, tiny_models_dir: Path) -> Iterator[LiveServer]:
     server = LiveServer(tmp_path / "data", tiny_models_dir).start()
     try:

@@ -15,10 +15,10 @@ import httpx
 import pytest
 from _delivery_support import REGION, Stack, moto_endpoint, open_stack, split_url
 
-from underpaint.wiring import webhook_secret_for_key
 from underpaint.config import KeyPolicy
 from underpaint.delivery.signing import normalize_secret, verify
 from underpaint.delivery.webhooks import DELIVERED
+from underpaint.wiring import webhook_secret_for_key
 from webhook_receiver import Receiver, running_receiver, wait_for
 
 SUCCEED, FAILED, QUEUED = "TASK_STATUS_SUCCEED", "TASK_STATUS_FAILED", "TASK_STATUS_QUEUED"
@@ -90,7 +90,8 @@ def test_webhook_of_a_real_generation_equals_the_polled_result(stack: Stack, rec
     assert polled["task"]["status"] == SUCCEED, polled["task"]
     event, request = _webhook_event(stack, receiver, task_id)
 
-    assert request.path == "/hook" and request.headers["content-type"] == "application/json"
+    assert request.path == "/hook"
+    assert request.headers["content-type"] == "application/json"
     assert verify(request.body, request.headers, webhook_secret_for_key(stack.settings, "key-a"))
     assert not verify(request.body, request.headers, webhook_secret_for_key(stack.settings, "key-b"))
     assert event["event_type"] == "ASYNC_TASK_RESULT"
@@ -105,7 +106,8 @@ def test_webhook_of_a_real_generation_equals_the_polled_result(stack: Stack, rec
         assert sent == got
         # The URL in the webhook downloads the image (signed URL, no Authorization header).
         download = stack.client.get(sent_url)
-        assert download.status_code == 200 and download.content.startswith(b"\x89PNG")
+        assert download.status_code == 200
+        assert download.content.startswith(b"\x89PNG")
     assert payload == polled
 
 
@@ -119,7 +121,8 @@ def test_failed_task_sends_a_failed_webhook_with_the_reason(stack: Stack, receiv
     shutil.rmtree(checkpoints / "doomed.config")
 
     polled = stack.run(task_id)
-    assert polled["task"]["status"] == FAILED and "doomed" in polled["task"]["reason"]
+    assert polled["task"]["status"] == FAILED
+    assert "doomed" in polled["task"]["reason"]
     event, request = _webhook_event(stack, receiver, task_id)
     assert verify(request.body, request.headers, webhook_secret_for_key(stack.settings, "key-a"))
     payload = event["payload"]
@@ -144,7 +147,8 @@ def test_no_webhook_without_a_url(stack: Stack, receiver: Receiver) -> None:
     task_id = stack.submit()
     assert stack.run(task_id)["task"]["status"] == SUCCEED
     webhooks = stack.services.webhooks
-    assert webhooks is not None and webhooks.deliveries(task_id) == []
+    assert webhooks is not None
+    assert webhooks.deliveries(task_id) == []
 
 
 # ------------------------------------------------------------------------------------------------ 2. NSFW
@@ -159,7 +163,8 @@ def test_nsfw_detection_runs_in_the_pipeline(stack: Stack) -> None:
         verdict = image["nsfw_detection_result"]
         assert set(verdict) == {"valid", "confidence"}
         assert verdict["valid"] is True
-        assert isinstance(verdict["confidence"], int | float) and 0 <= verdict["confidence"] <= 100
+        assert isinstance(verdict["confidence"], int | float)
+        assert 0 <= verdict["confidence"] <= 100
 
     plain = stack.run(stack.submit(image_num=2))
     assert plain["extra"]["enable_nsfw_detection"] is False
@@ -185,11 +190,13 @@ def test_custom_bucket_layout_and_presigned_url(stack: Stack, admin: Any, receiv
     by_key = {k: admin.get_object(Bucket=bucket, Key=k)["Body"].read() for k in keys}
     for image in result["images"]:
         url = image["image_url"]
-        assert url.startswith(f"{stack.settings.s3_endpoint_url}/{bucket}/{folder}") and "X-Amz-Signature=" in url
+        assert url.startswith(f"{stack.settings.s3_endpoint_url}/{bucket}/{folder}")
+        assert "X-Amz-Signature=" in url
         key = url.split(f"/{bucket}/", 1)[1].split("?", 1)[0]
         download = httpx.get(url, trust_env=False)  # plain GET, no credentials
         assert download.status_code == 200
-        assert download.content == by_key[key] and download.content.startswith(b"\x89PNG")
+        assert download.content == by_key[key]
+        assert download.content.startswith(b"\x89PNG")
     # Nothing went to the server's own image store.
     assert not (stack.settings.data_dir / "images" / task_id).exists()
     # The webhook carries presigned URLs of the same objects.
@@ -226,7 +233,8 @@ def test_upload_failing_midway_leaves_nothing_in_the_users_bucket(
     monkeypatch.setattr(custom_storage, "put_custom", second_fails)
     aws_s3 = {"region": REGION, "bucket": bucket, "path": "out"}
     result = stack.run(stack.submit(extra={"custom_storage": {"aws_s3": aws_s3}}, image_num=2))
-    assert result["task"]["status"] == FAILED and bucket in result["task"]["reason"]
+    assert result["task"]["status"] == FAILED
+    assert bucket in result["task"]["reason"]
     assert len(calls) == 2  # the first image was uploaded ...
     assert _objects(admin, bucket) == []  # ... and removed when the second failed
 
@@ -235,7 +243,8 @@ def test_invalid_custom_bucket_name_is_refused_at_submit(stack: Stack) -> None:
     aws_s3 = {"region": REGION, "bucket": "Bad_Bucket", "path": "x"}
     r = stack.post(extra={"custom_storage": {"aws_s3": aws_s3}})
     assert r.status_code == 400
-    assert r.json()["reason"] == "INVALID_CUSTOM_OUTPUT_PATH" and "Bad_Bucket" in r.json()["message"]
+    assert r.json()["reason"] == "INVALID_CUSTOM_OUTPUT_PATH"
+    assert "Bad_Bucket" in r.json()["message"]
     assert not stack.worker.run_once()  # nothing was queued
 
 
@@ -281,7 +290,8 @@ def test_max_queued_tasks_through_the_api(tmp_path: Path, models_dir: Path) -> N
         first = s.submit()
         s.submit()
         refused = s.post()
-        assert refused.status_code == 429 and refused.json()["reason"] == "RATE_LIMIT_EXCEEDED"
+        assert refused.status_code == 429
+        assert refused.json()["reason"] == "RATE_LIMIT_EXCEEDED"
         assert "Retry-After" in refused.headers
         assert s.post(key="key-b").status_code == 200
         assert s.run(first)["task"]["status"] == SUCCEED  # one finished: room for one more
@@ -297,7 +307,8 @@ def test_enterprise_plan_runs_a_dedicated_key_first(stack: Stack) -> None:
     a1, a2 = stack.submit(), stack.submit()
     vip = stack.submit(key="key-b", extra=enterprise)
     record = stack.services.store.get(vip)
-    assert record is not None and record.lane == "enterprise.vip"
+    assert record is not None
+    assert record.lane == "enterprise.vip"
 
     assert stack.worker.run_once()
     assert stack.status(vip, "key-b") == SUCCEED
@@ -306,7 +317,8 @@ def test_enterprise_plan_runs_a_dedicated_key_first(stack: Stack) -> None:
     # key-a has no dedicated lane: the flag is accepted and ignored.
     a3 = stack.submit(extra=enterprise)
     record = stack.services.store.get(a3)
-    assert record is not None and record.lane == "sd15"
+    assert record is not None
+    assert record.lane == "sd15"
     for expected in (a1, a2, a3):
         assert stack.worker.run_once()
         assert stack.status(expected) == SUCCEED

@@ -14,9 +14,17 @@ AUTH = {"Authorization": "Bearer key-a"}
 def _submit(server: LiveServer, png_b64: str, steps: int, seed: int) -> str:
     body = {
         "request": {
-            "model_name": "tiny-sd15.safetensors", "image_base64": png_b64, "prompt": "a castle",
-            "width": 192, "height": 192, "image_num": 1, "steps": steps, "seed": seed,
-            "guidance_scale": 7, "sampler_name": "Heun", "strength": 1.0,
+            "model_name": "tiny-sd15.safetensors",
+            "image_base64": png_b64,
+            "prompt": "a castle",
+            "width": 192,
+            "height": 192,
+            "image_num": 1,
+            "steps": steps,
+            "seed": seed,
+            "guidance_scale": 7,
+            "sampler_name": "Heun",
+            "strength": 1.0,
         }
     }
     r = httpx.post(server.url + "/v3/async/img2img", json=body, headers=AUTH, timeout=30)
@@ -52,12 +60,17 @@ def test_kill_while_processing_then_restart_completes(tmp_path: Path, tiny_model
 
         server = LiveServer(tmp_path / "data", tiny_models_dir, port=server.port).start()
         for task_id in (running, waiting):
-            done = _wait(server, task_id, lambda b: b["task"]["status"] in ("TASK_STATUS_SUCCEED", "TASK_STATUS_FAILED"),
-                         timeout=300)
+            done = _wait(
+                server,
+                task_id,
+                lambda b: b["task"]["status"] in ("TASK_STATUS_SUCCEED", "TASK_STATUS_FAILED"),
+                timeout=300,
+            )
             assert done["task"]["status"] == "TASK_STATUS_SUCCEED", done["task"]
             assert len(done["images"]) == 1
             img = httpx.get(done["images"][0]["image_url"], timeout=30)
-            assert img.status_code == 200 and img.content[:8] == b"\x89PNG\r\n\x1a\n"
+            assert img.status_code == 200
+            assert img.content[:8] == b"\x89PNG\r\n\x1a\n"
     finally:
         server.stop()
 
@@ -76,8 +89,9 @@ def test_worker_process_killed_mid_task_is_restarted_and_the_task_completes(
         workers = [c for c in children if "spawn" in " ".join(c.cmdline())]
         assert len(workers) == 1, [c.cmdline() for c in children]
         workers[0].kill()
-        done = _wait(server, task_id, lambda b: b["task"]["status"] in ("TASK_STATUS_SUCCEED", "TASK_STATUS_FAILED"),
-                     timeout=300)
+        done = _wait(
+            server, task_id, lambda b: b["task"]["status"] in ("TASK_STATUS_SUCCEED", "TASK_STATUS_FAILED"), timeout=300
+        )
         assert done["task"]["status"] == "TASK_STATUS_SUCCEED", done["task"]
         assert len(done["images"]) == 1
         assert psutil.Process(server.proc.pid).is_running()  # the API kept serving throughout

@@ -15,9 +15,9 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from underpaint.api.app import create_app
-from underpaint.wiring import build_local_worker, build_services
 from underpaint.config import Settings
 from underpaint.engine.metadata import read_infotext
+from underpaint.wiring import build_local_worker, build_services
 
 A = {"Authorization": "Bearer key-a"}
 
@@ -36,8 +36,14 @@ class Stack:
                 "model_name": "tiny-sd15.safetensors",
                 "image_base64": base64.b64encode(make_png()).decode(),
                 "prompt": "a red house",
-                "width": 128, "height": 128, "image_num": 1, "steps": 5, "seed": 77,
-                "guidance_scale": 6.0, "sampler_name": "Euler a", "strength": 0.7,
+                "width": 128,
+                "height": 128,
+                "image_num": 1,
+                "steps": 5,
+                "seed": 77,
+                "guidance_scale": 6.0,
+                "sampler_name": "Euler a",
+                "strength": 0.7,
                 **request,
             },
         }
@@ -63,8 +69,12 @@ class Stack:
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory, tiny_models_dir: Path) -> Iterator[Stack]:
     settings = Settings(
-        data_dir=tmp_path_factory.mktemp("data"), models_dir=tiny_models_dir,
-        api_keys=("key-a", "key-b"), torch_threads=1, run_worker=False, public_base_url="http://testserver",
+        data_dir=tmp_path_factory.mktemp("data"),
+        models_dir=tiny_models_dir,
+        api_keys=("key-a", "key-b"),
+        torch_threads=1,
+        run_worker=False,
+        public_base_url="http://testserver",
     )
     services = build_services(settings)
     worker = build_local_worker(services)
@@ -112,8 +122,12 @@ def test_output_formats_carry_infotext(stack: Stack, fmt: str) -> None:
     assert result["images"][0]["image_type"] == fmt
     assert Image.open(io.BytesIO(data)).format == {"png": "PNG", "webp": "WEBP", "jpeg": "JPEG"}[fmt]
     info = read_infotext(data)
-    assert info is not None and info.startswith("(a house:1.2)")
-    assert "Sampler: Euler a" in info and "Seed: 77" in info and "Clip skip: 2" in info and "Denoising strength: 0.7" in info
+    assert info is not None
+    assert info.startswith("(a house:1.2)")
+    assert "Sampler: Euler a" in info
+    assert "Seed: 77" in info
+    assert "Clip skip: 2" in info
+    assert "Denoising strength: 0.7" in info
 
 
 def test_progress_and_eta_move_during_sampling(stack: Stack, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -166,7 +180,8 @@ def test_sd_vae_applies_to_its_task_only(stack: Stack) -> None:
     assert not np.array_equal(pixels(base), pixels(vae_img))
     assert np.array_equal(pixels(base), pixels(after)), "the override must not leak into later tasks"
     info = read_infotext(vae_img)
-    assert info is not None and "VAE: tiny-vae.safetensors" in info
+    assert info is not None
+    assert "VAE: tiny-vae.safetensors" in info
 
 
 def test_long_prompt_and_weights_change_the_image(stack: Stack) -> None:

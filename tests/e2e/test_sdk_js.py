@@ -20,13 +20,18 @@ def test_js_sdk_submit_poll_and_list(live_server: LiveServer, tmp_path: Path, pn
     image_file.write_text(png_b64)
     out = subprocess.run(
         [node, str(JS_DIR / "sdk_flow.js"), live_server.url, "key-b", "tiny-sd15", str(image_file)],
-        capture_output=True, text=True, timeout=300, check=False,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
     )
     assert out.returncode == 0, out.stderr
     result = json.loads(out.stdout)
     progress = result["progress"]
     assert progress["task"]["status"] == "TASK_STATUS_SUCCEED", progress["task"]
     assert progress["task"]["task_type"] == "IMG_TO_IMG"
-    assert len(progress["images"]) == 1 and progress["images"][0]["image_url"].startswith("http://127.0.0.1")
+    assert len(progress["images"]) == 1
+    assert progress["images"][0]["image_url"].startswith("http://127.0.0.1")
     assert any(m["sd_name"] == "tiny-sd15.safetensors" for m in result["models"]["models"])
-    assert result["error"]["code"] == 404 and result["error"]["reason"] == "TASK_NOT_FOUND"
+    assert result["error"]["code"] == 404
+    assert result["error"]["reason"] == "TASK_NOT_FOUND"

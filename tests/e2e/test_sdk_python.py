@@ -29,7 +29,8 @@ def test_img2img_v3_and_wait_for_task(live_server: LiveServer) -> None:
     )
     assert res.task.status.value == "TASK_STATUS_SUCCEED", res.task.reason
     assert res.extra.seed == 1234
-    assert len(res.images) == 2 and len(res.images_encoded) == 2
+    assert len(res.images) == 2
+    assert len(res.images_encoded) == 2
     for encoded in res.images_encoded:
         img = Image.open(io.BytesIO(base64.b64decode(encoded)))
         assert img.size == (128, 160)

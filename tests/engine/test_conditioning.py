@@ -67,7 +67,8 @@ def test_short_prompt_chunk_matches_the_tokenizers_padded_ids(sdxl: TextEncoderB
         assert chunk.tokens == expected
         assert chunk.multipliers == [1.0] * 77
     (bang,) = tokenize_prompt(sdxl.tokenizers[1], "cat")
-    assert bang.tokens[:4] == [BOS, CAT, EOS, 0] and set(bang.tokens[3:]) == {0}
+    assert bang.tokens[:4] == [BOS, CAT, EOS, 0]
+    assert set(bang.tokens[3:]) == {0}
 
 
 def test_weights_are_assigned_per_token(sd15: TextEncoderBundle) -> None:
@@ -86,7 +87,8 @@ def test_long_prompt_is_split_into_75_token_chunks(sd15: TextEncoderBundle) -> N
 def test_break_starts_a_new_chunk(sd15: TextEncoderBundle) -> None:
     tokenizer = sd15.tokenizers[0]
     first, second = tokenize_prompt(tokenizer, "cat BREAK dog")
-    assert first.tokens[:3] == [BOS, CAT, EOS] and second.tokens[:3] == [BOS, DOG, EOS]
+    assert first.tokens[:3] == [BOS, CAT, EOS]
+    assert second.tokens[:3] == [BOS, DOG, EOS]
     assert len(tokenize_prompt(tokenizer, "cat BREAK")) == 1  # no trailing empty chunk
     assert len(tokenize_prompt(tokenizer, "BREAK cat")) == 2  # a leading empty chunk
     assert len(tokenize_prompt(tokenizer, "cat BREAK BREAK dog")) == 3
@@ -249,7 +251,8 @@ def test_sdxl_matches_diffusers_default(sdxl: TextEncoderBundle) -> None:
     )
     ours = encode_prompt(sdxl, "a photo of a cat")
     assert ours.embeds.shape == (1, 77, 32 + 64)
-    assert ours.pooled is not None and ours.pooled.shape == (1, 48)
+    assert ours.pooled is not None
+    assert ours.pooled.shape == (1, 48)
     assert_close(ours.embeds, reference)
     assert_close(ours.pooled, reference_pooled)
 
@@ -282,7 +285,8 @@ def test_sdxl_long_weighted_prompt_pools_the_first_chunk(sdxl: TextEncoderBundle
     long = encode_prompt(sdxl, "cat " * 75 + "(dog:1.4) " * 20)
     first = encode_prompt(sdxl, "cat " * 75)
     assert long.embeds.shape == (1, 154, 96)
-    assert long.pooled is not None and first.pooled is not None
+    assert long.pooled is not None
+    assert first.pooled is not None
     assert_close(long.pooled, first.pooled)
     assert_close(long.embeds[:, :77], first.embeds)
     assert encode_prompt(sdxl, "cat BREAK dog").embeds.shape == (1, 154, 96)

@@ -65,7 +65,7 @@ def sdxl(registry: ModelRegistry) -> LoadedCheckpoint:
 def fresh_cache(monkeypatch: pytest.MonkeyPatch) -> Iterator[cn.ControlNetCache]:
     cache = cn.ControlNetCache()
     monkeypatch.setattr(cn, "_cache", cache)
-    yield cache
+    return cache
 
 
 def init_image() -> Image.Image:
@@ -208,7 +208,9 @@ def test_other_published_layouts_load(models: Path, tmp_path: Path) -> None:
     shutil.copy(src / "config.json", folder / "xl-diffusers-keys.config" / "config.json")
     (folder / "xl-fp16").mkdir()
     shutil.copy(src / "config.json", folder / "xl-fp16" / "config.json")
-    shutil.copy(src / "diffusion_pytorch_model.safetensors", folder / "xl-fp16" / "diffusion_pytorch_model.fp16.safetensors")
+    shutil.copy(
+        src / "diffusion_pytorch_model.safetensors", folder / "xl-fp16" / "diffusion_pytorch_model.fp16.safetensors"
+    )
     reg = ModelRegistry(tmp_path)
     reference = demo.tiny_controlnet(True, demo.SDXL_CANNY_SEED).state_dict()
     for name in ("xl-diffusers-keys", "xl-fp16"):
@@ -226,7 +228,8 @@ def test_file_without_fitting_config_is_a_clear_error(models: Path, tmp_path: Pa
     reg = ModelRegistry(tmp_path)
     tiny = reg.resolve("controlnet", CANNY)
     junk = reg.resolve("controlnet", "junk")
-    assert tiny is not None and junk is not None
+    assert tiny is not None
+    assert junk is not None
     with pytest.raises(JobError, match=r"does not fit .*controlnet_sd15.*sidecar control_v11p_sd15_canny\.config"):
         cn.load_controlnet_model(tiny, CPU, torch.float32)
     with pytest.raises(JobError, match="junk"):
@@ -278,20 +281,23 @@ def test_guidance_window(
     late = run(registry, sd15, [unit(CANNY, guidance_start=0.5)])
     early = run(registry, sd15, [unit(CANNY, guidance_end=0.5)])
     # late steps only refine details: a small but real change
-    assert differ(late, canny_full) > 2.0 and differ(late, plain) > 0.1 and differ(early, late) > 2.0
+    assert differ(late, canny_full) > 2.0
+    assert differ(late, plain) > 0.1
+    assert differ(early, late) > 2.0
     # outside its window a unit adds nothing to the UNet call
     h = hook(registry, sd15, [unit(CANNY, guidance_start=0.5, guidance_end=0.75)])
     x, t, ehs = torch.zeros(2, 4, 8, 8), torch.tensor([500.0, 500.0]), torch.zeros(2, 77, 32)
-    assert h(x, t, ehs, None, 0.25) == {} and h(x, t, ehs, None, 0.8) == {}
+    assert h(x, t, ehs, None, 0.25) == {}
+    assert h(x, t, ehs, None, 0.8) == {}
     assert "mid_block_additional_residual" in h(x, t, ehs, None, 0.5)
 
 
-def test_two_units(
-    registry: ModelRegistry, sd15: LoadedCheckpoint, canny_full: np.ndarray, plain: np.ndarray
-) -> None:
+def test_two_units(registry: ModelRegistry, sd15: LoadedCheckpoint, canny_full: np.ndarray, plain: np.ndarray) -> None:
     other = run(registry, sd15, [unit(OPENPOSE)])
     both = run(registry, sd15, [unit(CANNY), unit(OPENPOSE)])
-    assert differ(both, canny_full) > 0.5 and differ(both, other) > 0.5 and differ(other, plain) > 2.0
+    assert differ(both, canny_full) > 0.5
+    assert differ(both, other) > 0.5
+    assert differ(other, plain) > 2.0
     # a unit at strength 0 next to another equals that unit alone
     assert np.array_equal(run(registry, sd15, [unit(CANNY), unit(OPENPOSE, strength=0.0)]), canny_full)
 
@@ -306,7 +312,9 @@ def test_sdxl_controlnets_on_the_sdxl_checkpoint(registry: ModelRegistry, sdxl: 
     base = run(registry, sdxl, [])
     folder = run(registry, sdxl, [unit("controlnet-canny-sdxl-1.0")])
     single = run(registry, sdxl, [unit("controlnet-depth-sdxl-1.0", strength=0.8)])
-    assert differ(folder, base) > 1.0 and differ(single, base) > 1.0 and differ(single, folder) > 0.5
+    assert differ(folder, base) > 1.0
+    assert differ(single, base) > 1.0
+    assert differ(single, folder) > 0.5
 
 
 def test_wrong_base_model_is_refused(
@@ -341,14 +349,17 @@ def test_annotator_with_local_weights_runs_in_a_unit(
     registry: ModelRegistry, sd15: LoadedCheckpoint, plain: np.ndarray
 ) -> None:
     out = run(registry, sd15, [unit(CANNY, image=init_image(), preprocessor="softedge_pidinet")])
-    assert out.shape == (SIZE, SIZE, 3) and differ(out, plain) > 1.0
+    assert out.shape == (SIZE, SIZE, 3)
+    assert differ(out, plain) > 1.0
 
 
 def test_missing_annotator_is_a_clear_error(registry: ModelRegistry, sd15: LoadedCheckpoint, fresh_cache: Any) -> None:
     with pytest.raises(JobError) as err:
         hook(registry, sd15, [unit(CANNY), unit(OPENPOSE, preprocessor="lineart")])
     message = str(err.value)
-    assert "sk_model.pth" in message and "sk_model2.pth" in message and str(registry.models_dir / "annotator") in message
+    assert "sk_model.pth" in message
+    assert "sk_model2.pth" in message
+    assert str(registry.models_dir / "annotator") in message
     assert fresh_cache.loads == 0
 
 
@@ -401,8 +412,8 @@ def test_executor_runs_a_depth_unit(
     """A unit with preprocessor ``depth`` (MiDaS) through the worker's path: refused naming the file while it is
     missing, then the map made from the published-layout file conditions the SDXL depth ControlNet."""
     from underpaint.config import Settings
-    from underpaint.engine import preprocessors
     from underpaint.demo.controlnet import write_zero_annotator
+    from underpaint.engine import preprocessors
     from underpaint.engine.executor import DiffusersExecutor
 
     mine = tmp_path / "models"  # the module's models plus an annotator folder of this test's own

@@ -17,8 +17,8 @@ from diffusers.loaders.single_file_utils import (
 )
 from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
-from underpaint.demo.ldm_convert import open_clip_to_ldm, unet_to_ldm, vae_to_ldm
 from underpaint.demo.checkpoints import write_demo_models
+from underpaint.demo.ldm_convert import open_clip_to_ldm, unet_to_ldm, vae_to_ldm
 from underpaint.engine.loader import SD15_CONFIG, SDXL_CONFIG
 
 
@@ -48,7 +48,8 @@ def test_checkpoints_use_the_original_key_layout(tiny_models_dir: Path) -> None:
     assert "model.diffusion_model.label_emb.0.0.weight" in sdxl
     te1 = sdxl["conditioner.embedders.0.transformer.text_model.embeddings.token_embedding.weight"]
     te2 = "conditioner.embedders.1.model."
-    assert sdxl[te2 + "token_embedding.weight"].shape == (49408, 64) and te1.shape == (49408, 32)  # widths differ
+    assert sdxl[te2 + "token_embedding.weight"].shape == (49408, 64)
+    assert te1.shape == (49408, 32)
     assert sdxl[te2 + "transformer.resblocks.0.attn.in_proj_weight"].shape == (3 * 64, 64)
     for name in ("positional_embedding", "text_projection", "ln_final.weight", "transformer.resblocks.4.mlp.c_fc.bias"):
         assert te2 + name in sdxl, name

@@ -129,8 +129,10 @@ def test_yolox_decode_on_a_64px_grid() -> None:
     """64 x 64 input: 8x8 cells at stride 8, 4x4 at 16, 2x2 at 32, in that order, rows then columns."""
     cells, strides = D.yolox_grid((64, 64))
     assert len(cells) == 64 + 16 + 4
-    assert cells[9].tolist() == [1, 1] and strides[9, 0] == 8
-    assert cells[73].tolist() == [1, 2] and strides[73, 0] == 16  # 64 + row 2 * 4 + column 1
+    assert cells[9].tolist() == [1, 1]
+    assert strides[9, 0] == 8
+    assert cells[73].tolist() == [1, 2]
+    assert strides[73, 0] == 16
     raw = np.zeros((84, 5 + 3), np.float32)
     raw[73, :4] = (0.5, 0.25, math.log(2), 0.0)  # centre (1.5, 2.25) cells, size 2 x 1 cells
     raw[73, 4:] = (0.8, 0.5, 0.25, 1.0)
@@ -153,7 +155,9 @@ def test_letterbox_top_left_with_grey_padding() -> None:
     bgr = np.zeros((100, 50, 3), np.uint8)
     bgr[..., 0] = 200  # blue channel first: channels are passed through unchanged
     blob, ratio = D.letterbox(bgr, (640, 640))
-    assert ratio == 6.4 and blob.shape == (1, 3, 640, 640) and blob.dtype == np.float32
+    assert ratio == 6.4
+    assert blob.shape == (1, 3, 640, 640)
+    assert blob.dtype == np.float32
     assert blob[0, :, 10, 10].tolist() == [200, 0, 0]
     assert blob[0, :, 10, 330].tolist() == [114, 114, 114]  # right of the 320-pixel-wide image
 
@@ -169,7 +173,8 @@ def test_simcc_decode_hand_computed() -> None:
 def test_crop_transform_hand_computed() -> None:
     # box 100 x 200 → x 1.25 = 125 x 250 → widened to 288:384 = 187.5 x 250; scale 288 / 187.5
     centre, ext, matrix = D.crop_transform(np.array([10.0, 20.0, 110.0, 220.0]), (384, 288))
-    assert centre.tolist() == [60, 120] and np.allclose(ext, (187.5, 250))
+    assert centre.tolist() == [60, 120]
+    assert np.allclose(ext, (187.5, 250))
     assert np.allclose(matrix @ [60, 120, 1], (144, 192))
     assert np.allclose(matrix @ [60 - 93.75, 120 - 125, 1], (0, 0))
     assert np.allclose(matrix @ [60 + 93.75, 120 + 125, 1], (288, 384))
@@ -184,8 +189,11 @@ def test_to_openpose_reorders_and_adds_the_neck() -> None:
     pose = D.to_openpose(points, scores)
     assert pose.body.tolist() == [list(p) for p in OPENPOSE_BODY]
     assert pose.body_scores[1] == 1.0  # both shoulders confident
-    assert pose.hands[0, 0].tolist() == [1, 2] and pose.hands[1, 0].tolist() == [3, 4]
-    assert pose.face.shape == (68, 2) and pose.face[0].tolist() == [7, 8] and pose.feet.shape == (6, 2)
+    assert pose.hands[0, 0].tolist() == [1, 2]
+    assert pose.hands[1, 0].tolist() == [3, 4]
+    assert pose.face.shape == (68, 2)
+    assert pose.face[0].tolist() == [7, 8]
+    assert pose.feet.shape == (6, 2)
     scores[6] = 0.2  # the right shoulder is not: no neck
     assert D.to_openpose(points, scores).body_scores[1] == 0.0
 
@@ -248,14 +256,18 @@ def test_dwpose_without_a_person_is_black(tmp_path: Path) -> None:
     _write_estimator(tmp_path, _person_points())
     image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (96, 128, 3), dtype=np.uint8))
     out = np.asarray(P.run_preprocessor("dwpose", image, ctx(tmp_path)))
-    assert out.shape == (96, 128, 3) and out.max() == 0
+    assert out.shape == (96, 128, 3)
+    assert out.max() == 0
 
 
 def test_dwpose_needs_both_files_by_name(tmp_path: Path) -> None:
     assert P.missing_files("dwpose", tmp_path) == ["yolox_l.onnx", "dw-ll_ucoco_384.onnx"]
     _write_detector(tmp_path, [], 1.0)
     msg = P.submit_check("dwpose", tmp_path)
-    assert msg is not None and "dw-ll_ucoco_384.onnx" in msg and "yolox_l.onnx" not in msg and str(tmp_path) in msg
+    assert msg is not None
+    assert "dw-ll_ucoco_384.onnx" in msg
+    assert "yolox_l.onnx" not in msg
+    assert str(tmp_path) in msg
     with pytest.raises(JobError, match="dw-ll_ucoco_384.onnx"):
         P.run_preprocessor("dwpose", Image.new("RGB", (64, 64)), ctx(tmp_path))
 

@@ -48,7 +48,8 @@ def test_vectors_land_in_the_text_encoder_rows(models: Path) -> None:
     loaded = tiny.sd15()
     plan = EmbeddingManager().apply(loaded, [_entry(models, "subject.pt")], "a subject", "")
     tokens = next(iter(plan.token_expansions.values()))
-    assert len(tokens) == 3 and plan.prompt == f"a {tokens[0]}"
+    assert len(tokens) == 3
+    assert plan.prompt == f"a {tokens[0]}"
     ids = loaded.pipe.tokenizer.convert_tokens_to_ids(tokens)
     rows = loaded.pipe.text_encoder.get_input_embeddings().weight[ids]
     assert torch.equal(rows, read_embedding_file(models / "textualinversion" / "subject.pt").clip_l)
@@ -72,7 +73,8 @@ def test_token_in_prompt_vs_negative_and_prompts_without_it_stay_byte_identical(
     fresh = tiny.sd15()
     assert np.array_equal(tiny.run(loaded, f"{PROMPT}, subject"), tiny.run(fresh, f"{PROMPT}, subject"))
     plan = manager.apply(loaded, [], f"{PROMPT}, subject", "")
-    assert plan.prompt == f"{PROMPT}, subject" and plan.token_expansions == {}
+    assert plan.prompt == f"{PROMPT}, subject"
+    assert plan.token_expansions == {}
 
 
 def test_pt_and_safetensors_with_the_same_vectors_give_the_same_output(models: Path) -> None:
@@ -129,7 +131,8 @@ def test_unmentioned_rule_places_negative_looking_embeddings_in_the_negative_pro
     assert np.array_equal(_run(loaded, plan), _run(loaded, written))
     # A token the user wrote stays where it is, even a negative-looking one in the prompt; empty texts get the token.
     placed = manager.apply(loaded, entries, "easynegative texture", "")
-    assert placed.display_prompt == "easynegative texture, subject" and placed.display_negative_prompt == ""
+    assert placed.display_prompt == "easynegative texture, subject"
+    assert placed.display_negative_prompt == ""
     empty = manager.apply(loaded, entries[:2], "", "")
     assert (empty.display_prompt, empty.display_negative_prompt) == ("subject", "EasyNegative")
 

@@ -46,7 +46,9 @@ def test_scale_zero_equals_none_and_the_reference_image_matters(tmp_path: Path, 
     full = _run(loaded, manager.activate(loaded, entry, tiny.init_image(5), 1.0))
     half = _run(loaded, manager.activate(loaded, entry, tiny.init_image(5), 0.5))
     other = _run(loaded, manager.activate(loaded, entry, tiny.init_image(9), 1.0))
-    assert _diff(full, base) > 1.0 and _diff(half, base) > 1.0 and _diff(full, half) > 0.5
+    assert _diff(full, base) > 1.0
+    assert _diff(half, base) > 1.0
+    assert _diff(full, half) > 0.5
     assert _diff(other, full) > 0.5
     assert np.array_equal(_run(loaded, manager.activate(loaded, entry, tiny.init_image(5), 0.0)), base)
     assert manager.activate(loaded, None, None, 0.0) == {}
@@ -76,7 +78,8 @@ def test_cfg_batch_layout(tmp_path: Path) -> None:
     manager = IPAdapterManager()
     (embeds,) = manager.activate(loaded, entry, tiny.init_image(5), 1.0, num_images=2)["image_embeds"]
     assert embeds.shape == (4, 1, 32)
-    assert torch.count_nonzero(embeds[:2]) == 0 and torch.count_nonzero(embeds[2:]) > 0
+    assert torch.count_nonzero(embeds[:2]) == 0
+    assert torch.count_nonzero(embeds[2:]) > 0
     assert torch.equal(embeds[2], embeds[3])
     (no_cfg,) = manager.activate(loaded, entry, tiny.init_image(5), 1.0, do_classifier_free_guidance=False)[
         "image_embeds"

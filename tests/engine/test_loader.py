@@ -97,7 +97,8 @@ def test_shipped_sdxl_details() -> None:
     assert unet["projection_class_embeddings_input_dim"] == 2816
     assert unet["transformer_layers_per_block"] == [1, 2, 10]
     vae = json.loads((SDXL_CONFIG / "vae" / "config.json").read_text())
-    assert vae["scaling_factor"] == 0.13025 and vae["force_upcast"] is True
+    assert vae["scaling_factor"] == 0.13025
+    assert vae["force_upcast"] is True
     assert json.loads((SD15_CONFIG / "vae" / "config.json").read_text())["scaling_factor"] == 0.18215
 
 
@@ -111,8 +112,10 @@ def test_sd15_single_file_loads_bit_identical(sd15: LoadedCheckpoint) -> None:
     _assert_same_weights(sd15.unet, original["unet"])
     _assert_same_weights(sd15.vae, original["vae"])
     _assert_same_weights(sd15.text_encoders[0], original["text_encoder"])
-    assert sd15.config_dir is not None and sd15.config_dir.name == "tiny-sd15.config"
-    assert len(sd15.tokenizers) == 1 and sd15.tokenizers[0]("a photo of").input_ids == [49406, 320, 1125, 539, 49407]
+    assert sd15.config_dir is not None
+    assert sd15.config_dir.name == "tiny-sd15.config"
+    assert len(sd15.tokenizers) == 1
+    assert sd15.tokenizers[0]("a photo of").input_ids == [49406, 320, 1125, 539, 49407]
 
 
 def test_sdxl_single_file_loads_bit_identical(sdxl: LoadedCheckpoint) -> None:
@@ -126,8 +129,10 @@ def test_sdxl_single_file_loads_bit_identical(sdxl: LoadedCheckpoint) -> None:
     _assert_same_weights(te2, original["text_encoder_2"])
     assert isinstance(te2, CLIPTextModelWithProjection)
     projection = te2.text_projection.weight
-    assert projection.device.type == "cpu" and not torch.isnan(projection).any()
-    assert sdxl.tokenizers[1].pad_token == "!" and sdxl.tokenizers[0].pad_token == "<|endoftext|>"
+    assert projection.device.type == "cpu"
+    assert not torch.isnan(projection).any()
+    assert sdxl.tokenizers[1].pad_token == "!"
+    assert sdxl.tokenizers[0].pad_token == "<|endoftext|>"
     assert sdxl.vae_scaling_factor == 0.13025
 
 
@@ -135,7 +140,8 @@ def test_loaded_checkpoint_metadata(sd15: LoadedCheckpoint) -> None:
     assert sd15.prediction_type == "epsilon"
     assert sd15.betas == (0.00085, 0.012, 1000, "scaled_linear")
     assert sd15.vae_scaling_factor == 0.18215
-    assert sd15.device == CPU and sd15.dtype == torch.float32
+    assert sd15.device == CPU
+    assert sd15.dtype == torch.float32
     expected = sum(
         t.numel() * t.element_size()
         for m in (sd15.unet, sd15.vae, *sd15.text_encoders)
@@ -143,12 +149,14 @@ def test_loaded_checkpoint_metadata(sd15: LoadedCheckpoint) -> None:
     )
     assert sd15.approx_bytes == expected
     digest = hashlib.sha256(sd15.path.read_bytes()).hexdigest()
-    assert sd15.sha256 == digest and sd15.sha256_short == digest[:10]
+    assert sd15.sha256 == digest
+    assert sd15.sha256_short == digest[:10]
 
 
 def test_diffusers_folder_matches_single_file(tiny_models_dir: Path, sd15: LoadedCheckpoint) -> None:
     folder = load_checkpoint(_entry(tiny_models_dir, "checkpoint", "tiny-sd15-diffusers"), CPU, torch.float32)
-    assert not folder.is_sdxl and folder.config_dir is None
+    assert not folder.is_sdxl
+    assert folder.config_dir is None
     _assert_same_weights(folder.unet, sd15.unet)
     _assert_same_weights(folder.vae, sd15.vae)
     _assert_same_weights(folder.text_encoders[0], sd15.text_encoders[0])
@@ -280,7 +288,8 @@ def test_tiny_sd15_img2img_is_fast_and_deterministic(sd15: LoadedCheckpoint) -> 
 
 def test_tiny_sdxl_img2img_produces_a_finite_image(sdxl: LoadedCheckpoint) -> None:
     image = _img2img(sdxl, 64, 4)
-    assert image.shape == (64, 64, 3) and image.std() > 0
+    assert image.shape == (64, 64, 3)
+    assert image.std() > 0
 
 
 # ---------------------------------------------------------------------------------------------- VAE override
@@ -344,14 +353,17 @@ def test_cache_hits_counts_and_evicts_lru(tiny_models_dir: Path, sd15: LoadedChe
     exl = _entry(tiny_models_dir, "checkpoint", "tiny-sdxl")
     a = cache.get(e15)
     assert cache.get(e15) is a
-    assert cache.stats.checkpoint_loads == 1 and cache.stats.checkpoint_hits == 1
+    assert cache.stats.checkpoint_loads == 1
+    assert cache.stats.checkpoint_hits == 1
     cache.get(exl)
     assert cache.loaded_names() == ["tiny-sdxl.safetensors"]  # over budget: the SD 1.5 model went
     assert cache.get(e15) is not a
-    assert cache.stats.checkpoint_loads == 3 and cache.stats.evictions == 2
+    assert cache.stats.checkpoint_loads == 3
+    assert cache.stats.evictions == 2
 
     roomy = ModelCache(Settings(checkpoint_cache_bytes=10**10, device="cpu"))
-    assert roomy.device == CPU and roomy.dtype == torch.float32
+    assert roomy.device == CPU
+    assert roomy.dtype == torch.float32
     roomy.get(e15)
     roomy.get(exl)
     roomy.get(e15)
@@ -369,7 +381,8 @@ def test_cache_is_thread_safe(tiny_models_dir: Path) -> None:
         t.start()
     for t in threads:
         t.join()
-    assert len(results) == 3 and all(r is results[0] for r in results)
+    assert len(results) == 3
+    assert all(r is results[0] for r in results)
     assert cache.stats.checkpoint_loads == 1
 
 
@@ -380,15 +393,18 @@ def test_cache_reloads_a_changed_file_and_caches_vaes(tiny_models_dir: Path, tmp
     first = cache.get(_entry(models, "checkpoint", "tiny-sd15"))
     vae_entry = _entry(models, "vae", "tiny-vae")
     vae = cache.get_vae(vae_entry, first)
-    assert cache.get_vae(vae_entry, first) is vae and cache.stats.vae_loads == 1
+    assert cache.get_vae(vae_entry, first) is vae
+    assert cache.stats.vae_loads == 1
     path = models / "checkpoint" / "tiny-sd15.safetensors"
     path.touch()
     stat = path.stat()
     os.utime(path, (stat.st_atime, stat.st_mtime + 5))
     again = cache.get(_entry(models, "checkpoint", "tiny-sd15"))
-    assert again is not first and cache.stats.checkpoint_loads == 2
+    assert again is not first
+    assert cache.stats.checkpoint_loads == 2
     cache.clear()
-    assert cache.loaded_names() == [] and cache.loaded_bytes == 0
+    assert cache.loaded_names() == []
+    assert cache.loaded_bytes == 0
 
 
 # ---------------------------------------------------------------------------------------------- devices
@@ -441,7 +457,8 @@ def test_fp16_file_is_cast_to_the_requested_dtype(tiny_models_dir: Path, tmp_pat
     want = tiny_sd15_components()["unet"].conv_in.weight.half().float()
     assert torch.equal(loaded.unet.conv_in.weight, want)
     bf16 = load_checkpoint(entry, CPU, torch.bfloat16)
-    assert bf16.dtype == torch.bfloat16 and bf16.unet.dtype == torch.bfloat16
+    assert bf16.dtype == torch.bfloat16
+    assert bf16.unet.dtype == torch.bfloat16
     assert bf16.approx_bytes < 0.51 * loaded.approx_bytes  # int64 position ids do not shrink
 
 

@@ -61,7 +61,8 @@ def test_strength_scales_effect_and_zero_or_removal_is_byte_identical(models: Pa
     half = tiny.run(loaded)
     manager.activate(loaded, [(entry, 1.0)])
     full = tiny.run(loaded)
-    assert _diff(half, base) > 1.0 and _diff(full, half) > 1.0
+    assert _diff(half, base) > 1.0
+    assert _diff(full, half) > 1.0
     assert _diff(full, base) > _diff(half, base)
 
     manager.activate(loaded, [(entry, 0.0)])
@@ -204,7 +205,8 @@ def test_cache_bound_while_cycling_twenty_sets(models: Path) -> None:
                 else:  # evicted and reloaded (from the state cache) gives the same bytes
                     assert np.array_equal(image, first[i])
     assert manager.adapter_loads > 8  # eviction really happened
-    assert manager.disk_reads == 8 and manager.conversions == 8  # ... but each file was read and converted once
+    assert manager.disk_reads == 8
+    assert manager.conversions == 8
 
 
 def test_forget_and_a_second_checkpoint_share_the_file_cache(models: Path) -> None:
@@ -214,9 +216,11 @@ def test_forget_and_a_second_checkpoint_share_the_file_cache(models: Path) -> No
     manager = LoraManager()
     manager.activate(one, [(entry, 1.0)])
     manager.activate(two, [(entry, 1.0)])
-    assert manager.disk_reads == 1 and manager.adapter_loads == 2
+    assert manager.disk_reads == 1
+    assert manager.adapter_loads == 2
     manager.forget(one)
-    assert manager.loaded_adapters(one) == [] and len(manager.loaded_adapters(two)) == 1
+    assert manager.loaded_adapters(one) == []
+    assert len(manager.loaded_adapters(two)) == 1
 
 
 def test_more_than_five_is_refused_and_the_bound_must_hold_a_task(models: Path) -> None:
@@ -332,7 +336,8 @@ def test_switching_back_and_forth_gives_the_images_of_fresh_pipes(models: Path) 
     for key in ("a", "ab", "none", "b-neg", "a", "none", "ab", "b-neg", "a"):
         manager.activate(loaded, sets[key])
         assert np.array_equal(tiny.run(loaded), fresh[key]), key
-    assert manager.adapter_loads == 2 and manager.disk_reads == 2
+    assert manager.adapter_loads == 2
+    assert manager.disk_reads == 2
 
 
 def test_converted_tensors_are_reused_not_reread_or_reconverted(models: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -364,7 +369,9 @@ def test_converted_tensors_are_reused_not_reread_or_reconverted(models: Path, mo
     manager.activate(one, [(entries[0], 1.0)])  # back on `one`: placed again, still from the cache
     assert np.array_equal(tiny.run(one), first)
     assert calls == {"read": 6, "convert": 6}
-    assert manager.disk_reads == 6 and manager.conversions == 6 and manager.adapter_loads == 8
+    assert manager.disk_reads == 6
+    assert manager.conversions == 6
+    assert manager.adapter_loads == 8
 
     # an edited file is a new version: read and converted again
     path = entries[0].path
@@ -402,7 +409,8 @@ def test_no_layer_wrong_shape_or_dora_is_refused_and_leaves_no_hook(models: Path
     save_file({**dora, f"{q}.lora_magnitude_vector": torch.ones(16)}, str(models / "lora" / "dora.safetensors"))
     with pytest.raises(JobError, match="LoRA dora could not be applied .*unsupported LoRA tensors.*magnitude"):
         manager.activate(loaded, [(tiny.resolve(models, "lora", "dora"), 1.0)])
-    assert manager.loaded_adapters(loaded) == [] and manager.hooked_layers(loaded) == []
+    assert manager.loaded_adapters(loaded) == []
+    assert manager.hooked_layers(loaded) == []
     assert np.array_equal(tiny.run(loaded), base)
 
 
@@ -420,6 +428,7 @@ def test_forget_removes_every_hook(models: Path) -> None:
     manager.activate(loaded, [(tiny.resolve(models, "lora", "gone"), 1.0)])
     assert hooks() == before + len(manager.hooked_layers(loaded)) > before
     manager.forget(loaded)
-    assert manager.hooked_layers(loaded) == [] and manager.loaded_adapters(loaded) == []
+    assert manager.hooked_layers(loaded) == []
+    assert manager.loaded_adapters(loaded) == []
     assert hooks() == before
     assert np.array_equal(tiny.run(loaded), base)

@@ -47,7 +47,8 @@ def test_mediapipe_face_draws_the_face(astronaut: np.ndarray, tmp_path: Path) ->
     (points,) = _landmarks(astronaut, 1)
     out = np.asarray(P.run_preprocessor("mediapipe_face", Image.fromarray(astronaut), ctx(tmp_path)))
     drawn = out.any(axis=2)
-    assert out.shape == (512, 512, 3) and drawn.sum() > 1000
+    assert out.shape == (512, 512, 3)
+    assert drawn.sum() > 1000
     assert _inside(drawn, points)  # only the face's contours, nothing elsewhere
     colours = {tuple(c) for c in out[drawn].tolist()}
     assert OVAL in colours
@@ -64,11 +65,14 @@ def test_mediapipe_face_draws_one_face_at_most(astronaut: np.ndarray, tmp_path: 
     assert len(faces) == 2
     out = np.asarray(P.run_preprocessor("mediapipe_face", Image.fromarray(pair), ctx(tmp_path)))
     drawn = out.any(axis=2)
-    assert drawn.sum() > 500 and sum(_inside(drawn, f) for f in faces) == 1
+    assert drawn.sum() > 500
+    assert sum(_inside(drawn, f) for f in faces) == 1
 
 
 def test_mediapipe_face_without_a_face_is_black(tmp_path: Path) -> None:
     noise = np.random.default_rng(0).integers(0, 255, (96, 128, 3), dtype=np.uint8)
     out = np.asarray(P.run_preprocessor("mediapipe_face", Image.fromarray(noise), ctx(tmp_path)))
-    assert out.shape == (96, 128, 3) and out.max() == 0
-    assert P.missing_files("mediapipe_face", tmp_path) == [] and P.submit_check("mediapipe_face", tmp_path) is None
+    assert out.shape == (96, 128, 3)
+    assert out.max() == 0
+    assert P.missing_files("mediapipe_face", tmp_path) == []
+    assert P.submit_check("mediapipe_face", tmp_path) is None

@@ -18,15 +18,38 @@ from underpaint.engine.job import JobError
 StateDict = dict[str, torch.Tensor]
 
 SEED_ENUM = [
-    "scribble_hed", "softedge_hed", "scribble_hedsafe", "softedge_hedsafe", "depth_midas", "mlsd", "openpose",
-    "openpose_face", "openpose_faceonly", "openpose_full", "openpose_hand", "dwpose", "scribble_pidinet",
-    "softedge_pidinet", "scribble_pidsafe", "softedge_pidsafe", "normal_bae", "lineart_coarse", "lineart_realistic",
-    "lineart_anime", "lineart", "depth_zoe", "shuffle", "mediapipe_face", "canny", "depth", "depth_leres",
+    "scribble_hed",
+    "softedge_hed",
+    "scribble_hedsafe",
+    "softedge_hedsafe",
+    "depth_midas",
+    "mlsd",
+    "openpose",
+    "openpose_face",
+    "openpose_faceonly",
+    "openpose_full",
+    "openpose_hand",
+    "dwpose",
+    "scribble_pidinet",
+    "softedge_pidinet",
+    "scribble_pidsafe",
+    "softedge_pidsafe",
+    "normal_bae",
+    "lineart_coarse",
+    "lineart_realistic",
+    "lineart_anime",
+    "lineart",
+    "depth_zoe",
+    "shuffle",
+    "mediapipe_face",
+    "canny",
+    "depth",
+    "depth_leres",
     "depth_leres++",
 ]
 
 
-@pytest.fixture()
+@pytest.fixture
 def picture() -> Image.Image:
     rng = np.random.default_rng(3)
     arr = np.zeros((96, 128, 3), np.uint8)
@@ -48,7 +71,8 @@ def test_canny_is_a1111_canny(picture: Image.Image, tmp_path: Path) -> None:
     out = np.asarray(P.run_preprocessor("canny", picture, ctx(tmp_path)))
     expected = cv2.Canny(np.asarray(picture), 100, 200)
     assert out.shape == (96, 128, 3)
-    assert np.array_equal(out[:, :, 0], expected) and out.max() == 255
+    assert np.array_equal(out[:, :, 0], expected)
+    assert out.max() == 255
 
 
 def test_none_is_identity(picture: Image.Image, tmp_path: Path) -> None:
@@ -60,7 +84,8 @@ def test_shuffle_is_seeded(picture: Image.Image, tmp_path: Path) -> None:
     a = np.asarray(P.run_preprocessor("shuffle", picture, ctx(tmp_path, 1)))
     b = np.asarray(P.run_preprocessor("shuffle", picture, ctx(tmp_path, 1)))
     c = np.asarray(P.run_preprocessor("shuffle", picture, ctx(tmp_path, 2)))
-    assert np.array_equal(a, b) and not np.array_equal(a, c)
+    assert np.array_equal(a, b)
+    assert not np.array_equal(a, c)
     assert not np.array_equal(a, np.asarray(picture))
 
 
@@ -84,7 +109,8 @@ def test_network_annotator_runs_from_local_weights(picture: Image.Image, tmp_pat
 def test_missing_annotator_names_file_and_folder(picture: Image.Image, tmp_path: Path) -> None:
     with pytest.raises(JobError) as err:
         P.run_preprocessor("mlsd", picture, ctx(tmp_path))
-    assert "mlsd_large_512_fp32.pth" in str(err.value) and str(tmp_path) in str(err.value)
+    assert "mlsd_large_512_fp32.pth" in str(err.value)
+    assert str(tmp_path) in str(err.value)
     assert P.missing_files("lineart", tmp_path) == ["sk_model.pth", "sk_model2.pth"]
 
 
@@ -104,14 +130,17 @@ def test_other_weight_free_maps(picture: Image.Image, tmp_path: Path) -> None:
     big = Image.fromarray(np.asarray(picture.resize((256, 192))))
     color = np.asarray(P.run_preprocessor("color", big, ctx(tmp_path)))
     # a 64x mosaic: 4x3 flat cells of one colour each
-    assert color.shape == (192, 256, 3) and len(np.unique(color.reshape(-1, 3), axis=0)) <= 12
+    assert color.shape == (192, 256, 3)
+    assert len(np.unique(color.reshape(-1, 3), axis=0)) <= 12
     assert (color[:64, :64] == color[0, 0]).all()
     block = np.zeros((96, 128, 3), np.uint8)
     block[30:60, 40:80] = 255
     xdog = np.asarray(P.run_preprocessor("scribble_xdog", Image.fromarray(block), ctx(tmp_path)))[:, :, 0]
     # white lines on black along the block's outline, nothing in the flat areas
     assert set(np.unique(xdog)) == {0, 255}
-    assert xdog[29, 60] == 255 and xdog[0, 0] == 0 and xdog[45, 60] == 0
+    assert xdog[29, 60] == 255
+    assert xdog[0, 0] == 0
+    assert xdog[45, 60] == 0
 
 
 # -- OpenPose ------------------------------------------------------------------------------------------------------
@@ -147,7 +176,11 @@ def test_openpose_glue_draws_detected_person(tmp_path: Path, monkeypatch: pytest
     _zero_openpose_weights(tmp_path)
     candidate = np.array([[x, y, 0.9, i] for i, (x, y) in enumerate(PERSON)], dtype=np.float64)
     subset = np.array([[*range(18), 16.0, 18.0]])
-    body_cls, hand_cls, face_cls = P._aux("open_pose.body").Body, P._aux("open_pose.hand").Hand, P._aux("open_pose.face").Face
+    body_cls, hand_cls, face_cls = (
+        P._aux("open_pose.body").Body,
+        P._aux("open_pose.hand").Hand,
+        P._aux("open_pose.face").Face,
+    )
     monkeypatch.setattr(body_cls, "__call__", lambda self, img: (candidate, subset))
     hand_crops: list[tuple[int, ...]] = []
     face_crops: list[tuple[int, ...]] = []
@@ -166,11 +199,13 @@ def test_openpose_glue_draws_detected_person(tmp_path: Path, monkeypatch: pytest
     monkeypatch.setattr(face_cls, "__call__", face_call)
     image = Image.new("RGB", (256, 256), (90, 90, 90))
     maps = {n: np.asarray(P.run_preprocessor(n, image, ctx(tmp_path))) for n in ("openpose", "openpose_hand")}
-    assert maps["openpose"].max() > 0 and len(hand_crops) == 2  # both wrists give a hand crop
+    assert maps["openpose"].max() > 0
+    assert len(hand_crops) == 2
     assert (maps["openpose_hand"] != maps["openpose"]).any()  # the hands were drawn on top
     full = np.asarray(P.run_preprocessor("openpose_full", image, ctx(tmp_path)))
     # the face crop went through the zero FaceNet, which finds no landmarks: nothing more drawn
-    assert np.array_equal(full, maps["openpose_hand"]) and len(face_crops) == 1
+    assert np.array_equal(full, maps["openpose_hand"])
+    assert len(face_crops) == 1
 
 
 def test_openpose_needs_only_the_files_of_its_parts(tmp_path: Path) -> None:
@@ -181,10 +216,14 @@ def test_openpose_needs_only_the_files_of_its_parts(tmp_path: Path) -> None:
 
 
 def test_submit_check(tmp_path: Path) -> None:
-    assert P.submit_check(None, tmp_path) is None and P.submit_check("none", tmp_path) is None
+    assert P.submit_check(None, tmp_path) is None
+    assert P.submit_check("none", tmp_path) is None
     assert P.submit_check("canny", tmp_path) is None
     msg = P.submit_check("openpose_hand", tmp_path)
-    assert msg is not None and P.BODY in msg and P.HAND in msg and str(tmp_path) in msg
+    assert msg is not None
+    assert P.BODY in msg
+    assert P.HAND in msg
+    assert str(tmp_path) in msg
     assert "not supported" in (P.submit_check("bogus", tmp_path) or "")
     # accepted at submit (the seed's enum), the task then fails with the reason
     assert P.submit_check("clip_vision", tmp_path) is None
@@ -242,7 +281,8 @@ def test_depth_leres_runs_from_a_published_layout_file(
     monkeypatch.setattr(P, "A1111_RESOLUTION", 64)  # the same path, a smaller network input
     write_published(P._leres_net, tmp_path / "res101.pth", lambda flat: {"depth_model": module_prefixed(flat)})
     out = np.asarray(P.run_preprocessor("depth_leres", picture, ctx(tmp_path)))
-    assert out.shape == (96, 128, 3) and (out == 255).all()  # a flat prediction: no depth range, inverted zeros
+    assert out.shape == (96, 128, 3)
+    assert (out == 255).all()
 
 
 def test_depth_leres_maps_near_to_white(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -251,7 +291,8 @@ def test_depth_leres_maps_near_to_white(tmp_path: Path, monkeypatch: pytest.Monk
     (tmp_path / "res101.pth").write_bytes(b"")  # present; the patched loader never reads it
     image = Image.new("RGB", (128, 64), (80, 80, 80))
     out = np.asarray(P.run_preprocessor("depth_leres", image, ctx(tmp_path)))[:, :, 0].astype(int)
-    assert out[:, 0].min() >= 250 and out[:, -1].max() <= 5  # near (small depth) white, far black
+    assert out[:, 0].min() >= 250
+    assert out[:, -1].max() <= 5
     assert (np.diff(out[32]) <= 0).all()
     assert net.inputs[0].shape == (1, 3, 512, 1024)  # A1111's resolution: the short side at 512
 
@@ -267,7 +308,8 @@ def test_depth_leres_boost_runs_from_published_layout_files(
     write_published(P._leres_net, tmp_path / "res101.pth", lambda flat: {"depth_model": module_prefixed(flat)})
     write_published(P._merge_net, tmp_path / "latest_net_G.pth", lambda flat: flat)
     out = np.asarray(P.run_preprocessor("depth_leres++", picture, ctx(tmp_path)))
-    assert out.shape == (96, 128, 3) and out.dtype == np.uint8
+    assert out.shape == (96, 128, 3)
+    assert out.dtype == np.uint8
     assert {key[0] for key in P._nets} >= {"leres", "leres_merge"}
 
 
@@ -281,10 +323,13 @@ def test_depth_leres_boost_merges_through_the_merge_network(tmp_path: Path, monk
         (tmp_path / name).write_bytes(b"")
     image = Image.new("RGB", (128, 64), (80, 80, 80))
     out = np.asarray(P.run_preprocessor("depth_leres++", image, ctx(tmp_path)))[:, :, 0].astype(int)
-    assert len(merge.inputs) == 1 and merge.inputs[0].shape == (1, 2, 1024, 1024)  # boosting's merge size
+    assert len(merge.inputs) == 1
+    assert merge.inputs[0].shape == (1, 2, 1024, 1024)
     # LeReS at its receptive field, then at the resolution boosting picks (a flat image: the largest, 49 x 32)
     assert [tuple(x.shape[2:]) for x in depth.inputs] == [(448, 448), (1568, 1568)]
-    assert out[:, 0].min() >= 250 and out[:, -1].max() <= 5 and (np.diff(out[32]) <= 0).all()
+    assert out[:, 0].min() >= 250
+    assert out[:, -1].max() <= 5
+    assert (np.diff(out[32]) <= 0).all()
 
 
 # A zero network predicts a flat depth, which controlnet_aux's min-max normalisation turns into 0 / 0.
@@ -300,7 +345,8 @@ def test_midas_depth_and_normal_map_run_from_the_published_file(
         assert out.shape == (96, 128, 3) and out.dtype == np.uint8, name
     normal = np.asarray(P.run_preprocessor("normal_map", picture, ctx(tmp_path)))
     # a flat (zero) depth faces the camera everywhere: z up, as the blue-first normal map shows it (R = z)
-    assert normal.shape == (96, 128, 3) and (normal == (255, 127, 127)).all()
+    assert normal.shape == (96, 128, 3)
+    assert (normal == (255, 127, 127)).all()
 
 
 def test_midas_maps_near_to_white(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -309,9 +355,13 @@ def test_midas_maps_near_to_white(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     (tmp_path / P.MIDAS[0]).write_bytes(b"")
     out = np.asarray(P.run_preprocessor("depth", Image.new("RGB", (128, 64), (80, 80, 80)), ctx(tmp_path)))
     gray = out[:, :, 0].astype(int)
-    assert gray[:, 0].max() <= 5 and gray[:, -1].min() >= 250 and (np.diff(gray[32]) >= 0).all()
+    assert gray[:, 0].max() <= 5
+    assert gray[:, -1].min() >= 250
+    assert (np.diff(gray[32]) >= 0).all()
     x = net.inputs[0]
-    assert x.shape == (1, 3, 512, 1024) and float(x.min()) >= -1 and float(x.max()) <= 1  # /127.5 - 1
+    assert x.shape == (1, 3, 512, 1024)
+    assert float(x.min()) >= -1
+    assert float(x.max()) <= 1
     assert float(x[0, 0, 0, 0]) == pytest.approx(80 / 127.5 - 1, abs=0.01)
 
 
@@ -323,7 +373,8 @@ def test_normal_map_leaves_the_background_flat(tmp_path: Path, monkeypatch: pyte
     out = np.asarray(P.run_preprocessor("normal_map", Image.new("RGB", (100, 64), (80, 80, 80)), ctx(tmp_path)))
     row = out[32].astype(int)
     assert (row[5:35] == (255, 127, 127)).all()  # background: flat
-    assert (row[45:95, 2] >= 245).all() and (abs(row[45:95, 1] - 127) <= 1).all()  # sloped along x only
+    assert (row[45:95, 2] >= 245).all()
+    assert (abs(row[45:95, 1] - 127) <= 1).all()
 
 
 @pytest.mark.slow
@@ -339,7 +390,8 @@ def test_zoe_runs_from_the_published_file(picture: Image.Image, tmp_path: Path) 
 
     write_published(P._zoe_net, tmp_path / P.ZOE[0], layout)
     out = np.asarray(P.run_preprocessor("depth_zoe", picture, ctx(tmp_path)))
-    assert out.shape == (96, 128, 3) and out.dtype == np.uint8
+    assert out.shape == (96, 128, 3)
+    assert out.dtype == np.uint8
 
 
 def test_zoe_maps_near_to_white(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -349,9 +401,12 @@ def test_zoe_maps_near_to_white(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
     out = np.asarray(P.run_preprocessor("depth_zoe", Image.new("RGB", (128, 64), (80, 80, 80)), ctx(tmp_path)))
     gray = out[:, :, 0].astype(int)
     # normalised between the 2nd and 85th percentiles: the nearest columns white, the farthest 15% black
-    assert gray[:, 0].min() >= 250 and (gray[:, -15:] == 0).all() and (np.diff(gray[32]) <= 0).all()
+    assert gray[:, 0].min() >= 250
+    assert (gray[:, -15:] == 0).all()
+    assert (np.diff(gray[32]) <= 0).all()
     x = net.inputs[0]
-    assert x.shape == (1, 3, 512, 1024) and float(x[0, 0, 0, 0]) == pytest.approx(80 / 255, abs=0.01)
+    assert x.shape == (1, 3, 512, 1024)
+    assert float(x[0, 0, 0, 0]) == pytest.approx(80 / 255, abs=0.01)
 
 
 def test_depth_files_are_named_when_missing(picture: Image.Image, tmp_path: Path) -> None:
@@ -374,7 +429,8 @@ def test_normal_bae_runs_from_a_published_layout_file(picture: Image.Image, tmp_
     torch.save({"model": {"module." + k: v for k, v in flat.items()}}, tmp_path / "scannet.pt")
     out = np.asarray(P.run_preprocessor("normal_bae", picture, ctx(tmp_path)))
     # a zero network predicts the zero vector, which the normal map shows as mid-grey
-    assert out.shape == (96, 128, 3) and (out == 127).all()
+    assert out.shape == (96, 128, 3)
+    assert (out == 127).all()
 
 
 def test_controlnet_aux_top_level_init_is_never_run(tmp_path: Path) -> None:

@@ -46,7 +46,8 @@ def test_exact_match_wins_over_case_insensitive(tmp_path: Path) -> None:
     _st(reg.models_dir / "lora" / "style.safetensors", ["lora_te_x.alpha"])
     for name in ("style", "Style"):
         entry = reg.resolve("lora", name)
-        assert entry is not None and entry.stem == name
+        assert entry is not None
+        assert entry.stem == name
 
 
 def test_sd_name_in_api_and_ids(tmp_path: Path) -> None:
@@ -58,7 +59,8 @@ def test_sd_name_in_api_and_ids(tmp_path: Path) -> None:
     assert ckpt.sd_name_in_api == "a.safetensors"
     assert lora.sd_name_in_api == "b"
     assert ti.sd_name_in_api == "c.pt"
-    assert ckpt.id != lora.id and ckpt.id > 0
+    assert ckpt.id != lora.id
+    assert ckpt.id > 0
     assert ModelRegistry(reg.models_dir).list("checkpoint")[0].id == ckpt.id  # stable across instances
     assert ckpt.size == (reg.models_dir / "checkpoint" / "a.safetensors").stat().st_size
 
@@ -84,8 +86,10 @@ def test_sdxl_detection_from_keys(tmp_path: Path) -> None:
 def test_sdxl_detection_for_folders_and_sidecars(tmp_path: Path, tiny_models_dir: Path) -> None:
     reg = ModelRegistry(tiny_models_dir)
     by_name = {e.sd_name: e for e in reg.list("checkpoint")}
-    assert by_name["tiny-sdxl.safetensors"].is_sdxl and by_name["tiny-sdxl.safetensors"].base_model == SDXL
-    assert not by_name["tiny-sd15.safetensors"].is_sdxl and by_name["tiny-sd15.safetensors"].base_model == SD15
+    assert by_name["tiny-sdxl.safetensors"].is_sdxl
+    assert by_name["tiny-sdxl.safetensors"].base_model == SDXL
+    assert not by_name["tiny-sd15.safetensors"].is_sdxl
+    assert by_name["tiny-sd15.safetensors"].base_model == SD15
     assert not by_name["tiny-sd15-diffusers"].is_sdxl
     cn = tmp_path / "controlnet" / "cn-xl"
     cn.mkdir(parents=True)
@@ -118,7 +122,8 @@ def test_rescan_when_files_are_added_or_removed(tmp_path: Path) -> None:
     assert [e.sd_name for e in reg.list("lora")] == ["new.safetensors"]
     assert reg.resolve("lora", "new") is not None
     (folder / "new.safetensors").unlink()
-    assert reg.list("lora") == [] and reg.resolve("lora", "new") is None
+    assert reg.list("lora") == []
+    assert reg.resolve("lora", "new") is None
     assert reg.list("no-such-kind") == []
 
 
@@ -127,7 +132,8 @@ def test_hash_sha256_is_cached_by_mtime_and_size(tmp_path: Path) -> None:
     path = _st(reg.models_dir / "checkpoint" / "a.safetensors", ["model.diffusion_model.x"])
     entry = reg.list("checkpoint")[0]
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
-    assert reg.hash_sha256(entry) == digest and short_hash(digest) == digest[:10]
+    assert reg.hash_sha256(entry) == digest
+    assert short_hash(digest) == digest[:10]
     # Same size and mtime: the cache answers without reading the file (which now has other bytes).
     stat = path.stat()
     data = bytearray(path.read_bytes())
@@ -145,7 +151,8 @@ def test_hash_cache_persists_and_survives_damage(tmp_path: Path) -> None:
     path = tmp_path / "f.bin"
     path.write_bytes(b"hello")
     first = FileHashCache(store).sha256(path)
-    assert first == hashlib.sha256(b"hello").hexdigest() and store.exists()
+    assert first == hashlib.sha256(b"hello").hexdigest()
+    assert store.exists()
     stat = path.stat()
     path.write_bytes(b"HELLO")  # same size; restore the mtime so only a persisted entry explains the old answer
     os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
@@ -161,7 +168,8 @@ def test_folder_hash_covers_its_files(tmp_path: Path) -> None:
     (folder / "unet" / "w.bin").write_bytes(b"1")
     cache = FileHashCache()
     before = cache.sha256(folder)
-    assert cache.sha256(folder) == before and len(before) == 64
+    assert cache.sha256(folder) == before
+    assert len(before) == 64
     (folder / "unet" / "w2.bin").write_bytes(b"2")
     assert cache.sha256(folder) != before
 

@@ -74,7 +74,8 @@ def test_sigma_to_t_matches_kdiffusion_interpolation() -> None:
     ours = torch.tensor([SCHEDULE.sigma_to_t(float(s)) for s in sigmas], dtype=torch.float64)
     # k-diffusion takes the interpolation denominator in float32; agreement to ~1e-7 timesteps.
     assert torch.allclose(ours, ref, rtol=0, atol=1e-5)
-    assert ours[0] == 0.0 and ours[-1] == 999.0
+    assert ours[0] == 0.0
+    assert ours[-1] == 999.0
     for t in (0.0, 1.5, 410.25, 998.75, 999.0):
         assert SCHEDULE.sigma_to_t(SCHEDULE.t_to_sigma(t)) == pytest.approx(t, abs=1e-6)
 
@@ -114,16 +115,19 @@ def test_img2img_examples_from_the_spec() -> None:
     assert torch.equal(img2img_sigmas("Euler", SCHEDULE, 20, 0.5), full[9:])
     assert torch.equal(img2img_sigmas("Euler", SCHEDULE, 20, 1.0), full)
     assert len(img2img_sigmas("Euler", SCHEDULE, 20, 0.75)) - 1 == 16
-    assert img2img_t_enc(20, 0.04) == 0 and len(img2img_sigmas("Euler", SCHEDULE, 20, 0.04)) == 2
+    assert img2img_t_enc(20, 0.04) == 0
+    assert len(img2img_sigmas("Euler", SCHEDULE, 20, 0.04)) == 2
 
 
 def test_uniform_timesteps_and_img2img_timesteps() -> None:
     assert uniform_timesteps(20) == list(range(1, 1000, 50))
     assert uniform_timesteps(3) == [1, 334, 667, 999]  # 999 = clip(1000)
     ts, t_noise = img2img_timesteps("DDIM", 20, 0.75)
-    assert ts == list(range(1, 751, 50)) and t_noise == 751
+    assert ts == list(range(1, 751, 50))
+    assert t_noise == 751
     ts, t_noise = img2img_timesteps("PLMS", 20, 1.0)
-    assert len(ts) == 19 and t_noise == 951
+    assert len(ts) == 19
+    assert t_noise == 951
     assert len(uniform_timesteps(1000)) == 1000
     with pytest.raises(ValueError, match="between 1 and 1000"):
         img2img_timesteps("DDIM", 1001, 0.5)
@@ -167,7 +171,9 @@ def test_model_evaluations_per_name(name: str) -> None:
     sample_img2img(name, counting, SCHEDULE, init_latent(batch=1), steps, strength, NoiseSource([7]))
     expected = img2img_model_evals(name, SCHEDULE, steps, strength)
     if name == "DPM adaptive":
-        assert expected is None and counting.calls > 0 and counting.calls % 3 == 0
+        assert expected is None
+        assert counting.calls > 0
+        assert counting.calls % 3 == 0
     elif name in SPEC_NFE:
         assert counting.calls == expected == SPEC_NFE[name](16)
     else:
@@ -188,7 +194,8 @@ def test_expected_model_evals_for_txt2img_counts_of_the_spec() -> None:
 
 
 def test_sampler_names_are_the_twenty_in_spec_order() -> None:
-    assert len(SAMPLER_NAMES) == 20 and len(set(SAMPLER_NAMES)) == 20
+    assert len(SAMPLER_NAMES) == 20
+    assert len(set(SAMPLER_NAMES)) == 20
     assert SAMPLER_NAMES[:3] == ("Euler a", "Euler", "LMS")
     assert SAMPLER_NAMES[-3:] == ("DDIM", "PLMS", "UniPC")
 
@@ -234,7 +241,8 @@ def test_noise_source_draws_per_image_float32_on_cpu() -> None:
     x = torch.zeros(2, 4, 3, 3, dtype=torch.float64)
     a = NoiseSource([5, 6]).randn_like(x)
     b = torch.stack([torch.randn((4, 3, 3), generator=torch.Generator().manual_seed(s)) for s in (5, 6)])
-    assert a.dtype == torch.float64 and torch.equal(a, b.double())
+    assert a.dtype == torch.float64
+    assert torch.equal(a, b.double())
     with pytest.raises(ValueError):
         NoiseSource([5]).randn_like(x)
     with pytest.raises(ValueError):
@@ -350,7 +358,8 @@ def test_tiny_strength_returns_the_noised_latent_without_model_calls(name: str) 
         expected = init + first * float(img2img_sigmas(name, SCHEDULE, steps, strength)[0])
     elif name == "UniPC":
         # t_enc = 1: one UniPC step from the noised latent, one evaluation.
-        assert counting.calls == 1 and img2img_model_evals(name, SCHEDULE, steps, strength) == 1
+        assert counting.calls == 1
+        assert img2img_model_evals(name, SCHEDULE, steps, strength) == 1
         return
     else:
         _, t_noise = img2img_timesteps(name, steps, strength)

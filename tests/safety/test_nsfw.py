@@ -108,7 +108,8 @@ def test_real_model_on_synthetic_images(detector: NsfwDetector) -> None:
         results = detector.detect(images, level)
         assert len(results) == len(images)
         for r in results:
-            assert isinstance(r, NsfwResult) and r.valid
+            assert isinstance(r, NsfwResult)
+            assert r.valid
             assert 0.0 <= r.confidence < 20.0  # nothing body-like; nudenet reports nothing under 0.2
     raw = detector.raw_detections(_noise(256, 3))
     assert isinstance(raw, list)
@@ -144,7 +145,8 @@ def test_real_model_matches_nudenet_reference(detector: NsfwDetector) -> None:
     image = _crude_nude_torso(blur=2)
     bgr = np.ascontiguousarray(np.asarray(image)[:, :, ::-1])
     ours, theirs = detector.raw_detections(image), NudeDetector().detect(bgr)
-    assert ours and [(d["class"], d["box"]) for d in ours] == [(d["class"], d["box"]) for d in theirs]
+    assert ours
+    assert [(d["class"], d["box"]) for d in ours] == [(d["class"], d["box"]) for d in theirs]
     assert [d["score"] for d in ours] == pytest.approx([d["score"] for d in theirs], abs=1e-4)
 
 

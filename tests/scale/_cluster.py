@@ -52,7 +52,7 @@ class WebhookReceiver:
         lock = threading.Lock()
 
         class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802 - http.server's naming
+            def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers.get("content-length") or 0))
                 with lock:
                     received.append(json.loads(body))
@@ -206,8 +206,15 @@ class ApiNode(_Process):
         self.stop()
         raise RuntimeError(f"{self.name} did not become healthy:\n{self.log_tail()}")
 
-    def submit(self, model: str = "tiny-sd15.safetensors", steps: int = 2, seed: int = 1, size: int = 128,
-               image_num: int = 1, webhook: str | None = None) -> str:
+    def submit(
+        self,
+        model: str = "tiny-sd15.safetensors",
+        steps: int = 2,
+        seed: int = 1,
+        size: int = 128,
+        image_num: int = 1,
+        webhook: str | None = None,
+    ) -> str:
         extra: dict[str, Any] = {"response_image_type": "png"}
         if webhook is not None:
             extra["webhook"] = {"url": webhook}

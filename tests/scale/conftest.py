@@ -91,7 +91,7 @@ def s3_endpoint() -> Iterator[str]:
         server.stop()
 
 
-@pytest.fixture()
+@pytest.fixture
 def s3_bucket(s3_endpoint: str) -> str:
     import boto3
 

@@ -153,7 +153,8 @@ def test_forty_tasks_across_two_api_nodes_run_exactly_once(running: Running) -> 
     assert sorted(running.receiver.task_ids()) == sorted(image_nums)  # one webhook per task
     with running.store.engine.connect() as conn:
         rows = conn.execute(text("SELECT task_id, status FROM webhook_deliveries")).all()
-    assert sorted(r[0] for r in rows) == sorted(image_nums) and {r[1] for r in rows} == {"delivered"}
+    assert sorted(r[0] for r in rows) == sorted(image_nums)
+    assert {r[1] for r in rows} == {"delivered"}
     for task_id in image_nums:  # every result is readable, identically, from the other node
         other = running.apis[1].result(task_id)
         assert other["task"] == bodies[task_id]["task"]
@@ -165,7 +166,8 @@ def test_forty_tasks_across_two_api_nodes_run_exactly_once(running: Running) -> 
     assert httpx.get(url, timeout=30).content[:8] == b"\x89PNG\r\n\x1a\n"
     _assert_log_lines_carry_task_ids(running, set(image_nums))
     metrics = httpx.get(running.apis[1].url + "/metrics", timeout=30).text
-    assert 'underpaint_tasks{status="TASK_STATUS_SUCCEED"}' in metrics and "underpaint_queue_depth" in metrics
+    assert 'underpaint_tasks{status="TASK_STATUS_SUCCEED"}' in metrics
+    assert "underpaint_queue_depth" in metrics
     health = httpx.get(running.apis[1].url + "/health", timeout=30).json()
     assert health["checks"] == {"store": "ok", "broker": "ok"}
 
@@ -188,8 +190,10 @@ def test_sigkill_worker_mid_task_completes_on_the_other(running: Running) -> Non
     assert body["task"]["status"] == "TASK_STATUS_SUCCEED", body["task"]
     done = running.record(task_id)
     assert done.attempts == 2
-    assert done.worker_id is not None and int(done.worker_id.split(":")[1]) == running.workers[0].pid
-    assert sorted(running.objects(task_id)) == sorted(i.key for i in done.images) and len(done.images) == 1
+    assert done.worker_id is not None
+    assert int(done.worker_id.split(":")[1]) == running.workers[0].pid
+    assert sorted(running.objects(task_id)) == sorted(i.key for i in done.images)
+    assert len(done.images) == 1
     running.start_worker("w2")  # back to two workers for the next tests
     running.wait_workers_alive(2)
 
@@ -200,7 +204,8 @@ def test_stop_and_restart_everything_with_tasks_queued_loses_nothing(running: Ru
     ids += [running.apis[i % 2].submit(steps=2, seed=200 + i) for i in range(4)]  # queued while no worker runs
     stop_together(running.apis)
     statuses = [running.record(t).status for t in ids]
-    assert statuses.count(TaskStatus.QUEUED) >= 4 and TaskStatus.PROCESSING not in statuses
+    assert statuses.count(TaskStatus.QUEUED) >= 4
+    assert TaskStatus.PROCESSING not in statuses
     running.workers = []
     running.start_apis(2)
     running.start_worker("w3")
@@ -219,7 +224,9 @@ def test_sdxl_task_is_never_taken_by_an_sd15_only_worker(running: Running) -> No
     wait_all(running.apis[0], [sd15_task], timeout=300, procs=running.procs)
     time.sleep(3)
     rec = running.record(sdxl_task)
-    assert rec.status is TaskStatus.QUEUED and rec.attempts == 0 and rec.lane == "sdxl"
+    assert rec.status is TaskStatus.QUEUED
+    assert rec.attempts == 0
+    assert rec.lane == "sdxl"
     assert running.record(sd15_task).worker_id.split(":")[1] == str(sd15_worker.pid)  # type: ignore[union-attr]
     depth = httpx.get(running.apis[0].url + "/metrics", timeout=30).text
     assert 'underpaint_queue_depth{queue="sdxl"} 1.0' in depth

@@ -25,11 +25,11 @@ from underpaint.engine.registry import ModelEntry, ModelRegistry
 from underpaint.scale.broker import BrokerProbe
 from underpaint.scale.celery_app import TASK_NAME, celery_config, create_celery_app
 from underpaint.scale.celery_queue import CeleryQueue
+from underpaint.scale.celery_worker import WorkerContext, register_task, worker_pool
 from underpaint.scale.heartbeat import Heartbeat, list_workers
 from underpaint.scale.json_logs import JsonFormatter, TaskIdFilter, task_context
 from underpaint.scale.metrics import ClusterCollector, InstrumentedRunner
 from underpaint.scale.routing import known_queues, parse_queues, task_lane
-from underpaint.scale.celery_worker import WorkerContext, register_task, worker_pool
 from underpaint.services import Services
 from underpaint.tasks.store import SqlTaskStore
 from underpaint.tasks.types import ImageRecord, NewTask, TaskRecord, TaskStatus
@@ -66,10 +66,13 @@ def test_parse_queues_rejects_bad_names() -> None:
 
 def test_celery_config_is_durable_and_rejects_unknown_brokers() -> None:
     conf = celery_config(Settings(broker_visibility_timeout=77))
-    assert conf["task_acks_late"] and conf["task_reject_on_worker_lost"]
+    assert conf["task_acks_late"]
+    assert conf["task_reject_on_worker_lost"]
     assert conf["worker_prefetch_multiplier"] == 1
     assert conf["broker_transport_options"]["visibility_timeout"] == 77
-    assert conf["task_serializer"] == "json" and conf["accept_content"] == ["json"] and conf["broker_heartbeat"] == 0
+    assert conf["task_serializer"] == "json"
+    assert conf["accept_content"] == ["json"]
+    assert conf["broker_heartbeat"] == 0
     with pytest.raises(ValueError, match="unsupported broker URL"):
         celery_config(Settings(broker_url="kafka://x"))
 
@@ -100,7 +103,9 @@ def test_json_logs_carry_the_task_id() -> None:
         logger.removeHandler(handler)
     lines = [json.loads(line) for line in stream.getvalue().splitlines()]
     assert [x["task_id"] for x in lines] == [None, "t-123", "t-123", "t-456"]
-    assert lines[1]["message"] == "inside x" and lines[1]["attempt"] == 2 and lines[1]["level"] == "INFO"
+    assert lines[1]["message"] == "inside x"
+    assert lines[1]["attempt"] == 2
+    assert lines[1]["level"] == "INFO"
 
 
 # --- shared fixtures --------------------------------------------------------------------------------------------
@@ -145,7 +150,7 @@ class FakeRunner:
         return [ImageRecord(key=key, image_type="png", backend="s3")]
 
 
-@pytest.fixture()
+@pytest.fixture
 def store(pg_url: str) -> Iterator[SqlTaskStore]:
     s = SqlTaskStore(pg_url, lease_seconds=2, max_attempts=2)
     with s.engine.begin() as conn:
@@ -211,7 +216,8 @@ def test_celery_queue_on_rabbitmq(amqp_url: str, tmp_path: Path, store: SqlTaskS
         assert probe.health()["broker"] == "ok"
         with queue.app.connection_for_write() as conn:
             msg = conn.SimpleQueue(f"enterprise.{lane}").get(timeout=5)
-            assert msg.headers["task"] == TASK_NAME and msg.payload[0] == ["t1"]
+            assert msg.headers["task"] == TASK_NAME
+            assert msg.payload[0] == ["t1"]
             msg.ack()
     finally:
         with queue.app.connection_for_write() as conn:
@@ -260,7 +266,9 @@ def _wait_status(store: SqlTaskStore, task_id: str, status: TaskStatus, timeout:
     raise AssertionError(f"task {task_id} not {status}: {store.get(task_id)}")
 
 
-def test_worker_only_takes_its_queues_and_runs_each_task_once(store: SqlTaskStore, redis_url: str, tmp_path: Path) -> None:
+def test_worker_only_takes_its_queues_and_runs_each_task_once(
+    store: SqlTaskStore, redis_url: str, tmp_path: Path
+) -> None:
     _flush(redis_url)
     services = _services(store, redis_url, tmp_path)
     runner = FakeRunner(services.storage)  # type: ignore[arg-type]
@@ -279,7 +287,9 @@ def test_worker_only_takes_its_queues_and_runs_each_task_once(store: SqlTaskStor
             time.sleep(0.1)
         time.sleep(0.5)
     assert runner.runs == [sd15]  # the duplicate message did nothing; the SDXL task was never taken
-    assert terminal == [sd15] and done.attempts == 1 and len(done.images) == 1
+    assert terminal == [sd15]
+    assert done.attempts == 1
+    assert len(done.images) == 1
     assert store.get(sdxl).status is TaskStatus.QUEUED  # type: ignore[union-attr]
     assert BrokerProbe(services).queue_depths() == {"sd15": 0, "sdxl": 1}
     _flush(redis_url)
@@ -302,7 +312,8 @@ def test_dead_worker_task_is_swept_and_rerun_then_fails_after_max_attempts(
     assert BrokerProbe(services).queue_depths()["sd15"] == 1
     with _CeleryThread(app, ["sd15"]):
         rec = _wait_status(store, task_id, TaskStatus.SUCCEED)
-    assert rec.attempts == 2 and runner.runs == [task_id]
+    assert rec.attempts == 2
+    assert runner.runs == [task_id]
     assert list(services.storage.objects) == [f"{task_id}/2.png"]  # type: ignore[attr-defined]
 
     # A task that keeps killing its workers: after max_attempts (2) it ends FAILED with a reason.
@@ -312,7 +323,9 @@ def test_dead_worker_task_is_swept_and_rerun_then_fails_after_max_attempts(
         time.sleep(2.2)
         ctx.sweep()
     rec2 = store.get(killer)
-    assert rec2 is not None and rec2.status is TaskStatus.FAILED and "2 attempts" in rec2.reason
+    assert rec2 is not None
+    assert rec2.status is TaskStatus.FAILED
+    assert "2 attempts" in rec2.reason
     _flush(redis_url)
 
 
@@ -327,7 +340,9 @@ def test_heartbeat_rows_and_cluster_metrics(store: SqlTaskStore, redis_url: str,
     try:
         time.sleep(0.5)
         (info,) = [w for w in list_workers(store.engine) if w.worker_id == hb.worker_id]
-        assert info.queues == ("sd15",) and info.tasks_done == 3 and time.time() - info.last_seen < 1.0
+        assert info.queues == ("sd15",)
+        assert info.tasks_done == 3
+        assert time.time() - info.last_seen < 1.0
         for lane in ("sd15", "sd15", "sdxl"):
             services.queue.enqueue(_new(store, lane), lane)
         store.claim(None, "w:1:x")
@@ -375,7 +390,8 @@ def test_worker_on_rabbitmq_runs_a_task_once(store: SqlTaskStore, amqp_url: str,
             probe = BrokerProbe(services)
             while time.monotonic() < deadline and probe.queue_depths().get(lane, 0):
                 time.sleep(0.1)
-        assert runner.runs == [task_id] and rec.attempts == 1
+        assert runner.runs == [task_id]
+        assert rec.attempts == 1
     finally:
         with queue.app.connection_for_write() as conn:
             conn.default_channel.queue_delete(lane)

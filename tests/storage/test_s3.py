@@ -66,14 +66,17 @@ def test_default_store_put_get_url_delete(endpoint: str, admin: Any) -> None:
     storage.put("task-1/0.png", data, "image/png")
     # The operator's prefix is applied under the hood; the key the store records stays prefix-free.
     stored = admin.get_object(Bucket="default-store", Key="outputs/task-1/0.png")
-    assert stored["Body"].read() == data and stored["ContentType"] == "image/png"
+    assert stored["Body"].read() == data
+    assert stored["ContentType"] == "image/png"
     assert storage.get("task-1/0.png") == data
 
     url = storage.url("task-1/0.png", ttl=3600, base_url="http://ignored.example")
     assert url.startswith(endpoint + "/default-store/outputs/task-1/0.png?")
-    assert "X-Amz-Expires=3600" in url and "X-Amz-Signature=" in url
+    assert "X-Amz-Expires=3600" in url
+    assert "X-Amz-Signature=" in url
     body, content_type = _download(url)
-    assert body == data and content_type == "image/png"
+    assert body == data
+    assert content_type == "image/png"
     assert Image.open(io.BytesIO(body)).size == (16, 8)
 
     storage.delete("task-1/0.png")
@@ -91,7 +94,8 @@ def test_missing_bucket_names_the_bucket(endpoint: str) -> None:
     with pytest.raises(StorageError) as info:
         storage.put("x.png", b"123", "image/png")
     message = str(info.value)
-    assert "'no-such-bucket-here'" in message and "does not exist" in message
+    assert "'no-such-bucket-here'" in message
+    assert "does not exist" in message
 
 
 def test_rejected_credentials_are_reported(endpoint: str, admin: Any, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -125,7 +129,8 @@ def test_custom_bucket_keys_and_presigned_url(endpoint: str, admin: Any, direct:
     validate_custom_storage(extra["custom_storage"])
     settings = Settings(s3_endpoint_url=endpoint)
     target = custom_target_from_extra(extra, settings)
-    assert target is not None and target.endpoint_url == endpoint
+    assert target is not None
+    assert target.endpoint_url == endpoint
     key = object_key(target, "task-9", "task-9_0.png")
     assert key == expected
     assert object_key(target, "task-9", "task-9_0.png", direct) == expected
@@ -143,7 +148,8 @@ def test_custom_bucket_keys_and_presigned_url(endpoint: str, admin: Any, direct:
 
 def test_custom_bucket_default_is_extra_directory_and_root_path(endpoint: str) -> None:
     target = custom_target({"region": "eu-west-1", "bucket": "b-1", "path": "/"})
-    assert target.save_to_path_directly is False and target.path == ""
+    assert target.save_to_path_directly is False
+    assert target.path == ""
     assert object_key(target, "t1", "a.webp") == "t1/a.webp"
     assert object_key(target, "t1", "a.webp", save_to_path_directly=True) == "a.webp"
     assert target.endpoint_url is None  # no server endpoint: AWS
@@ -187,7 +193,8 @@ def test_custom_missing_bucket_fails_with_its_name(endpoint: str) -> None:
 def test_invalid_custom_storage_is_rejected_at_submit(aws_s3: dict[str, Any], fragment: str) -> None:
     with pytest.raises(ApiError) as info:
         validate_custom_storage({"aws_s3": aws_s3})
-    assert info.value.status == 400 and info.value.reason == "INVALID_CUSTOM_OUTPUT_PATH"
+    assert info.value.status == 400
+    assert info.value.reason == "INVALID_CUSTOM_OUTPUT_PATH"
     assert fragment in info.value.message
 
 

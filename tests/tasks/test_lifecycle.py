@@ -79,7 +79,9 @@ def test_recover_on_start_requeues_interrupted_tasks(store: SqlTaskStore) -> Non
     assert store.claim(tid, "killed-process") is not None  # lease still far from expiry
     assert recover_on_start(store) == [tid]
     task = store.get(tid)
-    assert task is not None and task.status is TaskStatus.QUEUED and task.attempts == 1
+    assert task is not None
+    assert task.status is TaskStatus.QUEUED
+    assert task.attempts == 1
     assert store.get(queued).status is TaskStatus.QUEUED  # type: ignore[union-attr]
     assert recover_on_start(store) == []
 
@@ -108,7 +110,8 @@ def test_recover_on_start_fails_tasks_that_used_their_attempts(store: SqlTaskSto
     assert store.claim(None, "killed-again") is not None  # max_attempts=2: the second run is killed too
     assert recover_on_start(store, on_terminal=terminal.append) == [tid]
     task = store.get(tid)
-    assert task is not None and task.status is TaskStatus.FAILED
+    assert task is not None
+    assert task.status is TaskStatus.FAILED
     assert task.reason.startswith("worker crashed repeatedly (2 attempts)")
     assert terminal == [task]
 
@@ -166,7 +169,9 @@ def test_killed_worker_process_task_runs_again_after_restart(db_url: str, tmp_pa
             assert time.monotonic() < deadline, "worker never started the task"
             time.sleep(0.05)
         running = store.get(tid)
-        assert running is not None and running.status is TaskStatus.PROCESSING and running.worker_id == "doomed"
+        assert running is not None
+        assert running.status is TaskStatus.PROCESSING
+        assert running.worker_id == "doomed"
         assert running.progress_percent == 10
     finally:
         proc.send_signal(signal.SIGKILL)
@@ -179,7 +184,9 @@ def test_killed_worker_process_task_runs_again_after_restart(db_url: str, tmp_pa
     runner = OkRunner()
     assert Worker(restarted, runner, Settings()).run_once()
     done = restarted.get(tid)
-    assert done is not None and done.status is TaskStatus.SUCCEED and done.attempts == 2
+    assert done is not None
+    assert done.status is TaskStatus.SUCCEED
+    assert done.attempts == 2
     assert done.images == [ImageRecord(key=f"{tid}/2_0.png", image_type="png")]
     assert runner.ran == [tid]
     restarted.close()
@@ -210,8 +217,10 @@ def test_retention_purges_old_tasks_and_their_own_images(db_url: str) -> None:
     sweeper = RetentionSweeper(store, storage, retention_seconds=1800, clock=lambda: now[0], batch=1)
     assert sweeper.run_once() == 2
     assert storage.deleted == ["a/local.png"]  # never the user's bucket, nor another backend's key
-    assert store.get(old_ok) is None and store.get(old_failed) is None
-    assert store.get(old_queued) is not None and store.get(recent) is not None
+    assert store.get(old_ok) is None
+    assert store.get(old_failed) is None
+    assert store.get(old_queued) is not None
+    assert store.get(recent) is not None
     assert sweeper.run_once() == 0
     store.close()
 
@@ -223,7 +232,8 @@ def test_delete_images_in_s3_storage() -> None:
         ImageRecord(key="k2", image_type="png", backend="custom"),
         ImageRecord(key="k3", image_type="png", backend="local"),
     ]
-    assert delete_images(storage, images) == 1 and storage.deleted == ["k1"]
+    assert delete_images(storage, images) == 1
+    assert storage.deleted == ["k1"]
 
 
 def test_retention_sweeper_thread(db_url: str) -> None:

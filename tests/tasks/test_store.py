@@ -86,7 +86,8 @@ IMAGES = [
 
 def test_create_get_roundtrip_and_owner_isolation(store: SqlTaskStore, clock: Clock) -> None:
     created = store.create(new_task("t1", seed=7, image_num=3, lane="ent", priority=5))
-    assert created.status is TaskStatus.QUEUED and created.created_at == clock.now
+    assert created.status is TaskStatus.QUEUED
+    assert created.created_at == clock.now
     got = store.get("t1", "owner-a")
     assert got == created
     assert got.extra == {"webhook": {"url": "https://example.com/hook"}}
@@ -105,20 +106,25 @@ def test_sqlite_point_read_equals_the_sqlalchemy_read(tmp_path: Path, clock: Clo
     store.claim("t1", "w1")
     store.update_progress("t1", "w1", 40, 3)
     fast_running = store.get("t1", "owner-a")
-    assert fast_running is not None and fast_running.progress_percent == 40  # sees the writer's commit at once
+    assert fast_running is not None
+    assert fast_running.progress_percent == 40
     store.complete("t1", "w1", IMAGES)
     fast = store.get("t1", "owner-a")
     store._fast = None  # the SQLAlchemy Core path (the one PostgreSQL uses)
     assert store.get("t1", "owner-a") == fast
-    assert fast is not None and fast.images == IMAGES and fast.enable_nsfw_detection is False
-    assert fast.seed == 2**40 and fast.status is TaskStatus.SUCCEED
+    assert fast is not None
+    assert fast.images == IMAGES
+    assert fast.enable_nsfw_detection is False
+    assert fast.seed == 2**40
+    assert fast.status is TaskStatus.SUCCEED
     store.close()
 
 
 def test_owner_of_hashes_keys() -> None:
     assert owner_of("key-1") == owner_of("key-1")
     assert owner_of("key-1") != owner_of("key-2")
-    assert "key-1" not in owner_of("key-1") and len(owner_of("key-1")) == 64
+    assert "key-1" not in owner_of("key-1")
+    assert len(owner_of("key-1")) == 64
 
 
 def test_duplicate_task_id_is_rejected(store: SqlTaskStore) -> None:
@@ -152,8 +158,11 @@ def test_claim_sets_lease_and_counts_attempts(store: SqlTaskStore, clock: Clock)
     store.create(new_task("t"))
     task = store.claim(None, "w1")
     assert task is not None
-    assert task.status is TaskStatus.PROCESSING and task.worker_id == "w1"
-    assert task.attempts == 1 and task.started_at == clock.now and task.lease_expires_at == clock.now + 60
+    assert task.status is TaskStatus.PROCESSING
+    assert task.worker_id == "w1"
+    assert task.attempts == 1
+    assert task.started_at == clock.now
+    assert task.lease_expires_at == clock.now + 60
     assert store.get("t") == task
     assert store.claim("t", "w2") is None  # live lease: a second delivery does nothing
 
@@ -192,14 +201,18 @@ def test_lease_expiry_requeues_then_fails_after_max_attempts(make_store: StoreFa
     clock.advance(2)
     assert store.requeue_expired() == ["t"]
     task = store.get("t")
-    assert task is not None and task.status is TaskStatus.QUEUED and task.worker_id is None and task.attempts == 1
+    assert task is not None
+    assert task.status is TaskStatus.QUEUED
+    assert task.worker_id is None
+    assert task.attempts == 1
     assert not store.complete("t", "w1", IMAGES)  # the crashed holder cannot finish any more
 
     assert store.claim(None, "w2").attempts == 2  # type: ignore[union-attr]
     clock.advance(11)
     assert store.requeue_expired() == ["t"]
     task = store.get("t")
-    assert task is not None and task.status is TaskStatus.FAILED
+    assert task is not None
+    assert task.status is TaskStatus.FAILED
     assert task.reason.startswith("worker crashed repeatedly (2 attempts)")
     assert task.finished_at == clock.now
     with pytest.raises(KeyError):
@@ -212,7 +225,9 @@ def test_named_claim_takes_over_an_expired_lease(store: SqlTaskStore, clock: Clo
     assert store.claim("t", "w1") is not None
     clock.advance(61)
     taken = store.claim("t", "w2")
-    assert taken is not None and taken.worker_id == "w2" and taken.attempts == 2
+    assert taken is not None
+    assert taken.worker_id == "w2"
+    assert taken.attempts == 2
     assert not store.update_progress("t", "w1", 50, 1)
     assert not store.complete("t", "w1", IMAGES[:1])
     assert store.get("t").images == []  # type: ignore[union-attr]
@@ -240,8 +255,12 @@ def test_complete_only_for_the_lease_holder(store: SqlTaskStore, clock: Clock) -
     clock.advance(5)
     assert store.complete("t", "w1", IMAGES)
     done = store.get("t", "owner-a")
-    assert done is not None and done.status is TaskStatus.SUCCEED and done.images == IMAGES
-    assert done.finished_at == clock.now and done.progress_percent == 100 and done.lease_expires_at is None
+    assert done is not None
+    assert done.status is TaskStatus.SUCCEED
+    assert done.images == IMAGES
+    assert done.finished_at == clock.now
+    assert done.progress_percent == 100
+    assert done.lease_expires_at is None
     assert not store.complete("t", "w1", IMAGES[:1])  # a second completion changes nothing
     assert not store.fail("t", None, "late")
     assert store.get("t") == done
@@ -251,7 +270,9 @@ def test_fail_paths_and_payload_removal(store: SqlTaskStore) -> None:
     store.create(new_task("queued"))
     assert store.fail("queued", None, "cancelled by the operator")
     failed = store.get("queued")
-    assert failed is not None and failed.status is TaskStatus.FAILED and failed.reason == "cancelled by the operator"
+    assert failed is not None
+    assert failed.status is TaskStatus.FAILED
+    assert failed.reason == "cancelled by the operator"
     with pytest.raises(KeyError):
         store.get_payload("queued")
 
@@ -276,7 +297,8 @@ def test_progress_updates_renew_the_lease(store: SqlTaskStore, clock: Clock) -> 
     clock.advance(50)
     assert store.update_progress("t", "w", 40, 12)
     task = store.get("t")
-    assert task is not None and (task.progress_percent, task.eta) == (40, 12)
+    assert task is not None
+    assert (task.progress_percent, task.eta) == (40, 12)
     assert task.lease_expires_at == clock.now + 60
     clock.advance(50)
     assert store.renew_lease("t", "w")
@@ -303,7 +325,8 @@ def test_purge_deletes_only_old_ended_tasks(store: SqlTaskStore, clock: Clock) -
     purged = store.purge(older_than=clock.now - 50)
     assert sorted(r.task_id for r in purged) == ["old-failed", "old-ok"]
     assert next(r for r in purged if r.task_id == "old-ok").images == IMAGES
-    assert store.get("old-ok") is None and store.get("old-failed") is None
+    assert store.get("old-ok") is None
+    assert store.get("old-failed") is None
     assert {t for t in ["old-queued", "old-running", "new-ok"] if store.get(t)} == {
         "old-queued",
         "old-running",
@@ -356,7 +379,8 @@ def test_migrations_are_idempotent_and_keep_data(make_store: StoreFactory, db_ur
     first.create(new_task("kept"))
     assert first.schema_version == len(MIGRATIONS)
     again = make_store()
-    assert again.schema_version == len(MIGRATIONS) and again.get("kept") is not None
+    assert again.schema_version == len(MIGRATIONS)
+    assert again.get("kept") is not None
 
     calls: list[int] = []
 
@@ -366,7 +390,8 @@ def test_migrations_are_idempotent_and_keep_data(make_store: StoreFactory, db_ur
 
     upgraded = make_store(migrations=[*MIGRATIONS, add_probe])
     make_store(migrations=[*MIGRATIONS, add_probe])
-    assert upgraded.schema_version == len(MIGRATIONS) + 1 and calls == [1]
+    assert upgraded.schema_version == len(MIGRATIONS) + 1
+    assert calls == [1]
     with pytest.raises(RuntimeError, match="newer"):
         SqlTaskStore(db_url)  # an older release must not run on a newer schema
 
@@ -388,7 +413,7 @@ def test_concurrent_first_start_migrates_once(db_url: str) -> None:
         barrier.wait()
         try:
             stores.append(SqlTaskStore(db_url, migrations=[*MIGRATIONS, count_calls]))
-        except BaseException as exc:  # noqa: BLE001 - reported below
+        except BaseException as exc:
             errors.append(exc)
 
     threads = [threading.Thread(target=start) for _ in range(3)]
@@ -397,7 +422,9 @@ def test_concurrent_first_start_migrates_once(db_url: str) -> None:
     for t in threads:
         t.join(60)
     try:
-        assert errors == [] and calls == [1] and len(stores) == 3
+        assert errors == []
+        assert calls == [1]
+        assert len(stores) == 3
     finally:
         for s in stores:
             s.close()

@@ -96,9 +96,12 @@ def test_worker_runs_task_records_images_and_progress(store: SqlTaskStore) -> No
     assert worker.run_once()
     assert not worker.run_once()
     mid = seen_mid_run[0]
-    assert mid is not None and mid.status is TaskStatus.PROCESSING and (mid.progress_percent, mid.eta) == (30, 9)
+    assert mid is not None
+    assert mid.status is TaskStatus.PROCESSING
+    assert (mid.progress_percent, mid.eta) == (30, 9)
     done = store.get(tid)
-    assert done is not None and done.status is TaskStatus.SUCCEED
+    assert done is not None
+    assert done.status is TaskStatus.SUCCEED
     assert done.images == [ImageRecord(key=f"{tid}/1_0.png", image_type="png")]
     assert terminal == [done]
 
@@ -121,7 +124,9 @@ def test_user_errors_fail_with_their_message(store: SqlTaskStore, exc: Exception
     terminal: list[TaskRecord] = []
     Worker(store, FnRunner(fn), SETTINGS, on_terminal=terminal.append).run_once()
     task = store.get(tid)
-    assert task is not None and task.status is TaskStatus.FAILED and task.reason == reason
+    assert task is not None
+    assert task.status is TaskStatus.FAILED
+    assert task.reason == reason
     assert [t.task_id for t in terminal] == [tid]
 
 
@@ -136,7 +141,8 @@ def test_unexpected_errors_fail_with_type_and_message_and_are_logged(
     with caplog.at_level(logging.ERROR, logger="underpaint.tasks"):
         Worker(store, FnRunner(fn), SETTINGS).run_once()
     task = store.get(tid)
-    assert task is not None and task.status is TaskStatus.FAILED
+    assert task is not None
+    assert task.status is TaskStatus.FAILED
     assert task.reason.startswith("internal error: RuntimeError: CUDA out of memory")
     assert any(r.exc_info and tid in r.getMessage() for r in caplog.records)
 
@@ -150,7 +156,9 @@ def test_cancelled_run_leaves_task_alone(store: SqlTaskStore) -> None:
     terminal: list[TaskRecord] = []
     Worker(store, FnRunner(fn), SETTINGS, worker_id="w", on_terminal=terminal.append).run_once()
     task = store.get(tid)
-    assert task is not None and task.status is TaskStatus.PROCESSING and task.worker_id == "w"
+    assert task is not None
+    assert task.status is TaskStatus.PROCESSING
+    assert task.worker_id == "w"
     assert terminal == []
 
 
@@ -180,9 +188,12 @@ def test_lost_lease_raises_on_next_report(store: SqlTaskStore) -> None:
 
     terminal: list[TaskRecord] = []
     Worker(store, FnRunner(fn), SETTINGS, worker_id="w", on_terminal=terminal.append).run_once()
-    assert after_report == [] and terminal == []
+    assert after_report == []
+    assert terminal == []
     task = store.get(tid)
-    assert task is not None and task.status is TaskStatus.PROCESSING and task.worker_id == "other"
+    assert task is not None
+    assert task.status is TaskStatus.PROCESSING
+    assert task.worker_id == "other"
 
 
 def test_loser_discards_its_images(store: SqlTaskStore) -> None:
@@ -191,7 +202,8 @@ def test_loser_discards_its_images(store: SqlTaskStore) -> None:
     def fn(task: TaskRecord, payload: dict[str, Any], report: ProgressReporter) -> list[ImageRecord]:
         store.requeue_expired(now=time.time() + 3600)
         winner = store.claim(tid, "winner")
-        assert winner is not None and store.complete(tid, "winner", images_for(winner))
+        assert winner is not None
+        assert store.complete(tid, "winner", images_for(winner))
         return images_for(task)  # finished too late, without reporting
 
     storage = FakeStorage()
@@ -214,7 +226,8 @@ def test_lease_is_renewed_while_runner_is_silent(tmp_path: Path) -> None:
         return images_for(task)
 
     Worker(store, FnRunner(fn), SETTINGS).run_once()
-    assert len(swept) == 8 and all(s == [] for s in swept)
+    assert len(swept) == 8
+    assert all(s == [] for s in swept)
     assert store.get(tid).status is TaskStatus.SUCCEED  # type: ignore[union-attr]
     store.close()
 
@@ -245,7 +258,9 @@ def test_process_task_runs_exactly_the_named_task_once(store: SqlTaskStore) -> N
     named = add(store)
     runner = FnRunner(lambda t, p, r: images_for(t))
     done = process_task(named, store, runner, worker_id="celery-1")
-    assert done is not None and done.task_id == named and done.status is TaskStatus.SUCCEED
+    assert done is not None
+    assert done.task_id == named
+    assert done.status is TaskStatus.SUCCEED
     assert process_task(named, store, runner) is None  # redelivery after completion
     assert process_task("unknown", store, runner) is None
     assert [c[0].task_id for c in runner.calls] == [named]
@@ -267,7 +282,9 @@ def test_missing_payload_fails_with_reason(store: SqlTaskStore) -> None:
     runner = FnRunner(lambda t, p, r: images_for(t))
     Worker(store, runner, SETTINGS).run_once()
     task = store.get(tid)
-    assert task is not None and task.status is TaskStatus.FAILED and "input is no longer available" in task.reason
+    assert task is not None
+    assert task.status is TaskStatus.FAILED
+    assert "input is no longer available" in task.reason
     assert runner.calls == []
 
 

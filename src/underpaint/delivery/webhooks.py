@@ -52,8 +52,8 @@ from sqlalchemy.sql.elements import ColumnElement
 from underpaint.api.serialize import task_result_body
 from underpaint.config import Settings
 from underpaint.delivery import ssrf
-from underpaint.delivery.signing import signature_headers
 from underpaint.delivery.sample_event import FAILED_REASON, sample_png
+from underpaint.delivery.signing import signature_headers
 from underpaint.storage.base import ImageStorage
 from underpaint.tasks.types import ImageRecord, TaskStatus, TaskStore
 
@@ -307,7 +307,8 @@ class WebhookDispatcher:
         self._stopping.set()
         self._wake.set()
         self._thread.join(timeout)
-        assert self._pool is not None and self._client is not None
+        assert self._pool is not None
+        assert self._client is not None
         self._pool.shutdown(wait=True, cancel_futures=True)
         self._client.close()
         self._thread = self._pool = self._client = None

@@ -93,7 +93,9 @@ class DiffusersExecutor:
         added_cond: dict[str, Any] = {}
         if job.ip_adapters:
             spec = job.ip_adapters[0]
-            added_cond = self.ip_adapters.activate(loaded, self._entry("ipadapter", spec.model), spec.image, spec.strength)
+            added_cond = self.ip_adapters.activate(
+                loaded, self._entry("ipadapter", spec.model), spec.image, spec.strength
+            )
         else:
             self.ip_adapters.activate(loaded, None, None, 0.0)
         seeds = list(pipeline.seeds_for(job.seed, job.image_num))
@@ -117,7 +119,9 @@ class DiffusersExecutor:
             components = pipeline.Components(
                 unet=loaded.unet,
                 vae=vae,
-                bundle=TextEncoderBundle(list(loaded.tokenizers), cast(list[Any], list(loaded.text_encoders)), loaded.is_sdxl),
+                bundle=TextEncoderBundle(
+                    list(loaded.tokenizers), cast(list[Any], list(loaded.text_encoders)), loaded.is_sdxl
+                ),
                 schedule=self._schedule(loaded),
                 prediction_type=loaded.prediction_type,
                 vae_scaling_factor=loaded.vae_scaling_factor,

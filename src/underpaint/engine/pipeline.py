@@ -161,7 +161,9 @@ def build_model_fn(
         prepared.append((len(parts), ehs, added))
     scale = inputs.guidance_scale
 
-    def run(x_in: torch.Tensor, t: torch.Tensor, n: int, ehs: torch.Tensor, added: dict[str, Any] | None) -> torch.Tensor:
+    def run(
+        x_in: torch.Tensor, t: torch.Tensor, n: int, ehs: torch.Tensor, added: dict[str, Any] | None
+    ) -> torch.Tensor:
         x_cat = torch.cat([x_in] * n).to(c.dtype)
         t_cat = torch.cat([t] * n).to(c.device)
         extra: dict[str, Any] = {}

@@ -224,14 +224,17 @@ def _detector(kind: str, files: tuple[str, ...], ctx: Context) -> Any:
     if kind == "lineart":
         m = _aux("lineart")
         return m.LineartDetector(
-            _net(kind, paths[0], ctx.device, lambda: m.Generator(3, 1, 3)), _net(kind + "_coarse", paths[1], ctx.device, lambda: m.Generator(3, 1, 3))
+            _net(kind, paths[0], ctx.device, lambda: m.Generator(3, 1, 3)),
+            _net(kind + "_coarse", paths[1], ctx.device, lambda: m.Generator(3, 1, 3)),
         )
     if kind == "lineart_anime":
         import functools
 
         m = _aux("lineart_anime")
         norm = functools.partial(torch.nn.InstanceNorm2d, affine=False, track_running_stats=False)
-        return m.LineartAnimeDetector(_net(kind, paths[0], ctx.device, lambda: m.UnetGenerator(3, 1, 8, 64, norm_layer=norm)))
+        return m.LineartAnimeDetector(
+            _net(kind, paths[0], ctx.device, lambda: m.UnetGenerator(3, 1, 8, 64, norm_layer=norm))
+        )
     raise AssertionError(kind)
 
 
@@ -275,7 +278,9 @@ def _openpose_models(ctx: Context, hand: bool, face: bool) -> tuple[Any, Any, An
     body = wrap(body_mod.Body, _net("openpose_body", d / BODY, ctx.device, model_mod.bodypose_model, strip_prefix=True))
     hand_est = None
     if hand:
-        hand_est = wrap(hand_mod.Hand, _net("openpose_hand", d / HAND, ctx.device, model_mod.handpose_model, strip_prefix=True))
+        hand_est = wrap(
+            hand_mod.Hand, _net("openpose_hand", d / HAND, ctx.device, model_mod.handpose_model, strip_prefix=True)
+        )
     face_est = None
     if face:
         face_mod = _aux("open_pose.face")
@@ -452,9 +457,13 @@ def _registry() -> dict[str, Preprocessor]:
         Preprocessor("pidinet_scribble", _network("pidinet", PIDI, scribble=True), PIDI),
         Preprocessor("scribble_pidsafe", _network("pidinet", PIDI, scribble=True, safe=True), PIDI),
         Preprocessor("mlsd", _network("mlsd", ("mlsd_large_512_fp32.pth",)), ("mlsd_large_512_fp32.pth",)),
-        Preprocessor("lineart", _network("lineart", ("sk_model.pth", "sk_model2.pth")), ("sk_model.pth", "sk_model2.pth")),
         Preprocessor(
-            "lineart_realistic", _network("lineart", ("sk_model.pth", "sk_model2.pth")), ("sk_model.pth", "sk_model2.pth")
+            "lineart", _network("lineart", ("sk_model.pth", "sk_model2.pth")), ("sk_model.pth", "sk_model2.pth")
+        ),
+        Preprocessor(
+            "lineart_realistic",
+            _network("lineart", ("sk_model.pth", "sk_model2.pth")),
+            ("sk_model.pth", "sk_model2.pth"),
         ),
         Preprocessor(
             "lineart_coarse",

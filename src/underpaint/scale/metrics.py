@@ -45,7 +45,9 @@ GENERATION_SECONDS = Histogram(
 TASKS_RUN = Counter(
     "underpaint_worker_tasks_run", "Generations run by this process", ["outcome"], registry=WORKER_REGISTRY
 )
-MODEL_LOADS = Counter("underpaint_model_loads", "Checkpoints loaded from disk by this process", registry=WORKER_REGISTRY)
+MODEL_LOADS = Counter(
+    "underpaint_model_loads", "Checkpoints loaded from disk by this process", registry=WORKER_REGISTRY
+)
 # Set for the embedded worker's child process: prometheus_client then keeps its values in files there.
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -188,7 +190,9 @@ class ClusterCollector(Collector):
             g.add_metric([q], n)
         yield g
         busy = GaugeMetricFamily("underpaint_worker_busy", "Tasks running on each live worker", labels=["worker"])
-        loads = CounterMetricFamily("underpaint_worker_model_loads", "Checkpoint loads per live worker", labels=["worker"])
+        loads = CounterMetricFamily(
+            "underpaint_worker_model_loads", "Checkpoint loads per live worker", labels=["worker"]
+        )
         for w in alive:
             busy.add_metric([w.worker_id], w.busy)
             loads.add_metric([w.worker_id], w.model_loads)

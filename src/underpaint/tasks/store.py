@@ -303,7 +303,7 @@ class _SqliteReader:
 class _Conn:
     """A weak-referenceable holder (``sqlite3.Connection`` is not) so closed threads' connections drop out."""
 
-    __slots__ = ("conn", "__weakref__")
+    __slots__ = ("__weakref__", "conn")
 
     def __init__(self, conn: sqlite3.Connection) -> None:
         self.conn = conn

@@ -43,8 +43,8 @@ def child_main(settings: Settings, wake: Any, parent_pid: int, log_level: int) -
     """Entry point of the worker process: build the services, run the worker until SIGTERM."""
     _die_with_parent(parent_pid)
     logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s[worker]: %(message)s")
-    from underpaint.wiring import build_local_worker, build_services
     from underpaint.tasks.queue import LocalQueue
+    from underpaint.wiring import build_local_worker, build_services
 
     services = build_services(settings, queue=LocalQueue(wake))
     worker = build_local_worker(services)
@@ -161,4 +161,3 @@ def _environ(extra: dict[str, str]) -> Iterator[None]:
 def wake_event() -> Any:
     """An Event both processes share (created before the child is spawned)."""
     return multiprocessing.get_context("spawn").Event()
-

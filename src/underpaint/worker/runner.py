@@ -12,11 +12,11 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
-from underpaint.worker.jobs import job_from_payload
 from underpaint.engine.job import Executor, GeneratedImage, Progress
 from underpaint.engine.metadata import CONTENT_TYPES, encode_image
 from underpaint.services import Services
 from underpaint.tasks.types import ImageRecord, NsfwResult, TaskRecord
+from underpaint.worker.jobs import job_from_payload
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +35,7 @@ class GenerationRunner:
         job = job_from_payload(payload, task.seed)
 
         def on_progress(p: Progress) -> None:
-            report(int(p.fraction * 100), int(round(p.eta_seconds)))
+            report(int(p.fraction * 100), round(p.eta_seconds))
 
         # The reporter knows when this worker lost its lease (another worker took the task over).
         should_cancel = getattr(report, "should_cancel", None)
@@ -74,7 +74,9 @@ class GenerationRunner:
                     records.append((key, self.services.storage.name, {}))
         except Exception:
             # The task fails: leave none of its images behind, in our storage or in the user's bucket.
-            self.discard([ImageRecord(key=k, image_type=fmt, nsfw=None, backend=b, location=loc) for k, b, loc in records])
+            self.discard(
+                [ImageRecord(key=k, image_type=fmt, nsfw=None, backend=b, location=loc) for k, b, loc in records]
+            )
             raise
         results: list[NsfwResult | None] = [None] * len(records)
         if verdicts is not None:

@@ -1,5 +1,7 @@
 """A1111-faithful samplers (the 20 names of A1111 v1.0-v1.8) over a diffusers-style UNet. See ``api``."""
 
+from underpaint.engine.samplers.denoiser import make_denoiser, make_eps_fn
+from underpaint.engine.samplers.noise import BrownianNoise, NoiseSource
 from underpaint.engine.samplers.sampling import (
     SAMPLER_NAMES,
     expected_model_evals,
@@ -13,8 +15,6 @@ from underpaint.engine.samplers.sampling import (
     sample,
     sample_img2img,
 )
-from underpaint.engine.samplers.denoiser import make_denoiser, make_eps_fn
-from underpaint.engine.samplers.noise import BrownianNoise, NoiseSource
 from underpaint.engine.samplers.schedule import DiscreteSchedule
 
 __all__ = [

@@ -13,6 +13,7 @@ Scalars are Python floats (float64) so a step costs only the tensor ops on the l
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable, Sequence
 
@@ -196,7 +197,7 @@ def _sde_midpoint(s: float, s_next: float, r: float) -> float:
 def dpmpp_sde_noise_queries(sigmas: Sequence[float], r: float = 0.5) -> list[tuple[float, float]]:
     """The (sigma, sigma_next) pairs ``dpmpp_sde`` asks its noise function for, in order (for prefetching)."""
     queries = []
-    for s, s_next in zip(sigmas[:-1], sigmas[1:], strict=True):
+    for s, s_next in itertools.pairwise(sigmas):
         if s_next != 0:
             queries += [(s, _sde_midpoint(s, s_next, r)), (s, s_next)]
     return queries

@@ -32,6 +32,7 @@ noised init latent (DDIM/PLMS with t_enc <= 1 do the same, as in A1111).
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -234,7 +235,7 @@ def sample(
     if spec.kind in _TIMESTEP_KINDS:
         raise ValueError(f"{canonical} is a timesteps sampler; use sample_img2img")
     sig = [float(s) for s in (sigmas.tolist() if isinstance(sigmas, Tensor) else sigmas)]
-    if len(sig) < 2 or sig[-1] != 0.0 or any(b >= a for a, b in zip(sig, sig[1:], strict=False)):
+    if len(sig) < 2 or sig[-1] != 0.0 or any(b >= a for a, b in itertools.pairwise(sig)):
         raise ValueError("sigmas must be strictly decreasing and end with 0")
     n = len(sig) - 1
     progress = _Progress(callback, n)

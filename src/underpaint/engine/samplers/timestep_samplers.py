@@ -95,7 +95,7 @@ class _ContinuousVP:
 
 def _bh1_coefficients(rks: Sequence[float], hh: float, order: int) -> tuple[list[float], list[float]]:
     """UniPC B(h)=h weights: (predictor rhos for the order-1 history differences, corrector rhos)."""
-    r = np.array(list(rks) + [1.0], dtype=np.float64)
+    r = np.array([*list(rks), 1.0], dtype=np.float64)
     h_phi_k = math.expm1(hh) / hh - 1.0
     factorial = 1
     rows, b = [], []
