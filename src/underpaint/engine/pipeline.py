@@ -9,6 +9,8 @@ diffusers provides the models (UNet, VAE, text encoders) and the adapter loading
 
 from __future__ import annotations
 
+import itertools
+import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -20,7 +22,9 @@ from PIL import Image
 
 from underpaint.engine.conditioning import Conditioning, TextEncoderBundle, encode_prompt
 from underpaint.engine.job import JobCancelled, Progress, ProgressCallback
-from underpaint.engine.samplers import DiscreteSchedule, NoiseSource, sample_img2img
+from underpaint.engine.samplers import DiscreteSchedule, NoiseSource, normalize_sampler_name, sample_img2img
+
+log = logging.getLogger(__name__)
 
 
 class ControlHook(Protocol):
@@ -119,78 +123,241 @@ def sdxl_time_ids(width: int, height: int, device: torch.device, dtype: torch.dt
     return torch.tensor([[height, width, 0, 0, height, width]], device=device, dtype=dtype)
 
 
-def _added_cond(c: Components, parts: list[Conditioning], inputs: PipelineInputs, batch: int) -> dict[str, Any] | None:
-    added: dict[str, Any] | None = None
-    if c.is_sdxl:
-        pooled = torch.cat([p.pooled.to(c.device, c.dtype).expand(batch, -1) for p in parts if p.pooled is not None])
-        time_ids = sdxl_time_ids(inputs.width, inputs.height, c.device, c.dtype).expand(pooled.shape[0], -1)
-        added = {"text_embeds": pooled, "time_ids": time_ids}
-    return added
+@dataclass
+class Member:
+    """One job of a batch, ready to sample: its init latents (one row per image), its prompts, its callbacks.
 
-
-def build_model_fn(
-    c: Components,
-    cond: Conditioning,
-    uncond: Conditioning,
-    inputs: PipelineInputs,
-    batch: int,
-    step_fraction: Callable[[], float],
-    should_cancel: Callable[[], bool] | None,
-) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """UNet with classifier-free guidance; returns eps (or v) for ``batch`` latents.
-
-    Guidance runs [uncond, cond] as one batch when both have the same length, else as two calls (A1111's
-    default). Guidance scale 1 skips the unconditional half, which cannot change the result.
+    A batch shares the checkpoint, VAE, LoRAs, size, steps, sampler and strength (``BatchSpec``); everything here
+    may differ between members. Each member keeps its own seeds (per-image CPU generators), guidance scale,
+    IP-Adapter embeddings, ControlNet maps, progress and cancellation.
     """
-    use_cfg = inputs.guidance_scale != 1.0
-    groups: list[list[Conditioning]]
-    if not use_cfg:
-        groups = [[cond]]
-    elif cond.embeds.shape[1] == uncond.embeds.shape[1]:
-        groups = [[uncond, cond]]
-    else:
-        groups = [[uncond], [cond]]
-    prepared = []
-    for parts in groups:
-        ehs = torch.cat([p.embeds.to(c.device, c.dtype).expand(batch, -1, -1) for p in parts])
-        added = _added_cond(c, parts, inputs, batch)
-        if inputs.added_cond:
-            # IP-Adapter embeddings come ordered [uncond, cond]; take the halves this group needs.
-            extra = {k: _select_halves(v, parts, uncond, len(groups)) for k, v in inputs.added_cond.items()}
-            added = {**(added or {}), **extra}
-        prepared.append((len(parts), ehs, added))
-    scale = inputs.guidance_scale
 
-    def run(
-        x_in: torch.Tensor, t: torch.Tensor, n: int, ehs: torch.Tensor, added: dict[str, Any] | None
-    ) -> torch.Tensor:
-        x_cat = torch.cat([x_in] * n).to(c.dtype)
-        t_cat = torch.cat([t] * n).to(c.device)
+    seeds: list[int]
+    init_latent: torch.Tensor  # [len(seeds), C, h, w]
+    cond: Conditioning
+    uncond: Conditioning
+    guidance_scale: float
+    added_cond: dict[str, Any] = field(default_factory=dict)
+    control: ControlHook | None = None
+    on_progress: ProgressCallback | None = None
+    should_cancel: Callable[[], bool] | None = None
+
+
+@dataclass(frozen=True)
+class BatchSpec:
+    """What every member of a batch shares besides the model: one sampler call walks one schedule."""
+
+    width: int
+    height: int
+    steps: int
+    sampler_name: str
+    strength: float
+
+
+@dataclass
+class _Entry:
+    """One half of classifier-free guidance of one member: ``rows`` latents against one conditioning."""
+
+    member: int
+    uncond: bool
+    cond: Conditioning
+
+
+class _Batch:
+    """Which members are still sampling, and how each one that stopped ended (cancelled or failed)."""
+
+    def __init__(self, members: Sequence[Member]) -> None:
+        self.members = list(members)
+        self.outcome: list[BaseException | None] = [None] * len(self.members)
+        offsets = [0]
+        for m in self.members:
+            offsets.append(offsets[-1] + len(m.seeds))
+        self.rows = [slice(a, b) for a, b in itertools.pairwise(offsets)]
+
+    def active(self, k: int) -> bool:
+        return self.outcome[k] is None
+
+    def any_active(self) -> bool:
+        return any(o is None for o in self.outcome)
+
+    def drop(self, k: int, why: BaseException) -> None:
+        if self.outcome[k] is None:
+            self.outcome[k] = why
+
+    def poll_cancel(self) -> None:
+        for k, m in enumerate(self.members):
+            if self.active(k) and m.should_cancel is not None and m.should_cancel():
+                self.drop(k, JobCancelled("sampling cancelled"))
+        if not self.any_active():
+            raise JobCancelled("every task of the batch was cancelled")
+
+    def progress(self, p: Progress) -> None:
+        for k, m in enumerate(self.members):
+            if not self.active(k) or m.on_progress is None:
+                continue
+            try:
+                m.on_progress(p)
+            except Exception as exc:  # a lost lease (JobCancelled) or a store error: this member stops alone
+                self.drop(k, exc)
+
+
+def _entries(members: Sequence[Member], active: Callable[[int], bool]) -> list[list[_Entry]]:
+    """The UNet calls of one model evaluation: entries grouped by prompt length (tokens), in member order.
+
+    A member whose prompt and negative prompt have the same length runs both halves in one call, one whose lengths
+    differ in two (A1111's default): grouping by length across members does exactly that for each of them, and the
+    UNet treats every sample independently, so a member's output does not depend on its batch mates.
+    """
+    groups: dict[int, list[_Entry]] = {}
+    for k, m in enumerate(members):
+        if not active(k):
+            continue
+        halves = [(True, m.uncond), (False, m.cond)] if m.guidance_scale != 1.0 else [(False, m.cond)]
+        for is_uncond, part in halves:
+            groups.setdefault(int(part.embeds.shape[1]), []).append(_Entry(k, is_uncond, part))
+    return list(groups.values())
+
+
+def _half(value: Any, entry: _Entry, rows: int) -> Any:
+    """An extra UNet input (IP-Adapter embeddings, ordered [uncond, cond]) for one entry's rows."""
+    if isinstance(value, list):
+        return [_half(v, entry, rows) for v in value]
+    halves = value.chunk(2)
+    value = halves[0] if entry.uncond else halves[1]
+    if value.shape[0] == rows:
+        return value
+    if value.shape[0] != 1:
+        raise ValueError(f"extra UNet input has batch {value.shape[0]}, expected 1 or {rows}")
+    return value.expand(rows, *value.shape[1:])
+
+
+def _cat_extra(parts: list[Any]) -> Any:
+    if isinstance(parts[0], list):
+        return [_cat_extra([p[i] for p in parts]) for i in range(len(parts[0]))]
+    return torch.cat(parts)
+
+
+def _control_residuals(
+    batch: _Batch,
+    group: list[_Entry],
+    x_cat: torch.Tensor,
+    t_cat: torch.Tensor,
+    ehs: torch.Tensor,
+    added: dict[str, Any] | None,
+    fraction: float,
+) -> dict[str, Any]:
+    """Each member's ControlNet hook runs on its own entries (its own control maps); residuals are concatenated."""
+    spans: list[tuple[int, int, int]] = []  # (member, start, stop) within the group, members contiguous
+    start = 0
+    for e in group:
+        n = len(batch.members[e.member].seeds)
+        if spans and spans[-1][0] == e.member:
+            spans[-1] = (e.member, spans[-1][1], start + n)
+        else:
+            spans.append((e.member, start, start + n))
+        start += n
+    results: list[dict[str, Any]] = []
+    for k, a, b in spans:
+        hook = batch.members[k].control
+        if hook is None:
+            results.append({})
+            continue
+        sub = None if added is None else {key: _slice_rows(v, a, b) for key, v in added.items()}
+        results.append(hook(x_cat[a:b], t_cat[a:b], ehs[a:b], sub, fraction))
+    template = next((r for r in results if r), None)
+    if template is None:
+        return {}
+    if len(spans) == 1:
+        return template
+
+    def zeros_like(t: torch.Tensor, n: int) -> torch.Tensor:
+        return t.new_zeros((n, *t.shape[1:]))
+
+    filled = []
+    for (_, a, b), r in zip(spans, results, strict=True):
+        if not r:  # a member without ControlNet, or whose units are outside their guidance range: no residual
+            down = tuple(zeros_like(d, b - a) for d in template["down_block_additional_residuals"])
+            r = {
+                "down_block_additional_residuals": down,
+                "mid_block_additional_residual": zeros_like(template["mid_block_additional_residual"], b - a),
+            }
+        filled.append(r)
+    return {
+        "down_block_additional_residuals": tuple(
+            torch.cat(parts) for parts in zip(*(r["down_block_additional_residuals"] for r in filled), strict=True)
+        ),
+        "mid_block_additional_residual": torch.cat([r["mid_block_additional_residual"] for r in filled]),
+    }
+
+
+def _slice_rows(value: Any, a: int, b: int) -> Any:
+    if isinstance(value, list):
+        return [_slice_rows(v, a, b) for v in value]
+    return value[a:b]
+
+
+def build_batch_model_fn(
+    c: Components, spec: BatchSpec, batch: _Batch, step_fraction: Callable[[], float]
+) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """UNet with classifier-free guidance for every active member; returns eps (or v) for all rows.
+
+    Rows of members that dropped out (cancelled, failed) are not computed: their output is zero, which the samplers
+    carry along harmlessly and nobody reads. Guidance scale 1 skips a member's unconditional half, which cannot
+    change its result.
+    """
+    time_ids = sdxl_time_ids(spec.width, spec.height, c.device, c.dtype) if c.is_sdxl else None
+
+    def run(group: list[_Entry], x_in: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        xs, ts, embeds, pooled, extras = [], [], [], [], []
+        for e in group:
+            m = batch.members[e.member]
+            rows = batch.rows[e.member]
+            n = len(m.seeds)
+            xs.append(x_in[rows])
+            ts.append(t[rows])
+            embeds.append(e.cond.embeds.to(c.device, c.dtype).expand(n, -1, -1))
+            if c.is_sdxl and e.cond.pooled is not None:
+                pooled.append(e.cond.pooled.to(c.device, c.dtype).expand(n, -1))
+            if m.added_cond:
+                extras.append({k: _half(v, e, n) for k, v in m.added_cond.items()})
+        x_cat = torch.cat(xs).to(c.dtype)
+        t_cat = torch.cat(ts).to(c.device)
+        ehs = torch.cat(embeds)
+        added: dict[str, Any] | None = None
+        if time_ids is not None:
+            p = torch.cat(pooled)
+            added = {"text_embeds": p, "time_ids": time_ids.expand(p.shape[0], -1)}
+        if extras:
+            merged = {k: _cat_extra([x[k] for x in extras]) for k in extras[0]}
+            added = {**(added or {}), **merged}
         extra: dict[str, Any] = {}
-        if inputs.control is not None:
-            extra = inputs.control(x_cat, t_cat, ehs, added, step_fraction())
+        if any(batch.members[e.member].control is not None for e in group):
+            extra = _control_residuals(batch, group, x_cat, t_cat, ehs, added, step_fraction())
         return c.unet(x_cat, t_cat, encoder_hidden_states=ehs, added_cond_kwargs=added, return_dict=False, **extra)[0]
 
     def model_fn(x_in: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        if should_cancel is not None and should_cancel():
-            raise JobCancelled()
-        outs = [run(x_in, t, n, ehs, added) for n, ehs, added in prepared]
-        if not use_cfg:
-            return outs[0].to(x_in.dtype)
-        out_uncond, out_cond = outs[0].chunk(2) if len(outs) == 1 else outs
-        return (out_uncond + scale * (out_cond - out_uncond)).to(x_in.dtype)
+        batch.poll_cancel()
+        halves: dict[tuple[int, bool], torch.Tensor] = {}
+        for group in _entries(batch.members, batch.active):
+            out = run(group, x_in, t)
+            start = 0
+            for e in group:
+                n = len(batch.members[e.member].seeds)
+                halves[(e.member, e.uncond)] = out[start : start + n]
+                start += n
+        result = torch.zeros_like(x_in)
+        for k, m in enumerate(batch.members):
+            if not batch.active(k):
+                continue
+            cond = halves[(k, False)]
+            if m.guidance_scale == 1.0:
+                result[batch.rows[k]] = cond.to(x_in.dtype)
+            else:
+                uncond = halves[(k, True)]
+                result[batch.rows[k]] = (uncond + m.guidance_scale * (cond - uncond)).to(x_in.dtype)
+        return result
 
     return model_fn
-
-
-def _select_halves(value: Any, parts: list[Conditioning], uncond: Conditioning, n_groups: int) -> Any:
-    """Pick the [uncond] or [cond] half of a CFG-batched extra input when guidance runs as two calls."""
-    if n_groups == 1 and len(parts) == 2:
-        return value
-    if isinstance(value, list):
-        return [_select_halves(v, parts, uncond, n_groups) for v in value]
-    halves = value.chunk(2)
-    return halves[0] if parts[0] is uncond else halves[1]
 
 
 @torch.no_grad()
@@ -226,33 +393,112 @@ class _Clock:
         self.on_progress(Progress(fraction=min(self.fraction, 0.99), eta_seconds=remaining))
 
 
+def prepare_member(
+    c: Components,
+    inputs: PipelineInputs,
+    on_progress: ProgressCallback | None = None,
+    should_cancel: Callable[[], bool] | None = None,
+) -> Member:
+    """Encode one job's init image and prompts (its part of a batch; see ``sample_batch``)."""
+    init_latent = prepare_init_latents(c, inputs.init_image, inputs.width, inputs.height, len(inputs.seeds))
+    cond, uncond = encode_conditioning(c, inputs)
+    return Member(
+        seeds=list(inputs.seeds),
+        init_latent=init_latent,
+        cond=cond,
+        uncond=uncond,
+        guidance_scale=inputs.guidance_scale,
+        added_cond=inputs.added_cond,
+        control=inputs.control,
+        on_progress=on_progress,
+        should_cancel=should_cancel,
+    )
+
+
+def batch_spec(inputs: PipelineInputs) -> BatchSpec:
+    return BatchSpec(inputs.width, inputs.height, inputs.steps, inputs.sampler_name, inputs.strength)
+
+
+# DPM adaptive picks its step sizes from an error norm over the whole batch: a batched image would depend on its
+# batch mates, so members never share its sampler call.
+UNBATCHABLE_SAMPLERS = frozenset({"DPM adaptive"})
+
+Outcome = list[Image.Image] | BaseException
+
+
+def sample_batch(c: Components, spec: BatchSpec, members: Sequence[Member]) -> list[Outcome]:
+    """Sample several members in one sampler call; one outcome per member: its images, or why it has none.
+
+    A member that is cancelled or whose progress callback raises drops out at the next model evaluation without
+    disturbing the others. If the shared call itself fails (out of memory, say), each member still running is
+    retried on its own, so one bad member never fails its mates.
+    """
+    if len(members) > 1 and normalize_sampler_name(spec.sampler_name) in UNBATCHABLE_SAMPLERS:
+        return [sample_batch(c, spec, [m])[0] for m in members]
+    batch = _Batch(members)
+    try:
+        latents = _sample(c, spec, batch)
+    except JobCancelled as exc:
+        for k in range(len(members)):
+            batch.drop(k, exc)
+        return [o if o is not None else exc for o in batch.outcome]
+    except Exception as exc:
+        still = [k for k in range(len(members)) if batch.active(k)]
+        if len(still) <= 1:
+            for k in still:
+                batch.drop(k, exc)
+            return [o if o is not None else exc for o in batch.outcome]
+        log.warning("batch of %d failed (%s: %s); running its tasks one by one", len(still), type(exc).__name__, exc)
+        outcomes: list[Outcome] = [o if o is not None else exc for o in batch.outcome]
+        for k in still:
+            outcomes[k] = sample_batch(c, spec, [members[k]])[0]
+        return outcomes
+    results: list[Outcome] = []
+    for k in range(len(members)):
+        outcome = batch.outcome[k]
+        if outcome is not None:
+            results.append(outcome)
+            continue
+        try:
+            results.append(decode_latents(c, latents[batch.rows[k]]))
+        except Exception as exc:
+            results.append(exc)
+    return results
+
+
+def _sample(c: Components, spec: BatchSpec, batch: _Batch) -> torch.Tensor:
+    members = batch.members
+    clock = _Clock(batch.progress, sum(len(m.seeds) for m in members))
+    init_latent = torch.cat([m.init_latent for m in members])
+    noise = NoiseSource.from_seeds([s for m in members for s in m.seeds])
+    model_fn = build_batch_model_fn(c, spec, batch, lambda: clock.fraction)
+    with torch.no_grad():
+        return sample_img2img(
+            spec.sampler_name,
+            model_fn,
+            c.schedule,
+            init_latent,
+            spec.steps,
+            spec.strength,
+            noise,
+            prediction_type=c.prediction_type,
+            callback=clock.step,
+            should_cancel=lambda: not batch.any_active(),
+        )
+
+
 def generate(
     c: Components,
     inputs: PipelineInputs,
     on_progress: ProgressCallback | None = None,
     should_cancel: Callable[[], bool] | None = None,
 ) -> list[Image.Image]:
-    """Run one img2img job for ``len(inputs.seeds)`` images in one UNet batch."""
-    batch = len(inputs.seeds)
-    clock = _Clock(on_progress, batch)
-    init_latent = prepare_init_latents(c, inputs.init_image, inputs.width, inputs.height, batch)
-    cond, uncond = encode_conditioning(c, inputs)
-    noise = NoiseSource.from_seeds(inputs.seeds)
-    model_fn = build_model_fn(c, cond, uncond, inputs, batch, lambda: clock.fraction, should_cancel)
-    with torch.no_grad():
-        latents = sample_img2img(
-            inputs.sampler_name,
-            model_fn,
-            c.schedule,
-            init_latent,
-            inputs.steps,
-            inputs.strength,
-            noise,
-            prediction_type=c.prediction_type,
-            callback=clock.step,
-            should_cancel=should_cancel,
-        )
-    return decode_latents(c, latents)
+    """Run one img2img job for ``len(inputs.seeds)`` images in one UNet batch (a batch of one member)."""
+    member = prepare_member(c, inputs, on_progress, should_cancel)
+    (outcome,) = sample_batch(c, batch_spec(inputs), [member])
+    if isinstance(outcome, BaseException):
+        raise outcome
+    return outcome
 
 
 def seeds_for(seed: int, image_num: int) -> Sequence[int]:

@@ -33,6 +33,7 @@ from sqlalchemy import (
     Table,
     Text,
     bindparam,
+    case,
     create_engine,
     delete,
     event,
@@ -46,6 +47,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.sql.elements import ColumnElement
 
 from underpaint.config import Settings
+from underpaint.tasks.batching import batch_key, model_key
 from underpaint.tasks.types import ImageRecord, NewTask, NsfwResult, TaskRecord, TaskStatus
 
 _QUEUED = TaskStatus.QUEUED.value
@@ -79,6 +81,10 @@ tasks_table = Table(
     Column("finished_at", Float),
     Column("images", JSON, nullable=False),
     Column("extra", JSON, nullable=False),
+    # Batching (``tasks.batching``): tasks with equal batch keys share a sampler call; NULL never batches.
+    Column("batch_key", String(64)),
+    # Checkpoint + LoRA set: workers prefer tasks for the model they have loaded.
+    Column("model_key", String(64)),
 )
 _t = tasks_table
 Index("ix_tasks_claim", _t.c.status, _t.c.priority.desc(), _t.c.created_at)
@@ -89,6 +95,8 @@ _GET_BY_ID = select(_t).where(_t.c.task_id == bindparam("task_id"))
 _GET_BY_OWNER = _GET_BY_ID.where(_t.c.owner == bindparam("owner"))
 Index("ix_tasks_status_lease", _t.c.status, _t.c.lease_expires_at)
 Index("ix_tasks_status_finished", _t.c.status, _t.c.finished_at)
+Index("ix_tasks_status_batch", _t.c.status, _t.c.batch_key)
+Index("ix_tasks_status_model", _t.c.status, _t.c.model_key)
 
 payloads_table = Table(
     "task_payloads",
@@ -106,8 +114,25 @@ schema_version_table = Table("schema_version", MetaData(), Column("version", Int
 # create its tables from a frozen copy of the v1 definitions instead of ``metadata``.
 
 
+_V3_COLUMNS = ("batch_key", "model_key")
+_V3_INDEXES = ("ix_tasks_status_batch", "ix_tasks_status_model")
+
+
 def _m001_initial(conn: Connection) -> None:
-    metadata.create_all(conn)
+    # The v1 schema: today's tables without what later migrations add.
+    v1 = MetaData()
+    tasks_v1 = Table("tasks", v1, *(c._copy() for c in tasks_table.columns if c.name not in _V3_COLUMNS))
+    for index in tasks_table.indexes:
+        if index.name not in _V3_INDEXES:
+            Index(index.name, *(_v1_expr(tasks_v1, e) for e in index.expressions))
+    payloads_table.to_metadata(v1)
+    v1.create_all(conn)
+
+
+def _v1_expr(table: Table, expr: Any) -> Any:
+    if isinstance(expr, Column):
+        return table.c[expr.name]
+    return table.c[expr.element.name].desc()  # the one expression used in v1 indexes: column DESC
 
 
 def _m002_payload_uncompressed(conn: Connection) -> None:
@@ -117,7 +142,15 @@ def _m002_payload_uncompressed(conn: Connection) -> None:
         conn.execute(text("ALTER TABLE task_payloads ALTER COLUMN payload SET STORAGE EXTERNAL"))
 
 
-MIGRATIONS: list[Callable[[Connection], None]] = [_m001_initial, _m002_payload_uncompressed]
+def _m003_batch_keys(conn: Connection) -> None:
+    # Tasks queued before this migration keep NULL keys: they run alone and carry no model preference.
+    conn.execute(text("ALTER TABLE tasks ADD COLUMN batch_key VARCHAR(64)"))
+    conn.execute(text("ALTER TABLE tasks ADD COLUMN model_key VARCHAR(64)"))
+    conn.execute(text("CREATE INDEX ix_tasks_status_batch ON tasks (status, batch_key)"))
+    conn.execute(text("CREATE INDEX ix_tasks_status_model ON tasks (status, model_key)"))
+
+
+MIGRATIONS: list[Callable[[Connection], None]] = [_m001_initial, _m002_payload_uncompressed, _m003_batch_keys]
 
 # Any constant works; it only has to be the same in every process that migrates this database.
 _PG_MIGRATION_LOCK = 0x756E6465727061
@@ -254,6 +287,8 @@ def _record_from(m: Mapping[Any, Any], decode: Callable[[Any], Any]) -> TaskReco
         image_num=m["image_num"],
         worker_id=m["worker_id"],
         lease_expires_at=m["lease_expires_at"],
+        batch_key=m["batch_key"],
+        model_key=m["model_key"],
     )
 
 
@@ -393,6 +428,8 @@ class SqlTaskStore:
             "finished_at": None,
             "images": [],
             "extra": task.extra,
+            "batch_key": batch_key(task.payload, task.response_image_type),
+            "model_key": model_key(task.payload),
         }
         with self._write.begin() as conn:
             conn.execute(insert(_t).values(**values))
@@ -441,10 +478,19 @@ class SqlTaskStore:
 
     # --- worker side ---
 
-    def claim(self, task_id: str | None, worker_id: str, lanes: tuple[str, ...] | None = None) -> TaskRecord | None:
+    def claim(
+        self,
+        task_id: str | None,
+        worker_id: str,
+        lanes: tuple[str, ...] | None = None,
+        *,
+        prefer_model: str | None = None,
+        max_wait_s: float | None = None,
+    ) -> TaskRecord | None:
         now = self.clock()
         if task_id is None:
-            pick = select(_t.c.task_id).where(*self._queued_filter(lanes)).order_by(*_CLAIM_ORDER).limit(1)
+            order = _affinity_order(prefer_model, now - max_wait_s if max_wait_s is not None else None)
+            pick = select(_t.c.task_id).where(*self._queued_filter(lanes)).order_by(*order).limit(1)
             if self._dialect == "postgresql":
                 pick = pick.with_for_update(skip_locked=True)
             target: ColumnElement[bool] = _t.c.task_id == pick.scalar_subquery()
@@ -474,6 +520,39 @@ class SqlTaskStore:
         with self._write.begin() as conn:
             row = conn.execute(stmt).first()
         return None if row is None else _record(row)
+
+    def claim_batch(
+        self, batch_key: str, worker_id: str, limit: int, lanes: tuple[str, ...] | None = None
+    ) -> list[TaskRecord]:
+        if limit < 1:
+            return []
+        now = self.clock()
+        pick = (
+            select(_t.c.task_id)
+            .where(*self._queued_filter(lanes), _t.c.batch_key == batch_key)
+            .order_by(*_CLAIM_ORDER)
+            .limit(limit)
+        )
+        if self._dialect == "postgresql":
+            pick = pick.with_for_update(skip_locked=True)
+        stmt = (
+            update(_t)
+            .where(_t.c.task_id.in_(pick.scalar_subquery()), _t.c.status == _QUEUED)
+            .values(
+                status=_PROCESSING,
+                worker_id=worker_id,
+                lease_expires_at=now + self.lease_seconds,
+                attempts=_t.c.attempts + 1,
+                started_at=now,
+                progress_percent=0,
+                eta=0,
+            )
+            .returning(*_t.c)
+        )
+        with self._write.begin() as conn:
+            rows = conn.execute(stmt).all()
+        records = [_record(r) for r in rows]
+        return sorted(records, key=lambda r: (-r.priority, r.created_at, r.task_id))
 
     def update_progress(self, task_id: str, worker_id: str, progress_percent: int, eta: int) -> bool:
         percent = min(100, max(0, int(progress_percent)))
@@ -584,6 +663,18 @@ class SqlTaskStore:
 _CLAIM_ORDER = (_t.c.priority.desc(), _t.c.created_at, _t.c.task_id)
 
 
+def _affinity_order(prefer_model: str | None, overdue_before: float | None) -> tuple[Any, ...]:
+    """Claim order with model affinity: within a priority, tasks that waited past the bound first (oldest first),
+    then tasks for ``prefer_model``, then the rest by age. Without a preferred model: plain priority/age."""
+    if prefer_model is None:
+        return _CLAIM_ORDER
+    keys: list[Any] = [_t.c.priority.desc()]
+    if overdue_before is not None:
+        keys.append(case((_t.c.created_at < overdue_before, 0), else_=1))
+    keys.append(case((_t.c.model_key == prefer_model, 0), else_=1))
+    return (*keys, _t.c.created_at, _t.c.task_id)
+
+
 def _holder(worker_id: str) -> ColumnElement[bool]:
     return (_t.c.status == _PROCESSING) & (_t.c.worker_id == worker_id)
 
@@ -601,6 +692,8 @@ def _record_from_values(values: dict[str, Any]) -> TaskRecord:
         created_at=values["created_at"],
         extra=dict(values["extra"]),
         image_num=values["image_num"],
+        batch_key=values["batch_key"],
+        model_key=values["model_key"],
     )
 
 

@@ -64,6 +64,10 @@ class TaskRecord:
     # Lease: the worker currently running the task and when its lease runs out (PROCESSING only).
     worker_id: str | None = None
     lease_expires_at: float | None = None
+    # See ``tasks.batching``: equal batch keys share a sampler call (None: never batched); the model key names
+    # the checkpoint + LoRA set the task loads.
+    batch_key: str | None = None
+    model_key: str | None = None
 
 
 @dataclass
@@ -98,11 +102,27 @@ class TaskStore(Protocol):
 
     def get_payload(self, task_id: str) -> dict[str, Any]: ...
 
-    def claim(self, task_id: str | None, worker_id: str, lanes: tuple[str, ...] | None = None) -> TaskRecord | None:
+    def claim(
+        self,
+        task_id: str | None,
+        worker_id: str,
+        lanes: tuple[str, ...] | None = None,
+        *,
+        prefer_model: str | None = None,
+        max_wait_s: float | None = None,
+    ) -> TaskRecord | None:
         """Atomically move a QUEUED task (the given one, or the next by priority/age) to PROCESSING.
 
-        Also reclaims a PROCESSING task whose lease expired. Returns None if nothing can be claimed.
+        Also reclaims a PROCESSING task whose lease expired. Returns None if nothing can be claimed. For the next
+        task, ``prefer_model`` (a model key) puts tasks for that model first within a priority, except that tasks
+        queued for more than ``max_wait_s`` go before them (oldest first), so nothing starves.
         """
+        ...
+
+    def claim_batch(
+        self, batch_key: str, worker_id: str, limit: int, lanes: tuple[str, ...] | None = None
+    ) -> list[TaskRecord]:
+        """Atomically claim up to ``limit`` QUEUED tasks with this batch key (priority/age order)."""
         ...
 
     def update_progress(self, task_id: str, worker_id: str, progress_percent: int, eta: int) -> bool:
