@@ -1,4 +1,4 @@
-"""The executor: runs one ``GenerationJob`` on this process's device.
+"""The executor: runs ``GenerationJob``s on this process's device, one job or a batch of compatible jobs at once.
 
 It owns the model cache and the adapter managers, resolves the job's names against the registry, applies the
 per-task adapters (VAE override, LoRAs, embeddings, IP-Adapter, ControlNet), runs ``pipeline.generate`` and
@@ -8,21 +8,22 @@ builds each image's infotext. One job at a time per executor (one device).
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, cast
 
 import torch
 import transformers
+from PIL import Image
 
 from underpaint.config import Settings
 from underpaint.engine import pipeline
-from underpaint.engine.adapters.embeddings import EmbeddingManager
+from underpaint.engine.adapters.embeddings import EmbeddingManager, EmbeddingPlan
 from underpaint.engine.adapters.ip_adapter import IPAdapterManager
 from underpaint.engine.adapters.lora import LoraManager
 from underpaint.engine.conditioning import TextEncoderBundle
 from underpaint.engine.devices import configure_torch_threads, pick_device, pick_dtype
-from underpaint.engine.job import GeneratedImage, GenerationJob, JobError, ProgressCallback
+from underpaint.engine.job import GeneratedImage, GenerationJob, JobError, JobOutcome, ProgressCallback, batch_key
 from underpaint.engine.loader import LoadedCheckpoint, ModelCache, file_sha256
 from underpaint.engine.metadata import InfotextParams, build_infotext
 from underpaint.engine.registry import ModelEntry, ModelRegistry
@@ -30,14 +31,14 @@ from underpaint.engine.samplers import DiscreteSchedule
 
 
 class DiffusersExecutor:
-    def __init__(self, settings: Settings, registry: ModelRegistry) -> None:
+    def __init__(self, settings: Settings, registry: ModelRegistry, *, dtype: torch.dtype | None = None) -> None:
         configure_torch_threads(settings.torch_threads)
         # transformers prints long "missing/unexpected keys" load reports for partial state dicts; they are noise.
         transformers.logging.set_verbosity_error()
         self.settings = settings
         self.registry = registry
         self.device = pick_device(settings.device)
-        self.dtype = pick_dtype(self.device)
+        self.dtype = dtype or pick_dtype(self.device)  # tests pass float64 to compare results without rounding
         self.cache = ModelCache(settings, self.device, self.dtype)
         self.loras = LoraManager()
         self.embeddings = EmbeddingManager()
@@ -74,48 +75,59 @@ class DiffusersExecutor:
         on_progress: ProgressCallback | None = None,
         should_cancel: Callable[[], bool] | None = None,
     ) -> list[GeneratedImage]:
-        with self._lock:
-            return self._generate(job, on_progress, should_cancel)
+        (outcome,) = self.generate_batch([job], [on_progress], [should_cancel])
+        if isinstance(outcome, BaseException):
+            raise outcome
+        return outcome
 
-    def _generate(
+    def generate_batch(
         self,
-        job: GenerationJob,
-        on_progress: ProgressCallback | None,
-        should_cancel: Callable[[], bool] | None,
-    ) -> list[GeneratedImage]:
-        ckpt_entry = self._entry("checkpoint", job.checkpoint)
-        loaded = self.cache.get(ckpt_entry)
-        lora_entries = [(self._entry("lora", spec.name), spec.strength) for spec in job.loras]
-        self.loras.activate(loaded, lora_entries)  # checks each LoRA's base model from its keys and shapes
-        plan = self.embeddings.apply(
-            loaded, [self._entry("textualinversion", e.name) for e in job.embeddings], job.prompt, job.negative_prompt
-        )
-        added_cond: dict[str, Any] = {}
-        if job.ip_adapters:
-            spec = job.ip_adapters[0]
-            added_cond = self.ip_adapters.activate(
-                loaded, self._entry("ipadapter", spec.model), spec.image, spec.strength
-            )
-        else:
-            self.ip_adapters.activate(loaded, None, None, 0.0)
-        seeds = list(pipeline.seeds_for(job.seed, job.image_num))
-        inputs = pipeline.PipelineInputs(
-            init_image=job.init_image,
-            prompt=plan.prompt,
-            negative_prompt=plan.negative_prompt,
-            width=job.width,
-            height=job.height,
-            seeds=seeds,
-            steps=job.steps,
-            guidance_scale=job.guidance_scale,
-            sampler_name=job.sampler_name,
-            strength=job.strength,
-            clip_skip=job.clip_skip,
-            token_expansions=plan.token_expansions,
-            added_cond=added_cond,
-            control=self._control_hook(loaded, job),
-        )
-        with self._vae(loaded, job) as vae:
+        jobs: Sequence[GenerationJob],
+        on_progress: Sequence[ProgressCallback | None] | None = None,
+        should_cancel: Sequence[Callable[[], bool] | None] | None = None,
+    ) -> list[JobOutcome]:
+        """Run several jobs, sharing one sampler call per group of compatible jobs (``batch_key``).
+
+        Returns one outcome per job, in order: its images, or the exception that ended it (``JobCancelled``,
+        ``JobError`` ...). A job that fails while being prepared (a bad image, a preprocessor error) or that is
+        cancelled leaves its batch mates untouched; a failing shared sampler call is retried job by job.
+        """
+        progress = list(on_progress) if on_progress is not None else [None] * len(jobs)
+        cancels = list(should_cancel) if should_cancel is not None else [None] * len(jobs)
+        if not len(progress) == len(cancels) == len(jobs):
+            raise ValueError("generate_batch needs one progress callback and one cancel check per job")
+        groups: dict[tuple[Any, ...], list[int]] = {}
+        for i, job in enumerate(jobs):
+            groups.setdefault(batch_key(job), []).append(i)
+        outcomes: list[JobOutcome | None] = [None] * len(jobs)
+        with self._lock:
+            for indices in groups.values():
+                results = self._generate_group(
+                    [jobs[i] for i in indices], [progress[i] for i in indices], [cancels[i] for i in indices]
+                )
+                for i, outcome in zip(indices, results, strict=True):
+                    outcomes[i] = outcome
+        return [o if o is not None else RuntimeError("job was not run") for o in outcomes]
+
+    def _generate_group(
+        self,
+        jobs: list[GenerationJob],
+        on_progress: list[ProgressCallback | None],
+        should_cancel: list[Callable[[], bool] | None],
+    ) -> list[JobOutcome]:
+        head = jobs[0]
+        try:
+            ckpt_entry = self._entry("checkpoint", head.checkpoint)
+            loaded = self.cache.get(ckpt_entry)
+            lora_entries = [(self._entry("lora", spec.name), spec.strength) for spec in head.loras]
+            self.loras.activate(loaded, lora_entries)  # checks each LoRA's base model from its keys and shapes
+            if not any(job.ip_adapters for job in jobs):
+                self.ip_adapters.activate(loaded, None, None, 0.0)
+            vae_hash = file_sha256(self._entry("vae", head.vae).path)[:10] if head.vae else None
+        except Exception as exc:  # shared by every job of the group (same checkpoint, LoRAs and VAE)
+            return [exc] * len(jobs)
+        outcomes: list[JobOutcome | None] = [None] * len(jobs)
+        with self._vae(loaded, head) as vae:
             components = pipeline.Components(
                 unet=loaded.unet,
                 vae=vae,
@@ -129,10 +141,66 @@ class DiffusersExecutor:
                 device=self.device,
                 dtype=self.dtype,
             )
-            images = pipeline.generate(components, inputs, on_progress, should_cancel)
-        vae_hash = file_sha256(self._entry("vae", job.vae).path)[:10] if job.vae else None
+            members: list[pipeline.Member] = []
+            plans: dict[int, EmbeddingPlan] = {}
+            for i, job in enumerate(jobs):
+                try:
+                    plan, inputs = self._inputs(loaded, job)
+                    members.append(pipeline.prepare_member(components, inputs, on_progress[i], should_cancel[i]))
+                    plans[i] = plan
+                except Exception as exc:  # this job alone fails (bad image, preprocessor, embedding ...)
+                    outcomes[i] = exc
+            ready = [i for i in range(len(jobs)) if outcomes[i] is None]
+            if ready:
+                sampled = pipeline.sample_batch(components, pipeline.batch_spec_of(head), members)
+                for i, result in zip(ready, sampled, strict=True):
+                    outcomes[i] = (
+                        result
+                        if isinstance(result, BaseException)
+                        else self._images(jobs[i], plans[i], result, ckpt_entry, loaded, lora_entries, vae_hash)
+                    )
+        return [o if o is not None else RuntimeError("job was not run") for o in outcomes]
+
+    def _inputs(self, loaded: LoadedCheckpoint, job: GenerationJob) -> tuple[EmbeddingPlan, pipeline.PipelineInputs]:
+        plan = self.embeddings.apply(
+            loaded, [self._entry("textualinversion", e.name) for e in job.embeddings], job.prompt, job.negative_prompt
+        )
+        added_cond: dict[str, Any] = {}
+        if job.ip_adapters:
+            spec = job.ip_adapters[0]
+            added_cond = self.ip_adapters.activate(
+                loaded, self._entry("ipadapter", spec.model), spec.image, spec.strength
+            )
+        inputs = pipeline.PipelineInputs(
+            init_image=job.init_image,
+            prompt=plan.prompt,
+            negative_prompt=plan.negative_prompt,
+            width=job.width,
+            height=job.height,
+            seeds=list(pipeline.seeds_for(job.seed, job.image_num)),
+            steps=job.steps,
+            guidance_scale=job.guidance_scale,
+            sampler_name=job.sampler_name,
+            strength=job.strength,
+            clip_skip=job.clip_skip,
+            token_expansions=plan.token_expansions,
+            added_cond=added_cond,
+            control=self._control_hook(loaded, job),
+        )
+        return plan, inputs
+
+    def _images(
+        self,
+        job: GenerationJob,
+        plan: EmbeddingPlan,
+        images: list[Image.Image],
+        ckpt_entry: ModelEntry,
+        loaded: LoadedCheckpoint,
+        lora_entries: list[tuple[ModelEntry, float]],
+        vae_hash: str | None,
+    ) -> list[GeneratedImage]:
         out = []
-        for img, seed in zip(images, seeds, strict=True):
+        for img, seed in zip(images, pipeline.seeds_for(job.seed, job.image_num), strict=True):
             params = InfotextParams(
                 prompt=plan.display_prompt,
                 negative_prompt=plan.display_negative_prompt,

@@ -7,7 +7,7 @@ tasks or storage.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -97,10 +97,56 @@ class ExecutorStats:
     extra: dict[str, float] = field(default_factory=dict)
 
 
+# What one job of a batch ends with: its images, or the exception that ended it.
+JobOutcome = list[GeneratedImage] | BaseException
+
+# DPM adaptive chooses its step sizes from an error norm over the whole batch, so its images would depend on their
+# batch mates: it never shares a sampler call.
+UNBATCHABLE_SAMPLERS = frozenset({"DPM adaptive"})
+
+
+def batch_key(job: GenerationJob) -> tuple[object, ...]:
+    """Jobs with equal keys can share one sampler call: same model, VAE, LoRAs, size, schedule, ControlNet and
+    IP-Adapter configuration. Prompts, seeds, ``image_num``, guidance scale and the adapters' images may differ.
+    A DPM adaptive job's key is unique to it (never batched)."""
+    from underpaint.vocabulary import normalize_sampler_name
+
+    sampler = normalize_sampler_name(job.sampler_name) or job.sampler_name
+    key: tuple[object, ...] = (
+        job.checkpoint,
+        job.width,
+        job.height,
+        job.steps,
+        sampler,
+        job.strength,
+        job.clip_skip,
+        job.vae,
+        tuple(sorted((x.name, x.strength) for x in job.loras)),
+        tuple(
+            (u.model, u.strength, u.preprocessor or "none", u.guidance_start, u.guidance_end) for u in job.controlnets
+        ),
+        tuple((a.model, a.strength) for a in job.ip_adapters),
+    )
+    if sampler in UNBATCHABLE_SAMPLERS:
+        key = (*key, id(job))
+    return key
+
+
 class Executor(Protocol):
     def generate(
         self,
         job: GenerationJob,
         on_progress: ProgressCallback | None = None,
         should_cancel: Callable[[], bool] | None = None,
-    ) -> list[GeneratedImage]: ...
+    ) -> list[GeneratedImage]:
+        """One job: ``generate_batch([job], ...)`` with its outcome raised when it is an exception."""
+        ...
+
+    def generate_batch(
+        self,
+        jobs: Sequence[GenerationJob],
+        on_progress: Sequence[ProgressCallback | None] | None = None,
+        should_cancel: Sequence[Callable[[], bool] | None] | None = None,
+    ) -> list[JobOutcome]:
+        """Several jobs, compatible ones (equal ``batch_key``) in one sampler call; one outcome per job."""
+        ...

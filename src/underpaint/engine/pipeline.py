@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 
 from underpaint.engine.conditioning import Conditioning, TextEncoderBundle, encode_prompt
-from underpaint.engine.job import JobCancelled, Progress, ProgressCallback
+from underpaint.engine.job import UNBATCHABLE_SAMPLERS, GenerationJob, JobCancelled, Progress, ProgressCallback
 from underpaint.engine.samplers import DiscreteSchedule, NoiseSource, normalize_sampler_name, sample_img2img
 
 log = logging.getLogger(__name__)
@@ -419,9 +419,9 @@ def batch_spec(inputs: PipelineInputs) -> BatchSpec:
     return BatchSpec(inputs.width, inputs.height, inputs.steps, inputs.sampler_name, inputs.strength)
 
 
-# DPM adaptive picks its step sizes from an error norm over the whole batch: a batched image would depend on its
-# batch mates, so members never share its sampler call.
-UNBATCHABLE_SAMPLERS = frozenset({"DPM adaptive"})
+def batch_spec_of(job: GenerationJob) -> BatchSpec:
+    return BatchSpec(job.width, job.height, job.steps, job.sampler_name, job.strength)
+
 
 Outcome = list[Image.Image] | BaseException
 
