@@ -64,6 +64,13 @@ class Settings:
     device: str = "auto"
     torch_threads: int | None = None
     checkpoint_cache_bytes: int = 12 * 1024**3
+    # Batching: a worker runs up to max_batch compatible queued tasks in one sampler call (1 = off). After taking
+    # a task it waits up to batch_window_ms for mates (None: 0 on CPU, 20 on CUDA).
+    max_batch: int = 4
+    batch_window_ms: int | None = None
+    # Model-aware claiming: prefer tasks for the loaded checkpoint + LoRA set unless a task waited longer than this
+    # (0 = plain priority/age order).
+    max_affinity_wait_s: float = 30.0
     # URL signing secret for image downloads; generated and persisted under data_dir when unset.
     url_secret: str | None = field(default=None, repr=False)
     # Webhooks

@@ -1,6 +1,9 @@
 """``underpaint worker``: a Celery worker process that runs generations (one process per GPU).
 
-Each Celery message names a task; the body claims it in the shared store and runs it with ``process_task``.
+Each Celery message names a task; the body claims it in the shared store and runs it with ``process_task``,
+together with queued tasks that can share its sampler call (claimed straight from the store, within this
+worker's queues), after any queued work for the model this worker has loaded (bounded by
+``max_affinity_wait_s``). The messages of tasks that ran that way find them claimed or done and do nothing.
 Celery provides the delivery guarantees (late ack, prefetch 1, redelivery of unacknowledged messages); the store
 provides the rest: a redelivered message for a task that is running elsewhere or done does nothing, and only
 the lease holder can record a result, so a task never completes twice. Besides the consumer, every worker runs:
@@ -39,7 +42,7 @@ from underpaint.scale.routing import parse_queues
 from underpaint.services import Services
 from underpaint.tasks.lifecycle import sweep_expired
 from underpaint.tasks.types import TaskRecord
-from underpaint.worker.loop import default_worker_id, process_task
+from underpaint.worker.loop import BatchPolicy, Claimer, default_worker_id, process_task, runner_device_type
 
 log = logging.getLogger("underpaint.scale")
 
@@ -49,13 +52,22 @@ RETRY_DELAY = 5.0  # seconds before a message whose task could not be read (stor
 class WorkerContext:
     """Everything a worker process shares between its Celery task bodies."""
 
-    def __init__(self, services: Services, runners: Sequence[Any], on_terminal: Any) -> None:
+    def __init__(
+        self,
+        services: Services,
+        runners: Sequence[Any],
+        on_terminal: Any,
+        lanes: tuple[str, ...] | None = None,
+        policy: BatchPolicy | None = None,
+    ) -> None:
         self.services = services
         self.runners = list(runners)
         self.on_terminal = on_terminal
-        self._free: queue_mod.Queue[Any] = queue_mod.Queue()
+        # One claimer per runner (each has its own model cache): batching and model affinity, within ``lanes``.
+        self._free: queue_mod.Queue[tuple[Any, Claimer]] = queue_mod.Queue()
         for r in self.runners:
-            self._free.put(r)
+            p = policy or BatchPolicy.from_settings(services.settings, runner_device_type(r))
+            self._free.put((r, Claimer(services.store, default_worker_id(), p, lanes)))
         self._lock = threading.Lock()
         self.busy = 0
         self.tasks_done = 0
@@ -65,7 +77,7 @@ class WorkerContext:
     def handle(self, task_id: str) -> TaskRecord | None:
         """Claim and run ``task_id``; None when there was nothing to do (done, or running under a live lease)."""
         with task_context(task_id):
-            runner = self._free.get()
+            runner, claimer = self._free.get()
             with self._lock:
                 self.busy += 1
             try:
@@ -73,16 +85,18 @@ class WorkerContext:
                     task_id,
                     self.services.store,
                     runner,
-                    worker_id=default_worker_id(),
                     on_terminal=self.on_terminal,
                     storage=self.services.storage,
+                    claimer=claimer,
                 )
             finally:
                 with self._lock:
                     self.busy -= 1
-                self._free.put(runner)
+                self._free.put((runner, claimer))
             if record is None:
-                log.info("task %s: not claimable here (finished, or running elsewhere); message dropped", task_id)
+                log.info(
+                    "task %s: not claimable here (finished, running elsewhere or in a batch); message dropped", task_id
+                )
                 return None
             with self._lock:
                 self.tasks_done += 1
@@ -143,12 +157,12 @@ def worker_settings(settings: Settings) -> Settings:
     return settings.with_overrides(queue_backend="celery", run_worker=False)
 
 
-def build_context(settings: Settings, concurrency: int) -> WorkerContext:
+def build_context(settings: Settings, concurrency: int, lanes: tuple[str, ...] | None = None) -> WorkerContext:
     from underpaint.wiring import build_runner, build_services, on_terminal_hook
 
     services = build_services(settings)
     runners = [InstrumentedRunner(build_runner(services)) for _ in range(concurrency)]
-    return WorkerContext(services, runners, on_terminal_hook(services))
+    return WorkerContext(services, runners, on_terminal_hook(services), lanes)
 
 
 def run_worker(
@@ -164,7 +178,7 @@ def run_worker(
         raise ValueError("--concurrency must be at least 1")
     settings = worker_settings(settings)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    ctx = build_context(settings, concurrency)
+    ctx = build_context(settings, concurrency, names)
     queue = ctx.services.queue
     app = queue.app if isinstance(queue, CeleryQueue) else create_celery_app(settings)
     app.set_default()

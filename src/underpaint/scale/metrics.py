@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import shutil
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +48,24 @@ TASKS_RUN = Counter(
 MODEL_LOADS = Counter(
     "underpaint_model_loads", "Checkpoints loaded from disk by this process", registry=WORKER_REGISTRY
 )
+BATCH_SIZE = Histogram(
+    "underpaint_batch_size",
+    "Tasks run together in one sampler call (1 = alone)",
+    buckets=(1, 2, 3, 4, 6, 8, 12, 16, float("inf")),
+    registry=WORKER_REGISTRY,
+)
+MODEL_SWITCHES = Counter(
+    "underpaint_model_switches",
+    "Times this process ran a task for another checkpoint or LoRA set than the task before it "
+    "(per hour: rate(underpaint_model_switches_total[1h]) * 3600)",
+    registry=WORKER_REGISTRY,
+)
+QUEUE_WAIT_SECONDS = Histogram(
+    "underpaint_queue_wait_seconds",
+    "Time from submit to the claim that started the task's attempt",
+    buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600, float("inf")),
+    registry=WORKER_REGISTRY,
+)
 # Set for the embedded worker's child process: prometheus_client then keeps its values in files there.
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -56,33 +74,78 @@ _webhook_table = table("webhook_deliveries", column("status"))
 
 
 class InstrumentedRunner:
-    """Wraps a ``TaskRunner``: times each run into ``underpaint_generation_seconds``."""
+    """Wraps a ``TaskRunner``: times each run into ``underpaint_generation_seconds`` and records batch sizes,
+    queue waits and model switches."""
 
     def __init__(self, runner: Any) -> None:
         self.runner = runner
+        self._last_model: str | None = None
 
     @property
     def executor(self) -> Any:
         return getattr(self.runner, "executor", None)
 
     def run(self, task: TaskRecord, payload: dict[str, Any], report: Any) -> list[ImageRecord]:
-        base = "sdxl" if task.lane.startswith("sdxl") else "sd15" if task.lane.startswith("sd15") else "other"
+        self._started([task])
         start = time.perf_counter()
         loads = model_loads([self.runner])
         outcome = "error"
         try:
-            images = self.runner.run(task, payload, report)
+            images: list[ImageRecord] = self.runner.run(task, payload, report)
             outcome = "ok"
             return images
         finally:
-            GENERATION_SECONDS.labels(base, outcome).observe(time.perf_counter() - start)
+            GENERATION_SECONDS.labels(_base(task), outcome).observe(time.perf_counter() - start)
             TASKS_RUN.labels(outcome).inc()
             MODEL_LOADS.inc(max(0, model_loads([self.runner]) - loads))
+
+    def run_batch(
+        self, items: Sequence[tuple[TaskRecord, dict[str, Any], Any]]
+    ) -> list[list[ImageRecord] | BaseException]:
+        run_batch = getattr(self.runner, "run_batch", None)
+        if run_batch is None:  # a runner that cannot batch: one after the other
+            outcomes: list[list[ImageRecord] | BaseException] = []
+            for task, payload, report in items:
+                try:
+                    outcomes.append(self.run(task, payload, report))
+                except Exception as exc:
+                    outcomes.append(exc)
+            return outcomes
+        tasks = [t for t, _, _ in items]
+        self._started(tasks)
+        start = time.perf_counter()
+        loads = model_loads([self.runner])
+        results: list[list[ImageRecord] | BaseException] = [RuntimeError("batch failed")] * len(items)
+        try:
+            results = list(run_batch(items))
+            return results
+        finally:
+            elapsed = time.perf_counter() - start
+            for task, result in zip(tasks, results, strict=True):
+                outcome = "error" if isinstance(result, BaseException) else "ok"
+                GENERATION_SECONDS.labels(_base(task), outcome).observe(elapsed)
+                TASKS_RUN.labels(outcome).inc()
+            MODEL_LOADS.inc(max(0, model_loads([self.runner]) - loads))
+
+    def _started(self, tasks: Sequence[TaskRecord]) -> None:
+        BATCH_SIZE.observe(len(tasks))
+        for t in tasks:
+            if t.started_at is not None:
+                QUEUE_WAIT_SECONDS.observe(max(0.0, t.started_at - t.created_at))
+        model = tasks[0].model_key if tasks else None
+        if model is not None:
+            if self._last_model is not None and model != self._last_model:
+                MODEL_SWITCHES.inc()
+            self._last_model = model
 
     def discard(self, records: list[ImageRecord]) -> None:
         discard = getattr(self.runner, "discard", None)
         if discard is not None:
             discard(records)
+
+
+def _base(task: TaskRecord) -> str:
+    return "sdxl" if task.lane.startswith("sdxl") else "sd15" if task.lane.startswith("sd15") else "other"
 
 
 def model_loads(runners: Iterable[Any]) -> int:

@@ -32,13 +32,24 @@ def _loras(payload: Mapping[str, Any]) -> list[list[Any]]:
     return sorted([str(x["model_name"]), float(x["strength"])] for x in payload.get("loras") or ())
 
 
-def model_key(payload: Mapping[str, Any]) -> str:
-    """Checkpoint plus LoRA set (names and strengths) of a stored task payload."""
-    return _digest({"checkpoint": payload["model_name"], "loras": _loras(payload)})
+def model_key(payload: Mapping[str, Any]) -> str | None:
+    """Checkpoint plus LoRA set (names and strengths) of a stored task payload; None if it names no checkpoint."""
+    try:
+        return _digest({"checkpoint": payload["model_name"], "loras": _loras(payload)})
+    except (KeyError, TypeError, ValueError):
+        return None
 
 
 def batch_key(payload: Mapping[str, Any], response_image_type: str) -> str | None:
-    """The key of tasks that can share a sampler call (see the module docstring), or None."""
+    """The key of tasks that can share a sampler call (see the module docstring), or None (never batched; also
+    for a payload that lacks a field the key needs)."""
+    try:
+        return _batch_key(payload, response_image_type)
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def _batch_key(payload: Mapping[str, Any], response_image_type: str) -> str | None:
     sampler = normalize_sampler_name(str(payload.get("sampler_name", "")))
     if sampler is None or sampler in UNBATCHABLE_SAMPLERS:
         return None

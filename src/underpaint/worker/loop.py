@@ -1,7 +1,9 @@
 """Running tasks: claim from the store, run, record the outcome. Only the lease holder may record it.
 
 ``process_task`` runs one named task in the calling thread (a Celery task calls it with the delivered id);
-``Worker`` is the embedded loop that claims the next task by priority/age, one at a time (one GPU).
+``Worker`` is the embedded loop that claims the next task by priority/age (one GPU). Both take, with a task,
+queued tasks that can share its sampler call (``Claimer``, ``tasks.batching``), and prefer tasks for the model
+the runner has loaded, never making the oldest task wait more than ``max_affinity_wait_s``.
 
 Double delivery is harmless: claiming is atomic and ``complete``/``fail`` only succeed for the current lease
 holder, so a worker that lost its lease discards its results and never fires ``on_terminal`` (webhooks).
@@ -15,15 +17,16 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Callable
-from typing import Any, Protocol
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol, runtime_checkable
 
 from underpaint.config import Settings
 from underpaint.engine.job import JobCancelled, JobError
 from underpaint.storage.base import ImageStorage, StorageError
 from underpaint.tasks.lifecycle import TerminalHook, delete_images, notify_terminal, sweep_expired
 from underpaint.tasks.queue import LocalQueue
-from underpaint.tasks.types import ImageRecord, TaskRecord, TaskStore
+from underpaint.tasks.types import ImageRecord, TaskRecord, TaskStatus, TaskStore
 
 log = logging.getLogger("underpaint.tasks")
 
@@ -81,15 +84,26 @@ class TaskRunner(Protocol):
         ...
 
 
-class _LeaseKeeper:
-    """Renews the lease while the runner is busy without reporting progress (a long model load, say)."""
+@runtime_checkable
+class BatchTaskRunner(TaskRunner, Protocol):
+    def run_batch(
+        self, items: Sequence[tuple[TaskRecord, dict[str, Any], ProgressReporter]]
+    ) -> list[list[ImageRecord] | BaseException]:
+        """Run compatible tasks together; one outcome per task, in order: its images, or why it has none
+        (``JobCancelled`` when it was abandoned). A task's failure never fails the others."""
+        ...
 
-    def __init__(self, store: TaskStore, reporter: ProgressReporter, interval: float) -> None:
+
+class _LeaseKeeper:
+    """Renews the leases while the runner is busy without reporting progress (a long model load, say)."""
+
+    def __init__(self, store: TaskStore, reporters: Sequence[ProgressReporter], interval: float) -> None:
         self.store = store
-        self.reporter = reporter
+        self.reporters = list(reporters)
         self.interval = interval
         self._done = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name=f"lease-{reporter.task_id}", daemon=True)
+        name = f"lease-{self.reporters[0].task_id}" if self.reporters else "lease"
+        self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
 
     def __enter__(self) -> _LeaseKeeper:
         self._thread.start()
@@ -100,15 +114,16 @@ class _LeaseKeeper:
         self._thread.join()
 
     def _loop(self) -> None:
-        r = self.reporter
         while not self._done.wait(self.interval):
-            try:
-                if not self.store.renew_lease(r.task_id, r.worker_id):
-                    r.mark_lost()
-                    return
-            except Exception:
-                # A database hiccup: keep trying; the lease is long enough to survive a few misses.
-                log.exception("lease renewal failed for task %s", r.task_id)
+            for r in self.reporters:
+                if r.should_cancel():
+                    continue
+                try:
+                    if not self.store.renew_lease(r.task_id, r.worker_id):
+                        r.mark_lost()
+                except Exception:
+                    # A database hiccup: keep trying; the lease is long enough to survive a few misses.
+                    log.exception("lease renewal failed for task %s", r.task_id)
 
 
 def default_worker_id() -> str:
@@ -138,33 +153,164 @@ def run_claimed(
     storage: ImageStorage | None = None,
 ) -> None:
     """Run a task this worker has just claimed and record its outcome (if it still holds the lease)."""
-    try:
-        payload = store.get_payload(task.task_id)
-    except KeyError:
-        if store.fail(task.task_id, worker_id, "the task's input is no longer available; submit the task again"):
-            notify_terminal(store, [task.task_id], on_terminal)
+    run_claimed_batch(store, [task], worker_id, runner, on_terminal=on_terminal, storage=storage)
+
+
+def run_claimed_batch(
+    store: TaskStore,
+    tasks: Sequence[TaskRecord],
+    worker_id: str,
+    runner: TaskRunner,
+    *,
+    on_terminal: TerminalHook | None = None,
+    storage: ImageStorage | None = None,
+) -> None:
+    """Run tasks this worker has just claimed, together when the runner batches, and record each outcome on its
+    own (if this worker still holds that task's lease)."""
+    items: list[tuple[TaskRecord, dict[str, Any], ProgressReporter]] = []
+    for task in tasks:
+        try:
+            payload = store.get_payload(task.task_id)
+        except KeyError:
+            if store.fail(task.task_id, worker_id, "the task's input is no longer available; submit the task again"):
+                notify_terminal(store, [task.task_id], on_terminal)
+            continue
+        items.append((task, payload, ProgressReporter(store, task.task_id, worker_id)))
+    if not items:
         return
-    reporter = ProgressReporter(store, task.task_id, worker_id)
-    try:
-        with _LeaseKeeper(store, reporter, interval=store.lease_seconds / 3):
-            images = runner.run(task, payload, reporter)
-    except JobCancelled:
+    with _LeaseKeeper(store, [r for _, _, r in items], interval=store.lease_seconds / 3):
+        outcomes = _run(runner, items)
+    for (task, _, _), outcome in zip(items, outcomes, strict=True):
+        _record(store, task, worker_id, outcome, on_terminal=on_terminal, storage=storage)
+
+
+def _run(
+    runner: TaskRunner, items: list[tuple[TaskRecord, dict[str, Any], ProgressReporter]]
+) -> list[list[ImageRecord] | BaseException]:
+    if len(items) > 1 and isinstance(runner, BatchTaskRunner):
+        try:
+            return runner.run_batch(items)
+        except Exception as exc:
+            log.exception("a batch of %d tasks failed as a whole", len(items))
+            return [exc] * len(items)
+    outcomes: list[list[ImageRecord] | BaseException] = []
+    for task, payload, reporter in items:
+        try:
+            outcomes.append(runner.run(task, payload, reporter))
+        except Exception as exc:
+            outcomes.append(exc)
+    return outcomes
+
+
+def _record(
+    store: TaskStore,
+    task: TaskRecord,
+    worker_id: str,
+    outcome: list[ImageRecord] | BaseException,
+    *,
+    on_terminal: TerminalHook | None,
+    storage: ImageStorage | None,
+) -> None:
+    if isinstance(outcome, JobCancelled):
         log.warning("task %s: run abandoned (lease lost or cancelled); its result is not recorded", task.task_id)
         return
-    except Exception as exc:
-        if isinstance(exc, JobError | StorageError | ValueError):
-            log.info("task %s failed: %s", task.task_id, exc)
+    if isinstance(outcome, BaseException):
+        if isinstance(outcome, JobError | StorageError | ValueError):
+            log.info("task %s failed: %s", task.task_id, outcome)
         else:
-            log.exception("task %s failed with an unexpected error", task.task_id)
-        if store.fail(task.task_id, worker_id, _failure_reason(exc)):
+            log.error("task %s failed with an unexpected error", task.task_id, exc_info=outcome)
+        reason = _failure_reason(outcome) if isinstance(outcome, Exception) else _short(repr(outcome))
+        if store.fail(task.task_id, worker_id, reason):
             notify_terminal(store, [task.task_id], on_terminal)
         return
-    if store.complete(task.task_id, worker_id, images):
+    if store.complete(task.task_id, worker_id, outcome):
         notify_terminal(store, [task.task_id], on_terminal)
         return
-    log.warning("task %s: lease lost before completion; discarding %d image(s)", task.task_id, len(images))
+    log.warning("task %s: lease lost before completion; discarding %d image(s)", task.task_id, len(outcome))
     if storage is not None:
-        delete_images(storage, images)
+        delete_images(storage, outcome)
+
+
+@dataclass(frozen=True)
+class BatchPolicy:
+    """How a worker claims work: batches of up to ``max_batch`` compatible tasks, gathered for up to ``window_s``
+    after the first, and model affinity bounded by ``max_affinity_wait_s`` (0: plain priority/age order)."""
+
+    max_batch: int = 1
+    window_s: float = 0.0
+    max_affinity_wait_s: float = 0.0
+
+    @classmethod
+    def from_settings(cls, settings: Settings, device_type: str | None = None) -> BatchPolicy:
+        window_ms = settings.batch_window_ms
+        if window_ms is None:
+            window_ms = 20 if device_type == "cuda" else 0
+        return cls(
+            max_batch=max(1, settings.max_batch),
+            window_s=max(0.0, window_ms / 1000),
+            max_affinity_wait_s=max(0.0, settings.max_affinity_wait_s),
+        )
+
+
+def runner_device_type(runner: object) -> str | None:
+    """ "cuda", "cpu" ... for a runner whose executor has a torch device; None when unknown (test runners)."""
+    device = getattr(getattr(runner, "executor", None), "device", None)
+    kind = getattr(device, "type", None)
+    return kind if isinstance(kind, str) else None
+
+
+class Claimer:
+    """Claims work for one runner (one model cache): the next task, preferring the model the runner has loaded,
+    plus its batch mates. ``loaded_model`` is the model key of what the runner ran last."""
+
+    def __init__(
+        self,
+        store: TaskStore,
+        worker_id: str,
+        policy: BatchPolicy,
+        lanes: tuple[str, ...] | None = None,
+        *,
+        sleep: Callable[[float], None] = time.sleep,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.store = store
+        self.worker_id = worker_id
+        self.policy = policy
+        self.lanes = lanes
+        self.loaded_model: str | None = None
+        self._sleep = sleep
+        self._clock = clock
+
+    def next(self) -> list[TaskRecord]:
+        """The next task by priority, age and model affinity, with its mates; [] when nothing is queued."""
+        prefer = self.loaded_model if self.policy.max_affinity_wait_s > 0 else None
+        task = self.store.claim(
+            None, self.worker_id, self.lanes, prefer_model=prefer, max_wait_s=self.policy.max_affinity_wait_s
+        )
+        return [] if task is None else [task, *self.mates(task)]
+
+    def named(self, task_id: str) -> list[TaskRecord]:
+        """``task_id`` (a broker delivery) with its mates; [] when it cannot be claimed here."""
+        task = self.store.claim(task_id, self.worker_id, self.lanes)
+        return [] if task is None else [task, *self.mates(task)]
+
+    def mates(self, task: TaskRecord) -> list[TaskRecord]:
+        """Queued tasks that can share ``task``'s sampler call, claimed within the batch window."""
+        want = self.policy.max_batch - 1
+        if want < 1 or task.batch_key is None:
+            return []
+        deadline = self._clock() + self.policy.window_s
+        mates: list[TaskRecord] = []
+        while True:
+            mates += self.store.claim_batch(task.batch_key, self.worker_id, want - len(mates), self.lanes)
+            left = deadline - self._clock()
+            if len(mates) >= want or left <= 0:
+                return mates
+            self._sleep(min(0.005, left))
+
+    def ran(self, tasks: Sequence[TaskRecord]) -> None:
+        if tasks and tasks[0].model_key is not None:
+            self.loaded_model = tasks[0].model_key
 
 
 def process_task(
@@ -175,18 +321,44 @@ def process_task(
     worker_id: str | None = None,
     on_terminal: TerminalHook | None = None,
     storage: ImageStorage | None = None,
+    claimer: Claimer | None = None,
 ) -> TaskRecord | None:
     """Claim ``task_id`` and run it in this thread (the entry point for a Celery task).
 
-    Returns the task as recorded afterwards, or None when it could not be claimed (finished, running under a
-    live lease elsewhere, or unknown): a redelivered message then simply does nothing. Only a short-lived
+    Returns the task as recorded afterwards, or None when this call did not run it (finished, running under a
+    live lease elsewhere, unknown, or claimed by this worker as another task's batch mate): a redelivered
+    message, or the message of a task that already ran in a batch, then simply does nothing. Only a short-lived
     lease-renewal thread is used, joined before returning.
+
+    With a ``claimer`` the task runs together with queued batch mates, and while it is still queued the worker
+    first takes queued work for the model it has loaded (``Claimer.next``: bounded by ``max_affinity_wait_s``).
     """
-    wid = worker_id or default_worker_id()
-    task = store.claim(task_id, wid)
-    if task is None:
-        return None
-    run_claimed(store, task, wid, runner, on_terminal=on_terminal, storage=storage)
+    if claimer is None:
+        wid = worker_id or default_worker_id()
+        task = store.claim(task_id, wid)
+        if task is None:
+            return None
+        run_claimed(store, task, wid, runner, on_terminal=on_terminal, storage=storage)
+        return store.get(task_id)
+    wid = claimer.worker_id
+    ran_it = False
+    if claimer.loaded_model is not None and claimer.policy.max_affinity_wait_s > 0:
+        while True:
+            current = store.get(task_id)
+            if current is None or current.status != TaskStatus.QUEUED:
+                break
+            tasks = claimer.next()
+            if not tasks:
+                break
+            claimer.ran(tasks)
+            run_claimed_batch(store, tasks, wid, runner, on_terminal=on_terminal, storage=storage)
+            ran_it = ran_it or any(t.task_id == task_id for t in tasks)
+    if not ran_it:
+        tasks = claimer.named(task_id)
+        if not tasks:
+            return None
+        claimer.ran(tasks)
+        run_claimed_batch(store, tasks, wid, runner, on_terminal=on_terminal, storage=storage)
     return store.get(task_id)
 
 
@@ -211,6 +383,7 @@ class Worker:
         storage: ImageStorage | None = None,
         poll_interval: float = 1.0,
         sweep_interval: float | None = None,
+        policy: BatchPolicy | None = None,
     ) -> None:
         self.store = store
         self.runner = runner
@@ -221,6 +394,8 @@ class Worker:
         self.storage = storage
         self.poll_interval = poll_interval
         self.sweep_interval = sweep_interval if sweep_interval is not None else max(1.0, settings.lease_seconds / 4)
+        self.policy = policy or BatchPolicy.from_settings(settings, runner_device_type(runner))
+        self.claimer = Claimer(store, self.worker_id, self.policy, lanes)
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -229,14 +404,17 @@ class Worker:
         return self._thread is not None and self._thread.is_alive()
 
     def run_once(self) -> bool:
-        """Claim the next task (priority, then age) and run it. False when nothing was queued."""
-        task = self.store.claim(None, self.worker_id, self.lanes)
-        if task is None:
+        """Claim the next task (priority, model affinity, age) with its batch mates and run them. False when
+        nothing was queued."""
+        tasks = self.claimer.next()
+        if not tasks:
             return False
-        log.info("task %s: attempt %d on %s", task.task_id, task.attempts, self.worker_id)
-        run_claimed(
+        for task in tasks:
+            log.info("task %s: attempt %d on %s (batch of %d)", task.task_id, task.attempts, self.worker_id, len(tasks))
+        self.claimer.ran(tasks)
+        run_claimed_batch(
             self.store,
-            task,
+            tasks,
             self.worker_id,
             self.runner,
             on_terminal=self.on_terminal,

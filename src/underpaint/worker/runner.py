@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
-from underpaint.engine.job import Executor, GeneratedImage, Progress
+from underpaint.engine.job import Executor, GeneratedImage, GenerationJob, Progress
 from underpaint.engine.metadata import CONTENT_TYPES, encode_image
 from underpaint.services import Services
 from underpaint.tasks.types import ImageRecord, NsfwResult, TaskRecord
@@ -21,6 +21,13 @@ from underpaint.worker.jobs import job_from_payload
 log = logging.getLogger(__name__)
 
 Reporter = Callable[[int, int], None]
+
+
+def _progress(report: Reporter) -> Callable[[Progress], None]:
+    def on_progress(p: Progress) -> None:
+        report(int(p.fraction * 100), round(p.eta_seconds))
+
+    return on_progress
 
 
 class GenerationRunner:
@@ -33,16 +40,40 @@ class GenerationRunner:
 
     def run(self, task: TaskRecord, payload: dict[str, Any], report: Reporter) -> list[ImageRecord]:
         job = job_from_payload(payload, task.seed)
-
-        def on_progress(p: Progress) -> None:
-            report(int(p.fraction * 100), round(p.eta_seconds))
-
         # The reporter knows when this worker lost its lease (another worker took the task over).
         should_cancel = getattr(report, "should_cancel", None)
-        images = self.executor.generate(job, on_progress=on_progress, should_cancel=should_cancel)
+        images = self.executor.generate(job, on_progress=_progress(report), should_cancel=should_cancel)
         verdicts = self._detect(task, images)
         records = self._store(task, images, verdicts)
         return records
+
+    def run_batch(
+        self, items: Sequence[tuple[TaskRecord, dict[str, Any], Reporter]]
+    ) -> list[list[ImageRecord] | BaseException]:
+        """Compatible tasks in one ``Executor.generate_batch`` call; each task's outcome on its own (its images, or
+        the exception that ended it: an unusable payload, a failed generation, a failed upload)."""
+        outcomes: list[list[ImageRecord] | BaseException | None] = [None] * len(items)
+        jobs: list[GenerationJob] = []
+        ready: list[int] = []
+        for i, (task, payload, _) in enumerate(items):
+            try:
+                jobs.append(job_from_payload(payload, task.seed))
+                ready.append(i)
+            except Exception as exc:
+                outcomes[i] = exc
+        progress = [_progress(items[i][2]) for i in ready]
+        cancels = [getattr(items[i][2], "should_cancel", None) for i in ready]
+        results = self.executor.generate_batch(jobs, on_progress=progress, should_cancel=cancels) if jobs else []
+        for i, result in zip(ready, results, strict=True):
+            if isinstance(result, BaseException):
+                outcomes[i] = result
+                continue
+            task = items[i][0]
+            try:
+                outcomes[i] = self._store(task, result, self._detect(task, result))
+            except Exception as exc:
+                outcomes[i] = exc
+        return [o if o is not None else RuntimeError("task was not run") for o in outcomes]
 
     def _detect(self, task: TaskRecord, images: list[GeneratedImage]) -> Future[list[NsfwResult]] | None:
         if not task.enable_nsfw_detection or self.nsfw is None:
