@@ -668,11 +668,13 @@ def _affinity_order(prefer_model: str | None, overdue_before: float | None) -> t
     then tasks for ``prefer_model``, then the rest by age. Without a preferred model: plain priority/age."""
     if prefer_model is None:
         return _CLAIM_ORDER
-    keys: list[Any] = [_t.c.priority.desc()]
-    if overdue_before is not None:
-        keys.append(case((_t.c.created_at < overdue_before, 0), else_=1))
-    keys.append(case((_t.c.model_key == prefer_model, 0), else_=1))
-    return (*keys, _t.c.created_at, _t.c.task_id)
+    match = _t.c.model_key == prefer_model
+    if overdue_before is None:
+        return (_t.c.priority.desc(), case((match, 0), else_=1), _t.c.created_at, _t.c.task_id)
+    overdue = _t.c.created_at < overdue_before
+    # Overdue tasks first and among themselves by age alone; then the loaded model's tasks.
+    first, preferred = case((overdue, 0), else_=1), case((overdue, 0), (match, 0), else_=1)
+    return (_t.c.priority.desc(), first, preferred, _t.c.created_at, _t.c.task_id)
 
 
 def _holder(worker_id: str) -> ColumnElement[bool]:
