@@ -333,7 +333,10 @@ def build_batch_model_fn(
         extra: dict[str, Any] = {}
         if any(batch.members[e.member].control is not None for e in group):
             extra = _control_residuals(batch, group, x_cat, t_cat, ehs, added, step_fraction())
-        return c.unet(x_cat, t_cat, encoder_hidden_states=ehs, added_cond_kwargs=added, return_dict=False, **extra)[0]
+        out: torch.Tensor = c.unet(
+            x_cat, t_cat, encoder_hidden_states=ehs, added_cond_kwargs=added, return_dict=False, **extra
+        )[0]
+        return out
 
     def model_fn(x_in: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         batch.poll_cancel()

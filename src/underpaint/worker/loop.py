@@ -123,7 +123,7 @@ class _LeaseKeeper:
                         r.mark_lost()
                 except Exception:
                     # A database hiccup: keep trying; the lease is long enough to survive a few misses.
-                    log.exception("lease renewal failed for task %s", r.task_id)
+                    log.exception("lease renewal failed for task %s", r.task_id, extra={"task_id": r.task_id})
 
 
 def default_worker_id() -> str:
@@ -178,6 +178,15 @@ def run_claimed_batch(
         items.append((task, payload, ProgressReporter(store, task.task_id, worker_id)))
     if not items:
         return
+    for task, _, _ in items:
+        log.info(
+            "task %s: attempt %d on %s (batch of %d)",
+            task.task_id,
+            task.attempts,
+            worker_id,
+            len(items),
+            extra={"task_id": task.task_id},
+        )
     with _LeaseKeeper(store, [r for _, _, r in items], interval=store.lease_seconds / 3):
         outcomes = _run(runner, items)
     for (task, _, _), outcome in zip(items, outcomes, strict=True):
@@ -211,14 +220,18 @@ def _record(
     on_terminal: TerminalHook | None,
     storage: ImageStorage | None,
 ) -> None:
+    # Named explicitly: in a batch, the code around may run under another task's log context.
+    about = {"task_id": task.task_id}
     if isinstance(outcome, JobCancelled):
-        log.warning("task %s: run abandoned (lease lost or cancelled); its result is not recorded", task.task_id)
+        log.warning(
+            "task %s: run abandoned (lease lost or cancelled); its result is not recorded", task.task_id, extra=about
+        )
         return
     if isinstance(outcome, BaseException):
         if isinstance(outcome, JobError | StorageError | ValueError):
-            log.info("task %s failed: %s", task.task_id, outcome)
+            log.info("task %s failed: %s", task.task_id, outcome, extra=about)
         else:
-            log.error("task %s failed with an unexpected error", task.task_id, exc_info=outcome)
+            log.error("task %s failed with an unexpected error", task.task_id, exc_info=outcome, extra=about)
         reason = _failure_reason(outcome) if isinstance(outcome, Exception) else _short(repr(outcome))
         if store.fail(task.task_id, worker_id, reason):
             notify_terminal(store, [task.task_id], on_terminal)
@@ -226,7 +239,9 @@ def _record(
     if store.complete(task.task_id, worker_id, outcome):
         notify_terminal(store, [task.task_id], on_terminal)
         return
-    log.warning("task %s: lease lost before completion; discarding %d image(s)", task.task_id, len(outcome))
+    log.warning(
+        "task %s: lease lost before completion; discarding %d image(s)", task.task_id, len(outcome), extra=about
+    )
     if storage is not None:
         delete_images(storage, outcome)
 
@@ -409,8 +424,6 @@ class Worker:
         tasks = self.claimer.next()
         if not tasks:
             return False
-        for task in tasks:
-            log.info("task %s: attempt %d on %s (batch of %d)", task.task_id, task.attempts, self.worker_id, len(tasks))
         self.claimer.ran(tasks)
         run_claimed_batch(
             self.store,

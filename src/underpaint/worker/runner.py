@@ -114,7 +114,7 @@ class GenerationRunner:
             try:
                 results = list(verdicts.result())
             except Exception:  # the detector failing must not lose the images
-                log.exception("NSFW detection failed for task %s", task.task_id)
+                log.exception("NSFW detection failed for task %s", task.task_id, extra={"task_id": task.task_id})
                 results = [NsfwResult(valid=False, confidence=0.0)] * len(records)
         return [
             ImageRecord(key=key, image_type=fmt, nsfw=verdict, backend=backend, location=location)
