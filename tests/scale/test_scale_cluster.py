@@ -1,7 +1,8 @@
 """Scale-out mode end to end, with real processes: two API nodes (``serve --no-worker --queue celery``) and two
 Celery workers on one PostgreSQL store, one Redis broker and one S3 bucket (moto server).
 
-The tests share one cluster and run in order: 40 tasks exactly once across both nodes; SIGKILL of the worker
+The tests share one cluster and run in order: 40 tasks exactly once across both nodes; compatible tasks batched
+by a worker (their own messages then do nothing); SIGKILL of the worker
 holding a task's lease; stop and restart of every process with tasks queued; routing by base model.
 """
 
@@ -87,7 +88,10 @@ def running(
     boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1").create_bucket(Bucket=bucket)
     receiver = WebhookReceiver()
     cluster = Cluster(tmp_path_factory.mktemp("cluster"), tiny_models_dir, pg_url, redis_url, s3_endpoint, bucket,
-                      extra_env={"UNDERPAINT_WEBHOOK_ALLOW_HOSTS": f"127.0.0.1:{receiver.port}"})  # fmt: skip
+                      extra_env={"UNDERPAINT_WEBHOOK_ALLOW_HOSTS": f"127.0.0.1:{receiver.port}",
+                                 # batching on (the default max_batch 4), with a window that gathers what the
+                                 # test submits one request at a time
+                                 "UNDERPAINT_BATCH_WINDOW_MS": "300"})  # fmt: skip
     run = Running(cluster, SqlTaskStore(pg_url), receiver)
     try:
         run.start_apis(2)
@@ -170,6 +174,26 @@ def test_forty_tasks_across_two_api_nodes_run_exactly_once(running: Running) -> 
     assert "underpaint_queue_depth" in metrics
     health = httpx.get(running.apis[1].url + "/health", timeout=30).json()
     assert health["checks"] == {"store": "ok", "broker": "ok"}
+
+
+def test_compatible_tasks_share_a_sampler_call_and_their_messages_do_nothing_more(running: Running) -> None:
+    ids = [running.apis[i % 2].submit(steps=4, seed=300 + i, webhook=running.receiver.url) for i in range(8)]
+    bodies = wait_all(running.apis[0], ids, timeout=300, procs=running.procs)
+    _assert_exactly_once(running, bodies, dict.fromkeys(ids, 1))
+    assert {running.record(t).attempts for t in ids} == {1}  # a mate's own message later found it claimed/done
+    sizes: dict[str, int] = {}
+    for w in running.workers:
+        for line in w.log_path.read_text().splitlines():
+            if line.startswith("{") and "(batch of " in (row := json.loads(line))["message"]:
+                sizes[row["task_id"]] = int(row["message"].rsplit("(batch of ", 1)[1].rstrip(")"))
+    assert set(ids) <= set(sizes)
+    assert max(sizes[t] for t in ids) > 1, sizes
+    deadline = time.monotonic() + 60
+    while not set(ids) <= set(running.receiver.task_ids()) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    time.sleep(1.0)
+    hooks = running.receiver.task_ids()
+    assert sorted(t for t in hooks if t in ids) == sorted(ids)  # one webhook per task
 
 
 def test_sigkill_worker_mid_task_completes_on_the_other(running: Running) -> None:
