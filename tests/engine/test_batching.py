@@ -147,7 +147,8 @@ def test_batch_runs_one_sampler_call(executor: DiffusersExecutor, monkeypatch: p
 
     def counting(*args: Any, **kw: Any) -> torch.Tensor:
         calls.append(int(args[3].shape[0]))
-        return real(*args, **kw)
+        out: torch.Tensor = real(*args, **kw)
+        return out
 
     monkeypatch.setattr(pipeline, "sample_img2img", counting)
     executor.generate_batch(mixed_jobs("DPM++ 2M"))
@@ -170,7 +171,8 @@ def test_dpm_adaptive_jobs_run_alone_and_equal_their_solo_runs(
 
     def counting(*args: Any, **kw: Any) -> torch.Tensor:
         calls.append(int(args[3].shape[0]))
-        return real(*args, **kw)
+        out: torch.Tensor = real(*args, **kw)
+        return out
 
     monkeypatch.setattr(pipeline, "sample_img2img", counting)
     jobs = mixed_jobs("DPM adaptive")
@@ -251,7 +253,8 @@ def test_a_failing_batch_is_retried_job_by_job(executor: DiffusersExecutor, monk
         sizes.append(len(batch.members))
         if len(batch.members) > 1:
             raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
-        return real(c, spec, batch)
+        out: torch.Tensor = real(c, spec, batch)
+        return out
 
     monkeypatch.setattr(pipeline, "_sample", oom_when_batched)
     jobs = mixed_jobs("Euler a")
@@ -318,3 +321,75 @@ def test_every_job_cancelled_ends_the_call(executor: DiffusersExecutor) -> None:
     assert all(isinstance(o, JobCancelled) for o in outcomes)
     with pytest.raises(JobCancelled):
         executor.generate(job(), should_cancel=lambda: True)
+
+
+# -- the worker path: store -> claim a batch -> GenerationRunner.run_batch -> stored images ----------------------
+
+
+def test_worker_batch_end_to_end_with_a_bad_input_failing_alone(
+    executor: DiffusersExecutor, tiny_models_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import base64
+    import io
+
+    from underpaint.tasks.types import NewTask, TaskStatus
+    from underpaint.wiring import build_services
+    from underpaint.worker.jobs import job_from_payload
+    from underpaint.worker.loop import BatchPolicy, Worker
+    from underpaint.worker.runner import GenerationRunner
+
+    models = tmp_path / "models"
+    models.mkdir()
+    for sub in tiny_models_dir.iterdir():
+        (models / sub.name).symlink_to(sub, target_is_directory=sub.is_dir())
+    settings = Settings(data_dir=tmp_path / "data", models_dir=models, torch_threads=1, run_worker=False)
+    services = build_services(settings)
+
+    def png(seed: int) -> str:
+        buf = io.BytesIO()
+        picture(seed).save(buf, format="PNG")
+        return base64.b64encode(buf.getvalue()).decode()
+
+    def payload(i: int, image: str) -> dict[str, Any]:
+        return {
+            "model_name": "tiny-sd15.safetensors", "image_base64": image, "prompt": [LONG_PROMPT, "a cat", "a dog"][i % 3],
+            "negative_prompt": "", "width": SIZE, "height": SIZE, "image_num": 1 + i % 2, "steps": 6,
+            "guidance_scale": 7.0 - i, "sampler_name": "Euler a", "seed": 50 + i, "sd_vae": None, "clip_skip": 1,
+            "strength": 0.75, "loras": [], "embeddings": [], "controlnet": None, "ip_adapters": [],
+        }  # fmt: skip
+
+    payloads = [payload(0, png(0)), payload(1, "bm90IGFuIGltYWdl"), payload(2, png(2)), payload(3, png(3))]
+    ids = []
+    for i, p in enumerate(payloads):
+        ids.append(f"task-{i}")
+        task = NewTask(
+            task_id=ids[-1], owner="o", seed=p["seed"], enable_nsfw_detection=False, response_image_type="png",
+            extra={}, payload=p, image_num=p["image_num"],
+        )  # fmt: skip
+        services.store.create(task)
+    batches: list[int] = []
+    real = executor.generate_batch
+
+    def spy(jobs: Any, *a: Any, **kw: Any) -> list[JobOutcome]:
+        batches.append(len(jobs))
+        out: list[JobOutcome] = real(jobs, *a, **kw)
+        return out
+
+    monkeypatch.setattr(executor, "generate_batch", spy)
+    runner = GenerationRunner(services, executor)
+    worker = Worker(services.store, runner, settings, worker_id="w", policy=BatchPolicy(4, 0.0, 30.0))
+    assert worker.run_once()
+    assert batches == [3]  # the bad payload failed before the engine; the others shared one call
+    bad = services.store.get(ids[1])
+    assert bad is not None
+    assert bad.status is TaskStatus.FAILED
+    assert "image_base64" in bad.reason
+    monkeypatch.setattr(executor, "generate_batch", real)
+    for i in (0, 2, 3):
+        record = services.store.get(ids[i])
+        assert record is not None
+        assert record.status is TaskStatus.SUCCEED, record.reason
+        assert record.progress_percent == 100
+        stored = [Image.open(io.BytesIO(services.storage.get(img.key))).convert("RGB") for img in record.images]
+        solo = executor.generate(job_from_payload(payloads[i], payloads[i]["seed"]))
+        assert_same([GeneratedImage(im, 0, "") for im in stored], solo)

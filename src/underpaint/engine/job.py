@@ -13,6 +13,8 @@ from typing import Protocol
 
 from PIL import Image
 
+from underpaint.vocabulary import normalize_sampler_name
+
 
 @dataclass(frozen=True)
 class LoraSpec:
@@ -109,8 +111,6 @@ def batch_key(job: GenerationJob) -> tuple[object, ...]:
     """Jobs with equal keys can share one sampler call: same model, VAE, LoRAs, size, schedule, ControlNet and
     IP-Adapter configuration. Prompts, seeds, ``image_num``, guidance scale and the adapters' images may differ.
     A DPM adaptive job's key is unique to it (never batched)."""
-    from underpaint.vocabulary import normalize_sampler_name
-
     sampler = normalize_sampler_name(job.sampler_name) or job.sampler_name
     key: tuple[object, ...] = (
         job.checkpoint,
