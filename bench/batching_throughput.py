@@ -38,9 +38,9 @@ from typing import Any
 import httpx
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT / "src"), str(ROOT / "tests" / "e2e")]
+sys.path[:0] = [str(ROOT / "src"), str(ROOT)]
 
-from _server import LiveServer, make_png  # noqa: E402
+from tests.support.server import LiveServer, make_png  # noqa: E402
 
 HEADERS = {"Authorization": "Bearer key-a"}
 THROUGHPUT_TARGET, LOADS_TARGET, MIXED_TIME_TARGET, LATENCY_TARGET = 0.75, 4.0, 0.7, 1.05

@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from underpaint.engine.registry import ModelRegistry
 
 from underpaint.config import Settings
 from underpaint.engine import pipeline
@@ -37,9 +38,8 @@ from underpaint.engine.job import (
     JobOutcome,
     Progress,
 )
-from underpaint.engine.registry import ModelRegistry
 from underpaint.engine.samplers import sample_img2img
-from underpaint.vocabulary import SAMPLER_NAMES
+from underpaint.vocabulary import SAMPLER_NAMES, PreprocessorName, SamplerName
 
 SIZE = 64
 LONG_PROMPT = ", ".join(f"detail {i} of a very ornate baroque cathedral interior" for i in range(14))  # > 75 tokens
@@ -72,7 +72,7 @@ def job(**kw: Any) -> GenerationJob:
         image_num=1,
         steps=6,
         guidance_scale=7.0,
-        sampler_name="Euler a",
+        sampler_name=SamplerName("Euler a"),
         seed=100,
         strength=0.75,
     )
@@ -198,7 +198,11 @@ def test_controlnet_maps_stay_per_job(executor64: DiffusersExecutor) -> None:
         return Image.fromarray(arr)
 
     def unit(image: Image.Image) -> tuple[ControlNetUnitSpec, ...]:
-        return (ControlNetUnitSpec(model="control_v11p_sd15_canny", image=image, strength=1.0, preprocessor="canny"),)
+        return (
+            ControlNetUnitSpec(
+                model="control_v11p_sd15_canny", image=image, strength=1.0, preprocessor=PreprocessorName("canny")
+            ),
+        )
 
     jobs = [
         job(seed=1, controlnets=unit(square(16, 48)), sampler_name="Euler"),
@@ -231,7 +235,11 @@ def test_a_job_failing_in_preparation_never_fails_its_mates(executor: DiffusersE
     bad_embedding = job(seed=2, embeddings=(EmbeddingSpec("no-such-embedding.pt"),))
     bad_preprocessor = job(
         seed=3,
-        controlnets=(ControlNetUnitSpec("control_v11p_sd15_canny", picture(3), preprocessor="no-such-preprocessor"),),
+        controlnets=(
+            ControlNetUnitSpec(
+                "control_v11p_sd15_canny", picture(3), preprocessor=PreprocessorName("no-such-preprocessor")
+            ),
+        ),
     )
     good = [job(seed=1), job(seed=4, prompt="a green tree")]
     outcomes = executor.generate_batch([good[0], bad_embedding, good[1]])
@@ -333,7 +341,7 @@ def test_worker_batch_end_to_end_with_a_bad_input_failing_alone(
     import io
 
     from underpaint.tasks.types import NewTask, TaskStatus
-    from underpaint.wiring import build_services
+    from underpaint.wiring import build_core
     from underpaint.worker.jobs import job_from_payload
     from underpaint.worker.loop import BatchPolicy, Worker
     from underpaint.worker.runner import GenerationRunner
@@ -343,7 +351,8 @@ def test_worker_batch_end_to_end_with_a_bad_input_failing_alone(
     for sub in tiny_models_dir.iterdir():
         (models / sub.name).symlink_to(sub, target_is_directory=sub.is_dir())
     settings = Settings(data_dir=tmp_path / "data", models_dir=models, torch_threads=1, run_worker=False)
-    services = build_services(settings)
+    core = build_core(settings)
+    services = core.services
 
     def png(seed: int) -> str:
         buf = io.BytesIO()
@@ -376,7 +385,7 @@ def test_worker_batch_end_to_end_with_a_bad_input_failing_alone(
         return out
 
     monkeypatch.setattr(executor, "generate_batch", spy)
-    runner = GenerationRunner(services, executor)
+    runner = GenerationRunner(settings, services.storage, executor)
     worker = Worker(services.store, runner, settings, worker_id="w", policy=BatchPolicy(4, 0.0, 30.0))
     assert worker.run_once()
     assert batches == [3]  # the bad payload failed before the engine; the others shared one call

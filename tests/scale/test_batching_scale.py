@@ -6,7 +6,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from sqlalchemy import text
@@ -15,6 +15,7 @@ from underpaint.scale.metrics import WORKER_REGISTRY, InstrumentedRunner
 from underpaint.tasks.batching import model_key
 from underpaint.tasks.store import SqlTaskStore
 from underpaint.tasks.types import ImageRecord, NewTask, TaskRecord, TaskStatus
+from underpaint.worker.loop import ProgressReporter
 
 pytestmark = pytest.mark.services
 
@@ -98,6 +99,8 @@ def test_affinity_and_its_bound_on_postgresql(store: SqlTaskStore) -> None:
 
 
 class Batches:
+    checkpoint_loads = 0
+
     def run(self, task: TaskRecord, payload: dict[str, Any], report: Any) -> list[ImageRecord]:
         return [ImageRecord(key=f"{task.task_id}/0.png", image_type="png")]
 
@@ -124,7 +127,7 @@ def test_metrics_batch_sizes_queue_waits_and_model_switches() -> None:
     bucket = _value("underpaint_batch_size_bucket", {"le": "3.0"})
     waits = _value("underpaint_queue_wait_seconds_count"), _value("underpaint_queue_wait_seconds_sum")
     switches = _value("underpaint_model_switches_total")
-    report = lambda *_: None  # noqa: E731
+    report = cast(ProgressReporter, object())  # never called by InstrumentedRunner itself
     runner.run_batch([(task("a", 1.0), {}, report), (task("a", 2.0), {}, report), (task("a", 3.0), {}, report)])
     runner.run(task("b", 0.5), {}, report)  # a switch
     runner.run_batch([(task("b", 0.5), {}, report)] * 2)  # same model: no switch

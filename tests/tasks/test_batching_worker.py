@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from underpaint.config import Settings
-from underpaint.engine.job import JobCancelled, JobError
+from underpaint.engine.job import JobCancelled, JobError, Progress
 from underpaint.tasks.batching import batch_key, model_key
 from underpaint.tasks.store import SqlTaskStore
 from underpaint.tasks.types import ImageRecord, NewTask, TaskRecord, TaskStatus
@@ -109,7 +109,7 @@ class BatchRunner:
         self.batches.append([t.task_id for t, _, _ in items])
         out: list[Outcome] = []
         for i, (task, _, report) in enumerate(items):
-            report(10 * (i + 1), i)  # each task's own progress
+            report(Progress(0.1 * (i + 1), i))  # each task's own progress
             if task.task_id in self.fail:
                 out.append(JobError(f"bad input image in {task.task_id}"))
             elif task.task_id in self.cancel:
@@ -273,7 +273,7 @@ def test_each_task_of_a_batch_reports_its_own_progress(store: SqlTaskStore, cloc
     class Peek(BatchRunner):
         def run_batch(self, items: Sequence[tuple[TaskRecord, dict[str, Any], ProgressReporter]]) -> list[Outcome]:
             for i, (_, _, report) in enumerate(items):
-                report(20 + i, 5 - i)
+                report(Progress((20 + i) / 100, 5 - i))
             for tid in ids:
                 r = store.get(tid)
                 assert r is not None

@@ -23,6 +23,7 @@ from PIL import Image
 from underpaint.engine.conditioning import Conditioning, TextEncoderBundle, encode_prompt
 from underpaint.engine.job import UNBATCHABLE_SAMPLERS, GenerationJob, JobCancelled, Progress, ProgressCallback
 from underpaint.engine.samplers import DiscreteSchedule, NoiseSource, normalize_sampler_name, sample_img2img
+from underpaint.vocabulary import SamplerName
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +51,7 @@ class PipelineInputs:
     seeds: list[int]
     steps: int
     guidance_scale: float
-    sampler_name: str
+    sampler_name: SamplerName
     strength: float
     clip_skip: int = 1
     token_expansions: dict[str, list[str]] = field(default_factory=dict)
@@ -150,7 +151,7 @@ class BatchSpec:
     width: int
     height: int
     steps: int
-    sampler_name: str
+    sampler_name: SamplerName
     strength: float
 
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
 from underpaint.config import Settings
-from underpaint.engine.job import JobCancelled, JobError
+from underpaint.engine.job import JobCancelled, JobError, Progress
 from underpaint.storage.base import ImageStorage, StorageError
 from underpaint.tasks.lifecycle import TerminalHook, delete_images, notify_terminal, sweep_expired
 from underpaint.tasks.queue import LocalQueue
@@ -34,7 +34,7 @@ _MAX_REASON = 1000
 
 
 class ProgressReporter:
-    """Passed to the runner: ``report(progress_percent, eta_seconds)`` writes progress to the store.
+    """Passed to the runner as the executor's progress callback: ``report(Progress)`` writes progress to the store.
 
     Writes are throttled to one per ``min_interval`` seconds, except 100 % which is always written. When the
     store says this worker no longer holds the task, the call raises ``JobCancelled``; ``should_cancel`` is the
@@ -64,7 +64,9 @@ class ProgressReporter:
     def should_cancel(self) -> bool:
         return self._lost.is_set()
 
-    def __call__(self, progress_percent: int, eta_seconds: int) -> None:
+    def __call__(self, progress: Progress) -> None:
+        progress_percent = min(100, max(0, int(progress.fraction * 100)))
+        eta_seconds = max(0, round(progress.eta_seconds))
         if self._lost.is_set():
             raise JobCancelled(f"task {self.task_id}: this worker lost its lease")
         now = self.clock()
@@ -267,13 +269,6 @@ class BatchPolicy:
         )
 
 
-def runner_device_type(runner: object) -> str | None:
-    """ "cuda", "cpu" ... for a runner whose executor has a torch device; None when unknown (test runners)."""
-    device = getattr(getattr(runner, "executor", None), "device", None)
-    kind = getattr(device, "type", None)
-    return kind if isinstance(kind, str) else None
-
-
 class Claimer:
     """Claims work for one runner (one model cache): the next task, preferring the model the runner has loaded,
     plus its batch mates. ``loaded_model`` is the model key of what the runner ran last."""
@@ -409,7 +404,7 @@ class Worker:
         self.storage = storage
         self.poll_interval = poll_interval
         self.sweep_interval = sweep_interval if sweep_interval is not None else max(1.0, settings.lease_seconds / 4)
-        self.policy = policy or BatchPolicy.from_settings(settings, runner_device_type(runner))
+        self.policy = policy or BatchPolicy.from_settings(settings)
         self.claimer = Claimer(store, self.worker_id, self.policy, lanes)
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
