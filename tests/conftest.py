@@ -66,3 +66,12 @@ def tiny_models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     dest = tmp_path_factory.mktemp("models") / "models"
     shutil.copytree(_cached_demo_models(), dest, ignore=shutil.ignore_patterns(".complete"))
     return dest
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Whole-service tests (``tests/e2e``: real servers, SDKs, browsers) are ``slow``, so that
+    ``-m "not slow and not services"`` is a fast tier for everyday work. CI runs every test."""
+    e2e = Path(__file__).parent / "e2e"
+    for item in items:
+        if e2e in Path(str(item.path)).parents:
+            item.add_marker(pytest.mark.slow)
