@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from underpaint.engine.registry import ModelRegistry
+from underpaint.registry import ModelRegistry
 
 from underpaint.config import Settings
 from underpaint.engine import pipeline

@@ -22,8 +22,8 @@ from PIL import Image
 
 from underpaint.engine.conditioning import Conditioning, TextEncoderBundle, encode_prompt
 from underpaint.engine.job import UNBATCHABLE_SAMPLERS, GenerationJob, JobCancelled, Progress, ProgressCallback
-from underpaint.engine.samplers import DiscreteSchedule, NoiseSource, normalize_sampler_name, sample_img2img
-from underpaint.vocabulary import SamplerName
+from underpaint.engine.samplers import DiscreteSchedule, NoiseSource, sample_img2img
+from underpaint.vocabulary import SamplerName, normalize_sampler_name
 
 log = logging.getLogger(__name__)
 
