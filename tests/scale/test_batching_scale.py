@@ -86,14 +86,14 @@ def test_concurrent_batch_claims_never_overlap(store: SqlTaskStore) -> None:
 
 def test_affinity_and_its_bound_on_postgresql(store: SqlTaskStore) -> None:
     old_b = add(store, model="b.safetensors")
-    time.sleep(0.05)
+    time.sleep(0.6)
     a = add(store)
     prefer = model_key(payload())
     first = store.claim(None, "w", ("sd15",), prefer_model=prefer, max_wait_s=30)
     assert first is not None
     assert first.task_id == a
-    add(store)
-    overdue = store.claim(None, "w", ("sd15",), prefer_model=prefer, max_wait_s=0.01)
+    add(store)  # fresh, for the loaded model
+    overdue = store.claim(None, "w", ("sd15",), prefer_model=prefer, max_wait_s=0.3)
     assert overdue is not None
     assert overdue.task_id == old_b
 

@@ -205,14 +205,29 @@ def test_affinity_prefers_the_loaded_model_until_a_task_waited_too_long(store: S
     got = store.claim(None, "w", prefer_model=prefer, max_wait_s=10)
     assert got is not None
     assert got.task_id == a1
-    a2 = add(store, clock)
     clock.now += 11  # old_b has now waited longer than 10 s
+    a2 = add(store, clock)
     got = store.claim(None, "w", prefer_model=prefer, max_wait_s=10)
     assert got is not None
     assert got.task_id == old_b
     got = store.claim(None, "w", prefer_model=prefer, max_wait_s=10)
     assert got is not None
     assert got.task_id == a2
+
+
+def test_an_overdue_backlog_is_drained_model_by_model(store: SqlTaskStore, clock: Clock) -> None:
+    """Everything waited too long (a burst bigger than the bound): the loaded model's overdue tasks go first, then
+    the other model's, oldest first, instead of alternating A, B, A, B (one checkpoint load per task)."""
+    ids = [add(store, clock, model=m) for m in ("a.safetensors", "b.safetensors") * 3]
+    clock.now += 100
+    prefer = model_key(payload(model="b.safetensors"))
+    order = []
+    for _ in ids:
+        got = store.claim(None, "w", prefer_model=prefer, max_wait_s=10)
+        assert got is not None
+        order.append(got.task_id)
+        prefer = got.model_key
+    assert order == [ids[1], ids[3], ids[5], ids[0], ids[2], ids[4]]
 
 
 # -- the embedded worker ----------------------------------------------------------------------------------------

@@ -664,17 +664,22 @@ _CLAIM_ORDER = (_t.c.priority.desc(), _t.c.created_at, _t.c.task_id)
 
 
 def _affinity_order(prefer_model: str | None, overdue_before: float | None) -> tuple[Any, ...]:
-    """Claim order with model affinity: within a priority, tasks that waited past the bound first (oldest first),
-    then tasks for ``prefer_model``, then the rest by age. Without a preferred model: plain priority/age."""
+    """Claim order with model affinity, within a priority: tasks that waited past the bound first (those for
+    ``prefer_model`` before the others, then by age), then tasks for ``prefer_model``, then the rest by age.
+
+    Overdue tasks of the loaded model go before overdue tasks of other models so that a backlog in which everything
+    is overdue is drained model by model instead of alternating (a checkpoint load per task). A task for another
+    model therefore waits at most the bound plus the time to run the loaded model's tasks that are overdue too.
+    Without a preferred model: plain priority/age.
+    """
     if prefer_model is None:
         return _CLAIM_ORDER
     match = _t.c.model_key == prefer_model
     if overdue_before is None:
         return (_t.c.priority.desc(), case((match, 0), else_=1), _t.c.created_at, _t.c.task_id)
     overdue = _t.c.created_at < overdue_before
-    # Overdue tasks first and among themselves by age alone; then the loaded model's tasks.
-    first, preferred = case((overdue, 0), else_=1), case((overdue, 0), (match, 0), else_=1)
-    return (_t.c.priority.desc(), first, preferred, _t.c.created_at, _t.c.task_id)
+    rank = case((overdue & match, 0), (overdue, 1), (match, 2), else_=3)
+    return (_t.c.priority.desc(), rank, _t.c.created_at, _t.c.task_id)
 
 
 def _holder(worker_id: str) -> ColumnElement[bool]:
