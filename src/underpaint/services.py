@@ -5,13 +5,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from underpaint.config import Settings
 from underpaint.engine.registry import ModelRegistry
 from underpaint.storage.base import ImageStorage
-from underpaint.tasks.types import TaskQueue, TaskStore
+from underpaint.tasks.types import TaskQueue, TaskRecord, TaskStore
 
 
 @dataclass
@@ -24,4 +25,6 @@ class Services:
     # Optional collaborators, filled in by the features that need them (webhooks, rate limits, metrics ...).
     webhooks: Any = None
     rate_limiter: Any = None
+    # Called once when a task ends outside a worker (a queued task cancelled by its owner): queues its webhook.
+    on_terminal: Callable[[TaskRecord], None] | None = None
     extras: dict[str, Any] = field(default_factory=dict)

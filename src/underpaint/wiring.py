@@ -88,6 +88,7 @@ def build_services(settings: Settings, queue: TaskQueue | None = None) -> Servic
     secret_for = make_secret_for(settings, secret, owner_of)
     services.webhooks = WebhookDispatcher(store.engine, settings, secret_for, store=store, storage=storage)
     services.rate_limiter = RateLimiter(settings, store)
+    services.on_terminal = on_terminal_hook(services)
     services.extras["validate_custom_storage"] = validate_custom_storage
     services.extras["check_preprocessor"] = lambda name: _preprocessor_problem(name, registry)
     services.extras["url_resolvers"] = {"custom": lambda image, ttl: presign_custom(image, ttl, settings)}
@@ -136,7 +137,11 @@ class Service:
             self.worker.start()
         self.services.webhooks.start()
         self.sweeper = RetentionSweeper(
-            self.services.store, self.services.storage, s.retention_seconds, also_purge=[self.services.webhooks.purge]
+            self.services.store,
+            self.services.storage,
+            s.retention_seconds,
+            also_purge=[self.services.webhooks.purge],
+            purge_idempotency=self.services.store.purge_idempotency_keys,
         )
         self.sweeper.start()
 

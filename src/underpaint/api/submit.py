@@ -16,11 +16,12 @@ from typing import Any, cast
 from underpaint.api.auth import Caller
 from underpaint.api.context import ApiContext
 from underpaint.api.errors import invalid_request
+from underpaint.api.idempotency import idempotency_key, replay
 from underpaint.api.images import decode_image
 from underpaint.api.schemas import Img2ImgBody, Img2ImgRequest, parse_body
 from underpaint.engine.registry import ModelEntry, ModelRegistry
 from underpaint.scale.routing import task_lane
-from underpaint.tasks.types import NewTask
+from underpaint.tasks.types import IdempotencyKeyTaken, NewTask
 
 MAX_BODY_BYTES = 100 * 1024 * 1024  # init image + 5 ControlNet images + 1 IP-Adapter image, as base64
 DEDICATED_PRIORITY = 10
@@ -44,10 +45,19 @@ def parse_json(raw: bytes) -> Any:
         raise invalid_request(f"request body is not valid JSON: {exc}") from None
 
 
-def submit_img2img(ctx: ApiContext, caller: Caller, raw: bytes, base_url: str) -> dict[str, str]:
-    body = parse_body(Img2ImgBody, parse_json(raw))
-    req, extra = body.request, body.extra
+def submit_img2img(
+    ctx: ApiContext, caller: Caller, raw: bytes, base_url: str, idempotency_header: str | None = None
+) -> dict[str, str]:
+    data = parse_json(raw)
     services = ctx.services
+    idem = idempotency_key(idempotency_header, data)
+    if idem is not None:
+        # A retry of a request already accepted answers at once: no validation, no rate limit, no second task.
+        taken = services.store.find_idempotent(caller.owner, idem.key)
+        if taken is not None:
+            return replay(taken, idem)
+    body = parse_body(Img2ImgBody, data)
+    req, extra = body.request, body.extra
     if services.rate_limiter is not None:
         services.rate_limiter.check(api_key=caller.api_key, owner=caller.owner, image_num=req.image_num)
 
@@ -83,21 +93,26 @@ def submit_img2img(ctx: ApiContext, caller: Caller, raw: bytes, base_url: str) -
     priority = DEDICATED_PRIORITY if dedicated else 0
 
     task_id = str(uuid.uuid4())
+    task = NewTask(
+        task_id=task_id,
+        owner=caller.owner,
+        seed=seed,
+        enable_nsfw_detection=extra.enable_nsfw_detection,
+        response_image_type=extra.response_image_type,
+        extra=extra_out,
+        payload=payload,
+        image_num=req.image_num,
+        lane=lane,
+        priority=priority,
+    )
     with _admission(services.rate_limiter, caller, req.image_num):
-        services.store.create(
-            NewTask(
-                task_id=task_id,
-                owner=caller.owner,
-                seed=seed,
-                enable_nsfw_detection=extra.enable_nsfw_detection,
-                response_image_type=extra.response_image_type,
-                extra=extra_out,
-                payload=payload,
-                image_num=req.image_num,
-                lane=lane,
-                priority=priority,
-            )
-        )
+        if idem is None:
+            services.store.create(task)
+        else:
+            try:
+                services.store.create(task, idem)
+            except IdempotencyKeyTaken as taken:  # a concurrent submit with this key won the race
+                return replay(taken, idem)
     try:
         if test_status is not None:
             services.webhooks.submit_test_event(
