@@ -64,13 +64,13 @@ def _json_text(value: Any) -> Any:
         try:
             return json.loads(value)
         except ValueError as exc:
-            raise ValueError(f"not valid JSON ({exc})") from None
+            raise ValueError(f"is not valid JSON ({exc})") from None
     return value
 
 
 def _device(value: Any) -> Any:
     if isinstance(value, str) and not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", value.strip().lower()):
-        raise ValueError("must be auto, cpu, cuda, cuda:N or mps")
+        raise ValueError("is not a device; use auto, cpu, cuda, cuda:N or mps")
     return value.strip().lower() if isinstance(value, str) else value
 
 
@@ -178,9 +178,7 @@ class Settings(BaseSettings):
         """The settings as plain data with every secret masked (``underpaint config``)."""
         data = self.model_dump(mode="json")
         data["api_keys"] = [_mask(k) for k in self.api_keys]
-        data["key_policies"] = {
-            _mask(key): _masked_policy(policy) for key, policy in sorted(self.key_policies.items())
-        }
+        data["key_policies"] = {_mask(key): _masked_policy(policy) for key, policy in sorted(self.key_policies.items())}
         if self.default_key_policy is not None:
             data["default_key_policy"] = _masked_policy(self.default_key_policy)
         for name in ("url_secret",):

@@ -72,7 +72,9 @@ def test_cancel_processing_task_flags_it_for_the_worker(
     assert cancel(client, {"task_id": task_id}).status_code == 200  # asking twice is harmless
 
 
-def test_cancel_finished_task_is_a_clear_400(client: TestClient, submit: Callable[..., Any], services: Services) -> None:
+def test_cancel_finished_task_is_a_clear_400(
+    client: TestClient, submit: Callable[..., Any], services: Services
+) -> None:
     task_id = submit().json()["task_id"]
     services.store.claim(task_id, "w1")
     services.store.complete(task_id, "w1", [])
@@ -161,9 +163,7 @@ def test_bad_idempotency_key_is_400(client: TestClient, png_b64: str, header: by
     assert "Idempotency-Key" in r.json()["message"]
 
 
-def test_concurrent_submits_with_one_key_create_one_task(
-    client: TestClient, services: Services, png_b64: str
-) -> None:
+def test_concurrent_submits_with_one_key_create_one_task(client: TestClient, services: Services, png_b64: str) -> None:
     payload = body(png_b64, seed=9)
     answers: list[Any] = []
     start = threading.Barrier(8)
@@ -219,9 +219,7 @@ def clocked(services: Services, tmp_path: Path) -> Iterator[tuple[TestClient, Se
     services.store.close()  # type: ignore[attr-defined]
 
 
-def test_eta_of_a_queued_task_counts_the_tasks_ahead(
-    clocked: tuple[TestClient, Services, Clock], png_b64: str
-) -> None:
+def test_eta_of_a_queued_task_counts_the_tasks_ahead(clocked: tuple[TestClient, Services, Clock], png_b64: str) -> None:
     client, services, clock = clocked
     first = post(client, body(png_b64), None).json()["task_id"]
     assert result(client, first)["task"]["eta"] == 0  # nothing has run yet: no estimate
@@ -240,9 +238,7 @@ def test_eta_of_a_queued_task_counts_the_tasks_ahead(
         assert result(fresh, second)["task"]["eta"] == 10
 
 
-def test_debug_info_times_are_the_real_ones(
-    clocked: tuple[TestClient, Services, Clock], png_b64: str
-) -> None:
+def test_debug_info_times_are_the_real_ones(clocked: tuple[TestClient, Services, Clock], png_b64: str) -> None:
     client, services, clock = clocked
     task_id = post(client, body(png_b64), None).json()["task_id"]
     submitted = clock.now

@@ -18,7 +18,6 @@ IDEMPOTENCY_HEADER = "idempotency-key"
 _MAX_KEY = 255
 
 
-
 def idempotency_key(header: str | None, data: Any) -> IdempotencyKey | None:
     """The request's ``Idempotency-Key`` with the hash of its (parsed) body; None without the header."""
     if header is None:

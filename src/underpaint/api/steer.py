@@ -52,7 +52,7 @@ class QueueEta:
 
     Position: 1 + the QUEUED tasks the claim takes before it (priority, then age), counted in its own lane when
     lanes are separate queues (Celery), across all lanes in embedded mode (one worker claims them all): one
-    indexed COUNT. Eta: ``position`` × the mean run time (start to finish) of the last 50 successful tasks, read
+    indexed COUNT. Eta: ``position`` times the mean run time (start to finish) of the last 50 successful tasks, read
     at most every ``refresh`` seconds; it assumes one worker per lane and counts the running task as a whole
     run. Before any task has finished there is nothing to estimate from, and the eta stays 0.
     """

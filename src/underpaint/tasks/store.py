@@ -543,7 +543,9 @@ class SqlTaskStore:
 
     def purge_idempotency_keys(self, older_than: float) -> int:
         with self._write.begin() as conn:
-            return int(conn.execute(delete(idempotency_table).where(idempotency_table.c.created_at < older_than)).rowcount)
+            return int(
+                conn.execute(delete(idempotency_table).where(idempotency_table.c.created_at < older_than)).rowcount
+            )
 
     def request_cancel(self, task_id: str, owner: str) -> CancelOutcome:
         now = self.clock()

@@ -102,9 +102,7 @@ class _LeaseKeeper:
     """Beside a run: renews the lease every ``interval`` seconds while the runner is busy without reporting
     progress (a long model load, say), and every ``cancel_poll`` seconds reads whether the owner cancelled."""
 
-    def __init__(
-        self, store: TaskStore, reporter: ProgressReporter, interval: float, cancel_poll: float = 0.5
-    ) -> None:
+    def __init__(self, store: TaskStore, reporter: ProgressReporter, interval: float, cancel_poll: float = 0.5) -> None:
         self.store = store
         self.reporter = reporter
         self.interval = interval
