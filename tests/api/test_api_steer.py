@@ -112,7 +112,7 @@ def test_cancel_needs_the_owner(client: TestClient, submit: Callable[..., Any], 
     r = cancel(client, {"task_id": task_id}, key=KEY_B)
     assert r.status_code == 404
     assert r.json()["reason"] == "TASK_NOT_FOUND"
-    assert services.store.get(task_id).status is TaskStatus.QUEUED  # type: ignore[union-attr]
+    assert services.store.get(task_id).status is TaskStatus.QUEUED
     no_key = client.post(CANCEL, json={"task_id": task_id})
     assert (no_key.status_code, no_key.json()["reason"]) == (400, "MISSING_API_KEY")
     assert client.post(CANCEL, content=b"{not json", headers=auth()).json()["reason"] == "INVALID_REQUEST_BODY"
@@ -135,7 +135,7 @@ def test_same_key_same_body_returns_the_same_task(client: TestClient, services: 
     assert again.status_code == 200
     assert again.json() == first.json()
     assert task_count(services) == 1
-    assert len(services.queue.items) == 1  # type: ignore[attr-defined] # queued once
+    assert len(services.queue.items) == 1  # queued once
     assert post(client, payload, None).json()["task_id"] != first.json()["task_id"]  # no header: a new task
     other_key = post(client, payload, "retry-1", key=KEY_B)  # keys are per API key
     assert other_key.status_code == 200
@@ -216,7 +216,7 @@ def clocked(services: Services, tmp_path: Path) -> Iterator[tuple[TestClient, Se
     services.store = SqlTaskStore(f"sqlite:///{tmp_path / 'clocked.db'}", clock=clock)
     with TestClient(create_app(services), raise_server_exceptions=False) as c:
         yield c, services, clock
-    services.store.close()  # type: ignore[attr-defined]
+    services.store.close()
 
 
 def test_eta_of_a_queued_task_counts_the_tasks_ahead(clocked: tuple[TestClient, Services, Clock], png_b64: str) -> None:

@@ -65,7 +65,10 @@ def running(tmp_path_factory: pytest.TempPathFactory, tiny_models_dir: Path, red
     boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1").create_bucket(Bucket=bucket)
     receiver = WebhookReceiver()
     with postgres_schema_url("cancel_") as database_url:
-        env = {"UNDERPAINT_WEBHOOK_ALLOW_HOSTS": f"127.0.0.1:{receiver.port}", "UNDERPAINT_CANCEL_POLL_SECONDS": str(POLL)}
+        env = {
+            "UNDERPAINT_WEBHOOK_ALLOW_HOSTS": f"127.0.0.1:{receiver.port}",
+            "UNDERPAINT_CANCEL_POLL_SECONDS": str(POLL),
+        }
         cluster = Cluster(tmp_path_factory.mktemp("cancel"), tiny_models_dir, database_url, redis_url, s3_endpoint,
                           bucket, extra_env=env)  # fmt: skip
         api = cluster.api("api").start()

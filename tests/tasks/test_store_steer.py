@@ -65,7 +65,7 @@ def new_task(task_id: str | None = None, owner: str = "owner-a", **kw: object) -
         "payload": {"prompt": "a cat"},
     }
     fields.update(kw)
-    return NewTask(**fields)  # type: ignore[arg-type]
+    return NewTask(**fields)
 
 
 # --- cancel ------------------------------------------------------------------------------------------------------
@@ -93,7 +93,7 @@ def test_cancel_processing_flags_it_for_its_worker(store: SqlTaskStore) -> None:
     assert not store.cancel_requested("p")
     assert store.request_cancel("p", "owner-a") is CancelOutcome.REQUESTED
     assert store.cancel_requested("p")
-    assert store.get("p").status is TaskStatus.PROCESSING  # type: ignore[union-attr]
+    assert store.get("p").status is TaskStatus.PROCESSING
     assert not store.complete("p", "w", [])  # a run that ignores the flag cannot record its result
     assert store.fail("p", "w", CANCELLED_REASON)  # the holder ends it
     assert store.request_cancel("p", "owner-a") is CancelOutcome.FINISHED
@@ -103,7 +103,7 @@ def test_cancel_is_owner_only(store: SqlTaskStore) -> None:
     store.create(new_task("mine"))
     assert store.request_cancel("mine", "owner-b") is CancelOutcome.NOT_FOUND
     assert store.request_cancel("nope", "owner-a") is CancelOutcome.NOT_FOUND
-    assert store.get("mine").status is TaskStatus.QUEUED  # type: ignore[union-attr]
+    assert store.get("mine").status is TaskStatus.QUEUED
 
 
 def test_cancelled_task_whose_worker_died_ends_failed_not_requeued(store: SqlTaskStore, clock: Clock) -> None:
@@ -212,7 +212,7 @@ def test_queue_position_follows_the_claim_order(store: SqlTaskStore, clock: Cloc
     def position(tid: str, lanes: tuple[str, ...] | None = None) -> int:
         task = store.get(tid)
         assert task is not None
-        return store.queue_position(task, lanes)
+        return int(store.queue_position(task, lanes))
 
     order = store.list_queued_ids()
     assert order == ["b", "d", "a", "c", "e", "tie-1", "tie-2"]

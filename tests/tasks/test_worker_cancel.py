@@ -101,7 +101,7 @@ def test_cancel_after_the_last_step_still_wins(store: SqlTaskStore) -> None:
             return [ImageRecord(key=f"{task.task_id}/0.png", image_type="png")]
 
     terminal: list[TaskRecord] = []
-    Worker(store, LateCancel(), SETTINGS, on_terminal=terminal.append, storage=storage).run_once()  # type: ignore[arg-type]
+    Worker(store, LateCancel(), SETTINGS, on_terminal=terminal.append, storage=storage).run_once()
     task = store.get(tid)
     assert task is not None
     assert (task.status, task.reason, task.images) == (TaskStatus.FAILED, CANCELLED_REASON, [])
@@ -132,5 +132,5 @@ def test_other_tasks_are_not_cancelled(store: SqlTaskStore) -> None:
     store.request_cancel(victim, "o")
     runner = SteppingRunner(steps=3)
     Worker(store, runner, SETTINGS).run_once()
-    assert store.get(other).status is TaskStatus.SUCCEED  # type: ignore[union-attr]
+    assert store.get(other).status is TaskStatus.SUCCEED
     assert len(runner.started) == 3
