@@ -27,7 +27,7 @@ STEPS = 100
 @pytest.fixture
 def server(tmp_path: Path, tiny_models_dir: Path) -> Iterator[LiveServer]:
     live = LiveServer(tmp_path / "data", tiny_models_dir, extra_env={"UNDERPAINT_CANCEL_POLL_SECONDS": str(POLL)})
-    live.start()
+    live.start(timeout=300)  # a loaded machine can take minutes to import torch
     try:
         yield live
     finally:

@@ -8,9 +8,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from sqlalchemy import func, select
 
 from service_fixtures import postgres_schema_url
-from underpaint.tasks.store import SqlTaskStore
+from underpaint.storage.local import LocalStorage
+from underpaint.tasks.lifecycle import RetentionSweeper
+from underpaint.tasks.store import SqlTaskStore, idempotency_table
 from underpaint.tasks.types import (
     CANCELLED_REASON,
     IDEMPOTENCY_TTL_SECONDS,
@@ -244,3 +247,22 @@ def test_recent_run_seconds_is_the_mean_of_successful_runs(store: SqlTaskStore, 
     store.fail("failed", "w", "boom")  # failures do not count
     assert store.recent_run_seconds() == pytest.approx(6.0)
     assert store.recent_run_seconds(limit=1) == pytest.approx(8.0)
+
+
+def test_retention_sweeper_forgets_idempotency_keys_after_24_hours(store: SqlTaskStore, clock: Clock) -> None:
+    def recorded() -> int:
+        with store.engine.connect() as conn:
+            return int(conn.execute(select(func.count()).select_from(idempotency_table)).scalar_one())
+
+    store.create(new_task("a"), IdempotencyKey("k", "h"))
+    sweeper = RetentionSweeper(
+        store, LocalStorage(Path("/nonexistent"), b"s"), 30 * 24 * 3600, clock=clock,
+        purge_idempotency=store.purge_idempotency_keys,
+    )  # fmt: skip
+    clock.advance(IDEMPOTENCY_TTL_SECONDS - 1)
+    sweeper.run_once()
+    assert recorded() == 1
+    clock.advance(2)
+    sweeper.run_once()
+    assert recorded() == 0
+    assert store.get("a") is not None  # the task itself stays for the retention period
