@@ -6,12 +6,13 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import pytest
-from api_support import KEY_A, KEY_B, auth, body, task_count
 from fastapi.testclient import TestClient
+from tests.support.api import KEY_A, KEY_B, auth, body, make_services, task_count
 
 from underpaint.api.app import create_app
 from underpaint.services import Services
@@ -34,11 +35,17 @@ def cancel(client: TestClient, payload: Any, key: str = KEY_A) -> Any:
 
 
 @pytest.fixture
-def announced(services: Services) -> list[TaskRecord]:
+def announced() -> list[TaskRecord]:
     """What the API announces as ended (in a server: the webhook of the task)."""
-    calls: list[TaskRecord] = []
-    services.on_terminal = calls.append
-    return calls
+    return []
+
+
+@pytest.fixture
+def services(models_dir: Path, tmp_path: Path, announced: list[TaskRecord]) -> Iterator[Services]:
+    """The API tests' services, with the terminal hook recording into ``announced``."""
+    services = replace(make_services(models_dir, tmp_path), on_terminal=announced.append)
+    yield services
+    services.store.close()  # type: ignore[attr-defined]
 
 
 # --- cancel ------------------------------------------------------------------------------------------------------
@@ -213,10 +220,11 @@ class Clock:
 @pytest.fixture
 def clocked(services: Services, tmp_path: Path) -> Iterator[tuple[TestClient, Services, Clock]]:
     clock = Clock()
-    services.store = SqlTaskStore(f"sqlite:///{tmp_path / 'clocked.db'}", clock=clock)
+    store = SqlTaskStore(f"sqlite:///{tmp_path / 'clocked.db'}", clock=clock)
+    services = replace(services, store=store)
     with TestClient(create_app(services), raise_server_exceptions=False) as c:
         yield c, services, clock
-    services.store.close()
+    store.close()
 
 
 def test_eta_of_a_queued_task_counts_the_tasks_ahead(clocked: tuple[TestClient, Services, Clock], png_b64: str) -> None:

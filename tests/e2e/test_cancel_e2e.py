@@ -15,7 +15,7 @@ from typing import Any
 
 import httpx
 import pytest
-from _server import LiveServer, make_png
+from tests.support.server import LiveServer, make_png
 
 from underpaint.tasks.types import CANCELLED_REASON
 

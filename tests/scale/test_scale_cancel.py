@@ -16,9 +16,9 @@ from typing import Any
 import boto3
 import httpx
 import pytest
-from _cluster import AUTH, ApiNode, Cluster, WebhookReceiver, WorkerNode, png_b64, wait_all
+from tests.support.cluster import AUTH, ApiNode, Cluster, WebhookReceiver, WorkerNode, png_b64, wait_all
+from tests.support.services import postgres_schema_url
 
-from service_fixtures import postgres_schema_url
 from underpaint.tasks.types import CANCELLED_REASON
 
 pytestmark = [pytest.mark.services, pytest.mark.slow]

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 from sqlalchemy import func, select
+from tests.support.services import postgres_schema_url
 
-from service_fixtures import postgres_schema_url
 from underpaint.storage.local import LocalStorage
 from underpaint.tasks.lifecycle import RetentionSweeper
 from underpaint.tasks.store import SqlTaskStore, idempotency_table

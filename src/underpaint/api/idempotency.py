@@ -11,8 +11,8 @@ import hashlib
 import json
 from typing import Any
 
-from underpaint.api.errors import idempotency_key_reused, invalid_request
 from underpaint.tasks.types import IdempotencyKey, IdempotencyKeyTaken
+from underpaint.wire.errors import idempotency_key_reused, invalid_request
 
 IDEMPOTENCY_HEADER = "idempotency-key"
 _MAX_KEY = 255

@@ -15,10 +15,10 @@ from collections.abc import Callable
 
 from underpaint.api.auth import Caller
 from underpaint.api.context import ApiContext
-from underpaint.api.errors import invalid_request, task_not_cancellable, task_not_found
 from underpaint.api.submit import parse_json
 from underpaint.tasks.lifecycle import notify_terminal
 from underpaint.tasks.types import CancelOutcome, TaskRecord, TaskStatus, TaskStore
+from underpaint.wire.errors import invalid_request, task_not_cancellable, task_not_found
 
 CANCEL_PATH = "/v3/async/task-cancel"
 

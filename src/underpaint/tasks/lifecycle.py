@@ -16,9 +16,9 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 
-from underpaint.storage.base import ImageStorage
 from underpaint.tasks.types import (
     IDEMPOTENCY_TTL_SECONDS,
+    ImageDeleter,
     ImageRecord,
     TaskQueue,
     TaskRecord,
@@ -92,7 +92,7 @@ def recover_on_start(
     return changed
 
 
-def delete_images(storage: ImageStorage, images: Iterable[ImageRecord]) -> int:
+def delete_images(storage: ImageDeleter, images: Iterable[ImageRecord]) -> int:
     """Delete the images that live in ``storage``; returns how many. Errors are logged, not raised."""
     deleted = 0
     for image in images:
@@ -120,7 +120,7 @@ class RetentionSweeper:
     def __init__(
         self,
         store: TaskStore,
-        storage: ImageStorage,
+        storage: ImageDeleter,
         retention_seconds: float,
         *,
         interval: float = 600.0,

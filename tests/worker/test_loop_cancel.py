@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from underpaint.config import Settings
-from underpaint.engine.job import JobCancelled
+from underpaint.engine.job import JobCancelled, Progress
 from underpaint.tasks.store import SqlTaskStore
 from underpaint.tasks.types import CANCELLED_REASON, CancelOutcome, ImageRecord, NewTask, TaskRecord, TaskStatus
 from underpaint.worker.loop import ProgressReporter, Worker
@@ -52,7 +52,7 @@ class SteppingRunner:
             self.started.append(time.monotonic())
             self.running.set()
             time.sleep(STEP)
-            report(int(100 * (i + 1) / self.steps), 1)
+            report(Progress(fraction=(i + 1) / self.steps, eta_seconds=1.0))
         return [ImageRecord(key=f"{task.task_id}/0.png", image_type="png")]
 
 
