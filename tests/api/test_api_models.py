@@ -199,7 +199,8 @@ def live(models_dir, tmp_path) -> Iterator[tuple[str, Services]]:
     thread.start()
     deadline = time.time() + 10
     while not server.started:
-        assert time.time() < deadline and thread.is_alive(), "uvicorn did not start"
+        assert time.time() < deadline, "uvicorn did not start"
+        assert thread.is_alive(), "uvicorn did not start"
         time.sleep(0.02)
     try:
         yield f"http://127.0.0.1:{port}", services

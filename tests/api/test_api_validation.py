@@ -154,7 +154,8 @@ def test_random_seeds_differ(submit, services):
 def _check(r: Any, field: str, reason: str = "INVALID_REQUEST_BODY") -> None:
     assert r.status_code == 400, r.text
     data = r.json()
-    assert data["code"] == 400 and data["reason"] == reason, data
+    assert data["code"] == 400, data
+    assert data["reason"] == reason, data
     assert data["message"].startswith(field + ":"), data["message"]
     assert data["metadata"]["field"] == field
 

@@ -159,7 +159,8 @@ def test_seed_names_resolve_and_base_model_is_detected(registry: ModelRegistry) 
     expected.update({"controlnet-canny-sdxl-1.0": True, "controlnet-depth-sdxl-1.0": True})
     for name, is_sdxl in expected.items():
         entry = registry.resolve("controlnet", name)
-        assert entry is not None and entry.is_sdxl == is_sdxl, name
+        assert entry is not None, name
+        assert entry.is_sdxl == is_sdxl, name
 
 
 def test_written_files_are_in_the_original_layouts(models: Path) -> None:
@@ -215,7 +216,8 @@ def test_other_published_layouts_load(models: Path, tmp_path: Path) -> None:
     reference = demo.tiny_controlnet(True, demo.SDXL_CANNY_SEED).state_dict()
     for name in ("xl-diffusers-keys", "xl-fp16"):
         entry = reg.resolve("controlnet", name)
-        assert entry is not None and entry.is_sdxl, name
+        assert entry is not None, name
+        assert entry.is_sdxl, name
         loaded = cn.load_controlnet_model(entry, CPU, torch.float32).state_dict()
         assert all(torch.equal(loaded[k], reference[k]) for k in reference), name
 

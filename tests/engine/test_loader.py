@@ -419,7 +419,7 @@ def test_device_policy() -> None:
             pick_device("cuda")
     with pytest.raises(ValueError, match="invalid device"):
         pick_device("floppy")
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="torch_threads must be >= 1"):
         configure_torch_threads(0)
     before = torch.get_num_threads()
     configure_torch_threads(None)

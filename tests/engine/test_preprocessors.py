@@ -168,7 +168,8 @@ def test_openpose_family_runs_from_local_weights(tmp_path: Path) -> None:
     image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (96, 128, 3), dtype=np.uint8))
     for name in ("openpose_full", "openpose_faceonly"):  # all three files; the body net runs (~3 s each)
         out = np.asarray(P.run_preprocessor(name, image, ctx(tmp_path)))
-        assert out.shape == (96, 128, 3) and out.max() == 0, name
+        assert out.shape == (96, 128, 3), name
+        assert out.max() == 0, name
 
 
 def test_openpose_glue_draws_detected_person(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -342,7 +343,8 @@ def test_midas_depth_and_normal_map_run_from_the_published_file(
     write_published(P._midas_net, tmp_path / P.MIDAS[0], lambda flat: flat)
     for name in ("depth", "depth_midas"):
         out = np.asarray(P.run_preprocessor(name, picture, ctx(tmp_path)))
-        assert out.shape == (96, 128, 3) and out.dtype == np.uint8, name
+        assert out.shape == (96, 128, 3), name
+        assert out.dtype == np.uint8, name
     normal = np.asarray(P.run_preprocessor("normal_map", picture, ctx(tmp_path)))
     # a flat (zero) depth faces the camera everywhere: z up, as the blue-first normal map shows it (R = z)
     assert normal.shape == (96, 128, 3)
@@ -414,7 +416,8 @@ def test_depth_files_are_named_when_missing(picture: Image.Image, tmp_path: Path
     for name, files in cases:
         with pytest.raises(JobError) as err:
             P.run_preprocessor(name, picture, ctx(tmp_path))
-        assert all(f in str(err.value) for f in files) and str(tmp_path) in str(err.value), name
+        assert all(f in str(err.value) for f in files), name
+        assert str(tmp_path) in str(err.value), name
     (tmp_path / "res101.pth").write_bytes(b"")
     assert P.missing_files("depth_leres++", tmp_path) == ["latest_net_G.pth"]
     assert P.missing_files("depth_leres", tmp_path) == []

@@ -81,13 +81,13 @@ def test_sigma_to_t_matches_kdiffusion_interpolation() -> None:
 
 
 def test_schedule_rejects_bad_tables() -> None:
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="alphas_cumprod must be strictly decreasing"):
         DiscreteSchedule(torch.tensor([0.9, 0.95, 0.5]))
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="alphas_cumprod must lie strictly between 0 and 1"):
         DiscreteSchedule(torch.tensor([1.0, 0.5]))
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="unsupported beta_schedule 'cosine'"):
         DiscreteSchedule.from_betas(beta_schedule="cosine")
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"timestep 1000\.0 outside"):
         SCHEDULE.t_to_sigma(1000.0)
 
 
@@ -133,10 +133,10 @@ def test_uniform_timesteps_and_img2img_timesteps() -> None:
         img2img_timesteps("DDIM", 1001, 0.5)
 
 
-@pytest.mark.parametrize("bad", [(0, 0.5), (-3, 0.5), (10, -0.1), (10, 1.5)])
-def test_bad_steps_or_strength_raise_value_error(bad: tuple[int, float]) -> None:
-    steps, strength = bad
-    with pytest.raises(ValueError):
+@pytest.mark.parametrize("bad", [(0, 0.5, "steps"), (-3, 0.5, "steps"), (10, -0.1, "strength"), (10, 1.5, "strength")])
+def test_bad_steps_or_strength_raise_value_error(bad: tuple[int, float, str]) -> None:
+    steps, strength, field = bad
+    with pytest.raises(ValueError, match=f"^{field} must be"):
         sample_img2img("Euler", toy_model(SCHEDULE), SCHEDULE, init_latent(), steps, strength, NoiseSource([1, 2]))
 
 
@@ -243,11 +243,11 @@ def test_noise_source_draws_per_image_float32_on_cpu() -> None:
     b = torch.stack([torch.randn((4, 3, 3), generator=torch.Generator().manual_seed(s)) for s in (5, 6)])
     assert a.dtype == torch.float64
     assert torch.equal(a, b.double())
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="batch size 2 does not match the 1 seeds"):
         NoiseSource([5]).randn_like(x)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="NoiseSource needs at least one seed"):
         NoiseSource([])
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="seeds must be non-negative integers, got -1"):
         NoiseSource([-1])
 
 
