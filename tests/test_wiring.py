@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 from safetensors.numpy import save_file
-from tests.e2e._server import LiveServer, make_png
+from tests.support.server import LiveServer, make_png
 
 HEAVY = ("torch", "diffusers", "transformers", "safetensors.torch", "celery", "onnxruntime", "cv2")
 RSS_LIMIT_MB = 200

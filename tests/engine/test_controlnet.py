@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import re
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, cast
 
@@ -24,6 +23,7 @@ from underpaint.engine.loader import LoadedCheckpoint, load_checkpoint
 from underpaint.engine.pipeline import Components, PipelineInputs, generate
 from underpaint.engine.samplers import DiscreteSchedule
 from underpaint.registry import ModelEntry, ModelRegistry
+from underpaint.vocabulary import SamplerName
 
 CPU = torch.device("cpu")
 SIZE = 64
@@ -62,7 +62,7 @@ def sdxl(registry: ModelRegistry) -> LoadedCheckpoint:
 
 
 @pytest.fixture(autouse=True)
-def fresh_cache(monkeypatch: pytest.MonkeyPatch) -> Iterator[cn.ControlNetCache]:
+def fresh_cache(monkeypatch: pytest.MonkeyPatch) -> cn.ControlNetCache:
     cache = cn.ControlNetCache()
     monkeypatch.setattr(cn, "_cache", cache)
     return cache
@@ -118,7 +118,7 @@ def run(registry: ModelRegistry, loaded: LoadedCheckpoint, units: list[ControlNe
         seeds=[11],
         steps=4,
         guidance_scale=7.0,
-        sampler_name="Euler",
+        sampler_name=SamplerName("Euler"),
         strength=0.75,
         control=hook(registry, loaded, units) if units else None,
     )
@@ -139,7 +139,7 @@ def run_executor(executor: Any, checkpoint: str, units: tuple[ControlNetUnitSpec
         image_num=1,
         steps=4,
         guidance_scale=7.0,
-        sampler_name="Euler",
+        sampler_name=SamplerName("Euler"),
         seed=11,
         strength=0.75,
         controlnets=units,
@@ -438,6 +438,7 @@ def test_executor_runs_a_depth_unit(
     entry = registry.resolve("controlnet", depth_unit.model)
     assert entry is not None
     control = cn.build_control_hook(sdxl, [(entry, depth_unit)], SIZE, SIZE, mine / "annotator", CPU, seed=3)
+    assert control is not None
     ctx = preprocessors.Context(mine / "annotator", 3, CPU)
     expected = np.asarray(preprocessors.run_preprocessor("depth", init_image(), ctx), np.float32) / 255
     assert torch.equal(control.units[0].image[0].permute(1, 2, 0), torch.from_numpy(expected))

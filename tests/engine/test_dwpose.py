@@ -220,7 +220,7 @@ def test_detector_finds_persons_only_above_threshold_after_nms(tmp_path: Path) -
 
 
 def _person_points() -> dict[int, tuple[float, float, float]]:
-    points = {k: (x, y, 0.9) for k, (x, y) in enumerate(COCO_BODY)}
+    points: dict[int, tuple[float, float, float]] = {k: (x, y, 0.9) for k, (x, y) in enumerate(COCO_BODY)}
     points[15] = (*COCO_BODY[15], 0.2)  # left ankle: not confident
     points[23] = (128.0, 62.0, 0.8)  # one face point (chin)
     points[24] = (60.0, 200.0, 0.1)  # a face point below the threshold

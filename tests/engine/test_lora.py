@@ -16,7 +16,7 @@ from underpaint.engine.adapters.lora import LoraManager, adapter_name
 from underpaint.engine.job import JobError
 from underpaint.registry import ModelEntry
 
-transformers.logging.set_verbosity_error()
+transformers.logging.set_verbosity_error()  # type: ignore[no-untyped-call]
 
 
 def _diff(a: np.ndarray, b: np.ndarray) -> float:

@@ -194,7 +194,8 @@ def test_openpose_glue_draws_detected_person(tmp_path: Path, monkeypatch: pytest
 
     def face_call(self: object, crop: np.ndarray) -> np.ndarray:
         face_crops.append(crop.shape)
-        return real_face_call(self, crop)  # the zero FaceNet: heatmaps of the crop's size, no landmarks
+        out: np.ndarray = real_face_call(self, crop)  # the zero FaceNet: heatmaps of the crop's size, no landmarks
+        return out
 
     monkeypatch.setattr(hand_cls, "__call__", hand_call)
     monkeypatch.setattr(face_cls, "__call__", face_call)

@@ -29,6 +29,7 @@ from tests.support.samplers import (
     init_latent,
     reference_img2img,
     rel_err,
+    sampler_names,
     tiny_unet_fn,
     toy_model,
 )
@@ -42,6 +43,7 @@ from underpaint.engine.samplers import (
     sample_img2img,
 )
 from underpaint.engine.samplers import timestep_samplers as tsm
+from underpaint.vocabulary import SamplerName
 
 
 def _tol(name: str) -> float:
@@ -54,7 +56,7 @@ def _tol(name: str) -> float:
 
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
 @pytest.mark.parametrize("name", K_NAMES)
-def test_sigma_samplers_match_kdiffusion(name: str, prediction_type: str) -> None:
+def test_sigma_samplers_match_kdiffusion(name: SamplerName, prediction_type: str) -> None:
     model = toy_model(SCHEDULE, prediction_type)
     init = init_latent()
     counting = CountingModel(model)
@@ -73,8 +75,8 @@ def test_sigma_samplers_match_kdiffusion(name: str, prediction_type: str) -> Non
 
 
 @pytest.mark.parametrize("strength", [1.0, 0.5, 0.12, 0.01])
-@pytest.mark.parametrize("name", ["Euler a", "DPM2 a Karras", "DPM++ SDE Karras", "DPM fast", "LMS"])
-def test_sigma_samplers_match_kdiffusion_across_strengths(name: str, strength: float) -> None:
+@pytest.mark.parametrize("name", sampler_names("Euler a", "DPM2 a Karras", "DPM++ SDE Karras", "DPM fast", "LMS"))
+def test_sigma_samplers_match_kdiffusion_across_strengths(name: SamplerName, strength: float) -> None:
     model = toy_model(SCHEDULE)
     init = init_latent(batch=1)
     ours = sample_img2img(name, model, SCHEDULE, init, 8, strength, NoiseSource(SEEDS[:1]))
@@ -99,7 +101,7 @@ def test_sigma_samplers_match_kdiffusion_across_strengths(name: str, strength: f
         ("LMS Karras", "v_prediction"),
     ],
 )
-def test_sigma_samplers_match_kdiffusion_on_tiny_unet(name: str, prediction_type: str) -> None:
+def test_sigma_samplers_match_kdiffusion_on_tiny_unet(name: SamplerName, prediction_type: str) -> None:
     unet = tiny_unet_fn()
     init = init_latent(batch=1, size=16)
     ours = sample_img2img(name, unet, SCHEDULE, init, 6, 0.8, NoiseSource(SEEDS[:1]), prediction_type=prediction_type)
@@ -124,7 +126,7 @@ def _call(model: Callable[[Tensor, Tensor], Tensor], x: Tensor, t: int) -> Tenso
     return model(x, torch.full((x.shape[0],), float(t), dtype=x.dtype))
 
 
-def _noised(name: str, steps: int, strength: float) -> tuple[Tensor, list[int]]:
+def _noised(name: SamplerName, steps: int, strength: float) -> tuple[Tensor, list[int]]:
     init = init_latent()
     ts_sched, t_noise = img2img_timesteps(name, steps, strength)
     first = NoiseSource(SEEDS).randn_like(init)
@@ -138,10 +140,17 @@ def test_ddim_matches_diffusers_ldm_config(strength: float, prediction_type: str
     model = toy_model(SCHEDULE, prediction_type)
     steps = 12
     ours = sample_img2img(
-        "DDIM", model, SCHEDULE, init_latent(), steps, strength, NoiseSource(SEEDS), prediction_type=prediction_type
+        SamplerName("DDIM"),
+        model,
+        SCHEDULE,
+        init_latent(),
+        steps,
+        strength,
+        NoiseSource(SEEDS),
+        prediction_type=prediction_type,
     )
-    x, ts_sched = _noised("DDIM", steps, strength)
-    ref: Any = DDIMScheduler(
+    x, ts_sched = _noised(SamplerName("DDIM"), steps, strength)
+    ref: Any = DDIMScheduler(  # type: ignore[no-untyped-call]  # diffusers: register_to_config is untyped
         **_ldm_scheduler_kwargs(),
         timestep_spacing="leading",
         steps_offset=1,
@@ -161,9 +170,9 @@ def test_ddim_matches_diffusers_ldm_config(strength: float, prediction_type: str
 def test_plms_matches_diffusers_ldm_config(strength: float) -> None:
     model = toy_model(SCHEDULE)
     steps = 12
-    ours = sample_img2img("PLMS", model, SCHEDULE, init_latent(), steps, strength, NoiseSource(SEEDS))
-    x, ts_sched = _noised("PLMS", steps, strength)
-    ref: Any = PNDMScheduler(
+    ours = sample_img2img(SamplerName("PLMS"), model, SCHEDULE, init_latent(), steps, strength, NoiseSource(SEEDS))
+    x, ts_sched = _noised(SamplerName("PLMS"), steps, strength)
+    ref: Any = PNDMScheduler(  # type: ignore[no-untyped-call]  # diffusers: register_to_config is untyped
         **_ldm_scheduler_kwargs(),
         timestep_spacing="leading",
         steps_offset=1,
@@ -185,7 +194,7 @@ def test_unipc_matches_diffusers_on_integer_grids(steps: int) -> None:
     model = toy_model(SCHEDULE)
     x_t = NoiseSource(SEEDS).randn_like(init_latent())
     ours = tsm.unipc(make_eps_fn(model, SCHEDULE), x_t, steps, SCHEDULE, lambda _: None)
-    ref: Any = UniPCMultistepScheduler(
+    ref: Any = UniPCMultistepScheduler(  # type: ignore[no-untyped-call]  # diffusers: register_to_config is untyped
         **_ldm_scheduler_kwargs(),
         solver_order=3,
         solver_type="bh1",
@@ -209,8 +218,8 @@ def test_unipc_img2img_starts_one_grid_step_below_the_noise_level() -> None:
         seen.append(float(t[0]))
         return toy_model(SCHEDULE)(x, t)
 
-    out = sample_img2img("UniPC", record, SCHEDULE, init_latent(), 20, 0.5, NoiseSource(SEEDS))
-    ts_sched, t_noise = img2img_timesteps("UniPC", 20, 0.5)
+    out = sample_img2img(SamplerName("UniPC"), record, SCHEDULE, init_latent(), 20, 0.5, NoiseSource(SEEDS))
+    ts_sched, t_noise = img2img_timesteps(SamplerName("UniPC"), 20, 0.5)
     assert (ts_sched[-1], t_noise) == (451, 501)
     assert seen[0] == pytest.approx(451.0, abs=1e-9)
     assert seen[-1] > 0  # no corrector evaluation at the final point t = 1/1000
@@ -221,11 +230,11 @@ def test_unipc_img2img_starts_one_grid_step_below_the_noise_level() -> None:
 def test_ddim_on_tiny_unet_matches_diffusers() -> None:
     unet = tiny_unet_fn()
     init = init_latent(batch=1, size=16)
-    ours = sample_img2img("DDIM", unet, SCHEDULE, init, 6, 0.9, NoiseSource(SEEDS[:1]))
-    ts_sched, t_noise = img2img_timesteps("DDIM", 6, 0.9)
+    ours = sample_img2img(SamplerName("DDIM"), unet, SCHEDULE, init, 6, 0.9, NoiseSource(SEEDS[:1]))
+    ts_sched, t_noise = img2img_timesteps(SamplerName("DDIM"), 6, 0.9)
     abar = float(SCHEDULE.alphas_cumprod[t_noise])
     x = init * abar**0.5 + NoiseSource(SEEDS[:1]).randn_like(init) * (1 - abar) ** 0.5
-    ref: Any = DDIMScheduler(
+    ref: Any = DDIMScheduler(  # type: ignore[no-untyped-call]  # diffusers: register_to_config is untyped
         **_ldm_scheduler_kwargs(), timestep_spacing="leading", steps_offset=1, set_alpha_to_one=False, clip_sample=False
     )
     _use_ldm_alphas(ref)
