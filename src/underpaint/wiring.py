@@ -98,10 +98,13 @@ def build_services(settings: Settings, queue: TaskQueue | None = None) -> Servic
 
 
 def _preprocessor_problem(name: str | None, registry: ModelRegistry) -> str | None:
-    # Imported on first use: API nodes that never see a ControlNet request never import torch.
-    from underpaint.engine.preprocessors import submit_check
+    """Why a unit naming ``name`` (already validated against the vocabulary) cannot run: its annotator files."""
+    from underpaint.vocabulary import missing_annotator_files, missing_annotator_message, normalize_preprocessor_name
 
-    return submit_check(name, registry.models_dir / "annotator")
+    key = normalize_preprocessor_name(name)
+    annotators = registry.models_dir / "annotator"
+    missing = missing_annotator_files(key, annotators)
+    return missing_annotator_message(key, missing, annotators) if key is not None and missing else None
 
 
 @dataclass

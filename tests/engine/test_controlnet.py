@@ -30,6 +30,7 @@ SIZE = 64
 CANNY = "control_v11p_sd15_canny"
 CANNY_DIFFUSERS = demo.SD15_CANNY_DIFFUSERS
 OPENPOSE = "control_v11p_sd15_openpose"
+MIDAS = "dpt_hybrid-midas-501f0c75.pt"
 
 
 @pytest.fixture(scope="module")
@@ -404,15 +405,11 @@ def test_executor_runs_units_and_refuses_the_wrong_base(models: Path) -> None:
         job(unit(CANNY, preprocessor="lineart_coarse"))
 
 
-# A zero MiDaS predicts a flat depth: controlnet_aux's min-max normalisation divides 0 by 0 (both sides alike here).
-@pytest.mark.filterwarnings("ignore:invalid value encountered in cast:RuntimeWarning")
-def test_executor_runs_a_depth_unit(
-    models: Path, sdxl: LoadedCheckpoint, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_executor_runs_a_depth_unit(models: Path, sdxl: LoadedCheckpoint, tmp_path: Path) -> None:
     """A unit with preprocessor ``depth`` (MiDaS) through the worker's path: refused naming the file while it is
     missing, then the map made from the published-layout file conditions the SDXL depth ControlNet."""
     from underpaint.config import Settings
-    from underpaint.demo.controlnet import write_zero_annotator
+    from underpaint.demo.annotators import write_torch_annotator
     from underpaint.engine import preprocessors
     from underpaint.engine.executor import DiffusersExecutor
 
@@ -421,21 +418,24 @@ def test_executor_runs_a_depth_unit(
     for part in ("checkpoint", "controlnet"):
         (mine / part).symlink_to(models / part, target_is_directory=True)
     executor = DiffusersExecutor(Settings(models_dir=mine, device="cpu", torch_threads=1), ModelRegistry(mine))
-    monkeypatch.setattr(preprocessors, "A1111_RESOLUTION", 64)  # the same path, a smaller MiDaS input
 
     def job(*units: ControlNetUnitSpec) -> np.ndarray:
         return run_executor(executor, "tiny-sdxl.safetensors", units)
 
     depth_unit = unit("controlnet-depth-sdxl-1.0", image=init_image(), preprocessor="depth")
-    with pytest.raises(JobError, match=re.escape(f"{preprocessors.MIDAS[0]}: put them in {mine / 'annotator'}")):
+    with pytest.raises(JobError, match=re.escape(f"{MIDAS}: put them in {mine / 'annotator'}")):
         job(depth_unit)
-    write_zero_annotator(preprocessors._midas_net, mine / "annotator" / preprocessors.MIDAS[0])
+    write_torch_annotator(MIDAS, mine / "annotator", seed=1)
     assert differ(job(depth_unit), job()) > 1.0  # the unit acts
     # and its control map is the depth map (the tiny ControlNet barely tells maps apart: checked on the hook)
     registry = ModelRegistry(mine)
     entry = registry.resolve("controlnet", depth_unit.model)
     assert entry is not None
-    control = cn.build_control_hook(sdxl, [(entry, depth_unit)], SIZE, SIZE, mine / "annotator", CPU, seed=3)
-    ctx = preprocessors.Context(mine / "annotator", 3, CPU)
+    nets = executor.annotators  # the executor's loaded annotators: MiDaS was loaded once, for the first job
+    assert (nets.loads, nets.kinds()) == (1, {"midas"})
+    annotators = mine / "annotator"
+    control = cn.build_control_hook(sdxl, [(entry, depth_unit)], SIZE, SIZE, annotators, CPU, 3, annotator_nets=nets)
+    ctx = preprocessors.Context(annotators, 3, CPU, nets=nets)
     expected = np.asarray(preprocessors.run_preprocessor("depth", init_image(), ctx), np.float32) / 255
     assert torch.equal(control.units[0].image[0].permute(1, 2, 0), torch.from_numpy(expected))
+    assert nets.loads == 1

@@ -14,7 +14,8 @@ from onnx import TensorProto, helper, numpy_helper
 from PIL import Image
 
 from underpaint.engine import preprocessors as P
-from underpaint.engine.annotators import dwpose as D
+from underpaint.engine.preprocessors import dwpose as D
+from underpaint.vocabulary import PreprocessorName, missing_annotator_files
 from underpaint.engine.job import JobError
 
 DET_SHAPE, POSE_SHAPE = (1, 3, 640, 640), (1, 3, 384, 288)
@@ -215,7 +216,7 @@ def test_detector_finds_persons_only_above_threshold_after_nms(tmp_path: Path) -
         ],
         ratio,
     )
-    boxes = D.detect_people(D._session(tmp_path / D.DETECTOR), np.zeros((256, 256, 3), np.uint8))
+    boxes = D.detect_people(D._session(ctx(tmp_path), tmp_path / D.DETECTOR), np.zeros((256, 256, 3), np.uint8))
     assert np.allclose(boxes, [BOX, other], atol=0.01)
 
 
@@ -261,15 +262,15 @@ def test_dwpose_without_a_person_is_black(tmp_path: Path) -> None:
 
 
 def test_dwpose_needs_both_files_by_name(tmp_path: Path) -> None:
-    assert P.missing_files("dwpose", tmp_path) == ["yolox_l.onnx", "dw-ll_ucoco_384.onnx"]
+    dwpose = PreprocessorName("dwpose")
+    assert missing_annotator_files(dwpose, tmp_path) == ["yolox_l.onnx", "dw-ll_ucoco_384.onnx"]
     _write_detector(tmp_path, [], 1.0)
-    msg = P.submit_check("dwpose", tmp_path)
-    assert msg is not None
-    assert "dw-ll_ucoco_384.onnx" in msg
-    assert "yolox_l.onnx" not in msg
-    assert str(tmp_path) in msg
-    with pytest.raises(JobError, match="dw-ll_ucoco_384.onnx"):
+    assert missing_annotator_files(dwpose, tmp_path) == ["dw-ll_ucoco_384.onnx"]
+    with pytest.raises(JobError) as err:
         P.run_preprocessor("dwpose", Image.new("RGB", (64, 64)), ctx(tmp_path))
+    assert "dw-ll_ucoco_384.onnx" in str(err.value)
+    assert "yolox_l.onnx" not in str(err.value)
+    assert str(tmp_path) in str(err.value)
 
 
 def test_dwpose_wrong_files_are_clear_errors(tmp_path: Path) -> None:
