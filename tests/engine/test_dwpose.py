@@ -169,6 +169,8 @@ def test_simcc_decode_hand_computed() -> None:
     points, scores = D.simcc_decode(sx, sy)
     assert points.tolist() == [[0.5, 1.5], [1.5, 0.0]]  # arg-max bins / 2
     assert np.allclose(scores, [0.7, 0.4])  # the smaller of the two maxima
+    points, scores = D.simcc_decode(np.zeros((1, 4), np.float32), sy[:1])
+    assert points.tolist() == [[-0.5, -0.5]]  # no response on x: unset, as mmpose marks it
 
 
 def test_crop_transform_hand_computed() -> None:

@@ -160,10 +160,13 @@ def crop_transform(box: Array, size: tuple[int, int]) -> tuple[Array, Array, Arr
 
 
 def simcc_decode(simcc_x: Array, simcc_y: Array, split: float = SIMCC_SPLIT) -> tuple[Array, Array]:
-    """SimCC ``(K, Wx)`` and ``(K, Wy)`` → keypoints (K, 2) in input pixels (arg-max bin / split ratio) and scores
-    (K,): the smaller of the two maxima, as mmpose's ``get_simcc_maximum``."""
+    """SimCC ``(K, Wx)`` and ``(K, Wy)`` → keypoints (K, 2) in input pixels (arg-max bin / split ratio; bin -1
+    where the score is not positive) and scores (K,): the smaller of the two maxima, as mmpose's
+    ``get_simcc_maximum`` and DWPose's published ONNX code (rtmlib averages them instead)."""
     locs = np.stack([simcc_x.argmax(axis=1), simcc_y.argmax(axis=1)], axis=1).astype(np.float32)
-    return locs / split, np.minimum(simcc_x.max(axis=1), simcc_y.max(axis=1))
+    scores = np.minimum(simcc_x.max(axis=1), simcc_y.max(axis=1))
+    locs[scores <= 0] = -1  # no response at all: an unset keypoint, as mmpose marks it
+    return locs / split, scores
 
 
 def estimate(session: Any, bgr: Array, box: Array) -> tuple[Array, Array]:
