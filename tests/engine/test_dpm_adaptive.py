@@ -83,7 +83,9 @@ def setup(tiny_models_dir: Path) -> Setup:
 def ours(setup: Setup) -> tuple[np.ndarray, int]:
     setup.calls = 0
     with torch.no_grad():
-        out = sample_img2img("DPM adaptive", setup.counted, setup.c.schedule, setup.init_latent, STEPS, STRENGTH, NoiseSource([SEED]))
+        out = sample_img2img(
+            "DPM adaptive", setup.counted, setup.c.schedule, setup.init_latent, STEPS, STRENGTH, NoiseSource([SEED])
+        )
     return setup.pixels(out), setup.calls
 
 

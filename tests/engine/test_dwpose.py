@@ -14,9 +14,9 @@ from onnx import TensorProto, helper, numpy_helper
 from PIL import Image
 
 from underpaint.engine import preprocessors as P
+from underpaint.engine.job import JobError
 from underpaint.engine.preprocessors import dwpose as D
 from underpaint.vocabulary import PreprocessorName, missing_annotator_files
-from underpaint.engine.job import JobError
 
 DET_SHAPE, POSE_SHAPE = (1, 3, 640, 640), (1, 3, 384, 288)
 ANCHORS = 80 * 80 + 40 * 40 + 20 * 20  # strides 8, 16, 32 on 640
@@ -278,7 +278,7 @@ def test_dwpose_needs_both_files_by_name(tmp_path: Path) -> None:
 def test_dwpose_wrong_files_are_clear_errors(tmp_path: Path) -> None:
     (tmp_path / D.DETECTOR).write_bytes(b"not an onnx file")
     _write_estimator(tmp_path, {})
-    with pytest.raises(JobError, match="yolox_l.onnx could not be loaded"):
+    with pytest.raises(JobError, match=r"yolox_l\.onnx could not be loaded"):
         P.run_preprocessor("dwpose", Image.new("RGB", (64, 64)), ctx(tmp_path))
     other = tmp_path / "other"
     other.mkdir()

@@ -140,7 +140,7 @@ def test_missing_annotator_names_file_and_folder(picture: Image.Image, tmp_path:
     assert "mlsd_large_512_fp32.pth" in str(err.value)
     assert str(tmp_path) in str(err.value)
     assert missing("lineart", tmp_path) == ["sk_model.pth", "sk_model2.pth"]
-    with pytest.raises(JobError, match="sk_model2.pth"):
+    with pytest.raises(JobError, match=r"sk_model2\.pth"):
         P.check_files("lineart_coarse", tmp_path)
     P.check_files("canny", tmp_path)
     P.check_files(None, tmp_path)
@@ -191,7 +191,8 @@ def test_openpose_family_runs_from_local_weights(tmp_path: Path) -> None:
     image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (96, 128, 3), dtype=np.uint8))
     for name in ("openpose_full", "openpose_faceonly"):  # all three files; the body net runs (~3 s each)
         out = np.asarray(P.run_preprocessor(name, image, ctx(tmp_path)))
-        assert out.shape == (96, 128, 3) and out.max() == 0, name
+        assert out.shape == (96, 128, 3), name
+        assert out.max() == 0, name
 
 
 def test_openpose_glue_draws_detected_person(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -235,7 +236,7 @@ def test_openpose_needs_only_the_files_of_its_parts(tmp_path: Path) -> None:
 
 def test_broken_annotator_file_is_a_clear_error(picture: Image.Image, tmp_path: Path) -> None:
     (tmp_path / "table5_pidinet.pth").write_bytes(b"not a checkpoint")
-    with pytest.raises(JobError, match="table5_pidinet.pth could not be loaded"):
+    with pytest.raises(JobError, match=r"table5_pidinet\.pth could not be loaded"):
         P.run_preprocessor("softedge_pidinet", picture, ctx(tmp_path))
 
 
@@ -367,7 +368,8 @@ def test_depth_files_are_named_when_missing(picture: Image.Image, tmp_path: Path
     for name, files in cases:
         with pytest.raises(JobError) as err:
             P.run_preprocessor(name, picture, ctx(tmp_path))
-        assert all(f in str(err.value) for f in files) and str(tmp_path) in str(err.value), name
+        assert all(f in str(err.value) for f in files), name
+        assert str(tmp_path) in str(err.value), name
     (tmp_path / "res101.pth").write_bytes(b"")
     assert missing("depth_leres++", tmp_path) == ["latest_net_G.pth"]
     assert missing("depth_leres", tmp_path) == []

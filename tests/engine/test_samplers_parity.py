@@ -220,7 +220,9 @@ UNIPC_IMG2IMG = [(4, 0.75), (10, 0.1), (10, 0.3), (10, 0.9), (20, 0.35), (25, 0.
 
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
 @pytest.mark.parametrize(("steps", "strength"), UNIPC_IMG2IMG)
-def test_unipc_img2img_matches_diffusers_over_a1111_timesteps(steps: int, strength: float, prediction_type: str) -> None:
+def test_unipc_img2img_matches_diffusers_over_a1111_timesteps(
+    steps: int, strength: float, prediction_type: str
+) -> None:
     """The img2img path the API uses, end to end: noised to abar[ts[t_enc]], then UniPC over A1111's grid, against
     diffusers' UniPCMultistepScheduler (order 3, bh1, data prediction, lower order at the end) driven over the same
     whole timesteps."""

@@ -186,7 +186,7 @@ def _detector_output() -> np.ndarray:
 
 def _estimator_outputs() -> dict[str, np.ndarray]:
     """SimCC outputs placing the body, a fan of face points and both hands in the crop (0.9 confidence)."""
-    points = dict(enumerate(_BODY))
+    points: dict[int, tuple[float, float]] = dict(enumerate(_BODY))
     for i in range(68):  # the face: an oval around the nose
         a = 2 * math.pi * i / 68
         points[23 + i] = (144 + 14 * math.cos(a), 66 + 18 * math.sin(a))

@@ -26,9 +26,9 @@ import safetensors.torch
 import torch
 from diffusers.models.controlnets.controlnet import ControlNetModel
 
+from underpaint.demo.annotators import write_demo_annotators
 from underpaint.demo.checkpoints import tiny_sd15_components, tiny_sdxl_components
 from underpaint.demo.ldm_convert import unet_to_ldm
-from underpaint.demo.annotators import write_demo_annotators
 
 StateDict = dict[str, torch.Tensor]
 CONTROL_PREFIX = "control_model."

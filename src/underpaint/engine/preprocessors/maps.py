@@ -61,10 +61,9 @@ def shuffle(img: Array, ctx: Context) -> Array:
     src = resize_for_detection(gray3(img), min(img.shape[:2]))
     h, w = src.shape[:2]
     rng = np.random.RandomState(ctx.seed % 2**32)
-    xs = noise_disk(rng, h, w, SHUFFLE_NOISE_SCALE) * float(w - 1)
-    ys = noise_disk(rng, h, w, SHUFFLE_NOISE_SCALE) * float(h - 1)
-    flow = np.concatenate([xs, ys], axis=2).astype(np.float32)
-    return cv2.remap(src, flow, None, cv2.INTER_LINEAR)
+    xs = (noise_disk(rng, h, w, SHUFFLE_NOISE_SCALE) * float(w - 1))[:, :, 0].astype(np.float32)
+    ys = (noise_disk(rng, h, w, SHUFFLE_NOISE_SCALE) * float(h - 1))[:, :, 0].astype(np.float32)
+    return np.asarray(cv2.remap(src, xs, ys, cv2.INTER_LINEAR))
 
 
 def lineart_standard(img: Array, ctx: Context) -> Array:

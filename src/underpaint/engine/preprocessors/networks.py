@@ -184,7 +184,9 @@ def _boosting() -> Iterator[None]:
         yield
 
 
-def detect(kind: str, files: tuple[str, ...], depth: bool = False, **call_kwargs: Any) -> Callable[[Array, Context], Array]:
+def detect(
+    kind: str, files: tuple[str, ...], depth: bool = False, **call_kwargs: Any
+) -> Callable[[Array, Context], Array]:
     """Run controlnet_aux's detector for ``kind`` on our loaded networks. It detects with the short side at the
     context's ``depth_resolution`` (the depth family, ``depth``) or at the output's; ``run_preprocessor`` resizes
     the map to the output size."""

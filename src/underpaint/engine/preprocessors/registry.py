@@ -72,9 +72,7 @@ def _table() -> dict[str, Run]:
         # depth and normals (detected at A1111's resolution)
         "depth": detect("midas", midas, depth=True),  # A1111's "depth" is MiDaS
         "depth_midas": detect("midas", midas, depth=True),
-        "normal_map": detect(
-            "midas", midas, depth=True, depth_and_normal=True, bg_th=networks.NORMAL_MAP_BACKGROUND
-        ),
+        "normal_map": detect("midas", midas, depth=True, depth_and_normal=True, bg_th=networks.NORMAL_MAP_BACKGROUND),
         "depth_zoe": detect("zoe", _files("depth_zoe"), depth=True),
         "depth_leres": detect("leres", _files("depth_leres"), depth=True),  # both thresholds at 0
         "depth_leres++": detect("leres", leres_boost, depth=True, boost=True),
