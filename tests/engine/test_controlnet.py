@@ -435,6 +435,7 @@ def test_executor_runs_a_depth_unit(models: Path, sdxl: LoadedCheckpoint, tmp_pa
     assert (nets.loads, nets.kinds()) == (1, {"midas"})
     annotators = mine / "annotator"
     control = cn.build_control_hook(sdxl, [(entry, depth_unit)], SIZE, SIZE, annotators, CPU, 3, annotator_nets=nets)
+    assert control is not None
     ctx = preprocessors.Context(annotators, 3, CPU, nets=nets)
     expected = np.asarray(preprocessors.run_preprocessor("depth", init_image(), ctx), np.float32) / 255
     assert torch.equal(control.units[0].image[0].permute(1, 2, 0), torch.from_numpy(expected))
