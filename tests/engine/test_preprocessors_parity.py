@@ -93,9 +93,7 @@ def rgb(out: Any) -> np.ndarray:
 # -- every name runs ------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    "name", [pytest.param(n, marks=pytest.mark.slow) if n in SLOW else n for n in sorted(PREPROCESSOR_NAMES)]
-)
+@pytest.mark.parametrize("name", sorted(PREPROCESSOR_NAMES - SLOW))  # SLOW ones run in the parity test below
 def test_every_preprocessor_runs_on_the_demo_files(
     name: str, annotators: Path, nets: P.AnnotatorCache, tiny_models_dir: Path
 ) -> None:
@@ -103,8 +101,8 @@ def test_every_preprocessor_runs_on_the_demo_files(
     image; it has the picture's size and, except where the demo nets find nobody, structure."""
     from underpaint.engine.adapters import controlnet as cn
 
-    img = picture(BOOST_RES if name == "depth_leres++" else SIZE)
-    out = ours(name, annotators, nets, img, BOOST_RES if name == "depth_leres++" else DEPTH_RES)
+    img = picture()
+    out = ours(name, annotators, nets, img)
     assert out.shape == img.shape
     assert out.dtype == np.uint8
     blank = {"openpose", "openpose_hand", "openpose_face", "openpose_faceonly", "openpose_full", "mediapipe_face"}
@@ -113,6 +111,7 @@ def test_every_preprocessor_runs_on_the_demo_files(
     P.check_files(name, annotators)
     assert cn.control_tensor(Image.fromarray(out), torch.device("cpu"), torch.float32).shape == (1, 3, *img.shape[:2])
     assert set(SEED_ENUM) <= PREPROCESSOR_NAMES
+    assert SLOW <= set(PARITY)  # executed there
 
 
 # -- parity with controlnet_aux's detectors ---------------------------------------------------------------------------
