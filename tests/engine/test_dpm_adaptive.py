@@ -18,14 +18,21 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from samplers_testlib import SCHEDULE, _ApplyModel, _HijackedTorch, kdiffusion, reference_img2img, reference_sigmas
+from tests.support.samplers import (
+    SCHEDULE,
+    _ApplyModel,
+    _HijackedTorch,
+    kdiffusion,
+    reference_img2img,
+    reference_sigmas,
+)
 from torch import Tensor
 
 from underpaint.engine import pipeline as pl
 from underpaint.engine.conditioning import TextEncoderBundle
 from underpaint.engine.loader import load_checkpoint
-from underpaint.engine.registry import ModelRegistry
 from underpaint.engine.samplers import DiscreteSchedule, NoiseSource, sample_img2img
+from underpaint.registry import ModelRegistry
 
 SIZE, STEPS, STRENGTH, CFG, SEED = 128, 20, 0.75, 7.0, 1
 

@@ -19,7 +19,7 @@ from underpaint.config import Settings
 from underpaint.engine.executor import DiffusersExecutor
 from underpaint.engine.job import GenerationJob
 from underpaint.engine.metadata import encode_image
-from underpaint.engine.registry import ModelRegistry
+from underpaint.registry import ModelRegistry
 
 
 def a1111_uint8(decoded: np.ndarray) -> np.ndarray:

@@ -111,7 +111,7 @@ def test_every_preprocessor_runs_on_the_demo_files(
     P.check_files(name, annotators)
     assert cn.control_tensor(Image.fromarray(out), torch.device("cpu"), torch.float32).shape == (1, 3, *img.shape[:2])
     assert set(SEED_ENUM) <= PREPROCESSOR_NAMES
-    assert SLOW <= set(PARITY)  # executed there
+    assert set(PARITY) >= SLOW  # executed there
 
 
 # -- parity with controlnet_aux's detectors ---------------------------------------------------------------------------
