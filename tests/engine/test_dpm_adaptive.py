@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import numpy as np
 import pytest
@@ -33,8 +33,10 @@ from underpaint.engine.conditioning import TextEncoderBundle
 from underpaint.engine.loader import load_checkpoint
 from underpaint.engine.samplers import DiscreteSchedule, NoiseSource, sample_img2img
 from underpaint.registry import ModelRegistry
+from underpaint.vocabulary import SamplerName
 
 SIZE, STEPS, STRENGTH, CFG, SEED = 128, 20, 0.75, 7.0, 1
+DPM_ADAPTIVE = SamplerName("DPM adaptive")
 
 
 class Setup:
@@ -42,7 +44,7 @@ class Setup:
         entry = ModelRegistry(models).resolve("checkpoint", "tiny-sd15")
         assert entry is not None
         loaded = load_checkpoint(entry, torch.device("cpu"), torch.float32)
-        bundle = TextEncoderBundle(list(loaded.tokenizers), cast(list[Any], list(loaded.text_encoders)), False)
+        bundle = TextEncoderBundle(list(loaded.tokenizers), cast(Any, list(loaded.text_encoders)), False)
         self.c = pl.Components(
             unet=loaded.unet,
             vae=loaded.vae,
@@ -65,7 +67,7 @@ class Setup:
             seeds=[SEED],
             steps=STEPS,
             guidance_scale=CFG,
-            sampler_name="DPM adaptive",
+            sampler_name=DPM_ADAPTIVE,
             strength=STRENGTH,
         )
         self.init_latent = pl.prepare_init_latents(self.c, init, SIZE, SIZE, 1)
@@ -91,7 +93,7 @@ def ours(setup: Setup) -> tuple[np.ndarray, int]:
     setup.calls = 0
     with torch.no_grad():
         out = sample_img2img(
-            "DPM adaptive", setup.counted, setup.c.schedule, setup.init_latent, STEPS, STRENGTH, NoiseSource([SEED])
+            DPM_ADAPTIVE, setup.counted, setup.c.schedule, setup.init_latent, STEPS, STRENGTH, NoiseSource([SEED])
         )
     return setup.pixels(out), setup.calls
 

@@ -20,13 +20,15 @@ from underpaint.engine.executor import DiffusersExecutor
 from underpaint.engine.job import GenerationJob
 from underpaint.engine.metadata import encode_image
 from underpaint.registry import ModelRegistry
+from underpaint.vocabulary import SamplerName
 
 
 def a1111_uint8(decoded: np.ndarray) -> np.ndarray:
     """A1111's conversion of one decoded ``[3, H, W]`` float image (its published semantics, float32)."""
     x = np.clip((decoded.astype(np.float32) + 1.0) / 2.0, 0.0, 1.0)
     x = 255.0 * np.moveaxis(x, 0, 2)
-    return x.astype(np.uint8)
+    out: np.ndarray = x.astype(np.uint8)
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +47,7 @@ def generated(tiny_models_dir: Path) -> tuple[list[np.ndarray], list[Image.Image
         image_num=2,
         steps=4,
         guidance_scale=7.0,
-        sampler_name="Euler a",
+        sampler_name=SamplerName("Euler a"),
         seed=1,
         strength=0.75,
     )
