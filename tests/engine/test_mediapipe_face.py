@@ -12,6 +12,7 @@ from PIL import Image
 from skimage import data
 
 from underpaint.engine import preprocessors as P
+from underpaint.vocabulary import PreprocessorName, missing_annotator_files
 
 RIGHT_PUPIL, LEFT_PUPIL = 468, 473  # refined iris landmarks
 # controlnet_aux's drawing colours, given as BGR there, in the RGB map
@@ -74,5 +75,4 @@ def test_mediapipe_face_without_a_face_is_black(tmp_path: Path) -> None:
     out = np.asarray(P.run_preprocessor("mediapipe_face", Image.fromarray(noise), ctx(tmp_path)))
     assert out.shape == (96, 128, 3)
     assert out.max() == 0
-    assert P.missing_files("mediapipe_face", tmp_path) == []
-    assert P.submit_check("mediapipe_face", tmp_path) is None
+    assert missing_annotator_files(PreprocessorName("mediapipe_face"), tmp_path) == []

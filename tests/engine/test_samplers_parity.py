@@ -10,7 +10,9 @@
   agreement is at float32 level (measured ~1e-7; asserted <= 2e-6).
 * UniPC: diffusers UniPCMultistepScheduler(order 3, bh1, sigma_min final, linspace). Its timesteps are rounded to
   integers while A1111's continuous grid is fractional, so the step counts 3, 9 and 27 (integer grids,
-  999 / N integral) are compared (measured ~1e-7; asserted <= 2e-6).
+  999 / N integral) are compared (measured ~1e-7; asserted <= 2e-6). The img2img path (the one the API uses) is
+  compared the same way at the (steps, strength) pairs whose grid falls on whole timesteps, with diffusers driven
+  over A1111's timestep list.
 """
 
 from __future__ import annotations
@@ -208,6 +210,68 @@ def test_unipc_matches_diffusers_on_integer_grids(steps: int) -> None:
     for t in ref.timesteps:
         x = ref.step(_call(model, x, int(t)), t, x).prev_sample
     assert rel_err(ours, x) <= 2e-6
+
+
+def _drive_over(scheduler: Any, timesteps: list[int]) -> None:
+    """Point a diffusers multistep scheduler at an explicit descending timestep list (the final sigma: abar[0]'s)."""
+    scheduler.set_timesteps(len(timesteps))  # resets the multistep history
+    abar = scheduler.alphas_cumprod
+    sigmas = [((1 - abar[t]) / abar[t]) ** 0.5 for t in timesteps] + [((1 - abar[0]) / abar[0]) ** 0.5]
+    scheduler.timesteps = torch.tensor(timesteps, dtype=torch.int64)
+    scheduler.sigmas = torch.tensor([float(v) for v in sigmas], dtype=torch.float32)
+    scheduler.num_inference_steps = len(timesteps)
+
+
+# (steps, strength) where A1111's img2img UniPC grid falls on whole timesteps: it runs t_enc steps, time-uniform,
+# from timestep ts[t_enc - 1] down to 0, so ts[t_enc - 1] = (t_enc - 1) * (1000 // steps) + 1 must divide by t_enc.
+UNIPC_IMG2IMG = [(4, 0.75), (10, 0.1), (10, 0.3), (10, 0.9), (20, 0.35), (25, 0.52)]
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+@pytest.mark.parametrize(("steps", "strength"), UNIPC_IMG2IMG)
+def test_unipc_img2img_matches_diffusers_over_a1111_timesteps(
+    steps: int, strength: float, prediction_type: str
+) -> None:
+    """The img2img path the API uses, end to end: noised to abar[ts[t_enc]], then UniPC over A1111's grid, against
+    diffusers' UniPCMultistepScheduler (order 3, bh1, data prediction, lower order at the end) driven over the same
+    whole timesteps."""
+    model = toy_model(SCHEDULE, prediction_type)
+    counting = CountingModel(model)
+    ours = sample_img2img(
+        "UniPC", counting, SCHEDULE, init_latent(), steps, strength, NoiseSource(SEEDS), prediction_type=prediction_type
+    )
+    x, ts_sched = _noised("UniPC", steps, strength)
+    t_enc, top = len(ts_sched), ts_sched[-1]
+    assert top % t_enc == 0
+    grid = [top - k * (top // t_enc) for k in range(t_enc)]  # A1111's time-uniform grid, without its end (0)
+    ref: Any = UniPCMultistepScheduler(
+        **_ldm_scheduler_kwargs(),
+        solver_order=3,
+        solver_type="bh1",
+        final_sigmas_type="sigma_min",
+        lower_order_final=True,
+        predict_x0=True,
+        prediction_type=prediction_type,
+    )
+    _use_ldm_alphas(ref)
+    _drive_over(ref, grid)
+    for t in grid:
+        x = ref.step(_call(model, x, t), t, x).prev_sample
+    assert counting.calls == t_enc
+    assert rel_err(ours, x) <= 2e-6
+
+
+def test_v_prediction_alpha_follows_unipc_continuous_schedule() -> None:
+    """v -> eps needs alpha at UniPC's fractional grid times: log alpha linear between whole timesteps (A1111's
+    discrete NoiseScheduleVP), never the alpha of the truncated timestep."""
+    from underpaint.engine.samplers.denoiser import vp_alpha_cumprod
+
+    vp = tsm._ContinuousVP(SCHEDULE)
+    for t in (0.0, 1.0, 166.99999999997, 250.5, 998.25):
+        alpha, _, _ = vp.alpha_sigma_lambda((t + 1) / 1000)
+        assert vp_alpha_cumprod(SCHEDULE, t) == pytest.approx(alpha**2, rel=1e-9)
+    assert vp_alpha_cumprod(SCHEDULE, 167.0) == SCHEDULE.alpha_cumprod(167)
+    assert vp_alpha_cumprod(SCHEDULE, 166.99999999997) == pytest.approx(SCHEDULE.alpha_cumprod(167), rel=1e-9)
 
 
 def test_unipc_img2img_starts_one_grid_step_below_the_noise_level() -> None:
