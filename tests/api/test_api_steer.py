@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
-from tests.support.api import KEY_A, KEY_B, auth, body, make_services, task_count
+from tests.support.api import KEY_A, KEY_B, auth, body, make_services, queued, record_of, task_count
 
 from underpaint.api.app import create_app
 from underpaint.services import Services
@@ -119,7 +119,7 @@ def test_cancel_needs_the_owner(client: TestClient, submit: Callable[..., Any], 
     r = cancel(client, {"task_id": task_id}, key=KEY_B)
     assert r.status_code == 404
     assert r.json()["reason"] == "TASK_NOT_FOUND"
-    assert services.store.get(task_id).status is TaskStatus.QUEUED
+    assert record_of(services, task_id).status is TaskStatus.QUEUED
     no_key = client.post(CANCEL, json={"task_id": task_id})
     assert (no_key.status_code, no_key.json()["reason"]) == (400, "MISSING_API_KEY")
     assert client.post(CANCEL, content=b"{not json", headers=auth()).json()["reason"] == "INVALID_REQUEST_BODY"
@@ -142,7 +142,7 @@ def test_same_key_same_body_returns_the_same_task(client: TestClient, services: 
     assert again.status_code == 200
     assert again.json() == first.json()
     assert task_count(services) == 1
-    assert len(services.queue.items) == 1  # queued once
+    assert len(queued(services)) == 1  # queued once
     assert post(client, payload, None).json()["task_id"] != first.json()["task_id"]  # no header: a new task
     other_key = post(client, payload, "retry-1", key=KEY_B)  # keys are per API key
     assert other_key.status_code == 200

@@ -6,6 +6,7 @@ import threading
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlalchemy import func, select
@@ -57,8 +58,8 @@ def store(db_url: str, clock: Clock) -> Iterator[SqlTaskStore]:
     s.close()
 
 
-def new_task(task_id: str | None = None, owner: str = "owner-a", **kw: object) -> NewTask:
-    fields: dict[str, object] = {
+def new_task(task_id: str | None = None, owner: str = "owner-a", **kw: Any) -> NewTask:
+    fields: dict[str, Any] = {
         "task_id": task_id or uuid.uuid4().hex,
         "owner": owner,
         "seed": 1,
@@ -69,6 +70,12 @@ def new_task(task_id: str | None = None, owner: str = "owner-a", **kw: object) -
     }
     fields.update(kw)
     return NewTask(**fields)
+
+
+def status_of(store: SqlTaskStore, task_id: str) -> TaskStatus:
+    task = store.get(task_id)
+    assert task is not None
+    return task.status
 
 
 # --- cancel ------------------------------------------------------------------------------------------------------
@@ -96,7 +103,7 @@ def test_cancel_processing_flags_it_for_its_worker(store: SqlTaskStore) -> None:
     assert not store.cancel_requested("p")
     assert store.request_cancel("p", "owner-a") is CancelOutcome.REQUESTED
     assert store.cancel_requested("p")
-    assert store.get("p").status is TaskStatus.PROCESSING
+    assert status_of(store, "p") is TaskStatus.PROCESSING
     assert not store.complete("p", "w", [])  # a run that ignores the flag cannot record its result
     assert store.fail("p", "w", CANCELLED_REASON)  # the holder ends it
     assert store.request_cancel("p", "owner-a") is CancelOutcome.FINISHED
@@ -106,7 +113,7 @@ def test_cancel_is_owner_only(store: SqlTaskStore) -> None:
     store.create(new_task("mine"))
     assert store.request_cancel("mine", "owner-b") is CancelOutcome.NOT_FOUND
     assert store.request_cancel("nope", "owner-a") is CancelOutcome.NOT_FOUND
-    assert store.get("mine").status is TaskStatus.QUEUED
+    assert status_of(store, "mine") is TaskStatus.QUEUED
 
 
 def test_cancelled_task_whose_worker_died_ends_failed_not_requeued(store: SqlTaskStore, clock: Clock) -> None:

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from tests.support.storage import RecordingStorage
 
 from underpaint.config import Settings
 from underpaint.engine.job import JobCancelled, Progress
@@ -56,16 +57,6 @@ class SteppingRunner:
         return [ImageRecord(key=f"{task.task_id}/0.png", image_type="png")]
 
 
-class FakeStorage:
-    name = "local"
-
-    def __init__(self) -> None:
-        self.deleted: list[str] = []
-
-    def delete(self, key: str) -> None:
-        self.deleted.append(key)
-
-
 def test_running_task_stops_within_one_step(store: SqlTaskStore) -> None:
     tid = add(store)
     runner = SteppingRunner()
@@ -93,7 +84,7 @@ def test_running_task_stops_within_one_step(store: SqlTaskStore) -> None:
 def test_cancel_after_the_last_step_still_wins(store: SqlTaskStore) -> None:
     """The flag arrives while the images are being encoded/stored: the result is discarded, not recorded."""
     tid = add(store)
-    storage = FakeStorage()
+    storage = RecordingStorage()
 
     class LateCancel:
         def run(self, task: TaskRecord, payload: dict[str, Any], report: ProgressReporter) -> list[ImageRecord]:
@@ -132,5 +123,7 @@ def test_other_tasks_are_not_cancelled(store: SqlTaskStore) -> None:
     store.request_cancel(victim, "o")
     runner = SteppingRunner(steps=3)
     Worker(store, runner, SETTINGS).run_once()
-    assert store.get(other).status is TaskStatus.SUCCEED
+    done = store.get(other)
+    assert done is not None
+    assert done.status is TaskStatus.SUCCEED
     assert len(runner.started) == 3
