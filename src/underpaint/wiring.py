@@ -134,6 +134,10 @@ class Service:
             else:
                 self.worker = build_local_worker(self.services)
             self.worker.start()
+            from underpaint.api.extensions import EMBEDDED_WORKER
+
+            worker = self.worker
+            self.services.extras[EMBEDDED_WORKER] = worker.alive if s.worker_process else lambda: worker.running
         self.services.webhooks.start()
         self.sweeper = RetentionSweeper(
             self.services.store, self.services.storage, s.retention_seconds, also_purge=[self.services.webhooks.purge]
