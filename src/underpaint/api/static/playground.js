@@ -534,7 +534,7 @@
     return null;
   }
 
-  // "prompt\nNegative prompt: ...\nSteps: 20, Sampler: Euler a, ..." -> {prompt, negative, Steps, Sampler, ...}
+  // "prompt\nNegative prompt: ...\nSteps: 20, Sampler: <name>, ..." -> {prompt, negative, Steps, Sampler, ...}
   function parseInfotext(text) {
     const lines = text.split("\n");
     const last = lines.pop() || "";
