@@ -230,14 +230,16 @@ def test_errors_validate_and_are_documented(client: TestClient, doc: dict[str, A
 
 def test_model_and_extension_answers_validate(client: TestClient, doc: dict[str, Any], submit: Any) -> None:
     models = client.get("/v3/model", headers=auth())
-    assert models.status_code == 200 and models.json()["models"]
+    assert models.status_code == 200
+    assert models.json()["models"]
     check(doc, "ModelListResponse", models.json())
     submit()
     tasks = client.get("/v3/async/tasks", headers=auth())
     assert len(tasks.json()["tasks"]) == 1
     check(doc, "TaskListResponse", tasks.json())
     queue = client.get("/v3/async/queue", headers=auth(KEY_B))
-    assert queue.json()["queue"]["queued"] == 1 and queue.json()["mine"]["queued"] == 0
+    assert queue.json()["queue"]["queued"] == 1
+    assert queue.json()["mine"]["queued"] == 0
     check(doc, "QueueStatusResponse", queue.json())
     check(doc, "HealthResponse", client.get("/health").json())
 

@@ -193,13 +193,13 @@ def test_playground_in_chromium(live_server: LiveServer, browser: Browser, tmp_p
 
     # The init image three ways: paste, drop, file chooser (the last one is used).
     put_file_by_paste(page, make_png((72, 64), seed=3))
-    expect(page.locator("#init-info")).to_have_text("clipboard.png · 72×64")
+    expect(page.locator("#init-info")).to_have_text("clipboard.png · 72\u00d764")
     put_file_by_drop(page, make_png((80, 48), seed=4), "dropped.png")
-    expect(page.locator("#init-info")).to_have_text("dropped.png · 80×48")
+    expect(page.locator("#init-info")).to_have_text("dropped.png · 80\u00d748")
     init_png = tmp_path / "init.png"
     init_png.write_bytes(make_png((96, 80), seed=5))
     page.set_input_files("#init-file", str(init_png))
-    expect(page.locator("#init-info")).to_have_text("init.png · 96×80")
+    expect(page.locator("#init-info")).to_have_text("init.png · 96\u00d780")
     expect(page.locator("#init-preview")).to_be_visible()
 
     # Job 1: a double click makes one task; progress is shown until the images arrive.

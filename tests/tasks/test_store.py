@@ -376,7 +376,8 @@ def test_recent_tasks_newest_first_per_owner(store: SqlTaskStore, clock: Clock) 
     store.complete("a4", "w", IMAGES)
     recent = store.recent_tasks("owner-a", 3)
     assert [t.task_id for t in recent] == ["a4", "a3", "a2"]
-    assert recent[0].status is TaskStatus.SUCCEED and recent[0].images == IMAGES
+    assert recent[0].status is TaskStatus.SUCCEED
+    assert recent[0].images == IMAGES
     assert [t.image_num for t in recent] == [5, 4, 3]
     assert [t.task_id for t in store.recent_tasks("owner-a", 100)] == ["a4", "a3", "a2", "a1", "a0"]
     assert all(t.owner == "owner-b" for t in store.recent_tasks("owner-b", 100))

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from typing import Literal
 
 from starlette.datastructures import QueryParams
 
@@ -64,6 +65,7 @@ def _summary(task: TaskRecord) -> TaskSummary:
 def queue_status(services: Services, owner: str) -> QueueStatusResponse:
     counts = services.store.queue_counts(owner)
     settings = services.settings
+    mode: Literal["embedded", "celery"]
     if settings.queue_backend == "celery":
         mode = "celery"
         workers = _celery_workers(services)

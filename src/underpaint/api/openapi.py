@@ -250,7 +250,9 @@ def _paths(idempotency: bool) -> dict[str, Any]:
                     _query("filter.is_sdxl", "SDXL or SD 1.5 only", boolean),
                     _query("filter.is_inpainting", "inpainting checkpoints only when true", boolean),
                     _query("filter.query", "substring of the name", string),
-                    _query("pagination.limit", "1..100, default 100", {"type": "integer", "minimum": 1, "maximum": 100}),
+                    _query(
+                        "pagination.limit", "1..100, default 100", {"type": "integer", "minimum": 1, "maximum": 100}
+                    ),
                     _query("pagination.cursor", "the previous page's next_cursor", string),
                 ],
                 "responses": {"200": _json("ModelListResponse", "one page of models"), **_errors(400, 403, 500)},

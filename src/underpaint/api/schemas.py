@@ -13,7 +13,15 @@ import math
 from collections.abc import Callable
 from typing import Annotated, Any, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, GetCoreSchemaHandler, GetJsonSchemaHandler, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    GetCoreSchemaHandler,
+    GetJsonSchemaHandler,
+    ValidationError,
+    model_validator,
+)
 from pydantic.json_schema import JsonSchemaValue
 from pydantic_core import CoreSchema, PydanticCustomError, core_schema
 
@@ -177,7 +185,9 @@ class ControlNetUnitIn(_Lenient):
     model_name: ModelName
     image_base64: Base64
     strength: Unit = 1.0
-    preprocessor: Annotated[PreprocessorName | None, Checked(_check_preprocessor, enum=[None, "none", *sorted(PREPROCESSOR_NAMES)])] = None
+    preprocessor: Annotated[
+        PreprocessorName | None, Checked(_check_preprocessor, enum=[None, "none", *sorted(PREPROCESSOR_NAMES)])
+    ] = None
     guidance_start: Unit = 0.0
     guidance_end: Unit = 1.0
 

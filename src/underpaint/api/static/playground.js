@@ -151,7 +151,7 @@
   }
 
   function onCheckpointChange() {
-    fillSelect($("sd_vae"), compatible("vae"), "Automatic (the checkpoint's)");
+    fillSelect($("sd_vae"), compatible("vae"), "Automatic");
     fillSelect($("cn-model"), compatible("controlnet"), null);
     fillSelect($("ip-model"), compatible("ipadapter"), null);
     for (const row of document.querySelectorAll("#lora-rows .row-model")) fillSelect(row, compatible("lora"), null);
