@@ -106,7 +106,7 @@ def main() -> None:
     from underpaint.config import Settings
     from underpaint.demo.checkpoints import write_demo_models
     from underpaint.engine.executor import DiffusersExecutor
-    from underpaint.engine.registry import ModelRegistry
+    from underpaint.registry import ModelRegistry
     from underpaint.worker.jobs import job_from_payload
 
     load_before = os.getloadavg()[0]

@@ -14,8 +14,8 @@ import pytest
 from api_support import b64, image_bytes
 from PIL import Image
 
-from underpaint.api.errors import ApiError
-from underpaint.api.images import decode_base64, decode_image
+from underpaint.wire.errors import ApiError
+from underpaint.wire.images import decode_base64, decode_image
 
 
 def png_chunk(kind: bytes, data: bytes) -> bytes:

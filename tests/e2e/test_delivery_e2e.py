@@ -71,8 +71,7 @@ def _objects(admin: Any, bucket: str) -> list[str]:
 
 def _webhook_event(stack: Stack, receiver: Receiver, task_id: str) -> tuple[dict[str, Any], Any]:
     """Wait for the one delivery of ``task_id``; return the event and the raw request."""
-    webhooks = stack.services.webhooks
-    assert webhooks is not None
+    webhooks = stack.webhooks
     assert wait_for(lambda: [d.status for d in webhooks.deliveries(task_id)] == [DELIVERED]), webhooks.deliveries(
         task_id
     )
@@ -146,8 +145,7 @@ def test_webhook_signed_with_the_keys_configured_secret(stack: Stack, receiver: 
 def test_no_webhook_without_a_url(stack: Stack, receiver: Receiver) -> None:
     task_id = stack.submit()
     assert stack.run(task_id)["task"]["status"] == SUCCEED
-    webhooks = stack.services.webhooks
-    assert webhooks is not None
+    webhooks = stack.webhooks
     assert webhooks.deliveries(task_id) == []
 
 

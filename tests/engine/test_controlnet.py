@@ -22,8 +22,8 @@ from underpaint.engine.conditioning import TextEncoderBundle
 from underpaint.engine.job import ControlNetUnitSpec, JobError
 from underpaint.engine.loader import LoadedCheckpoint, load_checkpoint
 from underpaint.engine.pipeline import Components, PipelineInputs, generate
-from underpaint.engine.registry import ModelEntry, ModelRegistry
 from underpaint.engine.samplers import DiscreteSchedule
+from underpaint.registry import ModelEntry, ModelRegistry
 
 CPU = torch.device("cpu")
 SIZE = 64

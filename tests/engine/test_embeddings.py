@@ -18,7 +18,7 @@ from underpaint.engine.adapters.embeddings import (
     read_embedding_file,
 )
 from underpaint.engine.job import JobError
-from underpaint.engine.registry import ModelEntry
+from underpaint.registry import ModelEntry
 
 transformers.logging.set_verbosity_error()
 

@@ -33,7 +33,7 @@ from underpaint.engine.loader import (
     load_state_dict_file,
     load_vae,
 )
-from underpaint.engine.registry import ModelEntry, ModelRegistry
+from underpaint.registry import ModelEntry, ModelRegistry
 
 CPU = torch.device("cpu")
 

@@ -14,7 +14,7 @@ import transformers
 from underpaint.demo import adapters as demo
 from underpaint.engine.adapters.lora import LoraManager, adapter_name
 from underpaint.engine.job import JobError
-from underpaint.engine.registry import ModelEntry
+from underpaint.registry import ModelEntry
 
 transformers.logging.set_verbosity_error()
 

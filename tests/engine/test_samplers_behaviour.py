@@ -23,11 +23,11 @@ from underpaint.engine.samplers import (
     img2img_t_enc,
     img2img_timesteps,
     make_denoiser,
-    normalize_sampler_name,
     sample,
     sample_img2img,
 )
 from underpaint.engine.samplers.timestep_samplers import uniform_timesteps
+from underpaint.vocabulary import normalize_sampler_name
 
 SIGMA_NAMES = [n for n in SAMPLER_NAMES if n not in ("DDIM", "PLMS", "UniPC")]
 

@@ -1,8 +1,8 @@
 """Read-only extension routes (not in Novita's API) that the playground and dashboards use.
 
 * ``GET /v3/async/tasks?limit=N``: the calling key's most recent tasks, newest first (default 20, at most 100).
-* ``GET /v3/async/queue``: queued/processing counts overall and the caller's own, and the workers: the Celery
-  workers' heartbeat rows in scale-out mode, the embedded worker's state otherwise.
+* ``GET /v3/async/queue``: queued/processing counts overall and the caller's own, and the workers
+  (``Services.workers``: the Celery workers' heartbeat rows in scale-out mode, the embedded worker otherwise).
 
 Both are authenticated like every API route, see only the caller's tasks (the overall counts are numbers, never
 other keys' tasks), and cost one or two indexed reads.
@@ -10,13 +10,8 @@ other keys' tasks), and cost one or two indexed reads.
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable
-from typing import Literal
-
 from starlette.datastructures import QueryParams
 
-from underpaint.api.errors import invalid_request
 from underpaint.api.responses import (
     QueueCountsOut,
     QueueStatusResponse,
@@ -26,14 +21,12 @@ from underpaint.api.responses import (
 )
 from underpaint.services import Services
 from underpaint.tasks.types import TaskRecord
+from underpaint.wire.errors import invalid_request
 
 TASKS_PATH = "/v3/async/tasks"
 QUEUE_PATH = "/v3/async/queue"
 DEFAULT_TASK_LIMIT = 20
 MAX_TASK_LIMIT = 100
-
-# ``services.extras[EMBEDDED_WORKER]``: () -> bool, whether the embedded worker (thread or child process) runs.
-EMBEDDED_WORKER = "embedded_worker_alive"
 
 
 def task_limit(params: QueryParams) -> int:
@@ -64,56 +57,24 @@ def _summary(task: TaskRecord) -> TaskSummary:
 
 def queue_status(services: Services, owner: str) -> QueueStatusResponse:
     counts = services.store.queue_counts(owner)
-    settings = services.settings
-    mode: Literal["embedded", "celery"]
-    if settings.queue_backend == "celery":
-        mode = "celery"
-        workers = _celery_workers(services)
-    else:
-        mode = "embedded"
-        alive: Callable[[], bool] | None = services.extras.get(EMBEDDED_WORKER)
-        workers = []
-        if settings.run_worker and alive is not None:
-            workers.append(
-                WorkerOut(
-                    worker_id="embedded",
-                    kind="process" if settings.worker_process else "thread",
-                    alive=bool(alive()),
-                    busy=min(1, counts.processing),
-                    concurrency=1,
-                    queues=["*"],
-                    last_seen_seconds_ago=None,
-                )
-            )
+    states = services.workers() if services.workers is not None else []
+    workers = [
+        WorkerOut(
+            worker_id=w.worker_id,
+            kind=w.kind,
+            alive=w.alive,
+            # The embedded worker runs one task at a time: busy when anything runs.
+            busy=w.busy if w.busy is not None else min(1, counts.processing),
+            concurrency=max(1, w.concurrency),
+            queues=list(w.queues),
+            last_seen_seconds_ago=w.last_seen_seconds_ago,
+        )
+        for w in states
+    ]
     return QueueStatusResponse(
-        mode=mode,
+        mode="celery" if services.settings.queue_backend == "celery" else "embedded",
         queue=QueueCountsOut(queued=counts.queued, processing=counts.processing),
         mine=QueueCountsOut(queued=counts.own_queued, processing=counts.own_processing),
         workers_alive=sum(1 for w in workers if w.alive),
         workers=workers,
     )
-
-
-def _celery_workers(services: Services) -> list[WorkerOut]:
-    from sqlalchemy import Engine
-
-    from underpaint.scale.heartbeat import list_workers
-    from underpaint.scale.metrics import worker_stale_after
-
-    engine = getattr(services.store, "engine", None)
-    if not isinstance(engine, Engine):
-        return []
-    now = time.time()
-    stale = worker_stale_after(services.settings.lease_seconds)
-    return [
-        WorkerOut(
-            worker_id=w.worker_id,
-            kind="celery",
-            alive=w.alive(now, stale),
-            busy=w.busy,
-            concurrency=max(1, w.concurrency),
-            queues=list(w.queues),
-            last_seen_seconds_ago=round(max(0.0, now - w.last_seen), 1),
-        )
-        for w in list_workers(engine)
-    ]

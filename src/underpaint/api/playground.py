@@ -24,9 +24,9 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, RedirectResponse, Response
 
 from underpaint.api.context import error_response
-from underpaint.api.errors import ApiError
 from underpaint.api.openapi import build_openapi
 from underpaint.vocabulary import PREPROCESSOR_NAMES, SAMPLER_NAMES
+from underpaint.wire.errors import ApiError
 
 PLAYGROUND_PATH = "/playground"
 DOCS_PATH = "/docs"

@@ -25,7 +25,6 @@ from pydantic import (
 from pydantic.json_schema import JsonSchemaValue
 from pydantic_core import CoreSchema, PydanticCustomError, core_schema
 
-from underpaint.api.errors import ApiError, invalid_image_size, invalid_request
 from underpaint.vocabulary import (
     PREPROCESSOR_NAMES,
     SAMPLER_NAMES,
@@ -34,6 +33,7 @@ from underpaint.vocabulary import (
     normalize_preprocessor_name,
     normalize_sampler_name,
 )
+from underpaint.wire.errors import ApiError, invalid_image_size, invalid_request
 
 IMAGE_TYPES = ("png", "webp", "jpeg")
 TASK_STATUSES = ("TASK_STATUS_SUCCEED", "TASK_STATUS_FAILED")

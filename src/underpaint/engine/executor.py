@@ -25,8 +25,8 @@ from underpaint.engine.devices import configure_torch_threads, pick_device, pick
 from underpaint.engine.job import GeneratedImage, GenerationJob, JobError, ProgressCallback
 from underpaint.engine.loader import LoadedCheckpoint, ModelCache, file_sha256
 from underpaint.engine.metadata import InfotextParams, build_infotext
-from underpaint.engine.registry import ModelEntry, ModelRegistry
 from underpaint.engine.samplers import DiscreteSchedule
+from underpaint.registry import ModelEntry, ModelRegistry
 
 
 class DiffusersExecutor:

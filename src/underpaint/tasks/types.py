@@ -99,6 +99,9 @@ def owner_of(api_key: str) -> str:
 class TaskStore(Protocol):
     # How long a claim stays valid without a heartbeat; workers renew well within it.
     lease_seconds: float
+    # True when ``get`` is a local point read cheaper than a thread hop (SQLite): the API may call it on its
+    # event loop. False for a networked database.
+    inline_reads: bool
 
     def create(self, task: NewTask) -> TaskRecord: ...
 

@@ -43,7 +43,7 @@ from torch.utils.hooks import RemovableHandle
 
 from underpaint.engine.adapters import short_reason
 from underpaint.engine.job import JobError
-from underpaint.engine.registry import ModelEntry
+from underpaint.registry import ModelEntry
 
 MAX_LORAS_PER_TASK = 5
 _TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")

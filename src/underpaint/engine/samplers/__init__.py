@@ -1,4 +1,4 @@
-"""A1111-faithful samplers (the 20 names of A1111 v1.0-v1.8) over a diffusers-style UNet. See ``api``."""
+"""A1111-faithful samplers (the 20 names of A1111 v1.0-v1.8) over a diffusers-style UNet. See ``sampling``."""
 
 from underpaint.engine.samplers.denoiser import make_denoiser, make_eps_fn
 from underpaint.engine.samplers.noise import BrownianNoise, NoiseSource
@@ -11,7 +11,6 @@ from underpaint.engine.samplers.sampling import (
     img2img_steps,
     img2img_t_enc,
     img2img_timesteps,
-    normalize_sampler_name,
     sample,
     sample_img2img,
 )
@@ -31,7 +30,6 @@ __all__ = [
     "img2img_timesteps",
     "make_denoiser",
     "make_eps_fn",
-    "normalize_sampler_name",
     "sample",
     "sample_img2img",
 ]
