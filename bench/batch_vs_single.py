@@ -24,7 +24,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "src"), str(ROOT / "tests" / "e2e")]
 
-from _server import make_png  # noqa: E402
+from tests.support.server import make_png  # noqa: E402
 
 TARGET = 0.75
 

@@ -33,7 +33,7 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "src"), str(ROOT / "tests" / "e2e")]
 
-from _server import LiveServer, make_png  # noqa: E402
+from tests.support.server import LiveServer, make_png  # noqa: E402
 
 HEADERS = {"Authorization": "Bearer key-a"}
 TARGET = 1.10

@@ -11,15 +11,18 @@ overrides the shipped config. The registry rescans a folder when its mtime chang
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import json
 import os
+import pickle
 import struct
 import threading
 import zipfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 KINDS = ("checkpoint", "lora", "vae", "textualinversion", "controlnet", "ipadapter", "annotator")
 WEIGHT_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin", ".onnx")
@@ -77,15 +80,44 @@ def safetensors_keys(path: Path) -> tuple[list[str], dict[str, str]]:
     return list(header), meta
 
 
+class _Opaque:
+    """Stands in for every object of a torch pickle except plain containers: tensors, storages, dtypes."""
+
+    def __init__(self, *_args: object, **_kwargs: object) -> None:
+        pass
+
+    def __setstate__(self, _state: object) -> None:
+        pass
+
+
+def _opaque(*_args: object, **_kwargs: object) -> _Opaque:
+    return _Opaque()
+
+
+class _KeysUnpickler(pickle.Unpickler):
+    """Reads the structure of a torch pickle without torch and without running any of its code: every global it
+    names (``torch._utils._rebuild_tensor_v2``, storage classes ...) becomes a harmless stand-in, except
+    ``OrderedDict``, and tensor storages are never read."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) == ("collections", "OrderedDict"):
+            return collections.OrderedDict
+        return _opaque
+
+    def persistent_load(self, pid: Any) -> object:
+        return None
+
+
 def pickle_keys(path: Path) -> list[str] | None:
-    """Tensor names of a zip-format torch pickle, memory-mapped (tensor data is not read) and loaded with
-    ``weights_only`` (no code runs). ``None`` for legacy or unreadable files."""
+    """Tensor names of a zip-format torch pickle (``torch.save``'s format since 1.6), read from its ``data.pkl``
+    alone: no torch import, no tensor data read, no code run. ``None`` for legacy or unreadable files."""
     if not zipfile.is_zipfile(path):
         return None
-    import torch  # deferred: the registry is used by processes that never load a model
-
     try:
-        data = torch.load(str(path), map_location="cpu", mmap=True, weights_only=True)
+        with zipfile.ZipFile(path) as archive:
+            member = next(n for n in archive.namelist() if n.endswith("/data.pkl") and n.count("/") == 1)
+            with archive.open(member) as f:
+                data = _KeysUnpickler(f).load()
     except Exception:  # unsafe or damaged pickles are reported when the model is loaded
         return None
     while isinstance(data, dict) and isinstance(data.get("state_dict"), dict):

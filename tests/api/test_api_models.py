@@ -13,9 +13,9 @@ from typing import Any
 
 import pytest
 import uvicorn
-from api_support import KEY_A, MODEL_COUNT, auth, image_bytes, make_services
 from novita_client import NovitaClient
 from PIL import Image
+from tests.support.api import KEY_A, MODEL_COUNT, auth, image_bytes, make_services
 
 from underpaint.api.app import create_app
 from underpaint.services import Services

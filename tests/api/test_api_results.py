@@ -10,8 +10,8 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
-from api_support import KEY_A, KEY_B, auth, body, make_services, task_count
 from fastapi.testclient import TestClient
+from tests.support.api import KEY_A, KEY_B, auth, body, make_services, task_count
 
 from underpaint.api.app import create_app
 from underpaint.delivery.ssrf import InvalidWebhookUrl
@@ -225,7 +225,7 @@ def test_public_base_url_and_other_backends(models_dir, tmp_path):
 
 
 def _minimal() -> dict[str, Any]:
-    from api_support import b64, image_bytes
+    from tests.support.api import b64, image_bytes
 
     return {"model_name": "dreamshaper_8", "image_base64": b64(image_bytes()), "prompt": "p"}
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from api_support import KEY_A, auth, body, make_services, write_models
 from fastapi.testclient import TestClient
+from tests.support.api import KEY_A, auth, body, make_services, write_models
 
 from underpaint.api.app import create_app
 from underpaint.vocabulary import PREPROCESSOR_FILES, PREPROCESSOR_NAMES, PreprocessorName
@@ -454,7 +454,7 @@ def test_enterprise_plan_routes_to_dedicated_lane(submit, services):
 
 
 def test_enterprise_plan_without_dedicated_lane_uses_default(submit, services):
-    from api_support import KEY_B
+    from tests.support.api import KEY_B
 
     _, record = stored(services, submit(extra={"enterprise_plan": {"enabled": True}}, key=KEY_B))
     assert services.queue.items[-1] == (record.task_id, "sd15")

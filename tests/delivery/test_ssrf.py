@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import httpx
 import pytest
+from tests.support.webhook_receiver import Receiver
 
 from underpaint.delivery import ssrf
 from underpaint.delivery.ssrf import BlockedDestination, GuardedTransport, InvalidWebhookUrl, check_url
-from webhook_receiver import Receiver
 
 
 @pytest.mark.parametrize(
@@ -132,7 +132,7 @@ def test_connect_time_guard_defeats_dns_rebinding(receiver: Receiver, monkeypatc
     url = f"http://rebind.example:{receiver.port}/hook"
     check_url(url, ())
     with httpx.Client(transport=GuardedTransport(())) as client:
-        with pytest.raises(BlockedDestination, match="'rebind.example' resolves to 127.0.0.1"):
+        with pytest.raises(BlockedDestination, match=r"'rebind.example' resolves to 127.0.0.1"):
             _post(client, url)
     assert receiver.count() == 0
 

@@ -12,18 +12,18 @@ from typing import Any
 
 import pytest
 from PIL import Image
+from tests.support.services import postgres_schema_url
+from tests.support.webhook_receiver import Receiver, running_receiver, wait_for
 
-from service_fixtures import postgres_schema_url
 from underpaint.config import KeyPolicy, Settings
 from underpaint.delivery import ssrf
 from underpaint.delivery.sample_event import FAILED_REASON
 from underpaint.delivery.signing import derive_secret, make_secret_for, normalize_secret, sign, verify
+from underpaint.delivery.ssrf import InvalidWebhookUrl
 from underpaint.delivery.webhooks import DELIVERED, FAILED, PENDING, WebhookDispatcher
 from underpaint.tasks.store import SqlTaskStore
 from underpaint.tasks.types import NewTask, TaskStatus
-from underpaint.delivery.ssrf import InvalidWebhookUrl
 from underpaint.wire.result import task_result_body
-from webhook_receiver import Receiver, running_receiver, wait_for
 
 SERVER_SECRET = b"test-server-secret"
 OWNER = "owner-hash-1"

@@ -13,6 +13,7 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 from safetensors.numpy import save_file
+from tests.support.webhook_receiver import Receiver, wait_for
 
 from underpaint.api.app import create_app
 from underpaint.config import Settings
@@ -24,7 +25,6 @@ from underpaint.storage.local import LocalStorage
 from underpaint.storage.urls import ImageUrls
 from underpaint.tasks.store import SqlTaskStore
 from underpaint.tasks.types import owner_of
-from webhook_receiver import Receiver, wait_for
 
 KEY = "key-webhooks-0123456789"
 SERVER_SECRET = b"e2e-server-secret"

@@ -13,13 +13,13 @@ from typing import Any
 import boto3
 import httpx
 import pytest
-from _delivery_support import REGION, Stack, moto_endpoint, open_stack, split_url
+from tests.support.delivery import REGION, Stack, moto_endpoint, open_stack, split_url
+from tests.support.webhook_receiver import Receiver, running_receiver, wait_for
 
 from underpaint.config import KeyPolicy
 from underpaint.delivery.signing import normalize_secret, verify
 from underpaint.delivery.webhooks import DELIVERED
 from underpaint.wiring import webhook_secret_for_key
-from webhook_receiver import Receiver, running_receiver, wait_for
 
 SUCCEED, FAILED, QUEUED = "TASK_STATUS_SUCCEED", "TASK_STATUS_FAILED", "TASK_STATUS_QUEUED"
 HEX_PNG = r"[0-9a-f]{32}\.png"

@@ -10,9 +10,9 @@ from typing import Any
 
 import numpy as np
 import pytest
-from _server import make_png
 from fastapi.testclient import TestClient
 from PIL import Image
+from tests.support.server import make_png
 
 from underpaint.api.app import create_app
 from underpaint.config import Settings

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from samplers_testlib import SCHEDULE, CountingModel, init_latent, kdiffusion, reference_sigmas, toy_model
+from tests.support.samplers import SCHEDULE, CountingModel, init_latent, kdiffusion, reference_sigmas, toy_model
 from torch import Tensor
 
 from underpaint.engine.job import JobCancelled

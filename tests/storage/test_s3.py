@@ -10,8 +10,8 @@ from typing import Any
 import boto3
 import pytest
 from PIL import Image
+from tests.support.services import free_port, moto_endpoint
 
-from service_fixtures import free_port, moto_endpoint
 from underpaint.config import Settings
 from underpaint.storage.base import StorageError
 from underpaint.storage.custom import (
@@ -105,13 +105,13 @@ def test_rejected_credentials_are_reported(endpoint: str, admin: Any, monkeypatc
     monkeypatch.setattr(s3mod, "_clients", {})  # fresh clients pick up the bad credentials
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "")
-    with pytest.raises(StorageError, match="'creds'.*credentials"):
+    with pytest.raises(StorageError, match=r"'creds'.*credentials"):
         S3Storage("creds", "", REGION, endpoint).put("x.png", b"1", "image/png")
 
 
 def test_unreachable_endpoint_is_reported() -> None:
     storage = S3Storage("some-bucket", "", REGION, f"http://127.0.0.1:{free_port()}")
-    with pytest.raises(StorageError, match="'some-bucket'.*cannot reach the S3 endpoint"):
+    with pytest.raises(StorageError, match=r"'some-bucket'.*cannot reach the S3 endpoint"):
         storage.put("x.png", b"1", "image/png")
 
 
@@ -159,7 +159,7 @@ def test_custom_missing_bucket_fails_with_its_name(endpoint: str) -> None:
     target = custom_target(
         {"region": REGION, "bucket": "ghost-bucket", "path": "x"}, Settings(s3_endpoint_url=endpoint)
     )
-    with pytest.raises(StorageError, match="'ghost-bucket'.*does not exist"):
+    with pytest.raises(StorageError, match=r"'ghost-bucket'.*does not exist"):
         put_custom(target, object_key(target, "t", "t_0.png"), b"1", "image/png")
 
 

@@ -168,6 +168,15 @@ class TaskStore(Protocol):
         ...
 
 
+class ImageDeleter(Protocol):
+    """What the task lifecycle needs of an image store (``storage.base.ImageStorage`` is one): its backend name
+    (an image records which backend holds it) and deletion."""
+
+    name: str
+
+    def delete(self, key: str) -> None: ...
+
+
 class TaskQueue(Protocol):
     """Tells workers that a task is ready. The embedded queue wakes the in-process worker; Celery sends a message."""
 

@@ -9,9 +9,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from _memstore import ListQueue, MemStore
 from PIL import Image
 from safetensors.numpy import save_file
+from tests.support.memstore import ListQueue, MemStore
 
 from underpaint.config import KeyPolicy, Settings
 from underpaint.registry import ModelRegistry

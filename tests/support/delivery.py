@@ -12,10 +12,10 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
-from _server import make_png
 from fastapi.testclient import TestClient
+from tests.support import services as service_fixtures
+from tests.support.server import make_png
 
-import service_fixtures
 from underpaint.api.app import create_app
 from underpaint.config import Settings
 from underpaint.wiring import Core, build_core, build_local_worker
