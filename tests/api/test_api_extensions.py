@@ -12,8 +12,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from api_support import KEY_A, KEY_B, auth, b64, body, image_bytes, make_services
 from fastapi.testclient import TestClient
+from tests.support.api import KEY_A, KEY_B, auth, b64, body, image_bytes, make_services
 
 from underpaint.api.app import create_app
 from underpaint.scale.heartbeat import Heartbeat, ensure_table, worker_states

@@ -14,10 +14,10 @@ import copy
 from typing import Any
 
 import pytest
-from api_support import KEY_B, auth, image_bytes
 from fastapi.testclient import TestClient
 from jsonschema import Draft202012Validator, FormatChecker
 from openapi_spec_validator import validate
+from tests.support.api import KEY_B, auth, image_bytes
 
 from underpaint.services import Services
 from underpaint.tasks.types import ImageRecord, NsfwResult

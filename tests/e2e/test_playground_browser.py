@@ -19,8 +19,8 @@ from typing import Any
 
 import httpx
 import pytest
-from _server import LiveServer, make_png
 from playwright.sync_api import Browser, Page, Playwright, expect, sync_playwright
+from tests.support.server import LiveServer, make_png
 
 from underpaint.engine.metadata import read_infotext
 from underpaint.vocabulary import PREPROCESSOR_NAMES, SAMPLER_NAMES
