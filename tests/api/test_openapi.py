@@ -19,11 +19,12 @@ from jsonschema import Draft202012Validator, FormatChecker
 from openapi_spec_validator import validate
 from tests.support.api import KEY_B, auth, image_bytes
 
+from underpaint.api.openapi import CANCEL_PATH, RESULT_PATH, SUBMIT_PATH, build_openapi
 from underpaint.services import Services
 from underpaint.tasks.types import ImageRecord, NsfwResult
 
-SUBMIT = "/v3/async/img2img"
-RESULT = "/v3/async/task-result"
+SUBMIT = SUBMIT_PATH
+RESULT = RESULT_PATH
 
 
 @pytest.fixture
@@ -94,6 +95,24 @@ def test_document_is_valid_openapi_3_1(doc: dict[str, Any]) -> None:
     assert doc["security"] == [{"bearer": []}]
     for name in ("Img2ImgBody", "TaskResultResponse", "ModelListResponse", "ErrorBody", "TaskListResponse"):
         assert name in doc["components"]["schemas"]
+
+
+def test_steering_extensions_are_documented_once_served() -> None:
+    """Cancel and Idempotency-Key come with the task-cancel route; the document stays valid with them."""
+    without = build_openapi({SUBMIT, RESULT})
+    assert CANCEL_PATH not in without["paths"]
+    assert without["paths"][SUBMIT]["post"]["parameters"] == []
+    assert "409" not in without["paths"][SUBMIT]["post"]["responses"]
+    served = build_openapi({SUBMIT, RESULT, CANCEL_PATH})
+    validate(served)
+    (header,) = served["paths"][SUBMIT]["post"]["parameters"]
+    assert (header["name"], header["in"], header["required"]) == ("Idempotency-Key", "header", False)
+    assert "IDEMPOTENCY_KEY_REUSED" in served["paths"][SUBMIT]["post"]["responses"]["409"]["description"]
+    cancel = served["paths"][CANCEL_PATH]["post"]
+    assert cancel["requestBody"]["content"]["application/json"]["schema"] == {
+        "$ref": "#/components/schemas/CancelRequest"
+    }
+    assert "TASK_NOT_CANCELLABLE" in cancel["responses"]["400"]["description"]
 
 
 def test_documented_paths_are_the_served_api_routes(client: TestClient, doc: dict[str, Any]) -> None:

@@ -76,6 +76,9 @@ _REASONS: dict[int, dict[str, str]] = {
 }
 
 
+_IDEMPOTENCY_CONFLICT = {"IDEMPOTENCY_KEY_REUSED": "the Idempotency-Key was used before with another body"}
+
+
 def build_openapi(served: Collection[str]) -> dict[str, Any]:
     """The document for an app serving the paths in ``served`` (route templates, e.g. ``/v3/files/{key}``)."""
     _, defs = models_json_schema(
@@ -153,8 +156,9 @@ def _paths(idempotency: bool) -> dict[str, Any]:
                 "name": "Idempotency-Key",
                 "in": "header",
                 "required": False,
-                "description": "extension: a submit repeated with the same key (same API key, within the retention "
-                "period) answers the first one's task_id instead of creating a second task",
+                "description": "extension: a submit repeated with the same key and the same body (same API key, "
+                "within 24 h) answers the first one's task_id instead of creating a second task; the same key with "
+                "another body is 409 `IDEMPOTENCY_KEY_REUSED`. 1 to 255 printable ASCII characters (a UUID, say).",
                 "schema": {"type": "string", "minLength": 1, "maxLength": 255},
             }
         )
@@ -171,7 +175,11 @@ def _paths(idempotency: bool) -> dict[str, Any]:
                     "required": True,
                     "content": {"application/json": {"schema": _schema("Img2ImgBody")}},
                 },
-                "responses": {"200": _json("SubmitResponse", "the task was queued"), **_errors(400, 403, 429, 500)},
+                "responses": {
+                    "200": _json("SubmitResponse", "the task was queued"),
+                    **_errors(400, 403, 429, 500),
+                    **(_errors(own={409: _IDEMPOTENCY_CONFLICT}) if idempotency else {}),
+                },
             }
         },
         RESULT_PATH: {
@@ -198,13 +206,13 @@ def _paths(idempotency: bool) -> dict[str, Any]:
                     **_errors(
                         403,
                         404,
-                        500,
                         own={
+                            500: {"CANCEL_TASK_FAILED": "internal error while cancelling; retry"},
                             400: {
                                 "TASK_NOT_CANCELLABLE": "the task has already ended",
                                 "INVALID_REQUEST_BODY": "task_id is missing",
                                 "MISSING_API_KEY": "no Authorization header",
-                            }
+                            },
                         },
                     ),
                 },
