@@ -51,7 +51,7 @@ without `Bearer` is accepted too, as Novita's JS SDK sends it). A key sees only 
 `reason` is a stable name (listed per status below) and `metadata.field` names the offending field when there is
 one. Unknown routes answer 404 `API_NOT_FOUND`, wrong methods 405 `METHOD_NOT_ALLOWED`.
 
-**Extensions** (not in Novita's API; marked *extension*): the key's recent tasks, the queue and worker status,
+**Extensions** (not in Novita's API; their summaries say "extension"): the key's recent tasks, the queue and worker status,
 and, where installed, task cancellation, `Idempotency-Key` on submit and `task.queue_position`.
 
 A browser playground is at `/playground`."""
