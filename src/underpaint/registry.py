@@ -20,6 +20,7 @@ import struct
 import threading
 import zipfile
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -135,7 +136,7 @@ def detect_sdxl(path: Path, kind: str) -> bool:
             cfg = path / "config.json"
             if cfg.exists():
                 data = json.loads(cfg.read_text())
-                return data.get("addition_embed_type") == "text_time" or data.get("cross_attention_dim") == 2048
+                return bool(data.get("addition_embed_type") == "text_time" or data.get("cross_attention_dim") == 2048)
             return False
         side = path.with_name(path.name.rsplit(".", 1)[0] + ".config") / "model_index.json"
         if side.exists():
@@ -292,12 +293,14 @@ class ModelRegistry:
         if not name:
             return None
         entries = self.list(kind)
-        for match in (
+        bare = _strip_suffix(name)
+        matchers: tuple[Callable[[ModelEntry], bool], ...] = (
             lambda e: e.sd_name == name,
             lambda e: e.stem == name,
-            lambda e: e.stem == _strip_suffix(name),
-            lambda e: e.sd_name.lower() == name.lower() or e.stem.lower() == _strip_suffix(name).lower(),
-        ):
+            lambda e: e.stem == bare,
+            lambda e: e.sd_name.lower() == name.lower() or e.stem.lower() == bare.lower(),
+        )
+        for match in matchers:
             found = [e for e in entries if match(e)]
             if found:
                 return found[0]

@@ -129,7 +129,7 @@ def register_task(app: Celery, ctx: WorkerContext) -> None:
     through it.
     """
 
-    @app.task(
+    @app.task(  # type: ignore[untyped-decorator]  # celery ships no annotations
         name=TASK_NAME, bind=True, shared=False, lazy=False, ignore_result=True, acks_late=True,
         reject_on_worker_lost=True, max_retries=None,
     )  # fmt: skip

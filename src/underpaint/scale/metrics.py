@@ -217,7 +217,7 @@ def install_metrics(app: FastAPI, services: Services, engine: Engine, probe: Bro
 
             folder = worker_metrics_dir(settings.data_dir)
             worker_env[MULTIPROC_ENV] = str(folder)
-            MultiProcessCollector(registry, path=str(folder))
+            MultiProcessCollector(registry, path=str(folder))  # type: ignore[no-untyped-call]
         else:
             registry.register(_Merged(WORKER_REGISTRY))
 

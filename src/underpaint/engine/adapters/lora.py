@@ -184,7 +184,7 @@ def convert_lora(state: StateDict, loaded: Any) -> dict[LayerKey, LoraPair]:
 
 def _to_peft(part: StateDict, component: str, already_peft: bool) -> StateDict:
     """diffusers' key conversion to ``<module>.lora_A/lora_B.weight``, as its UNet / text-encoder loaders do it."""
-    from diffusers.utils import (
+    from diffusers.utils.state_dict_utils import (
         convert_state_dict_to_diffusers,
         convert_state_dict_to_peft,
         convert_unet_state_dict_to_peft,

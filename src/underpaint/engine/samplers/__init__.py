@@ -3,7 +3,6 @@
 from underpaint.engine.samplers.denoiser import make_denoiser, make_eps_fn
 from underpaint.engine.samplers.noise import BrownianNoise, NoiseSource
 from underpaint.engine.samplers.sampling import (
-    SAMPLER_NAMES,
     expected_model_evals,
     full_sigmas,
     img2img_model_evals,
@@ -15,6 +14,7 @@ from underpaint.engine.samplers.sampling import (
     sample_img2img,
 )
 from underpaint.engine.samplers.schedule import DiscreteSchedule
+from underpaint.vocabulary import SAMPLER_NAMES
 
 __all__ = [
     "SAMPLER_NAMES",
