@@ -270,15 +270,81 @@ def test_playground_in_chromium(live_server: LiveServer, browser: Browser, tmp_p
     expect(page.locator("#workers li")).to_contain_text("embedded (process)")
     expect(page.locator("#q-queued")).to_have_text("0")
 
+    # Job 2: every picker (LoRA, embedding, ControlNet, IP-Adapter), offered only for the checkpoint's base model.
+    page.click("#adapters > summary")
+    page.click("#lora-add")
+    loras = page.eval_on_selector_all("#lora-rows .row-model option", "os => os.map(o => o.value)")
+    assert "tiny-detail-sd15.safetensors" in loras
+    assert not [name for name in loras if "sdxl" in name]
+    page.select_option("#lora-rows .row-model", "tiny-detail-sd15.safetensors")
+    page.fill("#lora-rows .row-strength", "0.6")
+    page.click("#embedding-add")
+    page.select_option("#embedding-rows .row-model", "tiny-easynegative-sd15.safetensors")
+    page.check("#cn-enabled")
+    controlnets = page.eval_on_selector_all("#cn-model option", "os => os.map(o => o.value)")
+    assert "control_v11p_sd15_canny.safetensors" in controlnets
+    assert not [name for name in controlnets if "sdxl" in name]
+    page.select_option("#cn-model", "control_v11p_sd15_canny.safetensors")
+    page.select_option("#cn-preprocessor", "canny")
+    page.fill("#cn-strength", "0.8")
+    page.fill("#cn-start", "0.1")
+    page.fill("#cn-end", "0.9")
+    page.check("#ip-enabled")
+    page.select_option("#ip-model", "ip-adapter_sd15.bin")
+    page.fill("#ip-strength", "0.5")
+    fill_form(page, prompt="a harbour", steps=4, image_num=1, seed=99)
+    page.click("#submit")
+    expect(page.locator("#jobs .job")).to_have_count(2)
+    adapters_job = page.locator("#jobs .job").first
+    expect(adapters_job).to_have_attribute("data-status", "TASK_STATUS_SUCCEED", timeout=240_000)
+    adapters_id = str(adapters_job.get_attribute("data-task-id"))
+    sent = submits[-1]["body"]["request"]
+    init_b64 = base64.b64encode(init_png.read_bytes()).decode()
+    assert sent["loras"] == [{"model_name": "tiny-detail-sd15.safetensors", "strength": 0.6}]
+    assert sent["embeddings"] == [{"model_name": "tiny-easynegative-sd15.safetensors"}]
+    assert sent["controlnet"] == {
+        "units": [
+            {
+                "model_name": "control_v11p_sd15_canny.safetensors",
+                "image_base64": init_b64,  # no control image chosen: the init image
+                "preprocessor": "canny",
+                "strength": 0.8,
+                "guidance_start": 0.1,
+                "guidance_end": 0.9,
+            }
+        ]
+    }
+    assert sent["ip_adapters"] == [{"model_name": "ip-adapter_sd15.bin", "image_base64": init_b64, "strength": 0.5}]
+    assert submits[-1]["headers"]["idempotency-key"] != submits[0]["headers"]["idempotency-key"]
+    shot = page.locator(f'#gallery .shot[data-task-id="{adapters_id}"]')
+    expect(shot).to_have_count(1)
+    expect(shot.locator(".shot-info")).to_contain_text("a harbour <lora:tiny-detail-sd15:0.6>")
+    # "Reuse settings" brings the adapters back too.
+    page.click("#lora-rows .row-remove")
+    page.click("#embedding-rows .row-remove")
+    page.uncheck("#cn-enabled")
+    page.uncheck("#ip-enabled")
+    shot.locator(".shot-reuse").click()
+    assert page.input_value("#lora-rows .row-model") == "tiny-detail-sd15.safetensors"
+    assert page.input_value("#lora-rows .row-strength") == "0.6"
+    assert page.input_value("#embedding-rows .row-model") == "tiny-easynegative-sd15.safetensors"
+    assert page.is_checked("#cn-enabled")
+    assert (page.input_value("#cn-preprocessor"), page.input_value("#cn-start")) == ("canny", "0.1")
+    assert page.is_checked("#ip-enabled")
+    for box in ("#cn-enabled", "#ip-enabled"):
+        page.uncheck(box)
+    page.click("#lora-rows .row-remove")
+    page.click("#embedding-rows .row-remove")
+
     if cancel_served:
         # Job 2 runs long; job 3 waits behind it and is cancelled from the page, then job 2 too.
         fill_form(page, prompt="a long one", steps=100, image_num=4, seed=7, size=256)
         page.click("#submit")
-        expect(page.locator("#jobs .job")).to_have_count(2)
+        expect(page.locator("#jobs .job")).to_have_count(3)
         long_id = str(page.locator("#jobs .job").first.get_attribute("data-task-id"))
         fill_form(page, prompt="a queued one", steps=10, image_num=1, seed=8)
         page.click("#submit")
-        expect(page.locator("#jobs .job")).to_have_count(3)
+        expect(page.locator("#jobs .job")).to_have_count(4)
         queued_id = str(page.locator("#jobs .job").first.get_attribute("data-task-id"))
         expect(job(page, queued_id)).to_have_attribute("data-status", "TASK_STATUS_QUEUED")
         expect(job(page, queued_id).locator(".job-detail")).to_contain_text("#1 in the queue")
