@@ -86,7 +86,7 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def cmd_demo_models(args: argparse.Namespace) -> int:
-    from underpaint.demo.checkpoints import write_all_demo_models
+    from underpaint.demo.models import write_all_demo_models
 
     written = write_all_demo_models(Path(args.dir))
     for name, path in written.items():

@@ -111,7 +111,9 @@ def test_test_mode_event_equals_the_polled_task_result(
         assert payload["task"]["reason"]
 
 
-def test_submit_refuses_internal_webhook_targets(app_and_services: tuple[TestClient, Services, ListQueue, WebhookDispatcher]) -> None:
+def test_submit_refuses_internal_webhook_targets(
+    app_and_services: tuple[TestClient, Services, ListQueue, WebhookDispatcher],
+) -> None:
     client, _services, queue, _webhooks = app_and_services
     for url in ("http://10.1.2.3/hook", "http://169.254.169.254/latest/meta-data", "file:///etc/passwd"):
         refused = _submit(client, {"webhook": {"url": url}})

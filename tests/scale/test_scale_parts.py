@@ -206,7 +206,9 @@ def test_celery_queue_routes_to_lane_on_redis(store: SqlTaskStore, redis_url: st
     services.queue.enqueue("c", "sd15")
     assert probe.queue_depths() == {"sd15": 1, "sdxl": 2}
     assert probe.health() == {"store": "ok", "broker": "ok"}
-    down = BrokerProbe(services, store.engine, app=create_celery_app(replace(services.settings, broker_url="redis://127.0.0.1:1/0")))
+    down = BrokerProbe(
+        services, store.engine, app=create_celery_app(replace(services.settings, broker_url="redis://127.0.0.1:1/0"))
+    )
     assert down.health()["broker"] == "unreachable"
     _flush(redis_url)
 

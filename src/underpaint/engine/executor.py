@@ -119,7 +119,9 @@ class DiffusersExecutor:
             components = pipeline.Components(
                 unet=loaded.unet,
                 vae=vae,
-                bundle=TextEncoderBundle(list(loaded.tokenizers), cast(Any, list(loaded.text_encoders)), loaded.is_sdxl),
+                bundle=TextEncoderBundle(
+                    list(loaded.tokenizers), cast(Any, list(loaded.text_encoders)), loaded.is_sdxl
+                ),
                 schedule=self._schedule(loaded),
                 prediction_type=loaded.prediction_type,
                 vae_scaling_factor=loaded.vae_scaling_factor,
