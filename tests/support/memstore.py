@@ -14,6 +14,7 @@ from underpaint.tasks.types import (
     IdempotencyKeyTaken,
     ImageRecord,
     NewTask,
+    QueueCounts,
     TaskRecord,
     TaskStatus,
 )
@@ -48,6 +49,7 @@ class MemStore:
             priority=task.priority,
             created_at=time.time(),
             extra=copy.deepcopy(task.extra),
+            image_num=task.image_num,
         )
         with self._lock:
             if task.task_id in self.tasks:
@@ -152,6 +154,26 @@ class MemStore:
             return sum(
                 self.image_nums[t.task_id] for t in self.tasks.values() if t.owner == owner and t.created_at >= since
             )
+
+    def recent_tasks(self, owner: str, limit: int) -> list[TaskRecord]:
+        with self._lock:
+            mine = [t for t in self.tasks.values() if t.owner == owner]
+            mine.sort(key=lambda t: (t.created_at, t.task_id), reverse=True)
+            return [copy.deepcopy(t) for t in mine[:limit]]
+
+    def queue_counts(self, owner: str) -> QueueCounts:
+        with self._lock:
+            tasks = list(self.tasks.values())
+
+        def n(status: TaskStatus, only_mine: bool) -> int:
+            return sum(1 for t in tasks if t.status is status and (not only_mine or t.owner == owner))
+
+        return QueueCounts(
+            queued=n(TaskStatus.QUEUED, False),
+            processing=n(TaskStatus.PROCESSING, False),
+            own_queued=n(TaskStatus.QUEUED, True),
+            own_processing=n(TaskStatus.PROCESSING, True),
+        )
 
 
 class ListQueue:

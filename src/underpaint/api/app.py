@@ -22,9 +22,11 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from underpaint.api.context import ApiContext, error_response, json_ok
+from underpaint.api.extensions import QUEUE_PATH, TASKS_PATH, queue_status, recent_tasks, task_limit
 from underpaint.api.files import serve_file
 from underpaint.api.idempotency import IDEMPOTENCY_HEADER
 from underpaint.api.models_route import list_models
+from underpaint.api.playground import install_playground
 from underpaint.api.schemas import validation_error_to_api
 from underpaint.api.steer import CANCEL_PATH, QueueEta, cancel_task
 from underpaint.api.submit import MAX_BODY_BYTES, submit_img2img
@@ -103,10 +105,22 @@ def create_app(services: Services) -> FastAPI:
     def files(request: Request, key: str) -> Response:
         return serve_file(ctx, request, key)
 
+    @app.get(TASKS_PATH)
+    def tasks(request: Request) -> Response:
+        caller = ctx.caller(request)
+        limit = task_limit(request.query_params)
+        return json_ok(recent_tasks(services, caller.owner, limit).model_dump(mode="json"))
+
+    @app.get(QUEUE_PATH)
+    def queue(request: Request) -> Response:
+        caller = ctx.caller(request)
+        return json_ok(queue_status(services, caller.owner).model_dump(mode="json"))
+
     @app.get("/health")
     def health() -> Response:
         return _health(services.health)
 
+    install_playground(app)
     return app
 
 

@@ -56,6 +56,7 @@ from underpaint.tasks.types import (
     ImageRecord,
     NewTask,
     NsfwResult,
+    QueueCounts,
     TaskRecord,
     TaskStatus,
 )
@@ -640,6 +641,37 @@ class SqlTaskStore:
         stmt = select(func.coalesce(func.sum(_t.c.image_num), 0)).where(_t.c.owner == owner, _t.c.created_at >= since)
         with self._read.connect() as conn:
             return int(conn.execute(stmt).scalar_one())
+
+    def recent_tasks(self, owner: str, limit: int) -> list[TaskRecord]:
+        # Walks ix_tasks_owner_created backwards: cost is ``limit`` rows, whatever the owner's history.
+        stmt = (
+            select(_t)
+            .where(_t.c.owner == owner)
+            .order_by(_t.c.created_at.desc(), _t.c.task_id.desc())
+            .limit(max(0, int(limit)))
+        )
+        with self._read.connect() as conn:
+            return [_record(r) for r in conn.execute(stmt)]
+
+    def queue_counts(self, owner: str) -> QueueCounts:
+        # Only unfinished rows are counted (ix_tasks_claim leads with status), so the cost follows the queue's
+        # length, not the table's.
+        mine = (_t.c.owner == owner).label("mine")
+        stmt = (
+            select(_t.c.status, mine, func.count())
+            .where(_t.c.status.in_((_QUEUED, _PROCESSING)))
+            .group_by(_t.c.status, mine)
+        )
+        counts = {(_QUEUED, True): 0, (_QUEUED, False): 0, (_PROCESSING, True): 0, (_PROCESSING, False): 0}
+        with self._read.connect() as conn:
+            for status, is_mine, n in conn.execute(stmt):
+                counts[(status, bool(is_mine))] = int(n)
+        return QueueCounts(
+            queued=counts[(_QUEUED, True)] + counts[(_QUEUED, False)],
+            processing=counts[(_PROCESSING, True)] + counts[(_PROCESSING, False)],
+            own_queued=counts[(_QUEUED, True)],
+            own_processing=counts[(_PROCESSING, True)],
+        )
 
     def list_queued_ids(self, lanes: tuple[str, ...] | None = None) -> list[str]:
         stmt = select(_t.c.task_id).where(*self._queued_filter(lanes)).order_by(*_CLAIM_ORDER)

@@ -114,6 +114,16 @@ class NewTask:
     priority: int = 0
 
 
+@dataclass(frozen=True)
+class QueueCounts:
+    """Unfinished tasks: all owners' and one owner's, by status (``GET /v3/async/queue``)."""
+
+    queued: int = 0
+    processing: int = 0
+    own_queued: int = 0
+    own_processing: int = 0
+
+
 def owner_of(api_key: str) -> str:
     """The owner hash stored with a task: raw API keys are never stored or logged."""
     return hashlib.sha256(api_key.encode("utf-8")).hexdigest()
@@ -207,6 +217,14 @@ class TaskStore(Protocol):
 
     def images_created_since(self, owner: str, since: float) -> int:
         """Images requested (image_num summed) by ``owner`` in tasks created at or after ``since``."""
+        ...
+
+    def recent_tasks(self, owner: str, limit: int) -> list[TaskRecord]:
+        """``owner``'s ``limit`` most recently created tasks, newest first."""
+        ...
+
+    def queue_counts(self, owner: str) -> QueueCounts:
+        """QUEUED and PROCESSING tasks overall and ``owner``'s own, in one read."""
         ...
 
 
