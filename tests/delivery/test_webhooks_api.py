@@ -16,14 +16,14 @@ from safetensors.numpy import save_file
 
 from underpaint.api.app import create_app
 from underpaint.config import Settings
-from underpaint.delivery.signing import derive_secret, verify
+from underpaint.delivery.signing import derive_secret
 from underpaint.delivery.webhooks import DELIVERED, WebhookDispatcher
 from underpaint.engine.registry import ModelRegistry
 from underpaint.services import Services
 from underpaint.storage.local import LocalStorage
 from underpaint.tasks.store import SqlTaskStore
 from underpaint.tasks.types import owner_of
-from webhook_receiver import Receiver, wait_for
+from webhook_receiver import Receiver, signature_ok, wait_for
 
 KEY = "key-webhooks-0123456789"
 SERVER_SECRET = b"e2e-server-secret"
@@ -89,7 +89,7 @@ def test_test_mode_event_equals_the_polled_task_result(
     assert queue.items == []  # test mode runs no generation
     assert wait_for(lambda: services.webhooks.deliveries(task_id)[0].status == DELIVERED)
     got = receiver.requests[0]
-    assert verify(got.body, got.headers, derive_secret(SERVER_SECRET, owner_of(KEY)))
+    assert signature_ok(got.body, got.headers, derive_secret(SERVER_SECRET, owner_of(KEY)))
     event = json.loads(got.body)
     assert event["event_type"] == "ASYNC_TASK_RESULT"
     polled = client.get("/v3/async/task-result", params={"task_id": task_id},
