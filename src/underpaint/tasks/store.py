@@ -282,7 +282,8 @@ class _SqliteReader:
         if holder is None:
             if self._closed:
                 raise RuntimeError("the task store is closed")
-            holder = _Conn(sqlite3.connect(self._uri, uri=True, timeout=5.0))
+            # Used only by this thread (thread-local), but ``close`` may run on another one at shutdown.
+            holder = _Conn(sqlite3.connect(self._uri, uri=True, timeout=5.0, check_same_thread=False))
             self._local.conn = holder
             self._all.add(holder)
         return holder.conn
