@@ -26,7 +26,7 @@ def _reason(raw: bytes) -> str:
         parse_json(raw)
     assert info.value.status == 400
     assert info.value.reason == "INVALID_REQUEST_BODY"
-    return info.value.message
+    return str(info.value.message)
 
 
 @pytest.mark.parametrize("depth", [MAX_JSON_DEPTH + 1, 1_000, 300_000])
@@ -97,7 +97,7 @@ def clip_client(models_dir: Path, tmp_path: Path) -> Any:
         with TestClient(create_app(services), raise_server_exceptions=False) as client:
             yield client, services
     finally:
-        services.store.close()  # type: ignore[attr-defined]
+        services.store.close()
 
 
 def _post_clip(clip_client: Any, model: str, clip_skip: int) -> Any:
