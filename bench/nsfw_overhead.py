@@ -35,9 +35,9 @@ from typing import Any
 import httpx
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT / "src"), str(ROOT / "tests" / "e2e")]
+sys.path[:0] = [str(ROOT / "src"), str(ROOT)]
 
-from _server import LiveServer, make_png  # noqa: E402
+from tests.support.server import LiveServer, make_png  # noqa: E402
 
 HEADERS = {"Authorization": "Bearer key-a"}
 TARGET = 0.10

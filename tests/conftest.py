@@ -33,9 +33,10 @@ def _demo_cache_key() -> str:
     import underpaint.demo.checkpoints as demo
     import underpaint.demo.controlnet as demo_controlnet
     import underpaint.demo.ldm_convert as convert
+    import underpaint.demo.models as demo_models
 
     digest = hashlib.sha256()
-    for module in (demo, convert, demo_controlnet, demo_adapters):
+    for module in (demo, convert, demo_controlnet, demo_adapters, demo_models):
         digest.update(Path(str(module.__file__)).read_bytes())
     digest.update(f"{torch.__version__}/{diffusers.__version__}/{transformers.__version__}".encode())
     return digest.hexdigest()[:16]
@@ -43,7 +44,7 @@ def _demo_cache_key() -> str:
 
 def _cached_demo_models() -> Path:
     """Build the tiny models once per code version under ~/.cache/underpaint-test (atomic publish by rename)."""
-    from underpaint.demo.checkpoints import write_all_demo_models
+    from underpaint.demo.models import write_all_demo_models
 
     root = Path(os.environ.get("UNDERPAINT_TEST_CACHE", Path.home() / ".cache" / "underpaint-test"))
     final = root / _demo_cache_key()
@@ -66,3 +67,12 @@ def tiny_models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     dest = tmp_path_factory.mktemp("models") / "models"
     shutil.copytree(_cached_demo_models(), dest, ignore=shutil.ignore_patterns(".complete"))
     return dest
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Whole-service tests (``tests/e2e``: real servers, SDKs, browsers) are ``slow``, so that
+    ``-m "not slow and not services"`` is a fast tier for everyday work. CI runs every test."""
+    e2e = Path(__file__).parent / "e2e"
+    for item in items:
+        if e2e in Path(str(item.path)).parents:
+            item.add_marker(pytest.mark.slow)

@@ -22,8 +22,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from underpaint.api.errors import ApiError
-from underpaint.api.images import MAX_IMAGE_PIXELS, DecodedImage, decode_image
+from underpaint.wire.errors import ApiError
+from underpaint.wire.images import MAX_IMAGE_PIXELS, DecodedImage, decode_image
 
 IMAGE_REASONS = {"INVALID_IMAGE_FORMAT", "IMAGE_FILE_EXCEEDS_MAX_SIZE", "IMAGE_EXCEEDS_MAX_RESOLUTION"}
 # Each accepted format with the modes Pillow writes for it (CMYK JPEG, 16-bit PNG, palettes, 1-bit ...).

@@ -18,12 +18,12 @@ from typing import Any
 
 import pytest
 import schemathesis
-from api_support import KEY_A, image_bytes
 from fastapi import FastAPI
 from hypothesis import HealthCheck, given, settings
 from schemathesis.checks import not_a_server_error
 from schemathesis.generation import GenerationMode
 from schemathesis.specs.openapi.schemas import OpenApiSchema
+from tests.support.api import KEY_A, image_bytes
 
 from underpaint.api.app import create_app
 from underpaint.services import Services

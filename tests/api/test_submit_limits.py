@@ -9,13 +9,13 @@ from typing import Any
 
 import numpy as np
 import pytest
-from api_support import KEY_A, auth, b64, body, image_bytes, make_services, task_count
 from fastapi.testclient import TestClient
 from safetensors.numpy import save_file
+from tests.support.api import KEY_A, auth, b64, body, image_bytes, make_services, task_count
 
 from underpaint.api.app import create_app
-from underpaint.api.errors import ApiError
 from underpaint.api.submit import MAX_JSON_CONTAINERS, MAX_JSON_DEPTH, MAX_JSON_VALUES, parse_json
+from underpaint.wire.errors import ApiError
 
 # ---------------------------------------------------------------------------------------------------------------
 # JSON shape (the live-server version of these is tests/e2e/test_hostile_bodies.py)

@@ -13,7 +13,7 @@ from typing import Any
 
 import httpx
 import pytest
-from _server import LiveServer
+from tests.support.server import LiveServer
 
 from underpaint.api.submit import MAX_JSON_CONTAINERS, MAX_JSON_DEPTH, MAX_JSON_VALUES
 

@@ -137,13 +137,14 @@ CRASHING_WORKER = textwrap.dedent(
     from pathlib import Path
     from underpaint.config import Settings
     from underpaint.tasks.store import SqlTaskStore
+    from underpaint.engine.job import Progress
     from underpaint.worker.loop import Worker
 
     url, marker = sys.argv[1], Path(sys.argv[2])
 
     class SlowRunner:
         def run(self, task, payload, report):
-            report(10, 60)
+            report(Progress(10 / 100, 60))
             marker.write_text(task.task_id)
             time.sleep(120)  # killed long before this ends
             raise AssertionError("not killed")

@@ -21,6 +21,7 @@ from PIL import Image
 from underpaint.engine.conditioning import Conditioning, TextEncoderBundle, encode_prompt
 from underpaint.engine.job import JobCancelled, Progress, ProgressCallback
 from underpaint.engine.samplers import DiscreteSchedule, NoiseSource, sample_img2img
+from underpaint.vocabulary import SamplerName
 
 
 class ControlHook(Protocol):
@@ -46,7 +47,7 @@ class PipelineInputs:
     seeds: list[int]
     steps: int
     guidance_scale: float
-    sampler_name: str
+    sampler_name: SamplerName
     strength: float
     clip_skip: int = 1
     token_expansions: dict[str, list[str]] = field(default_factory=dict)

@@ -11,17 +11,20 @@ overrides the shipped config. The registry rescans a folder when its mtime chang
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import json
 import os
-import pickletools
+import pickle
 import re
 import struct
 import threading
 import zipfile
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 KINDS = ("checkpoint", "lora", "vae", "textualinversion", "controlnet", "ipadapter", "annotator")
 WEIGHT_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin", ".onnx")
@@ -79,15 +82,44 @@ def safetensors_keys(path: Path) -> tuple[list[str], dict[str, str]]:
     return list(header), meta
 
 
+class _Opaque:
+    """Stands in for every object of a torch pickle except plain containers: tensors, storages, dtypes."""
+
+    def __init__(self, *_args: object, **_kwargs: object) -> None:
+        pass
+
+    def __setstate__(self, _state: object) -> None:
+        pass
+
+
+def _opaque(*_args: object, **_kwargs: object) -> _Opaque:
+    return _Opaque()
+
+
+class _KeysUnpickler(pickle.Unpickler):
+    """Reads the structure of a torch pickle without torch and without running any of its code: every global it
+    names (``torch._utils._rebuild_tensor_v2``, storage classes ...) becomes a harmless stand-in, except
+    ``OrderedDict``, and tensor storages are never read."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) == ("collections", "OrderedDict"):
+            return collections.OrderedDict
+        return _opaque
+
+    def persistent_load(self, pid: Any) -> object:
+        return None
+
+
 def pickle_keys(path: Path) -> list[str] | None:
-    """Tensor names of a zip-format torch pickle, memory-mapped (tensor data is not read) and loaded with
-    ``weights_only`` (no code runs). ``None`` for legacy or unreadable files."""
+    """Tensor names of a zip-format torch pickle (``torch.save``'s format since 1.6), read from its ``data.pkl``
+    alone: no torch import, no tensor data read, no code run. ``None`` for legacy or unreadable files."""
     if not zipfile.is_zipfile(path):
         return None
-    import torch  # deferred: the registry is used by processes that never load a model
-
     try:
-        data = torch.load(str(path), map_location="cpu", mmap=True, weights_only=True)
+        with zipfile.ZipFile(path) as archive:
+            member = next(n for n in archive.namelist() if n.endswith("/data.pkl") and n.count("/") == 1)
+            with archive.open(member) as f:
+                data = _KeysUnpickler(f).load()
     except Exception:  # unsafe or damaged pickles are reported when the model is loaded
         return None
     while isinstance(data, dict) and isinstance(data.get("state_dict"), dict):
@@ -105,7 +137,7 @@ def detect_sdxl(path: Path, kind: str) -> bool:
             cfg = path / "config.json"
             if cfg.exists():
                 data = json.loads(cfg.read_text())
-                return data.get("addition_embed_type") == "text_time" or data.get("cross_attention_dim") == 2048
+                return bool(data.get("addition_embed_type") == "text_time" or data.get("cross_attention_dim") == 2048)
             return False
         side = path.with_name(path.name.rsplit(".", 1)[0] + ".config") / "model_index.json"
         if side.exists():
@@ -136,27 +168,12 @@ def detect_sdxl(path: Path, kind: str) -> bool:
 
 # SD 1.5 single files: the CLIP-L text encoder's transformer layers, with or without HF's ``text_model.`` level.
 _SD15_TEXT_LAYER = re.compile(r"^cond_stage_model\.transformer\.(?:text_model\.)?encoder\.layers\.(\d+)\.")
-_MAX_PICKLE_INDEX = 64 * 1024 * 1024  # a checkpoint's data.pkl is the key list and storage refs: well under this
-
-
-def pickle_strings(path: Path) -> list[str] | None:
-    """Every string constant in a zip-format torch pickle's ``data.pkl`` (tensor names among them), read with
-    ``pickletools`` as opcodes: nothing is unpickled, no torch. ``None`` for legacy or unreadable files."""
-    try:
-        with zipfile.ZipFile(path) as archive:
-            index = [i for i in archive.infolist() if i.filename.rsplit("/", 1)[-1] == "data.pkl"]
-            if len(index) != 1 or index[0].file_size > _MAX_PICKLE_INDEX:
-                return None
-            data = archive.read(index[0])
-        return [arg for _, arg, _ in pickletools.genops(data) if isinstance(arg, str)]
-    except Exception:  # any damage in an untrusted file means "unknown"; the loader reports it properly
-        return None
 
 
 def text_encoder_depth(entry: ModelEntry) -> int | None:
     """The number of transformer layers of an SD 1.5 checkpoint's text encoder, from its config (diffusers folder
     or sidecar, which the loader builds the encoder from) or else from its tensor names (safetensors header, or the
-    pickle's strings); ``None`` when it cannot be told without loading the model. Cheap: no tensor is read."""
+    pickle's keys); ``None`` when it cannot be told without loading the model. Cheap: no tensor is read."""
     try:
         folder = entry.path if entry.path.is_dir() else entry.sidecar_config
         config = folder / "text_encoder" / "config.json" if folder is not None else None
@@ -169,7 +186,7 @@ def text_encoder_depth(entry: ModelEntry) -> int | None:
         if entry.path.suffix.lower() == ".safetensors":
             keys: list[str] | None = safetensors_keys(entry.path)[0]
         else:
-            keys = pickle_strings(entry.path)
+            keys = pickle_keys(entry.path)
     except (OSError, ValueError, struct.error):
         return None
     found = {int(m.group(1)) for key in keys or () if (m := _SD15_TEXT_LAYER.match(key))}
@@ -316,12 +333,14 @@ class ModelRegistry:
         if not name:
             return None
         entries = self.list(kind)
-        for match in (
+        bare = _strip_suffix(name)
+        matchers: tuple[Callable[[ModelEntry], bool], ...] = (
             lambda e: e.sd_name == name,
             lambda e: e.stem == name,
-            lambda e: e.stem == _strip_suffix(name),
-            lambda e: e.sd_name.lower() == name.lower() or e.stem.lower() == _strip_suffix(name).lower(),
-        ):
+            lambda e: e.stem == bare,
+            lambda e: e.sd_name.lower() == name.lower() or e.stem.lower() == bare.lower(),
+        )
+        for match in matchers:
             found = [e for e in entries if match(e)]
             if found:
                 return found[0]
