@@ -31,7 +31,7 @@ import httpx
 import psycopg
 import redis
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "scale"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # for tests.support
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from tests.support.cluster import AUTH, ApiNode, Cluster, free_port, png_b64, wait_all
