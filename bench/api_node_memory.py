@@ -26,23 +26,13 @@ import time
 from pathlib import Path
 
 import httpx
-import numpy as np
 from PIL import Image
-from safetensors.numpy import save_file
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tests.support.api import write_models
 
 LIMIT_MB = 200.0
 HEAVY_LIBS = ("torch", "cudnn", "onnxruntime")
-
-
-def _models(root: Path) -> Path:
-    for rel, key in [
-        ("checkpoint/sd15.safetensors", "model.diffusion_model.input_blocks.0.0.weight"),
-        ("controlnet/canny.safetensors", "input_hint_block.0.weight"),
-    ]:
-        path = root / rel
-        path.parent.mkdir(parents=True, exist_ok=True)
-        save_file({key: np.zeros(1, dtype=np.float32)}, str(path))
-    return root
 
 
 def _port() -> int:
@@ -56,7 +46,7 @@ def measure(src: Path, work: Path) -> tuple[float, list[str]]:
     port = _port()
     env = {**os.environ, "PYTHONPATH": str(src), "UNDERPAINT_API_KEYS": "k", "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "underpaint.cli", "serve", "--no-worker", "--port", str(port),
-           "--data-dir", str(work / "data"), "--models-dir", str(_models(work / "models"))]  # fmt: skip
+           "--data-dir", str(work / "data"), "--models-dir", str(write_models(work / "models"))]  # fmt: skip
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url, headers = f"http://127.0.0.1:{port}", {"Authorization": "Bearer k"}
     try:
@@ -73,8 +63,8 @@ def measure(src: Path, work: Path) -> tuple[float, list[str]]:
         buf = io.BytesIO()
         Image.new("RGB", (64, 64), (90, 20, 200)).save(buf, "PNG")
         image = base64.b64encode(buf.getvalue()).decode()
-        unit = {"model_name": "canny", "image_base64": image, "preprocessor": "canny"}
-        body = {"request": {"model_name": "sd15.safetensors", "image_base64": image, "prompt": "p",
+        unit = {"model_name": "control_v11p_sd15_canny", "image_base64": image, "preprocessor": "canny"}
+        body = {"request": {"model_name": "dreamshaper_8.safetensors", "image_base64": image, "prompt": "p",
                             "controlnet": {"units": [unit]}}}  # fmt: skip
         r = httpx.post(url + "/v3/async/img2img", json=body, headers=headers, timeout=60)
         r.raise_for_status()

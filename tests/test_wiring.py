@@ -10,30 +10,17 @@ import time
 from pathlib import Path
 
 import httpx
-import numpy as np
-from safetensors.numpy import save_file
+from tests.support.api import write_models
 from tests.support.server import LiveServer, make_png
 
 HEAVY = ("torch", "diffusers", "transformers", "safetensors.torch", "celery", "onnxruntime", "cv2")
 RSS_LIMIT_MB = 200
 
 
-def _placeholder_models(root: Path) -> Path:
-    """A models folder the registry reads as one SD 1.5 checkpoint and one ControlNet (no weights needed)."""
-    for rel, key in [
-        ("checkpoint/sd15.safetensors", "model.diffusion_model.input_blocks.0.0.weight"),
-        ("controlnet/canny.safetensors", "input_hint_block.0.weight"),
-    ]:
-        path = root / rel
-        path.parent.mkdir(parents=True, exist_ok=True)
-        save_file({key: np.zeros(1, dtype=np.float32)}, str(path))
-    return root
-
-
 def _body() -> dict[str, object]:
     image = base64.b64encode(make_png()).decode()
-    unit = {"model_name": "canny", "image_base64": image, "preprocessor": "canny"}
-    return {"request": {"model_name": "sd15.safetensors", "image_base64": image, "prompt": "p",
+    unit = {"model_name": "control_v11p_sd15_canny", "image_base64": image, "preprocessor": "canny"}
+    return {"request": {"model_name": "dreamshaper_8.safetensors", "image_base64": image, "prompt": "p",
                         "controlnet": {"units": [unit]}}}  # fmt: skip
 
 
@@ -49,7 +36,7 @@ def _rss_mb(pid: int) -> float:
 
 
 def test_api_node_process_never_loads_torch_and_stays_small(tmp_path: Path) -> None:
-    models = _placeholder_models(tmp_path / "models")
+    models = write_models(tmp_path / "models")
     server = LiveServer(tmp_path / "data", models, keys="k", args=("--no-worker",)).start()
     try:
         headers = {"Authorization": "Bearer k"}
@@ -71,7 +58,7 @@ def test_api_node_process_never_loads_torch_and_stays_small(tmp_path: Path) -> N
 
 def test_api_side_imports_with_the_heavy_packages_blocked(tmp_path: Path) -> None:
     """vLLM's lazy-import check: with torch & co. made unimportable, an API node still builds and serves."""
-    models = _placeholder_models(tmp_path / "models")
+    models = write_models(tmp_path / "models")
     script = textwrap.dedent(
         f"""
         import sys

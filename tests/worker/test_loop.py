@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from tests.support.storage import RecordingStorage
 
 from underpaint.config import Settings
 from underpaint.engine.job import JobCancelled, JobError, Progress
@@ -44,25 +45,6 @@ def add(store: SqlTaskStore, task_id: str | None = None, **kw: Any) -> str:
         )
     )
     return tid
-
-
-class FakeStorage:
-    name = "local"
-
-    def __init__(self) -> None:
-        self.deleted: list[str] = []
-
-    def put(self, key: str, data: bytes, content_type: str) -> None:
-        raise NotImplementedError
-
-    def get(self, key: str) -> bytes:
-        raise NotImplementedError
-
-    def url(self, key: str, ttl: int, base_url: str) -> str:
-        raise NotImplementedError
-
-    def delete(self, key: str) -> None:
-        self.deleted.append(key)
 
 
 class FnRunner:
@@ -206,7 +188,7 @@ def test_loser_discards_its_images(store: SqlTaskStore) -> None:
         assert store.complete(tid, "winner", images_for(winner))
         return images_for(task)  # finished too late, without reporting
 
-    storage = FakeStorage()
+    storage = RecordingStorage()
     terminal: list[TaskRecord] = []
     Worker(store, FnRunner(fn), SETTINGS, worker_id="w", on_terminal=terminal.append, storage=storage).run_once()
     assert storage.deleted == [f"{tid}/1_0.png"]  # the loser's own image only
