@@ -15,7 +15,7 @@ import httpx
 import pytest
 from tests.support.server import LiveServer
 
-from underpaint.api.submit import MAX_JSON_CONTAINERS, MAX_JSON_DEPTH, MAX_JSON_VALUES
+from underpaint.api.submit import MAX_BODY_BYTES, MAX_JSON_CONTAINERS, MAX_JSON_DEPTH, MAX_JSON_VALUES
 
 AUTH = {"Authorization": "Bearer key-a", "Content-Type": "application/json"}
 
@@ -116,3 +116,19 @@ def test_clip_skip_is_checked_against_the_checkpoint_at_submit(
     assert r.status_code == status, r.text
     if status == 400:
         assert r.json()["metadata"] == {"field": "request.clip_skip", "text_encoder_layers": 5}
+
+
+def test_body_over_the_limit_is_400_while_streaming(server: LiveServer) -> None:
+    """Past ``MAX_BODY_BYTES`` the server stops reading and answers 400 (Novita documents no 413), here for a
+    chunked body, which has no Content-Length to refuse up front."""
+    chunk = b"[" + b"0," * (1024 * 1024)
+
+    def chunks() -> Iterator[bytes]:
+        sent = 0
+        while sent <= MAX_BODY_BYTES:
+            yield chunk
+            sent += len(chunk)
+
+    r = httpx.post(server.url + "/v3/async/img2img", content=chunks(), headers=AUTH, timeout=120)
+    _assert_invalid_body(r, "request body exceeds 100 MB")
+    assert httpx.get(server.url + "/health", timeout=10).status_code == 200
