@@ -15,6 +15,7 @@ from tests.support.api import KEY_A, auth, b64, body, image_bytes, make_services
 
 from underpaint.api.app import create_app
 from underpaint.api.submit import MAX_JSON_CONTAINERS, MAX_JSON_DEPTH, MAX_JSON_VALUES, parse_json
+from underpaint.tasks.store import SqlTaskStore
 from underpaint.wire.errors import ApiError
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -93,11 +94,13 @@ def clip_client(models_dir: Path, tmp_path: Path) -> Any:
     _te_checkpoint(models / "checkpoint" / "xl_te4.safetensors", 4, sdxl=True)
     (tmp_path / "data").mkdir()
     services = make_services(models, tmp_path / "data")
+    store = services.store
+    assert isinstance(store, SqlTaskStore)
     try:
         with TestClient(create_app(services), raise_server_exceptions=False) as client:
             yield client, services
     finally:
-        services.store.close()
+        store.close()
 
 
 def _post_clip(clip_client: Any, model: str, clip_skip: int) -> Any:
