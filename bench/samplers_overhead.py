@@ -28,13 +28,14 @@ from diffusers import UNet2DConditionModel
 from torch import Tensor
 
 from underpaint.engine.samplers import SAMPLER_NAMES, DiscreteSchedule, NoiseSource, sample_img2img
+from underpaint.vocabulary import SamplerName
 
 TARGET = 1.05
 
 
 def build_unet() -> Any:
     torch.manual_seed(0)
-    unet: Any = UNet2DConditionModel(
+    unet: Any = UNet2DConditionModel(  # type: ignore[no-untyped-call]  # diffusers: register_to_config is untyped
         sample_size=64,
         in_channels=4,
         out_channels=4,
@@ -98,7 +99,7 @@ def main() -> None:
         for _ in range(args.repeats):
             calls, in_unet = 0, 0.0
             cpu0 = time.process_time()
-            sample_img2img(name, counted, schedule, init, args.steps, args.strength, NoiseSource([7]))
+            sample_img2img(SamplerName(name), counted, schedule, init, args.steps, args.strength, NoiseSource([7]))
             runs.append(((time.process_time() - cpu0) / calls, in_unet / calls))
         ratio = statistics.median(total / unet for total, unet in runs)
         ratios.append(ratio)
