@@ -47,7 +47,8 @@ class KeyPolicy(BaseModel):
     max_queued_tasks: Annotated[int, Field(ge=1)] | None = None
     # Keys granted a dedicated pool: ``enterprise_plan.enabled`` routes their tasks to this lane.
     dedicated_lane: str | None = None
-    # Secret used to sign webhook deliveries (Standard Webhooks). Derived from the key when unset.
+    # Secret used to sign webhook deliveries (Standard Webhooks): base64 of the key bytes, optionally prefixed
+    # "whsec_" (anything else stops the server at startup). Derived from the key when unset.
     webhook_secret: str | None = Field(default=None, repr=False)
 
 
