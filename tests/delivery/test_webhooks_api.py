@@ -13,11 +13,11 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 from safetensors.numpy import save_file
-from tests.support.webhook_receiver import Receiver, wait_for
+from tests.support.webhook_receiver import Receiver, signature_ok, wait_for
 
 from underpaint.api.app import create_app
 from underpaint.config import Settings
-from underpaint.delivery.signing import derive_secret, verify
+from underpaint.delivery.signing import derive_secret
 from underpaint.delivery.webhooks import DELIVERED, WebhookDispatcher
 from underpaint.registry import ModelRegistry
 from underpaint.services import Services
@@ -85,7 +85,7 @@ def _submit(client: TestClient, extra: dict[str, object]) -> dict[str, object]:
 def test_test_mode_event_equals_the_polled_task_result(
     app_and_services: tuple[TestClient, Services, ListQueue, WebhookDispatcher], receiver: Receiver, status: str
 ) -> None:
-    client, services, queue, webhooks = app_and_services
+    client, _services, queue, webhooks = app_and_services
     webhook = {"url": receiver.url, "test_mode": {"enabled": True, "return_task_status": status}}
     submitted = _submit(client, {"webhook": webhook})
     assert submitted["_status"] == 200, submitted
@@ -93,7 +93,7 @@ def test_test_mode_event_equals_the_polled_task_result(
     assert queue.items == []  # test mode runs no generation
     assert wait_for(lambda: webhooks.deliveries(task_id)[0].status == DELIVERED)
     got = receiver.requests[0]
-    assert verify(got.body, got.headers, derive_secret(SERVER_SECRET, owner_of(KEY)))
+    assert signature_ok(got.body, got.headers, derive_secret(SERVER_SECRET, owner_of(KEY)))
     event = json.loads(got.body)
     assert event["event_type"] == "ASYNC_TASK_RESULT"
     polled = client.get("/v3/async/task-result", params={"task_id": task_id},
@@ -117,6 +117,7 @@ def test_submit_refuses_internal_webhook_targets(
     client, _services, queue, _webhooks = app_and_services
     for url in ("http://10.1.2.3/hook", "http://169.254.169.254/latest/meta-data", "file:///etc/passwd"):
         refused = _submit(client, {"webhook": {"url": url}})
-        assert refused["_status"] == 400 and refused["reason"] == "INVALID_REQUEST_BODY", refused
+        assert refused["_status"] == 400, refused
+        assert refused["reason"] == "INVALID_REQUEST_BODY", refused
         assert "extra.webhook.url" in str(refused["message"])
     assert queue.items == []

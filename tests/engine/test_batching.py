@@ -22,7 +22,6 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from underpaint.registry import ModelRegistry
 
 from underpaint.config import Settings
 from underpaint.engine import pipeline
@@ -39,6 +38,7 @@ from underpaint.engine.job import (
     Progress,
 )
 from underpaint.engine.samplers import sample_img2img
+from underpaint.registry import ModelRegistry
 from underpaint.vocabulary import SAMPLER_NAMES, PreprocessorName, SamplerName
 
 SIZE = 64

@@ -11,7 +11,6 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -53,7 +52,7 @@ def test_lane_by_base_model_checkpoint_and_enterprise() -> None:
     assert task_lane(s, _entry("tiny-sdxl.safetensors", True)) == "sdxl"
     assert task_lane(s, _entry("DreamShaper 8.safetensors", False)) == "sd15.dreamshaper-8"
     assert task_lane(s, _entry("tiny-sdxl.safetensors", True), dedicated_lane="Acme") == "enterprise.acme"
-    s2 = replace(s, key_policies={"k": KeyPolicy(dedicated_lane="acme")})
+    s2 = s.with_overrides(key_policies={"k": KeyPolicy(dedicated_lane="acme")})
     assert known_queues(s2, [_entry("DreamShaper 8.safetensors", False)]) == [
         "sd15", "sdxl", "sd15.dreamshaper-8", "enterprise.acme"
     ]  # fmt: skip
@@ -207,7 +206,9 @@ def test_celery_queue_routes_to_lane_on_redis(store: SqlTaskStore, redis_url: st
     assert probe.queue_depths() == {"sd15": 1, "sdxl": 2}
     assert probe.health() == {"store": "ok", "broker": "ok"}
     down = BrokerProbe(
-        services, store.engine, app=create_celery_app(replace(services.settings, broker_url="redis://127.0.0.1:1/0"))
+        services,
+        store.engine,
+        app=create_celery_app(services.settings.with_overrides(broker_url="redis://127.0.0.1:1/0")),
     )
     assert down.health()["broker"] == "unreachable"
     _flush(redis_url)
@@ -372,20 +373,17 @@ def test_heartbeat_rows_and_cluster_metrics(store: SqlTaskStore, redis_url: str,
     _flush(redis_url)
 
 
-class _NoStore:
-    """The progress reporter's store, for a run outside any store."""
-
-    def update_progress(self, task_id: str, worker_id: str, progress_percent: int, eta: int) -> bool:
-        return True
-
-
 def test_instrumented_runner_observes_generation_seconds(tmp_path: Path) -> None:
     from underpaint.scale.metrics import WORKER_REGISTRY as REGISTRY
 
     runner = InstrumentedRunner(FakeRunner(FakeStorage()))
-    rec = TaskRecord(task_id="m1", owner="o", status=TaskStatus.PROCESSING, lane="sdxl", attempts=1)
+    store = SqlTaskStore(f"sqlite:///{tmp_path / 'tasks.db'}")  # the progress reporter writes to a real store
+    rec = store.claim(_new(store, "sdxl"), "w")
+    assert rec is not None
+    assert (rec.status, rec.lane, rec.attempts) == (TaskStatus.PROCESSING, "sdxl", 1)
     before = REGISTRY.get_sample_value("underpaint_generation_seconds_count", {"base_model": "sdxl", "outcome": "ok"})
-    runner.run(rec, {}, ProgressReporter(_NoStore(), "m1", "w"))
+    runner.run(rec, {}, ProgressReporter(store, rec.task_id, "w"))
+    store.close()
     after = REGISTRY.get_sample_value("underpaint_generation_seconds_count", {"base_model": "sdxl", "outcome": "ok"})
     assert (after or 0) - (before or 0) == 1
 

@@ -26,6 +26,7 @@ from underpaint.engine.devices import configure_torch_threads, pick_device, pick
 from underpaint.engine.job import GeneratedImage, GenerationJob, JobError, JobOutcome, ProgressCallback, batch_key
 from underpaint.engine.loader import LoadedCheckpoint, ModelCache
 from underpaint.engine.metadata import InfotextParams, build_infotext
+from underpaint.engine.preprocessors import AnnotatorCache
 from underpaint.engine.samplers import DiscreteSchedule
 from underpaint.registry import ModelEntry, ModelRegistry, file_sha256
 
@@ -43,6 +44,7 @@ class DiffusersExecutor:
         self.loras = LoraManager()
         self.embeddings = EmbeddingManager()
         self.ip_adapters = IPAdapterManager()
+        self.annotators = AnnotatorCache()  # loaded ControlNet preprocessor networks
         self._lock = threading.Lock()
         self._schedules: dict[tuple[Any, ...], DiscreteSchedule] = {}
 
@@ -236,6 +238,7 @@ class DiffusersExecutor:
             annotators,
             self.device,
             seed=job.seed,
+            annotator_nets=self.annotators,
         )
 
     @property
@@ -244,5 +247,6 @@ class DiffusersExecutor:
 
     def release(self) -> None:
         self.cache.clear()
+        self.annotators.clear()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()

@@ -92,6 +92,7 @@ class WorkerContext:
                     on_terminal=self.on_terminal,
                     storage=self.services.storage,
                     claimer=claimer,
+                    cancel_poll=self.services.settings.cancel_poll_seconds,
                 )
             finally:
                 with self._lock:

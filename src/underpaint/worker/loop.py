@@ -7,6 +7,12 @@ the runner has loaded, never making the oldest task wait more than ``max_affinit
 
 Double delivery is harmless: claiming is atomic and ``complete``/``fail`` only succeed for the current lease
 holder, so a worker that lost its lease discards its results and never fires ``on_terminal`` (webhooks).
+
+Cancellation by the owner is a flag on the task row: a watcher thread beside the run reads it every
+``cancel_poll`` seconds for each task of the batch, and ``ProgressReporter.should_cancel`` (checked by the sampler
+before every model call) only reads an in-memory event, so a cancelled task drops out of its batch at the next
+sampler step without a query per step and without disturbing its mates. The lease holder then ends it FAILED
+with ``CANCELLED_REASON`` and fires ``on_terminal`` once.
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ from underpaint.engine.job import JobCancelled, JobError, Progress
 from underpaint.storage.base import ImageStorage, StorageError
 from underpaint.tasks.lifecycle import TerminalHook, delete_images, notify_terminal, sweep_expired
 from underpaint.tasks.queue import LocalQueue
-from underpaint.tasks.types import ImageRecord, TaskRecord, TaskStatus, TaskStore
+from underpaint.tasks.types import CANCELLED_REASON, ImageRecord, TaskRecord, TaskStatus, TaskStore
 
 log = logging.getLogger("underpaint.tasks")
 
@@ -37,8 +43,9 @@ class ProgressReporter:
     """Passed to the runner as the executor's progress callback: ``report(Progress)`` writes progress to the store.
 
     Writes are throttled to one per ``min_interval`` seconds, except 100 % which is always written. When the
-    store says this worker no longer holds the task, the call raises ``JobCancelled``; ``should_cancel`` is the
-    same signal for ``Executor.generate(should_cancel=...)``.
+    store says this worker no longer holds the task, or its owner cancelled it, the call raises ``JobCancelled``;
+    ``should_cancel`` is the same signal for ``Executor.generate(should_cancel=...)`` (in-memory: the store is
+    read by the watcher thread of ``run_claimed``, not per call).
     """
 
     def __init__(
@@ -57,14 +64,25 @@ class ProgressReporter:
         self.clock = clock
         self._last_write: float | None = None
         self._lost = threading.Event()
+        self._cancelled = threading.Event()
 
     def mark_lost(self) -> None:
         self._lost.set()
 
+    def mark_cancelled(self) -> None:
+        self._cancelled.set()
+
+    @property
+    def cancelled(self) -> bool:
+        """The owner cancelled the task (as far as the watcher has seen)."""
+        return self._cancelled.is_set()
+
     def should_cancel(self) -> bool:
-        return self._lost.is_set()
+        return self._lost.is_set() or self._cancelled.is_set()
 
     def __call__(self, progress: Progress) -> None:
+        if self._cancelled.is_set():
+            raise JobCancelled(f"task {self.task_id}: {CANCELLED_REASON}")
         progress_percent = min(100, max(0, int(progress.fraction * 100)))
         eta_seconds = max(0, round(progress.eta_seconds))
         if self._lost.is_set():
@@ -97,12 +115,16 @@ class BatchTaskRunner(TaskRunner, Protocol):
 
 
 class _LeaseKeeper:
-    """Renews the leases while the runner is busy without reporting progress (a long model load, say)."""
+    """Beside a run: renews the leases every ``interval`` seconds while the runner is busy without reporting
+    progress (a long model load, say), and every ``cancel_poll`` seconds reads whether an owner cancelled."""
 
-    def __init__(self, store: TaskStore, reporters: Sequence[ProgressReporter], interval: float) -> None:
+    def __init__(
+        self, store: TaskStore, reporters: Sequence[ProgressReporter], interval: float, cancel_poll: float = 0.5
+    ) -> None:
         self.store = store
         self.reporters = list(reporters)
         self.interval = interval
+        self.cancel_poll = min(cancel_poll, interval)
         self._done = threading.Event()
         name = f"lease-{self.reporters[0].task_id}" if self.reporters else "lease"
         self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
@@ -116,16 +138,31 @@ class _LeaseKeeper:
         self._thread.join()
 
     def _loop(self) -> None:
-        while not self._done.wait(self.interval):
+        next_renewal = time.monotonic() + self.interval
+        while True:
+            renew = time.monotonic() >= next_renewal
+            if renew:
+                next_renewal = time.monotonic() + self.interval
             for r in self.reporters:
                 if r.should_cancel():
-                    continue
+                    continue  # stopped already (cancelled or lost): nothing more to keep
                 try:
-                    if not self.store.renew_lease(r.task_id, r.worker_id):
+                    if self.store.cancel_requested(r.task_id):
+                        log.info(
+                            "task %s: cancel requested by the client; stopping at the next step",
+                            r.task_id,
+                            extra={"task_id": r.task_id},
+                        )
+                        r.mark_cancelled()
+                    elif renew and not self.store.renew_lease(r.task_id, r.worker_id):
                         r.mark_lost()
                 except Exception:
                     # A database hiccup: keep trying; the lease is long enough to survive a few misses.
-                    log.exception("lease renewal failed for task %s", r.task_id, extra={"task_id": r.task_id})
+                    log.exception(
+                        "lease renewal or cancel check failed for task %s", r.task_id, extra={"task_id": r.task_id}
+                    )
+            if self._done.wait(self.cancel_poll):
+                return
 
 
 def default_worker_id() -> str:
@@ -153,9 +190,14 @@ def run_claimed(
     *,
     on_terminal: TerminalHook | None = None,
     storage: ImageStorage | None = None,
+    cancel_poll: float = 0.5,
 ) -> None:
-    """Run a task this worker has just claimed and record its outcome (if it still holds the lease)."""
-    run_claimed_batch(store, [task], worker_id, runner, on_terminal=on_terminal, storage=storage)
+    """Run a task this worker has just claimed and record its outcome (if it still holds the lease).
+
+    ``cancel_poll``: seconds between two reads of the task's cancel flag while it runs."""
+    run_claimed_batch(
+        store, [task], worker_id, runner, on_terminal=on_terminal, storage=storage, cancel_poll=cancel_poll
+    )
 
 
 def run_claimed_batch(
@@ -166,6 +208,7 @@ def run_claimed_batch(
     *,
     on_terminal: TerminalHook | None = None,
     storage: ImageStorage | None = None,
+    cancel_poll: float = 0.5,
 ) -> None:
     """Run tasks this worker has just claimed, together when the runner batches, and record each outcome on its
     own (if this worker still holds that task's lease)."""
@@ -189,10 +232,10 @@ def run_claimed_batch(
             len(items),
             extra={"task_id": task.task_id},
         )
-    with _LeaseKeeper(store, [r for _, _, r in items], interval=store.lease_seconds / 3):
+    with _LeaseKeeper(store, [r for _, _, r in items], interval=store.lease_seconds / 3, cancel_poll=cancel_poll):
         outcomes = _run(runner, items)
-    for (task, _, _), outcome in zip(items, outcomes, strict=True):
-        _record(store, task, worker_id, outcome, on_terminal=on_terminal, storage=storage)
+    for (task, _, reporter), outcome in zip(items, outcomes, strict=True):
+        _record(store, task, worker_id, reporter, outcome, on_terminal=on_terminal, storage=storage)
 
 
 def _run(
@@ -217,6 +260,7 @@ def _record(
     store: TaskStore,
     task: TaskRecord,
     worker_id: str,
+    reporter: ProgressReporter,
     outcome: list[ImageRecord] | BaseException,
     *,
     on_terminal: TerminalHook | None,
@@ -225,9 +269,10 @@ def _record(
     # Named explicitly: in a batch, the code around may run under another task's log context.
     about = {"task_id": task.task_id}
     if isinstance(outcome, JobCancelled):
-        log.warning(
-            "task %s: run abandoned (lease lost or cancelled); its result is not recorded", task.task_id, extra=about
-        )
+        if reporter.cancelled or store.cancel_requested(task.task_id):
+            _end_cancelled(store, task.task_id, worker_id, on_terminal)
+        else:
+            log.warning("task %s: run abandoned (lease lost); its result is not recorded", task.task_id, extra=about)
         return
     if isinstance(outcome, BaseException):
         if isinstance(outcome, JobError | StorageError | ValueError):
@@ -241,11 +286,27 @@ def _record(
     if store.complete(task.task_id, worker_id, outcome):
         notify_terminal(store, [task.task_id], on_terminal)
         return
-    log.warning(
-        "task %s: lease lost before completion; discarding %d image(s)", task.task_id, len(outcome), extra=about
-    )
+    if store.cancel_requested(task.task_id) and _end_cancelled(store, task.task_id, worker_id, on_terminal):
+        log.info(
+            "task %s: cancelled after its last step; discarding %d image(s)", task.task_id, len(outcome), extra=about
+        )
+    else:
+        log.warning(
+            "task %s: lease lost before completion; discarding %d image(s)", task.task_id, len(outcome), extra=about
+        )
     if storage is not None:
         delete_images(storage, outcome)
+
+
+def _end_cancelled(store: TaskStore, task_id: str, worker_id: str, on_terminal: TerminalHook | None) -> bool:
+    """End a task its owner cancelled (only the lease holder can); ``on_terminal`` fires once, here."""
+    about = {"task_id": task_id}
+    if not store.fail(task_id, worker_id, CANCELLED_REASON):
+        log.warning("task %s: cancelled, but this worker no longer holds it", task_id, extra=about)
+        return False
+    log.info("task %s: %s", task_id, CANCELLED_REASON, extra=about)
+    notify_terminal(store, [task_id], on_terminal)
+    return True
 
 
 @dataclass(frozen=True)
@@ -332,6 +393,7 @@ def process_task(
     on_terminal: TerminalHook | None = None,
     storage: ImageStorage | None = None,
     claimer: Claimer | None = None,
+    cancel_poll: float = 0.5,
 ) -> TaskRecord | None:
     """Claim ``task_id`` and run it in this thread (the entry point for a Celery task).
 
@@ -348,7 +410,7 @@ def process_task(
         task = store.claim(task_id, wid)
         if task is None:
             return None
-        run_claimed(store, task, wid, runner, on_terminal=on_terminal, storage=storage)
+        run_claimed(store, task, wid, runner, on_terminal=on_terminal, storage=storage, cancel_poll=cancel_poll)
         return store.get(task_id)
     wid = claimer.worker_id
     ran_it = False
@@ -361,14 +423,16 @@ def process_task(
             if not tasks:
                 break
             claimer.ran(tasks)
-            run_claimed_batch(store, tasks, wid, runner, on_terminal=on_terminal, storage=storage)
+            run_claimed_batch(
+                store, tasks, wid, runner, on_terminal=on_terminal, storage=storage, cancel_poll=cancel_poll
+            )
             ran_it = ran_it or any(t.task_id == task_id for t in tasks)
     if not ran_it:
         tasks = claimer.named(task_id)
         if not tasks:
             return None
         claimer.ran(tasks)
-        run_claimed_batch(store, tasks, wid, runner, on_terminal=on_terminal, storage=storage)
+        run_claimed_batch(store, tasks, wid, runner, on_terminal=on_terminal, storage=storage, cancel_poll=cancel_poll)
     return store.get(task_id)
 
 
@@ -404,6 +468,7 @@ class Worker:
         self.storage = storage
         self.poll_interval = poll_interval
         self.sweep_interval = sweep_interval if sweep_interval is not None else max(1.0, settings.lease_seconds / 4)
+        self.cancel_poll = settings.cancel_poll_seconds
         self.policy = policy or BatchPolicy.from_settings(settings)
         self.claimer = Claimer(store, self.worker_id, self.policy, lanes)
         self._stopping = threading.Event()
@@ -427,6 +492,7 @@ class Worker:
             self.runner,
             on_terminal=self.on_terminal,
             storage=self.storage,
+            cancel_poll=self.cancel_poll,
         )
         return True
 
