@@ -11,7 +11,7 @@ import os
 import tomllib
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 
 @dataclass(frozen=True)
@@ -64,6 +64,14 @@ class Settings:
     device: str = "auto"
     torch_threads: int | None = None
     checkpoint_cache_bytes: int = 12 * 1024**3
+    # Weights' precision: auto = float16 on CUDA, float32 on CPU. bfloat16 also runs on CPU.
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    # The VAE's: auto = the weights' dtype, but float32 for a VAE that asks for an upcast (SDXL's) under float16.
+    vae_dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    # torch.compile the UNet (CUDA: inductor); the first task of each image size pays the compile (see README).
+    compile: bool = False
+    # channels_last memory format for the UNet and VAE (CUDA only; ignored on CPU).
+    channels_last: bool = False
     # URL signing secret for image downloads; generated and persisted under data_dir when unset.
     url_secret: str | None = field(default=None, repr=False)
     # Webhooks

@@ -21,9 +21,10 @@ from underpaint.engine.adapters.embeddings import EmbeddingManager
 from underpaint.engine.adapters.ip_adapter import IPAdapterManager
 from underpaint.engine.adapters.lora import LoraManager
 from underpaint.engine.conditioning import TextEncoderBundle
-from underpaint.engine.devices import configure_torch_threads, pick_device, pick_dtype
+from underpaint.engine.devices import configure_torch_threads, parse_dtype, pick_device, pick_dtype
 from underpaint.engine.job import GeneratedImage, GenerationJob, JobError, ProgressCallback
 from underpaint.engine.loader import LoadedCheckpoint, ModelCache, file_sha256
+from underpaint.engine.memory import oom_message, run_guarded
 from underpaint.engine.metadata import InfotextParams, build_infotext
 from underpaint.engine.registry import ModelEntry, ModelRegistry
 from underpaint.engine.samplers import DiscreteSchedule
@@ -37,13 +38,15 @@ class DiffusersExecutor:
         self.settings = settings
         self.registry = registry
         self.device = pick_device(settings.device)
-        self.dtype = pick_dtype(self.device)
+        self.dtype = pick_dtype(self.device, settings.dtype)
+        self.vae_dtype = parse_dtype(settings.vae_dtype)
         self.cache = ModelCache(settings, self.device, self.dtype)
         self.loras = LoraManager()
         self.embeddings = EmbeddingManager()
         self.ip_adapters = IPAdapterManager()
         self._lock = threading.Lock()
         self._schedules: dict[tuple[Any, ...], DiscreteSchedule] = {}
+        self._current: LoadedCheckpoint | None = None
 
     # -- name resolution -------------------------------------------------------------------------------
     def _entry(self, kind: str, name: str) -> ModelEntry:
@@ -75,7 +78,19 @@ class DiffusersExecutor:
         should_cancel: Callable[[], bool] | None = None,
     ) -> list[GeneratedImage]:
         with self._lock:
-            return self._generate(job, on_progress, should_cancel)
+            message = oom_message(job.width, job.height, job.image_num)
+            return run_guarded(lambda: self._generate(job, on_progress, should_cancel), message, self.drop_task_state)
+
+    def drop_task_state(self) -> None:
+        """After an out-of-memory error: detach the per-task adapters (LoRA hooks and their resident weights, the
+        IP-Adapter, loaded ControlNets) so the next task starts from the bare checkpoint with memory to spare."""
+        from underpaint.engine.adapters.controlnet import clear_controlnet_cache
+
+        loaded, self._current = self._current, None
+        if loaded is not None:
+            self.loras.forget(loaded)
+            self.ip_adapters.activate(loaded, None, None, 0.0)
+        clear_controlnet_cache()
 
     def _generate(
         self,
@@ -85,6 +100,8 @@ class DiffusersExecutor:
     ) -> list[GeneratedImage]:
         ckpt_entry = self._entry("checkpoint", job.checkpoint)
         loaded = self.cache.get(ckpt_entry)
+        self._current = loaded
+        self._speed_up(loaded)
         lora_entries = [(self._entry("lora", spec.name), spec.strength) for spec in job.loras]
         self.loras.activate(loaded, lora_entries)  # checks each LoRA's base model from its keys and shapes
         plan = self.embeddings.apply(
@@ -128,6 +145,7 @@ class DiffusersExecutor:
                 is_sdxl=loaded.is_sdxl,
                 device=self.device,
                 dtype=self.dtype,
+                vae_dtype=self.vae_dtype,
             )
             images = pipeline.generate(components, inputs, on_progress, should_cancel)
         vae_hash = file_sha256(self._entry("vae", job.vae).path)[:10] if job.vae else None
@@ -152,6 +170,16 @@ class DiffusersExecutor:
             )
             out.append(GeneratedImage(image=img, seed=seed, infotext=build_infotext(params)))
         return out
+
+    def _speed_up(self, loaded: LoadedCheckpoint) -> None:
+        if self.settings.channels_last and self.device.type == "cuda":
+            from underpaint.engine.speed import use_channels_last
+
+            use_channels_last(loaded.unet, loaded.vae)
+        if self.settings.compile:
+            from underpaint.engine.speed import compile_unet
+
+            compile_unet(loaded.unet)
 
     def _control_hook(self, loaded: LoadedCheckpoint, job: GenerationJob) -> pipeline.ControlHook | None:
         if not job.controlnets:

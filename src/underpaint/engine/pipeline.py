@@ -9,7 +9,9 @@ diffusers provides the models (UNet, VAE, text encoders) and the adapter loading
 
 from __future__ import annotations
 
+import logging
 import time
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -19,8 +21,16 @@ import torch
 from PIL import Image
 
 from underpaint.engine.conditioning import Conditioning, TextEncoderBundle, encode_prompt
-from underpaint.engine.job import JobCancelled, Progress, ProgressCallback
+from underpaint.engine.devices import vae_dtype_for
+from underpaint.engine.job import JobCancelled, JobError, Progress, ProgressCallback
 from underpaint.engine.samplers import DiscreteSchedule, NoiseSource, sample_img2img
+
+log = logging.getLogger(__name__)
+
+# The sampler's latents, noise and sigma arithmetic stay in float32 whatever the weights' dtype (A1111's k-diffusion
+# path does the same: its fp16 init latent + float32 noise promotes to float32); only the UNet call runs in the
+# weights' dtype, with its output cast back.
+LATENT_DTYPE = torch.float32
 
 
 class ControlHook(Protocol):
@@ -68,6 +78,8 @@ class Components:
     is_sdxl: bool
     device: torch.device
     dtype: torch.dtype
+    # The ``vae_dtype`` setting when forced; None = auto (``devices.vae_dtype_for``).
+    vae_dtype: torch.dtype | None = None
 
 
 def pil_to_tensor(image: Image.Image, width: int, height: int) -> torch.Tensor:
@@ -78,25 +90,48 @@ def pil_to_tensor(image: Image.Image, width: int, height: int) -> torch.Tensor:
     return torch.from_numpy(arr).permute(2, 0, 1).unsqueeze(0)
 
 
+# VAEs that produced a NaN in half precision once: they run in float32 from then on (A1111's --no-half-vae fallback
+# also sticks for the session).
+_UPCAST_AFTER_NAN: weakref.WeakSet[torch.nn.Module] = weakref.WeakSet()
+
+
 def _vae_dtype(c: Components) -> torch.dtype:
-    # SDXL's VAE overflows in fp16 (diffusers' force_upcast); run it in fp32 there.
-    if c.dtype == torch.float16 and getattr(c.vae.config, "force_upcast", False):
+    if c.vae in _UPCAST_AFTER_NAN:
         return torch.float32
-    return c.dtype
+    return vae_dtype_for(c.dtype, bool(getattr(c.vae.config, "force_upcast", False)), c.vae_dtype)
+
+
+def _with_fp32_retry(c: Components, what: str, run: Callable[[Any, torch.dtype], torch.Tensor]) -> torch.Tensor:
+    """``run(vae, dtype)``; when a half-precision result holds a NaN or inf, once more in float32 (never return
+    a NaN image). The VAE stays float32 afterwards."""
+    dtype = _vae_dtype(c)
+    out = run(c.vae.to(dtype=dtype), dtype)
+    if bool(torch.isfinite(out).all()):
+        return out
+    if dtype == torch.float32:
+        raise JobError(f"the VAE {what} gave NaN in float32 (the checkpoint or VAE is broken)")
+    log.warning("VAE %s in %s gave NaN/inf; retrying in float32 (the VAE stays float32 from now on)", what, dtype)
+    _UPCAST_AFTER_NAN.add(c.vae)
+    out = run(c.vae.to(dtype=torch.float32), torch.float32)
+    if not bool(torch.isfinite(out).all()):
+        raise JobError(f"the VAE {what} gave NaN even in float32 (the checkpoint or VAE is broken)")
+    return out
 
 
 @torch.no_grad()
 def prepare_init_latents(c: Components, image: Image.Image, width: int, height: int, batch: int) -> torch.Tensor:
-    """VAE-encode the init image once and repeat it for the batch.
+    """VAE-encode the init image once and repeat it for the batch (float32, see ``LATENT_DTYPE``).
 
     A1111 samples the VAE posterior with the global (unseeded) RNG; we take its mean, which keeps results
     reproducible and differs from a sample by the posterior's tiny std.
     """
-    dtype = _vae_dtype(c)
-    pixels = pil_to_tensor(image, width, height).to(c.device, dtype)
-    vae = c.vae.to(dtype=dtype)
-    latent = vae.encode(pixels).latent_dist.mean * c.vae_scaling_factor
-    return latent.to(c.dtype).repeat(batch, 1, 1, 1)
+    pixels = pil_to_tensor(image, width, height).to(c.device)
+
+    def encode(vae: Any, dtype: torch.dtype) -> torch.Tensor:
+        return vae.encode(pixels.to(dtype)).latent_dist.mean.to(LATENT_DTYPE) * c.vae_scaling_factor
+
+    latent = _with_fp32_retry(c, "encode", encode)
+    return latent.repeat(batch, 1, 1, 1)
 
 
 @torch.no_grad()
@@ -174,9 +209,10 @@ def build_model_fn(
     def model_fn(x_in: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         if should_cancel is not None and should_cancel():
             raise JobCancelled()
-        outs = [run(x_in, t, n, ehs, added) for n, ehs, added in prepared]
+        # Guidance is combined in the latents' dtype (float32), not in the weights' half precision.
+        outs = [run(x_in, t, n, ehs, added).to(x_in.dtype) for n, ehs, added in prepared]
         if not use_cfg:
-            return outs[0].to(x_in.dtype)
+            return outs[0]
         out_uncond, out_cond = outs[0].chunk(2) if len(outs) == 1 else outs
         return (out_uncond + scale * (out_cond - out_uncond)).to(x_in.dtype)
 
@@ -195,12 +231,16 @@ def _select_halves(value: Any, parts: list[Conditioning], uncond: Conditioning, 
 
 @torch.no_grad()
 def decode_latents(c: Components, latents: torch.Tensor) -> list[Image.Image]:
-    """One image at a time: peak memory stays that of a single decode at any batch size."""
-    dtype = _vae_dtype(c)
-    vae = c.vae.to(dtype=dtype)
+    """One image at a time: peak memory stays that of a single decode at any batch size. A decode with a NaN is
+    redone in float32 (``_with_fp32_retry``)."""
     images = []
     for latent in latents:
-        pixels = vae.decode((latent.unsqueeze(0) / c.vae_scaling_factor).to(dtype), return_dict=False)[0]
+        scaled = latent.unsqueeze(0) / c.vae_scaling_factor
+
+        def decode(vae: Any, dtype: torch.dtype, scaled: torch.Tensor = scaled) -> torch.Tensor:
+            return vae.decode(scaled.to(dtype), return_dict=False)[0]
+
+        pixels = _with_fp32_retry(c, "decode", decode)
         arr = ((pixels[0].float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
         images.append(Image.fromarray(arr))
     return images

@@ -122,7 +122,17 @@ class ControlNetCache:
         return model
 
 
+    def clear(self) -> None:
+        with self._lock:
+            self._models.clear()
+
+
 _cache = ControlNetCache()
+
+
+def clear_controlnet_cache() -> None:
+    """Drop every loaded ControlNet (after an out-of-memory error; they reload on next use)."""
+    _cache.clear()
 
 
 @dataclass
