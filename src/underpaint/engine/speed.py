@@ -12,6 +12,7 @@ IP-Adapter being attached or removed (it swaps attention processors).
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -19,12 +20,12 @@ import torch
 log = logging.getLogger(__name__)
 
 # Tests on CPU use "eager"/"aot_eager" (inductor on 2 CPU cores takes minutes per graph).
-COMPILE_BACKEND = "inductor"
+COMPILE_BACKEND: str | Callable[..., Any] = "inductor"
 # Graphs kept per compiled UNet forward before dynamo falls back to eager: many sizes x adapter layouts.
 RECOMPILE_LIMIT = 64
 
 
-def compile_unet(unet: Any, backend: str | None = None) -> None:
+def compile_unet(unet: Any, backend: str | Callable[..., Any] | None = None) -> None:
     """Compile ``unet`` in place once (idempotent)."""
     if getattr(unet, "_underpaint_compiled", False):
         return
@@ -33,9 +34,10 @@ def compile_unet(unet: Any, backend: str | None = None) -> None:
     config = torch._dynamo.config
     config.recompile_limit = max(config.recompile_limit, RECOMPILE_LIMIT)
     config.accumulated_recompile_limit = max(config.accumulated_recompile_limit, RECOMPILE_LIMIT * 4)
-    unet.compile(backend=backend or COMPILE_BACKEND, dynamic=False)
+    chosen = backend or COMPILE_BACKEND
+    unet.compile(backend=chosen, dynamic=False)
     unet._underpaint_compiled = True
-    log.info("UNet compiled with torch.compile (backend %s); each new image size compiles on first use", backend)
+    log.info("UNet compiled with torch.compile (backend %s); each new image size compiles on first use", chosen)
 
 
 def use_channels_last(*modules: Any) -> None:
