@@ -180,7 +180,9 @@ def section_speed(executor: DiffusersExecutor, cases: list[Case], runs: int, res
         row["ratio_it_s"] = row["engine_it_s"] / row["diffusers_it_s"]
         row["ratio_vram"] = (peaks["engine"] / peaks["diffusers"]) if peaks["diffusers"] else float("nan")
         res.rows.append(row)
-        res.checks.append((f"{case.name}: engine it/s >= 0.95x diffusers", row["ratio_it_s"] >= 0.95, f"{row['ratio_it_s']:.3f}"))
+        res.checks.append(
+            (f"{case.name}: engine it/s >= 0.95x diffusers", row["ratio_it_s"] >= 0.95, f"{row['ratio_it_s']:.3f}")
+        )
         if peaks["diffusers"]:
             ok = abs(row["ratio_vram"] - 1) <= 0.10
             res.checks.append((f"{case.name}: peak VRAM within 10 % of diffusers", ok, f"{row['ratio_vram']:.3f}"))
@@ -343,7 +345,9 @@ def section_compile(
             "ratio_it_s": c_its / d_eager,
         }
     )
-    res.checks.append((f"{case.name}: compiled engine >= 1.2x diffusers it/s", c_its / d_eager >= 1.2, f"{c_its / d_eager:.3f}"))
+    res.checks.append(
+        (f"{case.name}: compiled engine >= 1.2x diffusers it/s", c_its / d_eager >= 1.2, f"{c_its / d_eager:.3f}")
+    )
     compiled.release()
 
 
@@ -351,7 +355,9 @@ def table(res: Result) -> str:
     lines = []
     speed_rows = [r for r in res.rows if r["section"] == "speed"]
     if speed_rows:
-        lines.append("| case | engine it/s | diffusers it/s | ratio | engine s/img | diffusers s/img | engine peak GiB | diffusers peak GiB |")
+        lines.append(
+            "| case | engine it/s | diffusers it/s | ratio | engine s/img | diffusers s/img | engine peak GiB | diffusers peak GiB |"
+        )
         lines.append("|---|---|---|---|---|---|---|---|")
         for r in speed_rows:
             lines.append(
@@ -406,7 +412,14 @@ def main(argv: list[str] | None = None) -> int:
         shutil.copy(ckpt / "tiny-sd15.safetensors", ckpt / "tiny-sd15-b.safetensors")
         shutil.copytree(ckpt / "tiny-sd15.config", ckpt / "tiny-sd15-b.config")
         device, dtype, backend = "cpu", "float32", "eager"
-        sd15, sd15_b, sdxl, size15, sizexl, steps = "tiny-sd15.safetensors", "tiny-sd15-b.safetensors", "tiny-sdxl.safetensors", 128, 128, 4
+        sd15, sd15_b, sdxl, size15, sizexl, steps = (
+            "tiny-sd15.safetensors",
+            "tiny-sd15-b.safetensors",
+            "tiny-sdxl.safetensors",
+            128,
+            128,
+            4,
+        )
         runs = min(args.runs, 2)
     else:
         if args.models is None:
@@ -416,7 +429,14 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         models = args.models
         device, dtype, backend = "cuda", "float16", "inductor"
-        sd15, sd15_b, sdxl, size15, sizexl, steps = "real-sd15.safetensors", "real-sd15-b.safetensors", "real-sdxl.safetensors", 512, 1024, 20
+        sd15, sd15_b, sdxl, size15, sizexl, steps = (
+            "real-sd15.safetensors",
+            "real-sd15-b.safetensors",
+            "real-sdxl.safetensors",
+            512,
+            1024,
+            20,
+        )
         runs = args.runs
     settings = Settings(models_dir=models, data_dir=models.parent / "bench-data", device=device, dtype=dtype)  # type: ignore[arg-type]
     executor = DiffusersExecutor(settings, ModelRegistry(models))
@@ -431,7 +451,9 @@ def main(argv: list[str] | None = None) -> int:
     ]
     section_speed(executor, cases, runs, res, deadline)
     executor.cache.clear()
-    section_switch(executor, Case("a", sd15, size15, 1, steps), Case("b", sd15_b, size15, 1, steps), runs, res, deadline)
+    section_switch(
+        executor, Case("a", sd15, size15, 1, steps), Case("b", sd15_b, size15, 1, steps), runs, res, deadline
+    )
     section_http(executor, models, cases[0], runs, res, deadline, dtype)
     executor.release()
     if not args.no_compile:

@@ -22,7 +22,14 @@ from typing import Any
 
 import torch
 
-from underpaint.demo.adapters import IMAGE_ENCODERS_DIR, lora_layers, meta_models, save_ip_adapter, save_kohya_lora
+from underpaint.demo.adapters import (
+    IMAGE_ENCODERS_DIR,
+    ip_adapter_state,
+    lora_layers,
+    meta_models,
+    save_ip_adapter,
+    save_kohya_lora,
+)
 from underpaint.demo.ldm_convert import checkpoint_to_ldm
 
 CONFIG_ROOT = Path(__file__).resolve().parents[1] / "engine" / "configs"
@@ -46,11 +53,12 @@ VIT_H_CONFIG: dict[str, Any] = {
 
 
 def _values(name: str, shape: tuple[int, ...], dtype: torch.dtype, gen: torch.Generator) -> torch.Tensor:
+    device = gen.device
     if dtype == torch.int64:  # position_ids
         return torch.arange(shape[-1], dtype=torch.int64).expand(shape).contiguous()
     leaf = name.rsplit(".", 1)[-1]
     if "embedding" in name and not leaf.startswith("bias"):
-        out = torch.randn(shape, generator=gen) * 0.02
+        out = torch.randn(shape, generator=gen, device=device) * 0.02
     elif len(shape) == 0:  # open_clip's logit_scale
         out = torch.full(shape, math.log(100.0))
     elif len(shape) == 1:
@@ -59,8 +67,8 @@ def _values(name: str, shape: tuple[int, ...], dtype: torch.dtype, gen: torch.Ge
         out = torch.zeros(shape)
     else:
         fan_in = math.prod(shape[1:]) if len(shape) > 1 else shape[0]
-        out = torch.randn(shape, generator=gen) / math.sqrt(fan_in)
-    return out.to(dtype)
+        out = torch.randn(shape, generator=gen, device=device) / math.sqrt(fan_in)
+    return out.to(dtype).cpu()
 
 
 def write_random_safetensors(
@@ -68,8 +76,10 @@ def write_random_safetensors(
     shapes: Mapping[str, tuple[tuple[int, ...], torch.dtype]],
     seed: int,
     metadata: dict[str, str] | None = None,
+    device: str = "cpu",
 ) -> Path:
-    """A ``.safetensors`` file of ``shapes`` (name -> (shape, dtype)) with seeded values, one tensor in memory."""
+    """A ``.safetensors`` file of ``shapes`` (name -> (shape, dtype)) with seeded values, one tensor in memory.
+    ``device="cuda"`` draws them on the GPU (seconds instead of minutes for SDXL; other values than on CPU)."""
     names = sorted(shapes)
     header: dict[str, Any] = {"__metadata__": metadata or {"format": "pt"}}
     offset = 0
@@ -81,7 +91,7 @@ def write_random_safetensors(
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)
     path.parent.mkdir(parents=True, exist_ok=True)
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator(device).manual_seed(seed)
     tmp = path.with_name(path.name + ".part")
     with tmp.open("wb") as f:
         f.write(struct.pack("<Q", len(raw)))
@@ -104,11 +114,13 @@ def _meta_checkpoint_shapes(config_dir: Path, sdxl: bool, dtype: torch.dtype) ->
     return {k: (tuple(v.shape), dtype if v.is_floating_point() else torch.int64) for k, v in ldm.items()}
 
 
-def write_real_checkpoint(path: Path, sdxl: bool, dtype: torch.dtype = torch.float16, seed: int = 0) -> Path:
+def write_real_checkpoint(
+    path: Path, sdxl: bool, dtype: torch.dtype = torch.float16, seed: int = 0, device: str = "cpu"
+) -> Path:
     """An A1111 single-file checkpoint in the real SD 1.5 (``sdxl=False``, 1.07 B parameters) or SDXL (3.47 B)
     shapes, keys only: no sidecar config."""
     shapes = _meta_checkpoint_shapes(SDXL_CONFIG if sdxl else SD15_CONFIG, sdxl, dtype)
-    return write_random_safetensors(path, shapes, seed)
+    return write_random_safetensors(path, shapes, seed, device=device)
 
 
 def write_real_lora(path: Path, sdxl: bool, rank: int = 16, seed: int = 1) -> Path:
@@ -138,7 +150,8 @@ def write_real_ip_adapter_sd15(ipadapter_dir: Path, dtype: torch.dtype = torch.f
     from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
     unet, _ = meta_models(SD15_CONFIG, False)
-    state = _meta_ip_state(unet, image_embed_dim=int(VIT_H_CONFIG["projection_dim"]), seed=seed, dtype=dtype)
+    state = ip_adapter_state(unet, image_embed_dim=int(VIT_H_CONFIG["projection_dim"]), seed=seed)
+    state = {group: {k: v.to(dtype) for k, v in part.items()} for group, part in state.items()}
     bin_path = save_ip_adapter(ipadapter_dir / "ip-adapter_sd15.bin", state)
     folder = ipadapter_dir / IMAGE_ENCODERS_DIR / "sd15"
     folder.mkdir(parents=True, exist_ok=True)
@@ -152,42 +165,18 @@ def write_real_ip_adapter_sd15(ipadapter_dir: Path, dtype: torch.dtype = torch.f
     return bin_path
 
 
-def _meta_ip_state(unet: Any, image_embed_dim: int, seed: int, dtype: torch.dtype) -> dict[str, dict[str, torch.Tensor]]:
-    """ip-adapter_sd15.bin's keys and shapes (4 image tokens; to_k_ip/to_v_ip per cross-attention) with values."""
-    gen = torch.Generator().manual_seed(seed)
-    cross_dim = int(unet.config.cross_attention_dim)
-    tokens = 4
-    proj = {
-        "proj.weight": torch.randn(cross_dim * tokens, image_embed_dim, generator=gen) / image_embed_dim**0.5,
-        "proj.bias": torch.zeros(cross_dim * tokens),
-        "norm.weight": torch.ones(cross_dim),
-        "norm.bias": torch.zeros(cross_dim),
-    }
-    ip: dict[str, torch.Tensor] = {}
-    index = 0
-    for name in unet.attn_processors:
-        if not name.endswith("attn1.processor"):
-            attn = unet.get_submodule(name.removesuffix(".processor"))
-            inner, kv_in = attn.to_k.weight.shape
-            ip[f"{index}.to_k_ip.weight"] = torch.randn(inner, kv_in, generator=gen) / kv_in**0.5
-            ip[f"{index}.to_v_ip.weight"] = torch.randn(inner, kv_in, generator=gen) / kv_in**0.5
-        index += 1
-    return {
-        "image_proj": {k: v.to(dtype) for k, v in proj.items()},
-        "ip_adapter": {k: v.to(dtype) for k, v in ip.items()},
-    }
-
-
-def write_real_models(models_dir: Path, sdxl: bool = True, adapters: bool = True, extra_sd15: bool = False) -> dict[str, Path]:
+def write_real_models(
+    models_dir: Path, sdxl: bool = True, adapters: bool = True, extra_sd15: bool = False, device: str = "cpu"
+) -> dict[str, Path]:
     """The real-shape set under ``models_dir`` (the models-folder layout): ``real-sd15.safetensors``, with ``sdxl``
     ``real-sdxl.safetensors``, with ``adapters`` the SD 1.5 LoRA, ControlNet (canny name) and IP-Adapter, with
     ``extra_sd15`` a second SD 1.5 checkpoint (``real-sd15-b``, other values) for model-switch timings."""
     ckpt = models_dir / "checkpoint"
-    out = {"real-sd15": write_real_checkpoint(ckpt / "real-sd15.safetensors", sdxl=False, seed=10)}
+    out = {"real-sd15": write_real_checkpoint(ckpt / "real-sd15.safetensors", sdxl=False, seed=10, device=device)}
     if extra_sd15:
-        out["real-sd15-b"] = write_real_checkpoint(ckpt / "real-sd15-b.safetensors", sdxl=False, seed=11)
+        out["real-sd15-b"] = write_real_checkpoint(ckpt / "real-sd15-b.safetensors", sdxl=False, seed=11, device=device)
     if sdxl:
-        out["real-sdxl"] = write_real_checkpoint(ckpt / "real-sdxl.safetensors", sdxl=True, seed=12)
+        out["real-sdxl"] = write_real_checkpoint(ckpt / "real-sdxl.safetensors", sdxl=True, seed=12, device=device)
     if adapters:
         out["lora"] = write_real_lora(models_dir / "lora" / "real-lora-sd15.safetensors", sdxl=False)
         out["controlnet"] = write_real_controlnet(models_dir / "controlnet" / "control_v11p_sd15_canny.safetensors")

@@ -128,7 +128,8 @@ def prepare_init_latents(c: Components, image: Image.Image, width: int, height: 
     pixels = pil_to_tensor(image, width, height).to(c.device)
 
     def encode(vae: Any, dtype: torch.dtype) -> torch.Tensor:
-        return vae.encode(pixels.to(dtype)).latent_dist.mean.to(LATENT_DTYPE) * c.vae_scaling_factor
+        mean: torch.Tensor = vae.encode(pixels.to(dtype)).latent_dist.mean
+        return mean.to(LATENT_DTYPE) * c.vae_scaling_factor
 
     latent = _with_fp32_retry(c, "encode", encode)
     return latent.repeat(batch, 1, 1, 1)
@@ -204,7 +205,10 @@ def build_model_fn(
         extra: dict[str, Any] = {}
         if inputs.control is not None:
             extra = inputs.control(x_cat, t_cat, ehs, added, step_fraction())
-        return c.unet(x_cat, t_cat, encoder_hidden_states=ehs, added_cond_kwargs=added, return_dict=False, **extra)[0]
+        out: torch.Tensor = c.unet(
+            x_cat, t_cat, encoder_hidden_states=ehs, added_cond_kwargs=added, return_dict=False, **extra
+        )[0]
+        return out
 
     def model_fn(x_in: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         if should_cancel is not None and should_cancel():
@@ -238,7 +242,8 @@ def decode_latents(c: Components, latents: torch.Tensor) -> list[Image.Image]:
         scaled = latent.unsqueeze(0) / c.vae_scaling_factor
 
         def decode(vae: Any, dtype: torch.dtype, scaled: torch.Tensor = scaled) -> torch.Tensor:
-            return vae.decode(scaled.to(dtype), return_dict=False)[0]
+            pixels: torch.Tensor = vae.decode(scaled.to(dtype), return_dict=False)[0]
+            return pixels
 
         pixels = _with_fp32_retry(c, "decode", decode)
         arr = ((pixels[0].float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()

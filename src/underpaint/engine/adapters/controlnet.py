@@ -121,7 +121,6 @@ class ControlNetCache:
                 self._models.popitem(last=False)
         return model
 
-
     def clear(self) -> None:
         with self._lock:
             self._models.clear()
