@@ -158,7 +158,7 @@ def write_real_ip_adapter_sd15(ipadapter_dir: Path, dtype: torch.dtype = torch.f
     config = CLIPVisionConfig(**VIT_H_CONFIG)
     with torch.device("meta"):
         encoder = CLIPVisionModelWithProjection(config)
-    config.dtype = str(dtype).removeprefix("torch.")  # type: ignore[attr-defined]
+    config.dtype = str(dtype).removeprefix("torch.")
     config.to_json_file(str(folder / "config.json"))
     shapes = {k: (tuple(v.shape), dtype) for k, v in encoder.state_dict().items()}
     write_random_safetensors(folder / "model.safetensors", shapes, seed + 1)
