@@ -43,7 +43,7 @@ from underpaint.demo import adapters as demo_adapters
 from underpaint.demo.checkpoints import write_demo_models
 from underpaint.engine.adapters.lora import LoraManager
 from underpaint.engine.loader import LoadedCheckpoint, ModelCache, load_checkpoint
-from underpaint.engine.registry import ModelEntry, ModelRegistry
+from underpaint.registry import ModelEntry, ModelRegistry
 
 CHECKPOINTS = ("tiny-sd15.safetensors", "tiny-sdxl.safetensors", "tiny-sd15-diffusers")
 N_SETS = 20

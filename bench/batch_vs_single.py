@@ -24,7 +24,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "src"), str(ROOT / "tests" / "e2e")]
 
-from _server import make_png  # noqa: E402
+from tests.support.server import make_png  # noqa: E402
 
 TARGET = 0.75
 
@@ -45,7 +45,7 @@ def main() -> None:
     from underpaint.config import Settings
     from underpaint.demo.checkpoints import write_demo_models
     from underpaint.engine.executor import DiffusersExecutor
-    from underpaint.engine.registry import ModelRegistry
+    from underpaint.registry import ModelRegistry
     from underpaint.worker.jobs import job_from_payload
 
     torch.set_num_threads(1)  # one intra-op thread, as the service's worker runs

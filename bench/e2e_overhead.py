@@ -33,7 +33,7 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "src"), str(ROOT / "tests" / "e2e")]
 
-from _server import LiveServer, make_png  # noqa: E402
+from tests.support.server import LiveServer, make_png  # noqa: E402
 
 HEADERS = {"Authorization": "Bearer key-a"}
 TARGET = 1.10
@@ -106,7 +106,7 @@ def main() -> None:
     from underpaint.config import Settings
     from underpaint.demo.checkpoints import write_demo_models
     from underpaint.engine.executor import DiffusersExecutor
-    from underpaint.engine.registry import ModelRegistry
+    from underpaint.registry import ModelRegistry
     from underpaint.worker.jobs import job_from_payload
 
     load_before = os.getloadavg()[0]

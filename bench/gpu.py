@@ -54,7 +54,7 @@ from PIL import Image  # noqa: E402
 from underpaint.config import Settings  # noqa: E402
 from underpaint.engine.executor import DiffusersExecutor  # noqa: E402
 from underpaint.engine.job import GenerationJob  # noqa: E402
-from underpaint.engine.registry import ModelRegistry  # noqa: E402
+from underpaint.registry import ModelRegistry  # noqa: E402
 
 PROMPT = "a lighthouse on a cliff at dusk, oil painting, detailed"
 NEGATIVE = "blurry, low quality"
@@ -402,7 +402,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     res = Result()
     if args.dry_run:
-        from underpaint.demo.checkpoints import write_all_demo_models
+        from underpaint.demo.models import write_all_demo_models
 
         models = Path(tempfile.mkdtemp(prefix="gpu-bench-dry-")) / "models"
         write_all_demo_models(models)

@@ -43,7 +43,7 @@ from underpaint.demo import adapters as demo_adapters
 from underpaint.demo.ldm_convert import checkpoint_to_ldm
 from underpaint.engine.adapters.lora import LoraManager
 from underpaint.engine.loader import SD15_CONFIG, load_checkpoint
-from underpaint.engine.registry import ModelRegistry
+from underpaint.registry import ModelRegistry
 
 TARGET = 0.25
 

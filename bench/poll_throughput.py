@@ -49,7 +49,7 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "src"), str(ROOT / "tests" / "e2e")]
 
-from _server import LiveServer, make_png  # noqa: E402
+from tests.support.server import LiveServer, make_png  # noqa: E402
 
 HEADERS = {"Authorization": "Bearer key-a"}
 RPS_TARGET, P99_TARGET_MS, SLOWDOWN_TARGET = 1000.0, 50.0, 0.10

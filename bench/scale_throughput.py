@@ -33,7 +33,7 @@ import redis
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "scale"))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from _cluster import AUTH, ApiNode, Cluster, free_port, png_b64, wait_all
+from tests.support.cluster import AUTH, ApiNode, Cluster, free_port, png_b64, wait_all
 
 PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
 

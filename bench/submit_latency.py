@@ -37,7 +37,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "src"), str(ROOT / "tests" / "e2e")]
 
-from _server import LiveServer  # noqa: E402
+from tests.support.server import LiveServer  # noqa: E402
 
 HEADERS = {"Authorization": "Bearer key-a"}
 P50_TARGET_MS = 30.0

@@ -34,9 +34,10 @@ def _demo_cache_key() -> str:
     import underpaint.demo.checkpoints as demo
     import underpaint.demo.controlnet as demo_controlnet
     import underpaint.demo.ldm_convert as convert
+    import underpaint.demo.models as demo_models
 
     digest = hashlib.sha256()
-    for module in (demo, convert, demo_controlnet, demo_adapters):
+    for module in (demo, convert, demo_controlnet, demo_adapters, demo_models):
         digest.update(Path(str(module.__file__)).read_bytes())
     digest.update(f"{torch.__version__}/{diffusers.__version__}/{transformers.__version__}".encode())
     return digest.hexdigest()[:16]
@@ -44,7 +45,7 @@ def _demo_cache_key() -> str:
 
 def _cached_demo_models() -> Path:
     """Build the tiny models once per code version under ~/.cache/underpaint-test (atomic publish by rename)."""
-    from underpaint.demo.checkpoints import write_all_demo_models
+    from underpaint.demo.models import write_all_demo_models
 
     root = Path(os.environ.get("UNDERPAINT_TEST_CACHE", Path.home() / ".cache" / "underpaint-test"))
     final = root / _demo_cache_key()
@@ -84,8 +85,15 @@ def _deselect_reason(item: pytest.Item) -> str | None:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Deselect (never skip) the tiers this machine cannot or should not run, and say so in the summary: a
+    """Whole-service tests (``tests/e2e``: real servers, SDKs, browsers) are ``slow``, so that
+    ``-m "not slow and not services"`` is a fast tier for everyday work. CI runs every test.
+
+    Deselect (never skip) the tiers this machine cannot or should not run, and say so in the summary: a
     deselected test is not reported as passed or skipped, so nothing hides a failure."""
+    e2e = Path(__file__).parent / "e2e"
+    for item in items:
+        if e2e in Path(str(item.path)).parents:
+            item.add_marker(pytest.mark.slow)
     keep: list[pytest.Item] = []
     dropped: list[pytest.Item] = []
     reasons: dict[str, int] = {}

@@ -57,18 +57,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    from underpaint.scale.celery_worker import run_worker
+    from underpaint.wiring import run_celery_worker
 
     settings = _settings(args)
     try:
-        return run_worker(settings, queues=args.queues, concurrency=args.concurrency, metrics_port=args.metrics_port)
+        return run_celery_worker(settings, args.queues, args.concurrency, args.metrics_port)
     except ValueError as exc:  # bad --queues, --concurrency, broker URL ...: a message, not a traceback
         print(f"underpaint worker: error: {exc}", file=sys.stderr)
         return 2
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    from underpaint.engine.registry import ModelRegistry
+    from underpaint.registry import ModelRegistry
 
     settings = _settings(args)
     registry = ModelRegistry(settings.models_dir)
@@ -93,7 +93,7 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def cmd_demo_models(args: argparse.Namespace) -> int:
-    from underpaint.demo.checkpoints import write_all_demo_models
+    from underpaint.demo.models import write_all_demo_models
 
     written = write_all_demo_models(Path(args.dir))
     for name, path in written.items():

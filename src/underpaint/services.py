@@ -1,27 +1,55 @@
-"""The objects one process needs, built from one ``Settings`` and passed to the API and the workers.
+"""The objects one process shares between its layers, built once from one ``Settings`` by ``wiring.py``.
 
-``build_services`` (in ``underpaint.wiring``) wires concrete backends; tests build a ``Services`` by hand.
+Frozen and typed: every collaborator a caller uses is a named field with a protocol type, so tests build a
+``Services`` with fakes by keyword, and nothing reaches past a protocol.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any
+from collections.abc import Callable, Mapping
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 from underpaint.config import Settings
-from underpaint.engine.registry import ModelRegistry
+from underpaint.registry import ModelRegistry
 from underpaint.storage.base import ImageStorage
-from underpaint.tasks.types import TaskQueue, TaskStore
+from underpaint.storage.urls import ImageUrls
+from underpaint.tasks.types import TaskQueue, TaskStatus, TaskStore
+
+# The readiness checks of ``GET /health``: each value is ``True``/``"ok"`` or a reason it is not ready.
+HealthCheck = Callable[[], Mapping[str, object]]
 
 
-@dataclass
+class WebhookOutbox(Protocol):
+    """What the submit path and the terminal hook use of the webhook sender (``delivery.webhooks``)."""
+
+    def validate_url(self, url: str) -> None:
+        """Raise ``delivery.ssrf.InvalidWebhookUrl`` for a URL this server will not call."""
+
+    def enqueue(self, task_id: str, owner: str, url: str, body: dict[str, Any]) -> None: ...
+
+    def submit_test_event(
+        self, task_id: str, owner: str, status: TaskStatus | str, extra: dict[str, Any], base_url: str
+    ) -> None: ...
+
+
+class Admission(Protocol):
+    """Per-key limits at submit (``api.ratelimit.RateLimiter``): raise a 429 ``ApiError`` when over a limit."""
+
+    def check(self, api_key: str, owner: str, image_num: int) -> None: ...
+
+    def admit(self, api_key: str, owner: str, image_num: int) -> AbstractContextManager[None]: ...
+
+
+@dataclass(frozen=True)
 class Services:
     settings: Settings
     store: TaskStore
     queue: TaskQueue
     registry: ModelRegistry
     storage: ImageStorage
-    # Optional collaborators, filled in by the features that need them (webhooks, rate limits, metrics ...).
-    webhooks: Any = None
-    rate_limiter: Any = None
-    extras: dict[str, Any] = field(default_factory=dict)
+    image_urls: ImageUrls
+    webhooks: WebhookOutbox | None = None
+    rate_limiter: Admission | None = None
+    health: HealthCheck | None = None

@@ -1,24 +1,78 @@
-"""Wiring: one ``Settings`` in, a running service out.
+"""The composition root: one ``Settings`` in, one of three kinds of process out.
 
-``build_services`` picks the backends (SQLite or PostgreSQL store, local or S3 images, local or Celery queue),
-``Service`` adds the in-process worker, webhook sender and retention sweeper, and ``run_server`` serves the API
-with uvicorn. Everything here is assembly; behaviour lives in the modules it wires.
+- ``build_server``: ``underpaint serve``. An API node (``--no-worker``: HTTP, webhook sender, retention sweeper)
+  or the embedded server (the same, plus a worker: a supervised child process by default, a thread with
+  ``worker_process = false``).
+- ``run_worker_child``: the embedded server's worker child process.
+- ``build_celery_worker``: ``underpaint worker``, a Celery worker that generates.
+
+Everything here is assembly; behaviour lives in the modules it wires. The module imports nothing heavy at the
+top: an API node must never load torch (``tests/test_wiring.py`` spawns one and checks), so the engine and Celery
+are imported only inside the builders of the processes that use them.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass, field
-from typing import Any
+import signal
+import threading
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Protocol
 
+from fastapi import FastAPI
+
+from underpaint.api.app import create_app
+from underpaint.api.ratelimit import RateLimiter
 from underpaint.config import Settings
-from underpaint.engine.registry import ModelRegistry
+from underpaint.delivery.signing import make_secret_for
+from underpaint.delivery.webhooks import WebhookDispatcher, result_hook
+from underpaint.registry import ModelRegistry
+from underpaint.scale.metrics import InstrumentedRunner, WorkerEnv, install_metrics
 from underpaint.services import Services
 from underpaint.storage.base import ImageStorage
-from underpaint.tasks.types import TaskQueue
+from underpaint.storage.local import LocalStorage, load_or_create_secret
+from underpaint.storage.urls import ImageUrls
+from underpaint.tasks.lifecycle import RetentionSweeper, TerminalHook, recover_on_start
+from underpaint.tasks.queue import LocalQueue, WakeEvent
+from underpaint.tasks.store import SqlTaskStore
+from underpaint.tasks.types import TaskQueue, owner_of
+from underpaint.worker.loop import TaskRunner, Worker
+from underpaint.worker.process import WorkerProcess, new_wake_event
+
+if TYPE_CHECKING:
+    from underpaint.scale.celery_worker import WorkerContext
 
 log = logging.getLogger(__name__)
+
+
+class Part(Protocol):
+    """A background part of a process: started with it, stopped with it."""
+
+    def start(self) -> None: ...
+
+    def stop(self) -> object: ...
+
+
+@dataclass(frozen=True)
+class Core:
+    """What every kind of process holds: the shared services plus the concrete parts it starts and stops."""
+
+    services: Services
+    store: SqlTaskStore
+    webhooks: WebhookDispatcher
+    on_terminal: TerminalHook
+
+
+def server_secret(settings: Settings) -> bytes:
+    if settings.url_secret:
+        return settings.url_secret.encode()
+    return load_or_create_secret(settings.data_dir)
+
+
+def webhook_secret_for_key(settings: Settings, api_key: str) -> str:
+    """The secret a receiver uses to verify this key's webhook signatures (``whsec_...``)."""
+    return make_secret_for(settings, server_secret(settings), owner_of)(owner_of(api_key))
 
 
 def build_storage(settings: Settings, secret: bytes) -> ImageStorage:
@@ -28,120 +82,158 @@ def build_storage(settings: Settings, secret: bytes) -> ImageStorage:
         if not settings.s3_bucket:
             raise ValueError("storage_backend=s3 needs s3_bucket")
         return S3Storage(settings.s3_bucket, settings.s3_prefix, settings.s3_region, settings.s3_endpoint_url)
-    from underpaint.storage.local import LocalStorage
-
     return LocalStorage(settings.data_dir / "images", secret)
 
 
-def build_queue(settings: Settings) -> TaskQueue:
+def build_queue(settings: Settings, wake: WakeEvent | None = None) -> TaskQueue:
     if settings.queue_backend == "celery":
         from underpaint.scale.celery_queue import CeleryQueue
 
         return CeleryQueue(settings)
-    from underpaint.tasks.queue import LocalQueue
-
-    if settings.run_worker and settings.worker_process:
-        from underpaint.worker.process import wake_event
-
-        return LocalQueue(wake_event())
-    return LocalQueue()
+    return LocalQueue(wake)
 
 
-def server_secret(settings: Settings) -> bytes:
-    from underpaint.storage.local import load_or_create_secret
+def build_image_urls(settings: Settings, storage: ImageStorage) -> ImageUrls:
+    from underpaint.storage.custom import presign_custom
 
-    if settings.url_secret:
-        return settings.url_secret.encode()
-    return load_or_create_secret(settings.data_dir)
-
-
-def webhook_secret_for_key(settings: Settings, api_key: str) -> str:
-    """The secret a receiver uses to verify this key's webhook signatures (``whsec_...``)."""
-    from underpaint.delivery.signing import make_secret_for
-    from underpaint.tasks.types import owner_of
-
-    return make_secret_for(settings, server_secret(settings), owner_of)(owner_of(api_key))
+    return ImageUrls(
+        storage,
+        settings.image_url_ttl,
+        {"custom": lambda image, ttl: presign_custom(image, ttl, settings)},
+    )
 
 
-def build_services(settings: Settings, queue: TaskQueue | None = None) -> Services:
-    from underpaint.api.ratelimit import RateLimiter
-    from underpaint.delivery.webhooks import WebhookDispatcher
-    from underpaint.storage.custom import presign_custom, validate_custom_storage
-    from underpaint.tasks.store import SqlTaskStore
-
+def build_core(settings: Settings, queue: TaskQueue | None = None) -> Core:
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     registry = ModelRegistry(settings.models_dir)
     registry.ensure_layout()
     secret = server_secret(settings)
     store = SqlTaskStore.from_settings(settings)
     storage = build_storage(settings, secret)
+    image_urls = build_image_urls(settings, storage)
+    secret_for = make_secret_for(settings, secret, owner_of)
+    webhooks = WebhookDispatcher(store.engine, settings, secret_for, store=store, storage=storage)
     services = Services(
         settings=settings,
         store=store,
         queue=queue if queue is not None else build_queue(settings),
         registry=registry,
         storage=storage,
+        image_urls=image_urls,
+        webhooks=webhooks,
+        rate_limiter=RateLimiter(settings, store),
     )
-    from underpaint.delivery.signing import make_secret_for
-    from underpaint.tasks.types import owner_of
-
-    secret_for = make_secret_for(settings, secret, owner_of)
-    services.webhooks = WebhookDispatcher(store.engine, settings, secret_for, store=store, storage=storage)
-    services.rate_limiter = RateLimiter(settings, store)
-    services.extras["validate_custom_storage"] = validate_custom_storage
-    services.extras["check_preprocessor"] = lambda name: _preprocessor_problem(name, registry)
-    services.extras["url_resolvers"] = {"custom": lambda image, ttl: presign_custom(image, ttl, settings)}
-    from underpaint.engine.loader import file_sha256
-
-    services.extras["file_hash"] = lambda entry: file_sha256(entry.path)
-    return services
+    return Core(services, store, webhooks, result_hook(webhooks, image_urls))
 
 
-def _preprocessor_problem(name: str | None, registry: ModelRegistry) -> str | None:
-    # Imported on first use: API nodes that never see a ControlNet request never import torch.
-    from underpaint.engine.preprocessors import submit_check
-
-    return submit_check(name, registry.models_dir / "annotator")
+# -- the generating side (imports the engine) ---------------------------------------------------------------
 
 
-@dataclass
-class Service:
-    """A whole process: services plus the background parts this process runs."""
+def build_runner(core: Core) -> InstrumentedRunner:
+    """A task runner on this process's device: executor (model cache, adapters), NSFW detector, image storage;
+    timed into the worker metrics."""
+    from underpaint.engine.executor import DiffusersExecutor
+    from underpaint.safety.nsfw import NsfwDetector
+    from underpaint.worker.runner import GenerationRunner
 
-    services: Services
-    worker: Any = None
-    sweeper: Any = None
-    background: list[Any] = field(default_factory=list)
+    services = core.services
+    executor = DiffusersExecutor(services.settings, services.registry)
+    return InstrumentedRunner(GenerationRunner(services.settings, services.storage, executor, NsfwDetector()))
+
+
+def build_local_worker(core: Core, runner: TaskRunner | None = None) -> Worker:
+    queue = core.services.queue
+    return Worker(
+        core.store,
+        runner if runner is not None else build_runner(core),
+        core.services.settings,
+        queue=queue if isinstance(queue, LocalQueue) else None,
+        on_terminal=core.on_terminal,
+        storage=core.services.storage,
+    )
+
+
+def run_worker_child(settings: Settings, wake: WakeEvent) -> None:
+    """The embedded server's worker child: build the worker, run it until SIGTERM (``WorkerProcess`` calls this
+    in the child, after giving it its environment)."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    core = build_core(settings, queue=LocalQueue(wake))
+    worker = build_local_worker(core)
+    if settings.worker_metrics_port is not None:
+        from prometheus_client import start_http_server
+
+        from underpaint.scale.metrics import serving_registry
+
+        start_http_server(settings.worker_metrics_port, addr=settings.host, registry=serving_registry())
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the whole group; the parent decides
+    worker.start()
+    while not stop.wait(1.0):
+        if not WorkerProcess.parent_alive():
+            break
+    worker.stop()  # finishes the task in hand; a killed child leaves it to recover_on_start
+
+
+def build_celery_worker(settings: Settings, concurrency: int) -> tuple[WorkerContext, Core]:
+    from underpaint.scale.celery_worker import WorkerContext, worker_settings
+
+    core = build_core(worker_settings(settings))
+    runners = [build_runner(core) for _ in range(concurrency)]
+    return WorkerContext(core.services, core.store.engine, runners, core.on_terminal), core
+
+
+def run_celery_worker(settings: Settings, queues: str, concurrency: int, metrics_port: int | None = None) -> int:
+    """``underpaint worker``: ``ValueError`` for bad arguments, else consume until SIGTERM; the exit code."""
+    from underpaint.scale.celery_worker import check_worker_args, run_worker
+
+    names = check_worker_args(queues, concurrency)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    ctx, core = build_celery_worker(settings, concurrency)
+    return run_worker(ctx, names, core.webhooks, metrics_port=metrics_port)
+
+
+# -- the HTTP side --------------------------------------------------------------------------------------------
+
+
+class Server:
+    """``underpaint serve``: the ASGI app plus the background parts this process runs."""
+
+    def __init__(self, core: Core, app: FastAPI, worker_env: WorkerEnv) -> None:
+        self.core = core
+        self.app = app
+        self.worker_env = worker_env
+        self.worker: Part | None = None
+        self.sweeper: RetentionSweeper | None = None
 
     def start(self) -> None:
-        from underpaint.tasks.lifecycle import RetentionSweeper, recover_on_start
-
-        s = self.services.settings
-        if s.run_worker and s.queue_backend == "local":
-            hook = on_terminal_hook(self.services)
-
-            def recover() -> None:
-                recover_on_start(self.services.store, on_terminal=hook, queue=self.services.queue)
-
-            recover()
-            if s.worker_process:
-                from underpaint.tasks.queue import LocalQueue
-                from underpaint.worker.process import WorkerProcess
-
-                assert isinstance(self.services.queue, LocalQueue)
-                env = self.services.extras.get("worker_env") or {}
-                self.worker = WorkerProcess(s, self.services.queue.event, on_child_death=recover, env=env)
+        services, settings = self.core.services, self.core.services.settings
+        if settings.run_worker and settings.queue_backend == "local":
+            self.recover()
+            queue = services.queue
+            if settings.worker_process and isinstance(queue, LocalQueue):
+                self.worker = WorkerProcess(
+                    f"{__name__}:{run_worker_child.__name__}",
+                    settings,
+                    queue.event,
+                    on_child_death=self.recover,
+                    env=self.worker_env,
+                )
             else:
-                self.worker = build_local_worker(self.services)
+                self.worker = build_local_worker(self.core)
             self.worker.start()
-        self.services.webhooks.start()
+        self.core.webhooks.start()
         self.sweeper = RetentionSweeper(
-            self.services.store, self.services.storage, s.retention_seconds, also_purge=[self.services.webhooks.purge]
+            self.core.store, services.storage, settings.retention_seconds, also_purge=[self.core.webhooks.purge]
         )
         self.sweeper.start()
 
+    def recover(self) -> None:
+        recover_on_start(self.core.store, on_terminal=self.core.on_terminal, queue=self.core.services.queue)
+
     def stop(self) -> None:
-        for part in (self.worker, self.sweeper, self.services.webhooks):
+        parts: list[Part | None] = [self.worker, self.sweeper, self.core.webhooks]
+        for part in parts:
             if part is not None:
                 try:
                     part.stop()
@@ -149,65 +241,34 @@ class Service:
                     log.exception("error while stopping %s", type(part).__name__)
 
 
-def build_runner(services: Services) -> Any:
-    from underpaint.engine.executor import DiffusersExecutor
-    from underpaint.safety.nsfw import NsfwDetector
-    from underpaint.worker.runner import GenerationRunner
+def build_server(settings: Settings) -> Server:
+    """The API node or the embedded server, as ``settings`` say (``run_worker``, ``queue_backend``)."""
+    embedded = settings.run_worker and settings.queue_backend == "local"
+    wake = new_wake_event() if embedded and settings.worker_process else None
+    core = build_core(settings, queue=build_queue(settings, wake))
+    services = core.services
+    probe = None
+    if settings.queue_backend == "celery":
+        from underpaint.scale.broker import BrokerProbe
 
-    executor = DiffusersExecutor(services.settings, services.registry)
-    return GenerationRunner(services, executor, NsfwDetector())
-
-
-def on_terminal_hook(services: Services) -> Any:
-    """After SUCCEED/FAILED: queue the webhook (if any) with the same body task-result returns."""
-    from underpaint.api.serialize import task_result_body, url_resolver
-
-    def hook(task: Any) -> None:
-        url = ((task.extra or {}).get("webhook") or {}).get("url")
-        if not url or services.webhooks is None:
-            return
-        base_url = task.extra.get("_base_url", "")
-        body = task_result_body(task, url_resolver(services, base_url), services.settings.image_url_ttl)
-        services.webhooks.enqueue(task.task_id, task.owner, url, body)
-
-    return hook
-
-
-def build_local_worker(services: Services) -> Any:
-    from underpaint.scale.metrics import InstrumentedRunner
-    from underpaint.tasks.queue import LocalQueue
-    from underpaint.worker.loop import Worker
-
-    runner = InstrumentedRunner(build_runner(services))  # generation seconds and model loads for /metrics
-    services.extras["runners"] = [runner]
-    queue = services.queue
-    return Worker(
-        services.store,
-        runner,
-        services.settings,
-        queue=queue if isinstance(queue, LocalQueue) else None,
-        on_terminal=on_terminal_hook(services),
-        storage=services.storage,
-    )
-
-
-def create_service(settings: Settings) -> tuple[Service, Any]:
-    from underpaint.api.app import create_app
-    from underpaint.scale.metrics import install_metrics
-
-    service = Service(build_services(settings))
-    app = create_app(service.services)
-    install_metrics(app, service.services)
-    app.router.on_startup.append(service.start)
-    app.router.on_shutdown.append(service.stop)
-    return service, app
+        probe = BrokerProbe(services, core.store.engine)
+        services = replace(services, health=probe.health)
+        core = replace(core, services=services)
+    app = create_app(services)
+    worker_env = install_metrics(app, services, core.store.engine, probe)
+    server = Server(core, app, worker_env)
+    app.router.on_startup.append(server.start)
+    app.router.on_shutdown.append(server.stop)
+    return server
 
 
 def run_server(settings: Settings) -> None:
     import uvicorn
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    _, app = create_service(settings)
+    server = build_server(settings)
     # With JSON logs, uvicorn's own loggers go through the root handler too (log_config=None).
-    log_config: Any = None if settings.log_format == "json" else uvicorn.config.LOGGING_CONFIG
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level="info", access_log=False, log_config=log_config)
+    log_config = None if settings.log_format == "json" else uvicorn.config.LOGGING_CONFIG
+    uvicorn.run(
+        server.app, host=settings.host, port=settings.port, log_level="info", access_log=False, log_config=log_config
+    )

@@ -1,4 +1,4 @@
-"""Fixtures of the API tests; the plain helpers live in api_support.py (a conftest is not importable by name)."""
+"""Fixtures of the API tests; the plain helpers live in tests/support/api.py."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from api_support import (
+from fastapi.testclient import TestClient
+from tests.support.api import (
     KEY_A,
     auth,
     b64,
@@ -16,7 +17,6 @@ from api_support import (
     make_services,
     write_models,
 )
-from fastapi.testclient import TestClient
 
 from underpaint.api.app import create_app
 from underpaint.services import Services

@@ -11,11 +11,11 @@ import zlib
 
 import numpy as np
 import pytest
-from api_support import b64, image_bytes
 from PIL import Image
+from tests.support.api import b64, image_bytes
 
-from underpaint.api.errors import ApiError
-from underpaint.api.images import decode_base64, decode_image
+from underpaint.wire.errors import ApiError
+from underpaint.wire.images import decode_base64, decode_image
 
 
 def png_chunk(kind: bytes, data: bytes) -> bytes:
@@ -33,7 +33,7 @@ def raw_png(width: int, height: int, bit_depth: int, color_type: int, rows: byte
 
 
 def bomb_png(width: int, height: int) -> bytes:
-    """A valid PNG header claiming width×height, with one row of data (a decompression bomb's shape)."""
+    """A valid PNG header claiming widthxheight, with one row of data (a decompression bomb's shape)."""
     return raw_png(width, height, 8, 0, b"\0" * (width + 1))
 
 

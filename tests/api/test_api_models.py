@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import hashlib
 import io
 import socket
 import threading
@@ -12,12 +13,11 @@ from typing import Any
 
 import pytest
 import uvicorn
-from api_support import KEY_A, MODEL_COUNT, auth, image_bytes, make_services
 from novita_client import NovitaClient
 from PIL import Image
+from tests.support.api import KEY_A, MODEL_COUNT, auth, image_bytes, make_services
 
 from underpaint.api.app import create_app
-from underpaint.engine.registry import ModelEntry
 from underpaint.services import Services
 from underpaint.storage.local import image_key
 from underpaint.tasks.types import ImageRecord
@@ -39,8 +39,9 @@ def test_unfiltered_lists_everything_once(client):
     assert data["pagination"] == {"next_cursor": ""}
 
 
-def test_model_fields(client):
+def test_model_fields(client, models_dir):
     (lora,) = models(client, "filter.types=lora&filter.query=add_detail")["models"]
+    sha256 = hashlib.sha256((models_dir / "lora" / "add_detail.safetensors").read_bytes()).hexdigest()
     assert lora == {
         "id": lora["id"],
         "name": "add_detail",
@@ -48,7 +49,7 @@ def test_model_fields(client):
         "sd_name_in_api": "add_detail",
         "type": {"name": "lora", "display_name": "LoRA"},
         "status": 1,
-        "hash_sha256": "",
+        "hash_sha256": sha256,
         "categories": [],
         "tags": [],
         "cover_url": "",
@@ -144,12 +145,13 @@ def test_pagination_walk(client):
     assert models(client, "pagination.cursor=c_1000")["models"] == []
 
 
-def test_file_hash_hook(services):
+def test_hash_is_the_files_sha256(services, models_dir):
     from fastapi.testclient import TestClient
 
-    services.extras["file_hash"] = lambda entry: "ab" * 32 if isinstance(entry, ModelEntry) else ""
     data = TestClient(create_app(services)).get("/v3/model?filter.types=vae", headers=auth()).json()
-    assert data["models"][0]["hash_sha256"] == "ab" * 32
+    (model,) = data["models"]
+    expected = hashlib.sha256((models_dir / "vae" / "vae-ft-mse-840000.safetensors").read_bytes()).hexdigest()
+    assert model["hash_sha256"] == expected
 
 
 # --- live server + official Python SDK ----------------------------------------------------------------------------
@@ -188,9 +190,8 @@ def free_port() -> int:
 
 @pytest.fixture
 def live(models_dir, tmp_path) -> Iterator[tuple[str, Services]]:
-    services = make_services(models_dir, tmp_path)
     queue = CompletingQueue()
-    services.queue = queue
+    services = make_services(models_dir, tmp_path, queue=queue)
     queue.services = services
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(create_app(services), host="127.0.0.1", port=port, log_level="warning"))

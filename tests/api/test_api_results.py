@@ -5,18 +5,20 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
-from api_support import KEY_A, KEY_B, auth, make_services, task_count
 from fastapi.testclient import TestClient
+from tests.support.api import KEY_A, KEY_B, auth, body, make_services, task_count
 
 from underpaint.api.app import create_app
-from underpaint.api.errors import ApiError, invalid_custom_output_path, rate_limited
+from underpaint.delivery.ssrf import InvalidWebhookUrl
 from underpaint.engine.job import JobError
 from underpaint.storage.local import image_key
 from underpaint.tasks.types import ImageRecord, NsfwResult, TaskStatus, owner_of
+from underpaint.wire.errors import rate_limited
 from underpaint.worker.jobs import job_from_payload
 
 RESULT = "/v3/async/task-result"
@@ -207,8 +209,12 @@ def test_path_traversal_in_file_route(client, services, tmp_path):
 
 
 def test_public_base_url_and_other_backends(models_dir, tmp_path):
-    services = make_services(models_dir, tmp_path, public_base_url="https://img.example.com/")
-    services.extras["url_resolvers"] = {"s3": lambda image, ttl: f"https://s3.example/{image.key}?ttl={ttl}"}
+    services = make_services(
+        models_dir,
+        tmp_path,
+        public_base_url="https://img.example.com/",
+        presigners={"s3": lambda image, ttl: f"https://s3.example/{image.key}?ttl={ttl}"},
+    )
     client = TestClient(create_app(services), raise_server_exceptions=False)
     task_id = client.post("/v3/async/img2img", json={"request": _minimal()}, headers=auth()).json()["task_id"]
     finish(services, task_id, [ImageRecord(f"{task_id}/a.png", "png"), ImageRecord("k/b.webp", "webp", backend="s3")])
@@ -219,7 +225,7 @@ def test_public_base_url_and_other_backends(models_dir, tmp_path):
 
 
 def _minimal() -> dict[str, Any]:
-    from api_support import b64, image_bytes
+    from tests.support.api import b64, image_bytes
 
     return {"model_name": "dreamshaper_8", "image_base64": b64(image_bytes()), "prompt": "p"}
 
@@ -313,18 +319,24 @@ class Limiter:
         self.tasks_inside_admit.append(task_count(self.services) - before)
 
 
-def test_rate_limiter_called_and_429(submit, services):
-    services.rate_limiter = limiter = Limiter(True)
+def test_rate_limiter_called_and_429(models_dir, tmp_path, png_b64):
+    limiter = Limiter(True)
+    services = make_services(models_dir, tmp_path, rate_limiter=limiter)
     limiter.services = services
+    client = TestClient(create_app(services), raise_server_exceptions=False)
+
+    def submit(image: str = png_b64, **request: Any) -> Any:
+        return client.post("/v3/async/img2img", json=body(image, **request), headers=auth())
+
     assert submit(image_num=3).status_code == 200
     assert limiter.calls == [(KEY_A, owner_of(KEY_A), 3)]
     assert limiter.tasks_inside_admit == [1]  # the task was created while admitted
-    services.rate_limiter = Limiter(False)
+    limiter.allow = False
     r = submit(image="not-even-an-image")  # rate limit is checked before images are decoded
     assert r.status_code == 429
     assert r.json()["reason"] == "RATE_LIMIT_EXCEEDED"
     assert r.headers["retry-after"] == "12"
-    services.rate_limiter = Limiter(True, admit_allows=False)
+    limiter.allow, limiter.admit_allows = True, False
     r = submit()
     assert r.status_code == 429
     assert r.headers["retry-after"] == "3"
@@ -338,28 +350,41 @@ class Webhooks:
 
     def validate_url(self, url: str) -> None:
         if "127.0.0.1" in url:
-            raise ApiError(400, "INVALID_REQUEST_BODY", "extra.webhook.url: private address refused")
+            raise InvalidWebhookUrl("extra.webhook.url: private address refused", url=url)
         self.validated.append(url)
+
+    def enqueue(self, task_id: str, owner: str, url: str, body: dict[str, Any]) -> None:
+        raise AssertionError("the API never enqueues deliveries itself")
 
     def submit_test_event(self, **kwargs: Any) -> None:
         self.events.append(kwargs)
 
 
-def test_webhook_validation_and_test_mode(submit, services):
+def test_webhooks_disabled(submit):
     r = submit(extra={"webhook": {"url": "https://hook.example/x"}})
     assert r.status_code == 400
     assert "not enabled" in r.json()["message"]
-    services.webhooks = Webhooks()
+
+
+def test_webhook_validation_and_test_mode(models_dir, tmp_path, png_b64):
+    webhooks = Webhooks()
+    services = make_services(models_dir, tmp_path, webhooks=webhooks)
+    client = TestClient(create_app(services), raise_server_exceptions=False)
+
+    def submit(extra: Any) -> Any:
+        return client.post("/v3/async/img2img", json={**body(png_b64), "extra": extra}, headers=auth())
+
     r = submit(extra={"webhook": {"url": "http://127.0.0.1:9/x"}})
     assert r.status_code == 400
+    assert r.json()["metadata"] == {"url": "http://127.0.0.1:9/x"}
     assert task_count(services) == 0
     task_id = submit(extra={"webhook": {"url": "https://hook.example/x"}}).json()["task_id"]
     assert services.queue.items[-1][0] == task_id
-    assert not services.webhooks.events
+    assert not webhooks.events
     assert services.store.get(task_id).extra["webhook"] == {"url": "https://hook.example/x"}
     mode = {"enabled": True, "return_task_status": "TASK_STATUS_FAILED"}
     task_id = submit(extra={"webhook": {"url": "https://hook.example/y", "test_mode": mode}}).json()["task_id"]
-    (event,) = services.webhooks.events
+    (event,) = webhooks.events
     assert event["task_id"] == task_id
     assert event["status"] == "TASK_STATUS_FAILED"
     assert event["base_url"] == "http://testserver"
@@ -367,37 +392,28 @@ def test_webhook_validation_and_test_mode(submit, services):
     assert task_id not in [t for t, _ in services.queue.items]
 
 
-def test_custom_storage_validator(submit, services):
-    seen: list[dict[str, Any]] = []
-
-    def validate(custom_storage: dict[str, Any]) -> None:
-        seen.append(custom_storage)
-        if custom_storage["aws_s3"]["bucket"] == "bad":
-            raise invalid_custom_output_path("bucket not allowed")
-
-    services.extras["validate_custom_storage"] = validate
+def test_custom_storage_is_checked_at_submit(submit, services):
     s3 = {"region": "us-east-1", "bucket": "mine", "path": "out/"}
     assert submit(extra={"custom_storage": {"aws_s3": s3}}).status_code == 200
-    assert seen == [{"aws_s3": s3 | {"save_to_path_directly": False}}]
     assert submit(extra={"custom_storage": {}}).status_code == 200
-    assert len(seen) == 1
-    r = submit(extra={"custom_storage": {"aws_s3": s3 | {"bucket": "bad"}}})
+    r = submit(extra={"custom_storage": {"aws_s3": s3 | {"bucket": "Not A Bucket!"}}})
     assert r.status_code == 400
     assert r.json()["reason"] == "INVALID_CUSTOM_OUTPUT_PATH"
+    assert r.json()["metadata"] == {"bucket": "Not A Bucket!"}
+    assert task_count(services) == 2
 
 
 def test_health(client, services):
     assert client.get("/health").json() == {"status": "ok"}
-    services.extras["health"] = lambda: {"store": "ok", "broker": True}
-    app = create_app(services)
-    with TestClient(app) as c:
+    ready = replace(services, health=lambda: {"store": "ok", "broker": True})
+    with TestClient(create_app(ready)) as c:
         r = c.get("/health")
         assert r.status_code == 200
         assert r.json()["checks"] == {"store": "ok", "broker": True}
-        services.extras["health"] = lambda: {"store": "ok", "broker": "connection refused"}
-        r = TestClient(create_app(services)).get("/health")
-        assert r.status_code == 503
-        assert r.json()["status"] == "unavailable"
+    down = replace(services, health=lambda: {"store": "ok", "broker": "connection refused"})
+    r = TestClient(create_app(down)).get("/health")
+    assert r.status_code == 503
+    assert r.json()["status"] == "unavailable"
 
 
 # --- jobs ------------------------------------------------------------------------------------------------------
@@ -447,11 +463,9 @@ def test_job_from_bad_payload_raises_job_error(submit, services):
 def test_with_the_real_rate_limiter_and_custom_storage_check(models_dir, tmp_path, png_b64):
     from underpaint.api.ratelimit import RateLimiter
     from underpaint.config import KeyPolicy
-    from underpaint.storage.custom import validate_custom_storage
 
-    services = make_services(models_dir, tmp_path, key_policies={KEY_A: KeyPolicy(images_per_minute=3)})
-    services.rate_limiter = RateLimiter(services.settings, services.store)
-    services.extras["validate_custom_storage"] = validate_custom_storage
+    plain = make_services(models_dir, tmp_path, key_policies={KEY_A: KeyPolicy(images_per_minute=3)})
+    services = replace(plain, rate_limiter=RateLimiter(plain.settings, plain.store))
     client = TestClient(create_app(services))
     req = {"model_name": "dreamshaper_8", "image_base64": png_b64, "prompt": "p", "image_num": 2}
 

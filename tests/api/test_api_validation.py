@@ -5,7 +5,11 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from api_support import KEY_A, auth
+from fastapi.testclient import TestClient
+from tests.support.api import KEY_A, auth, body, make_services, write_models
+
+from underpaint.api.app import create_app
+from underpaint.vocabulary import PREPROCESSOR_FILES, PREPROCESSOR_NAMES, PreprocessorName
 
 PY_SDK_EXTRA = {
     "response_image_type": "jpeg",
@@ -270,19 +274,43 @@ def _unit(image: str, **kw: Any) -> dict[str, Any]:
 
 @pytest.mark.parametrize(
     ("preprocessor", "stored_as"),
-    [("canny", "canny"), ("softedge_hed", "softedge_hed"), ("normal_map", "normal_map"), ("none", None),
-     (None, None), ("Depth_Leres++", "depth_leres++"), ("tile_colorfix+sharp", "tile_colorfix+sharp")],
-)  # fmt: skip
-def test_preprocessors(submit, services, png_b64, preprocessor, stored_as):
+    [("canny", "canny"), (" Shuffle", "shuffle"), ("binary", "binary"), ("none", None), (None, None)],
+)
+def test_weight_free_preprocessors(submit, services, png_b64, preprocessor, stored_as):
     payload, _ = stored(services, submit(controlnet={"units": [_unit(png_b64, preprocessor=preprocessor)]}))
     unit = payload["controlnet"]["units"][0]
     assert unit["preprocessor"] == stored_as
     assert (unit["strength"], unit["guidance_start"], unit["guidance_end"]) == (1.0, 0.0, 1.0)
 
 
-def test_unknown_preprocessor(submit, png_b64):
-    r = submit(controlnet={"units": [_unit(png_b64, preprocessor="magic")]})
+@pytest.mark.parametrize("name", ["magic", "tile_colorfix+sharp", "segmentation", "reference_only", "inpaint"])
+def test_preprocessors_this_server_does_not_run_are_refused(submit, png_b64, name):
+    r = submit(controlnet={"units": [_unit(png_b64, preprocessor=name)]})
     _check(r, "request.controlnet.units[0].preprocessor")
+    message = r.json()["message"]
+    assert f"unknown preprocessor '{name}'" in message
+    assert all(known in message for known in PREPROCESSOR_NAMES)
+
+
+@pytest.mark.parametrize(("name", "stored_as"), [("softedge_hed", "softedge_hed"), ("Depth_Leres++", "depth_leres++")])
+def test_network_preprocessors_need_their_weights(tmp_path, png_b64, name, stored_as):
+    models = write_models(tmp_path / "models")
+    services = make_services(models, tmp_path)
+    client = TestClient(create_app(services))
+
+    def post() -> Any:
+        units = [_unit(png_b64, preprocessor=name)]
+        return client.post("/v3/async/img2img", json=body(png_b64, controlnet={"units": units}), headers=auth())
+
+    r = post()
+    _check(r, "request.controlnet.units[0].preprocessor")
+    files = PREPROCESSOR_FILES[PreprocessorName(stored_as)]
+    assert all(f in r.json()["message"] for f in files)
+    (models / "annotator").mkdir(exist_ok=True)
+    for f in files:
+        (models / "annotator" / f).write_bytes(b"weights")
+    payload, _ = stored(services, post())
+    assert payload["controlnet"]["units"][0]["preprocessor"] == stored_as
 
 
 @pytest.mark.parametrize(
@@ -426,7 +454,7 @@ def test_enterprise_plan_routes_to_dedicated_lane(submit, services):
 
 
 def test_enterprise_plan_without_dedicated_lane_uses_default(submit, services):
-    from api_support import KEY_B
+    from tests.support.api import KEY_B
 
     _, record = stored(services, submit(extra={"enterprise_plan": {"enabled": True}}, key=KEY_B))
     assert services.queue.items[-1] == (record.task_id, "sd15")

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from underpaint.api.errors import ApiError
 from underpaint.api.ratelimit import RateLimiter
 from underpaint.config import KeyPolicy, Settings
+from underpaint.wire.errors import ApiError
 
 
 @dataclass

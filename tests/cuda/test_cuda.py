@@ -14,8 +14,8 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from tests.support.adapter_task import adapter_request, png_b64, service
 
-from adapter_task import adapter_request, png_b64, service
 from underpaint.engine import pipeline
 
 pytestmark = pytest.mark.cuda

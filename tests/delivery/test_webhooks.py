@@ -12,18 +12,18 @@ from typing import Any
 
 import pytest
 from PIL import Image
+from tests.support.services import postgres_schema_url
+from tests.support.webhook_receiver import Receiver, running_receiver, wait_for
 
-from service_fixtures import postgres_schema_url
-from underpaint.api.errors import ApiError
-from underpaint.api.serialize import task_result_body
 from underpaint.config import KeyPolicy, Settings
 from underpaint.delivery import ssrf
 from underpaint.delivery.sample_event import FAILED_REASON
 from underpaint.delivery.signing import derive_secret, make_secret_for, normalize_secret, sign, verify
+from underpaint.delivery.ssrf import InvalidWebhookUrl
 from underpaint.delivery.webhooks import DELIVERED, FAILED, PENDING, WebhookDispatcher
 from underpaint.tasks.store import SqlTaskStore
 from underpaint.tasks.types import NewTask, TaskStatus
-from webhook_receiver import Receiver, running_receiver, wait_for
+from underpaint.wire.result import task_result_body
 
 SERVER_SECRET = b"test-server-secret"
 OWNER = "owner-hash-1"
@@ -289,7 +289,7 @@ def test_validate_url_uses_the_allowlist(db_url: str) -> None:
     open_ = WebhookDispatcher(db_url, settings(), secret_for)
     open_.validate_url("http://127.0.0.1:9/hook")
     closed = WebhookDispatcher(db_url, settings(webhook_allow_hosts=()), secret_for)
-    with pytest.raises(ApiError, match="loopback"):
+    with pytest.raises(InvalidWebhookUrl, match="loopback"):
         closed.validate_url("http://127.0.0.1:9/hook")
 
 

@@ -13,17 +13,18 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 from safetensors.numpy import save_file
+from tests.support.webhook_receiver import Receiver, wait_for
 
 from underpaint.api.app import create_app
 from underpaint.config import Settings
 from underpaint.delivery.signing import derive_secret, verify
 from underpaint.delivery.webhooks import DELIVERED, WebhookDispatcher
-from underpaint.engine.registry import ModelRegistry
+from underpaint.registry import ModelRegistry
 from underpaint.services import Services
 from underpaint.storage.local import LocalStorage
+from underpaint.storage.urls import ImageUrls
 from underpaint.tasks.store import SqlTaskStore
 from underpaint.tasks.types import owner_of
-from webhook_receiver import Receiver, wait_for
 
 KEY = "key-webhooks-0123456789"
 SERVER_SECRET = b"e2e-server-secret"
@@ -38,7 +39,7 @@ class ListQueue:
 
 
 @pytest.fixture
-def app_and_services(tmp_path: Path) -> Iterator[tuple[TestClient, Services, ListQueue]]:
+def app_and_services(tmp_path: Path) -> Iterator[tuple[TestClient, Services, ListQueue, WebhookDispatcher]]:
     checkpoint = tmp_path / "models" / "checkpoint" / "tiny_sd15.safetensors"
     checkpoint.parent.mkdir(parents=True)
     save_file({"model.diffusion_model.input_blocks.0.0.weight": np.zeros(1, dtype=np.float32)}, str(checkpoint))
@@ -53,15 +54,18 @@ def app_and_services(tmp_path: Path) -> Iterator[tuple[TestClient, Services, Lis
     store = SqlTaskStore(url)
     storage = LocalStorage(tmp_path / "images", SERVER_SECRET)
     queue = ListQueue()
-    services = Services(settings, store, queue, ModelRegistry(settings.models_dir), storage)
-    services.webhooks = WebhookDispatcher(
+    webhooks = WebhookDispatcher(
         url, settings, lambda owner: derive_secret(SERVER_SECRET, owner), store=store, storage=storage,
         poll_interval=0.05,
     )  # fmt: skip
-    services.webhooks.start()
+    services = Services(
+        settings, store, queue, ModelRegistry(settings.models_dir), storage,
+        ImageUrls(storage, settings.image_url_ttl), webhooks=webhooks,
+    )  # fmt: skip
+    webhooks.start()
     with TestClient(create_app(services), raise_server_exceptions=False) as client:
-        yield client, services, queue
-    services.webhooks.close()
+        yield client, services, queue, webhooks
+    webhooks.close()
     store.close()
 
 
@@ -79,15 +83,15 @@ def _submit(client: TestClient, extra: dict[str, object]) -> dict[str, object]:
 
 @pytest.mark.parametrize("status", ["TASK_STATUS_SUCCEED", "TASK_STATUS_FAILED"])
 def test_test_mode_event_equals_the_polled_task_result(
-    app_and_services: tuple[TestClient, Services, ListQueue], receiver: Receiver, status: str
+    app_and_services: tuple[TestClient, Services, ListQueue, WebhookDispatcher], receiver: Receiver, status: str
 ) -> None:
-    client, services, queue = app_and_services
+    client, services, queue, webhooks = app_and_services
     webhook = {"url": receiver.url, "test_mode": {"enabled": True, "return_task_status": status}}
     submitted = _submit(client, {"webhook": webhook})
     assert submitted["_status"] == 200, submitted
     task_id = str(submitted["task_id"])
     assert queue.items == []  # test mode runs no generation
-    assert wait_for(lambda: services.webhooks.deliveries(task_id)[0].status == DELIVERED)
+    assert wait_for(lambda: webhooks.deliveries(task_id)[0].status == DELIVERED)
     got = receiver.requests[0]
     assert verify(got.body, got.headers, derive_secret(SERVER_SECRET, owner_of(KEY)))
     event = json.loads(got.body)
@@ -107,8 +111,10 @@ def test_test_mode_event_equals_the_polled_task_result(
         assert payload["task"]["reason"]
 
 
-def test_submit_refuses_internal_webhook_targets(app_and_services: tuple[TestClient, Services, ListQueue]) -> None:
-    client, _services, queue = app_and_services
+def test_submit_refuses_internal_webhook_targets(
+    app_and_services: tuple[TestClient, Services, ListQueue, WebhookDispatcher],
+) -> None:
+    client, _services, queue, _webhooks = app_and_services
     for url in ("http://10.1.2.3/hook", "http://169.254.169.254/latest/meta-data", "file:///etc/passwd"):
         refused = _submit(client, {"webhook": {"url": url}})
         assert refused["_status"] == 400 and refused["reason"] == "INVALID_REQUEST_BODY", refused

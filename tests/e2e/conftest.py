@@ -5,7 +5,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from _server import LiveServer, make_png
+from tests.support.server import LiveServer, make_png
 
 
 @pytest.fixture

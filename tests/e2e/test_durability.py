@@ -6,7 +6,7 @@ import time
 from pathlib import Path
 
 import httpx
-from _server import LiveServer
+from tests.support.server import LiveServer
 
 AUTH = {"Authorization": "Bearer key-a"}
 

@@ -10,14 +10,14 @@ from typing import Any
 
 import numpy as np
 import pytest
-from _server import make_png
 from fastapi.testclient import TestClient
 from PIL import Image
+from tests.support.server import make_png
 
 from underpaint.api.app import create_app
 from underpaint.config import Settings
 from underpaint.engine.metadata import read_infotext
-from underpaint.wiring import build_local_worker, build_services
+from underpaint.wiring import build_core, build_local_worker
 
 A = {"Authorization": "Bearer key-a"}
 
@@ -76,10 +76,10 @@ def stack(tmp_path_factory: pytest.TempPathFactory, tiny_models_dir: Path) -> It
         run_worker=False,
         public_base_url="http://testserver",
     )
-    services = build_services(settings)
-    worker = build_local_worker(services)
-    with TestClient(create_app(services)) as client:
-        yield Stack(client, worker, services)
+    core = build_core(settings)
+    worker = build_local_worker(core)
+    with TestClient(create_app(core.services)) as client:
+        yield Stack(client, worker, core.services)
 
 
 def pixels(data: bytes) -> np.ndarray:

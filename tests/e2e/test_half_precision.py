@@ -15,8 +15,8 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from tests.support.adapter_task import adapter_request, service
 
-from adapter_task import adapter_request, service
 from underpaint.engine import pipeline
 
 pytestmark = pytest.mark.dtype

@@ -12,26 +12,25 @@ from typing import Any
 
 import pytest
 import torch
-from _server import make_png
 from fastapi.testclient import TestClient
 from PIL import Image
+from tests.support.server import make_png
 
 from underpaint.api.app import create_app
 from underpaint.config import Settings
+from underpaint.engine.executor import DiffusersExecutor
 from underpaint.engine.job import GenerationJob, LoraSpec
 from underpaint.engine.memory import OutOfMemory
-from underpaint.wiring import build_local_worker, build_services
+from underpaint.wiring import build_core, build_local_worker
+from underpaint.worker.loop import Worker
+from underpaint.worker.runner import GenerationRunner
 
 A = {"Authorization": "Bearer key-a"}
 
 
 class _Stack:
-    def __init__(self, client: TestClient, worker: Any) -> None:
-        self.client, self.worker = client, worker
-
-    @property
-    def executor(self) -> Any:
-        return self.worker.runner.executor
+    def __init__(self, client: TestClient, worker: Worker, executor: DiffusersExecutor) -> None:
+        self.client, self.worker, self.executor = client, worker, executor
 
     def submit(self, **extra: Any) -> str:
         request = {
@@ -66,9 +65,11 @@ def stack(tmp_path_factory: pytest.TempPathFactory, tiny_models_dir: Path) -> It
         run_worker=False,
         public_base_url="http://testserver",
     )
-    services = build_services(settings)
-    with TestClient(create_app(services)) as client:
-        yield _Stack(client, build_local_worker(services))
+    core = build_core(settings)
+    executor = DiffusersExecutor(settings, core.services.registry)
+    worker = build_local_worker(core, GenerationRunner(settings, core.services.storage, executor))
+    with TestClient(create_app(core.services)) as client:
+        yield _Stack(client, worker, executor)
 
 
 def _fail_next_unet_call(executor: Any, monkeypatch: pytest.MonkeyPatch) -> list[int]:

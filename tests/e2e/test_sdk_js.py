@@ -7,7 +7,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from _server import LiveServer
+from tests.support.server import LiveServer
 
 JS_DIR = Path(__file__).resolve().parents[1] / "js"
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 import base64
 import io
 
-from _server import LiveServer, make_png
 from novita_client import NovitaClient
 from novita_client.exceptions import NovitaResponseError
 from PIL import Image
+from tests.support.server import LiveServer, make_png
 
 
 def test_img2img_v3_and_wait_for_task(live_server: LiveServer) -> None:

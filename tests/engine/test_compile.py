@@ -22,7 +22,7 @@ from underpaint.demo import adapters as demo
 from underpaint.engine import speed
 from underpaint.engine.executor import DiffusersExecutor
 from underpaint.engine.job import GenerationJob, LoraSpec
-from underpaint.engine.registry import ModelRegistry
+from underpaint.registry import ModelRegistry
 
 pytestmark = pytest.mark.slow
 

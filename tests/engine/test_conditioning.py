@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import _tiny_text as tiny
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+from tests.support import tiny_text as tiny
 from torch.testing import assert_close
 
 from underpaint.engine.conditioning import (

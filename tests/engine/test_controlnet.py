@@ -22,8 +22,8 @@ from underpaint.engine.conditioning import TextEncoderBundle
 from underpaint.engine.job import ControlNetUnitSpec, JobError
 from underpaint.engine.loader import LoadedCheckpoint, load_checkpoint
 from underpaint.engine.pipeline import Components, PipelineInputs, generate
-from underpaint.engine.registry import ModelEntry, ModelRegistry
 from underpaint.engine.samplers import DiscreteSchedule
+from underpaint.registry import ModelEntry, ModelRegistry
 
 CPU = torch.device("cpu")
 SIZE = 64
@@ -320,9 +320,9 @@ def test_sdxl_controlnets_on_the_sdxl_checkpoint(registry: ModelRegistry, sdxl: 
 def test_wrong_base_model_is_refused(
     registry: ModelRegistry, sd15: LoadedCheckpoint, sdxl: LoadedCheckpoint, fresh_cache: Any
 ) -> None:
-    with pytest.raises(JobError, match="'controlnet-canny-sdxl-1.0' is for SDXL 1.0, the checkpoint is SD 1.5"):
+    with pytest.raises(JobError, match=r"'controlnet-canny-sdxl-1.0' is for SDXL 1.0, the checkpoint is SD 1.5"):
         hook(registry, sd15, [unit(CANNY), unit("controlnet-canny-sdxl-1.0")])
-    with pytest.raises(JobError, match="is for SD 1.5, the checkpoint is SDXL"):
+    with pytest.raises(JobError, match=r"is for SD 1.5, the checkpoint is SDXL"):
         hook(registry, sdxl, [unit(CANNY)])
     assert fresh_cache.loads == 0  # refused before loading anything
 
@@ -398,9 +398,9 @@ def test_executor_runs_units_and_refuses_the_wrong_base(models: Path) -> None:
     controlled = job(unit(CANNY, image=control_image((48, 40)), preprocessor="canny"), unit(OPENPOSE, strength=0.5))
     assert differ(controlled, plain) > 2.0
     assert np.array_equal(job(unit(CANNY, strength=0.0)), plain)
-    with pytest.raises(JobError, match="is for SDXL 1.0"):
+    with pytest.raises(JobError, match=r"is for SDXL 1.0"):
         job(unit("controlnet-canny-sdxl-1.0"))
-    with pytest.raises(JobError, match="sk_model.pth"):
+    with pytest.raises(JobError, match=r"sk_model.pth"):
         job(unit(CANNY, preprocessor="lineart_coarse"))
 
 

@@ -268,14 +268,14 @@ def test_dwpose_needs_both_files_by_name(tmp_path: Path) -> None:
     assert "dw-ll_ucoco_384.onnx" in msg
     assert "yolox_l.onnx" not in msg
     assert str(tmp_path) in msg
-    with pytest.raises(JobError, match="dw-ll_ucoco_384.onnx"):
+    with pytest.raises(JobError, match=r"dw-ll_ucoco_384.onnx"):
         P.run_preprocessor("dwpose", Image.new("RGB", (64, 64)), ctx(tmp_path))
 
 
 def test_dwpose_wrong_files_are_clear_errors(tmp_path: Path) -> None:
     (tmp_path / D.DETECTOR).write_bytes(b"not an onnx file")
     _write_estimator(tmp_path, {})
-    with pytest.raises(JobError, match="yolox_l.onnx could not be loaded"):
+    with pytest.raises(JobError, match=r"yolox_l.onnx could not be loaded"):
         P.run_preprocessor("dwpose", Image.new("RGB", (64, 64)), ctx(tmp_path))
     other = tmp_path / "other"
     other.mkdir()

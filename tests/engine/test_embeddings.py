@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import _adapter_pipes as tiny
 import numpy as np
 import pytest
 import torch
 import transformers
+from tests.support import adapter_pipes as tiny
 
 from underpaint.demo import adapters as demo
 from underpaint.engine.adapters.embeddings import (
@@ -18,7 +18,7 @@ from underpaint.engine.adapters.embeddings import (
     read_embedding_file,
 )
 from underpaint.engine.job import JobError
-from underpaint.engine.registry import ModelEntry
+from underpaint.registry import ModelEntry
 
 transformers.logging.set_verbosity_error()
 
@@ -108,12 +108,12 @@ def test_sdxl_pair(models: Path) -> None:
 
 def test_wrong_base_model(models: Path) -> None:
     manager = EmbeddingManager()
-    with pytest.raises(JobError, match="SDXL embedding .* checkpoint tiny-sd15 is SD 1.5"):
+    with pytest.raises(JobError, match=r"SDXL embedding .* checkpoint tiny-sd15 is SD 1.5"):
         manager.apply(tiny.sd15(), [_entry(models, "xlstyle")], "x", "")
-    with pytest.raises(JobError, match="SD 1.5 embedding; checkpoint tiny-sdxl is SDXL"):
+    with pytest.raises(JobError, match=r"SD 1.5 embedding; checkpoint tiny-sdxl is SDXL"):
         manager.apply(tiny.sdxl(models), [_entry(models, "subject")], "x", "")
     demo.save_a1111_embedding_pt(models / "textualinversion" / "wide.pt", demo.random_vectors(1, 768, 1))
-    with pytest.raises(JobError, match="768-dim vectors; .* expects 32"):
+    with pytest.raises(JobError, match=r"768-dim vectors; .* expects 32"):
         manager.apply(tiny.sd15(), [_entry(models, "wide")], "x", "")
 
 
@@ -192,7 +192,7 @@ def test_bad_requests(models: Path) -> None:
     (ti / "broken.pt").write_bytes(b"garbage")
     demo.save_a1111_embedding_safetensors(ti / "subject.safetensors", demo.random_vectors(1, 32, 1))
     manager = EmbeddingManager()
-    with pytest.raises(JobError, match="broken.pt could not be read"):
+    with pytest.raises(JobError, match=r"broken.pt could not be read"):
         manager.apply(tiny.sd15(), [_entry(models, "broken")], "", "")
     with pytest.raises(JobError, match="share the token 'subject'"):
         manager.apply(tiny.sd15(), [_entry(models, "subject.pt"), _entry(models, "subject.safetensors")], "", "")

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import _adapter_pipes as tiny
 import numpy as np
 import pytest
 import torch
 import transformers
+from tests.support import adapter_pipes as tiny
 
 from underpaint.demo import adapters as demo
 from underpaint.engine.adapters.ip_adapter import IMAGE_ENCODERS_DIR, IPAdapterManager
@@ -109,7 +109,7 @@ def test_errors_are_clear(tmp_path: Path) -> None:
     manager = IPAdapterManager()
     entry = tiny.resolve(tmp_path, "ipadapter", "ip-adapter_sdxl.bin")
     with pytest.raises(
-        JobError, match="image encoder not found; expected a folder at .*image_encoders/ip-adapter_sdxl"
+        JobError, match=r"image encoder not found; expected a folder at .*image_encoders/ip-adapter_sdxl"
     ):
         manager.activate(sdxl, entry, tiny.init_image(), 1.0)
     demo.tiny_image_encoder(32).save_pretrained(ip / IMAGE_ENCODERS_DIR / "sd15")

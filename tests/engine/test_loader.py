@@ -33,7 +33,7 @@ from underpaint.engine.loader import (
     load_state_dict_file,
     load_vae,
 )
-from underpaint.engine.registry import ModelEntry, ModelRegistry
+from underpaint.registry import ModelEntry, ModelRegistry
 
 CPU = torch.device("cpu")
 
@@ -237,7 +237,7 @@ def test_sidecar_of_the_wrong_family_is_rejected(tiny_models_dir: Path, tmp_path
     ckpt.mkdir(parents=True)
     shutil.copy2(tiny_models_dir / "checkpoint" / "tiny-sd15.safetensors", ckpt / "x.safetensors")
     shutil.copytree(tiny_models_dir / "checkpoint" / "tiny-sdxl.config", ckpt / "x.config")
-    with pytest.raises(ModelLoadError, match="SD 1.5 but its sidecar"):
+    with pytest.raises(ModelLoadError, match=r"SD 1.5 but its sidecar"):
         load_checkpoint(_entry(tmp_path / "models", "checkpoint", "x.safetensors"), CPU, torch.float32)
 
 

@@ -5,16 +5,16 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import _adapter_pipes as tiny
 import numpy as np
 import pytest
 import torch
 import transformers
+from tests.support import adapter_pipes as tiny
 
 from underpaint.demo import adapters as demo
 from underpaint.engine.adapters.lora import LoraManager, adapter_name
 from underpaint.engine.job import JobError
-from underpaint.engine.registry import ModelEntry
+from underpaint.registry import ModelEntry
 
 transformers.logging.set_verbosity_error()
 
@@ -149,11 +149,11 @@ def test_wrong_base_model_is_a_clear_error_and_leaves_the_pipe_clean(models: Pat
     demo.save_kohya_lora(models / "lora" / "xl-unet-only.safetensors", unet_only)
     manager = LoraManager()
     base = tiny.run(sd15)
-    with pytest.raises(JobError, match="SDXL LoRA; checkpoint tiny-sd15 is SD 1.5"):
+    with pytest.raises(JobError, match=r"SDXL LoRA; checkpoint tiny-sd15 is SD 1.5"):
         manager.activate(sd15, [(tiny.resolve(models, "lora", "xl-only"), 1.0)])
-    with pytest.raises(JobError, match="cross-attention width is 96, the checkpoint.s is 32"):
+    with pytest.raises(JobError, match=r"cross-attention width is 96, the checkpoint.s is 32"):
         manager.activate(sd15, [(tiny.resolve(models, "lora", "xl-unet-only"), 1.0)])
-    with pytest.raises(JobError, match="SD 1.5 LoRA; checkpoint tiny-sdxl is SDXL"):
+    with pytest.raises(JobError, match=r"SD 1.5 LoRA; checkpoint tiny-sdxl is SDXL"):
         manager.activate(sdxl, [(tiny.resolve(models, "lora", "sd-only"), 1.0)])
     assert manager.loaded_adapters(sd15) == []
     assert np.array_equal(tiny.run(sd15), base)
@@ -407,7 +407,7 @@ def test_no_layer_wrong_shape_or_dora_is_refused_and_leaves_no_hook(models: Path
     q = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
     dora = {f"{q}.lora_A.weight": torch.randn(4, 16), f"{q}.lora_B.weight": torch.randn(16, 4)}
     save_file({**dora, f"{q}.lora_magnitude_vector": torch.ones(16)}, str(models / "lora" / "dora.safetensors"))
-    with pytest.raises(JobError, match="LoRA dora could not be applied .*unsupported LoRA tensors.*magnitude"):
+    with pytest.raises(JobError, match=r"LoRA dora could not be applied .*unsupported LoRA tensors.*magnitude"):
         manager.activate(loaded, [(tiny.resolve(models, "lora", "dora"), 1.0)])
     assert manager.loaded_adapters(loaded) == []
     assert manager.hooked_layers(loaded) == []

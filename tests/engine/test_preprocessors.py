@@ -235,7 +235,7 @@ def test_submit_check(tmp_path: Path) -> None:
 
 def test_broken_annotator_file_is_a_clear_error(picture: Image.Image, tmp_path: Path) -> None:
     (tmp_path / "table5_pidinet.pth").write_bytes(b"not a checkpoint")
-    with pytest.raises(JobError, match="table5_pidinet.pth could not be loaded"):
+    with pytest.raises(JobError, match=r"table5_pidinet.pth could not be loaded"):
         P.run_preprocessor("softedge_pidinet", picture, ctx(tmp_path))
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import safetensors.torch
 import torch
 
-from underpaint.engine.registry import SD15, SDXL, FileHashCache, ModelRegistry, detect_sdxl, short_hash
+from underpaint.registry import SD15, SDXL, FileHashCache, ModelRegistry, detect_sdxl, short_hash
 
 
 def _st(path: Path, keys: list[str]) -> Path:

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from samplers_testlib import SCHEDULE, CountingModel, init_latent, kdiffusion, reference_sigmas, toy_model
+from tests.support.samplers import SCHEDULE, CountingModel, init_latent, kdiffusion, reference_sigmas, toy_model
 from torch import Tensor
 
 from underpaint.engine.job import JobCancelled
@@ -23,11 +23,11 @@ from underpaint.engine.samplers import (
     img2img_t_enc,
     img2img_timesteps,
     make_denoiser,
-    normalize_sampler_name,
     sample,
     sample_img2img,
 )
 from underpaint.engine.samplers.timestep_samplers import uniform_timesteps
+from underpaint.vocabulary import normalize_sampler_name
 
 SIGMA_NAMES = [n for n in SAMPLER_NAMES if n not in ("DDIM", "PLMS", "UniPC")]
 

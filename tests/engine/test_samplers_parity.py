@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 import torch
 from diffusers import DDIMScheduler, PNDMScheduler, UniPCMultistepScheduler
-from samplers_testlib import (
+from tests.support.samplers import (
     K_NAMES,
     SCHEDULE,
     SEEDS,

@@ -29,7 +29,9 @@ from PIL import Image
 
 from underpaint.api.app import create_app
 from underpaint.config import Settings
-from underpaint.wiring import build_local_worker, build_services
+from underpaint.engine.executor import DiffusersExecutor
+from underpaint.wiring import build_core, build_local_worker
+from underpaint.worker.runner import GenerationRunner
 
 pytestmark = [pytest.mark.realshape, pytest.mark.slow]
 
@@ -71,7 +73,7 @@ def _cached(tag: str, write: Any) -> Path:
     return final
 
 
-def _service(models: Path, tmp: Path) -> Iterator[tuple[TestClient, Any]]:
+def _service(models: Path, tmp: Path) -> Iterator[tuple[TestClient, Any, DiffusersExecutor]]:
     settings = Settings(
         data_dir=tmp,
         models_dir=models,
@@ -81,10 +83,11 @@ def _service(models: Path, tmp: Path) -> Iterator[tuple[TestClient, Any]]:
         dtype="bfloat16",
         torch_threads=int(os.environ.get("UNDERPAINT_REALSHAPE_THREADS", "2")),
     )
-    services = build_services(settings)
-    worker = build_local_worker(services)
-    with TestClient(create_app(services)) as client:
-        yield client, worker
+    core = build_core(settings)
+    executor = DiffusersExecutor(settings, core.services.registry)
+    worker = build_local_worker(core, GenerationRunner(settings, core.services.storage, executor))
+    with TestClient(create_app(core.services)) as client:
+        yield client, worker, executor
 
 
 def _run(client: TestClient, worker: Any, request: dict[str, Any]) -> list[np.ndarray]:
@@ -111,7 +114,7 @@ def test_real_sd15_with_lora_controlnet_and_ip_adapter(tmp_path: Path) -> None:
 
     models = _cached("sd15", lambda d: write_real_models(d, sdxl=False, adapters=True))
     assert not list((models / "checkpoint").glob("*.config")), "no sidecar: configured from the keys alone"
-    for client, worker in _service(models, tmp_path):
+    for client, worker, executor in _service(models, tmp_path):
         assert _models_listed(client, "checkpoint") == {"real-sd15.safetensors": False}
         request = {
             "model_name": "real-sd15.safetensors",
@@ -142,7 +145,6 @@ def test_real_sd15_with_lora_controlnet_and_ip_adapter(tmp_path: Path) -> None:
         (image,) = _run(client, worker, request)
         assert image.shape == (128, 128, 3)
         assert image.std() > 1, "constant image"
-        executor = worker.runner.executor
         (slot,) = executor.cache._slots.values()
         assert not slot.value.is_sdxl
         assert {p.dtype for p in slot.value.unet.parameters()} == {torch.bfloat16}
@@ -156,7 +158,7 @@ def test_real_sdxl_single_file(tmp_path: Path) -> None:
         "sdxl", lambda d: write_real_checkpoint(d / "checkpoint" / "real-sdxl.safetensors", sdxl=True, seed=12)
     )
     assert not list((models / "checkpoint").glob("*.config"))
-    for client, worker in _service(models, tmp_path):
+    for client, worker, executor in _service(models, tmp_path):
         assert _models_listed(client, "checkpoint") == {"real-sdxl.safetensors": True}
         request = {
             "model_name": "real-sdxl.safetensors",
@@ -174,6 +176,6 @@ def test_real_sdxl_single_file(tmp_path: Path) -> None:
         (image,) = _run(client, worker, request)
         assert image.shape == (256, 256, 3)
         assert image.std() > 1
-        (slot,) = worker.runner.executor.cache._slots.values()
+        (slot,) = executor.cache._slots.values()
         assert slot.value.is_sdxl
         assert slot.value.vae.config.force_upcast

@@ -16,8 +16,8 @@ from typing import Any
 import boto3
 import httpx
 import pytest
-from _cluster import AUTH, ApiNode, Cluster, WebhookReceiver, WorkerNode, wait_all
 from sqlalchemy import text
+from tests.support.cluster import AUTH, ApiNode, Cluster, WebhookReceiver, WorkerNode, wait_all
 
 from underpaint.tasks.store import SqlTaskStore
 from underpaint.tasks.types import TaskRecord, TaskStatus

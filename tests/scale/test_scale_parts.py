@@ -21,7 +21,8 @@ from prometheus_client import CollectorRegistry, generate_latest
 from sqlalchemy import text
 
 from underpaint.config import KeyPolicy, Settings
-from underpaint.engine.registry import ModelEntry, ModelRegistry
+from underpaint.engine.job import Progress
+from underpaint.registry import ModelEntry, ModelRegistry
 from underpaint.scale.broker import BrokerProbe
 from underpaint.scale.celery_app import TASK_NAME, celery_config, create_celery_app
 from underpaint.scale.celery_queue import CeleryQueue
@@ -29,10 +30,12 @@ from underpaint.scale.celery_worker import WorkerContext, register_task, worker_
 from underpaint.scale.heartbeat import Heartbeat, list_workers
 from underpaint.scale.json_logs import JsonFormatter, TaskIdFilter, task_context
 from underpaint.scale.metrics import ClusterCollector, InstrumentedRunner
-from underpaint.scale.routing import known_queues, parse_queues, task_lane
 from underpaint.services import Services
+from underpaint.storage.urls import ImageUrls
+from underpaint.tasks.lanes import known_queues, parse_queues, task_lane
 from underpaint.tasks.store import SqlTaskStore
 from underpaint.tasks.types import ImageRecord, NewTask, TaskRecord, TaskStatus
+from underpaint.worker.loop import ProgressReporter
 
 pytestmark = pytest.mark.services
 
@@ -133,6 +136,8 @@ class FakeStorage:
 class FakeRunner:
     """Stands in for the diffusion runner: reports progress, optionally blocks, stores one object."""
 
+    checkpoint_loads = 0
+
     def __init__(self, storage: FakeStorage, gate: threading.Event | None = None) -> None:
         self.storage = storage
         self.gate = gate
@@ -142,7 +147,7 @@ class FakeRunner:
     def run(self, task: TaskRecord, payload: dict[str, Any], report: Any) -> list[ImageRecord]:
         self.runs.append(task.task_id)
         self.started.set()
-        report(50, 1)
+        report(Progress(50 / 100, 1))
         if self.gate is not None:
             assert self.gate.wait(30)
         key = f"{task.task_id}/{task.attempts}.png"
@@ -163,8 +168,13 @@ def store(pg_url: str) -> Iterator[SqlTaskStore]:
 def _services(store: SqlTaskStore, redis_url: str, tmp_path: Path) -> Services:
     settings = Settings(broker_url=redis_url, queue_backend="celery", lease_seconds=2, max_attempts=2,
                         data_dir=tmp_path, models_dir=tmp_path / "models")  # fmt: skip
-    return Services(settings=settings, store=store, queue=CeleryQueue(settings), registry=ModelRegistry(tmp_path),
-                    storage=FakeStorage())  # fmt: skip
+    return _make(settings, store, CeleryQueue(settings), tmp_path)
+
+
+def _make(settings: Settings, store: SqlTaskStore, queue: CeleryQueue, tmp_path: Path) -> Services:
+    storage = FakeStorage()
+    return Services(settings=settings, store=store, queue=queue, registry=ModelRegistry(tmp_path),
+                    storage=storage, image_urls=ImageUrls(storage, settings.image_url_ttl))  # fmt: skip
 
 
 def _new(store: SqlTaskStore, lane: str) -> str:
@@ -189,14 +199,16 @@ def _flush(redis_url: str) -> None:
 def test_celery_queue_routes_to_lane_on_redis(store: SqlTaskStore, redis_url: str, tmp_path: Path) -> None:
     _flush(redis_url)
     services = _services(store, redis_url, tmp_path)
-    probe = BrokerProbe(services)
+    probe = BrokerProbe(services, store.engine)
     assert probe.queue_depths() == {"sd15": 0, "sdxl": 0}
     services.queue.enqueue("a", "sdxl")
     services.queue.enqueue("b", "sdxl")
     services.queue.enqueue("c", "sd15")
     assert probe.queue_depths() == {"sd15": 1, "sdxl": 2}
     assert probe.health() == {"store": "ok", "broker": "ok"}
-    down = BrokerProbe(services, app=create_celery_app(replace(services.settings, broker_url="redis://127.0.0.1:1/0")))
+    down = BrokerProbe(
+        services, store.engine, app=create_celery_app(replace(services.settings, broker_url="redis://127.0.0.1:1/0"))
+    )
     assert down.health()["broker"] == "unreachable"
     _flush(redis_url)
 
@@ -205,9 +217,8 @@ def test_celery_queue_on_rabbitmq(amqp_url: str, tmp_path: Path, store: SqlTaskS
     lane = f"test{uuid.uuid4().hex[:8]}"
     settings = Settings(broker_url=amqp_url, queue_backend="celery", key_policies={"k": KeyPolicy(dedicated_lane=lane)})
     queue = CeleryQueue(settings)
-    services = Services(settings=settings, store=store, queue=queue, registry=ModelRegistry(tmp_path),
-                        storage=FakeStorage())  # fmt: skip
-    probe = BrokerProbe(services)
+    services = _make(settings, store, queue, tmp_path)
+    probe = BrokerProbe(services, store.engine)
     try:
         queue.enqueue("t1", f"enterprise.{lane}")
         queue.enqueue("t2", f"enterprise.{lane}")
@@ -273,7 +284,7 @@ def test_worker_only_takes_its_queues_and_runs_each_task_once(
     services = _services(store, redis_url, tmp_path)
     runner = FakeRunner(services.storage)  # type: ignore[arg-type]
     terminal: list[str] = []
-    ctx = WorkerContext(services, [InstrumentedRunner(runner)], lambda rec: terminal.append(rec.task_id))
+    ctx = WorkerContext(services, store.engine, [InstrumentedRunner(runner)], lambda rec: terminal.append(rec.task_id))
     app = services.queue.app  # type: ignore[attr-defined]
     register_task(app, ctx)
     sd15, sdxl = _new(store, "sd15"), _new(store, "sdxl")
@@ -283,7 +294,7 @@ def test_worker_only_takes_its_queues_and_runs_each_task_once(
     with _CeleryThread(app, ["sd15"]):
         done = _wait_status(store, sd15, TaskStatus.SUCCEED)
         deadline = time.monotonic() + 10
-        while BrokerProbe(services).queue_depths()["sd15"] and time.monotonic() < deadline:
+        while BrokerProbe(services, store.engine).queue_depths()["sd15"] and time.monotonic() < deadline:
             time.sleep(0.1)
         time.sleep(0.5)
     assert runner.runs == [sd15]  # the duplicate message did nothing; the SDXL task was never taken
@@ -291,7 +302,7 @@ def test_worker_only_takes_its_queues_and_runs_each_task_once(
     assert done.attempts == 1
     assert len(done.images) == 1
     assert store.get(sdxl).status is TaskStatus.QUEUED  # type: ignore[union-attr]
-    assert BrokerProbe(services).queue_depths() == {"sd15": 0, "sdxl": 1}
+    assert BrokerProbe(services, store.engine).queue_depths() == {"sd15": 0, "sdxl": 1}
     _flush(redis_url)
 
 
@@ -301,7 +312,7 @@ def test_dead_worker_task_is_swept_and_rerun_then_fails_after_max_attempts(
     _flush(redis_url)
     services = _services(store, redis_url, tmp_path)
     runner = FakeRunner(services.storage)  # type: ignore[arg-type]
-    ctx = WorkerContext(services, [runner], lambda rec: None)
+    ctx = WorkerContext(services, store.engine, [runner], lambda rec: None)
     app = services.queue.app  # type: ignore[attr-defined]
     register_task(app, ctx)
     task_id = _new(store, "sd15")
@@ -309,7 +320,7 @@ def test_dead_worker_task_is_swept_and_rerun_then_fails_after_max_attempts(
     assert ctx.sweep() == []  # lease still valid
     time.sleep(2.2)
     assert ctx.sweep() == [task_id]  # requeued and announced on its queue again
-    assert BrokerProbe(services).queue_depths()["sd15"] == 1
+    assert BrokerProbe(services, store.engine).queue_depths()["sd15"] == 1
     with _CeleryThread(app, ["sd15"]):
         rec = _wait_status(store, task_id, TaskStatus.SUCCEED)
     assert rec.attempts == 2
@@ -347,7 +358,7 @@ def test_heartbeat_rows_and_cluster_metrics(store: SqlTaskStore, redis_url: str,
             services.queue.enqueue(_new(store, lane), lane)
         store.claim(None, "w:1:x")
         registry = CollectorRegistry(auto_describe=False)
-        registry.register(ClusterCollector(services, BrokerProbe(services).queue_depths))
+        registry.register(ClusterCollector(services, store.engine, BrokerProbe(services, store.engine).queue_depths))
         out = generate_latest(registry).decode()
     finally:
         hb.stop()
@@ -361,13 +372,20 @@ def test_heartbeat_rows_and_cluster_metrics(store: SqlTaskStore, redis_url: str,
     _flush(redis_url)
 
 
+class _NoStore:
+    """The progress reporter's store, for a run outside any store."""
+
+    def update_progress(self, task_id: str, worker_id: str, progress_percent: int, eta: int) -> bool:
+        return True
+
+
 def test_instrumented_runner_observes_generation_seconds(tmp_path: Path) -> None:
     from underpaint.scale.metrics import WORKER_REGISTRY as REGISTRY
 
     runner = InstrumentedRunner(FakeRunner(FakeStorage()))
     rec = TaskRecord(task_id="m1", owner="o", status=TaskStatus.PROCESSING, lane="sdxl", attempts=1)
     before = REGISTRY.get_sample_value("underpaint_generation_seconds_count", {"base_model": "sdxl", "outcome": "ok"})
-    runner.run(rec, {}, lambda p, e: None)
+    runner.run(rec, {}, ProgressReporter(_NoStore(), "m1", "w"))
     after = REGISTRY.get_sample_value("underpaint_generation_seconds_count", {"base_model": "sdxl", "outcome": "ok"})
     assert (after or 0) - (before or 0) == 1
 
@@ -376,10 +394,9 @@ def test_worker_on_rabbitmq_runs_a_task_once(store: SqlTaskStore, amqp_url: str,
     lane = f"enterprise.t{uuid.uuid4().hex[:8]}"
     settings = Settings(broker_url=amqp_url, queue_backend="celery", lease_seconds=2, data_dir=tmp_path)
     queue = CeleryQueue(settings)
-    services = Services(settings=settings, store=store, queue=queue, registry=ModelRegistry(tmp_path),
-                        storage=FakeStorage())  # fmt: skip
+    services = _make(settings, store, queue, tmp_path)
     runner = FakeRunner(services.storage)  # type: ignore[arg-type]
-    register_task(queue.app, WorkerContext(services, [runner], lambda rec: None))
+    register_task(queue.app, WorkerContext(services, store.engine, [runner], lambda rec: None))
     task_id = _new(store, lane)
     queue.enqueue(task_id, lane)
     queue.enqueue(task_id, lane)  # a duplicate delivery
@@ -387,7 +404,7 @@ def test_worker_on_rabbitmq_runs_a_task_once(store: SqlTaskStore, amqp_url: str,
         with _CeleryThread(queue.app, [lane]):
             rec = _wait_status(store, task_id, TaskStatus.SUCCEED)
             deadline = time.monotonic() + 10
-            probe = BrokerProbe(services)
+            probe = BrokerProbe(services, store.engine)
             while time.monotonic() < deadline and probe.queue_depths().get(lane, 0):
                 time.sleep(0.1)
         assert runner.runs == [task_id]

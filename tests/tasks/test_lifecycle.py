@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from tests.support.storage import RecordingStorage
 
 import underpaint
 from underpaint.config import Settings
@@ -50,27 +51,6 @@ class OkRunner:
     def run(self, task: TaskRecord, payload: dict[str, Any], report: ProgressReporter) -> list[ImageRecord]:
         self.ran.append(task.task_id)
         return [ImageRecord(key=f"{task.task_id}/{task.attempts}_0.png", image_type="png")]
-
-
-class RecordingStorage:
-    def __init__(self, name: str = "local", broken: set[str] | None = None) -> None:
-        self.name = name
-        self.deleted: list[str] = []
-        self.broken = broken or set()
-
-    def put(self, key: str, data: bytes, content_type: str) -> None:
-        raise NotImplementedError
-
-    def get(self, key: str) -> bytes:
-        raise NotImplementedError
-
-    def url(self, key: str, ttl: int, base_url: str) -> str:
-        raise NotImplementedError
-
-    def delete(self, key: str) -> None:
-        if key in self.broken:
-            raise OSError("disk error")
-        self.deleted.append(key)
 
 
 def test_recover_on_start_requeues_interrupted_tasks(store: SqlTaskStore) -> None:
@@ -137,13 +117,14 @@ CRASHING_WORKER = textwrap.dedent(
     from pathlib import Path
     from underpaint.config import Settings
     from underpaint.tasks.store import SqlTaskStore
+    from underpaint.engine.job import Progress
     from underpaint.worker.loop import Worker
 
     url, marker = sys.argv[1], Path(sys.argv[2])
 
     class SlowRunner:
         def run(self, task, payload, report):
-            report(10, 60)
+            report(Progress(10 / 100, 60))
             marker.write_text(task.task_id)
             time.sleep(120)  # killed long before this ends
             raise AssertionError("not killed")

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 from sqlalchemy import Connection, text
+from tests.support.services import postgres_schema_url
 
-from service_fixtures import postgres_schema_url
 from underpaint.tasks.store import MIGRATIONS, SqlTaskStore
 from underpaint.tasks.types import ImageRecord, NewTask, NsfwResult, TaskStatus, owner_of
 

@@ -22,13 +22,13 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from underpaint.api.context import ApiContext, error_response, json_ok
-from underpaint.api.errors import ApiError, invalid_request, task_not_found
 from underpaint.api.files import serve_file
 from underpaint.api.models_route import list_models
 from underpaint.api.schemas import validation_error_to_api
-from underpaint.api.serialize import task_result_body
 from underpaint.api.submit import MAX_BODY_BYTES, submit_img2img
-from underpaint.services import Services
+from underpaint.services import HealthCheck, Services
+from underpaint.wire.errors import ApiError, invalid_request, task_not_found
+from underpaint.wire.result import task_result_body
 
 logger = logging.getLogger("underpaint.api")
 
@@ -82,7 +82,7 @@ def create_app(services: Services) -> FastAPI:
     @app.get("/v3/model")
     def models(request: Request) -> Response:
         ctx.caller(request)
-        return json_ok(list_models(services.registry, request.query_params, services.extras.get("file_hash")))
+        return json_ok(list_models(services.registry, request.query_params))
 
     @app.api_route("/v3/files/{key:path}", methods=["GET", "HEAD"])
     def files(request: Request, key: str) -> Response:
@@ -90,7 +90,7 @@ def create_app(services: Services) -> FastAPI:
 
     @app.get("/health")
     def health() -> Response:
-        return _health(services.extras.get("health"))
+        return _health(services.health)
 
     return app
 
@@ -102,8 +102,8 @@ def _task_result_route(ctx: ApiContext) -> Route:
     store (PostgreSQL) is read in the pool so that it never blocks the loop."""
     services = ctx.services
     store = services.store
-    inline_reads = bool(getattr(store, "inline_reads", False))
-    local_urls = services.storage.name == "local"  # HMAC-signed URLs: CPU only; S3 presigning goes to the pool
+    inline_reads = store.inline_reads
+    image_urls = services.image_urls  # HMAC-signed local URLs: CPU only; S3 presigning goes to the pool
 
     async def read(request: Request) -> Response:
         caller = ctx.caller(request)
@@ -119,7 +119,7 @@ def _task_result_route(ctx: ApiContext) -> Route:
         if task is None:
             raise task_not_found(task_id)
         url_for = ctx.url_for(ctx.base_url(request))
-        if local_urls and all(image.backend == "local" for image in task.images):
+        if image_urls.all_local(task.images):
             return json_ok(task_result_body(task, url_for, ctx.ttl))
         return json_ok(await run_in_threadpool(task_result_body, task, url_for, ctx.ttl))
 
@@ -153,7 +153,7 @@ def _body_too_large() -> ApiError:
     return invalid_request(f"request body exceeds {MAX_BODY_BYTES // (1024 * 1024)} MB")
 
 
-def _health(check: Callable[[], dict[str, Any]] | None) -> Response:
+def _health(check: HealthCheck | None) -> Response:
     """200 ``{"status": "ok"}``; with a readiness callable, its checks are included and any check that is not
     ``True``/``"ok"`` turns the reply into 503 ``{"status": "unavailable", "checks": {...}}``."""
     if check is None:

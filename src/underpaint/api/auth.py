@@ -11,8 +11,8 @@ import hashlib
 import hmac
 from dataclasses import dataclass
 
-from underpaint.api.errors import invalid_api_key, missing_api_key
 from underpaint.config import KeyPolicy, Settings
+from underpaint.wire.errors import invalid_api_key, missing_api_key
 
 
 @dataclass(frozen=True)

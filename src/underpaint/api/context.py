@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -10,13 +9,12 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 
 from underpaint.api.auth import Caller, KeyAuth
-from underpaint.api.errors import ApiError
-from underpaint.api.serialize import url_resolver
 from underpaint.services import Services
-from underpaint.tasks.types import ImageRecord
+from underpaint.storage.urls import UrlFor
+from underpaint.wire.errors import ApiError
 
 
-@dataclass
+@dataclass(frozen=True)
 class ApiContext:
     services: Services
     auth: KeyAuth
@@ -40,8 +38,8 @@ class ApiContext:
     def base_url(self, request: Request) -> str:
         return self.public_base_url or str(request.base_url).rstrip("/")
 
-    def url_for(self, base_url: str) -> Callable[[ImageRecord], str]:
-        return url_resolver(self.services, base_url)
+    def url_for(self, base_url: str) -> UrlFor:
+        return self.services.image_urls.resolver(base_url)
 
 
 def error_response(err: ApiError) -> JSONResponse:

@@ -8,23 +8,15 @@ from starlette.requests import Request
 from starlette.responses import FileResponse, Response
 
 from underpaint.api.context import ApiContext, error_response
-from underpaint.api.errors import ApiError
 from underpaint.storage.base import StorageError
 from underpaint.storage.local import LocalStorage, content_type_for
-
-
-def local_storage_of(ctx: ApiContext) -> LocalStorage | None:
-    """The storage whose files this process serves: the main one if local, else an explicit extra."""
-    storage = ctx.services.storage
-    if isinstance(storage, LocalStorage):
-        return storage
-    extra = ctx.services.extras.get("local_storage")
-    return extra if isinstance(extra, LocalStorage) else None
+from underpaint.wire.errors import ApiError
 
 
 def serve_file(ctx: ApiContext, request: Request, key: str) -> Response:
-    storage = local_storage_of(ctx)
-    if storage is None:
+    """Only the local storage's files are served here (S3 images are fetched from S3 with presigned URLs)."""
+    storage = ctx.services.storage
+    if not isinstance(storage, LocalStorage):
         return error_response(_not_found())
     expires = request.query_params.get("expires", "")
     sig = request.query_params.get("sig", "")

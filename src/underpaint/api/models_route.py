@@ -21,13 +21,12 @@ Decisions (the official service has per-user models; a self-hosted server has on
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
 from typing import Any
 
 from starlette.datastructures import QueryParams
 
-from underpaint.api.errors import invalid_request
-from underpaint.engine.registry import ModelEntry, ModelRegistry
+from underpaint.registry import ModelEntry, ModelRegistry
+from underpaint.wire.errors import invalid_request
 
 LISTED_KINDS = ("checkpoint", "lora", "vae", "textualinversion", "controlnet", "ipadapter")
 TYPE_ALIASES: dict[str, str | None] = {
@@ -72,9 +71,7 @@ def normalize_params(params: QueryParams) -> dict[str, str]:
     return out
 
 
-def list_models(
-    registry: ModelRegistry, params: QueryParams, file_hash: Callable[[ModelEntry], str] | None = None
-) -> dict[str, Any]:
+def list_models(registry: ModelRegistry, params: QueryParams) -> dict[str, Any]:
     q = normalize_params(params)
     kinds = _kinds(q.get("filter.types", ""))
     visibility = q.get("filter.visibility", "").strip().lower()
@@ -101,12 +98,12 @@ def list_models(
     page = entries[offset : offset + limit]
     more = offset + limit < len(entries)
     return {
-        "models": [model_info(e, file_hash) for e in page],
+        "models": [model_info(e, registry.hashes.sha256(e.path)) for e in page],
         "pagination": {"next_cursor": f"c_{offset + limit}" if more else ""},
     }
 
 
-def model_info(entry: ModelEntry, file_hash: Callable[[ModelEntry], str] | None = None) -> dict[str, Any]:
+def model_info(entry: ModelEntry, sha256: str) -> dict[str, Any]:
     return {
         "id": entry.id,
         "name": entry.stem,
@@ -114,7 +111,7 @@ def model_info(entry: ModelEntry, file_hash: Callable[[ModelEntry], str] | None 
         "sd_name_in_api": entry.sd_name_in_api,
         "type": {"name": entry.kind, "display_name": DISPLAY_NAMES.get(entry.kind, entry.kind)},
         "status": 1,
-        "hash_sha256": file_hash(entry) if file_hash is not None else "",
+        "hash_sha256": sha256,
         "categories": [],
         "tags": [],
         "cover_url": "",

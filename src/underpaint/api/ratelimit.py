@@ -28,8 +28,8 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Protocol
 
-from underpaint.api.errors import rate_limited
 from underpaint.config import KeyPolicy, Settings
+from underpaint.wire.errors import rate_limited
 
 WINDOW_SECONDS = 60.0
 # No way to know when a running task ends; clients are told to come back after this.

@@ -16,7 +16,6 @@ from typing import Annotated, Any, TypeVar
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 from pydantic_core import PydanticCustomError
 
-from underpaint.api.errors import ApiError, invalid_image_size, invalid_request
 from underpaint.vocabulary import (
     PREPROCESSOR_NAMES,
     SAMPLER_NAMES,
@@ -25,6 +24,7 @@ from underpaint.vocabulary import (
     normalize_preprocessor_name,
     normalize_sampler_name,
 )
+from underpaint.wire.errors import ApiError, invalid_image_size, invalid_request
 
 IMAGE_TYPES = ("png", "webp", "jpeg")
 TASK_STATUSES = ("TASK_STATUS_SUCCEED", "TASK_STATUS_FAILED")

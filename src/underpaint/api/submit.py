@@ -11,16 +11,21 @@ import json
 import secrets
 import uuid
 from contextlib import AbstractContextManager, nullcontext
-from typing import Any, cast
+from pathlib import Path
+from typing import Any
 
 from underpaint.api.auth import Caller
 from underpaint.api.context import ApiContext
-from underpaint.api.errors import invalid_request
-from underpaint.api.images import decode_image
 from underpaint.api.schemas import Img2ImgBody, Img2ImgRequest, parse_body
-from underpaint.engine.registry import ModelEntry, ModelRegistry
-from underpaint.scale.routing import task_lane
+from underpaint.delivery.ssrf import InvalidWebhookUrl
+from underpaint.registry import ModelEntry, ModelRegistry
+from underpaint.services import Admission
+from underpaint.storage.custom import InvalidCustomStorage, validate_custom_storage
+from underpaint.tasks.lanes import task_lane
 from underpaint.tasks.types import NewTask
+from underpaint.vocabulary import missing_annotator_files, missing_annotator_message
+from underpaint.wire.errors import ApiError, invalid_request
+from underpaint.wire.images import decode_image
 
 MAX_BODY_BYTES = 100 * 1024 * 1024  # init image + 5 ControlNet images + 1 IP-Adapter image, as base64
 DEDICATED_PRIORITY = 10
@@ -52,7 +57,7 @@ def submit_img2img(ctx: ApiContext, caller: Caller, raw: bytes, base_url: str) -
         services.rate_limiter.check(api_key=caller.api_key, owner=caller.owner, image_num=req.image_num)
 
     names = resolve_models(services.registry, req)
-    _check_preprocessors(services.extras.get("check_preprocessor"), req)
+    _check_preprocessors(services.registry.models_dir / "annotator", req)
     _check_images(req)
 
     webhook = extra.webhook
@@ -62,10 +67,15 @@ def submit_img2img(ctx: ApiContext, caller: Caller, raw: bytes, base_url: str) -
     if webhook is not None:
         if services.webhooks is None:
             raise invalid_request("extra.webhook: webhooks are not enabled on this server", field="extra.webhook.url")
-        services.webhooks.validate_url(webhook.url)
-    validate_storage = services.extras.get("validate_custom_storage")
-    if extra.custom_storage is not None and extra.custom_storage.aws_s3 is not None and validate_storage is not None:
-        validate_storage(extra.custom_storage.model_dump(exclude_none=True))  # {"aws_s3": {...}}
+        try:
+            services.webhooks.validate_url(webhook.url)
+        except InvalidWebhookUrl as exc:
+            raise invalid_request(str(exc), **({"url": exc.url} if exc.url else {})) from None
+    if extra.custom_storage is not None and extra.custom_storage.aws_s3 is not None:
+        try:
+            validate_custom_storage(extra.custom_storage.model_dump(exclude_none=True))  # {"aws_s3": {...}}
+        except InvalidCustomStorage as exc:
+            raise ApiError(400, "INVALID_CUSTOM_OUTPUT_PATH", str(exc), dict(exc.metadata)) from None
 
     seed = req.seed if req.seed >= 0 else secrets.randbelow(2**32 - 1)
     payload = req.model_dump()
@@ -99,7 +109,7 @@ def submit_img2img(ctx: ApiContext, caller: Caller, raw: bytes, base_url: str) -
             )
         )
     try:
-        if test_status is not None:
+        if test_status is not None and services.webhooks is not None:
             services.webhooks.submit_test_event(
                 task_id=task_id,
                 owner=caller.owner,
@@ -116,15 +126,14 @@ def submit_img2img(ctx: ApiContext, caller: Caller, raw: bytes, base_url: str) -
     return {"task_id": task_id}
 
 
-def _admission(limiter: Any, caller: Caller, image_num: int) -> AbstractContextManager[Any]:
-    """The limiter's ``admit`` (re-check and hold the owner's lock while the task is created), if it has one.
+def _admission(limiter: Admission | None, caller: Caller, image_num: int) -> AbstractContextManager[None]:
+    """The limiter's ``admit`` (re-check and hold the owner's lock while the task is created), if there is one.
 
     The early ``check`` rejects over-limit requests before any image is decoded; ``admit`` closes the
     check-then-create race between concurrent requests of one key in this process."""
-    admit = getattr(limiter, "admit", None)
-    if admit is None:
+    if limiter is None:
         return nullcontext()
-    return cast(AbstractContextManager[Any], admit(api_key=caller.api_key, owner=caller.owner, image_num=image_num))
+    return limiter.admit(api_key=caller.api_key, owner=caller.owner, image_num=image_num)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -189,14 +198,16 @@ def _apply_names(payload: dict[str, Any], names: dict[str, Any]) -> None:
             unit["model_name"] = entry.sd_name
 
 
-def _check_preprocessors(check: Any, req: Img2ImgRequest) -> None:
-    """Refuse a unit whose preprocessor needs annotator weights that are not installed (the check names them)."""
-    if check is None or req.controlnet is None:
+def _check_preprocessors(annotator_dir: Path, req: Img2ImgRequest) -> None:
+    """Refuse a unit whose preprocessor needs annotator weights that are not installed (naming the files)."""
+    if req.controlnet is None:
         return
     for i, unit in enumerate(req.controlnet.units):
-        problem = check(unit.preprocessor)
-        if problem:
+        name = unit.preprocessor
+        missing = missing_annotator_files(name, annotator_dir)
+        if name is not None and missing:
             field = f"request.controlnet.units[{i}].preprocessor"
+            problem = missing_annotator_message(name, missing, annotator_dir)
             raise invalid_request(f"{field}: {problem}", field=field)
 
 

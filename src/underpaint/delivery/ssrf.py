@@ -23,8 +23,6 @@ from dataclasses import dataclass
 import httpcore
 import httpx
 
-from underpaint.api.errors import ApiError, invalid_request
-
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -36,6 +34,14 @@ _CGNAT = ipaddress.ip_network("100.64.0.0/10")
 _NAT64 = ipaddress.ip_network("64:ff9b::/96")
 _IPV4_COMPATIBLE = ipaddress.ip_network("::/96")
 _METADATA = {ipaddress.ip_address("169.254.169.254"), ipaddress.ip_address("fd00:ec2::254")}
+
+
+class InvalidWebhookUrl(ValueError):
+    """A webhook URL this server will not call; ``str(exc)`` is written for the client (the API answers 400)."""
+
+    def __init__(self, message: str, url: str | None = None) -> None:
+        super().__init__(message)
+        self.url = url
 
 
 class BlockedDestination(Exception):
@@ -163,31 +169,31 @@ class UrlPolicy:
 def _parse(url: str) -> tuple[str, str, int]:
     """(scheme, host, port) of a webhook URL, parsed the way httpx will parse it when sending."""
     if not isinstance(url, str) or not url.strip():
-        raise invalid_request("extra.webhook.url must be a non-empty string")
+        raise InvalidWebhookUrl("extra.webhook.url must be a non-empty string")
     if len(url) > _MAX_URL_LENGTH:
-        raise invalid_request(f"extra.webhook.url is longer than {_MAX_URL_LENGTH} characters")
+        raise InvalidWebhookUrl(f"extra.webhook.url is longer than {_MAX_URL_LENGTH} characters")
     try:
         parsed = httpx.URL(url)
     except (httpx.InvalidURL, TypeError, ValueError) as exc:
-        raise invalid_request(f"extra.webhook.url is not a valid URL: {exc}") from exc
+        raise InvalidWebhookUrl(f"extra.webhook.url is not a valid URL: {exc}") from exc
     scheme = parsed.scheme.lower()
     if scheme not in _SCHEMES:
-        raise invalid_request(
+        raise InvalidWebhookUrl(
             f"extra.webhook.url scheme {scheme or '(none)'!r} is not allowed: use http or https", url=url
         )
     host = parsed.raw_host.decode("ascii", "replace")  # IDNA-encoded, as it is resolved and sent
     if not host:
-        raise invalid_request("extra.webhook.url has no host", url=url)
+        raise InvalidWebhookUrl("extra.webhook.url has no host", url=url)
     if not _HOST_CHARS.fullmatch(host):
-        raise invalid_request(f"extra.webhook.url is not a valid URL: bad host {parsed.host!r}", url=url)
+        raise InvalidWebhookUrl(f"extra.webhook.url is not a valid URL: bad host {parsed.host!r}", url=url)
     if parsed.port is not None and not 0 < parsed.port < 65536:
-        raise invalid_request(f"extra.webhook.url is not a valid URL: port {parsed.port} out of range", url=url)
+        raise InvalidWebhookUrl(f"extra.webhook.url is not a valid URL: port {parsed.port} out of range", url=url)
     port = parsed.port or (443 if scheme == "https" else 80)
     return scheme, host, port
 
 
 def check_url(url: str, allow_hosts: Sequence[str]) -> None:
-    """Raise ``ApiError(400, INVALID_REQUEST_BODY)`` unless ``url`` is an http(s) URL to a public address.
+    """Raise ``InvalidWebhookUrl`` unless ``url`` is an http(s) URL to a public address.
 
     Every address the host resolves to must be public unless the allowlist admits the host or the address.
     """
@@ -195,7 +201,7 @@ def check_url(url: str, allow_hosts: Sequence[str]) -> None:
     try:
         UrlPolicy(allow_hosts).checked_addresses(host, port)
     except BlockedDestination as exc:
-        raise ApiError(400, "INVALID_REQUEST_BODY", f"extra.webhook.url: {exc}", {"url": url}) from exc
+        raise InvalidWebhookUrl(f"extra.webhook.url: {exc}", url=url) from exc
 
 
 class _GuardedBackend(httpcore.SyncBackend):

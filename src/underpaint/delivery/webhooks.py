@@ -49,13 +49,15 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DatabaseError, IntegrityError
 from sqlalchemy.sql.elements import ColumnElement
 
-from underpaint.api.serialize import task_result_body
 from underpaint.config import Settings
 from underpaint.delivery import ssrf
 from underpaint.delivery.sample_event import FAILED_REASON, sample_png
 from underpaint.delivery.signing import signature_headers
 from underpaint.storage.base import ImageStorage
-from underpaint.tasks.types import ImageRecord, TaskStatus, TaskStore
+from underpaint.storage.urls import ImageUrls
+from underpaint.tasks.lifecycle import TerminalHook
+from underpaint.tasks.types import ImageRecord, TaskRecord, TaskStatus, TaskStore
+from underpaint.wire.result import task_result_body
 
 log = logging.getLogger(__name__)
 
@@ -200,7 +202,7 @@ class WebhookDispatcher:
     # --- submit side (API, workers) -------------------------------------------------------------------------
 
     def validate_url(self, url: str) -> None:
-        """Raise ``ApiError(400, INVALID_REQUEST_BODY)`` for a webhook URL the SSRF policy refuses."""
+        """Raise ``ssrf.InvalidWebhookUrl`` for a webhook URL the SSRF policy refuses."""
         ssrf.check_url(url, self.settings.webhook_allow_hosts)
 
     def enqueue(self, task_id: str, owner: str, url: str, body: dict[str, Any], event: str = EVENT_TYPE) -> None:
@@ -435,3 +437,18 @@ class WebhookDispatcher:
         if 200 <= status < 300:
             return True, "", False
         return False, f"HTTP {status}", False
+
+
+def result_hook(outbox: WebhookDispatcher, image_urls: ImageUrls) -> TerminalHook:
+    """After SUCCEED/FAILED: queue the task's webhook (if it has one) with the body task-result returns."""
+
+    def hook(task: TaskRecord) -> None:
+        webhook = task.extra.get("webhook")
+        url = webhook.get("url") if isinstance(webhook, dict) else None
+        if not url:
+            return
+        base_url = str(task.extra.get("_base_url", ""))
+        body = task_result_body(task, image_urls.resolver(base_url), image_urls.ttl)
+        outbox.enqueue(task.task_id, task.owner, str(url), body)
+
+    return hook

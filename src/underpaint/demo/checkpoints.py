@@ -212,17 +212,3 @@ def write_demo_models(models_dir: Path) -> dict[str, Path]:
         side.mkdir(exist_ok=True)
         vae.save_config(str(side))
     return paths
-
-
-def write_all_demo_models(models_dir: Path) -> dict[str, Path]:
-    """Everything ``underpaint demo-models DIR`` writes: checkpoints, VAE, LoRAs, embeddings, IP-Adapters,
-    ControlNets and annotators."""
-    from underpaint.demo.adapters import write_demo_adapters
-    from underpaint.demo.controlnet import write_demo_controlnets
-
-    written = write_demo_models(models_dir)
-    ckpt = Path(models_dir) / "checkpoint"
-    for path in write_demo_adapters(Path(models_dir), ckpt / "tiny-sd15.config", ckpt / "tiny-sdxl.config"):
-        written[f"{path.parent.name}/{path.name}"] = path
-    written.update(write_demo_controlnets(models_dir))
-    return written

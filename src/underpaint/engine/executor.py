@@ -23,11 +23,11 @@ from underpaint.engine.adapters.lora import LoraManager
 from underpaint.engine.conditioning import TextEncoderBundle
 from underpaint.engine.devices import configure_torch_threads, parse_dtype, pick_device, pick_dtype
 from underpaint.engine.job import GeneratedImage, GenerationJob, JobError, ProgressCallback
-from underpaint.engine.loader import LoadedCheckpoint, ModelCache, file_sha256
+from underpaint.engine.loader import LoadedCheckpoint, ModelCache
 from underpaint.engine.memory import oom_message, run_guarded
 from underpaint.engine.metadata import InfotextParams, build_infotext
-from underpaint.engine.registry import ModelEntry, ModelRegistry
 from underpaint.engine.samplers import DiscreteSchedule
+from underpaint.registry import ModelEntry, ModelRegistry, file_sha256
 
 
 class DiffusersExecutor:
@@ -137,7 +137,7 @@ class DiffusersExecutor:
                 unet=loaded.unet,
                 vae=vae,
                 bundle=TextEncoderBundle(
-                    list(loaded.tokenizers), cast(list[Any], list(loaded.text_encoders)), loaded.is_sdxl
+                    list(loaded.tokenizers), cast(Any, list(loaded.text_encoders)), loaded.is_sdxl
                 ),
                 schedule=self._schedule(loaded),
                 prediction_type=loaded.prediction_type,

@@ -13,6 +13,8 @@ from typing import Protocol
 
 from PIL import Image
 
+from underpaint.vocabulary import PreprocessorName, SamplerName
+
 
 @dataclass(frozen=True)
 class LoraSpec:
@@ -30,7 +32,7 @@ class ControlNetUnitSpec:
     model: str  # registry sd_name of the ControlNet
     image: Image.Image
     strength: float = 1.0
-    preprocessor: str | None = None  # None or "none" = use the image as the control map
+    preprocessor: PreprocessorName | None = None  # None = use the image as the control map
     guidance_start: float = 0.0
     guidance_end: float = 1.0
 
@@ -53,7 +55,7 @@ class GenerationJob:
     image_num: int
     steps: int
     guidance_scale: float
-    sampler_name: str
+    sampler_name: SamplerName
     seed: int  # already resolved: never -1 here
     strength: float
     clip_skip: int = 1  # A1111 meaning: 1 = last layer

@@ -17,7 +17,6 @@ import copy
 import gc
 import json
 import logging
-import os
 import pickle
 import threading
 from collections import OrderedDict
@@ -25,9 +24,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
-# Model files come from the models folder only; set before huggingface_hub reads it, where this module is first.
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import diffusers
 import safetensors.torch
@@ -46,7 +42,7 @@ from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokeniz
 
 from underpaint.config import Settings
 from underpaint.engine.devices import empty_device_cache, pick_device, pick_dtype
-from underpaint.engine.registry import ModelEntry, file_sha256, short_hash
+from underpaint.registry import ModelEntry, file_sha256, short_hash
 
 CONFIG_ROOT = Path(__file__).parent / "configs"
 SD15_CONFIG = CONFIG_ROOT / "sd15"

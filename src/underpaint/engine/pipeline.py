@@ -24,6 +24,7 @@ from underpaint.engine.conditioning import Conditioning, TextEncoderBundle, enco
 from underpaint.engine.devices import vae_dtype_for
 from underpaint.engine.job import JobCancelled, JobError, Progress, ProgressCallback
 from underpaint.engine.samplers import DiscreteSchedule, NoiseSource, sample_img2img
+from underpaint.vocabulary import SamplerName
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +57,7 @@ class PipelineInputs:
     seeds: list[int]
     steps: int
     guidance_scale: float
-    sampler_name: str
+    sampler_name: SamplerName
     strength: float
     clip_skip: int = 1
     token_expansions: dict[str, list[str]] = field(default_factory=dict)

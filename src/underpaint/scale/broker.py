@@ -10,11 +10,12 @@ import logging
 from typing import Any
 
 from celery import Celery
-from sqlalchemy import text
+from sqlalchemy import Engine, text
 
 from underpaint.scale.celery_app import create_celery_app
-from underpaint.scale.routing import known_queues
+from underpaint.scale.celery_queue import CeleryQueue
 from underpaint.services import Services
+from underpaint.tasks.lanes import known_queues
 
 log = logging.getLogger("underpaint.scale")
 
@@ -22,13 +23,14 @@ PROBE_TIMEOUT = 2.0
 
 
 def celery_app_of(services: Services) -> Celery:
-    app = getattr(services.queue, "app", None)
-    return app if isinstance(app, Celery) else create_celery_app(services.settings)
+    queue = services.queue
+    return queue.app if isinstance(queue, CeleryQueue) else create_celery_app(services.settings)
 
 
 class BrokerProbe:
-    def __init__(self, services: Services, app: Celery | None = None) -> None:
+    def __init__(self, services: Services, engine: Engine, app: Celery | None = None) -> None:
         self.services = services
+        self.engine = engine
         self.app = app if app is not None else celery_app_of(services)
 
     def queues(self) -> list[str]:
@@ -57,11 +59,8 @@ class BrokerProbe:
             return False
 
     def store_ok(self) -> bool:
-        engine: Any = getattr(self.services.store, "engine", None)
-        if engine is None:
-            return True
         try:
-            with engine.connect() as conn:
+            with self.engine.connect() as conn:
                 conn.execute(text("SELECT 1"))
             return True
         except Exception as exc:

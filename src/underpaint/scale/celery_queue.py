@@ -6,7 +6,7 @@ from celery import Celery
 
 from underpaint.config import Settings
 from underpaint.scale.celery_app import TASK_NAME, create_celery_app
-from underpaint.scale.routing import parse_queues
+from underpaint.tasks.lanes import parse_queues
 
 
 class CeleryQueue:

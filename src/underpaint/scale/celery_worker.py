@@ -27,17 +27,19 @@ from collections.abc import Sequence
 from typing import Any
 
 from celery import Celery
+from sqlalchemy import Engine
 from sqlalchemy.exc import OperationalError
 
 from underpaint.config import Settings
+from underpaint.delivery.webhooks import WebhookDispatcher
 from underpaint.scale.celery_app import TASK_NAME, create_celery_app
 from underpaint.scale.celery_queue import CeleryQueue
 from underpaint.scale.heartbeat import Heartbeat, default_interval
 from underpaint.scale.json_logs import task_context
-from underpaint.scale.metrics import InstrumentedRunner, model_loads, serving_registry, store_engine
-from underpaint.scale.routing import parse_queues
+from underpaint.scale.metrics import LoadCountingRunner, model_loads, serving_registry
 from underpaint.services import Services
-from underpaint.tasks.lifecycle import sweep_expired
+from underpaint.tasks.lanes import parse_queues
+from underpaint.tasks.lifecycle import TerminalHook, sweep_expired
 from underpaint.tasks.types import TaskRecord
 from underpaint.worker.loop import default_worker_id, process_task
 
@@ -49,11 +51,18 @@ RETRY_DELAY = 5.0  # seconds before a message whose task could not be read (stor
 class WorkerContext:
     """Everything a worker process shares between its Celery task bodies."""
 
-    def __init__(self, services: Services, runners: Sequence[Any], on_terminal: Any) -> None:
+    def __init__(
+        self,
+        services: Services,
+        engine: Engine,
+        runners: Sequence[LoadCountingRunner],
+        on_terminal: TerminalHook,
+    ) -> None:
         self.services = services
+        self.engine = engine  # the shared database: heartbeats live beside the tasks
         self.runners = list(runners)
         self.on_terminal = on_terminal
-        self._free: queue_mod.Queue[Any] = queue_mod.Queue()
+        self._free: queue_mod.Queue[LoadCountingRunner] = queue_mod.Queue()
         for r in self.runners:
             self._free.put(r)
         self._lock = threading.Lock()
@@ -120,7 +129,7 @@ def register_task(app: Celery, ctx: WorkerContext) -> None:
     through it.
     """
 
-    @app.task(
+    @app.task(  # type: ignore[untyped-decorator]  # celery ships no annotations
         name=TASK_NAME, bind=True, shared=False, lazy=False, ignore_result=True, acks_late=True,
         reject_on_worker_lost=True, max_retries=None,
     )  # fmt: skip
@@ -143,28 +152,20 @@ def worker_settings(settings: Settings) -> Settings:
     return settings.with_overrides(queue_backend="celery", run_worker=False)
 
 
-def build_context(settings: Settings, concurrency: int) -> WorkerContext:
-    from underpaint.wiring import build_runner, build_services, on_terminal_hook
-
-    services = build_services(settings)
-    runners = [InstrumentedRunner(build_runner(services)) for _ in range(concurrency)]
-    return WorkerContext(services, runners, on_terminal_hook(services))
-
-
-def run_worker(
-    settings: Settings,
-    queues: str | Sequence[str] = "sd15,sdxl",
-    concurrency: int = 1,
-    *,
-    metrics_port: int | None = None,
-) -> int:
-    """Consume ``queues`` until SIGTERM/SIGINT (warm shutdown: running tasks finish first). Returns the exit code."""
+def check_worker_args(queues: str | Sequence[str], concurrency: int) -> tuple[str, ...]:
+    """The queue names to consume; ``ValueError`` for bad ``--queues`` or ``--concurrency``."""
     names = parse_queues(queues if isinstance(queues, str) else ",".join(queues))
     if concurrency < 1:
         raise ValueError("--concurrency must be at least 1")
-    settings = worker_settings(settings)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    ctx = build_context(settings, concurrency)
+    return tuple(names)
+
+
+def run_worker(
+    ctx: WorkerContext, names: tuple[str, ...], webhooks: WebhookDispatcher, *, metrics_port: int | None = None
+) -> int:
+    """Consume ``names`` until SIGTERM/SIGINT (warm shutdown: running tasks finish first). Returns the exit code."""
+    settings = ctx.services.settings
+    concurrency = len(ctx.runners)
     queue = ctx.services.queue
     app = queue.app if isinstance(queue, CeleryQueue) else create_celery_app(settings)
     app.set_default()
@@ -173,11 +174,10 @@ def run_worker(
         from prometheus_client import start_http_server
 
         start_http_server(metrics_port, addr=settings.host, registry=serving_registry())
-    engine = store_engine(ctx.services)
-    heartbeat = Heartbeat(engine, names, concurrency, ctx.stats, interval=default_interval(settings.lease_seconds))
+    heartbeat = Heartbeat(ctx.engine, names, concurrency, ctx.stats, interval=default_interval(settings.lease_seconds))
     heartbeat.start()
     ctx.start_sweeper(max(1.0, settings.lease_seconds / 4))
-    ctx.services.webhooks.start()
+    webhooks.start()
     log.info("worker %s consuming %s (concurrency %d)", heartbeat.worker_id, ",".join(names), concurrency)
     try:
         worker = app.Worker(
@@ -196,4 +196,4 @@ def run_worker(
     finally:
         ctx.stop()
         heartbeat.stop()
-        ctx.services.webhooks.stop()
+        webhooks.stop()

@@ -17,8 +17,9 @@ import shutil
 import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
+from fastapi import FastAPI
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
@@ -27,8 +28,13 @@ from sqlalchemy.exc import DBAPIError
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from underpaint.scale.heartbeat import default_interval, list_workers
 from underpaint.services import Services
 from underpaint.tasks.types import ImageRecord, TaskRecord, TaskStatus
+from underpaint.worker.loop import ProgressReporter, TaskRunner
+
+if TYPE_CHECKING:
+    from underpaint.scale.broker import BrokerProbe  # imports celery: only Celery-mode processes load it
 
 log = logging.getLogger("underpaint.scale")
 
@@ -55,20 +61,29 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 _webhook_table = table("webhook_deliveries", column("status"))
 
 
+# The environment the embedded worker child starts with (its multiprocess metrics folder).
+WorkerEnv = dict[str, str]
+
+
+class LoadCountingRunner(TaskRunner, Protocol):
+    @property
+    def checkpoint_loads(self) -> int: ...
+
+
 class InstrumentedRunner:
     """Wraps a ``TaskRunner``: times each run into ``underpaint_generation_seconds``."""
 
-    def __init__(self, runner: Any) -> None:
+    def __init__(self, runner: LoadCountingRunner) -> None:
         self.runner = runner
 
     @property
-    def executor(self) -> Any:
-        return getattr(self.runner, "executor", None)
+    def checkpoint_loads(self) -> int:
+        return self.runner.checkpoint_loads
 
-    def run(self, task: TaskRecord, payload: dict[str, Any], report: Any) -> list[ImageRecord]:
+    def run(self, task: TaskRecord, payload: dict[str, Any], report: ProgressReporter) -> list[ImageRecord]:
         base = "sdxl" if task.lane.startswith("sdxl") else "sd15" if task.lane.startswith("sd15") else "other"
         start = time.perf_counter()
-        loads = model_loads([self.runner])
+        loads = self.runner.checkpoint_loads
         outcome = "error"
         try:
             images = self.runner.run(task, payload, report)
@@ -77,20 +92,11 @@ class InstrumentedRunner:
         finally:
             GENERATION_SECONDS.labels(base, outcome).observe(time.perf_counter() - start)
             TASKS_RUN.labels(outcome).inc()
-            MODEL_LOADS.inc(max(0, model_loads([self.runner]) - loads))
-
-    def discard(self, records: list[ImageRecord]) -> None:
-        discard = getattr(self.runner, "discard", None)
-        if discard is not None:
-            discard(records)
+            MODEL_LOADS.inc(max(0, self.runner.checkpoint_loads - loads))
 
 
-def model_loads(runners: Iterable[Any]) -> int:
-    total = 0
-    for r in runners:
-        loads = getattr(getattr(r, "executor", None), "checkpoint_loads", 0)
-        total += int(loads() if callable(loads) else loads)
-    return total
+def model_loads(runners: Iterable[LoadCountingRunner]) -> int:
+    return sum(r.checkpoint_loads for r in runners)
 
 
 class _Merged(Collector):
@@ -119,13 +125,6 @@ def worker_metrics_dir(data_dir: Path) -> Path:
     return folder
 
 
-def store_engine(services: Services) -> Engine:
-    engine = getattr(services.store, "engine", None)
-    if not isinstance(engine, Engine):
-        raise TypeError("metrics need the SQL task store (SqlTaskStore)")
-    return engine
-
-
 def webhook_counts(engine: Engine) -> dict[str, int]:
     stmt = select(_webhook_table.c.status, func.count()).group_by(_webhook_table.c.status)
     try:
@@ -138,8 +137,11 @@ def webhook_counts(engine: Engine) -> dict[str, int]:
 class ClusterCollector(Collector):
     """Scrape-time view of the shared state; each part that cannot be read is left out (and logged)."""
 
-    def __init__(self, services: Services, queue_depths: Callable[[], dict[str, int]] | None = None) -> None:
+    def __init__(
+        self, services: Services, engine: Engine, queue_depths: Callable[[], dict[str, int]] | None = None
+    ) -> None:
         self.services = services
+        self.engine = engine
         self.queue_depths = queue_depths
 
     def collect(self) -> Iterator[Metric]:
@@ -164,7 +166,7 @@ class ClusterCollector(Collector):
 
     def _webhooks(self) -> Iterator[Metric]:
         g = GaugeMetricFamily("underpaint_webhook_deliveries", "Webhook deliveries by status", labels=["status"])
-        for status, n in sorted(webhook_counts(store_engine(self.services)).items()):
+        for status, n in sorted(webhook_counts(self.engine).items()):
             g.add_metric([status], n)
         yield g
 
@@ -176,11 +178,9 @@ class ClusterCollector(Collector):
         yield g
 
     def _workers(self) -> Iterator[Metric]:
-        from underpaint.scale.heartbeat import list_workers
-
         now = time.time()
         stale = worker_stale_after(self.services.settings.lease_seconds)
-        alive = [w for w in list_workers(store_engine(self.services)) if w.alive(now, stale)]
+        alive = [w for w in list_workers(self.engine) if w.alive(now, stale)]
         g = GaugeMetricFamily("underpaint_workers_alive", "Workers whose heartbeat is recent", labels=["queue"])
         per_queue: dict[str, int] = {}
         for w in alive:
@@ -201,61 +201,47 @@ class ClusterCollector(Collector):
 
 
 def worker_stale_after(lease_seconds: float) -> float:
-    from underpaint.scale.heartbeat import default_interval
-
     return 3 * default_interval(lease_seconds)
 
 
-def metrics_text(services: Services) -> bytes:
-    registry: CollectorRegistry = services.extras["metrics_registry"]
-    return generate_latest(REGISTRY) + generate_latest(registry)
+def install_metrics(app: FastAPI, services: Services, engine: Engine, probe: BrokerProbe | None) -> WorkerEnv:
+    """Add ``GET /metrics`` (and, with a broker ``probe`` (Celery mode), ``GET /health/workers``).
 
-
-def install_metrics(app: Any, services: Services) -> None:
-    """Add ``GET /metrics`` (and, in Celery mode, ``GET /health/workers`` plus broker/store ``/health`` checks).
-
-    ``/metrics`` = this process's default registry (generation histogram, tasks run) + the cluster view + the
-    model loads of the runners listed in ``services.extras["runners"]`` (the embedded worker's).
+    ``/metrics`` = this process's default registry + the cluster view + the generation numbers of the worker this
+    process runs: in-process for a thread worker, read from the worker child's multiprocess files otherwise.
+    Returns the environment the embedded worker child must start with.
     """
     registry = CollectorRegistry(auto_describe=False)
-    depths: Callable[[], dict[str, int]] | None = None
-    if services.settings.queue_backend == "celery":
-        from underpaint.scale.broker import BrokerProbe
-
-        probe = BrokerProbe(services)
-        depths = probe.queue_depths
-        services.extras["health"] = probe.health
-        services.extras["broker_probe"] = probe
-    registry.register(ClusterCollector(services, depths))
+    registry.register(ClusterCollector(services, engine, probe.queue_depths if probe is not None else None))
     settings = services.settings
+    worker_env: WorkerEnv = {}
     if settings.run_worker and settings.queue_backend == "local":
         if settings.worker_process:  # the worker child writes its values to files; read them at scrape time
             from prometheus_client.multiprocess import MultiProcessCollector
 
             folder = worker_metrics_dir(settings.data_dir)
-            services.extras["worker_env"] = {MULTIPROC_ENV: str(folder)}
-            MultiProcessCollector(registry, path=str(folder))
+            worker_env[MULTIPROC_ENV] = str(folder)
+            MultiProcessCollector(registry, path=str(folder))  # type: ignore[no-untyped-call]
         else:
             registry.register(_Merged(WORKER_REGISTRY))
-    services.extras["metrics_registry"] = registry
 
     @app.get("/metrics", include_in_schema=False)
     def metrics() -> Response:
-        return Response(metrics_text(services), media_type=CONTENT_TYPE)
+        return Response(generate_latest(REGISTRY) + generate_latest(registry), media_type=CONTENT_TYPE)
 
-    if depths is not None:
+    if probe is not None:
 
         @app.get("/health/workers", include_in_schema=False)
         def workers(request: Request) -> Response:
-            return JSONResponse(workers_body(services))
+            return JSONResponse(workers_body(services, engine))
+
+    return worker_env
 
 
-def workers_body(services: Services) -> dict[str, Any]:
-    from underpaint.scale.heartbeat import list_workers
-
+def workers_body(services: Services, engine: Engine) -> dict[str, Any]:
     now = time.time()
     stale = worker_stale_after(services.settings.lease_seconds)
-    rows = list_workers(store_engine(services))
+    rows = list_workers(engine)
     return {
         "alive": sum(1 for w in rows if w.alive(now, stale)),
         "workers": [

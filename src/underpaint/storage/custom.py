@@ -25,7 +25,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from underpaint.api.errors import invalid_custom_output_path
 from underpaint.config import Settings
 from underpaint.storage.s3 import S3Storage
 from underpaint.tasks.types import ImageRecord
@@ -39,6 +38,14 @@ _BUCKET_BAD_SUFFIXES = ("-s3alias", "--ol-s3", ".mrap", "--x-s3", "--table-s3")
 _REGION_RE = re.compile(r"^[a-z]{2}(-[a-z]+)+-\d{1,2}$")
 # Leave room under S3's 1024-byte key limit for "/<task_id>/<task_id>_<n>.<ext>".
 _MAX_PATH_BYTES = 900
+
+
+class InvalidCustomStorage(ValueError):
+    """``extra.custom_storage`` that cannot be used; ``str(exc)`` is written for the client."""
+
+    def __init__(self, message: str, **metadata: object) -> None:
+        super().__init__(message)
+        self.metadata = metadata
 
 
 @dataclass(frozen=True)
@@ -67,14 +74,14 @@ def _normalize_path(path: str) -> str:
     if not normalized:
         return ""
     if len(normalized.encode()) > _MAX_PATH_BYTES:
-        raise invalid_custom_output_path(f"custom_storage.aws_s3.path is longer than {_MAX_PATH_BYTES} bytes")
+        raise InvalidCustomStorage(f"custom_storage.aws_s3.path is longer than {_MAX_PATH_BYTES} bytes")
     if "\\" in normalized or any(ord(c) < 32 or ord(c) == 127 for c in normalized):
-        raise invalid_custom_output_path(
+        raise InvalidCustomStorage(
             "custom_storage.aws_s3.path must not contain backslashes or control characters", path=path
         )
     for segment in normalized.split("/"):
         if segment in ("", ".", ".."):
-            raise invalid_custom_output_path(
+            raise InvalidCustomStorage(
                 "custom_storage.aws_s3.path must not contain empty, '.' or '..' segments", path=path
             )
     return normalized
@@ -83,7 +90,7 @@ def _normalize_path(path: str) -> str:
 def _required_str(aws_s3: Mapping[str, Any], name: str) -> str:
     value = aws_s3.get(name)
     if not isinstance(value, str):
-        raise invalid_custom_output_path(f"custom_storage.aws_s3.{name} is required and must be a string")
+        raise InvalidCustomStorage(f"custom_storage.aws_s3.{name} is required and must be a string")
     return value
 
 
@@ -92,30 +99,28 @@ def _endpoint(settings: Settings | None) -> str | None:
 
 
 def custom_target(aws_s3: Mapping[str, Any], settings: Settings | None = None) -> CustomS3Target:
-    """Validate ``extra.custom_storage.aws_s3``; raises ``ApiError`` 400 ``INVALID_CUSTOM_OUTPUT_PATH``.
+    """Validate ``extra.custom_storage.aws_s3``; raises ``InvalidCustomStorage`` (the API answers 400 ``INVALID_CUSTOM_OUTPUT_PATH``).
 
     ``settings`` supplies the server's ``s3_endpoint_url`` (None: AWS).
     """
     if not isinstance(aws_s3, Mapping):
-        raise invalid_custom_output_path("custom_storage.aws_s3 must be an object")
+        raise InvalidCustomStorage("custom_storage.aws_s3 must be an object")
     unknown = sorted(set(aws_s3) - {"region", "bucket", "path", "save_to_path_directly"})
     if unknown:
-        raise invalid_custom_output_path(f"custom_storage.aws_s3 has unknown fields: {', '.join(unknown)}")
+        raise InvalidCustomStorage(f"custom_storage.aws_s3 has unknown fields: {', '.join(unknown)}")
     region = _required_str(aws_s3, "region")
     if not _REGION_RE.match(region):
-        raise invalid_custom_output_path(
-            f"custom_storage.aws_s3.region {region!r} is not an AWS region name", region=region
-        )
+        raise InvalidCustomStorage(f"custom_storage.aws_s3.region {region!r} is not an AWS region name", region=region)
     bucket = _required_str(aws_s3, "bucket")
     problem = _bucket_problem(bucket)
     if problem:
-        raise invalid_custom_output_path(f"custom_storage.aws_s3.bucket {bucket!r} {problem}", bucket=bucket)
+        raise InvalidCustomStorage(f"custom_storage.aws_s3.bucket {bucket!r} {problem}", bucket=bucket)
     path = _normalize_path(_required_str(aws_s3, "path"))
     direct = aws_s3.get("save_to_path_directly", False)
     if direct is None:
         direct = False
     if not isinstance(direct, bool):
-        raise invalid_custom_output_path("custom_storage.aws_s3.save_to_path_directly must be a boolean")
+        raise InvalidCustomStorage("custom_storage.aws_s3.save_to_path_directly must be a boolean")
     return CustomS3Target(region, bucket, path, direct, _endpoint(settings))
 
 
@@ -125,10 +130,10 @@ def custom_target_from_extra(extra: Mapping[str, Any], settings: Settings | None
     if not custom:
         return None
     if not isinstance(custom, Mapping):
-        raise invalid_custom_output_path("custom_storage must be an object")
+        raise InvalidCustomStorage("custom_storage must be an object")
     unknown = sorted(set(custom) - {"aws_s3"})
     if unknown:
-        raise invalid_custom_output_path(
+        raise InvalidCustomStorage(
             f"custom_storage supports only 'aws_s3', got: {', '.join(unknown)}", unsupported=unknown
         )
     aws_s3 = custom.get("aws_s3")
@@ -138,7 +143,7 @@ def custom_target_from_extra(extra: Mapping[str, Any], settings: Settings | None
 
 
 def validate_custom_storage(extra_custom_storage: Mapping[str, Any] | None) -> None:
-    """Submit-time check of ``extra.custom_storage``; raises ``ApiError`` 400 ``INVALID_CUSTOM_OUTPUT_PATH``."""
+    """Submit-time check of ``extra.custom_storage``; raises ``InvalidCustomStorage`` (the API answers 400 ``INVALID_CUSTOM_OUTPUT_PATH``)."""
     custom_target_from_extra({"custom_storage": extra_custom_storage})
 
 

@@ -8,6 +8,7 @@ secret signature) or extended (the expiry is signed).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import math
@@ -112,10 +113,8 @@ class LocalStorage:
     def delete(self, key: str) -> None:
         path = self.path_for(key)
         path.unlink(missing_ok=True)
-        try:
+        with contextlib.suppress(OSError):
             path.parent.rmdir()  # the per-task folder, once empty
-        except OSError:
-            pass
 
     # -- serving --------------------------------------------------------------------------------------------
 

@@ -15,8 +15,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 
-from underpaint.storage.base import ImageStorage
-from underpaint.tasks.types import ImageRecord, TaskQueue, TaskRecord, TaskStatus, TaskStore
+from underpaint.tasks.types import ImageDeleter, ImageRecord, TaskQueue, TaskRecord, TaskStatus, TaskStore
 
 log = logging.getLogger("underpaint.tasks")
 
@@ -84,7 +83,7 @@ def recover_on_start(
     return changed
 
 
-def delete_images(storage: ImageStorage, images: Iterable[ImageRecord]) -> int:
+def delete_images(storage: ImageDeleter, images: Iterable[ImageRecord]) -> int:
     """Delete the images that live in ``storage``; returns how many. Errors are logged, not raised."""
     deleted = 0
     for image in images:
@@ -112,7 +111,7 @@ class RetentionSweeper:
     def __init__(
         self,
         store: TaskStore,
-        storage: ImageStorage,
+        storage: ImageDeleter,
         retention_seconds: float,
         *,
         interval: float = 600.0,

@@ -7,20 +7,30 @@ by priority then age, across all lanes.
 from __future__ import annotations
 
 import threading
-from typing import Any
+from typing import Protocol
+
+
+class WakeEvent(Protocol):
+    """``threading.Event`` or a ``multiprocessing`` Event shared with the worker process."""
+
+    def set(self) -> None: ...
+
+    def clear(self) -> None: ...
+
+    def wait(self, timeout: float | None = None) -> bool: ...
 
 
 class LocalQueue:
     """``TaskQueue`` for embedded mode (one machine, one worker).
 
-    ``event`` may be a ``multiprocessing`` Event shared with the worker process (``worker_process.py``).
+    ``event`` may be a ``multiprocessing`` Event shared with the worker process (``worker/process.py``).
     """
 
-    def __init__(self, event: Any = None) -> None:
-        self._ready = event if event is not None else threading.Event()
+    def __init__(self, event: WakeEvent | None = None) -> None:
+        self._ready: WakeEvent = event if event is not None else threading.Event()
 
     @property
-    def event(self) -> Any:
+    def event(self) -> WakeEvent:
         """The wake-up event (share it with a worker process)."""
         return self._ready
 

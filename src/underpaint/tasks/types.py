@@ -89,6 +89,9 @@ def owner_of(api_key: str) -> str:
 class TaskStore(Protocol):
     # How long a claim stays valid without a heartbeat; workers renew well within it.
     lease_seconds: float
+    # True when ``get`` is a local point read cheaper than a thread hop (SQLite): the API may call it on its
+    # event loop. False for a networked database.
+    inline_reads: bool
 
     def create(self, task: NewTask) -> TaskRecord: ...
 
@@ -145,6 +148,15 @@ class TaskStore(Protocol):
     def images_created_since(self, owner: str, since: float) -> int:
         """Images requested (image_num summed) by ``owner`` in tasks created at or after ``since``."""
         ...
+
+
+class ImageDeleter(Protocol):
+    """What the task lifecycle needs of an image store (``storage.base.ImageStorage`` is one): its backend name
+    (an image records which backend holds it) and deletion."""
+
+    name: str
+
+    def delete(self, key: str) -> None: ...
 
 
 class TaskQueue(Protocol):

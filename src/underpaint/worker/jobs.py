@@ -9,9 +9,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from underpaint.api.errors import ApiError
-from underpaint.api.images import decode_image
 from underpaint.engine.job import ControlNetUnitSpec, EmbeddingSpec, GenerationJob, IPAdapterSpec, JobError, LoraSpec
+from underpaint.vocabulary import SamplerName, normalize_preprocessor_name, normalize_sampler_name
+from underpaint.wire.errors import ApiError
+from underpaint.wire.images import decode_image
 
 
 def job_from_payload(payload: dict[str, Any], seed: int) -> GenerationJob:
@@ -24,6 +25,13 @@ def job_from_payload(payload: dict[str, Any], seed: int) -> GenerationJob:
         raise JobError(f"invalid stored task payload: {exc!r}") from None
 
 
+def _sampler(name: object) -> SamplerName:
+    canonical = normalize_sampler_name(name)
+    if canonical is None:
+        raise ValueError(f"unknown sampler {name!r}")
+    return canonical
+
+
 def _build(p: dict[str, Any], seed: int) -> GenerationJob:
     if seed < 0:
         raise ValueError(f"seed must be resolved before building a job, got {seed}")
@@ -33,7 +41,7 @@ def _build(p: dict[str, Any], seed: int) -> GenerationJob:
             model=u["model_name"],
             image=decode_image(u["image_base64"], f"request.controlnet.units[{i}].image_base64").image,
             strength=float(u["strength"]),
-            preprocessor=u.get("preprocessor"),
+            preprocessor=normalize_preprocessor_name(u.get("preprocessor")),
             guidance_start=float(u["guidance_start"]),
             guidance_end=float(u["guidance_end"]),
         )
@@ -57,7 +65,7 @@ def _build(p: dict[str, Any], seed: int) -> GenerationJob:
         image_num=int(p["image_num"]),
         steps=int(p["steps"]),
         guidance_scale=float(p["guidance_scale"]),
-        sampler_name=p["sampler_name"],
+        sampler_name=_sampler(p["sampler_name"]),
         seed=seed,
         strength=float(p["strength"]),
         clip_skip=int(p.get("clip_skip") or 1),

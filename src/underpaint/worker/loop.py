@@ -19,7 +19,7 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from underpaint.config import Settings
-from underpaint.engine.job import JobCancelled, JobError
+from underpaint.engine.job import JobCancelled, JobError, Progress
 from underpaint.storage.base import ImageStorage, StorageError
 from underpaint.tasks.lifecycle import TerminalHook, delete_images, notify_terminal, sweep_expired
 from underpaint.tasks.queue import LocalQueue
@@ -31,7 +31,7 @@ _MAX_REASON = 1000
 
 
 class ProgressReporter:
-    """Passed to the runner: ``report(progress_percent, eta_seconds)`` writes progress to the store.
+    """Passed to the runner as the executor's progress callback: ``report(Progress)`` writes progress to the store.
 
     Writes are throttled to one per ``min_interval`` seconds, except 100 % which is always written. When the
     store says this worker no longer holds the task, the call raises ``JobCancelled``; ``should_cancel`` is the
@@ -61,7 +61,9 @@ class ProgressReporter:
     def should_cancel(self) -> bool:
         return self._lost.is_set()
 
-    def __call__(self, progress_percent: int, eta_seconds: int) -> None:
+    def __call__(self, progress: Progress) -> None:
+        progress_percent = min(100, max(0, int(progress.fraction * 100)))
+        eta_seconds = max(0, round(progress.eta_seconds))
         if self._lost.is_set():
             raise JobCancelled(f"task {self.task_id}: this worker lost its lease")
         now = self.clock()

@@ -14,16 +14,17 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import importlib
 import logging
 import multiprocessing
 import os
 import signal
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Mapping
 from multiprocessing.context import SpawnProcess
-from typing import Any
 
 from underpaint.config import Settings
+from underpaint.tasks.queue import WakeEvent
 
 log = logging.getLogger(__name__)
 
@@ -31,45 +32,41 @@ _PR_SET_PDEATHSIG = 1
 
 
 def _die_with_parent(parent_pid: int) -> None:
-    try:
+    WorkerProcess._parent_pid = parent_pid
+    # Not Linux/glibc: the ppid check below still catches most cases.
+    with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-    except (OSError, AttributeError):  # not Linux/glibc: the ppid check below still catches most cases
-        pass
     if os.getppid() != parent_pid:  # the parent died before prctl took effect
         os._exit(0)
 
 
-def child_main(settings: Settings, wake: Any, parent_pid: int, log_level: int) -> None:
-    """Entry point of the worker process: build the services, run the worker until SIGTERM."""
+def _child(
+    entry: str, settings: Settings, wake: WakeEvent, parent_pid: int, log_level: int, env: dict[str, str]
+) -> None:
+    """The child process: its environment first (prometheus_client reads its multiprocess folder at import), then
+    the entry point, named ``"module:function"`` so that nothing it imports is loaded before that."""
     _die_with_parent(parent_pid)
+    os.environ.update(env)
     logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s[worker]: %(message)s")
-    from underpaint.tasks.queue import LocalQueue
-    from underpaint.wiring import build_local_worker, build_services
-
-    services = build_services(settings, queue=LocalQueue(wake))
-    worker = build_local_worker(services)
-    if settings.worker_metrics_port is not None:
-        from prometheus_client import start_http_server
-
-        from underpaint.scale.metrics import serving_registry
-
-        start_http_server(settings.worker_metrics_port, addr=settings.host, registry=serving_registry())
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the whole group; the parent decides
-    worker.start()
-    while not stop.wait(1.0):
-        if os.getppid() != parent_pid:
-            break
-    worker.stop()  # finishes the task in hand; a killed child leaves it to recover_on_start
+    module, _, name = entry.partition(":")
+    run: Callable[[Settings, WakeEvent], None] = getattr(importlib.import_module(module), name)
+    run(settings, wake)
 
 
 class WorkerProcess:
     """Starts the child, watches it, restarts it if it dies, stops it with the server."""
 
+    _parent_pid: int | None = None
+
     def __init__(
-        self, settings: Settings, wake: Any, on_child_death: Any = None, env: dict[str, str] | None = None
+        self,
+        entry: str,
+        settings: Settings,
+        wake: WakeEvent,
+        on_child_death: Callable[[], None] | None = None,
+        env: Mapping[str, str] | None = None,
     ) -> None:
+        self.entry = entry
         self.settings = settings
         self.env = dict(env or {})  # extra environment for the child (set before it imports anything)
         self.wake = wake
@@ -79,6 +76,11 @@ class WorkerProcess:
         self._stopping = threading.Event()
         self._watch: threading.Thread | None = None
         self.restarts = 0
+
+    @staticmethod
+    def parent_alive() -> bool:
+        """In the child: whether the server that started it still runs."""
+        return WorkerProcess._parent_pid is None or os.getppid() == WorkerProcess._parent_pid
 
     @property
     def pid(self) -> int | None:
@@ -90,13 +92,12 @@ class WorkerProcess:
     def _spawn(self) -> None:
         level = logging.getLogger().getEffectiveLevel()
         proc = self._ctx.Process(
-            target=child_main,
-            args=(self.settings, self.wake, os.getpid(), level),
+            target=_child,
+            args=(self.entry, self.settings, self.wake, os.getpid(), level, self.env),
             name="underpaint-worker",
             daemon=False,
         )
-        with _environ(self.env):
-            proc.start()
+        proc.start()
         self._proc = proc
         log.info("worker process %s started", proc.pid)
 
@@ -139,25 +140,6 @@ class WorkerProcess:
             self._watch = None
 
 
-_environ_lock = threading.Lock()
-
-
-@contextlib.contextmanager
-def _environ(extra: dict[str, str]) -> Iterator[None]:
-    """``extra`` in os.environ while a child is spawned (it inherits the environment), then as before."""
-    with _environ_lock:
-        saved = {k: os.environ.get(k) for k in extra}
-        os.environ.update(extra)
-        try:
-            yield
-        finally:
-            for k, v in saved.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
-
-
-def wake_event() -> Any:
+def new_wake_event() -> WakeEvent:
     """An Event both processes share (created before the child is spawned)."""
     return multiprocessing.get_context("spawn").Event()

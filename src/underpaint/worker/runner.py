@@ -8,38 +8,51 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any
+from typing import Any, Protocol
 
-from underpaint.engine.job import Executor, GeneratedImage, Progress
+from PIL import Image
+
+from underpaint.config import Settings
+from underpaint.engine.job import Executor, GeneratedImage
 from underpaint.engine.metadata import CONTENT_TYPES, encode_image
-from underpaint.services import Services
+from underpaint.storage import custom as custom_storage
+from underpaint.storage.base import ImageStorage
 from underpaint.tasks.types import ImageRecord, NsfwResult, TaskRecord
 from underpaint.worker.jobs import job_from_payload
+from underpaint.worker.loop import ProgressReporter
 
 log = logging.getLogger(__name__)
 
-Reporter = Callable[[int, int], None]
+
+class NsfwCheck(Protocol):
+    def detect(self, images: list[Image.Image], level: int) -> list[NsfwResult]: ...
+
+
+class CountingExecutor(Executor, Protocol):
+    @property
+    def checkpoint_loads(self) -> int: ...
 
 
 class GenerationRunner:
-    def __init__(self, services: Services, executor: Executor, nsfw: Any = None) -> None:
-        self.services = services
+    def __init__(
+        self, settings: Settings, storage: ImageStorage, executor: CountingExecutor, nsfw: NsfwCheck | None = None
+    ) -> None:
+        self.settings = settings
+        self.storage = storage
         self.executor = executor
         self.nsfw = nsfw
         # NSFW detection runs on the CPU (onnxruntime) beside encoding and upload, never on the GPU.
         self._side = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nsfw")
 
-    def run(self, task: TaskRecord, payload: dict[str, Any], report: Reporter) -> list[ImageRecord]:
+    @property
+    def checkpoint_loads(self) -> int:
+        return self.executor.checkpoint_loads
+
+    def run(self, task: TaskRecord, payload: dict[str, Any], report: ProgressReporter) -> list[ImageRecord]:
         job = job_from_payload(payload, task.seed)
-
-        def on_progress(p: Progress) -> None:
-            report(int(p.fraction * 100), round(p.eta_seconds))
-
-        # The reporter knows when this worker lost its lease (another worker took the task over).
-        should_cancel = getattr(report, "should_cancel", None)
-        images = self.executor.generate(job, on_progress=on_progress, should_cancel=should_cancel)
+        # The reporter also knows when this worker lost its lease (another worker took the task over).
+        images = self.executor.generate(job, on_progress=report, should_cancel=report.should_cancel)
         verdicts = self._detect(task, images)
         records = self._store(task, images, verdicts)
         return records
@@ -61,17 +74,15 @@ class GenerationRunner:
                 data = encode_image(g.image, fmt, g.infotext)
                 filename = f"{uuid.uuid4().hex}.{fmt}"
                 if custom:
-                    from underpaint.storage import custom as custom_storage
-
-                    target = custom_storage.custom_target(custom, self.services.settings)
+                    target = custom_storage.custom_target(custom, self.settings)
                     save_directly = bool(custom.get("save_to_path_directly"))
                     key = custom_storage.object_key(target, task.task_id, filename, save_directly)
                     location = custom_storage.put_custom(target, key, data, CONTENT_TYPES[fmt])
                     records.append((key, "custom", location))
                 else:
                     key = f"{task.task_id}/{filename}"
-                    self.services.storage.put(key, data, CONTENT_TYPES[fmt])
-                    records.append((key, self.services.storage.name, {}))
+                    self.storage.put(key, data, CONTENT_TYPES[fmt])
+                    records.append((key, self.storage.name, {}))
         except Exception:
             # The task fails: leave none of its images behind, in our storage or in the user's bucket.
             self.discard(
@@ -95,11 +106,9 @@ class GenerationRunner:
         or a later upload of the same task failed. Best effort: a failure is logged, never raised."""
         for r in records:
             try:
-                if r.backend == self.services.storage.name:
-                    self.services.storage.delete(r.key)
+                if r.backend == self.storage.name:
+                    self.storage.delete(r.key)
                 elif r.backend == "custom":
-                    from underpaint.storage.custom import delete_custom
-
-                    delete_custom(r, self.services.settings)
+                    custom_storage.delete_custom(r, self.settings)
             except Exception:
                 log.warning("could not delete orphan image %s (%s)", r.key, r.backend)

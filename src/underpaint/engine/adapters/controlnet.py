@@ -19,7 +19,7 @@ from PIL import Image
 
 from underpaint.engine import preprocessors
 from underpaint.engine.job import ControlNetUnitSpec, JobError
-from underpaint.engine.registry import ModelEntry
+from underpaint.registry import ModelEntry
 
 CONFIG_ROOT = Path(__file__).resolve().parents[1] / "configs"
 CONTROL_PREFIX = "control_model."

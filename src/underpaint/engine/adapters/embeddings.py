@@ -34,7 +34,7 @@ from torch import nn
 
 from underpaint.engine.adapters import short_reason
 from underpaint.engine.job import JobError
-from underpaint.engine.registry import ModelEntry
+from underpaint.registry import ModelEntry
 
 MAX_EMBEDDINGS_PER_TASK = 5
 SLOT_PREFIX = "upti"

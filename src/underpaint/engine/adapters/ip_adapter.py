@@ -32,7 +32,7 @@ from PIL import Image
 
 from underpaint.engine.adapters import short_reason
 from underpaint.engine.job import JobError
-from underpaint.engine.registry import ModelEntry
+from underpaint.registry import ModelEntry
 
 IMAGE_ENCODERS_DIR = "image_encoders"
 _TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")

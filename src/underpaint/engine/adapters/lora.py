@@ -43,7 +43,7 @@ from torch.utils.hooks import RemovableHandle
 
 from underpaint.engine.adapters import short_reason
 from underpaint.engine.job import JobError
-from underpaint.engine.registry import ModelEntry
+from underpaint.registry import ModelEntry
 
 MAX_LORAS_PER_TASK = 5
 _TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
@@ -184,7 +184,7 @@ def convert_lora(state: StateDict, loaded: Any) -> dict[LayerKey, LoraPair]:
 
 def _to_peft(part: StateDict, component: str, already_peft: bool) -> StateDict:
     """diffusers' key conversion to ``<module>.lora_A/lora_B.weight``, as its UNet / text-encoder loaders do it."""
-    from diffusers.utils import (
+    from diffusers.utils.state_dict_utils import (
         convert_state_dict_to_diffusers,
         convert_state_dict_to_peft,
         convert_unet_state_dict_to_peft,

@@ -1,9 +1,8 @@
-"""A1111-faithful samplers (the 20 names of A1111 v1.0-v1.8) over a diffusers-style UNet. See ``api``."""
+"""A1111-faithful samplers (the 20 names of A1111 v1.0-v1.8) over a diffusers-style UNet. See ``sampling``."""
 
 from underpaint.engine.samplers.denoiser import make_denoiser, make_eps_fn
 from underpaint.engine.samplers.noise import BrownianNoise, NoiseSource
 from underpaint.engine.samplers.sampling import (
-    SAMPLER_NAMES,
     expected_model_evals,
     full_sigmas,
     img2img_model_evals,
@@ -11,11 +10,11 @@ from underpaint.engine.samplers.sampling import (
     img2img_steps,
     img2img_t_enc,
     img2img_timesteps,
-    normalize_sampler_name,
     sample,
     sample_img2img,
 )
 from underpaint.engine.samplers.schedule import DiscreteSchedule
+from underpaint.vocabulary import SAMPLER_NAMES
 
 __all__ = [
     "SAMPLER_NAMES",
@@ -31,7 +30,6 @@ __all__ = [
     "img2img_timesteps",
     "make_denoiser",
     "make_eps_fn",
-    "normalize_sampler_name",
     "sample",
     "sample_img2img",
 ]

@@ -50,9 +50,10 @@ from underpaint.engine.samplers.denoiser import (
 )
 from underpaint.engine.samplers.noise import BrownianNoise, NoiseSource
 from underpaint.engine.samplers.schedule import DiscreteSchedule
-from underpaint.vocabulary import SAMPLER_NAMES, normalize_sampler_name
+from underpaint.vocabulary import SAMPLER_NAMES, SamplerName
 
-ProgressCallback = Callable[[int, int], None]
+# (steps done, steps in all): the sampler's own step count; the pipeline turns it into ``job.Progress``.
+StepCallback = Callable[[int, int], None]
 
 
 SigmaSampler = Callable[[Denoiser, Tensor, Sequence[float], k_samplers.NoiseFn, k_samplers.OnStep], Tensor]
@@ -69,7 +70,7 @@ class _Spec:
     unused_draws: bool = False  # A1111 draws (and ignores) one noise tensor per step
 
 
-_SPECS: dict[str, _Spec] = {
+_SPECS: dict[str, _Spec] = {  # keyed by every ``vocabulary.SAMPLER_NAMES`` entry
     "Euler a": _Spec("sigmas", k_samplers.euler_ancestral, noise="ancestral"),
     "Euler": _Spec("sigmas", k_samplers.euler, unused_draws=True),
     "LMS": _Spec("sigmas", k_samplers.lms),
@@ -108,11 +109,12 @@ _SPECS: dict[str, _Spec] = {
 _TIMESTEP_KINDS = ("ddim", "plms", "unipc")
 
 
-def _spec(name: str) -> tuple[str, _Spec]:
-    canonical = normalize_sampler_name(name)
-    if canonical is None:
+def _spec(name: SamplerName) -> tuple[SamplerName, _Spec]:
+    """The sampler ``name`` names (already canonical: normalised once, where the request entered)."""
+    spec = _SPECS.get(name)
+    if spec is None:
         raise ValueError(f"unknown sampler {name!r}; expected one of: {', '.join(SAMPLER_NAMES)}")
-    return canonical, _SPECS[canonical]
+    return name, spec
 
 
 def _check_steps_strength(steps: int, strength: float) -> None:
@@ -128,7 +130,7 @@ def img2img_t_enc(steps: int, strength: float) -> int:
     return int(min(strength, 0.999) * steps)
 
 
-def full_sigmas(name: str, schedule: DiscreteSchedule, steps: int) -> Tensor:
+def full_sigmas(name: SamplerName, schedule: DiscreteSchedule, steps: int) -> Tensor:
     """The sigma schedule A1111 builds for ``steps`` (incl. the final 0), with the Karras and discard rules."""
     _, spec = _spec(name)
     if spec.kind in _TIMESTEP_KINDS:
@@ -141,13 +143,13 @@ def full_sigmas(name: str, schedule: DiscreteSchedule, steps: int) -> Tensor:
     return sigmas
 
 
-def img2img_sigmas(name: str, schedule: DiscreteSchedule, steps: int, strength: float) -> Tensor:
+def img2img_sigmas(name: SamplerName, schedule: DiscreteSchedule, steps: int, strength: float) -> Tensor:
     """The sigmas the sampler walks for img2img: ``full[steps - t_enc - 1:]`` (t_enc + 1 steps)."""
     sigmas = full_sigmas(name, schedule, steps)
     return sigmas[steps - img2img_t_enc(steps, strength) - 1 :]
 
 
-def img2img_timesteps(name: str, steps: int, strength: float) -> tuple[list[int], int]:
+def img2img_timesteps(name: SamplerName, steps: int, strength: float) -> tuple[list[int], int]:
     """For DDIM/PLMS/UniPC: (timesteps handed to the sampler, timestep the init latent is noised to)."""
     _, spec = _spec(name)
     if spec.kind not in _TIMESTEP_KINDS:
@@ -157,7 +159,7 @@ def img2img_timesteps(name: str, steps: int, strength: float) -> tuple[list[int]
     return timesteps[:t_enc], timesteps[t_enc]
 
 
-def expected_model_evals(name: str, n_sigma_steps: int) -> int | None:
+def expected_model_evals(name: SamplerName, n_sigma_steps: int) -> int | None:
     """Model evaluations for one run. ``n_sigma_steps`` = ``len(sigmas) - 1`` for sigma samplers and
     ``len(timesteps)`` for DDIM/PLMS/UniPC. None for DPM adaptive (step count chosen at run time)."""
     _, spec = _spec(name)
@@ -177,7 +179,7 @@ def expected_model_evals(name: str, n_sigma_steps: int) -> int | None:
     return n
 
 
-def img2img_steps(name: str, schedule: DiscreteSchedule, steps: int, strength: float) -> int:
+def img2img_steps(name: SamplerName, schedule: DiscreteSchedule, steps: int, strength: float) -> int:
     """Sampler steps an img2img run reports through its progress callback."""
     _, spec = _spec(name)
     if spec.kind in ("ddim", "plms"):
@@ -187,7 +189,7 @@ def img2img_steps(name: str, schedule: DiscreteSchedule, steps: int, strength: f
     return len(img2img_sigmas(name, schedule, steps, strength)) - 1
 
 
-def img2img_model_evals(name: str, schedule: DiscreteSchedule, steps: int, strength: float) -> int | None:
+def img2img_model_evals(name: SamplerName, schedule: DiscreteSchedule, steps: int, strength: float) -> int | None:
     """Model evaluations of an img2img run (None for DPM adaptive)."""
     _, spec = _spec(name)
     if spec.kind in _TIMESTEP_KINDS:
@@ -196,7 +198,7 @@ def img2img_model_evals(name: str, schedule: DiscreteSchedule, steps: int, stren
 
 
 class _Progress:
-    def __init__(self, callback: ProgressCallback | None, total: int) -> None:
+    def __init__(self, callback: StepCallback | None, total: int) -> None:
         self.callback = callback
         self.total = total
         self.done = 0
@@ -216,14 +218,14 @@ class _Progress:
 
 
 def sample(
-    name: str,
+    name: SamplerName,
     denoiser: Denoiser,
     x: Tensor,
     sigmas: Tensor | Sequence[float],
     noise: NoiseSource,
     *,
     brownian_range: tuple[float, float] | None = None,
-    callback: ProgressCallback | None = None,
+    callback: StepCallback | None = None,
 ) -> Tensor:
     """Run a sigma sampler over an explicit descending sigma list (ending in 0) starting from ``x``.
 
@@ -271,7 +273,7 @@ def sample(
 
 
 def sample_img2img(
-    sampler_name: str,
+    sampler_name: SamplerName,
     model_fn: ModelFn,
     schedule: DiscreteSchedule,
     init_latent: Tensor,
@@ -280,7 +282,7 @@ def sample_img2img(
     noise: NoiseSource,
     *,
     prediction_type: str = "epsilon",
-    callback: ProgressCallback | None = None,
+    callback: StepCallback | None = None,
     should_cancel: Callable[[], bool] | None = None,
 ) -> Tensor:
     """A1111 img2img sampling (see module docstring). ``model_fn(x_in, t) -> eps | v`` with CFG already applied.

@@ -12,7 +12,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from _tiny_text import text_config
 from diffusers import (
     AutoencoderKL,
     EulerDiscreteScheduler,
@@ -21,9 +20,10 @@ from diffusers import (
     UNet2DConditionModel,
 )
 from PIL import Image
+from tests.support.tiny_text import text_config
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-from underpaint.engine.registry import ModelEntry, ModelRegistry
+from underpaint.registry import ModelEntry, ModelRegistry
 
 TOKENIZER_DIR = Path(__file__).resolve().parents[2] / "src" / "underpaint" / "engine" / "configs" / "clip_tokenizer"
 

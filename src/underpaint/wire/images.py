@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageOps
 
-from underpaint.api.errors import image_too_large, image_too_many_pixels, invalid_image_format
+from underpaint.wire.errors import image_too_large, image_too_many_pixels, invalid_image_format
 
 MAX_IMAGE_BYTES = 10 * 1024 * 1024
 MAX_IMAGE_PIXELS = 16 * 1024 * 1024

@@ -10,9 +10,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from tests.support.storage import RecordingStorage
 
 from underpaint.config import Settings
-from underpaint.engine.job import JobCancelled, JobError
+from underpaint.engine.job import JobCancelled, JobError, Progress
 from underpaint.storage.base import StorageError
 from underpaint.tasks.queue import LocalQueue
 from underpaint.tasks.store import SqlTaskStore
@@ -46,25 +47,6 @@ def add(store: SqlTaskStore, task_id: str | None = None, **kw: Any) -> str:
     return tid
 
 
-class FakeStorage:
-    name = "local"
-
-    def __init__(self) -> None:
-        self.deleted: list[str] = []
-
-    def put(self, key: str, data: bytes, content_type: str) -> None:
-        raise NotImplementedError
-
-    def get(self, key: str) -> bytes:
-        raise NotImplementedError
-
-    def url(self, key: str, ttl: int, base_url: str) -> str:
-        raise NotImplementedError
-
-    def delete(self, key: str) -> None:
-        self.deleted.append(key)
-
-
 class FnRunner:
     """Runs ``fn`` and records every call."""
 
@@ -87,7 +69,7 @@ def test_worker_runs_task_records_images_and_progress(store: SqlTaskStore) -> No
 
     def fn(task: TaskRecord, payload: dict[str, Any], report: ProgressReporter) -> list[ImageRecord]:
         assert payload == {"prompt": f"prompt of {tid}"}
-        report(30, 9)
+        report(Progress(30 / 100, 9))
         seen_mid_run.append(store.get(task.task_id))
         return images_for(task)
 
@@ -182,7 +164,7 @@ def test_lost_lease_raises_on_next_report(store: SqlTaskStore) -> None:
         # Another worker takes the task over (as after a lease expiry and redelivery).
         assert store.requeue_expired(now=time.time() + 3600) == [tid]
         assert store.claim(tid, "other") is not None
-        report(50, 1)
+        report(Progress(50 / 100, 1))
         after_report.append(True)
         return images_for(task)
 
@@ -206,7 +188,7 @@ def test_loser_discards_its_images(store: SqlTaskStore) -> None:
         assert store.complete(tid, "winner", images_for(winner))
         return images_for(task)  # finished too late, without reporting
 
-    storage = FakeStorage()
+    storage = RecordingStorage()
     terminal: list[TaskRecord] = []
     Worker(store, FnRunner(fn), SETTINGS, worker_id="w", on_terminal=terminal.append, storage=storage).run_once()
     assert storage.deleted == [f"{tid}/1_0.png"]  # the loser's own image only
@@ -247,7 +229,7 @@ def test_progress_reporter_throttles_but_writes_final(store: SqlTaskStore) -> No
     report = ProgressReporter(store, tid, "w", min_interval=0.25, clock=lambda: now[0])
     for t, pct in [(0.0, 10), (0.1, 20), (0.2, 30), (0.3, 40), (0.35, 50), (0.4, 100)]:
         now[0] = t
-        report(pct, 5)
+        report(Progress(pct / 100, 5))
     assert writes == [(10, 5), (40, 5), (100, 5)]
     assert store.get(tid).progress_percent == 100  # type: ignore[union-attr]
     assert not report.should_cancel()

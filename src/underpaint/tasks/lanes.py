@@ -17,7 +17,7 @@ from __future__ import annotations
 import re
 
 from underpaint.config import Settings
-from underpaint.engine.registry import ModelEntry
+from underpaint.registry import ModelEntry
 
 SD15_QUEUE = "sd15"
 SDXL_QUEUE = "sdxl"

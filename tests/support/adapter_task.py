@@ -17,7 +17,10 @@ from PIL import Image
 
 from underpaint.api.app import create_app
 from underpaint.config import Settings
-from underpaint.wiring import build_local_worker, build_services
+from underpaint.engine.executor import DiffusersExecutor
+from underpaint.wiring import build_core, build_local_worker
+from underpaint.worker.loop import Worker
+from underpaint.worker.runner import GenerationRunner
 
 KEY = "key-a"
 HEADERS = {"Authorization": f"Bearer {KEY}"}
@@ -83,14 +86,10 @@ def adapter_request(model: str, size: int = 128) -> dict[str, Any]:
 
 
 class Service:
-    """The API in-process over ASGI, and the worker driven one task at a time."""
+    """The API in-process over ASGI, and the worker driven one task at a time, with its executor at hand."""
 
-    def __init__(self, client: TestClient, worker: Any) -> None:
-        self.client, self.worker = client, worker
-
-    @property
-    def executor(self) -> Any:
-        return self.worker.runner.executor
+    def __init__(self, client: TestClient, worker: Worker, executor: DiffusersExecutor) -> None:
+        self.client, self.worker, self.executor = client, worker, executor
 
     def run(self, request: dict[str, Any]) -> tuple[dict[str, Any], list[np.ndarray]]:
         body = {"extra": {"response_image_type": "png"}, "request": request}
@@ -117,7 +116,8 @@ def service(data_dir: Path, models: Path, dtype: str, device: str = "cpu") -> It
         device=device,
         dtype=dtype,  # type: ignore[arg-type]  # a str from a parametrisation
     )
-    services = build_services(settings)
-    worker = build_local_worker(services)
-    with TestClient(create_app(services)) as client:
-        yield Service(client, worker)
+    core = build_core(settings)
+    executor = DiffusersExecutor(settings, core.services.registry)
+    worker = build_local_worker(core, GenerationRunner(settings, core.services.storage, executor))
+    with TestClient(create_app(core.services)) as client:
+        yield Service(client, worker, executor)

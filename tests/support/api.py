@@ -4,19 +4,22 @@ from __future__ import annotations
 
 import base64
 import io
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from _memstore import ListQueue, MemStore
 from PIL import Image
 from safetensors.numpy import save_file
+from tests.support.memstore import ListQueue, MemStore
 
 from underpaint.config import KeyPolicy, Settings
-from underpaint.engine.registry import ModelRegistry
-from underpaint.services import Services
+from underpaint.registry import ModelRegistry
+from underpaint.services import Admission, HealthCheck, Services, WebhookOutbox
 from underpaint.storage.local import LocalStorage
+from underpaint.storage.urls import ImageUrls, Presigner
 from underpaint.tasks.store import SqlTaskStore
+from underpaint.tasks.types import TaskQueue
 
 KEY_A = "key-a-0123456789"
 KEY_B = "key-b-9876543210"
@@ -65,7 +68,18 @@ def b64(data: bytes) -> str:
     return base64.b64encode(data).decode()
 
 
-def make_services(models_dir: Path, tmp_path: Path, memory_store: bool = False, **settings: Any) -> Services:
+def make_services(
+    models_dir: Path,
+    tmp_path: Path,
+    memory_store: bool = False,
+    *,
+    queue: TaskQueue | None = None,
+    webhooks: WebhookOutbox | None = None,
+    rate_limiter: Admission | None = None,
+    health: HealthCheck | None = None,
+    presigners: Mapping[str, Presigner] | None = None,
+    **settings: Any,
+) -> Services:
     """Services over the real SQLite task store (or the in-memory one) and local image storage."""
     base = Settings(
         data_dir=tmp_path,
@@ -73,17 +87,23 @@ def make_services(models_dir: Path, tmp_path: Path, memory_store: bool = False, 
         api_keys=(KEY_A, KEY_B),
         key_policies={KEY_A: KeyPolicy(dedicated_lane="gold")},
     )
+    final = base.with_overrides(**settings) if settings else base
+    storage = LocalStorage(tmp_path / "images", SECRET)
     return Services(
-        settings=base.with_overrides(**settings) if settings else base,
+        settings=final,
         store=MemStore() if memory_store else SqlTaskStore(f"sqlite:///{tmp_path / 'tasks.db'}"),
-        queue=ListQueue(),
+        queue=queue if queue is not None else ListQueue(),
         registry=ModelRegistry(models_dir),
-        storage=LocalStorage(tmp_path / "images", SECRET),
+        storage=storage,
+        image_urls=ImageUrls(storage, final.image_url_ttl, presigners),
+        webhooks=webhooks,
+        rate_limiter=rate_limiter,
+        health=health,
     )
 
 
 def task_count(services: Services) -> int:
-    return sum(services.store.count_by_status().values())  # type: ignore[attr-defined]
+    return sum(services.store.count_by_status().values())
 
 
 def auth(key: str = KEY_A) -> dict[str, str]:

@@ -12,15 +12,14 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
-from _server import make_png
 from fastapi.testclient import TestClient
+from tests.support import services as service_fixtures
+from tests.support.server import make_png
 
-import service_fixtures
 from underpaint.api.app import create_app
 from underpaint.config import Settings
-from underpaint.services import Services
-from underpaint.tasks.store import SqlTaskStore
-from underpaint.wiring import build_local_worker, build_services
+from underpaint.wiring import Core, build_core, build_local_worker
+from underpaint.worker.loop import Worker
 
 REGION = "us-east-1"
 MODEL = "tiny-sd15.safetensors"
@@ -48,10 +47,12 @@ def img2img_body(extra: dict[str, Any] | None = None, **request: Any) -> dict[st
 class Stack:
     """API in-process (TestClient), worker driven step by step, webhook sender running."""
 
-    def __init__(self, client: TestClient, worker: Any, services: Services) -> None:
+    def __init__(self, client: TestClient, worker: Worker, core: Core) -> None:
         self.client = client
         self.worker = worker
-        self.services = services
+        self.core = core
+        self.services = core.services
+        self.webhooks = core.webhooks
 
     @property
     def settings(self) -> Settings:
@@ -87,21 +88,19 @@ def open_stack(data_dir: Path, models_dir: Path, **settings: Any) -> Iterator[St
         "data_dir": data_dir, "models_dir": models_dir, "api_keys": ("key-a", "key-b"), "torch_threads": 1,
         "run_worker": False, "public_base_url": "http://testserver",
     }  # fmt: skip
-    services = build_services(Settings(**{**base, **settings}))
-    webhooks = services.webhooks
-    assert webhooks is not None
+    core = build_core(Settings(**{**base, **settings}))
+    webhooks = core.webhooks
     # Fast sender for tests: look at the outbox often, retry after a few tens of milliseconds.
     webhooks.poll_interval = 0.05
     webhooks.backoff_base = 0.05
     webhooks.start()
-    worker = build_local_worker(services)
+    worker = build_local_worker(core)
     try:
-        with TestClient(create_app(services)) as client:
-            yield Stack(client, worker, services)
+        with TestClient(create_app(core.services)) as client:
+            yield Stack(client, worker, core)
     finally:
         webhooks.stop()
-        assert isinstance(services.store, SqlTaskStore)
-        services.store.close()
+        core.store.close()
 
 
 # ------------------------------------------------------------------------------------------------ webhooks

@@ -11,6 +11,9 @@ from underpaint.tasks.types import ImageRecord, NewTask, TaskRecord, TaskStatus
 
 
 class MemStore:
+    inline_reads = True
+    lease_seconds = 120.0
+
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self.tasks: dict[str, TaskRecord] = {}

@@ -11,7 +11,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from underpaint.services import Services
 from underpaint.tasks.types import ImageRecord, TaskRecord, TaskStatus
 
 TASK_TYPE = "IMG_TO_IMG"
@@ -67,21 +66,3 @@ def task_result_body(task: TaskRecord, url_for: Callable[[ImageRecord], str], tt
 def _ms(t: float | None) -> int:
     """Unix time in milliseconds; 0 for a phase not reached yet."""
     return int(t * 1000) if t else 0
-
-
-def url_resolver(services: Services, base_url: str) -> Callable[[ImageRecord], str]:
-    """Image record → absolute download URL, by the backend that holds it: ``services.storage`` for its own
-    images, else ``services.extras["url_resolvers"][backend](image, ttl)`` (e.g. a user's custom bucket)."""
-    storage = services.storage
-    ttl = int(services.settings.image_url_ttl)
-    resolvers = services.extras.get("url_resolvers") or {}
-
-    def url(image: ImageRecord) -> str:
-        if image.backend == storage.name:
-            return storage.url(image.key, ttl, base_url)
-        resolver = resolvers.get(image.backend)
-        if resolver is None:
-            raise LookupError(f"no URL resolver for image backend {image.backend!r}")
-        return str(resolver(image, ttl))
-
-    return url

@@ -29,7 +29,9 @@ class LiveServer:
         keys: str = "key-a,key-b",
         port: int | None = None,
         extra_env: dict[str, str] | None = None,
+        args: tuple[str, ...] = (),
     ) -> None:
+        self.args = args
         self.data_dir = data_dir
         self.models_dir = models_dir
         self.keys = keys
@@ -70,6 +72,7 @@ class LiveServer:
                 str(self.models_dir),
                 "--torch-threads",
                 "1",
+                *self.args,
             ],
             env=env,
             stdout=log,

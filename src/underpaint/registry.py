@@ -11,15 +11,19 @@ overrides the shipped config. The registry rescans a folder when its mtime chang
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import json
 import os
+import pickle
 import struct
 import threading
 import zipfile
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 KINDS = ("checkpoint", "lora", "vae", "textualinversion", "controlnet", "ipadapter", "annotator")
 WEIGHT_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin", ".onnx")
@@ -77,15 +81,44 @@ def safetensors_keys(path: Path) -> tuple[list[str], dict[str, str]]:
     return list(header), meta
 
 
+class _Opaque:
+    """Stands in for every object of a torch pickle except plain containers: tensors, storages, dtypes."""
+
+    def __init__(self, *_args: object, **_kwargs: object) -> None:
+        pass
+
+    def __setstate__(self, _state: object) -> None:
+        pass
+
+
+def _opaque(*_args: object, **_kwargs: object) -> _Opaque:
+    return _Opaque()
+
+
+class _KeysUnpickler(pickle.Unpickler):
+    """Reads the structure of a torch pickle without torch and without running any of its code: every global it
+    names (``torch._utils._rebuild_tensor_v2``, storage classes ...) becomes a harmless stand-in, except
+    ``OrderedDict``, and tensor storages are never read."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) == ("collections", "OrderedDict"):
+            return collections.OrderedDict
+        return _opaque
+
+    def persistent_load(self, pid: Any) -> object:
+        return None
+
+
 def pickle_keys(path: Path) -> list[str] | None:
-    """Tensor names of a zip-format torch pickle, memory-mapped (tensor data is not read) and loaded with
-    ``weights_only`` (no code runs). ``None`` for legacy or unreadable files."""
+    """Tensor names of a zip-format torch pickle (``torch.save``'s format since 1.6), read from its ``data.pkl``
+    alone: no torch import, no tensor data read, no code run. ``None`` for legacy or unreadable files."""
     if not zipfile.is_zipfile(path):
         return None
-    import torch  # deferred: the registry is used by processes that never load a model
-
     try:
-        data = torch.load(str(path), map_location="cpu", mmap=True, weights_only=True)
+        with zipfile.ZipFile(path) as archive:
+            member = next(n for n in archive.namelist() if n.endswith("/data.pkl") and n.count("/") == 1)
+            with archive.open(member) as f:
+                data = _KeysUnpickler(f).load()
     except Exception:  # unsafe or damaged pickles are reported when the model is loaded
         return None
     while isinstance(data, dict) and isinstance(data.get("state_dict"), dict):
@@ -103,7 +136,7 @@ def detect_sdxl(path: Path, kind: str) -> bool:
             cfg = path / "config.json"
             if cfg.exists():
                 data = json.loads(cfg.read_text())
-                return data.get("addition_embed_type") == "text_time" or data.get("cross_attention_dim") == 2048
+                return bool(data.get("addition_embed_type") == "text_time" or data.get("cross_attention_dim") == 2048)
             return False
         side = path.with_name(path.name.rsplit(".", 1)[0] + ".config") / "model_index.json"
         if side.exists():
@@ -260,12 +293,14 @@ class ModelRegistry:
         if not name:
             return None
         entries = self.list(kind)
-        for match in (
+        bare = _strip_suffix(name)
+        matchers: tuple[Callable[[ModelEntry], bool], ...] = (
             lambda e: e.sd_name == name,
             lambda e: e.stem == name,
-            lambda e: e.stem == _strip_suffix(name),
-            lambda e: e.sd_name.lower() == name.lower() or e.stem.lower() == _strip_suffix(name).lower(),
-        ):
+            lambda e: e.stem == bare,
+            lambda e: e.sd_name.lower() == name.lower() or e.stem.lower() == bare.lower(),
+        )
+        for match in matchers:
             found = [e for e in entries if match(e)]
             if found:
                 return found[0]
