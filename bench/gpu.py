@@ -55,6 +55,7 @@ from underpaint.config import Settings  # noqa: E402
 from underpaint.engine.executor import DiffusersExecutor  # noqa: E402
 from underpaint.engine.job import GenerationJob  # noqa: E402
 from underpaint.registry import ModelRegistry  # noqa: E402
+from underpaint.vocabulary import SamplerName  # noqa: E402
 
 PROMPT = "a lighthouse on a cliff at dusk, oil painting, detailed"
 NEGATIVE = "blurry, low quality"
@@ -96,7 +97,7 @@ def job_for(case: Case, seed: int = 1) -> GenerationJob:
         image_num=case.image_num,
         steps=case.steps,
         guidance_scale=7.0,
-        sampler_name="Euler",
+        sampler_name=SamplerName("Euler"),
         seed=seed,
         strength=case.strength,
     )
@@ -126,7 +127,7 @@ def diffusers_call(executor: DiffusersExecutor, case: Case) -> Callable[[], Any]
     loaded = executor.cache.get(executor.registry.resolve("checkpoint", case.checkpoint))  # type: ignore[arg-type]
     pipe = loaded.pipe
     if not isinstance(pipe.scheduler, EulerDiscreteScheduler):
-        pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
+        pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)  # type: ignore[no-untyped-call]
     image = init_image(case.size)
 
     def run() -> Any:
@@ -159,7 +160,10 @@ def section_speed(executor: DiffusersExecutor, cases: list[Case], runs: int, res
         keep = executor.registry.resolve("checkpoint", case.checkpoint)
         if keep is not None and executor.cache.loaded_names() not in ([], [keep.sd_name]):
             executor.cache.clear()  # one checkpoint resident: peak VRAM is this model's only
-        engine = lambda case=case: executor.generate(job_for(case))  # noqa: E731
+
+        def engine(case: Case = case) -> None:
+            executor.generate(job_for(case))
+
         bare = diffusers_call(executor, case)
         engine()  # warm-up: load, cuDNN/SDPA kernel selection
         bare()

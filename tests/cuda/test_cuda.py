@@ -94,7 +94,7 @@ def test_sdxl_vae_path_in_fp16_has_no_nan(
         assert result["task"]["status"] == "TASK_STATUS_SUCCEED", result["task"]
         (slot,) = svc.executor.cache._slots.values()
         assert slot.value.is_sdxl
-        assert slot.value.vae.config.force_upcast
+        assert slot.value.vae.config["force_upcast"]
         # Encode once, decode per image: all in float32, all finite on the first try (no NaN retry needed).
         assert decoded == [(torch.float32, True)] * 3
         assert all(img.std() > 1 for img in images)

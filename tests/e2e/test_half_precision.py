@@ -88,7 +88,7 @@ def test_sdxl_vae_upcasts_under_fp16_only(tmp_path: Path, tiny_models_dir: Path,
         assert result["task"]["status"] == "TASK_STATUS_SUCCEED"
         (slot,) = svc.executor.cache._slots.values()
         vae = slot.value.vae
-        assert vae.config.force_upcast
+        assert vae.config["force_upcast"]
         seen: list[torch.dtype] = []
 
         def record(_m: Any, args: tuple[torch.Tensor, ...], seen: list[torch.dtype] = seen) -> None:

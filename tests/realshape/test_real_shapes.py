@@ -148,7 +148,7 @@ def test_real_sd15_with_lora_controlnet_and_ip_adapter(tmp_path: Path) -> None:
         (slot,) = executor.cache._slots.values()
         assert not slot.value.is_sdxl
         assert {p.dtype for p in slot.value.unet.parameters()} == {torch.bfloat16}
-        assert slot.value.unet.config.cross_attention_dim == 768
+        assert slot.value.unet.config["cross_attention_dim"] == 768
 
 
 def test_real_sdxl_single_file(tmp_path: Path) -> None:
@@ -178,4 +178,4 @@ def test_real_sdxl_single_file(tmp_path: Path) -> None:
         assert image.std() > 1
         (slot,) = executor.cache._slots.values()
         assert slot.value.is_sdxl
-        assert slot.value.vae.config.force_upcast
+        assert slot.value.vae.config["force_upcast"]
