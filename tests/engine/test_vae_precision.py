@@ -90,6 +90,11 @@ def test_dtype_settings() -> None:
     assert parse_dtype("bf16") == torch.bfloat16
     with pytest.raises(ValueError, match="invalid dtype setting 'half16'"):
         pick_dtype(cpu, "half16")
+    from underpaint.config import Settings
+    from underpaint.engine.loader import ModelCache
+
+    assert ModelCache(Settings(dtype="bfloat16")).dtype == torch.bfloat16
+    assert ModelCache(Settings()).dtype == torch.float32
 
 
 def test_settings_and_cli_carry_the_dtypes(monkeypatch: pytest.MonkeyPatch) -> None:
