@@ -118,8 +118,8 @@ def main() -> int:
     )
     args = parser.parse_args()
     torch.set_num_threads(1)
-    transformers.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
+    transformers.logging.set_verbosity_error()  # type: ignore[no-untyped-call]
+    transformers.utils.logging.disable_progress_bar()  # type: ignore[no-untyped-call]
     diffusers.utils.logging.disable_progress_bar()
 
     with tempfile.TemporaryDirectory() as tmp:

@@ -52,8 +52,8 @@ def write_real_shape_checkpoint(path: Path) -> int:
     """Random weights in the real SD 1.5 shapes, saved as A1111 stores them (fp16, LDM key names)."""
     torch.manual_seed(0)
     with torch.no_grad():
-        unet = UNet2DConditionModel.from_config(json.loads((SD15_CONFIG / "unet" / "config.json").read_text()))
-        vae = AutoencoderKL.from_config(json.loads((SD15_CONFIG / "vae" / "config.json").read_text()))
+        unet = UNet2DConditionModel.from_config(json.loads((SD15_CONFIG / "unet" / "config.json").read_text()))  # type: ignore[no-untyped-call]
+        vae = AutoencoderKL.from_config(json.loads((SD15_CONFIG / "vae" / "config.json").read_text()))  # type: ignore[no-untyped-call]
         text = CLIPTextModel(CLIPTextConfig.from_pretrained(SD15_CONFIG / "text_encoder"))
         state = checkpoint_to_ldm(unet, vae, [text])
         params = sum(p.numel() for m in (unet, vae, text) for p in m.parameters())
@@ -113,8 +113,8 @@ def main() -> int:
         load_s = statistics.median(load_times)
         loaded = load_checkpoint(entry, "cpu", torch.float32)
         manager = LoraManager()
-        set_a = [(loras[0], 0.7), (loras[1], 0.4)]  # type: ignore[list-item]
-        set_b = [(loras[2], 0.6), (loras[3], 0.5)]  # type: ignore[list-item]
+        set_a = [(loras[0], 0.7), (loras[1], 0.4)]
+        set_b = [(loras[2], 0.6), (loras[3], 0.5)]
         steps = [
             ("first set (2 LoRAs read + placed)", set_a),
             ("other set (2 more read + placed)", set_b),

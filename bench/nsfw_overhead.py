@@ -42,7 +42,7 @@ TOKENIZER_DIR = ROOT / "src" / "underpaint" / "engine" / "configs" / "clip_token
 
 def tiny_pipeline() -> Any:
     torch.manual_seed(0)
-    unet = UNet2DConditionModel(
+    unet = UNet2DConditionModel(  # type: ignore[no-untyped-call]
         block_out_channels=(32, 32, 64, 64),
         layers_per_block=2,
         sample_size=32,
@@ -53,7 +53,7 @@ def tiny_pipeline() -> Any:
         cross_attention_dim=32,
         attention_head_dim=8,
     )
-    vae = AutoencoderKL(
+    vae = AutoencoderKL(  # type: ignore[no-untyped-call]
         block_out_channels=(32, 32, 64, 64),
         in_channels=3,
         out_channels=3,
@@ -73,12 +73,12 @@ def tiny_pipeline() -> Any:
     }
     text_encoder = CLIPTextModel(CLIPTextConfig(**text_config))
     tokenizer = CLIPTokenizer.from_pretrained(str(TOKENIZER_DIR))
-    return StableDiffusionImg2ImgPipeline(
+    return StableDiffusionImg2ImgPipeline(  # type: ignore[no-untyped-call]
         vae=vae,
         text_encoder=text_encoder,
         tokenizer=tokenizer,
         unet=unet,
-        scheduler=PNDMScheduler(skip_prk_steps=True, steps_offset=1),
+        scheduler=PNDMScheduler(skip_prk_steps=True, steps_offset=1),  # type: ignore[no-untyped-call]
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,

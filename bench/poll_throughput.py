@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import contextlib
 import multiprocessing
 import os
 import sqlite3
@@ -151,10 +152,8 @@ def sched_of(pid: int, tid: int) -> tuple[float, float]:
 def thread_cpu(pid: int) -> dict[int, float]:
     out = {}
     for tid in os.listdir(f"/proc/{pid}/task"):
-        try:
+        with contextlib.suppress(OSError):  # the thread ended meanwhile
             out[int(tid)] = _cpu_seconds(f"/proc/{pid}/task/{tid}/stat")
-        except OSError:
-            pass  # the thread ended meanwhile
     return out
 
 

@@ -23,11 +23,12 @@ from diffusers import UNet2DConditionModel
 from torch import Tensor
 
 from underpaint.engine.samplers import SAMPLER_NAMES, DiscreteSchedule, NoiseSource, sample_img2img
+from underpaint.vocabulary import SamplerName
 
 
 def build_unet() -> Any:
     torch.manual_seed(0)
-    unet: Any = UNet2DConditionModel(
+    unet: Any = UNet2DConditionModel(  # type: ignore[no-untyped-call]  # diffusers: register_to_config is untyped
         sample_size=64,
         in_channels=4,
         out_channels=4,
@@ -79,7 +80,7 @@ def main() -> None:
     def trivial(x: Tensor, t: Tensor) -> Tensor:
         return x * 0.01
 
-    def overhead(name: str, n_evals: int) -> float:
+    def overhead(name: SamplerName, n_evals: int) -> float:
         best = float("inf")
         for _ in range(max(args.repeats, 5)):
             start = time.perf_counter()

@@ -31,13 +31,14 @@ def _demo_cache_key() -> str:
     import transformers
 
     import underpaint.demo.adapters as demo_adapters
+    import underpaint.demo.annotators as demo_annotators
     import underpaint.demo.checkpoints as demo
     import underpaint.demo.controlnet as demo_controlnet
     import underpaint.demo.ldm_convert as convert
     import underpaint.demo.models as demo_models
 
     digest = hashlib.sha256()
-    for module in (demo, convert, demo_controlnet, demo_adapters, demo_models):
+    for module in (demo, convert, demo_controlnet, demo_adapters, demo_annotators, demo_models):
         digest.update(Path(str(module.__file__)).read_bytes())
     digest.update(f"{torch.__version__}/{diffusers.__version__}/{transformers.__version__}".encode())
     return digest.hexdigest()[:16]

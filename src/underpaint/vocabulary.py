@@ -73,7 +73,8 @@ _ZOE = ("ZoeD_M12_N.pt",)
 _LERES = ("res101.pth",)
 _LERES_BOOST = ("res101.pth", "latest_net_G.pth")
 _NORMAL_BAE = ("scannet.pt",)
-_BODY, _HAND, _FACE = "body_pose_model.pth", "hand_pose_model.pth", "facenet.pth"
+BODY_POSE_FILE, HAND_POSE_FILE, FACE_POSE_FILE = "body_pose_model.pth", "hand_pose_model.pth", "facenet.pth"
+_BODY, _HAND, _FACE = BODY_POSE_FILE, HAND_POSE_FILE, FACE_POSE_FILE
 _DWPOSE = ("yolox_l.onnx", "dw-ll_ucoco_384.onnx")
 
 # Every preprocessor name this build runs -> the annotator files it needs. The docs/JS SDK vocabulary and the
@@ -90,6 +91,7 @@ PREPROCESSOR_FILES: dict[PreprocessorName, tuple[str, ...]] = {
         "color": (),
         "scribble_xdog": (),
         "tile_resample": (),
+        "lineart_standard": (),
         "mediapipe_face": (),  # its models ship inside the mediapipe wheel
         # networks
         "softedge_hed": _HED,

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from fastapi.testclient import TestClient
 from tests.support.api import (
     KEY_A,
+    Submit,
     auth,
     b64,
     body,
@@ -48,13 +50,14 @@ def client(services: Services) -> Iterator[TestClient]:
 
 
 @pytest.fixture
-def submit(client: TestClient, png_b64: str) -> Callable[..., Any]:
+def submit(client: TestClient, png_b64: str) -> Submit:
     """POST a request (request fields as kwargs; ``extra=`` for the extra object); returns the response."""
 
-    def post(extra: Any = ..., key: str = KEY_A, image: str | None = None, **request: Any) -> Any:
+    def post(extra: Any = ..., key: str = KEY_A, image: str | None = None, **request: Any) -> httpx.Response:
         payload = body(png_b64 if image is None else image, **request)
         if extra is not ...:
             payload["extra"] = extra
-        return client.post("/v3/async/img2img", json=payload, headers=auth(key))
+        response: httpx.Response = client.post("/v3/async/img2img", json=payload, headers=auth(key))
+        return response
 
     return post

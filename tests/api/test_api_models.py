@@ -9,10 +9,12 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 import uvicorn
+from fastapi.testclient import TestClient
 from novita_client import NovitaClient
 from PIL import Image
 from tests.support.api import KEY_A, MODEL_COUNT, auth, image_bytes, make_services
@@ -23,23 +25,24 @@ from underpaint.storage.local import image_key
 from underpaint.tasks.types import ImageRecord
 
 
-def models(client: Any, query: str = "", status: int = 200) -> dict[str, Any]:
+def models(client: TestClient, query: str = "", status: int = 200) -> dict[str, Any]:
     r = client.get("/v3/model" + (f"?{query}" if query else ""), headers=auth())
     assert r.status_code == status, r.text
-    return r.json()
+    data: dict[str, Any] = r.json()
+    return data
 
 
 def names(data: dict[str, Any]) -> list[str]:
     return [m["sd_name"] for m in data["models"]]
 
 
-def test_unfiltered_lists_everything_once(client):
+def test_unfiltered_lists_everything_once(client: TestClient) -> None:
     data = models(client)
     assert len(data["models"]) == MODEL_COUNT == len(set(names(data)))
     assert data["pagination"] == {"next_cursor": ""}
 
 
-def test_model_fields(client, models_dir):
+def test_model_fields(client: TestClient, models_dir: Path) -> None:
     (lora,) = models(client, "filter.types=lora&filter.query=add_detail")["models"]
     sha256 = hashlib.sha256((models_dir / "lora" / "add_detail.safetensors").read_bytes()).hexdigest()
     assert lora == {
@@ -73,7 +76,7 @@ def test_model_fields(client, models_dir):
     "query",
     ["filter.types=lora", "filter.type=lora", "filter%5Btypes%5D=lora", "filter[type]=LoRA", "filter.types=locon"],
 )
-def test_type_filter_forms(client, query):
+def test_type_filter_forms(client: TestClient, query: str) -> None:
     assert names(models(client, query)) == ["add_detail.safetensors", "xl_detail.safetensors"]
 
 
@@ -82,7 +85,7 @@ def test_type_filter_forms(client, query):
     [("checkpoint", 3), ("vae", 1), ("textualinversion", 2), ("text_inversion", 2), ("controlnet", 2),
      ("ipadapter", 2), ("upscaler", 0), ("lora,vae", 3)],
 )  # fmt: skip
-def test_each_type(client, types, count):
+def test_each_type(client: TestClient, types: str, count: int) -> None:
     data = models(client, f"filter.types={types}")
     assert len(data["models"]) == count
     assert all(m["type"]["name"] in types.replace("text_inversion", "textualinversion") for m in data["models"])
@@ -92,7 +95,7 @@ def test_each_type(client, types, count):
     ("value", "expected"),
     [("true", True), ("True", True), ("1", True), ("false", False), ("False", False), ("0", False)],
 )
-def test_is_sdxl_forms(client, value, expected):
+def test_is_sdxl_forms(client: TestClient, value: str, expected: bool) -> None:
     data = models(client, f"filter.is_sdxl={value}")
     assert data["models"]
     assert all(m["is_sdxl"] is expected for m in data["models"])
@@ -100,7 +103,7 @@ def test_is_sdxl_forms(client, value, expected):
     assert names(bracketed) == names(data)
 
 
-def test_bad_filter_values(client):
+def test_bad_filter_values(client: TestClient) -> None:
     for query in ["filter.is_sdxl=maybe", "filter.types=sampler", "filter.visibility=everyone",
                   "pagination.limit=0", "pagination.limit=101", "pagination.limit=abc", "pagination.cursor=zzz"]:  # fmt: skip
         data = models(client, query, status=400)
@@ -109,26 +112,26 @@ def test_bad_filter_values(client):
         assert data["metadata"]["field"] in query.replace("[", ".").replace("]", "")
 
 
-def test_query_filter_case_insensitive(client):
+def test_query_filter_case_insensitive(client: TestClient) -> None:
     assert names(models(client, "filter.query=DETAIL")) == ["add_detail.safetensors", "xl_detail.safetensors"]
     assert names(models(client, "filter.query=canny&filter.is_sdxl=False")) == ["control_v11p_sd15_canny.safetensors"]
 
 
-def test_visibility_and_source(client):
+def test_visibility_and_source(client: TestClient) -> None:
     assert len(models(client, "filter.visibility=public")["models"]) == MODEL_COUNT
     assert models(client, "filter.visibility=private")["models"] == []
     assert len(models(client, "filter.source=uploading")["models"]) == MODEL_COUNT
     assert models(client, "filter.source=civitai")["models"] == []
 
 
-def test_inpainting(client):
+def test_inpainting(client: TestClient) -> None:
     assert names(models(client, "filter.is_inpainting=true")) == ["sd15-inpainting.safetensors"]
     assert len(models(client, "filter.is_inpainting=False")["models"]) == MODEL_COUNT
     (m,) = models(client, "filter.query=inpainting")["models"]
     assert m["base_model_type"] == "Inpainting"
 
 
-def test_pagination_walk(client):
+def test_pagination_walk(client: TestClient) -> None:
     everything = names(models(client))
     seen: list[str] = []
     cursor = ""
@@ -145,7 +148,7 @@ def test_pagination_walk(client):
     assert models(client, "pagination.cursor=c_1000")["models"] == []
 
 
-def test_hash_is_the_files_sha256(services, models_dir):
+def test_hash_is_the_files_sha256(services: Services, models_dir: Path) -> None:
     from fastapi.testclient import TestClient
 
     data = TestClient(create_app(services)).get("/v3/model?filter.types=vae", headers=auth()).json()
@@ -189,7 +192,7 @@ def free_port() -> int:
 
 
 @pytest.fixture
-def live(models_dir, tmp_path) -> Iterator[tuple[str, Services]]:
+def live(models_dir: Path, tmp_path: Path) -> Iterator[tuple[str, Services]]:
     queue = CompletingQueue()
     services = make_services(models_dir, tmp_path, queue=queue)
     queue.services = services
@@ -199,7 +202,8 @@ def live(models_dir, tmp_path) -> Iterator[tuple[str, Services]]:
     thread.start()
     deadline = time.time() + 10
     while not server.started:
-        assert time.time() < deadline and thread.is_alive(), "uvicorn did not start"
+        assert time.time() < deadline, "uvicorn did not start"
+        assert thread.is_alive(), "uvicorn did not start"
         time.sleep(0.02)
     try:
         yield f"http://127.0.0.1:{port}", services
@@ -208,7 +212,7 @@ def live(models_dir, tmp_path) -> Iterator[tuple[str, Services]]:
         thread.join(10)
 
 
-def test_python_sdk_models_v3_lists_each_model_once(live):
+def test_python_sdk_models_v3_lists_each_model_once(live: tuple[str, Services]) -> None:
     base_url, _ = live
     sdk = NovitaClient(KEY_A, base_url)
     listed = sdk.models_v3()
@@ -226,7 +230,7 @@ def test_python_sdk_models_v3_lists_each_model_once(live):
     assert res.pagination.next_cursor == ""
 
 
-def test_python_sdk_img2img_end_to_end(live):
+def test_python_sdk_img2img_end_to_end(live: tuple[str, Services]) -> None:
     from novita_client import Img2ImgV3ControlNetUnit, Img2ImgV3Embedding, Img2V3ImgLoRA
 
     base_url, _services = live

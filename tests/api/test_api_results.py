@@ -6,16 +6,20 @@ import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+import httpx
 import pytest
 from fastapi.testclient import TestClient
-from tests.support.api import KEY_A, KEY_B, auth, body, make_services, task_count
+from tests.support.api import KEY_A, KEY_B, Submit, auth, body, local_storage, make_services, record_of, task_count
+from tests.support.memstore import ListQueue
 
 from underpaint.api.app import create_app
 from underpaint.delivery.ssrf import InvalidWebhookUrl
 from underpaint.engine.job import JobError
+from underpaint.services import Services
 from underpaint.storage.local import image_key
 from underpaint.tasks.types import ImageRecord, NsfwResult, TaskStatus, owner_of
 from underpaint.wire.errors import rate_limited
@@ -24,15 +28,16 @@ from underpaint.worker.jobs import job_from_payload
 RESULT = "/v3/async/task-result"
 
 
-def result(client: TestClient, task_id: str, key: str = KEY_A) -> Any:
-    return client.get(RESULT, params={"task_id": task_id}, headers=auth(key))
+def result(client: TestClient, task_id: str, key: str = KEY_A) -> httpx.Response:
+    response: httpx.Response = client.get(RESULT, params={"task_id": task_id}, headers=auth(key))
+    return response
 
 
 # --- auth -------------------------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("header", [f"Bearer {KEY_A}", KEY_A, f"bearer  {KEY_A} ", f"BEARER {KEY_A}"])
-def test_auth_forms_accepted(client, header):
+def test_auth_forms_accepted(client: TestClient, header: str) -> None:
     assert client.get("/v3/model", headers={"Authorization": header}).status_code == 200
 
 
@@ -50,17 +55,25 @@ def test_auth_forms_accepted(client, header):
 @pytest.mark.parametrize(
     ("method", "path"), [("GET", "/v3/model"), ("GET", RESULT + "?task_id=x"), ("POST", "/v3/async/img2img")]
 )
-def test_auth_failures(client, headers, status, reason, method, path):
+def test_auth_failures(
+    client: TestClient, headers: dict[str, str], status: int, reason: str, method: str, path: str
+) -> None:
     r = client.request(method, path, headers=headers, json={})
     assert r.status_code == status
     assert r.json() == {"code": status, "reason": reason, "message": r.json()["message"], "metadata": {}}
 
 
-def test_keys_never_logged(client, submit, caplog, services):
+def test_keys_never_logged(
+    client: TestClient,
+    submit: Submit,
+    caplog: pytest.LogCaptureFixture,
+    services: Services,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     def boom(*a: Any, **k: Any) -> None:
         raise RuntimeError("store down")
 
-    services.store.create = boom  # type: ignore[method-assign]
+    monkeypatch.setattr(services.store, "create", boom)
     with caplog.at_level(logging.DEBUG):
         submit()
         client.get("/v3/model", headers={"Authorization": "Bearer some-wrong-key"})
@@ -69,9 +82,9 @@ def test_keys_never_logged(client, submit, caplog, services):
     assert "some-wrong-key" not in caplog.text
 
 
-def test_tenant_isolation(client, submit, services):
+def test_tenant_isolation(client: TestClient, submit: Submit, services: Services) -> None:
     task_id = submit(key=KEY_A).json()["task_id"]
-    assert services.store.get(task_id).owner == owner_of(KEY_A)  # the hash, never the key
+    assert record_of(services, task_id).owner == owner_of(KEY_A)  # the hash, never the key
     assert result(client, task_id, KEY_A).status_code == 200
     r = result(client, task_id, KEY_B)
     assert r.status_code == 404
@@ -84,7 +97,7 @@ def test_tenant_isolation(client, submit, services):
     ({"task_id": "no-such-task"}, 404, "TASK_NOT_FOUND"),
     ({"task_id": "x" * 500}, 404, "TASK_NOT_FOUND"),
 ])  # fmt: skip
-def test_task_result_bad_ids(client, params, status, reason):
+def test_task_result_bad_ids(client: TestClient, params: dict[str, str], status: int, reason: str) -> None:
     r = client.get(RESULT, params=params, headers=auth())
     assert r.status_code == status
     assert r.json()["reason"] == reason
@@ -111,7 +124,7 @@ def check_shape(data: dict[str, Any], status: str) -> None:
     assert data["audios"] == []
 
 
-def test_queued_processing_failed(client, submit, services):
+def test_queued_processing_failed(client: TestClient, submit: Submit, services: Services) -> None:
     task_id = submit(seed=77).json()["task_id"]
     data = result(client, task_id).json()
     check_shape(data, "TASK_STATUS_QUEUED")
@@ -134,12 +147,12 @@ def test_queued_processing_failed(client, submit, services):
     assert data["extra"]["debug_info"]["complete_time_ms"] > 0
 
 
-def finish(services: Any, task_id: str, images: list[ImageRecord]) -> None:
+def finish(services: Services, task_id: str, images: list[ImageRecord]) -> None:
     services.store.claim(task_id, "w1")
     services.store.complete(task_id, "w1", images)
 
 
-def test_succeed_with_downloadable_signed_urls(client, submit, services):
+def test_succeed_with_downloadable_signed_urls(client: TestClient, submit: Submit, services: Services) -> None:
     task_id = submit(extra={"enable_nsfw_detection": True, "response_image_type": "png"}).json()["task_id"]
     keys = [image_key(task_id, "png") for _ in range(2)]
     for i, key in enumerate(keys):
@@ -164,7 +177,7 @@ def test_succeed_with_downloadable_signed_urls(client, submit, services):
         assert r.headers["content-type"] == "image/png"
 
 
-def test_signed_url_tampering_and_expiry(client, submit, services):
+def test_signed_url_tampering_and_expiry(client: TestClient, submit: Submit, services: Services) -> None:
     task_id = submit().json()["task_id"]
     key = image_key(task_id, "jpeg")
     services.storage.put(key, b"jpeg-bytes", "image/jpeg")
@@ -186,9 +199,10 @@ def test_signed_url_tampering_and_expiry(client, submit, services):
     ]
     for tampered in cases:
         r = client.get(tampered)
-        assert r.status_code == 403 and r.json()["code"] == 403, tampered
+        assert r.status_code == 403, tampered
+        assert r.json()["code"] == 403, tampered
     past = 1_000_000
-    r = client.get(f"{path}?expires={past}&sig={services.storage.sign(key, past)}")
+    r = client.get(f"{path}?expires={past}&sig={local_storage(services).sign(key, past)}")
     assert r.status_code == 403
     assert r.json()["reason"] == "URL_EXPIRED"
     services.storage.delete(key)
@@ -197,18 +211,18 @@ def test_signed_url_tampering_and_expiry(client, submit, services):
     assert r.json()["reason"] == "FILE_NOT_FOUND"
 
 
-def test_path_traversal_in_file_route(client, services, tmp_path):
+def test_path_traversal_in_file_route(client: TestClient, services: Services, tmp_path: Path) -> None:
     (tmp_path / "outside.png").write_bytes(b"secret")  # sibling of the images root
     for sent, decoded in [("%2e%2e/outside.png", "../outside.png"), ("x/%2e%2e/%2e%2e/outside.png", "x/../../outside.png"),
                           ("..%2foutside.png", "../outside.png")]:  # fmt: skip
         # even a correctly signed traversal key is refused (the signer would never sign one)
-        r = client.get(f"/v3/files/{sent}?expires=9999999999&sig={services.storage.sign(decoded, 9999999999)}")
+        r = client.get(f"/v3/files/{sent}?expires=9999999999&sig={local_storage(services).sign(decoded, 9999999999)}")
         assert r.status_code == 403
         assert r.json()["reason"] == "INVALID_SIGNATURE"
         assert b"secret" not in r.content
 
 
-def test_public_base_url_and_other_backends(models_dir, tmp_path):
+def test_public_base_url_and_other_backends(models_dir: Path, tmp_path: Path) -> None:
     services = make_services(
         models_dir,
         tmp_path,
@@ -221,7 +235,7 @@ def test_public_base_url_and_other_backends(models_dir, tmp_path):
     urls = [i["image_url"] for i in result(client, task_id).json()["images"]]
     assert urls[0].startswith(f"https://img.example.com/v3/files/{task_id}/a.png?expires=")
     assert urls[1] == "https://s3.example/k/b.webp?ttl=3600"
-    assert services.store.get(task_id).extra["_base_url"] == "https://img.example.com"
+    assert record_of(services, task_id).extra["_base_url"] == "https://img.example.com"
 
 
 def _minimal() -> dict[str, Any]:
@@ -233,13 +247,15 @@ def _minimal() -> dict[str, Any]:
 # --- 500s never leak -----------------------------------------------------------------------------------------------
 
 
-def test_result_500_does_not_leak(client, submit, services):
+def test_result_500_does_not_leak(
+    client: TestClient, submit: Submit, services: Services, monkeypatch: pytest.MonkeyPatch
+) -> None:
     task_id = submit().json()["task_id"]
 
     def boom(*a: Any, **k: Any) -> None:
         raise RuntimeError("password=hunter2 at /srv/secret.py")
 
-    services.store.get = boom  # type: ignore[method-assign]
+    monkeypatch.setattr(services.store, "get", boom)
     r = result(client, task_id)
     assert r.status_code == 500
     assert r.json()["reason"] == "GET_RESULT_FAILED"
@@ -249,7 +265,7 @@ def test_result_500_does_not_leak(client, submit, services):
     assert "secret.py" not in r.text
 
 
-def test_unknown_image_backend_is_a_clean_500(client, submit, services):
+def test_unknown_image_backend_is_a_clean_500(client: TestClient, submit: Submit, services: Services) -> None:
     task_id = submit().json()["task_id"]
     finish(services, task_id, [ImageRecord("x/y.png", "png", backend="gcs")])
     r = result(client, task_id)
@@ -258,11 +274,11 @@ def test_unknown_image_backend_is_a_clean_500(client, submit, services):
     assert "gcs" not in r.text
 
 
-def test_submit_500_does_not_leak(submit, services):
+def test_submit_500_does_not_leak(submit: Submit, services: Services, monkeypatch: pytest.MonkeyPatch) -> None:
     def boom(*a: Any, **k: Any) -> None:
         raise RuntimeError("dsn=postgres://admin:pw@db")
 
-    services.store.create = boom  # type: ignore[method-assign]
+    monkeypatch.setattr(services.store, "create", boom)
     r = submit()
     assert r.status_code == 500
     assert r.json()["reason"] == "CREATE_TASK_FAILED"
@@ -270,18 +286,18 @@ def test_submit_500_does_not_leak(submit, services):
     assert "Traceback" not in r.text
 
 
-def test_enqueue_failure_fails_the_task(submit, services):
+def test_enqueue_failure_fails_the_task(submit: Submit, services: Services, monkeypatch: pytest.MonkeyPatch) -> None:
     def boom(*a: Any, **k: Any) -> None:
         raise ConnectionError("broker down")
 
-    services.queue.enqueue = boom  # type: ignore[method-assign]
+    monkeypatch.setattr(services.queue, "enqueue", boom)
     r = submit()
     assert r.status_code == 500
     assert r.json()["reason"] == "CREATE_TASK_FAILED"
     assert services.store.count_by_status()[TaskStatus.FAILED] == task_count(services) == 1
 
 
-def test_unknown_route_and_method(client):
+def test_unknown_route_and_method(client: TestClient) -> None:
     r = client.get("/v3/nothing", headers=auth())
     assert r.status_code == 404
     assert r.json() == {"code": 404, "reason": "API_NOT_FOUND", "message": r.json()["message"], "metadata": {}}
@@ -303,30 +319,32 @@ class Limiter:
         self.allow, self.admit_allows = allow, admit_allows
         self.calls: list[tuple[str, str, int]] = []
         self.tasks_inside_admit: list[int] = []
-        self.services: Any = None
+        self.services: Services | None = None
 
-    def check(self, *, api_key: str, owner: str, image_num: int) -> None:
+    def check(self, api_key: str, owner: str, image_num: int) -> None:
         self.calls.append((api_key, owner, image_num))
         if not self.allow:
             raise rate_limited("images per minute exceeded", retry_after=12)
 
     @contextmanager
-    def admit(self, *, api_key: str, owner: str, image_num: int) -> Iterator[None]:
+    def admit(self, api_key: str, owner: str, image_num: int) -> Iterator[None]:
         if not self.admit_allows:  # another request of this key got in between check and create
             raise rate_limited("images per minute exceeded", retry_after=3)
+        assert self.services is not None
         before = task_count(self.services)
         yield
         self.tasks_inside_admit.append(task_count(self.services) - before)
 
 
-def test_rate_limiter_called_and_429(models_dir, tmp_path, png_b64):
+def test_rate_limiter_called_and_429(models_dir: Path, tmp_path: Path, png_b64: str) -> None:
     limiter = Limiter(True)
     services = make_services(models_dir, tmp_path, rate_limiter=limiter)
     limiter.services = services
     client = TestClient(create_app(services), raise_server_exceptions=False)
 
-    def submit(image: str = png_b64, **request: Any) -> Any:
-        return client.post("/v3/async/img2img", json=body(image, **request), headers=auth())
+    def submit(image: str = png_b64, **request: Any) -> httpx.Response:
+        response: httpx.Response = client.post("/v3/async/img2img", json=body(image, **request), headers=auth())
+        return response
 
     assert submit(image_num=3).status_code == 200
     assert limiter.calls == [(KEY_A, owner_of(KEY_A), 3)]
@@ -356,32 +374,38 @@ class Webhooks:
     def enqueue(self, task_id: str, owner: str, url: str, body: dict[str, Any]) -> None:
         raise AssertionError("the API never enqueues deliveries itself")
 
-    def submit_test_event(self, **kwargs: Any) -> None:
-        self.events.append(kwargs)
+    def submit_test_event(
+        self, task_id: str, owner: str, status: TaskStatus | str, extra: dict[str, Any], base_url: str
+    ) -> None:
+        self.events.append({"task_id": task_id, "owner": owner, "status": status, "extra": extra, "base_url": base_url})
 
 
-def test_webhooks_disabled(submit):
+def test_webhooks_disabled(submit: Submit) -> None:
     r = submit(extra={"webhook": {"url": "https://hook.example/x"}})
     assert r.status_code == 400
     assert "not enabled" in r.json()["message"]
 
 
-def test_webhook_validation_and_test_mode(models_dir, tmp_path, png_b64):
+def test_webhook_validation_and_test_mode(models_dir: Path, tmp_path: Path, png_b64: str) -> None:
     webhooks = Webhooks()
-    services = make_services(models_dir, tmp_path, webhooks=webhooks)
+    queue = ListQueue()
+    services = make_services(models_dir, tmp_path, webhooks=webhooks, queue=queue)
     client = TestClient(create_app(services), raise_server_exceptions=False)
 
-    def submit(extra: Any) -> Any:
-        return client.post("/v3/async/img2img", json={**body(png_b64), "extra": extra}, headers=auth())
+    def submit(extra: Any) -> httpx.Response:
+        response: httpx.Response = client.post(
+            "/v3/async/img2img", json={**body(png_b64), "extra": extra}, headers=auth()
+        )
+        return response
 
     r = submit(extra={"webhook": {"url": "http://127.0.0.1:9/x"}})
     assert r.status_code == 400
     assert r.json()["metadata"] == {"url": "http://127.0.0.1:9/x"}
     assert task_count(services) == 0
     task_id = submit(extra={"webhook": {"url": "https://hook.example/x"}}).json()["task_id"]
-    assert services.queue.items[-1][0] == task_id
+    assert queue.items[-1][0] == task_id
     assert not webhooks.events
-    assert services.store.get(task_id).extra["webhook"] == {"url": "https://hook.example/x"}
+    assert record_of(services, task_id).extra["webhook"] == {"url": "https://hook.example/x"}
     mode = {"enabled": True, "return_task_status": "TASK_STATUS_FAILED"}
     task_id = submit(extra={"webhook": {"url": "https://hook.example/y", "test_mode": mode}}).json()["task_id"]
     (event,) = webhooks.events
@@ -389,10 +413,10 @@ def test_webhook_validation_and_test_mode(models_dir, tmp_path, png_b64):
     assert event["status"] == "TASK_STATUS_FAILED"
     assert event["base_url"] == "http://testserver"
     assert event["extra"]["webhook"]["url"] == "https://hook.example/y"
-    assert task_id not in [t for t, _ in services.queue.items]
+    assert task_id not in [t for t, _ in queue.items]
 
 
-def test_custom_storage_is_checked_at_submit(submit, services):
+def test_custom_storage_is_checked_at_submit(submit: Submit, services: Services) -> None:
     s3 = {"region": "us-east-1", "bucket": "mine", "path": "out/"}
     assert submit(extra={"custom_storage": {"aws_s3": s3}}).status_code == 200
     assert submit(extra={"custom_storage": {}}).status_code == 200
@@ -403,7 +427,7 @@ def test_custom_storage_is_checked_at_submit(submit, services):
     assert task_count(services) == 2
 
 
-def test_health(client, services):
+def test_health(client: TestClient, services: Services) -> None:
     assert client.get("/health").json() == {"status": "ok"}
     ready = replace(services, health=lambda: {"store": "ok", "broker": True})
     with TestClient(create_app(ready)) as c:
@@ -419,7 +443,7 @@ def test_health(client, services):
 # --- jobs ------------------------------------------------------------------------------------------------------
 
 
-def test_job_from_stored_payload(submit, services, png_b64):
+def test_job_from_stored_payload(submit: Submit, services: Services, png_b64: str) -> None:
     r = submit(
         seed=5,
         steps=12,
@@ -432,7 +456,7 @@ def test_job_from_stored_payload(submit, services, png_b64):
         ip_adapters=[{"model_name": "ip-adapter_sd15", "image_base64": png_b64, "strength": 0.3}],
     )  # fmt: skip
     task_id = r.json()["task_id"]
-    job = job_from_payload(services.store.get_payload(task_id), services.store.get(task_id).seed)
+    job = job_from_payload(services.store.get_payload(task_id), record_of(services, task_id).seed)
     assert job.checkpoint == "dreamshaper_8.safetensors"
     assert job.vae == "vae-ft-mse-840000.safetensors"
     assert (job.seed, job.steps, job.sampler_name, job.strength) == (5, 12, "DPM++ 2M Karras", 0.5)
@@ -449,7 +473,7 @@ def test_job_from_stored_payload(submit, services, png_b64):
     assert job.ip_adapters[0].strength == 0.3
 
 
-def test_job_from_bad_payload_raises_job_error(submit, services):
+def test_job_from_bad_payload_raises_job_error(submit: Submit, services: Services) -> None:
     task_id = submit().json()["task_id"]
     payload = services.store.get_payload(task_id)
     with pytest.raises(JobError):
@@ -460,7 +484,7 @@ def test_job_from_bad_payload_raises_job_error(submit, services):
         job_from_payload(payload, -1)
 
 
-def test_with_the_real_rate_limiter_and_custom_storage_check(models_dir, tmp_path, png_b64):
+def test_with_the_real_rate_limiter_and_custom_storage_check(models_dir: Path, tmp_path: Path, png_b64: str) -> None:
     from underpaint.api.ratelimit import RateLimiter
     from underpaint.config import KeyPolicy
 
@@ -469,8 +493,11 @@ def test_with_the_real_rate_limiter_and_custom_storage_check(models_dir, tmp_pat
     client = TestClient(create_app(services))
     req = {"model_name": "dreamshaper_8", "image_base64": png_b64, "prompt": "p", "image_num": 2}
 
-    def post(key: str = KEY_A, **extra: Any) -> Any:
-        return client.post("/v3/async/img2img", json={"request": req, "extra": extra}, headers=auth(key))
+    def post(key: str = KEY_A, **extra: Any) -> httpx.Response:
+        response: httpx.Response = client.post(
+            "/v3/async/img2img", json={"request": req, "extra": extra}, headers=auth(key)
+        )
+        return response
 
     assert post().status_code == 200
     r = post()  # 2 + 2 > 3 images per minute
@@ -485,7 +512,9 @@ def test_with_the_real_rate_limiter_and_custom_storage_check(models_dir, tmp_pat
     assert post(KEY_B, custom_storage={"aws_s3": s3 | {"bucket": "my-bucket"}}).status_code == 200
 
 
-def test_no_keys_configured_refuses_everything_and_warns(models_dir, tmp_path, caplog):
+def test_no_keys_configured_refuses_everything_and_warns(
+    models_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     services = make_services(models_dir, tmp_path, api_keys=())
     assert services.settings.api_keys == ()
     with caplog.at_level(logging.WARNING):

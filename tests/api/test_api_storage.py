@@ -14,7 +14,7 @@ from underpaint.storage.base import StorageError
 from underpaint.storage.local import LocalStorage, image_key, load_or_create_secret, url_secret, valid_key
 
 
-def test_put_get_delete_roundtrip(tmp_path):
+def test_put_get_delete_roundtrip(tmp_path: Path) -> None:
     storage = LocalStorage(tmp_path / "img", b"s")
     key = image_key("task-1", "webp")
     assert re.fullmatch(r"task-1/[0-9a-f]{32}\.webp", key)
@@ -27,7 +27,7 @@ def test_put_get_delete_roundtrip(tmp_path):
         storage.get(key)
 
 
-def test_put_replaces_atomically(tmp_path):
+def test_put_replaces_atomically(tmp_path: Path) -> None:
     storage = LocalStorage(tmp_path, b"s")
     key = "t/a.png"
     storage.put(key, b"old", "image/png")
@@ -39,7 +39,7 @@ def test_put_replaces_atomically(tmp_path):
 @pytest.mark.parametrize(
     "key", ["../x", "/etc/passwd", "a/../b", "a//b", "", ".", "a/./b", "a\\b", "a/b\0", ".hidden", "a/" + "b" * 300]
 )
-def test_invalid_keys_refused(tmp_path, key):
+def test_invalid_keys_refused(tmp_path: Path, key: str) -> None:
     storage = LocalStorage(tmp_path, b"s")
     assert not valid_key(key)
     with pytest.raises(StorageError):
@@ -47,7 +47,7 @@ def test_invalid_keys_refused(tmp_path, key):
     assert not storage.verify(key, "9999999999", storage.sign(key, 9999999999))
 
 
-def test_symlink_escape_refused(tmp_path):
+def test_symlink_escape_refused(tmp_path: Path) -> None:
     root = tmp_path / "root"
     storage = LocalStorage(root, b"s")
     (tmp_path / "outside").mkdir()
@@ -57,7 +57,7 @@ def test_symlink_escape_refused(tmp_path):
         storage.get("link/f.png")
 
 
-def test_url_signature(tmp_path):
+def test_url_signature(tmp_path: Path) -> None:
     storage = LocalStorage(tmp_path, b"secret-1")
     url = storage.url("t/a.png", 3600, "https://h.example/base/")
     m = re.fullmatch(r"https://h\.example/base/v3/files/t/a\.png\?expires=(\d+)&sig=([0-9a-f]{64})", url)
@@ -74,7 +74,7 @@ def test_url_signature(tmp_path):
     assert not LocalStorage(tmp_path, b"secret-2").verify("t/a.png", expires, sig)
 
 
-def test_secret_created_once_and_reused(tmp_path):
+def test_secret_created_once_and_reused(tmp_path: Path) -> None:
     first = load_or_create_secret(tmp_path / "data")
     assert len(first) == 64
     assert load_or_create_secret(tmp_path / "data") == first
@@ -83,7 +83,7 @@ def test_secret_created_once_and_reused(tmp_path):
     assert url_secret(None, tmp_path / "data") == first
 
 
-def test_secret_race_gives_one_value(tmp_path):
+def test_secret_race_gives_one_value(tmp_path: Path) -> None:
     results: list[bytes] = []
     threads = [threading.Thread(target=lambda: results.append(load_or_create_secret(tmp_path))) for _ in range(8)]
     for t in threads:
@@ -94,7 +94,7 @@ def test_secret_race_gives_one_value(tmp_path):
     assert Path(tmp_path / "url_secret").read_bytes() == results[0]
 
 
-def test_api_imports_stay_light():
+def test_api_imports_stay_light() -> None:
     """Workers import ``api.jobs`` without FastAPI; nothing in ``api`` pulls torch."""
     import subprocess
     import sys

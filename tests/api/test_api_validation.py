@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from fastapi.testclient import TestClient
-from tests.support.api import KEY_A, auth, body, make_services, write_models
+from tests.support.api import KEY_A, Submit, auth, body, make_services, queued, record_of, write_models
 
 from underpaint.api.app import create_app
+from underpaint.services import Services
+from underpaint.tasks.types import TaskRecord
 from underpaint.vocabulary import PREPROCESSOR_FILES, PREPROCESSOR_NAMES, PreprocessorName
 
 PY_SDK_EXTRA = {
@@ -58,13 +62,15 @@ def python_sdk_body(image: str) -> dict[str, Any]:
     }
 
 
-def stored(services: Any, response: Any) -> tuple[dict[str, Any], Any]:
+def stored(services: Services, response: httpx.Response) -> tuple[dict[str, Any], TaskRecord]:
     assert response.status_code == 200, response.text
     task_id = response.json()["task_id"]
-    return services.store.get_payload(task_id), services.store.get(task_id)
+    return services.store.get_payload(task_id), record_of(services, task_id)
 
 
-def test_python_sdk_body_is_accepted_with_defaults_and_resolved_names(client, services, png_b64):
+def test_python_sdk_body_is_accepted_with_defaults_and_resolved_names(
+    client: TestClient, services: Services, png_b64: str
+) -> None:
     r = client.post("/v3/async/img2img", json=python_sdk_body(png_b64), headers=auth())
     payload, record = stored(services, r)
     assert set(r.json()) == {"task_id"}
@@ -84,17 +90,17 @@ def test_python_sdk_body_is_accepted_with_defaults_and_resolved_names(client, se
     assert record.response_image_type == "jpeg"
     assert 0 <= record.seed < 2**32 - 1
     assert payload["seed"] == record.seed
-    assert services.queue.items == [(record.task_id, "sd15")]
+    assert queued(services) == [(record.task_id, "sd15")]
 
 
-def test_raw_python_call_with_extra_null(client, services, png_b64):
+def test_raw_python_call_with_extra_null(client: TestClient, services: Services, png_b64: str) -> None:
     data = python_sdk_body(png_b64)
     data["extra"] = None
     _, record = stored(services, client.post("/v3/async/img2img", json=data, headers=auth()))
     assert record.response_image_type == "png"
 
 
-def test_defaults_when_fields_absent(submit, services):
+def test_defaults_when_fields_absent(submit: Submit, services: Services) -> None:
     payload, record = stored(services, submit())
     expected = {
         "steps": 20,
@@ -118,8 +124,8 @@ def test_defaults_when_fields_absent(submit, services):
     assert record.extra["_base_url"] == "http://testserver"
 
 
-def test_explicit_nulls_everywhere(submit, services):
-    nulls = {
+def test_explicit_nulls_everywhere(submit: Submit, services: Services) -> None:
+    nulls: dict[str, Any] = {
         k: None
         for k in (
             "negative_prompt", "width", "height", "image_num", "steps", "guidance_scale", "sampler_name", "seed",
@@ -134,27 +140,28 @@ def test_explicit_nulls_everywhere(submit, services):
     assert payload["loras"] == []
 
 
-def test_unknown_keys_ignored(submit, services):
+def test_unknown_keys_ignored(submit: Submit, services: Services) -> None:
     r = submit(extra={"unknown": 1, "response_image_type": "webp"}, refiner={"switch_at": 0.5}, foo="bar")
     _, record = stored(services, r)
     assert record.response_image_type == "webp"
 
 
-def test_explicit_seed_is_kept(submit, services):
+def test_explicit_seed_is_kept(submit: Submit, services: Services) -> None:
     payload, record = stored(services, submit(seed=12345))
     assert record.seed == 12345
     assert payload["seed"] == 12345
 
 
-def test_random_seeds_differ(submit, services):
+def test_random_seeds_differ(submit: Submit, services: Services) -> None:
     seeds = {stored(services, submit())[1].seed for _ in range(5)}
     assert len(seeds) > 1
 
 
-def _check(r: Any, field: str, reason: str = "INVALID_REQUEST_BODY") -> None:
+def _check(r: httpx.Response, field: str, reason: str = "INVALID_REQUEST_BODY") -> None:
     assert r.status_code == 400, r.text
     data = r.json()
-    assert data["code"] == 400 and data["reason"] == reason, data
+    assert data["code"] == 400, data
+    assert data["reason"] == reason, data
     assert data["message"].startswith(field + ":"), data["message"]
     assert data["metadata"]["field"] == field
 
@@ -193,20 +200,21 @@ RANGE_CASES = [
 
 
 @pytest.mark.parametrize(("name", "value", "field"), RANGE_CASES)
-def test_range_and_type_errors(submit, name, value, field):
+def test_range_and_type_errors(submit: Submit, name: str, value: Any, field: str) -> None:
     _check(submit(**{name: value}), field)
 
 
 @pytest.mark.parametrize("name", ["width", "height"])
 @pytest.mark.parametrize("value", [127, 2049, 0])
-def test_size_out_of_range_is_invalid_image_size(submit, name, value):
-    r = submit(**{name: value})
+def test_size_out_of_range_is_invalid_image_size(submit: Submit, name: str, value: int) -> None:
+    size: dict[str, Any] = {name: value}  # typed for ``**``: Submit also takes ``key`` and ``image``
+    r = submit(**size)
     _check(r, f"request.{name}", "INVALID_IMAGE_SIZE")
     assert "between 128 and 2048" in r.json()["message"]
 
 
 @pytest.mark.parametrize("missing", ["model_name", "image_base64", "prompt"])
-def test_required_request_fields(client, png_b64, missing):
+def test_required_request_fields(client: TestClient, png_b64: str, missing: str) -> None:
     req = {"model_name": "dreamshaper_8.safetensors", "image_base64": png_b64, "prompt": "a cat"}
     del req[missing]
     r = client.post("/v3/async/img2img", json={"request": req}, headers=auth())
@@ -215,19 +223,19 @@ def test_required_request_fields(client, png_b64, missing):
 
 
 @pytest.mark.parametrize("value", [None, 5, [1]])
-def test_request_object_required(client, value):
+def test_request_object_required(client: TestClient, value: object) -> None:
     r = client.post("/v3/async/img2img", json={"request": value}, headers=auth())
     _check(r, "request")
 
 
 @pytest.mark.parametrize("raw", [b"{not json", b"", b"[1, 2]", b'"text"', b"\xff\xfe"])
-def test_malformed_bodies(client, raw):
+def test_malformed_bodies(client: TestClient, raw: bytes) -> None:
     r = client.post("/v3/async/img2img", content=raw, headers=auth() | {"Content-Type": "application/json"})
     assert r.status_code == 400
     assert r.json()["reason"] == "INVALID_REQUEST_BODY"
 
 
-def test_body_without_json_content_type_is_parsed(client, png_b64):
+def test_body_without_json_content_type_is_parsed(client: TestClient, png_b64: str) -> None:
     import json
 
     data = json.dumps({"request": {"model_name": "dreamshaper_8", "image_base64": png_b64, "prompt": "x"}})
@@ -235,7 +243,7 @@ def test_body_without_json_content_type_is_parsed(client, png_b64):
     assert r.status_code == 200, r.text
 
 
-def test_empty_negative_prompt_accepted(submit, services):
+def test_empty_negative_prompt_accepted(submit: Submit, services: Services) -> None:
     payload, _ = stored(services, submit(negative_prompt=""))
     assert payload["negative_prompt"] == ""
 
@@ -254,13 +262,13 @@ def test_empty_negative_prompt_accepted(submit, services):
         ("DDIM", "DDIM"),
     ],
 )
-def test_sampler_names(submit, services, given, canonical):
+def test_sampler_names(submit: Submit, services: Services, given: str, canonical: str) -> None:
     payload, _ = stored(services, submit(sampler_name=given))
     assert payload["sampler_name"] == canonical
 
 
-def test_all_twenty_documented_samplers_accepted(submit, services):
-    from underpaint.api.schemas import SAMPLER_NAMES
+def test_all_twenty_documented_samplers_accepted(submit: Submit, services: Services) -> None:
+    from underpaint.vocabulary import SAMPLER_NAMES
 
     assert len(SAMPLER_NAMES) == 20
     for name in SAMPLER_NAMES:
@@ -276,7 +284,9 @@ def _unit(image: str, **kw: Any) -> dict[str, Any]:
     ("preprocessor", "stored_as"),
     [("canny", "canny"), (" Shuffle", "shuffle"), ("binary", "binary"), ("none", None), (None, None)],
 )
-def test_weight_free_preprocessors(submit, services, png_b64, preprocessor, stored_as):
+def test_weight_free_preprocessors(
+    submit: Submit, services: Services, png_b64: str, preprocessor: str | None, stored_as: str | None
+) -> None:
     payload, _ = stored(services, submit(controlnet={"units": [_unit(png_b64, preprocessor=preprocessor)]}))
     unit = payload["controlnet"]["units"][0]
     assert unit["preprocessor"] == stored_as
@@ -284,7 +294,7 @@ def test_weight_free_preprocessors(submit, services, png_b64, preprocessor, stor
 
 
 @pytest.mark.parametrize("name", ["magic", "tile_colorfix+sharp", "segmentation", "reference_only", "inpaint"])
-def test_preprocessors_this_server_does_not_run_are_refused(submit, png_b64, name):
+def test_preprocessors_this_server_does_not_run_are_refused(submit: Submit, png_b64: str, name: str) -> None:
     r = submit(controlnet={"units": [_unit(png_b64, preprocessor=name)]})
     _check(r, "request.controlnet.units[0].preprocessor")
     message = r.json()["message"]
@@ -293,14 +303,17 @@ def test_preprocessors_this_server_does_not_run_are_refused(submit, png_b64, nam
 
 
 @pytest.mark.parametrize(("name", "stored_as"), [("softedge_hed", "softedge_hed"), ("Depth_Leres++", "depth_leres++")])
-def test_network_preprocessors_need_their_weights(tmp_path, png_b64, name, stored_as):
+def test_network_preprocessors_need_their_weights(tmp_path: Path, png_b64: str, name: str, stored_as: str) -> None:
     models = write_models(tmp_path / "models")
     services = make_services(models, tmp_path)
     client = TestClient(create_app(services))
 
-    def post() -> Any:
+    def post() -> httpx.Response:
         units = [_unit(png_b64, preprocessor=name)]
-        return client.post("/v3/async/img2img", json=body(png_b64, controlnet={"units": units}), headers=auth())
+        response: httpx.Response = client.post(
+            "/v3/async/img2img", json=body(png_b64, controlnet={"units": units}), headers=auth()
+        )
+        return response
 
     r = post()
     _check(r, "request.controlnet.units[0].preprocessor")
@@ -323,13 +336,13 @@ def test_network_preprocessors_need_their_weights(tmp_path, png_b64, name, store
         ({"strength": 1.5}, "request.controlnet.units[0].strength"),
     ],
 )
-def test_controlnet_unit_ranges(submit, png_b64, kw, field):
+def test_controlnet_unit_ranges(submit: Submit, png_b64: str, kw: dict[str, Any], field: str) -> None:
     _check(submit(controlnet={"units": [_unit(png_b64, **kw)]}), field)
 
 
 @pytest.mark.parametrize(("given", "expected"), [("png", "png"), ("webp", "webp"), ("jpeg", "jpeg"), ("jpg", "jpeg"),
                                                  ("JPEG", "jpeg")])  # fmt: skip
-def test_response_image_type(submit, services, given, expected):
+def test_response_image_type(submit: Submit, services: Services, given: str, expected: str) -> None:
     _, record = stored(services, submit(extra={"response_image_type": given}))
     assert record.response_image_type == expected
 
@@ -353,11 +366,11 @@ def test_response_image_type(submit, services, given, expected):
         ("junk", "extra"),
     ],
 )  # fmt: skip
-def test_extra_errors(submit, extra, field):
+def test_extra_errors(submit: Submit, extra: object, field: str) -> None:
     _check(submit(extra=extra), field)
 
 
-def test_nsfw_flags_and_accepted_extra_stored(submit, services):
+def test_nsfw_flags_and_accepted_extra_stored(submit: Submit, services: Services) -> None:
     extra = {
         "enable_nsfw_detection": True,
         "nsfw_detection_level": 2,
@@ -380,14 +393,14 @@ def test_nsfw_flags_and_accepted_extra_stored(submit, services):
         ({"embeddings": [{"model_name": "nope"}]}, "request.embeddings[0].model_name"),
     ],
 )
-def test_unknown_model_names(submit, kw, field):
+def test_unknown_model_names(submit: Submit, kw: dict[str, Any], field: str) -> None:
     r = submit(**kw)
     _check(r, field)
     assert "GET /v3/model?filter.types=" in r.json()["message"]
     assert "nope" in r.json()["message"]
 
 
-def test_unknown_controlnet_and_ipadapter(submit, png_b64):
+def test_unknown_controlnet_and_ipadapter(submit: Submit, png_b64: str) -> None:
     r = submit(controlnet={"units": [{"model_name": "nope", "image_base64": png_b64}]})
     _check(r, "request.controlnet.units[0].model_name")
     r = submit(ip_adapters=[{"model_name": "nope", "image_base64": png_b64, "strength": 0.5}])
@@ -397,12 +410,12 @@ def test_unknown_controlnet_and_ipadapter(submit, png_b64):
 @pytest.mark.parametrize(
     "name", ["dreamshaper_8.safetensors", "dreamshaper_8", "DreamShaper_8.safetensors", "dreamshaper_8.ckpt"]
 )
-def test_checkpoint_name_forms(submit, services, name):
+def test_checkpoint_name_forms(submit: Submit, services: Services, name: str) -> None:
     payload, _ = stored(services, submit(model_name=name))
     assert payload["model_name"] == "dreamshaper_8.safetensors"
 
 
-def test_sdxl_stack_resolves(submit, services, png_b64):
+def test_sdxl_stack_resolves(submit: Submit, services: Services, png_b64: str) -> None:
     r = submit(
         model_name="sd_xl_base_1.0.safetensors",
         sd_vae="vae-ft-mse-840000",
@@ -424,7 +437,7 @@ def test_sdxl_stack_resolves(submit, services, png_b64):
         ({"embeddings": [{"model_name": "unaestheticXL"}]}, "request.embeddings[0].model_name", "embedding"),
     ],
 )
-def test_wrong_base_model_sd15_checkpoint(submit, kw, field, label):
+def test_wrong_base_model_sd15_checkpoint(submit: Submit, kw: dict[str, Any], field: str, label: str) -> None:
     r = submit(**kw)
     _check(r, field)
     msg = r.json()["message"]
@@ -433,7 +446,7 @@ def test_wrong_base_model_sd15_checkpoint(submit, kw, field, label):
     assert "SD 1.5" in msg
 
 
-def test_wrong_base_controlnet_and_ipadapter_on_sdxl(submit, png_b64):
+def test_wrong_base_controlnet_and_ipadapter_on_sdxl(submit: Submit, png_b64: str) -> None:
     xl = "sd_xl_base_1.0.safetensors"
     r = submit(
         model_name=xl, controlnet={"units": [{"model_name": "control_v11p_sd15_canny", "image_base64": png_b64}]}
@@ -445,23 +458,23 @@ def test_wrong_base_controlnet_and_ipadapter_on_sdxl(submit, png_b64):
     _check(r, "request.loras[0].model_name")
 
 
-def test_enterprise_plan_routes_to_dedicated_lane(submit, services):
+def test_enterprise_plan_routes_to_dedicated_lane(submit: Submit, services: Services) -> None:
     _, record = stored(services, submit(extra={"enterprise_plan": {"enabled": True}}))
-    assert services.queue.items[-1] == (record.task_id, "enterprise.gold")
+    assert queued(services)[-1] == (record.task_id, "enterprise.gold")
     # the NewTask carried lane and priority
     assert record.lane == "enterprise.gold"
     assert record.priority == 10
 
 
-def test_enterprise_plan_without_dedicated_lane_uses_default(submit, services):
+def test_enterprise_plan_without_dedicated_lane_uses_default(submit: Submit, services: Services) -> None:
     from tests.support.api import KEY_B
 
     _, record = stored(services, submit(extra={"enterprise_plan": {"enabled": True}}, key=KEY_B))
-    assert services.queue.items[-1] == (record.task_id, "sd15")
+    assert queued(services)[-1] == (record.task_id, "sd15")
     assert record.priority == 0
 
 
-def test_task_immediately_queryable(client, submit):
+def test_task_immediately_queryable(client: TestClient, submit: Submit) -> None:
     task_id = submit().json()["task_id"]
     r = client.get("/v3/async/task-result", params={"task_id": task_id}, headers=auth(KEY_A))
     assert r.status_code == 200

@@ -117,9 +117,8 @@ def _post(client: httpx.Client, url: str) -> int:
 
 
 def test_connect_time_guard_blocks_loopback(receiver: Receiver) -> None:
-    with httpx.Client(transport=GuardedTransport(())) as client:
-        with pytest.raises(BlockedDestination, match="loopback"):
-            _post(client, receiver.url)
+    with httpx.Client(transport=GuardedTransport(())) as client, pytest.raises(BlockedDestination, match="loopback"):
+        _post(client, receiver.url)
     assert receiver.count() == 0
     with httpx.Client(transport=GuardedTransport(("127.0.0.1",))) as client:
         assert _post(client, receiver.url) == 200
@@ -131,9 +130,11 @@ def test_connect_time_guard_defeats_dns_rebinding(receiver: Receiver, monkeypatc
     monkeypatch.setattr(ssrf, "resolve", lambda host, port: next(answers))
     url = f"http://rebind.example:{receiver.port}/hook"
     check_url(url, ())
-    with httpx.Client(transport=GuardedTransport(())) as client:
-        with pytest.raises(BlockedDestination, match=r"'rebind.example' resolves to 127.0.0.1"):
-            _post(client, url)
+    with (
+        httpx.Client(transport=GuardedTransport(())) as client,
+        pytest.raises(BlockedDestination, match=r"'rebind.example' resolves to 127.0.0.1"),
+    ):
+        _post(client, url)
     assert receiver.count() == 0
 
 

@@ -85,7 +85,7 @@ def _submit(client: TestClient, extra: dict[str, object]) -> dict[str, object]:
 def test_test_mode_event_equals_the_polled_task_result(
     app_and_services: tuple[TestClient, Services, ListQueue, WebhookDispatcher], receiver: Receiver, status: str
 ) -> None:
-    client, services, queue, webhooks = app_and_services
+    client, _services, queue, webhooks = app_and_services
     webhook = {"url": receiver.url, "test_mode": {"enabled": True, "return_task_status": status}}
     submitted = _submit(client, {"webhook": webhook})
     assert submitted["_status"] == 200, submitted
@@ -117,6 +117,7 @@ def test_submit_refuses_internal_webhook_targets(
     client, _services, queue, _webhooks = app_and_services
     for url in ("http://10.1.2.3/hook", "http://169.254.169.254/latest/meta-data", "file:///etc/passwd"):
         refused = _submit(client, {"webhook": {"url": url}})
-        assert refused["_status"] == 400 and refused["reason"] == "INVALID_REQUEST_BODY", refused
+        assert refused["_status"] == 400, refused
+        assert refused["reason"] == "INVALID_REQUEST_BODY", refused
         assert "extra.webhook.url" in str(refused["message"])
     assert queue.items == []

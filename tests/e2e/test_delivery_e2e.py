@@ -184,7 +184,8 @@ def test_custom_bucket_layout_and_presigned_url(stack: Stack, admin: Any, receiv
 
     keys = _objects(admin, bucket)
     folder = "renders/run1/" if direct else f"renders/run1/{task_id}/"
-    assert len(keys) == 2 and all(re.fullmatch(re.escape(folder) + HEX_PNG, k) for k in keys), keys
+    assert len(keys) == 2, keys
+    assert all(re.fullmatch(re.escape(folder) + HEX_PNG, k) for k in keys), keys
     by_key = {k: admin.get_object(Bucket=bucket, Key=k)["Body"].read() for k in keys}
     for image in result["images"]:
         url = image["image_url"]

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import httpx
 from tests.support.server import LiveServer
@@ -32,13 +34,15 @@ def _submit(server: LiveServer, png_b64: str, steps: int, seed: int) -> str:
     return str(r.json()["task_id"])
 
 
-def _status(server: LiveServer, task_id: str) -> dict:
+def _status(server: LiveServer, task_id: str) -> dict[str, Any]:
     r = httpx.get(server.url + "/v3/async/task-result", params={"task_id": task_id}, headers=AUTH, timeout=30)
     assert r.status_code == 200, r.text
     return dict(r.json())
 
 
-def _wait(server: LiveServer, task_id: str, predicate, timeout: float) -> dict:  # type: ignore[no-untyped-def]
+def _wait(
+    server: LiveServer, task_id: str, predicate: Callable[[dict[str, Any]], bool], timeout: float
+) -> dict[str, Any]:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         body = _status(server, task_id)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import io
 
+import pytest
 from novita_client import NovitaClient
 from novita_client.exceptions import NovitaResponseError
 from PIL import Image
@@ -43,9 +44,5 @@ def test_python_sdk_sees_errors_and_models(live_server: LiveServer) -> None:
     names = [m.sd_name for m in models]
     assert "tiny-sd15.safetensors" in names
     assert len(names) == len(set((m.sd_name, m.type.name) for m in models)), "models_v3 must list each model once"
-    try:
+    with pytest.raises(NovitaResponseError, match="404"):  # an unknown task is an error
         client.async_task_result("no-such-task")
-    except NovitaResponseError as exc:
-        assert "404" in str(exc)
-    else:
-        raise AssertionError("unknown task must be an error")

@@ -33,7 +33,7 @@ def sdxl(tmp_path_factory: pytest.TempPathFactory) -> TextEncoderBundle:
 
 
 def _sd15_pipe(bundle: TextEncoderBundle) -> StableDiffusionPipeline:
-    return StableDiffusionPipeline(
+    return StableDiffusionPipeline(  # type: ignore[no-untyped-call]
         vae=None,
         text_encoder=bundle.text_encoders[0],
         tokenizer=bundle.tokenizers[0],
@@ -46,7 +46,7 @@ def _sd15_pipe(bundle: TextEncoderBundle) -> StableDiffusionPipeline:
 
 
 def _sdxl_pipe(bundle: TextEncoderBundle) -> StableDiffusionXLPipeline:
-    return StableDiffusionXLPipeline(
+    return StableDiffusionXLPipeline(  # type: ignore[no-untyped-call]
         vae=None,
         text_encoder=bundle.text_encoders[0],
         text_encoder_2=bundle.text_encoders[1],
@@ -127,9 +127,12 @@ def _bundle_with_embedding() -> tuple[TextEncoderBundle, list[int]]:
     tokenizer, encoder = bundle.tokenizers[0], bundle.text_encoders[0]
     tokenizer.add_tokens(["emb", "emb_1", "emb_2"])
     encoder.resize_token_embeddings(len(tokenizer))
-    ids = [int(i) for i in tokenizer.convert_tokens_to_ids(["emb", "emb_1", "emb_2"])]
+    converted = tokenizer.convert_tokens_to_ids(["emb", "emb_1", "emb_2"])
+    assert isinstance(converted, list)  # a list of tokens gives a list of ids
+    ids = [int(i) for i in converted]
     with torch.no_grad():
-        encoder.get_input_embeddings().weight[ids] = torch.randn(3, encoder.config.hidden_size)
+        weight = encoder.get_input_embeddings().weight
+        weight[ids] = torch.randn(3, encoder.config.hidden_size)  # type: ignore[operator]  # transformers: untyped
     return bundle, ids
 
 
@@ -168,7 +171,7 @@ def test_unknown_explicit_expansion_token_is_a_clear_error(sd15: TextEncoderBund
 @pytest.mark.parametrize("clip_skip", [1, 2, 3])
 def test_sd15_matches_diffusers_with_clip_skip_minus_one(sd15: TextEncoderBundle, clip_skip: int) -> None:
     pipe = _sd15_pipe(sd15)
-    reference, _ = pipe.encode_prompt(
+    reference, _ = pipe.encode_prompt(  # type: ignore[attr-defined]  # hidden by diffusers' lazy exports
         "a photo of a cat", torch.device("cpu"), 1, False, clip_skip=None if clip_skip == 1 else clip_skip - 1
     )
     ours = encode_prompt(sd15, "a photo of a cat", clip_skip=clip_skip)
@@ -227,7 +230,7 @@ def test_break_gives_two_chunks(sd15: TextEncoderBundle) -> None:
 
 def test_encoder_dtype_is_kept() -> None:
     bundle = tiny.sd15_bundle()
-    bundle.text_encoders[0].to(torch.bfloat16)
+    bundle.text_encoders[0].to(torch.bfloat16)  # type: ignore[arg-type]  # transformers wraps ``to`` untypably
     assert encode_prompt(bundle, "a (cat:1.2)").embeds.dtype == torch.bfloat16
 
 
@@ -246,7 +249,7 @@ def test_bundle_shape_mismatch_is_a_clear_error(sd15: TextEncoderBundle) -> None
 
 
 def test_sdxl_matches_diffusers_default(sdxl: TextEncoderBundle) -> None:
-    reference, _, reference_pooled, _ = _sdxl_pipe(sdxl).encode_prompt(
+    reference, _, reference_pooled, _ = _sdxl_pipe(sdxl).encode_prompt(  # type: ignore[attr-defined]  # hidden by diffusers' lazy exports
         "a photo of a cat", device=torch.device("cpu"), num_images_per_prompt=1, do_classifier_free_guidance=False
     )
     ours = encode_prompt(sdxl, "a photo of a cat")
@@ -267,7 +270,7 @@ def test_sdxl_clip_l_skip_option_moves_only_clip_l(sdxl: TextEncoderBundle) -> N
     default = encode_prompt(sdxl, "a photo of a cat").embeds
     skipped = encode_prompt(sdxl, "a photo of a cat", clip_skip=3, sdxl_clip_l_skip=True).embeds
     # diffusers' SDXL clip_skip=k takes hidden_states[-(k + 2)]: its k=1 is our CLIP-L hidden_states[-3].
-    reference, _, _, _ = pipe.encode_prompt(
+    reference, _, _, _ = pipe.encode_prompt(  # type: ignore[attr-defined]  # hidden by diffusers' lazy exports
         "a photo of a cat",
         device=torch.device("cpu"),
         num_images_per_prompt=1,

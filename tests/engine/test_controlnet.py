@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import re
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, cast
 
@@ -24,12 +23,14 @@ from underpaint.engine.loader import LoadedCheckpoint, load_checkpoint
 from underpaint.engine.pipeline import Components, PipelineInputs, generate
 from underpaint.engine.samplers import DiscreteSchedule
 from underpaint.registry import ModelEntry, ModelRegistry
+from underpaint.vocabulary import SamplerName
 
 CPU = torch.device("cpu")
 SIZE = 64
 CANNY = "control_v11p_sd15_canny"
 CANNY_DIFFUSERS = demo.SD15_CANNY_DIFFUSERS
 OPENPOSE = "control_v11p_sd15_openpose"
+MIDAS = "dpt_hybrid-midas-501f0c75.pt"
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +63,7 @@ def sdxl(registry: ModelRegistry) -> LoadedCheckpoint:
 
 
 @pytest.fixture(autouse=True)
-def fresh_cache(monkeypatch: pytest.MonkeyPatch) -> Iterator[cn.ControlNetCache]:
+def fresh_cache(monkeypatch: pytest.MonkeyPatch) -> cn.ControlNetCache:
     cache = cn.ControlNetCache()
     monkeypatch.setattr(cn, "_cache", cache)
     return cache
@@ -118,7 +119,7 @@ def run(registry: ModelRegistry, loaded: LoadedCheckpoint, units: list[ControlNe
         seeds=[11],
         steps=4,
         guidance_scale=7.0,
-        sampler_name="Euler",
+        sampler_name=SamplerName("Euler"),
         strength=0.75,
         control=hook(registry, loaded, units) if units else None,
     )
@@ -139,7 +140,7 @@ def run_executor(executor: Any, checkpoint: str, units: tuple[ControlNetUnitSpec
         image_num=1,
         steps=4,
         guidance_scale=7.0,
-        sampler_name="Euler",
+        sampler_name=SamplerName("Euler"),
         seed=11,
         strength=0.75,
         controlnets=units,
@@ -159,7 +160,8 @@ def test_seed_names_resolve_and_base_model_is_detected(registry: ModelRegistry) 
     expected.update({"controlnet-canny-sdxl-1.0": True, "controlnet-depth-sdxl-1.0": True})
     for name, is_sdxl in expected.items():
         entry = registry.resolve("controlnet", name)
-        assert entry is not None and entry.is_sdxl == is_sdxl, name
+        assert entry is not None, name
+        assert entry.is_sdxl == is_sdxl, name
 
 
 def test_written_files_are_in_the_original_layouts(models: Path) -> None:
@@ -215,7 +217,8 @@ def test_other_published_layouts_load(models: Path, tmp_path: Path) -> None:
     reference = demo.tiny_controlnet(True, demo.SDXL_CANNY_SEED).state_dict()
     for name in ("xl-diffusers-keys", "xl-fp16"):
         entry = reg.resolve("controlnet", name)
-        assert entry is not None and entry.is_sdxl, name
+        assert entry is not None, name
+        assert entry.is_sdxl, name
         loaded = cn.load_controlnet_model(entry, CPU, torch.float32).state_dict()
         assert all(torch.equal(loaded[k], reference[k]) for k in reference), name
 
@@ -353,13 +356,17 @@ def test_annotator_with_local_weights_runs_in_a_unit(
     assert differ(out, plain) > 1.0
 
 
-def test_missing_annotator_is_a_clear_error(registry: ModelRegistry, sd15: LoadedCheckpoint, fresh_cache: Any) -> None:
-    with pytest.raises(JobError) as err:
-        hook(registry, sd15, [unit(CANNY), unit(OPENPOSE, preprocessor="lineart")])
+def test_missing_annotator_is_a_clear_error(
+    registry: ModelRegistry, sd15: LoadedCheckpoint, fresh_cache: Any, tmp_path: Path
+) -> None:
+    units = [unit(CANNY), unit(OPENPOSE, preprocessor="lineart")]
+    entries = [(e, u) for u in units if (e := registry.resolve("controlnet", u.model)) is not None]
+    with pytest.raises(JobError) as err:  # an annotator folder without the lineart files
+        cn.build_control_hook(sd15, entries, SIZE, SIZE, tmp_path, CPU, seed=3)
     message = str(err.value)
     assert "sk_model.pth" in message
     assert "sk_model2.pth" in message
-    assert str(registry.models_dir / "annotator") in message
+    assert str(tmp_path) in message
     assert fresh_cache.loads == 0
 
 
@@ -400,19 +407,15 @@ def test_executor_runs_units_and_refuses_the_wrong_base(models: Path) -> None:
     assert np.array_equal(job(unit(CANNY, strength=0.0)), plain)
     with pytest.raises(JobError, match=r"is for SDXL 1.0"):
         job(unit("controlnet-canny-sdxl-1.0"))
-    with pytest.raises(JobError, match=r"sk_model.pth"):
-        job(unit(CANNY, preprocessor="lineart_coarse"))
+    # a network annotator from the demo files (the missing-file refusal: test_executor_runs_a_depth_unit)
+    assert differ(job(unit(CANNY, preprocessor="lineart_coarse")), plain) > 1.0
 
 
-# A zero MiDaS predicts a flat depth: controlnet_aux's min-max normalisation divides 0 by 0 (both sides alike here).
-@pytest.mark.filterwarnings("ignore:invalid value encountered in cast:RuntimeWarning")
-def test_executor_runs_a_depth_unit(
-    models: Path, sdxl: LoadedCheckpoint, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_executor_runs_a_depth_unit(models: Path, sdxl: LoadedCheckpoint, tmp_path: Path) -> None:
     """A unit with preprocessor ``depth`` (MiDaS) through the worker's path: refused naming the file while it is
     missing, then the map made from the published-layout file conditions the SDXL depth ControlNet."""
     from underpaint.config import Settings
-    from underpaint.demo.controlnet import write_zero_annotator
+    from underpaint.demo.annotators import write_torch_annotator
     from underpaint.engine import preprocessors
     from underpaint.engine.executor import DiffusersExecutor
 
@@ -421,21 +424,25 @@ def test_executor_runs_a_depth_unit(
     for part in ("checkpoint", "controlnet"):
         (mine / part).symlink_to(models / part, target_is_directory=True)
     executor = DiffusersExecutor(Settings(models_dir=mine, device="cpu", torch_threads=1), ModelRegistry(mine))
-    monkeypatch.setattr(preprocessors, "A1111_RESOLUTION", 64)  # the same path, a smaller MiDaS input
 
     def job(*units: ControlNetUnitSpec) -> np.ndarray:
         return run_executor(executor, "tiny-sdxl.safetensors", units)
 
     depth_unit = unit("controlnet-depth-sdxl-1.0", image=init_image(), preprocessor="depth")
-    with pytest.raises(JobError, match=re.escape(f"{preprocessors.MIDAS[0]}: put them in {mine / 'annotator'}")):
+    with pytest.raises(JobError, match=re.escape(f"{MIDAS}: put them in {mine / 'annotator'}")):
         job(depth_unit)
-    write_zero_annotator(preprocessors._midas_net, mine / "annotator" / preprocessors.MIDAS[0])
+    write_torch_annotator(MIDAS, mine / "annotator", seed=1)
     assert differ(job(depth_unit), job()) > 1.0  # the unit acts
     # and its control map is the depth map (the tiny ControlNet barely tells maps apart: checked on the hook)
     registry = ModelRegistry(mine)
     entry = registry.resolve("controlnet", depth_unit.model)
     assert entry is not None
-    control = cn.build_control_hook(sdxl, [(entry, depth_unit)], SIZE, SIZE, mine / "annotator", CPU, seed=3)
-    ctx = preprocessors.Context(mine / "annotator", 3, CPU)
+    nets = executor.annotators  # the executor's loaded annotators: MiDaS was loaded once, for the first job
+    assert (nets.loads, nets.kinds()) == (1, {"midas"})
+    annotators = mine / "annotator"
+    control = cn.build_control_hook(sdxl, [(entry, depth_unit)], SIZE, SIZE, annotators, CPU, 3, annotator_nets=nets)
+    assert control is not None
+    ctx = preprocessors.Context(annotators, 3, CPU, nets=nets)
     expected = np.asarray(preprocessors.run_preprocessor("depth", init_image(), ctx), np.float32) / 255
     assert torch.equal(control.units[0].image[0].permute(1, 2, 0), torch.from_numpy(expected))
+    assert nets.loads == 1

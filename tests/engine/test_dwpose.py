@@ -14,8 +14,9 @@ from onnx import TensorProto, helper, numpy_helper
 from PIL import Image
 
 from underpaint.engine import preprocessors as P
-from underpaint.engine.annotators import dwpose as D
 from underpaint.engine.job import JobError
+from underpaint.engine.preprocessors import dwpose as D
+from underpaint.vocabulary import PreprocessorName, missing_annotator_files
 
 DET_SHAPE, POSE_SHAPE = (1, 3, 640, 640), (1, 3, 384, 288)
 ANCHORS = 80 * 80 + 40 * 40 + 20 * 20  # strides 8, 16, 32 on 640
@@ -168,6 +169,8 @@ def test_simcc_decode_hand_computed() -> None:
     points, scores = D.simcc_decode(sx, sy)
     assert points.tolist() == [[0.5, 1.5], [1.5, 0.0]]  # arg-max bins / 2
     assert np.allclose(scores, [0.7, 0.4])  # the smaller of the two maxima
+    points, scores = D.simcc_decode(np.zeros((1, 4), np.float32), sy[:1])
+    assert points.tolist() == [[-0.5, -0.5]]  # no response on x: unset, as mmpose marks it
 
 
 def test_crop_transform_hand_computed() -> None:
@@ -215,12 +218,12 @@ def test_detector_finds_persons_only_above_threshold_after_nms(tmp_path: Path) -
         ],
         ratio,
     )
-    boxes = D.detect_people(D._session(tmp_path / D.DETECTOR), np.zeros((256, 256, 3), np.uint8))
+    boxes = D.detect_people(D._session(ctx(tmp_path), tmp_path / D.DETECTOR), np.zeros((256, 256, 3), np.uint8))
     assert np.allclose(boxes, [BOX, other], atol=0.01)
 
 
 def _person_points() -> dict[int, tuple[float, float, float]]:
-    points = {k: (x, y, 0.9) for k, (x, y) in enumerate(COCO_BODY)}
+    points: dict[int, tuple[float, float, float]] = {k: (x, y, 0.9) for k, (x, y) in enumerate(COCO_BODY)}
     points[15] = (*COCO_BODY[15], 0.2)  # left ankle: not confident
     points[23] = (128.0, 62.0, 0.8)  # one face point (chin)
     points[24] = (60.0, 200.0, 0.1)  # a face point below the threshold
@@ -261,21 +264,21 @@ def test_dwpose_without_a_person_is_black(tmp_path: Path) -> None:
 
 
 def test_dwpose_needs_both_files_by_name(tmp_path: Path) -> None:
-    assert P.missing_files("dwpose", tmp_path) == ["yolox_l.onnx", "dw-ll_ucoco_384.onnx"]
+    dwpose = PreprocessorName("dwpose")
+    assert missing_annotator_files(dwpose, tmp_path) == ["yolox_l.onnx", "dw-ll_ucoco_384.onnx"]
     _write_detector(tmp_path, [], 1.0)
-    msg = P.submit_check("dwpose", tmp_path)
-    assert msg is not None
-    assert "dw-ll_ucoco_384.onnx" in msg
-    assert "yolox_l.onnx" not in msg
-    assert str(tmp_path) in msg
-    with pytest.raises(JobError, match=r"dw-ll_ucoco_384.onnx"):
+    assert missing_annotator_files(dwpose, tmp_path) == ["dw-ll_ucoco_384.onnx"]
+    with pytest.raises(JobError) as err:
         P.run_preprocessor("dwpose", Image.new("RGB", (64, 64)), ctx(tmp_path))
+    assert "dw-ll_ucoco_384.onnx" in str(err.value)
+    assert "yolox_l.onnx" not in str(err.value)
+    assert str(tmp_path) in str(err.value)
 
 
 def test_dwpose_wrong_files_are_clear_errors(tmp_path: Path) -> None:
     (tmp_path / D.DETECTOR).write_bytes(b"not an onnx file")
     _write_estimator(tmp_path, {})
-    with pytest.raises(JobError, match=r"yolox_l.onnx could not be loaded"):
+    with pytest.raises(JobError, match=r"yolox_l\.onnx could not be loaded"):
         P.run_preprocessor("dwpose", Image.new("RGB", (64, 64)), ctx(tmp_path))
     other = tmp_path / "other"
     other.mkdir()

@@ -20,7 +20,7 @@ from underpaint.engine.adapters.embeddings import (
 from underpaint.engine.job import JobError
 from underpaint.registry import ModelEntry
 
-transformers.logging.set_verbosity_error()
+transformers.logging.set_verbosity_error()  # type: ignore[no-untyped-call]
 
 PROMPT = "a photo of a cat"
 
@@ -101,6 +101,7 @@ def test_sdxl_pair(models: Path) -> None:
         (loaded.pipe.tokenizer_2, loaded.pipe.text_encoder_2, file.clip_g),
     ):
         ids = tokenizer.convert_tokens_to_ids(tokens)
+        assert vectors is not None
         assert torch.equal(encoder.get_input_embeddings().weight[ids], vectors)
     assert np.abs(_run(loaded, plan).astype(int) - base).mean() > 1.0
     assert np.array_equal(tiny.run(loaded, PROMPT), base)

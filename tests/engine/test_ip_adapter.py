@@ -14,8 +14,9 @@ from underpaint.demo import adapters as demo
 from underpaint.engine.adapters.ip_adapter import IMAGE_ENCODERS_DIR, IPAdapterManager
 from underpaint.engine.adapters.lora import LoraManager
 from underpaint.engine.job import JobError
+from underpaint.registry import ModelRegistry
 
-transformers.logging.set_verbosity_error()
+transformers.logging.set_verbosity_error()  # type: ignore[no-untyped-call]
 
 
 def _diff(a: np.ndarray, b: np.ndarray) -> float:
@@ -99,7 +100,7 @@ def test_the_adapter_own_encoder_folder_wins(tmp_path: Path) -> None:
     own = manager.activate(loaded, entry, tiny.init_image(5), 1.0)["image_embeds"][0]
     assert not torch.equal(shared, own)
     # The registry does not mistake encoder folders for adapters.
-    assert [e.sd_name for e in tiny.ModelRegistry(tmp_path).list("ipadapter")] == ["ip-adapter_sd15.bin"]
+    assert [e.sd_name for e in ModelRegistry(tmp_path).list("ipadapter")] == ["ip-adapter_sd15.bin"]
 
 
 def test_errors_are_clear(tmp_path: Path) -> None:

@@ -16,7 +16,7 @@ from underpaint.engine.adapters.lora import LoraManager, adapter_name
 from underpaint.engine.job import JobError
 from underpaint.registry import ModelEntry
 
-transformers.logging.set_verbosity_error()
+transformers.logging.set_verbosity_error()  # type: ignore[no-untyped-call]
 
 
 def _diff(a: np.ndarray, b: np.ndarray) -> float:
@@ -314,7 +314,8 @@ def test_conv_and_linear_deltas_equal_the_merged_layer_in_the_module_dtype(model
             expected = torch.nn.functional.linear(x, weight, module.bias)
         with torch.no_grad():
             got = module(x)
-        assert got.dtype == torch.float64 and got.shape == expected.shape, path
+        assert got.dtype == torch.float64, path
+        assert got.shape == expected.shape, path
         torch.testing.assert_close(got, expected, rtol=0, atol=1e-12)
 
 

@@ -1,7 +1,11 @@
-"""ControlNet preprocessors: weight-free maps, network annotators from local weights, clear errors."""
+"""ControlNet preprocessors: the registry over the vocabulary, weight-free maps, network annotators from local
+weights in the published layouts, their glue (map direction, detection size), clear errors.
+
+Parity with controlnet_aux's own detectors on the same files is in ``test_preprocessors_parity.py``."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -14,6 +18,17 @@ from PIL import Image
 
 from underpaint.engine import preprocessors as P
 from underpaint.engine.job import JobError
+from underpaint.engine.preprocessors import networks
+from underpaint.engine.preprocessors.aux import aux
+from underpaint.vocabulary import (
+    BODY_POSE_FILE,
+    FACE_POSE_FILE,
+    HAND_POSE_FILE,
+    PREPROCESSOR_FILES,
+    PREPROCESSOR_NAMES,
+    PreprocessorName,
+    missing_annotator_files,
+)
 
 StateDict = dict[str, torch.Tensor]
 
@@ -58,13 +73,26 @@ def picture() -> Image.Image:
     return Image.fromarray(arr)
 
 
-def ctx(tmp: Path, seed: int = 1) -> P.Context:
-    return P.Context(annotator_dir=tmp, seed=seed, device=torch.device("cpu"))
+def ctx(tmp: Path, seed: int = 1, nets: P.AnnotatorCache | None = None, depth_resolution: int = 512) -> P.Context:
+    return P.Context(tmp, seed, torch.device("cpu"), nets or P.AnnotatorCache(), depth_resolution)
 
 
-def test_every_seed_enum_name_is_known() -> None:
-    for name in SEED_ENUM:
-        assert name in P.PREPROCESSORS, name
+def missing(name: str, folder: Path) -> list[str]:
+    return missing_annotator_files(PreprocessorName(name), folder)
+
+
+def test_the_registry_implements_exactly_the_vocabulary() -> None:
+    assert set(P.PREPROCESSORS) == PREPROCESSOR_NAMES
+    assert set(SEED_ENUM) <= PREPROCESSOR_NAMES
+    assert len(SEED_ENUM) == 28
+
+
+def test_unknown_name_is_a_job_error(picture: Image.Image, tmp_path: Path) -> None:
+    for name in ("no_such_preprocessor", "segmentation", "clip_vision"):
+        with pytest.raises(JobError, match="not supported"):
+            P.run_preprocessor(name, picture, ctx(tmp_path))
+        with pytest.raises(JobError, match="not supported"):
+            P.check_files(name, tmp_path)
 
 
 def test_canny_is_a1111_canny(picture: Image.Image, tmp_path: Path) -> None:
@@ -98,7 +126,7 @@ def test_simple_maps(picture: Image.Image, tmp_path: Path) -> None:
 
 def test_network_annotator_runs_from_local_weights(picture: Image.Image, tmp_path: Path) -> None:
     torch.manual_seed(0)
-    torch.save(P._aux("hed").ControlNetHED_Apache2().state_dict(), tmp_path / "ControlNetHED.pth")
+    torch.save(networks.hed_net().state_dict(), tmp_path / "ControlNetHED.pth")
     soft = np.asarray(P.run_preprocessor("softedge_hed", picture, ctx(tmp_path)))
     scribble = np.asarray(P.run_preprocessor("scribble_hed", picture, ctx(tmp_path)))
     assert soft.shape == scribble.shape == (96, 128, 3)
@@ -111,14 +139,11 @@ def test_missing_annotator_names_file_and_folder(picture: Image.Image, tmp_path:
         P.run_preprocessor("mlsd", picture, ctx(tmp_path))
     assert "mlsd_large_512_fp32.pth" in str(err.value)
     assert str(tmp_path) in str(err.value)
-    assert P.missing_files("lineart", tmp_path) == ["sk_model.pth", "sk_model2.pth"]
-
-
-def test_unsupported_and_unknown_are_clear(tmp_path: Path) -> None:
-    with pytest.raises(JobError, match="'segmentation' has no implementation in this build"):
-        P.check("segmentation", tmp_path)
-    with pytest.raises(JobError, match="not supported"):
-        P.check("no_such_preprocessor", tmp_path)
+    assert missing("lineart", tmp_path) == ["sk_model.pth", "sk_model2.pth"]
+    with pytest.raises(JobError, match=r"sk_model2\.pth"):
+        P.check_files("lineart_coarse", tmp_path)
+    P.check_files("canny", tmp_path)
+    P.check_files(None, tmp_path)
 
 
 def test_other_weight_free_maps(picture: Image.Image, tmp_path: Path) -> None:
@@ -153,34 +178,29 @@ PERSON = [
 ]  # fmt: skip
 
 
-def _zero_openpose_weights(folder: Path) -> None:
-    from underpaint.demo.controlnet import write_zero_annotator
+def _openpose_weights(folder: Path) -> None:
+    from underpaint.demo.annotators import write_torch_annotator
 
-    model = P._aux("open_pose.model")
-    write_zero_annotator(model.bodypose_model, folder / P.BODY, prefix_depth=1)
-    write_zero_annotator(model.handpose_model, folder / P.HAND, prefix_depth=1)
-    write_zero_annotator(P._aux("open_pose.face").FaceNet, folder / P.FACE)
+    for i, name in enumerate((BODY_POSE_FILE, HAND_POSE_FILE, FACE_POSE_FILE)):
+        write_torch_annotator(name, folder, seed=i)
 
 
 def test_openpose_family_runs_from_local_weights(tmp_path: Path) -> None:
-    """Every OpenPose variant loads its files and runs detection end to end (zero nets find nobody: black map)."""
-    _zero_openpose_weights(tmp_path)
+    """Every OpenPose variant loads its files and runs detection end to end (random nets find nobody here)."""
+    _openpose_weights(tmp_path)
     image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (96, 128, 3), dtype=np.uint8))
     for name in ("openpose_full", "openpose_faceonly"):  # all three files; the body net runs (~3 s each)
         out = np.asarray(P.run_preprocessor(name, image, ctx(tmp_path)))
-        assert out.shape == (96, 128, 3) and out.max() == 0, name
+        assert out.shape == (96, 128, 3), name
+        assert out.max() == 0, name
 
 
 def test_openpose_glue_draws_detected_person(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """With a detected person, body drawing, hand crops and the face crop go through our glue."""
-    _zero_openpose_weights(tmp_path)
+    _openpose_weights(tmp_path)
     candidate = np.array([[x, y, 0.9, i] for i, (x, y) in enumerate(PERSON)], dtype=np.float64)
     subset = np.array([[*range(18), 16.0, 18.0]])
-    body_cls, hand_cls, face_cls = (
-        P._aux("open_pose.body").Body,
-        P._aux("open_pose.hand").Hand,
-        P._aux("open_pose.face").Face,
-    )
+    body_cls, hand_cls, face_cls = aux("open_pose.body").Body, aux("open_pose.hand").Hand, aux("open_pose.face").Face
     monkeypatch.setattr(body_cls, "__call__", lambda self, img: (candidate, subset))
     hand_crops: list[tuple[int, ...]] = []
     face_crops: list[tuple[int, ...]] = []
@@ -189,11 +209,9 @@ def test_openpose_glue_draws_detected_person(tmp_path: Path, monkeypatch: pytest
         hand_crops.append(crop.shape)
         return np.array([[4.0 + i, 4.0 + i] for i in range(21)])  # a diagonal "hand" inside the crop
 
-    real_face_call = face_cls.__call__
-
     def face_call(self: object, crop: np.ndarray) -> np.ndarray:
         face_crops.append(crop.shape)
-        return real_face_call(self, crop)  # the zero FaceNet: heatmaps of the crop's size, no landmarks
+        return np.zeros((71, *crop.shape[:2]), np.float32)  # heatmaps of the crop's size, no landmarks
 
     monkeypatch.setattr(hand_cls, "__call__", hand_call)
     monkeypatch.setattr(face_cls, "__call__", face_call)
@@ -203,55 +221,30 @@ def test_openpose_glue_draws_detected_person(tmp_path: Path, monkeypatch: pytest
     assert len(hand_crops) == 2
     assert (maps["openpose_hand"] != maps["openpose"]).any()  # the hands were drawn on top
     full = np.asarray(P.run_preprocessor("openpose_full", image, ctx(tmp_path)))
-    # the face crop went through the zero FaceNet, which finds no landmarks: nothing more drawn
+    # the face crop was looked at, and no landmarks found: nothing more drawn
     assert np.array_equal(full, maps["openpose_hand"])
     assert len(face_crops) == 1
 
 
 def test_openpose_needs_only_the_files_of_its_parts(tmp_path: Path) -> None:
-    assert P.missing_files("openpose", tmp_path) == [P.BODY]
-    assert P.missing_files("openpose_hand", tmp_path) == [P.BODY, P.HAND]
-    assert P.missing_files("openpose_full", tmp_path) == [P.BODY, P.HAND, P.FACE]
-    assert P.missing_files("openpose_faceonly", tmp_path) == [P.BODY, P.FACE]
-
-
-def test_submit_check(tmp_path: Path) -> None:
-    assert P.submit_check(None, tmp_path) is None
-    assert P.submit_check("none", tmp_path) is None
-    assert P.submit_check("canny", tmp_path) is None
-    msg = P.submit_check("openpose_hand", tmp_path)
-    assert msg is not None
-    assert P.BODY in msg
-    assert P.HAND in msg
-    assert str(tmp_path) in msg
-    assert "not supported" in (P.submit_check("bogus", tmp_path) or "")
-    # accepted at submit (the seed's enum), the task then fails with the reason
-    assert P.submit_check("clip_vision", tmp_path) is None
-    assert "yolox_l.onnx" in (P.submit_check("dwpose", tmp_path) or "")
-    assert P.MIDAS[0] in (P.submit_check("depth_midas", tmp_path) or "")
-    (tmp_path / "ControlNetHED.pth").write_bytes(b"")
-    assert P.submit_check("softedge_hed", tmp_path) is None
+    body, hand, face = BODY_POSE_FILE, HAND_POSE_FILE, FACE_POSE_FILE
+    assert missing("openpose", tmp_path) == [body]
+    assert missing("openpose_hand", tmp_path) == [body, hand]
+    assert missing("openpose_full", tmp_path) == [body, hand, face]
+    assert missing("openpose_faceonly", tmp_path) == [body, face]
 
 
 def test_broken_annotator_file_is_a_clear_error(picture: Image.Image, tmp_path: Path) -> None:
     (tmp_path / "table5_pidinet.pth").write_bytes(b"not a checkpoint")
-    with pytest.raises(JobError, match=r"table5_pidinet.pth could not be loaded"):
+    with pytest.raises(JobError, match=r"table5_pidinet\.pth could not be loaded"):
         P.run_preprocessor("softedge_pidinet", picture, ctx(tmp_path))
 
 
-# -- depth and normal maps (MiDaS, Zoe, LeReS) -------------------------------------------------------------------
+# -- depth and normal maps (MiDaS, Zoe, LeReS): the glue around the networks --------------------------------------
+# (the published-layout files load in test_preprocessors_parity.py, into ours and into controlnet_aux's detectors)
 
-
-def write_published(build: Callable[[], torch.nn.Module], path: Path, layout: Callable[[StateDict], Any]) -> None:
-    """A zero annotator file (a few KB for any network size) with its state dict arranged as ``layout`` says."""
-    from underpaint.demo.controlnet import write_zero_annotator
-
-    write_zero_annotator(build, path.with_name("flat.pth"))
-    torch.save(layout(torch.load(path.with_name("flat.pth"), weights_only=True)), path)
-
-
-def module_prefixed(state: StateDict) -> StateDict:
-    return {"module." + k: v for k, v in state.items()}  # saved from DataParallel
+MIDAS, ZOE = PREPROCESSOR_FILES[PreprocessorName("depth")], PREPROCESSOR_FILES[PreprocessorName("depth_zoe")]
+LERES_BOOST = PREPROCESSOR_FILES[PreprocessorName("depth_leres++")]
 
 
 class FakeNet(torch.nn.Module):
@@ -269,91 +262,62 @@ class FakeNet(torch.nn.Module):
     depth_model = infer = forward  # LeReS and Zoe entry points
 
 
+class FakeNets(P.AnnotatorCache):
+    """An annotator cache that hands out fake networks by kind instead of loading files."""
+
+    def __init__(self, nets: dict[str, FakeNet]) -> None:
+        super().__init__()
+        self.nets = nets
+
+    def get(self, kind: str, path: Path, device: str, load: Callable[[], Any]) -> Any:
+        return self.nets[kind]
+
+
 def ramp(x: torch.Tensor, top: float = 1.0) -> torch.Tensor:
     """A prediction growing from 0 (left) to ``top`` (right), (1, H, W)."""
     return torch.linspace(0, top, x.shape[3]).expand(1, x.shape[2], x.shape[3])
 
 
-def test_depth_leres_runs_from_a_published_layout_file(
-    picture: Image.Image, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """res101.pth nests the weights under ``depth_model`` with DataParallel's ``module.`` prefix."""
-    monkeypatch.setattr(P, "A1111_RESOLUTION", 64)  # the same path, a smaller network input
-    write_published(P._leres_net, tmp_path / "res101.pth", lambda flat: {"depth_model": module_prefixed(flat)})
-    out = np.asarray(P.run_preprocessor("depth_leres", picture, ctx(tmp_path)))
-    assert out.shape == (96, 128, 3)
-    assert (out == 255).all()
+def present(folder: Path, files: tuple[str, ...]) -> Path:
+    for name in files:
+        (folder / name).write_bytes(b"")  # present; the fake cache never reads them
+    return folder
 
 
-def test_depth_leres_maps_near_to_white(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_depth_leres_maps_near_to_white(tmp_path: Path) -> None:
     net = FakeNet(lambda x: ramp(x)[None])  # depth grows from left to right
-    monkeypatch.setattr(P, "_net", lambda *a, **k: net)
-    (tmp_path / "res101.pth").write_bytes(b"")  # present; the patched loader never reads it
     image = Image.new("RGB", (128, 64), (80, 80, 80))
-    out = np.asarray(P.run_preprocessor("depth_leres", image, ctx(tmp_path)))[:, :, 0].astype(int)
-    assert out[:, 0].min() >= 250
-    assert out[:, -1].max() <= 5
-    assert (np.diff(out[32]) <= 0).all()
+    folder = present(tmp_path, ("res101.pth",))
+    out = np.asarray(P.run_preprocessor("depth_leres", image, ctx(folder, nets=FakeNets({"leres": net}))))
+    gray = out[:, :, 0].astype(int)
+    assert gray[:, 0].min() >= 250
+    assert gray[:, -1].max() <= 5
+    assert (np.diff(gray[32]) <= 0).all()
     assert net.inputs[0].shape == (1, 3, 512, 1024)  # A1111's resolution: the short side at 512
 
 
-@pytest.mark.slow
-def test_depth_leres_boost_runs_from_published_layout_files(
-    picture: Image.Image, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """depth_leres++: res101.pth plus the merge network's latest_net_G.pth (a plain state dict)."""
-    # Smaller than A1111's, but not below what controlnet_aux's boosting handles (its resolution search needs
-    # 3x the long side to exceed LeReS's receptive field of 448).
-    monkeypatch.setattr(P, "A1111_RESOLUTION", 192)
-    write_published(P._leres_net, tmp_path / "res101.pth", lambda flat: {"depth_model": module_prefixed(flat)})
-    write_published(P._merge_net, tmp_path / "latest_net_G.pth", lambda flat: flat)
-    out = np.asarray(P.run_preprocessor("depth_leres++", picture, ctx(tmp_path)))
-    assert out.shape == (96, 128, 3)
-    assert out.dtype == np.uint8
-    assert {key[0] for key in P._nets} >= {"leres", "leres_merge"}
-
-
 @pytest.mark.slow  # boosting blurs a 3000 x 3000 blending mask on every call
-def test_depth_leres_boost_merges_through_the_merge_network(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_depth_leres_boost_merges_through_the_merge_network(tmp_path: Path) -> None:
     """Both depth estimates go into the merge network (as its 2 input channels); its output is the map."""
     depth = FakeNet(lambda x: ramp(x)[None])
     merge = FakeNet(lambda pair: pair[:, 1:])  # passes the high-resolution estimate through
-    monkeypatch.setattr(P, "_net", lambda kind, *a, **k: merge if kind == "leres_merge" else depth)
-    for name in P.LERES_BOOST:
-        (tmp_path / name).write_bytes(b"")
+    nets = FakeNets({"leres": depth, "leres_merge": merge})
     image = Image.new("RGB", (128, 64), (80, 80, 80))
-    out = np.asarray(P.run_preprocessor("depth_leres++", image, ctx(tmp_path)))[:, :, 0].astype(int)
+    out = np.asarray(P.run_preprocessor("depth_leres++", image, ctx(present(tmp_path, LERES_BOOST), nets=nets)))
+    gray = out[:, :, 0].astype(int)
     assert len(merge.inputs) == 1
     assert merge.inputs[0].shape == (1, 2, 1024, 1024)
     # LeReS at its receptive field, then at the resolution boosting picks (a flat image: the largest, 49 x 32)
     assert [tuple(x.shape[2:]) for x in depth.inputs] == [(448, 448), (1568, 1568)]
-    assert out[:, 0].min() >= 250
-    assert out[:, -1].max() <= 5
-    assert (np.diff(out[32]) <= 0).all()
+    assert gray[:, 0].min() >= 250
+    assert gray[:, -1].max() <= 5
+    assert (np.diff(gray[32]) <= 0).all()
 
 
-# A zero network predicts a flat depth, which controlnet_aux's min-max normalisation turns into 0 / 0.
-@pytest.mark.filterwarnings("ignore:invalid value encountered in cast:RuntimeWarning")
-def test_midas_depth_and_normal_map_run_from_the_published_file(
-    picture: Image.Image, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """dpt_hybrid-midas-501f0c75.pt is a plain state dict (MiDaS v3's release file)."""
-    monkeypatch.setattr(P, "A1111_RESOLUTION", 64)
-    write_published(P._midas_net, tmp_path / P.MIDAS[0], lambda flat: flat)
-    for name in ("depth", "depth_midas"):
-        out = np.asarray(P.run_preprocessor(name, picture, ctx(tmp_path)))
-        assert out.shape == (96, 128, 3) and out.dtype == np.uint8, name
-    normal = np.asarray(P.run_preprocessor("normal_map", picture, ctx(tmp_path)))
-    # a flat (zero) depth faces the camera everywhere: z up, as the blue-first normal map shows it (R = z)
-    assert normal.shape == (96, 128, 3)
-    assert (normal == (255, 127, 127)).all()
-
-
-def test_midas_maps_near_to_white(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_midas_maps_near_to_white(tmp_path: Path) -> None:
     net = FakeNet(ramp)  # MiDaS predicts inverse depth: here nearer to the right
-    monkeypatch.setattr(P, "_net", lambda *a, **k: net)
-    (tmp_path / P.MIDAS[0]).write_bytes(b"")
-    out = np.asarray(P.run_preprocessor("depth", Image.new("RGB", (128, 64), (80, 80, 80)), ctx(tmp_path)))
+    image = Image.new("RGB", (128, 64), (80, 80, 80))
+    out = np.asarray(P.run_preprocessor("depth", image, ctx(present(tmp_path, MIDAS), nets=FakeNets({"midas": net}))))
     gray = out[:, :, 0].astype(int)
     assert gray[:, 0].max() <= 5
     assert gray[:, -1].min() >= 250
@@ -365,40 +329,22 @@ def test_midas_maps_near_to_white(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     assert float(x[0, 0, 0, 0]) == pytest.approx(80 / 127.5 - 1, abs=0.01)
 
 
-def test_normal_map_leaves_the_background_flat(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_normal_map_leaves_the_background_flat(tmp_path: Path) -> None:
     """A1111's background threshold 0.4: where the depth is below 40% of its range the normal faces the camera;
     elsewhere the slope of the depth tilts it (x goes to the blue channel)."""
-    monkeypatch.setattr(P, "_net", lambda *a, **k: FakeNet(lambda x: ramp(x, top=4 * x.shape[3])))
-    (tmp_path / P.MIDAS[0]).write_bytes(b"")
-    out = np.asarray(P.run_preprocessor("normal_map", Image.new("RGB", (100, 64), (80, 80, 80)), ctx(tmp_path)))
+    nets = FakeNets({"midas": FakeNet(lambda x: ramp(x, top=4 * x.shape[3]))})
+    image = Image.new("RGB", (100, 64), (80, 80, 80))
+    out = np.asarray(P.run_preprocessor("normal_map", image, ctx(present(tmp_path, MIDAS), nets=nets)))
     row = out[32].astype(int)
     assert (row[5:35] == (255, 127, 127)).all()  # background: flat
     assert (row[45:95, 2] >= 245).all()
     assert (abs(row[45:95, 1] - 127) <= 1).all()
 
 
-@pytest.mark.slow
-def test_zoe_runs_from_the_published_file(picture: Image.Image, tmp_path: Path) -> None:
-    """ZoeD_M12_N.pt nests the weights under ``model``; written by an older timm, it also holds BEiT's
-    relative_position_index buffers, which timm 1.x computes instead of loading (~20 s: BEiT-L at 384x512, x2)."""
-    with torch.device("meta"):
-        indices = {k: v for k, v in P._zoe_net().named_buffers() if k.endswith("relative_position_index")}
-    assert len(indices) == 24  # one per BEiT-L block
-
-    def layout(flat: StateDict) -> dict[str, StateDict]:
-        return {"model": flat | {k: torch.zeros((), dtype=torch.int64).expand(v.shape) for k, v in indices.items()}}
-
-    write_published(P._zoe_net, tmp_path / P.ZOE[0], layout)
-    out = np.asarray(P.run_preprocessor("depth_zoe", picture, ctx(tmp_path)))
-    assert out.shape == (96, 128, 3)
-    assert out.dtype == np.uint8
-
-
-def test_zoe_maps_near_to_white(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_zoe_maps_near_to_white(tmp_path: Path) -> None:
     net = FakeNet(lambda x: ramp(x)[None])  # Zoe predicts metric depth: here farther to the right
-    monkeypatch.setattr(P, "_net", lambda *a, **k: net)
-    (tmp_path / P.ZOE[0]).write_bytes(b"")
-    out = np.asarray(P.run_preprocessor("depth_zoe", Image.new("RGB", (128, 64), (80, 80, 80)), ctx(tmp_path)))
+    image = Image.new("RGB", (128, 64), (80, 80, 80))
+    out = np.asarray(P.run_preprocessor("depth_zoe", image, ctx(present(tmp_path, ZOE), nets=FakeNets({"zoe": net}))))
     gray = out[:, :, 0].astype(int)
     # normalised between the 2nd and 85th percentiles: the nearest columns white, the farthest 15% black
     assert gray[:, 0].min() >= 250
@@ -409,34 +355,52 @@ def test_zoe_maps_near_to_white(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
     assert float(x[0, 0, 0, 0]) == pytest.approx(80 / 255, abs=0.01)
 
 
+def test_depth_resolution_is_the_contexts(tmp_path: Path) -> None:
+    net = FakeNet(ramp)
+    image = Image.new("RGB", (128, 64), (80, 80, 80))
+    folder = present(tmp_path, MIDAS)
+    P.run_preprocessor("depth", image, ctx(folder, nets=FakeNets({"midas": net}), depth_resolution=128))
+    assert net.inputs[0].shape == (1, 3, 128, 256)
+
+
 def test_depth_files_are_named_when_missing(picture: Image.Image, tmp_path: Path) -> None:
-    cases = [("depth", P.MIDAS), ("normal_map", P.MIDAS), ("depth_zoe", P.ZOE), ("depth_leres++", P.LERES_BOOST)]
+    cases = [("depth", MIDAS), ("normal_map", MIDAS), ("depth_zoe", ZOE), ("depth_leres++", LERES_BOOST)]
     for name, files in cases:
         with pytest.raises(JobError) as err:
             P.run_preprocessor(name, picture, ctx(tmp_path))
-        assert all(f in str(err.value) for f in files) and str(tmp_path) in str(err.value), name
+        assert all(f in str(err.value) for f in files), name
+        assert str(tmp_path) in str(err.value), name
     (tmp_path / "res101.pth").write_bytes(b"")
-    assert P.missing_files("depth_leres++", tmp_path) == ["latest_net_G.pth"]
-    assert P.missing_files("depth_leres", tmp_path) == []
+    assert missing("depth_leres++", tmp_path) == ["latest_net_G.pth"]
+    assert missing("depth_leres", tmp_path) == []
 
 
-def test_normal_bae_runs_from_a_published_layout_file(picture: Image.Image, tmp_path: Path) -> None:
-    """scannet.pt nests the weights under ``model`` with DataParallel's ``module.`` prefix."""
-    from underpaint.demo.controlnet import write_zero_annotator
+def test_cache_loads_once_and_reloads_a_replaced_file(picture: Image.Image, tmp_path: Path) -> None:
+    from underpaint.demo.annotators import write_torch_annotator
 
-    write_zero_annotator(P._normal_bae_net, tmp_path / "flat.pth")
-    flat = torch.load(tmp_path / "flat.pth", weights_only=True)
-    torch.save({"model": {"module." + k: v for k, v in flat.items()}}, tmp_path / "scannet.pt")
-    out = np.asarray(P.run_preprocessor("normal_bae", picture, ctx(tmp_path)))
-    # a zero network predicts the zero vector, which the normal map shows as mid-grey
-    assert out.shape == (96, 128, 3)
-    assert (out == 127).all()
+    write_torch_annotator("table5_pidinet.pth", tmp_path, seed=1)
+    nets = P.AnnotatorCache(limit=1)
+    first = np.asarray(P.run_preprocessor("softedge_pidinet", picture, ctx(tmp_path, nets=nets)))
+    assert np.array_equal(np.asarray(P.run_preprocessor("pidinet", picture, ctx(tmp_path, nets=nets))), first)
+    assert nets.loads == 1
+    path = write_torch_annotator("table5_pidinet.pth", tmp_path, seed=2)
+    os.utime(path, (path.stat().st_atime, path.stat().st_mtime + 5))  # a new file version
+    second = np.asarray(P.run_preprocessor("softedge_pidinet", picture, ctx(tmp_path, nets=nets)))
+    assert nets.loads == 2
+    assert not np.array_equal(first, second)
+    torch.save(networks.hed_net().state_dict(), tmp_path / "ControlNetHED.pth")
+    P.run_preprocessor("hed", picture, ctx(tmp_path, nets=nets))
+    assert nets.kinds() == {"hed"}  # limit 1: PiDiNet was dropped
 
 
-def test_controlnet_aux_top_level_init_is_never_run(tmp_path: Path) -> None:
+def test_controlnet_aux_top_level_init_is_never_run() -> None:
     """Its __init__ imports every detector; segment_anything's import overwrites entries of timm's registry."""
     import sys
 
-    P._aux("hed")
-    P._aux("zoe")
+    from underpaint.engine.preprocessors.aux import install_namespace
+
+    aux("hed")
+    aux("zoe")
+    install_namespace()  # idempotent: the namespace stays the one registered first
     assert "controlnet_aux.segment_anything" not in sys.modules
+    assert not hasattr(sys.modules["controlnet_aux"], "__file__") or sys.modules["controlnet_aux"].__file__ is None

@@ -63,7 +63,9 @@ def test_parse_table(prompt: str, expected: list[tuple[str, float]]) -> None:
 
 
 def test_adjacent_equal_weights_merge_but_different_do_not() -> None:
-    assert parse_prompt_attention("(a)(b:1.1)") == [("ab", pytest.approx(1.1))]
+    merged = parse_prompt_attention("(a)(b:1.1)")
+    assert [text for text, _ in merged] == ["ab"]
+    assert [weight for _, weight in merged] == pytest.approx([1.1])
     assert len(parse_prompt_attention("(a)(b:1.2)")) == 2
 
 

@@ -32,7 +32,8 @@ def test_resolution_with_and_without_extension(tmp_path: Path) -> None:
     _st(m / "lora" / "add_detail.safetensors", ["lora_unet_down_blocks_0.lora_down.weight"])
     for name in ("DreamShaper_8.safetensors", "DreamShaper_8", "dreamshaper_8.SAFETENSORS", "dreamshaper_8"):
         entry = reg.resolve("checkpoint", name)
-        assert entry is not None and entry.sd_name == "DreamShaper_8.safetensors", name
+        assert entry is not None, name
+        assert entry.sd_name == "DreamShaper_8.safetensors", name
     assert reg.resolve("checkpoint", "DreamShaper_8.ckpt") is not None  # other extension, same stem
     assert reg.resolve("checkpoint", "nope") is None
     assert reg.resolve("checkpoint", "") is None

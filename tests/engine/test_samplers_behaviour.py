@@ -7,7 +7,15 @@ import math
 import numpy as np
 import pytest
 import torch
-from tests.support.samplers import SCHEDULE, CountingModel, init_latent, kdiffusion, reference_sigmas, toy_model
+from tests.support.samplers import (
+    SCHEDULE,
+    CountingModel,
+    init_latent,
+    kdiffusion,
+    reference_sigmas,
+    sampler_names,
+    toy_model,
+)
 from torch import Tensor
 
 from underpaint.engine.job import JobCancelled
@@ -27,7 +35,7 @@ from underpaint.engine.samplers import (
     sample_img2img,
 )
 from underpaint.engine.samplers.timestep_samplers import uniform_timesteps
-from underpaint.vocabulary import normalize_sampler_name
+from underpaint.vocabulary import SamplerName, normalize_sampler_name
 
 SIGMA_NAMES = [n for n in SAMPLER_NAMES if n not in ("DDIM", "PLMS", "UniPC")]
 
@@ -45,7 +53,7 @@ def test_schedule_is_built_the_ldm_way() -> None:
 
 @pytest.mark.parametrize("name", SIGMA_NAMES)
 @pytest.mark.parametrize("steps", [1, 2, 3, 10, 20, 37])
-def test_full_sigmas_equal_kdiffusion_helpers_with_a1111_rules(name: str, steps: int) -> None:
+def test_full_sigmas_equal_kdiffusion_helpers_with_a1111_rules(name: SamplerName, steps: int) -> None:
     ours = full_sigmas(name, SCHEDULE, steps)
     assert torch.equal(ours, reference_sigmas(name, steps))
     assert len(ours) == steps + 1
@@ -53,14 +61,14 @@ def test_full_sigmas_equal_kdiffusion_helpers_with_a1111_rules(name: str, steps:
 
 
 def test_default_karras_and_discard_schedules_have_the_a1111_shape() -> None:
-    default = full_sigmas("Euler", SCHEDULE, 20)
+    default = full_sigmas(SamplerName("Euler"), SCHEDULE, 20)
     assert float(default[0]) == pytest.approx(14.6146, abs=1e-4)
     assert [round(float(s), 4) for s in default[1:3]] == [10.7468, 8.0815]
-    karras = full_sigmas("DPM++ 2M Karras", SCHEDULE, 20)
+    karras = full_sigmas(SamplerName("DPM++ 2M Karras"), SCHEDULE, 20)
     assert float(karras[0]) == pytest.approx(SCHEDULE.sigma_max, rel=1e-6)
     assert float(karras[-2]) == pytest.approx(SCHEDULE.sigma_min, rel=1e-6)
     # Discard: built for 21 steps and the penultimate (smallest positive) sigma dropped.
-    dpm2 = full_sigmas("DPM2", SCHEDULE, 20)
+    dpm2 = full_sigmas(SamplerName("DPM2"), SCHEDULE, 20)
     built = SCHEDULE.get_sigmas(21)
     assert torch.equal(dpm2, torch.cat([built[:-2], built[-1:]]))
     assert float(dpm2[-2]) > float(SCHEDULE.get_sigmas(20)[-2])
@@ -81,13 +89,13 @@ def test_sigma_to_t_matches_kdiffusion_interpolation() -> None:
 
 
 def test_schedule_rejects_bad_tables() -> None:
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="alphas_cumprod must be strictly decreasing"):
         DiscreteSchedule(torch.tensor([0.9, 0.95, 0.5]))
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="alphas_cumprod must lie strictly between 0 and 1"):
         DiscreteSchedule(torch.tensor([1.0, 0.5]))
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="unsupported beta_schedule 'cosine'"):
         DiscreteSchedule.from_betas(beta_schedule="cosine")
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"timestep 1000\.0 outside"):
         SCHEDULE.t_to_sigma(1000.0)
 
 
@@ -100,7 +108,7 @@ STRENGTHS = [0.0, 0.01, 0.05, 0.3, 0.5, 0.55, 0.75, 0.999, 1.0]
 @pytest.mark.parametrize("strength", STRENGTHS)
 def test_img2img_sigmas_slice_t_enc_plus_one_steps(steps: int, strength: float) -> None:
     t_enc = int(min(strength, 0.999) * steps)
-    for name in ("Euler a", "DPM2 a Karras", "DPM++ 2M Karras"):
+    for name in sampler_names("Euler a", "DPM2 a Karras", "DPM++ 2M Karras"):
         sched = img2img_sigmas(name, SCHEDULE, steps, strength)
         full = full_sigmas(name, SCHEDULE, steps)
         assert len(sched) == t_enc + 1 + 1
@@ -110,34 +118,36 @@ def test_img2img_sigmas_slice_t_enc_plus_one_steps(steps: int, strength: float) 
 
 def test_img2img_examples_from_the_spec() -> None:
     # N=20, d=0.5: t_enc=10, 11 steps starting at sigmas[9]; d=1.0: 20 steps from sigma_max; d=0.75: 16 steps.
-    full = full_sigmas("Euler", SCHEDULE, 20)
+    full = full_sigmas(SamplerName("Euler"), SCHEDULE, 20)
     assert img2img_t_enc(20, 0.5) == 10
-    assert torch.equal(img2img_sigmas("Euler", SCHEDULE, 20, 0.5), full[9:])
-    assert torch.equal(img2img_sigmas("Euler", SCHEDULE, 20, 1.0), full)
-    assert len(img2img_sigmas("Euler", SCHEDULE, 20, 0.75)) - 1 == 16
+    assert torch.equal(img2img_sigmas(SamplerName("Euler"), SCHEDULE, 20, 0.5), full[9:])
+    assert torch.equal(img2img_sigmas(SamplerName("Euler"), SCHEDULE, 20, 1.0), full)
+    assert len(img2img_sigmas(SamplerName("Euler"), SCHEDULE, 20, 0.75)) - 1 == 16
     assert img2img_t_enc(20, 0.04) == 0
-    assert len(img2img_sigmas("Euler", SCHEDULE, 20, 0.04)) == 2
+    assert len(img2img_sigmas(SamplerName("Euler"), SCHEDULE, 20, 0.04)) == 2
 
 
 def test_uniform_timesteps_and_img2img_timesteps() -> None:
     assert uniform_timesteps(20) == list(range(1, 1000, 50))
     assert uniform_timesteps(3) == [1, 334, 667, 999]  # 999 = clip(1000)
-    ts, t_noise = img2img_timesteps("DDIM", 20, 0.75)
+    ts, t_noise = img2img_timesteps(SamplerName("DDIM"), 20, 0.75)
     assert ts == list(range(1, 751, 50))
     assert t_noise == 751
-    ts, t_noise = img2img_timesteps("PLMS", 20, 1.0)
+    ts, t_noise = img2img_timesteps(SamplerName("PLMS"), 20, 1.0)
     assert len(ts) == 19
     assert t_noise == 951
     assert len(uniform_timesteps(1000)) == 1000
     with pytest.raises(ValueError, match="between 1 and 1000"):
-        img2img_timesteps("DDIM", 1001, 0.5)
+        img2img_timesteps(SamplerName("DDIM"), 1001, 0.5)
 
 
-@pytest.mark.parametrize("bad", [(0, 0.5), (-3, 0.5), (10, -0.1), (10, 1.5)])
-def test_bad_steps_or_strength_raise_value_error(bad: tuple[int, float]) -> None:
-    steps, strength = bad
-    with pytest.raises(ValueError):
-        sample_img2img("Euler", toy_model(SCHEDULE), SCHEDULE, init_latent(), steps, strength, NoiseSource([1, 2]))
+@pytest.mark.parametrize("bad", [(0, 0.5, "steps"), (-3, 0.5, "steps"), (10, -0.1, "strength"), (10, 1.5, "strength")])
+def test_bad_steps_or_strength_raise_value_error(bad: tuple[int, float, str]) -> None:
+    steps, strength, field = bad
+    with pytest.raises(ValueError, match=f"^{field} must be"):
+        sample_img2img(
+            SamplerName("Euler"), toy_model(SCHEDULE), SCHEDULE, init_latent(), steps, strength, NoiseSource([1, 2])
+        )
 
 
 # --- model evaluations per step --------------------------------------------------------------------------------
@@ -165,7 +175,7 @@ SPEC_NFE = {
 
 
 @pytest.mark.parametrize("name", SAMPLER_NAMES)
-def test_model_evaluations_per_name(name: str) -> None:
+def test_model_evaluations_per_name(name: SamplerName) -> None:
     steps, strength = 20, 0.75  # t_enc = 15: 16 sigma steps, 15 timesteps
     counting = CountingModel(toy_model(SCHEDULE))
     sample_img2img(name, counting, SCHEDULE, init_latent(batch=1), steps, strength, NoiseSource([7]))
@@ -182,12 +192,12 @@ def test_model_evaluations_per_name(name: str) -> None:
 
 def test_expected_model_evals_for_txt2img_counts_of_the_spec() -> None:
     # Spec section 5, N = 20 txt2img: 20 / 39 / DDIM 19 / PLMS 20 / UniPC 20 (timesteps samplers get 20 timesteps).
-    assert expected_model_evals("Euler a", 20) == 20
-    assert expected_model_evals("DPM++ SDE Karras", 20) == 39
-    assert expected_model_evals("DDIM", 20) == 19
-    assert expected_model_evals("PLMS", 20) == 20
-    assert expected_model_evals("UniPC", 20) == 20
-    assert expected_model_evals("DPM adaptive", 20) is None
+    assert expected_model_evals(SamplerName("Euler a"), 20) == 20
+    assert expected_model_evals(SamplerName("DPM++ SDE Karras"), 20) == 39
+    assert expected_model_evals(SamplerName("DDIM"), 20) == 19
+    assert expected_model_evals(SamplerName("PLMS"), 20) == 20
+    assert expected_model_evals(SamplerName("UniPC"), 20) == 20
+    assert expected_model_evals(SamplerName("DPM adaptive"), 20) is None
 
 
 # --- names ------------------------------------------------------------------------------------------------------
@@ -210,12 +220,14 @@ def test_normalize_sampler_name() -> None:
     assert normalize_sampler_name("euler_a") == "Euler a"  # "_" and "-" read as spaces
     assert normalize_sampler_name("") is None
     with pytest.raises(ValueError, match="unknown sampler"):
-        sample_img2img("Euler b", toy_model(SCHEDULE), SCHEDULE, init_latent(), 10, 0.5, NoiseSource([1, 2]))
+        sample_img2img(
+            SamplerName("Euler b"), toy_model(SCHEDULE), SCHEDULE, init_latent(), 10, 0.5, NoiseSource([1, 2])
+        )
 
 
 def test_bare_dpmpp_2m_is_uniform_and_karras_only_with_suffix() -> None:
-    assert torch.equal(full_sigmas("DPM++ 2M", SCHEDULE, 20), SCHEDULE.get_sigmas(20))
-    assert torch.equal(full_sigmas("DPM++ 2M Karras", SCHEDULE, 20), SCHEDULE.get_sigmas_karras(20))
+    assert torch.equal(full_sigmas(SamplerName("DPM++ 2M"), SCHEDULE, 20), SCHEDULE.get_sigmas(20))
+    assert torch.equal(full_sigmas(SamplerName("DPM++ 2M Karras"), SCHEDULE, 20), SCHEDULE.get_sigmas_karras(20))
 
 
 # --- noise, seeds, batches --------------------------------------------------------------------------------------
@@ -229,8 +241,8 @@ def test_initial_noise_is_each_generators_first_draw() -> None:
         return toy_model(SCHEDULE)(x, t)
 
     init = init_latent(batch=2)
-    sample_img2img("Euler", record, SCHEDULE, init, 10, 1.0, NoiseSource([11, 12]))
-    sigma0 = float(full_sigmas("Euler", SCHEDULE, 10)[0])
+    sample_img2img(SamplerName("Euler"), record, SCHEDULE, init, 10, 1.0, NoiseSource([11, 12]))
+    sigma0 = float(full_sigmas(SamplerName("Euler"), SCHEDULE, 10)[0])
     noise = (seen[0] * math.sqrt(sigma0**2 + 1) - init) / sigma0
     for i, seed in enumerate([11, 12]):
         first = torch.randn((4, 8, 8), generator=torch.Generator().manual_seed(seed)).double()
@@ -243,16 +255,16 @@ def test_noise_source_draws_per_image_float32_on_cpu() -> None:
     b = torch.stack([torch.randn((4, 3, 3), generator=torch.Generator().manual_seed(s)) for s in (5, 6)])
     assert a.dtype == torch.float64
     assert torch.equal(a, b.double())
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="batch size 2 does not match the 1 seeds"):
         NoiseSource([5]).randn_like(x)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="NoiseSource needs at least one seed"):
         NoiseSource([])
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="seeds must be non-negative integers, got -1"):
         NoiseSource([-1])
 
 
-@pytest.mark.parametrize("name", ["Euler a", "DPM++ SDE Karras", "DPM2 a", "DPM fast", "DDIM", "UniPC"])
-def test_batch_of_four_equals_four_single_runs(name: str) -> None:
+@pytest.mark.parametrize("name", sampler_names("Euler a", "DPM++ SDE Karras", "DPM2 a", "DPM fast", "DDIM", "UniPC"))
+def test_batch_of_four_equals_four_single_runs(name: SamplerName) -> None:
     model = toy_model(SCHEDULE)
     init = init_latent(batch=4)
     seed = 4242
@@ -269,7 +281,7 @@ def test_ancestral_noise_continues_the_image_stream() -> None:
     init = init_latent(batch=1)
     sigmas = torch.tensor([2.0, 1.0, 0.0], dtype=torch.float64)
     x = init + NoiseSource([3]).randn_like(init) * 2.0
-    out = sample("Euler a", make_denoiser(model, SCHEDULE), x, sigmas, NoiseSource([3]))
+    out = sample(SamplerName("Euler a"), make_denoiser(model, SCHEDULE), x, sigmas, NoiseSource([3]))
     # Same computation with the noise term removed, then compare the difference with the expected draw.
     gen = torch.Generator().manual_seed(3)
     gen_noise = torch.randn((4, 8, 8), generator=gen)  # what the fresh source's first draw is in `sample`
@@ -284,8 +296,8 @@ def test_ancestral_noise_continues_the_image_stream() -> None:
 # --- progress, cancel, dtype ------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", ["Euler a", "Heun", "DPM fast", "DPM adaptive", "DDIM", "PLMS", "UniPC"])
-def test_progress_callback_counts_sampler_steps(name: str) -> None:
+@pytest.mark.parametrize("name", sampler_names("Euler a", "Heun", "DPM fast", "DPM adaptive", "DDIM", "PLMS", "UniPC"))
+def test_progress_callback_counts_sampler_steps(name: SamplerName) -> None:
     calls: list[tuple[int, int]] = []
     sample_img2img(
         name,
@@ -306,8 +318,8 @@ def test_progress_callback_counts_sampler_steps(name: str) -> None:
         assert done == list(range(1, total + 1))
 
 
-@pytest.mark.parametrize("name", ["Euler a", "DPM++ SDE", "DPM adaptive", "PLMS", "UniPC"])
-def test_cancellation_is_checked_before_every_model_evaluation(name: str) -> None:
+@pytest.mark.parametrize("name", sampler_names("Euler a", "DPM++ SDE", "DPM adaptive", "PLMS", "UniPC"))
+def test_cancellation_is_checked_before_every_model_evaluation(name: SamplerName) -> None:
     counting = CountingModel(toy_model(SCHEDULE))
 
     def cancel() -> bool:
@@ -321,8 +333,8 @@ def test_cancellation_is_checked_before_every_model_evaluation(name: str) -> Non
 def test_float16_latents_keep_their_dtype_and_stay_close_to_float32() -> None:
     model = toy_model(SCHEDULE)
     init = init_latent(batch=1, dtype=torch.float32)
-    out32 = sample_img2img("DPM++ 2M Karras", model, SCHEDULE, init, 10, 0.6, NoiseSource([9]))
-    out16 = sample_img2img("DPM++ 2M Karras", model, SCHEDULE, init.half(), 10, 0.6, NoiseSource([9]))
+    out32 = sample_img2img(SamplerName("DPM++ 2M Karras"), model, SCHEDULE, init, 10, 0.6, NoiseSource([9]))
+    out16 = sample_img2img(SamplerName("DPM++ 2M Karras"), model, SCHEDULE, init.half(), 10, 0.6, NoiseSource([9]))
     assert out16.dtype == torch.float16
     assert float((out16.float() - out32).norm() / out32.norm()) < 1e-2
 
@@ -330,12 +342,21 @@ def test_float16_latents_keep_their_dtype_and_stay_close_to_float32() -> None:
 def test_prediction_type_is_validated() -> None:
     with pytest.raises(ValueError, match="prediction_type"):
         sample_img2img(
-            "Euler", toy_model(SCHEDULE), SCHEDULE, init_latent(), 10, 0.5, NoiseSource([1, 2]), prediction_type="x0"
+            SamplerName("Euler"),
+            toy_model(SCHEDULE),
+            SCHEDULE,
+            init_latent(),
+            10,
+            0.5,
+            NoiseSource([1, 2]),
+            prediction_type="x0",
         )
 
 
-@pytest.mark.parametrize(("name", "draws"), [("DDIM", 1 + 14), ("PLMS", 1), ("UniPC", 1)])
-def test_timestep_samplers_consume_a1111_draws(name: str, draws: int) -> None:
+@pytest.mark.parametrize(
+    ("name", "draws"), [(SamplerName("DDIM"), 1 + 14), (SamplerName("PLMS"), 1), (SamplerName("UniPC"), 1)]
+)
+def test_timestep_samplers_consume_a1111_draws(name: SamplerName, draws: int) -> None:
     """A1111 >= 1.6 DDIM calls randn_like once per step even at eta 0; PLMS/UniPC draw only the initial noise."""
     noise = NoiseSource([21])
     sample_img2img(name, toy_model(SCHEDULE), SCHEDULE, init_latent(batch=1), 20, 0.75, noise)
@@ -345,8 +366,8 @@ def test_timestep_samplers_consume_a1111_draws(name: str, draws: int) -> None:
     assert torch.equal(noise.generators[0].get_state(), fresh.get_state())
 
 
-@pytest.mark.parametrize("name", ["DDIM", "PLMS", "UniPC", "DPM fast", "DPM adaptive"])
-def test_tiny_strength_returns_the_noised_latent_without_model_calls(name: str) -> None:
+@pytest.mark.parametrize("name", sampler_names("DDIM", "PLMS", "UniPC", "DPM fast", "DPM adaptive"))
+def test_tiny_strength_returns_the_noised_latent_without_model_calls(name: SamplerName) -> None:
     counting = CountingModel(toy_model(SCHEDULE))
     init = init_latent(batch=1)
     steps, strength = 20, 0.06  # t_enc = 1
@@ -373,7 +394,7 @@ def test_tiny_strength_returns_the_noised_latent_without_model_calls(name: str) 
 def test_dpmpp_sde_prefetch_list_is_exactly_what_the_sampler_queries(karras: bool) -> None:
     from underpaint.engine.samplers import k_samplers
 
-    sigmas = full_sigmas("DPM++ SDE Karras" if karras else "DPM++ SDE", SCHEDULE, 9).tolist()[3:]
+    sigmas = full_sigmas(SamplerName("DPM++ SDE Karras" if karras else "DPM++ SDE"), SCHEDULE, 9).tolist()[3:]
     asked: list[tuple[float, float]] = []
 
     def record(s: float, s_next: float) -> Tensor:
@@ -408,4 +429,6 @@ def test_dpm_adaptive_stops_on_non_finite_model_output() -> None:
         return torch.full_like(x, float("nan"))
 
     with pytest.raises(FloatingPointError):
-        sample_img2img("DPM adaptive", nan_model, SCHEDULE, init_latent(batch=1), 10, 0.5, NoiseSource([1]))
+        sample_img2img(
+            SamplerName("DPM adaptive"), nan_model, SCHEDULE, init_latent(batch=1), 10, 0.5, NoiseSource([1])
+        )

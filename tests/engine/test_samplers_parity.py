@@ -10,7 +10,9 @@
   agreement is at float32 level (measured ~1e-7; asserted <= 2e-6).
 * UniPC: diffusers UniPCMultistepScheduler(order 3, bh1, sigma_min final, linspace). Its timesteps are rounded to
   integers while A1111's continuous grid is fractional, so the step counts 3, 9 and 27 (integer grids,
-  999 / N integral) are compared (measured ~1e-7; asserted <= 2e-6).
+  999 / N integral) are compared (measured ~1e-7; asserted <= 2e-6). The img2img path (the one the API uses) is
+  compared the same way at the (steps, strength) pairs whose grid falls on whole timesteps, with diffusers driven
+  over A1111's timestep list.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from tests.support.samplers import (
     init_latent,
     reference_img2img,
     rel_err,
+    sampler_names,
     tiny_unet_fn,
     toy_model,
 )
@@ -42,6 +45,7 @@ from underpaint.engine.samplers import (
     sample_img2img,
 )
 from underpaint.engine.samplers import timestep_samplers as tsm
+from underpaint.vocabulary import SamplerName
 
 
 def _tol(name: str) -> float:
@@ -54,7 +58,7 @@ def _tol(name: str) -> float:
 
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
 @pytest.mark.parametrize("name", K_NAMES)
-def test_sigma_samplers_match_kdiffusion(name: str, prediction_type: str) -> None:
+def test_sigma_samplers_match_kdiffusion(name: SamplerName, prediction_type: str) -> None:
     model = toy_model(SCHEDULE, prediction_type)
     init = init_latent()
     counting = CountingModel(model)
@@ -73,8 +77,8 @@ def test_sigma_samplers_match_kdiffusion(name: str, prediction_type: str) -> Non
 
 
 @pytest.mark.parametrize("strength", [1.0, 0.5, 0.12, 0.01])
-@pytest.mark.parametrize("name", ["Euler a", "DPM2 a Karras", "DPM++ SDE Karras", "DPM fast", "LMS"])
-def test_sigma_samplers_match_kdiffusion_across_strengths(name: str, strength: float) -> None:
+@pytest.mark.parametrize("name", sampler_names("Euler a", "DPM2 a Karras", "DPM++ SDE Karras", "DPM fast", "LMS"))
+def test_sigma_samplers_match_kdiffusion_across_strengths(name: SamplerName, strength: float) -> None:
     model = toy_model(SCHEDULE)
     init = init_latent(batch=1)
     ours = sample_img2img(name, model, SCHEDULE, init, 8, strength, NoiseSource(SEEDS[:1]))
@@ -99,7 +103,7 @@ def test_sigma_samplers_match_kdiffusion_across_strengths(name: str, strength: f
         ("LMS Karras", "v_prediction"),
     ],
 )
-def test_sigma_samplers_match_kdiffusion_on_tiny_unet(name: str, prediction_type: str) -> None:
+def test_sigma_samplers_match_kdiffusion_on_tiny_unet(name: SamplerName, prediction_type: str) -> None:
     unet = tiny_unet_fn()
     init = init_latent(batch=1, size=16)
     ours = sample_img2img(name, unet, SCHEDULE, init, 6, 0.8, NoiseSource(SEEDS[:1]), prediction_type=prediction_type)
@@ -124,7 +128,7 @@ def _call(model: Callable[[Tensor, Tensor], Tensor], x: Tensor, t: int) -> Tenso
     return model(x, torch.full((x.shape[0],), float(t), dtype=x.dtype))
 
 
-def _noised(name: str, steps: int, strength: float) -> tuple[Tensor, list[int]]:
+def _noised(name: SamplerName, steps: int, strength: float) -> tuple[Tensor, list[int]]:
     init = init_latent()
     ts_sched, t_noise = img2img_timesteps(name, steps, strength)
     first = NoiseSource(SEEDS).randn_like(init)
@@ -138,10 +142,17 @@ def test_ddim_matches_diffusers_ldm_config(strength: float, prediction_type: str
     model = toy_model(SCHEDULE, prediction_type)
     steps = 12
     ours = sample_img2img(
-        "DDIM", model, SCHEDULE, init_latent(), steps, strength, NoiseSource(SEEDS), prediction_type=prediction_type
+        SamplerName("DDIM"),
+        model,
+        SCHEDULE,
+        init_latent(),
+        steps,
+        strength,
+        NoiseSource(SEEDS),
+        prediction_type=prediction_type,
     )
-    x, ts_sched = _noised("DDIM", steps, strength)
-    ref: Any = DDIMScheduler(
+    x, ts_sched = _noised(SamplerName("DDIM"), steps, strength)
+    ref: Any = DDIMScheduler(  # type: ignore[no-untyped-call]  # diffusers: register_to_config is untyped
         **_ldm_scheduler_kwargs(),
         timestep_spacing="leading",
         steps_offset=1,
@@ -161,9 +172,9 @@ def test_ddim_matches_diffusers_ldm_config(strength: float, prediction_type: str
 def test_plms_matches_diffusers_ldm_config(strength: float) -> None:
     model = toy_model(SCHEDULE)
     steps = 12
-    ours = sample_img2img("PLMS", model, SCHEDULE, init_latent(), steps, strength, NoiseSource(SEEDS))
-    x, ts_sched = _noised("PLMS", steps, strength)
-    ref: Any = PNDMScheduler(
+    ours = sample_img2img(SamplerName("PLMS"), model, SCHEDULE, init_latent(), steps, strength, NoiseSource(SEEDS))
+    x, ts_sched = _noised(SamplerName("PLMS"), steps, strength)
+    ref: Any = PNDMScheduler(  # type: ignore[no-untyped-call]  # diffusers: register_to_config is untyped
         **_ldm_scheduler_kwargs(),
         timestep_spacing="leading",
         steps_offset=1,
@@ -185,7 +196,7 @@ def test_unipc_matches_diffusers_on_integer_grids(steps: int) -> None:
     model = toy_model(SCHEDULE)
     x_t = NoiseSource(SEEDS).randn_like(init_latent())
     ours = tsm.unipc(make_eps_fn(model, SCHEDULE), x_t, steps, SCHEDULE, lambda _: None)
-    ref: Any = UniPCMultistepScheduler(
+    ref: Any = UniPCMultistepScheduler(  # type: ignore[no-untyped-call]  # diffusers: register_to_config is untyped
         **_ldm_scheduler_kwargs(),
         solver_order=3,
         solver_type="bh1",
@@ -201,6 +212,68 @@ def test_unipc_matches_diffusers_on_integer_grids(steps: int) -> None:
     assert rel_err(ours, x) <= 2e-6
 
 
+def _drive_over(scheduler: Any, timesteps: list[int]) -> None:
+    """Point a diffusers multistep scheduler at an explicit descending timestep list (the final sigma: abar[0]'s)."""
+    scheduler.set_timesteps(len(timesteps))  # resets the multistep history
+    abar = scheduler.alphas_cumprod
+    sigmas = [((1 - abar[t]) / abar[t]) ** 0.5 for t in timesteps] + [((1 - abar[0]) / abar[0]) ** 0.5]
+    scheduler.timesteps = torch.tensor(timesteps, dtype=torch.int64)
+    scheduler.sigmas = torch.tensor([float(v) for v in sigmas], dtype=torch.float32)
+    scheduler.num_inference_steps = len(timesteps)
+
+
+# (steps, strength) where A1111's img2img UniPC grid falls on whole timesteps: it runs t_enc steps, time-uniform,
+# from timestep ts[t_enc - 1] down to 0, so ts[t_enc - 1] = (t_enc - 1) * (1000 // steps) + 1 must divide by t_enc.
+UNIPC_IMG2IMG = [(4, 0.75), (10, 0.1), (10, 0.3), (10, 0.9), (20, 0.35), (25, 0.52)]
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+@pytest.mark.parametrize(("steps", "strength"), UNIPC_IMG2IMG)
+def test_unipc_img2img_matches_diffusers_over_a1111_timesteps(
+    steps: int, strength: float, prediction_type: str
+) -> None:
+    """The img2img path the API uses, end to end: noised to abar[ts[t_enc]], then UniPC over A1111's grid, against
+    diffusers' UniPCMultistepScheduler (order 3, bh1, data prediction, lower order at the end) driven over the same
+    whole timesteps."""
+    model = toy_model(SCHEDULE, prediction_type)
+    counting = CountingModel(model)
+    ours = sample_img2img(
+        "UniPC", counting, SCHEDULE, init_latent(), steps, strength, NoiseSource(SEEDS), prediction_type=prediction_type
+    )
+    x, ts_sched = _noised("UniPC", steps, strength)
+    t_enc, top = len(ts_sched), ts_sched[-1]
+    assert top % t_enc == 0
+    grid = [top - k * (top // t_enc) for k in range(t_enc)]  # A1111's time-uniform grid, without its end (0)
+    ref: Any = UniPCMultistepScheduler(
+        **_ldm_scheduler_kwargs(),
+        solver_order=3,
+        solver_type="bh1",
+        final_sigmas_type="sigma_min",
+        lower_order_final=True,
+        predict_x0=True,
+        prediction_type=prediction_type,
+    )
+    _use_ldm_alphas(ref)
+    _drive_over(ref, grid)
+    for t in grid:
+        x = ref.step(_call(model, x, t), t, x).prev_sample
+    assert counting.calls == t_enc
+    assert rel_err(ours, x) <= 2e-6
+
+
+def test_v_prediction_alpha_follows_unipc_continuous_schedule() -> None:
+    """v -> eps needs alpha at UniPC's fractional grid times: log alpha linear between whole timesteps (A1111's
+    discrete NoiseScheduleVP), never the alpha of the truncated timestep."""
+    from underpaint.engine.samplers.denoiser import vp_alpha_cumprod
+
+    vp = tsm._ContinuousVP(SCHEDULE)
+    for t in (0.0, 1.0, 166.99999999997, 250.5, 998.25):
+        alpha, _, _ = vp.alpha_sigma_lambda((t + 1) / 1000)
+        assert vp_alpha_cumprod(SCHEDULE, t) == pytest.approx(alpha**2, rel=1e-9)
+    assert vp_alpha_cumprod(SCHEDULE, 167.0) == SCHEDULE.alpha_cumprod(167)
+    assert vp_alpha_cumprod(SCHEDULE, 166.99999999997) == pytest.approx(SCHEDULE.alpha_cumprod(167), rel=1e-9)
+
+
 def test_unipc_img2img_starts_one_grid_step_below_the_noise_level() -> None:
     """A1111 >= 1.6: noise to abar[ts[t_enc]], start UniPC at continuous t = ts[t_enc - 1] / 1000 + 1/1000."""
     seen: list[float] = []
@@ -209,8 +282,8 @@ def test_unipc_img2img_starts_one_grid_step_below_the_noise_level() -> None:
         seen.append(float(t[0]))
         return toy_model(SCHEDULE)(x, t)
 
-    out = sample_img2img("UniPC", record, SCHEDULE, init_latent(), 20, 0.5, NoiseSource(SEEDS))
-    ts_sched, t_noise = img2img_timesteps("UniPC", 20, 0.5)
+    out = sample_img2img(SamplerName("UniPC"), record, SCHEDULE, init_latent(), 20, 0.5, NoiseSource(SEEDS))
+    ts_sched, t_noise = img2img_timesteps(SamplerName("UniPC"), 20, 0.5)
     assert (ts_sched[-1], t_noise) == (451, 501)
     assert seen[0] == pytest.approx(451.0, abs=1e-9)
     assert seen[-1] > 0  # no corrector evaluation at the final point t = 1/1000
@@ -221,11 +294,11 @@ def test_unipc_img2img_starts_one_grid_step_below_the_noise_level() -> None:
 def test_ddim_on_tiny_unet_matches_diffusers() -> None:
     unet = tiny_unet_fn()
     init = init_latent(batch=1, size=16)
-    ours = sample_img2img("DDIM", unet, SCHEDULE, init, 6, 0.9, NoiseSource(SEEDS[:1]))
-    ts_sched, t_noise = img2img_timesteps("DDIM", 6, 0.9)
+    ours = sample_img2img(SamplerName("DDIM"), unet, SCHEDULE, init, 6, 0.9, NoiseSource(SEEDS[:1]))
+    ts_sched, t_noise = img2img_timesteps(SamplerName("DDIM"), 6, 0.9)
     abar = float(SCHEDULE.alphas_cumprod[t_noise])
     x = init * abar**0.5 + NoiseSource(SEEDS[:1]).randn_like(init) * (1 - abar) ** 0.5
-    ref: Any = DDIMScheduler(
+    ref: Any = DDIMScheduler(  # type: ignore[no-untyped-call]  # diffusers: register_to_config is untyped
         **_ldm_scheduler_kwargs(), timestep_spacing="leading", steps_offset=1, set_alpha_to_one=False, clip_sample=False
     )
     _use_ldm_alphas(ref)

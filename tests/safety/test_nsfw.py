@@ -79,7 +79,7 @@ def test_confidence_is_the_max_over_counted_classes() -> None:
 def test_bad_level_is_rejected(level: Any) -> None:
     with pytest.raises(ValueError, match="nsfw_detection_level"):
         classes_for_level(level)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="nsfw_detection_level"):
         NsfwDetector().detect([], level)
 
 

@@ -63,10 +63,10 @@ def redis_url() -> Iterator[str]:
 
 @pytest.fixture(scope="session")
 def amqp_url() -> str:
-    from kombu import Connection
+    from kombu.connection import Connection
 
     try:
-        with Connection(RABBIT_URL, connect_timeout=5) as conn:
+        with Connection(RABBIT_URL, connect_timeout=5) as conn:  # type: ignore[no-untyped-call]
             conn.ensure_connection(max_retries=1, timeout=5)
     except Exception as exc:
         _fail("RabbitMQ (127.0.0.1:5672, guest/guest)", exc)

@@ -372,20 +372,17 @@ def test_heartbeat_rows_and_cluster_metrics(store: SqlTaskStore, redis_url: str,
     _flush(redis_url)
 
 
-class _NoStore:
-    """The progress reporter's store, for a run outside any store."""
-
-    def update_progress(self, task_id: str, worker_id: str, progress_percent: int, eta: int) -> bool:
-        return True
-
-
 def test_instrumented_runner_observes_generation_seconds(tmp_path: Path) -> None:
     from underpaint.scale.metrics import WORKER_REGISTRY as REGISTRY
 
     runner = InstrumentedRunner(FakeRunner(FakeStorage()))
-    rec = TaskRecord(task_id="m1", owner="o", status=TaskStatus.PROCESSING, lane="sdxl", attempts=1)
+    store = SqlTaskStore(f"sqlite:///{tmp_path / 'tasks.db'}")  # the progress reporter writes to a real store
+    rec = store.claim(_new(store, "sdxl"), "w")
+    assert rec is not None
+    assert (rec.status, rec.lane, rec.attempts) == (TaskStatus.PROCESSING, "sdxl", 1)
     before = REGISTRY.get_sample_value("underpaint_generation_seconds_count", {"base_model": "sdxl", "outcome": "ok"})
-    runner.run(rec, {}, ProgressReporter(_NoStore(), "m1", "w"))
+    runner.run(rec, {}, ProgressReporter(store, rec.task_id, "w"))
+    store.close()
     after = REGISTRY.get_sample_value("underpaint_generation_seconds_count", {"base_model": "sdxl", "outcome": "ok"})
     assert (after or 0) - (before or 0) == 1
 

@@ -36,7 +36,7 @@ class TinyLoaded:
 
 
 def _vae() -> AutoencoderKL:
-    return AutoencoderKL(
+    return AutoencoderKL(  # type: ignore[no-untyped-call]
         block_out_channels=(8, 8, 16, 16),
         down_block_types=("DownEncoderBlock2D",) * 4,
         up_block_types=("UpDecoderBlock2D",) * 4,
@@ -47,13 +47,14 @@ def _vae() -> AutoencoderKL:
 
 
 def _scheduler() -> EulerDiscreteScheduler:
-    return EulerDiscreteScheduler(
+    return EulerDiscreteScheduler(  # type: ignore[no-untyped-call]
         beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000, steps_offset=1
     )
 
 
 def tokenizer() -> CLIPTokenizer:
-    return CLIPTokenizer.from_pretrained(TOKENIZER_DIR)
+    loaded: CLIPTokenizer = CLIPTokenizer.from_pretrained(TOKENIZER_DIR)
+    return loaded
 
 
 def tokenizer_pad_bang(tmp_dir: Path) -> CLIPTokenizer:
@@ -62,12 +63,13 @@ def tokenizer_pad_bang(tmp_dir: Path) -> CLIPTokenizer:
         shutil.copytree(TOKENIZER_DIR, target)
         shutil.copyfile(target / "tokenizer_config_pad_bang.json", target / "tokenizer_config.json")
         (target / "special_tokens_map.json").unlink()
-    return CLIPTokenizer.from_pretrained(target)
+    loaded: CLIPTokenizer = CLIPTokenizer.from_pretrained(target)
+    return loaded
 
 
 def sd15(seed: int = 0, name: str = "tiny-sd15") -> TinyLoaded:
     torch.manual_seed(seed)
-    unet = UNet2DConditionModel(
+    unet = UNet2DConditionModel(  # type: ignore[no-untyped-call]
         block_out_channels=(16, 32),
         layers_per_block=2,
         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
@@ -77,7 +79,7 @@ def sd15(seed: int = 0, name: str = "tiny-sd15") -> TinyLoaded:
         norm_num_groups=8,
         sample_size=8,
     )
-    pipe = StableDiffusionImg2ImgPipeline(
+    pipe = StableDiffusionImg2ImgPipeline(  # type: ignore[no-untyped-call]
         vae=_vae(),
         text_encoder=CLIPTextModel(text_config(32, layers=2)),
         tokenizer=tokenizer(),
@@ -88,14 +90,14 @@ def sd15(seed: int = 0, name: str = "tiny-sd15") -> TinyLoaded:
         image_encoder=None,
         requires_safety_checker=False,
     )
-    pipe.set_progress_bar_config(disable=True)
+    pipe.set_progress_bar_config(disable=True)  # type: ignore[attr-defined]  # hidden by diffusers' lazy exports
     return TinyLoaded(pipe, False, name)
 
 
 def sdxl(tmp_dir: Path, seed: int = 0, name: str = "tiny-sdxl") -> TinyLoaded:
     torch.manual_seed(seed)
     te2 = CLIPTextModelWithProjection(text_config(64, projection=48, layers=2))
-    unet = UNet2DConditionModel(
+    unet = UNet2DConditionModel(  # type: ignore[no-untyped-call]
         block_out_channels=(16, 32),
         layers_per_block=2,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
@@ -110,7 +112,7 @@ def sdxl(tmp_dir: Path, seed: int = 0, name: str = "tiny-sdxl") -> TinyLoaded:
         projection_class_embeddings_input_dim=8 * 6 + 48,
         sample_size=8,
     )
-    pipe = StableDiffusionXLImg2ImgPipeline(
+    pipe = StableDiffusionXLImg2ImgPipeline(  # type: ignore[no-untyped-call]
         vae=_vae(),
         text_encoder=CLIPTextModel(text_config(32, layers=2)),
         text_encoder_2=te2,
@@ -121,7 +123,7 @@ def sdxl(tmp_dir: Path, seed: int = 0, name: str = "tiny-sdxl") -> TinyLoaded:
         requires_aesthetics_score=False,
         force_zeros_for_empty_prompt=False,
     )
-    pipe.set_progress_bar_config(disable=True)
+    pipe.set_progress_bar_config(disable=True)  # type: ignore[attr-defined]  # hidden by diffusers' lazy exports
     return TinyLoaded(pipe, True, name)
 
 

@@ -6,12 +6,13 @@ import base64
 import io
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
+import httpx
 import numpy as np
 from PIL import Image
 from safetensors.numpy import save_file
-from tests.support.memstore import ListQueue, MemStore
+from tests.support.memstore import ListQueue
 
 from underpaint.config import KeyPolicy, Settings
 from underpaint.registry import ModelRegistry
@@ -19,7 +20,7 @@ from underpaint.services import Admission, HealthCheck, Services, WebhookOutbox
 from underpaint.storage.local import LocalStorage
 from underpaint.storage.urls import ImageUrls, Presigner
 from underpaint.tasks.store import SqlTaskStore
-from underpaint.tasks.types import TaskQueue
+from underpaint.tasks.types import TaskQueue, TaskRecord
 
 KEY_A = "key-a-0123456789"
 KEY_B = "key-b-9876543210"
@@ -40,6 +41,14 @@ MODEL_FILES: dict[str, list[str]] = {
 }
 OTHER_FILES = ["ipadapter/ip-adapter_sd15.bin", "ipadapter/ip-adapter_sdxl.bin"]
 MODEL_COUNT = len(MODEL_FILES) + len(OTHER_FILES)
+
+
+class Submit(Protocol):
+    """The ``submit`` fixture: POST an img2img request (request fields as kwargs, ``extra=`` for the extra object)."""
+
+    def __call__(
+        self, extra: Any = ..., key: str = KEY_A, image: str | None = None, **request: Any
+    ) -> httpx.Response: ...
 
 
 def write_models(root: Path) -> Path:
@@ -71,7 +80,6 @@ def b64(data: bytes) -> str:
 def make_services(
     models_dir: Path,
     tmp_path: Path,
-    memory_store: bool = False,
     *,
     queue: TaskQueue | None = None,
     webhooks: WebhookOutbox | None = None,
@@ -80,7 +88,7 @@ def make_services(
     presigners: Mapping[str, Presigner] | None = None,
     **settings: Any,
 ) -> Services:
-    """Services over the real SQLite task store (or the in-memory one) and local image storage."""
+    """Services over the real SQLite task store and local image storage."""
     base = Settings(
         data_dir=tmp_path,
         models_dir=models_dir,
@@ -91,7 +99,7 @@ def make_services(
     storage = LocalStorage(tmp_path / "images", SECRET)
     return Services(
         settings=final,
-        store=MemStore() if memory_store else SqlTaskStore(f"sqlite:///{tmp_path / 'tasks.db'}"),
+        store=SqlTaskStore(f"sqlite:///{tmp_path / 'tasks.db'}"),
         queue=queue if queue is not None else ListQueue(),
         registry=ModelRegistry(models_dir),
         storage=storage,
@@ -100,6 +108,25 @@ def make_services(
         rate_limiter=rate_limiter,
         health=health,
     )
+
+
+def record_of(services: Services, task_id: str) -> TaskRecord:
+    """The stored task (it must exist)."""
+    record = services.store.get(task_id)
+    assert record is not None, f"task {task_id} is not stored"
+    return record
+
+
+def local_storage(services: Services) -> LocalStorage:
+    """The services' image storage, which these tests build as ``LocalStorage`` (it signs file URLs)."""
+    assert isinstance(services.storage, LocalStorage), services.storage
+    return services.storage
+
+
+def queued(services: Services) -> list[tuple[str, str]]:
+    """(task_id, lane) pairs enqueued so far on the services' in-memory queue."""
+    assert isinstance(services.queue, ListQueue), services.queue
+    return services.queue.items
 
 
 def task_count(services: Services) -> int:

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from underpaint.engine.samplers import DiscreteSchedule, NoiseSource
+from underpaint.vocabulary import SamplerName
 
 SEEDS = [1234, 1235]
 
@@ -168,7 +169,12 @@ _REF_FUNCS = {
     "DPM++ 2M Karras": ("sample_dpmpp_2m", True, False),
     "DPM++ SDE Karras": ("sample_dpmpp_sde", True, False),
 }
-K_NAMES = list(_REF_FUNCS)
+K_NAMES = [SamplerName(n) for n in _REF_FUNCS]
+
+
+def sampler_names(*names: str) -> list[SamplerName]:
+    """Literal sampler names as the engine's ``SamplerName`` (test inputs are already canonical)."""
+    return [SamplerName(n) for n in names]
 
 
 def reference_sigmas(name: str, steps: int) -> Tensor:
@@ -177,6 +183,7 @@ def reference_sigmas(name: str, steps: int) -> Tensor:
     _, karras, discard = _REF_FUNCS[name]
     wrap = external.CompVisDenoiser(_ApplyModel(lambda x, t: x, SCHEDULE.alphas_cumprod))
     n = steps + 1 if discard else steps
+    sigmas: Tensor  # k-diffusion is unannotated
     if karras:
         sigmas = sampling.get_sigmas_karras(n, wrap.sigmas[0].item(), wrap.sigmas[-1].item())
     else:

@@ -231,7 +231,7 @@ def test_retention_sweeper_thread(db_url: str) -> None:
     finally:
         sweeper.stop()
     store.close()
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="retention_seconds must not be negative"):
         RetentionSweeper(store, RecordingStorage(), retention_seconds=-1)
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 from sqlalchemy import Connection, text
+from sqlalchemy.exc import IntegrityError
 from tests.support.services import postgres_schema_url
 
 from underpaint.tasks.store import MIGRATIONS, SqlTaskStore
@@ -129,7 +130,7 @@ def test_owner_of_hashes_keys() -> None:
 
 def test_duplicate_task_id_is_rejected(store: SqlTaskStore) -> None:
     store.create(new_task("dup"))
-    with pytest.raises(Exception):  # noqa: B017 - the driver's IntegrityError differs per backend
+    with pytest.raises(IntegrityError):  # SQLAlchemy wraps each driver's own IntegrityError
         store.create(new_task("dup"))
     assert store.get_payload("dup")["prompt"] == "a cat"
 

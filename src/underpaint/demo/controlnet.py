@@ -18,7 +18,7 @@ Names are the seed's, so requests that name them resolve when the files are pres
 from __future__ import annotations
 
 import shutil
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -26,9 +26,9 @@ import safetensors.torch
 import torch
 from diffusers.models.controlnets.controlnet import ControlNetModel
 
+from underpaint.demo.annotators import write_demo_annotators
 from underpaint.demo.checkpoints import tiny_sd15_components, tiny_sdxl_components
 from underpaint.demo.ldm_convert import unet_to_ldm
-from underpaint.engine import preprocessors
 
 StateDict = dict[str, torch.Tensor]
 CONTROL_PREFIX = "control_model."
@@ -126,7 +126,7 @@ def write_demo_controlnets(models_dir: Path) -> dict[str, Path]:
 
     Returns paths by file/folder name: SD 1.5 canny as a single file and (same weights) as a diffusers folder,
     SD 1.5 openpose (other weights) as a single file, SDXL canny as a diffusers folder, SDXL depth as a single file,
-    plus the HED, PiDiNet and MLSD annotator files.
+    plus every annotator file (``demo.annotators``).
     """
     folder = Path(models_dir) / "controlnet"
     folder.mkdir(parents=True, exist_ok=True)
@@ -140,50 +140,3 @@ def write_demo_controlnets(models_dir: Path) -> dict[str, Path]:
         paths[SDXL_DEPTH] = write_single_file(tiny_controlnet(True, SDXL_DEPTH_SEED), folder / SDXL_DEPTH)
         paths.update(write_demo_annotators(Path(models_dir) / "annotator"))
     return paths
-
-
-# -- annotators -------------------------------------------------------------------------------------------------
-
-
-def _annotator_builders() -> dict[str, Callable[[], torch.nn.Module]]:
-    aux = preprocessors._aux
-    return {
-        "ControlNetHED.pth": lambda: aux("hed").ControlNetHED_Apache2(),
-        "table5_pidinet.pth": lambda: aux("pidi.model").pidinet(),
-        "mlsd_large_512_fp32.pth": lambda: aux("mlsd.models.mbv2_mlsd_large").MobileV2_MLSD_Large(),
-    }
-
-
-def write_annotator(build: Callable[[], torch.nn.Module], path: Path, seed: int, half: bool = False) -> Path:
-    """A freshly initialised network's weights in the published ``.pth`` layout (a plain state dict)."""
-    torch.manual_seed(seed)
-    state = build().state_dict()
-    if half:  # halves the file; the loader casts into the fp32 network
-        state = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(state, str(path))
-    return path
-
-
-def write_zero_annotator(build: Callable[[], torch.nn.Module], path: Path, prefix_depth: int = 0) -> Path:
-    """All-zero weights stored as stride-0 views of one element each: any network's file in a few KB.
-
-    A zero network finds nothing (every heatmap is 0), which still runs the whole detection and drawing path.
-    ``prefix_depth`` drops that many leading name parts (the OpenPose files omit the ``model0.``-style prefix).
-    """
-    with torch.device("meta"):  # shapes only: no memory, no init time
-        shapes = build().state_dict()
-    state = {
-        ".".join(k.split(".")[prefix_depth:]): torch.zeros((), dtype=v.dtype).expand(v.shape) for k, v in shapes.items()
-    }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(state, str(path))
-    return path
-
-
-def write_demo_annotators(annotator_dir: Path) -> dict[str, Path]:
-    """Random HED (fp16, ~30 MB), PiDiNet and MLSD weights; lineart_anime (~200 MB) and OpenPose are left out."""
-    out = {}
-    for i, (name, build) in enumerate(_annotator_builders().items()):
-        out[name] = write_annotator(build, Path(annotator_dir) / name, seed=5000 + i, half=name == "ControlNetHED.pth")
-    return out

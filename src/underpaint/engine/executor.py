@@ -26,6 +26,7 @@ from underpaint.engine.job import GeneratedImage, GenerationJob, JobError, Progr
 from underpaint.engine.loader import LoadedCheckpoint, ModelCache
 from underpaint.engine.memory import oom_message, run_guarded
 from underpaint.engine.metadata import InfotextParams, build_infotext
+from underpaint.engine.preprocessors import AnnotatorCache
 from underpaint.engine.samplers import DiscreteSchedule
 from underpaint.registry import ModelEntry, ModelRegistry, file_sha256
 
@@ -44,6 +45,7 @@ class DiffusersExecutor:
         self.loras = LoraManager()
         self.embeddings = EmbeddingManager()
         self.ip_adapters = IPAdapterManager()
+        self.annotators = AnnotatorCache()  # loaded ControlNet preprocessor networks
         self._lock = threading.Lock()
         self._schedules: dict[tuple[Any, ...], DiscreteSchedule] = {}
         self._current: LoadedCheckpoint | None = None
@@ -196,6 +198,7 @@ class DiffusersExecutor:
             annotators,
             self.device,
             seed=job.seed,
+            annotator_nets=self.annotators,
         )
 
     @property
@@ -204,5 +207,6 @@ class DiffusersExecutor:
 
     def release(self) -> None:
         self.cache.clear()
+        self.annotators.clear()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()

@@ -247,9 +247,17 @@ def decode_latents(c: Components, latents: torch.Tensor) -> list[Image.Image]:
             return pixels
 
         pixels = _with_fp32_retry(c, "decode", decode)
-        arr = ((pixels[0].float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
-        images.append(Image.fromarray(arr))
+        images.append(Image.fromarray(to_uint8(pixels[0])))
     return images
+
+
+def to_uint8(pixels: torch.Tensor) -> np.ndarray:
+    """A decoded ``[3, H, W]`` image in [-1, 1] as ``[H, W, 3]`` uint8, with A1111's semantics: in float32, map
+    to [0, 1] and clamp, multiply by 255, then *truncate* (numpy's ``astype(np.uint8)``), not round. Rounding would
+    brighten every pixel by half a level on average against A1111's output."""
+    unit = ((pixels.float() + 1.0) / 2.0).clamp(0.0, 1.0)
+    scaled: np.ndarray = 255.0 * unit.permute(1, 2, 0).cpu().numpy()
+    return np.ascontiguousarray(scaled.astype(np.uint8))
 
 
 class _Clock:

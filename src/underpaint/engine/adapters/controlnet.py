@@ -193,6 +193,7 @@ def build_control_hook(
     annotator_dir: Path,
     device: torch.device,
     seed: int = 0,
+    annotator_nets: preprocessors.AnnotatorCache | None = None,
 ) -> ControlHookImpl | None:
     """The hook adding the residuals of ``units`` to each UNet call, or None when no unit contributes.
 
@@ -203,13 +204,14 @@ def build_control_hook(
         if entry.is_sdxl != loaded.is_sdxl:
             base = "SDXL" if loaded.is_sdxl else "SD 1.5"
             raise JobError(f"ControlNet {entry.stem!r} is for {entry.base_model}, the checkpoint is {base}")
-        preprocessors.check(spec.preprocessor, annotator_dir)
+        preprocessors.check_files(spec.preprocessor, annotator_dir)
+    nets = annotator_nets if annotator_nets is not None else preprocessors.AnnotatorCache()
     prepared: list[PreparedUnit] = []
     for entry, spec in units:
         if spec.strength == 0:
             continue  # a unit at strength 0 contributes nothing: skip its model entirely
         image = spec.image.convert("RGB").resize((width, height), Image.Resampling.LANCZOS)
-        ctx = preprocessors.Context(annotator_dir=annotator_dir, seed=seed, device=device)
+        ctx = preprocessors.Context(annotator_dir=annotator_dir, seed=seed, device=device, nets=nets)
         control_map = preprocessors.run_preprocessor(spec.preprocessor, image, ctx)
         prepared.append(
             PreparedUnit(

@@ -77,8 +77,21 @@ def make_eps_fn(model_fn: ModelFn, schedule: DiscreteSchedule, prediction_type: 
     def eps(x: Tensor, t: float) -> Tensor:
         out = model_fn(x, _timestep_tensor(x, t))
         if v_pred:
-            abar = schedule.alpha_cumprod(int(t))
+            abar = vp_alpha_cumprod(schedule, t)
             return out * math.sqrt(abar) + x * math.sqrt(1.0 - abar)
         return out
 
     return eps
+
+
+def vp_alpha_cumprod(schedule: DiscreteSchedule, t: float) -> float:
+    """alpha_cumprod at a training timestep ``t`` that may be fractional (UniPC's continuous grid): log alpha
+    linear between whole timesteps, as A1111's UniPC (its discrete NoiseScheduleVP) interpolates it; the table's
+    own value at a whole timestep. (Truncating ``t`` would take a whole step's alpha off when the grid time lands a
+    rounding error below a whole timestep, and the wrong alpha between them.)"""
+    k = min(max(math.floor(t), 0), schedule.num_timesteps - 2)
+    w = t - k
+    if w == 0:
+        return schedule.alpha_cumprod(k)
+    log_abar = (1.0 - w) * math.log(schedule.alpha_cumprod(k)) + w * math.log(schedule.alpha_cumprod(k + 1))
+    return math.exp(log_abar)

@@ -23,21 +23,20 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import cv2
 import numpy as np
 
 from underpaint.engine.job import JobError
-
-if TYPE_CHECKING:
-    from underpaint.engine.preprocessors import Context
+from underpaint.engine.preprocessors.aux import aux
+from underpaint.engine.preprocessors.context import Context
+from underpaint.vocabulary import PREPROCESSOR_FILES, PreprocessorName
 
 Array = np.ndarray
 
-DETECTOR = "yolox_l.onnx"
-ESTIMATOR = "dw-ll_ucoco_384.onnx"
-FILES = (DETECTOR, ESTIMATOR)
+FILES = PREPROCESSOR_FILES[PreprocessorName("dwpose")]
+DETECTOR, ESTIMATOR = FILES  # yolox_l.onnx, dw-ll_ucoco_384.onnx
 
 THRESHOLD = 0.3  # person box score and keypoint score, as in DWPose
 NMS_IOU = 0.45
@@ -161,10 +160,13 @@ def crop_transform(box: Array, size: tuple[int, int]) -> tuple[Array, Array, Arr
 
 
 def simcc_decode(simcc_x: Array, simcc_y: Array, split: float = SIMCC_SPLIT) -> tuple[Array, Array]:
-    """SimCC ``(K, Wx)`` and ``(K, Wy)`` → keypoints (K, 2) in input pixels (arg-max bin / split ratio) and scores
-    (K,): the smaller of the two maxima, as mmpose's ``get_simcc_maximum``."""
+    """SimCC ``(K, Wx)`` and ``(K, Wy)`` → keypoints (K, 2) in input pixels (arg-max bin / split ratio; bin -1
+    where the score is not positive) and scores (K,): the smaller of the two maxima, as mmpose's
+    ``get_simcc_maximum`` and DWPose's published ONNX code (rtmlib averages them instead)."""
     locs = np.stack([simcc_x.argmax(axis=1), simcc_y.argmax(axis=1)], axis=1).astype(np.float32)
-    return locs / split, np.minimum(simcc_x.max(axis=1), simcc_y.max(axis=1))
+    scores = np.minimum(simcc_x.max(axis=1), simcc_y.max(axis=1))
+    locs[scores <= 0] = -1  # no response at all: an unset keypoint, as mmpose marks it
+    return locs / split, scores
 
 
 def estimate(session: Any, bgr: Array, box: Array) -> tuple[Array, Array]:
@@ -206,9 +208,7 @@ def to_openpose(points: Array, scores: Array) -> Pose:
 
 def draw(poses: Sequence[Pose], h: int, w: int) -> Array:
     """Bodies, hands and faces on black, with controlnet_aux's DWPose drawing (normalised coordinates, -1 = unset)."""
-    from underpaint.engine.preprocessors import _aux
-
-    util = _aux("dwpose.util")
+    util = aux("dwpose.util")
     canvas = np.zeros((h, w, 3), np.uint8)
     if not poses:
         return canvas
@@ -228,16 +228,16 @@ def draw(poses: Sequence[Pose], h: int, w: int) -> Array:
     return np.asarray(canvas, np.uint8)
 
 
-def detect(img: Array, annotator_dir: Path) -> list[Pose]:
+def detect(img: Array, ctx: Context) -> list[Pose]:
     """Everyone DWPose finds on ``img`` (RGB)."""
-    detector, estimator = (_session(annotator_dir / f) for f in FILES)
+    detector, estimator = (_session(ctx, ctx.annotator_dir / f) for f in FILES)
     bgr = np.ascontiguousarray(img[:, :, ::-1])  # both networks are fed OpenCV's BGR, as published
     return [to_openpose(*estimate(estimator, bgr, box)) for box in detect_people(detector, bgr)]
 
 
 def dwpose(img: Array, ctx: Context) -> Array:
     """The DWPose map of ``img`` (RGB) at its size."""
-    return draw(detect(img, ctx.annotator_dir), *img.shape[:2])
+    return draw(detect(img, ctx), *img.shape[:2])
 
 
 def _input_hw(session: Any, default: tuple[int, int]) -> tuple[int, int]:
@@ -254,14 +254,8 @@ def _run(session: Any, name: str, blob: Array) -> list[Array]:
     return outputs
 
 
-def _session(path: Path) -> Any:
+def _session(ctx: Context, path: Path) -> Any:
     """An ONNX runtime session for ``path``, cached with the other annotator networks (keyed by mtime)."""
-    from underpaint.engine.preprocessors import _cached
-
-    try:
-        mtime = path.stat().st_mtime
-    except OSError as exc:
-        raise JobError(f"annotator weights {path.name} are gone from {path.parent}: {exc}") from exc
 
     def load() -> Any:
         import onnxruntime as ort
@@ -276,4 +270,4 @@ def _session(path: Path) -> Any:
         except Exception as exc:  # not an ONNX file, truncated download ...
             raise JobError(f"annotator weights {path.name} could not be loaded for dwpose: {exc!r}") from exc
 
-    return _cached(("dwpose", path, mtime, "cpu"), load)
+    return ctx.nets.get("dwpose", path, "cpu", load)

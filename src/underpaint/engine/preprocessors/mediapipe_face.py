@@ -12,14 +12,13 @@ and sounddevice, which the face mesh never imports. What it does import is pinne
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from underpaint.engine.job import JobError
-
-if TYPE_CHECKING:
-    from underpaint.engine.preprocessors import Context
+from underpaint.engine.preprocessors.aux import aux
+from underpaint.engine.preprocessors.context import Context
 
 Array = np.ndarray
 
@@ -29,10 +28,8 @@ MIN_CONFIDENCE = 0.5
 
 def _common() -> Any:
     """``controlnet_aux.mediapipe_face.mediapipe_face_common`` (imports mediapipe)."""
-    from underpaint.engine.preprocessors import _aux
-
     try:
-        module = _aux("mediapipe_face.mediapipe_face_common")
+        module = aux("mediapipe_face.mediapipe_face_common")
     except Exception as exc:  # a mediapipe that does not fit this build (protobuf, numpy ...)
         raise JobError(f"preprocessor 'mediapipe_face' could not load mediapipe: {exc!r}") from exc
     if module.mp is None:  # the module swallows the ImportError
