@@ -31,7 +31,7 @@ from typing import Any
 import httpx
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT / "src"), str(ROOT / "tests" / "e2e")]
+sys.path[:0] = [str(ROOT / "src"), str(ROOT)]
 
 from tests.support.server import LiveServer, make_png  # noqa: E402
 
@@ -99,6 +99,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--poll-ms", type=float, default=50.0, help="client poll interval")
     args = parser.parse_args()
+    if args.runs < 3:
+        parser.error("--runs must be at least 3 (every figure is a median)")
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch

@@ -1,14 +1,17 @@
-"""``underpaint`` command line: serve, worker, models, demo-models, webhook-secret."""
+"""``underpaint`` command line: serve, worker, models, demo-models, webhook-secret, config.
+
+Settings come from defaults < config file < ``UNDERPAINT_*`` environment < these flags; a bad value anywhere
+stops the command with one line on stderr naming the setting (exit code 2).
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
-from underpaint.config import Settings, load_settings
+from underpaint.config import Settings, SettingsError, load_settings
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -25,7 +28,7 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def _settings(args: argparse.Namespace) -> Settings:
-    base = load_settings(args.config)
+    base = load_settings(getattr(args, "config", None))
     return base.with_overrides(
         data_dir=getattr(args, "data_dir", None),
         models_dir=getattr(args, "models_dir", None),
@@ -47,7 +50,7 @@ def _settings(args: argparse.Namespace) -> Settings:
 def cmd_serve(args: argparse.Namespace) -> int:
     from underpaint.wiring import run_server
 
-    settings = _settings(args)
+    settings: Settings = args.settings
     if args.no_worker:
         settings = settings.with_overrides(run_worker=False)
     if not settings.api_keys:
@@ -59,7 +62,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_worker(args: argparse.Namespace) -> int:
     from underpaint.wiring import run_celery_worker
 
-    settings = _settings(args)
+    settings: Settings = args.settings
     try:
         return run_celery_worker(settings, args.queues, args.concurrency, args.metrics_port)
     except ValueError as exc:  # bad --queues, --concurrency, broker URL ...: a message, not a traceback
@@ -70,7 +73,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
 def cmd_models(args: argparse.Namespace) -> int:
     from underpaint.registry import ModelRegistry
 
-    settings = _settings(args)
+    settings: Settings = args.settings
     registry = ModelRegistry(settings.models_dir)
     rows = [
         {
@@ -105,8 +108,14 @@ def cmd_demo_models(args: argparse.Namespace) -> int:
 def cmd_webhook_secret(args: argparse.Namespace) -> int:
     from underpaint.wiring import webhook_secret_for_key
 
-    settings = _settings(args)
-    print(webhook_secret_for_key(settings, args.key))
+    print(webhook_secret_for_key(args.settings, args.key))
+    return 0
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    """Print the effective settings (every source applied) with secrets masked."""
+    settings: Settings = args.settings
+    print(json.dumps(settings.masked(), indent=2, ensure_ascii=False))
     return 0
 
 
@@ -116,8 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--log-format",
         choices=["text", "json"],
-        default=os.environ.get("UNDERPAINT_LOG_FORMAT", "text"),
-        help="json: one object per line with the task id (env UNDERPAINT_LOG_FORMAT)",
+        help="json: one object per line with the task id (env UNDERPAINT_LOG_FORMAT; default text)",
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -155,14 +163,28 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.add_argument("--key", required=True)
     p.set_defaults(func=cmd_webhook_secret)
+
+    p = sub.add_parser("config", help="print the effective settings (file < env < flags), secrets masked")
+    _common(p)
+    p.add_argument("--host", help="bind address")
+    p.add_argument("--port", type=int, help="port")
+    p.add_argument("--public-base-url", help="absolute base URL for image links")
+    p.add_argument("--queue", help="local | celery")
+    p.add_argument("--broker-url", help="Celery broker URL")
+    p.set_defaults(func=cmd_config)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    try:
+        args.settings = _settings(args)
+    except SettingsError as exc:
+        print(f"underpaint {args.command}: error: {exc}", file=sys.stderr)
+        return 2
     from underpaint.scale.json_logs import configure_logging
 
-    configure_logging(args.log_level, args.log_format)
+    configure_logging(args.log_level, args.settings.log_format)
     return int(args.func(args))
 
 

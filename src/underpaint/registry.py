@@ -16,6 +16,7 @@ import hashlib
 import json
 import os
 import pickle
+import re
 import struct
 import threading
 import zipfile
@@ -165,6 +166,33 @@ def detect_sdxl(path: Path, kind: str) -> bool:
     return False
 
 
+# SD 1.5 single files: the CLIP-L text encoder's transformer layers, with or without HF's ``text_model.`` level.
+_SD15_TEXT_LAYER = re.compile(r"^cond_stage_model\.transformer\.(?:text_model\.)?encoder\.layers\.(\d+)\.")
+
+
+def text_encoder_depth(entry: ModelEntry) -> int | None:
+    """The number of transformer layers of an SD 1.5 checkpoint's text encoder, from its config (diffusers folder
+    or sidecar, which the loader builds the encoder from) or else from its tensor names (safetensors header, or the
+    pickle's keys); ``None`` when it cannot be told without loading the model. Cheap: no tensor is read."""
+    try:
+        folder = entry.path if entry.path.is_dir() else entry.sidecar_config
+        config = folder / "text_encoder" / "config.json" if folder is not None else None
+        if config is not None and config.is_file():
+            data = json.loads(config.read_text())
+            layers = data.get("num_hidden_layers") if isinstance(data, dict) else None
+            return layers if isinstance(layers, int) and layers > 0 else None
+        if entry.path.is_dir():
+            return None
+        if entry.path.suffix.lower() == ".safetensors":
+            keys: list[str] | None = safetensors_keys(entry.path)[0]
+        else:
+            keys = pickle_keys(entry.path)
+    except (OSError, ValueError, struct.error):
+        return None
+    found = {int(m.group(1)) for key in keys or () if (m := _SD15_TEXT_LAYER.match(key))}
+    return max(found) + 1 if found else None
+
+
 class FileHashCache:
     """sha256 of model files, computed lazily and cached by (path, mtime, size): real checkpoints are GBs.
 
@@ -238,6 +266,7 @@ class ModelRegistry:
         self._lock = threading.Lock()
         self._by_kind: dict[str, list[ModelEntry]] = {k: [] for k in KINDS}
         self._mtimes: dict[str, float] = {}
+        self._depths: dict[tuple[Path, float, int], int | None] = {}
 
     def ensure_layout(self) -> None:
         for kind in KINDS:
@@ -287,6 +316,17 @@ class ModelRegistry:
     def hash_sha256(self, entry: ModelEntry) -> str:
         """Full sha256 of the entry's file (or folder), cached; the first call on a big file takes a while."""
         return self.hashes.sha256(entry.path)
+
+    def text_encoder_depth(self, entry: ModelEntry) -> int | None:
+        """``text_encoder_depth(entry)`` (SD 1.5 checkpoints), cached per file version (path, mtime, size)."""
+        key = (entry.path, entry.mtime, entry.size)
+        with self._lock:
+            if key in self._depths:
+                return self._depths[key]
+        depth = text_encoder_depth(entry)
+        with self._lock:
+            self._depths[key] = depth
+        return depth
 
     def resolve(self, kind: str, name: str) -> ModelEntry | None:
         """By ``sd_name`` or ``sd_name_in_api``, with or without extension, case-sensitive first."""

@@ -6,16 +6,33 @@ Frozen and typed: every collaborator a caller uses is a named field with a proto
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 from underpaint.config import Settings
 from underpaint.registry import ModelRegistry
 from underpaint.storage.base import ImageStorage
 from underpaint.storage.urls import ImageUrls
-from underpaint.tasks.types import TaskQueue, TaskStatus, TaskStore
+from underpaint.tasks.types import TaskQueue, TaskRecord, TaskStatus, TaskStore
+
+
+@dataclass(frozen=True)
+class WorkerState:
+    """A worker serving this server's queue, as ``GET /v3/async/queue`` shows it."""
+
+    worker_id: str
+    kind: Literal["process", "thread", "celery"]  # the embedded worker's two forms, or a Celery worker
+    alive: bool
+    concurrency: int
+    queues: tuple[str, ...]  # ("*",): every lane (the embedded worker)
+    busy: int | None = None  # tasks it runs now; None: it does not say (the store's count of running tasks does)
+    last_seen_seconds_ago: float | None = None  # since its last heartbeat (Celery workers)
+
+
+# The workers serving the queue now: the Celery workers' heartbeat rows, or the embedded worker.
+WorkerList = Callable[[], Sequence[WorkerState]]
 
 # The readiness checks of ``GET /health``: each value is ``True``/``"ok"`` or a reason it is not ready.
 HealthCheck = Callable[[], Mapping[str, object]]
@@ -53,3 +70,6 @@ class Services:
     webhooks: WebhookOutbox | None = None
     rate_limiter: Admission | None = None
     health: HealthCheck | None = None
+    # Called once when a task ends outside a worker (a queued task cancelled by its owner): queues its webhook.
+    on_terminal: Callable[[TaskRecord], None] | None = None
+    workers: WorkerList | None = None

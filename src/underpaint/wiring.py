@@ -28,8 +28,9 @@ from underpaint.config import Settings
 from underpaint.delivery.signing import make_secret_for
 from underpaint.delivery.webhooks import WebhookDispatcher, result_hook
 from underpaint.registry import ModelRegistry
+from underpaint.scale.heartbeat import worker_states
 from underpaint.scale.metrics import InstrumentedRunner, WorkerEnv, install_metrics
-from underpaint.services import Services
+from underpaint.services import Services, WorkerState
 from underpaint.storage.base import ImageStorage
 from underpaint.storage.local import LocalStorage, load_or_create_secret
 from underpaint.storage.urls import ImageUrls
@@ -113,6 +114,7 @@ def build_core(settings: Settings, queue: TaskQueue | None = None) -> Core:
     image_urls = build_image_urls(settings, storage)
     secret_for = make_secret_for(settings, secret, owner_of)
     webhooks = WebhookDispatcher(store.engine, settings, secret_for, store=store, storage=storage)
+    hook = result_hook(webhooks, image_urls)
     services = Services(
         settings=settings,
         store=store,
@@ -122,8 +124,9 @@ def build_core(settings: Settings, queue: TaskQueue | None = None) -> Core:
         image_urls=image_urls,
         webhooks=webhooks,
         rate_limiter=RateLimiter(settings, store),
+        on_terminal=hook,
     )
-    return Core(services, store, webhooks, result_hook(webhooks, image_urls))
+    return Core(services, store, webhooks, hook)
 
 
 # -- the generating side (imports the engine) ---------------------------------------------------------------
@@ -224,9 +227,22 @@ class Server:
             self.worker.start()
         self.core.webhooks.start()
         self.sweeper = RetentionSweeper(
-            self.core.store, services.storage, settings.retention_seconds, also_purge=[self.core.webhooks.purge]
+            self.core.store,
+            services.storage,
+            settings.retention_seconds,
+            also_purge=[self.core.webhooks.purge],
+            purge_idempotency=self.core.store.purge_idempotency_keys,
         )
         self.sweeper.start()
+
+    def worker_states(self) -> list[WorkerState]:
+        """The embedded worker, for ``GET /v3/async/queue`` (none before ``start`` or on an API-only node)."""
+        worker = self.worker
+        if isinstance(worker, WorkerProcess):
+            return [WorkerState("embedded", "process", worker.alive(), concurrency=1, queues=("*",))]
+        if isinstance(worker, Worker):
+            return [WorkerState("embedded", "thread", worker.running, concurrency=1, queues=("*",))]
+        return []
 
     def recover(self) -> None:
         recover_on_start(self.core.store, on_terminal=self.core.on_terminal, queue=self.core.services.queue)
@@ -248,12 +264,20 @@ def build_server(settings: Settings) -> Server:
     core = build_core(settings, queue=build_queue(settings, wake))
     services = core.services
     probe = None
+    server: Server | None = None  # built below, once the app exists; the app asks it for the embedded worker
+
+    def embedded_workers() -> list[WorkerState]:
+        return server.worker_states() if server is not None else []
+
     if settings.queue_backend == "celery":
         from underpaint.scale.broker import BrokerProbe
 
         probe = BrokerProbe(services, core.store.engine)
-        services = replace(services, health=probe.health)
-        core = replace(core, services=services)
+        engine, lease = core.store.engine, settings.lease_seconds
+        services = replace(services, health=probe.health, workers=lambda: worker_states(engine, lease))
+    elif embedded:
+        services = replace(services, workers=embedded_workers)
+    core = replace(core, services=services)
     app = create_app(services)
     worker_env = install_metrics(app, services, core.store.engine, probe)
     server = Server(core, app, worker_env)

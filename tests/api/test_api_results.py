@@ -110,7 +110,10 @@ def test_task_result_bad_ids(client: TestClient, params: dict[str, str], status:
 def check_shape(data: dict[str, Any], status: str) -> None:
     assert set(data) == {"task", "extra", "images", "videos", "audios"}
     task = data["task"]
-    assert set(task) == {"task_id", "task_type", "status", "reason", "eta", "progress_percent"}
+    # queue_position is Underpaint's additive extension (docs/compatibility.md); the rest is Novita's shape.
+    assert set(task) == {"task_id", "task_type", "status", "reason", "eta", "progress_percent", "queue_position"}
+    assert isinstance(task["queue_position"], int)
+    assert (task["queue_position"] > 0) == (status == "TASK_STATUS_QUEUED")
     assert task["task_type"] == "IMG_TO_IMG"
     assert task["status"] == status
     assert isinstance(task["eta"], int)

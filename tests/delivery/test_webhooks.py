@@ -2,23 +2,26 @@
 
 from __future__ import annotations
 
+import base64
 import io
 import itertools
 import json
 import time
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
 from PIL import Image
+from standardwebhooks import Webhook
 from tests.support.services import postgres_schema_url
-from tests.support.webhook_receiver import Receiver, running_receiver, wait_for
+from tests.support.webhook_receiver import Receiver, running_receiver, signature_ok, wait_for
 
 from underpaint.config import KeyPolicy, Settings
 from underpaint.delivery import ssrf
 from underpaint.delivery.sample_event import FAILED_REASON
-from underpaint.delivery.signing import derive_secret, make_secret_for, normalize_secret, sign, verify
+from underpaint.delivery.signing import derive_secret, make_secret_for, normalize_secret, sign, signature_headers
 from underpaint.delivery.ssrf import InvalidWebhookUrl
 from underpaint.delivery.webhooks import DELIVERED, FAILED, PENDING, WebhookDispatcher
 from underpaint.tasks.store import SqlTaskStore
@@ -174,11 +177,12 @@ def test_signature_verifies(dispatcher: WebhookDispatcher, receiver: Receiver) -
     assert got.headers["webhook-signature"].startswith("v1,")
     assert got.headers["webhook-id"] == dispatcher.deliveries("t1")[0].id
     assert abs(int(got.headers["webhook-timestamp"]) - time.time()) < 60
-    assert verify(got.body, got.headers, secret)
-    assert not verify(got.body.replace(b'"t1"', b'"t2"'), got.headers, secret)  # tampered body
-    assert not verify(got.body, got.headers, secret_for("someone-else"))
-    assert not verify(got.body, got.headers, secret, now=time.time() + 3600)  # replayed too late
-    assert not verify(got.body, {**got.headers, "webhook-id": "msg_other"}, secret)
+    assert signature_ok(got.body, got.headers, secret)
+    assert not signature_ok(got.body.replace(b'"t1"', b'"t2"'), got.headers, secret)  # tampered body
+    assert not signature_ok(got.body, got.headers, secret_for("someone-else"))
+    assert not signature_ok(got.body, {**got.headers, "webhook-id": "msg_other"}, secret)
+    stale = signature_headers(secret, "msg_1", got.body, timestamp=int(time.time()) - 3600)
+    assert not signature_ok(got.body, stale, secret)  # a replay an hour later
 
 
 def test_secrets_per_key() -> None:
@@ -186,16 +190,39 @@ def test_secrets_per_key() -> None:
     assert derive_secret(SERVER_SECRET, "a") != derive_secret(SERVER_SECRET, "b")
     assert derive_secret(SERVER_SECRET, "a") != derive_secret(b"other server", "a")
     assert derive_secret(SERVER_SECRET, "a").startswith("whsec_")
-    policies = {"key-1": KeyPolicy(webhook_secret="my-own-secret"), "key-2": KeyPolicy()}
+    own = base64.b64encode(b"key-1's own 24+ byte secret").decode()
+    policies = {"key-1": KeyPolicy(webhook_secret=own), "key-2": KeyPolicy()}
     lookup = make_secret_for(Settings(key_policies=policies), SERVER_SECRET, owner_of=lambda key: "h:" + key)
-    assert lookup("h:key-1") == normalize_secret("my-own-secret")
+    assert lookup("h:key-1") == "whsec_" + own
     assert lookup("h:key-2") == derive_secret(SERVER_SECRET, "h:key-2")
-    with pytest.raises(ValueError, match="base64"):
-        normalize_secret("whsec_not base64!")
-    # A raw configured secret and its whsec_ form sign alike, so either may be handed to the receiver.
-    assert sign("my-own-secret", "msg_1", 1700000000, b"{}") == sign(
-        normalize_secret("my-own-secret"), "msg_1", 1700000000, b"{}"
-    )
+
+
+KEY = b"\x00\xffa 32-byte signing key, binary\x80"
+SECRET_FORMS = {
+    "whsec_ + base64": "whsec_" + base64.b64encode(KEY).decode(),
+    "bare base64": base64.b64encode(KEY).decode(),
+    "unpadded": base64.b64encode(KEY).decode().rstrip("="),
+    "trailing newline": "whsec_" + base64.b64encode(KEY).decode() + "\n",
+}
+
+
+@pytest.mark.parametrize("secret", SECRET_FORMS.values(), ids=SECRET_FORMS.keys())
+def test_secret_forms_sign_as_the_reference_library_does(secret: str) -> None:
+    """Every form keys the HMAC with the base64-decoded bytes, as ``standardwebhooks.Webhook`` does."""
+    body = json.dumps({"event_type": "ASYNC_TASK_RESULT", "payload": {"task": {"task_id": "é"}}}).encode()
+    now = int(time.time())
+    ours = sign(secret, "msg_1", now, body)
+    reference = Webhook(secret.strip()).sign("msg_1", datetime.fromtimestamp(now, tz=UTC), body.decode())
+    assert ours == reference
+    assert signature_ok(body, signature_headers(secret, "msg_1", body, now), SECRET_FORMS["whsec_ + base64"])
+    assert normalize_secret(secret) == SECRET_FORMS["whsec_ + base64"]
+
+
+@pytest.mark.parametrize("secret", ["my-own-secret text", "whsec_not base64!", "whsec_", "", "whsec_QQ=x"])
+def test_secrets_that_are_not_base64_are_refused_at_startup(secret: str) -> None:
+    policies = {"key-1": KeyPolicy(webhook_secret=secret or " ")}
+    with pytest.raises(ValueError, match="webhook secret must"):
+        make_secret_for(Settings(key_policies=policies), SERVER_SECRET, owner_of=lambda key: "h:" + key)
 
 
 def test_unexpected_sender_error_counts_as_an_attempt(db_url: str, receiver: Receiver) -> None:

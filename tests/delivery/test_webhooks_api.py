@@ -13,11 +13,11 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 from safetensors.numpy import save_file
-from tests.support.webhook_receiver import Receiver, wait_for
+from tests.support.webhook_receiver import Receiver, signature_ok, wait_for
 
 from underpaint.api.app import create_app
 from underpaint.config import Settings
-from underpaint.delivery.signing import derive_secret, verify
+from underpaint.delivery.signing import derive_secret
 from underpaint.delivery.webhooks import DELIVERED, WebhookDispatcher
 from underpaint.registry import ModelRegistry
 from underpaint.services import Services
@@ -93,7 +93,7 @@ def test_test_mode_event_equals_the_polled_task_result(
     assert queue.items == []  # test mode runs no generation
     assert wait_for(lambda: webhooks.deliveries(task_id)[0].status == DELIVERED)
     got = receiver.requests[0]
-    assert verify(got.body, got.headers, derive_secret(SERVER_SECRET, owner_of(KEY)))
+    assert signature_ok(got.body, got.headers, derive_secret(SERVER_SECRET, owner_of(KEY)))
     event = json.loads(got.body)
     assert event["event_type"] == "ASYNC_TASK_RESULT"
     polled = client.get("/v3/async/task-result", params={"task_id": task_id},

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import re
 import shutil
@@ -14,16 +15,15 @@ import boto3
 import httpx
 import pytest
 from tests.support.delivery import REGION, Stack, moto_endpoint, open_stack, split_url
-from tests.support.webhook_receiver import Receiver, running_receiver, wait_for
+from tests.support.webhook_receiver import Receiver, running_receiver, signature_ok, wait_for
 
 from underpaint.config import KeyPolicy
-from underpaint.delivery.signing import normalize_secret, verify
 from underpaint.delivery.webhooks import DELIVERED
 from underpaint.wiring import webhook_secret_for_key
 
 SUCCEED, FAILED, QUEUED = "TASK_STATUS_SUCCEED", "TASK_STATUS_FAILED", "TASK_STATUS_QUEUED"
 HEX_PNG = r"[0-9a-f]{32}\.png"
-KEY_B_SECRET = "key-b's own webhook secret"
+KEY_B_SECRET = base64.b64encode(b"key-b's own webhook signing key").decode()  # configured bare, no whsec_
 
 
 @pytest.fixture(scope="module")
@@ -91,8 +91,8 @@ def test_webhook_of_a_real_generation_equals_the_polled_result(stack: Stack, rec
 
     assert request.path == "/hook"
     assert request.headers["content-type"] == "application/json"
-    assert verify(request.body, request.headers, webhook_secret_for_key(stack.settings, "key-a"))
-    assert not verify(request.body, request.headers, webhook_secret_for_key(stack.settings, "key-b"))
+    assert signature_ok(request.body, request.headers, webhook_secret_for_key(stack.settings, "key-a"))
+    assert not signature_ok(request.body, request.headers, webhook_secret_for_key(stack.settings, "key-b"))
     assert event["event_type"] == "ASYNC_TASK_RESULT"
     payload = event["payload"]
     assert payload["extra"].pop("webhook") == {"url": receiver.url}
@@ -123,7 +123,7 @@ def test_failed_task_sends_a_failed_webhook_with_the_reason(stack: Stack, receiv
     assert polled["task"]["status"] == FAILED
     assert "doomed" in polled["task"]["reason"]
     event, request = _webhook_event(stack, receiver, task_id)
-    assert verify(request.body, request.headers, webhook_secret_for_key(stack.settings, "key-a"))
+    assert signature_ok(request.body, request.headers, webhook_secret_for_key(stack.settings, "key-a"))
     payload = event["payload"]
     assert payload["task"]["status"] == FAILED
     assert payload["task"]["reason"] == polled["task"]["reason"]
@@ -137,9 +137,10 @@ def test_webhook_signed_with_the_keys_configured_secret(stack: Stack, receiver: 
     assert stack.run(task_id, key="key-b")["task"]["status"] == SUCCEED
     _event, request = _webhook_event(stack, receiver, task_id)
     secret = webhook_secret_for_key(stack.settings, "key-b")
-    assert secret == normalize_secret(KEY_B_SECRET)
-    assert verify(request.body, request.headers, secret)
-    assert not verify(request.body, request.headers, webhook_secret_for_key(stack.settings, "key-a"))
+    assert secret == "whsec_" + KEY_B_SECRET
+    assert signature_ok(request.body, request.headers, secret)
+    assert signature_ok(request.body, request.headers, KEY_B_SECRET)  # the value as configured verifies too
+    assert not signature_ok(request.body, request.headers, webhook_secret_for_key(stack.settings, "key-a"))
 
 
 def test_no_webhook_without_a_url(stack: Stack, receiver: Receiver) -> None:

@@ -186,3 +186,71 @@ def test_sdxl_detection_reads_ckpt_keys_without_running_code(tmp_path: Path) -> 
     legacy = tmp_path / "checkpoint" / "legacy_xl.ckpt"
     legacy.write_bytes(b"not a zip")  # unreadable: falls back to the name
     assert detect_sdxl(legacy, "checkpoint") is True
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# text encoder depth (for clip_skip at submit), read without loading the model
+
+
+def _te_keys(layers: int, hf_names: bool = True) -> list[str]:
+    inner = "text_model.encoder" if hf_names else "encoder"
+    return ["model.diffusion_model.input_blocks.0.0.weight"] + [
+        f"cond_stage_model.transformer.{inner}.layers.{i}.mlp.fc1.weight" for i in range(layers)
+    ]
+
+
+def test_text_encoder_depth_from_safetensors_keys(tmp_path: Path) -> None:
+    reg = _registry(tmp_path)
+    m = reg.models_dir
+    _st(m / "checkpoint" / "full.safetensors", _te_keys(12))
+    _st(m / "checkpoint" / "old_names.safetensors", _te_keys(11, hf_names=False))
+    _st(m / "checkpoint" / "no_te.safetensors", ["model.diffusion_model.input_blocks.0.0.weight"])
+    depths = {e.sd_name: reg.text_encoder_depth(e) for e in reg.list("checkpoint")}
+    assert depths == {"full.safetensors": 12, "old_names.safetensors": 11, "no_te.safetensors": None}
+
+
+def test_text_encoder_depth_from_pickle_without_unpickling(tmp_path: Path) -> None:
+    reg = _registry(tmp_path)
+    path = reg.models_dir / "checkpoint" / "model.ckpt"
+    torch.save({"state_dict": {k: torch.zeros(1) for k in _te_keys(7)}}, str(path))
+    (reg.models_dir / "checkpoint" / "legacy.ckpt").write_bytes(b"\x80\x02not a zip")
+    depths = {e.sd_name: reg.text_encoder_depth(e) for e in reg.list("checkpoint")}
+    assert depths == {"model.ckpt": 7, "legacy.ckpt": None}
+
+
+def test_text_encoder_depth_prefers_the_config_the_loader_uses(tmp_path: Path) -> None:
+    reg = _registry(tmp_path)
+    m = reg.models_dir / "checkpoint"
+    _st(m / "side.safetensors", _te_keys(12))
+    (m / "side.config" / "text_encoder").mkdir(parents=True)
+    (m / "side.config" / "text_encoder" / "config.json").write_text(json.dumps({"num_hidden_layers": 5}))
+    folder = m / "folder"
+    (folder / "text_encoder").mkdir(parents=True)
+    (folder / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
+    (folder / "text_encoder" / "config.json").write_text(json.dumps({"num_hidden_layers": 3}))
+    depths = {e.sd_name: reg.text_encoder_depth(e) for e in reg.list("checkpoint")}
+    assert depths == {"side.safetensors": 5, "folder": 3}
+
+
+def test_text_encoder_depth_is_cached_per_file_version(tmp_path: Path) -> None:
+    reg = _registry(tmp_path)
+    path = _st(reg.models_dir / "checkpoint" / "a.safetensors", _te_keys(4))
+    entry = reg.resolve("checkpoint", "a")
+    assert entry is not None
+    assert reg.text_encoder_depth(entry) == 4
+    path.write_bytes(b"garbage, no longer a safetensors file")
+    assert reg.text_encoder_depth(entry) == 4  # same (path, mtime, size): not read again
+    _st(path, _te_keys(6))
+    os.utime(path, (entry.mtime + 10, entry.mtime + 10))
+    os.utime(path.parent, (entry.mtime + 10, entry.mtime + 10))
+    fresh = reg.resolve("checkpoint", "a")
+    assert fresh is not None
+    assert reg.text_encoder_depth(fresh) == 6
+
+
+def test_text_encoder_depth_of_the_demo_checkpoints(tiny_models_dir: Path) -> None:
+    reg = ModelRegistry(tiny_models_dir)
+    depths = {e.sd_name: reg.text_encoder_depth(e) for e in reg.list("checkpoint") if not e.is_sdxl}
+    assert depths["tiny-sd15.safetensors"] == 5  # sidecar config
+    assert depths["tiny-sd15-diffusers"] == 5  # diffusers folder
+    assert set(depths.values()) == {5}

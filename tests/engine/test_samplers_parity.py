@@ -238,13 +238,20 @@ def test_unipc_img2img_matches_diffusers_over_a1111_timesteps(
     model = toy_model(SCHEDULE, prediction_type)
     counting = CountingModel(model)
     ours = sample_img2img(
-        "UniPC", counting, SCHEDULE, init_latent(), steps, strength, NoiseSource(SEEDS), prediction_type=prediction_type
+        SamplerName("UniPC"),
+        counting,
+        SCHEDULE,
+        init_latent(),
+        steps,
+        strength,
+        NoiseSource(SEEDS),
+        prediction_type=prediction_type,
     )
-    x, ts_sched = _noised("UniPC", steps, strength)
+    x, ts_sched = _noised(SamplerName("UniPC"), steps, strength)
     t_enc, top = len(ts_sched), ts_sched[-1]
     assert top % t_enc == 0
     grid = [top - k * (top // t_enc) for k in range(t_enc)]  # A1111's time-uniform grid, without its end (0)
-    ref: Any = UniPCMultistepScheduler(
+    ref: Any = UniPCMultistepScheduler(  # type: ignore[no-untyped-call]  # diffusers' __init__ is unannotated
         **_ldm_scheduler_kwargs(),
         solver_order=3,
         solver_type="bh1",

@@ -11,7 +11,6 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -53,7 +52,7 @@ def test_lane_by_base_model_checkpoint_and_enterprise() -> None:
     assert task_lane(s, _entry("tiny-sdxl.safetensors", True)) == "sdxl"
     assert task_lane(s, _entry("DreamShaper 8.safetensors", False)) == "sd15.dreamshaper-8"
     assert task_lane(s, _entry("tiny-sdxl.safetensors", True), dedicated_lane="Acme") == "enterprise.acme"
-    s2 = replace(s, key_policies={"k": KeyPolicy(dedicated_lane="acme")})
+    s2 = s.with_overrides(key_policies={"k": KeyPolicy(dedicated_lane="acme")})
     assert known_queues(s2, [_entry("DreamShaper 8.safetensors", False)]) == [
         "sd15", "sdxl", "sd15.dreamshaper-8", "enterprise.acme"
     ]  # fmt: skip
@@ -207,7 +206,9 @@ def test_celery_queue_routes_to_lane_on_redis(store: SqlTaskStore, redis_url: st
     assert probe.queue_depths() == {"sd15": 1, "sdxl": 2}
     assert probe.health() == {"store": "ok", "broker": "ok"}
     down = BrokerProbe(
-        services, store.engine, app=create_celery_app(replace(services.settings, broker_url="redis://127.0.0.1:1/0"))
+        services,
+        store.engine,
+        app=create_celery_app(services.settings.with_overrides(broker_url="redis://127.0.0.1:1/0")),
     )
     assert down.health()["broker"] == "unreachable"
     _flush(redis_url)

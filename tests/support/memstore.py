@@ -7,7 +7,17 @@ import threading
 import time
 from typing import Any
 
-from underpaint.tasks.types import ImageRecord, NewTask, TaskRecord, TaskStatus
+from underpaint.tasks.types import (
+    CANCELLED_REASON,
+    CancelOutcome,
+    IdempotencyKey,
+    IdempotencyKeyTaken,
+    ImageRecord,
+    NewTask,
+    QueueCounts,
+    TaskRecord,
+    TaskStatus,
+)
 
 
 class MemStore:
@@ -19,8 +29,15 @@ class MemStore:
         self.tasks: dict[str, TaskRecord] = {}
         self.payloads: dict[str, dict[str, Any]] = {}
         self.image_nums: dict[str, int] = {}
+        self.keys: dict[tuple[str, str], IdempotencyKeyTaken] = {}
 
-    def create(self, task: NewTask) -> TaskRecord:
+    def create(self, task: NewTask, idempotency: IdempotencyKey | None = None) -> TaskRecord:
+        if idempotency is not None:
+            with self._lock:
+                taken = self.keys.get((task.owner, idempotency.key))
+                if taken is not None:
+                    raise taken
+                self.keys[(task.owner, idempotency.key)] = IdempotencyKeyTaken(task.task_id, idempotency.request_hash)
         record = TaskRecord(
             task_id=task.task_id,
             owner=task.owner,
@@ -32,6 +49,7 @@ class MemStore:
             priority=task.priority,
             created_at=time.time(),
             extra=copy.deepcopy(task.extra),
+            image_num=task.image_num,
         )
         with self._lock:
             if task.task_id in self.tasks:
@@ -92,6 +110,41 @@ class MemStore:
             record.status, record.reason, record.finished_at = TaskStatus.FAILED, reason, time.time()
             return True
 
+    def find_idempotent(self, owner: str, key: str) -> IdempotencyKeyTaken | None:
+        with self._lock:
+            return self.keys.get((owner, key))
+
+    def request_cancel(self, task_id: str, owner: str) -> CancelOutcome:
+        with self._lock:
+            record = self.tasks.get(task_id)
+            if record is None or record.owner != owner:
+                return CancelOutcome.NOT_FOUND
+            if record.status is TaskStatus.QUEUED:
+                record.status, record.reason, record.finished_at = TaskStatus.FAILED, CANCELLED_REASON, time.time()
+                return CancelOutcome.CANCELLED
+            if record.status is TaskStatus.PROCESSING:
+                record.cancel_requested_at = record.cancel_requested_at or time.time()
+                return CancelOutcome.REQUESTED
+            return CancelOutcome.FINISHED
+
+    def cancel_requested(self, task_id: str) -> bool:
+        with self._lock:
+            return self.tasks[task_id].cancel_requested_at is not None
+
+    def queue_position(self, task: TaskRecord, lanes: tuple[str, ...] | None = None) -> int:
+        if task.status is not TaskStatus.QUEUED:
+            return 0
+        key = (-task.priority, task.created_at, task.task_id)
+        with self._lock:
+            return 1 + sum(
+                1 for t in self.tasks.values()
+                if t.status is TaskStatus.QUEUED and (lanes is None or t.lane in lanes)
+                and (-t.priority, t.created_at, t.task_id) < key
+            )  # fmt: skip
+
+    def recent_run_seconds(self, limit: int = 50) -> float | None:
+        return None
+
     def count_unfinished(self, owner: str) -> int:
         with self._lock:
             return sum(1 for t in self.tasks.values() if t.owner == owner and not t.status.terminal)
@@ -101,6 +154,26 @@ class MemStore:
             return sum(
                 self.image_nums[t.task_id] for t in self.tasks.values() if t.owner == owner and t.created_at >= since
             )
+
+    def recent_tasks(self, owner: str, limit: int) -> list[TaskRecord]:
+        with self._lock:
+            mine = [t for t in self.tasks.values() if t.owner == owner]
+            mine.sort(key=lambda t: (t.created_at, t.task_id), reverse=True)
+            return [copy.deepcopy(t) for t in mine[:limit]]
+
+    def queue_counts(self, owner: str) -> QueueCounts:
+        with self._lock:
+            tasks = list(self.tasks.values())
+
+        def n(status: TaskStatus, only_mine: bool) -> int:
+            return sum(1 for t in tasks if t.status is status and (not only_mine or t.owner == owner))
+
+        return QueueCounts(
+            queued=n(TaskStatus.QUEUED, False),
+            processing=n(TaskStatus.PROCESSING, False),
+            own_queued=n(TaskStatus.QUEUED, True),
+            own_processing=n(TaskStatus.PROCESSING, True),
+        )
 
 
 class ListQueue:

@@ -12,6 +12,19 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+from standardwebhooks import Webhook
+from standardwebhooks.webhooks import WebhookVerificationError
+
+
+def signature_ok(body: bytes, headers: dict[str, str], secret: str) -> bool:
+    """Whether the Standard Webhooks reference library (``standardwebhooks``) accepts this delivery with
+    ``secret`` (``whsec_<base64>`` or bare base64, as a receiver would be given it), timestamp tolerance included."""
+    try:
+        Webhook(secret).verify(body, headers, json_parse=False)
+    except WebhookVerificationError:
+        return False
+    return True
+
 
 @dataclass
 class Received:

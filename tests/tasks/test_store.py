@@ -14,7 +14,7 @@ from sqlalchemy.exc import IntegrityError
 from tests.support.services import postgres_schema_url
 
 from underpaint.tasks.store import MIGRATIONS, SqlTaskStore
-from underpaint.tasks.types import ImageRecord, NewTask, NsfwResult, TaskStatus, owner_of
+from underpaint.tasks.types import ImageRecord, NewTask, NsfwResult, QueueCounts, TaskStatus, owner_of
 
 
 class Clock:
@@ -366,6 +366,44 @@ def test_counters(store: SqlTaskStore, clock: Clock) -> None:
         TaskStatus.SUCCEED: 1,
         TaskStatus.FAILED: 0,
     }
+
+
+def test_recent_tasks_newest_first_per_owner(store: SqlTaskStore, clock: Clock) -> None:
+    for i in range(5):
+        store.create(new_task(f"a{i}", image_num=i + 1))
+        store.create(new_task(f"b{i}", owner="owner-b"))
+        clock.advance(1)
+    store.claim("a4", "w")
+    store.complete("a4", "w", IMAGES)
+    recent = store.recent_tasks("owner-a", 3)
+    assert [t.task_id for t in recent] == ["a4", "a3", "a2"]
+    assert recent[0].status is TaskStatus.SUCCEED
+    assert recent[0].images == IMAGES
+    assert [t.image_num for t in recent] == [5, 4, 3]
+    assert [t.task_id for t in store.recent_tasks("owner-a", 100)] == ["a4", "a3", "a2", "a1", "a0"]
+    assert all(t.owner == "owner-b" for t in store.recent_tasks("owner-b", 100))
+    assert store.recent_tasks("nobody", 10) == []
+
+
+def test_recent_tasks_break_ties_by_id(store: SqlTaskStore) -> None:
+    for task_id in ("m", "z", "a"):  # one clock tick: the same created_at
+        store.create(new_task(task_id))
+    assert [t.task_id for t in store.recent_tasks("owner-a", 10)] == ["z", "m", "a"]
+
+
+def test_queue_counts_overall_and_own(store: SqlTaskStore) -> None:
+    assert store.queue_counts("owner-a") == QueueCounts()
+    for task_id in ("a1", "a2", "a3"):
+        store.create(new_task(task_id))
+    for task_id in ("b1", "b2"):
+        store.create(new_task(task_id, owner="owner-b"))
+    store.claim("a1", "w")
+    store.claim("b1", "w")
+    store.claim("a2", "w")
+    store.complete("a2", "w", [])  # ended tasks count nowhere
+    assert store.queue_counts("owner-a") == QueueCounts(queued=2, processing=2, own_queued=1, own_processing=1)
+    assert store.queue_counts("owner-b") == QueueCounts(queued=2, processing=2, own_queued=1, own_processing=1)
+    assert store.queue_counts("nobody") == QueueCounts(queued=2, processing=2, own_queued=0, own_processing=0)
 
 
 def test_requeue_everything_processing_with_infinite_now(store: SqlTaskStore) -> None:

@@ -22,11 +22,16 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from underpaint.api.context import ApiContext, error_response, json_ok
+from underpaint.api.extensions import QUEUE_PATH, TASKS_PATH, queue_status, recent_tasks, task_limit
 from underpaint.api.files import serve_file
+from underpaint.api.idempotency import IDEMPOTENCY_HEADER
 from underpaint.api.models_route import list_models
+from underpaint.api.playground import install_playground
 from underpaint.api.schemas import validation_error_to_api
+from underpaint.api.steer import CANCEL_PATH, QueueEta, cancel_task
 from underpaint.api.submit import MAX_BODY_BYTES, submit_img2img
 from underpaint.services import HealthCheck, Services
+from underpaint.tasks.types import TaskRecord, TaskStatus
 from underpaint.wire.errors import ApiError, invalid_request, task_not_found
 from underpaint.wire.result import task_result_body
 
@@ -34,10 +39,15 @@ logger = logging.getLogger("underpaint.api")
 
 SUBMIT_PATH = "/v3/async/img2img"
 RESULT_PATH = "/v3/async/task-result"
-_FAILURE_REASONS = {SUBMIT_PATH: "CREATE_TASK_FAILED", RESULT_PATH: "GET_RESULT_FAILED"}
+_FAILURE_REASONS = {
+    SUBMIT_PATH: "CREATE_TASK_FAILED",
+    RESULT_PATH: "GET_RESULT_FAILED",
+    CANCEL_PATH: "CANCEL_TASK_FAILED",
+}
 _FAILURE_MESSAGES = {
     SUBMIT_PATH: "internal error while creating the task; please retry",
     RESULT_PATH: "internal error while reading the task result; please retry",
+    CANCEL_PATH: "internal error while cancelling the task; please retry",
 }
 
 
@@ -74,8 +84,15 @@ def create_app(services: Services) -> FastAPI:
     async def img2img(request: Request) -> Response:
         caller = ctx.caller(request)
         raw = await _read_body(request)
-        body = await run_in_threadpool(submit_img2img, ctx, caller, raw, ctx.base_url(request))
+        idempotency = request.headers.get(IDEMPOTENCY_HEADER)
+        body = await run_in_threadpool(submit_img2img, ctx, caller, raw, ctx.base_url(request), idempotency)
         return json_ok(body)
+
+    @app.post(CANCEL_PATH)
+    async def task_cancel(request: Request) -> Response:
+        caller = ctx.caller(request)
+        raw = await _read_body(request)
+        return json_ok(await run_in_threadpool(cancel_task, ctx, caller, raw))
 
     app.router.routes.append(_task_result_route(ctx))
 
@@ -88,10 +105,22 @@ def create_app(services: Services) -> FastAPI:
     def files(request: Request, key: str) -> Response:
         return serve_file(ctx, request, key)
 
+    @app.get(TASKS_PATH)
+    def tasks(request: Request) -> Response:
+        caller = ctx.caller(request)
+        limit = task_limit(request.query_params)
+        return json_ok(recent_tasks(services, caller.owner, limit).model_dump(mode="json"))
+
+    @app.get(QUEUE_PATH)
+    def queue(request: Request) -> Response:
+        caller = ctx.caller(request)
+        return json_ok(queue_status(services, caller.owner).model_dump(mode="json"))
+
     @app.get("/health")
     def health() -> Response:
         return _health(services.health)
 
+    install_playground(app)
     return app
 
 
@@ -104,6 +133,16 @@ def _task_result_route(ctx: ApiContext) -> Route:
     store = services.store
     inline_reads = store.inline_reads
     image_urls = services.image_urls  # HMAC-signed local URLs: CPU only; S3 presigning goes to the pool
+    # Celery lanes are separate queues; the embedded worker claims every lane in one order.
+    queue = QueueEta(store, per_lane=services.settings.queue_backend == "celery")
+
+    def load(task_id: str, owner: str) -> tuple[TaskRecord | None, int, int | None]:
+        """The task, its queue position and, when QUEUED, its eta (an indexed COUNT for queued tasks only)."""
+        task = store.get(task_id, owner)
+        if task is None or task.status is not TaskStatus.QUEUED:
+            return task, 0, None
+        position = queue.position(task)
+        return task, position, queue.eta(position)
 
     async def read(request: Request) -> Response:
         caller = ctx.caller(request)
@@ -113,15 +152,16 @@ def _task_result_route(ctx: ApiContext) -> Route:
         if len(task_id) > 64:
             raise task_not_found(task_id[:64])
         if inline_reads:
-            task = store.get(task_id, caller.owner)
+            task, position, eta = load(task_id, caller.owner)
         else:
-            task = await run_in_threadpool(store.get, task_id, caller.owner)
+            task, position, eta = await run_in_threadpool(load, task_id, caller.owner)
         if task is None:
             raise task_not_found(task_id)
         url_for = ctx.url_for(ctx.base_url(request))
         if image_urls.all_local(task.images):
-            return json_ok(task_result_body(task, url_for, ctx.ttl))
-        return json_ok(await run_in_threadpool(task_result_body, task, url_for, ctx.ttl))
+            return json_ok(task_result_body(task, url_for, ctx.ttl, queue_position=position, eta=eta))
+        body = await run_in_threadpool(task_result_body, task, url_for, ctx.ttl, queue_position=position, eta=eta)
+        return json_ok(body)
 
     async def endpoint(request: Request) -> Response:
         try:

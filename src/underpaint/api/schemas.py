@@ -13,8 +13,17 @@ import math
 from collections.abc import Callable
 from typing import Annotated, Any, TypeVar
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
-from pydantic_core import PydanticCustomError
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    GetCoreSchemaHandler,
+    GetJsonSchemaHandler,
+    ValidationError,
+    model_validator,
+)
+from pydantic.json_schema import JsonSchemaValue
+from pydantic_core import CoreSchema, PydanticCustomError, core_schema
 
 from underpaint.vocabulary import (
     PREPROCESSOR_NAMES,
@@ -29,6 +38,35 @@ from underpaint.wire.errors import ApiError, invalid_image_size, invalid_request
 IMAGE_TYPES = ("png", "webp", "jpeg")
 TASK_STATUSES = ("TASK_STATUS_SUCCEED", "TASK_STATUS_FAILED")
 MAX_SEED = 2**32 - 1
+
+
+class Checked:
+    """Field metadata: ``check`` runs after the type's own validation (its ``PydanticCustomError`` becomes the
+    client's message), and ``schema`` holds the JSON-schema keywords that say the same in ``/openapi.json``."""
+
+    def __init__(self, check: Callable[[Any], Any], **schema: Any) -> None:
+        self.check = check
+        self.schema = schema
+
+    def __get_pydantic_core_schema__(self, source: Any, handler: GetCoreSchemaHandler) -> CoreSchema:
+        return core_schema.no_info_after_validator_function(self.check, handler(source))
+
+    def __get_pydantic_json_schema__(self, schema: CoreSchema, handler: GetJsonSchemaHandler) -> JsonSchemaValue:
+        out = handler(schema)
+        out.update(self.schema)
+        return out
+
+
+def in_range(lo: float, hi: float) -> Checked:
+    return Checked(_between(lo, hi), minimum=lo, maximum=hi)
+
+
+def length(lo: int, hi: int) -> Checked:
+    return Checked(_length(lo, hi), minLength=lo, maxLength=hi)
+
+
+def at_most(n: int) -> Checked:
+    return Checked(_at_most(n), maxItems=n)
 
 
 def _between(lo: float, hi: float) -> Callable[[Any], Any]:
@@ -116,9 +154,9 @@ def _check_test_status(value: str) -> str:
     return value
 
 
-ModelName = Annotated[str, AfterValidator(_length(1, 512))]
-Unit = Annotated[float, AfterValidator(_between(0, 1))]
-Base64 = Annotated[str, AfterValidator(_non_empty_base64)]
+ModelName = Annotated[str, length(1, 512)]
+Unit = Annotated[float, in_range(0, 1)]
+Base64 = Annotated[str, Checked(_non_empty_base64, minLength=1, contentEncoding="base64")]
 
 
 class _Lenient(BaseModel):
@@ -147,7 +185,9 @@ class ControlNetUnitIn(_Lenient):
     model_name: ModelName
     image_base64: Base64
     strength: Unit = 1.0
-    preprocessor: Annotated[PreprocessorName | None, AfterValidator(_check_preprocessor)] = None
+    preprocessor: Annotated[
+        PreprocessorName | None, Checked(_check_preprocessor, enum=[None, "none", *sorted(PREPROCESSOR_NAMES)])
+    ] = None
     guidance_start: Unit = 0.0
     guidance_end: Unit = 1.0
 
@@ -163,7 +203,7 @@ class ControlNetUnitIn(_Lenient):
 
 
 class ControlNetIn(_Lenient):
-    units: Annotated[list[ControlNetUnitIn], AfterValidator(_at_most(5))]
+    units: Annotated[list[ControlNetUnitIn], at_most(5)]
 
     @model_validator(mode="after")
     def _not_empty(self) -> ControlNetIn:
@@ -181,38 +221,38 @@ class IPAdapterIn(_Lenient):
 class Img2ImgRequest(_Lenient):
     model_name: ModelName
     image_base64: Base64
-    prompt: Annotated[str, AfterValidator(_length(1, 1024))]
-    negative_prompt: Annotated[str, AfterValidator(_length(0, 1024))] = ""
-    width: Annotated[int, AfterValidator(_between(128, 2048))] = 512
-    height: Annotated[int, AfterValidator(_between(128, 2048))] = 512
-    image_num: Annotated[int, AfterValidator(_between(1, 8))] = 1
-    steps: Annotated[int, AfterValidator(_between(1, 100))] = 20
-    guidance_scale: Annotated[float, AfterValidator(_between(1, 30))] = 7.5
-    sampler_name: Annotated[SamplerName, AfterValidator(_check_sampler)] = SamplerName("Euler a")
-    seed: Annotated[int, AfterValidator(_between(-1, MAX_SEED))] = -1
+    prompt: Annotated[str, length(1, 1024)]
+    negative_prompt: Annotated[str, length(0, 1024)] = ""
+    width: Annotated[int, in_range(128, 2048)] = 512
+    height: Annotated[int, in_range(128, 2048)] = 512
+    image_num: Annotated[int, in_range(1, 8)] = 1
+    steps: Annotated[int, in_range(1, 100)] = 20
+    guidance_scale: Annotated[float, in_range(1, 30)] = 7.5
+    sampler_name: Annotated[SamplerName, Checked(_check_sampler, enum=list(SAMPLER_NAMES))] = SamplerName("Euler a")
+    seed: Annotated[int, in_range(-1, MAX_SEED)] = -1
     sd_vae: ModelName | None = None
-    clip_skip: Annotated[int, AfterValidator(_between(1, 12))] = 1
+    clip_skip: Annotated[int, in_range(1, 12)] = 1
     strength: Unit = 0.5
-    loras: Annotated[list[LoraIn], AfterValidator(_at_most(5))] = Field(default_factory=list)
-    embeddings: Annotated[list[EmbeddingIn], AfterValidator(_at_most(5))] = Field(default_factory=list)
+    loras: Annotated[list[LoraIn], at_most(5)] = Field(default_factory=list)
+    embeddings: Annotated[list[EmbeddingIn], at_most(5)] = Field(default_factory=list)
     controlnet: ControlNetIn | None = None
-    ip_adapters: Annotated[list[IPAdapterIn], AfterValidator(_at_most(1))] = Field(default_factory=list)
+    ip_adapters: Annotated[list[IPAdapterIn], at_most(1)] = Field(default_factory=list)
 
 
 class TestModeIn(_Lenient):
     enabled: bool = False
-    return_task_status: Annotated[str, AfterValidator(_check_test_status)] = "TASK_STATUS_SUCCEED"
+    return_task_status: Annotated[str, Checked(_check_test_status, enum=list(TASK_STATUSES))] = "TASK_STATUS_SUCCEED"
 
 
 class WebhookIn(_Lenient):
-    url: Annotated[str, AfterValidator(_check_webhook_url)]
+    url: Annotated[str, Checked(_check_webhook_url, format="uri", maxLength=2048)]
     test_mode: TestModeIn | None = None
 
 
 class AwsS3In(_Lenient):
-    region: Annotated[str, AfterValidator(_length(1, 64))]
-    bucket: Annotated[str, AfterValidator(_length(1, 255))]
-    path: Annotated[str, AfterValidator(_length(0, 1024))]
+    region: Annotated[str, length(1, 64)]
+    bucket: Annotated[str, length(1, 255)]
+    path: Annotated[str, length(0, 1024)]
     save_to_path_directly: bool = False
 
 
@@ -225,9 +265,9 @@ class EnterprisePlanIn(_Lenient):
 
 
 class ExtraIn(_Lenient):
-    response_image_type: Annotated[str, AfterValidator(_check_image_type)] = "png"
+    response_image_type: Annotated[str, Checked(_check_image_type, enum=[*IMAGE_TYPES, "jpg"])] = "png"
     enable_nsfw_detection: bool = False
-    nsfw_detection_level: Annotated[int, AfterValidator(_between(0, 2))] = 0
+    nsfw_detection_level: Annotated[int, in_range(0, 2)] = 0
     webhook: WebhookIn | None = None
     custom_storage: CustomStorageIn | None = None
     enterprise_plan: EnterprisePlanIn | None = None

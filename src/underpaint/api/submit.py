@@ -8,6 +8,7 @@ base64 text), then webhook / custom-storage checks, and only then is the task cr
 from __future__ import annotations
 
 import json
+import re
 import secrets
 import uuid
 from contextlib import AbstractContextManager, nullcontext
@@ -16,13 +17,14 @@ from typing import Any
 
 from underpaint.api.auth import Caller
 from underpaint.api.context import ApiContext
+from underpaint.api.idempotency import idempotency_key, replay
 from underpaint.api.schemas import Img2ImgBody, Img2ImgRequest, parse_body
 from underpaint.delivery.ssrf import InvalidWebhookUrl
 from underpaint.registry import ModelEntry, ModelRegistry
 from underpaint.services import Admission
 from underpaint.storage.custom import InvalidCustomStorage, validate_custom_storage
 from underpaint.tasks.lanes import task_lane
-from underpaint.tasks.types import NewTask
+from underpaint.tasks.types import IdempotencyKeyTaken, NewTask
 from underpaint.vocabulary import missing_annotator_files, missing_annotator_message
 from underpaint.wire.errors import ApiError, invalid_request
 from underpaint.wire.images import decode_image
@@ -40,23 +42,75 @@ _KIND_LABELS = {
 }
 
 
+# Bounds on the shape of a JSON body, far above what a Novita body needs (depth 5, a few dozen objects and
+# arrays, a few hundred values) and far below what would exhaust the parser's recursion or the memory of the
+# decoded object tree (a 100 MB body of tiny values decodes to gigabytes of Python objects).
+MAX_JSON_DEPTH = 32
+MAX_JSON_CONTAINERS = 10_000
+MAX_JSON_VALUES = 100_000
+_JSON_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
+_NOT_BRACKET = re.compile(r"[^\[\]{}]+")
+
+
 def parse_json(raw: bytes) -> Any:
+    """The body as JSON, or a 400 ``INVALID_REQUEST_BODY`` for anything else, whatever its depth or size."""
     if not raw.strip():
         raise invalid_request('request body is empty; send a JSON object {"extra": {...}, "request": {...}}')
     try:
-        return json.loads(raw)
-    except ValueError as exc:
+        text = raw.decode(json.detect_encoding(raw), "surrogatepass")  # what json.loads(bytes) does
+    except (UnicodeDecodeError, LookupError):
+        raise invalid_request("request body is not valid JSON: not UTF-8, UTF-16 or UTF-32 text") from None
+    check_json_shape(text)
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError) as exc:
         raise invalid_request(f"request body is not valid JSON: {exc}") from None
 
 
-def submit_img2img(ctx: ApiContext, caller: Caller, raw: bytes, base_url: str) -> dict[str, str]:
-    body = parse_body(Img2ImgBody, parse_json(raw))
-    req, extra = body.request, body.extra
+def check_json_shape(text: str) -> None:
+    """400 when the JSON text nests deeper than ``MAX_JSON_DEPTH`` or holds more than ``MAX_JSON_CONTAINERS``
+    objects and arrays or about ``MAX_JSON_VALUES`` values, checked on the text before anything is decoded.
+
+    Iterative and linear: strings are cut out with one regular expression (brackets and commas inside them do not
+    count), then the brackets left are counted. A body with few brackets and commas anywhere (every real request:
+    the base64 images contain neither) skips even that after two ``str.count`` passes."""
+    if text.count("[") + text.count("{") <= MAX_JSON_DEPTH and text.count(",") <= MAX_JSON_VALUES:
+        return
+    skeleton = _JSON_STRING.sub("0", text)
+    depth = 0
+    # Only the first brackets need walking: in balanced JSON, more than that is too many containers (refused just
+    # below), and json.loads stops at the first unbalanced one.
+    for char in _NOT_BRACKET.sub("", skeleton)[: 2 * MAX_JSON_CONTAINERS + 2]:
+        depth += 1 if char in "[{" else -1
+        if depth > MAX_JSON_DEPTH:
+            raise invalid_request(f"request body nests JSON objects and arrays more than {MAX_JSON_DEPTH} levels deep")
+    containers = skeleton.count("[") + skeleton.count("{")
+    if containers > MAX_JSON_CONTAINERS:
+        raise invalid_request(
+            f"request body has {containers} JSON objects and arrays; at most {MAX_JSON_CONTAINERS} are allowed"
+        )
+    if skeleton.count(",") > MAX_JSON_VALUES:
+        raise invalid_request(f"request body has more than {MAX_JSON_VALUES} JSON values")
+
+
+def submit_img2img(
+    ctx: ApiContext, caller: Caller, raw: bytes, base_url: str, idempotency_header: str | None = None
+) -> dict[str, str]:
+    data = parse_json(raw)
     services = ctx.services
+    idem = idempotency_key(idempotency_header, data)
+    if idem is not None:
+        # A retry of a request already accepted answers at once: no validation, no rate limit, no second task.
+        taken = services.store.find_idempotent(caller.owner, idem.key)
+        if taken is not None:
+            return replay(taken, idem)
+    body = parse_body(Img2ImgBody, data)
+    req, extra = body.request, body.extra
     if services.rate_limiter is not None:
         services.rate_limiter.check(api_key=caller.api_key, owner=caller.owner, image_num=req.image_num)
 
     names = resolve_models(services.registry, req)
+    _check_clip_skip(services.registry, names["model_name"], req.clip_skip)
     _check_preprocessors(services.registry.models_dir / "annotator", req)
     _check_images(req)
 
@@ -93,21 +147,26 @@ def submit_img2img(ctx: ApiContext, caller: Caller, raw: bytes, base_url: str) -
     priority = DEDICATED_PRIORITY if dedicated else 0
 
     task_id = str(uuid.uuid4())
+    task = NewTask(
+        task_id=task_id,
+        owner=caller.owner,
+        seed=seed,
+        enable_nsfw_detection=extra.enable_nsfw_detection,
+        response_image_type=extra.response_image_type,
+        extra=extra_out,
+        payload=payload,
+        image_num=req.image_num,
+        lane=lane,
+        priority=priority,
+    )
     with _admission(services.rate_limiter, caller, req.image_num):
-        services.store.create(
-            NewTask(
-                task_id=task_id,
-                owner=caller.owner,
-                seed=seed,
-                enable_nsfw_detection=extra.enable_nsfw_detection,
-                response_image_type=extra.response_image_type,
-                extra=extra_out,
-                payload=payload,
-                image_num=req.image_num,
-                lane=lane,
-                priority=priority,
-            )
-        )
+        if idem is None:
+            services.store.create(task)
+        else:
+            try:
+                services.store.create(task, idem)
+            except IdempotencyKeyTaken as taken:  # a concurrent submit with this key won the race
+                return replay(taken, idem)
     try:
         if test_status is not None and services.webhooks is not None:
             services.webhooks.submit_test_event(
@@ -196,6 +255,21 @@ def _apply_names(payload: dict[str, Any], names: dict[str, Any]) -> None:
     if payload.get("controlnet"):
         for unit, entry in zip(payload["controlnet"]["units"], names["controlnet"], strict=True):
             unit["model_name"] = entry.sd_name
+
+
+def _check_clip_skip(registry: ModelRegistry, checkpoint: ModelEntry, clip_skip: int) -> None:
+    """SD 1.5: ``clip_skip`` (1 = last layer) must name a layer of the checkpoint's text encoder. SDXL ignores
+    clip_skip, as A1111 does by default, so any value the schema accepts (1-12) is fine there."""
+    if checkpoint.is_sdxl or clip_skip == 1:
+        return
+    depth = registry.text_encoder_depth(checkpoint)
+    if depth is not None and clip_skip > depth:
+        raise invalid_request(
+            f"request.clip_skip: {clip_skip} is more than the {depth} layers of checkpoint "
+            f"{checkpoint.sd_name!r}'s text encoder; use 1 to {depth}",
+            field="request.clip_skip",
+            text_encoder_layers=depth,
+        )
 
 
 def _check_preprocessors(annotator_dir: Path, req: Img2ImgRequest) -> None:

@@ -6,10 +6,13 @@ Each delivery carries three headers:
 * ``webhook-timestamp``: unix seconds of this attempt (receivers reject old ones to stop replays);
 * ``webhook-signature``: ``v1,<base64 HMAC-SHA256(key, "{id}.{timestamp}.{body}")>``.
 
-Secrets are strings ``whsec_<base64 key>``, one per API key: ``KeyPolicy.webhook_secret`` when the operator sets
-one, else derived from the server secret and the key's owner hash, so nothing has to be stored. An operator
-tells a user their secret with ``secret_for(owner_of(api_key))`` (the ``underpaint webhook-secret`` CLI wraps
-it); any Standard Webhooks library (or ``verify`` below) checks deliveries with it.
+Secrets follow the spec: ``whsec_`` followed by the base64 of the key bytes; the HMAC key is those decoded bytes.
+A secret without the prefix is the same base64 text (the reference library, ``standardwebhooks.Webhook``, reads
+both forms alike), so an operator's ``KeyPolicy.webhook_secret`` may be written either way; it must be base64
+(padding optional), and anything else is refused when the server starts rather than used in some other way.
+One secret per API key: the configured one, else one derived from the server secret and the key's owner hash, so
+nothing has to be stored. An operator tells a user their secret with ``underpaint webhook-secret --key K``
+(always printed as ``whsec_...``); any Standard Webhooks library checks deliveries with it.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import binascii
 import hashlib
 import hmac
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 
 from underpaint.config import Settings
 
@@ -33,21 +36,23 @@ def derive_secret(server_secret: bytes, owner: str) -> str:
 
 
 def normalize_secret(secret: str) -> str:
-    """An operator-configured secret as ``whsec_<base64>``; a value without the prefix is taken as raw text."""
-    if secret.startswith(_PREFIX):
-        _key(secret)  # fail early on a malformed configured secret
-        return secret
-    return _PREFIX + base64.b64encode(secret.encode("utf-8")).decode("ascii")
+    """A configured secret (``whsec_<base64>`` or bare ``<base64>``) as canonical ``whsec_<base64>``."""
+    return _PREFIX + base64.b64encode(_key(secret)).decode("ascii")
 
 
 def _key(secret: str) -> bytes:
-    """The HMAC key: base64 after ``whsec_``; a secret without the prefix is raw text (as ``normalize_secret``)."""
-    if not secret.startswith(_PREFIX):
-        return secret.encode("utf-8")
+    """The HMAC key: the base64 text after the optional ``whsec_`` prefix, decoded (padding optional)."""
+    text = secret.strip().removeprefix(_PREFIX)
     try:
-        return base64.b64decode(secret[len(_PREFIX) :], validate=True)
-    except (binascii.Error, ValueError) as exc:
-        raise ValueError("webhook secret must be 'whsec_' followed by base64") from exc
+        key = base64.b64decode(text + "=" * (-len(text) % 4), validate=True)
+    except (binascii.Error, ValueError):
+        raise ValueError(
+            "a webhook secret must be base64, optionally prefixed 'whsec_' (Standard Webhooks); generate one with "
+            "python -c \"import base64, os; print('whsec_' + base64.b64encode(os.urandom(32)).decode())\""
+        ) from None
+    if not key:
+        raise ValueError("a webhook secret must not be empty")
+    return key
 
 
 def sign(secret: str, msg_id: str, timestamp: int, body: bytes) -> str:
@@ -60,28 +65,6 @@ def sign(secret: str, msg_id: str, timestamp: int, body: bytes) -> str:
 def signature_headers(secret: str, msg_id: str, body: bytes, timestamp: int | None = None) -> dict[str, str]:
     ts = int(time.time()) if timestamp is None else timestamp
     return {"webhook-id": msg_id, "webhook-timestamp": str(ts), "webhook-signature": sign(secret, msg_id, ts, body)}
-
-
-def verify(
-    body: bytes, headers: Mapping[str, str], secret: str, tolerance: int = 300, now: float | None = None
-) -> bool:
-    """True if ``headers`` carry a valid v1 signature of ``body`` made within ``tolerance`` seconds of ``now``."""
-    lowered = {k.lower(): v for k, v in headers.items()}
-    msg_id = lowered.get("webhook-id")
-    ts_text = lowered.get("webhook-timestamp")
-    signatures = lowered.get("webhook-signature")
-    if not msg_id or not ts_text or not signatures:
-        return False
-    try:
-        timestamp = int(ts_text)
-        expected = sign(secret, msg_id, timestamp, body)
-    except ValueError:
-        return False
-    current = time.time() if now is None else now
-    if abs(current - timestamp) > tolerance:
-        return False
-    # The header may list several space-separated signatures (key rotation); any valid v1 one is enough.
-    return any(hmac.compare_digest(candidate, expected) for candidate in signatures.split())
 
 
 def make_secret_for(settings: Settings, server_secret: bytes, owner_of: Callable[[str], str]) -> Callable[[str], str]:

@@ -85,6 +85,7 @@ class WorkerContext:
                     worker_id=default_worker_id(),
                     on_terminal=self.on_terminal,
                     storage=self.services.storage,
+                    cancel_poll=self.services.settings.cancel_poll_seconds,
                 )
             finally:
                 with self._lock:

@@ -18,6 +18,8 @@ from typing import Any
 
 from sqlalchemy import Column, Engine, Float, Integer, MetaData, String, Table, delete, insert, select, text, update
 
+from underpaint.services import WorkerState
+
 log = logging.getLogger("underpaint.scale")
 
 _meta = MetaData()
@@ -82,6 +84,28 @@ def list_workers(engine: Engine) -> list[WorkerInfo]:
 
 def default_interval(lease_seconds: float) -> float:
     return max(1.0, min(10.0, lease_seconds / 3))
+
+
+def worker_stale_after(lease_seconds: float) -> float:
+    return 3 * default_interval(lease_seconds)
+
+
+def worker_states(engine: Engine, lease_seconds: float, clock: Callable[[], float] = time.time) -> list[WorkerState]:
+    """The heartbeat rows as ``GET /v3/async/queue`` shows workers."""
+    now = clock()
+    stale = worker_stale_after(lease_seconds)
+    return [
+        WorkerState(
+            worker_id=w.worker_id,
+            kind="celery",
+            alive=w.alive(now, stale),
+            concurrency=w.concurrency,
+            queues=w.queues,
+            busy=w.busy,
+            last_seen_seconds_ago=round(max(0.0, now - w.last_seen), 1),
+        )
+        for w in list_workers(engine)
+    ]
 
 
 class Heartbeat:

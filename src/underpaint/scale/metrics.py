@@ -28,7 +28,7 @@ from sqlalchemy.exc import DBAPIError
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from underpaint.scale.heartbeat import default_interval, list_workers
+from underpaint.scale.heartbeat import list_workers, worker_stale_after
 from underpaint.services import Services
 from underpaint.tasks.types import ImageRecord, TaskRecord, TaskStatus
 from underpaint.worker.loop import ProgressReporter, TaskRunner
@@ -198,10 +198,6 @@ class ClusterCollector(Collector):
             loads.add_metric([w.worker_id], w.model_loads)
         yield busy
         yield loads
-
-
-def worker_stale_after(lease_seconds: float) -> float:
-    return 3 * default_interval(lease_seconds)
 
 
 def install_metrics(app: FastAPI, services: Services, engine: Engine, probe: BrokerProbe | None) -> WorkerEnv:

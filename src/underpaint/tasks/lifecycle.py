@@ -4,7 +4,8 @@
   cannot be running anywhere else, so they go back to QUEUED at once instead of waiting for their lease.
 - ``sweep_expired``: the periodic version for any mode; a task whose worker stopped heartbeating is retried,
   or ends FAILED once it used up its attempts (it keeps killing workers).
-- ``RetentionSweeper``: deletes ended tasks, their inputs and their images after the retention period.
+- ``RetentionSweeper``: deletes ended tasks, their inputs and their images after the retention period, and
+  ``Idempotency-Key`` records after 24 h.
 """
 
 from __future__ import annotations
@@ -15,7 +16,15 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 
-from underpaint.tasks.types import ImageDeleter, ImageRecord, TaskQueue, TaskRecord, TaskStatus, TaskStore
+from underpaint.tasks.types import (
+    IDEMPOTENCY_TTL_SECONDS,
+    ImageDeleter,
+    ImageRecord,
+    TaskQueue,
+    TaskRecord,
+    TaskStatus,
+    TaskStore,
+)
 
 log = logging.getLogger("underpaint.tasks")
 
@@ -118,6 +127,7 @@ class RetentionSweeper:
         batch: int = 500,
         clock: Callable[[], float] = time.time,
         also_purge: Sequence[Callable[[float], int]] = (),
+        purge_idempotency: Callable[[float], int] | None = None,
     ) -> None:
         if retention_seconds < 0:
             raise ValueError("retention_seconds must not be negative")
@@ -129,6 +139,8 @@ class RetentionSweeper:
         self.clock = clock
         # Other records kept per task (the webhook outbox) that age out with the same cutoff.
         self.also_purge = tuple(also_purge)
+        # Idempotency-Key records age out after their own TTL (24 h), not the retention period.
+        self.purge_idempotency = purge_idempotency
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -145,6 +157,8 @@ class RetentionSweeper:
                 break
         for purge in self.also_purge:
             purge(cutoff)
+        if self.purge_idempotency is not None:
+            self.purge_idempotency(self.clock() - IDEMPOTENCY_TTL_SECONDS)
         if total:
             log.info("retention: purged %d task(s) that ended before %.0f", total, cutoff)
         return total

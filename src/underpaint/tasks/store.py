@@ -43,10 +43,23 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.sql.elements import ColumnElement
 
 from underpaint.config import Settings
-from underpaint.tasks.types import ImageRecord, NewTask, NsfwResult, TaskRecord, TaskStatus
+from underpaint.tasks.types import (
+    CANCELLED_REASON,
+    IDEMPOTENCY_TTL_SECONDS,
+    CancelOutcome,
+    IdempotencyKey,
+    IdempotencyKeyTaken,
+    ImageRecord,
+    NewTask,
+    NsfwResult,
+    QueueCounts,
+    TaskRecord,
+    TaskStatus,
+)
 
 _QUEUED = TaskStatus.QUEUED.value
 _PROCESSING = TaskStatus.PROCESSING.value
@@ -79,6 +92,8 @@ tasks_table = Table(
     Column("finished_at", Float),
     Column("images", JSON, nullable=False),
     Column("extra", JSON, nullable=False),
+    # Set when the owner asked to cancel a PROCESSING task; the worker holding it stops and ends it FAILED.
+    Column("cancel_requested_at", Float),
 )
 _t = tasks_table
 Index("ix_tasks_claim", _t.c.status, _t.c.priority.desc(), _t.c.created_at)
@@ -97,6 +112,19 @@ payloads_table = Table(
     Column("payload", JSON, nullable=False),
 )
 
+# ``Idempotency-Key`` of a submit, per owner: the unique (owner, key) pair makes two concurrent submits with one
+# key create one task, whatever the backend. Purged with the retention sweeper once older than their TTL.
+idempotency_table = Table(
+    "idempotency_keys",
+    metadata,
+    Column("owner", String(64), primary_key=True),
+    Column("idempotency_key", String(255), primary_key=True),
+    Column("request_hash", String(64), nullable=False),
+    Column("task_id", String(64), nullable=False),
+    Column("created_at", Float, nullable=False),
+)
+Index("ix_idempotency_created", idempotency_table.c.created_at)
+
 schema_version_table = Table("schema_version", MetaData(), Column("version", Integer, nullable=False))
 
 
@@ -106,8 +134,49 @@ schema_version_table = Table("schema_version", MetaData(), Column("version", Int
 # create its tables from a frozen copy of the v1 definitions instead of ``metadata``.
 
 
+def _v1_metadata() -> MetaData:
+    """The tables as migration 1 created them (frozen: later migrations change the live definitions above)."""
+    v1 = MetaData()
+    t = Table(
+        "tasks",
+        v1,
+        Column("task_id", String(64), primary_key=True),
+        Column("owner", String(64), nullable=False),
+        Column("status", String(32), nullable=False),
+        Column("reason", Text, nullable=False, default=""),
+        Column("progress_percent", Integer, nullable=False, default=0),
+        Column("eta", Integer, nullable=False, default=0),
+        Column("seed", BigInteger, nullable=False),
+        Column("enable_nsfw_detection", Boolean, nullable=False),
+        Column("response_image_type", String(16), nullable=False),
+        Column("lane", String(64), nullable=False),
+        Column("priority", Integer, nullable=False),
+        Column("attempts", Integer, nullable=False, default=0),
+        Column("image_num", Integer, nullable=False),
+        Column("worker_id", String(255)),
+        Column("lease_expires_at", Float),
+        Column("created_at", Float, nullable=False),
+        Column("started_at", Float),
+        Column("finished_at", Float),
+        Column("images", JSON, nullable=False),
+        Column("extra", JSON, nullable=False),
+    )
+    Index("ix_tasks_claim", t.c.status, t.c.priority.desc(), t.c.created_at)
+    Index("ix_tasks_owner_created", t.c.owner, t.c.created_at)
+    Index("ix_tasks_owner_status", t.c.owner, t.c.status)
+    Index("ix_tasks_status_lease", t.c.status, t.c.lease_expires_at)
+    Index("ix_tasks_status_finished", t.c.status, t.c.finished_at)
+    Table(
+        "task_payloads",
+        v1,
+        Column("task_id", String(64), primary_key=True),
+        Column("payload", JSON, nullable=False),
+    )
+    return v1
+
+
 def _m001_initial(conn: Connection) -> None:
-    metadata.create_all(conn)
+    _v1_metadata().create_all(conn)
 
 
 def _m002_payload_uncompressed(conn: Connection) -> None:
@@ -117,7 +186,17 @@ def _m002_payload_uncompressed(conn: Connection) -> None:
         conn.execute(text("ALTER TABLE task_payloads ALTER COLUMN payload SET STORAGE EXTERNAL"))
 
 
-MIGRATIONS: list[Callable[[Connection], None]] = [_m001_initial, _m002_payload_uncompressed]
+def _m003_cancel_and_idempotency(conn: Connection) -> None:
+    # Cancellation by the client, and Idempotency-Key records of submits.
+    conn.execute(text("ALTER TABLE tasks ADD COLUMN cancel_requested_at FLOAT"))
+    idempotency_table.create(conn)
+
+
+MIGRATIONS: list[Callable[[Connection], None]] = [
+    _m001_initial,
+    _m002_payload_uncompressed,
+    _m003_cancel_and_idempotency,
+]
 
 # Any constant works; it only has to be the same in every process that migrates this database.
 _PG_MIGRATION_LOCK = 0x756E6465727061
@@ -254,12 +333,19 @@ def _record_from(m: Mapping[Any, Any], decode: Callable[[Any], Any]) -> TaskReco
         image_num=m["image_num"],
         worker_id=m["worker_id"],
         lease_expires_at=m["lease_expires_at"],
+        cancel_requested_at=m["cancel_requested_at"],
     )
 
 
 _COLUMNS = tuple(c.name for c in tasks_table.columns)
 _BY_ID_SQL = f"SELECT {', '.join(_COLUMNS)} FROM tasks WHERE task_id = ?"
 _BY_OWNER_SQL = _BY_ID_SQL + " AND owner = ?"
+_CANCEL_SQL = "SELECT cancel_requested_at FROM tasks WHERE task_id = ?"
+# Tasks claimed before a QUEUED one: the claim order is priority (high first), then age, then task id.
+_AHEAD_SQL = (
+    "SELECT COUNT(*) FROM tasks WHERE status = ? AND (priority > ? OR (priority = ? AND "
+    "(created_at < ? OR (created_at = ? AND task_id < ?))))"
+)
 
 
 class _SqliteReader:
@@ -282,7 +368,8 @@ class _SqliteReader:
         if holder is None:
             if self._closed:
                 raise RuntimeError("the task store is closed")
-            holder = _Conn(sqlite3.connect(self._uri, uri=True, timeout=5.0))
+            # Used only by this thread; check_same_thread=False only lets ``close`` (another thread) close it.
+            holder = _Conn(sqlite3.connect(self._uri, uri=True, timeout=5.0, check_same_thread=False))
             self._local.conn = holder
             self._all.add(holder)
         return holder.conn
@@ -293,6 +380,18 @@ class _SqliteReader:
         else:
             row = self._conn().execute(_BY_OWNER_SQL, (task_id, owner)).fetchone()
         return None if row is None else _record_from_sqlite(row)
+
+    def cancel_requested(self, task_id: str) -> bool:
+        row = self._conn().execute(_CANCEL_SQL, (task_id,)).fetchone()
+        return row is not None and row[0] is not None
+
+    def ahead_of(self, task: TaskRecord, lanes: tuple[str, ...] | None) -> int:
+        sql, params = _AHEAD_SQL, [_QUEUED, task.priority, task.priority, task.created_at, task.created_at]
+        params.append(task.task_id)
+        if lanes is not None:
+            sql += f" AND lane IN ({', '.join('?' * len(lanes))})"
+            params.extend(lanes)
+        return int(self._conn().execute(sql, params).fetchone()[0])
 
     def close(self) -> None:
         self._closed = True
@@ -370,7 +469,7 @@ class SqlTaskStore:
 
     # --- API side ---
 
-    def create(self, task: NewTask) -> TaskRecord:
+    def create(self, task: NewTask, idempotency: IdempotencyKey | None = None) -> TaskRecord:
         now = self.clock()
         values: dict[str, Any] = {
             "task_id": task.task_id,
@@ -394,10 +493,126 @@ class SqlTaskStore:
             "images": [],
             "extra": task.extra,
         }
+        if idempotency is None:
+            with self._write.begin() as conn:
+                self._insert(conn, values, task.payload)
+            return _record_from_values(values)
+        key = {"owner": task.owner, "idempotency_key": idempotency.key}
+        for _ in range(3):
+            try:
+                # The key row first: a concurrent submit with the same key fails on the primary key (PostgreSQL
+                # makes it wait for this transaction) and the transaction that lost creates no task.
+                with self._write.begin() as conn:
+                    conn.execute(
+                        insert(idempotency_table).values(
+                            **key, request_hash=idempotency.request_hash, task_id=task.task_id, created_at=now
+                        )
+                    )
+                    self._insert(conn, values, task.payload)
+                return _record_from_values(values)
+            except IntegrityError:
+                taken = self._idempotency_row(task.owner, idempotency.key)
+                if taken is not None and taken[2] >= now - IDEMPOTENCY_TTL_SECONDS:
+                    raise IdempotencyKeyTaken(taken[0], taken[1]) from None
+                # Expired but not purged yet (or purged meanwhile): forget it and try again.
+                with self._write.begin() as conn:
+                    conn.execute(
+                        delete(idempotency_table).where(
+                            idempotency_table.c.owner == task.owner,
+                            idempotency_table.c.idempotency_key == idempotency.key,
+                            idempotency_table.c.created_at < now - IDEMPOTENCY_TTL_SECONDS,
+                        )
+                    )
+        raise RuntimeError(f"could not record idempotency key {idempotency.key!r}")
+
+    @staticmethod
+    def _insert(conn: Connection, values: dict[str, Any], payload: dict[str, Any]) -> None:
+        conn.execute(insert(_t).values(**values))
+        conn.execute(insert(payloads_table).values(task_id=values["task_id"], payload=payload))
+
+    def _idempotency_row(self, owner: str, key: str) -> tuple[str, str, float] | None:
+        c = idempotency_table.c
+        stmt = select(c.task_id, c.request_hash, c.created_at).where(c.owner == owner, c.idempotency_key == key)
+        with self._read.connect() as conn:
+            row = conn.execute(stmt).first()
+        return None if row is None else (str(row[0]), str(row[1]), float(row[2]))
+
+    def find_idempotent(self, owner: str, key: str) -> IdempotencyKeyTaken | None:
+        row = self._idempotency_row(owner, key)
+        if row is None or row[2] < self.clock() - IDEMPOTENCY_TTL_SECONDS:
+            return None
+        return IdempotencyKeyTaken(row[0], row[1])
+
+    def purge_idempotency_keys(self, older_than: float) -> int:
         with self._write.begin() as conn:
-            conn.execute(insert(_t).values(**values))
-            conn.execute(insert(payloads_table).values(task_id=task.task_id, payload=task.payload))
-        return _record_from_values(values)
+            return int(
+                conn.execute(delete(idempotency_table).where(idempotency_table.c.created_at < older_than)).rowcount
+            )
+
+    def request_cancel(self, task_id: str, owner: str) -> CancelOutcome:
+        now = self.clock()
+        pick = select(_t.c.status).where(_t.c.task_id == task_id, _t.c.owner == owner)
+        if self._dialect == "postgresql":
+            pick = pick.with_for_update()  # the status cannot change under us (a claim, a completion)
+        with self._write.begin() as conn:
+            status = conn.execute(pick).scalar()
+            if status is None:
+                return CancelOutcome.NOT_FOUND
+            if status == _QUEUED:
+                conn.execute(
+                    update(_t)
+                    .where(_t.c.task_id == task_id)
+                    .values(
+                        status=_FAILED,
+                        reason=CANCELLED_REASON,
+                        cancel_requested_at=now,
+                        finished_at=now,
+                        eta=0,
+                        lease_expires_at=None,
+                    )
+                )
+                conn.execute(delete(payloads_table).where(payloads_table.c.task_id == task_id))
+                return CancelOutcome.CANCELLED
+            if status == _PROCESSING:
+                conn.execute(
+                    update(_t)
+                    .where(_t.c.task_id == task_id)
+                    .values(cancel_requested_at=func.coalesce(_t.c.cancel_requested_at, now))
+                )
+                return CancelOutcome.REQUESTED
+            return CancelOutcome.FINISHED
+
+    def cancel_requested(self, task_id: str) -> bool:
+        if self._fast is not None:
+            return self._fast.cancel_requested(task_id)
+        with self._read.connect() as conn:
+            value = conn.execute(select(_t.c.cancel_requested_at).where(_t.c.task_id == task_id)).scalar()
+        return value is not None
+
+    def queue_position(self, task: TaskRecord, lanes: tuple[str, ...] | None = None) -> int:
+        if task.status is not TaskStatus.QUEUED:
+            return 0
+        if self._fast is not None:
+            return 1 + self._fast.ahead_of(task, lanes)
+        p, c = task.priority, task.created_at
+        ahead = (_t.c.priority > p) | (
+            (_t.c.priority == p) & ((_t.c.created_at < c) | ((_t.c.created_at == c) & (_t.c.task_id < task.task_id)))
+        )
+        stmt = select(func.count()).where(*self._queued_filter(lanes), ahead)
+        with self._read.connect() as conn:
+            return 1 + int(conn.execute(stmt).scalar_one())
+
+    def recent_run_seconds(self, limit: int = 50) -> float | None:
+        recent = (
+            select((_t.c.finished_at - _t.c.started_at).label("run"))
+            .where(_t.c.status == _SUCCEED, _t.c.started_at.is_not(None))
+            .order_by(_t.c.finished_at.desc())
+            .limit(limit)
+            .subquery()
+        )
+        with self._read.connect() as conn:
+            value = conn.execute(select(func.avg(recent.c.run))).scalar()
+        return None if value is None else max(0.0, float(value))
 
     def get(self, task_id: str, owner: str | None = None) -> TaskRecord | None:
         if self._fast is not None:
@@ -427,6 +642,37 @@ class SqlTaskStore:
         with self._read.connect() as conn:
             return int(conn.execute(stmt).scalar_one())
 
+    def recent_tasks(self, owner: str, limit: int) -> list[TaskRecord]:
+        # Walks ix_tasks_owner_created backwards: cost is ``limit`` rows, whatever the owner's history.
+        stmt = (
+            select(_t)
+            .where(_t.c.owner == owner)
+            .order_by(_t.c.created_at.desc(), _t.c.task_id.desc())
+            .limit(max(0, int(limit)))
+        )
+        with self._read.connect() as conn:
+            return [_record(r) for r in conn.execute(stmt)]
+
+    def queue_counts(self, owner: str) -> QueueCounts:
+        # Only unfinished rows are counted (ix_tasks_claim leads with status), so the cost follows the queue's
+        # length, not the table's.
+        mine = (_t.c.owner == owner).label("mine")
+        stmt = (
+            select(_t.c.status, mine, func.count())
+            .where(_t.c.status.in_((_QUEUED, _PROCESSING)))
+            .group_by(_t.c.status, mine)
+        )
+        counts = {(_QUEUED, True): 0, (_QUEUED, False): 0, (_PROCESSING, True): 0, (_PROCESSING, False): 0}
+        with self._read.connect() as conn:
+            for status, is_mine, n in conn.execute(stmt):
+                counts[(status, bool(is_mine))] = int(n)
+        return QueueCounts(
+            queued=counts[(_QUEUED, True)] + counts[(_QUEUED, False)],
+            processing=counts[(_PROCESSING, True)] + counts[(_PROCESSING, False)],
+            own_queued=counts[(_QUEUED, True)],
+            own_processing=counts[(_PROCESSING, True)],
+        )
+
     def list_queued_ids(self, lanes: tuple[str, ...] | None = None) -> list[str]:
         stmt = select(_t.c.task_id).where(*self._queued_filter(lanes)).order_by(*_CLAIM_ORDER)
         with self._read.connect() as conn:
@@ -453,7 +699,10 @@ class SqlTaskStore:
             # A named task (a broker delivery) may also be taken over from a holder whose lease ran out.
             target = _t.c.task_id == task_id
             claimable = (_t.c.status == _QUEUED) | (
-                (_t.c.status == _PROCESSING) & (_t.c.lease_expires_at < now) & (_t.c.attempts < self.max_attempts)
+                (_t.c.status == _PROCESSING)
+                & (_t.c.lease_expires_at < now)
+                & (_t.c.attempts < self.max_attempts)
+                & _t.c.cancel_requested_at.is_(None)
             )
             if lanes is not None:
                 claimable = claimable & _t.c.lane.in_(lanes)
@@ -485,9 +734,10 @@ class SqlTaskStore:
         return self._holder_update(task_id, worker_id, lease_expires_at=self._lease_end())
 
     def complete(self, task_id: str, worker_id: str, images: list[ImageRecord]) -> bool:
+        """False also when the owner cancelled the task meanwhile: the worker then fails it (``fail``)."""
         return self._finish(
             task_id,
-            _holder(worker_id),
+            _holder(worker_id) & _t.c.cancel_requested_at.is_(None),
             status=_SUCCEED,
             images=[_image_to_json(i) for i in images],
             progress_percent=100,
@@ -514,14 +764,16 @@ class SqlTaskStore:
         expired = (_t.c.status == _PROCESSING) & (_t.c.lease_expires_at < now)
         changed: list[str] = []
         with self._write.begin() as conn:
-            rows = conn.execute(self._locking(select(_t.c.task_id, _t.c.attempts).where(expired))).all()
-            for tid, attempts in rows:
-                exhausted = attempts >= self.max_attempts
+            pick = select(_t.c.task_id, _t.c.attempts, _t.c.cancel_requested_at).where(expired)
+            rows = conn.execute(self._locking(pick)).all()
+            for tid, attempts, cancelled in rows:
+                exhausted = cancelled is not None or attempts >= self.max_attempts
                 if exhausted:
-                    values: dict[str, Any] = {"status": _FAILED, "reason": _crash_reason(attempts)}
-                    values["finished_at"] = self.clock()
+                    reason = CANCELLED_REASON if cancelled is not None else _crash_reason(attempts)
+                    values: dict[str, Any] = {"status": _FAILED, "reason": reason, "finished_at": self.clock()}
                 else:
-                    values = {"status": _QUEUED, "worker_id": None, "progress_percent": 0}
+                    # Back in the queue: it has not started (debug_info's execute time is that of the next run).
+                    values = {"status": _QUEUED, "worker_id": None, "progress_percent": 0, "started_at": None}
                 stmt = update(_t).where(_t.c.task_id == tid, expired).values(lease_expires_at=None, eta=0, **values)
                 if conn.execute(stmt).rowcount != 1:
                     continue
@@ -604,4 +856,4 @@ def _record_from_values(values: dict[str, Any]) -> TaskRecord:
     )
 
 
-__all__ = ["MIGRATIONS", "SqlTaskStore", "metadata", "migrate", "payloads_table", "tasks_table"]
+__all__ = ["MIGRATIONS", "SqlTaskStore", "idempotency_table", "metadata", "migrate", "payloads_table", "tasks_table"]

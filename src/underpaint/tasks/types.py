@@ -64,6 +64,39 @@ class TaskRecord:
     # Lease: the worker currently running the task and when its lease runs out (PROCESSING only).
     worker_id: str | None = None
     lease_expires_at: float | None = None
+    # When the owner asked to cancel it while it was PROCESSING (the worker then stops and ends it FAILED).
+    cancel_requested_at: float | None = None
+
+
+# The ``reason`` of a task its owner cancelled (``POST /v3/async/task-cancel``); it ends TASK_STATUS_FAILED.
+CANCELLED_REASON = "cancelled by the client"
+
+# How long an ``Idempotency-Key`` is remembered.
+IDEMPOTENCY_TTL_SECONDS = 24 * 3600
+
+
+class CancelOutcome(enum.Enum):
+    CANCELLED = "cancelled"  # was QUEUED: now FAILED, it never runs (the caller announces the terminal state)
+    REQUESTED = "requested"  # is PROCESSING: its worker stops within a sampler step and ends it FAILED
+    NOT_FOUND = "not_found"  # unknown, or another owner's
+    FINISHED = "finished"  # already SUCCEED/FAILED: nothing to cancel
+
+
+@dataclass(frozen=True)
+class IdempotencyKey:
+    """An ``Idempotency-Key`` header with the hash of the request it came with."""
+
+    key: str
+    request_hash: str
+
+
+class IdempotencyKeyTaken(Exception):
+    """``create`` found the owner's key already recorded (by an earlier or a concurrent submit)."""
+
+    def __init__(self, task_id: str, request_hash: str) -> None:
+        super().__init__(f"idempotency key already used for task {task_id}")
+        self.task_id = task_id
+        self.request_hash = request_hash
 
 
 @dataclass
@@ -81,6 +114,16 @@ class NewTask:
     priority: int = 0
 
 
+@dataclass(frozen=True)
+class QueueCounts:
+    """Unfinished tasks: all owners' and one owner's, by status (``GET /v3/async/queue``)."""
+
+    queued: int = 0
+    processing: int = 0
+    own_queued: int = 0
+    own_processing: int = 0
+
+
 def owner_of(api_key: str) -> str:
     """The owner hash stored with a task: raw API keys are never stored or logged."""
     return hashlib.sha256(api_key.encode("utf-8")).hexdigest()
@@ -93,7 +136,34 @@ class TaskStore(Protocol):
     # event loop. False for a networked database.
     inline_reads: bool
 
-    def create(self, task: NewTask) -> TaskRecord: ...
+    def create(self, task: NewTask, idempotency: IdempotencyKey | None = None) -> TaskRecord:
+        """With ``idempotency``: raises ``IdempotencyKeyTaken`` (and creates nothing) when the owner's key is
+        already recorded and younger than ``IDEMPOTENCY_TTL_SECONDS``."""
+        ...
+
+    def find_idempotent(self, owner: str, key: str) -> IdempotencyKeyTaken | None:
+        """The live record of ``owner``'s ``key`` (as the exception ``create`` would raise), or None."""
+        ...
+
+    def purge_idempotency_keys(self, older_than: float) -> int:
+        """Forget keys recorded before ``older_than``; returns how many."""
+        ...
+
+    def request_cancel(self, task_id: str, owner: str) -> CancelOutcome:
+        """Owner's cancel: a QUEUED task ends FAILED at once, a PROCESSING one is flagged for its worker."""
+        ...
+
+    def cancel_requested(self, task_id: str) -> bool:
+        """True when the owner asked to cancel ``task_id`` (a cheap point read, polled by its worker)."""
+        ...
+
+    def queue_position(self, task: TaskRecord, lanes: tuple[str, ...] | None = None) -> int:
+        """For a QUEUED task: 1 + the QUEUED tasks (in ``lanes``, all when None) claimed before it; else 0."""
+        ...
+
+    def recent_run_seconds(self, limit: int = 50) -> float | None:
+        """Mean run time (start to finish) of the last ``limit`` successful tasks; None before the first."""
+        ...
 
     def get(self, task_id: str, owner: str | None = None) -> TaskRecord | None:
         """``owner=None`` is for workers; the API always passes the caller's owner hash."""
@@ -147,6 +217,14 @@ class TaskStore(Protocol):
 
     def images_created_since(self, owner: str, since: float) -> int:
         """Images requested (image_num summed) by ``owner`` in tasks created at or after ``since``."""
+        ...
+
+    def recent_tasks(self, owner: str, limit: int) -> list[TaskRecord]:
+        """``owner``'s ``limit`` most recently created tasks, newest first."""
+        ...
+
+    def queue_counts(self, owner: str) -> QueueCounts:
+        """QUEUED and PROCESSING tasks overall and ``owner``'s own, in one read."""
         ...
 
 

@@ -67,3 +67,22 @@ def task_not_found(task_id: str) -> ApiError:
 
 def rate_limited(message: str, retry_after: int, **metadata: Any) -> ApiError:
     return ApiError(429, "RATE_LIMIT_EXCEEDED", message, metadata, headers={"Retry-After": str(max(1, retry_after))})
+
+
+def task_not_cancellable(task_id: str, status: str) -> ApiError:
+    return ApiError(
+        400,
+        "TASK_NOT_CANCELLABLE",
+        f"task {task_id!r} has already ended ({status}); only a queued or processing task can be cancelled",
+        {"task_id": task_id, "status": status},
+    )
+
+
+def idempotency_key_reused(key: str, task_id: str) -> ApiError:
+    return ApiError(
+        409,
+        "IDEMPOTENCY_KEY_REUSED",
+        f"Idempotency-Key {key!r} was already used with a different request body (task {task_id!r}); "
+        "send the same body to get that task again, or use a new key for a new request",
+        {"idempotency_key": key, "task_id": task_id},
+    )

@@ -49,7 +49,7 @@ def decode_base64(data: str, field: str = "image_base64") -> bytes:
         raise _too_large(field, None)
     try:
         raw = binascii.a2b_base64(text, strict_mode=True)  # fast path: canonical base64 (what the SDKs send)
-    except binascii.Error:
+    except ValueError:  # binascii.Error, or a non-ASCII character
         raw = _decode_lenient(text, field)
     if not raw:
         raise invalid_image_format(f"{field}: decodes to an empty file", field=field)

@@ -17,7 +17,16 @@ TASK_TYPE = "IMG_TO_IMG"
 _DEFAULT_FAILURE = "task failed"
 
 
-def task_result_body(task: TaskRecord, url_for: Callable[[ImageRecord], str], ttl: int) -> dict[str, Any]:
+def task_result_body(
+    task: TaskRecord,
+    url_for: Callable[[ImageRecord], str],
+    ttl: int,
+    *,
+    queue_position: int = 0,
+    eta: int | None = None,
+) -> dict[str, Any]:
+    """``queue_position`` (an extension, 0 unless QUEUED) and ``eta`` of a queued task come from the caller
+    (``api/steer.py``); ``eta=None`` keeps the stored one (the worker's estimate while PROCESSING)."""
     status = TaskStatus(task.status)
     reason = task.reason or ""
     if status is TaskStatus.FAILED and not reason:
@@ -45,8 +54,9 @@ def task_result_body(task: TaskRecord, url_for: Callable[[ImageRecord], str], tt
             "task_type": TASK_TYPE,
             "status": status.value,
             "reason": reason,
-            "eta": max(0, int(task.eta or 0)),
+            "eta": max(0, int(task.eta or 0) if eta is None else eta),
             "progress_percent": min(100, max(0, int(task.progress_percent or 0))),
+            "queue_position": max(0, int(queue_position)),
         },
         "extra": {
             "seed": str(task.seed),

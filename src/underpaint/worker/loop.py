@@ -5,6 +5,11 @@
 
 Double delivery is harmless: claiming is atomic and ``complete``/``fail`` only succeed for the current lease
 holder, so a worker that lost its lease discards its results and never fires ``on_terminal`` (webhooks).
+
+Cancellation by the owner is a flag on the task row: a watcher thread beside the run reads it every
+``cancel_poll`` seconds, and ``ProgressReporter.should_cancel`` (checked by the sampler before every model call)
+only reads an in-memory event, so a cancelled task stops at the next sampler step without a query per step. The
+lease holder then ends it FAILED with ``CANCELLED_REASON`` and fires ``on_terminal`` once.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ from underpaint.engine.job import JobCancelled, JobError, Progress
 from underpaint.storage.base import ImageStorage, StorageError
 from underpaint.tasks.lifecycle import TerminalHook, delete_images, notify_terminal, sweep_expired
 from underpaint.tasks.queue import LocalQueue
-from underpaint.tasks.types import ImageRecord, TaskRecord, TaskStore
+from underpaint.tasks.types import CANCELLED_REASON, ImageRecord, TaskRecord, TaskStore
 
 log = logging.getLogger("underpaint.tasks")
 
@@ -34,8 +39,9 @@ class ProgressReporter:
     """Passed to the runner as the executor's progress callback: ``report(Progress)`` writes progress to the store.
 
     Writes are throttled to one per ``min_interval`` seconds, except 100 % which is always written. When the
-    store says this worker no longer holds the task, the call raises ``JobCancelled``; ``should_cancel`` is the
-    same signal for ``Executor.generate(should_cancel=...)``.
+    store says this worker no longer holds the task, or its owner cancelled it, the call raises ``JobCancelled``;
+    ``should_cancel`` is the same signal for ``Executor.generate(should_cancel=...)`` (in-memory: the store is
+    read by the watcher thread of ``run_claimed``, not per call).
     """
 
     def __init__(
@@ -54,14 +60,25 @@ class ProgressReporter:
         self.clock = clock
         self._last_write: float | None = None
         self._lost = threading.Event()
+        self._cancelled = threading.Event()
 
     def mark_lost(self) -> None:
         self._lost.set()
 
+    def mark_cancelled(self) -> None:
+        self._cancelled.set()
+
+    @property
+    def cancelled(self) -> bool:
+        """The owner cancelled the task (as far as the watcher has seen)."""
+        return self._cancelled.is_set()
+
     def should_cancel(self) -> bool:
-        return self._lost.is_set()
+        return self._lost.is_set() or self._cancelled.is_set()
 
     def __call__(self, progress: Progress) -> None:
+        if self._cancelled.is_set():
+            raise JobCancelled(f"task {self.task_id}: {CANCELLED_REASON}")
         progress_percent = min(100, max(0, int(progress.fraction * 100)))
         eta_seconds = max(0, round(progress.eta_seconds))
         if self._lost.is_set():
@@ -84,12 +101,14 @@ class TaskRunner(Protocol):
 
 
 class _LeaseKeeper:
-    """Renews the lease while the runner is busy without reporting progress (a long model load, say)."""
+    """Beside a run: renews the lease every ``interval`` seconds while the runner is busy without reporting
+    progress (a long model load, say), and every ``cancel_poll`` seconds reads whether the owner cancelled."""
 
-    def __init__(self, store: TaskStore, reporter: ProgressReporter, interval: float) -> None:
+    def __init__(self, store: TaskStore, reporter: ProgressReporter, interval: float, cancel_poll: float = 0.5) -> None:
         self.store = store
         self.reporter = reporter
         self.interval = interval
+        self.cancel_poll = min(cancel_poll, interval)
         self._done = threading.Event()
         self._thread = threading.Thread(target=self._loop, name=f"lease-{reporter.task_id}", daemon=True)
 
@@ -103,14 +122,22 @@ class _LeaseKeeper:
 
     def _loop(self) -> None:
         r = self.reporter
-        while not self._done.wait(self.interval):
+        next_renewal = time.monotonic() + self.interval
+        while True:
             try:
-                if not self.store.renew_lease(r.task_id, r.worker_id):
-                    r.mark_lost()
-                    return
+                if not r.cancelled and self.store.cancel_requested(r.task_id):
+                    log.info("task %s: cancel requested by the client; stopping at the next step", r.task_id)
+                    r.mark_cancelled()
+                if time.monotonic() >= next_renewal:
+                    next_renewal = time.monotonic() + self.interval
+                    if not self.store.renew_lease(r.task_id, r.worker_id):
+                        r.mark_lost()
+                        return
             except Exception:
                 # A database hiccup: keep trying; the lease is long enough to survive a few misses.
-                log.exception("lease renewal failed for task %s", r.task_id)
+                log.exception("lease renewal or cancel check failed for task %s", r.task_id)
+            if self._done.wait(self.cancel_poll):
+                return
 
 
 def default_worker_id() -> str:
@@ -138,8 +165,11 @@ def run_claimed(
     *,
     on_terminal: TerminalHook | None = None,
     storage: ImageStorage | None = None,
+    cancel_poll: float = 0.5,
 ) -> None:
-    """Run a task this worker has just claimed and record its outcome (if it still holds the lease)."""
+    """Run a task this worker has just claimed and record its outcome (if it still holds the lease).
+
+    ``cancel_poll``: seconds between two reads of the task's cancel flag while it runs."""
     try:
         payload = store.get_payload(task.task_id)
     except KeyError:
@@ -148,10 +178,13 @@ def run_claimed(
         return
     reporter = ProgressReporter(store, task.task_id, worker_id)
     try:
-        with _LeaseKeeper(store, reporter, interval=store.lease_seconds / 3):
+        with _LeaseKeeper(store, reporter, interval=store.lease_seconds / 3, cancel_poll=cancel_poll):
             images = runner.run(task, payload, reporter)
     except JobCancelled:
-        log.warning("task %s: run abandoned (lease lost or cancelled); its result is not recorded", task.task_id)
+        if reporter.cancelled or store.cancel_requested(task.task_id):
+            _end_cancelled(store, task.task_id, worker_id, on_terminal)
+        else:
+            log.warning("task %s: run abandoned (lease lost); its result is not recorded", task.task_id)
         return
     except Exception as exc:
         if isinstance(exc, JobError | StorageError | ValueError):
@@ -164,9 +197,22 @@ def run_claimed(
     if store.complete(task.task_id, worker_id, images):
         notify_terminal(store, [task.task_id], on_terminal)
         return
-    log.warning("task %s: lease lost before completion; discarding %d image(s)", task.task_id, len(images))
+    if store.cancel_requested(task.task_id) and _end_cancelled(store, task.task_id, worker_id, on_terminal):
+        log.info("task %s: cancelled after its last step; discarding %d image(s)", task.task_id, len(images))
+    else:
+        log.warning("task %s: lease lost before completion; discarding %d image(s)", task.task_id, len(images))
     if storage is not None:
         delete_images(storage, images)
+
+
+def _end_cancelled(store: TaskStore, task_id: str, worker_id: str, on_terminal: TerminalHook | None) -> bool:
+    """End a task its owner cancelled (only the lease holder can); ``on_terminal`` fires once, here."""
+    if not store.fail(task_id, worker_id, CANCELLED_REASON):
+        log.warning("task %s: cancelled, but this worker no longer holds it", task_id)
+        return False
+    log.info("task %s: %s", task_id, CANCELLED_REASON)
+    notify_terminal(store, [task_id], on_terminal)
+    return True
 
 
 def process_task(
@@ -177,6 +223,7 @@ def process_task(
     worker_id: str | None = None,
     on_terminal: TerminalHook | None = None,
     storage: ImageStorage | None = None,
+    cancel_poll: float = 0.5,
 ) -> TaskRecord | None:
     """Claim ``task_id`` and run it in this thread (the entry point for a Celery task).
 
@@ -188,7 +235,7 @@ def process_task(
     task = store.claim(task_id, wid)
     if task is None:
         return None
-    run_claimed(store, task, wid, runner, on_terminal=on_terminal, storage=storage)
+    run_claimed(store, task, wid, runner, on_terminal=on_terminal, storage=storage, cancel_poll=cancel_poll)
     return store.get(task_id)
 
 
@@ -223,6 +270,7 @@ class Worker:
         self.storage = storage
         self.poll_interval = poll_interval
         self.sweep_interval = sweep_interval if sweep_interval is not None else max(1.0, settings.lease_seconds / 4)
+        self.cancel_poll = settings.cancel_poll_seconds
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -243,6 +291,7 @@ class Worker:
             self.runner,
             on_terminal=self.on_terminal,
             storage=self.storage,
+            cancel_poll=self.cancel_poll,
         )
         return True
 
