@@ -442,7 +442,7 @@ def main(argv: list[str] | None = None) -> int:
             20,
         )
         runs = args.runs
-    settings = Settings(models_dir=models, data_dir=models.parent / "bench-data", device=device, dtype=dtype)  # type: ignore[arg-type]
+    settings = Settings(models_dir=models, data_dir=models.parent / "bench-data", device=device, dtype=dtype)
     executor = DiffusersExecutor(settings, ModelRegistry(models))
     print(f"# bench/gpu.py  torch {torch.__version__}  python {sys.version.split()[0]}  device {device}", flush=True)
     if device == "cuda":

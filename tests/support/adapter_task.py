@@ -114,7 +114,7 @@ def service(data_dir: Path, models: Path, dtype: str, device: str = "cpu") -> It
         run_worker=False,
         public_base_url="http://testserver",
         device=device,
-        dtype=dtype,  # type: ignore[arg-type]  # a str from a parametrisation
+        dtype=dtype,
     )
     core = build_core(settings)
     executor = DiffusersExecutor(settings, core.services.registry)
