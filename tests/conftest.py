@@ -20,6 +20,7 @@ import hashlib  # noqa: E402
 import shutil  # noqa: E402
 import uuid  # noqa: E402
 from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
 
 import pytest  # noqa: E402
 
@@ -70,10 +71,46 @@ def tiny_models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return dest
 
 
+# ---------------------------------------------------------------------------------------------------- tiers
+
+_DESELECTED_REASONS: list[str] = []
+
+
+def _deselect_reason(item: pytest.Item) -> str | None:
+    on_cpu_on_purpose = os.environ.get("UNDERPAINT_CUDA_TEST_DEVICE") == "cpu"  # gpu-check run --cpu-dry-run
+    if item.get_closest_marker("cuda") is not None and not torch.cuda.is_available() and not on_cpu_on_purpose:
+        return "cuda: torch sees no CUDA device here (scripts/gpu-check runs them on a GPU machine)"
+    if item.get_closest_marker("realshape") is not None and os.environ.get("UNDERPAINT_REALSHAPE") != "1":
+        return "realshape: minutes and GBs per model; run with UNDERPAINT_REALSHAPE=1 (see README, 'Test tiers')"
+    return None
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Whole-service tests (``tests/e2e``: real servers, SDKs, browsers) are ``slow``, so that
-    ``-m "not slow and not services"`` is a fast tier for everyday work. CI runs every test."""
+    ``-m "not slow and not services"`` is a fast tier for everyday work. CI runs every test.
+
+    Deselect (never skip) the tiers this machine cannot or should not run, and say so in the summary: a
+    deselected test is not reported as passed or skipped, so nothing hides a failure."""
     e2e = Path(__file__).parent / "e2e"
     for item in items:
         if e2e in Path(str(item.path)).parents:
             item.add_marker(pytest.mark.slow)
+    keep: list[pytest.Item] = []
+    dropped: list[pytest.Item] = []
+    reasons: dict[str, int] = {}
+    for item in items:
+        reason = _deselect_reason(item)
+        if reason is None:
+            keep.append(item)
+        else:
+            dropped.append(item)
+            reasons[reason] = reasons.get(reason, 0) + 1
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+        items[:] = keep
+        _DESELECTED_REASONS[:] = [f"{n} deselected: {reason}" for reason, n in reasons.items()]
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    for line in _DESELECTED_REASONS:
+        terminalreporter.write_line(line)

@@ -21,6 +21,10 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--database-url", help="SQLAlchemy URL of the task store (default SQLite in the data dir)")
     p.add_argument("--device", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--torch-threads", type=int, help="torch intra-op threads (default: torch's own)")
+    dtypes = ["auto", "float32", "float16", "bfloat16"]
+    p.add_argument("--dtype", choices=dtypes, help="weights' precision (default auto: float16 on CUDA, float32 on CPU)")
+    p.add_argument("--vae-dtype", choices=dtypes, help="the VAE's precision (default auto; SDXL's VAE upcasts)")
+    p.add_argument("--compile", action="store_true", default=None, help="torch.compile the UNet (warm-up per size)")
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -31,6 +35,9 @@ def _settings(args: argparse.Namespace) -> Settings:
         database_url=getattr(args, "database_url", None),
         device=getattr(args, "device", None),
         torch_threads=getattr(args, "torch_threads", None),
+        dtype=getattr(args, "dtype", None),
+        vae_dtype=getattr(args, "vae_dtype", None),
+        compile=getattr(args, "compile", None),
         host=getattr(args, "host", None),
         port=getattr(args, "port", None),
         public_base_url=getattr(args, "public_base_url", None),

@@ -135,6 +135,14 @@ class Settings(BaseSettings):
     # Model-aware claiming: prefer tasks for the loaded checkpoint + LoRA set unless a task waited longer than this
     # (0 = plain priority/age order).
     max_affinity_wait_s: float = 30.0
+    # Weights' precision: auto = float16 on CUDA, float32 on CPU. bfloat16 also runs on CPU.
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    # The VAE's: auto = the weights' dtype, but float32 for a VAE that asks for an upcast (SDXL's) under float16.
+    vae_dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    # torch.compile the UNet (CUDA: inductor); the first task of each image size pays the compile (see README).
+    compile: bool = False
+    # channels_last memory format for the UNet and VAE (CUDA only; ignored on CPU).
+    channels_last: bool = False
     # URL signing secret for image downloads; generated and persisted under data_dir when unset.
     url_secret: str | None = Field(default=None, repr=False)
     # Webhooks

@@ -1,6 +1,8 @@
 """Device and dtype policy.
 
-fp16 on CUDA (bf16 on request), float32 on CPU: CPU half kernels are slow or missing and bf16 changes results.
+``dtype = "auto"``: fp16 on CUDA and MPS, float32 on CPU (CPU half kernels are slow, and half changes results).
+``float32`` / ``float16`` / ``bfloat16`` force one everywhere. The VAE follows ``vae_dtype`` (``auto`` = the model
+dtype, except that a VAE whose config asks for ``force_upcast`` -- SDXL's -- runs in float32 under fp16).
 Attention stays on diffusers' default, torch 2's scaled_dot_product_attention.
 """
 
@@ -27,12 +29,45 @@ def pick_device(setting: str = "auto") -> torch.device:
     return device
 
 
-def pick_dtype(device: torch.device, prefer_bf16: bool = False) -> torch.dtype:
-    if device.type == "cuda":
-        return torch.bfloat16 if prefer_bf16 and torch.cuda.is_bf16_supported() else torch.float16
-    if device.type == "mps":
+DTYPE_NAMES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+}
+
+
+def parse_dtype(setting: str) -> torch.dtype | None:
+    """``"auto"`` -> None; a name of ``DTYPE_NAMES`` (also ``fp32``/``fp16``/``bf16``) -> that dtype."""
+    choice = (setting or "auto").strip().lower()
+    if choice == "auto":
+        return None
+    aliases = {"fp32": "float32", "fp16": "float16", "half": "float16", "bf16": "bfloat16"}
+    name = aliases.get(choice, choice)
+    if name not in DTYPE_NAMES:
+        raise ValueError(f"invalid dtype setting {setting!r}: use auto, float32, float16 or bfloat16")
+    return DTYPE_NAMES[name]
+
+
+def pick_dtype(device: torch.device, setting: str = "auto") -> torch.dtype:
+    """The weights' dtype: the setting when given, else fp16 on CUDA and MPS and float32 on CPU."""
+    forced = parse_dtype(setting)
+    if forced is not None:
+        if forced == torch.bfloat16 and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+            raise ValueError(f"dtype bfloat16 requested but {torch.cuda.get_device_name(device)} does not support it")
+        return forced
+    if device.type in ("cuda", "mps"):
         return torch.float16
     return torch.float32
+
+
+def vae_dtype_for(model_dtype: torch.dtype, force_upcast: bool, setting: torch.dtype | None) -> torch.dtype:
+    """The dtype a VAE runs in: ``setting`` when forced; else float32 for a ``force_upcast`` VAE (SDXL's overflows
+    in fp16 and gives black images, encoder included), else the model dtype. bf16 has fp32's range: no upcast."""
+    if setting is not None:
+        return setting
+    if model_dtype == torch.float16 and force_upcast:
+        return torch.float32
+    return model_dtype
 
 
 def configure_torch_threads(n: int | None) -> None:

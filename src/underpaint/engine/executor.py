@@ -22,8 +22,9 @@ from underpaint.engine.adapters.embeddings import EmbeddingManager, EmbeddingPla
 from underpaint.engine.adapters.ip_adapter import IPAdapterManager
 from underpaint.engine.adapters.lora import LoraManager
 from underpaint.engine.conditioning import TextEncoderBundle
-from underpaint.engine.devices import configure_torch_threads, pick_device, pick_dtype
+from underpaint.engine.devices import configure_torch_threads, parse_dtype, pick_device, pick_dtype
 from underpaint.engine.job import GeneratedImage, GenerationJob, JobError, JobOutcome, ProgressCallback, batch_key
+from underpaint.engine.memory import OutOfMemory, free_device_memory, oom_message
 from underpaint.engine.loader import LoadedCheckpoint, ModelCache
 from underpaint.engine.metadata import InfotextParams, build_infotext
 from underpaint.engine.preprocessors import AnnotatorCache
@@ -39,13 +40,16 @@ class DiffusersExecutor:
         self.settings = settings
         self.registry = registry
         self.device = pick_device(settings.device)
-        self.dtype = dtype or pick_dtype(self.device)  # tests pass float64 to compare results without rounding
+        # tests pass float64 to compare results without rounding
+        self.dtype = dtype or pick_dtype(self.device, settings.dtype)
+        self.vae_dtype = parse_dtype(settings.vae_dtype)
         self.cache = ModelCache(settings, self.device, self.dtype)
         self.loras = LoraManager()
         self.embeddings = EmbeddingManager()
         self.ip_adapters = IPAdapterManager()
         self.annotators = AnnotatorCache()  # loaded ControlNet preprocessor networks
         self._lock = threading.Lock()
+        self._current: LoadedCheckpoint | None = None
         self._schedules: dict[tuple[Any, ...], DiscreteSchedule] = {}
 
     # -- name resolution -------------------------------------------------------------------------------
@@ -109,7 +113,29 @@ class DiffusersExecutor:
                 )
                 for i, outcome in zip(indices, results, strict=True):
                     outcomes[i] = outcome
+            if any(isinstance(o, torch.cuda.OutOfMemoryError) for o in outcomes):
+                # Out of memory is a task failure, not a broken worker: each job that hit it (its batch was already
+                # retried job by job) fails with a reason to act on; per-task state and the allocator's cache go.
+                outcomes = [
+                    OutOfMemory(oom_message(job.width, job.height, job.image_num))
+                    if isinstance(o, torch.cuda.OutOfMemoryError)
+                    else o
+                    for job, o in zip(jobs, outcomes, strict=True)
+                ]
+                self.drop_task_state()
+                free_device_memory()
         return [o if o is not None else RuntimeError("job was not run") for o in outcomes]
+
+    def drop_task_state(self) -> None:
+        """After an out-of-memory error: detach the per-task adapters (LoRA hooks and their resident weights, the
+        IP-Adapter, loaded ControlNets) so the next task starts from the bare checkpoint with memory to spare."""
+        from underpaint.engine.adapters.controlnet import clear_controlnet_cache
+
+        loaded, self._current = self._current, None
+        if loaded is not None:
+            self.loras.forget(loaded)
+            self.ip_adapters.activate(loaded, None, None, 0.0)
+        clear_controlnet_cache()
 
     def _generate_group(
         self,
@@ -121,6 +147,8 @@ class DiffusersExecutor:
         try:
             ckpt_entry = self._entry("checkpoint", head.checkpoint)
             loaded = self.cache.get(ckpt_entry)
+            self._current = loaded
+            self._speed_up(loaded)
             lora_entries = [(self._entry("lora", spec.name), spec.strength) for spec in head.loras]
             self.loras.activate(loaded, lora_entries)  # checks each LoRA's base model from its keys and shapes
             if not any(job.ip_adapters for job in jobs):
@@ -142,6 +170,7 @@ class DiffusersExecutor:
                 is_sdxl=loaded.is_sdxl,
                 device=self.device,
                 dtype=self.dtype,
+                vae_dtype=self.vae_dtype,
             )
             members: list[pipeline.Member] = []
             plans: dict[int, EmbeddingPlan] = {}
@@ -240,6 +269,16 @@ class DiffusersExecutor:
             seed=job.seed,
             annotator_nets=self.annotators,
         )
+
+    def _speed_up(self, loaded: LoadedCheckpoint) -> None:
+        if self.settings.channels_last and self.device.type == "cuda":
+            from underpaint.engine.speed import use_channels_last
+
+            use_channels_last(loaded.unet, loaded.vae)
+        if self.settings.compile:
+            from underpaint.engine.speed import compile_unet
+
+            compile_unet(loaded.unet)
 
     @property
     def checkpoint_loads(self) -> int:

@@ -451,11 +451,12 @@ class ModelCache:
         if isinstance(settings_or_budget, Settings):
             self.budget_bytes = settings_or_budget.checkpoint_cache_bytes
             default_device = settings_or_budget.device
+            default_dtype: str = settings_or_budget.dtype
         else:
             self.budget_bytes = int(settings_or_budget)
-            default_device = "auto"
+            default_device = default_dtype = "auto"
         self.device = pick_device(str(device) if device is not None else default_device)
-        self.dtype = dtype if dtype is not None else pick_dtype(self.device)
+        self.dtype = dtype if dtype is not None else pick_dtype(self.device, default_dtype)
         self.max_vaes = max_vaes
         self.stats = CacheStats()
         self._lock = threading.RLock()

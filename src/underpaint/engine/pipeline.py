@@ -12,6 +12,7 @@ from __future__ import annotations
 import itertools
 import logging
 import time
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -21,11 +22,19 @@ import torch
 from PIL import Image
 
 from underpaint.engine.conditioning import Conditioning, TextEncoderBundle, encode_prompt
-from underpaint.engine.job import UNBATCHABLE_SAMPLERS, GenerationJob, JobCancelled, Progress, ProgressCallback
+from underpaint.engine.devices import vae_dtype_for
+from underpaint.engine.job import UNBATCHABLE_SAMPLERS, GenerationJob, JobCancelled, JobError, Progress, ProgressCallback
 from underpaint.engine.samplers import DiscreteSchedule, NoiseSource, sample_img2img
 from underpaint.vocabulary import SamplerName, normalize_sampler_name
 
 log = logging.getLogger(__name__)
+
+log = logging.getLogger(__name__)
+
+# The sampler's latents, noise and sigma arithmetic stay in float32 whatever the weights' dtype (A1111's k-diffusion
+# path does the same: its fp16 init latent + float32 noise promotes to float32); only the UNet call runs in the
+# weights' dtype, with its output cast back.
+LATENT_DTYPE = torch.float32
 
 
 class ControlHook(Protocol):
@@ -73,6 +82,8 @@ class Components:
     is_sdxl: bool
     device: torch.device
     dtype: torch.dtype
+    # The ``vae_dtype`` setting when forced; None = auto (``devices.vae_dtype_for``).
+    vae_dtype: torch.dtype | None = None
 
 
 def pil_to_tensor(image: Image.Image, width: int, height: int) -> torch.Tensor:
@@ -83,25 +94,49 @@ def pil_to_tensor(image: Image.Image, width: int, height: int) -> torch.Tensor:
     return torch.from_numpy(arr).permute(2, 0, 1).unsqueeze(0)
 
 
+# VAEs that produced a NaN in half precision once: they run in float32 from then on (A1111's --no-half-vae fallback
+# also sticks for the session).
+_UPCAST_AFTER_NAN: weakref.WeakSet[torch.nn.Module] = weakref.WeakSet()
+
+
 def _vae_dtype(c: Components) -> torch.dtype:
-    # SDXL's VAE overflows in fp16 (diffusers' force_upcast); run it in fp32 there.
-    if c.dtype == torch.float16 and getattr(c.vae.config, "force_upcast", False):
+    if c.vae in _UPCAST_AFTER_NAN:
         return torch.float32
-    return c.dtype
+    return vae_dtype_for(c.dtype, bool(getattr(c.vae.config, "force_upcast", False)), c.vae_dtype)
+
+
+def _with_fp32_retry(c: Components, what: str, run: Callable[[Any, torch.dtype], torch.Tensor]) -> torch.Tensor:
+    """``run(vae, dtype)``; when a half-precision result holds a NaN or inf, once more in float32 (never return
+    a NaN image). The VAE stays float32 afterwards."""
+    dtype = _vae_dtype(c)
+    out = run(c.vae.to(dtype=dtype), dtype)
+    if bool(torch.isfinite(out).all()):
+        return out
+    if dtype == torch.float32:
+        raise JobError(f"the VAE {what} gave NaN in float32 (the checkpoint or VAE is broken)")
+    log.warning("VAE %s in %s gave NaN/inf; retrying in float32 (the VAE stays float32 from now on)", what, dtype)
+    _UPCAST_AFTER_NAN.add(c.vae)
+    out = run(c.vae.to(dtype=torch.float32), torch.float32)
+    if not bool(torch.isfinite(out).all()):
+        raise JobError(f"the VAE {what} gave NaN even in float32 (the checkpoint or VAE is broken)")
+    return out
 
 
 @torch.no_grad()
 def prepare_init_latents(c: Components, image: Image.Image, width: int, height: int, batch: int) -> torch.Tensor:
-    """VAE-encode the init image once and repeat it for the batch.
+    """VAE-encode the init image once and repeat it for the batch (float32, see ``LATENT_DTYPE``).
 
     A1111 samples the VAE posterior with the global (unseeded) RNG; we take its mean, which keeps results
     reproducible and differs from a sample by the posterior's tiny std.
     """
-    dtype = _vae_dtype(c)
-    pixels = pil_to_tensor(image, width, height).to(c.device, dtype)
-    vae = c.vae.to(dtype=dtype)
-    latent = vae.encode(pixels).latent_dist.mean * c.vae_scaling_factor
-    return latent.to(c.dtype).repeat(batch, 1, 1, 1)
+    pixels = pil_to_tensor(image, width, height).to(c.device)
+
+    def encode(vae: Any, dtype: torch.dtype) -> torch.Tensor:
+        mean: torch.Tensor = vae.encode(pixels.to(dtype)).latent_dist.mean
+        return mean.to(LATENT_DTYPE) * c.vae_scaling_factor
+
+    latent = _with_fp32_retry(c, "encode", encode)
+    return latent.repeat(batch, 1, 1, 1)
 
 
 @torch.no_grad()
@@ -347,7 +382,8 @@ def build_batch_model_fn(
             start = 0
             for e in group:
                 n = len(batch.members[e.member].seeds)
-                halves[(e.member, e.uncond)] = out[start : start + n]
+                # Guidance is combined in the latents' dtype (float32), not in the weights' half precision.
+                halves[(e.member, e.uncond)] = out[start : start + n].to(x_in.dtype)
                 start += n
         result = torch.zeros_like(x_in)
         for k, m in enumerate(batch.members):
@@ -355,10 +391,10 @@ def build_batch_model_fn(
                 continue
             cond = halves[(k, False)]
             if m.guidance_scale == 1.0:
-                result[batch.rows[k]] = cond.to(x_in.dtype)
+                result[batch.rows[k]] = cond
             else:
                 uncond = halves[(k, True)]
-                result[batch.rows[k]] = (uncond + m.guidance_scale * (cond - uncond)).to(x_in.dtype)
+                result[batch.rows[k]] = uncond + m.guidance_scale * (cond - uncond)
         return result
 
     return model_fn
@@ -366,12 +402,17 @@ def build_batch_model_fn(
 
 @torch.no_grad()
 def decode_latents(c: Components, latents: torch.Tensor) -> list[Image.Image]:
-    """One image at a time: peak memory stays that of a single decode at any batch size."""
-    dtype = _vae_dtype(c)
-    vae = c.vae.to(dtype=dtype)
+    """One image at a time: peak memory stays that of a single decode at any batch size. A decode with a NaN is
+    redone in float32 (``_with_fp32_retry``)."""
     images = []
     for latent in latents:
-        pixels = vae.decode((latent.unsqueeze(0) / c.vae_scaling_factor).to(dtype), return_dict=False)[0]
+        scaled = latent.unsqueeze(0) / c.vae_scaling_factor
+
+        def decode(vae: Any, dtype: torch.dtype, scaled: torch.Tensor = scaled) -> torch.Tensor:
+            pixels: torch.Tensor = vae.decode(scaled.to(dtype), return_dict=False)[0]
+            return pixels
+
+        pixels = _with_fp32_retry(c, "decode", decode)
         images.append(Image.fromarray(to_uint8(pixels[0])))
     return images
 

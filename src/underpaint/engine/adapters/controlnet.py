@@ -121,8 +121,17 @@ class ControlNetCache:
                 self._models.popitem(last=False)
         return model
 
+    def clear(self) -> None:
+        with self._lock:
+            self._models.clear()
+
 
 _cache = ControlNetCache()
+
+
+def clear_controlnet_cache() -> None:
+    """Drop every loaded ControlNet (after an out-of-memory error; they reload on next use)."""
+    _cache.clear()
 
 
 @dataclass

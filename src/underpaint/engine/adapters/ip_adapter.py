@@ -228,7 +228,9 @@ class IPAdapterManager:
         from diffusers.models.embeddings import ImageProjection
 
         unet = pipe.unet
-        pixels = encoder.pixels(image)
+        # The image encoder (ViT-H: 0.6 B parameters) runs on the UNet's device in its dtype, as the UNet does.
+        encoder.model.to(device=unet.device, dtype=unet.dtype)
+        pixels = encoder.pixels(image).to(device=unet.device, dtype=unet.dtype)
         projection = unet.encoder_hid_proj.image_projection_layers[0]
         if isinstance(projection, ImageProjection):
             cond = encoder.model(pixels).image_embeds
