@@ -77,7 +77,7 @@ def _fail_next_unet_call(executor: Any, monkeypatch: pytest.MonkeyPatch) -> list
     from underpaint.engine import pipeline
 
     calls: list[int] = []
-    original = pipeline.build_model_fn
+    original = pipeline.build_batch_model_fn
 
     def build(*args: Any, **kwargs: Any) -> Any:
         fn = original(*args, **kwargs)
@@ -90,7 +90,7 @@ def _fail_next_unet_call(executor: Any, monkeypatch: pytest.MonkeyPatch) -> list
 
         return model_fn
 
-    monkeypatch.setattr(pipeline, "build_model_fn", build)
+    monkeypatch.setattr(pipeline, "build_batch_model_fn", build)
     return calls
 
 

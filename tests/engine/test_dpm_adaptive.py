@@ -71,8 +71,7 @@ class Setup:
             strength=STRENGTH,
         )
         self.init_latent = pl.prepare_init_latents(self.c, init, SIZE, SIZE, 1)
-        cond, uncond = pl.encode_conditioning(self.c, inputs)
-        self.model_fn = pl.build_model_fn(self.c, cond, uncond, inputs, 1, lambda: 0.0, None)
+        self.model_fn = pl.build_model_fn(self.c, inputs)
         self.calls = 0
 
     def counted(self, x: Tensor, t: Tensor) -> Tensor:

@@ -24,8 +24,8 @@ from underpaint.engine.adapters.lora import LoraManager
 from underpaint.engine.conditioning import TextEncoderBundle
 from underpaint.engine.devices import configure_torch_threads, parse_dtype, pick_device, pick_dtype
 from underpaint.engine.job import GeneratedImage, GenerationJob, JobError, JobOutcome, ProgressCallback, batch_key
-from underpaint.engine.memory import OutOfMemory, free_device_memory, oom_message
 from underpaint.engine.loader import LoadedCheckpoint, ModelCache
+from underpaint.engine.memory import OutOfMemory, free_device_memory, oom_message
 from underpaint.engine.metadata import InfotextParams, build_infotext
 from underpaint.engine.preprocessors import AnnotatorCache
 from underpaint.engine.samplers import DiscreteSchedule

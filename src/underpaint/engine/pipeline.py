@@ -23,7 +23,14 @@ from PIL import Image
 
 from underpaint.engine.conditioning import Conditioning, TextEncoderBundle, encode_prompt
 from underpaint.engine.devices import vae_dtype_for
-from underpaint.engine.job import UNBATCHABLE_SAMPLERS, GenerationJob, JobCancelled, JobError, Progress, ProgressCallback
+from underpaint.engine.job import (
+    UNBATCHABLE_SAMPLERS,
+    GenerationJob,
+    JobCancelled,
+    JobError,
+    Progress,
+    ProgressCallback,
+)
 from underpaint.engine.samplers import DiscreteSchedule, NoiseSource, sample_img2img
 from underpaint.vocabulary import SamplerName, normalize_sampler_name
 
@@ -466,6 +473,13 @@ def prepare_member(
         on_progress=on_progress,
         should_cancel=should_cancel,
     )
+
+
+def build_model_fn(
+    c: Components, inputs: PipelineInputs, step_fraction: Callable[[], float] = lambda: 0.0
+) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """The guided model function of one job alone (a batch of one): what the sampler calls for it."""
+    return build_batch_model_fn(c, batch_spec(inputs), _Batch([prepare_member(c, inputs)]), step_fraction)
 
 
 def batch_spec(inputs: PipelineInputs) -> BatchSpec:
