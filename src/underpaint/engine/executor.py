@@ -7,6 +7,7 @@ builds each image's infotext. One job at a time per executor (one device).
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -30,6 +31,8 @@ from underpaint.engine.metadata import InfotextParams, build_infotext
 from underpaint.engine.preprocessors import AnnotatorCache
 from underpaint.engine.samplers import DiscreteSchedule
 from underpaint.registry import ModelEntry, ModelRegistry, file_sha256
+
+log = logging.getLogger(__name__)
 
 
 class DiffusersExecutor:
@@ -122,6 +125,10 @@ class DiffusersExecutor:
                     else o
                     for job, o in zip(jobs, outcomes, strict=True)
                 ]
+                log.warning(
+                    "out of device memory: %d task(s) failed; per-task state and the cache are freed",
+                    sum(isinstance(o, OutOfMemory) for o in outcomes),
+                )
                 self.drop_task_state()
                 free_device_memory()
         return [o if o is not None else RuntimeError("job was not run") for o in outcomes]

@@ -9,16 +9,10 @@ task with the message as its reason), drops the per-task state and empties the a
 from __future__ import annotations
 
 import gc
-import logging
-from typing import TypeVar
 
 import torch
 
 from underpaint.engine.job import JobError
-
-log = logging.getLogger(__name__)
-
-T = TypeVar("T")
 
 
 class OutOfMemory(JobError):
