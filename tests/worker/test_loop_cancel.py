@@ -18,7 +18,7 @@ from underpaint.config import Settings
 from underpaint.engine.job import JobCancelled, Progress
 from underpaint.tasks.store import SqlTaskStore
 from underpaint.tasks.types import CANCELLED_REASON, CancelOutcome, ImageRecord, NewTask, TaskRecord, TaskStatus
-from underpaint.worker.loop import ProgressReporter, Worker
+from underpaint.worker.loop import BatchPolicy, ProgressReporter, Worker
 
 POLL = 0.02  # the worker reads the cancel flag this often
 STEP = 0.25  # one fake sampler step: much longer than the poll, so "within one step" is measurable
@@ -127,3 +127,67 @@ def test_other_tasks_are_not_cancelled(store: SqlTaskStore) -> None:
     assert done is not None
     assert done.status is TaskStatus.SUCCEED
     assert len(runner.started) == 3
+
+
+class SteppingBatchRunner:
+    """One sampler loop for a whole batch, as the executor runs it: before each model call every member still
+    running is asked ``should_cancel``; a member that says yes drops out, the others go on."""
+
+    def __init__(self, steps: int = 12) -> None:
+        self.steps = steps
+        self.batches: list[list[str]] = []
+        self.running = threading.Event()
+
+    def run(self, task: TaskRecord, payload: dict[str, Any], report: ProgressReporter) -> list[ImageRecord]:
+        raise AssertionError("compatible tasks must run as one batch")
+
+    def run_batch(
+        self, items: list[tuple[TaskRecord, dict[str, Any], ProgressReporter]]
+    ) -> list[list[ImageRecord] | BaseException]:
+        self.batches.append([task.task_id for task, _, _ in items])
+        outcomes: list[list[ImageRecord] | BaseException | None] = [None] * len(items)
+        for i in range(self.steps):
+            for k, (_, _, report) in enumerate(items):
+                if outcomes[k] is None and report.should_cancel():
+                    outcomes[k] = JobCancelled("sampling cancelled")
+            self.running.set()
+            time.sleep(STEP)
+            for k, (_, _, report) in enumerate(items):
+                if outcomes[k] is None:
+                    try:  # as the pipeline does: a member whose report raises (cancelled, lease lost) stops alone
+                        report(Progress(fraction=(i + 1) / self.steps, eta_seconds=1.0))
+                    except JobCancelled as exc:
+                        outcomes[k] = exc
+        return [
+            o if o is not None else [ImageRecord(key=f"{task.task_id}/0.png", image_type="png")]
+            for o, (task, _, _) in zip(outcomes, items, strict=True)
+        ]
+
+
+def test_a_batched_task_is_cancelled_alone(store: SqlTaskStore) -> None:
+    payload = {"model_name": "a.safetensors", "prompt": "x", "width": 64, "height": 64, "steps": 12,
+               "sampler_name": "Euler a", "strength": 0.5, "image_num": 1, "guidance_scale": 7.0, "seed": 1}  # fmt: skip
+    ids = [uuid.uuid4().hex for _ in range(2)]
+    for tid in ids:
+        store.create(NewTask(tid, "o", 1, False, "png", {}, payload))
+    runner = SteppingBatchRunner()
+    terminal: list[TaskRecord] = []
+    policy = BatchPolicy(max_batch=4, window_s=0.0, max_affinity_wait_s=0.0)
+    worker = Worker(store, runner, SETTINGS, worker_id="w", on_terminal=terminal.append, policy=policy)
+    thread = threading.Thread(target=worker.run_once)
+    thread.start()
+    assert runner.running.wait(10)
+    time.sleep(STEP * 2.5)
+    cancelled, mate = ids
+    assert store.request_cancel(cancelled, "o") is CancelOutcome.REQUESTED
+    thread.join(30)
+    assert not thread.is_alive()
+    assert runner.batches == [ids]  # one sampler call for both
+    gone, kept = store.get(cancelled), store.get(mate)
+    assert gone is not None
+    assert kept is not None
+    assert (gone.status, gone.reason) == (TaskStatus.FAILED, CANCELLED_REASON)
+    assert gone.images == []
+    assert kept.status is TaskStatus.SUCCEED
+    assert kept.images == [ImageRecord(key=f"{mate}/0.png", image_type="png")]
+    assert sorted(t.task_id for t in terminal) == sorted(ids)  # each announced once
