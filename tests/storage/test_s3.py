@@ -14,13 +14,12 @@ from tests.support.services import free_port, moto_endpoint
 
 from underpaint.config import Settings
 from underpaint.storage.base import StorageError
-from underpaint.storage.custom import (
+from underpaint.storage.custom import presign_custom, put_custom
+from underpaint.storage.custom_target import (
     InvalidCustomStorage,
     custom_target,
     custom_target_from_extra,
     object_key,
-    presign_custom,
-    put_custom,
     validate_custom_storage,
 )
 from underpaint.storage.s3 import S3Storage

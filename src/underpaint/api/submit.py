@@ -22,7 +22,7 @@ from underpaint.api.schemas import Img2ImgBody, Img2ImgRequest, parse_body
 from underpaint.delivery.ssrf import InvalidWebhookUrl
 from underpaint.registry import ModelEntry, ModelRegistry
 from underpaint.services import Admission
-from underpaint.storage.custom import InvalidCustomStorage, validate_custom_storage
+from underpaint.storage.custom_target import InvalidCustomStorage, validate_custom_storage
 from underpaint.tasks.lanes import task_lane
 from underpaint.tasks.types import IdempotencyKeyTaken, NewTask
 from underpaint.vocabulary import missing_annotator_files, missing_annotator_message

@@ -20,141 +20,10 @@ can only be seen at upload, and fails the task with a reason naming the bucket.
 
 from __future__ import annotations
 
-import re
-from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import Any
-
 from underpaint.config import Settings
+from underpaint.storage.custom_target import CustomS3Target, endpoint_for
 from underpaint.storage.s3 import S3Storage
 from underpaint.tasks.types import ImageRecord
-
-# AWS general purpose bucket naming rules.
-_BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
-_IP_RE = re.compile(r"^\d+\.\d+\.\d+\.\d+$")
-_BUCKET_BAD_PREFIXES = ("xn--", "sthree-", "amzn-s3-demo-")
-_BUCKET_BAD_SUFFIXES = ("-s3alias", "--ol-s3", ".mrap", "--x-s3", "--table-s3")
-# us-east-1, eu-central-1, ap-southeast-2, us-gov-west-1, cn-north-1, us-isob-east-1 ...
-_REGION_RE = re.compile(r"^[a-z]{2}(-[a-z]+)+-\d{1,2}$")
-# Leave room under S3's 1024-byte key limit for "/<task_id>/<task_id>_<n>.<ext>".
-_MAX_PATH_BYTES = 900
-
-
-class InvalidCustomStorage(ValueError):
-    """``extra.custom_storage`` that cannot be used; ``str(exc)`` is written for the client."""
-
-    def __init__(self, message: str, **metadata: object) -> None:
-        super().__init__(message)
-        self.metadata = metadata
-
-
-@dataclass(frozen=True)
-class CustomS3Target:
-    region: str
-    bucket: str
-    path: str  # normalized: no leading/trailing "/", "" = bucket root
-    save_to_path_directly: bool = False
-    endpoint_url: str | None = None  # the server's s3_endpoint_url, if any
-
-
-def _bucket_problem(bucket: str) -> str | None:
-    if not _BUCKET_RE.match(bucket):
-        return "must be 3-63 characters of lowercase letters, digits, '.' and '-', starting and ending with a letter or digit"
-    if ".." in bucket or ".-" in bucket or "-." in bucket:
-        return "must not contain '..', '.-' or '-.'"
-    if _IP_RE.match(bucket):
-        return "must not be formatted as an IP address"
-    if bucket.startswith(_BUCKET_BAD_PREFIXES) or bucket.endswith(_BUCKET_BAD_SUFFIXES):
-        return "uses a prefix or suffix reserved by AWS"
-    return None
-
-
-def _normalize_path(path: str) -> str:
-    normalized = path.strip("/")
-    if not normalized:
-        return ""
-    if len(normalized.encode()) > _MAX_PATH_BYTES:
-        raise InvalidCustomStorage(f"custom_storage.aws_s3.path is longer than {_MAX_PATH_BYTES} bytes")
-    if "\\" in normalized or any(ord(c) < 32 or ord(c) == 127 for c in normalized):
-        raise InvalidCustomStorage(
-            "custom_storage.aws_s3.path must not contain backslashes or control characters", path=path
-        )
-    for segment in normalized.split("/"):
-        if segment in ("", ".", ".."):
-            raise InvalidCustomStorage(
-                "custom_storage.aws_s3.path must not contain empty, '.' or '..' segments", path=path
-            )
-    return normalized
-
-
-def _required_str(aws_s3: Mapping[str, Any], name: str) -> str:
-    value = aws_s3.get(name)
-    if not isinstance(value, str):
-        raise InvalidCustomStorage(f"custom_storage.aws_s3.{name} is required and must be a string")
-    return value
-
-
-def _endpoint(settings: Settings | None) -> str | None:
-    return settings.s3_endpoint_url if settings is not None else None
-
-
-def custom_target(aws_s3: Mapping[str, Any], settings: Settings | None = None) -> CustomS3Target:
-    """Validate ``extra.custom_storage.aws_s3``; raises ``InvalidCustomStorage`` (the API answers 400 ``INVALID_CUSTOM_OUTPUT_PATH``).
-
-    ``settings`` supplies the server's ``s3_endpoint_url`` (None: AWS).
-    """
-    if not isinstance(aws_s3, Mapping):
-        raise InvalidCustomStorage("custom_storage.aws_s3 must be an object")
-    unknown = sorted(set(aws_s3) - {"region", "bucket", "path", "save_to_path_directly"})
-    if unknown:
-        raise InvalidCustomStorage(f"custom_storage.aws_s3 has unknown fields: {', '.join(unknown)}")
-    region = _required_str(aws_s3, "region")
-    if not _REGION_RE.match(region):
-        raise InvalidCustomStorage(f"custom_storage.aws_s3.region {region!r} is not an AWS region name", region=region)
-    bucket = _required_str(aws_s3, "bucket")
-    problem = _bucket_problem(bucket)
-    if problem:
-        raise InvalidCustomStorage(f"custom_storage.aws_s3.bucket {bucket!r} {problem}", bucket=bucket)
-    path = _normalize_path(_required_str(aws_s3, "path"))
-    direct = aws_s3.get("save_to_path_directly", False)
-    if direct is None:
-        direct = False
-    if not isinstance(direct, bool):
-        raise InvalidCustomStorage("custom_storage.aws_s3.save_to_path_directly must be a boolean")
-    return CustomS3Target(region, bucket, path, direct, _endpoint(settings))
-
-
-def custom_target_from_extra(extra: Mapping[str, Any], settings: Settings | None = None) -> CustomS3Target | None:
-    """The task's custom bucket, or None when ``extra`` has no ``custom_storage.aws_s3``."""
-    custom = extra.get("custom_storage")
-    if not custom:
-        return None
-    if not isinstance(custom, Mapping):
-        raise InvalidCustomStorage("custom_storage must be an object")
-    unknown = sorted(set(custom) - {"aws_s3"})
-    if unknown:
-        raise InvalidCustomStorage(
-            f"custom_storage supports only 'aws_s3', got: {', '.join(unknown)}", unsupported=unknown
-        )
-    aws_s3 = custom.get("aws_s3")
-    if aws_s3 is None:
-        return None
-    return custom_target(aws_s3, settings)
-
-
-def validate_custom_storage(extra_custom_storage: Mapping[str, Any] | None) -> None:
-    """Submit-time check of ``extra.custom_storage``; raises ``InvalidCustomStorage`` (the API answers 400 ``INVALID_CUSTOM_OUTPUT_PATH``)."""
-    custom_target_from_extra({"custom_storage": extra_custom_storage})
-
-
-def object_key(target: CustomS3Target, task_id: str, filename: str, save_to_path_directly: bool | None = None) -> str:
-    """The object key for one output; ``save_to_path_directly=None`` takes the target's own setting."""
-    direct = target.save_to_path_directly if save_to_path_directly is None else save_to_path_directly
-    parts = [target.path] if target.path else []
-    if not direct:
-        parts.append(task_id)
-    parts.append(filename)
-    return "/".join(parts)
 
 
 def _storage(bucket: str, region: str | None, endpoint_url: str | None) -> S3Storage:
@@ -175,7 +44,7 @@ def delete_custom(image: ImageRecord, settings: Settings | None = None) -> None:
     loc = image.location
     if "bucket" not in loc:
         raise ValueError(f"image {image.key!r} has no custom bucket in its location")
-    _storage(loc["bucket"], loc.get("region"), _endpoint(settings)).delete(image.key)
+    _storage(loc["bucket"], loc.get("region"), endpoint_for(settings)).delete(image.key)
 
 
 def presign_custom(image: ImageRecord, ttl: int, settings: Settings | None = None) -> str:
@@ -183,4 +52,4 @@ def presign_custom(image: ImageRecord, ttl: int, settings: Settings | None = Non
     loc = image.location
     if "bucket" not in loc:
         raise ValueError(f"image {image.key!r} has no custom bucket in its location")
-    return _storage(loc["bucket"], loc.get("region"), _endpoint(settings)).url(image.key, ttl)
+    return _storage(loc["bucket"], loc.get("region"), endpoint_for(settings)).url(image.key, ttl)

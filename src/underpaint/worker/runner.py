@@ -19,6 +19,7 @@ from underpaint.engine.job import Executor, GeneratedImage, GenerationJob
 from underpaint.engine.metadata import CONTENT_TYPES, encode_image
 from underpaint.storage import custom as custom_storage
 from underpaint.storage.base import ImageStorage
+from underpaint.storage.custom_target import custom_target, object_key
 from underpaint.tasks.types import ImageRecord, NsfwResult, TaskRecord
 from underpaint.worker.jobs import job_from_payload
 from underpaint.worker.loop import ProgressReporter
@@ -108,9 +109,9 @@ class GenerationRunner:
                 data = encode_image(g.image, fmt, g.infotext)
                 filename = f"{uuid.uuid4().hex}.{fmt}"
                 if custom:
-                    target = custom_storage.custom_target(custom, self.settings)
+                    target = custom_target(custom, self.settings)
                     save_directly = bool(custom.get("save_to_path_directly"))
-                    key = custom_storage.object_key(target, task.task_id, filename, save_directly)
+                    key = object_key(target, task.task_id, filename, save_directly)
                     location = custom_storage.put_custom(target, key, data, CONTENT_TYPES[fmt])
                     records.append((key, "custom", location))
                 else:
