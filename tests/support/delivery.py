@@ -84,9 +84,11 @@ class Stack:
 
 @contextmanager
 def open_stack(data_dir: Path, models_dir: Path, **settings: Any) -> Iterator[Stack]:
+    # max_batch 1: these tests drive the worker one task per ``run_once`` (queue limits and lanes are checked
+    # between tasks); cross-request batching has its own tests.
     base: dict[str, Any] = {
         "data_dir": data_dir, "models_dir": models_dir, "api_keys": ("key-a", "key-b"), "torch_threads": 1,
-        "run_worker": False, "public_base_url": "http://testserver",
+        "run_worker": False, "public_base_url": "http://testserver", "max_batch": 1,
     }  # fmt: skip
     core = build_core(Settings(**{**base, **settings}))
     webhooks = core.webhooks
