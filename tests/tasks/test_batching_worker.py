@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from tests.support.clock import Clock
 
 from underpaint.config import Settings
 from underpaint.engine.job import JobCancelled, JobError, Progress
@@ -19,14 +20,6 @@ from underpaint.tasks.types import ImageRecord, NewTask, TaskRecord, TaskStatus
 from underpaint.worker.loop import BatchPolicy, Claimer, ProgressReporter, Worker, process_task
 
 SETTINGS = Settings(lease_seconds=60, max_attempts=3)
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1_000_000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 @pytest.fixture

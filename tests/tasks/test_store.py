@@ -11,32 +11,10 @@ from pathlib import Path
 import pytest
 from sqlalchemy import Connection, text
 from sqlalchemy.exc import IntegrityError
-from tests.support.services import postgres_schema_url
+from tests.support.clock import Clock
 
 from underpaint.tasks.store import MIGRATIONS, SqlTaskStore
 from underpaint.tasks.types import ImageRecord, NewTask, NsfwResult, QueueCounts, TaskStatus, owner_of
-
-
-class Clock:
-    def __init__(self, now: float = 1_000_000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
-
-
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.services)])
-def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'sub' / 'tasks.db'}"
-        return
-    # No skip: an unreachable server makes this fixture (and so the test) fail.
-    with postgres_schema_url("up_") as url:
-        yield url
-
 
 StoreFactory = Callable[..., SqlTaskStore]
 

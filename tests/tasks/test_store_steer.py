@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 from sqlalchemy import func, select
-from tests.support.services import postgres_schema_url
+from tests.support.clock import Clock
 
 from underpaint.storage.local import LocalStorage
 from underpaint.tasks.lifecycle import RetentionSweeper
@@ -24,26 +24,6 @@ from underpaint.tasks.types import (
     NewTask,
     TaskStatus,
 )
-
-
-class Clock:
-    def __init__(self, now: float = 1_000_000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
-
-
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.services)])
-def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'tasks.db'}"
-        return
-    with postgres_schema_url("steer_") as url:  # fails (never skips) without a server
-        yield url
 
 
 @pytest.fixture
