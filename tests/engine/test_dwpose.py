@@ -10,9 +10,9 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from onnx import TensorProto, helper, numpy_helper
 from PIL import Image
 
+from underpaint.demo.annotators import fixed_onnx
 from underpaint.engine import preprocessors as P
 from underpaint.engine.job import JobError
 from underpaint.engine.preprocessors import dwpose as D
@@ -46,30 +46,6 @@ BOX = (60.0, 20.0, 196.0, 240.0)  # the person's box in the 256 x 256 image
 # -- tiny ONNX models ------------------------------------------------------------------------------------------------
 
 
-def _fixed_model(input_name: str, input_shape: tuple[int, ...], outputs: dict[str, np.ndarray]) -> onnx.ModelProto:
-    """A model with the real input and outputs whose values are fixed: each output is its constant plus 0 x the
-    input's mean (so that the input is consumed)."""
-    nodes = [
-        helper.make_node("ReduceMean", [input_name], ["mean"], keepdims=0),
-        helper.make_node("Mul", ["mean", "zero"], ["nothing"]),
-    ]
-    inits = [numpy_helper.from_array(np.zeros((), np.float32), "zero")]
-    for name, value in outputs.items():
-        inits.append(numpy_helper.from_array(value.astype(np.float32), f"{name}_value"))
-        nodes.append(helper.make_node("Add", [f"{name}_value", "nothing"], [name]))
-    graph = helper.make_graph(
-        nodes,
-        "fixed",
-        [helper.make_tensor_value_info(input_name, TensorProto.FLOAT, list(input_shape))],
-        [helper.make_tensor_value_info(n, TensorProto.FLOAT, list(v.shape)) for n, v in outputs.items()],
-        initializer=inits,
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    onnx.checker.check_model(model)
-    return model
-
-
 def _anchor(stride: int, gx: int, gy: int, size: int = 640) -> int:
     offset = sum((size // s) ** 2 for s in D.STRIDES if s < stride)
     return offset + gy * (size // stride) + gx
@@ -95,7 +71,7 @@ def _write_detector(folder: Path, rows: list[tuple[tuple[float, ...], float, dic
     raw = np.zeros((1, ANCHORS, 5 + CLASSES), np.float32)
     for box, obj, cls in rows:
         _yolox_row(raw, box, ratio, obj, cls)
-    onnx.save(_fixed_model("images", DET_SHAPE, {"output": raw}), folder / D.DETECTOR)
+    onnx.save(fixed_onnx("images", DET_SHAPE, {"output": raw}), folder / D.DETECTOR)
 
 
 def _bins(box: tuple[float, ...], x: float, y: float) -> tuple[int, int]:
@@ -116,7 +92,7 @@ def _write_estimator(folder: Path, points: dict[int, tuple[float, float, float]]
         bx, by = _bins(box, x, y)
         sx[0, k, :] = sy[0, k, :] = 0
         sx[0, k, bx], sy[0, k, by] = score, score
-    onnx.save(_fixed_model("input", POSE_SHAPE, {"simcc_x": sx, "simcc_y": sy}), folder / D.ESTIMATOR)
+    onnx.save(fixed_onnx("input", POSE_SHAPE, {"simcc_x": sx, "simcc_y": sy}), folder / D.ESTIMATOR)
 
 
 def ctx(folder: Path) -> P.Context:
@@ -284,7 +260,7 @@ def test_dwpose_wrong_files_are_clear_errors(tmp_path: Path) -> None:
     other.mkdir()
     # a detector with the wrong number of anchors (a 320 input's) behind a 640 input
     raw = np.zeros((1, 2100, 85), np.float32)
-    onnx.save(_fixed_model("images", DET_SHAPE, {"output": raw}), other / D.DETECTOR)
+    onnx.save(fixed_onnx("images", DET_SHAPE, {"output": raw}), other / D.DETECTOR)
     _write_estimator(other, {})
     with pytest.raises(JobError, match="does not look like the YOLOX detector"):
         P.run_preprocessor("dwpose", Image.new("RGB", (64, 64)), ctx(other))
@@ -292,6 +268,6 @@ def test_dwpose_wrong_files_are_clear_errors(tmp_path: Path) -> None:
     body_only.mkdir()
     _write_detector(body_only, [(BOX, 0.9, {0: 0.95})], 640 / 256)
     simcc = {"simcc_x": np.zeros((1, 17, X_BINS), np.float32), "simcc_y": np.zeros((1, 17, Y_BINS), np.float32)}
-    onnx.save(_fixed_model("input", POSE_SHAPE, simcc), body_only / D.ESTIMATOR)
+    onnx.save(fixed_onnx("input", POSE_SHAPE, simcc), body_only / D.ESTIMATOR)
     with pytest.raises(JobError, match="does not look like DWPose's whole-body estimator"):
         P.run_preprocessor("dwpose", Image.new("RGB", (256, 256)), ctx(body_only))

@@ -148,7 +148,7 @@ _BODY = [
 ]  # fmt: skip
 
 
-def _fixed_onnx(input_name: str, input_shape: tuple[int, ...], outputs: dict[str, np.ndarray]) -> onnx.ModelProto:
+def fixed_onnx(input_name: str, input_shape: tuple[int, ...], outputs: dict[str, np.ndarray]) -> onnx.ModelProto:
     """A graph with the published input whose outputs are constants (plus 0 x the input's mean, to consume it)."""
     nodes = [
         helper.make_node("ReduceMean", [input_name], ["mean"], keepdims=0),
@@ -205,8 +205,8 @@ def write_dwpose(annotator_dir: Path) -> list[Path]:
     folder = Path(annotator_dir)
     folder.mkdir(parents=True, exist_ok=True)
     det, pose = folder / dwpose.DETECTOR, folder / dwpose.ESTIMATOR
-    onnx.save(_fixed_onnx("images", _DET_INPUT, {"output": _detector_output()}), str(det))
-    onnx.save(_fixed_onnx("input", _POSE_INPUT, _estimator_outputs()), str(pose))
+    onnx.save(fixed_onnx("images", _DET_INPUT, {"output": _detector_output()}), str(det))
+    onnx.save(fixed_onnx("input", _POSE_INPUT, _estimator_outputs()), str(pose))
     return [det, pose]
 
 
