@@ -14,7 +14,7 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 from tests.support.api import KEY_A, KEY_B, Submit, auth, body, local_storage, make_services, record_of, task_count
-from tests.support.memstore import ListQueue
+from tests.support.queues import ListQueue
 
 from underpaint.api.app import create_app
 from underpaint.delivery.ssrf import InvalidWebhookUrl

@@ -13,6 +13,7 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 from safetensors.numpy import save_file
+from tests.support.queues import ListQueue
 from tests.support.webhook_receiver import Receiver, signature_ok, wait_for
 
 from underpaint.api.app import create_app
@@ -28,14 +29,6 @@ from underpaint.tasks.types import owner_of
 
 KEY = "key-webhooks-0123456789"
 SERVER_SECRET = b"e2e-server-secret"
-
-
-class ListQueue:
-    def __init__(self) -> None:
-        self.items: list[tuple[str, str]] = []
-
-    def enqueue(self, task_id: str, lane: str) -> None:
-        self.items.append((task_id, lane))
 
 
 @pytest.fixture

@@ -12,7 +12,7 @@ import httpx
 import numpy as np
 from PIL import Image
 from safetensors.numpy import save_file
-from tests.support.memstore import ListQueue
+from tests.support.queues import ListQueue
 
 from underpaint.config import KeyPolicy, Settings
 from underpaint.registry import ModelRegistry
