@@ -4,6 +4,7 @@ Layout (folder names match ``filter.types``)::
 
     M/checkpoint/   *.safetensors | *.ckpt | <diffusers folder with model_index.json>
     M/lora/ M/vae/ M/textualinversion/ M/controlnet/ M/ipadapter/ M/annotator/
+    M/upscaler/     *.pth | *.safetensors | ... (ESRGAN-family and other spandrel architectures)
 
 A single-file model may carry a sidecar ``<stem>.config/`` folder (a diffusers config tree without weights) that
 overrides the shipped config. The registry rescans a folder when its mtime changes, so dropping a file in is enough.
@@ -26,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-KINDS = ("checkpoint", "lora", "vae", "textualinversion", "controlnet", "ipadapter", "annotator")
+KINDS = ("checkpoint", "lora", "vae", "textualinversion", "controlnet", "ipadapter", "annotator", "upscaler")
 WEIGHT_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin", ".onnx")
 SD15 = "SD 1.5"
 SDXL = "SDXL 1.0"
@@ -129,6 +130,8 @@ def pickle_keys(path: Path) -> list[str] | None:
 
 def detect_sdxl(path: Path, kind: str) -> bool:
     """SD 1.5 vs SDXL from the file's keys (shapes in real files are reliable too, keys are cheaper)."""
+    if kind == "upscaler":
+        return False  # upscalers work on pixels, whatever the checkpoint
     try:
         if path.is_dir():
             index = path / "model_index.json"

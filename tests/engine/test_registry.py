@@ -254,3 +254,20 @@ def test_text_encoder_depth_of_the_demo_checkpoints(tiny_models_dir: Path) -> No
     assert depths["tiny-sd15.safetensors"] == 5  # sidecar config
     assert depths["tiny-sd15-diffusers"] == 5  # diffusers folder
     assert set(depths.values()) == {5}
+
+
+def test_upscalers_are_listed_and_resolve_by_novita_names(tmp_path: Path) -> None:
+    from underpaint.demo.upscalers import write_demo_upscalers
+
+    reg = _registry(tmp_path)
+    assert (reg.models_dir / "upscaler").is_dir()
+    write_demo_upscalers(reg.models_dir)
+    (reg.models_dir / "upscaler" / "notes.txt").write_text("not a model")
+    listed = {e.sd_name_in_api: e for e in reg.list("upscaler")}
+    assert set(listed) == {"RealESRGAN_x4plus_anime_6B", "RealESRNet_x4plus", "4x-tiny-esrgan", "2x-tiny-compact"}
+    assert not any(e.is_sdxl for e in listed.values())
+    for name in ("RealESRGAN_x4plus_anime_6B", "RealESRNet_x4plus", "RealESRNet_x4plus.pth", "realesrnet_x4plus"):
+        entry = reg.resolve("upscaler", name)
+        assert entry is not None, name
+        assert entry.kind == "upscaler"
+    assert reg.resolve("checkpoint", "RealESRNet_x4plus") is None
