@@ -716,11 +716,15 @@ class SqlTaskStore:
         *,
         prefer_model: str | None = None,
         max_wait_s: float | None = None,
+        queued_before: float | None = None,
     ) -> TaskRecord | None:
         now = self.clock()
         if task_id is None:
             order = _affinity_order(prefer_model, now - max_wait_s if max_wait_s is not None else None)
-            pick = select(_t.c.task_id).where(*self._queued_filter(lanes)).order_by(*order).limit(1)
+            conds = self._queued_filter(lanes)
+            if queued_before is not None:
+                conds.append(_t.c.created_at < queued_before)
+            pick = select(_t.c.task_id).where(*conds).order_by(*order).limit(1)
             if self._dialect == "postgresql":
                 pick = pick.with_for_update(skip_locked=True)
             target: ColumnElement[bool] = _t.c.task_id == pick.scalar_subquery()
