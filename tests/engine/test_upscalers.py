@@ -222,3 +222,28 @@ def test_cache_reuses_and_reloads_a_replaced_file(upscaler_dir: Path, tmp_path: 
     path.unlink()
     with pytest.raises(up.UpscalerError, match="gone"):
         cache.get(path)
+
+
+def test_executor_upscale_reports_progress_and_matches_the_function(upscaler_dir: Path) -> None:
+    from underpaint.config import Settings
+    from underpaint.engine.executor import DiffusersExecutor
+    from underpaint.engine.job import Progress, UpscaleJob
+    from underpaint.registry import ModelRegistry
+
+    models = upscaler_dir.parent
+    executor = DiffusersExecutor(Settings(models_dir=models, device="cpu", torch_threads=1), ModelRegistry(models))
+    image = _image(200, 90, seed=5)  # two passes of the x2 model for x3
+    seen: list[Progress] = []
+    result = executor.upscale(UpscaleJob("2x-tiny-compact.pth", image, 3.0), on_progress=seen.append)
+    assert result.image.size == (600, 264)  # 270 floored to a multiple of 8
+    direct = up.upscale(image, up.load_upscaler(upscaler_dir / COMPACT), 3.0)
+    assert np.array_equal(np.asarray(result.image), np.asarray(direct))
+    assert result.infotext == "Postprocess upscale by: 3, Postprocess upscaler: 2x-tiny-compact"
+    fractions = [p.fraction for p in seen]
+    assert fractions == sorted(fractions)
+    assert len(fractions) == 2 + 3  # 200x90: 2 tiles, then 400x180: 3 tiles
+    assert fractions[-1] == 1.0
+    executor.upscale(UpscaleJob("2x-tiny-compact", image, 2.0))
+    assert executor.upscalers.loads == 1  # cached on the executor
+    with pytest.raises(JobError, match="not in the models folder"):
+        executor.upscale(UpscaleJob("nope", image, 2.0))

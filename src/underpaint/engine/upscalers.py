@@ -241,14 +241,15 @@ def upscale(
     tile: int = TILE,
     pad: int = TILE_PAD,
     on_pass: Callable[[int], None] | None = None,
-    on_tile: TileProgress | None = None,
+    on_progress: Callable[[float], None] | None = None,
     should_cancel: Callable[[], bool] | None = None,
 ) -> Image.Image:
     """A1111's Extras upscale by ``scale``: the result is ``extras_size(w, h, scale)`` (module docstring).
-    ``on_pass(i)`` is called before model pass ``i`` (0-based)."""
+    ``on_pass(i)`` is called before model pass ``i`` (0-based), ``on_progress(fraction)`` after each tile."""
     dest_w, dest_h = extras_size(image.width, image.height, scale)
     if dest_w < 1 or dest_h < 1:
         raise JobError(f"upscaling {image.width}x{image.height} by {scale} gives an empty image")
+    passes = max(1, passes_needed(image.width, image.height, scale, model.scale))
     image = image.convert("RGB")
     for i in range(MAX_PASSES):
         if image.width >= dest_w and image.height >= dest_h and (i > 0 or scale != 1):
@@ -256,6 +257,11 @@ def upscale(
         before = image.size
         if on_pass is not None:
             on_pass(i)
+
+        def on_tile(done: int, total: int, index: int = i) -> None:
+            if on_progress is not None:
+                on_progress(min(1.0, (index + done / total) / passes))
+
         image = model_pass(model, image, tile=tile, pad=pad, on_tile=on_tile, should_cancel=should_cancel)
         if image.size == before:
             break
