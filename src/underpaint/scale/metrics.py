@@ -92,6 +92,12 @@ CHECKPOINT_LOAD_SECONDS = Counter(
     "Time spent making checkpoints resident (from the RAM tier or the disk)",
     registry=WORKER_REGISTRY,
 )
+TASKS_FROM_STORE = Counter(
+    "underpaint_tasks_claimed_from_store",
+    "Tasks a Celery worker claimed straight from the store because no queue message brought them within "
+    "queue_poll_seconds (lost in a broker restart, or never sent while the broker was down)",
+    registry=WORKER_REGISTRY,
+)
 # Set for the embedded worker's child process: prometheus_client then keeps its values in files there.
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
