@@ -161,6 +161,7 @@ class DiffusersExecutor:
             if not any(job.ip_adapters for job in jobs):
                 self.ip_adapters.activate(loaded, None, None, 0.0)
             vae_hash = file_sha256(self._entry("vae", head.vae).path)[:10] if head.vae else None
+            upscale = self._hires_upscale(head)
         except Exception as exc:  # shared by every job of the group (same checkpoint, LoRAs and VAE)
             return [exc] * len(jobs)
         outcomes: list[JobOutcome | None] = [None] * len(jobs)
@@ -178,6 +179,7 @@ class DiffusersExecutor:
                 device=self.device,
                 dtype=self.dtype,
                 vae_dtype=self.vae_dtype,
+                upscale=upscale,
             )
             members: list[pipeline.Member] = []
             plans: dict[int, EmbeddingPlan] = {}
@@ -224,8 +226,15 @@ class DiffusersExecutor:
             token_expansions=plan.token_expansions,
             added_cond=added_cond,
             control=self._control_hook(loaded, job),
+            hires_fix=job.hires_fix,
         )
         return plan, inputs
+
+    def _hires_upscale(self, job: GenerationJob) -> pipeline.Upscale | None:
+        """The upscaler model of a hires fix that names one (None for "Latent" or no hires fix)."""
+        if job.hires_fix is None or job.hires_fix.latent:
+            return None
+        raise JobError(f"hires fix upscaler {job.hires_fix.upscaler!r}: upscaler models are not available yet")
 
     def _images(
         self,
@@ -250,11 +259,12 @@ class DiffusersExecutor:
                 height=job.height,
                 model_name=ckpt_entry.stem,
                 model_hash=loaded.sha256_short,
-                strength=job.strength,
+                strength=None if job.is_txt2img else job.strength,
                 clip_skip=job.clip_skip,
                 loras=tuple((e.stem, w) for e, w in lora_entries),
                 vae_name=job.vae,
                 vae_hash=vae_hash,
+                hires_fix=job.hires_fix,
             )
             out.append(GeneratedImage(image=img, seed=seed, infotext=build_infotext(params)))
         return out
