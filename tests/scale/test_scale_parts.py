@@ -180,7 +180,8 @@ def _make(settings: Settings, store: SqlTaskStore, queue: CeleryQueue, tmp_path:
 
 def _new(store: SqlTaskStore, lane: str) -> str:
     task_id = str(uuid.uuid4())
-    store.create(new_task(task_id, lane=lane))
+    # One checkpoint per lane, as lanes are by base model: tasks of two lanes never share a batch key.
+    store.create(new_task(task_id, request=img2img(model_name=f"{lane}.safetensors"), lane=lane))
     return task_id
 
 
