@@ -3,6 +3,9 @@
 The API layer turns a Novita request into a ``GenerationJob`` (names already resolved against the registry,
 images already decoded and checked); the worker hands it to an ``Executor``. Nothing here knows about HTTP,
 tasks or storage.
+
+One job type serves both endpoints: ``init_image`` set = img2img (``strength`` is its denoising strength),
+``init_image`` None = txt2img (``strength`` unused; optional ``hires_fix`` and ``refiner`` passes).
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from PIL import Image
 
 from underpaint.tasks.batching import BatchSignature, lora_set
 from underpaint.tasks.contract import TaskType
-from underpaint.vocabulary import PreprocessorName, SamplerName
+from underpaint.vocabulary import LATENT_UPSCALER, PreprocessorName, SamplerName
 
 
 @dataclass(frozen=True)
@@ -47,9 +50,35 @@ class IPAdapterSpec:
 
 
 @dataclass(frozen=True)
+class HiresFix:
+    """txt2img's second pass, as A1111 >= 1.6 runs it: upscale the first pass to ``width`` x ``height`` (cover, then
+    centre-crop when the aspect differs), then img2img at that size with denoising strength ``strength`` for exactly
+    ``steps`` steps over a schedule of ``int(steps / min(strength, 0.999))``, with fresh generators seeded seed + i.
+    """
+
+    width: int  # target size (>= the first pass's size)
+    height: int
+    strength: float  # denoising strength of the second pass, in [0, 1]
+    upscaler: str = LATENT_UPSCALER  # "Latent" (bilinear latent interpolation) or a registry upscaler sd_name
+
+    @property
+    def latent(self) -> bool:
+        return self.upscaler == LATENT_UPSCALER
+
+
+@dataclass(frozen=True)
+class Refiner:
+    """SDXL refiner (A1111 >= 1.7): switch to ``checkpoint`` once the completed ratio reaches ``switch_at``, with
+    the conditioning re-encoded by the refiner's own text encoder."""
+
+    checkpoint: str  # registry sd_name of the refiner checkpoint
+    switch_at: float  # in [0, 1]
+
+
+@dataclass(frozen=True)
 class GenerationJob:
     checkpoint: str  # registry sd_name of the checkpoint
-    init_image: Image.Image  # RGB
+    init_image: Image.Image | None  # RGB; None = txt2img
     prompt: str
     negative_prompt: str
     width: int
@@ -59,13 +88,19 @@ class GenerationJob:
     guidance_scale: float
     sampler_name: SamplerName
     seed: int  # already resolved: never -1 here
-    strength: float
+    strength: float  # img2img denoising strength; unused by txt2img (pass 1.0)
     clip_skip: int = 1  # A1111 meaning: 1 = last layer
     vae: str | None = None
     loras: tuple[LoraSpec, ...] = ()
     embeddings: tuple[EmbeddingSpec, ...] = ()
     controlnets: tuple[ControlNetUnitSpec, ...] = ()
     ip_adapters: tuple[IPAdapterSpec, ...] = ()
+    hires_fix: HiresFix | None = None  # txt2img only
+    refiner: Refiner | None = None  # txt2img only
+
+    @property
+    def is_txt2img(self) -> bool:
+        return self.init_image is None
 
 
 @dataclass(frozen=True)
@@ -118,14 +153,15 @@ def batch_key(job: GenerationJob) -> object:
     """Jobs with equal keys share one sampler call. The signature is ``tasks.batching``'s, the one the store keys
     queued tasks with (what may differ: prompts, seeds, ``image_num``, guidance scale, the adapters' images); a job
     whose signature never batches (DPM adaptive) gets a key of its own."""
+    hires = job.hires_fix
     key = BatchSignature(
-        task_type=TaskType.IMG_TO_IMG.value,
+        task_type=(TaskType.TXT_TO_IMG if job.is_txt2img else TaskType.IMG_TO_IMG).value,
         checkpoint=job.checkpoint,
         width=job.width,
         height=job.height,
         steps=job.steps,
         sampler=job.sampler_name,
-        strength=job.strength,
+        strength=None if job.is_txt2img else job.strength,
         clip_skip=job.clip_skip,
         vae=job.vae,
         loras=lora_set((x.name, x.strength) for x in job.loras),
@@ -133,6 +169,8 @@ def batch_key(job: GenerationJob) -> object:
             (u.model, u.strength, u.preprocessor or "none", u.guidance_start, u.guidance_end) for u in job.controlnets
         ),
         ip_adapters=tuple((a.model, a.strength) for a in job.ip_adapters),
+        hires_fix=None if hires is None else (hires.width, hires.height, hires.strength, hires.upscaler),
+        refiner=None if job.refiner is None else (job.refiner.checkpoint, job.refiner.switch_at),
     ).key()
     return key if key is not None else ("alone", id(job))
 

@@ -1,8 +1,8 @@
 """Which tasks can share one sampler call, and which model a task needs: the one definition (torch-free).
 
 ``BatchSignature`` lists everything a batch shares: the endpoint, checkpoint, size, steps, sampler, strength, clip
-skip, VAE, the LoRA set and strengths, and the ControlNet and IP-Adapter configuration (models, strengths,
-preprocessors, guidance ranges; not their images, which stay per task). Prompts, negative prompts, embeddings,
+skip, VAE, the LoRA set and strengths, the ControlNet and IP-Adapter configuration (models, strengths,
+preprocessors, guidance ranges; not their images, which stay per task), and txt2img's hires fix and refiner. Prompts, negative prompts, embeddings,
 seeds, ``image_num``, ``guidance_scale`` and the output format may differ. Its ``key`` is None for a sampler in
 ``UNBATCHABLE_SAMPLERS``: DPM adaptive picks its step sizes from the whole batch, so its images would depend on
 their batch mates.
@@ -30,6 +30,8 @@ UNBATCHABLE_SAMPLERS = frozenset({"DPM adaptive"})
 Lora = tuple[str, float]
 ControlNetUnit = tuple[str, float, str, float, float]  # model, strength, preprocessor, guidance start, end
 Adapter = tuple[str, float]  # model, strength
+Hires = tuple[int, int, float, str]  # target width, height, denoising strength, upscaler
+Refiner = tuple[str, float]  # checkpoint, switch_at
 
 
 def batchable(sampler_name: str) -> bool:
@@ -55,6 +57,8 @@ class BatchSignature:
     loras: tuple[Lora, ...]  # sorted (``lora_set``)
     controlnet: tuple[ControlNetUnit, ...]
     ip_adapters: tuple[Adapter, ...]
+    hires_fix: Hires | None = None  # txt2img's second pass
+    refiner: Refiner | None = None  # txt2img's SDXL refiner
 
     def key(self) -> str | None:
         """Equal keys share a sampler call; None: never batched."""
