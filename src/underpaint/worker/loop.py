@@ -93,7 +93,16 @@ class ProgressReporter:
         if not (due or progress_percent >= 100):
             return
         self._last_write = now
-        if not self.store.update_progress(self.task_id, self.worker_id, int(progress_percent), int(eta_seconds)):
+        try:
+            held = self.store.update_progress(self.task_id, self.worker_id, int(progress_percent), int(eta_seconds))
+        except Exception as exc:
+            # The database blinked: progress is only informative, and the lease outlives a short outage.
+            log.warning(
+                "task %s: progress not recorded (%r); generation goes on", self.task_id, exc,
+                extra={"task_id": self.task_id},
+            )  # fmt: skip
+            return
+        if not held:
             self._lost.set()
             raise JobCancelled(f"task {self.task_id}: this worker lost its lease")
 
@@ -289,19 +298,75 @@ def _record(
         if store.fail(task.task_id, worker_id, reason):
             notify_terminal(store, [task.task_id], on_terminal)
         return
-    if store.complete(task.task_id, worker_id, outcome):
+    recorded = _complete_through_outage(store, task, worker_id, outcome)
+    if recorded:
         notify_terminal(store, [task.task_id], on_terminal)
         return
-    if store.cancel_requested(task.task_id) and _end_cancelled(store, task.task_id, worker_id, on_terminal):
-        log.info(
-            "task %s: cancelled after its last step; discarding %d image(s)", task.task_id, len(outcome), extra=about
-        )
-    else:
-        log.warning(
-            "task %s: lease lost before completion; discarding %d image(s)", task.task_id, len(outcome), extra=about
-        )
+    # Not recorded: the images go (a store outage that outlasted the lease was logged already; the lease gives
+    # the task another attempt).
+    if recorded is False:
+        if store.cancel_requested(task.task_id) and _end_cancelled(store, task.task_id, worker_id, on_terminal):
+            log.info(
+                "task %s: cancelled after its last step; discarding %d image(s)",
+                task.task_id,
+                len(outcome),
+                extra=about,
+            )
+        else:
+            log.warning(
+                "task %s: lease lost before completion; discarding %d image(s)", task.task_id, len(outcome), extra=about
+            )
     if storage is not None:
         delete_images(storage, outcome)
+
+
+def _complete_through_outage(
+    store: TaskStore,
+    task: TaskRecord,
+    worker_id: str,
+    images: list[ImageRecord],
+    sleep: Callable[[float], None] = time.sleep,
+) -> bool | None:
+    """``store.complete``, retried with backoff while the store is unreachable (a database restart), for at most
+    60 % of the lease: the lease keeper renewed the lease at most a third of it ago, so this worker still holds
+    it meanwhile and its images are recorded once the database is back. True when recorded, False when this
+    worker no longer holds the task, None when the store stayed unreachable.
+
+    A completion the database committed but whose answer was lost finds the task SUCCEED with these very images
+    on the next try: that counts as recorded (the images are the task's, never deleted). After the whole budget
+    the caller deletes the images: the lease runs out and the next attempt makes new ones, so none is orphaned."""
+    about = {"task_id": task.task_id}
+    deadline = time.monotonic() + 0.6 * store.lease_seconds
+    delay, failed = 0.25, False
+    while True:
+        try:
+            if store.complete(task.task_id, worker_id, images):
+                return True
+            if not failed:
+                return False
+            current = store.get(task.task_id)
+            keys = sorted(i.key for i in images)
+            return (
+                current is not None
+                and current.status is TaskStatus.SUCCEED
+                and sorted(i.key for i in current.images) == keys
+            )
+        except Exception as exc:
+            failed = True
+            left = deadline - time.monotonic()
+            if left <= 0:
+                log.error(
+                    "task %s: completion could not be recorded (task store unreachable: %r); discarding its %d "
+                    "image(s), the lease will give the task another attempt", task.task_id, exc, len(images),
+                    extra=about,
+                )  # fmt: skip
+                return None
+            log.warning(
+                "task %s: completion not recorded (task store unreachable: %r); retrying in %.1f s",
+                task.task_id, exc, min(delay, left), extra=about,
+            )  # fmt: skip
+            sleep(min(delay, left))
+            delay = min(5.0, delay * 2)
 
 
 def _end_cancelled(store: TaskStore, task_id: str, worker_id: str, on_terminal: TerminalHook | None) -> bool:
