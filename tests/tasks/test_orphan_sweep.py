@@ -10,17 +10,17 @@ import uuid
 from pathlib import Path
 
 import pytest
+from tests.support.requests import new_task
 
 from underpaint.storage.local import LocalStorage
 from underpaint.tasks.lifecycle import OrphanSweeper, RetentionSweeper
 from underpaint.tasks.store import SqlTaskStore
-from underpaint.tasks.types import ImageRecord, NewTask
+from underpaint.tasks.types import ImageRecord
 
 
 def _task(store: SqlTaskStore) -> str:
     tid = str(uuid.uuid4())
-    store.create(NewTask(task_id=tid, owner="o", seed=1, enable_nsfw_detection=False, response_image_type="png",
-                         extra={}, payload={"prompt": "p"}))  # fmt: skip
+    store.create(new_task(tid))
     return tid
 
 
