@@ -104,6 +104,12 @@ UPLOAD_RETRIES = Counter(
     "Image uploads tried again after a transient storage failure (the S3 endpoint unreachable, 5xx)",
     registry=WORKER_REGISTRY,
 )
+# Counted by the process that runs the retention sweeper (API nodes, the embedded server): its default registry.
+ORPHANS_REMOVED = Counter(
+    "underpaint_orphan_images_removed",
+    "Images deleted from the service's storage because no task references them (an attempt that died between "
+    "upload and completion)",
+)
 # Set for the embedded worker's child process: prometheus_client then keeps its values in files there.
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
