@@ -331,3 +331,17 @@ def test_sdxl_txt2img_with_latent_hires_fix(executor: DiffusersExecutor) -> None
     out = executor.generate(job)
     assert [g.image.size for g in out] == [(80, 96)]
     assert np.asarray(out[0].image).std() > 1
+
+
+def test_controlnet_follows_the_hires_pass(executor: DiffusersExecutor) -> None:
+    """The control map made for the first pass is resized for the larger second pass (bilinear), so ControlNet
+    applies to both passes."""
+    from underpaint.engine.job import ControlNetUnitSpec
+
+    control = Image.fromarray(np.random.default_rng(1).integers(0, 256, (64, 64, 3), dtype=np.uint8))
+    unit = ControlNetUnitSpec(model="control_v11p_sd15_canny.safetensors", image=control)
+    base = job_for(Request("Euler a", seeds=[2], steps=3), hires_fix=HiresFix(96, 96, 0.5))
+    (with_cn,) = executor.generate(replace(base, controlnets=(unit,)))
+    (without,) = executor.generate(base)
+    assert with_cn.image.size == (96, 96)
+    assert np.abs(np.asarray(with_cn.image, dtype=np.int16) - np.asarray(without.image)).max() > 1
