@@ -224,6 +224,7 @@ class DiffusersExecutor:
             token_expansions=plan.token_expansions,
             added_cond=added_cond,
             control=self._control_hook(loaded, job),
+            mask=job.mask,
         )
         return plan, inputs
 

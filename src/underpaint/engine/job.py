@@ -45,6 +45,19 @@ class IPAdapterSpec:
 
 
 @dataclass(frozen=True)
+class MaskSpec:
+    """Inpainting: the mask and how to use it (``engine.inpainting``). ``mask`` is single-channel ("L", white =
+    repaint), the init image's size, as ``wire.images.mask_channel`` reduced it."""
+
+    mask: Image.Image
+    blur: int = 4
+    full_res: bool = False
+    full_res_padding: int = 8
+    invert: bool = False
+    initial_noise_multiplier: float = 1.0
+
+
+@dataclass(frozen=True)
 class GenerationJob:
     checkpoint: str  # registry sd_name of the checkpoint
     init_image: Image.Image  # RGB
@@ -64,6 +77,9 @@ class GenerationJob:
     embeddings: tuple[EmbeddingSpec, ...] = ()
     controlnets: tuple[ControlNetUnitSpec, ...] = ()
     ip_adapters: tuple[IPAdapterSpec, ...] = ()
+    # Inpainting: width x height is then the processing size (``inpainting.processing_size``), the output keeps the
+    # init image's size.
+    mask: MaskSpec | None = None
 
 
 @dataclass

@@ -107,6 +107,15 @@ def is_sdxl_state_dict(sd: Mapping[str, Any]) -> bool:
     return any(k.startswith("conditioner.embedders.1.") for k in sd)
 
 
+UNET_CONV_IN = "model.diffusion_model.input_blocks.0.0.weight"
+
+
+def unet_in_channels(sd: Mapping[str, Any]) -> int:
+    """The UNet's input channels from its first convolution: 4, or 9 for inpainting checkpoints."""
+    weight = sd.get(UNET_CONV_IN)
+    return int(weight.shape[1]) if weight is not None else 4
+
+
 # ---------------------------------------------------------------------------------------------------- results
 
 
@@ -230,7 +239,10 @@ def _single_file_pipeline(entry: ModelEntry, dtype: torch.dtype) -> tuple[Img2Im
     cfg = str(config_dir)
     common: dict[str, Any] = {"config": cfg, "local_files_only": True, "dtype": dtype}
     try:
-        unet = UNet2DConditionModel.from_single_file(sd, subfolder="unet", **common)
+        # Inpainting checkpoints (9 input channels) load over the same config, told their conv_in width.
+        unet = UNet2DConditionModel.from_single_file(
+            sd, subfolder="unet", in_channels=unet_in_channels(sd), **common
+        )
         vae = AutoencoderKL.from_single_file(sd, subfolder="vae", **common)
         te1 = create_diffusers_clip_model_from_ldm(
             CLIPTextModel, sd, subfolder="text_encoder", config=cfg, torch_dtype=dtype, local_files_only=True

@@ -23,11 +23,13 @@ from PIL import Image
 
 from underpaint.engine.conditioning import Conditioning, TextEncoderBundle, encode_prompt
 from underpaint.engine.devices import vae_dtype_for
+from underpaint.engine import inpainting
 from underpaint.engine.job import (
     UNBATCHABLE_SAMPLERS,
     GenerationJob,
     JobCancelled,
     JobError,
+    MaskSpec,
     Progress,
     ProgressCallback,
 )
@@ -74,6 +76,7 @@ class PipelineInputs:
     # IP-Adapter: merged into the UNet's added_cond_kwargs (already ordered [uncond, cond] along the batch).
     added_cond: dict[str, Any] = field(default_factory=dict)
     control: ControlHook | None = None
+    mask: MaskSpec | None = None  # inpainting (``engine.inpainting``)
 
 
 @dataclass
@@ -130,20 +133,76 @@ def _with_fp32_retry(c: Components, what: str, run: Callable[[Any, torch.dtype],
 
 
 @torch.no_grad()
-def prepare_init_latents(c: Components, image: Image.Image, width: int, height: int, batch: int) -> torch.Tensor:
-    """VAE-encode the init image once and repeat it for the batch (float32, see ``LATENT_DTYPE``).
+def encode_pixels(c: Components, pixels: torch.Tensor) -> torch.Tensor:
+    """VAE-encode ``[1, 3, H, W]`` pixels in [-1, 1] to a scaled latent (float32, see ``LATENT_DTYPE``).
 
     A1111 samples the VAE posterior with the global (unseeded) RNG; we take its mean, which keeps results
     reproducible and differs from a sample by the posterior's tiny std.
     """
-    pixels = pil_to_tensor(image, width, height).to(c.device)
+    pixels = pixels.to(c.device)
 
     def encode(vae: Any, dtype: torch.dtype) -> torch.Tensor:
         mean: torch.Tensor = vae.encode(pixels.to(dtype)).latent_dist.mean
         return mean.to(LATENT_DTYPE) * c.vae_scaling_factor
 
-    latent = _with_fp32_retry(c, "encode", encode)
-    return latent.repeat(batch, 1, 1, 1)
+    return _with_fp32_retry(c, "encode", encode)
+
+
+def prepare_init_latents(c: Components, image: Image.Image, width: int, height: int, batch: int) -> torch.Tensor:
+    """VAE-encode the init image once and repeat it for the batch."""
+    return encode_pixels(c, pil_to_tensor(image, width, height)).repeat(batch, 1, 1, 1)
+
+
+def unet_in_channels(c: Components) -> int:
+    """4 for ordinary checkpoints, 9 for inpainting ones (latent + mask + masked-image latent)."""
+    return int(c.unet.config.in_channels)
+
+
+@dataclass
+class InpaintParts:
+    """What inpainting adds to a member: the latent repaint mask, the 9-channel conditioning, the paste-back."""
+
+    repaint_mask: torch.Tensor | None  # [1, 1, h, w], 1 = repaint; None: img2img with a 9-channel checkpoint
+    image_cond: torch.Tensor | None  # [1, 5, h, w] for 9-channel checkpoints
+    area: inpainting.PreparedArea | None
+    noise_multiplier: float = 1.0
+
+
+@torch.no_grad()
+def prepare_inpainting(
+    c: Components, inputs: PipelineInputs, latent_hw: tuple[int, int]
+) -> tuple[Image.Image, InpaintParts | None]:
+    """The init image the sampler starts from and the inpainting parts of one job (None for plain img2img on a
+    4-channel checkpoint). A 9-channel checkpoint without a mask gets A1111's img2img conditioning: an all-ones
+    mask and the latent of a grey (all-zero) image."""
+    spec = inputs.mask
+    nine = unet_in_channels(c) == 9
+    if spec is None and not nine:
+        return inputs.init_image, None
+    area = None
+    image = inputs.init_image
+    if spec is not None:
+        try:
+            area = inpainting.prepare_area(inputs.init_image, spec, inputs.width, inputs.height)
+        except ValueError as exc:
+            raise JobError(str(exc)) from None
+        image = area.image
+    h, w = latent_hw
+    repaint = None
+    if area is not None:
+        repaint = torch.from_numpy(inpainting.latent_mask(area.mask, w, h))[None, None].to(c.device, LATENT_DTYPE)
+    image_cond = None
+    if nine:
+        pixels = pil_to_tensor(image, inputs.width, inputs.height)
+        if area is not None:
+            cond_mask = torch.from_numpy(inpainting.conditioning_mask(area.mask))[None, None]
+        else:
+            cond_mask = torch.ones(1, 1, *pixels.shape[-2:])
+        masked = encode_pixels(c, pixels * (1.0 - cond_mask))
+        small = torch.nn.functional.interpolate(cond_mask, size=masked.shape[-2:]).to(c.device, LATENT_DTYPE)
+        image_cond = torch.cat([small, masked], dim=1)
+    multiplier = spec.initial_noise_multiplier if spec is not None else 1.0
+    return image, InpaintParts(repaint, image_cond, area, multiplier)
 
 
 @torch.no_grad()
@@ -184,6 +243,7 @@ class Member:
     control: ControlHook | None = None
     on_progress: ProgressCallback | None = None
     should_cancel: Callable[[], bool] | None = None
+    inpaint: InpaintParts | None = None
 
 
 @dataclass(frozen=True)
@@ -351,12 +411,14 @@ def build_batch_model_fn(
     time_ids = sdxl_time_ids(spec.width, spec.height, c.device, c.dtype) if c.is_sdxl else None
 
     def run(group: list[_Entry], x_in: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        xs, ts, embeds, pooled, extras = [], [], [], [], []
+        xs, ts, embeds, pooled, extras, concat = [], [], [], [], [], []
         for e in group:
             m = batch.members[e.member]
             rows = batch.rows[e.member]
             n = len(m.seeds)
             xs.append(x_in[rows])
+            if m.inpaint is not None and m.inpaint.image_cond is not None:
+                concat.append(m.inpaint.image_cond.expand(n, -1, -1, -1))
             ts.append(t[rows])
             embeds.append(e.cond.embeds.to(c.device, c.dtype).expand(n, -1, -1))
             if c.is_sdxl and e.cond.pooled is not None:
@@ -376,8 +438,13 @@ def build_batch_model_fn(
         extra: dict[str, Any] = {}
         if any(batch.members[e.member].control is not None for e in group):
             extra = _control_residuals(batch, group, x_cat, t_cat, ehs, added, step_fraction())
+        unet_in = x_cat
+        if concat:  # 9-channel inpainting checkpoints: [latent, mask, masked-image latent] (ControlNet saw 4)
+            if len(concat) != len(group):
+                raise JobError("a 9-channel inpainting checkpoint needs its mask conditioning for every image")
+            unet_in = torch.cat([x_cat, torch.cat(concat).to(x_cat.dtype)], dim=1)
         out: torch.Tensor = c.unet(
-            x_cat, t_cat, encoder_hidden_states=ehs, added_cond_kwargs=added, return_dict=False, **extra
+            unet_in, t_cat, encoder_hidden_states=ehs, added_cond_kwargs=added, return_dict=False, **extra
         )[0]
         return out
 
@@ -459,8 +526,11 @@ def prepare_member(
     on_progress: ProgressCallback | None = None,
     should_cancel: Callable[[], bool] | None = None,
 ) -> Member:
-    """Encode one job's init image and prompts (its part of a batch; see ``sample_batch``)."""
-    init_latent = prepare_init_latents(c, inputs.init_image, inputs.width, inputs.height, len(inputs.seeds))
+    """Encode one job's init image and prompts, and its mask when it inpaints (its part of a batch; see
+    ``sample_batch``)."""
+    latent_hw = (inputs.height // inpainting.LATENT_FACTOR, inputs.width // inpainting.LATENT_FACTOR)
+    image, inpaint = prepare_inpainting(c, inputs, latent_hw)
+    init_latent = prepare_init_latents(c, image, inputs.width, inputs.height, len(inputs.seeds))
     cond, uncond = encode_conditioning(c, inputs)
     return Member(
         seeds=list(inputs.seeds),
@@ -472,6 +542,7 @@ def prepare_member(
         control=inputs.control,
         on_progress=on_progress,
         should_cancel=should_cancel,
+        inpaint=inpaint,
     )
 
 
@@ -527,7 +598,9 @@ def sample_batch(c: Components, spec: BatchSpec, members: Sequence[Member]) -> l
             results.append(outcome)
             continue
         try:
-            results.append(decode_latents(c, latents[batch.rows[k]]))
+            images = decode_latents(c, latents[batch.rows[k]])
+            area = members[k].inpaint.area if members[k].inpaint is not None else None
+            results.append([inpainting.paste_back(im, area) for im in images] if area is not None else images)
         except Exception as exc:
             results.append(exc)
     return results
@@ -539,6 +612,7 @@ def _sample(c: Components, spec: BatchSpec, batch: _Batch) -> torch.Tensor:
     init_latent = torch.cat([m.init_latent for m in members])
     noise = NoiseSource.from_seeds([s for m in members for s in m.seeds])
     model_fn = build_batch_model_fn(c, spec, batch, lambda: clock.fraction)
+    repaint, multiplier = _inpaint_rows(members, init_latent)
     with torch.no_grad():
         return sample_img2img(
             spec.sampler_name,
@@ -551,7 +625,33 @@ def _sample(c: Components, spec: BatchSpec, batch: _Batch) -> torch.Tensor:
             prediction_type=c.prediction_type,
             callback=clock.step,
             should_cancel=lambda: not batch.any_active(),
+            repaint_mask=repaint,
+            initial_noise_multiplier=multiplier,
         )
+
+
+def _inpaint_rows(members: Sequence[Member], init_latent: torch.Tensor) -> tuple[torch.Tensor | None, float | torch.Tensor]:
+    """The batch's latent repaint mask and initial-noise multipliers, row by row (a member that does not inpaint
+    repaints everything with multiplier 1, which leaves its rows exactly as plain img2img)."""
+    parts = [m.inpaint for m in members]
+    if all(p is None or p.repaint_mask is None for p in parts):
+        repaint = None
+    else:
+        h, w = init_latent.shape[-2:]
+        repaint = torch.cat(
+            [
+                (p.repaint_mask if p is not None and p.repaint_mask is not None else init_latent.new_ones(1, 1, h, w))
+                .expand(len(m.seeds), -1, -1, -1)
+                for m, p in zip(members, parts, strict=True)
+            ]
+        )
+    factors = [p.noise_multiplier if p is not None else 1.0 for p in parts]
+    if all(f == 1.0 for f in factors):
+        return repaint, 1.0
+    rows = [f for m, f in zip(members, factors, strict=True) for _ in m.seeds]
+    if len(set(rows)) == 1:
+        return repaint, rows[0]
+    return repaint, torch.tensor(rows, dtype=init_latent.dtype, device=init_latent.device).view(-1, 1, 1, 1)
 
 
 def generate(

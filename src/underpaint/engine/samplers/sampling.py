@@ -43,6 +43,7 @@ from underpaint.engine.samplers import k_samplers, timestep_samplers
 from underpaint.engine.samplers.denoiser import (
     PREDICTION_TYPES,
     Denoiser,
+    LatentBlend,
     ModelFn,
     guard_cancel,
     make_denoiser,
@@ -284,12 +285,20 @@ def sample_img2img(
     prediction_type: str = "epsilon",
     callback: StepCallback | None = None,
     should_cancel: Callable[[], bool] | None = None,
+    repaint_mask: Tensor | None = None,
+    initial_noise_multiplier: float | Tensor = 1.0,
 ) -> Tensor:
     """A1111 img2img sampling (see module docstring). ``model_fn(x_in, t) -> eps | v`` with CFG already applied.
 
-    The first draw of every generator in ``noise`` is that image's initial noise. Returns the final latent (still
-    multiplied by the VAE scaling factor). Raises ``JobCancelled`` when ``should_cancel()`` turns true (checked
-    before every model evaluation) and ``ValueError`` on bad arguments.
+    The first draw of every generator in ``noise`` is that image's initial noise, multiplied by
+    ``initial_noise_multiplier`` (a float, or one value per row shaped [B, 1, 1, 1]; later draws are not). Returns
+    the final latent (still multiplied by the VAE scaling factor). Raises ``JobCancelled`` when ``should_cancel()``
+    turns true (checked before every model evaluation) and ``ValueError`` on bad arguments.
+
+    Inpainting (``repaint_mask``, the latent mask: 1 = repaint, 0 = keep, broadcastable to ``init_latent``), as
+    A1111 v1.8 blends: sigma samplers replace the denoised estimate (after CFG) by the un-noised ``init_latent``
+    where the mask keeps it; timestep samplers (DDIM/PLMS/UniPC) blend the latent the model sees before each model
+    call instead; and the final latent is blended once more.
     """
     canonical, spec = _spec(sampler_name)
     _check_steps_strength(steps, strength)
@@ -301,6 +310,9 @@ def sample_img2img(
         raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
     model_fn = guard_cancel(model_fn, should_cancel)
     initial_noise = noise.randn_like(init_latent)
+    if not (isinstance(initial_noise_multiplier, float | int) and initial_noise_multiplier == 1.0):
+        initial_noise = initial_noise * initial_noise_multiplier
+    blend = LatentBlend(init_latent, repaint_mask) if repaint_mask is not None else None
 
     if spec.kind in _TIMESTEP_KINDS:
         if schedule.num_timesteps != 1000:
@@ -309,6 +321,8 @@ def sample_img2img(
         abar = schedule.alpha_cumprod(t_noise)
         x = init_latent * abar**0.5 + initial_noise * (1.0 - abar) ** 0.5
         eps_fn = make_eps_fn(model_fn, schedule, prediction_type)
+        if blend is not None:
+            eps_fn = blend.before(eps_fn)
         progress = _Progress(callback, img2img_steps(canonical, schedule, steps, strength))
         if spec.kind == "unipc":
             if ts_sched:
@@ -320,7 +334,7 @@ def sample_img2img(
         else:
             x = timestep_samplers.plms(eps_fn, x, ts_sched, schedule, progress.step)
         progress.finish()
-        return x
+        return blend(x) if blend is not None else x
 
     full = full_sigmas(canonical, schedule, steps)
     sigma_sched = full[steps - img2img_t_enc(steps, strength) - 1 :]
@@ -328,4 +342,7 @@ def sample_img2img(
     positive = full[full > 0]
     brownian_range = (float(positive.min()), float(full.max()))
     denoiser = make_denoiser(model_fn, schedule, prediction_type)
-    return sample(canonical, denoiser, x, sigma_sched, noise, brownian_range=brownian_range, callback=callback)
+    if blend is not None:
+        denoiser = blend.after(denoiser)
+    out = sample(canonical, denoiser, x, sigma_sched, noise, brownian_range=brownian_range, callback=callback)
+    return blend(out) if blend is not None else out
