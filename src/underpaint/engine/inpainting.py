@@ -121,7 +121,7 @@ def fit_aspect(
 
 
 def resize_fill(image: Image.Image, width: int, height: int) -> Image.Image:
-    """"Resize and fill": fit inside ``width x height`` keeping the aspect ratio, centred, and fill the two empty
+    """ "Resize and fill": fit inside ``width x height`` keeping the aspect ratio, centred, and fill the two empty
     bands by stretching the image's outermost row (or column) of pixels."""
     ratio, src_ratio = width / height, image.width / image.height
     src_w = width if ratio < src_ratio else image.width * height // image.height
@@ -147,7 +147,7 @@ def resize_fill(image: Image.Image, width: int, height: int) -> Image.Image:
 
 
 def resize_cover(image: Image.Image, width: int, height: int) -> Image.Image:
-    """"Crop and resize": scale to cover ``width x height`` keeping the aspect ratio, centred, cut the excess."""
+    """ "Crop and resize": scale to cover ``width x height`` keeping the aspect ratio, centred, cut the excess."""
     ratio, src_ratio = width / height, image.width / image.height
     src_w = width if ratio > src_ratio else image.width * height // image.height
     src_h = height if ratio <= src_ratio else image.height * width // image.width

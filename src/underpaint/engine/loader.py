@@ -240,9 +240,7 @@ def _single_file_pipeline(entry: ModelEntry, dtype: torch.dtype) -> tuple[Img2Im
     common: dict[str, Any] = {"config": cfg, "local_files_only": True, "dtype": dtype}
     try:
         # Inpainting checkpoints (9 input channels) load over the same config, told their conv_in width.
-        unet = UNet2DConditionModel.from_single_file(
-            sd, subfolder="unet", in_channels=unet_in_channels(sd), **common
-        )
+        unet = UNet2DConditionModel.from_single_file(sd, subfolder="unet", in_channels=unet_in_channels(sd), **common)
         vae = AutoencoderKL.from_single_file(sd, subfolder="vae", **common)
         te1 = create_diffusers_clip_model_from_ldm(
             CLIPTextModel, sd, subfolder="text_encoder", config=cfg, torch_dtype=dtype, local_files_only=True

@@ -21,9 +21,9 @@ import numpy as np
 import torch
 from PIL import Image
 
+from underpaint.engine import inpainting
 from underpaint.engine.conditioning import Conditioning, TextEncoderBundle, encode_prompt
 from underpaint.engine.devices import vae_dtype_for
-from underpaint.engine import inpainting
 from underpaint.engine.job import (
     UNBATCHABLE_SAMPLERS,
     GenerationJob,
@@ -630,7 +630,9 @@ def _sample(c: Components, spec: BatchSpec, batch: _Batch) -> torch.Tensor:
         )
 
 
-def _inpaint_rows(members: Sequence[Member], init_latent: torch.Tensor) -> tuple[torch.Tensor | None, float | torch.Tensor]:
+def _inpaint_rows(
+    members: Sequence[Member], init_latent: torch.Tensor
+) -> tuple[torch.Tensor | None, float | torch.Tensor]:
     """The batch's latent repaint mask and initial-noise multipliers, row by row (a member that does not inpaint
     repaints everything with multiplier 1, which leaves its rows exactly as plain img2img)."""
     parts = [m.inpaint for m in members]
@@ -640,8 +642,9 @@ def _inpaint_rows(members: Sequence[Member], init_latent: torch.Tensor) -> tuple
         h, w = init_latent.shape[-2:]
         repaint = torch.cat(
             [
-                (p.repaint_mask if p is not None and p.repaint_mask is not None else init_latent.new_ones(1, 1, h, w))
-                .expand(len(m.seeds), -1, -1, -1)
+                (
+                    p.repaint_mask if p is not None and p.repaint_mask is not None else init_latent.new_ones(1, 1, h, w)
+                ).expand(len(m.seeds), -1, -1, -1)
                 for m, p in zip(members, parts, strict=True)
             ]
         )
