@@ -97,10 +97,11 @@ class Components:
 
 
 def pil_to_tensor(image: Image.Image, width: int, height: int) -> torch.Tensor:
-    """Resize ("just resize", A1111 resize mode 0) and map to [-1, 1], shape [1, 3, H, W]."""
+    """Resize ("just resize", A1111 resize mode 0) and map to [-1, 1], shape [1, 3, H, W], in A1111's float32
+    steps (``/ 255``, then ``2x - 1``: the random tiny test models amplify even a float32 rounding difference)."""
     if image.size != (width, height):
         image = image.resize((width, height), Image.Resampling.LANCZOS)
-    arr = np.asarray(image.convert("RGB"), dtype=np.float32) / 127.5 - 1.0
+    arr = 2.0 * (np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0) - 1.0
     return torch.from_numpy(arr).permute(2, 0, 1).unsqueeze(0)
 
 
@@ -599,7 +600,8 @@ def sample_batch(c: Components, spec: BatchSpec, members: Sequence[Member]) -> l
             continue
         try:
             images = decode_latents(c, latents[batch.rows[k]])
-            area = members[k].inpaint.area if members[k].inpaint is not None else None
+            parts = members[k].inpaint
+            area = parts.area if parts is not None else None
             results.append([inpainting.paste_back(im, area) for im in images] if area is not None else images)
         except Exception as exc:
             results.append(exc)
