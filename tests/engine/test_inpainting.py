@@ -316,6 +316,7 @@ def test_matches_the_a1111_reference(
         diff = np.abs(got.astype(np.int16) - want.astype(np.int16))
         assert diff.max() <= 1, f"{(diff > 1).sum()} values differ by more than one level (max {diff.max()})"
         untouched = area.overlay == 0
-        assert untouched.any() and (~untouched).any()
+        assert untouched.any()
+        assert (~untouched).any()
         assert np.array_equal(got[untouched], np.asarray(image)[untouched])  # byte-identical outside
         assert (got[~untouched] != np.asarray(image)[~untouched]).any()  # and something was repainted
