@@ -36,9 +36,10 @@ def _demo_cache_key() -> str:
     import underpaint.demo.controlnet as demo_controlnet
     import underpaint.demo.ldm_convert as convert
     import underpaint.demo.models as demo_models
+    import underpaint.demo.upscalers as demo_upscalers
 
     digest = hashlib.sha256()
-    for module in (demo, convert, demo_controlnet, demo_adapters, demo_annotators, demo_models):
+    for module in (demo, convert, demo_controlnet, demo_adapters, demo_annotators, demo_models, demo_upscalers):
         digest.update(Path(str(module.__file__)).read_bytes())
     digest.update(f"{torch.__version__}/{diffusers.__version__}/{transformers.__version__}".encode())
     return digest.hexdigest()[:16]

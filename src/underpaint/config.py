@@ -122,6 +122,10 @@ class Settings(BaseSettings):
     # A task whose worker vanished is retried after this many seconds without a heartbeat.
     lease_seconds: Positive = 120
     max_attempts: Positive = 3
+    # Celery: an idle worker claims, straight from the store, tasks of its queues that have been QUEUED this long
+    # (their broker message was lost: a broker restart without persistence, a failed publish). Such a task waits
+    # about twice this at most once a worker is free.
+    queue_poll_seconds: PositiveFloat = 10.0
     # How often a worker reads the cancel flag of the task it runs (the sampler itself checks a local event).
     cancel_poll_seconds: PositiveFloat = 0.5
     # Engine

@@ -83,7 +83,7 @@ def test_type_filter_forms(client: TestClient, query: str) -> None:
 @pytest.mark.parametrize(
     ("types", "count"),
     [("checkpoint", 3), ("vae", 1), ("textualinversion", 2), ("text_inversion", 2), ("controlnet", 2),
-     ("ipadapter", 2), ("upscaler", 0), ("lora,vae", 3)],
+     ("ipadapter", 2), ("upscaler", 2), ("lora,vae", 3), ("upscaler,vae", 3)],
 )  # fmt: skip
 def test_each_type(client: TestClient, types: str, count: int) -> None:
     data = models(client, f"filter.types={types}")

@@ -254,3 +254,51 @@ def test_text_encoder_depth_of_the_demo_checkpoints(tiny_models_dir: Path) -> No
     assert depths["tiny-sd15.safetensors"] == 5  # sidecar config
     assert depths["tiny-sd15-diffusers"] == 5  # diffusers folder
     assert set(depths.values()) == {5}
+
+
+def test_upscalers_are_listed_and_resolve_by_novita_names(tmp_path: Path) -> None:
+    from underpaint.demo.upscalers import write_demo_upscalers
+
+    reg = _registry(tmp_path)
+    assert (reg.models_dir / "upscaler").is_dir()
+    write_demo_upscalers(reg.models_dir)
+    (reg.models_dir / "upscaler" / "notes.txt").write_text("not a model")
+    listed = {e.sd_name_in_api: e for e in reg.list("upscaler")}
+    assert set(listed) == {"RealESRGAN_x4plus_anime_6B", "RealESRNet_x4plus", "4x-tiny-esrgan", "2x-tiny-compact"}
+    assert not any(e.is_sdxl for e in listed.values())
+    for name in ("RealESRGAN_x4plus_anime_6B", "RealESRNet_x4plus", "RealESRNet_x4plus.pth", "realesrnet_x4plus"):
+        entry = reg.resolve("upscaler", name)
+        assert entry is not None, name
+        assert entry.kind == "upscaler"
+    assert reg.resolve("checkpoint", "RealESRNet_x4plus") is None
+
+
+class _Code:
+    def __reduce__(self) -> tuple[object, tuple[str]]:
+        return (os.system, ("true",))
+
+
+def test_weights_problem_from_headers_without_torch(tmp_path: Path) -> None:
+    from underpaint.demo.upscalers import write_demo_upscalers
+    from underpaint.registry import weights_problem
+
+    for path in write_demo_upscalers(tmp_path).values():
+        assert weights_problem(path) is None, path
+    legacy = tmp_path / "legacy.pth"
+    torch.save({"model.0.weight": torch.zeros(1)}, legacy, _use_new_zipfile_serialization=False)
+    assert weights_problem(legacy) is None  # checked when loaded
+    junk = tmp_path / "junk.pth"
+    junk.write_bytes(b"<html>not found</html>")
+    assert weights_problem(junk) == "junk.pth: neither a safetensors file nor a torch pickle"
+    broken = tmp_path / "broken.safetensors"
+    broken.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all")
+    assert (weights_problem(broken) or "").startswith("broken.safetensors: cannot read the file's header")
+    empty = _st(tmp_path / "empty.safetensors", [])
+    assert weights_problem(empty) == "empty.safetensors: the safetensors file holds no tensors"
+    code = tmp_path / "code.pth"
+    torch.save({"params": {"body.0.weight": torch.zeros(1)}, "x": _Code()}, code)
+    assert "names code (posix.system)" in (weights_problem(code) or "")
+    reg = _registry(tmp_path)
+    (reg.models_dir / "upscaler" / "junk.pth").write_bytes(junk.read_bytes())
+    (entry,) = reg.list("upscaler")
+    assert reg.weights_problem(entry) == "junk.pth: neither a safetensors file nor a torch pickle"

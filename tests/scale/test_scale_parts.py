@@ -430,3 +430,49 @@ def test_a_workers_metrics_port_serves_generation_and_process_metrics() -> None:
         thread.join(5)
     for family in ("underpaint_generation_seconds", "underpaint_model_loads", "process_cpu_seconds"):
         assert f"# TYPE {family}" in text, family
+
+
+# --- a task whose broker message is lost ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("broker", ["redis", "rabbitmq"])
+def test_an_idle_worker_claims_tasks_whose_message_never_came(
+    store: SqlTaskStore, broker: str, request: pytest.FixtureRequest, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    url = request.getfixturevalue("redis_url" if broker == "redis" else "amqp_url")
+    settings = Settings(broker_url=url, queue_backend="celery", lease_seconds=2, queue_poll_seconds=0.5,
+                        data_dir=tmp_path, models_dir=tmp_path / "models")  # fmt: skip
+    services = _make(settings, store, CeleryQueue(settings), tmp_path)
+    runner = FakeRunner(services.storage)  # type: ignore[arg-type]
+    ctx = WorkerContext(services, store.engine, [runner], lambda rec: None, lanes=("sd15",))
+    lost = _new(store, "sd15")  # written, but its message was never sent (or died with the broker)
+    other_queue = _new(store, "sdxl")
+    time.sleep(0.6)
+    fresh = _new(store, "sd15")  # its message may still be on the way: left to it
+    before = _sample("underpaint_tasks_claimed_from_store_total")
+    with caplog.at_level(logging.WARNING, logger="underpaint.scale"):
+        assert ctx.poll_store() == 1
+    assert runner.runs == [lost]
+    assert _status(store, lost) is TaskStatus.SUCCEED
+    assert _status(store, other_queue) is TaskStatus.QUEUED  # not this worker's queue
+    assert _status(store, fresh) is TaskStatus.QUEUED
+    assert any(lost in r.getMessage() and "claimed from the store" in r.getMessage() for r in caplog.records)
+    assert _sample("underpaint_tasks_claimed_from_store_total") - before == 1
+    with ctx.hold_runner() as busy:  # every runner busy: the poller leaves the work to the consumer
+        assert busy is not None
+        time.sleep(0.6)
+        assert ctx.poll_store() == 0
+    assert ctx.poll_store() == 1
+    assert runner.runs == [lost, fresh]
+
+
+def _status(store: SqlTaskStore, task_id: str) -> TaskStatus:
+    rec = store.get(task_id)
+    assert rec is not None
+    return rec.status
+
+
+def _sample(name: str) -> float:
+    from underpaint.scale.metrics import WORKER_REGISTRY
+
+    return WORKER_REGISTRY.get_sample_value(name) or 0.0

@@ -38,6 +38,8 @@ MODEL_FILES: dict[str, list[str]] = {
     "textualinversion/unaestheticXL.safetensors": ["clip_g", "clip_l"],
     "controlnet/control_v11p_sd15_canny.safetensors": ["input_hint_block.0.weight"],
     "controlnet/controlnet-canny-sdxl-1.0.safetensors": ["add_embedding.linear_1.weight"],
+    "upscaler/RealESRGAN_x4plus_anime_6B.safetensors": ["conv_first.weight", "body.0.rdb1.conv1.weight"],
+    "upscaler/4x-UltraSharp.safetensors": ["model.0.weight", "model.1.sub.0.RDB1.conv1.0.weight"],
 }
 OTHER_FILES = ["ipadapter/ip-adapter_sd15.bin", "ipadapter/ip-adapter_sdxl.bin"]
 MODEL_COUNT = len(MODEL_FILES) + len(OTHER_FILES)

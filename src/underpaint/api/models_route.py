@@ -11,8 +11,9 @@ Decisions (the official service has per-user models; a self-hosted server has on
 * Inpainting: a checkpoint whose file name contains "inpaint" is an inpainting model
   (``base_model_type: "Inpainting"``). ``filter.is_inpainting=true`` lists only those; ``false`` (which the
   Python SDK always sends) does not filter, so that SDK still lists every model.
-* Types: ``checkpoint, lora, vae, textualinversion (JS: text_inversion), controlnet, ipadapter`` and
-  ``upscaler`` (always empty); several may be given comma-separated.
+* Types: ``checkpoint, lora, vae, textualinversion (JS: text_inversion), controlnet, ipadapter, upscaler``;
+  several may be given comma-separated. Upscalers (``models/upscaler/``) are named by their file's stem, like LoRAs
+  (``RealESRGAN_x4plus_anime_6B``), and have no base model (``base_model: ""``).
 * Pagination: ``pagination.limit`` 1..100 (default 100; anything else is a 400), ``pagination.cursor`` empty
   or ``c_<offset>`` — the Python SDK builds ``c_0``, ``c_100`` … itself, and ``next_cursor`` uses the same
   form (``""`` on the last page).
@@ -28,7 +29,7 @@ from starlette.datastructures import QueryParams
 from underpaint.registry import ModelEntry, ModelRegistry
 from underpaint.wire.errors import invalid_request
 
-LISTED_KINDS = ("checkpoint", "lora", "vae", "textualinversion", "controlnet", "ipadapter")
+LISTED_KINDS = ("checkpoint", "lora", "vae", "textualinversion", "controlnet", "ipadapter", "upscaler")
 TYPE_ALIASES: dict[str, str | None] = {
     "checkpoint": "checkpoint",
     "lora": "lora",
@@ -40,7 +41,7 @@ TYPE_ALIASES: dict[str, str | None] = {
     "controlnet": "controlnet",
     "ipadapter": "ipadapter",
     "ip_adapter": "ipadapter",
-    "upscaler": None,  # known type, nothing to list
+    "upscaler": "upscaler",
 }
 DISPLAY_NAMES = {
     "checkpoint": "Checkpoint",
@@ -49,6 +50,7 @@ DISPLAY_NAMES = {
     "textualinversion": "Textual Inversion",
     "controlnet": "ControlNet",
     "ipadapter": "IP-Adapter",
+    "upscaler": "Upscaler",
 }
 VISIBILITY = "public"
 SOURCE = "uploading"
@@ -116,7 +118,7 @@ def model_info(entry: ModelEntry, sha256: str) -> dict[str, Any]:
         "tags": [],
         "cover_url": "",
         "source": SOURCE,
-        "base_model": entry.base_model,
+        "base_model": "" if entry.kind == "upscaler" else entry.base_model,
         "base_model_type": "Inpainting" if _is_inpainting(entry) else "Standard",
         "download_url": "",
         "download_url_ttl": 0,

@@ -24,6 +24,7 @@ from underpaint.registry import ModelEntry, ModelRegistry
 from underpaint.services import Admission
 from underpaint.storage.custom_target import InvalidCustomStorage, validate_custom_storage
 from underpaint.tasks.lanes import task_lane
+from underpaint.tasks.lifecycle import announce
 from underpaint.tasks.types import IdempotencyKeyTaken, NewTask
 from underpaint.vocabulary import missing_annotator_files, missing_annotator_message
 from underpaint.wire.errors import ApiError, invalid_request
@@ -167,8 +168,8 @@ def submit_img2img(
                 services.store.create(task, idem)
             except IdempotencyKeyTaken as taken:  # a concurrent submit with this key won the race
                 return replay(taken, idem)
-    try:
-        if test_status is not None and services.webhooks is not None:
+    if test_status is not None and services.webhooks is not None:
+        try:
             services.webhooks.submit_test_event(
                 task_id=task_id,
                 owner=caller.owner,
@@ -176,12 +177,13 @@ def submit_img2img(
                 extra=extra_out,
                 base_url=base_url,
             )
-        else:
-            services.queue.enqueue(task_id, lane)
-    except Exception:
-        # Never leave a task QUEUED that no worker was told about.
-        services.store.fail(task_id, None, "the task could not be queued")
-        raise
+        except Exception:
+            services.store.fail(task_id, None, "the test event could not be sent")
+            raise
+    else:
+        # The row is written, so the task is accepted: the message only wakes a worker, and a task whose message
+        # could not be sent (broker down) is taken from the store by a worker all the same.
+        announce(services.queue, task_id, lane)
     return {"task_id": task_id}
 
 

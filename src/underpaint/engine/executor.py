@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, cast
@@ -24,12 +25,22 @@ from underpaint.engine.adapters.ip_adapter import IPAdapterManager
 from underpaint.engine.adapters.lora import LoraManager
 from underpaint.engine.conditioning import TextEncoderBundle
 from underpaint.engine.devices import configure_torch_threads, parse_dtype, pick_device, pick_dtype
-from underpaint.engine.job import GeneratedImage, GenerationJob, JobError, JobOutcome, ProgressCallback, batch_key
+from underpaint.engine.job import (
+    GeneratedImage,
+    GenerationJob,
+    JobError,
+    JobOutcome,
+    Progress,
+    ProgressCallback,
+    UpscaleJob,
+    batch_key,
+)
 from underpaint.engine.loader import LoadedCheckpoint, ModelCache
 from underpaint.engine.memory import OutOfMemory, free_device_memory, oom_message
 from underpaint.engine.metadata import InfotextParams, build_infotext
 from underpaint.engine.preprocessors import AnnotatorCache
 from underpaint.engine.samplers import DiscreteSchedule
+from underpaint.engine.upscalers import UpscalerCache, upscale
 from underpaint.registry import ModelEntry, ModelRegistry, file_sha256
 
 log = logging.getLogger(__name__)
@@ -51,6 +62,7 @@ class DiffusersExecutor:
         self.embeddings = EmbeddingManager()
         self.ip_adapters = IPAdapterManager()
         self.annotators = AnnotatorCache()  # loaded ControlNet preprocessor networks
+        self.upscalers = UpscalerCache(self.device, self.dtype)  # upscale tasks and hires fix
         self._lock = threading.Lock()
         self._current: LoadedCheckpoint | None = None
         self._schedules: dict[tuple[Any, ...], DiscreteSchedule] = {}
@@ -288,6 +300,38 @@ class DiffusersExecutor:
 
             compile_unet(loaded.unet)
 
+    # -- upscale ---------------------------------------------------------------------------------------
+    def upscale(
+        self,
+        job: UpscaleJob,
+        on_progress: ProgressCallback | None = None,
+        should_cancel: Callable[[], bool] | None = None,
+    ) -> GeneratedImage:
+        """A1111's Extras upscale of one image (``engine.upscalers``): no diffusion, the upscaler cached on this
+        executor (``self.upscalers``, which hires fix uses too). Out of memory fails the job like a generation."""
+        entry = self._entry("upscaler", job.upscaler)
+        started = time.monotonic()
+
+        def report(fraction: float) -> None:
+            if on_progress is not None:
+                remaining = (time.monotonic() - started) / fraction * (1 - fraction) if fraction > 0 else 0.0
+                on_progress(Progress(fraction, remaining))
+
+        try:
+            with self._lock:
+                model = self.upscalers.get(entry.path)
+                image = upscale(job.image, model, job.scale, on_progress=report, should_cancel=should_cancel)
+        except torch.cuda.OutOfMemoryError:
+            oom = OutOfMemory(
+                f"out of GPU memory upscaling {job.image.width}x{job.image.height} by {job.scale:g}; "
+                "try a smaller image or scale (or retry when the server is less busy)"
+            )
+        else:
+            infotext = f"Postprocess upscale by: {job.scale:g}, Postprocess upscaler: {entry.stem}"
+            return GeneratedImage(image=image, seed=0, infotext=infotext)
+        free_device_memory()  # outside the except block: the failed call's frames (and tensors) are gone
+        raise oom
+
     @property
     def checkpoint_loads(self) -> int:
         return self.cache.stats.checkpoint_loads
@@ -295,5 +339,6 @@ class DiffusersExecutor:
     def release(self) -> None:
         self.cache.clear()
         self.annotators.clear()
+        self.upscalers.clear()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()

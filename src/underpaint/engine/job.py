@@ -82,6 +82,15 @@ class GenerationJob:
     mask: MaskSpec | None = None
 
 
+@dataclass(frozen=True)
+class UpscaleJob:
+    """``POST /v3/async/upscale``: one image through an upscaler model (``engine.upscalers``), no diffusion."""
+
+    upscaler: str  # registry sd_name of the upscaler file
+    image: Image.Image
+    scale: float  # A1111 Extras "upscale by": (1, 4] from the API
+
+
 @dataclass
 class GeneratedImage:
     image: Image.Image
@@ -165,4 +174,13 @@ class Executor(Protocol):
         should_cancel: Sequence[Callable[[], bool] | None] | None = None,
     ) -> list[JobOutcome]:
         """Several jobs, compatible ones (equal ``batch_key``) in one sampler call; one outcome per job."""
+        ...
+
+    def upscale(
+        self,
+        job: UpscaleJob,
+        on_progress: ProgressCallback | None = None,
+        should_cancel: Callable[[], bool] | None = None,
+    ) -> GeneratedImage:
+        """One upscale job (``engine.upscalers.upscale``) on this executor's device."""
         ...

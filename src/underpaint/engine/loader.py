@@ -73,8 +73,9 @@ class ModelLoadError(ValueError):
 # ---------------------------------------------------------------------------------------------------- state dicts
 
 
-def load_state_dict_file(path: Path) -> StateDict:
-    """Tensors of a ``.safetensors`` or pickle checkpoint, un-nested from ``state_dict``; never runs pickled code."""
+def read_weights_file(path: Path) -> Mapping[str, Any]:
+    """The top-level mapping of a ``.safetensors`` or pickle weights file, as stored (nesting such as ``state_dict``
+    or Real-ESRGAN's ``params_ema`` kept); never runs pickled code. Raises ``ModelLoadError``."""
     path = Path(path)
     suffix = path.suffix.lower()
     try:
@@ -93,10 +94,17 @@ def load_state_dict_file(path: Path) -> StateDict:
         raise
     except Exception as exc:  # safetensors/torch raise many unrelated types for damaged files
         raise ModelLoadError(f"{path.name}: cannot read weights: {exc}") from exc
-    while isinstance(raw, Mapping) and isinstance(raw.get("state_dict"), Mapping):
-        raw = raw["state_dict"]
     if not isinstance(raw, Mapping):
         raise ModelLoadError(f"{path.name}: not a state dict")
+    return raw
+
+
+def load_state_dict_file(path: Path) -> StateDict:
+    """Tensors of a ``.safetensors`` or pickle checkpoint, un-nested from ``state_dict``; never runs pickled code."""
+    path = Path(path)
+    raw: Any = read_weights_file(path)
+    while isinstance(raw, Mapping) and isinstance(raw.get("state_dict"), Mapping):
+        raw = raw["state_dict"]
     tensors = {str(k): v for k, v in raw.items() if isinstance(v, torch.Tensor)}
     if not tensors:
         raise ModelLoadError(f"{path.name}: contains no tensors")

@@ -212,13 +212,28 @@ def encode_conditioning(c: Components, inputs: PipelineInputs) -> tuple[Conditio
 
     A1111's default leaves prompts of different chunk counts unpadded; ``build_model_fn`` then runs the two
     halves of classifier-free guidance as separate UNet calls.
+
+    SDXL with an empty negative prompt: zero embeddings, context and pooled vector (one 77-token chunk), as A1111
+    does when every negative prompt of its batch is empty and as diffusers' ``force_zeros_for_empty_prompt`` does
+    for an absent one. An A1111 batch is one task's images, which share their negative prompt, so the rule is per
+    job: each member of a cross-task batch keeps its own unconditional embedding, and batching cannot change it.
     """
     kwargs: dict[str, Any] = {"clip_skip": inputs.clip_skip}
     if inputs.token_expansions:
         kwargs["token_expansions"] = inputs.token_expansions
     cond = encode_prompt(c.bundle, inputs.prompt, **kwargs)
     uncond = encode_prompt(c.bundle, inputs.negative_prompt, **kwargs)
+    if c.is_sdxl and zero_negative(inputs.negative_prompt):
+        uncond = Conditioning(
+            embeds=torch.zeros_like(uncond.embeds),
+            pooled=None if uncond.pooled is None else torch.zeros_like(uncond.pooled),
+        )
     return cond, uncond
+
+
+def zero_negative(negative_prompt: str) -> bool:
+    """A1111's test for SDXL's zeroed unconditional embedding: the negative prompt is exactly empty (not blank)."""
+    return negative_prompt == ""
 
 
 def sdxl_time_ids(width: int, height: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:

@@ -72,6 +72,12 @@ QUEUE_WAIT_SECONDS = Histogram(
     buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600, float("inf")),
     registry=WORKER_REGISTRY,
 )
+TASKS_FROM_STORE = Counter(
+    "underpaint_tasks_claimed_from_store",
+    "Tasks a Celery worker claimed straight from the store because no queue message brought them within "
+    "queue_poll_seconds (lost in a broker restart, or never sent while the broker was down)",
+    registry=WORKER_REGISTRY,
+)
 # Set for the embedded worker's child process: prometheus_client then keeps its values in files there.
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"

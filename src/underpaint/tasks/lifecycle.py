@@ -59,7 +59,24 @@ def _after_requeue(
     for task_id in task_ids:
         record = store.get(task_id)
         if record is not None and record.status is TaskStatus.QUEUED:
-            queue.enqueue(task_id, record.lane)
+            announce(queue, task_id, record.lane)
+
+
+def announce(queue: TaskQueue, task_id: str, lane: str) -> bool:
+    """Send the wake-up message of a QUEUED task. The store row is the task: when the broker is unreachable the
+    task stays QUEUED and workers find it in the store anyway (the embedded worker polls it; a Celery worker
+    claims tasks left undelivered for ``queue_poll_seconds``), so a failure is logged, not raised."""
+    try:
+        queue.enqueue(task_id, lane)
+        return True
+    except Exception as exc:
+        log.warning(
+            "task %s: could not send its queue message (%r); it stays QUEUED and a worker takes it from the store",
+            task_id,
+            exc,
+            extra={"task_id": task_id},
+        )
+        return False
 
 
 def sweep_expired(

@@ -716,11 +716,15 @@ class SqlTaskStore:
         *,
         prefer_model: str | None = None,
         max_wait_s: float | None = None,
+        queued_before: float | None = None,
     ) -> TaskRecord | None:
         now = self.clock()
         if task_id is None:
             order = _affinity_order(prefer_model, now - max_wait_s if max_wait_s is not None else None)
-            pick = select(_t.c.task_id).where(*self._queued_filter(lanes)).order_by(*order).limit(1)
+            conds = self._queued_filter(lanes)
+            if queued_before is not None:
+                conds.append(_t.c.created_at < queued_before)
+            pick = select(_t.c.task_id).where(*conds).order_by(*order).limit(1)
             if self._dialect == "postgresql":
                 pick = pick.with_for_update(skip_locked=True)
             target: ColumnElement[bool] = _t.c.task_id == pick.scalar_subquery()
@@ -768,21 +772,27 @@ class SqlTaskStore:
         )
         if self._dialect == "postgresql":
             pick = pick.with_for_update(skip_locked=True)
-        stmt = (
-            update(_t)
-            .where(_t.c.task_id.in_(pick.scalar_subquery()), _t.c.status == _QUEUED)
-            .values(
-                status=_PROCESSING,
-                worker_id=worker_id,
-                lease_expires_at=now + self.lease_seconds,
-                attempts=_t.c.attempts + 1,
-                started_at=now,
-                progress_percent=0,
-                eta=0,
-            )
-            .returning(*_t.c)
-        )
+        # Two statements in one transaction, never ``UPDATE ... WHERE task_id IN (SELECT ... LIMIT n)``: PostgreSQL
+        # may re-run that subquery per outer row (a nested loop), and with SKIP LOCKED each run can pick other
+        # rows, so the update overshot ``limit`` (batches of 9-14 with max_batch 4). Explicit ids cannot.
         with self._write.begin() as conn:
+            ids = list(conn.execute(pick).scalars())
+            if not ids:
+                return []
+            stmt = (
+                update(_t)
+                .where(_t.c.task_id.in_(ids), _t.c.status == _QUEUED)
+                .values(
+                    status=_PROCESSING,
+                    worker_id=worker_id,
+                    lease_expires_at=now + self.lease_seconds,
+                    attempts=_t.c.attempts + 1,
+                    started_at=now,
+                    progress_percent=0,
+                    eta=0,
+                )
+                .returning(*_t.c)
+            )
             rows = conn.execute(stmt).all()
         records = [_record(r) for r in rows]
         return sorted(records, key=lambda r: (-r.priority, r.created_at, r.task_id))

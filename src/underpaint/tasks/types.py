@@ -183,12 +183,14 @@ class TaskStore(Protocol):
         *,
         prefer_model: str | None = None,
         max_wait_s: float | None = None,
+        queued_before: float | None = None,
     ) -> TaskRecord | None:
         """Atomically move a QUEUED task (the given one, or the next by priority/age) to PROCESSING.
 
         Also reclaims a PROCESSING task whose lease expired. Returns None if nothing can be claimed. For the next
         task, ``prefer_model`` (a model key) puts tasks for that model first within a priority, except that tasks
-        queued for more than ``max_wait_s`` go before them, so nothing starves (``store._affinity_order``).
+        queued for more than ``max_wait_s`` go before them, so nothing starves (``store._affinity_order``);
+        ``queued_before`` (a store clock time) only considers tasks created before it.
         """
         ...
 

@@ -352,11 +352,17 @@ class Claimer:
         self._sleep = sleep
         self._clock = clock
 
-    def next(self) -> list[TaskRecord]:
-        """The next task by priority, age and model affinity, with its mates; [] when nothing is queued."""
+    def next(self, queued_before: float | None = None) -> list[TaskRecord]:
+        """The next task by priority, age and model affinity (only among tasks created before ``queued_before``,
+        if given), with its mates; [] when nothing is queued."""
         prefer = self.loaded_model if self.policy.max_affinity_wait_s > 0 else None
         task = self.store.claim(
-            None, self.worker_id, self.lanes, prefer_model=prefer, max_wait_s=self.policy.max_affinity_wait_s
+            None,
+            self.worker_id,
+            self.lanes,
+            prefer_model=prefer,
+            max_wait_s=self.policy.max_affinity_wait_s,
+            queued_before=queued_before,
         )
         return [] if task is None else [task, *self.mates(task)]
 

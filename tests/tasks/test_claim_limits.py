@@ -1,0 +1,73 @@
+"""``claim_batch`` never hands out more than ``limit`` tasks, on SQLite and PostgreSQL, under concurrent claimers.
+
+PostgreSQL may plan ``UPDATE ... WHERE task_id IN (SELECT ... LIMIT n FOR UPDATE SKIP LOCKED)`` as a nested loop
+that re-runs the LIMIT subquery for every outer row: with other workers locking rows in between, each re-run skips
+different rows and the union overshoots (batches of 9 to 14 with ``max_batch = 4`` were seen in a cluster).
+"""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from collections import Counter
+
+from tests.support.clock import Clock
+
+from underpaint.tasks.store import SqlTaskStore
+from underpaint.tasks.types import NewTask, TaskStatus
+
+PAYLOAD = {
+    "model_name": "a.safetensors", "prompt": "a house", "negative_prompt": "", "width": 512, "height": 512,
+    "image_num": 1, "steps": 20, "guidance_scale": 7.5, "sampler_name": "Euler a", "seed": 1, "sd_vae": None,
+    "clip_skip": 1, "strength": 0.5, "loras": [], "embeddings": [], "controlnet": None, "ip_adapters": [],
+}  # fmt: skip
+
+
+def _add(store: SqlTaskStore, n: int) -> None:
+    for _ in range(n):
+        store.create(
+            NewTask(
+                task_id=uuid.uuid4().hex, owner="o", seed=1, enable_nsfw_detection=False,
+                response_image_type="png", extra={}, payload=dict(PAYLOAD), lane="sd15",
+            )
+        )  # fmt: skip
+
+
+def test_claim_batch_never_exceeds_its_limit_with_concurrent_claimers(db_url: str) -> None:
+    clock = Clock()
+    store = SqlTaskStore(db_url, lease_seconds=60, clock=clock)
+    try:
+        _add(store, 240)
+        lead = store.claim(None, "w-lead")
+        assert lead is not None
+        assert lead.batch_key is not None
+        key = lead.batch_key
+        limit = 3
+        sizes: list[int] = []
+        claimed: Counter[str] = Counter()
+        lock = threading.Lock()
+        start = threading.Barrier(6)
+
+        def claimer(n: int) -> None:
+            start.wait()
+            while True:
+                got = store.claim_batch(key, f"w{n}", limit, ("sd15",))
+                with lock:
+                    sizes.append(len(got))
+                    claimed.update(t.task_id for t in got)
+                if not got:
+                    return
+
+        threads = [threading.Thread(target=claimer, args=(n,)) for n in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        assert max(sizes) <= limit, f"a claim_batch returned {max(sizes)} tasks with limit {limit}"
+        assert sum(claimed.values()) == 239
+        assert max(claimed.values()) == 1
+        counts = store.count_by_status()
+        assert counts[TaskStatus.QUEUED] == 0
+        assert counts[TaskStatus.PROCESSING] == 240
+    finally:
+        store.close()
