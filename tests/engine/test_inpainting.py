@@ -215,7 +215,8 @@ def reference(
         wrap = external.CompVisDenoiser(Inner())
 
         def cfg_denoiser(x: Tensor, sigma: Tensor) -> Tensor:
-            d_u, d_c = wrap(x, sigma, cond=uncond), wrap(x, sigma, cond=cond)
+            d_u: Tensor = wrap(x, sigma, cond=uncond)
+            d_c: Tensor = wrap(x, sigma, cond=cond)
             denoised = d_u + CFG * (d_c - d_u)
             return denoised * repaint + init * keep  # A1111 blends the denoised estimate for k-diffusion
 
