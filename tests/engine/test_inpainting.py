@@ -166,11 +166,11 @@ def reference(
     unet, vae, scale = loaded.unet, loaded.vae, loaded.vae_scaling_factor
     unit = torch.from_numpy(np.asarray(area.image).astype(np.float32) / 255.0)  # A1111: float32 in [0, 1], then 2x - 1
     pixels = (2.0 * unit - 1.0).permute(2, 0, 1)[None].double()
-    init = vae.encode(pixels).latent_dist.mean * scale
+    init: Tensor = vae.encode(pixels).latent_dist.mean * scale
     init = init.repeat(len(seeds), 1, 1, 1)
     h, w = init.shape[-2:]
     small = np.asarray(Image.fromarray(area.mask).resize((w, h), Image.Resampling.BICUBIC), np.float64) / 255
-    repaint = torch.from_numpy(np.round(small))[None, None]
+    repaint: Tensor = torch.from_numpy(np.round(small))[None, None]
     keep = 1 - repaint
     extra = None
     if unet.config.in_channels == 9:
