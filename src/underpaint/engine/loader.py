@@ -42,7 +42,7 @@ from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokeniz
 
 from underpaint.config import Settings
 from underpaint.engine.devices import empty_device_cache, pick_device, pick_dtype
-from underpaint.registry import ModelEntry, file_sha256, short_hash
+from underpaint.registry import UNET_CONV_IN, ModelEntry, file_sha256, short_hash
 
 CONFIG_ROOT = Path(__file__).parent / "configs"
 SD15_CONFIG = CONFIG_ROOT / "sd15"
@@ -113,9 +113,6 @@ def load_state_dict_file(path: Path) -> StateDict:
 
 def is_sdxl_state_dict(sd: Mapping[str, Any]) -> bool:
     return any(k.startswith("conditioner.embedders.1.") for k in sd)
-
-
-UNET_CONV_IN = "model.diffusion_model.input_blocks.0.0.weight"
 
 
 def unet_in_channels(sd: Mapping[str, Any]) -> int:
