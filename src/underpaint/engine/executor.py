@@ -19,7 +19,7 @@ import transformers
 from PIL import Image
 
 from underpaint.config import Settings
-from underpaint.engine import pipeline
+from underpaint.engine import inpainting, pipeline
 from underpaint.engine.adapters.embeddings import EmbeddingManager, EmbeddingPlan
 from underpaint.engine.adapters.ip_adapter import IPAdapterManager
 from underpaint.engine.adapters.lora import LoraManager
@@ -268,6 +268,7 @@ class DiffusersExecutor:
                 loras=tuple((e.stem, w) for e, w in lora_entries),
                 vae_name=job.vae,
                 vae_hash=vae_hash,
+                extra=inpainting.infotext_fields(job.mask) if job.mask is not None else (),
             )
             out.append(GeneratedImage(image=img, seed=seed, infotext=build_infotext(params)))
         return out

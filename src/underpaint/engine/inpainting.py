@@ -206,6 +206,19 @@ def conditioning_mask(mask: Image.Image) -> np.ndarray:
     return rounded
 
 
+def infotext_fields(spec: MaskSpec) -> tuple[tuple[str, str], ...]:
+    """The mask settings as A1111 writes them into the infotext."""
+    fields = [("Mask blur", str(spec.blur))]
+    if spec.full_res:
+        fields += [("Inpaint area", "Only masked"), ("Masked area padding", str(spec.full_res_padding))]
+    if spec.invert:
+        fields.append(("Mask mode", "Inpaint not masked"))
+    fields.append(("Masked content", "original"))
+    if spec.initial_noise_multiplier != 1.0:
+        fields.append(("Noise multiplier", f"{spec.initial_noise_multiplier:g}"))
+    return tuple(fields)
+
+
 def paste_back(result: Image.Image, area: PreparedArea) -> Image.Image:
     """Step 6: the decoded ``result`` (processing size) back into the input through the overlay."""
     if area.crop is not None:

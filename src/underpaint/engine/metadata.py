@@ -34,6 +34,8 @@ class InfotextParams:
     loras: tuple[tuple[str, float], ...] = ()
     vae_name: str | None = None
     vae_hash: str | None = None
+    # further "Key: value" pairs in A1111's order, written before "Version" (inpainting's mask settings ...)
+    extra: tuple[tuple[str, str], ...] = ()
 
 
 def _quote(value: str) -> str:
@@ -64,6 +66,7 @@ def build_infotext(p: InfotextParams) -> str:
     fields.append(("Denoising strength", _num(p.strength)))
     if p.clip_skip > 1:
         fields.append(("Clip skip", str(p.clip_skip)))
+    fields.extend(p.extra)
     fields.append(("Version", f"underpaint-{__version__}"))
     line = ", ".join(f"{k}: {_quote(v)}" for k, v in fields if v != "")
     lines = [prompt]
