@@ -463,6 +463,7 @@ def test_job_from_stored_payload(submit: Submit, services: Services, png_b64: st
     assert job.checkpoint == "dreamshaper_8.safetensors"
     assert job.vae == "vae-ft-mse-840000.safetensors"
     assert (job.seed, job.steps, job.sampler_name, job.strength) == (5, 12, "DPM++ 2M Karras", 0.5)
+    assert job.init_image is not None
     assert job.init_image.mode == "RGB"
     assert job.init_image.size == (64, 64)
     assert job.loras[0].name == "add_detail.safetensors"

@@ -10,7 +10,8 @@ from typing import Any
 import boto3
 import pytest
 from PIL import Image
-from tests.support.services import free_port, moto_endpoint
+from tests.support.ports import free_port
+from tests.support.services import moto_endpoint
 
 from underpaint.config import Settings
 from underpaint.storage.base import StorageError
