@@ -13,7 +13,7 @@ rounds differently), and exactly wherever the overlay mask is empty.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +28,7 @@ from torch import Tensor
 from underpaint.config import Settings
 from underpaint.engine import pipeline
 from underpaint.engine.executor import DiffusersExecutor
-from underpaint.engine.job import GenerationJob, MaskSpec
+from underpaint.engine.job import GenerationJob, HiresFix, JobError, MaskSpec
 from underpaint.registry import ModelRegistry
 from underpaint.vocabulary import SamplerName
 
@@ -321,3 +321,85 @@ def test_matches_the_a1111_reference(
         assert (~untouched).any()
         assert np.array_equal(got[untouched], np.asarray(image)[untouched])  # byte-identical outside
         assert (got[~untouched] != np.asarray(image)[~untouched]).any()  # and something was repainted
+
+
+def test_nine_channel_checkpoints_run_img2img_and_txt2img_with_the_grey_conditioning(
+    executor: DiffusersExecutor,
+) -> None:
+    """Without a mask, a 9-channel UNet gets A1111's [all-ones mask, latent of a grey image], at every size (the
+    hires fix's second pass too); nothing is pasted back."""
+    image = picture(64, 48)
+    base = GenerationJob(
+        checkpoint="tiny-sd15-inpainting",
+        init_image=image,
+        prompt=PROMPT,
+        negative_prompt=NEGATIVE,
+        width=64,
+        height=48,
+        image_num=1,
+        steps=3,
+        guidance_scale=CFG,
+        sampler_name=SamplerName("Euler"),
+        seed=3,
+        strength=0.5,
+    )
+    (img2img,) = executor.generate(base)
+    assert img2img.image.size == (64, 48)
+    assert "Mask blur" not in img2img.infotext
+    (txt2img,) = executor.generate(
+        replace(base, init_image=None, strength=1.0, hires_fix=HiresFix(width=96, height=64, strength=0.5))
+    )
+    assert txt2img.image.size == (96, 64)
+
+
+def test_infotext_carries_the_mask_settings(executor: DiffusersExecutor) -> None:
+    image = picture(64, 48)
+    spec = MaskSpec(blob_mask(64, 48, (20, 10, 40, 30)), 6, True, 16, True, 0.5)
+    job = GenerationJob(
+        checkpoint="tiny-sd15",
+        init_image=image,
+        prompt=PROMPT,
+        negative_prompt="",
+        width=64,
+        height=48,
+        image_num=1,
+        steps=2,
+        guidance_scale=CFG,
+        sampler_name=SamplerName("Euler"),
+        seed=3,
+        strength=0.5,
+        mask=spec,
+    )
+    (out,) = executor.generate(job)
+    for field in (
+        "Mask blur: 6",
+        "Inpaint area: Only masked",
+        "Masked area padding: 16",
+        "Mask mode: Inpaint not masked",
+        "Masked content: original",
+        "Noise multiplier: 0.5",
+        "Denoising strength: 0.5",
+    ):
+        assert field in out.infotext
+
+
+def test_an_empty_mask_fails_the_job_with_a_reason(executor: DiffusersExecutor) -> None:
+    image = picture(64, 48)
+    empty = MaskSpec(Image.new("L", (64, 48), 0))
+    job = GenerationJob(
+        checkpoint="tiny-sd15",
+        init_image=image,
+        prompt=PROMPT,
+        negative_prompt="",
+        width=64,
+        height=48,
+        image_num=1,
+        steps=2,
+        guidance_scale=CFG,
+        sampler_name=SamplerName("Euler"),
+        seed=3,
+        strength=0.5,
+        mask=empty,
+    )
+    with pytest.raises(JobError, match="mask is empty"):
+        executor.generate(job)

@@ -738,7 +738,7 @@ def _sample(c: Components, spec: BatchSpec, batch: _Batch) -> torch.Tensor:
         if not second:  # strength 0: the upscaled first pass, not denoised again
             return latents
         clock.next_pass(1.0 - clock.share)
-        _grey_conditioning_at(c, members, cover)
+        _grey_conditioning_at(c, members, (hires.width, hires.height))
         # The SDXL size conditioning of the second pass is the cover size, as A1111's hires conditioning.
         return img2img(
             BatchSpec(cover[0], cover[1], spec.steps, spec.sampler_name, hires.strength), latents, hires.strength, True
