@@ -29,16 +29,16 @@ from underpaint.delivery.signing import make_secret_for
 from underpaint.delivery.webhooks import WebhookDispatcher, result_hook
 from underpaint.registry import ModelRegistry
 from underpaint.scale.heartbeat import worker_states
-from underpaint.scale.metrics import UPLOAD_RETRIES, InstrumentedRunner, WorkerEnv, install_metrics
+from underpaint.scale.metrics import ORPHANS_REMOVED, UPLOAD_RETRIES, InstrumentedRunner, WorkerEnv, install_metrics
 from underpaint.services import Services, WorkerState
 from underpaint.storage.base import ImageStorage, reachability
 from underpaint.storage.local import LocalStorage, load_or_create_secret
 from underpaint.storage.retry import UploadRetry
 from underpaint.storage.urls import ImageUrls
-from underpaint.tasks.lifecycle import RetentionSweeper, TerminalHook, recover_on_start
+from underpaint.tasks.lifecycle import OrphanSweeper, RetentionSweeper, TerminalHook, recover_on_start
 from underpaint.tasks.queue import LocalQueue, WakeEvent
 from underpaint.tasks.store import SqlTaskStore
-from underpaint.tasks.types import TaskQueue, owner_of
+from underpaint.tasks.types import ImageLister, TaskQueue, owner_of
 from underpaint.worker.loop import BatchPolicy, TaskRunner, Worker
 from underpaint.worker.process import WorkerProcess, new_wake_event
 
@@ -241,12 +241,19 @@ class Server:
                 self.worker = build_local_worker(self.core)
             self.worker.start()
         self.core.webhooks.start()
+        storage = services.storage
+        orphans = None
+        if isinstance(storage, ImageLister):
+            # Older than any attempt can be between its uploads and its completion (or deleting its own images).
+            min_age = 2 * settings.lease_seconds + settings.storage_retry_seconds
+            orphans = OrphanSweeper(self.core.store, storage, min_age, on_removed=ORPHANS_REMOVED.inc)
         self.sweeper = RetentionSweeper(
             self.core.store,
-            services.storage,
+            storage,
             settings.retention_seconds,
             also_purge=[self.core.webhooks.purge],
             purge_idempotency=self.core.store.purge_idempotency_keys,
+            orphans=orphans,
         )
         self.sweeper.start()
 

@@ -9,16 +9,17 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 from sqlalchemy.exc import OperationalError
+from tests.support.requests import new_task
 from tests.support.storage import RecordingStorage
 
 from underpaint.engine.job import Progress
+from underpaint.tasks.contract import TaskRequest
 from underpaint.tasks.lifecycle import sweep_expired
 from underpaint.tasks.store import SqlTaskStore
-from underpaint.tasks.types import ImageRecord, NewTask, TaskRecord, TaskStatus
+from underpaint.tasks.types import ImageRecord, TaskRecord, TaskStatus
 from underpaint.worker.loop import ProgressReporter, process_task
 
 
@@ -65,7 +66,7 @@ class UploadThenOutage:
     def __init__(self, store: BlinkingStore, storage: Storage, outage_s: float) -> None:
         self.store, self.storage, self.outage_s = store, storage, outage_s
 
-    def run(self, task: TaskRecord, payload: dict[str, Any], report: ProgressReporter) -> list[ImageRecord]:
+    def run(self, task: TaskRecord, request: TaskRequest, report: ProgressReporter) -> list[ImageRecord]:
         key = f"{task.task_id}/{task.attempts}.png"
         self.storage.put(key, b"png", "image/png")
         if task.attempts == 1 and self.outage_s > 0:
@@ -84,8 +85,7 @@ def store(tmp_path: Path) -> Iterator[BlinkingStore]:
 
 def _add(store: SqlTaskStore) -> str:
     tid = uuid.uuid4().hex
-    store.create(NewTask(task_id=tid, owner="o", seed=1, enable_nsfw_detection=False, response_image_type="png",
-                         extra={}, payload={"prompt": "p"}))  # fmt: skip
+    store.create(new_task(tid))
     return tid
 
 

@@ -19,7 +19,7 @@ import transformers
 from PIL import Image
 
 from underpaint.config import Settings
-from underpaint.engine import pipeline
+from underpaint.engine import inpainting, pipeline
 from underpaint.engine.adapters.embeddings import EmbeddingManager, EmbeddingPlan
 from underpaint.engine.adapters.ip_adapter import IPAdapterManager
 from underpaint.engine.adapters.lora import LoraManager
@@ -117,7 +117,7 @@ class DiffusersExecutor:
         cancels = list(should_cancel) if should_cancel is not None else [None] * len(jobs)
         if not len(progress) == len(cancels) == len(jobs):
             raise ValueError("generate_batch needs one progress callback and one cancel check per job")
-        groups: dict[tuple[Any, ...], list[int]] = {}
+        groups: dict[object, list[int]] = {}
         for i, job in enumerate(jobs):
             groups.setdefault(batch_key(job), []).append(i)
         outcomes: list[JobOutcome | None] = [None] * len(jobs)
@@ -238,6 +238,7 @@ class DiffusersExecutor:
             token_expansions=plan.token_expansions,
             added_cond=added_cond,
             control=self._control_hook(loaded, job),
+            mask=job.mask,
             hires_fix=job.hires_fix,
         )
         return plan, inputs
@@ -281,6 +282,7 @@ class DiffusersExecutor:
                 loras=tuple((e.stem, w) for e, w in lora_entries),
                 vae_name=job.vae,
                 vae_hash=vae_hash,
+                extra=inpainting.infotext_fields(job.mask) if job.mask is not None else (),
                 hires_fix=job.hires_fix,
             )
             out.append(GeneratedImage(image=img, seed=seed, infotext=build_infotext(params)))

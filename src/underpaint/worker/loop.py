@@ -25,11 +25,12 @@ import time
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol, runtime_checkable
+from typing import Protocol, runtime_checkable
 
 from underpaint.config import Settings
 from underpaint.engine.job import JobCancelled, JobError, Progress
 from underpaint.storage.base import ImageStorage, StorageError
+from underpaint.tasks.contract import TaskRequest
 from underpaint.tasks.lifecycle import TerminalHook, delete_images, notify_terminal, sweep_expired
 from underpaint.tasks.queue import LocalQueue
 from underpaint.tasks.types import CANCELLED_REASON, ImageRecord, TaskRecord, TaskStatus, TaskStore
@@ -107,7 +108,7 @@ class ProgressReporter:
 
 
 class TaskRunner(Protocol):
-    def run(self, task: TaskRecord, payload: dict[str, Any], report: ProgressReporter) -> list[ImageRecord]:
+    def run(self, task: TaskRecord, request: TaskRequest, report: ProgressReporter) -> list[ImageRecord]:
         """Generate and store the images of ``task``. Image keys must be unique per attempt (``task.attempts``)
         so that a run that lost its lease can delete its own images without touching the winner's."""
         ...
@@ -116,7 +117,7 @@ class TaskRunner(Protocol):
 @runtime_checkable
 class BatchTaskRunner(TaskRunner, Protocol):
     def run_batch(
-        self, items: Sequence[tuple[TaskRecord, dict[str, Any], ProgressReporter]]
+        self, items: Sequence[tuple[TaskRecord, TaskRequest, ProgressReporter]]
     ) -> list[list[ImageRecord] | BaseException]:
         """Run compatible tasks together; one outcome per task, in order: its images, or why it has none
         (``JobCancelled`` when it was abandoned). A task's failure never fails the others."""
@@ -221,15 +222,20 @@ def run_claimed_batch(
 ) -> None:
     """Run tasks this worker has just claimed, together when the runner batches, and record each outcome on its
     own (if this worker still holds that task's lease)."""
-    items: list[tuple[TaskRecord, dict[str, Any], ProgressReporter]] = []
+    items: list[tuple[TaskRecord, TaskRequest, ProgressReporter]] = []
     for task in tasks:
         try:
-            payload = store.get_payload(task.task_id)
-        except KeyError:
-            if store.fail(task.task_id, worker_id, "the task's input is no longer available; submit the task again"):
+            request = store.get_request(task.task_id)
+        except (KeyError, ValueError) as exc:
+            reason = (
+                "the task's input is no longer available; submit the task again"
+                if isinstance(exc, KeyError)
+                else f"the task's stored input is not a valid request: {exc}"
+            )
+            if store.fail(task.task_id, worker_id, reason):
                 notify_terminal(store, [task.task_id], on_terminal)
             continue
-        items.append((task, payload, ProgressReporter(store, task.task_id, worker_id)))
+        items.append((task, request, ProgressReporter(store, task.task_id, worker_id)))
     if not items:
         return
     for task, _, _ in items:
@@ -248,7 +254,7 @@ def run_claimed_batch(
 
 
 def _run(
-    runner: TaskRunner, items: list[tuple[TaskRecord, dict[str, Any], ProgressReporter]]
+    runner: TaskRunner, items: list[tuple[TaskRecord, TaskRequest, ProgressReporter]]
 ) -> list[list[ImageRecord] | BaseException]:
     if len(items) > 1 and isinstance(runner, BatchTaskRunner):
         try:
@@ -257,9 +263,9 @@ def _run(
             log.exception("a batch of %d tasks failed as a whole", len(items))
             return [exc] * len(items)
     outcomes: list[list[ImageRecord] | BaseException] = []
-    for task, payload, reporter in items:
+    for task, request, reporter in items:
         try:
-            outcomes.append(runner.run(task, payload, reporter))
+            outcomes.append(runner.run(task, request, reporter))
         except Exception as exc:
             outcomes.append(exc)
     return outcomes
