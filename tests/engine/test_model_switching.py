@@ -189,3 +189,19 @@ def test_executor_switch_in_place_and_prefetch_give_the_images_of_a_fresh_load(m
     assert np.array_equal(switched, image(fresh, other))
     assert np.array_equal(first, image(switching, JOB))  # and back again
     assert switching.cache_report().hits == {"device": 0, "ram": 2, "disk": 1}
+
+
+def test_an_inpainting_checkpoint_never_takes_a_plain_models_modules(models: Path) -> None:
+    """Same config tree, but a 9-channel UNet: the shapes differ, so the plain model is released and new modules are
+    built (and back again)."""
+    cache = ModelCache(one_model_budget(models), CPU, torch.float32, ram_budget_bytes=10**9)
+    plain = cache.get(entry(models, SD15)).unet
+    inpainting = cache.get(entry(models, "tiny-sd15-inpainting.safetensors"))
+    assert inpainting.unet is not plain
+    assert inpainting.unet.conv_in.in_channels == 9
+    assert cache.stats.in_place == 0
+    reference = load_checkpoint(entry(models, "tiny-sd15-inpainting.safetensors"), CPU, torch.float32)
+    assert_same_weights(inpainting, reference)
+    back = cache.get(entry(models, SD15))
+    assert back.unet.conv_in.in_channels == 4
+    assert cache.loaded_names() == [SD15]

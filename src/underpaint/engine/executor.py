@@ -21,7 +21,7 @@ import transformers
 from PIL import Image
 
 from underpaint.config import Settings
-from underpaint.engine import pipeline
+from underpaint.engine import inpainting, pipeline
 from underpaint.engine.adapters.controlnet import ControlNetCache
 from underpaint.engine.adapters.embeddings import EmbeddingManager, EmbeddingPlan
 from underpaint.engine.adapters.ip_adapter import IPAdapterManager
@@ -274,6 +274,7 @@ class DiffusersExecutor:
             token_expansions=plan.token_expansions,
             added_cond=added_cond,
             control=self._control_hook(loaded, job),
+            mask=job.mask,
             hires_fix=job.hires_fix,
         )
         return plan, inputs
@@ -317,6 +318,7 @@ class DiffusersExecutor:
                 loras=tuple((e.stem, w) for e, w in lora_entries),
                 vae_name=job.vae,
                 vae_hash=vae_hash,
+                extra=inpainting.infotext_fields(job.mask) if job.mask is not None else (),
                 hires_fix=job.hires_fix,
             )
             out.append(GeneratedImage(image=img, seed=seed, infotext=build_infotext(params)))

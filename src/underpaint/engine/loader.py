@@ -51,7 +51,7 @@ from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokeniz
 from underpaint.config import Settings
 from underpaint.engine.devices import empty_device_cache, pick_device, pick_dtype
 from underpaint.engine.model_tiers import ModelCacheReport
-from underpaint.registry import ModelEntry
+from underpaint.registry import UNET_CONV_IN, ModelEntry
 
 log = logging.getLogger(__name__)
 
@@ -124,6 +124,12 @@ def load_state_dict_file(path: Path) -> StateDict:
 
 def is_sdxl_state_dict(sd: Mapping[str, Any]) -> bool:
     return any(k.startswith("conditioner.embedders.1.") for k in sd)
+
+
+def unet_in_channels(sd: Mapping[str, Any]) -> int:
+    """The UNet's input channels from its first convolution: 4, or 9 for inpainting checkpoints."""
+    weight = sd.get(UNET_CONV_IN)
+    return int(weight.shape[1]) if weight is not None else 4
 
 
 # ---------------------------------------------------------------------------------------------------- results
@@ -355,7 +361,9 @@ def _single_file_pipeline(
     common: dict[str, Any] = {"config": cfg, "local_files_only": True, "dtype": dtype}
     modules: dict[str, torch.nn.Module] = {}
     try:
-        modules["unet"] = UNet2DConditionModel.from_single_file(sd, subfolder="unet", **common)
+        # Inpainting checkpoints (9 input channels) load over the same config, told their conv_in width.
+        in_channels = unet_in_channels(sd)
+        modules["unet"] = UNet2DConditionModel.from_single_file(sd, subfolder="unet", in_channels=in_channels, **common)
         modules["vae"] = AutoencoderKL.from_single_file(sd, subfolder="vae", **common)
         modules["text_encoder"] = create_diffusers_clip_model_from_ldm(
             CLIPTextModel, sd, subfolder="text_encoder", config=cfg, torch_dtype=dtype, local_files_only=True
