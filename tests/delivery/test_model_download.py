@@ -7,6 +7,7 @@ import json
 import struct
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TypedDict
 
 import pytest
 from tests.support.model_hub import Hub, running_hub
@@ -39,7 +40,12 @@ def hub() -> Iterator[Hub]:
         yield h
 
 
-def endpoints(hub: Hub) -> dict[str, str]:
+class Endpoints(TypedDict):
+    hf_endpoint: str
+    civitai_endpoint: str
+
+
+def endpoints(hub: Hub) -> Endpoints:
     return {"hf_endpoint": f"{hub.base}/hf", "civitai_endpoint": f"{hub.base}/civitai"}
 
 

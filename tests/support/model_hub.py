@@ -51,11 +51,11 @@ def _handler(hub: Hub) -> type[BaseHTTPRequestHandler]:
                 self.end_headers()
                 return None
             if path.startswith("/civitai/api/download/models/"):
-                name = hub.civitai.get(path.rsplit("/", 1)[-1])
-                if name is None:
+                blob = hub.civitai.get(path.rsplit("/", 1)[-1])
+                if blob is None:
                     return self._plain(404, b"not found")
                 self.send_response(307)
-                self.send_header("Location", f"{hub.base}/cdn/blob-{name}?sig=abc&name={name}")
+                self.send_header("Location", f"{hub.base}/cdn/blob-{blob}?sig=abc&name={blob}")
                 self.send_header("Content-Length", "0")
                 self.end_headers()
                 return None
