@@ -50,6 +50,19 @@ class IPAdapterSpec:
 
 
 @dataclass(frozen=True)
+class MaskSpec:
+    """Inpainting: the mask and how to use it (``engine.inpainting``). ``mask`` is single-channel ("L", white =
+    repaint), the init image's size, as ``wire.images.mask_channel`` reduced it."""
+
+    mask: Image.Image
+    blur: int = 4
+    full_res: bool = False
+    full_res_padding: int = 8
+    invert: bool = False
+    initial_noise_multiplier: float = 1.0
+
+
+@dataclass(frozen=True)
 class HiresFix:
     """txt2img's second pass, as A1111 >= 1.6 runs it: upscale the first pass to ``width`` x ``height`` (cover, then
     centre-crop when the aspect differs), then img2img at that size with denoising strength ``strength`` for exactly
@@ -95,6 +108,9 @@ class GenerationJob:
     embeddings: tuple[EmbeddingSpec, ...] = ()
     controlnets: tuple[ControlNetUnitSpec, ...] = ()
     ip_adapters: tuple[IPAdapterSpec, ...] = ()
+    # Inpainting: width x height is then the processing size (``inpainting.processing_size``), the output keeps the
+    # init image's size.
+    mask: MaskSpec | None = None
     hires_fix: HiresFix | None = None  # txt2img only
     refiner: Refiner | None = None  # txt2img only
 

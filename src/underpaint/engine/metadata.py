@@ -35,6 +35,8 @@ class InfotextParams:
     loras: tuple[tuple[str, float], ...] = ()
     vae_name: str | None = None
     vae_hash: str | None = None
+    # further "Key: value" pairs in A1111's order, written before "Version" (inpainting's mask settings ...)
+    extra: tuple[tuple[str, str], ...] = ()
     hires_fix: HiresFix | None = None
 
 
@@ -75,6 +77,7 @@ def build_infotext(p: InfotextParams) -> str:
             ("Hires resize", f"{p.hires_fix.width}x{p.hires_fix.height}"),
             ("Hires upscaler", p.hires_fix.upscaler),
         ]
+    fields.extend(p.extra)
     fields.append(("Version", f"underpaint-{__version__}"))
     line = ", ".join(f"{k}: {_quote(v)}" for k, v in fields if v != "")
     lines = [prompt]

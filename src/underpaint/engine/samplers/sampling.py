@@ -43,6 +43,7 @@ from underpaint.engine.samplers import k_samplers, timestep_samplers
 from underpaint.engine.samplers.denoiser import (
     PREDICTION_TYPES,
     Denoiser,
+    LatentBlend,
     ModelFn,
     guard_cancel,
     make_denoiser,
@@ -296,12 +297,16 @@ def _sample_timesteps(
     callback: StepCallback | None,
     *,
     unipc_start: float,
+    blend: LatentBlend | None = None,
 ) -> Tensor:
     """DDIM / PLMS / UniPC from the VP latent ``x`` over ``timesteps`` (ascending; DDIM and PLMS end at its first
-    entry, UniPC walks ``len(timesteps)`` steps of continuous time from ``unipc_start``)."""
+    entry, UniPC walks ``len(timesteps)`` steps of continuous time from ``unipc_start``). ``blend`` (inpainting)
+    blends the latent the model sees before each call, and the result."""
     if schedule.num_timesteps != 1000:
         raise ValueError(f"{name} follows A1111's 1000-timestep grid; this model has {schedule.num_timesteps}")
     eps_fn = make_eps_fn(model_fn, schedule, prediction_type)
+    if blend is not None:
+        eps_fn = blend.before(eps_fn)
     progress = _Progress(callback, len(timesteps) if spec.kind == "unipc" else max(len(timesteps) - 1, 0))
     if spec.kind == "unipc":
         if timesteps:
@@ -312,7 +317,7 @@ def _sample_timesteps(
     else:
         x = timestep_samplers.plms(eps_fn, x, timesteps, schedule, progress.step)
     progress.finish()
-    return x
+    return blend(x) if blend is not None else x
 
 
 def _brownian_range(full: Tensor) -> tuple[float, float]:
@@ -333,12 +338,20 @@ def sample_img2img(
     callback: StepCallback | None = None,
     should_cancel: Callable[[], bool] | None = None,
     fix_steps: bool = False,
+    repaint_mask: Tensor | None = None,
+    initial_noise_multiplier: float | Tensor = 1.0,
 ) -> Tensor:
     """A1111 img2img sampling (see module docstring). ``model_fn(x_in, t) -> eps | v`` with CFG already applied.
 
-    The first draw of every generator in ``noise`` is that image's initial noise. Returns the final latent (still
-    multiplied by the VAE scaling factor). Raises ``JobCancelled`` when ``should_cancel()`` turns true (checked
-    before every model evaluation) and ``ValueError`` on bad arguments.
+    The first draw of every generator in ``noise`` is that image's initial noise, multiplied by
+    ``initial_noise_multiplier`` (a float, or one value per row shaped [B, 1, 1, 1]; later draws are not). Returns
+    the final latent (still multiplied by the VAE scaling factor). Raises ``JobCancelled`` when ``should_cancel()``
+    turns true (checked before every model evaluation) and ``ValueError`` on bad arguments.
+
+    Inpainting (``repaint_mask``, the latent mask: 1 = repaint, 0 = keep, broadcastable to ``init_latent``), as
+    A1111 v1.8 blends: sigma samplers replace the denoised estimate (after CFG) by the un-noised ``init_latent``
+    where the mask keeps it; timestep samplers (DDIM/PLMS/UniPC) blend the latent the model sees before each model
+    call instead; and the final latent is blended once more.
 
     ``fix_steps`` is A1111's ``img2img_fix_steps`` path (the hires fix's second pass): exactly ``steps`` steps
     over a schedule of ``int(steps / min(strength, 0.999))`` (see ``hires_schedule``).
@@ -348,6 +361,9 @@ def sample_img2img(
     steps, t_enc = hires_schedule(steps, strength) if fix_steps else (steps, img2img_t_enc(steps, strength))
     model_fn = guard_cancel(model_fn, should_cancel)
     initial_noise = noise.randn_like(init_latent)
+    if not (isinstance(initial_noise_multiplier, float | int) and initial_noise_multiplier == 1.0):
+        initial_noise = initial_noise * initial_noise_multiplier
+    blend = LatentBlend(init_latent, repaint_mask) if repaint_mask is not None else None
 
     if spec.kind in _TIMESTEP_KINDS:
         timesteps = timestep_samplers.uniform_timesteps(steps)
@@ -356,14 +372,27 @@ def sample_img2img(
         x = init_latent * abar**0.5 + initial_noise * (1.0 - abar) ** 0.5
         unipc_start = ts_sched[-1] / 1000 + 1 / 1000 if ts_sched else 1.0
         return _sample_timesteps(
-            canonical, spec, model_fn, schedule, x, ts_sched, noise, prediction_type, callback, unipc_start=unipc_start
+            canonical,
+            spec,
+            model_fn,
+            schedule,
+            x,
+            ts_sched,
+            noise,
+            prediction_type,
+            callback,
+            unipc_start=unipc_start,
+            blend=blend,
         )
 
     full = full_sigmas(canonical, schedule, steps)
     sigma_sched = full[steps - t_enc - 1 :]
     x = init_latent + initial_noise * float(sigma_sched[0])
     denoiser = make_denoiser(model_fn, schedule, prediction_type)
-    return sample(canonical, denoiser, x, sigma_sched, noise, brownian_range=_brownian_range(full), callback=callback)
+    if blend is not None:
+        denoiser = blend.after(denoiser)
+    out = sample(canonical, denoiser, x, sigma_sched, noise, brownian_range=_brownian_range(full), callback=callback)
+    return blend(out) if blend is not None else out
 
 
 def hires_schedule(steps: int, strength: float) -> tuple[int, int]:
