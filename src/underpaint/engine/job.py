@@ -13,7 +13,14 @@ from typing import Protocol
 
 from PIL import Image
 
-from underpaint.vocabulary import PreprocessorName, SamplerName, normalize_sampler_name
+from underpaint.vocabulary import (
+    PreprocessorName,
+    SamplerName,
+    SchedulerName,
+    normalize_sampler_name,
+    sampler_algorithm,
+    sampler_with_schedule,
+)
 
 
 @dataclass(frozen=True)
@@ -64,6 +71,13 @@ class GenerationJob:
     embeddings: tuple[EmbeddingSpec, ...] = ()
     controlnets: tuple[ControlNetUnitSpec, ...] = ()
     ip_adapters: tuple[IPAdapterSpec, ...] = ()
+    # A1111 >= 1.9's "Schedule type"; None = not sent: the sampler name means what it meant in A1111 <= 1.8.
+    scheduler: SchedulerName | None = None
+
+    @property
+    def sampler(self) -> SamplerName:
+        """What the sampler runs: the name with the schedule type folded in (``vocabulary.sampler_with_schedule``)."""
+        return sampler_with_schedule(self.sampler_name, self.scheduler)
 
 
 @dataclass
@@ -111,7 +125,7 @@ def batch_key(job: GenerationJob) -> tuple[object, ...]:
     """Jobs with equal keys can share one sampler call: same model, VAE, LoRAs, size, schedule, ControlNet and
     IP-Adapter configuration. Prompts, seeds, ``image_num``, guidance scale and the adapters' images may differ.
     A DPM adaptive job's key is unique to it (never batched)."""
-    sampler = normalize_sampler_name(job.sampler_name) or job.sampler_name
+    sampler = normalize_sampler_name(job.sampler) or job.sampler
     key: tuple[object, ...] = (
         job.checkpoint,
         job.width,
@@ -127,7 +141,7 @@ def batch_key(job: GenerationJob) -> tuple[object, ...]:
         ),
         tuple((a.model, a.strength) for a in job.ip_adapters),
     )
-    if sampler in UNBATCHABLE_SAMPLERS:
+    if sampler_algorithm(sampler) in UNBATCHABLE_SAMPLERS:
         key = (*key, id(job))
     return key
 

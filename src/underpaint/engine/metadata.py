@@ -34,6 +34,7 @@ class InfotextParams:
     loras: tuple[tuple[str, float], ...] = ()
     vae_name: str | None = None
     vae_hash: str | None = None
+    schedule_type: str | None = None  # A1111 >= 1.9's "Schedule type", written when the request sent one
 
 
 def _quote(value: str) -> str:
@@ -53,6 +54,7 @@ def build_infotext(p: InfotextParams) -> str:
     fields: list[tuple[str, str]] = [
         ("Steps", str(p.steps)),
         ("Sampler", p.sampler_name),
+        *([("Schedule type", p.schedule_type)] if p.schedule_type else []),
         ("CFG scale", _num(p.guidance_scale)),
         ("Seed", str(p.seed)),
         ("Size", f"{p.width}x{p.height}"),

@@ -32,7 +32,7 @@ from underpaint.engine.job import (
     ProgressCallback,
 )
 from underpaint.engine.samplers import DiscreteSchedule, NoiseSource, sample_img2img
-from underpaint.vocabulary import SamplerName, normalize_sampler_name
+from underpaint.vocabulary import SamplerName, sampler_algorithm
 
 log = logging.getLogger(__name__)
 
@@ -502,7 +502,7 @@ def batch_spec(inputs: PipelineInputs) -> BatchSpec:
 
 
 def batch_spec_of(job: GenerationJob) -> BatchSpec:
-    return BatchSpec(job.width, job.height, job.steps, job.sampler_name, job.strength)
+    return BatchSpec(job.width, job.height, job.steps, job.sampler, job.strength)
 
 
 Outcome = list[Image.Image] | BaseException
@@ -515,7 +515,7 @@ def sample_batch(c: Components, spec: BatchSpec, members: Sequence[Member]) -> l
     disturbing the others. If the shared call itself fails (out of memory, say), each member still running is
     retried on its own, so one bad member never fails its mates.
     """
-    if len(members) > 1 and normalize_sampler_name(spec.sampler_name) in UNBATCHABLE_SAMPLERS:
+    if len(members) > 1 and sampler_algorithm(spec.sampler_name) in UNBATCHABLE_SAMPLERS:
         return [sample_batch(c, spec, [m])[0] for m in members]
     batch = _Batch(members)
     try:

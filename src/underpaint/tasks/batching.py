@@ -18,7 +18,7 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
-from underpaint.vocabulary import normalize_sampler_name
+from underpaint.vocabulary import normalize_sampler_name, sampler_algorithm
 
 UNBATCHABLE_SAMPLERS = frozenset({"DPM adaptive"})
 
@@ -51,7 +51,7 @@ def batch_key(payload: Mapping[str, Any], response_image_type: str) -> str | Non
 
 def _batch_key(payload: Mapping[str, Any], response_image_type: str) -> str | None:
     sampler = normalize_sampler_name(str(payload.get("sampler_name", "")))
-    if sampler is None or sampler in UNBATCHABLE_SAMPLERS:
+    if sampler is None or sampler_algorithm(sampler) in UNBATCHABLE_SAMPLERS:
         return None
     controlnet = payload.get("controlnet") or {}
     units = [
