@@ -36,9 +36,10 @@ def _demo_cache_key() -> str:
     import underpaint.demo.controlnet as demo_controlnet
     import underpaint.demo.ldm_convert as convert
     import underpaint.demo.models as demo_models
+    import underpaint.demo.upscalers as demo_upscalers
 
     digest = hashlib.sha256()
-    for module in (demo, convert, demo_controlnet, demo_adapters, demo_annotators, demo_models):
+    for module in (demo, convert, demo_controlnet, demo_adapters, demo_annotators, demo_models, demo_upscalers):
         digest.update(Path(str(module.__file__)).read_bytes())
     digest.update(f"{torch.__version__}/{diffusers.__version__}/{transformers.__version__}".encode())
     return digest.hexdigest()[:16]
@@ -109,6 +110,18 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         config.hook.pytest_deselected(items=dropped)
         items[:] = keep
         _DESELECTED_REASONS[:] = [f"{n} deselected: {reason}" for reason, n in reasons.items()]
+    workeroutput = getattr(config, "workeroutput", None)  # a pytest-xdist worker: tell the controller
+    if workeroutput is not None:
+        workeroutput["deselected_reasons"] = list(_DESELECTED_REASONS)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node: Any, error: object) -> None:
+    """pytest-xdist's controller collects nothing itself: every worker deselects the same tests, so any worker's
+    reasons are the run's."""
+    reasons = getattr(node, "workeroutput", {}).get("deselected_reasons")
+    if reasons and not _DESELECTED_REASONS:
+        _DESELECTED_REASONS[:] = reasons
 
 
 def pytest_terminal_summary(terminalreporter: Any) -> None:

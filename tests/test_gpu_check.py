@@ -50,6 +50,7 @@ def test_carried_wheels_are_the_pinned_versions_and_never_torch() -> None:
         "uvicorn",
         "sqlalchemy",
         "torchsde",
+        "spandrel",
     ):
         assert needed in carried, needed
 

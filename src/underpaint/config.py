@@ -122,6 +122,10 @@ class Settings(BaseSettings):
     # A task whose worker vanished is retried after this many seconds without a heartbeat.
     lease_seconds: Positive = 120
     max_attempts: Positive = 3
+    # Celery: an idle worker claims, straight from the store, tasks of its queues that have been QUEUED this long
+    # (their broker message was lost: a broker restart without persistence, a failed publish). Such a task waits
+    # about twice this at most once a worker is free.
+    queue_poll_seconds: PositiveFloat = 10.0
     # How often a worker reads the cancel flag of the task it runs (the sampler itself checks a local event).
     cancel_poll_seconds: PositiveFloat = 0.5
     # Engine
@@ -155,6 +159,9 @@ class Settings(BaseSettings):
     s3_prefix: str = "underpaint"
     s3_endpoint_url: str | None = None
     s3_region: str | None = None
+    # A failed upload to unreachable storage (S3 down, 5xx) is retried with backoff for this long per outage
+    # before the task fails; the worker holds its tasks (and their leases) meanwhile. 0 = fail at once.
+    storage_retry_seconds: NonNegative = 300
 
     def __init__(self, **values: Any) -> None:
         try:

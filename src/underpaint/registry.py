@@ -4,6 +4,7 @@ Layout (folder names match ``filter.types``)::
 
     M/checkpoint/   *.safetensors | *.ckpt | <diffusers folder with model_index.json>
     M/lora/ M/vae/ M/textualinversion/ M/controlnet/ M/ipadapter/ M/annotator/
+    M/upscaler/     *.pth | *.safetensors | ... (ESRGAN-family and other spandrel architectures)
 
 A single-file model may carry a sidecar ``<stem>.config/`` folder (a diffusers config tree without weights) that
 overrides the shipped config. The registry rescans a folder when its mtime changes, so dropping a file in is enough.
@@ -26,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-KINDS = ("checkpoint", "lora", "vae", "textualinversion", "controlnet", "ipadapter", "annotator")
+KINDS = ("checkpoint", "lora", "vae", "textualinversion", "controlnet", "ipadapter", "annotator", "upscaler")
 WEIGHT_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin", ".onnx")
 SD15 = "SD 1.5"
 SDXL = "SDXL 1.0"
@@ -71,13 +72,21 @@ class ModelEntry:
         return side if side.is_dir() else None
 
 
-def safetensors_keys(path: Path) -> tuple[list[str], dict[str, str]]:
-    """Tensor names and ``__metadata__`` of a .safetensors file, reading only its JSON header."""
+def safetensors_header(path: Path) -> dict[str, Any]:
+    """The JSON header of a .safetensors file (tensor name -> dtype, shape, offsets; ``__metadata__``)."""
     with path.open("rb") as f:
         (n,) = struct.unpack("<Q", f.read(8))
         if n > 100 * 1024 * 1024:
             raise ValueError(f"{path.name}: implausible safetensors header")
         header = json.loads(f.read(n))
+    if not isinstance(header, dict):
+        raise ValueError(f"{path.name}: the safetensors header is not an object")
+    return header
+
+
+def safetensors_keys(path: Path) -> tuple[list[str], dict[str, str]]:
+    """Tensor names and ``__metadata__`` of a .safetensors file, reading only its JSON header."""
+    header = safetensors_header(path)
     meta = header.pop("__metadata__", None) or {}
     return list(header), meta
 
@@ -96,23 +105,42 @@ def _opaque(*_args: object, **_kwargs: object) -> _Opaque:
     return _Opaque()
 
 
+class _TensorShape(_Opaque):
+    """Stands in for a tensor of a torch pickle, keeping only its shape (``_rebuild_tensor_v2``'s size)."""
+
+    def __init__(self, *args: object, **_kwargs: object) -> None:
+        size = args[2] if len(args) > 2 else ()
+        self.shape = tuple(int(d) for d in size) if isinstance(size, tuple | list) else ()
+
+
+_TENSOR_REBUILDERS = {("torch._utils", "_rebuild_tensor_v2"), ("torch._utils", "_rebuild_tensor")}
+
+
 class _KeysUnpickler(pickle.Unpickler):
     """Reads the structure of a torch pickle without torch and without running any of its code: every global it
     names (``torch._utils._rebuild_tensor_v2``, storage classes ...) becomes a harmless stand-in, except
-    ``OrderedDict``, and tensor storages are never read."""
+    ``OrderedDict``, and tensor storages are never read. ``named`` collects the globals it names."""
+
+    def __init__(self, file: Any) -> None:
+        super().__init__(file)
+        self.named: set[str] = set()
 
     def find_class(self, module: str, name: str) -> Any:
+        self.named.add(f"{module}.{name}")
         if (module, name) == ("collections", "OrderedDict"):
             return collections.OrderedDict
+        if (module, name) in _TENSOR_REBUILDERS:
+            return _TensorShape
         return _opaque
 
     def persistent_load(self, pid: Any) -> object:
         return None
 
 
-def pickle_keys(path: Path) -> list[str] | None:
-    """Tensor names of a zip-format torch pickle (``torch.save``'s format since 1.6), read from its ``data.pkl``
-    alone: no torch import, no tensor data read, no code run. ``None`` for legacy or unreadable files."""
+def pickle_shapes(path: Path) -> dict[str, tuple[int, ...]] | None:
+    """Tensor names and shapes of a zip-format torch pickle (``torch.save``'s format since 1.6), read from its
+    ``data.pkl`` alone: no torch import, no tensor data read, no code run. ``None`` for legacy or unreadable
+    files; an entry that is not a tensor has the shape ``()``."""
     if not zipfile.is_zipfile(path):
         return None
     try:
@@ -124,11 +152,74 @@ def pickle_keys(path: Path) -> list[str] | None:
         return None
     while isinstance(data, dict) and isinstance(data.get("state_dict"), dict):
         data = data["state_dict"]
-    return [str(k) for k in data] if isinstance(data, dict) else None
+    if not isinstance(data, dict):
+        return None
+    return {str(k): v.shape if isinstance(v, _TensorShape) else () for k, v in data.items()}
+
+
+def pickle_keys(path: Path) -> list[str] | None:
+    """Tensor names of a zip-format torch pickle (see ``pickle_shapes``)."""
+    shapes = pickle_shapes(path)
+    return list(shapes) if shapes is not None else None
+
+
+UNET_CONV_IN = "model.diffusion_model.input_blocks.0.0.weight"
+
+
+def unet_in_channels(path: Path) -> int | None:
+    """The input channels of a checkpoint's UNet (4; 9 for inpainting checkpoints) from the file alone: the
+    ``conv_in`` weight's shape in a safetensors header or a torch pickle's structure, or a diffusers folder's
+    ``unet/config.json``. ``None`` when it cannot be told without loading the model."""
+    try:
+        if path.is_dir():
+            config = path / "unet" / "config.json"
+            data = json.loads(config.read_text()) if config.is_file() else None
+            channels = data.get("in_channels") if isinstance(data, dict) else None
+            return channels if isinstance(channels, int) else None
+        if path.suffix.lower() == ".safetensors":
+            info = safetensors_header(path).get(UNET_CONV_IN)
+            shape = info.get("shape") if isinstance(info, dict) else None
+        else:
+            shape = (pickle_shapes(path) or {}).get(UNET_CONV_IN)
+    except (OSError, ValueError, struct.error):
+        return None
+    return int(shape[1]) if isinstance(shape, list | tuple) and len(shape) == 4 else None
+
+
+_PICKLE_MAGIC = (b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05")  # protocols 2-5: legacy torch.save files
+
+
+def weights_problem(path: Path) -> str | None:
+    """Why a single weights file cannot be loaded, told from its header without torch (``None`` when it looks
+    loadable): a safetensors header that does not parse or lists no tensors, a zip-format torch pickle whose
+    ``data.pkl`` does not parse or names globals beyond torch's own (code: the loader's ``weights_only`` reader
+    refuses it), or a file that is neither. Legacy (pre-zip) torch pickles pass here and are checked on load."""
+    name = path.name
+    try:
+        if path.suffix.lower() == ".safetensors":
+            keys, _ = safetensors_keys(path)
+            return None if keys else f"{name}: the safetensors file holds no tensors"
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as archive:
+                member = next((n for n in archive.namelist() if n.endswith("/data.pkl") and n.count("/") == 1), None)
+                if member is None:
+                    return f"{name}: a zip file without a torch pickle (data.pkl)"
+                with archive.open(member) as f:
+                    unpickler = _KeysUnpickler(f)
+                    unpickler.load()
+            code = sorted(g for g in unpickler.named if not g.startswith(("torch.", "collections.OrderedDict")))
+            return f"{name}: the pickle names code ({', '.join(code[:3])}); refused for safety" if code else None
+        with path.open("rb") as f:
+            head = f.read(2)
+        return None if head in _PICKLE_MAGIC else f"{name}: neither a safetensors file nor a torch pickle"
+    except Exception as exc:  # damaged headers and pickles raise assorted errors
+        return f"{name}: cannot read the file's header ({type(exc).__name__}: {exc})"
 
 
 def detect_sdxl(path: Path, kind: str) -> bool:
     """SD 1.5 vs SDXL from the file's keys (shapes in real files are reliable too, keys are cheaper)."""
+    if kind == "upscaler":
+        return False  # upscalers work on pixels, whatever the checkpoint
     try:
         if path.is_dir():
             index = path / "model_index.json"
@@ -267,6 +358,8 @@ class ModelRegistry:
         self._by_kind: dict[str, list[ModelEntry]] = {k: [] for k in KINDS}
         self._mtimes: dict[str, float] = {}
         self._depths: dict[tuple[Path, float, int], int | None] = {}
+        self._problems: dict[tuple[Path, float, int], str | None] = {}
+        self._channels: dict[tuple[Path, float, int], int | None] = {}
 
     def ensure_layout(self) -> None:
         for kind in KINDS:
@@ -327,6 +420,30 @@ class ModelRegistry:
         with self._lock:
             self._depths[key] = depth
         return depth
+
+    def is_inpainting(self, entry: ModelEntry) -> bool:
+        """A checkpoint whose UNet takes 9 input channels (``unet_in_channels``), cached per file version."""
+        if entry.kind != "checkpoint":
+            return False
+        key = (entry.path, entry.mtime, entry.size)
+        with self._lock:
+            if key in self._channels:
+                return self._channels[key] == 9
+        channels = unet_in_channels(entry.path)
+        with self._lock:
+            self._channels[key] = channels
+        return channels == 9
+
+    def weights_problem(self, entry: ModelEntry) -> str | None:
+        """``weights_problem(entry.path)``, cached per file version (path, mtime, size)."""
+        key = (entry.path, entry.mtime, entry.size)
+        with self._lock:
+            if key in self._problems:
+                return self._problems[key]
+        problem = weights_problem(entry.path)
+        with self._lock:
+            self._problems[key] = problem
+        return problem
 
     def resolve(self, kind: str, name: str) -> ModelEntry | None:
         """By ``sd_name`` or ``sd_name_in_api``, with or without extension, case-sensitive first."""

@@ -241,3 +241,27 @@ def test_mutated_files_only_ever_give_api_errors(fmt: str) -> None:
             outcomes["ok"] += 1
     assert outcomes["error"] > 0
     assert error_statuses == {400}
+
+
+def test_an_endpoint_can_pass_its_own_limits() -> None:
+    """Upscale: files up to 30 MB, each side at most 2048 (checked from the header, before decoding)."""
+    from underpaint.wire.images import ImageLimits
+
+    limits = ImageLimits(max_bytes=30 * 2**20, max_side=2048)
+    assert decode_image(b64(raw_png(2048, 1, 8, 0, b"\0" * 2049)), limits=limits).image.size == (2048, 1)
+    for width, height in ((2049, 16), (3464, 2309)):  # one side over; 8 MP
+        with pytest.raises(ApiError) as info:
+            decode_image(b64(bomb_png(width, height)), "request.image_base64", limits)
+        assert info.value.reason == "IMAGE_EXCEEDS_MAX_RESOLUTION"
+        assert f"({width}x{height}) exceeds the maximum of 2048x2048" in info.value.message
+    big = b"\0" * (12 * 2**20)  # over the default 10 MB, under 30 MB: the size check passes, the format does not
+    with pytest.raises(ApiError) as info:
+        decode_image(b64(big), "request.image_base64", limits)
+    assert info.value.reason == "INVALID_IMAGE_FORMAT"
+    with pytest.raises(ApiError) as info:
+        decode_image(b64(big), "request.image_base64")
+    assert info.value.reason == "IMAGE_FILE_EXCEEDS_MAX_SIZE"
+    assert "maximum file size is 10 MB" in info.value.message
+    with pytest.raises(ApiError) as info:
+        decode_image(b64(b"\0" * (31 * 2**20)), "request.image_base64", limits)
+    assert "maximum file size is 30 MB" in info.value.message

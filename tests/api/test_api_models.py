@@ -5,7 +5,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import io
-import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -18,6 +17,7 @@ from fastapi.testclient import TestClient
 from novita_client import NovitaClient
 from PIL import Image
 from tests.support.api import KEY_A, MODEL_COUNT, auth, image_bytes, make_services
+from tests.support.ports import free_port
 
 from underpaint.api.app import create_app
 from underpaint.services import Services
@@ -83,7 +83,7 @@ def test_type_filter_forms(client: TestClient, query: str) -> None:
 @pytest.mark.parametrize(
     ("types", "count"),
     [("checkpoint", 3), ("vae", 1), ("textualinversion", 2), ("text_inversion", 2), ("controlnet", 2),
-     ("ipadapter", 2), ("upscaler", 0), ("lora,vae", 3)],
+     ("ipadapter", 2), ("upscaler", 2), ("lora,vae", 3), ("upscaler,vae", 3)],
 )  # fmt: skip
 def test_each_type(client: TestClient, types: str, count: int) -> None:
     data = models(client, f"filter.types={types}")
@@ -175,20 +175,14 @@ class CompletingQueue:
         time.sleep(0.2)
         record = services.store.claim(task_id, "w")
         assert record is not None
-        payload = services.store.get_payload(task_id)
+        request = services.store.get_request(task_id)
         images = []
-        for i in range(payload["image_num"]):
+        for i in range(request.image_num):
             key = image_key(task_id, record.response_image_type)
             fmt = {"jpeg": "JPEG", "png": "PNG", "webp": "WEBP"}[record.response_image_type]
-            services.storage.put(key, image_bytes((payload["width"], payload["height"]), fmt=fmt, color=(i, 0, 0)), "x")
+            services.storage.put(key, image_bytes((request.width, request.height), fmt=fmt, color=(i, 0, 0)), "x")
             images.append(ImageRecord(key, record.response_image_type))
         services.store.complete(task_id, "w", images)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture

@@ -10,7 +10,7 @@ from pathlib import Path
 import safetensors.torch
 import torch
 
-from underpaint.registry import SD15, SDXL, FileHashCache, ModelRegistry, detect_sdxl, short_hash
+from underpaint.registry import SD15, SDXL, FileHashCache, ModelRegistry, detect_sdxl, short_hash, unet_in_channels
 
 
 def _st(path: Path, keys: list[str]) -> Path:
@@ -108,7 +108,12 @@ def test_sdxl_detection_for_folders_and_sidecars(tmp_path: Path, tiny_models_dir
 def test_sidecars_and_other_files_are_not_models(tiny_models_dir: Path) -> None:
     reg = ModelRegistry(tiny_models_dir)
     names = [e.sd_name for e in reg.list("checkpoint")]
-    assert sorted(names) == ["tiny-sd15-diffusers", "tiny-sd15.safetensors", "tiny-sdxl.safetensors"]
+    assert sorted(names) == [
+        "tiny-sd15-diffusers",
+        "tiny-sd15-inpainting.safetensors",
+        "tiny-sd15.safetensors",
+        "tiny-sdxl.safetensors",
+    ]
     assert [e.sd_name for e in reg.list("vae")] == ["tiny-vae.safetensors"]
 
 
@@ -254,3 +259,78 @@ def test_text_encoder_depth_of_the_demo_checkpoints(tiny_models_dir: Path) -> No
     assert depths["tiny-sd15.safetensors"] == 5  # sidecar config
     assert depths["tiny-sd15-diffusers"] == 5  # diffusers folder
     assert set(depths.values()) == {5}
+
+
+def test_upscalers_are_listed_and_resolve_by_novita_names(tmp_path: Path) -> None:
+    from underpaint.demo.upscalers import write_demo_upscalers
+
+    reg = _registry(tmp_path)
+    assert (reg.models_dir / "upscaler").is_dir()
+    write_demo_upscalers(reg.models_dir)
+    (reg.models_dir / "upscaler" / "notes.txt").write_text("not a model")
+    listed = {e.sd_name_in_api: e for e in reg.list("upscaler")}
+    assert set(listed) == {"RealESRGAN_x4plus_anime_6B", "RealESRNet_x4plus", "4x-tiny-esrgan", "2x-tiny-compact"}
+    assert not any(e.is_sdxl for e in listed.values())
+    for name in ("RealESRGAN_x4plus_anime_6B", "RealESRNet_x4plus", "RealESRNet_x4plus.pth", "realesrnet_x4plus"):
+        entry = reg.resolve("upscaler", name)
+        assert entry is not None, name
+        assert entry.kind == "upscaler"
+    assert reg.resolve("checkpoint", "RealESRNet_x4plus") is None
+
+
+class _Code:
+    def __reduce__(self) -> tuple[object, tuple[str]]:
+        return (os.system, ("true",))
+
+
+def test_weights_problem_from_headers_without_torch(tmp_path: Path) -> None:
+    from underpaint.demo.upscalers import write_demo_upscalers
+    from underpaint.registry import weights_problem
+
+    for path in write_demo_upscalers(tmp_path).values():
+        assert weights_problem(path) is None, path
+    legacy = tmp_path / "legacy.pth"
+    torch.save({"model.0.weight": torch.zeros(1)}, legacy, _use_new_zipfile_serialization=False)
+    assert weights_problem(legacy) is None  # checked when loaded
+    junk = tmp_path / "junk.pth"
+    junk.write_bytes(b"<html>not found</html>")
+    assert weights_problem(junk) == "junk.pth: neither a safetensors file nor a torch pickle"
+    broken = tmp_path / "broken.safetensors"
+    broken.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all")
+    assert (weights_problem(broken) or "").startswith("broken.safetensors: cannot read the file's header")
+    empty = _st(tmp_path / "empty.safetensors", [])
+    assert weights_problem(empty) == "empty.safetensors: the safetensors file holds no tensors"
+    code = tmp_path / "code.pth"
+    torch.save({"params": {"body.0.weight": torch.zeros(1)}, "x": _Code()}, code)
+    assert "names code (posix.system)" in (weights_problem(code) or "")
+    reg = _registry(tmp_path)
+    (reg.models_dir / "upscaler" / "junk.pth").write_bytes(junk.read_bytes())
+    (entry,) = reg.list("upscaler")
+    assert reg.weights_problem(entry) == "junk.pth: neither a safetensors file nor a torch pickle"
+
+
+def test_inpainting_checkpoints_are_told_from_the_unet_input_width(tmp_path: Path, tiny_models_dir: Path) -> None:
+    reg = ModelRegistry(tiny_models_dir)
+    marked = {e.sd_name for e in reg.list("checkpoint") if reg.is_inpainting(e)}
+    assert marked == {"tiny-sd15-inpainting.safetensors"}  # the demo's 9-channel single file, nothing else
+    conv_in = "model.diffusion_model.input_blocks.0.0.weight"
+    m = _registry(tmp_path).models_dir
+    for name, channels in (("named-inpainting.safetensors", 4), ("plain.safetensors", 9)):
+        path = m / "checkpoint" / name
+        safetensors.torch.save_file({conv_in: torch.zeros(8, channels, 3, 3)}, str(path))
+        # A1111's old pickles: the shape is read from the pickle's structure, without torch or running code
+        torch.save({"state_dict": {conv_in: torch.zeros(8, channels, 3, 3)}}, str(path.with_suffix(".ckpt")))
+    assert unet_in_channels(m / "checkpoint" / "plain.safetensors") == 9
+    assert unet_in_channels(m / "checkpoint" / "plain.ckpt") == 9
+    assert unet_in_channels(m / "checkpoint" / "named-inpainting.ckpt") == 4
+    assert unet_in_channels(tiny_models_dir / "checkpoint" / "tiny-sd15-diffusers") == 4  # unet/config.json
+    reg = ModelRegistry(m)
+    assert sorted(e.sd_name for e in reg.list("checkpoint") if reg.is_inpainting(e)) == [
+        "plain.ckpt",
+        "plain.safetensors",
+    ]
+    (m / "checkpoint" / "broken.safetensors").write_bytes(b"nonsense")
+    assert unet_in_channels(m / "checkpoint" / "broken.safetensors") is None
+    broken = reg.resolve("checkpoint", "broken.safetensors")
+    assert broken is not None
+    assert not reg.is_inpainting(broken)

@@ -18,6 +18,7 @@ import httpx
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 from sqlalchemy import text
+from tests.support.requests import img2img, new_task
 
 from underpaint.config import KeyPolicy, Settings
 from underpaint.engine.job import Progress
@@ -31,9 +32,10 @@ from underpaint.scale.json_logs import JsonFormatter, TaskIdFilter, task_context
 from underpaint.scale.metrics import ClusterCollector, InstrumentedRunner
 from underpaint.services import Services
 from underpaint.storage.urls import ImageUrls
+from underpaint.tasks.contract import TaskRequest
 from underpaint.tasks.lanes import known_queues, parse_queues, task_lane
 from underpaint.tasks.store import SqlTaskStore
-from underpaint.tasks.types import ImageRecord, NewTask, TaskRecord, TaskStatus
+from underpaint.tasks.types import ImageRecord, TaskRecord, TaskStatus
 from underpaint.worker.loop import ProgressReporter
 
 pytestmark = pytest.mark.services
@@ -143,7 +145,7 @@ class FakeRunner:
         self.runs: list[str] = []
         self.started = threading.Event()
 
-    def run(self, task: TaskRecord, payload: dict[str, Any], report: Any) -> list[ImageRecord]:
+    def run(self, task: TaskRecord, request: TaskRequest, report: Any) -> list[ImageRecord]:
         self.runs.append(task.task_id)
         self.started.set()
         report(Progress(50 / 100, 1))
@@ -178,8 +180,8 @@ def _make(settings: Settings, store: SqlTaskStore, queue: CeleryQueue, tmp_path:
 
 def _new(store: SqlTaskStore, lane: str) -> str:
     task_id = str(uuid.uuid4())
-    store.create(NewTask(task_id=task_id, owner="o", seed=1, enable_nsfw_detection=False, response_image_type="png",
-                         extra={}, payload={"prompt": "x"}, lane=lane))  # fmt: skip
+    # A checkpoint of its own: these tests count tasks run one by one, so none may join another's batch.
+    store.create(new_task(task_id, request=img2img(model_name=f"{lane}-{task_id}.safetensors"), lane=lane))
     return task_id
 
 
@@ -204,7 +206,7 @@ def test_celery_queue_routes_to_lane_on_redis(store: SqlTaskStore, redis_url: st
     services.queue.enqueue("b", "sdxl")
     services.queue.enqueue("c", "sd15")
     assert probe.queue_depths() == {"sd15": 1, "sdxl": 2}
-    assert probe.health() == {"store": "ok", "broker": "ok"}
+    assert probe.health() == {"store": "ok", "broker": "ok", "storage": "ok"}
     down = BrokerProbe(
         services,
         store.engine,
@@ -382,7 +384,7 @@ def test_instrumented_runner_observes_generation_seconds(tmp_path: Path) -> None
     assert rec is not None
     assert (rec.status, rec.lane, rec.attempts) == (TaskStatus.PROCESSING, "sdxl", 1)
     before = REGISTRY.get_sample_value("underpaint_generation_seconds_count", {"base_model": "sdxl", "outcome": "ok"})
-    runner.run(rec, {}, ProgressReporter(store, rec.task_id, "w"))
+    runner.run(rec, img2img(), ProgressReporter(store, rec.task_id, "w"))
     store.close()
     after = REGISTRY.get_sample_value("underpaint_generation_seconds_count", {"base_model": "sdxl", "outcome": "ok"})
     assert (after or 0) - (before or 0) == 1
@@ -430,3 +432,49 @@ def test_a_workers_metrics_port_serves_generation_and_process_metrics() -> None:
         thread.join(5)
     for family in ("underpaint_generation_seconds", "underpaint_model_loads", "process_cpu_seconds"):
         assert f"# TYPE {family}" in text, family
+
+
+# --- a task whose broker message is lost ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("broker", ["redis", "rabbitmq"])
+def test_an_idle_worker_claims_tasks_whose_message_never_came(
+    store: SqlTaskStore, broker: str, request: pytest.FixtureRequest, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    url = request.getfixturevalue("redis_url" if broker == "redis" else "amqp_url")
+    settings = Settings(broker_url=url, queue_backend="celery", lease_seconds=2, queue_poll_seconds=0.5,
+                        data_dir=tmp_path, models_dir=tmp_path / "models")  # fmt: skip
+    services = _make(settings, store, CeleryQueue(settings), tmp_path)
+    runner = FakeRunner(services.storage)  # type: ignore[arg-type]
+    ctx = WorkerContext(services, store.engine, [runner], lambda rec: None, lanes=("sd15",))
+    lost = _new(store, "sd15")  # written, but its message was never sent (or died with the broker)
+    other_queue = _new(store, "sdxl")
+    time.sleep(0.6)
+    fresh = _new(store, "sd15")  # its message may still be on the way: left to it
+    before = _sample("underpaint_tasks_claimed_from_store_total")
+    with caplog.at_level(logging.WARNING, logger="underpaint.scale"):
+        assert ctx.poll_store() == 1
+    assert runner.runs == [lost]
+    assert _status(store, lost) is TaskStatus.SUCCEED
+    assert _status(store, other_queue) is TaskStatus.QUEUED  # not this worker's queue
+    assert _status(store, fresh) is TaskStatus.QUEUED
+    assert any(lost in r.getMessage() and "claimed from the store" in r.getMessage() for r in caplog.records)
+    assert _sample("underpaint_tasks_claimed_from_store_total") - before == 1
+    with ctx.hold_runner() as busy:  # every runner busy: the poller leaves the work to the consumer
+        assert busy is not None
+        time.sleep(0.6)
+        assert ctx.poll_store() == 0
+    assert ctx.poll_store() == 1
+    assert runner.runs == [lost, fresh]
+
+
+def _status(store: SqlTaskStore, task_id: str) -> TaskStatus:
+    rec = store.get(task_id)
+    assert rec is not None
+    return rec.status
+
+
+def _sample(name: str) -> float:
+    from underpaint.scale.metrics import WORKER_REGISTRY
+
+    return WORKER_REGISTRY.get_sample_value(name) or 0.0

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, cast
@@ -18,18 +19,28 @@ import transformers
 from PIL import Image
 
 from underpaint.config import Settings
-from underpaint.engine import pipeline
+from underpaint.engine import inpainting, pipeline
 from underpaint.engine.adapters.embeddings import EmbeddingManager, EmbeddingPlan
 from underpaint.engine.adapters.ip_adapter import IPAdapterManager
 from underpaint.engine.adapters.lora import LoraManager
 from underpaint.engine.conditioning import TextEncoderBundle
 from underpaint.engine.devices import configure_torch_threads, parse_dtype, pick_device, pick_dtype
-from underpaint.engine.job import GeneratedImage, GenerationJob, JobError, JobOutcome, ProgressCallback, batch_key
+from underpaint.engine.job import (
+    GeneratedImage,
+    GenerationJob,
+    JobError,
+    JobOutcome,
+    Progress,
+    ProgressCallback,
+    UpscaleJob,
+    batch_key,
+)
 from underpaint.engine.loader import LoadedCheckpoint, ModelCache
 from underpaint.engine.memory import OutOfMemory, free_device_memory, oom_message
 from underpaint.engine.metadata import InfotextParams, build_infotext
 from underpaint.engine.preprocessors import AnnotatorCache
 from underpaint.engine.samplers import DiscreteSchedule
+from underpaint.engine.upscalers import UpscalerCache, upscale, upscale_to
 from underpaint.registry import ModelEntry, ModelRegistry, file_sha256
 from underpaint.vocabulary import infotext_sampler
 
@@ -52,6 +63,7 @@ class DiffusersExecutor:
         self.embeddings = EmbeddingManager()
         self.ip_adapters = IPAdapterManager()
         self.annotators = AnnotatorCache()  # loaded ControlNet preprocessor networks
+        self.upscalers = UpscalerCache(self.device, self.dtype)  # upscale tasks and hires fix
         self._lock = threading.Lock()
         self._current: LoadedCheckpoint | None = None
         self._schedules: dict[tuple[Any, ...], DiscreteSchedule] = {}
@@ -106,7 +118,7 @@ class DiffusersExecutor:
         cancels = list(should_cancel) if should_cancel is not None else [None] * len(jobs)
         if not len(progress) == len(cancels) == len(jobs):
             raise ValueError("generate_batch needs one progress callback and one cancel check per job")
-        groups: dict[tuple[Any, ...], list[int]] = {}
+        groups: dict[object, list[int]] = {}
         for i, job in enumerate(jobs):
             groups.setdefault(batch_key(job), []).append(i)
         outcomes: list[JobOutcome | None] = [None] * len(jobs)
@@ -162,6 +174,7 @@ class DiffusersExecutor:
             if not any(job.ip_adapters for job in jobs):
                 self.ip_adapters.activate(loaded, None, None, 0.0)
             vae_hash = file_sha256(self._entry("vae", head.vae).path)[:10] if head.vae else None
+            hires_upscale = self._hires_upscale(head)
         except Exception as exc:  # shared by every job of the group (same checkpoint, LoRAs and VAE)
             return [exc] * len(jobs)
         outcomes: list[JobOutcome | None] = [None] * len(jobs)
@@ -179,6 +192,7 @@ class DiffusersExecutor:
                 device=self.device,
                 dtype=self.dtype,
                 vae_dtype=self.vae_dtype,
+                upscale=hires_upscale,
             )
             members: list[pipeline.Member] = []
             plans: dict[int, EmbeddingPlan] = {}
@@ -225,8 +239,21 @@ class DiffusersExecutor:
             token_expansions=plan.token_expansions,
             added_cond=added_cond,
             control=self._control_hook(loaded, job),
+            mask=job.mask,
+            hires_fix=job.hires_fix,
         )
         return plan, inputs
+
+    def _hires_upscale(self, job: GenerationJob) -> pipeline.Upscale | None:
+        """The upscaler model of a hires fix that names one (None for "Latent" or no hires fix)."""
+        if job.hires_fix is None or job.hires_fix.latent:
+            return None
+        model = self.upscalers.get(self._entry("upscaler", job.hires_fix.upscaler).path)
+
+        def run(image: Image.Image, width: int, height: int) -> Image.Image:
+            return upscale_to(image, model, width, height)
+
+        return run
 
     def _images(
         self,
@@ -252,11 +279,13 @@ class DiffusersExecutor:
                 height=job.height,
                 model_name=ckpt_entry.stem,
                 model_hash=loaded.sha256_short,
-                strength=job.strength,
+                strength=None if job.is_txt2img else job.strength,
                 clip_skip=job.clip_skip,
                 loras=tuple((e.stem, w) for e, w in lora_entries),
                 vae_name=job.vae,
                 vae_hash=vae_hash,
+                extra=inpainting.infotext_fields(job.mask) if job.mask is not None else (),
+                hires_fix=job.hires_fix,
             )
             out.append(GeneratedImage(image=img, seed=seed, infotext=build_infotext(params)))
         return out
@@ -289,6 +318,38 @@ class DiffusersExecutor:
 
             compile_unet(loaded.unet)
 
+    # -- upscale ---------------------------------------------------------------------------------------
+    def upscale(
+        self,
+        job: UpscaleJob,
+        on_progress: ProgressCallback | None = None,
+        should_cancel: Callable[[], bool] | None = None,
+    ) -> GeneratedImage:
+        """A1111's Extras upscale of one image (``engine.upscalers``): no diffusion, the upscaler cached on this
+        executor (``self.upscalers``, which hires fix uses too). Out of memory fails the job like a generation."""
+        entry = self._entry("upscaler", job.upscaler)
+        started = time.monotonic()
+
+        def report(fraction: float) -> None:
+            if on_progress is not None:
+                remaining = (time.monotonic() - started) / fraction * (1 - fraction) if fraction > 0 else 0.0
+                on_progress(Progress(fraction, remaining))
+
+        try:
+            with self._lock:
+                model = self.upscalers.get(entry.path)
+                image = upscale(job.image, model, job.scale, on_progress=report, should_cancel=should_cancel)
+        except torch.cuda.OutOfMemoryError:
+            oom = OutOfMemory(
+                f"out of GPU memory upscaling {job.image.width}x{job.image.height} by {job.scale:g}; "
+                "try a smaller image or scale (or retry when the server is less busy)"
+            )
+        else:
+            infotext = f"Postprocess upscale by: {job.scale:g}, Postprocess upscaler: {entry.stem}"
+            return GeneratedImage(image=image, seed=0, infotext=infotext)
+        free_device_memory()  # outside the except block: the failed call's frames (and tensors) are gone
+        raise oom
+
     @property
     def checkpoint_loads(self) -> int:
         return self.cache.stats.checkpoint_loads
@@ -296,5 +357,6 @@ class DiffusersExecutor:
     def release(self) -> None:
         self.cache.clear()
         self.annotators.clear()
+        self.upscalers.clear()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()

@@ -42,7 +42,7 @@ from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokeniz
 
 from underpaint.config import Settings
 from underpaint.engine.devices import empty_device_cache, pick_device, pick_dtype
-from underpaint.registry import ModelEntry, file_sha256, short_hash
+from underpaint.registry import UNET_CONV_IN, ModelEntry, file_sha256, short_hash
 
 CONFIG_ROOT = Path(__file__).parent / "configs"
 SD15_CONFIG = CONFIG_ROOT / "sd15"
@@ -73,8 +73,9 @@ class ModelLoadError(ValueError):
 # ---------------------------------------------------------------------------------------------------- state dicts
 
 
-def load_state_dict_file(path: Path) -> StateDict:
-    """Tensors of a ``.safetensors`` or pickle checkpoint, un-nested from ``state_dict``; never runs pickled code."""
+def read_weights_file(path: Path) -> Mapping[str, Any]:
+    """The top-level mapping of a ``.safetensors`` or pickle weights file, as stored (nesting such as ``state_dict``
+    or Real-ESRGAN's ``params_ema`` kept); never runs pickled code. Raises ``ModelLoadError``."""
     path = Path(path)
     suffix = path.suffix.lower()
     try:
@@ -93,10 +94,17 @@ def load_state_dict_file(path: Path) -> StateDict:
         raise
     except Exception as exc:  # safetensors/torch raise many unrelated types for damaged files
         raise ModelLoadError(f"{path.name}: cannot read weights: {exc}") from exc
-    while isinstance(raw, Mapping) and isinstance(raw.get("state_dict"), Mapping):
-        raw = raw["state_dict"]
     if not isinstance(raw, Mapping):
         raise ModelLoadError(f"{path.name}: not a state dict")
+    return raw
+
+
+def load_state_dict_file(path: Path) -> StateDict:
+    """Tensors of a ``.safetensors`` or pickle checkpoint, un-nested from ``state_dict``; never runs pickled code."""
+    path = Path(path)
+    raw: Any = read_weights_file(path)
+    while isinstance(raw, Mapping) and isinstance(raw.get("state_dict"), Mapping):
+        raw = raw["state_dict"]
     tensors = {str(k): v for k, v in raw.items() if isinstance(v, torch.Tensor)}
     if not tensors:
         raise ModelLoadError(f"{path.name}: contains no tensors")
@@ -105,6 +113,12 @@ def load_state_dict_file(path: Path) -> StateDict:
 
 def is_sdxl_state_dict(sd: Mapping[str, Any]) -> bool:
     return any(k.startswith("conditioner.embedders.1.") for k in sd)
+
+
+def unet_in_channels(sd: Mapping[str, Any]) -> int:
+    """The UNet's input channels from its first convolution: 4, or 9 for inpainting checkpoints."""
+    weight = sd.get(UNET_CONV_IN)
+    return int(weight.shape[1]) if weight is not None else 4
 
 
 # ---------------------------------------------------------------------------------------------------- results
@@ -230,7 +244,8 @@ def _single_file_pipeline(entry: ModelEntry, dtype: torch.dtype) -> tuple[Img2Im
     cfg = str(config_dir)
     common: dict[str, Any] = {"config": cfg, "local_files_only": True, "dtype": dtype}
     try:
-        unet = UNet2DConditionModel.from_single_file(sd, subfolder="unet", **common)
+        # Inpainting checkpoints (9 input channels) load over the same config, told their conv_in width.
+        unet = UNet2DConditionModel.from_single_file(sd, subfolder="unet", in_channels=unet_in_channels(sd), **common)
         vae = AutoencoderKL.from_single_file(sd, subfolder="vae", **common)
         te1 = create_diffusers_clip_model_from_ldm(
             CLIPTextModel, sd, subfolder="text_encoder", config=cfg, torch_dtype=dtype, local_files_only=True

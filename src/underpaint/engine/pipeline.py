@@ -1,6 +1,9 @@
-"""The img2img pipeline, as explicit stages (diffusers style) over our own samplers and prompt encoding.
+"""The img2img and txt2img pipeline, as explicit stages (diffusers style) over our own samplers and prompt encoding.
 
-    prepare_init_latents -> encode_conditioning -> build_model_fn -> sample_img2img -> decode_latents
+    img2img: prepare_init_latents -> encode_conditioning -> build_model_fn -> sample_img2img -> decode_latents
+    txt2img: (no init latents)    -> encode_conditioning -> build_model_fn -> sample_txt2img
+             [-> hires fix: upscale_latents (Latent) | decode, upscale model, encode -> sample_img2img, fix_steps]
+             -> decode_latents
 
 Why not diffusers' Img2Img pipelines: A1111 semantics (sampler math, ``t_enc`` slicing, per-image CPU noise
 streams, attention syntax, clip skip) differ from them in ways users notice (``docs/ARCHITECTURE.md``).
@@ -21,20 +24,21 @@ import numpy as np
 import torch
 from PIL import Image
 
+from underpaint.engine import inpainting
 from underpaint.engine.conditioning import Conditioning, TextEncoderBundle, encode_prompt
 from underpaint.engine.devices import vae_dtype_for
 from underpaint.engine.job import (
-    UNBATCHABLE_SAMPLERS,
     GenerationJob,
+    HiresFix,
     JobCancelled,
     JobError,
+    MaskSpec,
     Progress,
     ProgressCallback,
 )
-from underpaint.engine.samplers import DiscreteSchedule, NoiseSource, sample_img2img
-from underpaint.vocabulary import SamplerName, sampler_algorithm
-
-log = logging.getLogger(__name__)
+from underpaint.engine.samplers import DiscreteSchedule, NoiseSource, sample_img2img, sample_txt2img
+from underpaint.tasks.batching import batchable
+from underpaint.vocabulary import SamplerName
 
 log = logging.getLogger(__name__)
 
@@ -57,9 +61,14 @@ class ControlHook(Protocol):
     ) -> dict[str, Any]: ...
 
 
+# Hires fix with an upscaler model: (first-pass image, width, height) -> the image at exactly that size (A1111's
+# ``resize_image`` "just resize" with an upscaler: the model's passes, then Lanczos; ``engine.upscalers.upscale_to``).
+Upscale = Callable[[Image.Image, int, int], Image.Image]
+
+
 @dataclass
 class PipelineInputs:
-    init_image: Image.Image
+    init_image: Image.Image | None  # None = txt2img
     prompt: str
     negative_prompt: str
     width: int
@@ -74,6 +83,8 @@ class PipelineInputs:
     # IP-Adapter: merged into the UNet's added_cond_kwargs (already ordered [uncond, cond] along the batch).
     added_cond: dict[str, Any] = field(default_factory=dict)
     control: ControlHook | None = None
+    mask: MaskSpec | None = None  # inpainting (``engine.inpainting``)
+    hires_fix: HiresFix | None = None  # txt2img only
 
 
 @dataclass
@@ -91,13 +102,16 @@ class Components:
     dtype: torch.dtype
     # The ``vae_dtype`` setting when forced; None = auto (``devices.vae_dtype_for``).
     vae_dtype: torch.dtype | None = None
+    # The hires fix's upscaler model for this batch (None: "Latent" or no hires fix).
+    upscale: Upscale | None = None
 
 
 def pil_to_tensor(image: Image.Image, width: int, height: int) -> torch.Tensor:
-    """Resize ("just resize", A1111 resize mode 0) and map to [-1, 1], shape [1, 3, H, W]."""
+    """Resize ("just resize", A1111 resize mode 0) and map to [-1, 1], shape [1, 3, H, W], in A1111's float32
+    steps (``/ 255``, then ``2x - 1``: the random tiny test models amplify even a float32 rounding difference)."""
     if image.size != (width, height):
         image = image.resize((width, height), Image.Resampling.LANCZOS)
-    arr = np.asarray(image.convert("RGB"), dtype=np.float32) / 127.5 - 1.0
+    arr = 2.0 * (np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0) - 1.0
     return torch.from_numpy(arr).permute(2, 0, 1).unsqueeze(0)
 
 
@@ -130,20 +144,81 @@ def _with_fp32_retry(c: Components, what: str, run: Callable[[Any, torch.dtype],
 
 
 @torch.no_grad()
-def prepare_init_latents(c: Components, image: Image.Image, width: int, height: int, batch: int) -> torch.Tensor:
-    """VAE-encode the init image once and repeat it for the batch (float32, see ``LATENT_DTYPE``).
+def encode_pixels(c: Components, pixels: torch.Tensor) -> torch.Tensor:
+    """VAE-encode ``[1, 3, H, W]`` pixels in [-1, 1] to a scaled latent (float32, see ``LATENT_DTYPE``).
 
     A1111 samples the VAE posterior with the global (unseeded) RNG; we take its mean, which keeps results
     reproducible and differs from a sample by the posterior's tiny std.
     """
-    pixels = pil_to_tensor(image, width, height).to(c.device)
+    pixels = pixels.to(c.device)
 
     def encode(vae: Any, dtype: torch.dtype) -> torch.Tensor:
         mean: torch.Tensor = vae.encode(pixels.to(dtype)).latent_dist.mean
         return mean.to(LATENT_DTYPE) * c.vae_scaling_factor
 
-    latent = _with_fp32_retry(c, "encode", encode)
-    return latent.repeat(batch, 1, 1, 1)
+    return _with_fp32_retry(c, "encode", encode)
+
+
+def prepare_init_latents(c: Components, image: Image.Image, width: int, height: int, batch: int) -> torch.Tensor:
+    """VAE-encode the init image once and repeat it for the batch."""
+    return encode_pixels(c, pil_to_tensor(image, width, height)).repeat(batch, 1, 1, 1)
+
+
+def unet_in_channels(c: Components) -> int:
+    """4 for ordinary checkpoints, 9 for inpainting ones (latent + mask + masked-image latent)."""
+    return int(c.unet.config.in_channels)
+
+
+@dataclass
+class InpaintParts:
+    """What inpainting adds to a member: the latent repaint mask, the 9-channel conditioning, the paste-back."""
+
+    repaint_mask: torch.Tensor | None  # [1, 1, h, w], 1 = repaint; None: img2img with a 9-channel checkpoint
+    image_cond: torch.Tensor | None  # [1, 5, h, w] for 9-channel checkpoints
+    area: inpainting.PreparedArea | None
+    noise_multiplier: float = 1.0
+
+
+@torch.no_grad()
+def prepare_inpainting(
+    c: Components, inputs: PipelineInputs, latent_hw: tuple[int, int]
+) -> tuple[Image.Image | None, InpaintParts | None]:
+    """The init image the sampler starts from (None for txt2img) and the inpainting parts of one job (None unless it
+    inpaints or the checkpoint has a 9-channel UNet). A 9-channel checkpoint without a mask gets A1111's
+    conditioning for img2img and txt2img alike: an all-ones mask and the latent of a grey (all-zero) image."""
+    spec = inputs.mask
+    nine = unet_in_channels(c) == 9
+    image = inputs.init_image
+    if spec is None and not nine:
+        return image, None
+    area = None
+    if spec is not None:
+        if image is None:
+            raise JobError("inpainting needs an init image")
+        try:
+            area = inpainting.prepare_area(image, spec, inputs.width, inputs.height)
+        except ValueError as exc:
+            raise JobError(str(exc)) from None
+        image = area.image
+    h, w = latent_hw
+    repaint = None
+    if area is not None:
+        repaint = torch.from_numpy(inpainting.latent_mask(area.mask, w, h))[None, None].to(c.device, LATENT_DTYPE)
+    image_cond = None
+    if nine:
+        if image is not None:
+            pixels = pil_to_tensor(image, inputs.width, inputs.height)
+        else:
+            pixels = torch.zeros(1, 3, inputs.height, inputs.width)
+        if area is not None:
+            cond_mask = torch.from_numpy(inpainting.conditioning_mask(area.mask))[None, None]
+        else:
+            cond_mask = torch.ones(1, 1, *pixels.shape[-2:])
+        masked = encode_pixels(c, pixels * (1.0 - cond_mask))
+        small = torch.nn.functional.interpolate(cond_mask, size=masked.shape[-2:]).to(c.device, LATENT_DTYPE)
+        image_cond = torch.cat([small, masked], dim=1)
+    multiplier = spec.initial_noise_multiplier if spec is not None else 1.0
+    return image, InpaintParts(repaint, image_cond, area, multiplier)
 
 
 @torch.no_grad()
@@ -191,7 +266,7 @@ class Member:
     """
 
     seeds: list[int]
-    init_latent: torch.Tensor  # [len(seeds), C, h, w]
+    init_latent: torch.Tensor | None  # [len(seeds), C, h, w]; None = txt2img (the rows start from noise)
     cond: Conditioning
     uncond: Conditioning
     guidance_scale: float
@@ -199,6 +274,7 @@ class Member:
     control: ControlHook | None = None
     on_progress: ProgressCallback | None = None
     should_cancel: Callable[[], bool] | None = None
+    inpaint: InpaintParts | None = None
 
 
 @dataclass(frozen=True)
@@ -209,7 +285,9 @@ class BatchSpec:
     height: int
     steps: int
     sampler_name: SamplerName
-    strength: float
+    strength: float  # img2img only
+    txt2img: bool = False
+    hires_fix: HiresFix | None = None  # txt2img only
 
 
 @dataclass
@@ -366,12 +444,14 @@ def build_batch_model_fn(
     time_ids = sdxl_time_ids(spec.width, spec.height, c.device, c.dtype) if c.is_sdxl else None
 
     def run(group: list[_Entry], x_in: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        xs, ts, embeds, pooled, extras = [], [], [], [], []
+        xs, ts, embeds, pooled, extras, concat = [], [], [], [], [], []
         for e in group:
             m = batch.members[e.member]
             rows = batch.rows[e.member]
             n = len(m.seeds)
             xs.append(x_in[rows])
+            if m.inpaint is not None and m.inpaint.image_cond is not None:
+                concat.append(m.inpaint.image_cond.expand(n, -1, -1, -1))
             ts.append(t[rows])
             embeds.append(e.cond.embeds.to(c.device, c.dtype).expand(n, -1, -1))
             if c.is_sdxl and e.cond.pooled is not None:
@@ -391,8 +471,13 @@ def build_batch_model_fn(
         extra: dict[str, Any] = {}
         if any(batch.members[e.member].control is not None for e in group):
             extra = _control_residuals(batch, group, x_cat, t_cat, ehs, added, step_fraction())
+        unet_in = x_cat
+        if concat:  # 9-channel inpainting checkpoints: [latent, mask, masked-image latent] (ControlNet saw 4)
+            if len(concat) != len(group):
+                raise JobError("a 9-channel inpainting checkpoint needs its mask conditioning for every image")
+            unet_in = torch.cat([x_cat, torch.cat(concat).to(x_cat.dtype)], dim=1)
         out: torch.Tensor = c.unet(
-            x_cat, t_cat, encoder_hidden_states=ehs, added_cond_kwargs=added, return_dict=False, **extra
+            unet_in, t_cat, encoder_hidden_states=ehs, added_cond_kwargs=added, return_dict=False, **extra
         )[0]
         return out
 
@@ -449,23 +534,34 @@ def to_uint8(pixels: torch.Tensor) -> np.ndarray:
 
 
 class _Clock:
-    """Turns sampler steps into a fraction and an ETA (sampling plus an estimate for decoding)."""
+    """Turns sampler steps into a fraction and an ETA (sampling plus an estimate for decoding).
 
-    def __init__(self, on_progress: ProgressCallback | None, n_images: int) -> None:
+    A job of several passes (hires fix) gives each pass a ``share`` of the whole: ``fraction`` is the completed
+    part of the current pass (what ControlNet's guidance range reads), ``overall`` that of the job."""
+
+    def __init__(self, on_progress: ProgressCallback | None, n_images: int, share: float = 1.0) -> None:
         self.on_progress = on_progress
         self.start = time.monotonic()
         self.fraction = 0.0
         self.n_images = n_images
+        self.share = share
+        self.offset = 0.0
+
+    def next_pass(self, share: float) -> None:
+        self.offset += self.share
+        self.share = share
+        self.fraction = 0.0
 
     def step(self, done: int, total: int) -> None:
         self.fraction = done / max(total, 1)
         if self.on_progress is None:
             return
+        overall = self.offset + self.share * self.fraction
         elapsed = time.monotonic() - self.start
-        per_step = elapsed / max(done, 1)
+        per_unit = elapsed / max(overall, 1e-9)
         # Decoding costs roughly one step per image on the tiny and the real models alike.
-        remaining = per_step * (total - done + self.n_images)
-        self.on_progress(Progress(fraction=min(self.fraction, 0.99), eta_seconds=remaining))
+        remaining = per_unit * (1.0 - overall) + per_unit * self.share / max(total, 1) * self.n_images
+        self.on_progress(Progress(fraction=min(overall, 0.99), eta_seconds=remaining))
 
 
 def prepare_member(
@@ -474,8 +570,13 @@ def prepare_member(
     on_progress: ProgressCallback | None = None,
     should_cancel: Callable[[], bool] | None = None,
 ) -> Member:
-    """Encode one job's init image and prompts (its part of a batch; see ``sample_batch``)."""
-    init_latent = prepare_init_latents(c, inputs.init_image, inputs.width, inputs.height, len(inputs.seeds))
+    """Encode one job's init image (img2img), its mask when it inpaints, and its prompts (its part of a batch; see
+    ``sample_batch``)."""
+    latent_hw = (inputs.height // inpainting.LATENT_FACTOR, inputs.width // inpainting.LATENT_FACTOR)
+    image, inpaint = prepare_inpainting(c, inputs, latent_hw)
+    init_latent = (
+        None if image is None else prepare_init_latents(c, image, inputs.width, inputs.height, len(inputs.seeds))
+    )
     cond, uncond = encode_conditioning(c, inputs)
     return Member(
         seeds=list(inputs.seeds),
@@ -487,6 +588,7 @@ def prepare_member(
         control=inputs.control,
         on_progress=on_progress,
         should_cancel=should_cancel,
+        inpaint=inpaint,
     )
 
 
@@ -498,11 +600,27 @@ def build_model_fn(
 
 
 def batch_spec(inputs: PipelineInputs) -> BatchSpec:
-    return BatchSpec(inputs.width, inputs.height, inputs.steps, inputs.sampler_name, inputs.strength)
+    return BatchSpec(
+        inputs.width,
+        inputs.height,
+        inputs.steps,
+        inputs.sampler_name,
+        inputs.strength,
+        txt2img=inputs.init_image is None,
+        hires_fix=inputs.hires_fix,
+    )
 
 
 def batch_spec_of(job: GenerationJob) -> BatchSpec:
-    return BatchSpec(job.width, job.height, job.steps, job.sampler, job.strength)
+    return BatchSpec(
+        job.width,
+        job.height,
+        job.steps,
+        job.sampler,
+        job.strength,
+        txt2img=job.is_txt2img,
+        hires_fix=job.hires_fix,
+    )
 
 
 Outcome = list[Image.Image] | BaseException
@@ -515,7 +633,7 @@ def sample_batch(c: Components, spec: BatchSpec, members: Sequence[Member]) -> l
     disturbing the others. If the shared call itself fails (out of memory, say), each member still running is
     retried on its own, so one bad member never fails its mates.
     """
-    if len(members) > 1 and sampler_algorithm(spec.sampler_name) in UNBATCHABLE_SAMPLERS:
+    if len(members) > 1 and not batchable(spec.sampler_name):
         return [sample_batch(c, spec, [m])[0] for m in members]
     batch = _Batch(members)
     try:
@@ -542,31 +660,168 @@ def sample_batch(c: Components, spec: BatchSpec, members: Sequence[Member]) -> l
             results.append(outcome)
             continue
         try:
-            results.append(decode_latents(c, latents[batch.rows[k]]))
+            images = decode_latents(c, latents[batch.rows[k]])
+            parts = members[k].inpaint
+            area = parts.area if parts is not None else None
+            results.append([inpainting.paste_back(im, area) for im in images] if area is not None else images)
         except Exception as exc:
             results.append(exc)
     return results
 
 
 def _sample(c: Components, spec: BatchSpec, batch: _Batch) -> torch.Tensor:
+    """The sampler call(s) of a batch: img2img, or txt2img and then the hires fix's second pass when asked."""
     members = batch.members
-    clock = _Clock(batch.progress, sum(len(m.seeds) for m in members))
-    init_latent = torch.cat([m.init_latent for m in members])
-    noise = NoiseSource.from_seeds([s for m in members for s in m.seeds])
-    model_fn = build_batch_model_fn(c, spec, batch, lambda: clock.fraction)
-    with torch.no_grad():
+    seeds = [s for m in members for s in m.seeds]
+    hires = spec.hires_fix if spec.txt2img else None
+    second = hires is not None and hires.strength > 0.0
+    # The second pass runs ``steps`` steps at the hires size: weigh the passes by their pixels for progress.
+    weight = (hires.width * hires.height) / (spec.width * spec.height) if hires is not None and second else 0.0
+    clock = _Clock(batch.progress, len(seeds), share=1.0 / (1.0 + weight))
+
+    def cancelled() -> bool:
+        return not batch.any_active()
+
+    def img2img(
+        pass_spec: BatchSpec,
+        latents: torch.Tensor,
+        strength: float,
+        fix_steps: bool,
+        repaint: torch.Tensor | None = None,
+        multiplier: float | torch.Tensor = 1.0,
+    ) -> torch.Tensor:
+        # Each pass draws from fresh generators seeded seed + i (A1111 re-creates its RNG for the hires pass).
         return sample_img2img(
             spec.sampler_name,
-            model_fn,
+            build_batch_model_fn(c, pass_spec, batch, lambda: clock.fraction),
             c.schedule,
-            init_latent,
+            latents,
             spec.steps,
-            spec.strength,
-            noise,
+            strength,
+            NoiseSource.from_seeds(seeds),
             prediction_type=c.prediction_type,
             callback=clock.step,
-            should_cancel=lambda: not batch.any_active(),
+            should_cancel=cancelled,
+            fix_steps=fix_steps,
+            repaint_mask=repaint,
+            initial_noise_multiplier=multiplier,
         )
+
+    with torch.no_grad():
+        if not spec.txt2img:
+            init = torch.cat([_img2img_latent(m) for m in members])
+            repaint, multiplier = _inpaint_rows(members, init)
+            return img2img(spec, init, spec.strength, False, repaint, multiplier)
+        shape = (len(seeds), latent_channels(c), spec.height // 8, spec.width // 8)
+        latents = sample_txt2img(
+            spec.sampler_name,
+            build_batch_model_fn(c, spec, batch, lambda: clock.fraction),
+            c.schedule,
+            shape,
+            spec.steps,
+            NoiseSource.from_seeds(seeds),
+            prediction_type=c.prediction_type,
+            callback=clock.step,
+            should_cancel=cancelled,
+        )
+        if hires is None:
+            return latents
+        batch.poll_cancel()
+        cover = hires_cover_size(spec.width, spec.height, hires.width, hires.height)
+        if hires.latent:
+            latents = upscale_latents(latents, cover)
+        else:
+            if c.upscale is None:
+                raise JobError(f"hires fix upscaler {hires.upscaler!r} was not provided to the pipeline")
+            latents = _upscale_with_model(c, latents, cover, c.upscale)
+        latents = crop_latents(latents, cover, (hires.width, hires.height))
+        if not second:  # strength 0: the upscaled first pass, not denoised again
+            return latents
+        clock.next_pass(1.0 - clock.share)
+        _grey_conditioning_at(c, members, (hires.width, hires.height))
+        # The SDXL size conditioning of the second pass is the cover size, as A1111's hires conditioning.
+        return img2img(
+            BatchSpec(cover[0], cover[1], spec.steps, spec.sampler_name, hires.strength), latents, hires.strength, True
+        )
+
+
+def _grey_conditioning_at(c: Components, members: Sequence[Member], size: tuple[int, int]) -> None:
+    """A 9-channel checkpoint's hires pass: the conditioning of a txt2img pass (all-ones mask, the latent of a grey
+    image) again, at the hires size."""
+    if not any(m.inpaint is not None and m.inpaint.image_cond is not None for m in members):
+        return
+    width, height = size
+    latent = encode_pixels(c, torch.zeros(1, 3, height, width))
+    cond = torch.cat([latent.new_ones(1, 1, *latent.shape[-2:]), latent], dim=1)
+    for m in members:
+        if m.inpaint is not None:
+            m.inpaint.image_cond = cond
+
+
+def _img2img_latent(m: Member) -> torch.Tensor:
+    if m.init_latent is None:
+        raise ValueError("an img2img batch member without init latents")
+    return m.init_latent
+
+
+def latent_channels(c: Components) -> int:
+    return int(getattr(c.vae.config, "latent_channels", 4))
+
+
+def hires_cover_size(width: int, height: int, target_width: int, target_height: int) -> tuple[int, int]:
+    """The size A1111 upscales the first pass to before cropping: the target when the aspect matches, else the
+    smallest size of the first pass's aspect that covers the target (integer arithmetic as A1111's)."""
+    if width * target_height < target_width * height:  # source narrower than the target: match widths
+        return target_width, target_width * height // width
+    return target_height * width // height, target_height
+
+
+def upscale_latents(latents: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Hires fix "Latent": bilinear interpolation without antialias to ``size`` (pixels) // 8."""
+    width, height = size
+    return torch.nn.functional.interpolate(latents, size=(height // 8, width // 8), mode="bilinear", antialias=False)
+
+
+def crop_latents(latents: torch.Tensor, cover: tuple[int, int], target: tuple[int, int]) -> torch.Tensor:
+    """Centre-crop cover-size latents to the target, A1111's way: ``(cover - target) // 8`` latent pixels off,
+    the smaller half first."""
+    tx = (cover[0] - target[0]) // 8
+    ty = (cover[1] - target[1]) // 8
+    h, w = latents.shape[-2:]
+    return latents[:, :, ty // 2 : h - (ty + 1) // 2, tx // 2 : w - (tx + 1) // 2]
+
+
+def _upscale_with_model(c: Components, latents: torch.Tensor, size: tuple[int, int], upscale: Upscale) -> torch.Tensor:
+    """Hires fix with an upscaler model: decode (8 bits, as A1111), upscale to ``size``, encode again."""
+    images = [upscale(image, size[0], size[1]) for image in decode_latents(c, latents)]
+    return torch.cat([prepare_init_latents(c, image, size[0], size[1], 1) for image in images])
+
+
+def _inpaint_rows(
+    members: Sequence[Member], init_latent: torch.Tensor
+) -> tuple[torch.Tensor | None, float | torch.Tensor]:
+    """The batch's latent repaint mask and initial-noise multipliers, row by row (a member that does not inpaint
+    repaints everything with multiplier 1, which leaves its rows exactly as plain img2img)."""
+    parts = [m.inpaint for m in members]
+    if all(p is None or p.repaint_mask is None for p in parts):
+        repaint = None
+    else:
+        h, w = init_latent.shape[-2:]
+        repaint = torch.cat(
+            [
+                (
+                    p.repaint_mask if p is not None and p.repaint_mask is not None else init_latent.new_ones(1, 1, h, w)
+                ).expand(len(m.seeds), -1, -1, -1)
+                for m, p in zip(members, parts, strict=True)
+            ]
+        )
+    factors = [p.noise_multiplier if p is not None else 1.0 for p in parts]
+    if all(f == 1.0 for f in factors):
+        return repaint, 1.0
+    rows = [f for m, f in zip(members, factors, strict=True) for _ in m.seeds]
+    if len(set(rows)) == 1:
+        return repaint, rows[0]
+    return repaint, torch.tensor(rows, dtype=init_latent.dtype, device=init_latent.device).view(-1, 1, 1, 1)
 
 
 def generate(
@@ -575,7 +830,7 @@ def generate(
     on_progress: ProgressCallback | None = None,
     should_cancel: Callable[[], bool] | None = None,
 ) -> list[Image.Image]:
-    """Run one img2img job for ``len(inputs.seeds)`` images in one UNet batch (a batch of one member)."""
+    """Run one job for ``len(inputs.seeds)`` images in one UNet batch (a batch of one member)."""
     member = prepare_member(c, inputs, on_progress, should_cancel)
     (outcome,) = sample_batch(c, batch_spec(inputs), [member])
     if isinstance(outcome, BaseException):

@@ -10,6 +10,9 @@ the lease holder can record a result, so a task never completes twice. Besides t
 
 - a lease sweeper: tasks whose worker stopped heartbeating (killed mid-task) are requeued and announced again
   on their queue, or end FAILED once they used ``max_attempts`` (a task that keeps killing workers);
+- a store poller: the store, not the broker, is the queue. Every ``queue_poll_seconds`` a free runner claims tasks
+  of its queues that have stayed QUEUED that long (their message was lost in a broker restart without
+  persistence, or could not be sent), so a lost message delays a task by about twice that, never forever;
 - a heartbeat row in the store (liveness for ``/health/workers`` and metrics);
 - the webhook sender (the outbox is shared; each delivery is sent by one process).
 
@@ -26,7 +29,9 @@ import os
 import queue as queue_mod
 import socket
 import threading
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 from celery import Celery
@@ -39,12 +44,12 @@ from underpaint.scale.celery_app import TASK_NAME, create_celery_app
 from underpaint.scale.celery_queue import CeleryQueue
 from underpaint.scale.heartbeat import Heartbeat, default_interval
 from underpaint.scale.json_logs import task_context
-from underpaint.scale.metrics import LoadCountingRunner, model_loads, serving_registry
+from underpaint.scale.metrics import TASKS_FROM_STORE, LoadCountingRunner, model_loads, serving_registry
 from underpaint.services import Services
 from underpaint.tasks.lanes import parse_queues
 from underpaint.tasks.lifecycle import TerminalHook, sweep_expired
 from underpaint.tasks.types import TaskRecord
-from underpaint.worker.loop import BatchPolicy, Claimer, default_worker_id, process_task
+from underpaint.worker.loop import BatchPolicy, Claimer, default_worker_id, process_task, run_claimed_batch
 
 log = logging.getLogger("underpaint.scale")
 
@@ -76,28 +81,39 @@ class WorkerContext:
         self.busy = 0
         self.tasks_done = 0
         self._stop = threading.Event()
-        self._sweeper: threading.Thread | None = None
+        self._threads: list[threading.Thread] = []
+
+    @contextmanager
+    def hold_runner(self, wait: bool = True) -> Iterator[tuple[LoadCountingRunner, Claimer] | None]:
+        """A free runner with its claimer, counted busy while held; None (``wait=False``) when all are busy."""
+        try:
+            pair = self._free.get(block=wait)
+        except queue_mod.Empty:
+            yield None
+            return
+        with self._lock:
+            self.busy += 1
+        try:
+            yield pair
+        finally:
+            with self._lock:
+                self.busy -= 1
+            self._free.put(pair)
 
     def handle(self, task_id: str) -> TaskRecord | None:
         """Claim and run ``task_id``; None when there was nothing to do (done, or running under a live lease)."""
-        with task_context(task_id):
-            runner, claimer = self._free.get()
-            with self._lock:
-                self.busy += 1
-            try:
-                record = process_task(
-                    task_id,
-                    self.services.store,
-                    runner,
-                    on_terminal=self.on_terminal,
-                    storage=self.services.storage,
-                    claimer=claimer,
-                    cancel_poll=self.services.settings.cancel_poll_seconds,
-                )
-            finally:
-                with self._lock:
-                    self.busy -= 1
-                self._free.put((runner, claimer))
+        with task_context(task_id), self.hold_runner() as pair:
+            assert pair is not None
+            runner, claimer = pair
+            record = process_task(
+                task_id,
+                self.services.store,
+                runner,
+                on_terminal=self.on_terminal,
+                storage=self.services.storage,
+                claimer=claimer,
+                cancel_poll=self.services.settings.cancel_poll_seconds,
+            )
             if record is None:
                 log.info(
                     "task %s: not claimable here (finished, running elsewhere or in a batch); message dropped", task_id
@@ -115,21 +131,67 @@ class WorkerContext:
     def sweep(self) -> list[str]:
         return sweep_expired(self.services.store, self.on_terminal, self.services.queue)
 
-    def start_sweeper(self, interval: float) -> None:
+    def poll_store(self) -> int:
+        """If a runner is free, run the tasks of this worker's queues that have been QUEUED for more than
+        ``queue_poll_seconds`` (their broker message is lost), oldest first, with their batch mates. Returns how
+        many tasks it claimed. Their messages, should they still come, find them claimed or done."""
+        settings = self.services.settings
+        claimed = 0
+        with self.hold_runner(wait=False) as pair:
+            if pair is None:
+                return 0  # every runner is busy: this worker is taking messages, and will poll again
+            runner, claimer = pair
+            while not self._stop.is_set():
+                tasks = claimer.next(queued_before=time.time() - settings.queue_poll_seconds)
+                if not tasks:
+                    break
+                for t in tasks:
+                    log.warning(
+                        "task %s: QUEUED for %.0f s without its queue message reaching a worker; claimed from the "
+                        "store (attempt %d)",
+                        t.task_id,
+                        time.time() - t.created_at,
+                        t.attempts,
+                        extra={"task_id": t.task_id},
+                    )
+                TASKS_FROM_STORE.inc(len(tasks))
+                claimed += len(tasks)
+                claimer.ran(tasks)
+                with task_context(tasks[0].task_id):
+                    run_claimed_batch(
+                        self.services.store,
+                        tasks,
+                        claimer.worker_id,
+                        runner,
+                        on_terminal=self.on_terminal,
+                        storage=self.services.storage,
+                        cancel_poll=settings.cancel_poll_seconds,
+                    )
+                with self._lock:
+                    self.tasks_done += len(tasks)
+        return claimed
+
+    def start_background(self, sweep_interval: float) -> None:
+        """The lease sweeper and the store poller, each on its own thread until ``stop``."""
+        self._every(sweep_interval, self.sweep, "lease sweep", "underpaint-sweeper")
+        self._every(self.services.settings.queue_poll_seconds, self.poll_store, "store poll", "underpaint-poller")
+
+    def _every(self, interval: float, job: Callable[[], object], what: str, name: str) -> None:
         def loop() -> None:
             while not self._stop.wait(interval):
                 try:
-                    self.sweep()
+                    job()
                 except Exception:
-                    log.exception("lease sweep failed; retrying in %.0f s", interval)
+                    log.exception("%s failed; retrying in %.0f s", what, interval)
 
-        self._sweeper = threading.Thread(target=loop, name="underpaint-sweeper", daemon=True)
-        self._sweeper.start()
+        thread = threading.Thread(target=loop, name=name, daemon=True)
+        thread.start()
+        self._threads.append(thread)
 
     def stop(self) -> None:
         self._stop.set()
-        if self._sweeper is not None:
-            self._sweeper.join(10)
+        for thread in self._threads:
+            thread.join(10)
 
 
 def register_task(app: Celery, ctx: WorkerContext) -> None:
@@ -186,7 +248,7 @@ def run_worker(
         start_http_server(metrics_port, addr=settings.host, registry=serving_registry())
     heartbeat = Heartbeat(ctx.engine, names, concurrency, ctx.stats, interval=default_interval(settings.lease_seconds))
     heartbeat.start()
-    ctx.start_sweeper(max(1.0, settings.lease_seconds / 4))
+    ctx.start_background(max(1.0, settings.lease_seconds / 4))
     webhooks.start()
     log.info("worker %s consuming %s (concurrency %d)", heartbeat.worker_id, ",".join(names), concurrency)
     try:

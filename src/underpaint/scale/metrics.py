@@ -30,6 +30,7 @@ from starlette.responses import JSONResponse, Response
 
 from underpaint.scale.heartbeat import list_workers, worker_stale_after
 from underpaint.services import Services
+from underpaint.tasks.contract import TaskRequest
 from underpaint.tasks.types import ImageRecord, TaskRecord, TaskStatus
 from underpaint.worker.loop import BatchTaskRunner, ProgressReporter, TaskRunner
 
@@ -72,6 +73,23 @@ QUEUE_WAIT_SECONDS = Histogram(
     buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600, float("inf")),
     registry=WORKER_REGISTRY,
 )
+TASKS_FROM_STORE = Counter(
+    "underpaint_tasks_claimed_from_store",
+    "Tasks a Celery worker claimed straight from the store because no queue message brought them within "
+    "queue_poll_seconds (lost in a broker restart, or never sent while the broker was down)",
+    registry=WORKER_REGISTRY,
+)
+UPLOAD_RETRIES = Counter(
+    "underpaint_storage_upload_retries",
+    "Image uploads tried again after a transient storage failure (the S3 endpoint unreachable, 5xx)",
+    registry=WORKER_REGISTRY,
+)
+# Counted by the process that runs the retention sweeper (API nodes, the embedded server): its default registry.
+ORPHANS_REMOVED = Counter(
+    "underpaint_orphan_images_removed",
+    "Images deleted from the service's storage because no task references them (an attempt that died between "
+    "upload and completion)",
+)
 # Set for the embedded worker's child process: prometheus_client then keeps its values in files there.
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -100,13 +118,13 @@ class InstrumentedRunner:
     def checkpoint_loads(self) -> int:
         return self.runner.checkpoint_loads
 
-    def run(self, task: TaskRecord, payload: dict[str, Any], report: ProgressReporter) -> list[ImageRecord]:
+    def run(self, task: TaskRecord, request: TaskRequest, report: ProgressReporter) -> list[ImageRecord]:
         self._started([task])
         start = time.perf_counter()
         loads = self.runner.checkpoint_loads
         outcome = "error"
         try:
-            images = self.runner.run(task, payload, report)
+            images = self.runner.run(task, request, report)
             outcome = "ok"
             return images
         finally:
@@ -115,13 +133,13 @@ class InstrumentedRunner:
             MODEL_LOADS.inc(max(0, self.runner.checkpoint_loads - loads))
 
     def run_batch(
-        self, items: Sequence[tuple[TaskRecord, dict[str, Any], ProgressReporter]]
+        self, items: Sequence[tuple[TaskRecord, TaskRequest, ProgressReporter]]
     ) -> list[list[ImageRecord] | BaseException]:
         if not isinstance(self.runner, BatchTaskRunner):  # a runner that cannot batch: one after the other
             outcomes: list[list[ImageRecord] | BaseException] = []
-            for task, payload, report in items:
+            for task, request, report in items:
                 try:
-                    outcomes.append(self.run(task, payload, report))
+                    outcomes.append(self.run(task, request, report))
                 except Exception as exc:
                     outcomes.append(exc)
             return outcomes

@@ -165,7 +165,7 @@ class ControlHookImpl:
         for unit in self.units:
             if not unit.start <= step_fraction <= unit.end:
                 continue
-            cond = unit.image.expand(x_in.shape[0], -1, -1, -1)
+            cond = _at_size(unit.image, x_in.shape[-2] * 8, x_in.shape[-1] * 8).expand(x_in.shape[0], -1, -1, -1)
             d, m = unit.model(
                 x_in.to(unit.image.dtype),
                 t,
@@ -183,6 +183,14 @@ class ControlHookImpl:
         if down is None:
             return {}
         return {"down_block_additional_residuals": tuple(down), "mid_block_additional_residual": mid}
+
+
+def _at_size(control: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """The control map at the latents' pixel size: the hires fix's second pass runs larger than the first, so its
+    map is the first pass's, resized (bilinear)."""
+    if tuple(control.shape[-2:]) == (height, width):
+        return control
+    return torch.nn.functional.interpolate(control, size=(height, width), mode="bilinear", antialias=False)
 
 
 def build_control_hook(

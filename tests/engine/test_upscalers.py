@@ -1,0 +1,249 @@
+"""Upscalers: spandrel (the outside reference) loads the demo files as the architectures they claim to be, our tiled
+runs agree with spandrel's own model run on the same image and windows, and A1111's Extras size/pass rules hold."""
+
+from __future__ import annotations
+
+import os
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+import safetensors.torch
+import spandrel
+import torch
+from PIL import Image
+
+from underpaint.demo.upscalers import ANIME_6B, COMPACT, ESRNET, OLD_ESRGAN, write_demo_upscalers
+from underpaint.engine import upscalers as up
+from underpaint.engine.job import JobCancelled, JobError
+
+
+@pytest.fixture(scope="module")
+def upscaler_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    models = tmp_path_factory.mktemp("upscalers")
+    write_demo_upscalers(models)
+    return models / "upscaler"
+
+
+def _reference(path: Path) -> spandrel.ImageModelDescriptor:
+    """The model as spandrel itself loads it (its own file reader and detection)."""
+    model = spandrel.ModelLoader().load_from_file(path)
+    assert isinstance(model, spandrel.ImageModelDescriptor)
+    return model.eval()
+
+
+def _image(width: int, height: int, seed: int = 0) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    base = rng.integers(0, 256, (height // 4 + 1, width // 4 + 1, 3), dtype=np.uint8)
+    smooth = Image.fromarray(base).resize((width, height), Image.Resampling.BICUBIC)
+    noise = rng.integers(-12, 13, (height, width, 3))
+    return Image.fromarray(np.clip(np.asarray(smooth, dtype=np.int64) + noise, 0, 255).astype(np.uint8))
+
+
+def _spandrel_run(model: spandrel.ImageModelDescriptor, image: torch.Tensor) -> torch.Tensor:
+    with torch.inference_mode():
+        result: torch.Tensor = model(image).float()
+    return result
+
+
+@pytest.mark.parametrize(
+    ("name", "arch", "scale"),
+    [
+        (ANIME_6B, "ESRGAN", 4),
+        (ESRNET, "ESRGAN", 4),
+        (OLD_ESRGAN, "ESRGAN", 4),
+        (COMPACT, "RealESRGAN Compact", 2),
+    ],
+)
+def test_demo_files_are_what_spandrel_detects_and_one_tile_is_spandrels_output(
+    upscaler_dir: Path, name: str, arch: str, scale: int
+) -> None:
+    ref = _reference(upscaler_dir / name)
+    assert (ref.architecture.name, ref.scale) == (arch, scale)
+    ours = up.load_upscaler(upscaler_dir / name)
+    assert (ours.architecture, ours.scale) == (arch, scale)
+    x = up.image_to_tensor(_image(30, 22))
+    expected = _spandrel_run(ref, x)
+    got = up.run_model(ours, x)  # smaller than one tile
+    assert got.shape == (1, 3, 22 * scale, 30 * scale)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+    assert float(got.std()) > 0.05
+    assert 0.05 < float(got.mean()) < 0.95
+
+
+def test_file_layouts_are_the_released_ones(upscaler_dir: Path) -> None:
+    anime = torch.load(upscaler_dir / ANIME_6B, weights_only=True)
+    assert list(anime) == ["params_ema"]
+    assert {"conv_first.weight", "body.0.rdb1.conv1.weight", "conv_body.weight", "conv_up2.bias"} <= set(
+        anime["params_ema"]
+    )
+    old = safetensors.torch.load_file(str(upscaler_dir / OLD_ESRGAN))
+    assert {"model.0.weight", "model.1.sub.0.RDB1.conv1.0.weight", "model.1.sub.1.weight", "model.10.bias"} <= set(old)
+    compact = torch.load(upscaler_dir / COMPACT, weights_only=True)
+    assert list(compact) == ["params"]
+    assert compact["params"]["body.6.weight"].shape[0] == 3 * 2 * 2
+
+
+def test_tiles_with_enough_context_equal_the_whole_image_run(upscaler_dir: Path) -> None:
+    """The compact model's receptive field (four 3x3 convs: 4 px) is within the 8 px context, so the tiled output is
+    spandrel's whole-image output; an RRDBNet's is wider, and with context covering the image it is too."""
+    x = up.image_to_tensor(_image(70, 45, seed=1))
+    compact = up.load_upscaler(upscaler_dir / COMPACT)
+    whole = _spandrel_run(_reference(upscaler_dir / COMPACT), x)
+    tiled = up.run_model(compact, x, tile=16, pad=up.TILE_PAD)
+    torch.testing.assert_close(tiled, whole, atol=1e-5, rtol=0)
+    rrdb = up.load_upscaler(upscaler_dir / ANIME_6B)
+    whole = _spandrel_run(_reference(upscaler_dir / ANIME_6B), x)
+    torch.testing.assert_close(up.run_model(rrdb, x, tile=16, pad=100), whole, atol=1e-5, rtol=0)
+    assert float((up.run_model(rrdb, x, tile=16, pad=2) - whole).abs().max()) > 1e-3  # tiling does matter
+
+
+def test_rrdb_tiles_are_spandrel_on_each_window(upscaler_dir: Path) -> None:
+    """70x45 with 32 px tiles: rows [0,22) [22,45), columns [0,23) [23,47) [47,70), each run with 8 px of context."""
+    x = up.image_to_tensor(_image(70, 45, seed=2))
+    ref = _reference(upscaler_dir / OLD_ESRGAN)
+    expected = torch.zeros((1, 3, 45 * 4, 70 * 4))
+    for y0, y1 in ((0, 22), (22, 45)):
+        for x0, x1 in ((0, 23), (23, 47), (47, 70)):
+            wy0, wx0 = max(0, y0 - 8), max(0, x0 - 8)
+            window = _spandrel_run(ref, x[:, :, wy0 : min(45, y1 + 8), wx0 : min(70, x1 + 8)])
+            oy, ox = (y0 - wy0) * 4, (x0 - wx0) * 4
+            crop = window[:, :, oy : oy + (y1 - y0) * 4, ox : ox + (x1 - x0) * 4]
+            expected[:, :, y0 * 4 : y1 * 4, x0 * 4 : x1 * 4] = crop
+    seen: list[tuple[int, int]] = []
+    got = up.run_model(
+        up.load_upscaler(upscaler_dir / OLD_ESRGAN), x, tile=32, on_tile=lambda d, t: seen.append((d, t))
+    )
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+    assert seen == [(i, 6) for i in range(1, 7)]
+
+
+def _a1111_extras(image: Image.Image, ref: spandrel.ImageModelDescriptor, scale: float) -> Image.Image:
+    """A1111's Extras loop written out with spandrel's model on the whole image (8 bits between passes)."""
+    dest = (int(image.width * scale // 8 * 8), int(image.height * scale // 8 * 8))
+    for i in range(3):
+        if image.width >= dest[0] and image.height >= dest[1] and (i > 0 or scale != 1):
+            break
+        x = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255).permute(2, 0, 1)[None]
+        y = _spandrel_run(ref, x)[0].permute(1, 2, 0).numpy()
+        image = Image.fromarray(np.clip(255.0 * y, 0, 255).astype(np.uint8))
+    return image if image.size == dest else image.resize(dest, Image.Resampling.LANCZOS)
+
+
+@pytest.mark.parametrize(
+    ("scale", "size", "passes"),
+    [(2.5, (136, 96), 2), (2, (112, 80), 1), (1.3, (72, 48), 1), (1.0, (56, 40), 1), (10, (560, 400), 3)],
+)
+def test_extras_semantics_sizes_passes_and_pixels(
+    upscaler_dir: Path, scale: float, size: tuple[int, int], passes: int
+) -> None:
+    image = _image(56, 40, seed=3)
+    model = up.load_upscaler(upscaler_dir / COMPACT)  # x2
+    calls: list[int] = []
+    out = up.upscale(image, model, scale, tile=24, on_pass=calls.append)
+    assert out.size == size == up.extras_size(56, 40, scale)
+    assert calls == list(range(passes))
+    assert up.passes_needed(56, 40, scale, 2) == passes
+    expected = np.asarray(_a1111_extras(image, _reference(upscaler_dir / COMPACT), scale), dtype=np.int16)
+    assert np.abs(np.asarray(out, dtype=np.int16) - expected).max() <= 1
+
+
+def test_extras_size_floors_to_multiples_of_8() -> None:
+    assert up.extras_size(333, 517, 2.5) == (832, 1288)
+    assert up.extras_size(512, 512, 4) == (2048, 2048)
+    assert up.extras_size(100, 60, 1.05) == (104, 56)
+
+
+def test_upscale_to_is_exact_and_uses_the_model(upscaler_dir: Path) -> None:
+    image = _image(40, 40, seed=4)
+    model = up.load_upscaler(upscaler_dir / ANIME_6B)
+    out = up.upscale_to(image, model, 100, 68)
+    assert out.size == (100, 68)
+    lanczos_only = image.resize((100, 68), Image.Resampling.LANCZOS)
+    assert np.abs(np.asarray(out, dtype=np.int16) - np.asarray(lanczos_only, dtype=np.int16)).mean() > 5
+    expected = _a1111_extras(image, _reference(upscaler_dir / ANIME_6B), 2.5).resize(
+        (100, 68), Image.Resampling.LANCZOS
+    )
+    assert np.abs(np.asarray(out, dtype=np.int16) - np.asarray(expected, dtype=np.int16)).max() <= 1
+    assert up.upscale_to(image, model, 32, 32).size == (32, 32)  # downscale: Lanczos only
+
+
+def test_cancel_between_tiles(upscaler_dir: Path) -> None:
+    model = up.load_upscaler(upscaler_dir / COMPACT)
+    with pytest.raises(JobCancelled):
+        up.upscale(_image(64, 64), model, 2, tile=16, should_cancel=lambda: True)
+
+
+class _Evil:
+    def __reduce__(self) -> tuple[object, tuple[str]]:
+        return (os.system, ("true",))
+
+
+@pytest.mark.parametrize(
+    ("content", "filename", "message"),
+    [
+        (b"not a model at all" * 10, "junk.pth", "refused to load|cannot read weights"),
+        (b"\x08\x00\x00\x00\x00\x00\x00\x00{broken", "junk.safetensors", "cannot read weights"),
+        (None, "unknown.safetensors", "not a model architecture spandrel recognises"),
+        (pickle.dumps({"params": _Evil()}, protocol=2), "evil.pth", "refused to load"),
+        ("evil-zip", "evil-zip.pth", "refused to load"),
+    ],
+    ids=["junk-pickle", "junk-safetensors", "unknown-architecture", "code-pickle", "code-in-torch-zip"],
+)
+def test_unusable_files_raise_a_job_error(
+    tmp_path: Path, content: bytes | str | None, filename: str, message: str
+) -> None:
+    path = tmp_path / filename
+    if content is None:
+        safetensors.torch.save_file({"encoder.weight": torch.zeros(4, 4)}, str(path))
+    elif content == "evil-zip":
+        torch.save({"params": {"body.0.weight": torch.zeros(1)}, "x": _Evil()}, path)
+    else:
+        assert isinstance(content, bytes)
+        path.write_bytes(content)
+    with pytest.raises(up.UpscalerError, match=message) as caught:
+        up.load_upscaler(path)
+    assert isinstance(caught.value, JobError)
+    assert filename in str(caught.value)
+
+
+def test_cache_reuses_and_reloads_a_replaced_file(upscaler_dir: Path, tmp_path: Path) -> None:
+    path = tmp_path / "model.pth"
+    path.write_bytes((upscaler_dir / COMPACT).read_bytes())
+    cache = up.UpscalerCache(capacity=1)
+    first = cache.get(path)
+    assert cache.get(path) is first
+    assert cache.loads == 1
+    path.write_bytes((upscaler_dir / ESRNET).read_bytes())
+    os.utime(path, (1, 1))
+    assert cache.get(path).scale == 4
+    assert cache.loads == 2
+    path.unlink()
+    with pytest.raises(up.UpscalerError, match="gone"):
+        cache.get(path)
+
+
+def test_executor_upscale_reports_progress_and_matches_the_function(upscaler_dir: Path) -> None:
+    from underpaint.config import Settings
+    from underpaint.engine.executor import DiffusersExecutor
+    from underpaint.engine.job import Progress, UpscaleJob
+    from underpaint.registry import ModelRegistry
+
+    models = upscaler_dir.parent
+    executor = DiffusersExecutor(Settings(models_dir=models, device="cpu", torch_threads=1), ModelRegistry(models))
+    image = _image(200, 90, seed=5)  # two passes of the x2 model for x3
+    seen: list[Progress] = []
+    result = executor.upscale(UpscaleJob("2x-tiny-compact.pth", image, 3.0), on_progress=seen.append)
+    assert result.image.size == (600, 264)  # 270 floored to a multiple of 8
+    direct = up.upscale(image, up.load_upscaler(upscaler_dir / COMPACT), 3.0)
+    assert np.array_equal(np.asarray(result.image), np.asarray(direct))
+    assert result.infotext == "Postprocess upscale by: 3, Postprocess upscaler: 2x-tiny-compact"
+    fractions = [p.fraction for p in seen]
+    assert fractions == sorted(fractions)
+    assert len(fractions) == 2 + 3  # 200x90: 2 tiles, then 400x180: 3 tiles
+    assert fractions[-1] == 1.0
+    executor.upscale(UpscaleJob("2x-tiny-compact", image, 2.0))
+    assert executor.upscalers.loads == 1  # cached on the executor
+    with pytest.raises(JobError, match="not in the models folder"):
+        executor.upscale(UpscaleJob("nope", image, 2.0))
