@@ -23,7 +23,7 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 
 from underpaint.tasks.contract import Img2ImgRequest, TaskRequest, TaskType
-from underpaint.vocabulary import normalize_sampler_name, sampler_algorithm, sampler_with_schedule
+from underpaint.vocabulary import normalize_sampler_name, resolve_sampler, sampler_algorithm, sampler_with_schedule
 
 UNBATCHABLE_SAMPLERS = frozenset({"DPM adaptive"})
 
@@ -65,7 +65,9 @@ class BatchSignature:
         if not batchable(self.sampler):
             return None
         fields = asdict(self)
-        fields["sampler"] = normalize_sampler_name(self.sampler) or self.sampler
+        canonical = normalize_sampler_name(self.sampler)
+        # the algorithm and the schedule it walks: "Euler a", "Euler a Uniform" and "Euler a" + Automatic are one
+        fields["sampler"] = list(resolve_sampler(canonical, None)) if canonical else self.sampler
         return _digest(fields)
 
     def model_key(self) -> str:
