@@ -174,24 +174,13 @@ class DiffusersExecutor:
                 self.ip_adapters.activate(loaded, None, None, 0.0)
             vae_hash = file_sha256(self._entry("vae", head.vae).path)[:10] if head.vae else None
             hires_upscale = self._hires_upscale(head)
+            refiner = self._refiner(loaded, head)
         except Exception as exc:  # shared by every job of the group (same checkpoint, LoRAs and VAE)
             return [exc] * len(jobs)
         outcomes: list[JobOutcome | None] = [None] * len(jobs)
         with self._vae(loaded, head) as vae:
-            components = pipeline.Components(
-                unet=loaded.unet,
-                vae=vae,
-                bundle=TextEncoderBundle(
-                    list(loaded.tokenizers), cast(Any, list(loaded.text_encoders)), loaded.is_sdxl
-                ),
-                schedule=self._schedule(loaded),
-                prediction_type=loaded.prediction_type,
-                vae_scaling_factor=loaded.vae_scaling_factor,
-                is_sdxl=loaded.is_sdxl,
-                device=self.device,
-                dtype=self.dtype,
-                vae_dtype=self.vae_dtype,
-                upscale=hires_upscale,
+            components = self._components(
+                loaded, vae, upscale=hires_upscale, refiner=None if refiner is None else refiner[0]
             )
             members: list[pipeline.Member] = []
             plans: dict[int, EmbeddingPlan] = {}
@@ -209,7 +198,9 @@ class DiffusersExecutor:
                     outcomes[i] = (
                         result
                         if isinstance(result, BaseException)
-                        else self._images(jobs[i], plans[i], result, ckpt_entry, loaded, lora_entries, vae_hash)
+                        else self._images(
+                            jobs[i], plans[i], result, ckpt_entry, loaded, lora_entries, vae_hash, refiner
+                        )
                     )
         return [o if o is not None else RuntimeError("job was not run") for o in outcomes]
 
@@ -243,6 +234,43 @@ class DiffusersExecutor:
         )
         return plan, inputs
 
+    def _components(self, loaded: LoadedCheckpoint, vae: Any, **extra: Any) -> pipeline.Components:
+        return pipeline.Components(
+            unet=loaded.unet,
+            vae=vae,
+            bundle=TextEncoderBundle(
+                list(loaded.tokenizers), cast(Any, list(loaded.text_encoders)), loaded.is_sdxl, loaded.is_refiner
+            ),
+            schedule=self._schedule(loaded),
+            prediction_type=loaded.prediction_type,
+            vae_scaling_factor=loaded.vae_scaling_factor,
+            is_sdxl=loaded.is_sdxl,
+            device=self.device,
+            dtype=self.dtype,
+            vae_dtype=self.vae_dtype,
+            aesthetic_scores=pipeline.REFINER_AESTHETIC_SCORES if loaded.is_refiner else None,
+            **extra,
+        )
+
+    def _refiner(
+        self, base: LoadedCheckpoint, job: GenerationJob
+    ) -> tuple[pipeline.RefinerParts, ModelEntry, LoadedCheckpoint] | None:
+        """The refiner checkpoint of a job that asks for one, loaded beside the base (A1111 swaps them; the base
+        stays loaded here, so the next task needs no reload). It must share the base's latent space: an SDXL
+        refiner (or another SDXL checkpoint) for SDXL, an SD 1.5 checkpoint for SD 1.5."""
+        if job.refiner is None:
+            return None
+        entry = self._entry("checkpoint", job.refiner.checkpoint)
+        if entry.is_sdxl != base.is_sdxl:
+            raise JobError(
+                f"refiner {entry.stem!r} is {entry.base_model}, the checkpoint is "
+                f"{'SDXL' if base.is_sdxl else 'SD 1.5'}: a refiner must share its latent space"
+            )
+        refiner = self.cache.get(entry)
+        if refiner.unet.config["in_channels"] != base.unet.config["in_channels"]:
+            raise JobError(f"refiner {entry.stem!r} is an inpainting checkpoint")
+        return pipeline.RefinerParts(self._components(refiner, refiner.vae), job.refiner.switch_at), entry, refiner
+
     def _hires_upscale(self, job: GenerationJob) -> pipeline.Upscale | None:
         """The upscaler model of a hires fix that names one (None for "Latent" or no hires fix)."""
         if job.hires_fix is None or job.hires_fix.latent:
@@ -263,6 +291,7 @@ class DiffusersExecutor:
         loaded: LoadedCheckpoint,
         lora_entries: list[tuple[ModelEntry, float]],
         vae_hash: str | None,
+        refiner: tuple[pipeline.RefinerParts, ModelEntry, LoadedCheckpoint] | None = None,
     ) -> list[GeneratedImage]:
         out = []
         for img, seed in zip(images, pipeline.seeds_for(job.seed, job.image_num), strict=True):
@@ -284,6 +313,9 @@ class DiffusersExecutor:
                 vae_hash=vae_hash,
                 extra=inpainting.infotext_fields(job.mask) if job.mask is not None else (),
                 hires_fix=job.hires_fix,
+                refiner=None
+                if refiner is None or job.refiner is None
+                else (f"{refiner[1].stem} [{refiner[2].sha256_short}]", job.refiner.switch_at),
             )
             out.append(GeneratedImage(image=img, seed=seed, infotext=build_infotext(params)))
         return out

@@ -47,6 +47,7 @@ from underpaint.registry import UNET_CONV_IN, ModelEntry, file_sha256, short_has
 CONFIG_ROOT = Path(__file__).parent / "configs"
 SD15_CONFIG = CONFIG_ROOT / "sd15"
 SDXL_CONFIG = CONFIG_ROOT / "sdxl"
+SDXL_REFINER_CONFIG = CONFIG_ROOT / "sdxl_refiner"
 TOKENIZER_DIR = CONFIG_ROOT / "clip_tokenizer"
 
 StateDict = dict[str, torch.Tensor]
@@ -112,7 +113,12 @@ def load_state_dict_file(path: Path) -> StateDict:
 
 
 def is_sdxl_state_dict(sd: Mapping[str, Any]) -> bool:
-    return any(k.startswith("conditioner.embedders.1.") for k in sd)
+    return any(k.startswith("conditioner.embedders.1.") for k in sd) or is_sdxl_refiner_state_dict(sd)
+
+
+def is_sdxl_refiner_state_dict(sd: Mapping[str, Any]) -> bool:
+    """The SDXL refiner (A1111 single file): its only text encoder, OpenCLIP-G, is ``conditioner.embedders.0.model``."""
+    return any(k.startswith("conditioner.embedders.0.model.") for k in sd)
 
 
 def unet_in_channels(sd: Mapping[str, Any]) -> int:
@@ -132,7 +138,8 @@ class LoadedCheckpoint:
     pipe: Img2ImgPipeline
     unet: UNet2DConditionModel
     vae: AutoencoderKL
-    text_encoders: list[torch.nn.Module]  # [CLIPTextModel] or [CLIPTextModel, CLIPTextModelWithProjection]
+    # [CLIPTextModel] or [CLIPTextModel, CLIPTextModelWithProjection]; the SDXL refiner: [CLIPTextModelWithProjection]
+    text_encoders: list[torch.nn.Module]
     tokenizers: list[CLIPTokenizer]
     prediction_type: str  # "epsilon" | "v_prediction" | "sample"
     betas: tuple[float, float, int, str]  # (beta_start, beta_end, num_train_timesteps, beta_schedule)
@@ -141,6 +148,7 @@ class LoadedCheckpoint:
     dtype: torch.dtype
     approx_bytes: int
     config_dir: Path | None = None  # config tree used for a single file; None for diffusers folders
+    is_refiner: bool = False  # the SDXL refiner: OpenCLIP-G only, aesthetic-score conditioning
 
     @property
     def sha256(self) -> str:
@@ -207,10 +215,10 @@ def load_tokenizers(is_sdxl: bool, config_dir: Path | None = None) -> list[CLIPT
 # ---------------------------------------------------------------------------------------------------- checkpoints
 
 
-def _config_dir_for(entry: ModelEntry, is_sdxl: bool) -> Path:
+def _config_dir_for(entry: ModelEntry, is_sdxl: bool, is_refiner: bool = False) -> Path:
     side = entry.sidecar_config
     if side is None:
-        return SDXL_CONFIG if is_sdxl else SD15_CONFIG
+        return SDXL_REFINER_CONFIG if is_refiner else SDXL_CONFIG if is_sdxl else SD15_CONFIG
     index = side / "model_index.json"
     if not index.exists():
         raise ModelLoadError(f"{entry.sd_name}: sidecar {side.name}/ has no model_index.json")
@@ -240,15 +248,20 @@ def _single_file_pipeline(entry: ModelEntry, dtype: torch.dtype) -> tuple[Img2Im
             "LoRA, VAE and embedding files belong in their own folders"
         )
     is_sdxl = is_sdxl_state_dict(sd)
-    config_dir = _config_dir_for(entry, is_sdxl)
+    is_refiner = is_sdxl_refiner_state_dict(sd)
+    config_dir = _config_dir_for(entry, is_sdxl, is_refiner)
     cfg = str(config_dir)
     common: dict[str, Any] = {"config": cfg, "local_files_only": True, "dtype": dtype}
     try:
         # Inpainting checkpoints (9 input channels) load over the same config, told their conv_in width.
         unet = UNet2DConditionModel.from_single_file(sd, subfolder="unet", in_channels=unet_in_channels(sd), **common)
         vae = AutoencoderKL.from_single_file(sd, subfolder="vae", **common)
-        te1 = create_diffusers_clip_model_from_ldm(
-            CLIPTextModel, sd, subfolder="text_encoder", config=cfg, torch_dtype=dtype, local_files_only=True
+        te1 = (
+            None
+            if is_refiner
+            else create_diffusers_clip_model_from_ldm(
+                CLIPTextModel, sd, subfolder="text_encoder", config=cfg, torch_dtype=dtype, local_files_only=True
+            )
         )
         te2 = (
             create_diffusers_clip_model_from_ldm(
@@ -273,16 +286,17 @@ def _single_file_pipeline(entry: ModelEntry, dtype: torch.dtype) -> tuple[Img2Im
         index = json.loads((config_dir / "model_index.json").read_text())
         pipe = StableDiffusionXLImg2ImgPipeline(
             vae=vae,
-            text_encoder=te1,
+            text_encoder=te1,  # type: ignore[arg-type]  # None for the refiner, which diffusers accepts
             text_encoder_2=te2,
-            tokenizer=tokenizers[0],
+            tokenizer=None if is_refiner else tokenizers[0],  # type: ignore[arg-type]
             tokenizer_2=tokenizers[1],
             unet=unet,
             scheduler=scheduler,
-            requires_aesthetics_score=False,
+            requires_aesthetics_score=is_refiner,
             force_zeros_for_empty_prompt=bool(index.get("force_zeros_for_empty_prompt", True)),
         )
     else:
+        assert te1 is not None
         pipe = StableDiffusionImg2ImgPipeline(
             vae=vae,
             text_encoder=te1,
@@ -338,8 +352,9 @@ def load_checkpoint(
     pipe.to(dev)
     pipe.set_progress_bar_config(disable=True)
     is_sdxl = isinstance(pipe, StableDiffusionXLImg2ImgPipeline)
-    text_encoders = [pipe.text_encoder] + ([pipe.text_encoder_2] if is_sdxl else [])
-    tokenizers = [pipe.tokenizer] + ([pipe.tokenizer_2] if is_sdxl else [])
+    is_refiner = is_sdxl and pipe.text_encoder is None
+    text_encoders = [e for e in [pipe.text_encoder] + ([pipe.text_encoder_2] if is_sdxl else []) if e is not None]
+    tokenizers = [t for t in [pipe.tokenizer] + ([pipe.tokenizer_2] if is_sdxl else []) if t is not None]
     sched = pipe.scheduler.config
     return LoadedCheckpoint(
         name=entry.sd_name,
@@ -362,6 +377,7 @@ def load_checkpoint(
         dtype=dt,
         approx_bytes=module_bytes(pipe.unet, pipe.vae, *text_encoders),
         config_dir=config_dir,
+        is_refiner=is_refiner,
     )
 
 
