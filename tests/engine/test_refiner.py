@@ -194,3 +194,8 @@ def test_a_refiner_of_another_base_model_is_a_clear_error(executor: DiffusersExe
     job = replace(sdxl_job(refiner=Refiner("tiny-sdxl-refiner", 0.5)), checkpoint="tiny-sd15")
     with pytest.raises(JobError, match="refiner 'tiny-sdxl-refiner' is SDXL"):
         executor.generate(job)
+
+
+def test_an_sdxl_checkpoint_that_is_not_a_refiner_is_refused(executor: DiffusersExecutor) -> None:
+    with pytest.raises(JobError, match="refiner 'tiny-sdxl' is not an SDXL refiner checkpoint"):
+        executor.generate(sdxl_job(refiner=Refiner("tiny-sdxl", 0.5)))

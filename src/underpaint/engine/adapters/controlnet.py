@@ -126,14 +126,6 @@ class ControlNetCache:
             self._models.clear()
 
 
-_cache = ControlNetCache()
-
-
-def clear_controlnet_cache() -> None:
-    """Drop every loaded ControlNet (after an out-of-memory error; they reload on next use)."""
-    _cache.clear()
-
-
 @dataclass
 class PreparedUnit:
     model: Any
@@ -202,8 +194,10 @@ def build_control_hook(
     device: torch.device,
     seed: int = 0,
     annotator_nets: preprocessors.AnnotatorCache | None = None,
+    controlnets: ControlNetCache | None = None,
 ) -> ControlHookImpl | None:
     """The hook adding the residuals of ``units`` to each UNet call, or None when no unit contributes.
+    ``controlnets``: the loaded models to reuse (the executor's; a new cache when None).
 
     Raises ``JobError`` for a ControlNet of the other base model, a missing annotator file, an unloadable model.
     """
@@ -214,6 +208,7 @@ def build_control_hook(
             raise JobError(f"ControlNet {entry.stem!r} is for {entry.base_model}, the checkpoint is {base}")
         preprocessors.check_files(spec.preprocessor, annotator_dir)
     nets = annotator_nets if annotator_nets is not None else preprocessors.AnnotatorCache()
+    models = controlnets if controlnets is not None else ControlNetCache()
     prepared: list[PreparedUnit] = []
     for entry, spec in units:
         if spec.strength == 0:
@@ -223,7 +218,7 @@ def build_control_hook(
         control_map = preprocessors.run_preprocessor(spec.preprocessor, image, ctx)
         prepared.append(
             PreparedUnit(
-                model=_cache.get(entry, device, dtype),
+                model=models.get(entry, device, dtype),
                 image=control_tensor(control_map, device, dtype),
                 scale=float(spec.strength),
                 start=float(spec.guidance_start),
