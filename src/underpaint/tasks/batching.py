@@ -22,7 +22,7 @@ import json
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 
-from underpaint.tasks.contract import Img2ImgRequest, TaskRequest, TaskType
+from underpaint.tasks.contract import Img2ImgRequest, TaskRequest, TaskType, Txt2ImgRequest
 from underpaint.vocabulary import normalize_sampler_name
 
 UNBATCHABLE_SAMPLERS = frozenset({"DPM adaptive"})
@@ -95,7 +95,23 @@ def signature(request: TaskRequest) -> BatchSignature:
             (u.model_name, u.strength, u.preprocessor or "none", u.guidance_start, u.guidance_end) for u in units
         ),
         ip_adapters=tuple((a.model_name, a.strength) for a in request.ip_adapters),
+        hires_fix=_hires(request),
+        refiner=_refiner(request),
     )
+
+
+def _hires(request: TaskRequest) -> Hires | None:
+    hires = request.hires_fix if isinstance(request, Txt2ImgRequest) else None
+    if hires is None:
+        return None
+    return (hires.target_width, hires.target_height, hires.strength, hires.upscaler)
+
+
+def _refiner(request: TaskRequest) -> Refiner | None:
+    refiner = request.refiner if isinstance(request, Txt2ImgRequest) else None
+    if refiner is None:
+        return None
+    return (refiner.model_name or "", refiner.switch_at)
 
 
 def batch_key(request: TaskRequest) -> str | None:
