@@ -117,7 +117,7 @@ def test_rows_stored_before_the_contract_still_load_and_run(db_url: str) -> None
         assert record.extra.nsfw_detection_level == 1
         request = store.get_request("old")
         assert isinstance(request, Img2ImgRequest)
-        assert dump_request(request) == {**OLD_PAYLOAD, "task_type": "IMG_TO_IMG"}
+        assert dump_request(request) == {**OLD_PAYLOAD, "task_type": "IMG_TO_IMG", "scheduler": None}
         claimed = store.claim(None, "w")
         assert claimed is not None
         assert claimed.task_id == "old"
@@ -140,6 +140,7 @@ SHARED: dict[str, dict[str, Any]] = {
     "height": {"height": 768},
     "steps": {"steps": 21},
     "sampler_name": {"sampler_name": "Euler"},
+    "scheduler": {"scheduler": "Karras"},
     "strength": {"strength": 0.6},
     "clip_skip": {"clip_skip": 2},
     "sd_vae": {"sd_vae": "v.safetensors"},
@@ -161,6 +162,8 @@ PER_TASK: dict[str, dict[str, Any]] = {
     "embeddings": {"embeddings": [{"model_name": "x.pt"}]},
     "image_base64": {"image_base64": png(200)},
     "sampler_name spelling": {"sampler_name": "euler_a"},
+    # Euler a walks the uniform schedule either way (A1111 <= 1.8 name, or >= 1.9 "Automatic" / "Uniform")
+    "scheduler same schedule": {"scheduler": "uniform"},
     "controlnet image": {"controlnet": {"units": [UNIT | {"image_base64": png(90)}]}},
     "ip_adapters image": {"ip_adapters": [ADAPTER | {"image_base64": png(90)}]},
 }

@@ -23,7 +23,7 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 
 from underpaint.tasks.contract import Img2ImgRequest, TaskRequest, TaskType, Txt2ImgRequest
-from underpaint.vocabulary import normalize_sampler_name
+from underpaint.vocabulary import normalize_sampler_name, resolve_sampler, sampler_algorithm, sampler_with_schedule
 
 UNBATCHABLE_SAMPLERS = frozenset({"DPM adaptive"})
 
@@ -36,7 +36,7 @@ Refiner = tuple[str, float]  # checkpoint, switch_at
 
 def batchable(sampler_name: str) -> bool:
     """False for a sampler whose images would depend on their batch mates."""
-    return (normalize_sampler_name(sampler_name) or sampler_name) not in UNBATCHABLE_SAMPLERS
+    return (sampler_algorithm(sampler_name) or sampler_name) not in UNBATCHABLE_SAMPLERS
 
 
 def lora_set(loras: Iterable[Lora]) -> tuple[Lora, ...]:
@@ -50,7 +50,7 @@ class BatchSignature:
     width: int
     height: int
     steps: int
-    sampler: str
+    sampler: str  # with the schedule type folded in (``vocabulary.sampler_with_schedule``)
     strength: float | None  # img2img's denoising strength; None where the endpoint has none
     clip_skip: int
     vae: str | None
@@ -65,7 +65,9 @@ class BatchSignature:
         if not batchable(self.sampler):
             return None
         fields = asdict(self)
-        fields["sampler"] = normalize_sampler_name(self.sampler) or self.sampler
+        canonical = normalize_sampler_name(self.sampler)
+        # the algorithm and the schedule it walks: "Euler a", "Euler a Uniform" and "Euler a" + Automatic are one
+        fields["sampler"] = list(resolve_sampler(canonical, None)) if canonical else self.sampler
         return _digest(fields)
 
     def model_key(self) -> str:
@@ -86,7 +88,7 @@ def signature(request: TaskRequest) -> BatchSignature:
         width=request.width,
         height=request.height,
         steps=request.steps,
-        sampler=request.sampler_name,
+        sampler=sampler_with_schedule(request.sampler_name, request.scheduler),
         strength=request.strength if isinstance(request, Img2ImgRequest) else None,
         clip_skip=request.clip_skip,
         vae=request.sd_vae or None,

@@ -33,6 +33,7 @@ from underpaint.tasks.fields import (
     ModelName,
     Preprocessor,
     Sampler,
+    Scheduler,
     Seed,
     Unit,
     at_most,
@@ -117,6 +118,8 @@ class GenerationRequest(Lenient):
     steps: Annotated[int, in_range(1, 100)] = 20
     guidance_scale: Annotated[float, in_range(1, 30)] = 7.5
     sampler_name: Sampler = SamplerName("Euler a")
+    # A1111 >= 1.9's "Schedule type"; absent: the sampler name means what it meant in A1111 <= 1.8.
+    scheduler: Scheduler = None
     seed: Seed = -1
     sd_vae: ModelName | None = None
     clip_skip: Annotated[int, in_range(1, 12)] = 1

@@ -109,6 +109,7 @@ def _job(
         steps=r.steps,
         guidance_scale=r.guidance_scale,
         sampler_name=r.sampler_name,
+        scheduler=r.scheduler,
         seed=seed,
         strength=strength,
         clip_skip=r.clip_skip,
