@@ -93,6 +93,9 @@ def test_tiles_with_enough_context_equal_the_whole_image_run(upscaler_dir: Path)
     whole = _spandrel_run(_reference(upscaler_dir / COMPACT), x)
     tiled = up.run_model(compact, x, tile=16, pad=up.TILE_PAD)
     torch.testing.assert_close(tiled, whole, atol=1e-5, rtol=0)
+    levels = up.run_model(compact, up.image_levels(_image(70, 45, seed=1)), tile=16)  # 8-bit in, 8-bit out
+    assert levels.dtype == torch.uint8
+    assert int((levels.int() - (whole * 255).to(torch.uint8).int()).abs().max()) <= 1
     rrdb = up.load_upscaler(upscaler_dir / ANIME_6B)
     whole = _spandrel_run(_reference(upscaler_dir / ANIME_6B), x)
     torch.testing.assert_close(up.run_model(rrdb, x, tile=16, pad=100), whole, atol=1e-5, rtol=0)
