@@ -34,7 +34,8 @@ import redis
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # for tests.support
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from tests.support.cluster import AUTH, ApiNode, Cluster, free_port, png_b64, wait_all
+from tests.support.cluster import AUTH, ApiNode, Cluster, png_b64, wait_all
+from tests.support.ports import free_port
 
 PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
 

@@ -110,6 +110,18 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         config.hook.pytest_deselected(items=dropped)
         items[:] = keep
         _DESELECTED_REASONS[:] = [f"{n} deselected: {reason}" for reason, n in reasons.items()]
+    workeroutput = getattr(config, "workeroutput", None)  # a pytest-xdist worker: tell the controller
+    if workeroutput is not None:
+        workeroutput["deselected_reasons"] = list(_DESELECTED_REASONS)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node: Any, error: object) -> None:
+    """pytest-xdist's controller collects nothing itself: every worker deselects the same tests, so any worker's
+    reasons are the run's."""
+    reasons = getattr(node, "workeroutput", {}).get("deselected_reasons")
+    if reasons and not _DESELECTED_REASONS:
+        _DESELECTED_REASONS[:] = reasons
 
 
 def pytest_terminal_summary(terminalreporter: Any) -> None:

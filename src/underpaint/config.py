@@ -159,6 +159,9 @@ class Settings(BaseSettings):
     s3_prefix: str = "underpaint"
     s3_endpoint_url: str | None = None
     s3_region: str | None = None
+    # A failed upload to unreachable storage (S3 down, 5xx) is retried with backoff for this long per outage
+    # before the task fails; the worker holds its tasks (and their leases) meanwhile. 0 = fail at once.
+    storage_retry_seconds: NonNegative = 300
 
     def __init__(self, **values: Any) -> None:
         try:

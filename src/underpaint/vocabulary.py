@@ -44,6 +44,10 @@ SAMPLER_NAMES: tuple[SamplerName, ...] = tuple(
 )
 
 
+# Hires fix's latent upscaler (bilinear latent interpolation, no antialias); any other name is an upscaler model.
+LATENT_UPSCALER = "Latent"
+
+
 def _sampler_key(name: str) -> str:
     return "".join(name.lower().replace("_", " ").replace("-", " ").split())
 

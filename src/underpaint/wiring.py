@@ -29,10 +29,11 @@ from underpaint.delivery.signing import make_secret_for
 from underpaint.delivery.webhooks import WebhookDispatcher, result_hook
 from underpaint.registry import ModelRegistry
 from underpaint.scale.heartbeat import worker_states
-from underpaint.scale.metrics import InstrumentedRunner, WorkerEnv, install_metrics
+from underpaint.scale.metrics import UPLOAD_RETRIES, InstrumentedRunner, WorkerEnv, install_metrics
 from underpaint.services import Services, WorkerState
-from underpaint.storage.base import ImageStorage
+from underpaint.storage.base import ImageStorage, reachability
 from underpaint.storage.local import LocalStorage, load_or_create_secret
+from underpaint.storage.retry import UploadRetry
 from underpaint.storage.urls import ImageUrls
 from underpaint.tasks.lifecycle import RetentionSweeper, TerminalHook, recover_on_start
 from underpaint.tasks.queue import LocalQueue, WakeEvent
@@ -141,7 +142,9 @@ def build_runner(core: Core) -> InstrumentedRunner:
 
     services = core.services
     executor = DiffusersExecutor(services.settings, services.registry)
-    return InstrumentedRunner(GenerationRunner(services.settings, services.storage, executor, NsfwDetector()))
+    retry = UploadRetry(services.settings.storage_retry_seconds, on_retry=UPLOAD_RETRIES.inc)
+    runner = GenerationRunner(services.settings, services.storage, executor, NsfwDetector(), upload_retry=retry)
+    return InstrumentedRunner(runner)
 
 
 def batch_policy(settings: Settings) -> BatchPolicy:
@@ -288,7 +291,8 @@ def build_server(settings: Settings) -> Server:
         engine, lease = core.store.engine, settings.lease_seconds
         services = replace(services, health=probe.health, workers=lambda: worker_states(engine, lease))
     elif embedded:
-        services = replace(services, workers=embedded_workers)
+        storage = services.storage
+        services = replace(services, workers=embedded_workers, health=lambda: {"storage": reachability(storage)})
     core = replace(core, services=services)
     app = create_app(services)
     worker_env = install_metrics(app, services, core.store.engine, probe)

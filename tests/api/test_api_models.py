@@ -5,7 +5,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import io
-import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -18,6 +17,7 @@ from fastapi.testclient import TestClient
 from novita_client import NovitaClient
 from PIL import Image
 from tests.support.api import KEY_A, MODEL_COUNT, auth, image_bytes, make_services
+from tests.support.ports import free_port
 
 from underpaint.api.app import create_app
 from underpaint.services import Services
@@ -183,12 +183,6 @@ class CompletingQueue:
             services.storage.put(key, image_bytes((payload["width"], payload["height"]), fmt=fmt, color=(i, 0, 0)), "x")
             images.append(ImageRecord(key, record.response_image_type))
         services.store.complete(task_id, "w", images)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 import psycopg
 import pytest
 import redis
-from tests.support.cluster import free_port
+from tests.support.ports import free_port
 
 PG_ADMIN = os.environ.get("UNDERPAINT_TEST_PG_ADMIN", "postgresql://postgres@127.0.0.1:5432/postgres")
 PG_BASE = os.environ.get("UNDERPAINT_TEST_PG_BASE", "postgresql+psycopg://postgres@127.0.0.1:5432")

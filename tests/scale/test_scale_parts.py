@@ -204,7 +204,7 @@ def test_celery_queue_routes_to_lane_on_redis(store: SqlTaskStore, redis_url: st
     services.queue.enqueue("b", "sdxl")
     services.queue.enqueue("c", "sd15")
     assert probe.queue_depths() == {"sd15": 1, "sdxl": 2}
-    assert probe.health() == {"store": "ok", "broker": "ok"}
+    assert probe.health() == {"store": "ok", "broker": "ok", "storage": "ok"}
     down = BrokerProbe(
         services,
         store.engine,

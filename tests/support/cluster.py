@@ -7,7 +7,6 @@ import base64
 import io
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,17 +15,12 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from tests.support.ports import free_port
 
 SRC = Path(__file__).resolve().parents[2] / "src"
 KEY = "key-scale"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 TERMINAL = ("TASK_STATUS_SUCCEED", "TASK_STATUS_FAILED")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def png_b64(size: tuple[int, int] = (128, 128), seed: int = 0) -> str:

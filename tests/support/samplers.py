@@ -202,35 +202,76 @@ def reference_img2img(
     seeds: list[int],
     prediction_type: str = "epsilon",
     noise: NoiseSource | None = None,
+    t_enc: int | None = None,
 ) -> tuple[Tensor, int]:
     """A1111 img2img through k-diffusion (A-old ``sample_img2img`` rules). Returns (latent, model calls).
 
-    ``noise`` (fresh per-image generators by default) feeds the initial noise and every ``randn_like``."""
+    ``noise`` (fresh per-image generators by default) feeds the initial noise and every ``randn_like``. ``t_enc``
+    overrides ``int(min(strength, 0.999) * steps)`` (A1111's ``img2img_fix_steps`` path passes its own)."""
+    noise = NoiseSource(seeds) if noise is None else noise
+    first = noise.randn_like(init)
+    sigmas = reference_sigmas(name, steps).to(init.dtype)
+    t_enc = int(min(strength, 0.999) * steps) if t_enc is None else t_enc
+    sigma_sched = sigmas[steps - t_enc - 1 :]
+    x = init + first * sigma_sched[0]
+    # img2img: DPM fast/adaptive integrate the sliced schedule.
+    dpm = (sigma_sched[-2], sigma_sched[0], len(sigma_sched) - 1)
+    return _run_reference(name, model_fn, x, sigma_sched, sigmas, dpm, seeds, prediction_type, noise)
+
+
+def reference_txt2img(
+    name: str,
+    model_fn: Callable[[Tensor, Tensor], Tensor],
+    shape: tuple[int, ...],
+    steps: int,
+    seeds: list[int],
+    prediction_type: str = "epsilon",
+    dtype: torch.dtype = torch.float64,
+) -> tuple[Tensor, int]:
+    """A1111 (>= 1.6) txt2img through k-diffusion (``KDiffusionSampler.sample`` rules): the first draw of each
+    per-image generator times ``sigmas[0]``, all ``steps``; DPM fast/adaptive get the model's sigma_min/sigma_max
+    (``model_wrap.sigmas[0]``/``[-1]`` as Python floats) and ``n = steps``. Returns (latent, model calls)."""
+    _, external = kdiffusion()
+    noise = NoiseSource(seeds)
+    first = noise.randn_like(torch.empty(shape, dtype=dtype))
+    sigmas = reference_sigmas(name, steps).to(dtype)
+    wrap = external.CompVisDenoiser(_ApplyModel(lambda x, t: x, SCHEDULE.alphas_cumprod))
+    dpm = (wrap.sigmas[0].item(), wrap.sigmas[-1].item(), steps)
+    return _run_reference(name, model_fn, first * sigmas[0], sigmas, sigmas, dpm, seeds, prediction_type, noise)
+
+
+def _run_reference(
+    name: str,
+    model_fn: Callable[[Tensor, Tensor], Tensor],
+    x: Tensor,
+    sigma_sched: Tensor,
+    full_sigmas: Tensor,
+    dpm: tuple[Any, Any, int],
+    seeds: list[int],
+    prediction_type: str,
+    noise: NoiseSource,
+) -> tuple[Tensor, int]:
+    """Call k-diffusion's sampler for ``name`` from ``x`` with A1111's arguments and noise hooks."""
     sampling, external = kdiffusion()
     func_name, _, _ = _REF_FUNCS[name]
     counting = CountingModel(model_fn)
     inner = _ApplyModel(counting, SCHEDULE.alphas_cumprod)
     wrap = (external.CompVisVDenoiser if prediction_type == "v_prediction" else external.CompVisDenoiser)(inner)
-    noise = NoiseSource(seeds) if noise is None else noise
-    first = noise.randn_like(init)
-    sigmas = reference_sigmas(name, steps).to(init.dtype)
-    t_enc = int(min(strength, 0.999) * steps)
-    sigma_sched = sigmas[steps - t_enc - 1 :]
-    x = init + first * sigma_sched[0]
     kwargs: dict[str, Any] = {"extra_args": {"cond": None}, "disable": True}
     if func_name in ("sample_dpm_fast", "sample_dpm_adaptive"):
-        kwargs.update(sigma_min=sigma_sched[-2], sigma_max=sigma_sched[0], eta=1.0)
+        # k-diffusion builds the DPM-fast lambda grid with a float32 linspace; with float64 bounds it misses the
+        # float64 end point and its last step takes sqrt(<0) = NaN. A1111 passes float32 sigmas: do the same.
+        kwargs.update(sigma_min=dpm[0], sigma_max=dpm[1], eta=1.0)
         if func_name == "sample_dpm_fast":
-            # k-diffusion builds the DPM-fast lambda grid with a float32 linspace; with float64 bounds it misses the
-            # float64 end point and its last step takes sqrt(<0) = NaN. A1111 passes float32 sigmas: do the same.
-            kwargs.update(sigma_min=sigma_sched[-2].float(), sigma_max=sigma_sched[0].float())
-            kwargs["n"] = len(sigma_sched) - 1
+            kwargs.update(sigma_min=torch.as_tensor(dpm[0]).float(), sigma_max=torch.as_tensor(dpm[1]).float())
+            kwargs["n"] = dpm[2]
         args: tuple[Any, ...] = (wrap, x)
     else:
         args = (wrap, x, sigma_sched)
     if func_name == "sample_dpmpp_sde":
         # A1111 CPU randn source: Brownian increments are float32 CPU normals (trees built on a float32 tensor).
-        tree = sampling.BrownianTreeNoiseSampler(x.float(), sigmas[sigmas > 0].min(), sigmas.max(), seed=list(seeds))
+        positive = full_sigmas[full_sigmas > 0]
+        tree = sampling.BrownianTreeNoiseSampler(x.float(), positive.min(), full_sigmas.max(), seed=list(seeds))
         kwargs["noise_sampler"] = lambda s, s_next: tree(s, s_next).to(x.dtype)
     original_torch = sampling.torch
     sampling.torch = _HijackedTorch(noise)

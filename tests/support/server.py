@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -13,12 +12,11 @@ from pathlib import Path
 
 import httpx
 from PIL import Image
+from tests.support.ports import free_port
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+class PortTaken(RuntimeError):
+    """The server could not bind its port: another process took it after ``free_port`` picked it."""
 
 
 class LiveServer:
@@ -35,6 +33,7 @@ class LiveServer:
         self.data_dir = data_dir
         self.models_dir = models_dir
         self.keys = keys
+        self.port_given = port is not None
         self.port = port or free_port()
         self.extra_env = extra_env or {}
         self.proc: subprocess.Popen[bytes] | None = None
@@ -45,6 +44,19 @@ class LiveServer:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self, timeout: float = 120.0) -> LiveServer:
+        """Start and wait for ``/health``; a server that lost its port to another process (pytest-xdist workers and
+        other sessions pick ports concurrently) is started again on a new one, unless the port was given."""
+        for _ in range(3):
+            try:
+                return self._start(timeout)
+            except PortTaken:
+                if self.port_given:
+                    raise
+                self.port = free_port()
+                self.log_path = self.data_dir / f"server-{self.port}.log"
+        return self._start(timeout)
+
+    def _start(self, timeout: float) -> LiveServer:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         env = {
             **os.environ,
@@ -81,7 +93,10 @@ class LiveServer:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log_path.read_text()[-4000:]}")
+                tail = self.log_path.read_text()[-4000:]
+                if "address already in use" in tail.lower():
+                    raise PortTaken(self.port)
+                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{tail}")
             try:
                 if httpx.get(self.url + "/health", timeout=1.0).status_code == 200:
                     return self

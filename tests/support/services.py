@@ -3,7 +3,6 @@ unreachable, these raise and the test fails."""
 
 from __future__ import annotations
 
-import socket
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -11,15 +10,10 @@ from contextlib import contextmanager
 import psycopg
 import pytest
 from moto.server import ThreadedMotoServer
+from tests.support.ports import free_port
 
 PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/test"
 S3_REGION = "us-east-1"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @contextmanager

@@ -193,9 +193,14 @@ def _body_too_large() -> ApiError:
     return invalid_request(f"request body exceeds {MAX_BODY_BYTES // (1024 * 1024)} MB")
 
 
+# Checks whose failure leaves the node serving: with the broker down, tasks are still accepted and workers take
+# them from the store; with the image storage down, workers hold results and retry (storage_retry_seconds).
+_DEGRADABLE = frozenset({"broker", "storage"})
+
+
 def _health(check: HealthCheck | None) -> Response:
-    """200 ``{"status": "ok"}``; with a readiness callable, its checks are included and any check that is not
-    ``True``/``"ok"`` turns the reply into 503 ``{"status": "unavailable", "checks": {...}}``."""
+    """200 ``{"status": "ok"}``; with a readiness callable, its checks are included. A failing check that the node
+    can serve without (``_DEGRADABLE``) makes it 200 ``"degraded"``; any other makes it 503 ``"unavailable"``."""
     if check is None:
         return JSONResponse({"status": "ok"})
     try:
@@ -203,8 +208,12 @@ def _health(check: HealthCheck | None) -> Response:
     except Exception as exc:  # a failing probe means "not ready", not a crash
         logger.warning("health check failed: %r", exc)
         return JSONResponse({"status": "unavailable", "checks": {"health": f"error: {type(exc).__name__}"}}, 503)
-    healthy = all(v is True or v == "ok" for v in checks.values())
-    return JSONResponse({"status": "ok" if healthy else "unavailable", "checks": checks}, 200 if healthy else 503)
+    failing = {name for name, v in checks.items() if not (v is True or v == "ok")}
+    if not failing:
+        return JSONResponse({"status": "ok", "checks": checks})
+    if failing <= _DEGRADABLE:
+        return JSONResponse({"status": "degraded", "checks": checks})
+    return JSONResponse({"status": "unavailable", "checks": checks}, 503)
 
 
 def _install_error_handlers(app: FastAPI) -> None:

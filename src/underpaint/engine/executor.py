@@ -40,7 +40,7 @@ from underpaint.engine.memory import OutOfMemory, free_device_memory, oom_messag
 from underpaint.engine.metadata import InfotextParams, build_infotext
 from underpaint.engine.preprocessors import AnnotatorCache
 from underpaint.engine.samplers import DiscreteSchedule
-from underpaint.engine.upscalers import UpscalerCache, upscale
+from underpaint.engine.upscalers import UpscalerCache, upscale, upscale_to
 from underpaint.registry import ModelEntry, ModelRegistry, file_sha256
 
 log = logging.getLogger(__name__)
@@ -173,6 +173,7 @@ class DiffusersExecutor:
             if not any(job.ip_adapters for job in jobs):
                 self.ip_adapters.activate(loaded, None, None, 0.0)
             vae_hash = file_sha256(self._entry("vae", head.vae).path)[:10] if head.vae else None
+            hires_upscale = self._hires_upscale(head)
         except Exception as exc:  # shared by every job of the group (same checkpoint, LoRAs and VAE)
             return [exc] * len(jobs)
         outcomes: list[JobOutcome | None] = [None] * len(jobs)
@@ -190,6 +191,7 @@ class DiffusersExecutor:
                 device=self.device,
                 dtype=self.dtype,
                 vae_dtype=self.vae_dtype,
+                upscale=hires_upscale,
             )
             members: list[pipeline.Member] = []
             plans: dict[int, EmbeddingPlan] = {}
@@ -236,8 +238,20 @@ class DiffusersExecutor:
             token_expansions=plan.token_expansions,
             added_cond=added_cond,
             control=self._control_hook(loaded, job),
+            hires_fix=job.hires_fix,
         )
         return plan, inputs
+
+    def _hires_upscale(self, job: GenerationJob) -> pipeline.Upscale | None:
+        """The upscaler model of a hires fix that names one (None for "Latent" or no hires fix)."""
+        if job.hires_fix is None or job.hires_fix.latent:
+            return None
+        model = self.upscalers.get(self._entry("upscaler", job.hires_fix.upscaler).path)
+
+        def run(image: Image.Image, width: int, height: int) -> Image.Image:
+            return upscale_to(image, model, width, height)
+
+        return run
 
     def _images(
         self,
@@ -262,11 +276,12 @@ class DiffusersExecutor:
                 height=job.height,
                 model_name=ckpt_entry.stem,
                 model_hash=loaded.sha256_short,
-                strength=job.strength,
+                strength=None if job.is_txt2img else job.strength,
                 clip_skip=job.clip_skip,
                 loras=tuple((e.stem, w) for e, w in lora_entries),
                 vae_name=job.vae,
                 vae_hash=vae_hash,
+                hires_fix=job.hires_fix,
             )
             out.append(GeneratedImage(image=img, seed=seed, infotext=build_infotext(params)))
         return out

@@ -3,6 +3,9 @@
 The API layer turns a Novita request into a ``GenerationJob`` (names already resolved against the registry,
 images already decoded and checked); the worker hands it to an ``Executor``. Nothing here knows about HTTP,
 tasks or storage.
+
+One job type serves both endpoints: ``init_image`` set = img2img (``strength`` is its denoising strength),
+``init_image`` None = txt2img (``strength`` unused; optional ``hires_fix`` and ``refiner`` passes).
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ from typing import Protocol
 
 from PIL import Image
 
-from underpaint.vocabulary import PreprocessorName, SamplerName, normalize_sampler_name
+from underpaint.vocabulary import LATENT_UPSCALER, PreprocessorName, SamplerName, normalize_sampler_name
 
 
 @dataclass(frozen=True)
@@ -45,9 +48,35 @@ class IPAdapterSpec:
 
 
 @dataclass(frozen=True)
+class HiresFix:
+    """txt2img's second pass, as A1111 >= 1.6 runs it: upscale the first pass to ``width`` x ``height`` (cover, then
+    centre-crop when the aspect differs), then img2img at that size with denoising strength ``strength`` for exactly
+    ``steps`` steps over a schedule of ``int(steps / min(strength, 0.999))``, with fresh generators seeded seed + i.
+    """
+
+    width: int  # target size (>= the first pass's size)
+    height: int
+    strength: float  # denoising strength of the second pass, in [0, 1]
+    upscaler: str = LATENT_UPSCALER  # "Latent" (bilinear latent interpolation) or a registry upscaler sd_name
+
+    @property
+    def latent(self) -> bool:
+        return self.upscaler == LATENT_UPSCALER
+
+
+@dataclass(frozen=True)
+class Refiner:
+    """SDXL refiner (A1111 >= 1.7): switch to ``checkpoint`` once the completed ratio reaches ``switch_at``, with
+    the conditioning re-encoded by the refiner's own text encoder."""
+
+    checkpoint: str  # registry sd_name of the refiner checkpoint
+    switch_at: float  # in [0, 1]
+
+
+@dataclass(frozen=True)
 class GenerationJob:
     checkpoint: str  # registry sd_name of the checkpoint
-    init_image: Image.Image  # RGB
+    init_image: Image.Image | None  # RGB; None = txt2img
     prompt: str
     negative_prompt: str
     width: int
@@ -57,13 +86,19 @@ class GenerationJob:
     guidance_scale: float
     sampler_name: SamplerName
     seed: int  # already resolved: never -1 here
-    strength: float
+    strength: float  # img2img denoising strength; unused by txt2img (pass 1.0)
     clip_skip: int = 1  # A1111 meaning: 1 = last layer
     vae: str | None = None
     loras: tuple[LoraSpec, ...] = ()
     embeddings: tuple[EmbeddingSpec, ...] = ()
     controlnets: tuple[ControlNetUnitSpec, ...] = ()
     ip_adapters: tuple[IPAdapterSpec, ...] = ()
+    hires_fix: HiresFix | None = None  # txt2img only
+    refiner: Refiner | None = None  # txt2img only
+
+    @property
+    def is_txt2img(self) -> bool:
+        return self.init_image is None
 
 
 @dataclass(frozen=True)
@@ -118,8 +153,8 @@ UNBATCHABLE_SAMPLERS = frozenset({"DPM adaptive"})
 
 def batch_key(job: GenerationJob) -> tuple[object, ...]:
     """Jobs with equal keys can share one sampler call: same model, VAE, LoRAs, size, schedule, ControlNet and
-    IP-Adapter configuration. Prompts, seeds, ``image_num``, guidance scale and the adapters' images may differ.
-    A DPM adaptive job's key is unique to it (never batched)."""
+    IP-Adapter configuration, same kind (txt2img or img2img), hires fix and refiner. Prompts, seeds, ``image_num``,
+    guidance scale and the adapters' images may differ. A DPM adaptive job's key is unique to it (never batched)."""
     sampler = normalize_sampler_name(job.sampler_name) or job.sampler_name
     key: tuple[object, ...] = (
         job.checkpoint,
@@ -127,7 +162,10 @@ def batch_key(job: GenerationJob) -> tuple[object, ...]:
         job.height,
         job.steps,
         sampler,
-        job.strength,
+        None if job.is_txt2img else job.strength,
+        job.is_txt2img,
+        job.hires_fix,
+        job.refiner,
         job.clip_skip,
         job.vae,
         tuple(sorted((x.name, x.strength) for x in job.loras)),

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from PIL import Image, PngImagePlugin
 
 from underpaint import __version__
+from underpaint.engine.job import HiresFix
 
 _EXIF_IFD = 0x8769
 _USER_COMMENT = 0x9286
@@ -29,11 +30,12 @@ class InfotextParams:
     height: int
     model_name: str
     model_hash: str
-    strength: float
+    strength: float | None  # img2img's denoising strength; None for txt2img (the hires fix carries its own)
     clip_skip: int
     loras: tuple[tuple[str, float], ...] = ()
     vae_name: str | None = None
     vae_hash: str | None = None
+    hires_fix: HiresFix | None = None
 
 
 def _quote(value: str) -> str:
@@ -61,9 +63,18 @@ def build_infotext(p: InfotextParams) -> str:
     ]
     if p.vae_name:
         fields += [("VAE hash", p.vae_hash or ""), ("VAE", p.vae_name)]
-    fields.append(("Denoising strength", _num(p.strength)))
+    # A1111 writes "Denoising strength" for img2img, and for txt2img only with the hires fix (its strength).
+    strength = p.hires_fix.strength if p.hires_fix is not None else p.strength
+    if strength is not None:
+        fields.append(("Denoising strength", _num(strength)))
     if p.clip_skip > 1:
         fields.append(("Clip skip", str(p.clip_skip)))
+    if p.hires_fix is not None:
+        # Novita sends a target size, which is A1111's "Hires resize" (a scale factor would be "Hires upscale").
+        fields += [
+            ("Hires resize", f"{p.hires_fix.width}x{p.hires_fix.height}"),
+            ("Hires upscaler", p.hires_fix.upscaler),
+        ]
     fields.append(("Version", f"underpaint-{__version__}"))
     line = ", ".join(f"{k}: {_quote(v)}" for k, v in fields if v != "")
     lines = [prompt]

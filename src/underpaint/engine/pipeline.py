@@ -1,6 +1,9 @@
-"""The img2img pipeline, as explicit stages (diffusers style) over our own samplers and prompt encoding.
+"""The img2img and txt2img pipeline, as explicit stages (diffusers style) over our own samplers and prompt encoding.
 
-    prepare_init_latents -> encode_conditioning -> build_model_fn -> sample_img2img -> decode_latents
+    img2img: prepare_init_latents -> encode_conditioning -> build_model_fn -> sample_img2img -> decode_latents
+    txt2img: (no init latents)    -> encode_conditioning -> build_model_fn -> sample_txt2img
+             [-> hires fix: upscale_latents (Latent) | decode, upscale model, encode -> sample_img2img, fix_steps]
+             -> decode_latents
 
 Why not diffusers' Img2Img pipelines: A1111 semantics (sampler math, ``t_enc`` slicing, per-image CPU noise
 streams, attention syntax, clip skip) differ from them in ways users notice (``docs/ARCHITECTURE.md``).
@@ -26,15 +29,14 @@ from underpaint.engine.devices import vae_dtype_for
 from underpaint.engine.job import (
     UNBATCHABLE_SAMPLERS,
     GenerationJob,
+    HiresFix,
     JobCancelled,
     JobError,
     Progress,
     ProgressCallback,
 )
-from underpaint.engine.samplers import DiscreteSchedule, NoiseSource, sample_img2img
+from underpaint.engine.samplers import DiscreteSchedule, NoiseSource, sample_img2img, sample_txt2img
 from underpaint.vocabulary import SamplerName, normalize_sampler_name
-
-log = logging.getLogger(__name__)
 
 log = logging.getLogger(__name__)
 
@@ -57,9 +59,14 @@ class ControlHook(Protocol):
     ) -> dict[str, Any]: ...
 
 
+# Hires fix with an upscaler model: (first-pass image, width, height) -> the image at exactly that size (A1111's
+# ``resize_image`` "just resize" with an upscaler: the model's passes, then Lanczos; ``engine.upscalers.upscale_to``).
+Upscale = Callable[[Image.Image, int, int], Image.Image]
+
+
 @dataclass
 class PipelineInputs:
-    init_image: Image.Image
+    init_image: Image.Image | None  # None = txt2img
     prompt: str
     negative_prompt: str
     width: int
@@ -74,6 +81,7 @@ class PipelineInputs:
     # IP-Adapter: merged into the UNet's added_cond_kwargs (already ordered [uncond, cond] along the batch).
     added_cond: dict[str, Any] = field(default_factory=dict)
     control: ControlHook | None = None
+    hires_fix: HiresFix | None = None  # txt2img only
 
 
 @dataclass
@@ -91,6 +99,8 @@ class Components:
     dtype: torch.dtype
     # The ``vae_dtype`` setting when forced; None = auto (``devices.vae_dtype_for``).
     vae_dtype: torch.dtype | None = None
+    # The hires fix's upscaler model for this batch (None: "Latent" or no hires fix).
+    upscale: Upscale | None = None
 
 
 def pil_to_tensor(image: Image.Image, width: int, height: int) -> torch.Tensor:
@@ -191,7 +201,7 @@ class Member:
     """
 
     seeds: list[int]
-    init_latent: torch.Tensor  # [len(seeds), C, h, w]
+    init_latent: torch.Tensor | None  # [len(seeds), C, h, w]; None = txt2img (the rows start from noise)
     cond: Conditioning
     uncond: Conditioning
     guidance_scale: float
@@ -209,7 +219,9 @@ class BatchSpec:
     height: int
     steps: int
     sampler_name: SamplerName
-    strength: float
+    strength: float  # img2img only
+    txt2img: bool = False
+    hires_fix: HiresFix | None = None  # txt2img only
 
 
 @dataclass
@@ -449,23 +461,34 @@ def to_uint8(pixels: torch.Tensor) -> np.ndarray:
 
 
 class _Clock:
-    """Turns sampler steps into a fraction and an ETA (sampling plus an estimate for decoding)."""
+    """Turns sampler steps into a fraction and an ETA (sampling plus an estimate for decoding).
 
-    def __init__(self, on_progress: ProgressCallback | None, n_images: int) -> None:
+    A job of several passes (hires fix) gives each pass a ``share`` of the whole: ``fraction`` is the completed
+    part of the current pass (what ControlNet's guidance range reads), ``overall`` that of the job."""
+
+    def __init__(self, on_progress: ProgressCallback | None, n_images: int, share: float = 1.0) -> None:
         self.on_progress = on_progress
         self.start = time.monotonic()
         self.fraction = 0.0
         self.n_images = n_images
+        self.share = share
+        self.offset = 0.0
+
+    def next_pass(self, share: float) -> None:
+        self.offset += self.share
+        self.share = share
+        self.fraction = 0.0
 
     def step(self, done: int, total: int) -> None:
         self.fraction = done / max(total, 1)
         if self.on_progress is None:
             return
+        overall = self.offset + self.share * self.fraction
         elapsed = time.monotonic() - self.start
-        per_step = elapsed / max(done, 1)
+        per_unit = elapsed / max(overall, 1e-9)
         # Decoding costs roughly one step per image on the tiny and the real models alike.
-        remaining = per_step * (total - done + self.n_images)
-        self.on_progress(Progress(fraction=min(self.fraction, 0.99), eta_seconds=remaining))
+        remaining = per_unit * (1.0 - overall) + per_unit * self.share / max(total, 1) * self.n_images
+        self.on_progress(Progress(fraction=min(overall, 0.99), eta_seconds=remaining))
 
 
 def prepare_member(
@@ -474,8 +497,12 @@ def prepare_member(
     on_progress: ProgressCallback | None = None,
     should_cancel: Callable[[], bool] | None = None,
 ) -> Member:
-    """Encode one job's init image and prompts (its part of a batch; see ``sample_batch``)."""
-    init_latent = prepare_init_latents(c, inputs.init_image, inputs.width, inputs.height, len(inputs.seeds))
+    """Encode one job's init image (img2img) and prompts (its part of a batch; see ``sample_batch``)."""
+    init_latent = (
+        None
+        if inputs.init_image is None
+        else prepare_init_latents(c, inputs.init_image, inputs.width, inputs.height, len(inputs.seeds))
+    )
     cond, uncond = encode_conditioning(c, inputs)
     return Member(
         seeds=list(inputs.seeds),
@@ -498,11 +525,27 @@ def build_model_fn(
 
 
 def batch_spec(inputs: PipelineInputs) -> BatchSpec:
-    return BatchSpec(inputs.width, inputs.height, inputs.steps, inputs.sampler_name, inputs.strength)
+    return BatchSpec(
+        inputs.width,
+        inputs.height,
+        inputs.steps,
+        inputs.sampler_name,
+        inputs.strength,
+        txt2img=inputs.init_image is None,
+        hires_fix=inputs.hires_fix,
+    )
 
 
 def batch_spec_of(job: GenerationJob) -> BatchSpec:
-    return BatchSpec(job.width, job.height, job.steps, job.sampler_name, job.strength)
+    return BatchSpec(
+        job.width,
+        job.height,
+        job.steps,
+        job.sampler_name,
+        job.strength,
+        txt2img=job.is_txt2img,
+        hires_fix=job.hires_fix,
+    )
 
 
 Outcome = list[Image.Image] | BaseException
@@ -549,24 +592,106 @@ def sample_batch(c: Components, spec: BatchSpec, members: Sequence[Member]) -> l
 
 
 def _sample(c: Components, spec: BatchSpec, batch: _Batch) -> torch.Tensor:
+    """The sampler call(s) of a batch: img2img, or txt2img and then the hires fix's second pass when asked."""
     members = batch.members
-    clock = _Clock(batch.progress, sum(len(m.seeds) for m in members))
-    init_latent = torch.cat([m.init_latent for m in members])
-    noise = NoiseSource.from_seeds([s for m in members for s in m.seeds])
-    model_fn = build_batch_model_fn(c, spec, batch, lambda: clock.fraction)
-    with torch.no_grad():
+    seeds = [s for m in members for s in m.seeds]
+    hires = spec.hires_fix if spec.txt2img else None
+    second = hires is not None and hires.strength > 0.0
+    # The second pass runs ``steps`` steps at the hires size: weigh the passes by their pixels for progress.
+    weight = (hires.width * hires.height) / (spec.width * spec.height) if hires is not None and second else 0.0
+    clock = _Clock(batch.progress, len(seeds), share=1.0 / (1.0 + weight))
+
+    def cancelled() -> bool:
+        return not batch.any_active()
+
+    def img2img(pass_spec: BatchSpec, latents: torch.Tensor, strength: float, fix_steps: bool) -> torch.Tensor:
+        # Each pass draws from fresh generators seeded seed + i (A1111 re-creates its RNG for the hires pass).
         return sample_img2img(
             spec.sampler_name,
-            model_fn,
+            build_batch_model_fn(c, pass_spec, batch, lambda: clock.fraction),
             c.schedule,
-            init_latent,
+            latents,
             spec.steps,
-            spec.strength,
-            noise,
+            strength,
+            NoiseSource.from_seeds(seeds),
             prediction_type=c.prediction_type,
             callback=clock.step,
-            should_cancel=lambda: not batch.any_active(),
+            should_cancel=cancelled,
+            fix_steps=fix_steps,
         )
+
+    with torch.no_grad():
+        if not spec.txt2img:
+            return img2img(spec, torch.cat([_img2img_latent(m) for m in members]), spec.strength, False)
+        shape = (len(seeds), latent_channels(c), spec.height // 8, spec.width // 8)
+        latents = sample_txt2img(
+            spec.sampler_name,
+            build_batch_model_fn(c, spec, batch, lambda: clock.fraction),
+            c.schedule,
+            shape,
+            spec.steps,
+            NoiseSource.from_seeds(seeds),
+            prediction_type=c.prediction_type,
+            callback=clock.step,
+            should_cancel=cancelled,
+        )
+        if hires is None:
+            return latents
+        batch.poll_cancel()
+        cover = hires_cover_size(spec.width, spec.height, hires.width, hires.height)
+        if hires.latent:
+            latents = upscale_latents(latents, cover)
+        else:
+            if c.upscale is None:
+                raise JobError(f"hires fix upscaler {hires.upscaler!r} was not provided to the pipeline")
+            latents = _upscale_with_model(c, latents, cover, c.upscale)
+        latents = crop_latents(latents, cover, (hires.width, hires.height))
+        if not second:  # strength 0: the upscaled first pass, not denoised again
+            return latents
+        clock.next_pass(1.0 - clock.share)
+        # The SDXL size conditioning of the second pass is the cover size, as A1111's hires conditioning.
+        return img2img(
+            BatchSpec(cover[0], cover[1], spec.steps, spec.sampler_name, hires.strength), latents, hires.strength, True
+        )
+
+
+def _img2img_latent(m: Member) -> torch.Tensor:
+    if m.init_latent is None:
+        raise ValueError("an img2img batch member without init latents")
+    return m.init_latent
+
+
+def latent_channels(c: Components) -> int:
+    return int(getattr(c.vae.config, "latent_channels", 4))
+
+
+def hires_cover_size(width: int, height: int, target_width: int, target_height: int) -> tuple[int, int]:
+    """The size A1111 upscales the first pass to before cropping: the target when the aspect matches, else the
+    smallest size of the first pass's aspect that covers the target (integer arithmetic as A1111's)."""
+    if width * target_height < target_width * height:  # source narrower than the target: match widths
+        return target_width, target_width * height // width
+    return target_height * width // height, target_height
+
+
+def upscale_latents(latents: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Hires fix "Latent": bilinear interpolation without antialias to ``size`` (pixels) // 8."""
+    width, height = size
+    return torch.nn.functional.interpolate(latents, size=(height // 8, width // 8), mode="bilinear", antialias=False)
+
+
+def crop_latents(latents: torch.Tensor, cover: tuple[int, int], target: tuple[int, int]) -> torch.Tensor:
+    """Centre-crop cover-size latents to the target, A1111's way: ``(cover - target) // 8`` latent pixels off,
+    the smaller half first."""
+    tx = (cover[0] - target[0]) // 8
+    ty = (cover[1] - target[1]) // 8
+    h, w = latents.shape[-2:]
+    return latents[:, :, ty // 2 : h - (ty + 1) // 2, tx // 2 : w - (tx + 1) // 2]
+
+
+def _upscale_with_model(c: Components, latents: torch.Tensor, size: tuple[int, int], upscale: Upscale) -> torch.Tensor:
+    """Hires fix with an upscaler model: decode (8 bits, as A1111), upscale to ``size``, encode again."""
+    images = [upscale(image, size[0], size[1]) for image in decode_latents(c, latents)]
+    return torch.cat([prepare_init_latents(c, image, size[0], size[1], 1) for image in images])
 
 
 def generate(
@@ -575,7 +700,7 @@ def generate(
     on_progress: ProgressCallback | None = None,
     should_cancel: Callable[[], bool] | None = None,
 ) -> list[Image.Image]:
-    """Run one img2img job for ``len(inputs.seeds)`` images in one UNet batch (a batch of one member)."""
+    """Run one job for ``len(inputs.seeds)`` images in one UNet batch (a batch of one member)."""
     member = prepare_member(c, inputs, on_progress, should_cancel)
     (outcome,) = sample_batch(c, batch_spec(inputs), [member])
     if isinstance(outcome, BaseException):

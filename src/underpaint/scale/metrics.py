@@ -78,6 +78,11 @@ TASKS_FROM_STORE = Counter(
     "queue_poll_seconds (lost in a broker restart, or never sent while the broker was down)",
     registry=WORKER_REGISTRY,
 )
+UPLOAD_RETRIES = Counter(
+    "underpaint_storage_upload_retries",
+    "Image uploads tried again after a transient storage failure (the S3 endpoint unreachable, 5xx)",
+    registry=WORKER_REGISTRY,
+)
 # Set for the embedded worker's child process: prometheus_client then keeps its values in files there.
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"

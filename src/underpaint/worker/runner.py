@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from functools import partial
 from typing import Any, Protocol
 
 from PIL import Image
@@ -20,6 +21,7 @@ from underpaint.engine.metadata import CONTENT_TYPES, encode_image
 from underpaint.storage import custom as custom_storage
 from underpaint.storage.base import ImageStorage
 from underpaint.storage.custom_target import custom_target, object_key
+from underpaint.storage.retry import UploadRetry
 from underpaint.tasks.types import ImageRecord, NsfwResult, TaskRecord
 from underpaint.worker.jobs import job_from_payload
 from underpaint.worker.loop import ProgressReporter
@@ -38,12 +40,20 @@ class CountingExecutor(Executor, Protocol):
 
 class GenerationRunner:
     def __init__(
-        self, settings: Settings, storage: ImageStorage, executor: CountingExecutor, nsfw: NsfwCheck | None = None
+        self,
+        settings: Settings,
+        storage: ImageStorage,
+        executor: CountingExecutor,
+        nsfw: NsfwCheck | None = None,
+        *,
+        upload_retry: UploadRetry | None = None,
     ) -> None:
         self.settings = settings
         self.storage = storage
         self.executor = executor
         self.nsfw = nsfw
+        # A storage outage delays uploads (backoff, within storage_retry_seconds) instead of failing tasks.
+        self.upload_retry = upload_retry or UploadRetry(settings.storage_retry_seconds)
         # NSFW detection runs on the CPU (onnxruntime) beside encoding and upload, never on the GPU.
         self._side = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nsfw")
 
@@ -56,7 +66,7 @@ class GenerationRunner:
         # The reporter also knows when this worker lost its lease (another worker took the task over).
         images = self.executor.generate(job, on_progress=report, should_cancel=report.should_cancel)
         verdicts = self._detect(task, images)
-        records = self._store(task, images, verdicts)
+        records = self._store(task, images, verdicts, report.should_cancel)
         return records
 
     def run_batch(
@@ -85,9 +95,9 @@ class GenerationRunner:
             if isinstance(result, BaseException):
                 outcomes[i] = result
                 continue
-            task = items[i][0]
+            task, _, reporter = items[i]
             try:
-                outcomes[i] = self._store(task, result, self._detect(task, result))
+                outcomes[i] = self._store(task, result, self._detect(task, result), reporter.should_cancel)
             except Exception as exc:
                 outcomes[i] = exc
         return [o if o is not None else RuntimeError("task was not run") for o in outcomes]
@@ -99,9 +109,14 @@ class GenerationRunner:
         return self._side.submit(self.nsfw.detect, [g.image for g in images], level)
 
     def _store(
-        self, task: TaskRecord, images: list[GeneratedImage], verdicts: Future[list[NsfwResult]] | None
+        self,
+        task: TaskRecord,
+        images: list[GeneratedImage],
+        verdicts: Future[list[NsfwResult]] | None,
+        should_stop: Callable[[], bool],
     ) -> list[ImageRecord]:
         fmt = task.response_image_type
+        retry, tid = self.upload_retry, task.task_id
         custom = (task.extra.get("custom_storage") or {}).get("aws_s3")
         records: list[tuple[str, str, dict[str, str]]] = []
         try:
@@ -112,11 +127,18 @@ class GenerationRunner:
                     target = custom_target(custom, self.settings)
                     save_directly = bool(custom.get("save_to_path_directly"))
                     key = object_key(target, task.task_id, filename, save_directly)
-                    location = custom_storage.put_custom(target, key, data, CONTENT_TYPES[fmt])
+                    location = retry.run(
+                        partial(custom_storage.put_custom, target, key, data, CONTENT_TYPES[fmt]),
+                        tid,
+                        f"upload of {key} to bucket {target.bucket}",
+                        should_stop,
+                    )
                     records.append((key, "custom", location))
                 else:
                     key = f"{task.task_id}/{filename}"
-                    self.storage.put(key, data, CONTENT_TYPES[fmt])
+                    retry.run(
+                        partial(self.storage.put, key, data, CONTENT_TYPES[fmt]), tid, f"upload of {key}", should_stop
+                    )
                     records.append((key, self.storage.name, {}))
         except Exception:
             # The task fails: leave none of its images behind, in our storage or in the user's bucket.

@@ -5,6 +5,7 @@ from underpaint.engine.samplers.noise import BrownianNoise, NoiseSource
 from underpaint.engine.samplers.sampling import (
     expected_model_evals,
     full_sigmas,
+    hires_schedule,
     img2img_model_evals,
     img2img_sigmas,
     img2img_steps,
@@ -12,6 +13,8 @@ from underpaint.engine.samplers.sampling import (
     img2img_timesteps,
     sample,
     sample_img2img,
+    sample_txt2img,
+    txt2img_steps,
 )
 from underpaint.engine.samplers.schedule import DiscreteSchedule
 from underpaint.vocabulary import SAMPLER_NAMES
@@ -23,6 +26,7 @@ __all__ = [
     "NoiseSource",
     "expected_model_evals",
     "full_sigmas",
+    "hires_schedule",
     "img2img_model_evals",
     "img2img_sigmas",
     "img2img_steps",
@@ -32,4 +36,6 @@ __all__ = [
     "make_eps_fn",
     "sample",
     "sample_img2img",
+    "sample_txt2img",
+    "txt2img_steps",
 ]

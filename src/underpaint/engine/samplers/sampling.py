@@ -225,12 +225,14 @@ def sample(
     noise: NoiseSource,
     *,
     brownian_range: tuple[float, float] | None = None,
+    dpm_range: tuple[float, float] | None = None,
     callback: StepCallback | None = None,
 ) -> Tensor:
     """Run a sigma sampler over an explicit descending sigma list (ending in 0) starting from ``x``.
 
     DPM fast / adaptive integrate from ``sigmas[0]`` to ``sigmas[-2]`` with ``n = len(sigmas) - 1`` (A1111's img2img
-    rule). ``brownian_range`` = (sigma_min, sigma_max) of the Brownian tree for DPM++ SDE; by default the smallest
+    rule), or over ``dpm_range`` = (sigma_min, sigma_max) when given (txt2img: the model's own bounds).
+    ``brownian_range`` = (sigma_min, sigma_max) of the Brownian tree for DPM++ SDE; by default the smallest
     positive and the largest sigma of ``sigmas``.
     """
     canonical, spec = _spec(name)
@@ -245,15 +247,16 @@ def sample(
     def ancestral(_s: float, _s_next: float) -> Tensor:
         return noise.randn_like(x)
 
-    if spec.kind in ("dpm_fast", "dpm_adaptive") and n == 1:
-        # A single sigma step (strength < 1/steps) gives sigma_min == sigma_max: nothing to integrate (A1111's
-        # k-diffusion call raises here). Return the noised latent unchanged.
+    lo_dpm, hi_dpm = dpm_range if dpm_range is not None else (sig[-2], sig[0])
+    if spec.kind in ("dpm_fast", "dpm_adaptive") and lo_dpm >= hi_dpm:
+        # A single img2img sigma step (strength < 1/steps) gives sigma_min == sigma_max: nothing to integrate
+        # (A1111's k-diffusion call raises here). Return the noised latent unchanged.
         progress.finish()
         return x
     if spec.kind == "dpm_fast":
-        out = k_samplers.dpm_fast(denoiser, x, sig[-2], sig[0], n, ancestral, progress.step)
+        out = k_samplers.dpm_fast(denoiser, x, lo_dpm, hi_dpm, n, ancestral, progress.step)
     elif spec.kind == "dpm_adaptive":
-        out = k_samplers.dpm_adaptive(denoiser, x, sig[-2], sig[0], ancestral, progress.fraction)
+        out = k_samplers.dpm_adaptive(denoiser, x, lo_dpm, hi_dpm, ancestral, progress.fraction)
     elif spec.noise == "brownian":
         assert spec.fn is not None
         lo, hi = brownian_range if brownian_range is not None else (min(s for s in sig if s > 0), max(sig))
@@ -272,6 +275,51 @@ def sample(
     return out
 
 
+def _check_latents(latent: Tensor, noise: NoiseSource, prediction_type: str) -> None:
+    if latent.ndim != 4:
+        raise ValueError(f"latents must be [B, C, h, w], got shape {tuple(latent.shape)}")
+    if latent.shape[0] != len(noise):
+        raise ValueError(f"batch size {latent.shape[0]} does not match the {len(noise)} seeds")
+    if prediction_type not in PREDICTION_TYPES:
+        raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
+
+
+def _sample_timesteps(
+    name: SamplerName,
+    spec: _Spec,
+    model_fn: ModelFn,
+    schedule: DiscreteSchedule,
+    x: Tensor,
+    timesteps: list[int],
+    noise: NoiseSource,
+    prediction_type: str,
+    callback: StepCallback | None,
+    *,
+    unipc_start: float,
+) -> Tensor:
+    """DDIM / PLMS / UniPC from the VP latent ``x`` over ``timesteps`` (ascending; DDIM and PLMS end at its first
+    entry, UniPC walks ``len(timesteps)`` steps of continuous time from ``unipc_start``)."""
+    if schedule.num_timesteps != 1000:
+        raise ValueError(f"{name} follows A1111's 1000-timestep grid; this model has {schedule.num_timesteps}")
+    eps_fn = make_eps_fn(model_fn, schedule, prediction_type)
+    progress = _Progress(callback, len(timesteps) if spec.kind == "unipc" else max(len(timesteps) - 1, 0))
+    if spec.kind == "unipc":
+        if timesteps:
+            x = timestep_samplers.unipc(eps_fn, x, len(timesteps), schedule, progress.step, t_start=unipc_start)
+    elif spec.kind == "ddim":
+        x = timestep_samplers.ddim(eps_fn, x, timesteps, schedule, progress.step)
+        noise.advance(x, max(len(timesteps) - 1, 0))
+    else:
+        x = timestep_samplers.plms(eps_fn, x, timesteps, schedule, progress.step)
+    progress.finish()
+    return x
+
+
+def _brownian_range(full: Tensor) -> tuple[float, float]:
+    """DPM++ SDE's Brownian tree spans the full schedule's smallest positive and largest sigma."""
+    return float(full[full > 0].min()), float(full.max())
+
+
 def sample_img2img(
     sampler_name: SamplerName,
     model_fn: ModelFn,
@@ -284,48 +332,114 @@ def sample_img2img(
     prediction_type: str = "epsilon",
     callback: StepCallback | None = None,
     should_cancel: Callable[[], bool] | None = None,
+    fix_steps: bool = False,
 ) -> Tensor:
     """A1111 img2img sampling (see module docstring). ``model_fn(x_in, t) -> eps | v`` with CFG already applied.
 
     The first draw of every generator in ``noise`` is that image's initial noise. Returns the final latent (still
     multiplied by the VAE scaling factor). Raises ``JobCancelled`` when ``should_cancel()`` turns true (checked
     before every model evaluation) and ``ValueError`` on bad arguments.
+
+    ``fix_steps`` is A1111's ``img2img_fix_steps`` path (the hires fix's second pass): exactly ``steps`` steps
+    over a schedule of ``int(steps / min(strength, 0.999))`` (see ``hires_schedule``).
     """
     canonical, spec = _spec(sampler_name)
-    _check_steps_strength(steps, strength)
-    if init_latent.ndim != 4:
-        raise ValueError(f"init_latent must be [B, C, h, w], got shape {tuple(init_latent.shape)}")
-    if init_latent.shape[0] != len(noise):
-        raise ValueError(f"batch size {init_latent.shape[0]} does not match the {len(noise)} seeds")
-    if prediction_type not in PREDICTION_TYPES:
-        raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
+    _check_latents(init_latent, noise, prediction_type)
+    steps, t_enc = hires_schedule(steps, strength) if fix_steps else (steps, img2img_t_enc(steps, strength))
     model_fn = guard_cancel(model_fn, should_cancel)
     initial_noise = noise.randn_like(init_latent)
 
     if spec.kind in _TIMESTEP_KINDS:
-        if schedule.num_timesteps != 1000:
-            raise ValueError(f"{canonical} follows A1111's 1000-timestep grid; this model has {schedule.num_timesteps}")
-        ts_sched, t_noise = img2img_timesteps(canonical, steps, strength)
+        timesteps = timestep_samplers.uniform_timesteps(steps)
+        ts_sched, t_noise = timesteps[:t_enc], timesteps[t_enc]
         abar = schedule.alpha_cumprod(t_noise)
         x = init_latent * abar**0.5 + initial_noise * (1.0 - abar) ** 0.5
-        eps_fn = make_eps_fn(model_fn, schedule, prediction_type)
-        progress = _Progress(callback, img2img_steps(canonical, schedule, steps, strength))
-        if spec.kind == "unipc":
-            if ts_sched:
-                t_start = ts_sched[-1] / 1000 + 1 / 1000
-                x = timestep_samplers.unipc(eps_fn, x, len(ts_sched), schedule, progress.step, t_start=t_start)
-        elif spec.kind == "ddim":
-            x = timestep_samplers.ddim(eps_fn, x, ts_sched, schedule, progress.step)
-            noise.advance(x, max(len(ts_sched) - 1, 0))
-        else:
-            x = timestep_samplers.plms(eps_fn, x, ts_sched, schedule, progress.step)
-        progress.finish()
-        return x
+        unipc_start = ts_sched[-1] / 1000 + 1 / 1000 if ts_sched else 1.0
+        return _sample_timesteps(
+            canonical, spec, model_fn, schedule, x, ts_sched, noise, prediction_type, callback, unipc_start=unipc_start
+        )
 
     full = full_sigmas(canonical, schedule, steps)
-    sigma_sched = full[steps - img2img_t_enc(steps, strength) - 1 :]
+    sigma_sched = full[steps - t_enc - 1 :]
     x = init_latent + initial_noise * float(sigma_sched[0])
-    positive = full[full > 0]
-    brownian_range = (float(positive.min()), float(full.max()))
     denoiser = make_denoiser(model_fn, schedule, prediction_type)
-    return sample(canonical, denoiser, x, sigma_sched, noise, brownian_range=brownian_range, callback=callback)
+    return sample(canonical, denoiser, x, sigma_sched, noise, brownian_range=_brownian_range(full), callback=callback)
+
+
+def hires_schedule(steps: int, strength: float) -> tuple[int, int]:
+    """A1111's ``img2img_fix_steps`` path (the hires fix's second pass) as (schedule length, t_enc): the schedule
+    is built for ``int(steps / min(strength, 0.999))`` and ``t_enc = steps - 1``, so exactly ``steps`` steps run."""
+    _check_steps_strength(steps, strength)
+    if strength <= 0.0:
+        raise ValueError("the hires fix's second pass needs a denoising strength above 0")
+    return int(steps / min(strength, 0.999)), steps - 1
+
+
+def txt2img_steps(name: SamplerName, steps: int) -> int:
+    """Sampler steps a txt2img run reports through its progress callback."""
+    _, spec = _spec(name)
+    _check_steps_strength(steps, 1.0)
+    if spec.kind in ("ddim", "plms"):
+        return len(timestep_samplers.uniform_timesteps(steps)) - 1
+    if spec.kind == "unipc":
+        return len(timestep_samplers.uniform_timesteps(steps))
+    return steps
+
+
+def sample_txt2img(
+    sampler_name: SamplerName,
+    model_fn: ModelFn,
+    schedule: DiscreteSchedule,
+    shape: Sequence[int],
+    steps: int,
+    noise: NoiseSource,
+    *,
+    prediction_type: str = "epsilon",
+    callback: StepCallback | None = None,
+    should_cancel: Callable[[], bool] | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> Tensor:
+    """A1111 (>= 1.6) txt2img sampling from the per-image noise streams; ``shape`` = [B, C, h, w] of the latents,
+    ``dtype`` theirs (float32 in the pipeline; float64 in tests).
+
+    The first draw of every generator is that image's initial noise. k-diffusion names start from
+    ``noise * sigmas[0]`` and walk all ``steps`` (DPM fast / adaptive integrate between the *model's* sigma_min and
+    sigma_max with ``n = steps``); DDIM / PLMS / UniPC walk the full timestep list from unit-variance noise (UniPC
+    takes ``len(timesteps)`` steps, which A1111's grid makes ``steps + 1`` when ``1000 // steps`` leaves room).
+    """
+    canonical, spec = _spec(sampler_name)
+    _check_steps_strength(steps, 1.0)
+    template = torch.empty(tuple(shape), dtype=dtype)
+    _check_latents(template, noise, prediction_type)
+    model_fn = guard_cancel(model_fn, should_cancel)
+    initial_noise = noise.randn_like(template)
+
+    if spec.kind in _TIMESTEP_KINDS:
+        timesteps = timestep_samplers.uniform_timesteps(steps)
+        return _sample_timesteps(
+            canonical,
+            spec,
+            model_fn,
+            schedule,
+            initial_noise,
+            timesteps,
+            noise,
+            prediction_type,
+            callback,
+            unipc_start=1.0,
+        )
+
+    full = full_sigmas(canonical, schedule, steps)
+    x = initial_noise * float(full[0])
+    denoiser = make_denoiser(model_fn, schedule, prediction_type)
+    dpm_range = (schedule.sigma_min, schedule.sigma_max) if spec.kind in ("dpm_fast", "dpm_adaptive") else None
+    return sample(
+        canonical,
+        denoiser,
+        x,
+        full,
+        noise,
+        brownian_range=_brownian_range(full),
+        dpm_range=dpm_range,
+        callback=callback,
+    )
