@@ -12,6 +12,7 @@ from tests.support.api import KEY_A, Submit, auth, body, make_services, queued, 
 
 from underpaint.api.app import create_app
 from underpaint.services import Services
+from underpaint.tasks.contract import CustomStorageIn, EnterprisePlanIn, TaskType, dump_request
 from underpaint.tasks.types import TaskRecord
 from underpaint.vocabulary import PREPROCESSOR_FILES, PREPROCESSOR_NAMES, PreprocessorName
 
@@ -65,7 +66,8 @@ def python_sdk_body(image: str) -> dict[str, Any]:
 def stored(services: Services, response: httpx.Response) -> tuple[dict[str, Any], TaskRecord]:
     assert response.status_code == 200, response.text
     task_id = response.json()["task_id"]
-    return services.store.get_payload(task_id), record_of(services, task_id)
+    # The request as the store keeps it (``dump_request``), read back through the typed contract.
+    return dump_request(services.store.get_request(task_id)), record_of(services, task_id)
 
 
 def test_python_sdk_body_is_accepted_with_defaults_and_resolved_names(
@@ -120,8 +122,9 @@ def test_defaults_when_fields_absent(submit: Submit, services: Services) -> None
     assert {k: payload[k] for k in expected} == expected
     assert record.response_image_type == "png"
     assert record.enable_nsfw_detection is False
-    assert record.extra["nsfw_detection_level"] == 0
-    assert record.extra["_base_url"] == "http://testserver"
+    assert record.extra.nsfw_detection_level == 0
+    assert record.extra.base_url == "http://testserver"
+    assert record.task_type is TaskType.IMG_TO_IMG
 
 
 def test_explicit_nulls_everywhere(submit: Submit, services: Services) -> None:
@@ -379,9 +382,9 @@ def test_nsfw_flags_and_accepted_extra_stored(submit: Submit, services: Services
     }
     _, record = stored(services, submit(extra=extra))
     assert record.enable_nsfw_detection is True
-    assert record.extra["nsfw_detection_level"] == 2
-    assert record.extra["custom_storage"] == {}
-    assert record.extra["enterprise_plan"] == {"enabled": False}
+    assert record.extra.nsfw_detection_level == 2
+    assert record.extra.custom_storage == CustomStorageIn()
+    assert record.extra.enterprise_plan == EnterprisePlanIn(enabled=False)
 
 
 @pytest.mark.parametrize(

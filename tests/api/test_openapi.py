@@ -149,9 +149,10 @@ def test_request_built_from_the_schema_is_accepted(
     r = client.post(SUBMIT, json=body, headers=auth())
     assert r.status_code == 200, r.text
     check(doc, "SubmitResponse", r.json())
-    payload = services.store.get_payload(r.json()["task_id"])
-    assert payload["controlnet"]["units"][0]["guidance_end"] == 1.0  # the schema's default reached the task
-    assert payload["width"] == 512
+    request = services.store.get_request(r.json()["task_id"])
+    assert request.controlnet is not None
+    assert request.controlnet.units[0].guidance_end == 1.0  # the schema's default reached the task
+    assert request.width == 512
 
 
 def _bounded_fields(doc: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:

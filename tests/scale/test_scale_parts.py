@@ -18,6 +18,7 @@ import httpx
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 from sqlalchemy import text
+from tests.support.requests import img2img, new_task
 
 from underpaint.config import KeyPolicy, Settings
 from underpaint.engine.job import Progress
@@ -31,9 +32,10 @@ from underpaint.scale.json_logs import JsonFormatter, TaskIdFilter, task_context
 from underpaint.scale.metrics import ClusterCollector, InstrumentedRunner
 from underpaint.services import Services
 from underpaint.storage.urls import ImageUrls
+from underpaint.tasks.contract import TaskRequest
 from underpaint.tasks.lanes import known_queues, parse_queues, task_lane
 from underpaint.tasks.store import SqlTaskStore
-from underpaint.tasks.types import ImageRecord, NewTask, TaskRecord, TaskStatus
+from underpaint.tasks.types import ImageRecord, TaskRecord, TaskStatus
 from underpaint.worker.loop import ProgressReporter
 
 pytestmark = pytest.mark.services
@@ -143,7 +145,7 @@ class FakeRunner:
         self.runs: list[str] = []
         self.started = threading.Event()
 
-    def run(self, task: TaskRecord, payload: dict[str, Any], report: Any) -> list[ImageRecord]:
+    def run(self, task: TaskRecord, request: TaskRequest, report: Any) -> list[ImageRecord]:
         self.runs.append(task.task_id)
         self.started.set()
         report(Progress(50 / 100, 1))
@@ -178,8 +180,8 @@ def _make(settings: Settings, store: SqlTaskStore, queue: CeleryQueue, tmp_path:
 
 def _new(store: SqlTaskStore, lane: str) -> str:
     task_id = str(uuid.uuid4())
-    store.create(NewTask(task_id=task_id, owner="o", seed=1, enable_nsfw_detection=False, response_image_type="png",
-                         extra={}, payload={"prompt": "x"}, lane=lane))  # fmt: skip
+    # A checkpoint of its own: these tests count tasks run one by one, so none may join another's batch.
+    store.create(new_task(task_id, request=img2img(model_name=f"{lane}-{task_id}.safetensors"), lane=lane))
     return task_id
 
 
@@ -382,7 +384,7 @@ def test_instrumented_runner_observes_generation_seconds(tmp_path: Path) -> None
     assert rec is not None
     assert (rec.status, rec.lane, rec.attempts) == (TaskStatus.PROCESSING, "sdxl", 1)
     before = REGISTRY.get_sample_value("underpaint_generation_seconds_count", {"base_model": "sdxl", "outcome": "ok"})
-    runner.run(rec, {}, ProgressReporter(store, rec.task_id, "w"))
+    runner.run(rec, img2img(), ProgressReporter(store, rec.task_id, "w"))
     store.close()
     after = REGISTRY.get_sample_value("underpaint_generation_seconds_count", {"base_model": "sdxl", "outcome": "ok"})
     assert (after or 0) - (before or 0) == 1

@@ -10,14 +10,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from tests.support.requests import img2img, new_task
 from tests.support.storage import RecordingStorage
 
 from underpaint.config import Settings
 from underpaint.engine.job import JobCancelled, JobError, Progress
 from underpaint.storage.base import StorageError
+from underpaint.tasks.contract import TaskRequest
 from underpaint.tasks.queue import LocalQueue
 from underpaint.tasks.store import SqlTaskStore
-from underpaint.tasks.types import ImageRecord, NewTask, TaskRecord, TaskStatus
+from underpaint.tasks.types import ImageRecord, TaskRecord, TaskStatus
 from underpaint.worker.loop import ProgressReporter, Worker, process_task
 
 SETTINGS = Settings(lease_seconds=60, max_attempts=3)
@@ -32,31 +34,20 @@ def store(tmp_path: Path) -> Iterator[SqlTaskStore]:
 
 def add(store: SqlTaskStore, task_id: str | None = None, **kw: Any) -> str:
     tid = task_id or uuid.uuid4().hex
-    store.create(
-        NewTask(
-            task_id=tid,
-            owner="o",
-            seed=1,
-            enable_nsfw_detection=False,
-            response_image_type="png",
-            extra={},
-            payload={"prompt": f"prompt of {tid}"},
-            **kw,
-        )
-    )
+    store.create(new_task(tid, request=img2img(prompt=f"prompt of {tid}"), **kw))
     return tid
 
 
 class FnRunner:
     """Runs ``fn`` and records every call."""
 
-    def __init__(self, fn: Callable[[TaskRecord, dict[str, Any], ProgressReporter], list[ImageRecord]]) -> None:
+    def __init__(self, fn: Callable[[TaskRecord, TaskRequest, ProgressReporter], list[ImageRecord]]) -> None:
         self.fn = fn
-        self.calls: list[tuple[TaskRecord, dict[str, Any]]] = []
+        self.calls: list[tuple[TaskRecord, TaskRequest]] = []
 
-    def run(self, task: TaskRecord, payload: dict[str, Any], report: ProgressReporter) -> list[ImageRecord]:
-        self.calls.append((task, payload))
-        return self.fn(task, payload, report)
+    def run(self, task: TaskRecord, request: TaskRequest, report: ProgressReporter) -> list[ImageRecord]:
+        self.calls.append((task, request))
+        return self.fn(task, request, report)
 
 
 def images_for(task: TaskRecord) -> list[ImageRecord]:
@@ -67,8 +58,8 @@ def test_worker_runs_task_records_images_and_progress(store: SqlTaskStore) -> No
     tid = add(store)
     seen_mid_run: list[TaskRecord | None] = []
 
-    def fn(task: TaskRecord, payload: dict[str, Any], report: ProgressReporter) -> list[ImageRecord]:
-        assert payload == {"prompt": f"prompt of {tid}"}
+    def fn(task: TaskRecord, request: TaskRequest, report: ProgressReporter) -> list[ImageRecord]:
+        assert request.prompt == f"prompt of {tid}"
         report(Progress(30 / 100, 9))
         seen_mid_run.append(store.get(task.task_id))
         return images_for(task)
@@ -100,7 +91,7 @@ def test_worker_runs_task_records_images_and_progress(store: SqlTaskStore) -> No
 def test_user_errors_fail_with_their_message(store: SqlTaskStore, exc: Exception, reason: str) -> None:
     tid = add(store)
 
-    def fn(task: TaskRecord, payload: dict[str, Any], report: ProgressReporter) -> list[ImageRecord]:
+    def fn(task: TaskRecord, request: TaskRequest, report: ProgressReporter) -> list[ImageRecord]:
         raise exc
 
     terminal: list[TaskRecord] = []
@@ -117,7 +108,7 @@ def test_unexpected_errors_fail_with_type_and_message_and_are_logged(
 ) -> None:
     tid = add(store)
 
-    def fn(task: TaskRecord, payload: dict[str, Any], report: ProgressReporter) -> list[ImageRecord]:
+    def fn(task: TaskRecord, request: TaskRequest, report: ProgressReporter) -> list[ImageRecord]:
         raise RuntimeError("CUDA out of memory")
 
     with caplog.at_level(logging.ERROR, logger="underpaint.tasks"):
@@ -132,7 +123,7 @@ def test_unexpected_errors_fail_with_type_and_message_and_are_logged(
 def test_cancelled_run_leaves_task_alone(store: SqlTaskStore) -> None:
     tid = add(store)
 
-    def fn(task: TaskRecord, payload: dict[str, Any], report: ProgressReporter) -> list[ImageRecord]:
+    def fn(task: TaskRecord, request: TaskRequest, report: ProgressReporter) -> list[ImageRecord]:
         raise JobCancelled()
 
     terminal: list[TaskRecord] = []
@@ -160,7 +151,7 @@ def test_lost_lease_raises_on_next_report(store: SqlTaskStore) -> None:
     tid = add(store)
     after_report: list[bool] = []
 
-    def fn(task: TaskRecord, payload: dict[str, Any], report: ProgressReporter) -> list[ImageRecord]:
+    def fn(task: TaskRecord, request: TaskRequest, report: ProgressReporter) -> list[ImageRecord]:
         # Another worker takes the task over (as after a lease expiry and redelivery).
         assert store.requeue_expired(now=time.time() + 3600) == [tid]
         assert store.claim(tid, "other") is not None
@@ -181,7 +172,7 @@ def test_lost_lease_raises_on_next_report(store: SqlTaskStore) -> None:
 def test_loser_discards_its_images(store: SqlTaskStore) -> None:
     tid = add(store)
 
-    def fn(task: TaskRecord, payload: dict[str, Any], report: ProgressReporter) -> list[ImageRecord]:
+    def fn(task: TaskRecord, request: TaskRequest, report: ProgressReporter) -> list[ImageRecord]:
         store.requeue_expired(now=time.time() + 3600)
         winner = store.claim(tid, "winner")
         assert winner is not None
@@ -201,7 +192,7 @@ def test_lease_is_renewed_while_runner_is_silent(tmp_path: Path) -> None:
     tid = add(store)
     swept: list[list[str]] = []
 
-    def fn(task: TaskRecord, payload: dict[str, Any], report: ProgressReporter) -> list[ImageRecord]:
+    def fn(task: TaskRecord, request: TaskRequest, report: ProgressReporter) -> list[ImageRecord]:
         for _ in range(8):  # 1.2 s without a report: four leases long
             time.sleep(0.15)
             swept.append(store.requeue_expired())
@@ -276,7 +267,7 @@ def test_background_worker_serves_by_priority_and_stops(store: SqlTaskStore) -> 
     low = add(store, priority=0)
     high = add(store, priority=5, lane="enterprise")
 
-    def fn(task: TaskRecord, payload: dict[str, Any], report: ProgressReporter) -> list[ImageRecord]:
+    def fn(task: TaskRecord, request: TaskRequest, report: ProgressReporter) -> list[ImageRecord]:
         order.append(task.task_id)
         return images_for(task)
 

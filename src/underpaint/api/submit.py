@@ -11,24 +11,32 @@ import json
 import re
 import secrets
 import uuid
+from collections.abc import Sequence
 from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
+
+from pydantic import BaseModel
 
 from underpaint.api.auth import Caller
 from underpaint.api.context import ApiContext
 from underpaint.api.idempotency import idempotency_key, replay
-from underpaint.api.schemas import Img2ImgBody, Img2ImgRequest, parse_body
+from underpaint.api.schemas import Img2ImgBody, parse_body
 from underpaint.delivery.ssrf import InvalidWebhookUrl
 from underpaint.registry import ModelEntry, ModelRegistry
 from underpaint.services import Admission
 from underpaint.storage.custom_target import InvalidCustomStorage, validate_custom_storage
+from underpaint.tasks.contract import GenerationRequest, Img2ImgRequest, TaskRequest
 from underpaint.tasks.lanes import task_lane
 from underpaint.tasks.lifecycle import announce
 from underpaint.tasks.types import IdempotencyKeyTaken, NewTask
 from underpaint.vocabulary import missing_annotator_files, missing_annotator_message
 from underpaint.wire.errors import ApiError, invalid_request
 from underpaint.wire.images import decode_image
+
+R = TypeVar("R", bound=GenerationRequest)
+M = TypeVar("M", bound=BaseModel)
 
 MAX_BODY_BYTES = 100 * 1024 * 1024  # init image + 5 ControlNet images + 1 IP-Adapter image, as base64
 DEDICATED_PRIORITY = 10
@@ -111,7 +119,7 @@ def submit_img2img(
         services.rate_limiter.check(api_key=caller.api_key, owner=caller.owner, image_num=req.image_num)
 
     names = resolve_models(services.registry, req)
-    _check_clip_skip(services.registry, names["model_name"], req.clip_skip)
+    _check_clip_skip(services.registry, names.checkpoint, req.clip_skip)
     _check_preprocessors(services.registry.models_dir / "annotator", req)
     _check_images(req)
 
@@ -133,33 +141,19 @@ def submit_img2img(
             raise ApiError(400, "INVALID_CUSTOM_OUTPUT_PATH", str(exc), dict(exc.metadata)) from None
 
     seed = req.seed if req.seed >= 0 else secrets.randbelow(2**32 - 1)
-    payload = req.model_dump()
-    _apply_names(payload, names)
-    payload["seed"] = seed
-    extra_out = extra.model_dump(exclude_none=True)
-    extra_out["_base_url"] = base_url
+    stored = names.apply(req).model_copy(update={"seed": seed})
+    extra = extra.model_copy(update={"base_url": base_url})
 
     # The lane is the Celery queue in scale-out mode (by base model, or the key's dedicated pool); the embedded
     # worker runs every lane.
     dedicated = caller.policy.dedicated_lane
     if not (extra.enterprise_plan is not None and extra.enterprise_plan.enabled):
         dedicated = None
-    lane = task_lane(services.settings, names["model_name"], dedicated)
+    lane = task_lane(services.settings, names.checkpoint, dedicated)
     priority = DEDICATED_PRIORITY if dedicated else 0
 
     task_id = str(uuid.uuid4())
-    task = NewTask(
-        task_id=task_id,
-        owner=caller.owner,
-        seed=seed,
-        enable_nsfw_detection=extra.enable_nsfw_detection,
-        response_image_type=extra.response_image_type,
-        extra=extra_out,
-        payload=payload,
-        image_num=req.image_num,
-        lane=lane,
-        priority=priority,
-    )
+    task = NewTask(task_id=task_id, owner=caller.owner, request=stored, extra=extra, lane=lane, priority=priority)
     with _admission(services.rate_limiter, caller, req.image_num):
         if idem is None:
             services.store.create(task)
@@ -170,13 +164,7 @@ def submit_img2img(
                 return replay(taken, idem)
     if test_status is not None and services.webhooks is not None:
         try:
-            services.webhooks.submit_test_event(
-                task_id=task_id,
-                owner=caller.owner,
-                status=test_status,
-                extra=extra_out,
-                base_url=base_url,
-            )
+            services.webhooks.submit_test_event(task_id=task_id, owner=caller.owner, status=test_status, extra=extra)
         except Exception:
             services.store.fail(task_id, None, "the test event could not be sent")
             raise
@@ -200,7 +188,38 @@ def _admission(limiter: Admission | None, caller: Caller, image_num: int) -> Abs
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def resolve_models(registry: ModelRegistry, req: Img2ImgRequest) -> dict[str, Any]:
+@dataclass(frozen=True)
+class ResolvedModels:
+    """The registry entries of every model a request names, in the request's order."""
+
+    checkpoint: ModelEntry
+    vae: ModelEntry | None
+    loras: list[ModelEntry]
+    embeddings: list[ModelEntry]
+    controlnet: list[ModelEntry]
+    ip_adapters: list[ModelEntry]
+
+    def apply(self, req: R) -> R:
+        """``req`` with each model name replaced by its registry ``sd_name`` (what the worker loads)."""
+
+        def renamed(items: Sequence[M], entries: list[ModelEntry]) -> list[M]:
+            return [x.model_copy(update={"model_name": e.sd_name}) for x, e in zip(items, entries, strict=True)]
+
+        update: dict[str, Any] = {
+            "model_name": self.checkpoint.sd_name,
+            "sd_vae": self.vae.sd_name if self.vae is not None else None,
+            "loras": renamed(req.loras, self.loras),
+            "embeddings": renamed(req.embeddings, self.embeddings),
+            "ip_adapters": renamed(req.ip_adapters, self.ip_adapters),
+        }
+        if req.controlnet is not None:
+            update["controlnet"] = req.controlnet.model_copy(
+                update={"units": renamed(req.controlnet.units, self.controlnet)}
+            )
+        return req.model_copy(update=update)
+
+
+def resolve_models(registry: ModelRegistry, req: GenerationRequest) -> ResolvedModels:
     """Every model name in the request → registry entry; 400 for unknown names or a mismatched base model."""
     checkpoint = _resolve(registry, "checkpoint", req.model_name, "request.model_name")
     vae = _resolve(registry, "vae", req.sd_vae, "request.sd_vae") if req.sd_vae else None
@@ -216,23 +235,23 @@ def resolve_models(registry: ModelRegistry, req: Img2ImgRequest) -> dict[str, An
         return entry
 
     units = req.controlnet.units if req.controlnet is not None else []
-    return {
-        "model_name": checkpoint,
-        "sd_vae": vae,
-        "loras": [same_base("lora", x.model_name, f"request.loras[{i}].model_name") for i, x in enumerate(req.loras)],
-        "embeddings": [
+    return ResolvedModels(
+        checkpoint=checkpoint,
+        vae=vae,
+        loras=[same_base("lora", x.model_name, f"request.loras[{i}].model_name") for i, x in enumerate(req.loras)],
+        embeddings=[
             same_base("textualinversion", x.model_name, f"request.embeddings[{i}].model_name")
             for i, x in enumerate(req.embeddings)
         ],
-        "controlnet": [
+        controlnet=[
             same_base("controlnet", u.model_name, f"request.controlnet.units[{i}].model_name")
             for i, u in enumerate(units)
         ],
-        "ip_adapters": [
+        ip_adapters=[
             same_base("ipadapter", a.model_name, f"request.ip_adapters[{i}].model_name")
             for i, a in enumerate(req.ip_adapters)
         ],
-    }
+    )
 
 
 def _resolve(registry: ModelRegistry, kind: str, name: str, field: str) -> ModelEntry:
@@ -245,18 +264,6 @@ def _resolve(registry: ModelRegistry, kind: str, name: str, field: str) -> Model
             model_name=name,
         )
     return entry
-
-
-def _apply_names(payload: dict[str, Any], names: dict[str, Any]) -> None:
-    payload["model_name"] = names["model_name"].sd_name
-    if names["sd_vae"] is not None:
-        payload["sd_vae"] = names["sd_vae"].sd_name
-    for key in ("loras", "embeddings", "ip_adapters"):
-        for item, entry in zip(payload[key], names[key], strict=True):
-            item["model_name"] = entry.sd_name
-    if payload.get("controlnet"):
-        for unit, entry in zip(payload["controlnet"]["units"], names["controlnet"], strict=True):
-            unit["model_name"] = entry.sd_name
 
 
 def _check_clip_skip(registry: ModelRegistry, checkpoint: ModelEntry, clip_skip: int) -> None:
@@ -274,7 +281,7 @@ def _check_clip_skip(registry: ModelRegistry, checkpoint: ModelEntry, clip_skip:
         )
 
 
-def _check_preprocessors(annotator_dir: Path, req: Img2ImgRequest) -> None:
+def _check_preprocessors(annotator_dir: Path, req: GenerationRequest) -> None:
     """Refuse a unit whose preprocessor needs annotator weights that are not installed (naming the files)."""
     if req.controlnet is None:
         return
@@ -287,8 +294,9 @@ def _check_preprocessors(annotator_dir: Path, req: Img2ImgRequest) -> None:
             raise invalid_request(f"{field}: {problem}", field=field)
 
 
-def _check_images(req: Img2ImgRequest) -> None:
-    decode_image(req.image_base64, "request.image_base64")
+def _check_images(req: TaskRequest) -> None:
+    if isinstance(req, Img2ImgRequest):
+        decode_image(req.image_base64, "request.image_base64")
     if req.controlnet is not None:
         for i, unit in enumerate(req.controlnet.units):
             decode_image(unit.image_base64, f"request.controlnet.units[{i}].image_base64")

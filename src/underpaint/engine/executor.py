@@ -117,7 +117,7 @@ class DiffusersExecutor:
         cancels = list(should_cancel) if should_cancel is not None else [None] * len(jobs)
         if not len(progress) == len(cancels) == len(jobs):
             raise ValueError("generate_batch needs one progress callback and one cancel check per job")
-        groups: dict[tuple[Any, ...], list[int]] = {}
+        groups: dict[object, list[int]] = {}
         for i, job in enumerate(jobs):
             groups.setdefault(batch_key(job), []).append(i)
         outcomes: list[JobOutcome | None] = [None] * len(jobs)

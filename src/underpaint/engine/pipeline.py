@@ -27,7 +27,6 @@ from PIL import Image
 from underpaint.engine.conditioning import Conditioning, TextEncoderBundle, encode_prompt
 from underpaint.engine.devices import vae_dtype_for
 from underpaint.engine.job import (
-    UNBATCHABLE_SAMPLERS,
     GenerationJob,
     HiresFix,
     JobCancelled,
@@ -36,7 +35,8 @@ from underpaint.engine.job import (
     ProgressCallback,
 )
 from underpaint.engine.samplers import DiscreteSchedule, NoiseSource, sample_img2img, sample_txt2img
-from underpaint.vocabulary import SamplerName, normalize_sampler_name
+from underpaint.tasks.batching import batchable
+from underpaint.vocabulary import SamplerName
 
 log = logging.getLogger(__name__)
 
@@ -558,7 +558,7 @@ def sample_batch(c: Components, spec: BatchSpec, members: Sequence[Member]) -> l
     disturbing the others. If the shared call itself fails (out of memory, say), each member still running is
     retried on its own, so one bad member never fails its mates.
     """
-    if len(members) > 1 and normalize_sampler_name(spec.sampler_name) in UNBATCHABLE_SAMPLERS:
+    if len(members) > 1 and not batchable(spec.sampler_name):
         return [sample_batch(c, spec, [m])[0] for m in members]
     batch = _Batch(members)
     try:

@@ -30,6 +30,7 @@ from starlette.responses import JSONResponse, Response
 
 from underpaint.scale.heartbeat import list_workers, worker_stale_after
 from underpaint.services import Services
+from underpaint.tasks.contract import TaskRequest
 from underpaint.tasks.types import ImageRecord, TaskRecord, TaskStatus
 from underpaint.worker.loop import BatchTaskRunner, ProgressReporter, TaskRunner
 
@@ -111,13 +112,13 @@ class InstrumentedRunner:
     def checkpoint_loads(self) -> int:
         return self.runner.checkpoint_loads
 
-    def run(self, task: TaskRecord, payload: dict[str, Any], report: ProgressReporter) -> list[ImageRecord]:
+    def run(self, task: TaskRecord, request: TaskRequest, report: ProgressReporter) -> list[ImageRecord]:
         self._started([task])
         start = time.perf_counter()
         loads = self.runner.checkpoint_loads
         outcome = "error"
         try:
-            images = self.runner.run(task, payload, report)
+            images = self.runner.run(task, request, report)
             outcome = "ok"
             return images
         finally:
@@ -126,13 +127,13 @@ class InstrumentedRunner:
             MODEL_LOADS.inc(max(0, self.runner.checkpoint_loads - loads))
 
     def run_batch(
-        self, items: Sequence[tuple[TaskRecord, dict[str, Any], ProgressReporter]]
+        self, items: Sequence[tuple[TaskRecord, TaskRequest, ProgressReporter]]
     ) -> list[list[ImageRecord] | BaseException]:
         if not isinstance(self.runner, BatchTaskRunner):  # a runner that cannot batch: one after the other
             outcomes: list[list[ImageRecord] | BaseException] = []
-            for task, payload, report in items:
+            for task, request, report in items:
                 try:
-                    outcomes.append(self.run(task, payload, report))
+                    outcomes.append(self.run(task, request, report))
                 except Exception as exc:
                     outcomes.append(exc)
             return outcomes
