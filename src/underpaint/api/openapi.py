@@ -17,9 +17,10 @@ from pydantic.json_schema import models_json_schema
 from underpaint import __version__
 from underpaint.api import responses as r
 from underpaint.api.extensions import DEFAULT_TASK_LIMIT, MAX_TASK_LIMIT, QUEUE_PATH, TASKS_PATH
-from underpaint.api.schemas import Img2ImgBody
+from underpaint.api.schemas import Img2ImgBody, UpscaleBody
 
 SUBMIT_PATH = "/v3/async/img2img"
+UPSCALE_PATH = "/v3/async/upscale"
 RESULT_PATH = "/v3/async/task-result"
 CANCEL_PATH = "/v3/async/task-cancel"
 MODELS_PATH = "/v3/model"
@@ -27,7 +28,7 @@ FILES_PATH = "/v3/files/{key}"
 HEALTH_PATH = "/health"
 
 _REF = "#/components/schemas/{model}"
-_REQUEST_MODELS: tuple[type[BaseModel], ...] = (Img2ImgBody, r.CancelRequest)
+_REQUEST_MODELS: tuple[type[BaseModel], ...] = (Img2ImgBody, UpscaleBody, r.CancelRequest)
 _RESPONSE_MODELS: tuple[type[BaseModel], ...] = (
     r.ErrorBody,
     r.SubmitResponse,
@@ -42,7 +43,8 @@ _RESPONSE_MODELS: tuple[type[BaseModel], ...] = (
 DESCRIPTION = """\
 Underpaint speaks Novita AI's v3 async Img2Img API: submit with `POST /v3/async/img2img`, poll
 `GET /v3/async/task-result` until the task is `TASK_STATUS_SUCCEED` or `TASK_STATUS_FAILED`, then download the
-images from their signed URLs. `GET /v3/model` lists the models this server has.
+images from their signed URLs. `POST /v3/async/upscale` runs an upscaler model the same way (no diffusion).
+`GET /v3/model` lists the models this server has.
 
 **Auth:** every `/v3/async/*` and `/v3/model` request carries `Authorization: Bearer <API key>` (the bare key
 without `Bearer` is accepted too, as Novita's JS SDK sends it). A key sees only its own tasks and images.
@@ -63,8 +65,9 @@ _REASONS: dict[int, dict[str, str]] = {
         "INVALID_REQUEST_BODY": "a field is missing, of the wrong type or out of range (metadata.field names it)",
         "INVALID_IMAGE_SIZE": "width/height out of range",
         "INVALID_IMAGE_FORMAT": "an image is not valid base64 of a still PNG, JPEG or WebP",
-        "IMAGE_FILE_EXCEEDS_MAX_SIZE": "an image is larger than 10 MB",
-        "IMAGE_EXCEEDS_MAX_RESOLUTION": "an image has more than 16 megapixels (or is a decompression bomb)",
+        "IMAGE_FILE_EXCEEDS_MAX_SIZE": "an image is larger than 10 MB (upscale: 30 MB)",
+        "IMAGE_EXCEEDS_MAX_RESOLUTION": "an image has more than 16 megapixels (upscale: a side over 2048), or is a "
+        "decompression bomb",
         "INVALID_CUSTOM_OUTPUT_PATH": "extra.custom_storage is not usable",
         "MISSING_API_KEY": "no Authorization header",
     },
@@ -93,6 +96,7 @@ def build_openapi(served: Collection[str]) -> dict[str, Any]:
         "security": [{"bearer": []}],
         "tags": [
             {"name": "img2img", "description": "Novita v3 async Img2Img"},
+            {"name": "upscale", "description": "Novita v3 async Upscale"},
             {"name": "models", "description": "Novita v3 Query Model"},
             {"name": "extensions", "description": "Underpaint additions to the Novita API"},
             {"name": "service", "description": "Files and health"},
@@ -174,6 +178,27 @@ def _paths(idempotency: bool) -> dict[str, Any]:
                 "requestBody": {
                     "required": True,
                     "content": {"application/json": {"schema": _schema("Img2ImgBody")}},
+                },
+                "responses": {
+                    "200": _json("SubmitResponse", "the task was queued"),
+                    **_errors(400, 403, 429, 500),
+                    **(_errors(own={409: _IDEMPOTENCY_CONFLICT}) if idempotency else {}),
+                },
+            }
+        },
+        UPSCALE_PATH: {
+            "post": {
+                "tags": ["upscale"],
+                "operationId": "upscale",
+                "summary": "Submit an upscale task",
+                "description": "The image (at most 2048 x 2048, 30 MB) through an upscaler of `GET "
+                "/v3/model?filter.types=upscaler`, A1111 Extras semantics: each side times `scale_factor` floored "
+                "to a multiple of 8; the model runs up to 3 times, then Lanczos. Poll task-result as for img2img "
+                "(`task.task_type` `UPSCALE`).",
+                "parameters": submit_params,
+                "requestBody": {
+                    "required": True,
+                    "content": {"application/json": {"schema": _schema("UpscaleBody")}},
                 },
                 "responses": {
                     "200": _json("SubmitResponse", "the task was queued"),

@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 
 from pydantic import BaseModel, Field, ValidationError
 
-from underpaint.tasks.contract import Img2ImgRequest, TaskExtra
+from underpaint.tasks.contract import Img2ImgRequest, TaskExtra, UpscaleRequest
 from underpaint.tasks.fields import Lenient
 from underpaint.wire.errors import ApiError, invalid_image_size, invalid_request
 
@@ -23,6 +23,11 @@ from underpaint.wire.errors import ApiError, invalid_image_size, invalid_request
 class Img2ImgBody(Lenient):
     extra: TaskExtra = Field(default_factory=TaskExtra)
     request: Img2ImgRequest
+
+
+class UpscaleBody(Lenient):
+    extra: TaskExtra = Field(default_factory=TaskExtra)
+    request: UpscaleRequest
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""``POST /v3/async/img2img``: validate, resolve models, check images, create the task, queue it.
+"""``POST /v3/async/img2img`` and ``/v3/async/upscale``: validate, resolve models, check images, create the task,
+queue it (one envelope, ``_submit``; each endpoint's own checks in its ``_accept_*``).
 
 Order matters for cost: JSON + schema first (cheap), then the rate limit (before any image is decoded), then
 model names, then each image is decoded exactly once (nothing is re-encoded: the payload keeps the client's
@@ -11,7 +12,7 @@ import json
 import re
 import secrets
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,18 +23,18 @@ from pydantic import BaseModel
 from underpaint.api.auth import Caller
 from underpaint.api.context import ApiContext
 from underpaint.api.idempotency import idempotency_key, replay
-from underpaint.api.schemas import Img2ImgBody, parse_body
+from underpaint.api.schemas import Img2ImgBody, UpscaleBody, parse_body
 from underpaint.delivery.ssrf import InvalidWebhookUrl
 from underpaint.registry import ModelEntry, ModelRegistry
-from underpaint.services import Admission
+from underpaint.services import Admission, Services
 from underpaint.storage.custom_target import InvalidCustomStorage, validate_custom_storage
-from underpaint.tasks.contract import GenerationRequest, Img2ImgRequest, TaskRequest
-from underpaint.tasks.lanes import task_lane
+from underpaint.tasks.contract import GenerationRequest, Img2ImgRequest, TaskExtra, TaskRequest, UpscaleRequest
+from underpaint.tasks.lanes import task_lane, upscale_lane
 from underpaint.tasks.lifecycle import announce
 from underpaint.tasks.types import IdempotencyKeyTaken, NewTask
 from underpaint.vocabulary import missing_annotator_files, missing_annotator_message
 from underpaint.wire.errors import ApiError, invalid_request
-from underpaint.wire.images import decode_image
+from underpaint.wire.images import UPSCALE_LIMITS, decode_image
 
 R = TypeVar("R", bound=GenerationRequest)
 M = TypeVar("M", bound=BaseModel)
@@ -48,6 +49,7 @@ _KIND_LABELS = {
     "textualinversion": "embedding",
     "controlnet": "ControlNet",
     "ipadapter": "IP-Adapter",
+    "upscaler": "upscaler",
 }
 
 
@@ -102,9 +104,76 @@ def check_json_shape(text: str) -> None:
         raise invalid_request(f"request body has more than {MAX_JSON_VALUES} JSON values")
 
 
+@dataclass(frozen=True)
+class Accepted:
+    """An endpoint's own checks passed: the request as the worker will run it (model names resolved, seed
+    resolved) and the lane it goes to, given the key's dedicated lane when its enterprise plan applies."""
+
+    request: TaskRequest
+    lane: Callable[[str | None], str]
+
+
+Q = TypeVar("Q", Img2ImgRequest, UpscaleRequest)
+
+
 def submit_img2img(
     ctx: ApiContext, caller: Caller, raw: bytes, base_url: str, idempotency_header: str | None = None
 ) -> dict[str, str]:
+    return _submit(ctx, caller, raw, base_url, idempotency_header, _img2img_body, _accept_img2img)
+
+
+def submit_upscale(
+    ctx: ApiContext, caller: Caller, raw: bytes, base_url: str, idempotency_header: str | None = None
+) -> dict[str, str]:
+    """``POST /v3/async/upscale``: the same envelope as img2img (webhook, custom storage, NSFW, rate limits,
+    idempotency); the upscaler is resolved and its file checked from its header (``registry.weights_problem``:
+    whether spandrel knows the architecture is told by the worker, which fails the task naming it)."""
+    return _submit(ctx, caller, raw, base_url, idempotency_header, _upscale_body, _accept_upscale)
+
+
+def _img2img_body(data: Any) -> tuple[Img2ImgRequest, TaskExtra]:
+    body = parse_body(Img2ImgBody, data)
+    return body.request, body.extra
+
+
+def _upscale_body(data: Any) -> tuple[UpscaleRequest, TaskExtra]:
+    body = parse_body(UpscaleBody, data)
+    return body.request, body.extra
+
+
+def _accept_img2img(services: Services, req: Img2ImgRequest) -> Accepted:
+    names = resolve_models(services.registry, req)
+    _check_clip_skip(services.registry, names.checkpoint, req.clip_skip)
+    _check_preprocessors(services.registry.models_dir / "annotator", req)
+    _check_images(req)
+    seed = req.seed if req.seed >= 0 else secrets.randbelow(2**32 - 1)
+    stored = names.apply(req).model_copy(update={"seed": seed})
+    # The lane is the Celery queue in scale-out mode (by base model, or the key's dedicated pool); the embedded
+    # worker runs every lane.
+    return Accepted(stored, lambda dedicated: task_lane(services.settings, names.checkpoint, dedicated))
+
+
+def _accept_upscale(services: Services, req: UpscaleRequest) -> Accepted:
+    field = "request.model_name"
+    entry = _resolve(services.registry, "upscaler", req.model_name, field)
+    problem = services.registry.weights_problem(entry)
+    if problem is not None:
+        raise invalid_request(f"{field}: upscaler {req.model_name!r} cannot be loaded: {problem}", field=field)
+    decode_image(req.image_base64, "request.image_base64", UPSCALE_LIMITS)
+    return Accepted(req.model_copy(update={"model_name": entry.sd_name}), upscale_lane)
+
+
+def _submit(
+    ctx: ApiContext,
+    caller: Caller,
+    raw: bytes,
+    base_url: str,
+    idempotency_header: str | None,
+    parse: Callable[[Any], tuple[Q, TaskExtra]],
+    accept: Callable[[Services, Q], Accepted],
+) -> dict[str, str]:
+    """Every endpoint's submit: JSON → idempotent replay → the endpoint's body → rate limit → the endpoint's own
+    checks (``accept``) → webhook and custom storage → create the task → queue it (or send the test event)."""
     data = parse_json(raw)
     services = ctx.services
     idem = idempotency_key(idempotency_header, data)
@@ -113,15 +182,10 @@ def submit_img2img(
         taken = services.store.find_idempotent(caller.owner, idem.key)
         if taken is not None:
             return replay(taken, idem)
-    body = parse_body(Img2ImgBody, data)
-    req, extra = body.request, body.extra
+    req, extra = parse(data)
     if services.rate_limiter is not None:
         services.rate_limiter.check(api_key=caller.api_key, owner=caller.owner, image_num=req.image_num)
-
-    names = resolve_models(services.registry, req)
-    _check_clip_skip(services.registry, names.checkpoint, req.clip_skip)
-    _check_preprocessors(services.registry.models_dir / "annotator", req)
-    _check_images(req)
+    accepted = accept(services, req)
 
     webhook = extra.webhook
     test_status: str | None = None
@@ -140,20 +204,17 @@ def submit_img2img(
         except InvalidCustomStorage as exc:
             raise ApiError(400, "INVALID_CUSTOM_OUTPUT_PATH", str(exc), dict(exc.metadata)) from None
 
-    seed = req.seed if req.seed >= 0 else secrets.randbelow(2**32 - 1)
-    stored = names.apply(req).model_copy(update={"seed": seed})
     extra = extra.model_copy(update={"base_url": base_url})
-
-    # The lane is the Celery queue in scale-out mode (by base model, or the key's dedicated pool); the embedded
-    # worker runs every lane.
     dedicated = caller.policy.dedicated_lane
     if not (extra.enterprise_plan is not None and extra.enterprise_plan.enabled):
         dedicated = None
-    lane = task_lane(services.settings, names.checkpoint, dedicated)
+    lane = accepted.lane(dedicated)
     priority = DEDICATED_PRIORITY if dedicated else 0
 
     task_id = str(uuid.uuid4())
-    task = NewTask(task_id=task_id, owner=caller.owner, request=stored, extra=extra, lane=lane, priority=priority)
+    task = NewTask(
+        task_id=task_id, owner=caller.owner, request=accepted.request, extra=extra, lane=lane, priority=priority
+    )
     with _admission(services.rate_limiter, caller, req.image_num):
         if idem is None:
             services.store.create(task)
@@ -294,7 +355,7 @@ def _check_preprocessors(annotator_dir: Path, req: GenerationRequest) -> None:
             raise invalid_request(f"{field}: {problem}", field=field)
 
 
-def _check_images(req: TaskRequest) -> None:
+def _check_images(req: GenerationRequest) -> None:
     if isinstance(req, Img2ImgRequest):
         decode_image(req.image_base64, "request.image_base64")
     if req.controlnet is not None:

@@ -7,10 +7,18 @@ here with the same checks as at submit, so a worker never trusts bytes it has no
 
 from __future__ import annotations
 
-from underpaint.engine.job import ControlNetUnitSpec, EmbeddingSpec, GenerationJob, IPAdapterSpec, JobError, LoraSpec
-from underpaint.tasks.contract import GenerationRequest, Img2ImgRequest, TaskRequest, Txt2ImgRequest
+from underpaint.engine.job import (
+    ControlNetUnitSpec,
+    EmbeddingSpec,
+    GenerationJob,
+    IPAdapterSpec,
+    JobError,
+    LoraSpec,
+    UpscaleJob,
+)
+from underpaint.tasks.contract import GenerationRequest, Img2ImgRequest, TaskRequest, Txt2ImgRequest, UpscaleRequest
 from underpaint.wire.errors import ApiError
-from underpaint.wire.images import decode_image
+from underpaint.wire.images import UPSCALE_LIMITS, decode_image
 
 
 def job_from_request(request: TaskRequest) -> GenerationJob:
@@ -23,6 +31,15 @@ def job_from_request(request: TaskRequest) -> GenerationJob:
     except ApiError as exc:
         raise JobError(exc.message) from None
     raise JobError(f"unknown task type {request.task_type!r}")
+
+
+def upscale_job_from_request(request: UpscaleRequest) -> UpscaleJob:
+    """Raises ``JobError`` if the stored image no longer passes the upscale limits."""
+    try:
+        image = decode_image(request.image_base64, "request.image_base64", UPSCALE_LIMITS).image
+    except ApiError as exc:
+        raise JobError(exc.message) from None
+    return UpscaleJob(upscaler=request.model_name, image=image, scale=request.scale_factor)
 
 
 def _checked_seed(request: GenerationRequest) -> int:
