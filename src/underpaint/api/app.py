@@ -21,7 +21,6 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from underpaint.api.auth import Caller
 from underpaint.api.context import ApiContext, error_response, json_ok
 from underpaint.api.extensions import QUEUE_PATH, TASKS_PATH, queue_status, recent_tasks, task_limit
 from underpaint.api.files import serve_file
@@ -30,7 +29,7 @@ from underpaint.api.models_route import list_models
 from underpaint.api.playground import install_playground
 from underpaint.api.schemas import validation_error_to_api
 from underpaint.api.steer import CANCEL_PATH, QueueEta, cancel_task
-from underpaint.api.submit import MAX_BODY_BYTES, submit_img2img, submit_upscale
+from underpaint.api.submit import IMG2IMG, MAX_BODY_BYTES, TXT2IMG, UPSCALE, Endpoint, submit
 from underpaint.services import HealthCheck, Services
 from underpaint.tasks.types import TaskRecord, TaskStatus
 from underpaint.wire.errors import ApiError, invalid_request, task_not_found
@@ -38,20 +37,20 @@ from underpaint.wire.result import task_result_body
 
 logger = logging.getLogger("underpaint.api")
 
-# (context, caller, raw body, base URL, Idempotency-Key header) -> {"task_id": ...}
-SubmitFunction = Callable[[ApiContext, Caller, bytes, str, str | None], dict[str, str]]
-
 SUBMIT_PATH = "/v3/async/img2img"
+TXT2IMG_PATH = "/v3/async/txt2img"
 UPSCALE_PATH = "/v3/async/upscale"
 RESULT_PATH = "/v3/async/task-result"
 _FAILURE_REASONS = {
     SUBMIT_PATH: "CREATE_TASK_FAILED",
+    TXT2IMG_PATH: "CREATE_TASK_FAILED",
     UPSCALE_PATH: "CREATE_TASK_FAILED",
     RESULT_PATH: "GET_RESULT_FAILED",
     CANCEL_PATH: "CANCEL_TASK_FAILED",
 }
 _FAILURE_MESSAGES = {
     SUBMIT_PATH: "internal error while creating the task; please retry",
+    TXT2IMG_PATH: "internal error while creating the task; please retry",
     UPSCALE_PATH: "internal error while creating the task; please retry",
     RESULT_PATH: "internal error while reading the task result; please retry",
     CANCEL_PATH: "internal error while cancelling the task; please retry",
@@ -87,18 +86,19 @@ def create_app(services: Services) -> FastAPI:
     app.state.ctx = ctx
     _install_error_handlers(app)
 
-    def submit_route(path: str, submit: SubmitFunction) -> None:
-        async def endpoint(request: Request) -> Response:
+    def submit_route(path: str, endpoint: Endpoint[Any]) -> None:
+        async def create_task(request: Request) -> Response:
             caller = ctx.caller(request)
             raw = await _read_body(request)
             idempotency = request.headers.get(IDEMPOTENCY_HEADER)
-            body = await run_in_threadpool(submit, ctx, caller, raw, ctx.base_url(request), idempotency)
+            body = await run_in_threadpool(submit, ctx, caller, raw, ctx.base_url(request), endpoint, idempotency)
             return json_ok(body)
 
-        app.post(path)(endpoint)
+        app.post(path, name=path.rsplit("/", 1)[-1])(create_task)
 
-    submit_route(SUBMIT_PATH, submit_img2img)
-    submit_route(UPSCALE_PATH, submit_upscale)
+    submit_route(SUBMIT_PATH, IMG2IMG)
+    submit_route(TXT2IMG_PATH, TXT2IMG)
+    submit_route(UPSCALE_PATH, UPSCALE)
 
     @app.post(CANCEL_PATH)
     async def task_cancel(request: Request) -> Response:

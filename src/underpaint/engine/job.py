@@ -18,7 +18,13 @@ from PIL import Image
 
 from underpaint.tasks.batching import BatchSignature, lora_set
 from underpaint.tasks.contract import TaskType
-from underpaint.vocabulary import LATENT_UPSCALER, PreprocessorName, SamplerName
+from underpaint.vocabulary import (
+    LATENT_UPSCALER,
+    PreprocessorName,
+    SamplerName,
+    SchedulerName,
+    sampler_with_schedule,
+)
 
 
 @dataclass(frozen=True)
@@ -47,6 +53,19 @@ class IPAdapterSpec:
     model: str  # registry sd_name
     image: Image.Image
     strength: float
+
+
+@dataclass(frozen=True)
+class MaskSpec:
+    """Inpainting: the mask and how to use it (``engine.inpainting``). ``mask`` is single-channel ("L", white =
+    repaint), the init image's size, as ``wire.images.mask_channel`` reduced it."""
+
+    mask: Image.Image
+    blur: int = 4
+    full_res: bool = False
+    full_res_padding: int = 8
+    invert: bool = False
+    initial_noise_multiplier: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -95,12 +114,22 @@ class GenerationJob:
     embeddings: tuple[EmbeddingSpec, ...] = ()
     controlnets: tuple[ControlNetUnitSpec, ...] = ()
     ip_adapters: tuple[IPAdapterSpec, ...] = ()
+    # Inpainting: width x height is then the processing size (``inpainting.processing_size``), the output keeps the
+    # init image's size.
+    mask: MaskSpec | None = None
     hires_fix: HiresFix | None = None  # txt2img only
     refiner: Refiner | None = None  # txt2img only
+    # A1111 >= 1.9's "Schedule type"; None = not sent: the sampler name means what it meant in A1111 <= 1.8.
+    scheduler: SchedulerName | None = None
 
     @property
     def is_txt2img(self) -> bool:
         return self.init_image is None
+
+    @property
+    def sampler(self) -> SamplerName:
+        """What the sampler runs: the name with the schedule type folded in (``vocabulary.sampler_with_schedule``)."""
+        return sampler_with_schedule(self.sampler_name, self.scheduler)
 
 
 @dataclass(frozen=True)
@@ -152,7 +181,10 @@ JobOutcome = list[GeneratedImage] | BaseException
 def batch_key(job: GenerationJob) -> object:
     """Jobs with equal keys share one sampler call. The signature is ``tasks.batching``'s, the one the store keys
     queued tasks with (what may differ: prompts, seeds, ``image_num``, guidance scale, the adapters' images); a job
-    whose signature never batches (DPM adaptive) gets a key of its own."""
+    whose signature never batches (DPM adaptive) gets a key of its own, and so does an inpainting job until the
+    signature carries its mask settings."""
+    if job.mask is not None:
+        return ("alone", id(job))
     hires = job.hires_fix
     key = BatchSignature(
         task_type=(TaskType.TXT_TO_IMG if job.is_txt2img else TaskType.IMG_TO_IMG).value,
@@ -160,7 +192,7 @@ def batch_key(job: GenerationJob) -> object:
         width=job.width,
         height=job.height,
         steps=job.steps,
-        sampler=job.sampler_name,
+        sampler=job.sampler,
         strength=None if job.is_txt2img else job.strength,
         clip_skip=job.clip_skip,
         vae=job.vae,

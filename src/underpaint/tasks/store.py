@@ -13,7 +13,7 @@ import sqlite3
 import threading
 import time
 import weakref
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -712,6 +712,14 @@ class SqlTaskStore:
         with self._read.connect() as conn:
             return list(conn.execute(stmt).scalars())
 
+    def queued_model_keys(self, lanes: tuple[str, ...] | None = None, limit: int = 8) -> list[tuple[str, str | None]]:
+        """(task id, model key) of the first ``limit`` queued tasks in claim order: what a worker will load next."""
+        stmt = (
+            select(_t.c.task_id, _t.c.model_key).where(*self._queued_filter(lanes)).order_by(*_CLAIM_ORDER).limit(limit)
+        )
+        with self._read.connect() as conn:
+            return [(str(task_id), key) for task_id, key in conn.execute(stmt)]
+
     def count_by_status(self) -> dict[TaskStatus, int]:
         counts = dict.fromkeys(TaskStatus, 0)
         with self._read.connect() as conn:
@@ -867,6 +875,16 @@ class SqlTaskStore:
                     conn.execute(delete(payloads_table).where(payloads_table.c.task_id == tid))
                 changed.append(tid)
         return changed
+
+    def image_keys(self, task_ids: Iterable[str]) -> dict[str, tuple[TaskStatus, frozenset[str]]]:
+        ids = list(dict.fromkeys(task_ids))
+        found: dict[str, tuple[TaskStatus, frozenset[str]]] = {}
+        with self._read.connect() as conn:
+            for start in range(0, len(ids), 500):
+                stmt = select(_t.c.task_id, _t.c.status, _t.c.images).where(_t.c.task_id.in_(ids[start : start + 500]))
+                for tid, status, images in conn.execute(stmt):
+                    found[tid] = (TaskStatus(status), frozenset(str(i["key"]) for i in images))
+        return found
 
     def purge(self, older_than: float, limit: int = 500) -> list[TaskRecord]:
         pick = (

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import enum
 import hashlib
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from underpaint.tasks.contract import TaskExtra, TaskRequest, TaskType
 
@@ -235,6 +236,10 @@ class TaskStore(Protocol):
         up their attempts. Returns the ids this call changed (check ``status`` to tell the two apart)."""
         ...
 
+    def image_keys(self, task_ids: Iterable[str]) -> dict[str, tuple[TaskStatus, frozenset[str]]]:
+        """For each of ``task_ids`` that exists: its status and the keys of the images it records."""
+        ...
+
     def purge(self, older_than: float, limit: int = 500) -> list[TaskRecord]:
         """Delete up to ``limit`` ended tasks (and inputs) finished before ``older_than``; returns them."""
         ...
@@ -267,6 +272,13 @@ class ImageDeleter(Protocol):
     name: str
 
     def delete(self, key: str) -> None: ...
+
+
+@runtime_checkable
+class ImageLister(ImageDeleter, Protocol):
+    """An image store that can list what it holds (for the orphan sweep): keys in order, with modified times."""
+
+    def list_keys(self, start_after: str = "", limit: int = 1000) -> list[tuple[str, float]]: ...
 
 
 class TaskQueue(Protocol):

@@ -7,13 +7,17 @@ here with the same checks as at submit, so a worker never trusts bytes it has no
 
 from __future__ import annotations
 
+from PIL import Image
+
 from underpaint.engine.job import (
     ControlNetUnitSpec,
     EmbeddingSpec,
     GenerationJob,
+    HiresFix,
     IPAdapterSpec,
     JobError,
     LoraSpec,
+    Refiner,
     UpscaleJob,
 )
 from underpaint.tasks.contract import GenerationRequest, Img2ImgRequest, TaskRequest, Txt2ImgRequest, UpscaleRequest
@@ -27,7 +31,7 @@ def job_from_request(request: TaskRequest) -> GenerationJob:
         if isinstance(request, Img2ImgRequest):
             return _img2img(request)
         if isinstance(request, Txt2ImgRequest):
-            raise JobError("txt2img tasks are not supported by this worker yet")
+            return _txt2img(request)
     except ApiError as exc:
         raise JobError(exc.message) from None
     raise JobError(f"unknown task type {request.task_type!r}")
@@ -73,11 +77,40 @@ def _adapters(request: GenerationRequest) -> tuple[tuple[ControlNetUnitSpec, ...
 
 
 def _img2img(r: Img2ImgRequest) -> GenerationJob:
+    init = decode_image(r.image_base64, "request.image_base64").image
+    return _job(r, init_image=init, strength=r.strength)
+
+
+def _txt2img(r: Txt2ImgRequest) -> GenerationJob:
+    hires, refiner = r.hires_fix, r.refiner
+    if refiner is not None and refiner.model_name is None:
+        raise JobError("the refiner checkpoint must be resolved before building a job")
+    return _job(
+        r,
+        init_image=None,
+        strength=1.0,  # unused by txt2img
+        hires_fix=None
+        if hires is None
+        else HiresFix(hires.target_width, hires.target_height, hires.strength, hires.upscaler),
+        refiner=None
+        if refiner is None or refiner.model_name is None
+        else Refiner(refiner.model_name, refiner.switch_at),
+    )
+
+
+def _job(
+    r: GenerationRequest,
+    *,
+    init_image: Image.Image | None,
+    strength: float,
+    hires_fix: HiresFix | None = None,
+    refiner: Refiner | None = None,
+) -> GenerationJob:
     seed = _checked_seed(r)
     controlnets, ip_adapters = _adapters(r)
     return GenerationJob(
         checkpoint=r.model_name,
-        init_image=decode_image(r.image_base64, "request.image_base64").image,
+        init_image=init_image,
         prompt=r.prompt,
         negative_prompt=r.negative_prompt,
         width=r.width,
@@ -86,12 +119,15 @@ def _img2img(r: Img2ImgRequest) -> GenerationJob:
         steps=r.steps,
         guidance_scale=r.guidance_scale,
         sampler_name=r.sampler_name,
+        scheduler=r.scheduler,
         seed=seed,
-        strength=r.strength,
+        strength=strength,
         clip_skip=r.clip_skip,
         vae=r.sd_vae or None,
         loras=tuple(LoraSpec(x.model_name, x.strength) for x in r.loras),
         embeddings=tuple(EmbeddingSpec(x.model_name) for x in r.embeddings),
         controlnets=controlnets,
         ip_adapters=ip_adapters,
+        hires_fix=hires_fix,
+        refiner=refiner,
     )
