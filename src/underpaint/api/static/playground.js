@@ -19,7 +19,7 @@
 
   const state = {
     key: localStorage.getItem(KEY_STORE) || "",
-    models: { checkpoint: [], vae: [], lora: [], textualinversion: [], controlnet: [], ipadapter: [] },
+    models: { checkpoint: [], vae: [], lora: [], textualinversion: [], controlnet: [], ipadapter: [], upscaler: [] },
     init: null, // {b64, width, height, name}
     cancelSupported: false,
     jobs: new Map(), // task_id -> {el, timer}
@@ -114,7 +114,7 @@
   // ---------------------------------------------------------------- models
 
   async function loadModels() {
-    const found = { checkpoint: [], vae: [], lora: [], textualinversion: [], controlnet: [], ipadapter: [] };
+    const found = { checkpoint: [], vae: [], lora: [], textualinversion: [], controlnet: [], ipadapter: [], upscaler: [] };
     let cursor = "";
     for (let page = 0; page < 50; page++) {
       const q = new URLSearchParams({ "filter.visibility": "public", "pagination.limit": "100" });
@@ -127,8 +127,30 @@
     state.models = found;
     const keep = $("model_name").value;
     fillSelect($("model_name"), found.checkpoint, null, keep);
+    const upscaler = $("hires-upscaler").value;
+    $("hires-upscaler").replaceChildren(new Option("Latent", "Latent"));
+    for (const m of found.upscaler) $("hires-upscaler").append(new Option(m.name, m.sd_name));
+    if ([...$("hires-upscaler").options].some((o) => o.value === upscaler)) $("hires-upscaler").value = upscaler;
     onCheckpointChange();
   }
+
+  // ---------------------------------------------------------------- endpoint: image to image or text to image
+
+  const ENDPOINTS = { img2img: "/v3/async/img2img", txt2img: "/v3/async/txt2img" };
+
+  function mode() {
+    return $("mode-txt2img").checked ? "txt2img" : "img2img";
+  }
+
+  function setMode(name) {
+    $(`mode-${name}`).checked = true;
+    const text = name === "txt2img";
+    $("init-card").hidden = text;
+    $("strength-field").hidden = text;
+    $("hires-card").hidden = !text;
+  }
+  for (const name of Object.keys(ENDPOINTS)) $(`mode-${name}`).addEventListener("change", () => setMode(mode()));
+  $("hires-enabled").addEventListener("change", () => { $("hires-fields").hidden = !$("hires-enabled").checked; });
 
   function currentCheckpoint() {
     return state.models.checkpoint.find((m) => m.sd_name === $("model_name").value) || null;
@@ -274,13 +296,21 @@
     return (await readImage(input.files[0])).b64;
   }
 
+  // An adapter's own image, else the init image (image to image only).
+  async function adapterImage(input, what) {
+    const own = await fileB64(input);
+    if (own) return own;
+    if (mode() === "img2img" && state.init) return state.init.b64;
+    throw new Error(`choose the ${what} image (text to image has no init image to fall back on)`);
+  }
+
   async function buildRequest() {
-    if (!state.init) throw new Error("add an init image first (drop, paste or choose a file)");
+    const text = mode() === "txt2img";
+    if (!text && !state.init) throw new Error("add an init image first (drop, paste or choose a file)");
     if (!$("model_name").value) throw new Error("no checkpoint: put one in the server's models/checkpoint folder");
     if (!$("prompt").value.trim()) throw new Error("write a prompt");
     const req = {
       model_name: $("model_name").value,
-      image_base64: state.init.b64,
       prompt: $("prompt").value,
       negative_prompt: $("negative_prompt").value,
       width: num("width"),
@@ -288,11 +318,23 @@
       image_num: num("image_num"),
       steps: num("steps"),
       guidance_scale: num("guidance_scale"),
-      strength: num("strength"),
       sampler_name: $("sampler_name").value,
       seed: num("seed"),
       clip_skip: num("clip_skip"),
     };
+    if (text) {
+      if ($("hires-enabled").checked) {
+        req.hires_fix = {
+          target_width: num("hires-width"),
+          target_height: num("hires-height"),
+          strength: num("hires-strength"),
+          upscaler: $("hires-upscaler").value,
+        };
+      }
+    } else {
+      req.image_base64 = state.init.b64;
+      req.strength = num("strength");
+    }
     if ($("sd_vae").value) req.sd_vae = $("sd_vae").value;
     req.loras = [...document.querySelectorAll("#lora-rows .adapter-row")]
       .filter((r) => r.querySelector(".row-model").value)
@@ -304,7 +346,7 @@
       req.controlnet = {
         units: [{
           model_name: $("cn-model").value,
-          image_base64: (await fileB64($("cn-image"))) || state.init.b64,
+          image_base64: await adapterImage($("cn-image"), "ControlNet control"),
           preprocessor: $("cn-preprocessor").value,
           strength: num("cn-strength"),
           guidance_start: num("cn-start"),
@@ -315,7 +357,7 @@
     if ($("ip-enabled").checked && $("ip-model").value) {
       req.ip_adapters = [{
         model_name: $("ip-model").value,
-        image_base64: (await fileB64($("ip-image"))) || state.init.b64,
+        image_base64: await adapterImage($("ip-image"), "IP-Adapter reference"),
         strength: num("ip-strength"),
       }];
     }
@@ -329,7 +371,7 @@
     if (r.controlnet) r.controlnet = { units: r.controlnet.units.map(({ image_base64, ...u }) => u) };
     if (r.ip_adapters) r.ip_adapters = r.ip_adapters.map(({ image_base64, ...a }) => a);
     try {
-      localStorage.setItem(PARAMS_STORE + taskId, JSON.stringify({ request: r, extra: body.extra }));
+      localStorage.setItem(PARAMS_STORE + taskId, JSON.stringify({ request: r, extra: body.extra, mode: body.mode }));
     } catch (_) { /* storage full: reuse falls back to the infotext */ }
   }
 
@@ -349,9 +391,10 @@
     button.disabled = true; // with a fresh Idempotency-Key per click, a double-click cannot make two tasks
     try {
       const body = await buildRequest();
+      const endpoint = mode();
       const key = crypto.randomUUID ? crypto.randomUUID() : `${Date.now()}-${Math.random()}`;
-      const { task_id: taskId } = await api("POST", "/v3/async/img2img", body, { "Idempotency-Key": key });
-      remember(taskId, body);
+      const { task_id: taskId } = await api("POST", ENDPOINTS[endpoint], body, { "Idempotency-Key": key });
+      remember(taskId, { ...body, mode: endpoint });
       track(taskId);
       refreshTasks();
       refreshQueue();
@@ -559,10 +602,16 @@
   function describe(r, seed) {
     const lines = [r.prompt];
     if (r.negative_prompt) lines.push(`Negative prompt: ${r.negative_prompt}`);
-    lines.push([
+    const params = [
       `Steps: ${r.steps}`, `Sampler: ${r.sampler_name}`, `CFG scale: ${r.guidance_scale}`, `Seed: ${seed}`,
-      `Size: ${r.width}x${r.height}`, `Model: ${r.model_name}`, `Denoising strength: ${r.strength}`,
-    ].join(", "));
+      `Size: ${r.width}x${r.height}`, `Model: ${r.model_name}`,
+    ];
+    if (r.strength !== undefined) params.push(`Denoising strength: ${r.strength}`);
+    if (r.hires_fix) {
+      params.push(`Denoising strength: ${r.hires_fix.strength}`,
+        `Hires resize: ${r.hires_fix.target_width}x${r.hires_fix.target_height}`, `Hires upscaler: ${r.hires_fix.upscaler}`);
+    }
+    lines.push(params.join(", "));
     return lines.join("\n");
   }
 
@@ -570,6 +619,15 @@
     const p = recalled(taskId);
     if (p) {
       const r = p.request;
+      setMode(p.mode || "img2img");
+      $("hires-enabled").checked = Boolean(r.hires_fix);
+      $("hires-fields").hidden = !r.hires_fix;
+      if (r.hires_fix) {
+        $("hires-width").value = r.hires_fix.target_width;
+        $("hires-height").value = r.hires_fix.target_height;
+        $("hires-strength").value = r.hires_fix.strength;
+        $("hires-upscaler").value = r.hires_fix.upscaler;
+      }
       for (const id of ["prompt", "negative_prompt", "width", "height", "image_num", "steps", "guidance_scale",
         "strength", "clip_skip"]) {
         if (r[id] !== undefined) $(id).value = r[id];
