@@ -283,6 +283,25 @@ def test_background_worker_serves_by_priority_and_stops(store: SqlTaskStore) -> 
     assert not worker.running
 
 
+def test_embedded_worker_takes_a_task_it_was_never_told_about(store: SqlTaskStore) -> None:
+    """The embedded queue is only a wake-up: a task written with no signal (its announce lost, or written by
+    another process) is claimed from the store within ``poll_interval``."""
+    ran: list[str] = []
+
+    def fn(task: TaskRecord, request: TaskRequest, report: ProgressReporter) -> list[ImageRecord]:
+        ran.append(task.task_id)
+        return images_for(task)
+
+    worker = Worker(store, FnRunner(fn), SETTINGS, queue=LocalQueue(), poll_interval=0.2)
+    worker.start()
+    try:
+        unannounced = add(store)  # no queue.enqueue
+        _wait_for(lambda: store.get(unannounced).status is TaskStatus.SUCCEED)  # type: ignore[union-attr]
+    finally:
+        assert worker.stop(timeout=10)
+    assert ran == [unannounced]
+
+
 def test_worker_sweep_fails_exhausted_tasks_and_notifies(tmp_path: Path) -> None:
     now = [1000.0]
     store = SqlTaskStore(f"sqlite:///{tmp_path / 's.db'}", lease_seconds=10, max_attempts=1, clock=lambda: now[0])
