@@ -358,8 +358,8 @@ def test_playground_in_chromium(live_server: LiveServer, browser: Browser, tmp_p
     assert not page.locator(f'#gallery .shot[data-task-id="{long_id}"]').count()
 
     # Job 5: text to image with hires fix: no init image, the hires controls, the txt2img route.
-    page.check("#mode-txt2img")
-    expect(page.locator("#init-card")).to_be_hidden()
+    page.click('#modes .mode[data-mode="txt2img"]')
+    expect(page.locator("#dropzone")).to_be_hidden()
     expect(page.locator("#strength")).to_be_hidden()
     page.check("#hires-enabled")
     upscalers = page.eval_on_selector_all("#hires-upscaler option", "os => os.map(o => o.value)")
@@ -392,10 +392,10 @@ def test_playground_in_chromium(live_server: LiveServer, browser: Browser, tmp_p
     expect(text_shot.locator(".shot-info")).to_contain_text("Hires upscaler: Latent")
     # "Reuse settings" of a txt2img image brings its mode and hires fix back.
     page.uncheck("#hires-enabled")
-    page.check("#mode-img2img")
-    expect(page.locator("#hires-card")).to_be_hidden()
+    page.click('#modes .mode[data-mode="img2img"]')
+    expect(page.locator("#hires-enabled")).to_be_hidden()
     text_shot.locator(".shot-reuse").click()
-    assert page.is_checked("#mode-txt2img")
+    expect(page.locator('#modes .mode[data-mode="txt2img"]')).to_have_attribute("aria-selected", "true")
     assert page.is_checked("#hires-enabled")
     assert (page.input_value("#hires-width"), page.input_value("#hires-height")) == ("192", "160")
 
@@ -422,3 +422,49 @@ def test_playground_in_chromium(live_server: LiveServer, browser: Browser, tmp_p
 
     assert watch.errors == []
     context.close()
+
+
+def test_playground_upscale_mode(live_server: LiveServer, browser: Browser, tmp_path: Path) -> None:
+    """The Upscale tab: only the upscaler card and the image are shown, the Extras size is previewed, the page
+    posts to /v3/async/upscale and the result arrives at that size."""
+    OUTPUT.mkdir(parents=True, exist_ok=True)
+    page = browser.new_page(viewport={"width": 1360, "height": 900})
+    watch = PageWatch(page)
+    posts: list[dict[str, Any]] = []
+    page.on(
+        "request",
+        lambda r: posts.append({"url": r.url, "body": json.loads(r.post_data or "{}")}) if r.method == "POST" else None,
+    )
+    page.goto(live_server.url + "/playground")
+    page.fill("#api-key", KEY)
+    page.click("#key-save")
+    expect(page.locator("#key-state")).to_have_text("connected")
+    expect(page.locator("#prompt")).to_be_visible()
+    page.click('#modes .mode[data-mode="upscale"]')
+    expect(page.locator("#prompt")).to_be_hidden()
+    expect(page.locator("#up-model")).to_be_visible()
+    expect(page.locator("#submit")).to_have_text("Upscale")
+    upscalers = page.eval_on_selector_all("#up-model option", "os => os.map(o => o.value)")
+    assert "RealESRGAN_x4plus_anime_6B.pth" in upscalers
+    page.select_option("#up-model", "2x-tiny-compact.pth")
+    image = tmp_path / "small.png"
+    image.write_bytes(make_png((60, 44), seed=7))
+    page.set_input_files("#init-file", str(image))
+    page.fill("#up-scale", "2.5")
+    page.dispatch_event("#up-scale", "input")
+    expect(page.locator("#up-size")).to_have_text("60\u00d744 \u2192 144\u00d7104")
+    page.click("#submit")
+    done = page.locator("#jobs .job").first
+    expect(done).to_have_attribute("data-status", "TASK_STATUS_SUCCEED", timeout=120_000)
+    (post,) = [p for p in posts if "/v3/async/" in p["url"] and "task-" not in p["url"]]
+    assert post["url"].endswith("/v3/async/upscale")
+    assert post["body"]["request"]["scale_factor"] == 2.5
+    assert post["body"]["request"]["model_name"] == "2x-tiny-compact.pth"
+    shot = page.locator("#gallery .shot").first
+    expect(shot.locator("img")).to_have_js_property("complete", True)
+    assert shot.locator("img").evaluate("i => [i.naturalWidth, i.naturalHeight]") == [144, 104]
+    expect(shot.locator(".shot-reuse")).to_be_hidden()
+    expect(shot.locator(".shot-info")).to_contain_text("Postprocess upscaler: 2x-tiny-compact")
+    screenshot(page, OUTPUT / "playground-upscale.png", 1360)
+    assert watch.errors == []
+    page.close()

@@ -20,6 +20,7 @@
   const state = {
     key: localStorage.getItem(KEY_STORE) || "",
     models: { checkpoint: [], vae: [], lora: [], textualinversion: [], controlnet: [], ipadapter: [], upscaler: [] },
+    mode: "img2img", // the task type the form submits (the tabs above it)
     init: null, // {b64, width, height, name}
     cancelSupported: false,
     jobs: new Map(), // task_id -> {el, timer}
@@ -127,30 +128,13 @@
     state.models = found;
     const keep = $("model_name").value;
     fillSelect($("model_name"), found.checkpoint, null, keep);
-    const upscaler = $("hires-upscaler").value;
+    fillSelect($("up-model"), found.upscaler, null);
+    const hiresUpscaler = $("hires-upscaler").value;
     $("hires-upscaler").replaceChildren(new Option("Latent", "Latent"));
     for (const m of found.upscaler) $("hires-upscaler").append(new Option(m.name, m.sd_name));
-    if ([...$("hires-upscaler").options].some((o) => o.value === upscaler)) $("hires-upscaler").value = upscaler;
+    if ([...$("hires-upscaler").options].some((o) => o.value === hiresUpscaler)) $("hires-upscaler").value = hiresUpscaler;
     onCheckpointChange();
   }
-
-  // ---------------------------------------------------------------- endpoint: image to image or text to image
-
-  const ENDPOINTS = { img2img: "/v3/async/img2img", txt2img: "/v3/async/txt2img" };
-
-  function mode() {
-    return $("mode-txt2img").checked ? "txt2img" : "img2img";
-  }
-
-  function setMode(name) {
-    $(`mode-${name}`).checked = true;
-    const text = name === "txt2img";
-    $("init-card").hidden = text;
-    $("strength-field").hidden = text;
-    $("hires-card").hidden = !text;
-  }
-  for (const name of Object.keys(ENDPOINTS)) $(`mode-${name}`).addEventListener("change", () => setMode(mode()));
-  $("hires-enabled").addEventListener("change", () => { $("hires-fields").hidden = !$("hires-enabled").checked; });
 
   function currentCheckpoint() {
     return state.models.checkpoint.find((m) => m.sd_name === $("model_name").value) || null;
@@ -186,6 +170,37 @@
     $("ip-enabled").disabled = compatible("ipadapter").length === 0;
   }
   $("model_name").addEventListener("change", onCheckpointChange);
+
+  // ---------------------------------------------------------------- task type: img2img, txt2img or upscale
+
+  const MODES = {
+    img2img: { path: "/v3/async/img2img", submit: "Generate", image: "Init image" },
+    txt2img: { path: "/v3/async/txt2img", submit: "Generate", image: "Init image" },
+    upscale: { path: "/v3/async/upscale", submit: "Upscale", image: "Image" },
+  };
+
+  function setMode(mode) {
+    state.mode = mode;
+    for (const tab of document.querySelectorAll("#modes .mode")) {
+      tab.setAttribute("aria-selected", String(tab.dataset.mode === mode));
+    }
+    for (const el of document.querySelectorAll("[data-modes]")) el.hidden = !el.dataset.modes.split(" ").includes(mode);
+    $("submit").textContent = MODES[mode].submit;
+    $("init-title").textContent = MODES[mode].image;
+    formError("");
+    showUpscaleSize();
+  }
+  for (const tab of document.querySelectorAll("#modes .mode")) tab.addEventListener("click", () => setMode(tab.dataset.mode));
+  $("hires-enabled").addEventListener("change", () => { $("hires-fields").hidden = !$("hires-enabled").checked; });
+
+  // A1111's Extras size: each side times the scale, floored to a multiple of 8 (what the server returns).
+  function showUpscaleSize() {
+    const scale = Number($("up-scale").value);
+    $("up-size").textContent = state.init && scale > 0
+      ? `${state.init.width}×${state.init.height} → ${Math.floor(state.init.width * scale / 8) * 8}×${Math.floor(state.init.height * scale / 8) * 8}`
+      : "";
+  }
+  $("up-scale").addEventListener("input", showUpscaleSize);
 
   // ---------------------------------------------------------------- vocabularies (rendered in by the server)
 
@@ -245,6 +260,7 @@
       $("init-info").textContent = `${image.name} · ${image.width}×${image.height}`;
       $("init-size").disabled = false;
       $("init-clear").disabled = false;
+      showUpscaleSize();
       formError("");
     } catch (err) {
       formError(err.message);
@@ -278,6 +294,7 @@
     $("init-file").value = "";
     $("init-size").disabled = true;
     $("init-clear").disabled = true;
+    showUpscaleSize();
   });
   $("init-size").addEventListener("click", () => {
     if (!state.init) return;
@@ -296,16 +313,24 @@
     return (await readImage(input.files[0])).b64;
   }
 
+  function buildUpscaleRequest() {
+    if (!state.init) throw new Error("add the image to upscale first (drop, paste or choose a file)");
+    if (!$("up-model").value) throw new Error("no upscaler: put one in the server's models/upscaler folder");
+    const req = { model_name: $("up-model").value, image_base64: state.init.b64, scale_factor: num("up-scale") };
+    return { extra: { response_image_type: $("up-output").value }, request: req };
+  }
+
   // An adapter's own image, else the init image (image to image only).
   async function adapterImage(input, what) {
     const own = await fileB64(input);
     if (own) return own;
-    if (mode() === "img2img" && state.init) return state.init.b64;
+    if (state.mode === "img2img" && state.init) return state.init.b64;
     throw new Error(`choose the ${what} image (text to image has no init image to fall back on)`);
   }
 
   async function buildRequest() {
-    const text = mode() === "txt2img";
+    if (state.mode === "upscale") return buildUpscaleRequest();
+    const text = state.mode === "txt2img";
     if (!text && !state.init) throw new Error("add an init image first (drop, paste or choose a file)");
     if (!$("model_name").value) throw new Error("no checkpoint: put one in the server's models/checkpoint folder");
     if (!$("prompt").value.trim()) throw new Error("write a prompt");
@@ -371,7 +396,7 @@
     if (r.controlnet) r.controlnet = { units: r.controlnet.units.map(({ image_base64, ...u }) => u) };
     if (r.ip_adapters) r.ip_adapters = r.ip_adapters.map(({ image_base64, ...a }) => a);
     try {
-      localStorage.setItem(PARAMS_STORE + taskId, JSON.stringify({ request: r, extra: body.extra, mode: body.mode }));
+      localStorage.setItem(PARAMS_STORE + taskId, JSON.stringify({ mode: state.mode, request: r, extra: body.extra }));
     } catch (_) { /* storage full: reuse falls back to the infotext */ }
   }
 
@@ -391,10 +416,9 @@
     button.disabled = true; // with a fresh Idempotency-Key per click, a double-click cannot make two tasks
     try {
       const body = await buildRequest();
-      const endpoint = mode();
       const key = crypto.randomUUID ? crypto.randomUUID() : `${Date.now()}-${Math.random()}`;
-      const { task_id: taskId } = await api("POST", ENDPOINTS[endpoint], body, { "Idempotency-Key": key });
-      remember(taskId, { ...body, mode: endpoint });
+      const { task_id: taskId } = await api("POST", MODES[state.mode].path, body, { "Idempotency-Key": key });
+      remember(taskId, body);
       track(taskId);
       refreshTasks();
       refreshQueue();
@@ -516,6 +540,10 @@
         fig.dataset.info = found.parsed ? "png" : "recorded";
         return found;
       });
+      if ((recalled(taskId) || {}).mode === "upscale") {
+        for (const el of fig.querySelectorAll(".shot-reuse-seed, .shot-reuse")) el.hidden = true;
+        fig.querySelector(".shot-seed").parentElement.textContent = `Upscaled ${image.image_type}`;
+      }
       fig.querySelector(".shot-reuse-seed").addEventListener("click", () => { $("seed").value = fig.dataset.seed; });
       fig.querySelector(".shot-reuse").addEventListener("click", async () => {
         reuseSettings(taskId, await info, Number(fig.dataset.seed));
@@ -619,7 +647,7 @@
     const p = recalled(taskId);
     if (p) {
       const r = p.request;
-      setMode(p.mode || "img2img");
+      if (p.mode === "img2img" || p.mode === "txt2img") setMode(p.mode);
       $("hires-enabled").checked = Boolean(r.hires_fix);
       $("hires-fields").hidden = !r.hires_fix;
       if (r.hires_fix) {
