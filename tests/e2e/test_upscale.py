@@ -142,6 +142,7 @@ def test_output_format_and_webhook_payload_shape(stack: Stack) -> None:
     assert result["images"][0]["image_type"] == "webp"
     assert Image.open(io.BytesIO(stack.image(result))).size == (80, 80)
     assert result["task"]["progress_percent"] == 100
+    assert result["extra"]["seed"] == "0"  # an upscale has no seed
 
 
 @pytest.mark.parametrize(
