@@ -16,7 +16,7 @@ from tests.support.storage import RecordingStorage
 from underpaint.config import Settings
 from underpaint.engine.job import JobCancelled, JobError, Progress
 from underpaint.storage.base import StorageError
-from underpaint.tasks.contract import TaskRequest
+from underpaint.tasks.contract import Img2ImgRequest, TaskRequest
 from underpaint.tasks.queue import LocalQueue
 from underpaint.tasks.store import SqlTaskStore
 from underpaint.tasks.types import ImageRecord, TaskRecord, TaskStatus
@@ -59,6 +59,7 @@ def test_worker_runs_task_records_images_and_progress(store: SqlTaskStore) -> No
     seen_mid_run: list[TaskRecord | None] = []
 
     def fn(task: TaskRecord, request: TaskRequest, report: ProgressReporter) -> list[ImageRecord]:
+        assert isinstance(request, Img2ImgRequest)
         assert request.prompt == f"prompt of {tid}"
         report(Progress(30 / 100, 9))
         seen_mid_run.append(store.get(task.task_id))

@@ -48,7 +48,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.sql.elements import ColumnElement
 
 from underpaint.config import Settings
-from underpaint.tasks.batching import signature
+from underpaint.tasks.batching import batch_key, model_key
 from underpaint.tasks.contract import TaskRequest, TaskType, dump_extra, dump_request, load_extra, load_request
 from underpaint.tasks.types import (
     CANCELLED_REASON,
@@ -507,7 +507,6 @@ class SqlTaskStore:
 
     def create(self, task: NewTask, idempotency: IdempotencyKey | None = None) -> TaskRecord:
         now = self.clock()
-        sig = signature(task.request)
         payload = dump_request(task.request)
         values: dict[str, Any] = {
             "task_id": task.task_id,
@@ -530,8 +529,8 @@ class SqlTaskStore:
             "finished_at": None,
             "images": [],
             "extra": dump_extra(task.extra),
-            "batch_key": sig.key(),
-            "model_key": sig.model_key(),
+            "batch_key": batch_key(task.request),
+            "model_key": model_key(task.request),
             "task_type": TaskType(task.request.task_type).value,
         }
         if idempotency is None:
