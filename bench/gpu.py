@@ -13,7 +13,11 @@ Sections, in order (each is skipped, and says so, once the time budget ``--budge
 3. HTTP: SD 1.5 512², image_num 1: a live ``underpaint serve`` (fp16, embedded worker process) timed from submit to a
    task-result poll (every 10 ms) that says SUCCEED plus the image download, against a direct engine call plus PNG
    encoding in this process, alternating.
-4. compile: the engine with ``compile = true`` (inductor) for SD 1.5 512²: the first call's time (the warm-up a
+4. model tiers (``bench/model_switching.py``'s ``measure`` on CUDA): a switch between two SD 1.5 checkpoints held in
+   the RAM tier (pinned) against ``load_file`` + ``copy_`` into the resident tensors; the first switch from disk
+   against ``load_file`` + cast to the device; peak allocated VRAM during a switch; a queue alternating the two with
+   prefetch against the same queue on one checkpoint (issue #23).
+5. compile: the engine with ``compile = true`` (inductor) for SD 1.5 512²: the first call's time (the warm-up a
    user pays once per shape bucket) and the steady it/s against bare diffusers.
 
 Targets (issue #11): engine >= 0.95x diffusers it/s; with compile >= 1.2x; HTTP <= 1.05x direct at SD 1.5 512²;
@@ -45,6 +49,7 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT))  # bench.model_switching
 
 import httpx  # noqa: E402
 import numpy as np  # noqa: E402
@@ -218,6 +223,19 @@ def section_switch(executor: DiffusersExecutor, a: Case, b: Case, runs: int, res
         }
     )
     res.checks.append(("model switch between cached checkpoints reloads nothing", loads == 2, f"{loads} loads"))
+
+
+def section_tiers(
+    models: Path, names: tuple[str, str], device: torch.device, size: int, steps: int, res: Result, deadline: float
+) -> None:
+    if time.monotonic() > deadline:
+        res.skipped.append("model tiers: time budget spent")
+        return
+    from bench.model_switching import checks, measure
+
+    figures = measure(models, device, size=size, steps=steps, tasks=4, names=names)
+    res.rows.append({"section": "tiers", **{k: v for k, v in figures.items() if not isinstance(v, dict)}})
+    res.checks.extend(checks(figures))
 
 
 def _serve(models: Path, data: Path, device: str, dtype: str, port: int) -> subprocess.Popen[bytes]:
@@ -460,6 +478,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     section_http(executor, models, cases[0], runs, res, deadline, dtype)
     executor.release()
+    section_tiers(models, (sd15, sd15_b), torch.device(device), size15, steps, res, deadline)
     if not args.no_compile:
         section_compile(settings, models, cases[0], runs, res, deadline, backend)
     text = table(res)

@@ -134,16 +134,31 @@ def _queue(executor: DiffusersExecutor, names: list[str], size: int, steps: int)
     return time.perf_counter() - start
 
 
-def measure(models: Path, device: torch.device, size: int = 256, steps: int = 8, tasks: int = 6) -> dict[str, Any]:
+class _Figures(dict[str, Any]):
+    """The results, each printed as it is measured (a run cut short still leaves its figures in the log)."""
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        super().__setitem__(key, value)
+        print(f"{key}: {value}", file=sys.stderr, flush=True)
+
+
+def measure(
+    models: Path,
+    device: torch.device,
+    size: int = 256,
+    steps: int = 8,
+    tasks: int = 6,
+    names: tuple[str, str] = (A, B),
+) -> dict[str, Any]:
     dtype = pick_dtype(device)
     registry = ModelRegistry(models)
-    a, b = _entry(registry, A), _entry(registry, B)
+    a, b = _entry(registry, names[0]), _entry(registry, names[1])
     itemsize = torch.empty((), dtype=dtype).element_size()
     one_model = a.size // 2 * itemsize  # fp16 file: 2 bytes a weight
     device_budget = int(one_model * 1.3)
     ram_budget = a.size + b.size + (64 << 20)
     base_rss = _status("VmRSS")
-    out: dict[str, Any] = {"device": str(device), "dtype": str(dtype), "file_bytes": a.size}
+    out: dict[str, Any] = _Figures(device=str(device), dtype=str(dtype), file_bytes=a.size)
 
     cache = ModelCache(device_budget, device, dtype, ram_budget_bytes=ram_budget)
     out["cold_load_s"], _ = _timed(device, lambda: cache.get(a))
@@ -193,10 +208,14 @@ def measure(models: Path, device: torch.device, size: int = 256, steps: int = 8,
         checkpoint_cache_bytes=device_budget,
         checkpoint_ram_cache_bytes=ram_budget,
     )
-    for label, names in (("one", [A] * tasks), ("alternating", [A, B] * (tasks // 2))):
+    first, second = a.sd_name, b.sd_name
+    queues: list[tuple[str, list[str]]] = [("one", [first] * tasks), ("alternating", [first, second] * (tasks // 2))]
+    if not tasks:
+        queues = []
+    for label, queue in queues:
         executor = DiffusersExecutor(settings, ModelRegistry(models))
-        executor.generate(_job(A, size, steps))  # A resident: both queues start warm
-        out[f"queue_{label}_s"] = _queue(executor, names, size, steps)
+        executor.generate(_job(first, size, steps))  # A resident: both queues start warm
+        out[f"queue_{label}_s"] = _queue(executor, queue, size, steps)
         out[f"queue_{label}_stats"] = dict(vars(executor.cache.stats))
         executor.release()
         del executor
@@ -206,7 +225,8 @@ def measure(models: Path, device: torch.device, size: int = 256, steps: int = 8,
     out["ratio_disk_switch_vs_cast"] = out["first_switch_from_disk_s"] / out["baseline_load_file_cast_s"]
     if "peak_rss_over_base_bytes" in out:
         out["ratio_peak_rss_vs_model_plus_ram"] = out["peak_rss_over_base_bytes"] / (out["model_bytes"] + ram_budget)
-    out["ratio_alternating_vs_one"] = out["queue_alternating_s"] / out["queue_one_s"]
+    if tasks:
+        out["ratio_alternating_vs_one"] = out["queue_alternating_s"] / out["queue_one_s"]
     return out
 
 
