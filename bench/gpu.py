@@ -339,10 +339,7 @@ def section_compile(
     if time.monotonic() > deadline:
         res.skipped.append("compile: time budget spent")
         return
-    from underpaint.engine import speed
-
-    speed.COMPILE_BACKEND = backend
-    compiled = DiffusersExecutor(settings.with_overrides(compile=True), ModelRegistry(models))
+    compiled = DiffusersExecutor(settings.with_overrides(compile=True), ModelRegistry(models), compile_backend=backend)
     device = compiled.device
     first, _ = timed(device, lambda: compiled.generate(job_for(case)))
     # Bare diffusers on an eager copy of the model (the compiled executor's modules are compiled in place).

@@ -19,7 +19,6 @@ from PIL import Image
 
 from underpaint.config import Settings
 from underpaint.demo import adapters as demo
-from underpaint.engine import speed
 from underpaint.engine.executor import DiffusersExecutor
 from underpaint.engine.job import GenerationJob, LoraSpec
 from underpaint.registry import ModelRegistry
@@ -49,9 +48,8 @@ def models(tmp_path: Path, tiny_models_dir: Path) -> Path:
 
 
 @pytest.fixture
-def backend(monkeypatch: pytest.MonkeyPatch) -> Iterator[_CountingBackend]:
-    counting = _CountingBackend()
-    monkeypatch.setattr(speed, "COMPILE_BACKEND", counting)
+def backend() -> Iterator[_CountingBackend]:
+    counting = _CountingBackend()  # handed to the executor (``compile_backend``): no module-level switch
     yield counting
     torch._dynamo.reset()
 
@@ -79,7 +77,7 @@ def test_compiled_unet_does_not_recompile_for_prompt_or_lora_changes(
     models: Path, backend: _CountingBackend, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     settings = Settings(models_dir=models, data_dir=models.parent / "data", torch_threads=1, compile=True)
-    executor = DiffusersExecutor(settings, ModelRegistry(models))
+    executor = DiffusersExecutor(settings, ModelRegistry(models), compile_backend=backend)
     plain = executor.generate(_job())
     assert backend.graphs >= 1
     (slot,) = executor.cache._slots.values()

@@ -44,6 +44,7 @@ from underpaint.engine.metadata import InfotextParams, build_infotext
 from underpaint.engine.model_tiers import ModelCacheReport
 from underpaint.engine.preprocessors import AnnotatorCache
 from underpaint.engine.samplers import DiscreteSchedule
+from underpaint.engine.speed import DEFAULT_BACKEND
 from underpaint.engine.upscalers import UpscalerCache, upscale, upscale_to
 from underpaint.registry import ModelEntry, ModelRegistry, short_hash
 from underpaint.vocabulary import infotext_sampler
@@ -52,12 +53,20 @@ log = logging.getLogger(__name__)
 
 
 class DiffusersExecutor:
-    def __init__(self, settings: Settings, registry: ModelRegistry, *, dtype: torch.dtype | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        registry: ModelRegistry,
+        *,
+        dtype: torch.dtype | None = None,
+        compile_backend: str | Callable[..., Any] = DEFAULT_BACKEND,
+    ) -> None:
         configure_torch_threads(settings.torch_threads)
         # transformers prints long "missing/unexpected keys" load reports for partial state dicts; they are noise.
         transformers.logging.set_verbosity_error()
         self.settings = settings
         self.registry = registry
+        self.compile_backend = compile_backend  # torch.compile's backend when settings.compile (tests: eager)
         self.device = pick_device(settings.device)
         # tests pass float64 to compare results without rounding
         self.dtype = dtype or pick_dtype(self.device, settings.dtype)
@@ -383,7 +392,7 @@ class DiffusersExecutor:
         if self.settings.compile:
             from underpaint.engine.speed import compile_unet
 
-            compile_unet(loaded.unet)
+            compile_unet(loaded.unet, self.compile_backend)
 
     # -- upscale ---------------------------------------------------------------------------------------
     def upscale(

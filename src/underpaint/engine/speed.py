@@ -19,13 +19,14 @@ import torch
 
 log = logging.getLogger(__name__)
 
-# Tests on CPU use "eager"/"aot_eager" (inductor on 2 CPU cores takes minutes per graph).
-COMPILE_BACKEND: str | Callable[..., Any] = "inductor"
+# The executor's default; tests on CPU pass "eager"/"aot_eager" or a counting backend (inductor on 2 CPU cores
+# takes minutes per graph).
+DEFAULT_BACKEND = "inductor"
 # Graphs kept per compiled UNet forward before dynamo falls back to eager: many sizes x adapter layouts.
 RECOMPILE_LIMIT = 64
 
 
-def compile_unet(unet: Any, backend: str | Callable[..., Any] | None = None) -> None:
+def compile_unet(unet: Any, backend: str | Callable[..., Any] = DEFAULT_BACKEND) -> None:
     """Compile ``unet`` in place once (idempotent)."""
     if getattr(unet, "_underpaint_compiled", False):
         return
@@ -34,7 +35,7 @@ def compile_unet(unet: Any, backend: str | Callable[..., Any] | None = None) -> 
     config = torch._dynamo.config
     config.recompile_limit = max(config.recompile_limit, RECOMPILE_LIMIT)
     config.accumulated_recompile_limit = max(config.accumulated_recompile_limit, RECOMPILE_LIMIT * 4)
-    chosen = backend or COMPILE_BACKEND
+    chosen = backend
     unet.compile(backend=chosen, dynamic=False)
     unet._underpaint_compiled = True
     log.info("UNet compiled with torch.compile (backend %s); each new image size compiles on first use", chosen)
