@@ -53,6 +53,7 @@ from underpaint.engine.adapters import short_reason
 from underpaint.engine.job import JobCancelled, JobError
 from underpaint.engine.loader import ModelLoadError, read_weights_file
 from underpaint.engine.lru import LoadedLru
+from underpaint.tasks.contract import extras_size
 
 TILE = 192
 TILE_PAD = 8
@@ -142,11 +143,6 @@ class UpscalerCache:
 
     def clear(self) -> None:
         self._lru.clear()
-
-
-def extras_size(width: int, height: int, scale: float) -> tuple[int, int]:
-    """A1111's Extras destination for ``scale``: each side times ``scale``, floored to a multiple of 8."""
-    return int(width * scale // 8 * 8), int(height * scale // 8 * 8)
 
 
 def _spans(length: int, tile: int) -> list[tuple[int, int]]:
