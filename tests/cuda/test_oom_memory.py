@@ -25,6 +25,7 @@ from underpaint.engine.executor import DiffusersExecutor
 from underpaint.engine.job import GenerationJob
 from underpaint.engine.memory import OutOfMemory
 from underpaint.registry import ModelRegistry
+from underpaint.vocabulary import SamplerName
 
 pytestmark = pytest.mark.cuda
 
@@ -43,7 +44,7 @@ def _job(seed: int) -> GenerationJob:
         image_num=1,
         steps=3,
         guidance_scale=7.0,
-        sampler_name="Euler a",
+        sampler_name=SamplerName("Euler a"),
         seed=seed,
         strength=0.7,
     )
