@@ -42,6 +42,7 @@ from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokeniz
 
 from underpaint.config import Settings
 from underpaint.engine.devices import empty_device_cache, pick_device, pick_dtype
+from underpaint.engine.job import JobError
 from underpaint.registry import ModelEntry, file_sha256, short_hash
 
 CONFIG_ROOT = Path(__file__).parent / "configs"
@@ -66,8 +67,9 @@ class _DropCastWarning(logging.Filter):
 logging.getLogger("diffusers.models.modeling_utils").addFilter(_DropCastWarning())
 
 
-class ModelLoadError(ValueError):
-    """A model file that cannot be used: unreadable, unsafe, or not the kind of model it is filed as."""
+class ModelLoadError(JobError, ValueError):
+    """A model file that cannot be used: unreadable, unsafe, or not the kind of model it is filed as. A ``JobError``
+    (the task fails with this message); still a ``ValueError`` for callers outside a task."""
 
 
 # ---------------------------------------------------------------------------------------------------- state dicts
