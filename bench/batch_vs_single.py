@@ -46,7 +46,8 @@ def main() -> None:
     from underpaint.demo.checkpoints import write_demo_models
     from underpaint.engine.executor import DiffusersExecutor
     from underpaint.registry import ModelRegistry
-    from underpaint.worker.jobs import job_from_payload
+    from underpaint.tasks.contract import load_request
+    from underpaint.worker.jobs import job_from_request
 
     torch.set_num_threads(1)  # one intra-op thread, as the service's worker runs
     with tempfile.TemporaryDirectory() as tmp:
@@ -54,11 +55,11 @@ def main() -> None:
         write_demo_models(models)
         executor = DiffusersExecutor(Settings(models_dir=models, torch_threads=1), ModelRegistry(models))
         png_b64 = base64.b64encode(make_png((args.size, args.size))).decode()
-        single = job_from_payload({
+        single = job_from_request(load_request({
             "model_name": "tiny-sd15.safetensors", "image_base64": png_b64, "prompt": "a red house, oil painting",
             "negative_prompt": "blurry", "width": args.size, "height": args.size, "image_num": 1, "steps": args.steps,
-            "guidance_scale": 7.0, "sampler_name": "Euler a", "strength": args.strength,
-        }, seed=4000)  # fmt: skip
+            "guidance_scale": 7.0, "sampler_name": "Euler a", "strength": args.strength, "seed": 4000,
+        }))  # fmt: skip
         batch = replace(single, image_num=args.batch)
         singles = [replace(single, seed=single.seed + i) for i in range(args.batch)]
 

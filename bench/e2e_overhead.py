@@ -109,7 +109,8 @@ def main() -> None:
     from underpaint.demo.checkpoints import write_demo_models
     from underpaint.engine.executor import DiffusersExecutor
     from underpaint.registry import ModelRegistry
-    from underpaint.worker.jobs import job_from_payload
+    from underpaint.tasks.contract import load_request
+    from underpaint.worker.jobs import job_from_request
 
     load_before = os.getloadavg()[0]
     torch.set_num_threads(1)  # one intra-op thread, as the server's worker runs (--torch-threads 1)
@@ -118,7 +119,7 @@ def main() -> None:
         write_demo_models(models)
         png_b64 = base64.b64encode(make_png((args.size, args.size))).decode()
         fields = request_fields(png_b64, args.size, args.steps, seed=1234)
-        job = job_from_payload(fields, seed=1234)
+        job = job_from_request(load_request(fields))
         executor = DiffusersExecutor(Settings(models_dir=models, torch_threads=1), ModelRegistry(models))
         server = LiveServer(Path(tmp) / "data", models).start()
         try:

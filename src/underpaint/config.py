@@ -110,6 +110,9 @@ class Settings(BaseSettings):
     broker_visibility_timeout: Positive = 3600
     # Checkpoints (sd_name) that get a queue of their own, "<base>.<stem>", so their workers keep them loaded.
     checkpoint_queues: CommaList = ()
+    # txt2img's SDXL refiner when a request names none (``refiner.model_name``): a checkpoint name; empty = the
+    # first checkpoint whose name contains "refiner".
+    refiner_checkpoint: str = ""
     # "text" or "json" (one JSON object per line, with the task id when one is being handled).
     log_format: Literal["text", "json"] = "text"
     run_worker: bool = True
@@ -132,6 +135,9 @@ class Settings(BaseSettings):
     device: Device = "auto"
     torch_threads: Positive | None = None
     checkpoint_cache_bytes: NonNegative = 12 * 1024**3
+    # RAM tier: recently used checkpoints kept as CPU state dicts (file dtype; pinned on CUDA), so that switching
+    # back is a copy, not a file read; the worker also reads the next queued task's checkpoint into it (0 = off).
+    checkpoint_ram_cache_bytes: NonNegative = 8 * 1024**3
     # Batching: a worker runs up to max_batch compatible queued tasks in one sampler call (1 = off). After taking
     # a task it waits up to batch_window_ms for mates (None: 0 on CPU, 20 on CUDA).
     max_batch: Positive = 4
@@ -159,6 +165,9 @@ class Settings(BaseSettings):
     s3_prefix: str = "underpaint"
     s3_endpoint_url: str | None = None
     s3_region: str | None = None
+    # A failed upload to unreachable storage (S3 down, 5xx) is retried with backoff for this long per outage
+    # before the task fails; the worker holds its tasks (and their leases) meanwhile. 0 = fail at once.
+    storage_retry_seconds: NonNegative = 300
 
     def __init__(self, **values: Any) -> None:
         try:

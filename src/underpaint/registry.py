@@ -8,6 +8,10 @@ Layout (folder names match ``filter.types``)::
 
 A single-file model may carry a sidecar ``<stem>.config/`` folder (a diffusers config tree without weights) that
 overrides the shipped config. The registry rescans a folder when its mtime changes, so dropping a file in is enough.
+
+The registry owns the files' sha256 cache (``FileHashCache``, persisted under the data folder by ``wiring.py``).
+With ``hash_in_background`` every file a scan finds is hashed by a background thread, so no task and no
+``/v3/model`` request waits for a multi-GB hash.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import hashlib
 import json
 import os
 import pickle
+import queue
 import re
 import struct
 import threading
@@ -72,13 +77,21 @@ class ModelEntry:
         return side if side.is_dir() else None
 
 
-def safetensors_keys(path: Path) -> tuple[list[str], dict[str, str]]:
-    """Tensor names and ``__metadata__`` of a .safetensors file, reading only its JSON header."""
+def safetensors_header(path: Path) -> dict[str, Any]:
+    """The JSON header of a .safetensors file (tensor name -> dtype, shape, offsets; ``__metadata__``)."""
     with path.open("rb") as f:
         (n,) = struct.unpack("<Q", f.read(8))
         if n > 100 * 1024 * 1024:
             raise ValueError(f"{path.name}: implausible safetensors header")
         header = json.loads(f.read(n))
+    if not isinstance(header, dict):
+        raise ValueError(f"{path.name}: the safetensors header is not an object")
+    return header
+
+
+def safetensors_keys(path: Path) -> tuple[list[str], dict[str, str]]:
+    """Tensor names and ``__metadata__`` of a .safetensors file, reading only its JSON header."""
+    header = safetensors_header(path)
     meta = header.pop("__metadata__", None) or {}
     return list(header), meta
 
@@ -97,6 +110,17 @@ def _opaque(*_args: object, **_kwargs: object) -> _Opaque:
     return _Opaque()
 
 
+class _TensorShape(_Opaque):
+    """Stands in for a tensor of a torch pickle, keeping only its shape (``_rebuild_tensor_v2``'s size)."""
+
+    def __init__(self, *args: object, **_kwargs: object) -> None:
+        size = args[2] if len(args) > 2 else ()
+        self.shape = tuple(int(d) for d in size) if isinstance(size, tuple | list) else ()
+
+
+_TENSOR_REBUILDERS = {("torch._utils", "_rebuild_tensor_v2"), ("torch._utils", "_rebuild_tensor")}
+
+
 class _KeysUnpickler(pickle.Unpickler):
     """Reads the structure of a torch pickle without torch and without running any of its code: every global it
     names (``torch._utils._rebuild_tensor_v2``, storage classes ...) becomes a harmless stand-in, except
@@ -110,15 +134,18 @@ class _KeysUnpickler(pickle.Unpickler):
         self.named.add(f"{module}.{name}")
         if (module, name) == ("collections", "OrderedDict"):
             return collections.OrderedDict
+        if (module, name) in _TENSOR_REBUILDERS:
+            return _TensorShape
         return _opaque
 
     def persistent_load(self, pid: Any) -> object:
         return None
 
 
-def pickle_keys(path: Path) -> list[str] | None:
-    """Tensor names of a zip-format torch pickle (``torch.save``'s format since 1.6), read from its ``data.pkl``
-    alone: no torch import, no tensor data read, no code run. ``None`` for legacy or unreadable files."""
+def pickle_shapes(path: Path) -> dict[str, tuple[int, ...]] | None:
+    """Tensor names and shapes of a zip-format torch pickle (``torch.save``'s format since 1.6), read from its
+    ``data.pkl`` alone: no torch import, no tensor data read, no code run. ``None`` for legacy or unreadable
+    files; an entry that is not a tensor has the shape ``()``."""
     if not zipfile.is_zipfile(path):
         return None
     try:
@@ -130,7 +157,38 @@ def pickle_keys(path: Path) -> list[str] | None:
         return None
     while isinstance(data, dict) and isinstance(data.get("state_dict"), dict):
         data = data["state_dict"]
-    return [str(k) for k in data] if isinstance(data, dict) else None
+    if not isinstance(data, dict):
+        return None
+    return {str(k): v.shape if isinstance(v, _TensorShape) else () for k, v in data.items()}
+
+
+def pickle_keys(path: Path) -> list[str] | None:
+    """Tensor names of a zip-format torch pickle (see ``pickle_shapes``)."""
+    shapes = pickle_shapes(path)
+    return list(shapes) if shapes is not None else None
+
+
+UNET_CONV_IN = "model.diffusion_model.input_blocks.0.0.weight"
+
+
+def unet_in_channels(path: Path) -> int | None:
+    """The input channels of a checkpoint's UNet (4; 9 for inpainting checkpoints) from the file alone: the
+    ``conv_in`` weight's shape in a safetensors header or a torch pickle's structure, or a diffusers folder's
+    ``unet/config.json``. ``None`` when it cannot be told without loading the model."""
+    try:
+        if path.is_dir():
+            config = path / "unet" / "config.json"
+            data = json.loads(config.read_text()) if config.is_file() else None
+            channels = data.get("in_channels") if isinstance(data, dict) else None
+            return channels if isinstance(channels, int) else None
+        if path.suffix.lower() == ".safetensors":
+            info = safetensors_header(path).get(UNET_CONV_IN)
+            shape = info.get("shape") if isinstance(info, dict) else None
+        else:
+            shape = (pickle_shapes(path) or {}).get(UNET_CONV_IN)
+    except (OSError, ValueError, struct.error):
+        return None
+    return int(shape[1]) if isinstance(shape, list | tuple) and len(shape) == 4 else None
 
 
 _PICKLE_MAGIC = (b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05")  # protocols 2-5: legacy torch.save files
@@ -239,6 +297,7 @@ class FileHashCache:
 
     def __init__(self, persist_path: Path | None = None) -> None:
         self.persist_path = persist_path
+        self.computed = 0  # hashes computed (not found in the cache) by this process
         self._lock = threading.Lock()
         self._hashes: dict[str, tuple[float, int, str]] = {}
         if persist_path is not None and persist_path.exists():
@@ -270,7 +329,21 @@ class FileHashCache:
         with self._lock:
             self._hashes[key] = (st.st_mtime, st.st_size, value)
             self._save()
+        self.computed += 1
         return value
+
+    def known(self, path: Path) -> bool:
+        """Whether the file's hash is cached for its current mtime and size (folders: never cached whole)."""
+        path = Path(path)
+        try:
+            if path.is_dir():
+                return False
+            st = path.stat()
+        except OSError:
+            return False
+        with self._lock:
+            cached = self._hashes.get(str(path.resolve()))
+        return cached is not None and cached[0] == st.st_mtime and cached[1] == st.st_size
 
     def _save(self) -> None:
         if self.persist_path is None:
@@ -284,28 +357,68 @@ class FileHashCache:
             pass  # persistence is an optimisation; the in-memory cache still holds the value
 
 
-_default_hashes = FileHashCache()
-
-
-def file_sha256(path: Path) -> str:
-    """Full hex sha256 of a model file (what ``/v3/model`` reports), cached by (path, mtime, size)."""
-    return _default_hashes.sha256(path)
-
-
 def short_hash(sha256: str) -> str:
     """A1111's short model hash: the first 10 hex digits of the file's sha256."""
     return sha256[:10]
 
 
+class BackgroundHasher:
+    """One daemon thread hashing the files it is given into a ``FileHashCache``, in order, each once."""
+
+    def __init__(self, hashes: FileHashCache) -> None:
+        self.hashes = hashes
+        self._queue: queue.Queue[Path] = queue.Queue()
+        self._pending: set[Path] = set()
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+
+    def submit(self, paths: list[Path]) -> None:
+        with self._lock:
+            fresh = [p for p in paths if p not in self._pending and not self.hashes.known(p)]
+            self._pending.update(fresh)
+            for p in fresh:
+                self._queue.put(p)
+            if fresh and (self._thread is None or not self._thread.is_alive()):
+                self._thread = threading.Thread(target=self._run, name="model-hasher", daemon=True)
+                self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            try:
+                path = self._queue.get(timeout=5.0)
+            except queue.Empty:
+                with self._lock:
+                    if self._queue.empty():
+                        self._thread = None
+                        return
+                continue
+            try:
+                self.hashes.sha256(path)
+            except OSError:
+                pass  # removed or unreadable since the scan: hashed (or reported) when used
+            finally:
+                with self._lock:
+                    self._pending.discard(path)
+                self._queue.task_done()
+
+    def wait(self) -> None:
+        """Until every submitted file is hashed."""
+        self._queue.join()
+
+
 class ModelRegistry:
-    def __init__(self, models_dir: Path, hashes: FileHashCache | None = None) -> None:
+    def __init__(
+        self, models_dir: Path, hashes: FileHashCache | None = None, *, hash_in_background: bool = False
+    ) -> None:
         self.models_dir = Path(models_dir)
-        self.hashes = hashes if hashes is not None else _default_hashes
+        self.hashes = hashes if hashes is not None else FileHashCache()
+        self.hasher = BackgroundHasher(self.hashes) if hash_in_background else None
         self._lock = threading.Lock()
         self._by_kind: dict[str, list[ModelEntry]] = {k: [] for k in KINDS}
         self._mtimes: dict[str, float] = {}
         self._depths: dict[tuple[Path, float, int], int | None] = {}
         self._problems: dict[tuple[Path, float, int], str | None] = {}
+        self._channels: dict[tuple[Path, float, int], int | None] = {}
 
     def ensure_layout(self) -> None:
         for kind in KINDS:
@@ -340,6 +453,8 @@ class ModelRegistry:
         if self._mtimes.get(kind) != mtime:
             self._by_kind[kind] = self._scan_kind(kind)
             self._mtimes[kind] = mtime
+            if self.hasher is not None and kind != "annotator":
+                self.hasher.submit([e.path for e in self._by_kind[kind]])
 
     def list(self, kind: str | None = None) -> list[ModelEntry]:
         kinds = KINDS if kind is None else (kind,)
@@ -353,8 +468,13 @@ class ModelRegistry:
             return out
 
     def hash_sha256(self, entry: ModelEntry) -> str:
-        """Full sha256 of the entry's file (or folder), cached; the first call on a big file takes a while."""
+        """Full sha256 of the entry's file (or folder), cached; computed here only when the background hasher has
+        not reached it yet (or there is none)."""
         return self.hashes.sha256(entry.path)
+
+    def scan_and_hash(self) -> None:
+        """Scan every folder now (which queues its files for the background hasher)."""
+        self.list()
 
     def text_encoder_depth(self, entry: ModelEntry) -> int | None:
         """``text_encoder_depth(entry)`` (SD 1.5 checkpoints), cached per file version (path, mtime, size)."""
@@ -366,6 +486,19 @@ class ModelRegistry:
         with self._lock:
             self._depths[key] = depth
         return depth
+
+    def is_inpainting(self, entry: ModelEntry) -> bool:
+        """A checkpoint whose UNet takes 9 input channels (``unet_in_channels``), cached per file version."""
+        if entry.kind != "checkpoint":
+            return False
+        key = (entry.path, entry.mtime, entry.size)
+        with self._lock:
+            if key in self._channels:
+                return self._channels[key] == 9
+        channels = unet_in_channels(entry.path)
+        with self._lock:
+            self._channels[key] = channels
+        return channels == 9
 
     def weights_problem(self, entry: ModelEntry) -> str | None:
         """``weights_problem(entry.path)``, cached per file version (path, mtime, size)."""

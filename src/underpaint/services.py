@@ -15,6 +15,7 @@ from underpaint.config import Settings
 from underpaint.registry import ModelRegistry
 from underpaint.storage.base import ImageStorage
 from underpaint.storage.urls import ImageUrls
+from underpaint.tasks.contract import TaskExtra
 from underpaint.tasks.types import TaskQueue, TaskRecord, TaskStatus, TaskStore
 
 
@@ -46,9 +47,7 @@ class WebhookOutbox(Protocol):
 
     def enqueue(self, task_id: str, owner: str, url: str, body: dict[str, Any]) -> None: ...
 
-    def submit_test_event(
-        self, task_id: str, owner: str, status: TaskStatus | str, extra: dict[str, Any], base_url: str
-    ) -> None: ...
+    def submit_test_event(self, task_id: str, owner: str, status: TaskStatus | str, extra: TaskExtra) -> None: ...
 
 
 class Admission(Protocol):

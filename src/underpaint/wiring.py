@@ -27,17 +27,18 @@ from underpaint.api.ratelimit import RateLimiter
 from underpaint.config import Settings
 from underpaint.delivery.signing import make_secret_for
 from underpaint.delivery.webhooks import WebhookDispatcher, result_hook
-from underpaint.registry import ModelRegistry
+from underpaint.registry import FileHashCache, ModelRegistry
 from underpaint.scale.heartbeat import worker_states
-from underpaint.scale.metrics import InstrumentedRunner, WorkerEnv, install_metrics
+from underpaint.scale.metrics import ORPHANS_REMOVED, UPLOAD_RETRIES, InstrumentedRunner, WorkerEnv, install_metrics
 from underpaint.services import Services, WorkerState
-from underpaint.storage.base import ImageStorage
+from underpaint.storage.base import ImageStorage, reachability
 from underpaint.storage.local import LocalStorage, load_or_create_secret
+from underpaint.storage.retry import UploadRetry
 from underpaint.storage.urls import ImageUrls
-from underpaint.tasks.lifecycle import RetentionSweeper, TerminalHook, recover_on_start
+from underpaint.tasks.lifecycle import OrphanSweeper, RetentionSweeper, TerminalHook, recover_on_start
 from underpaint.tasks.queue import LocalQueue, WakeEvent
 from underpaint.tasks.store import SqlTaskStore
-from underpaint.tasks.types import TaskQueue, owner_of
+from underpaint.tasks.types import ImageLister, TaskQueue, owner_of
 from underpaint.worker.loop import BatchPolicy, TaskRunner, Worker
 from underpaint.worker.process import WorkerProcess, new_wake_event
 
@@ -106,7 +107,10 @@ def build_image_urls(settings: Settings, storage: ImageStorage) -> ImageUrls:
 
 def build_core(settings: Settings, queue: TaskQueue | None = None) -> Core:
     settings.data_dir.mkdir(parents=True, exist_ok=True)
-    registry = ModelRegistry(settings.models_dir)
+    # The files' hashes persist under data_dir and are computed in the background as scans find the files.
+    registry = ModelRegistry(
+        settings.models_dir, FileHashCache(settings.data_dir / "model_hashes.json"), hash_in_background=True
+    )
     registry.ensure_layout()
     secret = server_secret(settings)
     store = SqlTaskStore.from_settings(settings)
@@ -141,7 +145,10 @@ def build_runner(core: Core) -> InstrumentedRunner:
 
     services = core.services
     executor = DiffusersExecutor(services.settings, services.registry)
-    return InstrumentedRunner(GenerationRunner(services.settings, services.storage, executor, NsfwDetector()))
+    services.registry.scan_and_hash()  # hash the models now, in the background, not on the first task
+    retry = UploadRetry(services.settings.storage_retry_seconds, on_retry=UPLOAD_RETRIES.inc)
+    runner = GenerationRunner(services.settings, services.storage, executor, NsfwDetector(), upload_retry=retry)
+    return InstrumentedRunner(runner)
 
 
 def batch_policy(settings: Settings) -> BatchPolicy:
@@ -238,12 +245,19 @@ class Server:
                 self.worker = build_local_worker(self.core)
             self.worker.start()
         self.core.webhooks.start()
+        storage = services.storage
+        orphans = None
+        if isinstance(storage, ImageLister):
+            # Older than any attempt can be between its uploads and its completion (or deleting its own images).
+            min_age = 2 * settings.lease_seconds + settings.storage_retry_seconds
+            orphans = OrphanSweeper(self.core.store, storage, min_age, on_removed=ORPHANS_REMOVED.inc)
         self.sweeper = RetentionSweeper(
             self.core.store,
-            services.storage,
+            storage,
             settings.retention_seconds,
             also_purge=[self.core.webhooks.purge],
             purge_idempotency=self.core.store.purge_idempotency_keys,
+            orphans=orphans,
         )
         self.sweeper.start()
 
@@ -288,7 +302,8 @@ def build_server(settings: Settings) -> Server:
         engine, lease = core.store.engine, settings.lease_seconds
         services = replace(services, health=probe.health, workers=lambda: worker_states(engine, lease))
     elif embedded:
-        services = replace(services, workers=embedded_workers)
+        storage = services.storage
+        services = replace(services, workers=embedded_workers, health=lambda: {"storage": reachability(storage)})
     core = replace(core, services=services)
     app = create_app(services)
     worker_env = install_metrics(app, services, core.store.engine, probe)

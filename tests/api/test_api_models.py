@@ -175,12 +175,12 @@ class CompletingQueue:
         time.sleep(0.2)
         record = services.store.claim(task_id, "w")
         assert record is not None
-        payload = services.store.get_payload(task_id)
+        request = services.store.get_request(task_id)
         images = []
-        for i in range(payload["image_num"]):
+        for i in range(request.image_num):
             key = image_key(task_id, record.response_image_type)
             fmt = {"jpeg": "JPEG", "png": "PNG", "webp": "WEBP"}[record.response_image_type]
-            services.storage.put(key, image_bytes((payload["width"], payload["height"]), fmt=fmt, color=(i, 0, 0)), "x")
+            services.storage.put(key, image_bytes((request.width, request.height), fmt=fmt, color=(i, 0, 0)), "x")
             images.append(ImageRecord(key, record.response_image_type))
         services.store.complete(task_id, "w", images)
 

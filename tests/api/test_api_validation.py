@@ -12,6 +12,7 @@ from tests.support.api import KEY_A, Submit, auth, body, make_services, queued, 
 
 from underpaint.api.app import create_app
 from underpaint.services import Services
+from underpaint.tasks.contract import CustomStorageIn, EnterprisePlanIn, TaskType, dump_request
 from underpaint.tasks.types import TaskRecord
 from underpaint.vocabulary import PREPROCESSOR_FILES, PREPROCESSOR_NAMES, PreprocessorName
 
@@ -65,7 +66,8 @@ def python_sdk_body(image: str) -> dict[str, Any]:
 def stored(services: Services, response: httpx.Response) -> tuple[dict[str, Any], TaskRecord]:
     assert response.status_code == 200, response.text
     task_id = response.json()["task_id"]
-    return services.store.get_payload(task_id), record_of(services, task_id)
+    # The request as the store keeps it (``dump_request``), read back through the typed contract.
+    return dump_request(services.store.get_request(task_id)), record_of(services, task_id)
 
 
 def test_python_sdk_body_is_accepted_with_defaults_and_resolved_names(
@@ -120,8 +122,9 @@ def test_defaults_when_fields_absent(submit: Submit, services: Services) -> None
     assert {k: payload[k] for k in expected} == expected
     assert record.response_image_type == "png"
     assert record.enable_nsfw_detection is False
-    assert record.extra["nsfw_detection_level"] == 0
-    assert record.extra["_base_url"] == "http://testserver"
+    assert record.extra.nsfw_detection_level == 0
+    assert record.extra.base_url == "http://testserver"
+    assert record.task_type is TaskType.IMG_TO_IMG
 
 
 def test_explicit_nulls_everywhere(submit: Submit, services: Services) -> None:
@@ -129,7 +132,7 @@ def test_explicit_nulls_everywhere(submit: Submit, services: Services) -> None:
         k: None
         for k in (
             "negative_prompt", "width", "height", "image_num", "steps", "guidance_scale", "sampler_name", "seed",
-            "sd_vae", "clip_skip", "strength", "loras", "embeddings", "controlnet", "ip_adapters",
+            "scheduler", "sd_vae", "clip_skip", "strength", "loras", "embeddings", "controlnet", "ip_adapters",
         )
     }  # fmt: skip
     extra = {k: None for k in ("response_image_type", "webhook", "custom_storage", "enterprise_plan")}
@@ -186,6 +189,8 @@ RANGE_CASES = [
     ("steps", 2.5, "request.steps"),
     ("prompt", 5, "request.prompt"),
     ("sampler_name", "Euler b", "request.sampler_name"),
+    ("scheduler", "Lineal", "request.scheduler"),
+    ("scheduler", 3, "request.scheduler"),
     ("loras", [{"model_name": "add_detail", "strength": 1.5}], "request.loras[0].strength"),
     ("loras", [{"model_name": "add_detail", "strength": -0.5}], "request.loras[0].strength"),
     ("loras", [{"model_name": "add_detail", "strength": 0.5}] * 6, "request.loras"),
@@ -267,13 +272,30 @@ def test_sampler_names(submit: Submit, services: Services, given: str, canonical
     assert payload["sampler_name"] == canonical
 
 
-def test_all_twenty_documented_samplers_accepted(submit: Submit, services: Services) -> None:
+def test_all_documented_samplers_accepted(submit: Submit, services: Services) -> None:
     from underpaint.vocabulary import SAMPLER_NAMES
 
-    assert len(SAMPLER_NAMES) == 20
+    assert len(SAMPLER_NAMES) == 30  # the 20 Novita documents, then A1111 1.6's DPM++ 2M/3M SDE and Restart
     for name in SAMPLER_NAMES:
         payload, _ = stored(services, submit(sampler_name=name))
         assert payload["sampler_name"] == name
+
+
+@pytest.mark.parametrize(
+    ("sampler", "scheduler", "stored_as"),
+    [
+        ("DPM++ 2M SDE Karras", None, ("DPM++ 2M SDE Karras", None)),  # civitai's A1111 1.6 infotexts
+        ("dpm++ sde exponential", None, ("DPM++ SDE Exponential", None)),
+        ("DPM++ 2M", "karras", ("DPM++ 2M", "Karras")),  # A1111 >= 1.9's separate "Schedule type"
+        ("Euler a", "sgm_uniform", ("Euler a", "SGM Uniform")),
+        ("Restart", "Automatic", ("Restart", "Automatic")),
+    ],
+)
+def test_sampler_names_and_schedule_types(
+    submit: Submit, services: Services, sampler: str, scheduler: str | None, stored_as: tuple[str, str | None]
+) -> None:
+    payload, _ = stored(services, submit(sampler_name=sampler, scheduler=scheduler))
+    assert (payload["sampler_name"], payload["scheduler"]) == stored_as
 
 
 def _unit(image: str, **kw: Any) -> dict[str, Any]:
@@ -379,9 +401,9 @@ def test_nsfw_flags_and_accepted_extra_stored(submit: Submit, services: Services
     }
     _, record = stored(services, submit(extra=extra))
     assert record.enable_nsfw_detection is True
-    assert record.extra["nsfw_detection_level"] == 2
-    assert record.extra["custom_storage"] == {}
-    assert record.extra["enterprise_plan"] == {"enabled": False}
+    assert record.extra.nsfw_detection_level == 2
+    assert record.extra.custom_storage == CustomStorageIn()
+    assert record.extra.enterprise_plan == EnterprisePlanIn(enabled=False)
 
 
 @pytest.mark.parametrize(

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from tests.support.requests import img2img, new_task
 
 from underpaint.api.ratelimit import RateLimiter
 from underpaint.config import KeyPolicy, Settings
@@ -178,7 +179,7 @@ def test_admit_serializes_check_and_create_for_one_owner() -> None:
 def test_with_the_real_sql_store(tmp_path: Path) -> None:
     """The limiter against SqlTaskStore (SQLite): counts come from the shared store, as across API nodes."""
     from underpaint.tasks.store import SqlTaskStore
-    from underpaint.tasks.types import NewTask, owner_of
+    from underpaint.tasks.types import owner_of
 
     clock = Clock()
     store = SqlTaskStore(f"sqlite:///{tmp_path / 'tasks.db'}", clock=clock)
@@ -191,18 +192,7 @@ def test_with_the_real_sql_store(tmp_path: Path) -> None:
             owner = owner_of(key)
             with nodes[node].admit(key, owner, image_num):
                 task_id = f"t{clock.now}-{node}-{len(key)}"
-                store.create(
-                    NewTask(
-                        task_id=task_id,
-                        owner=owner,
-                        seed=1,
-                        enable_nsfw_detection=False,
-                        response_image_type="png",
-                        extra={},
-                        payload={},
-                        image_num=image_num,
-                    )
-                )
+                store.create(new_task(task_id, owner, img2img(image_num=image_num)))
                 clock.now += 1
 
         for i in range(3):

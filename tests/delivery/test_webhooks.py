@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 from PIL import Image
 from standardwebhooks import Webhook
+from tests.support.requests import img2img
 from tests.support.services import postgres_schema_url
 from tests.support.webhook_receiver import Receiver, running_receiver, signature_ok, wait_for
 
@@ -24,6 +25,7 @@ from underpaint.delivery.sample_event import FAILED_REASON
 from underpaint.delivery.signing import derive_secret, make_secret_for, normalize_secret, sign, signature_headers
 from underpaint.delivery.ssrf import InvalidWebhookUrl
 from underpaint.delivery.webhooks import DELIVERED, FAILED, PENDING, WebhookDispatcher
+from underpaint.tasks.contract import TaskExtra
 from underpaint.tasks.store import SqlTaskStore
 from underpaint.tasks.types import NewTask, TaskStatus
 from underpaint.wire.result import task_result_body
@@ -351,9 +353,10 @@ def task_store(db_url: str) -> Iterator[SqlTaskStore]:
 
 def _test_mode(
     store: SqlTaskStore, db_url: str, status: str, url: str
-) -> tuple[WebhookDispatcher, MemoryStorage, dict[str, Any]]:
-    extra = {"webhook": {"url": url, "test_mode": {"enabled": True, "return_task_status": status}}}
-    store.create(NewTask("tm1", OWNER, 1234, False, "png", extra, payload={}))
+) -> tuple[WebhookDispatcher, MemoryStorage, TaskExtra]:
+    webhook = {"url": url, "test_mode": {"enabled": True, "return_task_status": status}}
+    extra = TaskExtra.model_validate({"webhook": webhook, "_base_url": "http://testserver"})
+    store.create(NewTask("tm1", OWNER, img2img(seed=1234), extra))
     storage = MemoryStorage()
     d = WebhookDispatcher(db_url, settings(), secret_for, storage=storage, store=store, poll_interval=0.05)
     return d, storage, extra
@@ -362,7 +365,7 @@ def _test_mode(
 def test_test_mode_succeed(task_store: SqlTaskStore, db_url: str, receiver: Receiver) -> None:
     d, storage, extra = _test_mode(task_store, db_url, "TASK_STATUS_SUCCEED", receiver.url)
     with d:
-        d.submit_test_event("tm1", OWNER, "TASK_STATUS_SUCCEED", extra, "http://testserver")
+        d.submit_test_event("tm1", OWNER, "TASK_STATUS_SUCCEED", extra)
         record = task_store.get("tm1")
         assert record is not None
         assert record.status is TaskStatus.SUCCEED
@@ -370,7 +373,8 @@ def test_test_mode_succeed(task_store: SqlTaskStore, db_url: str, receiver: Rece
         assert final(d, "tm1") == DELIVERED
     payload = json.loads(receiver.requests[0].body)["payload"]
     polled = task_result_body(record, lambda image: storage.url(image.key, 3600, "http://testserver"), 3600)
-    assert payload == {**polled, "extra": {**polled["extra"], "webhook": extra["webhook"]}}
+    webhook = {"url": receiver.url, "test_mode": {"enabled": True, "return_task_status": "TASK_STATUS_SUCCEED"}}
+    assert payload == {**polled, "extra": {**polled["extra"], "webhook": webhook}}
     assert payload["task"]["status"] == "TASK_STATUS_SUCCEED"
     assert payload["task"]["reason"] == ""
     assert payload["extra"]["seed"] == "1234"
@@ -384,7 +388,7 @@ def test_test_mode_succeed(task_store: SqlTaskStore, db_url: str, receiver: Rece
 def test_test_mode_failed(task_store: SqlTaskStore, db_url: str, receiver: Receiver) -> None:
     d, storage, extra = _test_mode(task_store, db_url, "TASK_STATUS_FAILED", receiver.url)
     with d:
-        d.submit_test_event("tm1", OWNER, TaskStatus.FAILED, extra, "http://testserver")
+        d.submit_test_event("tm1", OWNER, TaskStatus.FAILED, extra)
         record = task_store.get("tm1")
         assert record is not None
         assert (record.status, record.reason) == (TaskStatus.FAILED, FAILED_REASON)
@@ -395,14 +399,15 @@ def test_test_mode_failed(task_store: SqlTaskStore, db_url: str, receiver: Recei
     assert payload["images"] == []
     assert payload["videos"] == []
     assert payload["audios"] == []
-    assert payload["extra"]["webhook"] == extra["webhook"]
+    assert extra.webhook is not None
+    assert payload["extra"]["webhook"] == extra.webhook.model_dump()
     assert storage.files == {}
 
 
 def test_test_mode_rejects_a_non_terminal_status(task_store: SqlTaskStore, db_url: str, receiver: Receiver) -> None:
     d, _storage, extra = _test_mode(task_store, db_url, "TASK_STATUS_SUCCEED", receiver.url)
     with pytest.raises(ValueError, match="SUCCEED or FAILED"):
-        d.submit_test_event("tm1", OWNER, "TASK_STATUS_QUEUED", extra, "http://testserver")
+        d.submit_test_event("tm1", OWNER, "TASK_STATUS_QUEUED", extra)
     assert d.deliveries("tm1") == []
 
 

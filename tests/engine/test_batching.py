@@ -340,9 +340,12 @@ def test_worker_batch_end_to_end_with_a_bad_input_failing_alone(
     import base64
     import io
 
+    from tests.support.requests import img2img
+
+    from underpaint.tasks.contract import Img2ImgRequest
     from underpaint.tasks.types import NewTask, TaskStatus
     from underpaint.wiring import build_core
-    from underpaint.worker.jobs import job_from_payload
+    from underpaint.worker.jobs import job_from_request
     from underpaint.worker.loop import BatchPolicy, Worker
     from underpaint.worker.runner import GenerationRunner
 
@@ -359,23 +362,18 @@ def test_worker_batch_end_to_end_with_a_bad_input_failing_alone(
         picture(seed).save(buf, format="PNG")
         return base64.b64encode(buf.getvalue()).decode()
 
-    def payload(i: int, image: str) -> dict[str, Any]:
-        return {
-            "model_name": "tiny-sd15.safetensors", "image_base64": image, "prompt": [LONG_PROMPT, "a cat", "a dog"][i % 3],
-            "negative_prompt": "", "width": SIZE, "height": SIZE, "image_num": 1 + i % 2, "steps": 6,
-            "guidance_scale": 7.0 - i, "sampler_name": "Euler a", "seed": 50 + i, "sd_vae": None, "clip_skip": 1,
-            "strength": 0.75, "loras": [], "embeddings": [], "controlnet": None, "ip_adapters": [],
-        }  # fmt: skip
-
-    payloads = [payload(0, png(0)), payload(1, "bm90IGFuIGltYWdl"), payload(2, png(2)), payload(3, png(3))]
-    ids = []
-    for i, p in enumerate(payloads):
-        ids.append(f"task-{i}")
-        task = NewTask(
-            task_id=ids[-1], owner="o", seed=p["seed"], enable_nsfw_detection=False, response_image_type="png",
-            extra={}, payload=p, image_num=p["image_num"],
+    def request(i: int, image: str) -> Img2ImgRequest:
+        return img2img(
+            model_name="tiny-sd15.safetensors", image_base64=image, prompt=[LONG_PROMPT, "a cat", "a dog"][i % 3],
+            width=SIZE, height=SIZE, image_num=1 + i % 2, steps=6, guidance_scale=7.0 - i, seed=50 + i,
+            strength=0.75,
         )  # fmt: skip
-        services.store.create(task)
+
+    requests = [request(0, png(0)), request(1, "bm90IGFuIGltYWdl"), request(2, png(2)), request(3, png(3))]
+    ids = []
+    for i, r in enumerate(requests):
+        ids.append(f"task-{i}")
+        services.store.create(NewTask(task_id=ids[-1], owner="o", request=r))
     batches: list[int] = []
     real = executor.generate_batch
 
@@ -400,5 +398,5 @@ def test_worker_batch_end_to_end_with_a_bad_input_failing_alone(
         assert record.status is TaskStatus.SUCCEED, record.reason
         assert record.progress_percent == 100
         stored = [Image.open(io.BytesIO(services.storage.get(img.key))).convert("RGB") for img in record.images]
-        solo = executor.generate(job_from_payload(payloads[i], payloads[i]["seed"]))
+        solo = executor.generate(job_from_request(requests[i]))
         assert_same([GeneratedImage(im, 0, "") for im in stored], solo)

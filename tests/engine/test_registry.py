@@ -10,7 +10,7 @@ from pathlib import Path
 import safetensors.torch
 import torch
 
-from underpaint.registry import SD15, SDXL, FileHashCache, ModelRegistry, detect_sdxl, short_hash
+from underpaint.registry import SD15, SDXL, FileHashCache, ModelRegistry, detect_sdxl, short_hash, unet_in_channels
 
 
 def _st(path: Path, keys: list[str]) -> Path:
@@ -108,7 +108,12 @@ def test_sdxl_detection_for_folders_and_sidecars(tmp_path: Path, tiny_models_dir
 def test_sidecars_and_other_files_are_not_models(tiny_models_dir: Path) -> None:
     reg = ModelRegistry(tiny_models_dir)
     names = [e.sd_name for e in reg.list("checkpoint")]
-    assert sorted(names) == ["tiny-sd15-diffusers", "tiny-sd15.safetensors", "tiny-sdxl.safetensors"]
+    assert sorted(names) == [
+        "tiny-sd15-diffusers",
+        "tiny-sd15-inpainting.safetensors",
+        "tiny-sd15.safetensors",
+        "tiny-sdxl.safetensors",
+    ]
     assert [e.sd_name for e in reg.list("vae")] == ["tiny-vae.safetensors"]
 
 
@@ -256,6 +261,27 @@ def test_text_encoder_depth_of_the_demo_checkpoints(tiny_models_dir: Path) -> No
     assert set(depths.values()) == {5}
 
 
+def test_background_hasher_hashes_what_a_scan_finds_and_persists_it(tmp_path: Path) -> None:
+    models = tmp_path / "models"
+    (models / "lora").mkdir(parents=True)
+    data = b"weights" * 1000
+    (models / "lora" / "a.safetensors").write_bytes(data)
+    store = tmp_path / "data" / "model_hashes.json"
+    reg = ModelRegistry(models, FileHashCache(store), hash_in_background=True)
+    reg.scan_and_hash()
+    assert reg.hasher is not None
+    reg.hasher.wait()
+    assert reg.hashes.computed == 1  # done off the request path ...
+    (entry,) = reg.list("lora")
+    assert reg.hash_sha256(entry) == hashlib.sha256(data).hexdigest()
+    assert reg.hashes.computed == 1  # ... so asking for it computes nothing
+    again = ModelRegistry(models, FileHashCache(store), hash_in_background=True)
+    again.scan_and_hash()
+    assert again.hasher is not None
+    again.hasher.wait()
+    assert again.hashes.computed == 0  # persisted: a restarted process hashes nothing
+
+
 def test_upscalers_are_listed_and_resolve_by_novita_names(tmp_path: Path) -> None:
     from underpaint.demo.upscalers import write_demo_upscalers
 
@@ -302,3 +328,30 @@ def test_weights_problem_from_headers_without_torch(tmp_path: Path) -> None:
     (reg.models_dir / "upscaler" / "junk.pth").write_bytes(junk.read_bytes())
     (entry,) = reg.list("upscaler")
     assert reg.weights_problem(entry) == "junk.pth: neither a safetensors file nor a torch pickle"
+
+
+def test_inpainting_checkpoints_are_told_from_the_unet_input_width(tmp_path: Path, tiny_models_dir: Path) -> None:
+    reg = ModelRegistry(tiny_models_dir)
+    marked = {e.sd_name for e in reg.list("checkpoint") if reg.is_inpainting(e)}
+    assert marked == {"tiny-sd15-inpainting.safetensors"}  # the demo's 9-channel single file, nothing else
+    conv_in = "model.diffusion_model.input_blocks.0.0.weight"
+    m = _registry(tmp_path).models_dir
+    for name, channels in (("named-inpainting.safetensors", 4), ("plain.safetensors", 9)):
+        path = m / "checkpoint" / name
+        safetensors.torch.save_file({conv_in: torch.zeros(8, channels, 3, 3)}, str(path))
+        # A1111's old pickles: the shape is read from the pickle's structure, without torch or running code
+        torch.save({"state_dict": {conv_in: torch.zeros(8, channels, 3, 3)}}, str(path.with_suffix(".ckpt")))
+    assert unet_in_channels(m / "checkpoint" / "plain.safetensors") == 9
+    assert unet_in_channels(m / "checkpoint" / "plain.ckpt") == 9
+    assert unet_in_channels(m / "checkpoint" / "named-inpainting.ckpt") == 4
+    assert unet_in_channels(tiny_models_dir / "checkpoint" / "tiny-sd15-diffusers") == 4  # unet/config.json
+    reg = ModelRegistry(m)
+    assert sorted(e.sd_name for e in reg.list("checkpoint") if reg.is_inpainting(e)) == [
+        "plain.ckpt",
+        "plain.safetensors",
+    ]
+    (m / "checkpoint" / "broken.safetensors").write_bytes(b"nonsense")
+    assert unet_in_channels(m / "checkpoint" / "broken.safetensors") is None
+    broken = reg.resolve("checkpoint", "broken.safetensors")
+    assert broken is not None
+    assert not reg.is_inpainting(broken)

@@ -10,11 +10,13 @@ from typing import Any, cast
 
 import pytest
 from sqlalchemy import text
+from tests.support.requests import img2img, new_task
 
 from underpaint.scale.metrics import WORKER_REGISTRY, InstrumentedRunner
 from underpaint.tasks.batching import model_key
+from underpaint.tasks.contract import Img2ImgRequest, TaskRequest
 from underpaint.tasks.store import SqlTaskStore
-from underpaint.tasks.types import ImageRecord, NewTask, TaskRecord, TaskStatus
+from underpaint.tasks.types import ImageRecord, TaskRecord, TaskStatus
 from underpaint.worker.loop import ProgressReporter
 
 pytestmark = pytest.mark.services
@@ -30,27 +32,13 @@ def store(pg_url: str) -> Iterator[SqlTaskStore]:
     s.close()
 
 
-def payload(model: str = "a.safetensors", steps: int = 20) -> dict[str, Any]:
-    return {
-        "model_name": model, "prompt": "p", "width": 512, "height": 512, "image_num": 1, "steps": steps,
-        "guidance_scale": 7.5, "sampler_name": "Euler a", "strength": 0.5, "loras": [],
-    }  # fmt: skip
+def payload(model: str = "a.safetensors", steps: int = 20) -> Img2ImgRequest:
+    return img2img(model_name=model, steps=steps)
 
 
 def add(store: SqlTaskStore, **kw: Any) -> str:
     tid = uuid.uuid4().hex
-    store.create(
-        NewTask(
-            task_id=tid,
-            owner="o",
-            seed=1,
-            enable_nsfw_detection=False,
-            response_image_type="png",
-            extra={},
-            payload=payload(**kw),
-            lane="sd15",
-        )
-    )
+    store.create(new_task(tid, request=payload(**kw), lane="sd15"))
     return tid
 
 
@@ -101,11 +89,11 @@ def test_affinity_and_its_bound_on_postgresql(store: SqlTaskStore) -> None:
 class Batches:
     checkpoint_loads = 0
 
-    def run(self, task: TaskRecord, payload: dict[str, Any], report: Any) -> list[ImageRecord]:
+    def run(self, task: TaskRecord, request: TaskRequest, report: Any) -> list[ImageRecord]:
         return [ImageRecord(key=f"{task.task_id}/0.png", image_type="png")]
 
     def run_batch(
-        self, items: Sequence[tuple[TaskRecord, dict[str, Any], Any]]
+        self, items: Sequence[tuple[TaskRecord, TaskRequest, Any]]
     ) -> list[list[ImageRecord] | BaseException]:
         return [self.run(t, p, r) for t, p, r in items]
 
@@ -128,10 +116,13 @@ def test_metrics_batch_sizes_queue_waits_and_model_switches() -> None:
     waits = _value("underpaint_queue_wait_seconds_count"), _value("underpaint_queue_wait_seconds_sum")
     switches = _value("underpaint_model_switches_total")
     report = cast(ProgressReporter, object())  # never called by InstrumentedRunner itself
-    runner.run_batch([(task("a", 1.0), {}, report), (task("a", 2.0), {}, report), (task("a", 3.0), {}, report)])
-    runner.run(task("b", 0.5), {}, report)  # a switch
-    runner.run_batch([(task("b", 0.5), {}, report)] * 2)  # same model: no switch
-    runner.run(task("a", 0.5), {}, report)  # a switch back
+    request = img2img()
+    runner.run_batch(
+        [(task("a", 1.0), request, report), (task("a", 2.0), request, report), (task("a", 3.0), request, report)]
+    )
+    runner.run(task("b", 0.5), request, report)  # a switch
+    runner.run_batch([(task("b", 0.5), request, report)] * 2)  # same model: no switch
+    runner.run(task("a", 0.5), request, report)  # a switch back
     assert _value("underpaint_batch_size_count") - sizes[0] == 4
     assert _value("underpaint_batch_size_sum") - sizes[1] == 3 + 1 + 2 + 1
     assert _value("underpaint_batch_size_bucket", {"le": "3.0"}) - bucket == 4

@@ -173,7 +173,7 @@ def test_forty_tasks_across_two_api_nodes_run_exactly_once(running: Running) -> 
     assert 'underpaint_tasks{status="TASK_STATUS_SUCCEED"}' in metrics
     assert "underpaint_queue_depth" in metrics
     health = httpx.get(running.apis[1].url + "/health", timeout=30).json()
-    assert health["checks"] == {"store": "ok", "broker": "ok"}
+    assert health["checks"] == {"store": "ok", "broker": "ok", "storage": "ok"}
 
 
 def test_compatible_tasks_share_a_sampler_call_and_their_messages_do_nothing_more(running: Running) -> None:

@@ -10,7 +10,7 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -18,9 +18,11 @@ import httpx
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 from sqlalchemy import text
+from tests.support.requests import img2img, new_task
 
 from underpaint.config import KeyPolicy, Settings
 from underpaint.engine.job import Progress
+from underpaint.engine.model_tiers import ModelCacheReport
 from underpaint.registry import ModelEntry, ModelRegistry
 from underpaint.scale.broker import BrokerProbe
 from underpaint.scale.celery_app import TASK_NAME, celery_config, create_celery_app
@@ -31,9 +33,10 @@ from underpaint.scale.json_logs import JsonFormatter, TaskIdFilter, task_context
 from underpaint.scale.metrics import ClusterCollector, InstrumentedRunner
 from underpaint.services import Services
 from underpaint.storage.urls import ImageUrls
+from underpaint.tasks.contract import TaskRequest
 from underpaint.tasks.lanes import known_queues, parse_queues, task_lane
 from underpaint.tasks.store import SqlTaskStore
-from underpaint.tasks.types import ImageRecord, NewTask, TaskRecord, TaskStatus
+from underpaint.tasks.types import ImageRecord, TaskRecord, TaskStatus
 from underpaint.worker.loop import ProgressReporter
 
 pytestmark = pytest.mark.services
@@ -143,7 +146,7 @@ class FakeRunner:
         self.runs: list[str] = []
         self.started = threading.Event()
 
-    def run(self, task: TaskRecord, payload: dict[str, Any], report: Any) -> list[ImageRecord]:
+    def run(self, task: TaskRecord, request: TaskRequest, report: Any) -> list[ImageRecord]:
         self.runs.append(task.task_id)
         self.started.set()
         report(Progress(50 / 100, 1))
@@ -178,8 +181,8 @@ def _make(settings: Settings, store: SqlTaskStore, queue: CeleryQueue, tmp_path:
 
 def _new(store: SqlTaskStore, lane: str) -> str:
     task_id = str(uuid.uuid4())
-    store.create(NewTask(task_id=task_id, owner="o", seed=1, enable_nsfw_detection=False, response_image_type="png",
-                         extra={}, payload={"prompt": "x"}, lane=lane))  # fmt: skip
+    # A checkpoint of its own: these tests count tasks run one by one, so none may join another's batch.
+    store.create(new_task(task_id, request=img2img(model_name=f"{lane}-{task_id}.safetensors"), lane=lane))
     return task_id
 
 
@@ -204,7 +207,7 @@ def test_celery_queue_routes_to_lane_on_redis(store: SqlTaskStore, redis_url: st
     services.queue.enqueue("b", "sdxl")
     services.queue.enqueue("c", "sd15")
     assert probe.queue_depths() == {"sd15": 1, "sdxl": 2}
-    assert probe.health() == {"store": "ok", "broker": "ok"}
+    assert probe.health() == {"store": "ok", "broker": "ok", "storage": "ok"}
     down = BrokerProbe(
         services,
         store.engine,
@@ -382,10 +385,52 @@ def test_instrumented_runner_observes_generation_seconds(tmp_path: Path) -> None
     assert rec is not None
     assert (rec.status, rec.lane, rec.attempts) == (TaskStatus.PROCESSING, "sdxl", 1)
     before = REGISTRY.get_sample_value("underpaint_generation_seconds_count", {"base_model": "sdxl", "outcome": "ok"})
-    runner.run(rec, {}, ProgressReporter(store, rec.task_id, "w"))
+    runner.run(rec, img2img(), ProgressReporter(store, rec.task_id, "w"))
     store.close()
     after = REGISTRY.get_sample_value("underpaint_generation_seconds_count", {"base_model": "sdxl", "outcome": "ok"})
     assert (after or 0) - (before or 0) == 1
+
+
+class TieredRunner(FakeRunner):
+    """A runner whose executor served each run from the next tier in ``tiers`` and forwards prefetch hints."""
+
+    def __init__(self, storage: FakeStorage, tiers: list[str]) -> None:
+        super().__init__(storage)
+        self.tiers = tiers
+        self.hits = {"device": 0, "ram": 0, "disk": 0}
+        self.hints: list[list[str]] = []
+
+    def run(self, task: TaskRecord, request: TaskRequest, report: Any) -> list[ImageRecord]:
+        self.hits[self.tiers.pop(0)] += 1
+        return super().run(task, request, report)
+
+    def prefetch(self, checkpoints: Sequence[str]) -> None:
+        self.hints.append(list(checkpoints))
+
+    def cache_report(self) -> ModelCacheReport:
+        return ModelCacheReport(hits=dict(self.hits), bytes={"device": 5, "ram": 7}, load_seconds=1.5)
+
+
+def test_instrumented_runner_counts_checkpoint_tiers_and_forwards_prefetch(tmp_path: Path) -> None:
+    from underpaint.scale.metrics import WORKER_REGISTRY as REGISTRY
+
+    def requests(tier: str) -> float:
+        return REGISTRY.get_sample_value("underpaint_checkpoint_requests_total", {"tier": tier}) or 0.0
+
+    inner = TieredRunner(FakeStorage(), ["disk", "ram", "device"])
+    runner = InstrumentedRunner(inner)
+    runner.prefetch(["b.safetensors"])
+    assert inner.hints == [["b.safetensors"]]
+    store = SqlTaskStore(f"sqlite:///{tmp_path / 'tasks.db'}")
+    before = {tier: requests(tier) for tier in ("device", "ram", "disk")}
+    for _ in range(3):
+        rec = store.claim(_new(store, "sd15"), "w")
+        assert rec is not None
+        runner.run(rec, img2img(), ProgressReporter(store, rec.task_id, "w"))
+    store.close()
+    assert {tier: requests(tier) - before[tier] for tier in before} == {"device": 1, "ram": 1, "disk": 1}
+    assert REGISTRY.get_sample_value("underpaint_checkpoint_tier_bytes", {"tier": "ram"}) == 7
+    assert REGISTRY.get_sample_value("underpaint_checkpoint_tier_bytes", {"tier": "device"}) == 5
 
 
 def test_worker_on_rabbitmq_runs_a_task_once(store: SqlTaskStore, amqp_url: str, tmp_path: Path) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import time
 import urllib.request
 from collections.abc import Iterator
 from typing import Any
@@ -57,6 +58,19 @@ def _download(url: str) -> tuple[bytes, str]:
         return response.read(), response.headers.get("Content-Type", "")
 
 
+def test_listing_and_probe(endpoint: str, admin: Any) -> None:
+    _bucket(admin, "listed")
+    storage = S3Storage("listed", "pre", REGION, endpoint)
+    assert storage.reachable() == "ok"
+    for key in ("b/2.png", "a/1.png", "b/1.png"):
+        storage.put(key, b"1", "image/png")
+    admin.put_object(Bucket="listed", Key="elsewhere/x.png", Body=b"1")  # outside the prefix: never listed
+    keys = [k for k, _ in storage.list_keys()]
+    assert keys == ["a/1.png", "b/1.png", "b/2.png"]
+    assert [k for k, _ in storage.list_keys(start_after="a/1.png", limit=1)] == ["b/1.png"]
+    assert all(abs(t - time.time()) < 300 for _, t in storage.list_keys())
+
+
 def test_default_store_put_get_url_delete(endpoint: str, admin: Any) -> None:
     _bucket(admin, "default-store")
     settings = Settings(storage_backend="s3", s3_bucket="default-store", s3_prefix="outputs/", s3_endpoint_url=endpoint)
@@ -96,6 +110,8 @@ def test_missing_bucket_names_the_bucket(endpoint: str) -> None:
     message = str(info.value)
     assert "'no-such-bucket-here'" in message
     assert "does not exist" in message
+    assert not info.value.transient  # retrying cannot create the bucket
+    assert storage.reachable().startswith("unreachable: ")
 
 
 def test_rejected_credentials_are_reported(endpoint: str, admin: Any, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -111,8 +127,10 @@ def test_rejected_credentials_are_reported(endpoint: str, admin: Any, monkeypatc
 
 def test_unreachable_endpoint_is_reported() -> None:
     storage = S3Storage("some-bucket", "", REGION, f"http://127.0.0.1:{free_port()}")
-    with pytest.raises(StorageError, match=r"'some-bucket'.*cannot reach the S3 endpoint"):
+    with pytest.raises(StorageError, match=r"'some-bucket'.*cannot reach the S3 endpoint") as info:
         storage.put("x.png", b"1", "image/png")
+    assert info.value.transient  # the endpoint may come back: the worker retries the upload
+    assert "cannot reach the S3 endpoint" in storage.reachable()
 
 
 @pytest.mark.parametrize(
@@ -227,9 +245,10 @@ def test_client_errors_are_described(code: str, status: int, fragment: str) -> N
         {"Error": {"Code": code, "Message": "please slow down"}, "ResponseMetadata": {"HTTPStatusCode": status}},
         "PutObject",
     )
-    message = str(storage_error(exc, "upload", "their-bucket", "out/a.png"))
-    assert message.startswith("S3 upload failed (bucket 'their-bucket', key 'out/a.png'): ")
-    assert fragment in message
+    error = storage_error(exc, "upload", "their-bucket", "out/a.png")
+    assert str(error).startswith("S3 upload failed (bucket 'their-bucket', key 'out/a.png'): ")
+    assert fragment in str(error)
+    assert error.transient is (status >= 500)  # throttling is worth a retry, a refusal is not
 
 
 def test_aws_urls_are_regional_virtual_hosted(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -41,6 +41,11 @@ MODEL_FILES: dict[str, list[str]] = {
     "upscaler/RealESRGAN_x4plus_anime_6B.safetensors": ["conv_first.weight", "body.0.rdb1.conv1.weight"],
     "upscaler/4x-UltraSharp.safetensors": ["model.0.weight", "model.1.sub.0.RDB1.conv1.0.weight"],
 }
+# tensors whose shape matters: the UNet's conv_in tells an inpainting checkpoint (9 channels) from the others
+MODEL_SHAPES: dict[str, dict[str, tuple[int, ...]]] = {
+    "checkpoint/dreamshaper_8.safetensors": {"model.diffusion_model.input_blocks.0.0.weight": (1, 4, 1, 1)},
+    "checkpoint/sd15-inpainting.safetensors": {"model.diffusion_model.input_blocks.0.0.weight": (1, 9, 1, 1)},
+}
 OTHER_FILES = ["ipadapter/ip-adapter_sd15.bin", "ipadapter/ip-adapter_sdxl.bin"]
 MODEL_COUNT = len(MODEL_FILES) + len(OTHER_FILES)
 
@@ -57,7 +62,8 @@ def write_models(root: Path) -> Path:
     for rel, keys in MODEL_FILES.items():
         path = root / rel
         path.parent.mkdir(parents=True, exist_ok=True)
-        save_file({k: np.zeros(1, dtype=np.float32) for k in keys}, str(path))
+        shapes = MODEL_SHAPES.get(rel, {})
+        save_file({k: np.zeros(shapes.get(k, (1,)), dtype=np.float32) for k in keys}, str(path))
     for rel in OTHER_FILES:
         path = root / rel
         path.parent.mkdir(parents=True, exist_ok=True)

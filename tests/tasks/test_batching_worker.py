@@ -11,12 +11,14 @@ from typing import Any
 
 import pytest
 from tests.support.clock import Clock
+from tests.support.requests import img2img, new_task
 
 from underpaint.config import Settings
 from underpaint.engine.job import JobCancelled, JobError, Progress
-from underpaint.tasks.batching import batch_key, model_key
+from underpaint.tasks.batching import model_key
+from underpaint.tasks.contract import Img2ImgRequest, TaskRequest
 from underpaint.tasks.store import SqlTaskStore
-from underpaint.tasks.types import ImageRecord, NewTask, TaskRecord, TaskStatus
+from underpaint.tasks.types import ImageRecord, TaskRecord, TaskStatus
 from underpaint.worker.loop import BatchPolicy, Claimer, ProgressReporter, Worker, process_task
 
 SETTINGS = Settings(lease_seconds=60, max_attempts=3)
@@ -34,44 +36,13 @@ def store(tmp_path: Path, clock: Clock) -> Iterator[SqlTaskStore]:
     s.close()
 
 
-def payload(model: str = "a.safetensors", **kw: Any) -> dict[str, Any]:
-    p: dict[str, Any] = {
-        "model_name": model,
-        "prompt": "a house",
-        "negative_prompt": "",
-        "width": 512,
-        "height": 512,
-        "image_num": 1,
-        "steps": 20,
-        "guidance_scale": 7.5,
-        "sampler_name": "Euler a",
-        "seed": 1,
-        "sd_vae": None,
-        "clip_skip": 1,
-        "strength": 0.5,
-        "loras": [],
-        "embeddings": [],
-        "controlnet": None,
-        "ip_adapters": [],
-    }
-    p.update(kw)
-    return p
+def payload(model: str = "a.safetensors", **kw: Any) -> Img2ImgRequest:
+    return img2img(model_name=model, **kw)
 
 
-def add(store: SqlTaskStore, clock: Clock | None = None, fmt: str = "png", lane: str = "sd15", **kw: Any) -> str:
+def add(store: SqlTaskStore, clock: Clock | None = None, lane: str = "sd15", **kw: Any) -> str:
     tid = uuid.uuid4().hex
-    store.create(
-        NewTask(
-            task_id=tid,
-            owner="o",
-            seed=1,
-            enable_nsfw_detection=False,
-            response_image_type=fmt,
-            extra={},
-            payload=payload(**kw),
-            lane=lane,
-        )
-    )
+    store.create(new_task(tid, request=payload(**kw), lane=lane))
     if clock is not None:
         clock.now += 0.001  # distinct creation times: claim order is by age
     return tid
@@ -92,13 +63,13 @@ class BatchRunner:
         self.fail = set(fail)
         self.cancel = set(cancel)
 
-    def run(self, task: TaskRecord, payload: dict[str, Any], report: ProgressReporter) -> list[ImageRecord]:
-        outcome = self.run_batch([(task, payload, report)])[0]
+    def run(self, task: TaskRecord, request: TaskRequest, report: ProgressReporter) -> list[ImageRecord]:
+        outcome = self.run_batch([(task, request, report)])[0]
         if isinstance(outcome, BaseException):
             raise outcome
         return outcome
 
-    def run_batch(self, items: Sequence[tuple[TaskRecord, dict[str, Any], ProgressReporter]]) -> list[Outcome]:
+    def run_batch(self, items: Sequence[tuple[TaskRecord, TaskRequest, ProgressReporter]]) -> list[Outcome]:
         self.batches.append([t.task_id for t, _, _ in items])
         out: list[Outcome] = []
         for i, (task, _, report) in enumerate(items):
@@ -116,54 +87,6 @@ def status(store: SqlTaskStore, tid: str) -> TaskStatus:
     record = store.get(tid)
     assert record is not None
     return record.status
-
-
-# -- keys -------------------------------------------------------------------------------------------------------
-
-
-def test_batch_key_ignores_what_may_differ_and_splits_on_what_may_not() -> None:
-    base = batch_key(payload(), "png")
-    assert base is not None
-    same = [
-        payload(prompt="another", negative_prompt="ugly", seed=9, image_num=4, guidance_scale=3.0),
-        payload(embeddings=[{"model_name": "x.pt"}], sampler_name="euler_a"),
-    ]
-    for p in same:
-        assert batch_key(p, "png") == base
-    different = [
-        payload(model="b.safetensors"),
-        payload(width=768),
-        payload(height=768),
-        payload(steps=21),
-        payload(sampler_name="Euler"),
-        payload(strength=0.6),
-        payload(clip_skip=2),
-        payload(sd_vae="v.safetensors"),
-        payload(loras=[{"model_name": "l.safetensors", "strength": 0.5}]),
-        payload(ip_adapters=[{"model_name": "ip.bin", "strength": 1.0, "image_base64": "x"}]),
-        payload(
-            controlnet={
-                "units": [
-                    {
-                        "model_name": "c",
-                        "strength": 1.0,
-                        "preprocessor": "canny",
-                        "guidance_start": 0.0,
-                        "guidance_end": 1.0,
-                        "image_base64": "x",
-                    }
-                ]
-            }
-        ),
-    ]
-    keys = {batch_key(p, "png") for p in different} | {base, batch_key(payload(), "webp")}
-    assert len(keys) == len(different) + 2
-    assert batch_key(payload(sampler_name="DPM adaptive"), "png") is None
-    assert batch_key({"prompt": "no model"}, "png") is None
-    lora = [{"model_name": "l.safetensors", "strength": 0.5}]
-    assert model_key(payload(width=768)) == model_key(payload())
-    assert model_key(payload(loras=lora)) != model_key(payload())
-    assert model_key({"prompt": "p"}) is None
 
 
 # -- store ------------------------------------------------------------------------------------------------------
@@ -219,6 +142,7 @@ def test_an_overdue_backlog_is_drained_model_by_model(store: SqlTaskStore, clock
         got = store.claim(None, "w", prefer_model=prefer, max_wait_s=10)
         assert got is not None
         order.append(got.task_id)
+        assert got.model_key is not None
         prefer = got.model_key
     assert order == [ids[1], ids[3], ids[5], ids[0], ids[2], ids[4]]
 
@@ -279,7 +203,7 @@ def test_each_task_of_a_batch_reports_its_own_progress(store: SqlTaskStore, cloc
     seen: dict[str, tuple[int, int]] = {}
 
     class Peek(BatchRunner):
-        def run_batch(self, items: Sequence[tuple[TaskRecord, dict[str, Any], ProgressReporter]]) -> list[Outcome]:
+        def run_batch(self, items: Sequence[tuple[TaskRecord, TaskRequest, ProgressReporter]]) -> list[Outcome]:
             for i, (_, _, report) in enumerate(items):
                 report(Progress((20 + i) / 100, 5 - i))
             for tid in ids:
@@ -296,7 +220,7 @@ def test_a_task_whose_lease_was_lost_is_discarded_alone(store: SqlTaskStore, clo
     ids = [add(store, clock) for _ in range(3)]
 
     class Steal(BatchRunner):
-        def run_batch(self, items: Sequence[tuple[TaskRecord, dict[str, Any], ProgressReporter]]) -> list[Outcome]:
+        def run_batch(self, items: Sequence[tuple[TaskRecord, TaskRequest, ProgressReporter]]) -> list[Outcome]:
             # Another worker takes ids[1] over (its lease expired there): it must not be completed here.
             with store._write.begin() as conn:
                 from sqlalchemy import update
@@ -320,7 +244,7 @@ def test_a_runner_without_run_batch_runs_the_batch_one_by_one(store: SqlTaskStor
     calls: list[str] = []
 
     class Solo:
-        def run(self, task: TaskRecord, payload: dict[str, Any], report: ProgressReporter) -> list[ImageRecord]:
+        def run(self, task: TaskRecord, request: TaskRequest, report: ProgressReporter) -> list[ImageRecord]:
             calls.append(task.task_id)
             if task.task_id == ids[0]:
                 raise JobError("nope")
@@ -400,7 +324,7 @@ def test_two_workers_with_different_models_loaded_each_take_their_own_first(stor
     ids = {m: [add(store, clock, model=f"{m}.safetensors") for _ in range(2)] for m in "ab"}
 
     class Slow(BatchRunner):
-        def run_batch(self, items: Sequence[tuple[TaskRecord, dict[str, Any], ProgressReporter]]) -> list[Outcome]:
+        def run_batch(self, items: Sequence[tuple[TaskRecord, TaskRequest, ProgressReporter]]) -> list[Outcome]:
             time.sleep(0.3)
             return super().run_batch(items)
 

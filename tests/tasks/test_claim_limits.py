@@ -8,29 +8,19 @@ different rows and the union overshoots (batches of 9 to 14 with ``max_batch = 4
 from __future__ import annotations
 
 import threading
-import uuid
 from collections import Counter
 
 from tests.support.clock import Clock
+from tests.support.requests import img2img, new_task
 
 from underpaint.tasks.store import SqlTaskStore
-from underpaint.tasks.types import NewTask, TaskStatus
-
-PAYLOAD = {
-    "model_name": "a.safetensors", "prompt": "a house", "negative_prompt": "", "width": 512, "height": 512,
-    "image_num": 1, "steps": 20, "guidance_scale": 7.5, "sampler_name": "Euler a", "seed": 1, "sd_vae": None,
-    "clip_skip": 1, "strength": 0.5, "loras": [], "embeddings": [], "controlnet": None, "ip_adapters": [],
-}  # fmt: skip
+from underpaint.tasks.types import TaskStatus
 
 
 def _add(store: SqlTaskStore, n: int) -> None:
+    request = img2img()  # every task the same: one batch key
     for _ in range(n):
-        store.create(
-            NewTask(
-                task_id=uuid.uuid4().hex, owner="o", seed=1, enable_nsfw_detection=False,
-                response_image_type="png", extra={}, payload=dict(PAYLOAD), lane="sd15",
-            )
-        )  # fmt: skip
+        store.create(new_task(request=request, lane="sd15"))
 
 
 def test_claim_batch_never_exceeds_its_limit_with_concurrent_claimers(db_url: str) -> None:

@@ -11,16 +11,17 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
+from tests.support.requests import new_task
 from tests.support.storage import RecordingStorage
 
 import underpaint
 from underpaint.config import Settings
+from underpaint.tasks.contract import TaskRequest
 from underpaint.tasks.lifecycle import RetentionSweeper, delete_images, recover_on_start
 from underpaint.tasks.store import SqlTaskStore
-from underpaint.tasks.types import ImageRecord, NewTask, TaskRecord, TaskStatus
+from underpaint.tasks.types import ImageRecord, TaskRecord, TaskStatus
 from underpaint.worker.loop import ProgressReporter, Worker
 
 SRC_DIR = Path(underpaint.__file__).resolve().parents[1]
@@ -40,7 +41,7 @@ def store(db_url: str) -> Iterator[SqlTaskStore]:
 
 def add(store: SqlTaskStore, task_id: str | None = None) -> str:
     tid = task_id or uuid.uuid4().hex
-    store.create(NewTask(tid, "o", 1, False, "png", {}, {"prompt": "p"}))
+    store.create(new_task(tid))
     return tid
 
 
@@ -48,7 +49,7 @@ class OkRunner:
     def __init__(self) -> None:
         self.ran: list[str] = []
 
-    def run(self, task: TaskRecord, payload: dict[str, Any], report: ProgressReporter) -> list[ImageRecord]:
+    def run(self, task: TaskRecord, request: TaskRequest, report: ProgressReporter) -> list[ImageRecord]:
         self.ran.append(task.task_id)
         return [ImageRecord(key=f"{task.task_id}/{task.attempts}_0.png", image_type="png")]
 

@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import math
 import threading
-import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 from sqlalchemy import Connection, text
 from sqlalchemy.exc import IntegrityError
+from tests.support import requests
 from tests.support.clock import Clock
+from tests.support.requests import img2img
 
+from underpaint.tasks.contract import TaskType
 from underpaint.tasks.store import MIGRATIONS, SqlTaskStore
 from underpaint.tasks.types import ImageRecord, NewTask, NsfwResult, QueueCounts, TaskStatus, owner_of
 
@@ -43,18 +45,22 @@ def store(make_store: StoreFactory, clock: Clock) -> SqlTaskStore:
     return make_store(lease_seconds=60, max_attempts=3, clock=clock)
 
 
-def new_task(task_id: str | None = None, owner: str = "owner-a", **kw: object) -> NewTask:
-    fields: dict[str, object] = {
-        "task_id": task_id or uuid.uuid4().hex,
-        "owner": owner,
-        "seed": 42,
-        "enable_nsfw_detection": True,
+def new_task(
+    task_id: str | None = None,
+    owner: str = "owner-a",
+    seed: int = 42,
+    image_num: int = 1,
+    enable_nsfw_detection: bool = True,
+    lane: str = "default",
+    priority: int = 0,
+) -> NewTask:
+    extra = {
+        "enable_nsfw_detection": enable_nsfw_detection,
         "response_image_type": "webp",
-        "extra": {"webhook": {"url": "https://example.com/hook"}},
-        "payload": {"prompt": "a cat", "image_base64": "QUJD" * 100},
+        "webhook": {"url": "https://example.com/hook"},
     }
-    fields.update(kw)
-    return NewTask(**fields)  # type: ignore[arg-type]
+    request = img2img(prompt="a cat", image_base64="QUJD" * 100, seed=seed, image_num=image_num)
+    return requests.new_task(task_id, owner, request, extra, lane=lane, priority=priority)
 
 
 IMAGES = [
@@ -69,12 +75,13 @@ def test_create_get_roundtrip_and_owner_isolation(store: SqlTaskStore, clock: Cl
     assert created.created_at == clock.now
     got = store.get("t1", "owner-a")
     assert got == created
-    assert got.extra == {"webhook": {"url": "https://example.com/hook"}}
+    assert got.extra.webhook_url == "https://example.com/hook"
+    assert got.task_type is TaskType.IMG_TO_IMG
     assert (got.seed, got.image_num, got.lane, got.priority, got.attempts) == (7, 3, "ent", 5, 0)
     assert store.get("t1") == created  # workers read without an owner
     assert store.get("t1", "owner-b") is None
     assert store.get("nope", "owner-a") is None
-    assert store.get_payload("t1")["prompt"] == "a cat"
+    assert store.get_request("t1").prompt == "a cat"
 
 
 def test_sqlite_point_read_equals_the_sqlalchemy_read(tmp_path: Path, clock: Clock) -> None:
@@ -110,7 +117,7 @@ def test_duplicate_task_id_is_rejected(store: SqlTaskStore) -> None:
     store.create(new_task("dup"))
     with pytest.raises(IntegrityError):  # SQLAlchemy wraps each driver's own IntegrityError
         store.create(new_task("dup"))
-    assert store.get_payload("dup")["prompt"] == "a cat"
+    assert store.get_request("dup").prompt == "a cat"
 
 
 def test_claim_order_is_priority_then_age(store: SqlTaskStore, clock: Clock) -> None:
@@ -195,7 +202,7 @@ def test_lease_expiry_requeues_then_fails_after_max_attempts(make_store: StoreFa
     assert task.reason.startswith("worker crashed repeatedly (2 attempts)")
     assert task.finished_at == clock.now
     with pytest.raises(KeyError):
-        store.get_payload("t")
+        store.get_request("t")
     assert store.requeue_expired() == []
 
 
@@ -253,21 +260,21 @@ def test_fail_paths_and_payload_removal(store: SqlTaskStore) -> None:
     assert failed.status is TaskStatus.FAILED
     assert failed.reason == "cancelled by the operator"
     with pytest.raises(KeyError):
-        store.get_payload("queued")
+        store.get_request("queued")
 
     store.create(new_task("running"))
     store.claim("running", "w")
     assert store.fail("running", "w", "checkpoint missing")
     assert store.get("running").reason == "checkpoint missing"  # type: ignore[union-attr]
     with pytest.raises(KeyError):
-        store.get_payload("running")
+        store.get_request("running")
 
     store.create(new_task("ok"))
     store.claim("ok", "w")
-    assert store.get_payload("ok")["prompt"] == "a cat"
+    assert store.get_request("ok").prompt == "a cat"
     store.complete("ok", "w", [])
     with pytest.raises(KeyError):
-        store.get_payload("ok")
+        store.get_request("ok")
 
 
 def test_progress_updates_renew_the_lease(store: SqlTaskStore, clock: Clock) -> None:
@@ -311,7 +318,7 @@ def test_purge_deletes_only_old_ended_tasks(store: SqlTaskStore, clock: Clock) -
         "old-running",
         "new-ok",
     }
-    assert store.get_payload("old-queued")["prompt"] == "a cat"
+    assert store.get_request("old-queued").prompt == "a cat"
     assert store.purge(older_than=clock.now - 50) == []
 
 

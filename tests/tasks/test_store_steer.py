@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import threading
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 from sqlalchemy import func, select
+from tests.support import requests
 from tests.support.clock import Clock
+from tests.support.requests import img2img
 
 from underpaint.storage.local import LocalStorage
 from underpaint.tasks.lifecycle import RetentionSweeper
@@ -38,18 +38,8 @@ def store(db_url: str, clock: Clock) -> Iterator[SqlTaskStore]:
     s.close()
 
 
-def new_task(task_id: str | None = None, owner: str = "owner-a", **kw: Any) -> NewTask:
-    fields: dict[str, Any] = {
-        "task_id": task_id or uuid.uuid4().hex,
-        "owner": owner,
-        "seed": 1,
-        "enable_nsfw_detection": False,
-        "response_image_type": "png",
-        "extra": {},
-        "payload": {"prompt": "a cat"},
-    }
-    fields.update(kw)
-    return NewTask(**fields)
+def new_task(task_id: str | None = None, owner: str = "owner-a", lane: str = "default", priority: int = 0) -> NewTask:
+    return requests.new_task(task_id, owner, img2img(prompt="a cat"), lane=lane, priority=priority)
 
 
 def status_of(store: SqlTaskStore, task_id: str) -> TaskStatus:
@@ -73,7 +63,7 @@ def test_cancel_queued_ends_it_failed_and_it_is_never_claimed(store: SqlTaskStor
     assert store.claim(None, "w") is None
     assert store.claim("q", "w") is None  # a broker message still on its way does nothing
     with pytest.raises(KeyError):
-        store.get_payload("q")  # the input is dropped like that of any ended task
+        store.get_request("q")  # the input is dropped like that of any ended task
     assert store.request_cancel("q", "owner-a") is CancelOutcome.FINISHED
 
 

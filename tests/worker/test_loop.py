@@ -5,11 +5,12 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
+from tests.support.requests import img2img, new_task
 from tests.support.storage import RecordingStorage
 
 from underpaint.config import Settings
@@ -17,9 +18,10 @@ from underpaint.engine.job import JobCancelled, JobError, Progress
 from underpaint.engine.prompts import PromptSyntaxError
 from underpaint.storage.base import StorageError
 from underpaint.storage.custom_target import InvalidCustomStorage
+from underpaint.tasks.contract import TaskRequest
 from underpaint.tasks.queue import LocalQueue
 from underpaint.tasks.store import SqlTaskStore
-from underpaint.tasks.types import ImageRecord, NewTask, TaskRecord, TaskStatus
+from underpaint.tasks.types import ImageRecord, TaskRecord, TaskStatus
 from underpaint.worker.loop import INTERNAL_REASON, ProgressReporter, Worker, process_task
 
 SETTINGS = Settings(lease_seconds=60, max_attempts=3)
@@ -34,31 +36,20 @@ def store(tmp_path: Path) -> Iterator[SqlTaskStore]:
 
 def add(store: SqlTaskStore, task_id: str | None = None, **kw: Any) -> str:
     tid = task_id or uuid.uuid4().hex
-    store.create(
-        NewTask(
-            task_id=tid,
-            owner="o",
-            seed=1,
-            enable_nsfw_detection=False,
-            response_image_type="png",
-            extra={},
-            payload={"prompt": f"prompt of {tid}"},
-            **kw,
-        )
-    )
+    store.create(new_task(tid, request=img2img(prompt=f"prompt of {tid}"), **kw))
     return tid
 
 
 class FnRunner:
     """Runs ``fn`` and records every call."""
 
-    def __init__(self, fn: Callable[[TaskRecord, dict[str, Any], ProgressReporter], list[ImageRecord]]) -> None:
+    def __init__(self, fn: Callable[[TaskRecord, TaskRequest, ProgressReporter], list[ImageRecord]]) -> None:
         self.fn = fn
-        self.calls: list[tuple[TaskRecord, dict[str, Any]]] = []
+        self.calls: list[tuple[TaskRecord, TaskRequest]] = []
 
-    def run(self, task: TaskRecord, payload: dict[str, Any], report: ProgressReporter) -> list[ImageRecord]:
-        self.calls.append((task, payload))
-        return self.fn(task, payload, report)
+    def run(self, task: TaskRecord, request: TaskRequest, report: ProgressReporter) -> list[ImageRecord]:
+        self.calls.append((task, request))
+        return self.fn(task, request, report)
 
 
 def images_for(task: TaskRecord) -> list[ImageRecord]:
@@ -69,8 +60,8 @@ def test_worker_runs_task_records_images_and_progress(store: SqlTaskStore) -> No
     tid = add(store)
     seen_mid_run: list[TaskRecord | None] = []
 
-    def fn(task: TaskRecord, payload: dict[str, Any], report: ProgressReporter) -> list[ImageRecord]:
-        assert payload == {"prompt": f"prompt of {tid}"}
+    def fn(task: TaskRecord, request: TaskRequest, report: ProgressReporter) -> list[ImageRecord]:
+        assert request.prompt == f"prompt of {tid}"
         report(Progress(30 / 100, 9))
         seen_mid_run.append(store.get(task.task_id))
         return images_for(task)
@@ -103,7 +94,7 @@ def test_worker_runs_task_records_images_and_progress(store: SqlTaskStore) -> No
 def test_user_errors_fail_with_their_message(store: SqlTaskStore, exc: Exception, reason: str) -> None:
     tid = add(store)
 
-    def fn(task: TaskRecord, payload: dict[str, Any], report: ProgressReporter) -> list[ImageRecord]:
+    def fn(task: TaskRecord, request: TaskRequest, report: ProgressReporter) -> list[ImageRecord]:
         raise exc
 
     terminal: list[TaskRecord] = []
@@ -128,7 +119,7 @@ def test_unexpected_errors_fail_with_a_generic_reason_and_their_traceback_is_log
 ) -> None:
     tid = add(store)
 
-    def fn(task: TaskRecord, payload: dict[str, Any], report: ProgressReporter) -> list[ImageRecord]:
+    def fn(task: TaskRecord, request: TaskRequest, report: ProgressReporter) -> list[ImageRecord]:
         raise exc
 
     with caplog.at_level(logging.ERROR, logger="underpaint.tasks"):
@@ -147,7 +138,7 @@ def test_unexpected_errors_fail_with_a_generic_reason_and_their_traceback_is_log
 def test_cancelled_run_leaves_task_alone(store: SqlTaskStore) -> None:
     tid = add(store)
 
-    def fn(task: TaskRecord, payload: dict[str, Any], report: ProgressReporter) -> list[ImageRecord]:
+    def fn(task: TaskRecord, request: TaskRequest, report: ProgressReporter) -> list[ImageRecord]:
         raise JobCancelled()
 
     terminal: list[TaskRecord] = []
@@ -175,7 +166,7 @@ def test_lost_lease_raises_on_next_report(store: SqlTaskStore) -> None:
     tid = add(store)
     after_report: list[bool] = []
 
-    def fn(task: TaskRecord, payload: dict[str, Any], report: ProgressReporter) -> list[ImageRecord]:
+    def fn(task: TaskRecord, request: TaskRequest, report: ProgressReporter) -> list[ImageRecord]:
         # Another worker takes the task over (as after a lease expiry and redelivery).
         assert store.requeue_expired(now=time.time() + 3600) == [tid]
         assert store.claim(tid, "other") is not None
@@ -196,7 +187,7 @@ def test_lost_lease_raises_on_next_report(store: SqlTaskStore) -> None:
 def test_loser_discards_its_images(store: SqlTaskStore) -> None:
     tid = add(store)
 
-    def fn(task: TaskRecord, payload: dict[str, Any], report: ProgressReporter) -> list[ImageRecord]:
+    def fn(task: TaskRecord, request: TaskRequest, report: ProgressReporter) -> list[ImageRecord]:
         store.requeue_expired(now=time.time() + 3600)
         winner = store.claim(tid, "winner")
         assert winner is not None
@@ -216,7 +207,7 @@ def test_lease_is_renewed_while_runner_is_silent(tmp_path: Path) -> None:
     tid = add(store)
     swept: list[list[str]] = []
 
-    def fn(task: TaskRecord, payload: dict[str, Any], report: ProgressReporter) -> list[ImageRecord]:
+    def fn(task: TaskRecord, request: TaskRequest, report: ProgressReporter) -> list[ImageRecord]:
         for _ in range(8):  # 1.2 s without a report: four leases long
             time.sleep(0.15)
             swept.append(store.requeue_expired())
@@ -291,7 +282,7 @@ def test_background_worker_serves_by_priority_and_stops(store: SqlTaskStore) -> 
     low = add(store, priority=0)
     high = add(store, priority=5, lane="enterprise")
 
-    def fn(task: TaskRecord, payload: dict[str, Any], report: ProgressReporter) -> list[ImageRecord]:
+    def fn(task: TaskRecord, request: TaskRequest, report: ProgressReporter) -> list[ImageRecord]:
         order.append(task.task_id)
         return images_for(task)
 
@@ -326,3 +317,32 @@ def _wait_for(cond: Callable[[], bool], timeout: float = 10.0) -> None:
     while not cond():
         assert time.monotonic() < deadline, "condition not met in time"
         time.sleep(0.02)
+
+
+class PrefetchingRunner(FnRunner):
+    """Records what the worker says the queue needs next, and what was queued when each task ran."""
+
+    def __init__(self) -> None:
+        super().__init__(lambda t, p, r: images_for(t))
+        self.hints: list[list[str]] = []
+
+    def prefetch(self, checkpoints: Sequence[str]) -> None:
+        self.hints.append(list(checkpoints))
+
+
+def test_worker_tells_the_runner_the_next_queued_checkpoint(store: SqlTaskStore) -> None:
+    def add_for(checkpoint: str) -> str:
+        tid = uuid.uuid4().hex
+        store.create(new_task(tid, request=img2img(model_name=checkpoint)))
+        return tid
+
+    for checkpoint in ("a.safetensors", "a.safetensors", "b.safetensors", "a.safetensors"):
+        add_for(checkpoint)
+    runner = PrefetchingRunner()
+    worker = Worker(store, runner, SETTINGS.with_overrides(max_batch=1, max_affinity_wait_s=0.0))
+    while worker.run_once():
+        pass
+    # While the first "a" runs, the next "a" needs nothing new: the hint is the first other model, "b"; while "b"
+    # runs, the last "a"; nothing is left to read ahead while the last task runs.
+    assert runner.hints == [["b.safetensors"], ["b.safetensors"], ["a.safetensors"]]
+    assert [r.model_name for _, r in runner.calls] == ["a.safetensors"] * 2 + ["b.safetensors", "a.safetensors"]

@@ -9,15 +9,16 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
+from tests.support.requests import img2img, new_task
 from tests.support.storage import RecordingStorage
 
 from underpaint.config import Settings
 from underpaint.engine.job import JobCancelled, Progress
+from underpaint.tasks.contract import TaskRequest
 from underpaint.tasks.store import SqlTaskStore
-from underpaint.tasks.types import CANCELLED_REASON, CancelOutcome, ImageRecord, NewTask, TaskRecord, TaskStatus
+from underpaint.tasks.types import CANCELLED_REASON, CancelOutcome, ImageRecord, TaskRecord, TaskStatus
 from underpaint.worker.loop import BatchPolicy, ProgressReporter, Worker
 
 POLL = 0.02  # the worker reads the cancel flag this often
@@ -34,7 +35,7 @@ def store(tmp_path: Path) -> Iterator[SqlTaskStore]:
 
 def add(store: SqlTaskStore) -> str:
     tid = uuid.uuid4().hex
-    store.create(NewTask(tid, "o", 1, False, "png", {}, {"prompt": "x"}))
+    store.create(new_task(tid))
     return tid
 
 
@@ -46,7 +47,7 @@ class SteppingRunner:
         self.started: list[float] = []  # when each model call began
         self.running = threading.Event()
 
-    def run(self, task: TaskRecord, payload: dict[str, Any], report: ProgressReporter) -> list[ImageRecord]:
+    def run(self, task: TaskRecord, request: TaskRequest, report: ProgressReporter) -> list[ImageRecord]:
         for i in range(self.steps):
             if report.should_cancel():
                 raise JobCancelled("sampling cancelled")
@@ -87,7 +88,7 @@ def test_cancel_after_the_last_step_still_wins(store: SqlTaskStore) -> None:
     storage = RecordingStorage()
 
     class LateCancel:
-        def run(self, task: TaskRecord, payload: dict[str, Any], report: ProgressReporter) -> list[ImageRecord]:
+        def run(self, task: TaskRecord, request: TaskRequest, report: ProgressReporter) -> list[ImageRecord]:
             store.request_cancel(task.task_id, "o")
             return [ImageRecord(key=f"{task.task_id}/0.png", image_type="png")]
 
@@ -106,7 +107,7 @@ def test_cancelled_queued_task_never_reaches_the_runner(store: SqlTaskStore) -> 
     ran: list[str] = []
 
     class Record:
-        def run(self, task: TaskRecord, payload: dict[str, Any], report: ProgressReporter) -> list[ImageRecord]:
+        def run(self, task: TaskRecord, request: TaskRequest, report: ProgressReporter) -> list[ImageRecord]:
             ran.append(task.task_id)
             return []
 
@@ -138,11 +139,11 @@ class SteppingBatchRunner:
         self.batches: list[list[str]] = []
         self.running = threading.Event()
 
-    def run(self, task: TaskRecord, payload: dict[str, Any], report: ProgressReporter) -> list[ImageRecord]:
+    def run(self, task: TaskRecord, request: TaskRequest, report: ProgressReporter) -> list[ImageRecord]:
         raise AssertionError("compatible tasks must run as one batch")
 
     def run_batch(
-        self, items: list[tuple[TaskRecord, dict[str, Any], ProgressReporter]]
+        self, items: list[tuple[TaskRecord, TaskRequest, ProgressReporter]]
     ) -> list[list[ImageRecord] | BaseException]:
         self.batches.append([task.task_id for task, _, _ in items])
         outcomes: list[list[ImageRecord] | BaseException | None] = [None] * len(items)
@@ -165,11 +166,10 @@ class SteppingBatchRunner:
 
 
 def test_a_batched_task_is_cancelled_alone(store: SqlTaskStore) -> None:
-    payload = {"model_name": "a.safetensors", "prompt": "x", "width": 64, "height": 64, "steps": 12,
-               "sampler_name": "Euler a", "strength": 0.5, "image_num": 1, "guidance_scale": 7.0, "seed": 1}  # fmt: skip
+    request = img2img(width=128, height=128, steps=12)
     ids = [uuid.uuid4().hex for _ in range(2)]
     for tid in ids:
-        store.create(NewTask(tid, "o", 1, False, "png", {}, payload))
+        store.create(new_task(tid, request=request))
     runner = SteppingBatchRunner()
     terminal: list[TaskRecord] = []
     policy = BatchPolicy(max_batch=4, window_s=0.0, max_affinity_wait_s=0.0)

@@ -29,7 +29,7 @@ from underpaint.api.models_route import list_models
 from underpaint.api.playground import install_playground
 from underpaint.api.schemas import validation_error_to_api
 from underpaint.api.steer import CANCEL_PATH, QueueEta, cancel_task
-from underpaint.api.submit import MAX_BODY_BYTES, submit_img2img
+from underpaint.api.submit import IMG2IMG, MAX_BODY_BYTES, TXT2IMG, Endpoint, submit
 from underpaint.services import HealthCheck, Services
 from underpaint.tasks.types import TaskRecord, TaskStatus
 from underpaint.wire.errors import ApiError, invalid_request, task_not_found
@@ -38,14 +38,17 @@ from underpaint.wire.result import task_result_body
 logger = logging.getLogger("underpaint.api")
 
 SUBMIT_PATH = "/v3/async/img2img"
+TXT2IMG_PATH = "/v3/async/txt2img"
 RESULT_PATH = "/v3/async/task-result"
 _FAILURE_REASONS = {
     SUBMIT_PATH: "CREATE_TASK_FAILED",
+    TXT2IMG_PATH: "CREATE_TASK_FAILED",
     RESULT_PATH: "GET_RESULT_FAILED",
     CANCEL_PATH: "CANCEL_TASK_FAILED",
 }
 _FAILURE_MESSAGES = {
     SUBMIT_PATH: "internal error while creating the task; please retry",
+    TXT2IMG_PATH: "internal error while creating the task; please retry",
     RESULT_PATH: "internal error while reading the task result; please retry",
     CANCEL_PATH: "internal error while cancelling the task; please retry",
 }
@@ -80,13 +83,18 @@ def create_app(services: Services) -> FastAPI:
     app.state.ctx = ctx
     _install_error_handlers(app)
 
-    @app.post(SUBMIT_PATH)
-    async def img2img(request: Request) -> Response:
-        caller = ctx.caller(request)
-        raw = await _read_body(request)
-        idempotency = request.headers.get(IDEMPOTENCY_HEADER)
-        body = await run_in_threadpool(submit_img2img, ctx, caller, raw, ctx.base_url(request), idempotency)
-        return json_ok(body)
+    def submit_route(path: str, endpoint: Endpoint[Any]) -> None:
+        async def create_task(request: Request) -> Response:
+            caller = ctx.caller(request)
+            raw = await _read_body(request)
+            idempotency = request.headers.get(IDEMPOTENCY_HEADER)
+            body = await run_in_threadpool(submit, ctx, caller, raw, ctx.base_url(request), endpoint, idempotency)
+            return json_ok(body)
+
+        app.post(path, name=path.rsplit("/", 1)[-1])(create_task)
+
+    submit_route(SUBMIT_PATH, IMG2IMG)
+    submit_route(TXT2IMG_PATH, TXT2IMG)
 
     @app.post(CANCEL_PATH)
     async def task_cancel(request: Request) -> Response:
@@ -193,9 +201,14 @@ def _body_too_large() -> ApiError:
     return invalid_request(f"request body exceeds {MAX_BODY_BYTES // (1024 * 1024)} MB")
 
 
+# Checks whose failure leaves the node serving: with the broker down, tasks are still accepted and workers take
+# them from the store; with the image storage down, workers hold results and retry (storage_retry_seconds).
+_DEGRADABLE = frozenset({"broker", "storage"})
+
+
 def _health(check: HealthCheck | None) -> Response:
-    """200 ``{"status": "ok"}``; with a readiness callable, its checks are included and any check that is not
-    ``True``/``"ok"`` turns the reply into 503 ``{"status": "unavailable", "checks": {...}}``."""
+    """200 ``{"status": "ok"}``; with a readiness callable, its checks are included. A failing check that the node
+    can serve without (``_DEGRADABLE``) makes it 200 ``"degraded"``; any other makes it 503 ``"unavailable"``."""
     if check is None:
         return JSONResponse({"status": "ok"})
     try:
@@ -203,8 +216,12 @@ def _health(check: HealthCheck | None) -> Response:
     except Exception as exc:  # a failing probe means "not ready", not a crash
         logger.warning("health check failed: %r", exc)
         return JSONResponse({"status": "unavailable", "checks": {"health": f"error: {type(exc).__name__}"}}, 503)
-    healthy = all(v is True or v == "ok" for v in checks.values())
-    return JSONResponse({"status": "ok" if healthy else "unavailable", "checks": checks}, 200 if healthy else 503)
+    failing = {name for name, v in checks.items() if not (v is True or v == "ok")}
+    if not failing:
+        return JSONResponse({"status": "ok", "checks": checks})
+    if failing <= _DEGRADABLE:
+        return JSONResponse({"status": "degraded", "checks": checks})
+    return JSONResponse({"status": "unavailable", "checks": checks}, 503)
 
 
 def _install_error_handlers(app: FastAPI) -> None:

@@ -8,8 +8,8 @@ Decisions (the official service has per-user models; a self-hosted server has on
   so it sees each model exactly once.
 * Source: every model is ``source: "uploading"`` (files the operator put in place); ``filter.source`` is
   honoured, so ``civitai``/``training`` give an empty list.
-* Inpainting: a checkpoint whose file name contains "inpaint" is an inpainting model
-  (``base_model_type: "Inpainting"``). ``filter.is_inpainting=true`` lists only those; ``false`` (which the
+* Inpainting: a checkpoint whose UNet takes 9 input channels (told from the file: ``registry.unet_in_channels``)
+  is an inpainting model (``base_model_type: "Inpainting"``), whatever its name. ``filter.is_inpainting=true`` lists only those; ``false`` (which the
   Python SDK always sends) does not filter, so that SDK still lists every model.
 * Types: ``checkpoint, lora, vae, textualinversion (JS: text_inversion), controlnet, ipadapter, upscaler``;
   several may be given comma-separated. Upscalers (``models/upscaler/``) are named by their file's stem, like LoRAs
@@ -93,19 +93,19 @@ def list_models(registry: ModelRegistry, params: QueryParams) -> dict[str, Any]:
     if is_sdxl is not None:
         entries = [e for e in entries if e.is_sdxl == is_sdxl]
     if is_inpainting:
-        entries = [e for e in entries if _is_inpainting(e)]
+        entries = [e for e in entries if registry.is_inpainting(e)]
     if text:
         entries = [e for e in entries if text in e.sd_name.lower() or text in e.stem.lower()]
 
     page = entries[offset : offset + limit]
     more = offset + limit < len(entries)
     return {
-        "models": [model_info(e, registry.hashes.sha256(e.path)) for e in page],
+        "models": [model_info(e, registry.hashes.sha256(e.path), registry.is_inpainting(e)) for e in page],
         "pagination": {"next_cursor": f"c_{offset + limit}" if more else ""},
     }
 
 
-def model_info(entry: ModelEntry, sha256: str) -> dict[str, Any]:
+def model_info(entry: ModelEntry, sha256: str, is_inpainting: bool = False) -> dict[str, Any]:
     return {
         "id": entry.id,
         "name": entry.stem,
@@ -119,17 +119,13 @@ def model_info(entry: ModelEntry, sha256: str) -> dict[str, Any]:
         "cover_url": "",
         "source": SOURCE,
         "base_model": "" if entry.kind == "upscaler" else entry.base_model,
-        "base_model_type": "Inpainting" if _is_inpainting(entry) else "Standard",
+        "base_model_type": "Inpainting" if is_inpainting else "Standard",
         "download_url": "",
         "download_url_ttl": 0,
         "is_sdxl": entry.is_sdxl,
         "is_nsfw": False,
         "visibility": VISIBILITY,
     }
-
-
-def _is_inpainting(entry: ModelEntry) -> bool:
-    return entry.kind == "checkpoint" and "inpaint" in entry.sd_name.lower()
 
 
 def _kinds(raw: str) -> list[str]:

@@ -162,5 +162,5 @@ class QueueStatusResponse(_Out):
 
 
 class HealthResponse(BaseModel):
-    status: Literal["ok", "unavailable"]
+    status: Literal["ok", "degraded", "unavailable"]
     checks: dict[str, Any] | None = None

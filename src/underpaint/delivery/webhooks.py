@@ -55,6 +55,7 @@ from underpaint.delivery.sample_event import FAILED_REASON, sample_png
 from underpaint.delivery.signing import signature_headers
 from underpaint.storage.base import ImageStorage
 from underpaint.storage.urls import ImageUrls
+from underpaint.tasks.contract import TaskExtra
 from underpaint.tasks.lifecycle import TerminalHook
 from underpaint.tasks.types import ImageRecord, TaskRecord, TaskStatus, TaskStore
 from underpaint.wire.result import task_result_body
@@ -238,9 +239,7 @@ class WebhookDispatcher:
         if idle:  # with every sender busy, the next one to finish wakes the loop anyway
             self._wake.set()
 
-    def submit_test_event(
-        self, task_id: str, owner: str, status: TaskStatus | str, extra: dict[str, Any], base_url: str
-    ) -> None:
+    def submit_test_event(self, task_id: str, owner: str, status: TaskStatus | str, extra: TaskExtra) -> None:
         """Test mode: end the (already created) task as ``status`` without generating, and send its result event.
 
         SUCCEED gets one real, downloadable sample PNG in the image storage; FAILED gets ``FAILED_REASON``. The
@@ -249,9 +248,9 @@ class WebhookDispatcher:
         status = TaskStatus(status)
         if not status.terminal:
             raise ValueError(f"test mode status must be SUCCEED or FAILED, not {status.value}")
-        url = str((extra.get("webhook") or {}).get("url") or "")
-        if not url:
+        if extra.webhook is None:
             raise ValueError("test mode needs extra.webhook.url")
+        url, base_url = extra.webhook.url, extra.base_url
         if self.store is None or self.storage is None:
             raise RuntimeError("WebhookDispatcher needs the task store and image storage for test mode")
         storage, ttl = self.storage, self.settings.image_url_ttl
@@ -265,7 +264,7 @@ class WebhookDispatcher:
         if record is None:
             raise LookupError(f"test mode: task {task_id!r} does not exist")
         body = task_result_body(record, lambda image: storage.url(image.key, ttl, base_url), ttl)
-        body["extra"]["webhook"] = dict(extra["webhook"])  # echo the webhook config, as Novita does
+        body["extra"]["webhook"] = extra.webhook.model_dump(exclude_none=True)  # echo the config, as Novita does
         self.enqueue(task_id, owner, url, body)
 
     # --- inspection -----------------------------------------------------------------------------------------
@@ -443,12 +442,10 @@ def result_hook(outbox: WebhookDispatcher, image_urls: ImageUrls) -> TerminalHoo
     """After SUCCEED/FAILED: queue the task's webhook (if it has one) with the body task-result returns."""
 
     def hook(task: TaskRecord) -> None:
-        webhook = task.extra.get("webhook")
-        url = webhook.get("url") if isinstance(webhook, dict) else None
+        url = task.extra.webhook_url
         if not url:
             return
-        base_url = str(task.extra.get("_base_url", ""))
-        body = task_result_body(task, image_urls.resolver(base_url), image_urls.ttl)
-        outbox.enqueue(task.task_id, task.owner, str(url), body)
+        body = task_result_body(task, image_urls.resolver(task.extra.base_url), image_urls.ttl)
+        outbox.enqueue(task.task_id, task.owner, url, body)
 
     return hook

@@ -27,6 +27,7 @@ from underpaint.demo.ldm_convert import checkpoint_to_ldm, vae_to_ldm
 from underpaint.engine.loader import SD15_CONFIG, SDXL_CONFIG, TOKENIZER_DIR
 
 SD15_SEED = 1500
+SD15_INPAINTING_SEED = 1900
 SDXL_SEED = 1024
 VAE_SEED = 777
 # One key only: safetensors writes metadata in hash-map order, so several keys would make the bytes vary.
@@ -70,12 +71,13 @@ def _tiny_vae(scaling_factor: float, force_upcast: bool) -> AutoencoderKL:
     )
 
 
-def tiny_sd15_components(seed: int = SD15_SEED) -> dict[str, torch.nn.Module]:
-    """``unet``, ``vae``, ``text_encoder`` of the tiny SD 1.5 model (fp32, CPU, eval mode)."""
+def tiny_sd15_components(seed: int = SD15_SEED, in_channels: int = 4) -> dict[str, torch.nn.Module]:
+    """``unet``, ``vae``, ``text_encoder`` of the tiny SD 1.5 model (fp32, CPU, eval mode). ``in_channels=9``
+    makes an inpainting UNet (latent + mask + masked-image latent)."""
     _seeded(seed)
     unet = UNet2DConditionModel(
         sample_size=16,
-        in_channels=4,
+        in_channels=in_channels,
         out_channels=4,
         down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
@@ -184,7 +186,8 @@ def write_ckpt(safetensors_path: Path, dest: Path) -> Path:
 def write_demo_models(models_dir: Path) -> dict[str, Path]:
     """Write the tiny models into the models layout and return their paths by name:
 
-    ``tiny-sd15`` / ``tiny-sdxl`` (``checkpoint/*.safetensors`` + sidecar ``*.config/``), ``tiny-sd15-diffusers``
+    ``tiny-sd15`` / ``tiny-sdxl`` (``checkpoint/*.safetensors`` + sidecar ``*.config/``), ``tiny-sd15-inpainting``
+    (the same, with a 9-channel UNet as in SD 1.5 inpainting checkpoints), ``tiny-sd15-diffusers``
     (``checkpoint/`` diffusers folder, same weights as tiny-sd15), ``tiny-vae`` (``vae/tiny-vae.safetensors`` +
     sidecar ``tiny-vae.config/config.json``, A1111 VAE layout, fits both tiny checkpoints).
     """
@@ -197,6 +200,7 @@ def write_demo_models(models_dir: Path) -> dict[str, Path]:
         "tiny-sd15": ckpt_dir / "tiny-sd15.safetensors",
         "tiny-sdxl": ckpt_dir / "tiny-sdxl.safetensors",
         "tiny-sd15-diffusers": ckpt_dir / "tiny-sd15-diffusers",
+        "tiny-sd15-inpainting": ckpt_dir / "tiny-sd15-inpainting.safetensors",
         "tiny-vae": vae_dir / "tiny-vae.safetensors",
     }
     with torch.no_grad():
@@ -204,6 +208,9 @@ def write_demo_models(models_dir: Path) -> dict[str, Path]:
         _write_single_file(paths["tiny-sd15"], sd15, SD15_CONFIG)
         _write_diffusers_folder(paths["tiny-sd15-diffusers"], sd15)
         _write_single_file(paths["tiny-sdxl"], tiny_sdxl_components(), SDXL_CONFIG)
+        _write_single_file(
+            paths["tiny-sd15-inpainting"], tiny_sd15_components(SD15_INPAINTING_SEED, in_channels=9), SD15_CONFIG
+        )
         vae = tiny_vae_override()
         vae_sd = vae_to_ldm(vae.state_dict(), vae.config)
         safetensors.torch.save_file({k: v.contiguous() for k, v in vae_sd.items()}, str(paths["tiny-vae"]), _META)

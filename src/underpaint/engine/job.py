@@ -16,7 +16,15 @@ from typing import Protocol
 
 from PIL import Image
 
-from underpaint.vocabulary import LATENT_UPSCALER, PreprocessorName, SamplerName, normalize_sampler_name
+from underpaint.tasks.batching import BatchSignature, lora_set
+from underpaint.tasks.contract import TaskType
+from underpaint.vocabulary import (
+    LATENT_UPSCALER,
+    PreprocessorName,
+    SamplerName,
+    SchedulerName,
+    sampler_with_schedule,
+)
 
 
 @dataclass(frozen=True)
@@ -45,6 +53,19 @@ class IPAdapterSpec:
     model: str  # registry sd_name
     image: Image.Image
     strength: float
+
+
+@dataclass(frozen=True)
+class MaskSpec:
+    """Inpainting: the mask and how to use it (``engine.inpainting``). ``mask`` is single-channel ("L", white =
+    repaint), the init image's size, as ``wire.images.mask_channel`` reduced it."""
+
+    mask: Image.Image
+    blur: int = 4
+    full_res: bool = False
+    full_res_padding: int = 8
+    invert: bool = False
+    initial_noise_multiplier: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -93,12 +114,22 @@ class GenerationJob:
     embeddings: tuple[EmbeddingSpec, ...] = ()
     controlnets: tuple[ControlNetUnitSpec, ...] = ()
     ip_adapters: tuple[IPAdapterSpec, ...] = ()
+    # Inpainting: width x height is then the processing size (``inpainting.processing_size``), the output keeps the
+    # init image's size.
+    mask: MaskSpec | None = None
     hires_fix: HiresFix | None = None  # txt2img only
     refiner: Refiner | None = None  # txt2img only
+    # A1111 >= 1.9's "Schedule type"; None = not sent: the sampler name means what it meant in A1111 <= 1.8.
+    scheduler: SchedulerName | None = None
 
     @property
     def is_txt2img(self) -> bool:
         return self.init_image is None
+
+    @property
+    def sampler(self) -> SamplerName:
+        """What the sampler runs: the name with the schedule type folded in (``vocabulary.sampler_with_schedule``)."""
+        return sampler_with_schedule(self.sampler_name, self.scheduler)
 
 
 @dataclass(frozen=True)
@@ -146,37 +177,34 @@ class ExecutorStats:
 # What one job of a batch ends with: its images, or the exception that ended it.
 JobOutcome = list[GeneratedImage] | BaseException
 
-# DPM adaptive chooses its step sizes from an error norm over the whole batch, so its images would depend on their
-# batch mates: it never shares a sampler call.
-UNBATCHABLE_SAMPLERS = frozenset({"DPM adaptive"})
 
-
-def batch_key(job: GenerationJob) -> tuple[object, ...]:
-    """Jobs with equal keys can share one sampler call: same model, VAE, LoRAs, size, schedule, ControlNet and
-    IP-Adapter configuration, same kind (txt2img or img2img), hires fix and refiner. Prompts, seeds, ``image_num``,
-    guidance scale and the adapters' images may differ. A DPM adaptive job's key is unique to it (never batched)."""
-    sampler = normalize_sampler_name(job.sampler_name) or job.sampler_name
-    key: tuple[object, ...] = (
-        job.checkpoint,
-        job.width,
-        job.height,
-        job.steps,
-        sampler,
-        None if job.is_txt2img else job.strength,
-        job.is_txt2img,
-        job.hires_fix,
-        job.refiner,
-        job.clip_skip,
-        job.vae,
-        tuple(sorted((x.name, x.strength) for x in job.loras)),
-        tuple(
+def batch_key(job: GenerationJob) -> object:
+    """Jobs with equal keys share one sampler call. The signature is ``tasks.batching``'s, the one the store keys
+    queued tasks with (what may differ: prompts, seeds, ``image_num``, guidance scale, the adapters' images); a job
+    whose signature never batches (DPM adaptive) gets a key of its own, and so does an inpainting job until the
+    signature carries its mask settings."""
+    if job.mask is not None:
+        return ("alone", id(job))
+    hires = job.hires_fix
+    key = BatchSignature(
+        task_type=(TaskType.TXT_TO_IMG if job.is_txt2img else TaskType.IMG_TO_IMG).value,
+        checkpoint=job.checkpoint,
+        width=job.width,
+        height=job.height,
+        steps=job.steps,
+        sampler=job.sampler,
+        strength=None if job.is_txt2img else job.strength,
+        clip_skip=job.clip_skip,
+        vae=job.vae,
+        loras=lora_set((x.name, x.strength) for x in job.loras),
+        controlnet=tuple(
             (u.model, u.strength, u.preprocessor or "none", u.guidance_start, u.guidance_end) for u in job.controlnets
         ),
-        tuple((a.model, a.strength) for a in job.ip_adapters),
-    )
-    if sampler in UNBATCHABLE_SAMPLERS:
-        key = (*key, id(job))
-    return key
+        ip_adapters=tuple((a.model, a.strength) for a in job.ip_adapters),
+        hires_fix=None if hires is None else (hires.width, hires.height, hires.strength, hires.upscaler),
+        refiner=None if job.refiner is None else (job.refiner.checkpoint, job.refiner.switch_at),
+    ).key()
+    return key if key is not None else ("alone", id(job))
 
 
 class Executor(Protocol):

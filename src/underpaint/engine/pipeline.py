@@ -24,20 +24,22 @@ import numpy as np
 import torch
 from PIL import Image
 
+from underpaint.engine import inpainting
 from underpaint.engine.conditioning import Conditioning, TextEncoderBundle, encode_prompt
 from underpaint.engine.devices import vae_dtype_for
 from underpaint.engine.job import (
-    UNBATCHABLE_SAMPLERS,
     GenerationJob,
     HiresFix,
     JobCancelled,
     JobError,
+    MaskSpec,
     Progress,
     ProgressCallback,
 )
 from underpaint.engine.memory import release_frames
 from underpaint.engine.samplers import DiscreteSchedule, NoiseSource, sample_img2img, sample_txt2img
-from underpaint.vocabulary import SamplerName, normalize_sampler_name
+from underpaint.tasks.batching import batchable
+from underpaint.vocabulary import SamplerName
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +84,7 @@ class PipelineInputs:
     # IP-Adapter: merged into the UNet's added_cond_kwargs (already ordered [uncond, cond] along the batch).
     added_cond: dict[str, Any] = field(default_factory=dict)
     control: ControlHook | None = None
+    mask: MaskSpec | None = None  # inpainting (``engine.inpainting``)
     hires_fix: HiresFix | None = None  # txt2img only
 
 
@@ -105,10 +108,11 @@ class Components:
 
 
 def pil_to_tensor(image: Image.Image, width: int, height: int) -> torch.Tensor:
-    """Resize ("just resize", A1111 resize mode 0) and map to [-1, 1], shape [1, 3, H, W]."""
+    """Resize ("just resize", A1111 resize mode 0) and map to [-1, 1], shape [1, 3, H, W], in A1111's float32
+    steps (``/ 255``, then ``2x - 1``: the random tiny test models amplify even a float32 rounding difference)."""
     if image.size != (width, height):
         image = image.resize((width, height), Image.Resampling.LANCZOS)
-    arr = np.asarray(image.convert("RGB"), dtype=np.float32) / 127.5 - 1.0
+    arr = 2.0 * (np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0) - 1.0
     return torch.from_numpy(arr).permute(2, 0, 1).unsqueeze(0)
 
 
@@ -141,20 +145,81 @@ def _with_fp32_retry(c: Components, what: str, run: Callable[[Any, torch.dtype],
 
 
 @torch.no_grad()
-def prepare_init_latents(c: Components, image: Image.Image, width: int, height: int, batch: int) -> torch.Tensor:
-    """VAE-encode the init image once and repeat it for the batch (float32, see ``LATENT_DTYPE``).
+def encode_pixels(c: Components, pixels: torch.Tensor) -> torch.Tensor:
+    """VAE-encode ``[1, 3, H, W]`` pixels in [-1, 1] to a scaled latent (float32, see ``LATENT_DTYPE``).
 
     A1111 samples the VAE posterior with the global (unseeded) RNG; we take its mean, which keeps results
     reproducible and differs from a sample by the posterior's tiny std.
     """
-    pixels = pil_to_tensor(image, width, height).to(c.device)
+    pixels = pixels.to(c.device)
 
     def encode(vae: Any, dtype: torch.dtype) -> torch.Tensor:
         mean: torch.Tensor = vae.encode(pixels.to(dtype)).latent_dist.mean
         return mean.to(LATENT_DTYPE) * c.vae_scaling_factor
 
-    latent = _with_fp32_retry(c, "encode", encode)
-    return latent.repeat(batch, 1, 1, 1)
+    return _with_fp32_retry(c, "encode", encode)
+
+
+def prepare_init_latents(c: Components, image: Image.Image, width: int, height: int, batch: int) -> torch.Tensor:
+    """VAE-encode the init image once and repeat it for the batch."""
+    return encode_pixels(c, pil_to_tensor(image, width, height)).repeat(batch, 1, 1, 1)
+
+
+def unet_in_channels(c: Components) -> int:
+    """4 for ordinary checkpoints, 9 for inpainting ones (latent + mask + masked-image latent)."""
+    return int(c.unet.config.in_channels)
+
+
+@dataclass
+class InpaintParts:
+    """What inpainting adds to a member: the latent repaint mask, the 9-channel conditioning, the paste-back."""
+
+    repaint_mask: torch.Tensor | None  # [1, 1, h, w], 1 = repaint; None: img2img with a 9-channel checkpoint
+    image_cond: torch.Tensor | None  # [1, 5, h, w] for 9-channel checkpoints
+    area: inpainting.PreparedArea | None
+    noise_multiplier: float = 1.0
+
+
+@torch.no_grad()
+def prepare_inpainting(
+    c: Components, inputs: PipelineInputs, latent_hw: tuple[int, int]
+) -> tuple[Image.Image | None, InpaintParts | None]:
+    """The init image the sampler starts from (None for txt2img) and the inpainting parts of one job (None unless it
+    inpaints or the checkpoint has a 9-channel UNet). A 9-channel checkpoint without a mask gets A1111's
+    conditioning for img2img and txt2img alike: an all-ones mask and the latent of a grey (all-zero) image."""
+    spec = inputs.mask
+    nine = unet_in_channels(c) == 9
+    image = inputs.init_image
+    if spec is None and not nine:
+        return image, None
+    area = None
+    if spec is not None:
+        if image is None:
+            raise JobError("inpainting needs an init image")
+        try:
+            area = inpainting.prepare_area(image, spec, inputs.width, inputs.height)
+        except ValueError as exc:
+            raise JobError(str(exc)) from None
+        image = area.image
+    h, w = latent_hw
+    repaint = None
+    if area is not None:
+        repaint = torch.from_numpy(inpainting.latent_mask(area.mask, w, h))[None, None].to(c.device, LATENT_DTYPE)
+    image_cond = None
+    if nine:
+        if image is not None:
+            pixels = pil_to_tensor(image, inputs.width, inputs.height)
+        else:
+            pixels = torch.zeros(1, 3, inputs.height, inputs.width)
+        if area is not None:
+            cond_mask = torch.from_numpy(inpainting.conditioning_mask(area.mask))[None, None]
+        else:
+            cond_mask = torch.ones(1, 1, *pixels.shape[-2:])
+        masked = encode_pixels(c, pixels * (1.0 - cond_mask))
+        small = torch.nn.functional.interpolate(cond_mask, size=masked.shape[-2:]).to(c.device, LATENT_DTYPE)
+        image_cond = torch.cat([small, masked], dim=1)
+    multiplier = spec.initial_noise_multiplier if spec is not None else 1.0
+    return image, InpaintParts(repaint, image_cond, area, multiplier)
 
 
 @torch.no_grad()
@@ -210,6 +275,7 @@ class Member:
     control: ControlHook | None = None
     on_progress: ProgressCallback | None = None
     should_cancel: Callable[[], bool] | None = None
+    inpaint: InpaintParts | None = None
 
 
 @dataclass(frozen=True)
@@ -379,12 +445,14 @@ def build_batch_model_fn(
     time_ids = sdxl_time_ids(spec.width, spec.height, c.device, c.dtype) if c.is_sdxl else None
 
     def run(group: list[_Entry], x_in: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        xs, ts, embeds, pooled, extras = [], [], [], [], []
+        xs, ts, embeds, pooled, extras, concat = [], [], [], [], [], []
         for e in group:
             m = batch.members[e.member]
             rows = batch.rows[e.member]
             n = len(m.seeds)
             xs.append(x_in[rows])
+            if m.inpaint is not None and m.inpaint.image_cond is not None:
+                concat.append(m.inpaint.image_cond.expand(n, -1, -1, -1))
             ts.append(t[rows])
             embeds.append(e.cond.embeds.to(c.device, c.dtype).expand(n, -1, -1))
             if c.is_sdxl and e.cond.pooled is not None:
@@ -404,8 +472,13 @@ def build_batch_model_fn(
         extra: dict[str, Any] = {}
         if any(batch.members[e.member].control is not None for e in group):
             extra = _control_residuals(batch, group, x_cat, t_cat, ehs, added, step_fraction())
+        unet_in = x_cat
+        if concat:  # 9-channel inpainting checkpoints: [latent, mask, masked-image latent] (ControlNet saw 4)
+            if len(concat) != len(group):
+                raise JobError("a 9-channel inpainting checkpoint needs its mask conditioning for every image")
+            unet_in = torch.cat([x_cat, torch.cat(concat).to(x_cat.dtype)], dim=1)
         out: torch.Tensor = c.unet(
-            x_cat, t_cat, encoder_hidden_states=ehs, added_cond_kwargs=added, return_dict=False, **extra
+            unet_in, t_cat, encoder_hidden_states=ehs, added_cond_kwargs=added, return_dict=False, **extra
         )[0]
         return out
 
@@ -498,11 +571,12 @@ def prepare_member(
     on_progress: ProgressCallback | None = None,
     should_cancel: Callable[[], bool] | None = None,
 ) -> Member:
-    """Encode one job's init image (img2img) and prompts (its part of a batch; see ``sample_batch``)."""
+    """Encode one job's init image (img2img), its mask when it inpaints, and its prompts (its part of a batch; see
+    ``sample_batch``)."""
+    latent_hw = (inputs.height // inpainting.LATENT_FACTOR, inputs.width // inpainting.LATENT_FACTOR)
+    image, inpaint = prepare_inpainting(c, inputs, latent_hw)
     init_latent = (
-        None
-        if inputs.init_image is None
-        else prepare_init_latents(c, inputs.init_image, inputs.width, inputs.height, len(inputs.seeds))
+        None if image is None else prepare_init_latents(c, image, inputs.width, inputs.height, len(inputs.seeds))
     )
     cond, uncond = encode_conditioning(c, inputs)
     return Member(
@@ -515,6 +589,7 @@ def prepare_member(
         control=inputs.control,
         on_progress=on_progress,
         should_cancel=should_cancel,
+        inpaint=inpaint,
     )
 
 
@@ -542,7 +617,7 @@ def batch_spec_of(job: GenerationJob) -> BatchSpec:
         job.width,
         job.height,
         job.steps,
-        job.sampler_name,
+        job.sampler,
         job.strength,
         txt2img=job.is_txt2img,
         hires_fix=job.hires_fix,
@@ -559,7 +634,7 @@ def sample_batch(c: Components, spec: BatchSpec, members: Sequence[Member]) -> l
     disturbing the others. If the shared call itself fails (out of memory, say), each member still running is
     retried on its own, so one bad member never fails its mates.
     """
-    if len(members) > 1 and normalize_sampler_name(spec.sampler_name) in UNBATCHABLE_SAMPLERS:
+    if len(members) > 1 and not batchable(spec.sampler_name):
         return [sample_batch(c, spec, [m])[0] for m in members]
     batch = _Batch(members)
     failure: Exception | None = None
@@ -594,7 +669,10 @@ def sample_batch(c: Components, spec: BatchSpec, members: Sequence[Member]) -> l
             results.append(outcome)
             continue
         try:
-            results.append(decode_latents(c, latents[batch.rows[k]]))
+            images = decode_latents(c, latents[batch.rows[k]])
+            parts = members[k].inpaint
+            area = parts.area if parts is not None else None
+            results.append([inpainting.paste_back(im, area) for im in images] if area is not None else images)
         except Exception as exc:
             results.append(exc)
     return results
@@ -613,7 +691,14 @@ def _sample(c: Components, spec: BatchSpec, batch: _Batch) -> torch.Tensor:
     def cancelled() -> bool:
         return not batch.any_active()
 
-    def img2img(pass_spec: BatchSpec, latents: torch.Tensor, strength: float, fix_steps: bool) -> torch.Tensor:
+    def img2img(
+        pass_spec: BatchSpec,
+        latents: torch.Tensor,
+        strength: float,
+        fix_steps: bool,
+        repaint: torch.Tensor | None = None,
+        multiplier: float | torch.Tensor = 1.0,
+    ) -> torch.Tensor:
         # Each pass draws from fresh generators seeded seed + i (A1111 re-creates its RNG for the hires pass).
         return sample_img2img(
             spec.sampler_name,
@@ -627,11 +712,15 @@ def _sample(c: Components, spec: BatchSpec, batch: _Batch) -> torch.Tensor:
             callback=clock.step,
             should_cancel=cancelled,
             fix_steps=fix_steps,
+            repaint_mask=repaint,
+            initial_noise_multiplier=multiplier,
         )
 
     with torch.no_grad():
         if not spec.txt2img:
-            return img2img(spec, torch.cat([_img2img_latent(m) for m in members]), spec.strength, False)
+            init = torch.cat([_img2img_latent(m) for m in members])
+            repaint, multiplier = _inpaint_rows(members, init)
+            return img2img(spec, init, spec.strength, False, repaint, multiplier)
         shape = (len(seeds), latent_channels(c), spec.height // 8, spec.width // 8)
         latents = sample_txt2img(
             spec.sampler_name,
@@ -658,10 +747,24 @@ def _sample(c: Components, spec: BatchSpec, batch: _Batch) -> torch.Tensor:
         if not second:  # strength 0: the upscaled first pass, not denoised again
             return latents
         clock.next_pass(1.0 - clock.share)
+        _grey_conditioning_at(c, members, (hires.width, hires.height))
         # The SDXL size conditioning of the second pass is the cover size, as A1111's hires conditioning.
         return img2img(
             BatchSpec(cover[0], cover[1], spec.steps, spec.sampler_name, hires.strength), latents, hires.strength, True
         )
+
+
+def _grey_conditioning_at(c: Components, members: Sequence[Member], size: tuple[int, int]) -> None:
+    """A 9-channel checkpoint's hires pass: the conditioning of a txt2img pass (all-ones mask, the latent of a grey
+    image) again, at the hires size."""
+    if not any(m.inpaint is not None and m.inpaint.image_cond is not None for m in members):
+        return
+    width, height = size
+    latent = encode_pixels(c, torch.zeros(1, 3, height, width))
+    cond = torch.cat([latent.new_ones(1, 1, *latent.shape[-2:]), latent], dim=1)
+    for m in members:
+        if m.inpaint is not None:
+            m.inpaint.image_cond = cond
 
 
 def _img2img_latent(m: Member) -> torch.Tensor:
@@ -701,6 +804,33 @@ def _upscale_with_model(c: Components, latents: torch.Tensor, size: tuple[int, i
     """Hires fix with an upscaler model: decode (8 bits, as A1111), upscale to ``size``, encode again."""
     images = [upscale(image, size[0], size[1]) for image in decode_latents(c, latents)]
     return torch.cat([prepare_init_latents(c, image, size[0], size[1], 1) for image in images])
+
+
+def _inpaint_rows(
+    members: Sequence[Member], init_latent: torch.Tensor
+) -> tuple[torch.Tensor | None, float | torch.Tensor]:
+    """The batch's latent repaint mask and initial-noise multipliers, row by row (a member that does not inpaint
+    repaints everything with multiplier 1, which leaves its rows exactly as plain img2img)."""
+    parts = [m.inpaint for m in members]
+    if all(p is None or p.repaint_mask is None for p in parts):
+        repaint = None
+    else:
+        h, w = init_latent.shape[-2:]
+        repaint = torch.cat(
+            [
+                (
+                    p.repaint_mask if p is not None and p.repaint_mask is not None else init_latent.new_ones(1, 1, h, w)
+                ).expand(len(m.seeds), -1, -1, -1)
+                for m, p in zip(members, parts, strict=True)
+            ]
+        )
+    factors = [p.noise_multiplier if p is not None else 1.0 for p in parts]
+    if all(f == 1.0 for f in factors):
+        return repaint, 1.0
+    rows = [f for m, f in zip(members, factors, strict=True) for _ in m.seeds]
+    if len(set(rows)) == 1:
+        return repaint, rows[0]
+    return repaint, torch.tensor(rows, dtype=init_latent.dtype, device=init_latent.device).view(-1, 1, 1, 1)
 
 
 def generate(

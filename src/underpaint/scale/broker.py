@@ -15,6 +15,7 @@ from sqlalchemy import Engine, text
 from underpaint.scale.celery_app import create_celery_app
 from underpaint.scale.celery_queue import CeleryQueue
 from underpaint.services import Services
+from underpaint.storage.base import reachability
 from underpaint.tasks.lanes import known_queues
 
 log = logging.getLogger("underpaint.scale")
@@ -68,8 +69,10 @@ class BrokerProbe:
             return False
 
     def health(self) -> dict[str, Any]:
-        """For ``/health``: each value is ``"ok"`` or ``"unreachable"`` (any non-ok makes it 503)."""
+        """For ``/health``: each value is ``"ok"`` or why not (the store down makes it 503; the broker or the image
+        storage down only "degraded")."""
         return {
             "store": "ok" if self.store_ok() else "unreachable",
             "broker": "ok" if self.broker_ok() else "unreachable",
+            "storage": reachability(self.services.storage),
         }

@@ -116,6 +116,26 @@ class LocalStorage:
         with contextlib.suppress(OSError):
             path.parent.rmdir()  # the per-task folder, once empty
 
+    def list_keys(self, start_after: str = "", limit: int = 1000) -> list[tuple[str, float]]:
+        """Up to ``limit`` image keys after ``start_after`` in key order, with their last-modified Unix times."""
+        first_folder = start_after.split("/", 1)[0]
+        keys: list[tuple[str, float]] = []
+        for folder in sorted(p for p in self.root.iterdir() if p.is_dir()):
+            if folder.name < first_folder:
+                continue
+            for f in sorted(folder.iterdir()):
+                key = f"{folder.name}/{f.name}"
+                if key <= start_after or f.name.startswith(".tmp-") or not f.is_file():
+                    continue
+                keys.append((key, f.stat().st_mtime))
+                if len(keys) >= limit:
+                    return keys
+        return keys
+
+    def reachable(self) -> str:
+        """For ``/health``: ``"ok"`` when the image folder is a writable directory."""
+        return "ok" if self.root.is_dir() and os.access(self.root, os.W_OK) else f"unwritable: {self.root}"
+
     # -- serving --------------------------------------------------------------------------------------------
 
     def path_for(self, key: str) -> Path:

@@ -20,9 +20,11 @@ from botocore.exceptions import (
     ClientError,
     ConnectTimeoutError,
     EndpointConnectionError,
+    HTTPClientError,
     NoCredentialsError,
     PartialCredentialsError,
 )
+from botocore.exceptions import ConnectionError as BotoConnectionError
 
 from underpaint.config import Settings
 from underpaint.storage.base import StorageError
@@ -67,23 +69,29 @@ _CAUSES = {
     "NoSuchKey": "object not found",
 }
 _STATUS_CAUSES = {403: _CAUSES["AccessDenied"], 404: "not found"}
+# Answers that mean "not now" rather than "never": worth another try after a pause.
+_TRANSIENT_CODES = {"SlowDown", "RequestTimeout", "InternalError", "ServiceUnavailable", "Throttling"}
+# The health probe must answer quickly whatever the endpoint does: one try, short timeouts.
+_PROBE_CONFIG = Config(connect_timeout=2, read_timeout=2, retries={"mode": "standard", "max_attempts": 1})
 
 
 def storage_error(exc: Exception, op: str, bucket: str, key: str | None = None) -> StorageError:
     """Describe a boto3/botocore failure for the task's ``reason``: what, where, why."""
     where = f"bucket {bucket!r}" + (f", key {key!r}" if key is not None else "")
+    transient = isinstance(exc, BotoConnectionError | HTTPClientError)
     if isinstance(exc, ClientError):
         error = exc.response.get("Error", {})
         code = str(error.get("Code", ""))
         status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
         cause = _CAUSES.get(code) or _STATUS_CAUSES.get(status) or f"{code or status}: {error.get('Message', '')}"
+        transient = code in _TRANSIENT_CODES or (isinstance(status, int) and status >= 500)
     elif isinstance(exc, NoCredentialsError | PartialCredentialsError):
         cause = "no usable AWS credentials configured on the server"
     elif isinstance(exc, EndpointConnectionError | ConnectTimeoutError):
         cause = f"cannot reach the S3 endpoint ({exc})"
     else:
         cause = str(exc)
-    return StorageError(f"S3 {op} failed ({where}): {cause}")
+    return StorageError(f"S3 {op} failed ({where}): {cause}", transient=transient)
 
 
 class S3Storage:
@@ -105,6 +113,7 @@ class S3Storage:
         self.region = region
         self.endpoint_url = endpoint_url
         self._client = s3_client(region, endpoint_url)
+        self._probe: Any = None
 
     @classmethod
     def from_settings(cls, settings: Settings) -> S3Storage:
@@ -150,3 +159,29 @@ class S3Storage:
             self._client.delete_object(Bucket=self.bucket, Key=full)
         except (ClientError, BotoCoreError) as exc:
             raise storage_error(exc, "delete", self.bucket, full) from exc
+
+    def reachable(self) -> str:
+        """For ``/health``: ``"ok"`` when the bucket answers a HEAD within about 2 s, else why not."""
+        if self._probe is None:
+            style = "path" if self.endpoint_url else "virtual"
+            config = _CONFIG.merge(_PROBE_CONFIG).merge(Config(s3={"addressing_style": style}))
+            self._probe = boto3.session.Session().client(
+                "s3", region_name=self.region, endpoint_url=self.endpoint_url, config=config
+            )
+        try:
+            self._probe.head_bucket(Bucket=self.bucket)
+            return "ok"
+        except (ClientError, BotoCoreError) as exc:
+            return f"unreachable: {storage_error(exc, 'probe', self.bucket)}"
+
+    def list_keys(self, start_after: str = "", limit: int = 1000) -> list[tuple[str, float]]:
+        """Up to ``limit`` image keys after ``start_after`` in key order, with their last-modified Unix times."""
+        prefix = self.object_key("")
+        params: dict[str, Any] = {"Bucket": self.bucket, "Prefix": prefix, "MaxKeys": max(1, min(1000, limit))}
+        if start_after:
+            params["StartAfter"] = self.object_key(start_after)
+        try:
+            listing = self._client.list_objects_v2(**params)
+        except (ClientError, BotoCoreError) as exc:
+            raise storage_error(exc, "list", self.bucket) from exc
+        return [(str(o["Key"])[len(prefix) :], o["LastModified"].timestamp()) for o in listing.get("Contents", [])]

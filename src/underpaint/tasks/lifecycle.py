@@ -5,7 +5,9 @@
 - ``sweep_expired``: the periodic version for any mode; a task whose worker stopped heartbeating is retried,
   or ends FAILED once it used up its attempts (it keeps killing workers).
 - ``RetentionSweeper``: deletes ended tasks, their inputs and their images after the retention period, and
-  ``Idempotency-Key`` records after 24 h.
+  ``Idempotency-Key`` records after 24 h; with an ``OrphanSweeper`` it also removes images no task references.
+- ``OrphanSweeper``: images left behind by an attempt that died between upload and completion (the attempts
+  that live delete their own), found by listing the storage a slice per run.
 """
 
 from __future__ import annotations
@@ -14,11 +16,13 @@ import logging
 import math
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterable, Sequence
 
 from underpaint.tasks.types import (
     IDEMPOTENCY_TTL_SECONDS,
     ImageDeleter,
+    ImageLister,
     ImageRecord,
     TaskQueue,
     TaskRecord,
@@ -131,6 +135,74 @@ def delete_images(storage: ImageDeleter, images: Iterable[ImageRecord]) -> int:
     return deleted
 
 
+class OrphanSweeper:
+    """Deletes images of the service's own storage that no task references: those of a task that ended with other
+    images (or none), and those of a task that no longer exists. Keys are ``<task_id>/<file>``; a key whose
+    first part is not a task id (``test_data/...`` of webhook test mode) is not this sweeper's.
+
+    Bounded: each ``run_once`` lists at most ``per_run`` keys, continuing where the last run stopped (wrapping
+    around), and leaves anything younger than ``min_age_s`` alone (an attempt may be between its upload and its
+    completion, or deleting its own images). Queued or running tasks' images are never touched."""
+
+    def __init__(
+        self,
+        store: TaskStore,
+        storage: ImageLister,
+        min_age_s: float,
+        *,
+        per_run: int = 1000,
+        on_removed: Callable[[int], None] | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.store = store
+        self.storage = storage
+        self.min_age_s = min_age_s
+        self.per_run = per_run
+        self.on_removed = on_removed
+        self.clock = clock
+        self._cursor = ""
+
+    def run_once(self) -> int:
+        """One slice of the storage; returns how many orphans it deleted."""
+        listed = self.storage.list_keys(self._cursor, self.per_run)
+        self._cursor = listed[-1][0] if len(listed) >= self.per_run else ""
+        cutoff = self.clock() - self.min_age_s
+        old = [(key, _task_of(key)) for key, modified in listed if modified < cutoff]
+        known = self.store.image_keys({tid for _, tid in old if tid is not None})
+        removed: list[str] = []
+        for key, tid in old:
+            if tid is None:
+                continue
+            entry = known.get(tid)
+            if entry is not None and (not entry[0].terminal or key in entry[1]):
+                continue
+            try:
+                self.storage.delete(key)
+                removed.append(key)
+            except Exception:
+                log.exception("orphan sweep: could not delete image %s", key)
+        if removed:
+            log.warning(
+                "orphan sweep: deleted %d image(s) no task references (%s%s)",
+                len(removed),
+                ", ".join(removed[:5]),
+                ", ..." if len(removed) > 5 else "",
+            )
+            if self.on_removed is not None:
+                self.on_removed(len(removed))
+        return len(removed)
+
+
+def _task_of(key: str) -> str | None:
+    """The task id an image key starts with (task ids are UUIDs), or None for keys of another kind."""
+    head = key.split("/", 1)[0]
+    try:
+        uuid.UUID(head)
+    except ValueError:
+        return None
+    return head
+
+
 class RetentionSweeper:
     """Purges tasks that ended more than ``retention_seconds`` ago, with their inputs and images."""
 
@@ -145,6 +217,7 @@ class RetentionSweeper:
         clock: Callable[[], float] = time.time,
         also_purge: Sequence[Callable[[float], int]] = (),
         purge_idempotency: Callable[[float], int] | None = None,
+        orphans: OrphanSweeper | None = None,
     ) -> None:
         if retention_seconds < 0:
             raise ValueError("retention_seconds must not be negative")
@@ -158,6 +231,7 @@ class RetentionSweeper:
         self.also_purge = tuple(also_purge)
         # Idempotency-Key records age out after their own TTL (24 h), not the retention period.
         self.purge_idempotency = purge_idempotency
+        self.orphans = orphans
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -178,6 +252,11 @@ class RetentionSweeper:
             self.purge_idempotency(self.clock() - IDEMPOTENCY_TTL_SECONDS)
         if total:
             log.info("retention: purged %d task(s) that ended before %.0f", total, cutoff)
+        if self.orphans is not None:
+            try:
+                self.orphans.run_once()
+            except Exception:
+                log.exception("orphan sweep failed; retrying at the next retention run")
         return total
 
     def start(self) -> None:

@@ -13,7 +13,7 @@ import sqlite3
 import threading
 import time
 import weakref
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +48,8 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.sql.elements import ColumnElement
 
 from underpaint.config import Settings
-from underpaint.tasks.batching import batch_key, model_key
+from underpaint.tasks.batching import signature
+from underpaint.tasks.contract import TaskRequest, TaskType, dump_extra, dump_request, load_extra, load_request
 from underpaint.tasks.types import (
     CANCELLED_REASON,
     IDEMPOTENCY_TTL_SECONDS,
@@ -100,6 +101,8 @@ tasks_table = Table(
     Column("batch_key", String(64)),
     # Checkpoint + LoRA set: workers prefer tasks for the model they have loaded.
     Column("model_key", String(64)),
+    # The endpoint (``tasks.contract.TaskType``): task-result reports it without reading the request.
+    Column("task_type", String(32), nullable=False),
 )
 _t = tasks_table
 Index("ix_tasks_claim", _t.c.status, _t.c.priority.desc(), _t.c.created_at)
@@ -208,11 +211,18 @@ def _m004_batch_keys(conn: Connection) -> None:
     conn.execute(text("CREATE INDEX ix_tasks_status_model ON tasks (status, model_key)"))
 
 
+def _m005_task_type(conn: Connection) -> None:
+    # Every task before this migration was img2img; their stored requests have no ``task_type`` and load as
+    # img2img too (``tasks.contract.load_request``).
+    conn.execute(text("ALTER TABLE tasks ADD COLUMN task_type VARCHAR(32) NOT NULL DEFAULT 'IMG_TO_IMG'"))
+
+
 MIGRATIONS: list[Callable[[Connection], None]] = [
     _m001_initial,
     _m002_payload_uncompressed,
     _m003_cancel_and_idempotency,
     _m004_batch_keys,
+    _m005_task_type,
 ]
 
 # Any constant works; it only has to be the same in every process that migrates this database.
@@ -346,7 +356,8 @@ def _record_from(m: Mapping[Any, Any], decode: Callable[[Any], Any]) -> TaskReco
         started_at=m["started_at"],
         finished_at=m["finished_at"],
         images=[_image_from_json(i) for i in decode(m["images"])],
-        extra=dict(decode(m["extra"])),
+        extra=load_extra(decode(m["extra"])),
+        task_type=TaskType(m["task_type"]),
         image_num=m["image_num"],
         worker_id=m["worker_id"],
         lease_expires_at=m["lease_expires_at"],
@@ -490,6 +501,8 @@ class SqlTaskStore:
 
     def create(self, task: NewTask, idempotency: IdempotencyKey | None = None) -> TaskRecord:
         now = self.clock()
+        sig = signature(task.request)
+        payload = dump_request(task.request)
         values: dict[str, Any] = {
             "task_id": task.task_id,
             "owner": task.owner,
@@ -498,8 +511,8 @@ class SqlTaskStore:
             "progress_percent": 0,
             "eta": 0,
             "seed": task.seed,
-            "enable_nsfw_detection": task.enable_nsfw_detection,
-            "response_image_type": task.response_image_type,
+            "enable_nsfw_detection": task.extra.enable_nsfw_detection,
+            "response_image_type": task.extra.response_image_type,
             "lane": task.lane,
             "priority": task.priority,
             "attempts": 0,
@@ -510,13 +523,14 @@ class SqlTaskStore:
             "started_at": None,
             "finished_at": None,
             "images": [],
-            "extra": task.extra,
-            "batch_key": batch_key(task.payload, task.response_image_type),
-            "model_key": model_key(task.payload),
+            "extra": dump_extra(task.extra),
+            "batch_key": sig.key(),
+            "model_key": sig.model_key(),
+            "task_type": TaskType(task.request.task_type).value,
         }
         if idempotency is None:
             with self._write.begin() as conn:
-                self._insert(conn, values, task.payload)
+                self._insert(conn, values, payload)
             return _record_from_values(values)
         key = {"owner": task.owner, "idempotency_key": idempotency.key}
         for _ in range(3):
@@ -529,7 +543,7 @@ class SqlTaskStore:
                             **key, request_hash=idempotency.request_hash, task_id=task.task_id, created_at=now
                         )
                     )
-                    self._insert(conn, values, task.payload)
+                    self._insert(conn, values, payload)
                 return _record_from_values(values)
             except IntegrityError:
                 taken = self._idempotency_row(task.owner, idempotency.key)
@@ -645,13 +659,13 @@ class SqlTaskStore:
             row = conn.execute(_GET_BY_ID if owner is None else _GET_BY_OWNER, params).first()
         return None if row is None else _record(row)
 
-    def get_payload(self, task_id: str) -> dict[str, Any]:
+    def get_request(self, task_id: str) -> TaskRequest:
         """Raises ``KeyError`` when the input is gone (task ended or purged)."""
         with self._read.connect() as conn:
             payload = conn.execute(select(payloads_table.c.payload).where(payloads_table.c.task_id == task_id)).scalar()
         if payload is None:
             raise KeyError(task_id)
-        return dict(payload)
+        return load_request(payload)
 
     def count_unfinished(self, owner: str) -> int:
         stmt = select(func.count()).where(_t.c.owner == owner, _t.c.status.in_((_QUEUED, _PROCESSING)))
@@ -698,6 +712,14 @@ class SqlTaskStore:
         stmt = select(_t.c.task_id).where(*self._queued_filter(lanes)).order_by(*_CLAIM_ORDER)
         with self._read.connect() as conn:
             return list(conn.execute(stmt).scalars())
+
+    def queued_model_keys(self, lanes: tuple[str, ...] | None = None, limit: int = 8) -> list[tuple[str, str | None]]:
+        """(task id, model key) of the first ``limit`` queued tasks in claim order: what a worker will load next."""
+        stmt = (
+            select(_t.c.task_id, _t.c.model_key).where(*self._queued_filter(lanes)).order_by(*_CLAIM_ORDER).limit(limit)
+        )
+        with self._read.connect() as conn:
+            return [(str(task_id), key) for task_id, key in conn.execute(stmt)]
 
     def count_by_status(self) -> dict[TaskStatus, int]:
         counts = dict.fromkeys(TaskStatus, 0)
@@ -855,6 +877,16 @@ class SqlTaskStore:
                 changed.append(tid)
         return changed
 
+    def image_keys(self, task_ids: Iterable[str]) -> dict[str, tuple[TaskStatus, frozenset[str]]]:
+        ids = list(dict.fromkeys(task_ids))
+        found: dict[str, tuple[TaskStatus, frozenset[str]]] = {}
+        with self._read.connect() as conn:
+            for start in range(0, len(ids), 500):
+                stmt = select(_t.c.task_id, _t.c.status, _t.c.images).where(_t.c.task_id.in_(ids[start : start + 500]))
+                for tid, status, images in conn.execute(stmt):
+                    found[tid] = (TaskStatus(status), frozenset(str(i["key"]) for i in images))
+        return found
+
     def purge(self, older_than: float, limit: int = 500) -> list[TaskRecord]:
         pick = (
             select(_t)
@@ -943,7 +975,8 @@ def _record_from_values(values: dict[str, Any]) -> TaskRecord:
         lane=values["lane"],
         priority=values["priority"],
         created_at=values["created_at"],
-        extra=dict(values["extra"]),
+        extra=load_extra(values["extra"]),
+        task_type=TaskType(values["task_type"]),
         image_num=values["image_num"],
         batch_key=values["batch_key"],
         model_key=values["model_key"],

@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import enum
 import hashlib
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Protocol, runtime_checkable
+
+from underpaint.tasks.contract import TaskExtra, TaskRequest, TaskType
 
 
 class TaskStatus(enum.StrEnum):
@@ -59,7 +62,8 @@ class TaskRecord:
     finished_at: float | None = None
     images: list[ImageRecord] = field(default_factory=list)
     # The request's ``extra`` object as accepted (webhook, custom_storage ...), echoed in webhooks.
-    extra: dict[str, Any] = field(default_factory=dict)
+    extra: TaskExtra = field(default_factory=TaskExtra)
+    task_type: TaskType = TaskType.IMG_TO_IMG
     image_num: int = 1
     # Lease: the worker currently running the task and when its lease runs out (PROCESSING only).
     worker_id: str | None = None
@@ -107,15 +111,20 @@ class IdempotencyKeyTaken(Exception):
 class NewTask:
     task_id: str
     owner: str
-    seed: int
-    enable_nsfw_detection: bool
-    response_image_type: str
-    extra: dict[str, Any]
-    # The validated, normalized request (``Img2ImgRequest.model_dump()``), images included.
-    payload: dict[str, Any]
-    image_num: int = 1
+    # The validated request as the worker runs it (``tasks.contract``): model names resolved to registry
+    # ``sd_name``s, the seed resolved (never -1), images as the client's base64 text.
+    request: TaskRequest
+    extra: TaskExtra = field(default_factory=TaskExtra)
     lane: str = "default"
     priority: int = 0
+
+    @property
+    def seed(self) -> int:
+        return self.request.seed
+
+    @property
+    def image_num(self) -> int:
+        return self.request.image_num
 
 
 @dataclass(frozen=True)
@@ -173,7 +182,9 @@ class TaskStore(Protocol):
         """``owner=None`` is for workers; the API always passes the caller's owner hash."""
         ...
 
-    def get_payload(self, task_id: str) -> dict[str, Any]: ...
+    def get_request(self, task_id: str) -> TaskRequest:
+        """The task's typed request. Raises ``KeyError`` when the input is gone (task ended or purged)."""
+        ...
 
     def claim(
         self,
@@ -225,6 +236,10 @@ class TaskStore(Protocol):
         up their attempts. Returns the ids this call changed (check ``status`` to tell the two apart)."""
         ...
 
+    def image_keys(self, task_ids: Iterable[str]) -> dict[str, tuple[TaskStatus, frozenset[str]]]:
+        """For each of ``task_ids`` that exists: its status and the keys of the images it records."""
+        ...
+
     def purge(self, older_than: float, limit: int = 500) -> list[TaskRecord]:
         """Delete up to ``limit`` ended tasks (and inputs) finished before ``older_than``; returns them."""
         ...
@@ -257,6 +272,13 @@ class ImageDeleter(Protocol):
     name: str
 
     def delete(self, key: str) -> None: ...
+
+
+@runtime_checkable
+class ImageLister(ImageDeleter, Protocol):
+    """An image store that can list what it holds (for the orphan sweep): keys in order, with modified times."""
+
+    def list_keys(self, start_after: str = "", limit: int = 1000) -> list[tuple[str, float]]: ...
 
 
 class TaskQueue(Protocol):

@@ -89,6 +89,42 @@ def _too_large(field: str, size: int | None, max_bytes: int) -> Exception:
 
 def open_image(raw: bytes, field: str = "image_base64", limits: ImageLimits = DEFAULT_LIMITS) -> DecodedImage:
     """Bytes → checked, fully decoded RGB image."""
+    im, fmt = _open_checked(raw, field, limits)
+    try:
+        rgb = to_rgb(im)
+    except Exception:  # exotic modes Pillow cannot convert (LAB, HSV ...)
+        raise invalid_image_format(
+            f"{field}: unsupported color mode {im.mode}; send an RGB, grayscale or CMYK image", field=field
+        ) from None
+    return DecodedImage(rgb, fmt)
+
+
+def decode_mask(data: str, field: str = "mask_image_base64", limits: ImageLimits = DEFAULT_LIMITS) -> Image.Image:
+    """An inpainting mask (white = repaint) → one 8-bit channel, with the image checks of ``decode_image``."""
+    im, _ = _open_checked(decode_base64(data, field, limits.max_bytes), field, limits)
+    try:
+        return mask_channel(im)
+    except Exception:  # exotic modes Pillow cannot convert
+        raise invalid_image_format(
+            f"{field}: unsupported color mode {im.mode}; send a grayscale, RGB or RGBA mask", field=field
+        ) from None
+
+
+def mask_channel(im: Image.Image) -> Image.Image:
+    """A1111's reading of a mask (v1.8 ``create_binary_mask``, with rounding): an image with real transparency
+    (an alpha channel that is not fully opaque) is its alpha, thresholded at > 128; anything else is its
+    luminance with the grey levels kept. Unlike A1111, which looks at RGBA images only, every mode with alpha
+    (LA, PA, palette transparency) is read the same way."""
+    im = _upright(im)
+    if im.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in im.info:
+        alpha = im.convert("RGBA").getchannel("A")
+        if alpha.getextrema() != (255, 255):
+            return alpha.point(lambda v: 255 if v > 128 else 0)
+    return to_rgb(im).convert("L")
+
+
+def _open_checked(raw: bytes, field: str, limits: ImageLimits) -> tuple[Image.Image, str]:
+    """Bytes → a fully loaded Pillow image in its own mode, after every check of ``open_image``."""
     try:
         im = Image.open(io.BytesIO(raw))
     except Image.DecompressionBombError:
@@ -120,13 +156,7 @@ def open_image(raw: bytes, field: str = "image_base64", limits: ImageLimits = DE
         raise invalid_image_format(f"{field}: image data is truncated or corrupt", field=field) from None
     if animated:
         raise invalid_image_format(f"{field}: animated images are not supported; send a single frame", field=field)
-    try:
-        rgb = to_rgb(im)
-    except Exception:  # exotic modes Pillow cannot convert (LAB, HSV ...)
-        raise invalid_image_format(
-            f"{field}: unsupported color mode {im.mode}; send an RGB, grayscale or CMYK image", field=field
-        ) from None
-    return DecodedImage(rgb, fmt)
+    return im, fmt
 
 
 def decode_image(data: str, field: str = "image_base64", limits: ImageLimits = DEFAULT_LIMITS) -> DecodedImage:

@@ -13,7 +13,6 @@ from typing import Any
 
 from underpaint.tasks.types import ImageRecord, TaskRecord, TaskStatus
 
-TASK_TYPE = "IMG_TO_IMG"
 _DEFAULT_FAILURE = "task failed"
 
 
@@ -51,7 +50,7 @@ def task_result_body(
     return {
         "task": {
             "task_id": task.task_id,
-            "task_type": TASK_TYPE,
+            "task_type": task.task_type.value,
             "status": status.value,
             "reason": reason,
             "eta": max(0, int(task.eta or 0) if eta is None else eta),

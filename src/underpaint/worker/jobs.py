@@ -1,77 +1,123 @@
-"""Stored task payload → ``GenerationJob`` (used by workers; no FastAPI here).
+"""Typed task request → engine job (used by workers; no FastAPI here).
 
-The payload is ``Img2ImgRequest.model_dump()`` as accepted at submit time: defaults applied, model names
-replaced by the registry ``sd_name``s, images kept as the client's base64 text. Images are decoded again here
-with the same checks as at submit, so a worker never trusts bytes it has not validated itself.
+The request is the ``tasks.contract`` model as accepted at submit time: defaults applied, model names replaced by
+the registry ``sd_name``s, the seed resolved, images kept as the client's base64 text. Images are decoded again
+here with the same checks as at submit, so a worker never trusts bytes it has not validated itself.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from PIL import Image
 
-from underpaint.engine.job import ControlNetUnitSpec, EmbeddingSpec, GenerationJob, IPAdapterSpec, JobError, LoraSpec
-from underpaint.vocabulary import SamplerName, normalize_preprocessor_name, normalize_sampler_name
+from underpaint.engine.job import (
+    ControlNetUnitSpec,
+    EmbeddingSpec,
+    GenerationJob,
+    HiresFix,
+    IPAdapterSpec,
+    JobError,
+    LoraSpec,
+    Refiner,
+)
+from underpaint.tasks.contract import GenerationRequest, Img2ImgRequest, TaskRequest, Txt2ImgRequest
 from underpaint.wire.errors import ApiError
 from underpaint.wire.images import decode_image
 
 
-def job_from_payload(payload: dict[str, Any], seed: int) -> GenerationJob:
-    """Raises ``JobError`` (message fit for the task's ``reason``) if the payload is unusable."""
+def job_from_request(request: TaskRequest) -> GenerationJob:
+    """Raises ``JobError`` (message fit for the task's ``reason``) if the request cannot run."""
     try:
-        return _build(payload, seed)
+        if isinstance(request, Img2ImgRequest):
+            return _img2img(request)
+        if isinstance(request, Txt2ImgRequest):
+            return _txt2img(request)
     except ApiError as exc:
         raise JobError(exc.message) from None
-    except (KeyError, TypeError, ValueError) as exc:
-        raise JobError(f"invalid stored task payload: {exc!r}") from None
+    raise JobError(f"unknown task type {request.task_type!r}")
 
 
-def _sampler(name: object) -> SamplerName:
-    canonical = normalize_sampler_name(name)
-    if canonical is None:
-        raise ValueError(f"unknown sampler {name!r}")
-    return canonical
+def _checked_seed(request: GenerationRequest) -> int:
+    if request.seed < 0:
+        raise JobError(f"the seed must be resolved before building a job, got {request.seed}")
+    return request.seed
 
 
-def _build(p: dict[str, Any], seed: int) -> GenerationJob:
-    if seed < 0:
-        raise ValueError(f"seed must be resolved before building a job, got {seed}")
-    controlnet = p.get("controlnet") or {}
-    units = tuple(
+def _adapters(request: GenerationRequest) -> tuple[tuple[ControlNetUnitSpec, ...], tuple[IPAdapterSpec, ...]]:
+    units = request.controlnet.units if request.controlnet is not None else []
+    controlnets = tuple(
         ControlNetUnitSpec(
-            model=u["model_name"],
-            image=decode_image(u["image_base64"], f"request.controlnet.units[{i}].image_base64").image,
-            strength=float(u["strength"]),
-            preprocessor=normalize_preprocessor_name(u.get("preprocessor")),
-            guidance_start=float(u["guidance_start"]),
-            guidance_end=float(u["guidance_end"]),
+            model=u.model_name,
+            image=decode_image(u.image_base64, f"request.controlnet.units[{i}].image_base64").image,
+            strength=u.strength,
+            preprocessor=u.preprocessor,
+            guidance_start=u.guidance_start,
+            guidance_end=u.guidance_end,
         )
-        for i, u in enumerate(controlnet.get("units") or ())
+        for i, u in enumerate(units)
     )
-    adapters = tuple(
+    ip_adapters = tuple(
         IPAdapterSpec(
-            model=a["model_name"],
-            image=decode_image(a["image_base64"], f"request.ip_adapters[{i}].image_base64").image,
-            strength=float(a["strength"]),
+            model=a.model_name,
+            image=decode_image(a.image_base64, f"request.ip_adapters[{i}].image_base64").image,
+            strength=a.strength,
         )
-        for i, a in enumerate(p.get("ip_adapters") or ())
+        for i, a in enumerate(request.ip_adapters)
     )
+    return controlnets, ip_adapters
+
+
+def _img2img(r: Img2ImgRequest) -> GenerationJob:
+    init = decode_image(r.image_base64, "request.image_base64").image
+    return _job(r, init_image=init, strength=r.strength)
+
+
+def _txt2img(r: Txt2ImgRequest) -> GenerationJob:
+    hires, refiner = r.hires_fix, r.refiner
+    if refiner is not None and refiner.model_name is None:
+        raise JobError("the refiner checkpoint must be resolved before building a job")
+    return _job(
+        r,
+        init_image=None,
+        strength=1.0,  # unused by txt2img
+        hires_fix=None
+        if hires is None
+        else HiresFix(hires.target_width, hires.target_height, hires.strength, hires.upscaler),
+        refiner=None
+        if refiner is None or refiner.model_name is None
+        else Refiner(refiner.model_name, refiner.switch_at),
+    )
+
+
+def _job(
+    r: GenerationRequest,
+    *,
+    init_image: Image.Image | None,
+    strength: float,
+    hires_fix: HiresFix | None = None,
+    refiner: Refiner | None = None,
+) -> GenerationJob:
+    seed = _checked_seed(r)
+    controlnets, ip_adapters = _adapters(r)
     return GenerationJob(
-        checkpoint=p["model_name"],
-        init_image=decode_image(p["image_base64"], "request.image_base64").image,
-        prompt=p["prompt"],
-        negative_prompt=p.get("negative_prompt") or "",
-        width=int(p["width"]),
-        height=int(p["height"]),
-        image_num=int(p["image_num"]),
-        steps=int(p["steps"]),
-        guidance_scale=float(p["guidance_scale"]),
-        sampler_name=_sampler(p["sampler_name"]),
+        checkpoint=r.model_name,
+        init_image=init_image,
+        prompt=r.prompt,
+        negative_prompt=r.negative_prompt,
+        width=r.width,
+        height=r.height,
+        image_num=r.image_num,
+        steps=r.steps,
+        guidance_scale=r.guidance_scale,
+        sampler_name=r.sampler_name,
+        scheduler=r.scheduler,
         seed=seed,
-        strength=float(p["strength"]),
-        clip_skip=int(p.get("clip_skip") or 1),
-        vae=p.get("sd_vae") or None,
-        loras=tuple(LoraSpec(x["model_name"], float(x["strength"])) for x in p.get("loras") or ()),
-        embeddings=tuple(EmbeddingSpec(x["model_name"]) for x in p.get("embeddings") or ()),
-        controlnets=units,
-        ip_adapters=adapters,
+        strength=strength,
+        clip_skip=r.clip_skip,
+        vae=r.sd_vae or None,
+        loras=tuple(LoraSpec(x.model_name, x.strength) for x in r.loras),
+        embeddings=tuple(EmbeddingSpec(x.model_name) for x in r.embeddings),
+        controlnets=controlnets,
+        ip_adapters=ip_adapters,
+        hires_fix=hires_fix,
+        refiner=refiner,
     )

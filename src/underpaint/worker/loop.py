@@ -25,11 +25,12 @@ import time
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol, runtime_checkable
+from typing import Protocol, runtime_checkable
 
 from underpaint.config import Settings
 from underpaint.engine.job import JobCancelled, JobError, Progress
 from underpaint.storage.base import ImageStorage, StorageError
+from underpaint.tasks.contract import TaskRequest
 from underpaint.tasks.lifecycle import TerminalHook, delete_images, notify_terminal, sweep_expired
 from underpaint.tasks.queue import LocalQueue
 from underpaint.tasks.types import CANCELLED_REASON, ImageRecord, TaskRecord, TaskStatus, TaskStore
@@ -92,13 +93,22 @@ class ProgressReporter:
         if not (due or progress_percent >= 100):
             return
         self._last_write = now
-        if not self.store.update_progress(self.task_id, self.worker_id, int(progress_percent), int(eta_seconds)):
+        try:
+            held = self.store.update_progress(self.task_id, self.worker_id, int(progress_percent), int(eta_seconds))
+        except Exception as exc:
+            # The database blinked: progress is only informative, and the lease outlives a short outage.
+            log.warning(
+                "task %s: progress not recorded (%r); generation goes on", self.task_id, exc,
+                extra={"task_id": self.task_id},
+            )  # fmt: skip
+            return
+        if not held:
             self._lost.set()
             raise JobCancelled(f"task {self.task_id}: this worker lost its lease")
 
 
 class TaskRunner(Protocol):
-    def run(self, task: TaskRecord, payload: dict[str, Any], report: ProgressReporter) -> list[ImageRecord]:
+    def run(self, task: TaskRecord, request: TaskRequest, report: ProgressReporter) -> list[ImageRecord]:
         """Generate and store the images of ``task``. Image keys must be unique per attempt (``task.attempts``)
         so that a run that lost its lease can delete its own images without touching the winner's."""
         ...
@@ -107,11 +117,46 @@ class TaskRunner(Protocol):
 @runtime_checkable
 class BatchTaskRunner(TaskRunner, Protocol):
     def run_batch(
-        self, items: Sequence[tuple[TaskRecord, dict[str, Any], ProgressReporter]]
+        self, items: Sequence[tuple[TaskRecord, TaskRequest, ProgressReporter]]
     ) -> list[list[ImageRecord] | BaseException]:
         """Run compatible tasks together; one outcome per task, in order: its images, or why it has none
         (``JobCancelled`` when it was abandoned). A task's failure never fails the others."""
         ...
+
+
+@runtime_checkable
+class Prefetcher(Protocol):
+    def prefetch(self, checkpoints: Sequence[str]) -> None:
+        """The checkpoints (``model_name``) queued tasks will need next, soonest first: read them ahead."""
+        ...
+
+
+@runtime_checkable
+class QueuePeek(Protocol):
+    def queued_model_keys(self, lanes: tuple[str, ...] | None = None, limit: int = 8) -> list[tuple[str, str | None]]:
+        """(task id, model key) of the first queued tasks in claim order."""
+        ...
+
+
+def prefetch_next(
+    store: TaskStore, runner: TaskRunner, lanes: tuple[str, ...] | None, running: Sequence[TaskRecord], peek: int = 8
+) -> str | None:
+    """Tell ``runner`` which checkpoint the head of the queue needs after ``running`` (the first queued task of
+    another model), so it reads it while ``running`` samples; the checkpoint named, or None."""
+    if not isinstance(runner, Prefetcher) or not isinstance(store, QueuePeek):
+        return None
+    now = {t.model_key for t in running}
+    try:
+        for task_id, key in store.queued_model_keys(lanes, peek):
+            if key is None or key in now:
+                continue
+            name = store.get_request(task_id).model_name
+            if name:
+                runner.prefetch([name])
+                return name
+    except Exception:  # a hint only: the task itself reads its checkpoint
+        log.warning("could not look at the head of the queue for prefetching", exc_info=True)
+    return None
 
 
 class _LeaseKeeper:
@@ -220,15 +265,20 @@ def run_claimed_batch(
 ) -> None:
     """Run tasks this worker has just claimed, together when the runner batches, and record each outcome on its
     own (if this worker still holds that task's lease)."""
-    items: list[tuple[TaskRecord, dict[str, Any], ProgressReporter]] = []
+    items: list[tuple[TaskRecord, TaskRequest, ProgressReporter]] = []
     for task in tasks:
         try:
-            payload = store.get_payload(task.task_id)
-        except KeyError:
-            if store.fail(task.task_id, worker_id, "the task's input is no longer available; submit the task again"):
+            request = store.get_request(task.task_id)
+        except (KeyError, ValueError) as exc:
+            reason = (
+                "the task's input is no longer available; submit the task again"
+                if isinstance(exc, KeyError)
+                else f"the task's stored input is not a valid request: {exc}"
+            )
+            if store.fail(task.task_id, worker_id, reason):
                 notify_terminal(store, [task.task_id], on_terminal)
             continue
-        items.append((task, payload, ProgressReporter(store, task.task_id, worker_id)))
+        items.append((task, request, ProgressReporter(store, task.task_id, worker_id)))
     if not items:
         return
     for task, _, _ in items:
@@ -247,7 +297,7 @@ def run_claimed_batch(
 
 
 def _run(
-    runner: TaskRunner, items: list[tuple[TaskRecord, dict[str, Any], ProgressReporter]]
+    runner: TaskRunner, items: list[tuple[TaskRecord, TaskRequest, ProgressReporter]]
 ) -> list[list[ImageRecord] | BaseException]:
     if len(items) > 1 and isinstance(runner, BatchTaskRunner):
         try:
@@ -256,9 +306,9 @@ def _run(
             log.exception("a batch of %d tasks failed as a whole", len(items))
             return [exc] * len(items)
     outcomes: list[list[ImageRecord] | BaseException] = []
-    for task, payload, reporter in items:
+    for task, request, reporter in items:
         try:
-            outcomes.append(runner.run(task, payload, reporter))
+            outcomes.append(runner.run(task, request, reporter))
         except Exception as exc:
             outcomes.append(exc)
     return outcomes
@@ -291,19 +341,75 @@ def _record(
         if store.fail(task.task_id, worker_id, reason):
             notify_terminal(store, [task.task_id], on_terminal)
         return
-    if store.complete(task.task_id, worker_id, outcome):
+    recorded = _complete_through_outage(store, task, worker_id, outcome)
+    if recorded:
         notify_terminal(store, [task.task_id], on_terminal)
         return
-    if store.cancel_requested(task.task_id) and _end_cancelled(store, task.task_id, worker_id, on_terminal):
-        log.info(
-            "task %s: cancelled after its last step; discarding %d image(s)", task.task_id, len(outcome), extra=about
-        )
-    else:
-        log.warning(
-            "task %s: lease lost before completion; discarding %d image(s)", task.task_id, len(outcome), extra=about
-        )
+    # Not recorded: the images go (a store outage that outlasted the lease was logged already; the lease gives
+    # the task another attempt).
+    if recorded is False:
+        if store.cancel_requested(task.task_id) and _end_cancelled(store, task.task_id, worker_id, on_terminal):
+            log.info(
+                "task %s: cancelled after its last step; discarding %d image(s)",
+                task.task_id,
+                len(outcome),
+                extra=about,
+            )
+        else:
+            log.warning(
+                "task %s: lease lost before completion; discarding %d image(s)", task.task_id, len(outcome), extra=about
+            )
     if storage is not None:
         delete_images(storage, outcome)
+
+
+def _complete_through_outage(
+    store: TaskStore,
+    task: TaskRecord,
+    worker_id: str,
+    images: list[ImageRecord],
+    sleep: Callable[[float], None] = time.sleep,
+) -> bool | None:
+    """``store.complete``, retried with backoff while the store is unreachable (a database restart), for at most
+    60 % of the lease: the lease keeper renewed the lease at most a third of it ago, so this worker still holds
+    it meanwhile and its images are recorded once the database is back. True when recorded, False when this
+    worker no longer holds the task, None when the store stayed unreachable.
+
+    A completion the database committed but whose answer was lost finds the task SUCCEED with these very images
+    on the next try: that counts as recorded (the images are the task's, never deleted). After the whole budget
+    the caller deletes the images: the lease runs out and the next attempt makes new ones, so none is orphaned."""
+    about = {"task_id": task.task_id}
+    deadline = time.monotonic() + 0.6 * store.lease_seconds
+    delay, failed = 0.25, False
+    while True:
+        try:
+            if store.complete(task.task_id, worker_id, images):
+                return True
+            if not failed:
+                return False
+            current = store.get(task.task_id)
+            keys = sorted(i.key for i in images)
+            return (
+                current is not None
+                and current.status is TaskStatus.SUCCEED
+                and sorted(i.key for i in current.images) == keys
+            )
+        except Exception as exc:
+            failed = True
+            left = deadline - time.monotonic()
+            if left <= 0:
+                log.error(
+                    "task %s: completion could not be recorded (task store unreachable: %r); discarding its %d "
+                    "image(s), the lease will give the task another attempt", task.task_id, exc, len(images),
+                    extra=about,
+                )  # fmt: skip
+                return None
+            log.warning(
+                "task %s: completion not recorded (task store unreachable: %r); retrying in %.1f s",
+                task.task_id, exc, min(delay, left), extra=about,
+            )  # fmt: skip
+            sleep(min(delay, left))
+            delay = min(5.0, delay * 2)
 
 
 def _end_cancelled(store: TaskStore, task_id: str, worker_id: str, on_terminal: TerminalHook | None) -> bool:
@@ -437,6 +543,7 @@ def process_task(
             if not tasks:
                 break
             claimer.ran(tasks)
+            prefetch_next(store, runner, claimer.lanes, tasks)
             run_claimed_batch(
                 store, tasks, wid, runner, on_terminal=on_terminal, storage=storage, cancel_poll=cancel_poll
             )
@@ -446,6 +553,7 @@ def process_task(
         if not tasks:
             return None
         claimer.ran(tasks)
+        prefetch_next(store, runner, claimer.lanes, tasks)
         run_claimed_batch(store, tasks, wid, runner, on_terminal=on_terminal, storage=storage, cancel_poll=cancel_poll)
     return store.get(task_id)
 
@@ -499,6 +607,7 @@ class Worker:
         if not tasks:
             return False
         self.claimer.ran(tasks)
+        prefetch_next(self.store, self.runner, self.lanes, tasks)
         run_claimed_batch(
             self.store,
             tasks,

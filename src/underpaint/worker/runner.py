@@ -1,4 +1,4 @@
-"""The bridge from a claimed task to stored images: payload -> job -> executor -> encode -> NSFW -> storage.
+"""The bridge from a claimed task to stored images: typed request -> job -> executor -> encode -> NSFW -> storage.
 
 Workers (the embedded thread and Celery workers alike) call ``GenerationRunner.run``, or ``run_batch`` for tasks
 that share a sampler call; it knows nothing about how the tasks were delivered.
@@ -8,20 +8,24 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, Protocol
+from functools import partial
+from typing import Protocol
 
 from PIL import Image
 
 from underpaint.config import Settings
 from underpaint.engine.job import Executor, GeneratedImage, GenerationJob
 from underpaint.engine.metadata import CONTENT_TYPES, encode_image
+from underpaint.engine.model_tiers import ModelCacheReport
 from underpaint.storage import custom as custom_storage
 from underpaint.storage.base import ImageStorage
 from underpaint.storage.custom_target import custom_target, object_key
+from underpaint.storage.retry import UploadRetry
+from underpaint.tasks.contract import TaskRequest
 from underpaint.tasks.types import ImageRecord, NsfwResult, TaskRecord
-from underpaint.worker.jobs import job_from_payload
+from underpaint.worker.jobs import job_from_request
 from underpaint.worker.loop import ProgressReporter
 
 log = logging.getLogger(__name__)
@@ -35,15 +39,27 @@ class CountingExecutor(Executor, Protocol):
     @property
     def checkpoint_loads(self) -> int: ...
 
+    def prefetch(self, checkpoints: Sequence[str]) -> None: ...
+
+    def cache_report(self) -> ModelCacheReport: ...
+
 
 class GenerationRunner:
     def __init__(
-        self, settings: Settings, storage: ImageStorage, executor: CountingExecutor, nsfw: NsfwCheck | None = None
+        self,
+        settings: Settings,
+        storage: ImageStorage,
+        executor: CountingExecutor,
+        nsfw: NsfwCheck | None = None,
+        *,
+        upload_retry: UploadRetry | None = None,
     ) -> None:
         self.settings = settings
         self.storage = storage
         self.executor = executor
         self.nsfw = nsfw
+        # A storage outage delays uploads (backoff, within storage_retry_seconds) instead of failing tasks.
+        self.upload_retry = upload_retry or UploadRetry(settings.storage_retry_seconds)
         # NSFW detection runs on the CPU (onnxruntime) beside encoding and upload, never on the GPU.
         self._side = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nsfw")
 
@@ -51,25 +67,31 @@ class GenerationRunner:
     def checkpoint_loads(self) -> int:
         return self.executor.checkpoint_loads
 
-    def run(self, task: TaskRecord, payload: dict[str, Any], report: ProgressReporter) -> list[ImageRecord]:
-        job = job_from_payload(payload, task.seed)
+    def prefetch(self, checkpoints: Sequence[str]) -> None:
+        self.executor.prefetch(checkpoints)
+
+    def cache_report(self) -> ModelCacheReport:
+        return self.executor.cache_report()
+
+    def run(self, task: TaskRecord, request: TaskRequest, report: ProgressReporter) -> list[ImageRecord]:
+        job = job_from_request(request)
         # The reporter also knows when this worker lost its lease (another worker took the task over).
         images = self.executor.generate(job, on_progress=report, should_cancel=report.should_cancel)
         verdicts = self._detect(task, images)
-        records = self._store(task, images, verdicts)
+        records = self._store(task, images, verdicts, report.should_cancel)
         return records
 
     def run_batch(
-        self, items: Sequence[tuple[TaskRecord, dict[str, Any], ProgressReporter]]
+        self, items: Sequence[tuple[TaskRecord, TaskRequest, ProgressReporter]]
     ) -> list[list[ImageRecord] | BaseException]:
         """Compatible tasks in one ``Executor.generate_batch`` call; each task's outcome on its own (its images, or
-        the exception that ended it: an unusable payload, a failed generation, a failed upload)."""
+        the exception that ended it: an unusable request, a failed generation, a failed upload)."""
         outcomes: list[list[ImageRecord] | BaseException | None] = [None] * len(items)
         jobs: list[GenerationJob] = []
         ready: list[int] = []
-        for i, (task, payload, _) in enumerate(items):
+        for i, (_, request, _) in enumerate(items):
             try:
-                jobs.append(job_from_payload(payload, task.seed))
+                jobs.append(job_from_request(request))
                 ready.append(i)
             except Exception as exc:
                 outcomes[i] = exc
@@ -85,9 +107,9 @@ class GenerationRunner:
             if isinstance(result, BaseException):
                 outcomes[i] = result
                 continue
-            task = items[i][0]
+            task, _, reporter = items[i]
             try:
-                outcomes[i] = self._store(task, result, self._detect(task, result))
+                outcomes[i] = self._store(task, result, self._detect(task, result), reporter.should_cancel)
             except Exception as exc:
                 outcomes[i] = exc
         return [o if o is not None else RuntimeError("task was not run") for o in outcomes]
@@ -95,28 +117,38 @@ class GenerationRunner:
     def _detect(self, task: TaskRecord, images: list[GeneratedImage]) -> Future[list[NsfwResult]] | None:
         if not task.enable_nsfw_detection or self.nsfw is None:
             return None
-        level = int(task.extra.get("nsfw_detection_level") or 0)
-        return self._side.submit(self.nsfw.detect, [g.image for g in images], level)
+        return self._side.submit(self.nsfw.detect, [g.image for g in images], task.extra.nsfw_detection_level)
 
     def _store(
-        self, task: TaskRecord, images: list[GeneratedImage], verdicts: Future[list[NsfwResult]] | None
+        self,
+        task: TaskRecord,
+        images: list[GeneratedImage],
+        verdicts: Future[list[NsfwResult]] | None,
+        should_stop: Callable[[], bool],
     ) -> list[ImageRecord]:
         fmt = task.response_image_type
-        custom = (task.extra.get("custom_storage") or {}).get("aws_s3")
+        retry, tid = self.upload_retry, task.task_id
+        custom = task.extra.custom_s3
         records: list[tuple[str, str, dict[str, str]]] = []
         try:
             for g in images:
                 data = encode_image(g.image, fmt, g.infotext)
                 filename = f"{uuid.uuid4().hex}.{fmt}"
                 if custom:
-                    target = custom_target(custom, self.settings)
-                    save_directly = bool(custom.get("save_to_path_directly"))
-                    key = object_key(target, task.task_id, filename, save_directly)
-                    location = custom_storage.put_custom(target, key, data, CONTENT_TYPES[fmt])
+                    target = custom_target(custom.model_dump(), self.settings)
+                    key = object_key(target, task.task_id, filename, custom.save_to_path_directly)
+                    location = retry.run(
+                        partial(custom_storage.put_custom, target, key, data, CONTENT_TYPES[fmt]),
+                        tid,
+                        f"upload of {key} to bucket {target.bucket}",
+                        should_stop,
+                    )
                     records.append((key, "custom", location))
                 else:
                     key = f"{task.task_id}/{filename}"
-                    self.storage.put(key, data, CONTENT_TYPES[fmt])
+                    retry.run(
+                        partial(self.storage.put, key, data, CONTENT_TYPES[fmt]), tid, f"upload of {key}", should_stop
+                    )
                     records.append((key, self.storage.name, {}))
         except Exception:
             # The task fails: leave none of its images behind, in our storage or in the user's bucket.

@@ -53,6 +53,35 @@ def guard_cancel(model_fn: ModelFn, should_cancel: Callable[[], bool] | None) ->
     return guarded
 
 
+class LatentBlend:
+    """Inpainting's latent blend (A1111 v1.8): ``x * repaint + init * (1 - repaint)``, i.e. the un-noised init
+    latent wherever the latent mask keeps the input."""
+
+    def __init__(self, init: Tensor, repaint: Tensor) -> None:
+        self.init = init
+        self.repaint = repaint.to(init.dtype)
+        self.keep = 1.0 - self.repaint
+
+    def __call__(self, x: Tensor) -> Tensor:
+        return x * self.repaint + self.init * self.keep
+
+    def after(self, denoise: Denoiser) -> Denoiser:
+        """Sigma samplers: blend the denoised estimate (after CFG)."""
+
+        def blended(x: Tensor, sigma: float) -> Tensor:
+            return self(denoise(x, sigma))
+
+        return blended
+
+    def before(self, eps_fn: EpsFn) -> EpsFn:
+        """Timestep samplers: blend the latent the model sees (the sampler keeps its own)."""
+
+        def blended(x: Tensor, t: float) -> Tensor:
+            return eps_fn(self(x), t)
+
+        return blended
+
+
 def make_denoiser(model_fn: ModelFn, schedule: DiscreteSchedule, prediction_type: str = "epsilon") -> Denoiser:
     """Denoiser ``D(x, sigma) -> x0 estimate`` over the VE latent ``x`` (see module docstring)."""
     _check_prediction_type(prediction_type)
