@@ -12,12 +12,10 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
+from tests.support.in_process import in_process
 from tests.support.server import make_png
 
-from underpaint.api.app import create_app
-from underpaint.config import Settings
 from underpaint.engine.metadata import read_infotext
-from underpaint.wiring import build_core, build_local_worker
 
 A = {"Authorization": "Bearer key-a"}
 
@@ -68,18 +66,8 @@ class Stack:
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory, tiny_models_dir: Path) -> Iterator[Stack]:
-    settings = Settings(
-        data_dir=tmp_path_factory.mktemp("data"),
-        models_dir=tiny_models_dir,
-        api_keys=("key-a", "key-b"),
-        torch_threads=1,
-        run_worker=False,
-        public_base_url="http://testserver",
-    )
-    core = build_core(settings)
-    worker = build_local_worker(core)
-    with TestClient(create_app(core.services)) as client:
-        yield Stack(client, worker, core.services)
+    with in_process(tmp_path_factory.mktemp("data"), tiny_models_dir) as running:
+        yield Stack(running.client, running.worker, running.services)
 
 
 def pixels(data: bytes) -> np.ndarray:
@@ -191,3 +179,38 @@ def test_long_prompt_and_weights_change_the_image(stack: Stack) -> None:
     long_img = pixels(stack.images(stack.run(stack.submit(seed=3, prompt=long_prompt)))[0])
     assert not np.array_equal(base, weighted)
     assert not np.array_equal(base, long_img)
+
+
+def submit_txt2img(stack: Stack, **request: Any) -> str:
+    body = {"request": {"model_name": "tiny-sdxl.safetensors", "prompt": "a red house", "width": 128, "height": 128,
+                        "steps": 4, "seed": 31, "sampler_name": "Euler", **request}}  # fmt: skip
+    r = stack.client.post("/v3/async/txt2img", json=body, headers=A)
+    assert r.status_code == 200, r.text
+    return str(r.json()["task_id"])
+
+
+@pytest.mark.slow
+def test_txt2img_with_refiner_and_a_model_upscaler_hires_fix(stack: Stack) -> None:
+    """Over HTTP: the refiner found by its name (no setting, no ``refiner.model_name``), a hires fix through an
+    upscaler model, the task-result type, and the infotext of both."""
+    task_id = submit_txt2img(
+        stack,
+        refiner={"switch_at": 0.5},
+        hires_fix={
+            "target_width": 192,
+            "target_height": 160,
+            "strength": 0.5,
+            "upscaler": "RealESRGAN_x4plus_anime_6B",
+        },
+    )
+    result = stack.run(task_id)
+    assert result["task"]["status"] == "TASK_STATUS_SUCCEED", result["task"]
+    assert result["task"]["task_type"] == "TXT_TO_IMG"
+    (png,) = stack.images(result)
+    assert Image.open(io.BytesIO(png)).size == (192, 160)
+    info = read_infotext(png)
+    assert info is not None
+    assert "Refiner: tiny-sdxl-refiner" in info
+    assert "Refiner switch at: 0.5" in info
+    assert "Hires upscaler: RealESRGAN_x4plus_anime_6B" in info
+    assert "Hires resize: 192x160" in info

@@ -19,7 +19,8 @@
 
   const state = {
     key: localStorage.getItem(KEY_STORE) || "",
-    models: { checkpoint: [], vae: [], lora: [], textualinversion: [], controlnet: [], ipadapter: [] },
+    models: { checkpoint: [], vae: [], lora: [], textualinversion: [], controlnet: [], ipadapter: [], upscaler: [] },
+    mode: "img2img", // the task type the form submits (the tabs above it)
     init: null, // {b64, width, height, name}
     cancelSupported: false,
     jobs: new Map(), // task_id -> {el, timer}
@@ -114,7 +115,7 @@
   // ---------------------------------------------------------------- models
 
   async function loadModels() {
-    const found = { checkpoint: [], vae: [], lora: [], textualinversion: [], controlnet: [], ipadapter: [] };
+    const found = { checkpoint: [], vae: [], lora: [], textualinversion: [], controlnet: [], ipadapter: [], upscaler: [] };
     let cursor = "";
     for (let page = 0; page < 50; page++) {
       const q = new URLSearchParams({ "filter.visibility": "public", "pagination.limit": "100" });
@@ -127,6 +128,11 @@
     state.models = found;
     const keep = $("model_name").value;
     fillSelect($("model_name"), found.checkpoint, null, keep);
+    fillSelect($("up-model"), found.upscaler, null);
+    const hiresUpscaler = $("hires-upscaler").value;
+    $("hires-upscaler").replaceChildren(new Option("Latent", "Latent"));
+    for (const m of found.upscaler) $("hires-upscaler").append(new Option(m.name, m.sd_name));
+    if ([...$("hires-upscaler").options].some((o) => o.value === hiresUpscaler)) $("hires-upscaler").value = hiresUpscaler;
     onCheckpointChange();
   }
 
@@ -164,6 +170,37 @@
     $("ip-enabled").disabled = compatible("ipadapter").length === 0;
   }
   $("model_name").addEventListener("change", onCheckpointChange);
+
+  // ---------------------------------------------------------------- task type: img2img, txt2img or upscale
+
+  const MODES = {
+    img2img: { path: "/v3/async/img2img", submit: "Generate", image: "Init image" },
+    txt2img: { path: "/v3/async/txt2img", submit: "Generate", image: "Init image" },
+    upscale: { path: "/v3/async/upscale", submit: "Upscale", image: "Image" },
+  };
+
+  function setMode(mode) {
+    state.mode = mode;
+    for (const tab of document.querySelectorAll("#modes .mode")) {
+      tab.setAttribute("aria-selected", String(tab.dataset.mode === mode));
+    }
+    for (const el of document.querySelectorAll("[data-modes]")) el.hidden = !el.dataset.modes.split(" ").includes(mode);
+    $("submit").textContent = MODES[mode].submit;
+    $("init-title").textContent = MODES[mode].image;
+    formError("");
+    showUpscaleSize();
+  }
+  for (const tab of document.querySelectorAll("#modes .mode")) tab.addEventListener("click", () => setMode(tab.dataset.mode));
+  $("hires-enabled").addEventListener("change", () => { $("hires-fields").hidden = !$("hires-enabled").checked; });
+
+  // A1111's Extras size: each side times the scale, floored to a multiple of 8 (what the server returns).
+  function showUpscaleSize() {
+    const scale = Number($("up-scale").value);
+    $("up-size").textContent = state.init && scale > 0
+      ? `${state.init.width}×${state.init.height} → ${Math.floor(state.init.width * scale / 8) * 8}×${Math.floor(state.init.height * scale / 8) * 8}`
+      : "";
+  }
+  $("up-scale").addEventListener("input", showUpscaleSize);
 
   // ---------------------------------------------------------------- vocabularies (rendered in by the server)
 
@@ -223,6 +260,7 @@
       $("init-info").textContent = `${image.name} · ${image.width}×${image.height}`;
       $("init-size").disabled = false;
       $("init-clear").disabled = false;
+      showUpscaleSize();
       formError("");
     } catch (err) {
       formError(err.message);
@@ -256,6 +294,7 @@
     $("init-file").value = "";
     $("init-size").disabled = true;
     $("init-clear").disabled = true;
+    showUpscaleSize();
   });
   $("init-size").addEventListener("click", () => {
     if (!state.init) return;
@@ -274,13 +313,29 @@
     return (await readImage(input.files[0])).b64;
   }
 
+  function buildUpscaleRequest() {
+    if (!state.init) throw new Error("add the image to upscale first (drop, paste or choose a file)");
+    if (!$("up-model").value) throw new Error("no upscaler: put one in the server's models/upscaler folder");
+    const req = { model_name: $("up-model").value, image_base64: state.init.b64, scale_factor: num("up-scale") };
+    return { extra: { response_image_type: $("up-output").value }, request: req };
+  }
+
+  // An adapter's own image, else the init image (image to image only).
+  async function adapterImage(input, what) {
+    const own = await fileB64(input);
+    if (own) return own;
+    if (state.mode === "img2img" && state.init) return state.init.b64;
+    throw new Error(`choose the ${what} image (text to image has no init image to fall back on)`);
+  }
+
   async function buildRequest() {
-    if (!state.init) throw new Error("add an init image first (drop, paste or choose a file)");
+    if (state.mode === "upscale") return buildUpscaleRequest();
+    const text = state.mode === "txt2img";
+    if (!text && !state.init) throw new Error("add an init image first (drop, paste or choose a file)");
     if (!$("model_name").value) throw new Error("no checkpoint: put one in the server's models/checkpoint folder");
     if (!$("prompt").value.trim()) throw new Error("write a prompt");
     const req = {
       model_name: $("model_name").value,
-      image_base64: state.init.b64,
       prompt: $("prompt").value,
       negative_prompt: $("negative_prompt").value,
       width: num("width"),
@@ -288,11 +343,23 @@
       image_num: num("image_num"),
       steps: num("steps"),
       guidance_scale: num("guidance_scale"),
-      strength: num("strength"),
       sampler_name: $("sampler_name").value,
       seed: num("seed"),
       clip_skip: num("clip_skip"),
     };
+    if (text) {
+      if ($("hires-enabled").checked) {
+        req.hires_fix = {
+          target_width: num("hires-width"),
+          target_height: num("hires-height"),
+          strength: num("hires-strength"),
+          upscaler: $("hires-upscaler").value,
+        };
+      }
+    } else {
+      req.image_base64 = state.init.b64;
+      req.strength = num("strength");
+    }
     if ($("sd_vae").value) req.sd_vae = $("sd_vae").value;
     req.loras = [...document.querySelectorAll("#lora-rows .adapter-row")]
       .filter((r) => r.querySelector(".row-model").value)
@@ -304,7 +371,7 @@
       req.controlnet = {
         units: [{
           model_name: $("cn-model").value,
-          image_base64: (await fileB64($("cn-image"))) || state.init.b64,
+          image_base64: await adapterImage($("cn-image"), "ControlNet control"),
           preprocessor: $("cn-preprocessor").value,
           strength: num("cn-strength"),
           guidance_start: num("cn-start"),
@@ -315,7 +382,7 @@
     if ($("ip-enabled").checked && $("ip-model").value) {
       req.ip_adapters = [{
         model_name: $("ip-model").value,
-        image_base64: (await fileB64($("ip-image"))) || state.init.b64,
+        image_base64: await adapterImage($("ip-image"), "IP-Adapter reference"),
         strength: num("ip-strength"),
       }];
     }
@@ -329,7 +396,7 @@
     if (r.controlnet) r.controlnet = { units: r.controlnet.units.map(({ image_base64, ...u }) => u) };
     if (r.ip_adapters) r.ip_adapters = r.ip_adapters.map(({ image_base64, ...a }) => a);
     try {
-      localStorage.setItem(PARAMS_STORE + taskId, JSON.stringify({ request: r, extra: body.extra }));
+      localStorage.setItem(PARAMS_STORE + taskId, JSON.stringify({ mode: state.mode, request: r, extra: body.extra }));
     } catch (_) { /* storage full: reuse falls back to the infotext */ }
   }
 
@@ -350,7 +417,7 @@
     try {
       const body = await buildRequest();
       const key = crypto.randomUUID ? crypto.randomUUID() : `${Date.now()}-${Math.random()}`;
-      const { task_id: taskId } = await api("POST", "/v3/async/img2img", body, { "Idempotency-Key": key });
+      const { task_id: taskId } = await api("POST", MODES[state.mode].path, body, { "Idempotency-Key": key });
       remember(taskId, body);
       track(taskId);
       refreshTasks();
@@ -473,6 +540,10 @@
         fig.dataset.info = found.parsed ? "png" : "recorded";
         return found;
       });
+      if ((recalled(taskId) || {}).mode === "upscale") {
+        for (const el of fig.querySelectorAll(".shot-reuse-seed, .shot-reuse")) el.hidden = true;
+        fig.querySelector(".shot-seed").parentElement.textContent = `Upscaled ${image.image_type}`;
+      }
       fig.querySelector(".shot-reuse-seed").addEventListener("click", () => { $("seed").value = fig.dataset.seed; });
       fig.querySelector(".shot-reuse").addEventListener("click", async () => {
         reuseSettings(taskId, await info, Number(fig.dataset.seed));
@@ -559,10 +630,16 @@
   function describe(r, seed) {
     const lines = [r.prompt];
     if (r.negative_prompt) lines.push(`Negative prompt: ${r.negative_prompt}`);
-    lines.push([
+    const params = [
       `Steps: ${r.steps}`, `Sampler: ${r.sampler_name}`, `CFG scale: ${r.guidance_scale}`, `Seed: ${seed}`,
-      `Size: ${r.width}x${r.height}`, `Model: ${r.model_name}`, `Denoising strength: ${r.strength}`,
-    ].join(", "));
+      `Size: ${r.width}x${r.height}`, `Model: ${r.model_name}`,
+    ];
+    if (r.strength !== undefined) params.push(`Denoising strength: ${r.strength}`);
+    if (r.hires_fix) {
+      params.push(`Denoising strength: ${r.hires_fix.strength}`,
+        `Hires resize: ${r.hires_fix.target_width}x${r.hires_fix.target_height}`, `Hires upscaler: ${r.hires_fix.upscaler}`);
+    }
+    lines.push(params.join(", "));
     return lines.join("\n");
   }
 
@@ -570,6 +647,15 @@
     const p = recalled(taskId);
     if (p) {
       const r = p.request;
+      if (p.mode === "img2img" || p.mode === "txt2img") setMode(p.mode);
+      $("hires-enabled").checked = Boolean(r.hires_fix);
+      $("hires-fields").hidden = !r.hires_fix;
+      if (r.hires_fix) {
+        $("hires-width").value = r.hires_fix.target_width;
+        $("hires-height").value = r.hires_fix.target_height;
+        $("hires-strength").value = r.hires_fix.strength;
+        $("hires-upscaler").value = r.hires_fix.upscaler;
+      }
       for (const id of ["prompt", "negative_prompt", "width", "height", "image_num", "steps", "guidance_scale",
         "strength", "clip_skip"]) {
         if (r[id] !== undefined) $(id).value = r[id];
