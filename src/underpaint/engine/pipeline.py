@@ -39,6 +39,7 @@ from underpaint.engine.job import (
     Progress,
     ProgressCallback,
 )
+from underpaint.engine.memory import release_frames
 from underpaint.engine.samplers import DiscreteSchedule, NoiseSource, sample_img2img, sample_txt2img
 from underpaint.tasks.batching import batchable
 from underpaint.vocabulary import SamplerName
@@ -667,6 +668,7 @@ def sample_batch(c: Components, spec: BatchSpec, members: Sequence[Member]) -> l
     if len(members) > 1 and not batchable(spec.sampler_name):
         return [sample_batch(c, spec, [m])[0] for m in members]
     batch = _Batch(members)
+    failure: Exception | None = None
     try:
         latents = _sample(c, spec, batch)
     except JobCancelled as exc:
@@ -674,13 +676,20 @@ def sample_batch(c: Components, spec: BatchSpec, members: Sequence[Member]) -> l
             batch.drop(k, exc)
         return [o if o is not None else exc for o in batch.outcome]
     except Exception as exc:
+        failure = exc
+    if failure is not None:
+        # Here, out of the except block and with the failed call's frames cleared, the batch's tensors are gone
+        # before a retry allocates again (engine/memory.py).
+        release_frames(failure)
         still = [k for k in range(len(members)) if batch.active(k)]
         if len(still) <= 1:
             for k in still:
-                batch.drop(k, exc)
-            return [o if o is not None else exc for o in batch.outcome]
-        log.warning("batch of %d failed (%s: %s); running its tasks one by one", len(still), type(exc).__name__, exc)
-        outcomes: list[Outcome] = [o if o is not None else exc for o in batch.outcome]
+                batch.drop(k, failure)
+            return [o if o is not None else failure for o in batch.outcome]
+        log.warning(
+            "batch of %d failed (%s: %s); running its tasks one by one", len(still), type(failure).__name__, failure
+        )
+        outcomes: list[Outcome] = [o if o is not None else failure for o in batch.outcome]
         for k in still:
             outcomes[k] = sample_batch(c, spec, [members[k]])[0]
         return outcomes
