@@ -165,13 +165,19 @@ class ExecutorStats:
 JobOutcome = list[GeneratedImage] | BaseException
 
 
+def _task_type(job: GenerationJob) -> TaskType:
+    if job.is_txt2img:
+        return TaskType.TXT_TO_IMG
+    return TaskType.IMG_TO_IMG if job.mask is None else TaskType.INPAINTING
+
+
 def batch_key(job: GenerationJob) -> object:
     """Jobs with equal keys share one sampler call. The signature is ``tasks.batching``'s, the one the store keys
     queued tasks with (what may differ: prompts, seeds, ``image_num``, guidance scale, the adapters' images); a job
     whose signature never batches (DPM adaptive) gets a key of its own."""
     hires = job.hires_fix
     key = BatchSignature(
-        task_type=(TaskType.TXT_TO_IMG if job.is_txt2img else TaskType.IMG_TO_IMG).value,
+        task_type=_task_type(job).value,
         checkpoint=job.checkpoint,
         width=job.width,
         height=job.height,

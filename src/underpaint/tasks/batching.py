@@ -22,7 +22,7 @@ import json
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 
-from underpaint.tasks.contract import Img2ImgRequest, TaskRequest, TaskType
+from underpaint.tasks.contract import Img2ImgRequest, InpaintingRequest, TaskRequest, TaskType
 from underpaint.vocabulary import normalize_sampler_name
 
 UNBATCHABLE_SAMPLERS = frozenset({"DPM adaptive"})
@@ -87,7 +87,7 @@ def signature(request: TaskRequest) -> BatchSignature:
         height=request.height,
         steps=request.steps,
         sampler=request.sampler_name,
-        strength=request.strength if isinstance(request, Img2ImgRequest) else None,
+        strength=request.strength if isinstance(request, Img2ImgRequest | InpaintingRequest) else None,
         clip_skip=request.clip_skip,
         vae=request.sd_vae or None,
         loras=lora_set((x.model_name, x.strength) for x in request.loras),

@@ -21,7 +21,16 @@ from __future__ import annotations
 import enum
 from typing import Annotated, Any, Literal
 
-from pydantic import ConfigDict, Discriminator, Field, Tag, TypeAdapter, model_validator
+from pydantic import (
+    BeforeValidator,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    TypeAdapter,
+    WithJsonSchema,
+    model_validator,
+)
 from pydantic.json_schema import SkipJsonSchema
 from pydantic_core import PydanticCustomError
 
@@ -105,6 +114,10 @@ class IPAdapterIn(Lenient):
 # --- requests, one per endpoint ----------------------------------------------------------------------------------
 
 
+def _blank_is_none(value: Any) -> Any:
+    return None if isinstance(value, str) and not value.strip() else value
+
+
 class GenerationRequest(Lenient):
     """The fields every diffusion endpoint shares (Novita's ranges and the SDKs' defaults)."""
 
@@ -118,7 +131,7 @@ class GenerationRequest(Lenient):
     guidance_scale: Annotated[float, in_range(1, 30)] = 7.5
     sampler_name: Sampler = SamplerName("Euler a")
     seed: Seed = -1
-    sd_vae: ModelName | None = None
+    sd_vae: Annotated[ModelName | None, BeforeValidator(_blank_is_none)] = None  # "" (Python SDK): none
     clip_skip: Annotated[int, in_range(1, 12)] = 1
     loras: Annotated[list[LoraIn], at_most(5)] = Field(default_factory=list)
     embeddings: Annotated[list[EmbeddingIn], at_most(5)] = Field(default_factory=list)
@@ -140,6 +153,34 @@ class Txt2ImgRequest(GenerationRequest):
     task_type: SkipJsonSchema[Literal[TaskType.TXT_TO_IMG]] = TaskType.TXT_TO_IMG
 
 
+# Inpainting's on/off fields: Novita documents 0/1, the Python SDK sends booleans; both are accepted (and stored
+# as booleans).
+Flag = Annotated[bool, WithJsonSchema({"anyOf": [{"type": "boolean"}, {"type": "integer", "enum": [0, 1]}]})]
+INPAINTING_MIN_SIDE = 64
+
+
+class InpaintingRequest(GenerationRequest):
+    """``POST /v3/async/inpainting``. Novita's body has no width/height: the API sets them from the image, to the
+    processing size (``inpainting_size``); the output keeps the image's own size."""
+
+    task_type: SkipJsonSchema[Literal[TaskType.INPAINTING]] = TaskType.INPAINTING
+    width: SkipJsonSchema[int] = 0  # set by the API from the image, not by the client
+    height: SkipJsonSchema[int] = 0
+    image_base64: Base64
+    mask_image_base64: Base64
+    strength: Unit = 1.0
+    mask_blur: Annotated[int, in_range(0, 64)] = 4
+    inpainting_full_res: Flag = False
+    inpainting_full_res_padding: Annotated[int, in_range(0, 256)] = 8
+    inpainting_mask_invert: Flag = False
+    initial_noise_multiplier: Annotated[float, in_range(0, 1.5)] = 0.5
+
+
+def inpainting_size(width: int, height: int) -> tuple[int, int]:
+    """Inpainting's processing size: the image's size rounded down to a multiple of 8 (the VAE's factor)."""
+    return width // 8 * 8, height // 8 * 8
+
+
 def _task_type_of(value: Any) -> str:
     if isinstance(value, dict):
         # Rows stored before the contract had a task type were all img2img.
@@ -148,9 +189,11 @@ def _task_type_of(value: Any) -> str:
 
 
 # Any endpoint's request (annotations); a new endpoint adds its model here and its tag to ``_TAGGED``.
-TaskRequest = Img2ImgRequest | Txt2ImgRequest
+TaskRequest = Img2ImgRequest | Txt2ImgRequest | InpaintingRequest
 _TAGGED = Annotated[
-    Annotated[Img2ImgRequest, Tag(TaskType.IMG_TO_IMG)] | Annotated[Txt2ImgRequest, Tag(TaskType.TXT_TO_IMG)],
+    Annotated[Img2ImgRequest, Tag(TaskType.IMG_TO_IMG)]
+    | Annotated[Txt2ImgRequest, Tag(TaskType.TXT_TO_IMG)]
+    | Annotated[InpaintingRequest, Tag(TaskType.INPAINTING)],
     Discriminator(_task_type_of),
 ]
 _REQUEST = TypeAdapter[TaskRequest](_TAGGED)

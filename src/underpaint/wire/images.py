@@ -41,6 +41,7 @@ class ImageLimits:
 
 
 DEFAULT_LIMITS = ImageLimits()
+INPAINTING_LIMITS = ImageLimits(max_bytes=30 * 1024 * 1024)  # image and mask: 16 MP, 30 MB (Novita's limits)
 
 
 @dataclass(frozen=True)

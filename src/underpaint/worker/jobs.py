@@ -7,10 +7,26 @@ here with the same checks as at submit, so a worker never trusts bytes it has no
 
 from __future__ import annotations
 
-from underpaint.engine.job import ControlNetUnitSpec, EmbeddingSpec, GenerationJob, IPAdapterSpec, JobError, LoraSpec
-from underpaint.tasks.contract import GenerationRequest, Img2ImgRequest, TaskRequest, Txt2ImgRequest
+from PIL import Image
+
+from underpaint.engine.job import (
+    ControlNetUnitSpec,
+    EmbeddingSpec,
+    GenerationJob,
+    IPAdapterSpec,
+    JobError,
+    LoraSpec,
+    MaskSpec,
+)
+from underpaint.tasks.contract import (
+    GenerationRequest,
+    Img2ImgRequest,
+    InpaintingRequest,
+    TaskRequest,
+    Txt2ImgRequest,
+)
 from underpaint.wire.errors import ApiError
-from underpaint.wire.images import decode_image
+from underpaint.wire.images import INPAINTING_LIMITS, decode_image, decode_mask
 
 
 def job_from_request(request: TaskRequest) -> GenerationJob:
@@ -18,6 +34,8 @@ def job_from_request(request: TaskRequest) -> GenerationJob:
     try:
         if isinstance(request, Img2ImgRequest):
             return _img2img(request)
+        if isinstance(request, InpaintingRequest):
+            return _inpainting(request)
         if isinstance(request, Txt2ImgRequest):
             raise JobError("txt2img tasks are not supported by this worker yet")
     except ApiError as exc:
@@ -56,11 +74,34 @@ def _adapters(request: GenerationRequest) -> tuple[tuple[ControlNetUnitSpec, ...
 
 
 def _img2img(r: Img2ImgRequest) -> GenerationJob:
+    init = decode_image(r.image_base64, "request.image_base64").image
+    return _job(r, init_image=init, strength=r.strength)
+
+
+def _inpainting(r: InpaintingRequest) -> GenerationJob:
+    image = decode_image(r.image_base64, "request.image_base64", INPAINTING_LIMITS).image
+    mask = decode_mask(r.mask_image_base64, "request.mask_image_base64", INPAINTING_LIMITS)
+    if mask.size != image.size:
+        raise JobError(f"the mask is {mask.width}x{mask.height} but the image {image.width}x{image.height}")
+    spec = MaskSpec(
+        mask=mask,
+        blur=r.mask_blur,
+        full_res=r.inpainting_full_res,
+        full_res_padding=r.inpainting_full_res_padding,
+        invert=r.inpainting_mask_invert,
+        initial_noise_multiplier=r.initial_noise_multiplier,
+    )
+    return _job(r, init_image=image, strength=r.strength, mask=spec)
+
+
+def _job(
+    r: GenerationRequest, *, init_image: Image.Image | None, strength: float, mask: MaskSpec | None = None
+) -> GenerationJob:
     seed = _checked_seed(r)
     controlnets, ip_adapters = _adapters(r)
     return GenerationJob(
         checkpoint=r.model_name,
-        init_image=decode_image(r.image_base64, "request.image_base64").image,
+        init_image=init_image,
         prompt=r.prompt,
         negative_prompt=r.negative_prompt,
         width=r.width,
@@ -70,11 +111,12 @@ def _img2img(r: Img2ImgRequest) -> GenerationJob:
         guidance_scale=r.guidance_scale,
         sampler_name=r.sampler_name,
         seed=seed,
-        strength=r.strength,
+        strength=strength,
         clip_skip=r.clip_skip,
         vae=r.sd_vae or None,
         loras=tuple(LoraSpec(x.model_name, x.strength) for x in r.loras),
         embeddings=tuple(EmbeddingSpec(x.model_name) for x in r.embeddings),
         controlnets=controlnets,
         ip_adapters=ip_adapters,
+        mask=mask,
     )
