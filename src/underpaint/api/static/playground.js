@@ -223,6 +223,7 @@
       $("init-info").textContent = `${image.name} · ${image.width}×${image.height}`;
       $("init-size").disabled = false;
       $("init-clear").disabled = false;
+      if (window.UnderpaintInpaint) window.UnderpaintInpaint.attach(image);
       formError("");
     } catch (err) {
       formError(err.message);
@@ -256,6 +257,7 @@
     $("init-file").value = "";
     $("init-size").disabled = true;
     $("init-clear").disabled = true;
+    if (window.UnderpaintInpaint) window.UnderpaintInpaint.attach(null);
   });
   $("init-size").addEventListener("click", () => {
     if (!state.init) return;
@@ -319,13 +321,26 @@
         strength: num("ip-strength"),
       }];
     }
+    const inpaint = window.UnderpaintInpaint;
+    if (inpaint && inpaint.enabled()) {
+      // Inpainting has no width/height: the output keeps the init image's size.
+      delete req.width;
+      delete req.height;
+      Object.assign(req, inpaint.fields());
+    }
     return { extra: { response_image_type: $("response_image_type").value }, request: req };
+  }
+
+  function submitPath() {
+    const inpaint = window.UnderpaintInpaint;
+    return inpaint && inpaint.enabled() ? inpaint.path : "/v3/async/img2img";
   }
 
   // What the page remembers of a submit (no images): "reuse settings" and the infotext fallback use it.
   function remember(taskId, body) {
     const r = { ...body.request };
     delete r.image_base64;
+    delete r.mask_image_base64;
     if (r.controlnet) r.controlnet = { units: r.controlnet.units.map(({ image_base64, ...u }) => u) };
     if (r.ip_adapters) r.ip_adapters = r.ip_adapters.map(({ image_base64, ...a }) => a);
     try {
@@ -350,7 +365,7 @@
     try {
       const body = await buildRequest();
       const key = crypto.randomUUID ? crypto.randomUUID() : `${Date.now()}-${Math.random()}`;
-      const { task_id: taskId } = await api("POST", "/v3/async/img2img", body, { "Idempotency-Key": key });
+      const { task_id: taskId } = await api("POST", submitPath(), body, { "Idempotency-Key": key });
       remember(taskId, body);
       track(taskId);
       refreshTasks();
