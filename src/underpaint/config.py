@@ -132,6 +132,9 @@ class Settings(BaseSettings):
     device: Device = "auto"
     torch_threads: Positive | None = None
     checkpoint_cache_bytes: NonNegative = 12 * 1024**3
+    # RAM tier: recently used checkpoints kept as CPU state dicts (file dtype; pinned on CUDA), so that switching
+    # back is a copy, not a file read; the worker also reads the next queued task's checkpoint into it (0 = off).
+    checkpoint_ram_cache_bytes: NonNegative = 8 * 1024**3
     # Batching: a worker runs up to max_batch compatible queued tasks in one sampler call (1 = off). After taking
     # a task it waits up to batch_window_ms for mates (None: 0 on CPU, 20 on CUDA).
     max_batch: Positive = 4

@@ -8,6 +8,10 @@ Layout (folder names match ``filter.types``)::
 
 A single-file model may carry a sidecar ``<stem>.config/`` folder (a diffusers config tree without weights) that
 overrides the shipped config. The registry rescans a folder when its mtime changes, so dropping a file in is enough.
+
+The registry owns the files' sha256 cache (``FileHashCache``, persisted under the data folder by ``wiring.py``).
+With ``hash_in_background`` every file a scan finds is hashed by a background thread, so no task and no
+``/v3/model`` request waits for a multi-GB hash.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import hashlib
 import json
 import os
 import pickle
+import queue
 import re
 import struct
 import threading
@@ -292,6 +297,7 @@ class FileHashCache:
 
     def __init__(self, persist_path: Path | None = None) -> None:
         self.persist_path = persist_path
+        self.computed = 0  # hashes computed (not found in the cache) by this process
         self._lock = threading.Lock()
         self._hashes: dict[str, tuple[float, int, str]] = {}
         if persist_path is not None and persist_path.exists():
@@ -323,7 +329,21 @@ class FileHashCache:
         with self._lock:
             self._hashes[key] = (st.st_mtime, st.st_size, value)
             self._save()
+        self.computed += 1
         return value
+
+    def known(self, path: Path) -> bool:
+        """Whether the file's hash is cached for its current mtime and size (folders: never cached whole)."""
+        path = Path(path)
+        try:
+            if path.is_dir():
+                return False
+            st = path.stat()
+        except OSError:
+            return False
+        with self._lock:
+            cached = self._hashes.get(str(path.resolve()))
+        return cached is not None and cached[0] == st.st_mtime and cached[1] == st.st_size
 
     def _save(self) -> None:
         if self.persist_path is None:
@@ -337,23 +357,62 @@ class FileHashCache:
             pass  # persistence is an optimisation; the in-memory cache still holds the value
 
 
-_default_hashes = FileHashCache()
-
-
-def file_sha256(path: Path) -> str:
-    """Full hex sha256 of a model file (what ``/v3/model`` reports), cached by (path, mtime, size)."""
-    return _default_hashes.sha256(path)
-
-
 def short_hash(sha256: str) -> str:
     """A1111's short model hash: the first 10 hex digits of the file's sha256."""
     return sha256[:10]
 
 
+class BackgroundHasher:
+    """One daemon thread hashing the files it is given into a ``FileHashCache``, in order, each once."""
+
+    def __init__(self, hashes: FileHashCache) -> None:
+        self.hashes = hashes
+        self._queue: queue.Queue[Path] = queue.Queue()
+        self._pending: set[Path] = set()
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+
+    def submit(self, paths: list[Path]) -> None:
+        with self._lock:
+            fresh = [p for p in paths if p not in self._pending and not self.hashes.known(p)]
+            self._pending.update(fresh)
+            for p in fresh:
+                self._queue.put(p)
+            if fresh and (self._thread is None or not self._thread.is_alive()):
+                self._thread = threading.Thread(target=self._run, name="model-hasher", daemon=True)
+                self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            try:
+                path = self._queue.get(timeout=5.0)
+            except queue.Empty:
+                with self._lock:
+                    if self._queue.empty():
+                        self._thread = None
+                        return
+                continue
+            try:
+                self.hashes.sha256(path)
+            except OSError:
+                pass  # removed or unreadable since the scan: hashed (or reported) when used
+            finally:
+                with self._lock:
+                    self._pending.discard(path)
+                self._queue.task_done()
+
+    def wait(self) -> None:
+        """Until every submitted file is hashed."""
+        self._queue.join()
+
+
 class ModelRegistry:
-    def __init__(self, models_dir: Path, hashes: FileHashCache | None = None) -> None:
+    def __init__(
+        self, models_dir: Path, hashes: FileHashCache | None = None, *, hash_in_background: bool = False
+    ) -> None:
         self.models_dir = Path(models_dir)
-        self.hashes = hashes if hashes is not None else _default_hashes
+        self.hashes = hashes if hashes is not None else FileHashCache()
+        self.hasher = BackgroundHasher(self.hashes) if hash_in_background else None
         self._lock = threading.Lock()
         self._by_kind: dict[str, list[ModelEntry]] = {k: [] for k in KINDS}
         self._mtimes: dict[str, float] = {}
@@ -394,6 +453,8 @@ class ModelRegistry:
         if self._mtimes.get(kind) != mtime:
             self._by_kind[kind] = self._scan_kind(kind)
             self._mtimes[kind] = mtime
+            if self.hasher is not None and kind != "annotator":
+                self.hasher.submit([e.path for e in self._by_kind[kind]])
 
     def list(self, kind: str | None = None) -> list[ModelEntry]:
         kinds = KINDS if kind is None else (kind,)
@@ -407,8 +468,13 @@ class ModelRegistry:
             return out
 
     def hash_sha256(self, entry: ModelEntry) -> str:
-        """Full sha256 of the entry's file (or folder), cached; the first call on a big file takes a while."""
+        """Full sha256 of the entry's file (or folder), cached; computed here only when the background hasher has
+        not reached it yet (or there is none)."""
         return self.hashes.sha256(entry.path)
+
+    def scan_and_hash(self) -> None:
+        """Scan every folder now (which queues its files for the background hasher)."""
+        self.list()
 
     def text_encoder_depth(self, entry: ModelEntry) -> int | None:
         """``text_encoder_depth(entry)`` (SD 1.5 checkpoints), cached per file version (path, mtime, size)."""

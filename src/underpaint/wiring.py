@@ -27,7 +27,7 @@ from underpaint.api.ratelimit import RateLimiter
 from underpaint.config import Settings
 from underpaint.delivery.signing import make_secret_for
 from underpaint.delivery.webhooks import WebhookDispatcher, result_hook
-from underpaint.registry import ModelRegistry
+from underpaint.registry import FileHashCache, ModelRegistry
 from underpaint.scale.heartbeat import worker_states
 from underpaint.scale.metrics import ORPHANS_REMOVED, UPLOAD_RETRIES, InstrumentedRunner, WorkerEnv, install_metrics
 from underpaint.services import Services, WorkerState
@@ -107,7 +107,10 @@ def build_image_urls(settings: Settings, storage: ImageStorage) -> ImageUrls:
 
 def build_core(settings: Settings, queue: TaskQueue | None = None) -> Core:
     settings.data_dir.mkdir(parents=True, exist_ok=True)
-    registry = ModelRegistry(settings.models_dir)
+    # The files' hashes persist under data_dir and are computed in the background as scans find the files.
+    registry = ModelRegistry(
+        settings.models_dir, FileHashCache(settings.data_dir / "model_hashes.json"), hash_in_background=True
+    )
     registry.ensure_layout()
     secret = server_secret(settings)
     store = SqlTaskStore.from_settings(settings)
@@ -142,6 +145,7 @@ def build_runner(core: Core) -> InstrumentedRunner:
 
     services = core.services
     executor = DiffusersExecutor(services.settings, services.registry)
+    services.registry.scan_and_hash()  # hash the models now, in the background, not on the first task
     retry = UploadRetry(services.settings.storage_retry_seconds, on_retry=UPLOAD_RETRIES.inc)
     runner = GenerationRunner(services.settings, services.storage, executor, NsfwDetector(), upload_retry=retry)
     return InstrumentedRunner(runner)

@@ -62,11 +62,10 @@ def sdxl(registry: ModelRegistry) -> LoadedCheckpoint:
     return load_checkpoint(entry, CPU, torch.float32)
 
 
-@pytest.fixture(autouse=True)
-def fresh_cache(monkeypatch: pytest.MonkeyPatch) -> cn.ControlNetCache:
-    cache = cn.ControlNetCache()
-    monkeypatch.setattr(cn, "_cache", cache)
-    return cache
+@pytest.fixture
+def fresh_cache() -> cn.ControlNetCache:
+    """The loaded ControlNets a test's hooks share (the executor owns one; nothing is module-level)."""
+    return cn.ControlNetCache()
 
 
 def init_image() -> Image.Image:
@@ -100,13 +99,19 @@ def components(loaded: LoadedCheckpoint) -> Components:
     )
 
 
-def hook(registry: ModelRegistry, loaded: LoadedCheckpoint, units: list[ControlNetUnitSpec]) -> Any:
+def hook(
+    registry: ModelRegistry,
+    loaded: LoadedCheckpoint,
+    units: list[ControlNetUnitSpec],
+    controlnets: cn.ControlNetCache | None = None,
+) -> Any:
     entries: list[tuple[ModelEntry, ControlNetUnitSpec]] = []
     for u in units:
         entry = registry.resolve("controlnet", u.model)
         assert entry is not None, u.model
         entries.append((entry, u))
-    return cn.build_control_hook(loaded, entries, SIZE, SIZE, registry.models_dir / "annotator", CPU, seed=3)
+    annotators = registry.models_dir / "annotator"
+    return cn.build_control_hook(loaded, entries, SIZE, SIZE, annotators, CPU, seed=3, controlnets=controlnets)
 
 
 def run(registry: ModelRegistry, loaded: LoadedCheckpoint, units: list[ControlNetUnitSpec]) -> np.ndarray:
@@ -240,8 +245,8 @@ def test_file_without_fitting_config_is_a_clear_error(models: Path, tmp_path: Pa
 
 
 def test_cache_loads_each_model_once(registry: ModelRegistry, sd15: LoadedCheckpoint, fresh_cache: Any) -> None:
-    hook(registry, sd15, [unit(CANNY)])
-    hook(registry, sd15, [unit(CANNY), unit(CANNY, strength=0.5)])
+    hook(registry, sd15, [unit(CANNY)], fresh_cache)
+    hook(registry, sd15, [unit(CANNY), unit(CANNY, strength=0.5)], fresh_cache)
     assert fresh_cache.loads == 1
 
 
@@ -324,9 +329,9 @@ def test_wrong_base_model_is_refused(
     registry: ModelRegistry, sd15: LoadedCheckpoint, sdxl: LoadedCheckpoint, fresh_cache: Any
 ) -> None:
     with pytest.raises(JobError, match=r"'controlnet-canny-sdxl-1.0' is for SDXL 1.0, the checkpoint is SD 1.5"):
-        hook(registry, sd15, [unit(CANNY), unit("controlnet-canny-sdxl-1.0")])
+        hook(registry, sd15, [unit(CANNY), unit("controlnet-canny-sdxl-1.0")], fresh_cache)
     with pytest.raises(JobError, match=r"is for SD 1.5, the checkpoint is SDXL"):
-        hook(registry, sdxl, [unit(CANNY)])
+        hook(registry, sdxl, [unit(CANNY)], fresh_cache)
     assert fresh_cache.loads == 0  # refused before loading anything
 
 
@@ -362,7 +367,7 @@ def test_missing_annotator_is_a_clear_error(
     units = [unit(CANNY), unit(OPENPOSE, preprocessor="lineart")]
     entries = [(e, u) for u in units if (e := registry.resolve("controlnet", u.model)) is not None]
     with pytest.raises(JobError) as err:  # an annotator folder without the lineart files
-        cn.build_control_hook(sd15, entries, SIZE, SIZE, tmp_path, CPU, seed=3)
+        cn.build_control_hook(sd15, entries, SIZE, SIZE, tmp_path, CPU, seed=3, controlnets=fresh_cache)
     message = str(err.value)
     assert "sk_model.pth" in message
     assert "sk_model2.pth" in message

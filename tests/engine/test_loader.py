@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import pickle
@@ -29,6 +28,7 @@ from underpaint.engine.loader import (
     LoadedCheckpoint,
     ModelCache,
     ModelLoadError,
+    TokenizerTemplates,
     load_checkpoint,
     load_state_dict_file,
     load_vae,
@@ -150,9 +150,6 @@ def test_loaded_checkpoint_metadata(sd15: LoadedCheckpoint) -> None:
         for t in [*m.parameters(), *m.buffers()]
     )
     assert sd15.approx_bytes == expected
-    digest = hashlib.sha256(sd15.path.read_bytes()).hexdigest()
-    assert sd15.sha256 == digest
-    assert sd15.sha256_short == digest[:10]
 
 
 def test_diffusers_folder_matches_single_file(tiny_models_dir: Path, sd15: LoadedCheckpoint) -> None:
@@ -182,14 +179,15 @@ def test_folder_tokenizers_are_read_once_and_reread_when_replaced(
 
     monkeypatch.setattr(CLIPTokenizer, "from_pretrained", classmethod(counting))
     entry = _entry(tmp_path, "checkpoint", "mine")
-    first = load_checkpoint(entry, CPU, torch.float32)
-    second = load_checkpoint(entry, CPU, torch.float32)
+    templates = TokenizerTemplates()  # the model cache's (one per executor; nothing module-level)
+    first = load_checkpoint(entry, CPU, torch.float32, tokenizers=templates)
+    second = load_checkpoint(entry, CPU, torch.float32, tokenizers=templates)
     assert reads.count(str(folder / "tokenizer")) == 1
     assert first.tokenizers[0] is not second.tokenizers[0]  # private: embeddings add tokens per checkpoint
     assert first.tokenizers[0]("a photo").input_ids == second.tokenizers[0]("a photo").input_ids
     vocab = folder / "tokenizer" / "tokenizer.json"  # transformers 5 saves the fast tokenizer file
     os.utime(vocab, ns=(vocab.stat().st_atime_ns, vocab.stat().st_mtime_ns + 10**9))
-    load_checkpoint(entry, CPU, torch.float32)
+    load_checkpoint(entry, CPU, torch.float32, tokenizers=templates)
     assert reads.count(str(folder / "tokenizer")) == 2
 
 

@@ -261,6 +261,27 @@ def test_text_encoder_depth_of_the_demo_checkpoints(tiny_models_dir: Path) -> No
     assert set(depths.values()) == {5}
 
 
+def test_background_hasher_hashes_what_a_scan_finds_and_persists_it(tmp_path: Path) -> None:
+    models = tmp_path / "models"
+    (models / "lora").mkdir(parents=True)
+    data = b"weights" * 1000
+    (models / "lora" / "a.safetensors").write_bytes(data)
+    store = tmp_path / "data" / "model_hashes.json"
+    reg = ModelRegistry(models, FileHashCache(store), hash_in_background=True)
+    reg.scan_and_hash()
+    assert reg.hasher is not None
+    reg.hasher.wait()
+    assert reg.hashes.computed == 1  # done off the request path ...
+    (entry,) = reg.list("lora")
+    assert reg.hash_sha256(entry) == hashlib.sha256(data).hexdigest()
+    assert reg.hashes.computed == 1  # ... so asking for it computes nothing
+    again = ModelRegistry(models, FileHashCache(store), hash_in_background=True)
+    again.scan_and_hash()
+    assert again.hasher is not None
+    again.hasher.wait()
+    assert again.hashes.computed == 0  # persisted: a restarted process hashes nothing
+
+
 def test_upscalers_are_listed_and_resolve_by_novita_names(tmp_path: Path) -> None:
     from underpaint.demo.upscalers import write_demo_upscalers
 

@@ -8,6 +8,7 @@ semantics coincide, diffusers' own StableDiffusionPipeline is the reference, wit
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -29,8 +30,9 @@ from tests.support.txt2img_reference import (
 )
 
 from underpaint.config import Settings
+from underpaint.engine import pipeline
 from underpaint.engine.executor import DiffusersExecutor
-from underpaint.engine.job import GenerationJob, HiresFix, LoraSpec
+from underpaint.engine.job import GenerationJob, HiresFix, LoraSpec, batch_key
 from underpaint.engine.samplers import NoiseSource
 from underpaint.registry import ModelRegistry
 from underpaint.vocabulary import SAMPLER_NAMES, SamplerName
@@ -272,3 +274,74 @@ def test_infotext_names_the_hires_fix_and_plain_txt2img_has_no_denoising_strengt
     assert "Denoising strength: 0.45" in params
     assert "Hires resize: 96x80, Hires upscaler: Latent" in params
     assert hires.image.size == (96, 80)
+
+
+@pytest.mark.parametrize("hires", [None, HiresFix(96, 80, 0.5)])
+def test_batched_txt2img_jobs_equal_their_solo_runs(
+    tiny_models_dir: Path, hires: HiresFix | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Several txt2img jobs in one sampler call (each its own seeds, prompts, guidance, image_num) give exactly
+    their solo images in float64; the hires fix's second pass is batched too."""
+    settings = Settings(models_dir=tiny_models_dir, torch_threads=1)
+    ex64 = DiffusersExecutor(settings, ModelRegistry(tiny_models_dir), dtype=torch.float64)
+    base = job_for(Request("DPM2 a", seeds=[100]), hires_fix=hires)
+    jobs = [
+        base,
+        replace(base, seed=7, prompt="a blue boat", image_num=2, guidance_scale=4.5),
+        replace(base, seed=2**32 - 1, negative_prompt="blurry", guidance_scale=1.0),
+    ]
+    assert len({batch_key(j) for j in jobs}) == 1
+    counted: list[int] = []
+    real = pipeline._sample
+
+    def counting(c: Any, spec: Any, batch: Any) -> torch.Tensor:
+        counted.append(len(batch.members))
+        out: torch.Tensor = real(c, spec, batch)
+        return out
+
+    monkeypatch.setattr(pipeline, "_sample", counting)
+    batched = ex64.generate_batch(jobs)
+    monkeypatch.setattr(pipeline, "_sample", real)
+    assert counted == [3]
+    for j, out in zip(jobs, batched, strict=True):
+        assert not isinstance(out, BaseException), out
+        solo = ex64.generate(j)
+        assert [g.seed for g in out] == [g.seed for g in solo]
+        for a, b in zip(out, solo, strict=True):
+            np.testing.assert_array_equal(np.asarray(a.image), np.asarray(b.image))
+
+
+def test_txt2img_and_img2img_jobs_never_share_a_sampler_call() -> None:
+    t2i = job_for(Request("Euler a", seeds=[1]))
+    i2i = replace_init(t2i)
+    assert batch_key(t2i) != batch_key(i2i)
+    assert batch_key(t2i) != batch_key(job_for(Request("Euler a", seeds=[1]), hires_fix=HiresFix(96, 96, 0.5)))
+
+
+def replace_init(job: GenerationJob) -> GenerationJob:
+    return replace(job, init_image=Image.new("RGB", (64, 64)), strength=0.5)
+
+
+def test_sdxl_txt2img_with_latent_hires_fix(executor: DiffusersExecutor) -> None:
+    """SDXL's size conditioning follows each pass (the hires pass at the cover size); the images come out at the
+    target size."""
+    job = replace(
+        job_for(Request("DPM++ 2M Karras", seeds=[3])), checkpoint="tiny-sdxl", hires_fix=HiresFix(80, 96, 0.55)
+    )
+    out = executor.generate(job)
+    assert [g.image.size for g in out] == [(80, 96)]
+    assert np.asarray(out[0].image).std() > 1
+
+
+def test_controlnet_follows_the_hires_pass(executor: DiffusersExecutor) -> None:
+    """The control map made for the first pass is resized for the larger second pass (bilinear), so ControlNet
+    applies to both passes."""
+    from underpaint.engine.job import ControlNetUnitSpec
+
+    control = Image.fromarray(np.random.default_rng(1).integers(0, 256, (64, 64, 3), dtype=np.uint8))
+    unit = ControlNetUnitSpec(model="control_v11p_sd15_canny.safetensors", image=control)
+    base = job_for(Request("Euler a", seeds=[2], steps=3), hires_fix=HiresFix(96, 96, 0.5))
+    (with_cn,) = executor.generate(replace(base, controlnets=(unit,)))
+    (without,) = executor.generate(base)
+    assert with_cn.image.size == (96, 96)
+    assert np.abs(np.asarray(with_cn.image, dtype=np.int16) - np.asarray(without.image)).max() > 1

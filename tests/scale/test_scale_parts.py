@@ -10,7 +10,7 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +22,7 @@ from tests.support.requests import img2img, new_task
 
 from underpaint.config import KeyPolicy, Settings
 from underpaint.engine.job import Progress
+from underpaint.engine.model_tiers import ModelCacheReport
 from underpaint.registry import ModelEntry, ModelRegistry
 from underpaint.scale.broker import BrokerProbe
 from underpaint.scale.celery_app import TASK_NAME, celery_config, create_celery_app
@@ -388,6 +389,48 @@ def test_instrumented_runner_observes_generation_seconds(tmp_path: Path) -> None
     store.close()
     after = REGISTRY.get_sample_value("underpaint_generation_seconds_count", {"base_model": "sdxl", "outcome": "ok"})
     assert (after or 0) - (before or 0) == 1
+
+
+class TieredRunner(FakeRunner):
+    """A runner whose executor served each run from the next tier in ``tiers`` and forwards prefetch hints."""
+
+    def __init__(self, storage: FakeStorage, tiers: list[str]) -> None:
+        super().__init__(storage)
+        self.tiers = tiers
+        self.hits = {"device": 0, "ram": 0, "disk": 0}
+        self.hints: list[list[str]] = []
+
+    def run(self, task: TaskRecord, request: TaskRequest, report: Any) -> list[ImageRecord]:
+        self.hits[self.tiers.pop(0)] += 1
+        return super().run(task, request, report)
+
+    def prefetch(self, checkpoints: Sequence[str]) -> None:
+        self.hints.append(list(checkpoints))
+
+    def cache_report(self) -> ModelCacheReport:
+        return ModelCacheReport(hits=dict(self.hits), bytes={"device": 5, "ram": 7}, load_seconds=1.5)
+
+
+def test_instrumented_runner_counts_checkpoint_tiers_and_forwards_prefetch(tmp_path: Path) -> None:
+    from underpaint.scale.metrics import WORKER_REGISTRY as REGISTRY
+
+    def requests(tier: str) -> float:
+        return REGISTRY.get_sample_value("underpaint_checkpoint_requests_total", {"tier": tier}) or 0.0
+
+    inner = TieredRunner(FakeStorage(), ["disk", "ram", "device"])
+    runner = InstrumentedRunner(inner)
+    runner.prefetch(["b.safetensors"])
+    assert inner.hints == [["b.safetensors"]]
+    store = SqlTaskStore(f"sqlite:///{tmp_path / 'tasks.db'}")
+    before = {tier: requests(tier) for tier in ("device", "ram", "disk")}
+    for _ in range(3):
+        rec = store.claim(_new(store, "sd15"), "w")
+        assert rec is not None
+        runner.run(rec, img2img(), ProgressReporter(store, rec.task_id, "w"))
+    store.close()
+    assert {tier: requests(tier) - before[tier] for tier in before} == {"device": 1, "ram": 1, "disk": 1}
+    assert REGISTRY.get_sample_value("underpaint_checkpoint_tier_bytes", {"tier": "ram"}) == 7
+    assert REGISTRY.get_sample_value("underpaint_checkpoint_tier_bytes", {"tier": "device"}) == 5
 
 
 def test_worker_on_rabbitmq_runs_a_task_once(store: SqlTaskStore, amqp_url: str, tmp_path: Path) -> None:

@@ -200,34 +200,41 @@ class ApiNode(_Process):
         self.stop()
         raise RuntimeError(f"{self.name} did not become healthy:\n{self.log_tail()}")
 
-    def submit(
-        self,
-        model: str = "tiny-sd15.safetensors",
-        steps: int = 2,
-        seed: int = 1,
-        size: int = 128,
-        image_num: int = 1,
-        webhook: str | None = None,
-    ) -> str:
-        extra: dict[str, Any] = {"response_image_type": "png"}
-        if webhook is not None:
-            extra["webhook"] = {"url": webhook}
-        body = {
-            "extra": extra,
-            "request": {
-                "model_name": model, "image_base64": png_b64(seed=seed), "prompt": "a lighthouse",
-                "width": size, "height": size, "image_num": image_num, "steps": steps, "seed": seed,
-                "guidance_scale": 7, "sampler_name": "Euler", "strength": 0.9,
-            },
-        }  # fmt: skip
-        r = httpx.post(self.url + "/v3/async/img2img", json=body, headers=AUTH, timeout=60)
+    def submit(self, **request: Any) -> str:
+        """Submit ``img2img_body(**request)``; the task id (a 200 is asserted)."""
+        r = self.post(img2img_body(**request))
         assert r.status_code == 200, r.text
         return str(r.json()["task_id"])
+
+    def post(self, body: dict[str, Any], idempotency_key: str | None = None) -> httpx.Response:
+        headers = AUTH | ({"Idempotency-Key": idempotency_key} if idempotency_key else {})
+        return httpx.post(self.url + "/v3/async/img2img", json=body, headers=headers, timeout=60)
 
     def result(self, task_id: str) -> dict[str, Any]:
         r = httpx.get(self.url + "/v3/async/task-result", params={"task_id": task_id}, headers=AUTH, timeout=30)
         assert r.status_code == 200, r.text
         return dict(r.json())
+
+
+def img2img_body(
+    model: str = "tiny-sd15.safetensors",
+    steps: int = 2,
+    seed: int = 1,
+    size: int = 128,
+    image_num: int = 1,
+    webhook: str | None = None,
+) -> dict[str, Any]:
+    extra: dict[str, Any] = {"response_image_type": "png"}
+    if webhook is not None:
+        extra["webhook"] = {"url": webhook}
+    return {
+        "extra": extra,
+        "request": {
+            "model_name": model, "image_base64": png_b64(seed=seed), "prompt": "a lighthouse",
+            "width": size, "height": size, "image_num": image_num, "steps": steps, "seed": seed,
+            "guidance_scale": 7, "sampler_name": "Euler", "strength": 0.9,
+        },
+    }  # fmt: skip
 
 
 class WorkerNode(_Process):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -302,3 +302,32 @@ def _wait_for(cond: Callable[[], bool], timeout: float = 10.0) -> None:
     while not cond():
         assert time.monotonic() < deadline, "condition not met in time"
         time.sleep(0.02)
+
+
+class PrefetchingRunner(FnRunner):
+    """Records what the worker says the queue needs next, and what was queued when each task ran."""
+
+    def __init__(self) -> None:
+        super().__init__(lambda t, p, r: images_for(t))
+        self.hints: list[list[str]] = []
+
+    def prefetch(self, checkpoints: Sequence[str]) -> None:
+        self.hints.append(list(checkpoints))
+
+
+def test_worker_tells_the_runner_the_next_queued_checkpoint(store: SqlTaskStore) -> None:
+    def add_for(checkpoint: str) -> str:
+        tid = uuid.uuid4().hex
+        store.create(new_task(tid, request=img2img(model_name=checkpoint)))
+        return tid
+
+    for checkpoint in ("a.safetensors", "a.safetensors", "b.safetensors", "a.safetensors"):
+        add_for(checkpoint)
+    runner = PrefetchingRunner()
+    worker = Worker(store, runner, SETTINGS.with_overrides(max_batch=1, max_affinity_wait_s=0.0))
+    while worker.run_once():
+        pass
+    # While the first "a" runs, the next "a" needs nothing new: the hint is the first other model, "b"; while "b"
+    # runs, the last "a"; nothing is left to read ahead while the last task runs.
+    assert runner.hints == [["b.safetensors"], ["b.safetensors"], ["a.safetensors"]]
+    assert [r.model_name for _, r in runner.calls] == ["a.safetensors"] * 2 + ["b.safetensors", "a.safetensors"]

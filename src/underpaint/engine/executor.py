@@ -1,8 +1,10 @@
 """The executor: runs ``GenerationJob``s on this process's device, one job or a batch of compatible jobs at once.
 
-It owns the model cache and the adapter managers, resolves the job's names against the registry, applies the
-per-task adapters (VAE override, LoRAs, embeddings, IP-Adapter, ControlNet), runs ``pipeline.generate`` and
-builds each image's infotext. One job at a time per executor (one device).
+It owns the model cache (device and RAM tiers, tokenizer templates), the loaded ControlNets and annotators and the
+adapter managers: no engine cache lives at module level. It resolves the job's names against the registry, applies
+the per-task adapters (VAE override, LoRAs, embeddings, IP-Adapter, ControlNet), runs ``pipeline.generate`` and
+builds each image's infotext (model hashes come from the registry's hash cache). One job at a time per executor
+(one device); ``prefetch`` reads a queued task's checkpoint into the RAM tier in the background meanwhile.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from PIL import Image
 
 from underpaint.config import Settings
 from underpaint.engine import inpainting, pipeline
+from underpaint.engine.adapters.controlnet import ControlNetCache
 from underpaint.engine.adapters.embeddings import EmbeddingManager, EmbeddingPlan
 from underpaint.engine.adapters.ip_adapter import IPAdapterManager
 from underpaint.engine.adapters.lora import LoraManager
@@ -38,10 +41,11 @@ from underpaint.engine.job import (
 from underpaint.engine.loader import LoadedCheckpoint, ModelCache
 from underpaint.engine.memory import OutOfMemory, free_device_memory, oom_message
 from underpaint.engine.metadata import InfotextParams, build_infotext
+from underpaint.engine.model_tiers import ModelCacheReport
 from underpaint.engine.preprocessors import AnnotatorCache
 from underpaint.engine.samplers import DiscreteSchedule
 from underpaint.engine.upscalers import UpscalerCache, upscale, upscale_to
-from underpaint.registry import ModelEntry, ModelRegistry, file_sha256
+from underpaint.registry import ModelEntry, ModelRegistry, short_hash
 
 log = logging.getLogger(__name__)
 
@@ -57,14 +61,17 @@ class DiffusersExecutor:
         # tests pass float64 to compare results without rounding
         self.dtype = dtype or pick_dtype(self.device, settings.dtype)
         self.vae_dtype = parse_dtype(settings.vae_dtype)
-        self.cache = ModelCache(settings, self.device, self.dtype)
         self.loras = LoraManager()
         self.embeddings = EmbeddingManager()
         self.ip_adapters = IPAdapterManager()
+        self.cache = ModelCache(settings, self.device, self.dtype, on_release=self._detach)
+        self.controlnets = ControlNetCache()
         self.annotators = AnnotatorCache()  # loaded ControlNet preprocessor networks
         self.upscalers = UpscalerCache(self.device, self.dtype)  # upscale tasks and hires fix
         self._lock = threading.Lock()
         self._current: LoadedCheckpoint | None = None
+        self._prefetch_lock = threading.Lock()
+        self._prefetch_next: list[str] = []
         self._schedules: dict[tuple[Any, ...], DiscreteSchedule] = {}
 
     # -- name resolution -------------------------------------------------------------------------------
@@ -148,13 +155,39 @@ class DiffusersExecutor:
     def drop_task_state(self) -> None:
         """After an out-of-memory error: detach the per-task adapters (LoRA hooks and their resident weights, the
         IP-Adapter, loaded ControlNets) so the next task starts from the bare checkpoint with memory to spare."""
-        from underpaint.engine.adapters.controlnet import clear_controlnet_cache
-
         loaded, self._current = self._current, None
         if loaded is not None:
             self.loras.forget(loaded)
             self.ip_adapters.activate(loaded, None, None, 0.0)
-        clear_controlnet_cache()
+        self.controlnets.clear()
+
+    def _detach(self, loaded: LoadedCheckpoint) -> None:
+        """A checkpoint leaves the device tier (evicted, or its modules take another checkpoint's weights): its
+        LoRA hooks, IP-Adapter processors and embedding slots go with it."""
+        self.loras.forget(loaded)
+        self.ip_adapters.activate(loaded, None, None, 0.0)
+        self.ip_adapters.forget(loaded)
+        self.embeddings.forget(loaded)
+
+    # -- model switching -------------------------------------------------------------------------------
+    def prefetch(self, checkpoints: Sequence[str]) -> None:
+        """The checkpoints queued tasks will need next (``model_name``s, soonest first): once the next job's own
+        checkpoint is resident, they are read into the RAM tier in the background while it samples."""
+        with self._prefetch_lock:
+            self._prefetch_next = list(checkpoints)
+
+    def _start_prefetch(self) -> list[str]:
+        with self._prefetch_lock:
+            names, self._prefetch_next = self._prefetch_next, []
+        started = []
+        for name in names:
+            entry = self.registry.resolve("checkpoint", name)
+            if entry is not None and self.cache.prefetch(entry):
+                started.append(entry.sd_name)
+        return started
+
+    def cache_report(self) -> ModelCacheReport:
+        return self.cache.report()
 
     def _generate_group(
         self,
@@ -165,14 +198,17 @@ class DiffusersExecutor:
         head = jobs[0]
         try:
             ckpt_entry = self._entry("checkpoint", head.checkpoint)
+            self._current = None  # release before load: the cache may free the old model's memory first
             loaded = self.cache.get(ckpt_entry)
             self._current = loaded
+            self._start_prefetch()
             self._speed_up(loaded)
             lora_entries = [(self._entry("lora", spec.name), spec.strength) for spec in head.loras]
             self.loras.activate(loaded, lora_entries)  # checks each LoRA's base model from its keys and shapes
             if not any(job.ip_adapters for job in jobs):
                 self.ip_adapters.activate(loaded, None, None, 0.0)
-            vae_hash = file_sha256(self._entry("vae", head.vae).path)[:10] if head.vae else None
+            vae_hash = short_hash(self.registry.hash_sha256(self._entry("vae", head.vae))) if head.vae else None
+            model_hash = short_hash(self.registry.hash_sha256(ckpt_entry))
             hires_upscale = self._hires_upscale(head)
         except Exception as exc:  # shared by every job of the group (same checkpoint, LoRAs and VAE)
             return [exc] * len(jobs)
@@ -209,7 +245,7 @@ class DiffusersExecutor:
                     outcomes[i] = (
                         result
                         if isinstance(result, BaseException)
-                        else self._images(jobs[i], plans[i], result, ckpt_entry, loaded, lora_entries, vae_hash)
+                        else self._images(jobs[i], plans[i], result, ckpt_entry, model_hash, lora_entries, vae_hash)
                     )
         return [o if o is not None else RuntimeError("job was not run") for o in outcomes]
 
@@ -260,7 +296,7 @@ class DiffusersExecutor:
         plan: EmbeddingPlan,
         images: list[Image.Image],
         ckpt_entry: ModelEntry,
-        loaded: LoadedCheckpoint,
+        model_hash: str,
         lora_entries: list[tuple[ModelEntry, float]],
         vae_hash: str | None,
     ) -> list[GeneratedImage]:
@@ -276,7 +312,7 @@ class DiffusersExecutor:
                 width=job.width,
                 height=job.height,
                 model_name=ckpt_entry.stem,
-                model_hash=loaded.sha256_short,
+                model_hash=model_hash,
                 strength=None if job.is_txt2img else job.strength,
                 clip_skip=job.clip_skip,
                 loras=tuple((e.stem, w) for e, w in lora_entries),
@@ -304,6 +340,7 @@ class DiffusersExecutor:
             self.device,
             seed=job.seed,
             annotator_nets=self.annotators,
+            controlnets=self.controlnets,
         )
 
     def _speed_up(self, loaded: LoadedCheckpoint) -> None:
@@ -353,7 +390,9 @@ class DiffusersExecutor:
         return self.cache.stats.checkpoint_loads
 
     def release(self) -> None:
+        self._current = None
         self.cache.clear()
+        self.controlnets.clear()
         self.annotators.clear()
         self.upscalers.clear()
         if torch.cuda.is_available():

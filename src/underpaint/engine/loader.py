@@ -19,17 +19,25 @@ import json
 import logging
 import pickle
 import threading
+import time
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import diffusers
 import safetensors.torch
 import torch
 from accelerate import init_empty_weights
-from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint, create_diffusers_clip_model_from_ldm
+from diffusers.loaders.single_file_utils import (
+    convert_ldm_clip_checkpoint,
+    convert_ldm_unet_checkpoint,
+    convert_ldm_vae_checkpoint,
+    convert_open_clip_checkpoint,
+    create_diffusers_clip_model_from_ldm,
+)
 
 # Concrete module paths: the lazy top-level ``diffusers`` names are opaque to mypy.
 from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKL
@@ -42,7 +50,10 @@ from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokeniz
 
 from underpaint.config import Settings
 from underpaint.engine.devices import empty_device_cache, pick_device, pick_dtype
-from underpaint.registry import UNET_CONV_IN, ModelEntry, file_sha256, short_hash
+from underpaint.engine.model_tiers import ModelCacheReport
+from underpaint.registry import UNET_CONV_IN, ModelEntry
+
+log = logging.getLogger(__name__)
 
 CONFIG_ROOT = Path(__file__).parent / "configs"
 SD15_CONFIG = CONFIG_ROOT / "sd15"
@@ -142,16 +153,6 @@ class LoadedCheckpoint:
     approx_bytes: int
     config_dir: Path | None = None  # config tree used for a single file; None for diffusers folders
 
-    @property
-    def sha256(self) -> str:
-        """Full sha256 of the checkpoint file (cached by path, mtime and size)."""
-        return file_sha256(self.path)
-
-    @property
-    def sha256_short(self) -> str:
-        """A1111's short hash (10 hex digits), as written in infotext ``Model hash:``."""
-        return short_hash(self.sha256)
-
 
 def module_bytes(*modules: torch.nn.Module) -> int:
     total = 0
@@ -164,43 +165,48 @@ def module_bytes(*modules: torch.nn.Module) -> int:
 # ---------------------------------------------------------------------------------------------------- tokenizers
 
 
-_tokenizer_templates: dict[tuple[str, str | None, tuple[tuple[str, int], ...]], CLIPTokenizer] = {}
-_tokenizer_lock = threading.Lock()
-
-
-def _tokenizer(path: Path, pad_token: str | None = None) -> CLIPTokenizer:
-    """A private copy of the tokenizer at ``path``.
+class TokenizerTemplates:
+    """Tokenizers read once per folder (and file mtimes), handed out as private copies; owned by the model cache.
 
     ``CLIPTokenizer.from_pretrained`` leaks about 9 MB per call (measured with transformers 5.5.4), which adds up
     over checkpoint reloads; a deep copy of a cached template does not. Copies stay private because embeddings
     add tokens to a checkpoint's tokenizers.
     """
-    # The files' mtimes are part of the key: a tokenizer replaced on disk is read again.
-    stamp = tuple(sorted((f.name, f.stat().st_mtime_ns) for f in path.iterdir() if f.is_file()))
-    key = (str(path), pad_token, stamp)
-    with _tokenizer_lock:
-        template = _tokenizer_templates.get(key)
-        if template is None:
-            if pad_token:
-                template = CLIPTokenizer.from_pretrained(str(path), local_files_only=True, pad_token=pad_token)
-            else:
-                template = CLIPTokenizer.from_pretrained(str(path), local_files_only=True)
-            _tokenizer_templates[key] = template
-        return copy.deepcopy(template)
+
+    def __init__(self) -> None:
+        self._templates: dict[tuple[str, str | None, tuple[tuple[str, int], ...]], CLIPTokenizer] = {}
+        self._lock = threading.Lock()
+
+    def copy(self, path: Path, pad_token: str | None = None) -> CLIPTokenizer:
+        # The files' mtimes are part of the key: a tokenizer replaced on disk is read again.
+        stamp = tuple(sorted((f.name, f.stat().st_mtime_ns) for f in path.iterdir() if f.is_file()))
+        key = (str(path), pad_token, stamp)
+        with self._lock:
+            template = self._templates.get(key)
+            if template is None:
+                if pad_token:
+                    template = CLIPTokenizer.from_pretrained(str(path), local_files_only=True, pad_token=pad_token)
+                else:
+                    template = CLIPTokenizer.from_pretrained(str(path), local_files_only=True)
+                self._templates[key] = template
+            return copy.deepcopy(template)
 
 
-def load_tokenizers(is_sdxl: bool, config_dir: Path | None = None) -> list[CLIPTokenizer]:
+def load_tokenizers(
+    is_sdxl: bool, config_dir: Path | None = None, templates: TokenizerTemplates | None = None
+) -> list[CLIPTokenizer]:
     """CLIP tokenizers from the config tree when it has them, else the shipped files (SDXL's second pads with "!")."""
+    tok = templates if templates is not None else TokenizerTemplates()
     names = ["tokenizer", "tokenizer_2"] if is_sdxl else ["tokenizer"]
     out: list[CLIPTokenizer] = []
     for name in names:
         own = config_dir / name if config_dir is not None else None
         if own is not None and ((own / "vocab.json").exists() or (own / "tokenizer.json").exists()):
-            out.append(_tokenizer(own))
+            out.append(tok.copy(own))
         elif name == "tokenizer_2":
-            out.append(_tokenizer(TOKENIZER_DIR, pad_token="!"))
+            out.append(tok.copy(TOKENIZER_DIR, pad_token="!"))
         else:
-            out.append(_tokenizer(TOKENIZER_DIR))
+            out.append(tok.copy(TOKENIZER_DIR))
     return out
 
 
@@ -232,26 +238,138 @@ def _load_scheduler(config_dir: Path, v_prediction: bool) -> Any:
     return scheduler
 
 
-def _single_file_pipeline(entry: ModelEntry, dtype: torch.dtype) -> tuple[Img2ImgPipeline, Path]:
+@dataclass
+class CheckpointWeights:
+    """A single-file checkpoint's weights converted to diffusers' keys, per component (``unet``, ``vae``,
+    ``text_encoder``, ``text_encoder_2``), in the file's own dtype, on the CPU (pinned when the device is CUDA).
+    What the RAM tier keeps, and what an in-place switch copies from."""
+
+    components: dict[str, StateDict]
+    is_sdxl: bool
+    v_prediction: bool
+    config_dir: Path
+
+    @property
+    def architecture(self) -> str | None:
+        return architecture_of(self.config_dir)
+
+    @property
+    def nbytes(self) -> int:
+        seen: set[int] = set()
+        total = 0
+        for part in self.components.values():
+            for t in part.values():
+                ptr = t.untyped_storage().data_ptr()
+                if ptr not in seen:
+                    seen.add(ptr)
+                    total += t.untyped_storage().nbytes()
+        return total
+
+    def pinned(self) -> CheckpointWeights:
+        """A copy in page-locked memory (a host-to-device copy from it runs at full bus speed, asynchronously)."""
+        parts = {name: {k: t.pin_memory() for k, t in part.items()} for name, part in self.components.items()}
+        return CheckpointWeights(parts, self.is_sdxl, self.v_prediction, self.config_dir)
+
+
+class _OpenClipConfig:
+    """What ``convert_open_clip_checkpoint`` reads from its model argument (only when the file lacks a projection)."""
+
+    def __init__(self, hidden_size: int) -> None:
+        self.config = type("Config", (), {"hidden_size": hidden_size})()
+
+
+def _read_single_file(entry: ModelEntry) -> StateDict:
     sd = load_state_dict_file(entry.path)
     if not any(k.startswith("model.diffusion_model.") for k in sd):
         raise ModelLoadError(
             f"{entry.sd_name}: not a Stable Diffusion checkpoint (no model.diffusion_model.* weights); "
             "LoRA, VAE and embedding files belong in their own folders"
         )
+    return sd
+
+
+def convert_checkpoint(sd: StateDict, entry: ModelEntry) -> CheckpointWeights:
+    """The components of an A1111 single file in diffusers' keys, with diffusers' own converters (mostly views of
+    ``sd``'s tensors: no copy). Text encoder keys carry transformers' ``text_model.`` level; ``copy_into`` matches
+    them to modules with or without it."""
+    is_sdxl = is_sdxl_state_dict(sd)
+    config_dir = _config_dir_for(entry, is_sdxl)
+    try:
+        unet_config = UNet2DConditionModel.load_config(str(config_dir), subfolder="unet", local_files_only=True)
+        vae_config = AutoencoderKL.load_config(str(config_dir), subfolder="vae", local_files_only=True)
+        parts: dict[str, StateDict] = {
+            "unet": convert_ldm_unet_checkpoint(sd, unet_config),
+            "vae": convert_ldm_vae_checkpoint(sd, vae_config),
+            "text_encoder": convert_ldm_clip_checkpoint(sd),
+        }
+        if is_sdxl:
+            te2 = json.loads((config_dir / "text_encoder_2" / "config.json").read_text())
+            prefix = "conditioner.embedders.1.model."
+            parts["text_encoder_2"] = convert_open_clip_checkpoint(
+                _OpenClipConfig(int(te2["hidden_size"])), sd, prefix=prefix
+            )
+    except (ValueError, RuntimeError, KeyError, OSError) as exc:
+        raise ModelLoadError(f"{entry.sd_name}: weights do not fit the config in {config_dir}: {exc}") from exc
+    return CheckpointWeights(parts, is_sdxl, "v_pred" in sd, config_dir)
+
+
+def read_checkpoint_weights(entry: ModelEntry) -> CheckpointWeights:
+    """Read and convert a single-file checkpoint (what the RAM tier holds; the prefetcher calls this)."""
+    return convert_checkpoint(_read_single_file(entry), entry)
+
+
+def _assemble_pipeline(
+    config_dir: Path,
+    is_sdxl: bool,
+    modules: dict[str, torch.nn.Module],
+    v_prediction: bool,
+    templates: TokenizerTemplates | None,
+) -> Img2ImgPipeline:
+    scheduler = _load_scheduler(config_dir, v_prediction)
+    tokenizers = load_tokenizers(is_sdxl, config_dir, templates)
+    if is_sdxl:
+        index = json.loads((config_dir / "model_index.json").read_text())
+        return StableDiffusionXLImg2ImgPipeline(
+            vae=cast(AutoencoderKL, modules["vae"]),
+            text_encoder=cast(CLIPTextModel, modules["text_encoder"]),
+            text_encoder_2=cast(CLIPTextModelWithProjection, modules["text_encoder_2"]),
+            tokenizer=tokenizers[0],
+            tokenizer_2=tokenizers[1],
+            unet=cast(UNet2DConditionModel, modules["unet"]),
+            scheduler=scheduler,
+            requires_aesthetics_score=False,
+            force_zeros_for_empty_prompt=bool(index.get("force_zeros_for_empty_prompt", True)),
+        )
+    return StableDiffusionImg2ImgPipeline(
+        vae=cast(AutoencoderKL, modules["vae"]),
+        text_encoder=cast(CLIPTextModel, modules["text_encoder"]),
+        tokenizer=tokenizers[0],
+        unet=cast(UNet2DConditionModel, modules["unet"]),
+        scheduler=scheduler,
+        safety_checker=None,  # type: ignore[arg-type]  # diffusers annotates these as required
+        feature_extractor=None,  # type: ignore[arg-type]
+        requires_safety_checker=False,
+    )
+
+
+def _single_file_pipeline(
+    entry: ModelEntry, sd: StateDict, dtype: torch.dtype, templates: TokenizerTemplates | None
+) -> tuple[Img2ImgPipeline, Path]:
     is_sdxl = is_sdxl_state_dict(sd)
     config_dir = _config_dir_for(entry, is_sdxl)
     cfg = str(config_dir)
     common: dict[str, Any] = {"config": cfg, "local_files_only": True, "dtype": dtype}
+    modules: dict[str, torch.nn.Module] = {}
     try:
         # Inpainting checkpoints (9 input channels) load over the same config, told their conv_in width.
-        unet = UNet2DConditionModel.from_single_file(sd, subfolder="unet", in_channels=unet_in_channels(sd), **common)
-        vae = AutoencoderKL.from_single_file(sd, subfolder="vae", **common)
-        te1 = create_diffusers_clip_model_from_ldm(
+        in_channels = unet_in_channels(sd)
+        modules["unet"] = UNet2DConditionModel.from_single_file(sd, subfolder="unet", in_channels=in_channels, **common)
+        modules["vae"] = AutoencoderKL.from_single_file(sd, subfolder="vae", **common)
+        modules["text_encoder"] = create_diffusers_clip_model_from_ldm(
             CLIPTextModel, sd, subfolder="text_encoder", config=cfg, torch_dtype=dtype, local_files_only=True
         )
-        te2 = (
-            create_diffusers_clip_model_from_ldm(
+        if is_sdxl:
+            modules["text_encoder_2"] = create_diffusers_clip_model_from_ldm(
                 CLIPTextModelWithProjection,
                 sd,
                 subfolder="text_encoder_2",
@@ -259,44 +377,13 @@ def _single_file_pipeline(entry: ModelEntry, dtype: torch.dtype) -> tuple[Img2Im
                 torch_dtype=dtype,
                 local_files_only=True,
             )
-            if is_sdxl
-            else None
-        )
     except (ValueError, RuntimeError, KeyError, OSError) as exc:
         raise ModelLoadError(f"{entry.sd_name}: weights do not fit the config in {config_dir}: {exc}") from exc
     # Some v-prediction SDXL finetunes mark themselves with an empty "v_pred" tensor (A1111 reads it too).
-    scheduler = _load_scheduler(config_dir, v_prediction="v_pred" in sd)
-    del sd
-    tokenizers = load_tokenizers(is_sdxl, config_dir)
-    pipe: Img2ImgPipeline
-    if te2 is not None:
-        index = json.loads((config_dir / "model_index.json").read_text())
-        pipe = StableDiffusionXLImg2ImgPipeline(
-            vae=vae,
-            text_encoder=te1,
-            text_encoder_2=te2,
-            tokenizer=tokenizers[0],
-            tokenizer_2=tokenizers[1],
-            unet=unet,
-            scheduler=scheduler,
-            requires_aesthetics_score=False,
-            force_zeros_for_empty_prompt=bool(index.get("force_zeros_for_empty_prompt", True)),
-        )
-    else:
-        pipe = StableDiffusionImg2ImgPipeline(
-            vae=vae,
-            text_encoder=te1,
-            tokenizer=tokenizers[0],
-            unet=unet,
-            scheduler=scheduler,
-            safety_checker=None,  # type: ignore[arg-type]  # diffusers annotates these as required
-            feature_extractor=None,  # type: ignore[arg-type]
-            requires_safety_checker=False,
-        )
-    return pipe, config_dir
+    return _assemble_pipeline(config_dir, is_sdxl, modules, "v_pred" in sd, templates), config_dir
 
 
-def _folder_pipeline(entry: ModelEntry, dtype: torch.dtype) -> Img2ImgPipeline:
+def _folder_pipeline(entry: ModelEntry, dtype: torch.dtype, templates: TokenizerTemplates | None) -> Img2ImgPipeline:
     index_path = entry.path / "model_index.json"
     if not index_path.exists():
         raise ModelLoadError(f"{entry.sd_name}: folder has no model_index.json (not a diffusers pipeline)")
@@ -304,11 +391,12 @@ def _folder_pipeline(entry: ModelEntry, dtype: torch.dtype) -> Img2ImgPipeline:
     is_sdxl = "XL" in index.get("_class_name", "")
     kwargs: dict[str, Any] = {"local_files_only": True, "dtype": dtype}
     # Tokenizers come from our template cache, never from the pipeline's from_pretrained (which leaks, see
-    # ``_tokenizer``); folders without tokenizer files get the shipped ones.
-    fallback = load_tokenizers(is_sdxl)
+    # ``TokenizerTemplates``); folders without tokenizer files get the shipped ones.
+    tok = templates if templates is not None else TokenizerTemplates()
+    fallback = load_tokenizers(is_sdxl, templates=tok)
     for i, name in enumerate(["tokenizer", "tokenizer_2"] if is_sdxl else ["tokenizer"]):
         own = entry.path / name
-        kwargs[name] = _tokenizer(own) if own.is_dir() else fallback[i]
+        kwargs[name] = tok.copy(own) if own.is_dir() else fallback[i]
     cls: type[Img2ImgPipeline]
     if is_sdxl:
         cls = StableDiffusionXLImg2ImgPipeline
@@ -322,20 +410,9 @@ def _folder_pipeline(entry: ModelEntry, dtype: torch.dtype) -> Img2ImgPipeline:
         raise ModelLoadError(f"{entry.sd_name}: cannot load diffusers folder: {exc}") from exc
 
 
-def load_checkpoint(
-    entry: ModelEntry, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+def _wrap(
+    entry: ModelEntry, pipe: Img2ImgPipeline, dev: torch.device, dt: torch.dtype, config_dir: Path | None
 ) -> LoadedCheckpoint:
-    """Build an img2img pipeline for a checkpoint entry (single file or diffusers folder), offline."""
-    if entry.kind != "checkpoint":
-        raise ModelLoadError(f"{entry.sd_name}: is a {entry.kind}, not a checkpoint")
-    dev = pick_device(str(device)) if device is not None else pick_device("auto")
-    dt = dtype if dtype is not None else pick_dtype(dev)
-    config_dir: Path | None = None
-    if entry.path.is_dir():
-        pipe = _folder_pipeline(entry, dt)
-    else:
-        pipe, config_dir = _single_file_pipeline(entry, dt)
-    pipe.to(dev)
     pipe.set_progress_bar_config(disable=True)
     is_sdxl = isinstance(pipe, StableDiffusionXLImg2ImgPipeline)
     text_encoders = [pipe.text_encoder] + ([pipe.text_encoder_2] if is_sdxl else [])
@@ -363,6 +440,119 @@ def load_checkpoint(
         approx_bytes=module_bytes(pipe.unet, pipe.vae, *text_encoders),
         config_dir=config_dir,
     )
+
+
+def load_checkpoint(
+    entry: ModelEntry,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+    *,
+    tokenizers: TokenizerTemplates | None = None,
+    state_dict: StateDict | None = None,
+) -> LoadedCheckpoint:
+    """Build an img2img pipeline for a checkpoint entry (single file or diffusers folder), offline, in new modules.
+    ``state_dict``: the single file's tensors when the caller has read them already."""
+    if entry.kind != "checkpoint":
+        raise ModelLoadError(f"{entry.sd_name}: is a {entry.kind}, not a checkpoint")
+    dev = pick_device(str(device)) if device is not None else pick_device("auto")
+    dt = dtype if dtype is not None else pick_dtype(dev)
+    config_dir: Path | None = None
+    if entry.path.is_dir():
+        pipe = _folder_pipeline(entry, dt, tokenizers)
+    else:
+        sd = state_dict if state_dict is not None else _read_single_file(entry)
+        pipe, config_dir = _single_file_pipeline(entry, sd, dt, tokenizers)
+        del sd
+    pipe.to(dev)
+    return _wrap(entry, pipe, dev, dt, config_dir)
+
+
+class ArchitectureMismatch(ModelLoadError):
+    """The weights do not fit the resident modules (another family, config or shape): they need new modules."""
+
+
+def _module_parts(loaded: LoadedCheckpoint) -> dict[str, torch.nn.Module]:
+    parts: dict[str, torch.nn.Module] = {"unet": loaded.unet, "vae": loaded.vae}
+    for name, encoder in zip(("text_encoder", "text_encoder_2"), loaded.text_encoders, strict=False):
+        parts[name] = encoder
+    return parts
+
+
+def _restore_token_rows(encoder: torch.nn.Module, rows: int) -> None:
+    """Embeddings (textual inversion) grow a text encoder's token table; a new checkpoint starts from its own size."""
+    get = getattr(encoder, "get_input_embeddings", None)
+    table = get() if callable(get) else None
+    if not isinstance(table, torch.nn.Embedding) or table.num_embeddings == rows:
+        return
+    weight = table.weight
+    fresh = torch.nn.Embedding(rows, table.embedding_dim, device=weight.device, dtype=weight.dtype)
+    encoder.set_input_embeddings(fresh)  # type: ignore[operator]
+    encoder.config.vocab_size = rows  # type: ignore[union-attr]
+
+
+def architecture_of(config_dir: Path | None) -> str | None:
+    """The model configs of a config tree (UNet, VAE, text encoders) as one string: two checkpoints with equal
+    architectures can share modules (sidecar trees are per file, so their contents are compared, not paths)."""
+    if config_dir is None:
+        return None
+    parts = []
+    for sub in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        config = config_dir / sub / "config.json"
+        if config.is_file():
+            data = json.loads(config.read_text())
+            parts.append(json.dumps({k: v for k, v in data.items() if not k.startswith("_")}, sort_keys=True))
+    return "\n".join(parts) if parts else str(config_dir)
+
+
+def _copy_plan(loaded: LoadedCheckpoint, weights: CheckpointWeights) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(destination, source) pairs for every persistent tensor of the resident modules, or ``ArchitectureMismatch``
+    before anything is touched."""
+    if loaded.is_sdxl != weights.is_sdxl or architecture_of(loaded.config_dir) != weights.architecture:
+        raise ArchitectureMismatch(f"{loaded.name}: another family or config")
+    modules = _module_parts(loaded)
+    if set(modules) != set(weights.components):
+        raise ArchitectureMismatch(f"{loaded.name}: other components")
+    plan: list[tuple[torch.Tensor, torch.Tensor]] = []
+    for name, module in modules.items():
+        source = weights.components[name]
+        if name.startswith("text_encoder"):
+            token_key = next((k for k in source if k.endswith("embeddings.token_embedding.weight")), None)
+            if token_key is not None:
+                _restore_token_rows(module, int(source[token_key].shape[0]))
+        for key, dest in module.state_dict(keep_vars=True).items():
+            src = source.get(key)
+            if src is None:
+                src = source.get("text_model." + key)
+            if src is None or src.shape != dest.shape:
+                raise ArchitectureMismatch(f"{loaded.name}: {name}.{key} is missing or has another shape")
+            plan.append((dest, src))
+    return plan
+
+
+@torch.no_grad()
+def copy_into(loaded: LoadedCheckpoint, weights: CheckpointWeights) -> None:
+    """Overwrite the resident modules' tensors with ``weights`` in place (cast on the way; no new allocation), or
+    raise ``ArchitectureMismatch`` leaving them untouched."""
+    plan = _copy_plan(loaded, weights)
+    for dest, src in plan:
+        dest.copy_(src, non_blocking=True)
+    if loaded.device.type == "cuda":
+        torch.cuda.synchronize(loaded.device)
+
+
+def switch_in_place(
+    donor: LoadedCheckpoint,
+    entry: ModelEntry,
+    weights: CheckpointWeights,
+    templates: TokenizerTemplates | None = None,
+) -> LoadedCheckpoint:
+    """``entry`` in ``donor``'s modules: the weights copied in place, a new pipe object around the same modules
+    with the new checkpoint's scheduler and fresh tokenizers. ``donor`` must not be used afterwards."""
+    copy_into(donor, weights)
+    pipe = _assemble_pipeline(
+        weights.config_dir, weights.is_sdxl, _module_parts(donor), weights.v_prediction, templates
+    )
+    return _wrap(entry, pipe, donor.device, donor.dtype, weights.config_dir)
 
 
 # ---------------------------------------------------------------------------------------------------- VAE override
@@ -440,10 +630,15 @@ def load_vae(
 
 @dataclass
 class CacheStats:
-    checkpoint_loads: int = 0
-    checkpoint_hits: int = 0
+    checkpoint_loads: int = 0  # checkpoints made resident (from the RAM tier or the disk)
+    checkpoint_hits: int = 0  # requests served by resident modules (device tier)
+    ram_hits: int = 0  # checkpoints made resident from the RAM tier (no file read)
+    disk_reads: int = 0  # checkpoint files read (task path and prefetch)
+    in_place: int = 0  # switches that copied into a resident model's modules instead of allocating new ones
+    prefetches: int = 0  # files read ahead into the RAM tier
     vae_loads: int = 0
     evictions: int = 0
+    load_seconds: float = 0.0
 
 
 @dataclass
@@ -452,9 +647,138 @@ class _Slot:
     value: LoadedCheckpoint
 
 
+FileKey = tuple[str, float, int]
+
+
+def _file_key(entry: ModelEntry) -> FileKey:
+    return (str(entry.path), entry.mtime, entry.size)
+
+
+class RamTier:
+    """Recently used single-file checkpoints as converted CPU state dicts (``CheckpointWeights``, the file's dtype;
+    pinned when the device is CUDA), least recently used evicted beyond ``budget_bytes``. ``prefetch`` reads a file
+    in a background thread; ``take`` waits for such a read instead of starting a second one."""
+
+    def __init__(self, budget_bytes: int, pin: bool = False) -> None:
+        self.budget_bytes = budget_bytes
+        self.pin = pin
+        self._lock = threading.Lock()
+        self._items: OrderedDict[FileKey, CheckpointWeights] = OrderedDict()
+        self._inflight: dict[FileKey, Future[CheckpointWeights | None]] = {}
+        self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefetch")
+        self.reads = 0
+
+    @property
+    def held_bytes(self) -> int:
+        with self._lock:
+            return sum(w.nbytes for w in self._items.values())
+
+    def __contains__(self, key: FileKey) -> bool:
+        with self._lock:
+            return key in self._items or key in self._inflight
+
+    def fits(self, entry: ModelEntry) -> bool:
+        return not entry.path.is_dir() and 0 < entry.size <= self.budget_bytes
+
+    def take(self, key: FileKey) -> CheckpointWeights | None:
+        """The weights if held (or being read ahead: waits for that read); None otherwise."""
+        with self._lock:
+            pending = self._inflight.get(key)
+            found = self._items.get(key)
+            if found is not None:
+                self._items.move_to_end(key)
+                return found
+        if pending is None:
+            return None
+        try:
+            return pending.result()
+        except Exception:  # the task path reads the file itself and reports the error
+            return None
+
+    def put(self, key: FileKey, weights: CheckpointWeights) -> CheckpointWeights:
+        """Keep ``weights`` when they fit the budget (evicting the least recently used); the weights to use (their
+        pinned copy on CUDA)."""
+        size = weights.nbytes
+        if size > self.budget_bytes:
+            return weights
+        with self._lock:
+            self._items.pop(key, None)
+            while self._items and sum(w.nbytes for w in self._items.values()) + size > self.budget_bytes:
+                self._items.popitem(last=False)
+        kept = weights.pinned() if self.pin else weights
+        with self._lock:
+            self._items[key] = kept
+        return kept
+
+    def unshare(self, key: FileKey, loaded: LoadedCheckpoint) -> None:
+        """Replace the held weights of ``key`` by a copy if they share memory with ``loaded``'s modules."""
+        with self._lock:
+            held = self._items.get(key)
+        if held is None:
+            return
+        used = {
+            t.untyped_storage().data_ptr()
+            for m in _module_parts(loaded).values()
+            for t in m.state_dict().values()
+            if t.device.type == "cpu"
+        }
+        shared = any(t.untyped_storage().data_ptr() in used for part in held.components.values() for t in part.values())
+        if shared:
+            copied = {name: {k: t.clone() for k, t in part.items()} for name, part in held.components.items()}
+            with self._lock:
+                self._items[key] = CheckpointWeights(copied, held.is_sdxl, held.v_prediction, held.config_dir)
+
+    def prefetch(self, entry: ModelEntry, on_read: Callable[[], None] | None = None) -> bool:
+        """Start reading ``entry`` into the tier unless it is there, being read, or too big; True if started."""
+        key = _file_key(entry)
+        if not self.fits(entry):
+            return False
+        with self._lock:
+            if key in self._items or key in self._inflight:
+                return False
+            self._inflight[key] = self._reader.submit(self._read_ahead, entry, key, on_read)
+        return True
+
+    def _read_ahead(
+        self, entry: ModelEntry, key: FileKey, on_read: Callable[[], None] | None
+    ) -> CheckpointWeights | None:
+        try:
+            start = time.perf_counter()
+            weights = self.put(key, read_checkpoint_weights(entry))
+            self.reads += 1
+            if on_read is not None:
+                on_read()
+            log.info("checkpoint %s read ahead into RAM in %.2f s", entry.sd_name, time.perf_counter() - start)
+            return weights
+        except Exception:
+            log.warning("could not read %s ahead; the task will read it", entry.sd_name, exc_info=True)
+            return None
+        finally:
+            with self._lock:
+                self._inflight.pop(key, None)
+
+    def wait(self) -> None:
+        """Until no read ahead is running (tests, shutdown)."""
+        with self._lock:
+            pending = list(self._inflight.values())
+        for future in pending:
+            future.exception()
+
+    def clear(self) -> None:
+        self.wait()
+        with self._lock:
+            self._items.clear()
+
+
 class ModelCache:
-    """Thread-safe LRU of loaded checkpoints bounded by ``budget_bytes`` (always keeps the newest one), plus a small
-    LRU of VAE overrides. Loads run under the lock: one model is built at a time, which also bounds peak memory."""
+    """Thread-safe LRU of loaded checkpoints bounded by ``budget_bytes`` (the device tier; always keeps the newest
+    one) over a RAM tier of converted weights (``ram_budget_bytes``), plus a small LRU of VAE overrides.
+
+    Loads run under the lock, one at a time. A switch never holds two models unless the budget allows it: when the
+    new checkpoint does not fit beside the resident ones, a resident model of the same architecture lends its
+    modules (the new weights are copied into their storage, no allocation) or the least recently used models are
+    released before the new one is built. ``on_release`` is told about every checkpoint that leaves the device
+    tier (the executor detaches its adapters)."""
 
     def __init__(
         self,
@@ -462,25 +786,31 @@ class ModelCache:
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
         max_vaes: int = 2,
+        *,
+        ram_budget_bytes: int | None = None,
+        on_release: Callable[[LoadedCheckpoint], None] | None = None,
     ) -> None:
         if isinstance(settings_or_budget, Settings):
             self.budget_bytes = settings_or_budget.checkpoint_cache_bytes
+            ram_budget = settings_or_budget.checkpoint_ram_cache_bytes
             default_device = settings_or_budget.device
             default_dtype: str = settings_or_budget.dtype
         else:
             self.budget_bytes = int(settings_or_budget)
+            ram_budget = 0
             default_device = default_dtype = "auto"
         self.device = pick_device(str(device) if device is not None else default_device)
         self.dtype = dtype if dtype is not None else pick_dtype(self.device, default_dtype)
         self.max_vaes = max_vaes
         self.stats = CacheStats()
+        self.ram = RamTier(ram_budget if ram_budget_bytes is None else ram_budget_bytes, self.device.type == "cuda")
+        self.tokenizers = TokenizerTemplates()
+        self.on_release = on_release
         self._lock = threading.RLock()
         self._slots: OrderedDict[str, _Slot] = OrderedDict()
         self._vaes: OrderedDict[tuple[Any, ...], AutoencoderKL] = OrderedDict()
 
-    @staticmethod
-    def _key(entry: ModelEntry) -> tuple[str, float, int]:
-        return (str(entry.path), entry.mtime, entry.size)
+    _key = staticmethod(_file_key)
 
     @property
     def loaded_bytes(self) -> int:
@@ -492,6 +822,31 @@ class ModelCache:
         with self._lock:
             return [s.value.name for s in self._slots.values()]
 
+    def report(self) -> ModelCacheReport:
+        s = self.stats
+        return ModelCacheReport(
+            hits={"device": s.checkpoint_hits, "ram": s.ram_hits, "disk": s.checkpoint_loads - s.ram_hits},
+            bytes={"device": self.loaded_bytes, "ram": self.ram.held_bytes},
+            load_seconds=s.load_seconds,
+        )
+
+    def resident(self, entry: ModelEntry) -> bool:
+        with self._lock:
+            slot = self._slots.get(str(entry.path))
+            return slot is not None and slot.key == self._key(entry)
+
+    def prefetch(self, entry: ModelEntry) -> bool:
+        """Read ``entry`` into the RAM tier in the background (a queued task will need it); False when it is
+        resident, held or being read already, or does not fit the RAM tier."""
+        if entry.kind != "checkpoint" or self.resident(entry):
+            return False
+        started = self.ram.prefetch(entry, self._count_prefetch)
+        return started
+
+    def _count_prefetch(self) -> None:
+        self.stats.prefetches += 1
+        self.stats.disk_reads += 1
+
     def get(self, entry: ModelEntry) -> LoadedCheckpoint:
         path = str(entry.path)
         with self._lock:
@@ -501,14 +856,67 @@ class ModelCache:
                 self.stats.checkpoint_hits += 1
                 return slot.value
             if slot is not None:  # the file changed on disk
-                self._evict(path)
-            # Make room first (the file size approximates the loaded size) so two models never peak together.
-            self._shrink(self.budget_bytes - entry.size)
-            loaded = load_checkpoint(entry, self.device, self.dtype)
+                self._release(path)
+            start = time.perf_counter()
+            loaded, tier, how = self._make_resident(entry)
+            seconds = time.perf_counter() - start
             self.stats.checkpoint_loads += 1
+            self.stats.load_seconds += seconds
+            log.info("model %s loaded in %.2f s (tier %s, %s)", entry.sd_name, seconds, tier, how)
             self._slots[path] = _Slot(self._key(entry), loaded)
             self._shrink(self.budget_bytes, keep=path)
             return loaded
+
+    def _make_resident(self, entry: ModelEntry) -> tuple[LoadedCheckpoint, str, str]:
+        """The checkpoint in device modules: (loaded, tier it came from, how it was placed)."""
+        if entry.path.is_dir():  # diffusers folders: no RAM tier, always new modules
+            self._shrink(self.budget_bytes - entry.size)
+            return load_checkpoint(entry, self.device, self.dtype, tokenizers=self.tokenizers), "disk", "new modules"
+        key = self._key(entry)
+        weights = self.ram.take(key)
+        tier = "ram" if weights is not None else "disk"
+        sd: StateDict | None = None
+        if weights is None:
+            sd = _read_single_file(entry)
+            self.stats.disk_reads += 1
+            weights = self.ram.put(key, convert_checkpoint(sd, entry))
+        else:
+            self.stats.ram_hits += 1
+        need = _module_bytes_for(weights, self.dtype)
+        donor = self._donor(weights, need)
+        if donor is not None:
+            old = self._slots[donor].value
+            self._release(donor, free=False)
+            try:
+                loaded = switch_in_place(old, entry, weights, self.tokenizers)
+                self.stats.in_place += 1
+                return loaded, tier, f"copied into {old.name}'s modules"
+            except ArchitectureMismatch:
+                pass  # left untouched; released above, so its memory goes before the new modules come
+            del old
+        self._shrink(self.budget_bytes - need, force_free=True)
+        del weights
+        if sd is None:
+            sd = _read_single_file(entry)
+            self.stats.disk_reads += 1
+            tier = "disk"
+        loaded = load_checkpoint(entry, self.device, self.dtype, tokenizers=self.tokenizers, state_dict=sd)
+        # A file already in the model's dtype and device may lend its tensors to the modules: the RAM tier must
+        # then hold a copy, or the next in-place switch into these modules would overwrite it.
+        self.ram.unshare(key, loaded)
+        return loaded, tier, "new modules"
+
+    def _donor(self, weights: CheckpointWeights, need: int) -> str | None:
+        """The least recently used resident model whose modules can take ``weights``, when the new model does not
+        fit beside the resident ones (with room to spare, the old model stays cached instead)."""
+        if self.loaded_bytes + need <= self.budget_bytes:
+            return None
+        architecture = weights.architecture
+        for path, slot in self._slots.items():
+            loaded = slot.value
+            if loaded.is_sdxl == weights.is_sdxl and architecture_of(loaded.config_dir) == architecture:
+                return path
+        return None
 
     def get_vae(self, entry: ModelEntry, like: LoadedCheckpoint) -> AutoencoderKL:
         """A VAE override for ``like`` (cached; never the checkpoint's own VAE object, which stays untouched)."""
@@ -529,24 +937,40 @@ class ModelCache:
     def clear(self) -> None:
         with self._lock:
             for path in list(self._slots):
-                self._evict(path)
+                self._release(path, free=False)
             self._vaes.clear()
+            self.ram.clear()
             _free_memory()
 
-    def _shrink(self, limit: int, keep: str | None = None) -> None:
+    def _shrink(self, limit: int, keep: str | None = None, force_free: bool = False) -> None:
         evicted = False
         while self._slots and sum(s.value.approx_bytes for s in self._slots.values()) > limit:
             oldest = next(iter(self._slots))
             if oldest == keep:
                 break
-            self._evict(oldest)
+            self._release(oldest, free=False)
             evicted = True
-        if evicted:
+        if evicted or force_free:
             _free_memory()
 
-    def _evict(self, path: str) -> None:
-        self._slots.pop(path, None)
+    def _release(self, path: str, free: bool = False) -> None:
+        slot = self._slots.pop(path, None)
         self.stats.evictions += 1
+        if slot is not None and self.on_release is not None:
+            self.on_release(slot.value)
+        del slot
+        if free:
+            _free_memory()
+
+
+def _module_bytes_for(weights: CheckpointWeights, dtype: torch.dtype) -> int:
+    """What ``weights`` take as modules in ``dtype`` (floating tensors cast, others as they are)."""
+    size = torch.empty((), dtype=dtype).element_size()
+    return sum(
+        t.numel() * (size if t.is_floating_point() else t.element_size())
+        for part in weights.components.values()
+        for t in part.values()
+    )
 
 
 def _free_memory() -> None:

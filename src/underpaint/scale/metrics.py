@@ -17,10 +17,10 @@ import shutil
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from fastapi import FastAPI
-from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 from sqlalchemy import Engine, column, func, select, table
@@ -28,11 +28,12 @@ from sqlalchemy.exc import DBAPIError
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from underpaint.engine.model_tiers import TIERS, ModelCacheReport
 from underpaint.scale.heartbeat import list_workers, worker_stale_after
 from underpaint.services import Services
 from underpaint.tasks.contract import TaskRequest
 from underpaint.tasks.types import ImageRecord, TaskRecord, TaskStatus
-from underpaint.worker.loop import BatchTaskRunner, ProgressReporter, TaskRunner
+from underpaint.worker.loop import BatchTaskRunner, Prefetcher, ProgressReporter, TaskRunner
 
 if TYPE_CHECKING:
     from underpaint.scale.broker import BrokerProbe  # imports celery: only Celery-mode processes load it
@@ -73,6 +74,25 @@ QUEUE_WAIT_SECONDS = Histogram(
     buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600, float("inf")),
     registry=WORKER_REGISTRY,
 )
+CHECKPOINT_REQUESTS = Counter(
+    "underpaint_checkpoint_requests",
+    "Checkpoints a task needed, by the tier that served them (device: resident; ram: copied from the RAM tier; "
+    "disk: read from the file)",
+    ["tier"],
+    registry=WORKER_REGISTRY,
+)
+CHECKPOINT_TIER_BYTES = Gauge(
+    "underpaint_checkpoint_tier_bytes",
+    "Bytes of checkpoints held in each tier (device: resident modules; ram: converted CPU state dicts)",
+    ["tier"],
+    multiprocess_mode="livemax",
+    registry=WORKER_REGISTRY,
+)
+CHECKPOINT_LOAD_SECONDS = Counter(
+    "underpaint_checkpoint_load_seconds",
+    "Time spent making checkpoints resident (from the RAM tier or the disk)",
+    registry=WORKER_REGISTRY,
+)
 TASKS_FROM_STORE = Counter(
     "underpaint_tasks_claimed_from_store",
     "Tasks a Celery worker claimed straight from the store because no queue message brought them within "
@@ -106,17 +126,41 @@ class LoadCountingRunner(TaskRunner, Protocol):
     def checkpoint_loads(self) -> int: ...
 
 
+@runtime_checkable
+class CacheReporting(Protocol):
+    def cache_report(self) -> ModelCacheReport: ...
+
+
 class InstrumentedRunner:
     """Wraps a ``TaskRunner``: times each run into ``underpaint_generation_seconds`` and records batch sizes,
-    queue waits and model switches."""
+    queue waits, model switches and the model cache's tiers (requests served, bytes held, load time)."""
 
     def __init__(self, runner: LoadCountingRunner) -> None:
         self.runner = runner
         self._last_model: str | None = None
+        self._last_report = ModelCacheReport()
 
     @property
     def checkpoint_loads(self) -> int:
         return self.runner.checkpoint_loads
+
+    def prefetch(self, checkpoints: Sequence[str]) -> None:
+        if isinstance(self.runner, Prefetcher):
+            self.runner.prefetch(checkpoints)
+
+    def _record_cache(self) -> None:
+        if not isinstance(self.runner, CacheReporting):
+            return
+        report, last = self.runner.cache_report(), self._last_report
+        for tier in TIERS:
+            gained = report.hits.get(tier, 0) - last.hits.get(tier, 0)
+            if gained > 0:
+                CHECKPOINT_REQUESTS.labels(tier).inc(gained)
+        for tier, held in report.bytes.items():
+            CHECKPOINT_TIER_BYTES.labels(tier).set(held)
+        if report.load_seconds > last.load_seconds:
+            CHECKPOINT_LOAD_SECONDS.inc(report.load_seconds - last.load_seconds)
+        self._last_report = report
 
     def run(self, task: TaskRecord, request: TaskRequest, report: ProgressReporter) -> list[ImageRecord]:
         self._started([task])
@@ -131,6 +175,7 @@ class InstrumentedRunner:
             GENERATION_SECONDS.labels(_base(task), outcome).observe(time.perf_counter() - start)
             TASKS_RUN.labels(outcome).inc()
             MODEL_LOADS.inc(max(0, self.runner.checkpoint_loads - loads))
+            self._record_cache()
 
     def run_batch(
         self, items: Sequence[tuple[TaskRecord, TaskRequest, ProgressReporter]]
@@ -158,6 +203,7 @@ class InstrumentedRunner:
                 GENERATION_SECONDS.labels(_base(task), outcome).observe(elapsed)
                 TASKS_RUN.labels(outcome).inc()
             MODEL_LOADS.inc(max(0, self.runner.checkpoint_loads - loads))
+            self._record_cache()
 
     def _started(self, tasks: Sequence[TaskRecord]) -> None:
         BATCH_SIZE.observe(len(tasks))

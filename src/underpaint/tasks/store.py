@@ -713,6 +713,14 @@ class SqlTaskStore:
         with self._read.connect() as conn:
             return list(conn.execute(stmt).scalars())
 
+    def queued_model_keys(self, lanes: tuple[str, ...] | None = None, limit: int = 8) -> list[tuple[str, str | None]]:
+        """(task id, model key) of the first ``limit`` queued tasks in claim order: what a worker will load next."""
+        stmt = (
+            select(_t.c.task_id, _t.c.model_key).where(*self._queued_filter(lanes)).order_by(*_CLAIM_ORDER).limit(limit)
+        )
+        with self._read.connect() as conn:
+            return [(str(task_id), key) for task_id, key in conn.execute(stmt)]
+
     def count_by_status(self) -> dict[TaskStatus, int]:
         counts = dict.fromkeys(TaskStatus, 0)
         with self._read.connect() as conn:

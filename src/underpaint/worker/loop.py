@@ -124,6 +124,41 @@ class BatchTaskRunner(TaskRunner, Protocol):
         ...
 
 
+@runtime_checkable
+class Prefetcher(Protocol):
+    def prefetch(self, checkpoints: Sequence[str]) -> None:
+        """The checkpoints (``model_name``) queued tasks will need next, soonest first: read them ahead."""
+        ...
+
+
+@runtime_checkable
+class QueuePeek(Protocol):
+    def queued_model_keys(self, lanes: tuple[str, ...] | None = None, limit: int = 8) -> list[tuple[str, str | None]]:
+        """(task id, model key) of the first queued tasks in claim order."""
+        ...
+
+
+def prefetch_next(
+    store: TaskStore, runner: TaskRunner, lanes: tuple[str, ...] | None, running: Sequence[TaskRecord], peek: int = 8
+) -> str | None:
+    """Tell ``runner`` which checkpoint the head of the queue needs after ``running`` (the first queued task of
+    another model), so it reads it while ``running`` samples; the checkpoint named, or None."""
+    if not isinstance(runner, Prefetcher) or not isinstance(store, QueuePeek):
+        return None
+    now = {t.model_key for t in running}
+    try:
+        for task_id, key in store.queued_model_keys(lanes, peek):
+            if key is None or key in now:
+                continue
+            name = store.get_request(task_id).model_name
+            if name:
+                runner.prefetch([name])
+                return name
+    except Exception:  # a hint only: the task itself reads its checkpoint
+        log.warning("could not look at the head of the queue for prefetching", exc_info=True)
+    return None
+
+
 class _LeaseKeeper:
     """Beside a run: renews the leases every ``interval`` seconds while the runner is busy without reporting
     progress (a long model load, say), and every ``cancel_poll`` seconds reads whether an owner cancelled."""
@@ -500,6 +535,7 @@ def process_task(
             if not tasks:
                 break
             claimer.ran(tasks)
+            prefetch_next(store, runner, claimer.lanes, tasks)
             run_claimed_batch(
                 store, tasks, wid, runner, on_terminal=on_terminal, storage=storage, cancel_poll=cancel_poll
             )
@@ -509,6 +545,7 @@ def process_task(
         if not tasks:
             return None
         claimer.ran(tasks)
+        prefetch_next(store, runner, claimer.lanes, tasks)
         run_claimed_batch(store, tasks, wid, runner, on_terminal=on_terminal, storage=storage, cancel_poll=cancel_poll)
     return store.get(task_id)
 
@@ -562,6 +599,7 @@ class Worker:
         if not tasks:
             return False
         self.claimer.ran(tasks)
+        prefetch_next(self.store, self.runner, self.lanes, tasks)
         run_claimed_batch(
             self.store,
             tasks,

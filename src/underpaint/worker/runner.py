@@ -18,6 +18,7 @@ from PIL import Image
 from underpaint.config import Settings
 from underpaint.engine.job import Executor, GeneratedImage, GenerationJob
 from underpaint.engine.metadata import CONTENT_TYPES, encode_image
+from underpaint.engine.model_tiers import ModelCacheReport
 from underpaint.storage import custom as custom_storage
 from underpaint.storage.base import ImageStorage
 from underpaint.storage.custom_target import custom_target, object_key
@@ -37,6 +38,10 @@ class NsfwCheck(Protocol):
 class CountingExecutor(Executor, Protocol):
     @property
     def checkpoint_loads(self) -> int: ...
+
+    def prefetch(self, checkpoints: Sequence[str]) -> None: ...
+
+    def cache_report(self) -> ModelCacheReport: ...
 
 
 class GenerationRunner:
@@ -61,6 +66,12 @@ class GenerationRunner:
     @property
     def checkpoint_loads(self) -> int:
         return self.executor.checkpoint_loads
+
+    def prefetch(self, checkpoints: Sequence[str]) -> None:
+        self.executor.prefetch(checkpoints)
+
+    def cache_report(self) -> ModelCacheReport:
+        return self.executor.cache_report()
 
     def run(self, task: TaskRecord, request: TaskRequest, report: ProgressReporter) -> list[ImageRecord]:
         job = job_from_request(request)

@@ -126,14 +126,6 @@ class ControlNetCache:
             self._models.clear()
 
 
-_cache = ControlNetCache()
-
-
-def clear_controlnet_cache() -> None:
-    """Drop every loaded ControlNet (after an out-of-memory error; they reload on next use)."""
-    _cache.clear()
-
-
 @dataclass
 class PreparedUnit:
     model: Any
@@ -165,7 +157,7 @@ class ControlHookImpl:
         for unit in self.units:
             if not unit.start <= step_fraction <= unit.end:
                 continue
-            cond = unit.image.expand(x_in.shape[0], -1, -1, -1)
+            cond = _at_size(unit.image, x_in.shape[-2] * 8, x_in.shape[-1] * 8).expand(x_in.shape[0], -1, -1, -1)
             d, m = unit.model(
                 x_in.to(unit.image.dtype),
                 t,
@@ -185,6 +177,14 @@ class ControlHookImpl:
         return {"down_block_additional_residuals": tuple(down), "mid_block_additional_residual": mid}
 
 
+def _at_size(control: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """The control map at the latents' pixel size: the hires fix's second pass runs larger than the first, so its
+    map is the first pass's, resized (bilinear)."""
+    if tuple(control.shape[-2:]) == (height, width):
+        return control
+    return torch.nn.functional.interpolate(control, size=(height, width), mode="bilinear", antialias=False)
+
+
 def build_control_hook(
     loaded: Any,
     units: list[tuple[ModelEntry, ControlNetUnitSpec]],
@@ -194,8 +194,10 @@ def build_control_hook(
     device: torch.device,
     seed: int = 0,
     annotator_nets: preprocessors.AnnotatorCache | None = None,
+    controlnets: ControlNetCache | None = None,
 ) -> ControlHookImpl | None:
     """The hook adding the residuals of ``units`` to each UNet call, or None when no unit contributes.
+    ``controlnets``: the loaded models to reuse (the executor's; a new cache when None).
 
     Raises ``JobError`` for a ControlNet of the other base model, a missing annotator file, an unloadable model.
     """
@@ -206,6 +208,7 @@ def build_control_hook(
             raise JobError(f"ControlNet {entry.stem!r} is for {entry.base_model}, the checkpoint is {base}")
         preprocessors.check_files(spec.preprocessor, annotator_dir)
     nets = annotator_nets if annotator_nets is not None else preprocessors.AnnotatorCache()
+    models = controlnets if controlnets is not None else ControlNetCache()
     prepared: list[PreparedUnit] = []
     for entry, spec in units:
         if spec.strength == 0:
@@ -215,7 +218,7 @@ def build_control_hook(
         control_map = preprocessors.run_preprocessor(spec.preprocessor, image, ctx)
         prepared.append(
             PreparedUnit(
-                model=_cache.get(entry, device, dtype),
+                model=models.get(entry, device, dtype),
                 image=control_tensor(control_map, device, dtype),
                 scale=float(spec.strength),
                 start=float(spec.guidance_start),
