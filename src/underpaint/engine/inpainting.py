@@ -21,7 +21,8 @@ Written from the published method (A1111 is AGPL; nothing is copied):
    transparent canvas of the input's size; then the input, made transparent where the overlay mask is set, is
    alpha-composited over it. Where the overlay mask is 0, the output is the input, byte for byte.
 
-The processing size is the input's size rounded down to a multiple of 8 (the VAE's factor). When that differs from
+The processing size (the job's width x height) is the input's size rounded down to a multiple of 8 (the VAE's
+factor; ``tasks.contract.inpainting_size``, set at submit). When that differs from
 the input's size (an input whose sides are not multiples of 8), the whole-picture result is resized back to the
 input's size (Lanczos) before the paste-back and the overlay is built at the input's size, so the output always has
 the input's size and its unmasked pixels stay exact (A1111 itself cannot composite such sizes; docs/compatibility.md).
@@ -49,11 +50,6 @@ class PreparedArea:
     overlay: Image.Image  # RGBA, input size: the input, transparent where it is repainted
     crop: tuple[int, int, int, int] | None  # (x1, y1, x2, y2) for only masked, else None
     size: tuple[int, int]  # the input's (width, height): the output's size
-
-
-def processing_size(width: int, height: int) -> tuple[int, int]:
-    """The input's size rounded down to the VAE's factor (at least one latent pixel)."""
-    return max(width // LATENT_FACTOR, 1) * LATENT_FACTOR, max(height // LATENT_FACTOR, 1) * LATENT_FACTOR
 
 
 def blur_kernel_size(sigma: float) -> int:

@@ -108,7 +108,7 @@ class GenerationJob:
     embeddings: tuple[EmbeddingSpec, ...] = ()
     controlnets: tuple[ControlNetUnitSpec, ...] = ()
     ip_adapters: tuple[IPAdapterSpec, ...] = ()
-    # Inpainting: width x height is then the processing size (``inpainting.processing_size``), the output keeps the
+    # Inpainting: width x height is then the processing size (``tasks.contract.inpainting_size``), the output keeps the
     # init image's size.
     mask: MaskSpec | None = None
     hires_fix: HiresFix | None = None  # txt2img only
