@@ -52,6 +52,7 @@ def test_novita_defaults_and_flags_as_booleans_or_numbers() -> None:
         assert r.inpainting_full_res is True
         assert r.inpainting_mask_invert is False
         assert r.strength == 1.0  # null: the default
+    assert client_request(clip_skip=0).clip_skip == 1  # the Python SDK dataclass's default
     for bad in ({"inpainting_full_res": 2}, {"mask_blur": 65}, {"initial_noise_multiplier": 1.6}, {"strength": 1.5}):
         with pytest.raises(ValidationError):
             client_request(**bad)

@@ -174,6 +174,12 @@ class InpaintingRequest(GenerationRequest):
     inpainting_full_res_padding: Annotated[int, in_range(0, 256)] = 8
     inpainting_mask_invert: Flag = False
     initial_noise_multiplier: Annotated[float, in_range(0, 1.5)] = 0.5
+    # The Python SDK's InpaintingRequest defaults clip_skip to 0; A1111 reads 0 as 1 (the last layer).
+    clip_skip: Annotated[int, BeforeValidator(_zero_is_one), in_range(1, 12)] = 1
+
+
+def _zero_is_one(value: Any) -> Any:
+    return 1 if value == 0 and not isinstance(value, bool) else value
 
 
 def inpainting_size(width: int, height: int) -> tuple[int, int]:
