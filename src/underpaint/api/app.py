@@ -29,7 +29,7 @@ from underpaint.api.models_route import list_models
 from underpaint.api.playground import install_playground
 from underpaint.api.schemas import validation_error_to_api
 from underpaint.api.steer import CANCEL_PATH, QueueEta, cancel_task
-from underpaint.api.submit import MAX_BODY_BYTES, submit_img2img
+from underpaint.api.submit import MAX_BODY_BYTES, submit_img2img, submit_inpainting
 from underpaint.services import HealthCheck, Services
 from underpaint.tasks.types import TaskRecord, TaskStatus
 from underpaint.wire.errors import ApiError, invalid_request, task_not_found
@@ -38,6 +38,7 @@ from underpaint.wire.result import task_result_body
 logger = logging.getLogger("underpaint.api")
 
 SUBMIT_PATH = "/v3/async/img2img"
+INPAINTING_PATH = "/v3/async/inpainting"
 RESULT_PATH = "/v3/async/task-result"
 _FAILURE_REASONS = {
     SUBMIT_PATH: "CREATE_TASK_FAILED",
@@ -86,6 +87,14 @@ def create_app(services: Services) -> FastAPI:
         raw = await _read_body(request)
         idempotency = request.headers.get(IDEMPOTENCY_HEADER)
         body = await run_in_threadpool(submit_img2img, ctx, caller, raw, ctx.base_url(request), idempotency)
+        return json_ok(body)
+
+    @app.post(INPAINTING_PATH)
+    async def inpainting(request: Request) -> Response:
+        caller = ctx.caller(request)
+        raw = await _read_body(request)
+        idempotency = request.headers.get(IDEMPOTENCY_HEADER)
+        body = await run_in_threadpool(submit_inpainting, ctx, caller, raw, ctx.base_url(request), idempotency)
         return json_ok(body)
 
     @app.post(CANCEL_PATH)

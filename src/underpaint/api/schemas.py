@@ -15,14 +15,22 @@ from typing import Any, TypeVar
 
 from pydantic import BaseModel, Field, ValidationError
 
-from underpaint.tasks.contract import Img2ImgRequest, TaskExtra
+from underpaint.tasks.contract import GenerationRequest, Img2ImgRequest, InpaintingRequest, TaskExtra
 from underpaint.tasks.fields import Lenient
 from underpaint.wire.errors import ApiError, invalid_image_size, invalid_request
 
 
-class Img2ImgBody(Lenient):
+class SubmitBody(Lenient):
     extra: TaskExtra = Field(default_factory=TaskExtra)
+    request: GenerationRequest
+
+
+class Img2ImgBody(SubmitBody):
     request: Img2ImgRequest
+
+
+class InpaintingBody(SubmitBody):
+    request: InpaintingRequest
 
 
 # ---------------------------------------------------------------------------------------------------------------

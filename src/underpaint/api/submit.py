@@ -11,32 +11,40 @@ import json
 import re
 import secrets
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar
 
 from pydantic import BaseModel
 
 from underpaint.api.auth import Caller
 from underpaint.api.context import ApiContext
 from underpaint.api.idempotency import idempotency_key, replay
-from underpaint.api.schemas import Img2ImgBody, parse_body
+from underpaint.api.schemas import Img2ImgBody, InpaintingBody, SubmitBody, parse_body
 from underpaint.delivery.ssrf import InvalidWebhookUrl
 from underpaint.registry import ModelEntry, ModelRegistry
 from underpaint.services import Admission
 from underpaint.storage.custom_target import InvalidCustomStorage, validate_custom_storage
-from underpaint.tasks.contract import GenerationRequest, Img2ImgRequest, TaskRequest
+from underpaint.tasks.contract import (
+    INPAINTING_MIN_SIDE,
+    GenerationRequest,
+    Img2ImgRequest,
+    TaskRequest,
+    inpainting_size,
+)
 from underpaint.tasks.lanes import task_lane
 from underpaint.tasks.lifecycle import announce
 from underpaint.tasks.types import IdempotencyKeyTaken, NewTask
 from underpaint.vocabulary import missing_annotator_files, missing_annotator_message
-from underpaint.wire.errors import ApiError, invalid_request
-from underpaint.wire.images import decode_image
+from underpaint.wire.errors import ApiError, invalid_image_size, invalid_request
+from underpaint.wire.images import INPAINTING_LIMITS, decode_image, decode_mask
 
 R = TypeVar("R", bound=GenerationRequest)
 M = TypeVar("M", bound=BaseModel)
+B = TypeVar("B", bound=SubmitBody)
 
 MAX_BODY_BYTES = 100 * 1024 * 1024  # init image + 5 ControlNet images + 1 IP-Adapter image, as base64
 DEDICATED_PRIORITY = 10
@@ -105,6 +113,39 @@ def check_json_shape(text: str) -> None:
 def submit_img2img(
     ctx: ApiContext, caller: Caller, raw: bytes, base_url: str, idempotency_header: str | None = None
 ) -> dict[str, str]:
+    return submit(ctx, caller, raw, base_url, IMG2IMG, idempotency_header)
+
+
+def submit_inpainting(
+    ctx: ApiContext, caller: Caller, raw: bytes, base_url: str, idempotency_header: str | None = None
+) -> dict[str, str]:
+    return submit(ctx, caller, raw, base_url, INPAINTING, idempotency_header)
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A request checked against this server, model names resolved; the checkpoint picks the task's lane."""
+
+    request: TaskRequest
+    checkpoint: ModelEntry
+
+
+@dataclass(frozen=True)
+class Endpoint(Generic[B]):
+    """One submit route: ``parse`` validates the body, ``prepare`` checks it against this server."""
+
+    parse: Callable[[Any], B]
+    prepare: Callable[[ApiContext, B], Prepared]
+
+
+def submit(
+    ctx: ApiContext,
+    caller: Caller,
+    raw: bytes,
+    base_url: str,
+    endpoint: Endpoint[B],
+    idempotency_header: str | None = None,
+) -> dict[str, str]:
     data = parse_json(raw)
     services = ctx.services
     idem = idempotency_key(idempotency_header, data)
@@ -113,15 +154,11 @@ def submit_img2img(
         taken = services.store.find_idempotent(caller.owner, idem.key)
         if taken is not None:
             return replay(taken, idem)
-    body = parse_body(Img2ImgBody, data)
+    body = endpoint.parse(data)
     req, extra = body.request, body.extra
     if services.rate_limiter is not None:
         services.rate_limiter.check(api_key=caller.api_key, owner=caller.owner, image_num=req.image_num)
-
-    names = resolve_models(services.registry, req)
-    _check_clip_skip(services.registry, names.checkpoint, req.clip_skip)
-    _check_preprocessors(services.registry.models_dir / "annotator", req)
-    _check_images(req)
+    prepared = endpoint.prepare(ctx, body)
 
     webhook = extra.webhook
     test_status: str | None = None
@@ -141,7 +178,7 @@ def submit_img2img(
             raise ApiError(400, "INVALID_CUSTOM_OUTPUT_PATH", str(exc), dict(exc.metadata)) from None
 
     seed = req.seed if req.seed >= 0 else secrets.randbelow(2**32 - 1)
-    stored = names.apply(req).model_copy(update={"seed": seed})
+    stored = prepared.request.model_copy(update={"seed": seed})
     extra = extra.model_copy(update={"base_url": base_url})
 
     # The lane is the Celery queue in scale-out mode (by base model, or the key's dedicated pool); the embedded
@@ -149,7 +186,7 @@ def submit_img2img(
     dedicated = caller.policy.dedicated_lane
     if not (extra.enterprise_plan is not None and extra.enterprise_plan.enabled):
         dedicated = None
-    lane = task_lane(services.settings, names.checkpoint, dedicated)
+    lane = task_lane(services.settings, prepared.checkpoint, dedicated)
     priority = DEDICATED_PRIORITY if dedicated else 0
 
     task_id = str(uuid.uuid4())
@@ -173,6 +210,55 @@ def submit_img2img(
         # could not be sent (broker down) is taken from the store by a worker all the same.
         announce(services.queue, task_id, lane)
     return {"task_id": task_id}
+
+
+def _prepare_generation(ctx: ApiContext, req: R) -> tuple[R, ResolvedModels]:
+    """The checks every diffusion endpoint shares, cheapest first: models, clip skip, annotators, images."""
+    registry = ctx.services.registry
+    names = resolve_models(registry, req)
+    _check_clip_skip(registry, names.checkpoint, req.clip_skip)
+    _check_preprocessors(registry.models_dir / "annotator", req)
+    _check_images(req)
+    return names.apply(req), names
+
+
+def _prepare_img2img(ctx: ApiContext, body: Img2ImgBody) -> Prepared:
+    request, names = _prepare_generation(ctx, body.request)
+    return Prepared(request, names.checkpoint)
+
+
+def _prepare_inpainting(ctx: ApiContext, body: InpaintingBody) -> Prepared:
+    """Inpainting's own checks: the image and the mask (same size, something to repaint); the processing size
+    (``inpainting_size``) becomes the stored request's width and height."""
+    req = body.request
+    request, names = _prepare_generation(ctx, req)
+    image = decode_image(req.image_base64, "request.image_base64", INPAINTING_LIMITS).image
+    if min(image.size) < INPAINTING_MIN_SIDE:
+        raise invalid_image_size(
+            f"request.image_base64: the image is {image.width}x{image.height}; inpainting needs at least "
+            f"{INPAINTING_MIN_SIDE} pixels on each side",
+            field="request.image_base64",
+        )
+    field = "request.mask_image_base64"
+    mask = decode_mask(req.mask_image_base64, field, INPAINTING_LIMITS)
+    if mask.size != image.size:
+        raise invalid_request(
+            f"{field}: the mask is {mask.width}x{mask.height} but the image is {image.width}x{image.height}; "
+            "send a mask of the image's size",
+            field=field,
+        )
+    low, high = mask.getextrema()
+    if (low == 255) if req.inpainting_mask_invert else (high == 0):
+        what = "white everywhere, and inverted" if req.inpainting_mask_invert else "black everywhere"
+        raise invalid_request(
+            f"{field}: the mask is empty ({what}): nothing to repaint; paint the area to repaint white", field=field
+        )
+    width, height = inpainting_size(image.width, image.height)
+    return Prepared(request.model_copy(update={"width": width, "height": height}), names.checkpoint)
+
+
+IMG2IMG = Endpoint(parse=partial(parse_body, Img2ImgBody), prepare=_prepare_img2img)
+INPAINTING = Endpoint(parse=partial(parse_body, InpaintingBody), prepare=_prepare_inpainting)
 
 
 def _admission(limiter: Admission | None, caller: Caller, image_num: int) -> AbstractContextManager[None]:
@@ -294,7 +380,7 @@ def _check_preprocessors(annotator_dir: Path, req: GenerationRequest) -> None:
             raise invalid_request(f"{field}: {problem}", field=field)
 
 
-def _check_images(req: TaskRequest) -> None:
+def _check_images(req: GenerationRequest) -> None:
     if isinstance(req, Img2ImgRequest):
         decode_image(req.image_base64, "request.image_base64")
     if req.controlnet is not None:
