@@ -130,3 +130,20 @@ def test_controlnet_and_ip_adapter_units_are_additive_fields(client: TestClient,
     assert r.controlnet is not None
     assert r.controlnet.units[0].model_name == "control_v11p_sd15_canny.safetensors"
     assert r.ip_adapters[0].model_name == "ip-adapter_sd15.bin"
+
+
+def test_openapi_documents_the_route(client: TestClient) -> None:
+    doc = client.get("/openapi.json").json()
+    operation = doc["paths"][PATH]["post"]
+    assert operation["requestBody"]["content"]["application/json"]["schema"] == {
+        "$ref": "#/components/schemas/InpaintingBody"
+    }
+    schemas = doc["components"]["schemas"]
+    fields = schemas["InpaintingRequest"]["properties"]
+    assert {"image_base64", "mask_image_base64"} <= set(schemas["InpaintingRequest"]["required"])
+    assert "width" not in fields
+    assert "height" not in fields
+    assert fields["inpainting_full_res"]["anyOf"] == [{"type": "boolean"}, {"type": "integer", "enum": [0, 1]}]
+    assert (fields["mask_blur"]["minimum"], fields["mask_blur"]["maximum"]) == (0, 64)
+    assert (fields["initial_noise_multiplier"]["maximum"], fields["strength"]["default"]) == (1.5, 1.0)
+    assert {"200", "400", "403", "429", "500"} <= set(operation["responses"])

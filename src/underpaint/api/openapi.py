@@ -17,9 +17,10 @@ from pydantic.json_schema import models_json_schema
 from underpaint import __version__
 from underpaint.api import responses as r
 from underpaint.api.extensions import DEFAULT_TASK_LIMIT, MAX_TASK_LIMIT, QUEUE_PATH, TASKS_PATH
-from underpaint.api.schemas import Img2ImgBody
+from underpaint.api.schemas import Img2ImgBody, InpaintingBody
 
 SUBMIT_PATH = "/v3/async/img2img"
+INPAINTING_PATH = "/v3/async/inpainting"
 RESULT_PATH = "/v3/async/task-result"
 CANCEL_PATH = "/v3/async/task-cancel"
 MODELS_PATH = "/v3/model"
@@ -27,7 +28,7 @@ FILES_PATH = "/v3/files/{key}"
 HEALTH_PATH = "/health"
 
 _REF = "#/components/schemas/{model}"
-_REQUEST_MODELS: tuple[type[BaseModel], ...] = (Img2ImgBody, r.CancelRequest)
+_REQUEST_MODELS: tuple[type[BaseModel], ...] = (Img2ImgBody, InpaintingBody, r.CancelRequest)
 _RESPONSE_MODELS: tuple[type[BaseModel], ...] = (
     r.ErrorBody,
     r.SubmitResponse,
@@ -93,6 +94,7 @@ def build_openapi(served: Collection[str]) -> dict[str, Any]:
         "security": [{"bearer": []}],
         "tags": [
             {"name": "img2img", "description": "Novita v3 async Img2Img"},
+            {"name": "inpainting", "description": "Novita v3 async Inpainting"},
             {"name": "models", "description": "Novita v3 Query Model"},
             {"name": "extensions", "description": "Underpaint additions to the Novita API"},
             {"name": "service", "description": "Files and health"},
@@ -174,6 +176,28 @@ def _paths(idempotency: bool) -> dict[str, Any]:
                 "requestBody": {
                     "required": True,
                     "content": {"application/json": {"schema": _schema("Img2ImgBody")}},
+                },
+                "responses": {
+                    "200": _json("SubmitResponse", "the task was queued"),
+                    **_errors(400, 403, 429, 500),
+                    **(_errors(own={409: _IDEMPOTENCY_CONFLICT}) if idempotency else {}),
+                },
+            }
+        },
+        INPAINTING_PATH: {
+            "post": {
+                "tags": ["inpainting"],
+                "operationId": "inpainting",
+                "summary": "Submit an inpainting task",
+                "description": "Repaints the white area of `mask_image_base64` (same size as the image; real alpha "
+                "counts where it has any, else luminance). No width/height: the output has the image's size, and "
+                "every pixel outside the blurred mask is the input's. `inpainting_full_res` and "
+                "`inpainting_mask_invert` take booleans or 0/1. ControlNet units and IP-Adapters are additive "
+                "fields, as on img2img. task-result reports `task_type` `INPAINTING`.",
+                "parameters": submit_params,
+                "requestBody": {
+                    "required": True,
+                    "content": {"application/json": {"schema": _schema("InpaintingBody")}},
                 },
                 "responses": {
                     "200": _json("SubmitResponse", "the task was queued"),
