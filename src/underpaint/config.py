@@ -110,6 +110,9 @@ class Settings(BaseSettings):
     broker_visibility_timeout: Positive = 3600
     # Checkpoints (sd_name) that get a queue of their own, "<base>.<stem>", so their workers keep them loaded.
     checkpoint_queues: CommaList = ()
+    # txt2img's SDXL refiner when a request names none (``refiner.model_name``): a checkpoint name; empty = the
+    # first checkpoint whose name contains "refiner".
+    refiner_checkpoint: str = ""
     # "text" or "json" (one JSON object per line, with the task id when one is being handled).
     log_format: Literal["text", "json"] = "text"
     run_worker: bool = True

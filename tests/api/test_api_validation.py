@@ -132,7 +132,7 @@ def test_explicit_nulls_everywhere(submit: Submit, services: Services) -> None:
         k: None
         for k in (
             "negative_prompt", "width", "height", "image_num", "steps", "guidance_scale", "sampler_name", "seed",
-            "sd_vae", "clip_skip", "strength", "loras", "embeddings", "controlnet", "ip_adapters",
+            "scheduler", "sd_vae", "clip_skip", "strength", "loras", "embeddings", "controlnet", "ip_adapters",
         )
     }  # fmt: skip
     extra = {k: None for k in ("response_image_type", "webhook", "custom_storage", "enterprise_plan")}
@@ -189,6 +189,8 @@ RANGE_CASES = [
     ("steps", 2.5, "request.steps"),
     ("prompt", 5, "request.prompt"),
     ("sampler_name", "Euler b", "request.sampler_name"),
+    ("scheduler", "Lineal", "request.scheduler"),
+    ("scheduler", 3, "request.scheduler"),
     ("loras", [{"model_name": "add_detail", "strength": 1.5}], "request.loras[0].strength"),
     ("loras", [{"model_name": "add_detail", "strength": -0.5}], "request.loras[0].strength"),
     ("loras", [{"model_name": "add_detail", "strength": 0.5}] * 6, "request.loras"),
@@ -270,13 +272,30 @@ def test_sampler_names(submit: Submit, services: Services, given: str, canonical
     assert payload["sampler_name"] == canonical
 
 
-def test_all_twenty_documented_samplers_accepted(submit: Submit, services: Services) -> None:
+def test_all_documented_samplers_accepted(submit: Submit, services: Services) -> None:
     from underpaint.vocabulary import SAMPLER_NAMES
 
-    assert len(SAMPLER_NAMES) == 20
+    assert len(SAMPLER_NAMES) == 30  # the 20 Novita documents, then A1111 1.6's DPM++ 2M/3M SDE and Restart
     for name in SAMPLER_NAMES:
         payload, _ = stored(services, submit(sampler_name=name))
         assert payload["sampler_name"] == name
+
+
+@pytest.mark.parametrize(
+    ("sampler", "scheduler", "stored_as"),
+    [
+        ("DPM++ 2M SDE Karras", None, ("DPM++ 2M SDE Karras", None)),  # civitai's A1111 1.6 infotexts
+        ("dpm++ sde exponential", None, ("DPM++ SDE Exponential", None)),
+        ("DPM++ 2M", "karras", ("DPM++ 2M", "Karras")),  # A1111 >= 1.9's separate "Schedule type"
+        ("Euler a", "sgm_uniform", ("Euler a", "SGM Uniform")),
+        ("Restart", "Automatic", ("Restart", "Automatic")),
+    ],
+)
+def test_sampler_names_and_schedule_types(
+    submit: Submit, services: Services, sampler: str, scheduler: str | None, stored_as: tuple[str, str | None]
+) -> None:
+    payload, _ = stored(services, submit(sampler_name=sampler, scheduler=scheduler))
+    assert (payload["sampler_name"], payload["scheduler"]) == stored_as
 
 
 def _unit(image: str, **kw: Any) -> dict[str, Any]:

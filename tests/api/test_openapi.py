@@ -19,7 +19,7 @@ from jsonschema import Draft202012Validator, FormatChecker
 from openapi_spec_validator import validate
 from tests.support.api import KEY_B, auth, image_bytes
 
-from underpaint.api.openapi import CANCEL_PATH, RESULT_PATH, SUBMIT_PATH, build_openapi
+from underpaint.api.openapi import CANCEL_PATH, RESULT_PATH, SUBMIT_PATH, TXT2IMG_PATH, build_openapi
 from underpaint.services import Services
 from underpaint.tasks.types import ImageRecord, NsfwResult
 
@@ -129,12 +129,8 @@ def test_documented_paths_are_the_served_api_routes(client: TestClient, doc: dic
             assert r.json().get("reason") != "API_NOT_FOUND", (method, path)
 
 
-def test_request_built_from_the_schema_is_accepted(
-    client: TestClient, doc: dict[str, Any], services: Services, png_b64: str
-) -> None:
-    media = doc["paths"][SUBMIT]["post"]["requestBody"]["content"]["application/json"]
-    body = example(doc, media["schema"], png_b64)
-    # What a schema cannot know: the names of this server's models, and outside services (webhook, S3).
+def with_this_servers_models(body: dict[str, Any]) -> None:
+    """What a schema cannot know: the names of this server's models, and outside services (webhook, S3)."""
     request = body["request"]
     request["model_name"] = "dreamshaper_8.safetensors"
     request["sd_vae"] = "vae-ft-mse-840000.safetensors"
@@ -144,6 +140,14 @@ def test_request_built_from_the_schema_is_accepted(
     request["ip_adapters"][0]["model_name"] = "ip-adapter_sd15.bin"
     for outside in ("webhook", "custom_storage"):
         body["extra"].pop(outside)
+
+
+def test_request_built_from_the_schema_is_accepted(
+    client: TestClient, doc: dict[str, Any], services: Services, png_b64: str
+) -> None:
+    media = doc["paths"][SUBMIT]["post"]["requestBody"]["content"]["application/json"]
+    body = example(doc, media["schema"], png_b64)
+    with_this_servers_models(body)
     check(doc, "Img2ImgBody", body)
 
     r = client.post(SUBMIT, json=body, headers=auth())
@@ -153,6 +157,31 @@ def test_request_built_from_the_schema_is_accepted(
     assert request.controlnet is not None
     assert request.controlnet.units[0].guidance_end == 1.0  # the schema's default reached the task
     assert request.width == 512
+
+
+def test_txt2img_request_built_from_the_schema_is_accepted(
+    client: TestClient, doc: dict[str, Any], services: Services, png_b64: str
+) -> None:
+    operation = doc["paths"][TXT2IMG_PATH]["post"]
+    assert "hires_fix" in operation["description"]
+    body = example(doc, operation["requestBody"]["content"]["application/json"]["schema"], png_b64)
+    request = body["request"]
+    assert "image_base64" not in request
+    assert "task_type" not in request  # the route decides it; not a wire field
+    assert "_base_url" not in body["extra"]
+    with_this_servers_models(body)
+    # Nor can it know that the first pass's size bounds the hires target, or that this server has no refiner.
+    request["hires_fix"] |= {"target_width": 1024, "target_height": 1024}
+    request.pop("refiner")
+    check(doc, "Txt2ImgBody", body)
+    r = client.post(TXT2IMG_PATH, json=body, headers=auth())
+    assert r.status_code == 200, r.text
+    check(doc, "SubmitResponse", r.json())
+    stored = services.store.get_request(r.json()["task_id"])
+    assert stored.task_type == "TXT_TO_IMG"
+    assert stored.width == 512
+    bounds = resolve(doc, doc["components"]["schemas"]["HiresFixIn"])["properties"]["target_width"]
+    assert (bounds["minimum"], bounds["maximum"]) == (128, 4096)
 
 
 def _bounded_fields(doc: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:

@@ -29,6 +29,7 @@ from underpaint.services import Services
 
 OPERATIONS = [
     ("POST", "/v3/async/img2img"),
+    ("POST", "/v3/async/txt2img"),
     ("GET", "/v3/async/task-result"),
     ("POST", "/v3/async/task-cancel"),
     ("GET", "/v3/async/tasks"),
@@ -70,12 +71,13 @@ def _reach_deeper(case: Any) -> None:
     request = body["request"]
     if len(repr(request)) % 3 == 0:
         return
-    request["image_base64"] = VALID_IMAGE
+    if case.operation.path == "/v3/async/img2img":
+        request["image_base64"] = VALID_IMAGE
     request["model_name"] = KNOWN_MODELS[len(request) % 2]
 
 
 def _answer_is_novita(case: Any) -> None:
-    if case.operation.path == "/v3/async/img2img":
+    if case.operation.path in ("/v3/async/img2img", "/v3/async/txt2img"):
         _reach_deeper(case)
     response = case.call_and_validate(headers=AUTH, checks=[not_a_server_error])
     if response.status_code != 200:

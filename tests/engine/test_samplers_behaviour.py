@@ -171,6 +171,9 @@ SPEC_NFE = {
     "DPM++ 2S a Karras": lambda n: 2 * n - 1,
     "DPM++ 2M Karras": lambda n: n,
     "DPM++ SDE Karras": lambda n: 2 * n - 1,
+    **{f"DPM++ {m} SDE{v}": (lambda n: n) for m in ("2M", "3M") for v in ("", " Karras", " Exponential")},
+    **{f"DPM++ 2M SDE Heun{v}": (lambda n: n) for v in ("", " Karras", " Exponential")},
+    "Restart": lambda n: 2 * n - 1,  # restart walks replace schedule steps one for one
 }
 
 
@@ -203,11 +206,13 @@ def test_expected_model_evals_for_txt2img_counts_of_the_spec() -> None:
 # --- names ------------------------------------------------------------------------------------------------------
 
 
-def test_sampler_names_are_the_twenty_in_spec_order() -> None:
-    assert len(SAMPLER_NAMES) == 20
-    assert len(set(SAMPLER_NAMES)) == 20
+def test_sampler_names_are_the_twenty_in_spec_order_then_a1111_16s_ten() -> None:
+    assert len(SAMPLER_NAMES) == 30
+    assert len(set(SAMPLER_NAMES)) == 30
     assert SAMPLER_NAMES[:3] == ("Euler a", "Euler", "LMS")
-    assert SAMPLER_NAMES[-3:] == ("DDIM", "PLMS", "UniPC")
+    assert SAMPLER_NAMES[17:20] == ("DDIM", "PLMS", "UniPC")
+    assert SAMPLER_NAMES[20] == "DPM++ 2M SDE"
+    assert SAMPLER_NAMES[-1] == "Restart"
 
 
 def test_normalize_sampler_name() -> None:
@@ -216,7 +221,9 @@ def test_normalize_sampler_name() -> None:
         assert normalize_sampler_name(f"  {name.upper()} ") == name
     assert normalize_sampler_name("dpm++  2m   karras") == "DPM++ 2M Karras"
     assert normalize_sampler_name("DPM++ Karras") == "DPM++ 2M Karras"
-    assert normalize_sampler_name("DPM++ 2M SDE") is None
+    assert normalize_sampler_name("dpm++ 2m sde karras") == "DPM++ 2M SDE Karras"
+    assert normalize_sampler_name("DPM++ SDE exponential") == "DPM++ SDE Exponential"  # A1111 >= 1.9 suffix
+    assert normalize_sampler_name("DPM++ 4M SDE") is None
     assert normalize_sampler_name("euler_a") == "Euler a"  # "_" and "-" read as spaces
     assert normalize_sampler_name("") is None
     with pytest.raises(ValueError, match="unknown sampler"):

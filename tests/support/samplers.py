@@ -10,12 +10,15 @@ from __future__ import annotations
 import functools
 import importlib
 import importlib.util
+import itertools
 import sys
 import types
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import torch
+from scipy import stats
 from torch import Tensor
 
 from underpaint.engine.samplers import DiscreteSchedule, NoiseSource
@@ -150,26 +153,39 @@ class _ApplyModel:
         return self.fn(x, t)
 
 
-_REF_FUNCS = {
-    "Euler a": ("sample_euler_ancestral", False, False),
-    "Euler": ("sample_euler", False, False),
-    "LMS": ("sample_lms", False, False),
-    "Heun": ("sample_heun", False, False),
-    "DPM2": ("sample_dpm_2", False, True),
-    "DPM2 a": ("sample_dpm_2_ancestral", False, True),
-    "DPM++ 2S a": ("sample_dpmpp_2s_ancestral", False, False),
-    "DPM++ 2M": ("sample_dpmpp_2m", False, False),
-    "DPM++ SDE": ("sample_dpmpp_sde", False, False),
-    "DPM fast": ("sample_dpm_fast", False, False),
-    "DPM adaptive": ("sample_dpm_adaptive", False, False),
-    "LMS Karras": ("sample_lms", True, False),
-    "DPM2 Karras": ("sample_dpm_2", True, True),
-    "DPM2 a Karras": ("sample_dpm_2_ancestral", True, True),
-    "DPM++ 2S a Karras": ("sample_dpmpp_2s_ancestral", True, False),
-    "DPM++ 2M Karras": ("sample_dpmpp_2m", True, False),
-    "DPM++ SDE Karras": ("sample_dpmpp_sde", True, False),
+# name -> (k-diffusion function, A1111 <= 1.8 schedule of the name, discard penultimate sigma, extra kwargs)
+_REF_FUNCS: dict[str, tuple[str, str, bool, dict[str, Any]]] = {
+    "Euler a": ("sample_euler_ancestral", "Uniform", False, {}),
+    "Euler": ("sample_euler", "Uniform", False, {}),
+    "LMS": ("sample_lms", "Uniform", False, {}),
+    "Heun": ("sample_heun", "Uniform", False, {}),
+    "DPM2": ("sample_dpm_2", "Uniform", True, {}),
+    "DPM2 a": ("sample_dpm_2_ancestral", "Uniform", True, {}),
+    "DPM++ 2S a": ("sample_dpmpp_2s_ancestral", "Uniform", False, {}),
+    "DPM++ 2M": ("sample_dpmpp_2m", "Uniform", False, {}),
+    "DPM++ SDE": ("sample_dpmpp_sde", "Uniform", False, {}),
+    "DPM fast": ("sample_dpm_fast", "Uniform", False, {}),
+    "DPM adaptive": ("sample_dpm_adaptive", "Uniform", False, {}),
+    "LMS Karras": ("sample_lms", "Karras", False, {}),
+    "DPM2 Karras": ("sample_dpm_2", "Karras", True, {}),
+    "DPM2 a Karras": ("sample_dpm_2_ancestral", "Karras", True, {}),
+    "DPM++ 2S a Karras": ("sample_dpmpp_2s_ancestral", "Karras", False, {}),
+    "DPM++ 2M Karras": ("sample_dpmpp_2m", "Karras", False, {}),
+    "DPM++ SDE Karras": ("sample_dpmpp_sde", "Karras", False, {}),
+    # A1111 1.6's additions (modules/sd_samplers_kdiffusion.py of v1.6.0; Restart: modules/sd_samplers_extra.py)
+    "DPM++ 2M SDE": ("sample_dpmpp_2m_sde", "Uniform", False, {}),
+    "DPM++ 2M SDE Karras": ("sample_dpmpp_2m_sde", "Karras", False, {}),
+    "DPM++ 2M SDE Exponential": ("sample_dpmpp_2m_sde", "Exponential", False, {}),
+    "DPM++ 2M SDE Heun": ("sample_dpmpp_2m_sde", "Uniform", False, {"solver_type": "heun"}),
+    "DPM++ 2M SDE Heun Karras": ("sample_dpmpp_2m_sde", "Karras", False, {"solver_type": "heun"}),
+    "DPM++ 2M SDE Heun Exponential": ("sample_dpmpp_2m_sde", "Exponential", False, {"solver_type": "heun"}),
+    "DPM++ 3M SDE": ("sample_dpmpp_3m_sde", "Uniform", True, {}),
+    "DPM++ 3M SDE Karras": ("sample_dpmpp_3m_sde", "Karras", True, {}),
+    "DPM++ 3M SDE Exponential": ("sample_dpmpp_3m_sde", "Exponential", True, {}),
+    "Restart": ("restart", "Karras", False, {}),
 }
 K_NAMES = [SamplerName(n) for n in _REF_FUNCS]
+_BROWNIAN = ("sample_dpmpp_sde", "sample_dpmpp_2m_sde", "sample_dpmpp_3m_sde")
 
 
 def sampler_names(*names: str) -> list[SamplerName]:
@@ -177,20 +193,105 @@ def sampler_names(*names: str) -> list[SamplerName]:
     return [SamplerName(n) for n in names]
 
 
-def reference_sigmas(name: str, steps: int) -> Tensor:
-    """A1111's schedule for ``name`` built with k-diffusion's own helpers (float32)."""
+# A1111 >= 1.9's schedule types (modules/sd_schedulers.py), written here from their published definitions over
+# k-diffusion's own discrete-model wrapper (its sigma table, sigma_to_t and t_to_sigma).
+_AYS = {
+    False: [14.615, 6.475, 3.861, 2.697, 1.886, 1.396, 0.963, 0.652, 0.399, 0.152, 0.029],
+    True: [14.615, 6.315, 3.771, 2.181, 1.342, 0.862, 0.555, 0.380, 0.234, 0.113, 0.029],
+}
+
+
+def reference_schedule(label: str, n: int, is_sdxl: bool = False) -> Tensor:
+    """A1111's ``label`` schedule for n steps (float32), built on k-diffusion's helpers."""
     sampling, external = kdiffusion()
-    _, karras, discard = _REF_FUNCS[name]
-    wrap = external.CompVisDenoiser(_ApplyModel(lambda x, t: x, SCHEDULE.alphas_cumprod))
-    n = steps + 1 if discard else steps
-    sigmas: Tensor  # k-diffusion is unannotated
-    if karras:
-        sigmas = sampling.get_sigmas_karras(n, wrap.sigmas[0].item(), wrap.sigmas[-1].item())
+    inner = external.CompVisDenoiser(_ApplyModel(lambda x, t: x, SCHEDULE.alphas_cumprod))
+    lo, hi = inner.sigmas[0].item(), inner.sigmas[-1].item()
+    out: Tensor
+    if label == "Uniform":
+        out = inner.get_sigmas(n)
+    elif label == "Karras":
+        out = sampling.get_sigmas_karras(n, lo, hi)
+    elif label == "Exponential":
+        out = sampling.get_sigmas_exponential(n, lo, hi)
+    elif label == "Polyexponential":
+        out = sampling.get_sigmas_polyexponential(n, lo, hi, rho=1.0)
+    elif label in ("SGM Uniform", "Normal"):
+        start, end = inner.sigma_to_t(torch.tensor(hi)), inner.sigma_to_t(torch.tensor(lo))
+        ts = torch.linspace(start, end, n + 1)[:-1] if label == "SGM Uniform" else torch.linspace(start, end, n)
+        out = torch.FloatTensor([inner.t_to_sigma(t) for t in ts] + [0.0])
+    elif label == "KL Optimal":
+        a_min, a_max = torch.arctan(torch.tensor(lo)), torch.arctan(torch.tensor(hi))
+        idx = torch.arange(n + 1)
+        out = torch.tan(idx / n * a_min + (1.0 - idx / n) * a_max)
+    elif label == "Align Your Steps":
+        table = _AYS[is_sdxl]
+        if n == len(table):
+            out = torch.FloatTensor([*table, 0.0])
+        else:
+            xs, ys = np.linspace(0, 1, len(table)), np.log(table[::-1])
+            ys_n = np.interp(np.linspace(0, 1, n), xs, ys)
+            out = torch.FloatTensor(np.append(np.exp(ys_n)[::-1].copy(), [0.0]))
+    elif label == "Simple":
+        ss = len(inner.sigmas) / n
+        out = torch.FloatTensor([float(inner.sigmas[-(1 + int(x * ss))]) for x in range(n)] + [0.0])
+    elif label == "DDIM":
+        ss, picked = max(len(inner.sigmas) // n, 1), list[float]()
+        x = 1
+        while x < len(inner.sigmas):
+            picked.append(float(inner.sigmas[x]))
+            x += ss
+        out = torch.FloatTensor([*picked[::-1], 0.0])
+    elif label == "Beta":
+        quantiles = [float(stats.beta.ppf(v, 0.6, 0.6)) for v in 1 - np.linspace(0, 1, n)]
+        out = torch.FloatTensor([lo + v * (hi - lo) for v in quantiles] + [0.0])
     else:
-        sigmas = wrap.get_sigmas(n)
+        raise ValueError(label)
+    return out
+
+
+def reference_sigmas(name: str, steps: int, label: str | None = None, is_sdxl: bool = False) -> Tensor:
+    """A1111's schedule for ``name`` (or its algorithm with schedule type ``label``), with its discard rule."""
+    _, own, discard, _ = _REF_FUNCS[name]
+    n = steps + 1 if discard else steps
+    sigmas = reference_schedule(label or own, n, is_sdxl)
     if discard:
         sigmas = torch.cat([sigmas[:-2], sigmas[-1:]])
     return sigmas
+
+
+def reference_restart(model: Any, x: Tensor, sigmas: Tensor, noise: NoiseSource) -> Tensor:
+    """A1111's Restart sampler (Xu et al. 2023 with A1111's automatic restart list), written from its published
+    method over k-diffusion's Karras schedule and ODE derivative: Heun steps; from 20 steps a Karras schedule of
+    ``steps - K * times`` steps between the given ends, and at the step nearest sigma 0.1 ``times`` walks back from
+    the step nearest sigma 2 over K + 1 Karras levels, each re-noised up to its start."""
+    sampling, _ = kdiffusion()
+    steps = len(sigmas) - 1
+    restarts: dict[int, tuple[int, int]] = {}
+    if steps >= 20:
+        k, times = (steps // 4, 2) if steps >= 36 else (9, 1)
+        sigmas = sampling.get_sigmas_karras(steps - k * times, sigmas[-2].item(), sigmas[0].item()).to(x.dtype)
+        restarts = {int(torch.argmin((sigmas - 0.1).abs())): (k + 1, times)}
+    top = int(torch.argmin((sigmas - 2.0).abs()))
+    pairs: list[tuple[Tensor, Tensor]] = []
+    for i in range(len(sigmas) - 1):
+        pairs.append((sigmas[i], sigmas[i + 1]))
+        if i + 1 in restarts and top < i + 1:
+            levels, times = restarts[i + 1]
+            walk = sampling.get_sigmas_karras(levels, sigmas[i + 1].item(), sigmas[top].item())[:-1].to(x.dtype)
+            pairs += list(itertools.pairwise(walk)) * times
+    s_in = x.new_ones([x.shape[0]])
+    last: Tensor | None = None
+    for s, s_next in pairs:
+        if last is not None and last < s:
+            x = x + noise.randn_like(x) * (s**2 - last**2) ** 0.5
+        d = sampling.to_d(x, s, model(x, s * s_in, cond=None))
+        if s_next == 0:
+            x = x + d * (s_next - s)
+        else:
+            x_2 = x + d * (s_next - s)
+            x = x + (d + sampling.to_d(x_2, s_next, model(x_2, s_next * s_in, cond=None))) / 2 * (s_next - s)
+        last = s_next
+    return x
 
 
 def reference_img2img(
@@ -203,14 +304,17 @@ def reference_img2img(
     prediction_type: str = "epsilon",
     noise: NoiseSource | None = None,
     t_enc: int | None = None,
+    label: str | None = None,
+    is_sdxl: bool = False,
 ) -> tuple[Tensor, int]:
     """A1111 img2img through k-diffusion (A-old ``sample_img2img`` rules). Returns (latent, model calls).
 
     ``noise`` (fresh per-image generators by default) feeds the initial noise and every ``randn_like``. ``t_enc``
-    overrides ``int(min(strength, 0.999) * steps)`` (A1111's ``img2img_fix_steps`` path passes its own)."""
+    overrides ``int(min(strength, 0.999) * steps)`` (A1111's ``img2img_fix_steps`` path passes its own); ``label``
+    replaces the name's schedule type (A1111 >= 1.9)."""
     noise = NoiseSource(seeds) if noise is None else noise
     first = noise.randn_like(init)
-    sigmas = reference_sigmas(name, steps).to(init.dtype)
+    sigmas = reference_sigmas(name, steps, label, is_sdxl).to(init.dtype)
     t_enc = int(min(strength, 0.999) * steps) if t_enc is None else t_enc
     sigma_sched = sigmas[steps - t_enc - 1 :]
     x = init + first * sigma_sched[0]
@@ -253,7 +357,7 @@ def _run_reference(
 ) -> tuple[Tensor, int]:
     """Call k-diffusion's sampler for ``name`` from ``x`` with A1111's arguments and noise hooks."""
     sampling, external = kdiffusion()
-    func_name, _, _ = _REF_FUNCS[name]
+    func_name, _, _, extra = _REF_FUNCS[name]
     counting = CountingModel(model_fn)
     inner = _ApplyModel(counting, SCHEDULE.alphas_cumprod)
     wrap = (external.CompVisVDenoiser if prediction_type == "v_prediction" else external.CompVisDenoiser)(inner)
@@ -268,7 +372,10 @@ def _run_reference(
         args: tuple[Any, ...] = (wrap, x)
     else:
         args = (wrap, x, sigma_sched)
-    if func_name == "sample_dpmpp_sde":
+    if func_name == "restart":
+        return reference_restart(wrap, x, sigma_sched, noise), counting.calls
+    kwargs.update(extra)
+    if func_name in _BROWNIAN:
         # A1111 CPU randn source: Brownian increments are float32 CPU normals (trees built on a float32 tensor).
         positive = full_sigmas[full_sigmas > 0]
         tree = sampling.BrownianTreeNoiseSampler(x.float(), positive.min(), full_sigmas.max(), seed=list(seeds))
@@ -280,3 +387,24 @@ def _run_reference(
     finally:
         sampling.torch = original_torch
     return out, counting.calls
+
+
+@functools.cache
+def tiny_sdxl_unet_fn(dtype: torch.dtype = torch.float64) -> Callable[[Tensor, Tensor], Tensor]:
+    """The demo's tiny SDXL UNet (text-time added conditioning) as (x_in, t) -> output, one fixed conditioning."""
+    from underpaint.demo.checkpoints import tiny_sdxl_components
+
+    unet: Any = tiny_sdxl_components()["unet"].to(dtype)
+    g = torch.Generator().manual_seed(2)
+    ctx = torch.randn(1, 7, 96, generator=g).to(dtype)
+    pooled = torch.randn(1, 64, generator=g).to(dtype)
+    time_ids = torch.tensor([[128.0, 128.0, 0.0, 0.0, 128.0, 128.0]], dtype=dtype)
+
+    @torch.no_grad()
+    def fn(x_in: Tensor, t: Tensor) -> Tensor:
+        n = x_in.shape[0]
+        added = {"text_embeds": pooled.expand(n, -1), "time_ids": time_ids.expand(n, -1)}
+        out: Tensor = unet(x_in, t, encoder_hidden_states=ctx.expand(n, -1, -1), added_cond_kwargs=added).sample
+        return out
+
+    return fn

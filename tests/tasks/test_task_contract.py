@@ -117,7 +117,7 @@ def test_rows_stored_before_the_contract_still_load_and_run(db_url: str) -> None
         assert record.extra.nsfw_detection_level == 1
         request = store.get_request("old")
         assert isinstance(request, Img2ImgRequest)
-        assert dump_request(request) == {**OLD_PAYLOAD, "task_type": "IMG_TO_IMG"}
+        assert dump_request(request) == {**OLD_PAYLOAD, "task_type": "IMG_TO_IMG", "scheduler": None}
         claimed = store.claim(None, "w")
         assert claimed is not None
         assert claimed.task_id == "old"
@@ -140,6 +140,7 @@ SHARED: dict[str, dict[str, Any]] = {
     "height": {"height": 768},
     "steps": {"steps": 21},
     "sampler_name": {"sampler_name": "Euler"},
+    "scheduler": {"scheduler": "Karras"},
     "strength": {"strength": 0.6},
     "clip_skip": {"clip_skip": 2},
     "sd_vae": {"sd_vae": "v.safetensors"},
@@ -161,6 +162,8 @@ PER_TASK: dict[str, dict[str, Any]] = {
     "embeddings": {"embeddings": [{"model_name": "x.pt"}]},
     "image_base64": {"image_base64": png(200)},
     "sampler_name spelling": {"sampler_name": "euler_a"},
+    # Euler a walks the uniform schedule either way (A1111 <= 1.8 name, or >= 1.9 "Automatic" / "Uniform")
+    "scheduler same schedule": {"scheduler": "uniform"},
     "controlnet image": {"controlnet": {"units": [UNIT | {"image_base64": png(90)}]}},
     "ip_adapters image": {"ip_adapters": [ADAPTER | {"image_base64": png(90)}]},
 }
@@ -197,6 +200,48 @@ def test_the_store_key_and_the_engine_key_separate_exactly_what_cannot_batch() -
         reference = "base+adapters" if name.startswith(("controlnet", "ip_adapters")) else "base"
         assert store_keys[name] == store_keys[reference], name
     assert len({store_keys[name] for name in SHARED}) == len(SHARED)
+
+
+HIRES = {"target_width": 1024, "target_height": 768}
+REFINER = {"switch_at": 0.6, "model_name": "refiner.safetensors"}
+TXT2IMG_SHARED: dict[str, dict[str, Any]] = {
+    **{name: change for name, change in SHARED.items() if name != "strength"},
+    "hires_fix": {"hires_fix": HIRES},
+    "hires_fix.target": {"hires_fix": HIRES | {"target_height": 1024}},
+    "hires_fix.strength": {"hires_fix": HIRES | {"strength": 0.3}},
+    "hires_fix.upscaler": {"hires_fix": HIRES | {"upscaler": "up.pth"}},
+    "refiner": {"refiner": REFINER},
+    "refiner.switch_at": {"refiner": REFINER | {"switch_at": 0.8}},
+    "refiner.model_name": {"refiner": REFINER | {"model_name": "other.safetensors"}},
+}
+# Refused at submit while no model for them is installed (api.submit): they never reach a batch.
+TXT2IMG_REFUSED = {"restore_faces", "enable_transparent_background"}
+
+
+def test_every_txt2img_field_is_classified() -> None:
+    covered = {name.split(".")[0].split(" ")[0] for name in (*TXT2IMG_SHARED, *PER_TASK)} | TXT2IMG_REFUSED
+    assert set(Txt2ImgRequest.model_fields) - {"task_type"} == covered - {"image_base64"}
+
+
+def test_txt2img_store_and_engine_keys_agree() -> None:
+    base = {"model_name": "a.safetensors", "prompt": "a house", "seed": 1}
+
+    def request(**change: Any) -> Txt2ImgRequest:
+        return Txt2ImgRequest.model_validate(base | change)
+
+    variants = {"base": request(), "base+hires": request(hires_fix=HIRES)}
+    variants |= {name: request(**change) for name, change in TXT2IMG_SHARED.items()}
+    for name, change in PER_TASK.items():
+        if name != "image_base64":
+            extra = {"controlnet": {"units": [UNIT]}, "ip_adapters": [ADAPTER]} if " image" in name else {}
+            variants[name] = request(**(extra | change))
+    store_keys = {name: batch_key(r) for name, r in variants.items()}
+    engine_keys = {name: engine_job.batch_key(job_from_request(r)) for name, r in variants.items()}
+    for a, b in itertools.combinations(variants, 2):
+        assert (store_keys[a] == store_keys[b]) == (engine_keys[a] == engine_keys[b]), (a, b)
+    assert len({store_keys[name] for name in TXT2IMG_SHARED} | {store_keys["base"]}) == len(TXT2IMG_SHARED) + 1
+    for name in ("prompt", "negative_prompt", "seed", "image_num", "guidance_scale", "embeddings"):
+        assert store_keys[name] == store_keys["base"], name
 
 
 def test_unbatchable_samplers_never_share_a_call() -> None:

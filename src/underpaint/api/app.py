@@ -29,7 +29,7 @@ from underpaint.api.models_route import list_models
 from underpaint.api.playground import install_playground
 from underpaint.api.schemas import validation_error_to_api
 from underpaint.api.steer import CANCEL_PATH, QueueEta, cancel_task
-from underpaint.api.submit import MAX_BODY_BYTES, submit_img2img, submit_inpainting
+from underpaint.api.submit import IMG2IMG, INPAINTING, MAX_BODY_BYTES, TXT2IMG, Endpoint, submit
 from underpaint.services import HealthCheck, Services
 from underpaint.tasks.types import TaskRecord, TaskStatus
 from underpaint.wire.errors import ApiError, invalid_request, task_not_found
@@ -38,15 +38,20 @@ from underpaint.wire.result import task_result_body
 logger = logging.getLogger("underpaint.api")
 
 SUBMIT_PATH = "/v3/async/img2img"
+TXT2IMG_PATH = "/v3/async/txt2img"
 INPAINTING_PATH = "/v3/async/inpainting"
 RESULT_PATH = "/v3/async/task-result"
 _FAILURE_REASONS = {
     SUBMIT_PATH: "CREATE_TASK_FAILED",
+    TXT2IMG_PATH: "CREATE_TASK_FAILED",
+    INPAINTING_PATH: "CREATE_TASK_FAILED",
     RESULT_PATH: "GET_RESULT_FAILED",
     CANCEL_PATH: "CANCEL_TASK_FAILED",
 }
 _FAILURE_MESSAGES = {
     SUBMIT_PATH: "internal error while creating the task; please retry",
+    TXT2IMG_PATH: "internal error while creating the task; please retry",
+    INPAINTING_PATH: "internal error while creating the task; please retry",
     RESULT_PATH: "internal error while reading the task result; please retry",
     CANCEL_PATH: "internal error while cancelling the task; please retry",
 }
@@ -81,21 +86,19 @@ def create_app(services: Services) -> FastAPI:
     app.state.ctx = ctx
     _install_error_handlers(app)
 
-    @app.post(SUBMIT_PATH)
-    async def img2img(request: Request) -> Response:
-        caller = ctx.caller(request)
-        raw = await _read_body(request)
-        idempotency = request.headers.get(IDEMPOTENCY_HEADER)
-        body = await run_in_threadpool(submit_img2img, ctx, caller, raw, ctx.base_url(request), idempotency)
-        return json_ok(body)
+    def submit_route(path: str, endpoint: Endpoint[Any]) -> None:
+        async def create_task(request: Request) -> Response:
+            caller = ctx.caller(request)
+            raw = await _read_body(request)
+            idempotency = request.headers.get(IDEMPOTENCY_HEADER)
+            body = await run_in_threadpool(submit, ctx, caller, raw, ctx.base_url(request), endpoint, idempotency)
+            return json_ok(body)
 
-    @app.post(INPAINTING_PATH)
-    async def inpainting(request: Request) -> Response:
-        caller = ctx.caller(request)
-        raw = await _read_body(request)
-        idempotency = request.headers.get(IDEMPOTENCY_HEADER)
-        body = await run_in_threadpool(submit_inpainting, ctx, caller, raw, ctx.base_url(request), idempotency)
-        return json_ok(body)
+        app.post(path, name=path.rsplit("/", 1)[-1])(create_task)
+
+    submit_route(SUBMIT_PATH, IMG2IMG)
+    submit_route(TXT2IMG_PATH, TXT2IMG)
+    submit_route(INPAINTING_PATH, INPAINTING)
 
     @app.post(CANCEL_PATH)
     async def task_cancel(request: Request) -> Response:

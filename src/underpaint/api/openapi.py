@@ -17,9 +17,10 @@ from pydantic.json_schema import models_json_schema
 from underpaint import __version__
 from underpaint.api import responses as r
 from underpaint.api.extensions import DEFAULT_TASK_LIMIT, MAX_TASK_LIMIT, QUEUE_PATH, TASKS_PATH
-from underpaint.api.schemas import Img2ImgBody, InpaintingBody
+from underpaint.api.schemas import Img2ImgBody, InpaintingBody, Txt2ImgBody
 
 SUBMIT_PATH = "/v3/async/img2img"
+TXT2IMG_PATH = "/v3/async/txt2img"
 INPAINTING_PATH = "/v3/async/inpainting"
 RESULT_PATH = "/v3/async/task-result"
 CANCEL_PATH = "/v3/async/task-cancel"
@@ -28,7 +29,7 @@ FILES_PATH = "/v3/files/{key}"
 HEALTH_PATH = "/health"
 
 _REF = "#/components/schemas/{model}"
-_REQUEST_MODELS: tuple[type[BaseModel], ...] = (Img2ImgBody, InpaintingBody, r.CancelRequest)
+_REQUEST_MODELS: tuple[type[BaseModel], ...] = (Img2ImgBody, Txt2ImgBody, InpaintingBody, r.CancelRequest)
 _RESPONSE_MODELS: tuple[type[BaseModel], ...] = (
     r.ErrorBody,
     r.SubmitResponse,
@@ -41,7 +42,8 @@ _RESPONSE_MODELS: tuple[type[BaseModel], ...] = (
 )
 
 DESCRIPTION = """\
-Underpaint speaks Novita AI's v3 async Img2Img API: submit with `POST /v3/async/img2img`, poll
+Underpaint speaks Novita AI's v3 async image API: submit with `POST /v3/async/img2img` or
+`POST /v3/async/txt2img` (hires fix, SDXL refiner), poll
 `GET /v3/async/task-result` until the task is `TASK_STATUS_SUCCEED` or `TASK_STATUS_FAILED`, then download the
 images from their signed URLs. `GET /v3/model` lists the models this server has.
 
@@ -94,6 +96,7 @@ def build_openapi(served: Collection[str]) -> dict[str, Any]:
         "security": [{"bearer": []}],
         "tags": [
             {"name": "img2img", "description": "Novita v3 async Img2Img"},
+            {"name": "txt2img", "description": "Novita v3 async Txt2Img"},
             {"name": "inpainting", "description": "Novita v3 async Inpainting"},
             {"name": "models", "description": "Novita v3 Query Model"},
             {"name": "extensions", "description": "Underpaint additions to the Novita API"},
@@ -166,46 +169,47 @@ def _paths(idempotency: bool) -> dict[str, Any]:
         )
     string = {"type": "string"}
     boolean = {"type": "string", "enum": ["true", "false"]}
+
+    def submit(tag: str, summary: str, body: str, description: str = "") -> dict[str, Any]:
+        operation: dict[str, Any] = {
+            "tags": [tag],
+            "operationId": tag,
+            "summary": summary,
+            "parameters": submit_params,
+            "requestBody": {"required": True, "content": {"application/json": {"schema": _schema(body)}}},
+            "responses": {
+                "200": _json("SubmitResponse", "the task was queued"),
+                **_errors(400, 403, 429, 500),
+                **(_errors(own={409: _IDEMPOTENCY_CONFLICT}) if idempotency else {}),
+            },
+        }
+        if description:
+            operation["description"] = description
+        return {"post": operation}
+
     return {
-        SUBMIT_PATH: {
-            "post": {
-                "tags": ["img2img"],
-                "operationId": "img2img",
-                "summary": "Submit an image-to-image task",
-                "parameters": submit_params,
-                "requestBody": {
-                    "required": True,
-                    "content": {"application/json": {"schema": _schema("Img2ImgBody")}},
-                },
-                "responses": {
-                    "200": _json("SubmitResponse", "the task was queued"),
-                    **_errors(400, 403, 429, 500),
-                    **(_errors(own={409: _IDEMPOTENCY_CONFLICT}) if idempotency else {}),
-                },
-            }
-        },
-        INPAINTING_PATH: {
-            "post": {
-                "tags": ["inpainting"],
-                "operationId": "inpainting",
-                "summary": "Submit an inpainting task",
-                "description": "Repaints the white area of `mask_image_base64` (same size as the image; real alpha "
-                "counts where it has any, else luminance). No width/height: the output has the image's size, and "
-                "every pixel outside the blurred mask is the input's. `inpainting_full_res` and "
-                "`inpainting_mask_invert` take booleans or 0/1. ControlNet units and IP-Adapters are additive "
-                "fields, as on img2img. task-result reports `task_type` `INPAINTING`.",
-                "parameters": submit_params,
-                "requestBody": {
-                    "required": True,
-                    "content": {"application/json": {"schema": _schema("InpaintingBody")}},
-                },
-                "responses": {
-                    "200": _json("SubmitResponse", "the task was queued"),
-                    **_errors(400, 403, 429, 500),
-                    **(_errors(own={409: _IDEMPOTENCY_CONFLICT}) if idempotency else {}),
-                },
-            }
-        },
+        SUBMIT_PATH: submit("img2img", "Submit an image-to-image task", "Img2ImgBody"),
+        TXT2IMG_PATH: submit(
+            "txt2img",
+            "Submit a text-to-image task",
+            "Txt2ImgBody",
+            "A1111 semantics. `hires_fix` upscales the first pass to its target (`Latent` or an upscaler model from "
+            "`GET /v3/model?filter.types=upscaler`) and runs a second pass; its target may not be smaller than "
+            "`width`/`height`. `refiner` switches to an SDXL refiner at `switch_at`: `refiner.model_name` (an "
+            "extension) or the server's `refiner_checkpoint`; a 400 names `request.refiner` when there is none. "
+            "`controlnet` and `ip_adapters` are extensions (as in img2img). `restore_faces` and "
+            "`enable_transparent_background` are refused with a 400 while no model for them is installed.",
+        ),
+        INPAINTING_PATH: submit(
+            "inpainting",
+            "Submit an inpainting task",
+            "InpaintingBody",
+            "Repaints the white area of `mask_image_base64` (same size as the image; real alpha counts where it has "
+            "any, else luminance) with A1111 semantics. No width/height: the output has the image's size, and every "
+            "pixel outside the blurred mask is the input's. `inpainting_full_res` and `inpainting_mask_invert` take "
+            "booleans or 0/1. `controlnet` and `ip_adapters` are extensions (as in img2img). task-result reports "
+            "`task_type` `INPAINTING`.",
+        ),
         RESULT_PATH: {
             "get": {
                 "tags": ["img2img"],

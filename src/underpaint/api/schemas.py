@@ -1,4 +1,4 @@
-"""The ``POST /v3/async/img2img`` body: ``{extra, request}`` over the typed task contract, and pydantic errors as
+"""The submit bodies (``POST /v3/async/img2img``, ``/v3/async/txt2img``): ``{extra, request}`` over the typed task contract, and pydantic errors as
 Novita 400s.
 
 Lenient where the official SDKs need it: explicit ``null`` means "use the default" for every optional field
@@ -15,21 +15,23 @@ from typing import Any, TypeVar
 
 from pydantic import BaseModel, Field, ValidationError
 
-from underpaint.tasks.contract import GenerationRequest, Img2ImgRequest, InpaintingRequest, TaskExtra
+from underpaint.tasks.contract import Img2ImgRequest, InpaintingRequest, TaskExtra, Txt2ImgRequest
 from underpaint.tasks.fields import Lenient
 from underpaint.wire.errors import ApiError, invalid_image_size, invalid_request
 
 
-class SubmitBody(Lenient):
+class Img2ImgBody(Lenient):
     extra: TaskExtra = Field(default_factory=TaskExtra)
-    request: GenerationRequest
-
-
-class Img2ImgBody(SubmitBody):
     request: Img2ImgRequest
 
 
-class InpaintingBody(SubmitBody):
+class Txt2ImgBody(Lenient):
+    extra: TaskExtra = Field(default_factory=TaskExtra)
+    request: Txt2ImgRequest
+
+
+class InpaintingBody(Lenient):
+    extra: TaskExtra = Field(default_factory=TaskExtra)
     request: InpaintingRequest
 
 

@@ -1,4 +1,6 @@
-"""``POST /v3/async/img2img``: validate, resolve models, check images, create the task, queue it.
+"""The submit routes (``POST /v3/async/img2img``, ``/v3/async/txt2img``): validate, resolve models, check images,
+create the task, queue it. ``submit`` is the envelope every endpoint shares; an ``Endpoint`` adds its own parsing and
+checks (``docs/ARCHITECTURE.md``, "Adding an endpoint").
 
 Order matters for cost: JSON + schema first (cheap), then the rate limit (before any image is decoded), then
 model names, then each image is decoded exactly once (nothing is re-encoded: the payload keeps the client's
@@ -16,14 +18,14 @@ from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 from pydantic import BaseModel
 
 from underpaint.api.auth import Caller
 from underpaint.api.context import ApiContext
 from underpaint.api.idempotency import idempotency_key, replay
-from underpaint.api.schemas import Img2ImgBody, InpaintingBody, SubmitBody, parse_body
+from underpaint.api.schemas import Img2ImgBody, InpaintingBody, Txt2ImgBody, parse_body
 from underpaint.delivery.ssrf import InvalidWebhookUrl
 from underpaint.registry import ModelEntry, ModelRegistry
 from underpaint.services import Admission
@@ -31,20 +33,22 @@ from underpaint.storage.custom_target import InvalidCustomStorage, validate_cust
 from underpaint.tasks.contract import (
     INPAINTING_MIN_SIDE,
     GenerationRequest,
-    Img2ImgRequest,
+    HiresFixIn,
+    RefinerIn,
+    TaskExtra,
     TaskRequest,
+    Txt2ImgRequest,
     inpainting_size,
 )
 from underpaint.tasks.lanes import task_lane
 from underpaint.tasks.lifecycle import announce
 from underpaint.tasks.types import IdempotencyKeyTaken, NewTask
-from underpaint.vocabulary import missing_annotator_files, missing_annotator_message
+from underpaint.vocabulary import LATENT_UPSCALER, missing_annotator_files, missing_annotator_message
 from underpaint.wire.errors import ApiError, invalid_image_size, invalid_request
 from underpaint.wire.images import INPAINTING_LIMITS, decode_image, decode_mask
 
 R = TypeVar("R", bound=GenerationRequest)
 M = TypeVar("M", bound=BaseModel)
-B = TypeVar("B", bound=SubmitBody)
 
 MAX_BODY_BYTES = 100 * 1024 * 1024  # init image + 5 ControlNet images + 1 IP-Adapter image, as base64
 DEDICATED_PRIORITY = 10
@@ -56,6 +60,7 @@ _KIND_LABELS = {
     "textualinversion": "embedding",
     "controlnet": "ControlNet",
     "ipadapter": "IP-Adapter",
+    "upscaler": "upscaler",
 }
 
 
@@ -110,21 +115,23 @@ def check_json_shape(text: str) -> None:
         raise invalid_request(f"request body has more than {MAX_JSON_VALUES} JSON values")
 
 
-def submit_img2img(
-    ctx: ApiContext, caller: Caller, raw: bytes, base_url: str, idempotency_header: str | None = None
-) -> dict[str, str]:
-    return submit(ctx, caller, raw, base_url, IMG2IMG, idempotency_header)
+class SubmitBody(Protocol):
+    """A submit body: ``{extra, request}`` with the endpoint's request model."""
+
+    @property
+    def extra(self) -> TaskExtra: ...
+
+    @property
+    def request(self) -> TaskRequest: ...
 
 
-def submit_inpainting(
-    ctx: ApiContext, caller: Caller, raw: bytes, base_url: str, idempotency_header: str | None = None
-) -> dict[str, str]:
-    return submit(ctx, caller, raw, base_url, INPAINTING, idempotency_header)
+B = TypeVar("B", bound=SubmitBody)
 
 
 @dataclass(frozen=True)
 class Prepared:
-    """A request checked against this server, model names resolved; the checkpoint picks the task's lane."""
+    """A request checked against this server: model names resolved to registry ``sd_name``s (the seed still as
+    the client sent it), and the checkpoint that picks the task's lane."""
 
     request: TaskRequest
     checkpoint: ModelEntry
@@ -132,7 +139,8 @@ class Prepared:
 
 @dataclass(frozen=True)
 class Endpoint(Generic[B]):
-    """One submit route: ``parse`` validates the body, ``prepare`` checks it against this server."""
+    """One submit route: ``parse`` validates the body (a 400 naming the field), ``prepare`` checks the request
+    against this server (models, annotators, images; each a 400 naming the field) and resolves its names."""
 
     parse: Callable[[Any], B]
     prepare: Callable[[ApiContext, B], Prepared]
@@ -146,6 +154,8 @@ def submit(
     endpoint: Endpoint[B],
     idempotency_header: str | None = None,
 ) -> dict[str, str]:
+    """Any submit route: the envelope (idempotency, rate limit, webhook and custom-storage checks, seed, lane,
+    create, queue) around the endpoint's own ``parse`` and ``prepare``."""
     data = parse_json(raw)
     services = ctx.services
     idem = idempotency_key(idempotency_header, data)
@@ -155,9 +165,9 @@ def submit(
         if taken is not None:
             return replay(taken, idem)
     body = endpoint.parse(data)
-    req, extra = body.request, body.extra
+    extra, image_num = body.extra, body.request.image_num
     if services.rate_limiter is not None:
-        services.rate_limiter.check(api_key=caller.api_key, owner=caller.owner, image_num=req.image_num)
+        services.rate_limiter.check(api_key=caller.api_key, owner=caller.owner, image_num=image_num)
     prepared = endpoint.prepare(ctx, body)
 
     webhook = extra.webhook
@@ -177,8 +187,8 @@ def submit(
         except InvalidCustomStorage as exc:
             raise ApiError(400, "INVALID_CUSTOM_OUTPUT_PATH", str(exc), dict(exc.metadata)) from None
 
-    seed = req.seed if req.seed >= 0 else secrets.randbelow(2**32 - 1)
-    stored = prepared.request.model_copy(update={"seed": seed})
+    seed = prepared.request.seed
+    stored = prepared.request.model_copy(update={"seed": seed if seed >= 0 else secrets.randbelow(2**32 - 1)})
     extra = extra.model_copy(update={"base_url": base_url})
 
     # The lane is the Celery queue in scale-out mode (by base model, or the key's dedicated pool); the embedded
@@ -191,7 +201,7 @@ def submit(
 
     task_id = str(uuid.uuid4())
     task = NewTask(task_id=task_id, owner=caller.owner, request=stored, extra=extra, lane=lane, priority=priority)
-    with _admission(services.rate_limiter, caller, req.image_num):
+    with _admission(services.rate_limiter, caller, image_num):
         if idem is None:
             services.store.create(task)
         else:
@@ -212,19 +222,36 @@ def submit(
     return {"task_id": task_id}
 
 
-def _prepare_generation(ctx: ApiContext, req: R) -> tuple[R, ResolvedModels]:
-    """The checks every diffusion endpoint shares, cheapest first: models, clip skip, annotators, images."""
+def _prepare_generation(ctx: ApiContext, req: R, init_image: str | None = None) -> tuple[R, ResolvedModels]:
+    """The checks every diffusion endpoint shares, cheapest first: models, clip skip, annotators, then each image
+    decoded once (``init_image``, the request's ``image_base64``, first)."""
     registry = ctx.services.registry
     names = resolve_models(registry, req)
     _check_clip_skip(registry, names.checkpoint, req.clip_skip)
     _check_preprocessors(registry.models_dir / "annotator", req)
-    _check_images(req)
+    if init_image is not None:
+        decode_image(init_image, "request.image_base64")
+    _check_adapter_images(req)
     return names.apply(req), names
 
 
 def _prepare_img2img(ctx: ApiContext, body: Img2ImgBody) -> Prepared:
-    request, names = _prepare_generation(ctx, body.request)
+    request, names = _prepare_generation(ctx, body.request, body.request.image_base64)
     return Prepared(request, names.checkpoint)
+
+
+def _prepare_txt2img(ctx: ApiContext, body: Txt2ImgBody) -> Prepared:
+    req = body.request
+    _check_unavailable_features(req)
+    request, names = _prepare_generation(ctx, req)
+    registry, settings = ctx.services.registry, ctx.services.settings
+    update: dict[str, Any] = {}
+    if req.hires_fix is not None:
+        update["hires_fix"] = _resolve_hires_fix(registry, req)
+    if req.refiner is not None:
+        refiner = _resolve_refiner(registry, settings.refiner_checkpoint, req.refiner, names.checkpoint)
+        update["refiner"] = req.refiner.model_copy(update={"model_name": refiner.sd_name})
+    return Prepared(request.model_copy(update=update), names.checkpoint)
 
 
 def _prepare_inpainting(ctx: ApiContext, body: InpaintingBody) -> Prepared:
@@ -258,7 +285,20 @@ def _prepare_inpainting(ctx: ApiContext, body: InpaintingBody) -> Prepared:
 
 
 IMG2IMG = Endpoint(parse=partial(parse_body, Img2ImgBody), prepare=_prepare_img2img)
+TXT2IMG = Endpoint(parse=partial(parse_body, Txt2ImgBody), prepare=_prepare_txt2img)
 INPAINTING = Endpoint(parse=partial(parse_body, InpaintingBody), prepare=_prepare_inpainting)
+
+
+def submit_img2img(
+    ctx: ApiContext, caller: Caller, raw: bytes, base_url: str, idempotency_header: str | None = None
+) -> dict[str, str]:
+    return submit(ctx, caller, raw, base_url, IMG2IMG, idempotency_header)
+
+
+def submit_txt2img(
+    ctx: ApiContext, caller: Caller, raw: bytes, base_url: str, idempotency_header: str | None = None
+) -> dict[str, str]:
+    return submit(ctx, caller, raw, base_url, TXT2IMG, idempotency_header)
 
 
 def _admission(limiter: Admission | None, caller: Caller, image_num: int) -> AbstractContextManager[None]:
@@ -311,14 +351,7 @@ def resolve_models(registry: ModelRegistry, req: GenerationRequest) -> ResolvedM
     vae = _resolve(registry, "vae", req.sd_vae, "request.sd_vae") if req.sd_vae else None
 
     def same_base(kind: str, name: str, field: str) -> ModelEntry:
-        entry = _resolve(registry, kind, name, field)
-        if entry.is_sdxl != checkpoint.is_sdxl:
-            raise invalid_request(
-                f"{field}: {_KIND_LABELS[kind]} {name!r} is for {entry.base_model} but checkpoint "
-                f"{checkpoint.sd_name!r} is {checkpoint.base_model}; pick one made for {checkpoint.base_model}",
-                field=field,
-            )
-        return entry
+        return _same_base(_resolve(registry, kind, name, field), checkpoint, field, f"{_KIND_LABELS[kind]} {name!r}")
 
     units = req.controlnet.units if req.controlnet is not None else []
     return ResolvedModels(
@@ -338,6 +371,17 @@ def resolve_models(registry: ModelRegistry, req: GenerationRequest) -> ResolvedM
             for i, a in enumerate(req.ip_adapters)
         ],
     )
+
+
+def _same_base(entry: ModelEntry, checkpoint: ModelEntry, field: str, label: str) -> ModelEntry:
+    """``entry`` if it is made for the checkpoint's base model (SD 1.5 or SDXL), else a 400 naming ``field``."""
+    if entry.is_sdxl != checkpoint.is_sdxl:
+        raise invalid_request(
+            f"{field}: {label} is for {entry.base_model} but checkpoint {checkpoint.sd_name!r} is "
+            f"{checkpoint.base_model}; pick one made for {checkpoint.base_model}",
+            field=field,
+        )
+    return entry
 
 
 def _resolve(registry: ModelRegistry, kind: str, name: str, field: str) -> ModelEntry:
@@ -380,11 +424,86 @@ def _check_preprocessors(annotator_dir: Path, req: GenerationRequest) -> None:
             raise invalid_request(f"{field}: {problem}", field=field)
 
 
-def _check_images(req: GenerationRequest) -> None:
-    if isinstance(req, Img2ImgRequest):
-        decode_image(req.image_base64, "request.image_base64")
+def _check_adapter_images(req: GenerationRequest) -> None:
     if req.controlnet is not None:
         for i, unit in enumerate(req.controlnet.units):
             decode_image(unit.image_base64, f"request.controlnet.units[{i}].image_base64")
     for i, adapter in enumerate(req.ip_adapters):
         decode_image(adapter.image_base64, f"request.ip_adapters[{i}].image_base64")
+
+
+# --- txt2img --------------------------------------------------------------------------------------------------------
+
+# What ``restore_faces`` and ``enable_transparent_background`` would need: this build runs neither, so a request
+# asking for one is refused, never silently ignored.
+_UNAVAILABLE = {
+    "restore_faces": "face restoration needs a face-restoration model (GFPGAN or CodeFormer), and none is installed "
+    "on this server; send restore_faces false",
+    "enable_transparent_background": "a transparent background needs a transparency (LayerDiffuse) model, and none "
+    "is installed on this server; send enable_transparent_background false",
+}
+
+
+def _check_unavailable_features(req: Txt2ImgRequest) -> None:
+    asked = {"restore_faces": req.restore_faces, "enable_transparent_background": req.enable_transparent_background}
+    for name, wanted in asked.items():
+        if wanted:
+            field = f"request.{name}"
+            raise invalid_request(f"{field}: {_UNAVAILABLE[name]}", field=field)
+
+
+def _resolve_hires_fix(registry: ModelRegistry, req: Txt2ImgRequest) -> HiresFixIn:
+    """The target must not be smaller than the first pass; the upscaler is ``Latent`` or an installed upscaler."""
+    hires = req.hires_fix
+    assert hires is not None
+    for axis, target, base in (("width", hires.target_width, req.width), ("height", hires.target_height, req.height)):
+        if target < base:
+            field = f"request.hires_fix.target_{axis}"
+            raise invalid_request(
+                f"{field}: {target} is smaller than request.{axis} ({base}); hires fix upscales the first pass, so "
+                f"its target must be at least the base size",
+                field=field,
+            )
+    if hires.upscaler.strip().lower() == LATENT_UPSCALER.lower():
+        return hires.model_copy(update={"upscaler": LATENT_UPSCALER})
+    entry = registry.resolve("upscaler", hires.upscaler)
+    if entry is None:
+        installed = [e.stem for e in registry.list("upscaler")]
+        field = "request.hires_fix.upscaler"
+        raise invalid_request(
+            f"{field}: unknown upscaler {hires.upscaler!r}; use {LATENT_UPSCALER!r} or one installed in "
+            f"models/upscaler/ ({', '.join(installed) if installed else 'none is installed'}; "
+            f"GET /v3/model?filter.types=upscaler)",
+            field=field,
+            model_name=hires.upscaler,
+        )
+    return hires.model_copy(update={"upscaler": entry.sd_name})
+
+
+def _resolve_refiner(registry: ModelRegistry, setting: str, refiner: RefinerIn, checkpoint: ModelEntry) -> ModelEntry:
+    """The request's ``refiner.model_name``, else the ``refiner_checkpoint`` setting, else the first checkpoint whose
+    name contains "refiner"; a 400 naming the field (and the setting) when there is none."""
+    field = "request.refiner"
+    if refiner.model_name is not None:
+        entry = _resolve(registry, "checkpoint", refiner.model_name, "request.refiner.model_name")
+        field = "request.refiner.model_name"
+    elif setting:
+        found = registry.resolve("checkpoint", setting)
+        if found is None:
+            raise invalid_request(
+                f"{field}: the server's refiner_checkpoint setting names {setting!r}, which is not an installed "
+                "checkpoint; ask the operator to fix UNDERPAINT_REFINER_CHECKPOINT, or name one in "
+                "request.refiner.model_name",
+                field=field,
+            )
+        entry = found
+    else:
+        candidates = [e for e in registry.list("checkpoint") if "refiner" in e.sd_name.lower()]
+        if not candidates:
+            raise invalid_request(
+                f"{field}: no refiner checkpoint is installed (none is named by the refiner_checkpoint setting and "
+                "no checkpoint's name contains 'refiner'); install one, or leave refiner out",
+                field=field,
+            )
+        entry = candidates[0]
+    return _same_base(entry, checkpoint, field, f"refiner {entry.sd_name!r}")

@@ -46,6 +46,7 @@ from underpaint.engine.preprocessors import AnnotatorCache
 from underpaint.engine.samplers import DiscreteSchedule
 from underpaint.engine.upscalers import UpscalerCache, upscale, upscale_to
 from underpaint.registry import ModelEntry, ModelRegistry, short_hash
+from underpaint.vocabulary import infotext_sampler
 
 log = logging.getLogger(__name__)
 
@@ -82,10 +83,10 @@ class DiffusersExecutor:
         return entry
 
     def _schedule(self, loaded: LoadedCheckpoint) -> DiscreteSchedule:
-        key = tuple(loaded.betas)
+        key = (*loaded.betas, loaded.is_sdxl)
         if key not in self._schedules:
             beta_start, beta_end, n, kind = loaded.betas
-            self._schedules[key] = DiscreteSchedule.from_betas(beta_start, beta_end, n, kind)
+            self._schedules[key] = DiscreteSchedule.from_betas(beta_start, beta_end, n, kind, is_sdxl=loaded.is_sdxl)
         return self._schedules[key]
 
     @contextmanager
@@ -268,7 +269,7 @@ class DiffusersExecutor:
             seeds=list(pipeline.seeds_for(job.seed, job.image_num)),
             steps=job.steps,
             guidance_scale=job.guidance_scale,
-            sampler_name=job.sampler_name,
+            sampler_name=job.sampler,
             strength=job.strength,
             clip_skip=job.clip_skip,
             token_expansions=plan.token_expansions,
@@ -306,7 +307,8 @@ class DiffusersExecutor:
                 prompt=plan.display_prompt,
                 negative_prompt=plan.display_negative_prompt,
                 steps=job.steps,
-                sampler_name=job.sampler_name,
+                sampler_name=infotext_sampler(job.sampler_name, job.scheduler)[0],
+                schedule_type=infotext_sampler(job.sampler_name, job.scheduler)[1],
                 guidance_scale=job.guidance_scale,
                 seed=seed,
                 width=job.width,

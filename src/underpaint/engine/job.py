@@ -18,7 +18,13 @@ from PIL import Image
 
 from underpaint.tasks.batching import BatchSignature, lora_set
 from underpaint.tasks.contract import TaskType
-from underpaint.vocabulary import LATENT_UPSCALER, PreprocessorName, SamplerName
+from underpaint.vocabulary import (
+    LATENT_UPSCALER,
+    PreprocessorName,
+    SamplerName,
+    SchedulerName,
+    sampler_with_schedule,
+)
 
 
 @dataclass(frozen=True)
@@ -113,10 +119,17 @@ class GenerationJob:
     mask: MaskSpec | None = None
     hires_fix: HiresFix | None = None  # txt2img only
     refiner: Refiner | None = None  # txt2img only
+    # A1111 >= 1.9's "Schedule type"; None = not sent: the sampler name means what it meant in A1111 <= 1.8.
+    scheduler: SchedulerName | None = None
 
     @property
     def is_txt2img(self) -> bool:
         return self.init_image is None
+
+    @property
+    def sampler(self) -> SamplerName:
+        """What the sampler runs: the name with the schedule type folded in (``vocabulary.sampler_with_schedule``)."""
+        return sampler_with_schedule(self.sampler_name, self.scheduler)
 
 
 @dataclass(frozen=True)
@@ -182,7 +195,7 @@ def batch_key(job: GenerationJob) -> object:
         width=job.width,
         height=job.height,
         steps=job.steps,
-        sampler=job.sampler_name,
+        sampler=job.sampler,
         strength=None if job.is_txt2img else job.strength,
         clip_skip=job.clip_skip,
         vae=job.vae,

@@ -35,6 +35,7 @@ class InfotextParams:
     loras: tuple[tuple[str, float], ...] = ()
     vae_name: str | None = None
     vae_hash: str | None = None
+    schedule_type: str | None = None  # A1111 >= 1.9's "Schedule type", written when the request sent one
     # further "Key: value" pairs in A1111's order, written before "Version" (inpainting's mask settings ...)
     extra: tuple[tuple[str, str], ...] = ()
     hires_fix: HiresFix | None = None
@@ -57,6 +58,7 @@ def build_infotext(p: InfotextParams) -> str:
     fields: list[tuple[str, str]] = [
         ("Steps", str(p.steps)),
         ("Sampler", p.sampler_name),
+        *([("Schedule type", p.schedule_type)] if p.schedule_type else []),
         ("CFG scale", _num(p.guidance_scale)),
         ("Seed", str(p.seed)),
         ("Size", f"{p.width}x{p.height}"),

@@ -616,7 +616,7 @@ def batch_spec_of(job: GenerationJob) -> BatchSpec:
         job.width,
         job.height,
         job.steps,
-        job.sampler_name,
+        job.sampler,
         job.strength,
         txt2img=job.is_txt2img,
         hires_fix=job.hires_fix,

@@ -22,8 +22,8 @@ import json
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 
-from underpaint.tasks.contract import Img2ImgRequest, InpaintingRequest, TaskRequest, TaskType
-from underpaint.vocabulary import normalize_sampler_name
+from underpaint.tasks.contract import Img2ImgRequest, InpaintingRequest, TaskRequest, TaskType, Txt2ImgRequest
+from underpaint.vocabulary import normalize_sampler_name, resolve_sampler, sampler_algorithm, sampler_with_schedule
 
 UNBATCHABLE_SAMPLERS = frozenset({"DPM adaptive"})
 
@@ -36,7 +36,7 @@ Refiner = tuple[str, float]  # checkpoint, switch_at
 
 def batchable(sampler_name: str) -> bool:
     """False for a sampler whose images would depend on their batch mates."""
-    return (normalize_sampler_name(sampler_name) or sampler_name) not in UNBATCHABLE_SAMPLERS
+    return (sampler_algorithm(sampler_name) or sampler_name) not in UNBATCHABLE_SAMPLERS
 
 
 def lora_set(loras: Iterable[Lora]) -> tuple[Lora, ...]:
@@ -50,7 +50,7 @@ class BatchSignature:
     width: int
     height: int
     steps: int
-    sampler: str
+    sampler: str  # with the schedule type folded in (``vocabulary.sampler_with_schedule``)
     strength: float | None  # img2img's denoising strength; None where the endpoint has none
     clip_skip: int
     vae: str | None
@@ -65,7 +65,9 @@ class BatchSignature:
         if not batchable(self.sampler):
             return None
         fields = asdict(self)
-        fields["sampler"] = normalize_sampler_name(self.sampler) or self.sampler
+        canonical = normalize_sampler_name(self.sampler)
+        # the algorithm and the schedule it walks: "Euler a", "Euler a Uniform" and "Euler a" + Automatic are one
+        fields["sampler"] = list(resolve_sampler(canonical, None)) if canonical else self.sampler
         return _digest(fields)
 
     def model_key(self) -> str:
@@ -86,7 +88,7 @@ def signature(request: TaskRequest) -> BatchSignature:
         width=request.width,
         height=request.height,
         steps=request.steps,
-        sampler=request.sampler_name,
+        sampler=sampler_with_schedule(request.sampler_name, request.scheduler),
         strength=request.strength if isinstance(request, Img2ImgRequest | InpaintingRequest) else None,
         clip_skip=request.clip_skip,
         vae=request.sd_vae or None,
@@ -95,7 +97,23 @@ def signature(request: TaskRequest) -> BatchSignature:
             (u.model_name, u.strength, u.preprocessor or "none", u.guidance_start, u.guidance_end) for u in units
         ),
         ip_adapters=tuple((a.model_name, a.strength) for a in request.ip_adapters),
+        hires_fix=_hires(request),
+        refiner=_refiner(request),
     )
+
+
+def _hires(request: TaskRequest) -> Hires | None:
+    hires = request.hires_fix if isinstance(request, Txt2ImgRequest) else None
+    if hires is None:
+        return None
+    return (hires.target_width, hires.target_height, hires.strength, hires.upscaler)
+
+
+def _refiner(request: TaskRequest) -> Refiner | None:
+    refiner = request.refiner if isinstance(request, Txt2ImgRequest) else None
+    if refiner is None:
+        return None
+    return (refiner.model_name or "", refiner.switch_at)
 
 
 def batch_key(request: TaskRequest) -> str | None:

@@ -42,13 +42,14 @@ from underpaint.tasks.fields import (
     ModelName,
     Preprocessor,
     Sampler,
+    Scheduler,
     Seed,
     Unit,
     at_most,
     in_range,
     length,
 )
-from underpaint.vocabulary import SamplerName
+from underpaint.vocabulary import LATENT_UPSCALER, SamplerName
 
 
 class TaskType(enum.StrEnum):
@@ -130,6 +131,8 @@ class GenerationRequest(Lenient):
     steps: Annotated[int, in_range(1, 100)] = 20
     guidance_scale: Annotated[float, in_range(1, 30)] = 7.5
     sampler_name: Sampler = SamplerName("Euler a")
+    # A1111 >= 1.9's "Schedule type"; absent: the sampler name means what it meant in A1111 <= 1.8.
+    scheduler: Scheduler = None
     seed: Seed = -1
     sd_vae: Annotated[ModelName | None, BeforeValidator(_blank_is_none)] = None  # "" (Python SDK): none
     clip_skip: Annotated[int, in_range(1, 12)] = 1
@@ -147,10 +150,35 @@ class Img2ImgRequest(GenerationRequest):
     strength: Unit = 0.5
 
 
+class HiresFixIn(Lenient):
+    """txt2img's second pass (A1111 >= 1.6 hires fix). ``upscaler``: ``Latent`` or an upscaler model (the names
+    Novita documents, or any file in ``models/upscaler/``), checked against the registry at submit and stored as
+    its ``sd_name``."""
+
+    target_width: Annotated[int, in_range(128, 4096)]
+    target_height: Annotated[int, in_range(128, 4096)]
+    strength: Unit = 0.5
+    upscaler: ModelName = LATENT_UPSCALER
+
+
+class RefinerIn(Lenient):
+    """SDXL refiner (A1111 >= 1.7). ``model_name`` is an extension: without it the server's ``refiner_checkpoint``
+    setting (default: the checkpoint whose name contains "refiner") is used. Stored with the checkpoint resolved."""
+
+    switch_at: Unit = 0.5
+    model_name: ModelName | None = None
+
+
 class Txt2ImgRequest(GenerationRequest):
-    """``POST /v3/async/txt2img``."""
+    """``POST /v3/async/txt2img``. ControlNet units and IP-Adapters (from ``GenerationRequest``) are additive:
+    Novita's txt2img body has none. ``restore_faces`` and ``enable_transparent_background`` are accepted; the API
+    refuses them with a 400 naming what is missing while no model for them is installed."""
 
     task_type: SkipJsonSchema[Literal[TaskType.TXT_TO_IMG]] = TaskType.TXT_TO_IMG
+    hires_fix: HiresFixIn | None = None
+    refiner: RefinerIn | None = None
+    restore_faces: bool = False
+    enable_transparent_background: bool = False
 
 
 # Inpainting's on/off fields: Novita documents 0/1, the Python SDK sends booleans; both are accepted (and stored

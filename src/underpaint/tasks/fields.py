@@ -18,10 +18,13 @@ from pydantic_core import CoreSchema, PydanticCustomError, core_schema
 from underpaint.vocabulary import (
     PREPROCESSOR_NAMES,
     SAMPLER_NAMES,
+    SCHEDULER_NAMES,
     PreprocessorName,
     SamplerName,
+    SchedulerName,
     normalize_preprocessor_name,
     normalize_sampler_name,
+    normalize_scheduler_name,
 )
 
 MAX_SEED = 2**32 - 1
@@ -109,6 +112,18 @@ def _at_most(n: int) -> Callable[[list[Any]], list[Any]]:
     return check
 
 
+def _check_scheduler(value: str | None) -> SchedulerName | None:
+    if value is None:
+        return None
+    found = normalize_scheduler_name(value)
+    if found is None:
+        raise PydanticCustomError(
+            "unknown_scheduler", "unknown schedule type '{name}'; expected one of: {names}",
+            {"name": value, "names": ", ".join(SCHEDULER_NAMES)},
+        )  # fmt: skip
+    return found
+
+
 def _check_sampler(value: str) -> SamplerName:
     found = normalize_sampler_name(value)
     if found is None:
@@ -139,6 +154,7 @@ ModelName = Annotated[str, length(1, 512)]
 Unit = Annotated[float, in_range(0, 1)]
 Base64 = Annotated[str, Checked(_non_empty_base64, minLength=1, contentEncoding="base64")]
 Sampler = Annotated[SamplerName, Checked(_check_sampler, enum=list(SAMPLER_NAMES))]
+Scheduler = Annotated[SchedulerName | None, Checked(_check_scheduler, enum=[None, *SCHEDULER_NAMES])]
 Preprocessor = Annotated[
     PreprocessorName | None, Checked(_check_preprocessor, enum=[None, "none", *sorted(PREPROCESSOR_NAMES)])
 ]

@@ -13,10 +13,12 @@ from underpaint.engine.job import (
     ControlNetUnitSpec,
     EmbeddingSpec,
     GenerationJob,
+    HiresFix,
     IPAdapterSpec,
     JobError,
     LoraSpec,
     MaskSpec,
+    Refiner,
 )
 from underpaint.tasks.contract import (
     GenerationRequest,
@@ -34,10 +36,10 @@ def job_from_request(request: TaskRequest) -> GenerationJob:
     try:
         if isinstance(request, Img2ImgRequest):
             return _img2img(request)
+        if isinstance(request, Txt2ImgRequest):
+            return _txt2img(request)
         if isinstance(request, InpaintingRequest):
             return _inpainting(request)
-        if isinstance(request, Txt2ImgRequest):
-            raise JobError("txt2img tasks are not supported by this worker yet")
     except ApiError as exc:
         raise JobError(exc.message) from None
     raise JobError(f"unknown task type {request.task_type!r}")
@@ -78,6 +80,23 @@ def _img2img(r: Img2ImgRequest) -> GenerationJob:
     return _job(r, init_image=init, strength=r.strength)
 
 
+def _txt2img(r: Txt2ImgRequest) -> GenerationJob:
+    hires, refiner = r.hires_fix, r.refiner
+    if refiner is not None and refiner.model_name is None:
+        raise JobError("the refiner checkpoint must be resolved before building a job")
+    return _job(
+        r,
+        init_image=None,
+        strength=1.0,  # unused by txt2img
+        hires_fix=None
+        if hires is None
+        else HiresFix(hires.target_width, hires.target_height, hires.strength, hires.upscaler),
+        refiner=None
+        if refiner is None or refiner.model_name is None
+        else Refiner(refiner.model_name, refiner.switch_at),
+    )
+
+
 def _inpainting(r: InpaintingRequest) -> GenerationJob:
     image = decode_image(r.image_base64, "request.image_base64", INPAINTING_LIMITS).image
     mask = decode_mask(r.mask_image_base64, "request.mask_image_base64", INPAINTING_LIMITS)
@@ -95,7 +114,13 @@ def _inpainting(r: InpaintingRequest) -> GenerationJob:
 
 
 def _job(
-    r: GenerationRequest, *, init_image: Image.Image | None, strength: float, mask: MaskSpec | None = None
+    r: GenerationRequest,
+    *,
+    init_image: Image.Image | None,
+    strength: float,
+    hires_fix: HiresFix | None = None,
+    refiner: Refiner | None = None,
+    mask: MaskSpec | None = None,
 ) -> GenerationJob:
     seed = _checked_seed(r)
     controlnets, ip_adapters = _adapters(r)
@@ -110,6 +135,7 @@ def _job(
         steps=r.steps,
         guidance_scale=r.guidance_scale,
         sampler_name=r.sampler_name,
+        scheduler=r.scheduler,
         seed=seed,
         strength=strength,
         clip_skip=r.clip_skip,
@@ -118,5 +144,7 @@ def _job(
         embeddings=tuple(EmbeddingSpec(x.model_name) for x in r.embeddings),
         controlnets=controlnets,
         ip_adapters=ip_adapters,
+        hires_fix=hires_fix,
+        refiner=refiner,
         mask=mask,
     )

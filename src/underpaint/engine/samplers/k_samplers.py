@@ -229,6 +229,135 @@ def dpmpp_sde(
     return x
 
 
+def sde_noise_queries(sigmas: Sequence[float]) -> list[tuple[float, float]]:
+    """The (sigma, sigma_next) pairs ``dpmpp_2m_sde`` and ``dpmpp_3m_sde`` ask their noise function for."""
+    return [(s, s_next) for s, s_next in itertools.pairwise(sigmas) if s_next != 0]
+
+
+def _sde_noise_scale(s_next: float, h: float) -> float:
+    """Std of the fresh noise of an eta = 1 DPM-Solver++ SDE step of length h (in lambda) ending at s_next."""
+    return s_next * math.sqrt(-math.expm1(-2 * h))
+
+
+def dpmpp_2m_sde(
+    denoise: Denoiser,
+    x: Tensor,
+    sigmas: Sequence[float],
+    noise: NoiseFn,
+    on_step: OnStep,
+    solver_type: str = "midpoint",
+) -> Tensor:
+    """DPM-Solver++(2M) SDE (Lu et al. 2022, eta = 1): the first-order SDE step in data prediction plus a
+    multistep correction from the previous denoised estimate, midpoint or Heun weighted."""
+    if solver_type not in ("midpoint", "heun"):
+        raise ValueError("solver_type must be 'midpoint' or 'heun'")
+    old_den: Tensor | None = None
+    h_last = 0.0
+    for i in range(len(sigmas) - 1):
+        s, s_next = sigmas[i], sigmas[i + 1]
+        den = denoise(x, s)
+        if s_next == 0:
+            x = den
+        else:
+            h = _lam(s_next) - _lam(s)
+            phi = -math.expm1(-2 * h)  # 1 - exp(-h - eta h) with eta = 1
+            x = x * (s_next / s * math.exp(-h)) + den * phi
+            if old_den is not None:
+                r = h_last / h
+                weight = (phi / (-2 * h) + 1) / r if solver_type == "heun" else 0.5 * phi / r
+                x = x + (den - old_den) * weight
+            x = x + noise(s, s_next) * _sde_noise_scale(s_next, h)
+            h_last = h
+        old_den = den
+        on_step(i + 1)
+    return x
+
+
+def dpmpp_3m_sde(denoise: Denoiser, x: Tensor, sigmas: Sequence[float], noise: NoiseFn, on_step: OnStep) -> Tensor:
+    """DPM-Solver++(3M) SDE (eta = 1): the SDE step with second and third order multistep corrections from the
+    two previous denoised estimates."""
+    den_1: Tensor | None = None
+    den_2: Tensor | None = None
+    h_1 = h_2 = 0.0
+    for i in range(len(sigmas) - 1):
+        s, s_next = sigmas[i], sigmas[i + 1]
+        den = denoise(x, s)
+        if s_next == 0:
+            x = den
+        else:
+            h = _lam(s_next) - _lam(s)
+            h_eta = 2 * h
+            x = x * math.exp(-h_eta) + den * -math.expm1(-h_eta)
+            phi_2 = math.expm1(-h_eta) / h_eta + 1
+            if den_2 is not None and den_1 is not None:
+                r0, r1 = h_1 / h, h_2 / h
+                d1_0 = (den - den_1) / r0
+                d1_1 = (den_1 - den_2) / r1
+                d1 = d1_0 + (d1_0 - d1_1) * (r0 / (r0 + r1))
+                d2 = (d1_0 - d1_1) / (r0 + r1)
+                x = x + d1 * phi_2 - d2 * (phi_2 / h_eta - 0.5)
+            elif den_1 is not None:
+                x = x + (den - den_1) * (phi_2 / (h_1 / h))
+            x = x + noise(s, s_next) * _sde_noise_scale(s_next, h)
+            h_1, h_2 = h, h_1
+        den_1, den_2 = den, den_1
+        on_step(i + 1)
+    return x
+
+
+def restart_steps(sigmas: Sequence[float]) -> list[tuple[float, float]]:
+    """The (sigma, sigma_next) Heun steps of A1111's Restart sampler for a schedule (Xu et al. 2023, "Restart
+    Sampling for Improving Generative Processes", with A1111's automatic restart list).
+
+    Under 20 steps: the schedule as given. From 20: a Karras schedule of ``steps - K * times`` steps between the
+    given schedule's ends, where at the step nearest sigma 0.1 the sampler jumps back up to the step nearest
+    sigma 2 and walks down again over a Karras schedule of K + 1 levels, ``times`` times (K = 9 once; from 36
+    steps K = steps // 4, twice). A step whose start is above the previous step's end begins with fresh noise.
+    """
+    steps = len(sigmas) - 1
+    base = [float(v) for v in sigmas]
+    if steps < 20:
+        return list(itertools.pairwise(base))
+    k, times = (steps // 4, 2) if steps >= 36 else (9, 1)
+    karras = _karras(steps - k * times, base[-2], base[0])
+    lo = min(range(len(karras)), key=lambda j: abs(karras[j] - 0.1))
+    hi = min(range(len(karras)), key=lambda j: abs(karras[j] - 2.0))
+    out: list[tuple[float, float]] = []
+    for i in range(len(karras) - 1):
+        out.append((karras[i], karras[i + 1]))
+        if i + 1 == lo and hi < lo:
+            walk = _karras(k + 1, karras[lo], karras[hi])[:-1]
+            out += list(itertools.pairwise(walk)) * times
+    return out
+
+
+def _karras(n: int, sigma_min: float, sigma_max: float, rho: float = 7.0) -> list[float]:
+    """Karras et al. (2022) eq. 5 in float32 (as the schedules), then 0."""
+    ramp = torch.linspace(0, 1, n)
+    sig = (sigma_max ** (1 / rho) + ramp * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
+    return [*(float(v) for v in sig), 0.0]
+
+
+def restart(denoise: Denoiser, x: Tensor, sigmas: Sequence[float], noise: NoiseFn, on_step: OnStep) -> Tensor:
+    """A1111's Restart sampler: Heun steps over ``restart_steps(sigmas)``; going back up from sigma_lo to a higher
+    sigma adds fresh noise of std ``sqrt(sigma^2 - sigma_lo^2)`` (from the per-image streams)."""
+    plan = restart_steps(sigmas)
+    last: float | None = None
+    for i, (s, s_next) in enumerate(plan):
+        if last is not None and last < s:
+            x = x + noise(last, s) * math.sqrt(s * s - last * last)
+        d = _d(x, s, denoise(x, s))
+        dt = s_next - s
+        if s_next == 0:
+            x = x + d * dt
+        else:
+            x_2 = x + d * dt
+            x = x + (d + _d(x_2, s_next, denoise(x_2, s_next))) * (dt / 2)
+        last = s_next
+        on_step(i + 1)
+    return x
+
+
 # --- DPM-Solver (Lu et al. 2022), noise prediction in lambda = -log sigma --------------------------------------
 
 

@@ -1,23 +1,27 @@
-"""The 20 A1111 sampler names and the img2img entry point used by the pipeline.
+"""The A1111 sampler names and the img2img entry point used by the pipeline.
 
-Name semantics follow A1111 v1.0 - v1.8 (before samplers and schedule types were split in v1.9): a bare name
-uses A1111's *default* (uniform-in-t) sigma schedule and only the " Karras" suffix selects the Karras schedule.
-So "DPM++ 2M" is uniform and "DPM++ 2M Karras" is Karras (in A1111 >= v1.9, "DPM++ 2M" with "Automatic" schedule
-would be Karras). Other fixed choices, matching A1111 defaults of that era:
+Name semantics follow A1111 v1.6 - v1.8 (before samplers and schedule types were split in v1.9): a bare name
+uses A1111's *default* (uniform-in-t) sigma schedule and only a " Karras" / " Exponential" suffix selects another
+(Restart walks a Karras schedule). So "DPM++ 2M" is uniform and "DPM++ 2M Karras" is Karras. A1111 >= 1.9's
+"Schedule type" reaches the engine folded into the name ("DPM++ 2M" + Automatic = "DPM++ 2M Karras", "Euler a" +
+SGM Uniform = "Euler a SGM Uniform": ``vocabulary.resolve_sampler``; the schedules are in ``sigma_schedules``).
+Other fixed choices, matching A1111 defaults of that era:
 
-* eta = 1 for every ancestral sampler and for DPM fast / DPM adaptive, s_noise = 1, s_churn = 0,
+* eta = 1 for every ancestral and SDE sampler and for DPM fast / DPM adaptive, s_noise = 1, s_churn = 0,
   eta-noise-seed-delta 0, no sigma quantization, fp32 alphas_cumprod (post-#14071 behaviour).
-* DPM2 and DPM2 a (with or without Karras) discard the penultimate sigma (schedule built for steps + 1).
+* DPM2, DPM2 a and DPM++ 3M SDE (any schedule) discard the penultimate sigma (schedule built for steps + 1).
 * img2img: ``t_enc = int(min(strength, 0.999) * steps)``; the sampler runs ``sigmas[steps - t_enc - 1:]``
   (t_enc + 1 steps) from ``x = init_latent + noise * sigma_sched[0]``. DPM fast/adaptive integrate from
   ``sigma_sched[0]`` down to ``sigma_sched[-2]`` (they cannot reach sigma 0) with ``n = len(sigma_sched) - 1``.
-* DPM++ SDE draws its noise from per-image Brownian trees seeded with the image seeds over
-  [smallest positive sigma, largest sigma] of the full (un-sliced) schedule.
+* DPM++ SDE, DPM++ 2M SDE (midpoint or Heun) and DPM++ 3M SDE draw their noise from per-image Brownian trees
+  seeded with the image seeds over [smallest positive sigma, largest sigma] of the full (un-sliced) schedule.
+* Restart (A1111 >= 1.6): Heun steps; from 20 steps a shorter Karras schedule with restart segments that jump
+  back up from sigma ~0.1 to ~2 with fresh noise from the per-image streams (``k_samplers.restart_steps``).
 * DDIM / PLMS / UniPC follow A1111 >= v1.6 ("timesteps" samplers): grid ``clip(range(0,1000,1000//N)+1, 0, 999)``,
   img2img noises to ``abar[timesteps[t_enc]]`` and runs ``timesteps[:t_enc]``; DDIM and PLMS therefore make
   ``t_enc - 1`` steps and stop at abar[1]; UniPC (bh1, order 3, lower-order final, data prediction, time-uniform)
   starts at continuous time ``timesteps[t_enc - 1] / 1000 + 1/1000`` as A1111 does. Their output is the VP latent,
-  which A1111 decodes as is.
+  which A1111 decodes as is. They ignore the schedule type, as in A1111.
 * Euler/Heun/DPM2 (churn 0) and DDIM (eta 0) draw a noise tensor every step in A1111 and never use it. Nothing
   in the step depends on those draws, so instead of drawing per step the generators are advanced by the same count
   after sampling: the per-image streams end in A1111's state without per-step cost.
@@ -32,6 +36,7 @@ noised init latent (DDIM/PLMS with t_enc <= 1 do the same, as in A1111).
 
 from __future__ import annotations
 
+import functools
 import itertools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -51,7 +56,8 @@ from underpaint.engine.samplers.denoiser import (
 )
 from underpaint.engine.samplers.noise import BrownianNoise, NoiseSource
 from underpaint.engine.samplers.schedule import DiscreteSchedule
-from underpaint.vocabulary import SAMPLER_NAMES, SamplerName
+from underpaint.engine.samplers.sigma_schedules import build_sigmas
+from underpaint.vocabulary import SAMPLER_NAMES, SamplerName, resolve_sampler
 
 # (steps done, steps in all): the sampler's own step count; the pipeline turns it into ``job.Progress``.
 StepCallback = Callable[[int, int], None]
@@ -64,14 +70,26 @@ SigmaSampler = Callable[[Denoiser, Tensor, Sequence[float], k_samplers.NoiseFn, 
 class _Spec:
     kind: str  # "sigmas" | "dpm_fast" | "dpm_adaptive" | "ddim" | "plms" | "unipc"
     fn: SigmaSampler | None = None
-    karras: bool = False
     discard_penultimate: bool = False
     noise: str = "none"  # "none" | "ancestral" | "brownian"
     second_order: bool = False
     unused_draws: bool = False  # A1111 draws (and ignores) one noise tensor per step
+    # Brownian samplers: the (sigma, sigma_next) noise queries a sigma list makes, in order (for prefetching).
+    noise_queries: Callable[[Sequence[float]], list[tuple[float, float]]] | None = None
 
 
-_SPECS: dict[str, _Spec] = {  # keyed by every ``vocabulary.SAMPLER_NAMES`` entry
+def _sde(fn: SigmaSampler, *, discard_penultimate: bool = False) -> _Spec:
+    """DPM++ 2M / 3M SDE: Brownian-tree noise, one query per step."""
+    return _Spec(
+        "sigmas",
+        fn,
+        discard_penultimate=discard_penultimate,
+        noise="brownian",
+        noise_queries=k_samplers.sde_noise_queries,
+    )
+
+
+_SPECS: dict[str, _Spec] = {  # keyed by every sampler algorithm of ``vocabulary.SAMPLER_SCHEDULES``
     "Euler a": _Spec("sigmas", k_samplers.euler_ancestral, noise="ancestral"),
     "Euler": _Spec("sigmas", k_samplers.euler, unused_draws=True),
     "LMS": _Spec("sigmas", k_samplers.lms),
@@ -82,26 +100,19 @@ _SPECS: dict[str, _Spec] = {  # keyed by every ``vocabulary.SAMPLER_NAMES`` entr
     ),
     "DPM++ 2S a": _Spec("sigmas", k_samplers.dpmpp_2s_ancestral, noise="ancestral", second_order=True),
     "DPM++ 2M": _Spec("sigmas", k_samplers.dpmpp_2m),
-    "DPM++ SDE": _Spec("sigmas", k_samplers.dpmpp_sde, noise="brownian", second_order=True),
+    "DPM++ SDE": _Spec(
+        "sigmas",
+        k_samplers.dpmpp_sde,
+        noise="brownian",
+        second_order=True,
+        noise_queries=k_samplers.dpmpp_sde_noise_queries,
+    ),
+    "DPM++ 2M SDE": _sde(k_samplers.dpmpp_2m_sde),
+    "DPM++ 2M SDE Heun": _sde(functools.partial(k_samplers.dpmpp_2m_sde, solver_type="heun")),
+    "DPM++ 3M SDE": _sde(k_samplers.dpmpp_3m_sde, discard_penultimate=True),
     "DPM fast": _Spec("dpm_fast", noise="ancestral"),
     "DPM adaptive": _Spec("dpm_adaptive", noise="ancestral"),
-    "LMS Karras": _Spec("sigmas", k_samplers.lms, karras=True),
-    "DPM2 Karras": _Spec(
-        "sigmas", k_samplers.dpm2, karras=True, discard_penultimate=True, second_order=True, unused_draws=True
-    ),
-    "DPM2 a Karras": _Spec(
-        "sigmas",
-        k_samplers.dpm2_ancestral,
-        karras=True,
-        discard_penultimate=True,
-        noise="ancestral",
-        second_order=True,
-    ),
-    "DPM++ 2S a Karras": _Spec(
-        "sigmas", k_samplers.dpmpp_2s_ancestral, karras=True, noise="ancestral", second_order=True
-    ),
-    "DPM++ 2M Karras": _Spec("sigmas", k_samplers.dpmpp_2m, karras=True),
-    "DPM++ SDE Karras": _Spec("sigmas", k_samplers.dpmpp_sde, karras=True, noise="brownian", second_order=True),
+    "Restart": _Spec("sigmas", k_samplers.restart, noise="ancestral", second_order=True),
     "DDIM": _Spec("ddim", unused_draws=True),
     "PLMS": _Spec("plms"),
     "UniPC": _Spec("unipc"),
@@ -111,8 +122,13 @@ _TIMESTEP_KINDS = ("ddim", "plms", "unipc")
 
 
 def _spec(name: SamplerName) -> tuple[SamplerName, _Spec]:
-    """The sampler ``name`` names (already canonical: normalised once, where the request entered)."""
-    spec = _SPECS.get(name)
+    """The sampler ``name`` names (already canonical: normalised once, where the request entered; a name may end
+    in a schedule label, "DPM++ 2M SGM Uniform", see ``vocabulary.resolve_sampler``)."""
+    try:
+        base, _ = resolve_sampler(name, None)
+    except ValueError:
+        base = name
+    spec = _SPECS.get(base)
     if spec is None:
         raise ValueError(f"unknown sampler {name!r}; expected one of: {', '.join(SAMPLER_NAMES)}")
     return name, spec
@@ -132,13 +148,14 @@ def img2img_t_enc(steps: int, strength: float) -> int:
 
 
 def full_sigmas(name: SamplerName, schedule: DiscreteSchedule, steps: int) -> Tensor:
-    """The sigma schedule A1111 builds for ``steps`` (incl. the final 0), with the Karras and discard rules."""
+    """The sigma schedule A1111 builds for ``steps`` (incl. the final 0; KL Optimal ends at sigma_min), with the
+    schedule type the name carries (``vocabulary.resolve_sampler``) and the discard rule."""
     _, spec = _spec(name)
     if spec.kind in _TIMESTEP_KINDS:
         raise ValueError(f"{name} is a timesteps sampler and has no sigma schedule")
     _check_steps_strength(steps, 1.0)
     n = steps + 1 if spec.discard_penultimate else steps
-    sigmas = schedule.get_sigmas_karras(n) if spec.karras else schedule.get_sigmas(n)
+    sigmas = build_sigmas(resolve_sampler(name, None)[1], schedule, n, is_sdxl=schedule.is_sdxl)
     if spec.discard_penultimate:
         sigmas = torch.cat([sigmas[:-2], sigmas[-1:]])
     return sigmas
@@ -195,7 +212,13 @@ def img2img_model_evals(name: SamplerName, schedule: DiscreteSchedule, steps: in
     _, spec = _spec(name)
     if spec.kind in _TIMESTEP_KINDS:
         return expected_model_evals(name, len(img2img_timesteps(name, steps, strength)[0]))
-    return expected_model_evals(name, len(img2img_sigmas(name, schedule, steps, strength)) - 1)
+    sigmas = [float(v) for v in img2img_sigmas(name, schedule, steps, strength)]
+    if spec.second_order and spec.kind == "sigmas":
+        # Every step but one that lands on sigma 0 (a first-order step) evaluates the model twice; KL Optimal's
+        # schedule ends at sigma_min, so its last step is second order too.
+        pairs = k_samplers.restart_steps(sigmas) if spec.fn is k_samplers.restart else itertools.pairwise(sigmas)
+        return sum(1 if s_next == 0 else 2 for _, s_next in pairs)
+    return expected_model_evals(name, len(sigmas) - 1)
 
 
 class _Progress:
@@ -229,7 +252,7 @@ def sample(
     dpm_range: tuple[float, float] | None = None,
     callback: StepCallback | None = None,
 ) -> Tensor:
-    """Run a sigma sampler over an explicit descending sigma list (ending in 0) starting from ``x``.
+    """Run a sigma sampler over an explicit descending sigma list (ending in 0, or KL Optimal's sigma_min) from ``x``.
 
     DPM fast / adaptive integrate from ``sigmas[0]`` to ``sigmas[-2]`` with ``n = len(sigmas) - 1`` (A1111's img2img
     rule), or over ``dpm_range`` = (sigma_min, sigma_max) when given (txt2img: the model's own bounds).
@@ -240,8 +263,8 @@ def sample(
     if spec.kind in _TIMESTEP_KINDS:
         raise ValueError(f"{canonical} is a timesteps sampler; use sample_img2img")
     sig = [float(s) for s in (sigmas.tolist() if isinstance(sigmas, Tensor) else sigmas)]
-    if len(sig) < 2 or sig[-1] != 0.0 or any(b >= a for a, b in itertools.pairwise(sig)):
-        raise ValueError("sigmas must be strictly decreasing and end with 0")
+    if len(sig) < 2 or sig[-1] < 0.0 or any(b >= a for a, b in itertools.pairwise(sig)):
+        raise ValueError("sigmas must be strictly decreasing and end at 0 or above")
     n = len(sig) - 1
     progress = _Progress(callback, n)
 
@@ -263,7 +286,8 @@ def sample(
         lo, hi = brownian_range if brownian_range is not None else (min(s for s in sig if s > 0), max(sig))
         brownian = BrownianNoise(x, noise.seeds, lo, hi)
         try:
-            brownian.prefetch(k_samplers.dpmpp_sde_noise_queries(sig))
+            if spec.noise_queries is not None:
+                brownian.prefetch(spec.noise_queries(sig))
             out = spec.fn(denoiser, x, sig, brownian, progress.step)
         finally:
             brownian.close()

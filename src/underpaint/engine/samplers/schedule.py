@@ -21,7 +21,10 @@ from torch import Tensor
 class DiscreteSchedule:
     """Sigma table of a discrete-time diffusion model. ``sigmas`` is ascending (index = training timestep)."""
 
-    def __init__(self, alphas_cumprod: Tensor) -> None:
+    def __init__(self, alphas_cumprod: Tensor, *, is_sdxl: bool = False) -> None:
+        # The model family, for the schedules published per family (Align Your Steps); SD 1.5 and SDXL share
+        # their training schedule.
+        self.is_sdxl = is_sdxl
         if alphas_cumprod.ndim != 1 or alphas_cumprod.numel() < 2:
             raise ValueError("alphas_cumprod must be a 1-D tensor with at least 2 entries")
         ac = alphas_cumprod.detach().to(device="cpu", dtype=torch.float32)
@@ -43,6 +46,8 @@ class DiscreteSchedule:
         beta_end: float = 0.012,
         num_train_timesteps: int = 1000,
         beta_schedule: str = "scaled_linear",
+        *,
+        is_sdxl: bool = False,
     ) -> DiscreteSchedule:
         """Training schedule built the ldm way: float64 betas and cumprod, then float32."""
         if num_train_timesteps < 2:
@@ -54,7 +59,7 @@ class DiscreteSchedule:
         else:
             raise ValueError(f"unsupported beta_schedule {beta_schedule!r} (expected 'scaled_linear' or 'linear')")
         alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)
-        return cls(alphas_cumprod.to(torch.float32))
+        return cls(alphas_cumprod.to(torch.float32), is_sdxl=is_sdxl)
 
     @property
     def num_timesteps(self) -> int:
@@ -89,7 +94,8 @@ class DiscreteSchedule:
         w = t - low
         return math.exp((1.0 - w) * self._log_sigmas[low] + w * self._log_sigmas[high])
 
-    def _t_to_sigma_tensor(self, t: Tensor) -> Tensor:
+    def t_to_sigma_tensor(self, t: Tensor) -> Tensor:
+        """``t_to_sigma`` elementwise in float32 (k-diffusion's arithmetic)."""
         t = t.float()
         low = t.floor().long()
         high = t.ceil().long()
@@ -101,7 +107,7 @@ class DiscreteSchedule:
         if n < 1:
             raise ValueError("n must be at least 1")
         t = torch.linspace(self.num_timesteps - 1, 0, n)
-        return torch.cat([self._t_to_sigma_tensor(t), t.new_zeros(1)])
+        return torch.cat([self.t_to_sigma_tensor(t), t.new_zeros(1)])
 
     def get_sigmas_karras(self, n: int, rho: float = 7.0) -> Tensor:
         """Karras et al. (2022) eq. 5 between the model's sigma_min and sigma_max, then 0."""
