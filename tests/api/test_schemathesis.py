@@ -30,6 +30,7 @@ from underpaint.services import Services
 OPERATIONS = [
     ("POST", "/v3/async/img2img"),
     ("POST", "/v3/async/txt2img"),
+    ("POST", "/v3/async/inpainting"),
     ("GET", "/v3/async/task-result"),
     ("POST", "/v3/async/task-cancel"),
     ("GET", "/v3/async/tasks"),
@@ -48,6 +49,8 @@ CASES = [
 EXAMPLES = int(os.environ.get("UNDERPAINT_SCHEMATHESIS_EXAMPLES", "50"))
 AUTH = {"Authorization": f"Bearer {KEY_A}"}
 VALID_IMAGE = base64.b64encode(image_bytes((32, 32))).decode()
+INPAINT_IMAGE = base64.b64encode(image_bytes((64, 64))).decode()
+INPAINT_MASK = base64.b64encode(image_bytes((64, 64), mode="L", color=255)).decode()
 KNOWN_MODELS = ("dreamshaper_8.safetensors", "sd_xl_base_1.0.safetensors")
 
 
@@ -73,11 +76,14 @@ def _reach_deeper(case: Any) -> None:
         return
     if case.operation.path == "/v3/async/img2img":
         request["image_base64"] = VALID_IMAGE
+    if case.operation.path == "/v3/async/inpainting":
+        request["image_base64"] = INPAINT_IMAGE
+        request["mask_image_base64"] = INPAINT_MASK
     request["model_name"] = KNOWN_MODELS[len(request) % 2]
 
 
 def _answer_is_novita(case: Any) -> None:
-    if case.operation.path in ("/v3/async/img2img", "/v3/async/txt2img"):
+    if case.operation.path in ("/v3/async/img2img", "/v3/async/txt2img", "/v3/async/inpainting"):
         _reach_deeper(case)
     response = case.call_and_validate(headers=AUTH, checks=[not_a_server_error])
     if response.status_code != 200:
