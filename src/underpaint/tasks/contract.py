@@ -2,8 +2,8 @@
 
 One pydantic model per endpoint, told apart by ``task_type`` (the wire name task-result reports):
 
-- ``Img2ImgRequest`` (``IMG_TO_IMG``), ``Txt2ImgRequest`` (``TXT_TO_IMG``); inpainting and upscale join
-  ``TaskRequest`` as siblings (``docs/ARCHITECTURE.md``, "Adding an endpoint").
+- ``Img2ImgRequest`` (``IMG_TO_IMG``), ``Txt2ImgRequest`` (``TXT_TO_IMG``), ``InpaintingRequest``
+  (``INPAINTING``); upscale joins ``TaskRequest`` as a sibling (``docs/ARCHITECTURE.md``, "Adding an endpoint").
 - ``TaskExtra``: the body's ``extra`` object (output format, NSFW, webhook, custom storage ...), plus the base URL
   the task was submitted on (image URLs in webhooks point there).
 
