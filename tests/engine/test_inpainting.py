@@ -28,9 +28,17 @@ from torch import Tensor
 from underpaint.config import Settings
 from underpaint.engine import pipeline
 from underpaint.engine.executor import DiffusersExecutor
-from underpaint.engine.job import GenerationJob, HiresFix, JobError, MaskSpec
+from underpaint.engine.inpainting import area_cropper, prepare_area
+from underpaint.engine.job import (
+    ControlNetUnitSpec,
+    GenerationJob,
+    HiresFix,
+    IPAdapterSpec,
+    JobError,
+    MaskSpec,
+)
 from underpaint.registry import ModelRegistry
-from underpaint.vocabulary import SamplerName
+from underpaint.vocabulary import PreprocessorName, SamplerName
 
 PROMPT, NEGATIVE, CFG, STEPS = "a red apple", "blurry", 6.0, 5
 
@@ -403,3 +411,43 @@ def test_an_empty_mask_fails_the_job_with_a_reason(executor: DiffusersExecutor) 
     )
     with pytest.raises(JobError, match="mask is empty"):
         executor.generate(job)
+
+
+def test_only_masked_cuts_controlnet_images_to_the_same_area(executor: DiffusersExecutor) -> None:
+    """A ControlNet unit's image follows the init image into the crop (resized to the init image's size first), so
+    the control map lines up with what is repainted."""
+    image = picture(96, 64)
+    spec = MaskSpec(blob_mask(96, 64, (60, 30, 80, 44)), 3, True, 6)
+    area = prepare_area(image, spec, 96, 64)
+    crop = area_cropper(image.size, spec, 96, 64)
+    assert np.array_equal(np.asarray(crop(image)), np.asarray(area.image))
+    half = image.resize((48, 32), Image.Resampling.LANCZOS)
+    assert crop(half).size == (96, 64)
+    assert area.crop is not None
+    assert area.crop[0] > 0  # really a crop, not the whole picture
+    with pytest.raises(JobError, match="mask is empty"):
+        area_cropper(image.size, MaskSpec(Image.new("L", (96, 64), 0), full_res=True), 96, 64)
+
+
+def test_inpainting_runs_with_a_controlnet_unit_and_an_ip_adapter(executor: DiffusersExecutor) -> None:
+    image = picture(96, 64)
+    job = GenerationJob(
+        checkpoint="tiny-sd15-inpainting",
+        init_image=image,
+        prompt=PROMPT,
+        negative_prompt="",
+        width=96,
+        height=64,
+        image_num=1,
+        steps=2,
+        guidance_scale=CFG,
+        sampler_name=SamplerName("Euler"),
+        seed=3,
+        strength=1.0,
+        mask=MaskSpec(blob_mask(96, 64, (60, 30, 80, 44)), 3, True, 6),
+        controlnets=(ControlNetUnitSpec("control_v11p_sd15_canny.safetensors", image, 0.8, PreprocessorName("canny")),),
+        ip_adapters=(IPAdapterSpec("ip-adapter_sd15.bin", image, 0.5),),
+    )
+    (out,) = executor.generate(job)
+    assert out.image.size == (96, 64)
+    assert np.array_equal(np.asarray(out.image)[:20], np.asarray(image)[:20])
