@@ -37,6 +37,7 @@ def inpainting_submits(page: Page) -> list[dict[str, Any]]:
 
 def drag(page: Page, start: tuple[float, float], end: tuple[float, float]) -> None:
     """A mouse stroke between two points given as fractions of the mask canvas."""
+    page.locator("#mask-canvas").scroll_into_view_if_needed()
     box = page.locator("#mask-canvas").bounding_box()
     assert box is not None
     page.mouse.move(box["x"] + start[0] * box["width"], box["y"] + start[1] * box["height"])
@@ -81,6 +82,11 @@ def test_playground_inpainting_mode(live_server: LiveServer, browser: Browser, t
     page.click("#tool-erase")
     drag(page, (0.65, 0.5), (0.7, 0.5))
     page.click("#tool-draw")
+    assert watch.errors == []
+    painted = (
+        "c => c.getContext('2d').getImageData(0, 0, c.width, c.height).data.filter((v, i) => i % 4 == 3 && v).length"
+    )
+    assert page.eval_on_selector("#mask-canvas", painted) > 0
     page.click("#mask-invert")
     page.click("#mask-invert")
     page.fill("#mask_blur", "3")
