@@ -247,8 +247,8 @@ def detect_sdxl(path: Path, kind: str) -> bool:
             keys = found
     except (OSError, ValueError, struct.error):
         return False
-    if kind == "checkpoint":
-        return any(k.startswith("conditioner.embedders.1.") for k in keys)
+    if kind == "checkpoint":  # SDXL base: two text encoders; the SDXL refiner: OpenCLIP-G alone, as embedders.0
+        return any(k.startswith(("conditioner.embedders.1.", "conditioner.embedders.0.model.")) for k in keys)
     if kind == "lora":
         return any(k.startswith(("lora_te2_", "lora_te1_", "text_encoder_2.")) for k in keys) or any(
             "input_blocks" in k and k.startswith("lora_unet_") for k in keys

@@ -18,6 +18,7 @@ from novita_client import NovitaClient
 from PIL import Image
 from tests.support.api import KEY_A, MODEL_COUNT, auth, image_bytes, make_services
 from tests.support.ports import free_port
+from tests.support.requests import stored_img2img
 
 from underpaint.api.app import create_app
 from underpaint.services import Services
@@ -175,7 +176,7 @@ class CompletingQueue:
         time.sleep(0.2)
         record = services.store.claim(task_id, "w")
         assert record is not None
-        request = services.store.get_request(task_id)
+        request = stored_img2img(services.store, task_id)
         images = []
         for i in range(request.image_num):
             key = image_key(task_id, record.response_image_type)

@@ -18,9 +18,11 @@ from fastapi.testclient import TestClient
 from jsonschema import Draft202012Validator, FormatChecker
 from openapi_spec_validator import validate
 from tests.support.api import KEY_B, auth, image_bytes
+from tests.support.requests import stored_img2img
 
 from underpaint.api.openapi import CANCEL_PATH, RESULT_PATH, SUBMIT_PATH, TXT2IMG_PATH, build_openapi
 from underpaint.services import Services
+from underpaint.tasks.contract import Txt2ImgRequest
 from underpaint.tasks.types import ImageRecord, NsfwResult
 
 SUBMIT = SUBMIT_PATH
@@ -153,7 +155,7 @@ def test_request_built_from_the_schema_is_accepted(
     r = client.post(SUBMIT, json=body, headers=auth())
     assert r.status_code == 200, r.text
     check(doc, "SubmitResponse", r.json())
-    request = services.store.get_request(r.json()["task_id"])
+    request = stored_img2img(services.store, r.json()["task_id"])
     assert request.controlnet is not None
     assert request.controlnet.units[0].guidance_end == 1.0  # the schema's default reached the task
     assert request.width == 512
@@ -178,7 +180,7 @@ def test_txt2img_request_built_from_the_schema_is_accepted(
     assert r.status_code == 200, r.text
     check(doc, "SubmitResponse", r.json())
     stored = services.store.get_request(r.json()["task_id"])
-    assert stored.task_type == "TXT_TO_IMG"
+    assert isinstance(stored, Txt2ImgRequest)
     assert stored.width == 512
     bounds = resolve(doc, doc["components"]["schemas"]["HiresFixIn"])["properties"]["target_width"]
     assert (bounds["minimum"], bounds["maximum"]) == (128, 4096)

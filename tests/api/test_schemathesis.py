@@ -29,6 +29,7 @@ from underpaint.services import Services
 
 OPERATIONS = [
     ("POST", "/v3/async/img2img"),
+    ("POST", "/v3/async/upscale"),
     ("POST", "/v3/async/txt2img"),
     ("POST", "/v3/async/inpainting"),
     ("GET", "/v3/async/task-result"),
@@ -51,7 +52,12 @@ AUTH = {"Authorization": f"Bearer {KEY_A}"}
 VALID_IMAGE = base64.b64encode(image_bytes((32, 32))).decode()
 INPAINT_IMAGE = base64.b64encode(image_bytes((64, 64))).decode()
 INPAINT_MASK = base64.b64encode(image_bytes((64, 64), mode="L", color=255)).decode()
-KNOWN_MODELS = ("dreamshaper_8.safetensors", "sd_xl_base_1.0.safetensors")
+KNOWN_MODELS = {
+    "/v3/async/img2img": ("dreamshaper_8.safetensors", "sd_xl_base_1.0.safetensors"),
+    "/v3/async/txt2img": ("dreamshaper_8.safetensors", "sd_xl_base_1.0.safetensors"),
+    "/v3/async/inpainting": ("dreamshaper_8.safetensors", "sd15-inpainting.safetensors"),
+    "/v3/async/upscale": ("RealESRGAN_x4plus_anime_6B", "4x-UltraSharp"),
+}
 
 
 @pytest.fixture
@@ -64,7 +70,7 @@ def api_schema(app: FastAPI) -> OpenApiSchema:
     return schemathesis.openapi.from_asgi("/openapi.json", app)
 
 
-def _reach_deeper(case: Any) -> None:
+def _reach_deeper(case: Any, models: tuple[str, str]) -> None:
     """Random base64 is never an image and random names are never models, so every generated submit would stop at
     the first check. For two thirds of the cases (chosen from the case itself, so a failure replays), put a real
     image and model in, so that what the schema generated for the other fields reaches task creation."""
@@ -74,17 +80,17 @@ def _reach_deeper(case: Any) -> None:
     request = body["request"]
     if len(repr(request)) % 3 == 0:
         return
-    if case.operation.path == "/v3/async/img2img":
+    if case.operation.path != "/v3/async/txt2img":  # the endpoints that take an image
         request["image_base64"] = VALID_IMAGE
     if case.operation.path == "/v3/async/inpainting":
         request["image_base64"] = INPAINT_IMAGE
         request["mask_image_base64"] = INPAINT_MASK
-    request["model_name"] = KNOWN_MODELS[len(request) % 2]
+    request["model_name"] = models[len(request) % 2]
 
 
 def _answer_is_novita(case: Any) -> None:
-    if case.operation.path in ("/v3/async/img2img", "/v3/async/txt2img", "/v3/async/inpainting"):
-        _reach_deeper(case)
+    if case.operation.path in KNOWN_MODELS:
+        _reach_deeper(case, KNOWN_MODELS[case.operation.path])
     response = case.call_and_validate(headers=AUTH, checks=[not_a_server_error])
     if response.status_code != 200:
         body = response.json()

@@ -377,3 +377,49 @@ def test_playground_in_chromium(live_server: LiveServer, browser: Browser, tmp_p
 
     assert watch.errors == []
     context.close()
+
+
+def test_playground_upscale_mode(live_server: LiveServer, browser: Browser, tmp_path: Path) -> None:
+    """The Upscale tab: only the upscaler card and the image are shown, the Extras size is previewed, the page
+    posts to /v3/async/upscale and the result arrives at that size."""
+    OUTPUT.mkdir(parents=True, exist_ok=True)
+    page = browser.new_page(viewport={"width": 1360, "height": 900})
+    watch = PageWatch(page)
+    posts: list[dict[str, Any]] = []
+    page.on(
+        "request",
+        lambda r: posts.append({"url": r.url, "body": json.loads(r.post_data or "{}")}) if r.method == "POST" else None,
+    )
+    page.goto(live_server.url + "/playground")
+    page.fill("#api-key", KEY)
+    page.click("#key-save")
+    expect(page.locator("#key-state")).to_have_text("connected")
+    expect(page.locator("#prompt")).to_be_visible()
+    page.click('#modes .mode[data-mode="upscale"]')
+    expect(page.locator("#prompt")).to_be_hidden()
+    expect(page.locator("#up-model")).to_be_visible()
+    expect(page.locator("#submit")).to_have_text("Upscale")
+    upscalers = page.eval_on_selector_all("#up-model option", "os => os.map(o => o.value)")
+    assert "RealESRGAN_x4plus_anime_6B.pth" in upscalers
+    page.select_option("#up-model", "2x-tiny-compact.pth")
+    image = tmp_path / "small.png"
+    image.write_bytes(make_png((60, 44), seed=7))
+    page.set_input_files("#init-file", str(image))
+    page.fill("#up-scale", "2.5")
+    page.dispatch_event("#up-scale", "input")
+    expect(page.locator("#up-size")).to_have_text("60\u00d744 \u2192 144\u00d7104")
+    page.click("#submit")
+    done = page.locator("#jobs .job").first
+    expect(done).to_have_attribute("data-status", "TASK_STATUS_SUCCEED", timeout=120_000)
+    (post,) = [p for p in posts if "/v3/async/" in p["url"] and "task-" not in p["url"]]
+    assert post["url"].endswith("/v3/async/upscale")
+    assert post["body"]["request"]["scale_factor"] == 2.5
+    assert post["body"]["request"]["model_name"] == "2x-tiny-compact.pth"
+    shot = page.locator("#gallery .shot").first
+    expect(shot.locator("img")).to_have_js_property("complete", True)
+    assert shot.locator("img").evaluate("i => [i.naturalWidth, i.naturalHeight]") == [144, 104]
+    expect(shot.locator(".shot-reuse")).to_be_hidden()
+    expect(shot.locator(".shot-info")).to_contain_text("Postprocess upscaler: 2x-tiny-compact")
+    screenshot(page, OUTPUT / "playground-upscale.png", 1360)
+    assert watch.errors == []
+    page.close()

@@ -1,4 +1,4 @@
-"""The playground's inpainting mode in chromium: paint a mask with the mouse, erase and invert it, submit to
+"""The playground's inpainting tab in chromium: paint a mask with the mouse, erase and invert it, submit to
 ``/v3/async/inpainting``, and get an image of the init image's size whose unpainted pixels are the init image's."""
 
 from __future__ import annotations
@@ -60,11 +60,11 @@ def test_playground_inpainting_mode(live_server: LiveServer, browser: Browser, t
     page.set_input_files("#init-file", str(tmp_path / "init.png"))
 
     expect(page.locator("#mask-card")).to_be_hidden()
-    page.check("#inpaint-enabled")
+    page.click('#modes .mode[data-mode="inpainting"]')
     expect(page.locator("#mask-card")).to_be_visible()
     expect(page.locator("#submit")).to_have_text("Inpaint")
     assert page.input_value("#strength") == "1"  # Novita's inpainting default
-    assert page.locator("#width").is_disabled()
+    expect(page.locator("#width")).to_be_hidden()  # the output keeps the image's size
     assert page.evaluate(
         "[document.getElementById('mask-canvas').width, document.getElementById('mask-canvas').height]"
     ) == list(SIZE)

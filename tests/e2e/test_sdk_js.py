@@ -16,7 +16,7 @@ from tests.support.server import LiveServer
 JS_DIR = Path(__file__).resolve().parents[1] / "js"
 
 
-def test_js_sdk_submit_poll_and_list(live_server: LiveServer, tmp_path: Path, png_b64: str) -> None:
+def test_js_sdk_img2img_txt2img_poll_and_list(live_server: LiveServer, tmp_path: Path, png_b64: str) -> None:
     node = shutil.which("node")
     assert node, "node is required for the JS SDK test"
     assert (JS_DIR / "node_modules" / "novita-sdk").is_dir(), "run scripts/bootstrap (npm install in tests/js)"
@@ -36,6 +36,10 @@ def test_js_sdk_submit_poll_and_list(live_server: LiveServer, tmp_path: Path, pn
     assert progress["task"]["task_type"] == "IMG_TO_IMG"
     assert len(progress["images"]) == 1
     assert progress["images"][0]["image_url"].startswith("http://127.0.0.1")
+    txt2img = result["txt2imgProgress"]
+    assert txt2img["task"]["status"] == "TASK_STATUS_SUCCEED", txt2img["task"]
+    assert txt2img["task"]["task_type"] == "TXT_TO_IMG"
+    assert len(txt2img["images"]) == 1
     assert any(m["sd_name"] == "tiny-sd15.safetensors" for m in result["models"]["models"])
     assert result["error"]["code"] == 404
     assert result["error"]["reason"] == "TASK_NOT_FOUND"

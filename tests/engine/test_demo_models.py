@@ -77,13 +77,20 @@ def test_sidecar_configs_describe_the_tiny_shapes(tiny_models_dir: Path) -> None
 
 def test_files_are_deterministic(tiny_models_dir: Path, tmp_path: Path) -> None:
     again = write_demo_models(tmp_path / "m")
-    for name in ("tiny-sd15", "tiny-sdxl", "tiny-sd15-inpainting", "tiny-vae"):
+    for name in ("tiny-sd15", "tiny-sdxl", "tiny-sdxl-refiner", "tiny-sd15-inpainting", "tiny-vae"):
         rel = again[name].relative_to(tmp_path / "m")
         assert (
             hashlib.sha256(again[name].read_bytes()).digest()
             == hashlib.sha256((tiny_models_dir / rel).read_bytes()).digest()
         ), name
-    assert set(again) == {"tiny-sd15", "tiny-sdxl", "tiny-sd15-diffusers", "tiny-sd15-inpainting", "tiny-vae"}
+    assert set(again) == {
+        "tiny-sd15",
+        "tiny-sdxl",
+        "tiny-sdxl-refiner",
+        "tiny-sd15-diffusers",
+        "tiny-sd15-inpainting",
+        "tiny-vae",
+    }
     assert (again["tiny-sd15-diffusers"] / "model_index.json").exists()
 
 

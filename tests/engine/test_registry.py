@@ -112,6 +112,7 @@ def test_sidecars_and_other_files_are_not_models(tiny_models_dir: Path) -> None:
         "tiny-sd15-diffusers",
         "tiny-sd15-inpainting.safetensors",
         "tiny-sd15.safetensors",
+        "tiny-sdxl-refiner.safetensors",
         "tiny-sdxl.safetensors",
     ]
     assert [e.sd_name for e in reg.list("vae")] == ["tiny-vae.safetensors"]

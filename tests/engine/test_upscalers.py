@@ -93,6 +93,9 @@ def test_tiles_with_enough_context_equal_the_whole_image_run(upscaler_dir: Path)
     whole = _spandrel_run(_reference(upscaler_dir / COMPACT), x)
     tiled = up.run_model(compact, x, tile=16, pad=up.TILE_PAD)
     torch.testing.assert_close(tiled, whole, atol=1e-5, rtol=0)
+    levels = up.run_model(compact, up.image_levels(_image(70, 45, seed=1)), tile=16)  # 8-bit in, 8-bit out
+    assert levels.dtype == torch.uint8
+    assert int((levels.int() - (whole * 255).to(torch.uint8).int()).abs().max()) <= 1
     rrdb = up.load_upscaler(upscaler_dir / ANIME_6B)
     whole = _spandrel_run(_reference(upscaler_dir / ANIME_6B), x)
     torch.testing.assert_close(up.run_model(rrdb, x, tile=16, pad=100), whole, atol=1e-5, rtol=0)
@@ -247,3 +250,17 @@ def test_executor_upscale_reports_progress_and_matches_the_function(upscaler_dir
     assert executor.upscalers.loads == 1  # cached on the executor
     with pytest.raises(JobError, match="not in the models folder"):
         executor.upscale(UpscaleJob("nope", image, 2.0))
+
+
+def test_the_model_never_sees_more_than_one_window(upscaler_dir: Path) -> None:
+    """Memory is bounded by one (TILE + 2 * TILE_PAD)-pixel window, whatever the image size."""
+    model = up.load_upscaler(upscaler_dir / COMPACT)
+    seen: list[tuple[int, ...]] = []
+    handle = model.descriptor.model.register_forward_pre_hook(lambda _m, args: seen.append(tuple(args[0].shape)))
+    try:
+        out = up.upscale(_image(500, 230, seed=6), model, 2)
+    finally:
+        handle.remove()
+    assert out.size == (1000, 456)
+    assert len(seen) == 3 * 2  # 500 = 3 columns of at most 192, 230 = 2 rows
+    assert max(max(shape[2:]) for shape in seen) <= up.TILE + 2 * up.TILE_PAD

@@ -521,3 +521,28 @@ def _sample(name: str) -> float:
     from underpaint.scale.metrics import WORKER_REGISTRY
 
     return WORKER_REGISTRY.get_sample_value(name) or 0.0
+
+
+def test_a_consuming_worker_on_rabbitmq_runs_a_task_that_has_no_message(
+    store: SqlTaskStore, amqp_url: str, tmp_path: Path
+) -> None:
+    """The store poller beside a live consumer: a task whose message never reached RabbitMQ still runs."""
+    lane = f"enterprise.t{uuid.uuid4().hex[:8]}"
+    settings = Settings(broker_url=amqp_url, queue_backend="celery", lease_seconds=2, queue_poll_seconds=0.3,
+                        data_dir=tmp_path)  # fmt: skip
+    queue = CeleryQueue(settings)
+    services = _make(settings, store, queue, tmp_path)
+    runner = FakeRunner(services.storage)  # type: ignore[arg-type]
+    ctx = WorkerContext(services, store.engine, [runner], lambda rec: None, lanes=(lane,))
+    register_task(queue.app, ctx)
+    task_id = _new(store, lane)  # no queue.enqueue: the publish failed, or the broker lost it
+    ctx.start_background(sweep_interval=1.0)
+    try:
+        with _CeleryThread(queue.app, [lane]):
+            rec = _wait_status(store, task_id, TaskStatus.SUCCEED)
+    finally:
+        ctx.stop()
+        with queue.app.connection_for_write() as conn:
+            conn.default_channel.queue_delete(lane)
+    assert runner.runs == [task_id]
+    assert rec.attempts == 1

@@ -44,9 +44,12 @@ class TcpProxy:
             listener.close()
         for conn in conns:
             with contextlib.suppress(OSError):
-                # RST rather than FIN: the peer sees the connection die, as when a server process is killed.
+                # RST rather than FIN once closed: the peer sees the connection die, as when a server process is
+                # killed. shutdown() first: close() alone does not wake the pump thread blocked in recv() on it,
+                # and the connection would stay open (a silent network partition, not a server going down).
                 conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
-                conn.close()
+                conn.shutdown(socket.SHUT_RDWR)
+            conn.close()
 
     def close(self) -> None:
         self.cut()

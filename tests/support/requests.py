@@ -14,7 +14,7 @@ from underpaint.tasks.contract import (
     Txt2ImgRequest,
     load_request,
 )
-from underpaint.tasks.types import NewTask
+from underpaint.tasks.types import NewTask, TaskStore
 
 # A 1x1 PNG: a valid image for requests whose image is never decoded in the test.
 PIXEL_PNG = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAIAAACQd1PeAAAADElEQVR4nGP4z8AAAAMBAQDJ/pLvAAAAAElFTkSuQmCC"
@@ -66,3 +66,10 @@ def new_task(
         extra=TaskExtra.model_validate(extra or {}),
         **kw,
     )
+
+
+def stored_img2img(store: TaskStore, task_id: str) -> Img2ImgRequest:
+    """The stored request of a task the test created as img2img."""
+    request = store.get_request(task_id)
+    assert isinstance(request, Img2ImgRequest), request
+    return request

@@ -12,7 +12,7 @@ from sqlalchemy import Connection, text
 from sqlalchemy.exc import IntegrityError
 from tests.support import requests
 from tests.support.clock import Clock
-from tests.support.requests import img2img
+from tests.support.requests import img2img, stored_img2img
 
 from underpaint.tasks.contract import TaskType
 from underpaint.tasks.store import MIGRATIONS, SqlTaskStore
@@ -81,7 +81,7 @@ def test_create_get_roundtrip_and_owner_isolation(store: SqlTaskStore, clock: Cl
     assert store.get("t1") == created  # workers read without an owner
     assert store.get("t1", "owner-b") is None
     assert store.get("nope", "owner-a") is None
-    assert store.get_request("t1").prompt == "a cat"
+    assert stored_img2img(store, "t1").prompt == "a cat"
 
 
 def test_sqlite_point_read_equals_the_sqlalchemy_read(tmp_path: Path, clock: Clock) -> None:
@@ -117,7 +117,7 @@ def test_duplicate_task_id_is_rejected(store: SqlTaskStore) -> None:
     store.create(new_task("dup"))
     with pytest.raises(IntegrityError):  # SQLAlchemy wraps each driver's own IntegrityError
         store.create(new_task("dup"))
-    assert store.get_request("dup").prompt == "a cat"
+    assert stored_img2img(store, "dup").prompt == "a cat"
 
 
 def test_claim_order_is_priority_then_age(store: SqlTaskStore, clock: Clock) -> None:
@@ -271,7 +271,7 @@ def test_fail_paths_and_payload_removal(store: SqlTaskStore) -> None:
 
     store.create(new_task("ok"))
     store.claim("ok", "w")
-    assert store.get_request("ok").prompt == "a cat"
+    assert stored_img2img(store, "ok").prompt == "a cat"
     store.complete("ok", "w", [])
     with pytest.raises(KeyError):
         store.get_request("ok")
@@ -318,7 +318,7 @@ def test_purge_deletes_only_old_ended_tasks(store: SqlTaskStore, clock: Clock) -
         "old-running",
         "new-ok",
     }
-    assert store.get_request("old-queued").prompt == "a cat"
+    assert stored_img2img(store, "old-queued").prompt == "a cat"
     assert store.purge(older_than=clock.now - 50) == []
 
 

@@ -16,7 +16,7 @@ from tests.support.storage import RecordingStorage
 from underpaint.config import Settings
 from underpaint.engine.job import JobCancelled, JobError, Progress
 from underpaint.storage.base import StorageError
-from underpaint.tasks.contract import TaskRequest
+from underpaint.tasks.contract import Img2ImgRequest, TaskRequest
 from underpaint.tasks.queue import LocalQueue
 from underpaint.tasks.store import SqlTaskStore
 from underpaint.tasks.types import ImageRecord, TaskRecord, TaskStatus
@@ -59,6 +59,7 @@ def test_worker_runs_task_records_images_and_progress(store: SqlTaskStore) -> No
     seen_mid_run: list[TaskRecord | None] = []
 
     def fn(task: TaskRecord, request: TaskRequest, report: ProgressReporter) -> list[ImageRecord]:
+        assert isinstance(request, Img2ImgRequest)
         assert request.prompt == f"prompt of {tid}"
         report(Progress(30 / 100, 9))
         seen_mid_run.append(store.get(task.task_id))
@@ -281,6 +282,25 @@ def test_background_worker_serves_by_priority_and_stops(store: SqlTaskStore) -> 
     finally:
         assert worker.stop(timeout=10)
     assert not worker.running
+
+
+def test_embedded_worker_takes_a_task_it_was_never_told_about(store: SqlTaskStore) -> None:
+    """The embedded queue is only a wake-up: a task written with no signal (its announce lost, or written by
+    another process) is claimed from the store within ``poll_interval``."""
+    ran: list[str] = []
+
+    def fn(task: TaskRecord, request: TaskRequest, report: ProgressReporter) -> list[ImageRecord]:
+        ran.append(task.task_id)
+        return images_for(task)
+
+    worker = Worker(store, FnRunner(fn), SETTINGS, queue=LocalQueue(), poll_interval=0.2)
+    worker.start()
+    try:
+        unannounced = add(store)  # no queue.enqueue
+        _wait_for(lambda: store.get(unannounced).status is TaskStatus.SUCCEED)  # type: ignore[union-attr]
+    finally:
+        assert worker.stop(timeout=10)
+    assert ran == [unannounced]
 
 
 def test_worker_sweep_fails_exhausted_tasks_and_notifies(tmp_path: Path) -> None:

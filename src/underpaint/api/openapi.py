@@ -17,11 +17,12 @@ from pydantic.json_schema import models_json_schema
 from underpaint import __version__
 from underpaint.api import responses as r
 from underpaint.api.extensions import DEFAULT_TASK_LIMIT, MAX_TASK_LIMIT, QUEUE_PATH, TASKS_PATH
-from underpaint.api.schemas import Img2ImgBody, InpaintingBody, Txt2ImgBody
+from underpaint.api.schemas import Img2ImgBody, InpaintingBody, Txt2ImgBody, UpscaleBody
 
 SUBMIT_PATH = "/v3/async/img2img"
 TXT2IMG_PATH = "/v3/async/txt2img"
 INPAINTING_PATH = "/v3/async/inpainting"
+UPSCALE_PATH = "/v3/async/upscale"
 RESULT_PATH = "/v3/async/task-result"
 CANCEL_PATH = "/v3/async/task-cancel"
 MODELS_PATH = "/v3/model"
@@ -29,7 +30,7 @@ FILES_PATH = "/v3/files/{key}"
 HEALTH_PATH = "/health"
 
 _REF = "#/components/schemas/{model}"
-_REQUEST_MODELS: tuple[type[BaseModel], ...] = (Img2ImgBody, Txt2ImgBody, InpaintingBody, r.CancelRequest)
+_REQUEST_MODELS: tuple[type[BaseModel], ...] = (Img2ImgBody, Txt2ImgBody, InpaintingBody, UpscaleBody, r.CancelRequest)
 _RESPONSE_MODELS: tuple[type[BaseModel], ...] = (
     r.ErrorBody,
     r.SubmitResponse,
@@ -42,9 +43,9 @@ _RESPONSE_MODELS: tuple[type[BaseModel], ...] = (
 )
 
 DESCRIPTION = """\
-Underpaint speaks Novita AI's v3 async image API: submit with `POST /v3/async/img2img` or
-`POST /v3/async/txt2img` (hires fix, SDXL refiner), poll
-`GET /v3/async/task-result` until the task is `TASK_STATUS_SUCCEED` or `TASK_STATUS_FAILED`, then download the
+Underpaint speaks Novita AI's v3 async image API: submit with `POST /v3/async/img2img`,
+`POST /v3/async/txt2img` (hires fix, SDXL refiner) or `POST /v3/async/upscale` (an upscaler model, no diffusion),
+poll `GET /v3/async/task-result` until the task is `TASK_STATUS_SUCCEED` or `TASK_STATUS_FAILED`, then download the
 images from their signed URLs. `GET /v3/model` lists the models this server has.
 
 **Auth:** every `/v3/async/*` and `/v3/model` request carries `Authorization: Bearer <API key>` (the bare key
@@ -66,8 +67,9 @@ _REASONS: dict[int, dict[str, str]] = {
         "INVALID_REQUEST_BODY": "a field is missing, of the wrong type or out of range (metadata.field names it)",
         "INVALID_IMAGE_SIZE": "width/height out of range",
         "INVALID_IMAGE_FORMAT": "an image is not valid base64 of a still PNG, JPEG or WebP",
-        "IMAGE_FILE_EXCEEDS_MAX_SIZE": "an image is larger than 10 MB",
-        "IMAGE_EXCEEDS_MAX_RESOLUTION": "an image has more than 16 megapixels (or is a decompression bomb)",
+        "IMAGE_FILE_EXCEEDS_MAX_SIZE": "an image is larger than 10 MB (upscale: 30 MB)",
+        "IMAGE_EXCEEDS_MAX_RESOLUTION": "an image has more than 16 megapixels (upscale: a side over 2048), or is a "
+        "decompression bomb",
         "INVALID_CUSTOM_OUTPUT_PATH": "extra.custom_storage is not usable",
         "MISSING_API_KEY": "no Authorization header",
     },
@@ -98,6 +100,7 @@ def build_openapi(served: Collection[str]) -> dict[str, Any]:
             {"name": "img2img", "description": "Novita v3 async Img2Img"},
             {"name": "txt2img", "description": "Novita v3 async Txt2Img"},
             {"name": "inpainting", "description": "Novita v3 async Inpainting"},
+            {"name": "upscale", "description": "Novita v3 async Upscale"},
             {"name": "models", "description": "Novita v3 Query Model"},
             {"name": "extensions", "description": "Underpaint additions to the Novita API"},
             {"name": "service", "description": "Files and health"},
@@ -209,6 +212,15 @@ def _paths(idempotency: bool) -> dict[str, Any]:
             "pixel outside the blurred mask is the input's. `inpainting_full_res` and `inpainting_mask_invert` take "
             "booleans or 0/1. `controlnet` and `ip_adapters` are extensions (as in img2img). task-result reports "
             "`task_type` `INPAINTING`.",
+        ),
+        UPSCALE_PATH: submit(
+            "upscale",
+            "Submit an upscale task",
+            "UpscaleBody",
+            "The image (at most 2048 x 2048, 30 MB) through an upscaler of `GET /v3/model?filter.types=upscaler`, "
+            "A1111 Extras semantics: each side times `scale_factor` floored to a multiple of 8; the model runs up to "
+            "3 times while the image is smaller, then Lanczos. No diffusion, no seed; poll task-result as for "
+            "img2img (`task.task_type` `UPSCALE`).",
         ),
         RESULT_PATH: {
             "get": {

@@ -85,7 +85,7 @@ class CancelResponse(_Out):
 
 
 class ModelTypeOut(_Out):
-    name: Literal["checkpoint", "lora", "vae", "textualinversion", "controlnet", "ipadapter"]
+    name: Literal["checkpoint", "lora", "vae", "textualinversion", "controlnet", "ipadapter", "upscaler"]
     display_name: str
 
 

@@ -1,4 +1,4 @@
-"""The submit routes (``POST /v3/async/img2img``, ``/v3/async/txt2img``): validate, resolve models, check images,
+"""The submit routes (``POST /v3/async/img2img``, ``/v3/async/txt2img``, ``/v3/async/upscale``): validate, resolve models, check images,
 create the task, queue it. ``submit`` is the envelope every endpoint shares; an ``Endpoint`` adds its own parsing and
 checks (``docs/ARCHITECTURE.md``, "Adding an endpoint").
 
@@ -25,7 +25,7 @@ from pydantic import BaseModel
 from underpaint.api.auth import Caller
 from underpaint.api.context import ApiContext
 from underpaint.api.idempotency import idempotency_key, replay
-from underpaint.api.schemas import Img2ImgBody, InpaintingBody, Txt2ImgBody, parse_body
+from underpaint.api.schemas import Img2ImgBody, InpaintingBody, Txt2ImgBody, UpscaleBody, parse_body
 from underpaint.delivery.ssrf import InvalidWebhookUrl
 from underpaint.registry import ModelEntry, ModelRegistry
 from underpaint.services import Admission
@@ -40,12 +40,12 @@ from underpaint.tasks.contract import (
     Txt2ImgRequest,
     inpainting_size,
 )
-from underpaint.tasks.lanes import task_lane
+from underpaint.tasks.lanes import task_lane, upscale_lane
 from underpaint.tasks.lifecycle import announce
 from underpaint.tasks.types import IdempotencyKeyTaken, NewTask
 from underpaint.vocabulary import LATENT_UPSCALER, missing_annotator_files, missing_annotator_message
 from underpaint.wire.errors import ApiError, invalid_image_size, invalid_request
-from underpaint.wire.images import INPAINTING_LIMITS, decode_image, decode_mask
+from underpaint.wire.images import INPAINTING_LIMITS, UPSCALE_LIMITS, decode_image, decode_mask
 
 R = TypeVar("R", bound=GenerationRequest)
 M = TypeVar("M", bound=BaseModel)
@@ -131,10 +131,10 @@ B = TypeVar("B", bound=SubmitBody)
 @dataclass(frozen=True)
 class Prepared:
     """A request checked against this server: model names resolved to registry ``sd_name``s (the seed still as
-    the client sent it), and the checkpoint that picks the task's lane."""
+    the client sent it), and the checkpoint that picks the task's lane (None for an upscale: no checkpoint)."""
 
     request: TaskRequest
-    checkpoint: ModelEntry
+    checkpoint: ModelEntry | None
 
 
 @dataclass(frozen=True)
@@ -187,8 +187,9 @@ def submit(
         except InvalidCustomStorage as exc:
             raise ApiError(400, "INVALID_CUSTOM_OUTPUT_PATH", str(exc), dict(exc.metadata)) from None
 
-    seed = prepared.request.seed
-    stored = prepared.request.model_copy(update={"seed": seed if seed >= 0 else secrets.randbelow(2**32 - 1)})
+    stored = prepared.request
+    if isinstance(stored, GenerationRequest) and stored.seed < 0:
+        stored = stored.model_copy(update={"seed": secrets.randbelow(2**32 - 1)})
     extra = extra.model_copy(update={"base_url": base_url})
 
     # The lane is the Celery queue in scale-out mode (by base model, or the key's dedicated pool); the embedded
@@ -196,7 +197,10 @@ def submit(
     dedicated = caller.policy.dedicated_lane
     if not (extra.enterprise_plan is not None and extra.enterprise_plan.enabled):
         dedicated = None
-    lane = task_lane(services.settings, prepared.checkpoint, dedicated)
+    if prepared.checkpoint is None:
+        lane = upscale_lane(dedicated)
+    else:
+        lane = task_lane(services.settings, prepared.checkpoint, dedicated)
     priority = DEDICATED_PRIORITY if dedicated else 0
 
     task_id = str(uuid.uuid4())
@@ -284,9 +288,19 @@ def _prepare_inpainting(ctx: ApiContext, body: InpaintingBody) -> Prepared:
     return Prepared(request.model_copy(update={"width": width, "height": height}), names.checkpoint)
 
 
+def _prepare_upscale(ctx: ApiContext, body: UpscaleBody) -> Prepared:
+    """The upscaler resolved and its file checked from its header (whether spandrel knows the architecture is
+    told by the worker, which fails the task naming it), then the image decoded under the upscale limits."""
+    req = body.request
+    entry = _resolve_upscaler(ctx.services.registry, req.model_name, "request.model_name")
+    decode_image(req.image_base64, "request.image_base64", UPSCALE_LIMITS)
+    return Prepared(req.model_copy(update={"model_name": entry.sd_name}), None)
+
+
 IMG2IMG = Endpoint(parse=partial(parse_body, Img2ImgBody), prepare=_prepare_img2img)
 TXT2IMG = Endpoint(parse=partial(parse_body, Txt2ImgBody), prepare=_prepare_txt2img)
 INPAINTING = Endpoint(parse=partial(parse_body, InpaintingBody), prepare=_prepare_inpainting)
+UPSCALE = Endpoint(parse=partial(parse_body, UpscaleBody), prepare=_prepare_upscale)
 
 
 def submit_img2img(
@@ -299,6 +313,12 @@ def submit_txt2img(
     ctx: ApiContext, caller: Caller, raw: bytes, base_url: str, idempotency_header: str | None = None
 ) -> dict[str, str]:
     return submit(ctx, caller, raw, base_url, TXT2IMG, idempotency_header)
+
+
+def submit_upscale(
+    ctx: ApiContext, caller: Caller, raw: bytes, base_url: str, idempotency_header: str | None = None
+) -> dict[str, str]:
+    return submit(ctx, caller, raw, base_url, UPSCALE, idempotency_header)
 
 
 def _admission(limiter: Admission | None, caller: Caller, image_num: int) -> AbstractContextManager[None]:
@@ -477,7 +497,22 @@ def _resolve_hires_fix(registry: ModelRegistry, req: Txt2ImgRequest) -> HiresFix
             field=field,
             model_name=hires.upscaler,
         )
+    _check_upscaler_file(registry, entry, "request.hires_fix.upscaler")
     return hires.model_copy(update={"upscaler": entry.sd_name})
+
+
+def _resolve_upscaler(registry: ModelRegistry, name: str, field: str) -> ModelEntry:
+    entry = _resolve(registry, "upscaler", name, field)
+    _check_upscaler_file(registry, entry, field)
+    return entry
+
+
+def _check_upscaler_file(registry: ModelRegistry, entry: ModelEntry, field: str) -> None:
+    """400 for an upscaler file that is not weights (a saved error page, a damaged header) or a pickle naming code,
+    told from its header (``registry.weights_problem``; the API never imports torch)."""
+    problem = registry.weights_problem(entry)
+    if problem is not None:
+        raise invalid_request(f"{field}: upscaler {entry.stem!r} cannot be loaded: {problem}", field=field)
 
 
 def _resolve_refiner(registry: ModelRegistry, setting: str, refiner: RefinerIn, checkpoint: ModelEntry) -> ModelEntry:

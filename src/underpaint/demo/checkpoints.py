@@ -24,11 +24,12 @@ from diffusers.schedulers.scheduling_pndm import PNDMScheduler
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from underpaint.demo.ldm_convert import checkpoint_to_ldm, vae_to_ldm
-from underpaint.engine.loader import SD15_CONFIG, SDXL_CONFIG, TOKENIZER_DIR
+from underpaint.engine.loader import SD15_CONFIG, SDXL_CONFIG, SDXL_REFINER_CONFIG, TOKENIZER_DIR
 
 SD15_SEED = 1500
 SD15_INPAINTING_SEED = 1900
 SDXL_SEED = 1024
+SDXL_REFINER_SEED = 2048
 VAE_SEED = 777
 # One key only: safetensors writes metadata in hash-map order, so several keys would make the bytes vary.
 _META = {"format": "pt"}
@@ -126,6 +127,35 @@ def tiny_sdxl_components(seed: int = SDXL_SEED) -> dict[str, torch.nn.Module]:
     return {"unet": unet.eval(), "vae": vae.eval(), "text_encoder": te1.eval(), "text_encoder_2": te2.eval()}
 
 
+def tiny_sdxl_refiner_components(seed: int = SDXL_REFINER_SEED) -> dict[str, torch.nn.Module]:
+    """The SDXL refiner's layout, tiny: ``unet`` conditioned on OpenCLIP-G alone (cross-attention width 64) plus
+    the pooled output and 5 micro-conditioning ids (original size, crop, aesthetic score), ``text_encoder_2``, and
+    the tiny SDXL's own VAE (the real base and refiner ship the same VAE)."""
+    te2_hidden, time_dim = 64, 8
+    _seeded(seed)
+    unet = UNet2DConditionModel(
+        sample_size=16,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        block_out_channels=(32, 64, 64),
+        layers_per_block=2,
+        transformer_layers_per_block=(1, 2, 1),
+        attention_head_dim=(2, 4, 4),
+        cross_attention_dim=te2_hidden,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=time_dim,
+        projection_class_embeddings_input_dim=te2_hidden + 5 * time_dim,
+        use_linear_projection=True,
+        norm_num_groups=32,
+    )
+    vae = tiny_sdxl_components()["vae"]
+    _seeded(seed + 3)
+    te2 = CLIPTextModelWithProjection(_text_config(te2_hidden, "gelu", te2_hidden))
+    return {"unet": unet.eval(), "vae": vae.eval(), "text_encoder_2": te2.eval()}
+
+
 def tiny_vae_override(seed: int = VAE_SEED) -> AutoencoderKL:
     """A VAE with the tiny checkpoints' architecture but its own random weights."""
     _seeded(seed)
@@ -150,8 +180,8 @@ def _write_config_tree(dest: Path, parts: dict[str, torch.nn.Module], shipped: P
 
 
 def _write_single_file(path: Path, parts: dict[str, torch.nn.Module], shipped: Path) -> None:
-    encoders = [parts["text_encoder"]] + ([parts["text_encoder_2"]] if "text_encoder_2" in parts else [])
-    sd = checkpoint_to_ldm(parts["unet"], parts["vae"], encoders)
+    encoders = [parts[name] for name in ("text_encoder", "text_encoder_2") if name in parts]
+    sd = checkpoint_to_ldm(parts["unet"], parts["vae"], encoders, refiner="text_encoder" not in parts)
     path.parent.mkdir(parents=True, exist_ok=True)
     safetensors.torch.save_file(sd, str(path), metadata=_META)
     _write_config_tree(path.with_name(path.name.rsplit(".", 1)[0] + ".config"), parts, shipped)
@@ -186,7 +216,8 @@ def write_ckpt(safetensors_path: Path, dest: Path) -> Path:
 def write_demo_models(models_dir: Path) -> dict[str, Path]:
     """Write the tiny models into the models layout and return their paths by name:
 
-    ``tiny-sd15`` / ``tiny-sdxl`` (``checkpoint/*.safetensors`` + sidecar ``*.config/``), ``tiny-sd15-inpainting``
+    ``tiny-sd15`` / ``tiny-sdxl`` (``checkpoint/*.safetensors`` + sidecar ``*.config/``), ``tiny-sdxl-refiner``
+    (the same for the SDXL refiner: OpenCLIP-G only as ``conditioner.embedders.0``), ``tiny-sd15-inpainting``
     (the same, with a 9-channel UNet as in SD 1.5 inpainting checkpoints), ``tiny-sd15-diffusers``
     (``checkpoint/`` diffusers folder, same weights as tiny-sd15), ``tiny-vae`` (``vae/tiny-vae.safetensors`` +
     sidecar ``tiny-vae.config/config.json``, A1111 VAE layout, fits both tiny checkpoints).
@@ -199,6 +230,7 @@ def write_demo_models(models_dir: Path) -> dict[str, Path]:
     paths = {
         "tiny-sd15": ckpt_dir / "tiny-sd15.safetensors",
         "tiny-sdxl": ckpt_dir / "tiny-sdxl.safetensors",
+        "tiny-sdxl-refiner": ckpt_dir / "tiny-sdxl-refiner.safetensors",
         "tiny-sd15-diffusers": ckpt_dir / "tiny-sd15-diffusers",
         "tiny-sd15-inpainting": ckpt_dir / "tiny-sd15-inpainting.safetensors",
         "tiny-vae": vae_dir / "tiny-vae.safetensors",
@@ -208,6 +240,7 @@ def write_demo_models(models_dir: Path) -> dict[str, Path]:
         _write_single_file(paths["tiny-sd15"], sd15, SD15_CONFIG)
         _write_diffusers_folder(paths["tiny-sd15-diffusers"], sd15)
         _write_single_file(paths["tiny-sdxl"], tiny_sdxl_components(), SDXL_CONFIG)
+        _write_single_file(paths["tiny-sdxl-refiner"], tiny_sdxl_refiner_components(), SDXL_REFINER_CONFIG)
         _write_single_file(
             paths["tiny-sd15-inpainting"], tiny_sd15_components(SD15_INPAINTING_SEED, in_channels=9), SD15_CONFIG
         )

@@ -24,6 +24,7 @@ VAE_PREFIX = "first_stage_model."
 SD15_TE_PREFIX = "cond_stage_model.transformer."
 SDXL_TE1_PREFIX = "conditioner.embedders.0.transformer."
 SDXL_TE2_PREFIX = "conditioner.embedders.1.model."
+SDXL_REFINER_TE_PREFIX = "conditioner.embedders.0.model."
 
 _UNET_RESNET = {
     "norm1.": "in_layers.0.",
@@ -196,13 +197,18 @@ def checkpoint_to_ldm(
     unet: torch.nn.Module,
     vae: torch.nn.Module,
     text_encoders: list[torch.nn.Module],
+    *,
+    refiner: bool = False,
 ) -> StateDict:
-    """A whole SD 1.5 (one text encoder) or SDXL (two) model as one A1111-style state dict."""
+    """A whole SD 1.5 (one text encoder), SDXL (two) or SDXL refiner (``refiner``: OpenCLIP-G alone, as
+    ``conditioner.embedders.0.model``) model as one A1111-style state dict."""
     unet_cfg: Mapping[str, Any] = unet.config  # type: ignore[assignment]
     vae_cfg: Mapping[str, Any] = vae.config  # type: ignore[assignment]
     out = _prefixed(UNET_PREFIX, unet_to_ldm(unet.state_dict(), unet_cfg))
     out.update(_prefixed(VAE_PREFIX, vae_to_ldm(vae.state_dict(), vae_cfg)))
-    if len(text_encoders) == 1:
+    if refiner and len(text_encoders) == 1:
+        out.update(_prefixed(SDXL_REFINER_TE_PREFIX, open_clip_to_ldm(text_encoders[0].state_dict())))
+    elif len(text_encoders) == 1:
         out.update(_prefixed(SD15_TE_PREFIX, clip_to_ldm(text_encoders[0].state_dict())))
     elif len(text_encoders) == 2:
         out.update(_prefixed(SDXL_TE1_PREFIX, clip_to_ldm(text_encoders[0].state_dict())))

@@ -54,11 +54,13 @@ TextEncoder = CLIPTextModel | CLIPTextModelWithProjection
 
 @dataclass
 class TextEncoderBundle:
-    """Tokenizers and text encoders of one checkpoint: one pair for SD 1.5, [CLIP-L, OpenCLIP-G] for SDXL."""
+    """Tokenizers and text encoders of one checkpoint: one pair for SD 1.5, [CLIP-L, OpenCLIP-G] for SDXL, and
+    [OpenCLIP-G] alone for the SDXL refiner (``refiner``; same layer and pooling as the base's OpenCLIP-G)."""
 
     tokenizers: list[CLIPTokenizer]
     text_encoders: list[TextEncoder]
     is_sdxl: bool
+    refiner: bool = False
 
 
 @dataclass
@@ -233,7 +235,7 @@ def encode_prompt(
             tokenizer, prompt, token_expansions=token_expansions, comma_padding_backtrack=comma_padding_backtrack
         )
         layer = _layer_choice(bundle, index, clip_skip, sdxl_clip_l_skip)
-        want_pooled = bundle.is_sdxl and index == 1
+        want_pooled = bundle.is_sdxl and index == len(bundle.text_encoders) - 1  # OpenCLIP-G
         embeds, first_pooled = _encode_chunks(
             encoder, chunks, layer, want_pooled, _require_id(tokenizer.eos_token_id, "EOS")
         )
@@ -258,7 +260,7 @@ class _Layer:
 def _layer_choice(bundle: TextEncoderBundle, encoder_index: int, clip_skip: int, sdxl_clip_l_skip: bool) -> _Layer:
     if not bundle.is_sdxl:
         return _Layer(-clip_skip, final_norm=True)
-    if encoder_index == 0 and sdxl_clip_l_skip:
+    if encoder_index == 0 and sdxl_clip_l_skip and not bundle.refiner:
         return _Layer(-clip_skip, final_norm=False)
     return _Layer(-2, final_norm=False)
 
@@ -302,7 +304,7 @@ def apply_emphasis(z: Tensor, weights: Tensor) -> Tensor:
 
 
 def _check_bundle(bundle: TextEncoderBundle) -> None:
-    expected = 2 if bundle.is_sdxl else 1
+    expected = 2 if bundle.is_sdxl and not bundle.refiner else 1
     if len(bundle.tokenizers) != expected or len(bundle.text_encoders) != expected:
         raise ValueError(
             f"{'SDXL' if bundle.is_sdxl else 'SD 1.5'} needs {expected} tokenizer(s) and text encoder(s), got "
@@ -314,7 +316,7 @@ def _check_clip_skip(bundle: TextEncoderBundle, clip_skip: int, sdxl_clip_l_skip
     if isinstance(clip_skip, bool) or not isinstance(clip_skip, int) or clip_skip < 1:
         raise ValueError(f"clip_skip must be an integer >= 1 (A1111 meaning, 1 = last layer), got {clip_skip!r}")
     layers = int(bundle.text_encoders[0].config.num_hidden_layers)
-    if (not bundle.is_sdxl or sdxl_clip_l_skip) and clip_skip > layers:
+    if (not bundle.is_sdxl or (sdxl_clip_l_skip and not bundle.refiner)) and clip_skip > layers:
         raise ValueError(f"clip_skip {clip_skip} exceeds the text encoder's {layers} layers")
 
 

@@ -201,6 +201,9 @@ class DiffusersExecutor:
         try:
             ckpt_entry = self._entry("checkpoint", head.checkpoint)
             self._current = None  # release before load: the cache may free the old model's memory first
+            # The refiner first: loading the base after it can never copy into the refiner's modules (another
+            # architecture), while the other order could release the base's adapters (LoRA hooks).
+            refiner = self._refiner(ckpt_entry, head)
             loaded = self.cache.get(ckpt_entry)
             self._current = loaded
             self._start_prefetch()
@@ -216,20 +219,8 @@ class DiffusersExecutor:
             return [exc] * len(jobs)
         outcomes: list[JobOutcome | None] = [None] * len(jobs)
         with self._vae(loaded, head) as vae:
-            components = pipeline.Components(
-                unet=loaded.unet,
-                vae=vae,
-                bundle=TextEncoderBundle(
-                    list(loaded.tokenizers), cast(Any, list(loaded.text_encoders)), loaded.is_sdxl
-                ),
-                schedule=self._schedule(loaded),
-                prediction_type=loaded.prediction_type,
-                vae_scaling_factor=loaded.vae_scaling_factor,
-                is_sdxl=loaded.is_sdxl,
-                device=self.device,
-                dtype=self.dtype,
-                vae_dtype=self.vae_dtype,
-                upscale=hires_upscale,
+            components = self._components(
+                loaded, vae, upscale=hires_upscale, refiner=None if refiner is None else refiner[0]
             )
             members: list[pipeline.Member] = []
             plans: dict[int, EmbeddingPlan] = {}
@@ -247,7 +238,9 @@ class DiffusersExecutor:
                     outcomes[i] = (
                         result
                         if isinstance(result, BaseException)
-                        else self._images(jobs[i], plans[i], result, ckpt_entry, model_hash, lora_entries, vae_hash)
+                        else self._images(
+                            jobs[i], plans[i], result, ckpt_entry, model_hash, lora_entries, vae_hash, refiner
+                        )
                     )
         return [o if o is not None else RuntimeError("job was not run") for o in outcomes]
 
@@ -281,6 +274,41 @@ class DiffusersExecutor:
         )
         return plan, inputs
 
+    def _components(self, loaded: LoadedCheckpoint, vae: Any, **extra: Any) -> pipeline.Components:
+        return pipeline.Components(
+            unet=loaded.unet,
+            vae=vae,
+            bundle=TextEncoderBundle(
+                list(loaded.tokenizers), cast(Any, list(loaded.text_encoders)), loaded.is_sdxl, loaded.is_refiner
+            ),
+            schedule=self._schedule(loaded),
+            prediction_type=loaded.prediction_type,
+            vae_scaling_factor=loaded.vae_scaling_factor,
+            is_sdxl=loaded.is_sdxl,
+            device=self.device,
+            dtype=self.dtype,
+            vae_dtype=self.vae_dtype,
+            aesthetic_scores=pipeline.REFINER_AESTHETIC_SCORES if loaded.is_refiner else None,
+            **extra,
+        )
+
+    def _refiner(self, base: ModelEntry, job: GenerationJob) -> tuple[pipeline.RefinerParts, str] | None:
+        """The SDXL refiner of a job that asks for one, loaded beside the base (A1111 swaps them), with its infotext
+        title "name [hash]". Only a refiner checkpoint (OpenCLIP-G alone) qualifies, and only for an SDXL base."""
+        if job.refiner is None:
+            return None
+        entry = self._entry("checkpoint", job.refiner.checkpoint)
+        if not (entry.is_sdxl and base.is_sdxl):
+            raise JobError(
+                f"refiner {entry.stem!r} is {entry.base_model}, the checkpoint is {base.base_model}: "
+                "the refiner works with SDXL checkpoints"
+            )
+        refiner = self.cache.get(entry)
+        if not refiner.is_refiner:
+            raise JobError(f"refiner {entry.stem!r} is not an SDXL refiner checkpoint")
+        title = f"{entry.stem} [{short_hash(self.registry.hash_sha256(entry))}]"
+        return pipeline.RefinerParts(self._components(refiner, refiner.vae), job.refiner.switch_at), title
+
     def _hires_upscale(self, job: GenerationJob) -> pipeline.Upscale | None:
         """The upscaler model of a hires fix that names one (None for "Latent" or no hires fix)."""
         if job.hires_fix is None or job.hires_fix.latent:
@@ -301,6 +329,7 @@ class DiffusersExecutor:
         model_hash: str,
         lora_entries: list[tuple[ModelEntry, float]],
         vae_hash: str | None,
+        refiner: tuple[pipeline.RefinerParts, str] | None = None,
     ) -> list[GeneratedImage]:
         out = []
         for img, seed in zip(images, pipeline.seeds_for(job.seed, job.image_num), strict=True):
@@ -323,6 +352,7 @@ class DiffusersExecutor:
                 vae_hash=vae_hash,
                 extra=inpainting.infotext_fields(job.mask) if job.mask is not None else (),
                 hires_fix=job.hires_fix,
+                refiner=None if refiner is None or job.refiner is None else (refiner[1], job.refiner.switch_at),
             )
             out.append(GeneratedImage(image=img, seed=seed, infotext=build_infotext(params)))
         return out

@@ -58,6 +58,8 @@ log = logging.getLogger(__name__)
 CONFIG_ROOT = Path(__file__).parent / "configs"
 SD15_CONFIG = CONFIG_ROOT / "sd15"
 SDXL_CONFIG = CONFIG_ROOT / "sdxl"
+SDXL_REFINER_CONFIG = CONFIG_ROOT / "sdxl_refiner"
+REFINER_TE_PREFIX = "conditioner.embedders.0.model."
 TOKENIZER_DIR = CONFIG_ROOT / "clip_tokenizer"
 
 StateDict = dict[str, torch.Tensor]
@@ -123,7 +125,12 @@ def load_state_dict_file(path: Path) -> StateDict:
 
 
 def is_sdxl_state_dict(sd: Mapping[str, Any]) -> bool:
-    return any(k.startswith("conditioner.embedders.1.") for k in sd)
+    return any(k.startswith("conditioner.embedders.1.") for k in sd) or is_sdxl_refiner_state_dict(sd)
+
+
+def is_sdxl_refiner_state_dict(sd: Mapping[str, Any]) -> bool:
+    """The SDXL refiner (A1111 single file): its only text encoder, OpenCLIP-G, is ``conditioner.embedders.0.model``."""
+    return any(k.startswith(REFINER_TE_PREFIX) for k in sd)
 
 
 def unet_in_channels(sd: Mapping[str, Any]) -> int:
@@ -143,7 +150,8 @@ class LoadedCheckpoint:
     pipe: Img2ImgPipeline
     unet: UNet2DConditionModel
     vae: AutoencoderKL
-    text_encoders: list[torch.nn.Module]  # [CLIPTextModel] or [CLIPTextModel, CLIPTextModelWithProjection]
+    # [CLIPTextModel] or [CLIPTextModel, CLIPTextModelWithProjection]; the SDXL refiner: [CLIPTextModelWithProjection]
+    text_encoders: list[torch.nn.Module]
     tokenizers: list[CLIPTokenizer]
     prediction_type: str  # "epsilon" | "v_prediction" | "sample"
     betas: tuple[float, float, int, str]  # (beta_start, beta_end, num_train_timesteps, beta_schedule)
@@ -152,6 +160,7 @@ class LoadedCheckpoint:
     dtype: torch.dtype
     approx_bytes: int
     config_dir: Path | None = None  # config tree used for a single file; None for diffusers folders
+    is_refiner: bool = False  # the SDXL refiner: OpenCLIP-G only, aesthetic-score conditioning
 
 
 def module_bytes(*modules: torch.nn.Module) -> int:
@@ -213,10 +222,10 @@ def load_tokenizers(
 # ---------------------------------------------------------------------------------------------------- checkpoints
 
 
-def _config_dir_for(entry: ModelEntry, is_sdxl: bool) -> Path:
+def _config_dir_for(entry: ModelEntry, is_sdxl: bool, is_refiner: bool = False) -> Path:
     side = entry.sidecar_config
     if side is None:
-        return SDXL_CONFIG if is_sdxl else SD15_CONFIG
+        return SDXL_REFINER_CONFIG if is_refiner else SDXL_CONFIG if is_sdxl else SD15_CONFIG
     index = side / "model_index.json"
     if not index.exists():
         raise ModelLoadError(f"{entry.sd_name}: sidecar {side.name}/ has no model_index.json")
@@ -293,18 +302,20 @@ def convert_checkpoint(sd: StateDict, entry: ModelEntry) -> CheckpointWeights:
     ``sd``'s tensors: no copy). Text encoder keys carry transformers' ``text_model.`` level; ``copy_into`` matches
     them to modules with or without it."""
     is_sdxl = is_sdxl_state_dict(sd)
-    config_dir = _config_dir_for(entry, is_sdxl)
+    is_refiner = is_sdxl_refiner_state_dict(sd)
+    config_dir = _config_dir_for(entry, is_sdxl, is_refiner)
     try:
         unet_config = UNet2DConditionModel.load_config(str(config_dir), subfolder="unet", local_files_only=True)
         vae_config = AutoencoderKL.load_config(str(config_dir), subfolder="vae", local_files_only=True)
         parts: dict[str, StateDict] = {
             "unet": convert_ldm_unet_checkpoint(sd, unet_config),
             "vae": convert_ldm_vae_checkpoint(sd, vae_config),
-            "text_encoder": convert_ldm_clip_checkpoint(sd),
         }
+        if not is_refiner:
+            parts["text_encoder"] = convert_ldm_clip_checkpoint(sd)
         if is_sdxl:
             te2 = json.loads((config_dir / "text_encoder_2" / "config.json").read_text())
-            prefix = "conditioner.embedders.1.model."
+            prefix = REFINER_TE_PREFIX if is_refiner else "conditioner.embedders.1.model."
             parts["text_encoder_2"] = convert_open_clip_checkpoint(
                 _OpenClipConfig(int(te2["hidden_size"])), sd, prefix=prefix
             )
@@ -328,16 +339,18 @@ def _assemble_pipeline(
     scheduler = _load_scheduler(config_dir, v_prediction)
     tokenizers = load_tokenizers(is_sdxl, config_dir, templates)
     if is_sdxl:
+        # The SDXL refiner has no CLIP-L: diffusers' pipeline takes None for it.
+        refiner = "text_encoder" not in modules
         index = json.loads((config_dir / "model_index.json").read_text())
         return StableDiffusionXLImg2ImgPipeline(
             vae=cast(AutoencoderKL, modules["vae"]),
-            text_encoder=cast(CLIPTextModel, modules["text_encoder"]),
+            text_encoder=cast(CLIPTextModel, modules.get("text_encoder")),
             text_encoder_2=cast(CLIPTextModelWithProjection, modules["text_encoder_2"]),
-            tokenizer=tokenizers[0],
+            tokenizer=cast(CLIPTokenizer, None if refiner else tokenizers[0]),
             tokenizer_2=tokenizers[1],
             unet=cast(UNet2DConditionModel, modules["unet"]),
             scheduler=scheduler,
-            requires_aesthetics_score=False,
+            requires_aesthetics_score=refiner,
             force_zeros_for_empty_prompt=bool(index.get("force_zeros_for_empty_prompt", True)),
         )
     return StableDiffusionImg2ImgPipeline(
@@ -356,7 +369,8 @@ def _single_file_pipeline(
     entry: ModelEntry, sd: StateDict, dtype: torch.dtype, templates: TokenizerTemplates | None
 ) -> tuple[Img2ImgPipeline, Path]:
     is_sdxl = is_sdxl_state_dict(sd)
-    config_dir = _config_dir_for(entry, is_sdxl)
+    is_refiner = is_sdxl_refiner_state_dict(sd)
+    config_dir = _config_dir_for(entry, is_sdxl, is_refiner)
     cfg = str(config_dir)
     common: dict[str, Any] = {"config": cfg, "local_files_only": True, "dtype": dtype}
     modules: dict[str, torch.nn.Module] = {}
@@ -365,9 +379,10 @@ def _single_file_pipeline(
         in_channels = unet_in_channels(sd)
         modules["unet"] = UNet2DConditionModel.from_single_file(sd, subfolder="unet", in_channels=in_channels, **common)
         modules["vae"] = AutoencoderKL.from_single_file(sd, subfolder="vae", **common)
-        modules["text_encoder"] = create_diffusers_clip_model_from_ldm(
-            CLIPTextModel, sd, subfolder="text_encoder", config=cfg, torch_dtype=dtype, local_files_only=True
-        )
+        if not is_refiner:
+            modules["text_encoder"] = create_diffusers_clip_model_from_ldm(
+                CLIPTextModel, sd, subfolder="text_encoder", config=cfg, torch_dtype=dtype, local_files_only=True
+            )
         if is_sdxl:
             modules["text_encoder_2"] = create_diffusers_clip_model_from_ldm(
                 CLIPTextModelWithProjection,
@@ -415,8 +430,9 @@ def _wrap(
 ) -> LoadedCheckpoint:
     pipe.set_progress_bar_config(disable=True)
     is_sdxl = isinstance(pipe, StableDiffusionXLImg2ImgPipeline)
-    text_encoders = [pipe.text_encoder] + ([pipe.text_encoder_2] if is_sdxl else [])
-    tokenizers = [pipe.tokenizer] + ([pipe.tokenizer_2] if is_sdxl else [])
+    is_refiner = is_sdxl and pipe.text_encoder is None
+    text_encoders = [e for e in [pipe.text_encoder] + ([pipe.text_encoder_2] if is_sdxl else []) if e is not None]
+    tokenizers = [t for t in [pipe.tokenizer] + ([pipe.tokenizer_2] if is_sdxl else []) if t is not None]
     sched = pipe.scheduler.config
     return LoadedCheckpoint(
         name=entry.sd_name,
@@ -439,6 +455,7 @@ def _wrap(
         dtype=dt,
         approx_bytes=module_bytes(pipe.unet, pipe.vae, *text_encoders),
         config_dir=config_dir,
+        is_refiner=is_refiner,
     )
 
 
@@ -473,7 +490,8 @@ class ArchitectureMismatch(ModelLoadError):
 
 def _module_parts(loaded: LoadedCheckpoint) -> dict[str, torch.nn.Module]:
     parts: dict[str, torch.nn.Module] = {"unet": loaded.unet, "vae": loaded.vae}
-    for name, encoder in zip(("text_encoder", "text_encoder_2"), loaded.text_encoders, strict=False):
+    names = ("text_encoder_2",) if loaded.is_refiner else ("text_encoder", "text_encoder_2")
+    for name, encoder in zip(names, loaded.text_encoders, strict=False):
         parts[name] = encoder
     return parts
 

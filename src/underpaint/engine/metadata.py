@@ -39,6 +39,7 @@ class InfotextParams:
     # further "Key: value" pairs in A1111's order, written before "Version" (inpainting's mask settings ...)
     extra: tuple[tuple[str, str], ...] = ()
     hires_fix: HiresFix | None = None
+    refiner: tuple[str, float] | None = None  # (A1111's short title "name [hash]", switch_at)
 
 
 def _quote(value: str) -> str:
@@ -79,6 +80,8 @@ def build_infotext(p: InfotextParams) -> str:
             ("Hires resize", f"{p.hires_fix.width}x{p.hires_fix.height}"),
             ("Hires upscaler", p.hires_fix.upscaler),
         ]
+    if p.refiner is not None:
+        fields += [("Refiner", p.refiner[0]), ("Refiner switch at", _num(p.refiner[1]))]
     fields.extend(p.extra)
     fields.append(("Version", f"underpaint-{__version__}"))
     line = ", ".join(f"{k}: {_quote(v)}" for k, v in fields if v != "")

@@ -17,7 +17,7 @@ import logging
 import time
 import weakref
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 import numpy as np
@@ -104,6 +104,23 @@ class Components:
     vae_dtype: torch.dtype | None = None
     # The hires fix's upscaler model for this batch (None: "Latent" or no hires fix).
     upscale: Upscale | None = None
+    # The refiner this batch switches to (txt2img's ``refiner``), and, on a refiner's own components, the aesthetic
+    # scores its size conditioning carries: (prompt, negative prompt).
+    refiner: RefinerParts | None = None
+    aesthetic_scores: tuple[float, float] | None = None
+
+
+@dataclass
+class RefinerParts:
+    """The model a batch switches to once the completed ratio reaches ``switch_at`` (A1111 >= 1.7), with the
+    prompts re-encoded by its own text encoder (``Member.refiner_conds``)."""
+
+    components: Components
+    switch_at: float
+
+
+# A1111's defaults for the SDXL refiner's aesthetic-score conditioning (sdxl_refiner_high/low_aesthetic_score).
+REFINER_AESTHETIC_SCORES = (6.0, 2.5)
 
 
 def pil_to_tensor(image: Image.Image, width: int, height: int) -> torch.Tensor:
@@ -272,6 +289,7 @@ class Member:
     on_progress: ProgressCallback | None = None
     should_cancel: Callable[[], bool] | None = None
     inpaint: InpaintParts | None = None
+    refiner_conds: tuple[Conditioning, Conditioning] | None = None  # (cond, uncond) by the refiner's encoder
 
 
 @dataclass(frozen=True)
@@ -439,9 +457,15 @@ def build_batch_model_fn(
     change its result.
     """
     time_ids = sdxl_time_ids(spec.width, spec.height, c.device, c.dtype) if c.is_sdxl else None
+    if c.aesthetic_scores is not None:  # the SDXL refiner: (original size, crop top-left, aesthetic score)
+        size = [float(spec.height), float(spec.width), 0.0, 0.0]
+        scored = {
+            uncond: torch.tensor([[*size, c.aesthetic_scores[1 if uncond else 0]]], device=c.device, dtype=c.dtype)
+            for uncond in (False, True)
+        }
 
     def run(group: list[_Entry], x_in: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        xs, ts, embeds, pooled, extras, concat = [], [], [], [], [], []
+        xs, ts, embeds, pooled, extras, concat, ids = [], [], [], [], [], [], []
         for e in group:
             m = batch.members[e.member]
             rows = batch.rows[e.member]
@@ -453,6 +477,8 @@ def build_batch_model_fn(
             embeds.append(e.cond.embeds.to(c.device, c.dtype).expand(n, -1, -1))
             if c.is_sdxl and e.cond.pooled is not None:
                 pooled.append(e.cond.pooled.to(c.device, c.dtype).expand(n, -1))
+                if time_ids is not None:
+                    ids.append((time_ids if c.aesthetic_scores is None else scored[e.uncond]).expand(n, -1))
             if m.added_cond:
                 extras.append({k: _half(v, e, n) for k, v in m.added_cond.items()})
         x_cat = torch.cat(xs).to(c.dtype)
@@ -461,7 +487,7 @@ def build_batch_model_fn(
         added: dict[str, Any] | None = None
         if time_ids is not None:
             p = torch.cat(pooled)
-            added = {"text_embeds": p, "time_ids": time_ids.expand(p.shape[0], -1)}
+            added = {"text_embeds": p, "time_ids": torch.cat(ids)}
         if extras:
             merged = {k: _cat_extra([x[k] for x in extras]) for k in extras[0]}
             added = {**(added or {}), **merged}
@@ -575,6 +601,7 @@ def prepare_member(
         None if image is None else prepare_init_latents(c, image, inputs.width, inputs.height, len(inputs.seeds))
     )
     cond, uncond = encode_conditioning(c, inputs)
+    refined = None if c.refiner is None else encode_conditioning(c.refiner.components, inputs)
     return Member(
         seeds=list(inputs.seeds),
         init_latent=init_latent,
@@ -586,6 +613,7 @@ def prepare_member(
         on_progress=on_progress,
         should_cancel=should_cancel,
         inpaint=inpaint,
+        refiner_conds=refined,
     )
 
 
@@ -679,6 +707,13 @@ def _sample(c: Components, spec: BatchSpec, batch: _Batch) -> torch.Tensor:
     def cancelled() -> bool:
         return not batch.any_active()
 
+    def guided(pass_spec: BatchSpec, refine: bool) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+        base = build_batch_model_fn(c, pass_spec, batch, lambda: clock.fraction)
+        if c.refiner is None or not refine:
+            return base
+        refined = _refiner_model_fn(c.refiner, pass_spec, batch, lambda: clock.fraction)
+        return switching_model_fn(base, refined, c.schedule, c.refiner.switch_at)
+
     def img2img(
         pass_spec: BatchSpec,
         latents: torch.Tensor,
@@ -690,7 +725,7 @@ def _sample(c: Components, spec: BatchSpec, batch: _Batch) -> torch.Tensor:
         # Each pass draws from fresh generators seeded seed + i (A1111 re-creates its RNG for the hires pass).
         return sample_img2img(
             spec.sampler_name,
-            build_batch_model_fn(c, pass_spec, batch, lambda: clock.fraction),
+            guided(pass_spec, refine=fix_steps or hires is None),
             c.schedule,
             latents,
             spec.steps,
@@ -712,7 +747,8 @@ def _sample(c: Components, spec: BatchSpec, batch: _Batch) -> torch.Tensor:
         shape = (len(seeds), latent_channels(c), spec.height // 8, spec.width // 8)
         latents = sample_txt2img(
             spec.sampler_name,
-            build_batch_model_fn(c, spec, batch, lambda: clock.fraction),
+            # With a hires fix the refiner joins in the second pass only (A1111's default "second pass").
+            guided(spec, refine=hires is None),
             c.schedule,
             shape,
             spec.steps,
@@ -753,6 +789,48 @@ def _grey_conditioning_at(c: Components, members: Sequence[Member], size: tuple[
     for m in members:
         if m.inpaint is not None:
             m.inpaint.image_cond = cond
+
+
+def completed_ratio(schedule: DiscreteSchedule, t: torch.Tensor) -> float:
+    """A1111 >= 1.7's refiner clock: the training timestep nearest (in sigma) to the current noise level, as
+    ``(999 - timestep) / 1000``; ``t`` is the UNet's (possibly fractional) timestep."""
+    sigma = schedule.t_to_sigma(float(t.max()))
+    nearest = int(torch.argmin((schedule.sigmas - sigma).abs()))
+    return (schedule.num_timesteps - 1 - nearest) / schedule.num_timesteps
+
+
+def switching_model_fn(
+    base: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    refined: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    schedule: DiscreteSchedule,
+    switch_at: float,
+) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """The base model until the completed ratio reaches ``switch_at`` (checked before each model evaluation),
+    the refiner from then on (A1111 never switches back within a pass)."""
+    switched = False
+
+    def fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        nonlocal switched
+        switched = switched or completed_ratio(schedule, t) >= switch_at
+        return (refined if switched else base)(x, t)
+
+    return fn
+
+
+def _refiner_model_fn(
+    refiner: RefinerParts, spec: BatchSpec, batch: _Batch, step_fraction: Callable[[], float]
+) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """The refiner's guided model over the same rows: each member with its refiner conditioning (no ControlNet or
+    IP-Adapter: they belong to the base model); cancellations and failures are shared with the base's batch."""
+    members = []
+    for m in batch.members:
+        if m.refiner_conds is None:
+            raise ValueError("a batch member without refiner conditioning")
+        cond, uncond = m.refiner_conds
+        members.append(replace(m, cond=cond, uncond=uncond, added_cond={}, control=None))
+    view = _Batch(members)
+    view.outcome = batch.outcome
+    return build_batch_model_fn(refiner.components, spec, view, step_fraction)
 
 
 def _img2img_latent(m: Member) -> torch.Tensor:

@@ -175,9 +175,11 @@ def run_model(
     on_tile: TileProgress | None = None,
     should_cancel: Callable[[], bool] | None = None,
 ) -> torch.Tensor:
-    """One pass of the model over ``image`` (``(1, 3, H, W)`` float in ``[0, 1]``, any device): the output,
-    ``(1, 3, H * s, W * s)`` float32 on the CPU, computed tile by tile (module docstring); ``tile <= 0`` runs the
-    whole image at once. Raises ``JobCancelled`` between tiles when ``should_cancel()`` says so."""
+    """One pass of the model over ``image`` (``(1, 3, H, W)``: float in ``[0, 1]``, or uint8 levels), computed tile
+    by tile (module docstring; ``tile <= 0`` runs the whole image at once): ``(1, 3, H * s, W * s)`` on the CPU,
+    float32 for a float input, uint8 (truncated, as A1111 does) for a uint8 one, so that an 8-bit pass never holds
+    a float copy of the whole image. Raises ``JobCancelled`` between tiles when ``should_cancel()`` says so."""
+    levels = image.dtype == torch.uint8
     descriptor = model.descriptor
     s = model.scale
     _, _, height, width = image.shape
@@ -185,7 +187,7 @@ def run_model(
         rows, cols = [(0, height)], [(0, width)]
     else:
         rows, cols = _spans(height, tile), _spans(width, tile)
-    out = torch.empty((1, 3, height * s, width * s), dtype=torch.float32)
+    out = torch.empty((1, 3, height * s, width * s), dtype=torch.uint8 if levels else torch.float32)
     total = len(rows) * len(cols)
     done = 0
     with torch.inference_mode():
@@ -195,28 +197,38 @@ def run_model(
                     raise JobCancelled()
                 wy0, wy1 = max(0, y0 - pad), min(height, y1 + pad)
                 wx0, wx1 = max(0, x0 - pad), min(width, x1 + pad)
-                window = image[:, :, wy0:wy1, wx0:wx1].to(descriptor.device, descriptor.dtype)
-                result = descriptor(window)
+                window = image[:, :, wy0:wy1, wx0:wx1].float()
+                if levels:
+                    window = window / 255.0
+                result = descriptor(window.to(descriptor.device, descriptor.dtype))
                 oy, ox = (y0 - wy0) * s, (x0 - wx0) * s
-                out[:, :, y0 * s : y1 * s, x0 * s : x1 * s] = result[
-                    :, :, oy : oy + (y1 - y0) * s, ox : ox + (x1 - x0) * s
-                ].float()
+                crop = result[:, :, oy : oy + (y1 - y0) * s, ox : ox + (x1 - x0) * s].float().cpu()
+                out[:, :, y0 * s : y1 * s, x0 * s : x1 * s] = _truncate(crop) if levels else crop
                 done += 1
                 if on_tile is not None:
                     on_tile(done, total)
     return out
 
 
+def _truncate(tensor: torch.Tensor) -> torch.Tensor:
+    """``[0, 1]`` -> uint8 levels, truncating as A1111 does (numpy's ``astype(np.uint8)``)."""
+    return (tensor.clamp(0, 1) * 255.0).to(torch.uint8)
+
+
 def image_to_tensor(image: Image.Image) -> torch.Tensor:
     """An image as ``(1, 3, H, W)`` float32 RGB in ``[0, 1]``."""
-    array = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
-    return torch.from_numpy(array).permute(2, 0, 1).unsqueeze(0).contiguous()
+    return image_levels(image).float() / 255.0
 
 
-def tensor_to_image(tensor: torch.Tensor) -> Image.Image:
-    """``(1, 3, H, W)`` in ``[0, 1]`` -> 8-bit RGB, truncating as A1111 does."""
-    array = (tensor[0].float().clamp(0, 1) * 255.0).permute(1, 2, 0).cpu().numpy()
-    return Image.fromarray(array.astype(np.uint8), "RGB")
+def image_levels(image: Image.Image) -> torch.Tensor:
+    """An image as ``(1, 3, H, W)`` uint8 RGB."""
+    array = np.array(image.convert("RGB"), dtype=np.uint8)
+    return torch.from_numpy(array).permute(2, 0, 1).unsqueeze(0)
+
+
+def levels_to_image(tensor: torch.Tensor) -> Image.Image:
+    """``(1, 3, H, W)`` uint8 -> an RGB image."""
+    return Image.fromarray(tensor[0].permute(1, 2, 0).contiguous().numpy(), "RGB")
 
 
 def model_pass(
@@ -229,8 +241,8 @@ def model_pass(
     should_cancel: Callable[[], bool] | None = None,
 ) -> Image.Image:
     """One 8-bit -> 8-bit pass of the model (A1111's ``do_upscale``)."""
-    result = run_model(model, image_to_tensor(image), tile=tile, pad=pad, on_tile=on_tile, should_cancel=should_cancel)
-    return tensor_to_image(result)
+    result = run_model(model, image_levels(image), tile=tile, pad=pad, on_tile=on_tile, should_cancel=should_cancel)
+    return levels_to_image(result)
 
 
 def upscale(

@@ -16,8 +16,8 @@ class CeleryQueue:
 
     def enqueue(self, task_id: str, lane: str) -> None:
         (queue,) = parse_queues(lane)
-        # Publishing retries briefly on a broker hiccup, then raises: the API then fails the task rather than
-        # leaving it QUEUED with no message.
+        # Publishing retries briefly (about 2 s) on a broker hiccup, then raises: the task stays QUEUED without a
+        # message and a worker's store poller takes it (``tasks.lifecycle.announce``).
         self.app.send_task(
             TASK_NAME,
             args=[task_id],

@@ -132,44 +132,42 @@ class WorkerContext:
         return sweep_expired(self.services.store, self.on_terminal, self.services.queue)
 
     def poll_store(self) -> int:
-        """If a runner is free, run the tasks of this worker's queues that have been QUEUED for more than
-        ``queue_poll_seconds`` (their broker message is lost), oldest first, with their batch mates. Returns how
-        many tasks it claimed. Their messages, should they still come, find them claimed or done."""
+        """If a runner is free, run the oldest task of this worker's queues that has been QUEUED for more than
+        ``queue_poll_seconds`` (its broker message is lost), with its batch mates. Returns how many tasks it
+        claimed (the poller then polls again at once). Their messages, should they still come, find them claimed
+        or done. One batch per call: between two, a consumer waiting for the runner gets it."""
         settings = self.services.settings
-        claimed = 0
         with self.hold_runner(wait=False) as pair:
             if pair is None:
                 return 0  # every runner is busy: this worker is taking messages, and will poll again
             runner, claimer = pair
-            while not self._stop.is_set():
-                tasks = claimer.next(queued_before=time.time() - settings.queue_poll_seconds)
-                if not tasks:
-                    break
-                for t in tasks:
-                    log.warning(
-                        "task %s: QUEUED for %.0f s without its queue message reaching a worker; claimed from the "
-                        "store (attempt %d)",
-                        t.task_id,
-                        time.time() - t.created_at,
-                        t.attempts,
-                        extra={"task_id": t.task_id},
-                    )
-                TASKS_FROM_STORE.inc(len(tasks))
-                claimed += len(tasks)
-                claimer.ran(tasks)
-                with task_context(tasks[0].task_id):
-                    run_claimed_batch(
-                        self.services.store,
-                        tasks,
-                        claimer.worker_id,
-                        runner,
-                        on_terminal=self.on_terminal,
-                        storage=self.services.storage,
-                        cancel_poll=settings.cancel_poll_seconds,
-                    )
-                with self._lock:
-                    self.tasks_done += len(tasks)
-        return claimed
+            tasks = claimer.next(queued_before=time.time() - settings.queue_poll_seconds)
+            for t in tasks:
+                log.warning(
+                    "task %s: QUEUED for %.0f s without its queue message reaching a worker; claimed from the store "
+                    "(attempt %d)",
+                    t.task_id,
+                    time.time() - t.created_at,
+                    t.attempts,
+                    extra={"task_id": t.task_id},
+                )
+            if not tasks:
+                return 0
+            TASKS_FROM_STORE.inc(len(tasks))
+            claimer.ran(tasks)
+            with task_context(tasks[0].task_id):
+                run_claimed_batch(
+                    self.services.store,
+                    tasks,
+                    claimer.worker_id,
+                    runner,
+                    on_terminal=self.on_terminal,
+                    storage=self.services.storage,
+                    cancel_poll=settings.cancel_poll_seconds,
+                )
+            with self._lock:
+                self.tasks_done += len(tasks)
+            return len(tasks)
 
     def start_background(self, sweep_interval: float) -> None:
         """The lease sweeper and the store poller, each on its own thread until ``stop``."""
@@ -177,10 +175,13 @@ class WorkerContext:
         self._every(self.services.settings.queue_poll_seconds, self.poll_store, "store poll", "underpaint-poller")
 
     def _every(self, interval: float, job: Callable[[], object], what: str, name: str) -> None:
+        """Run ``job`` every ``interval`` seconds, and again at once while it returns something truthy."""
+
         def loop() -> None:
             while not self._stop.wait(interval):
                 try:
-                    job()
+                    while job() and not self._stop.is_set():
+                        pass
                 except Exception:
                     log.exception("%s failed; retrying in %.0f s", what, interval)
 

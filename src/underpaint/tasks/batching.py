@@ -12,7 +12,8 @@ the signature of each ``GenerationJob`` (``engine.job.batch_key``). Both go thro
 tests/tasks/test_batch_contract.py holds the two derivations to the same answer for every field.
 
 ``model_key``: the checkpoint and LoRA set a task loads; a worker prefers queued tasks whose model key is the one
-it has loaded (model-aware claiming).
+it has loaded (model-aware claiming). An upscale task runs no sampler: it is never batched, and its model key is
+its upscaler's.
 """
 
 from __future__ import annotations
@@ -22,7 +23,14 @@ import json
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 
-from underpaint.tasks.contract import Img2ImgRequest, InpaintingRequest, TaskRequest, TaskType, Txt2ImgRequest
+from underpaint.tasks.contract import (
+    Img2ImgRequest,
+    InpaintingRequest,
+    TaskRequest,
+    TaskType,
+    Txt2ImgRequest,
+    UpscaleRequest,
+)
 from underpaint.vocabulary import normalize_sampler_name, resolve_sampler, sampler_algorithm, sampler_with_schedule
 
 UNBATCHABLE_SAMPLERS = frozenset({"DPM adaptive"})
@@ -79,8 +87,8 @@ def _digest(value: object) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
-def signature(request: TaskRequest) -> BatchSignature:
-    """The batch signature of a typed task request."""
+def signature(request: Img2ImgRequest | Txt2ImgRequest) -> BatchSignature:
+    """The batch signature of a typed diffusion request."""
     units = request.controlnet.units if request.controlnet is not None else []
     return BatchSignature(
         task_type=TaskType(request.task_type).value,
@@ -117,8 +125,12 @@ def _refiner(request: TaskRequest) -> Refiner | None:
 
 
 def batch_key(request: TaskRequest) -> str | None:
+    if isinstance(request, UpscaleRequest):
+        return None
     return signature(request).key()
 
 
 def model_key(request: TaskRequest) -> str:
+    if isinstance(request, UpscaleRequest):
+        return _digest({"upscaler": request.model_name})
     return signature(request).model_key()

@@ -3,7 +3,7 @@
 One pydantic model per endpoint, told apart by ``task_type`` (the wire name task-result reports):
 
 - ``Img2ImgRequest`` (``IMG_TO_IMG``), ``Txt2ImgRequest`` (``TXT_TO_IMG``), ``InpaintingRequest``
-  (``INPAINTING``); upscale joins ``TaskRequest`` as a sibling (``docs/ARCHITECTURE.md``, "Adding an endpoint").
+  (``INPAINTING``), ``UpscaleRequest`` (``UPSCALE``: no diffusion) (``docs/ARCHITECTURE.md``, "Adding an endpoint").
 - ``TaskExtra``: the body's ``extra`` object (output format, NSFW, webhook, custom storage ...), plus the base URL
   the task was submitted on (image URLs in webhooks point there).
 
@@ -215,6 +215,32 @@ def inpainting_size(width: int, height: int) -> tuple[int, int]:
     return width // 8 * 8, height // 8 * 8
 
 
+def _check_scale_factor(value: float) -> float:
+    if not 1 < value <= 4:
+        raise PydanticCustomError("out_of_range", "must be greater than 1 and at most 4 (got {v})", {"v": value})
+    return value
+
+
+class UpscaleRequest(Lenient):
+    """``POST /v3/async/upscale``: one image through an upscaler model (``models/upscaler/``), A1111's Extras
+    semantics. No diffusion: no seed, one image. ``scale_factor`` accepts numeric strings ("2", as Novita's JS
+    example sends it)."""
+
+    task_type: SkipJsonSchema[Literal[TaskType.UPSCALE]] = TaskType.UPSCALE
+    model_name: ModelName
+    image_base64: Base64
+    scale_factor: Annotated[float, Checked(_check_scale_factor, exclusiveMinimum=1, maximum=4)]
+
+    @property
+    def seed(self) -> int:
+        """What the store records as the task's seed: an upscale has none."""
+        return 0
+
+    @property
+    def image_num(self) -> int:
+        return 1
+
+
 def _task_type_of(value: Any) -> str:
     if isinstance(value, dict):
         # Rows stored before the contract had a task type were all img2img.
@@ -228,6 +254,13 @@ _TAGGED = Annotated[
     Annotated[Img2ImgRequest, Tag(TaskType.IMG_TO_IMG)]
     | Annotated[Txt2ImgRequest, Tag(TaskType.TXT_TO_IMG)]
     | Annotated[InpaintingRequest, Tag(TaskType.INPAINTING)],
+
+
+TaskRequest = Img2ImgRequest | Txt2ImgRequest | UpscaleRequest
+_TAGGED = Annotated[
+    Annotated[Img2ImgRequest, Tag(TaskType.IMG_TO_IMG)]
+    | Annotated[Txt2ImgRequest, Tag(TaskType.TXT_TO_IMG)]
+    | Annotated[UpscaleRequest, Tag(TaskType.UPSCALE)],
     Discriminator(_task_type_of),
 ]
 _REQUEST = TypeAdapter[TaskRequest](_TAGGED)

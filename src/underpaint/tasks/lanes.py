@@ -6,7 +6,8 @@ Queue names:
 - ``sd15.<stem>`` / ``sdxl.<stem>``: checkpoints listed in ``Settings.checkpoint_queues`` get their own queue,
   so the workers consuming it keep that checkpoint loaded;
 - ``enterprise.<lane>``: tasks of a key granted a dedicated pool (``KeyPolicy.dedicated_lane``) that asked for
-  it (``extra.enterprise_plan.enabled``), whatever the model.
+  it (``extra.enterprise_plan.enabled``), whatever the model;
+- upscale tasks (no checkpoint) go to ``sd15``, which the default workers consume (``upscale_lane``).
 
 The embedded worker ignores lanes (it runs every task), so the same rule serves both modes. Nothing here
 imports Celery: the API calls it in embedded mode too.
@@ -59,6 +60,11 @@ def task_lane(settings: Settings, checkpoint: ModelEntry, dedicated_lane: str | 
     if has_own_queue(settings, checkpoint):
         return checkpoint_queue(checkpoint)
     return base_queue(checkpoint)
+
+
+def upscale_lane(dedicated_lane: str | None = None) -> str:
+    """The lane of an upscale task: it loads no checkpoint, so any default worker can run it."""
+    return enterprise_queue(dedicated_lane) if dedicated_lane else SD15_QUEUE
 
 
 def parse_queues(text: str) -> tuple[str, ...]:

@@ -48,7 +48,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.sql.elements import ColumnElement
 
 from underpaint.config import Settings
-from underpaint.tasks.batching import signature
+from underpaint.tasks.batching import batch_key, model_key
 from underpaint.tasks.contract import TaskRequest, TaskType, dump_extra, dump_request, load_extra, load_request
 from underpaint.tasks.types import (
     CANCELLED_REASON,
@@ -304,7 +304,13 @@ def _make_engine(url: str) -> Engine:
     if backend == "postgresql":
         if parsed.drivername == "postgresql":
             parsed = parsed.set(drivername="postgresql+psycopg")  # psycopg 3 is the driver we ship, not psycopg2
-        return create_engine(parsed, pool_pre_ping=True, pool_size=10, max_overflow=20)
+        # A server that vanishes without closing its connections (a network partition, a host that died) must
+        # not hang a worker forever on a query: libpq gives up on unacknowledged data after tcp_user_timeout and
+        # probes idle connections with keepalives; connecting gives up after connect_timeout.
+        timeouts = {"connect_timeout": 10, "keepalives": 1, "keepalives_idle": 30, "keepalives_interval": 10,
+                    "keepalives_count": 3, "tcp_user_timeout": 30_000}  # fmt: skip
+        defaults = {k: v for k, v in timeouts.items() if k not in parsed.query}  # the URL's own values win
+        return create_engine(parsed, pool_pre_ping=True, pool_size=10, max_overflow=20, connect_args=defaults)
     raise ValueError(f"unsupported task store URL {url.split(':', 1)[0]!r}: use sqlite:/// or postgresql+psycopg://")
 
 
@@ -501,7 +507,6 @@ class SqlTaskStore:
 
     def create(self, task: NewTask, idempotency: IdempotencyKey | None = None) -> TaskRecord:
         now = self.clock()
-        sig = signature(task.request)
         payload = dump_request(task.request)
         values: dict[str, Any] = {
             "task_id": task.task_id,
@@ -524,8 +529,8 @@ class SqlTaskStore:
             "finished_at": None,
             "images": [],
             "extra": dump_extra(task.extra),
-            "batch_key": sig.key(),
-            "model_key": sig.model_key(),
+            "batch_key": batch_key(task.request),
+            "model_key": model_key(task.request),
             "task_type": TaskType(task.request.task_type).value,
         }
         if idempotency is None:

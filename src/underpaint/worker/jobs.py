@@ -19,6 +19,7 @@ from underpaint.engine.job import (
     LoraSpec,
     MaskSpec,
     Refiner,
+    UpscaleJob,
 )
 from underpaint.tasks.contract import (
     GenerationRequest,
@@ -26,9 +27,10 @@ from underpaint.tasks.contract import (
     InpaintingRequest,
     TaskRequest,
     Txt2ImgRequest,
+    UpscaleRequest,
 )
 from underpaint.wire.errors import ApiError
-from underpaint.wire.images import INPAINTING_LIMITS, decode_image, decode_mask
+from underpaint.wire.images import INPAINTING_LIMITS, UPSCALE_LIMITS, decode_image, decode_mask
 
 
 def job_from_request(request: TaskRequest) -> GenerationJob:
@@ -43,6 +45,15 @@ def job_from_request(request: TaskRequest) -> GenerationJob:
     except ApiError as exc:
         raise JobError(exc.message) from None
     raise JobError(f"unknown task type {request.task_type!r}")
+
+
+def upscale_job_from_request(request: UpscaleRequest) -> UpscaleJob:
+    """Raises ``JobError`` if the stored image no longer passes the upscale limits."""
+    try:
+        image = decode_image(request.image_base64, "request.image_base64", UPSCALE_LIMITS).image
+    except ApiError as exc:
+        raise JobError(exc.message) from None
+    return UpscaleJob(upscaler=request.model_name, image=image, scale=request.scale_factor)
 
 
 def _checked_seed(request: GenerationRequest) -> int:

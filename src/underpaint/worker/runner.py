@@ -23,9 +23,9 @@ from underpaint.storage import custom as custom_storage
 from underpaint.storage.base import ImageStorage
 from underpaint.storage.custom_target import custom_target, object_key
 from underpaint.storage.retry import UploadRetry
-from underpaint.tasks.contract import TaskRequest
+from underpaint.tasks.contract import TaskRequest, UpscaleRequest
 from underpaint.tasks.types import ImageRecord, NsfwResult, TaskRecord
-from underpaint.worker.jobs import job_from_request
+from underpaint.worker.jobs import job_from_request, upscale_job_from_request
 from underpaint.worker.loop import ProgressReporter
 
 log = logging.getLogger(__name__)
@@ -74,9 +74,14 @@ class GenerationRunner:
         return self.executor.cache_report()
 
     def run(self, task: TaskRecord, request: TaskRequest, report: ProgressReporter) -> list[ImageRecord]:
-        job = job_from_request(request)
         # The reporter also knows when this worker lost its lease (another worker took the task over).
-        images = self.executor.generate(job, on_progress=report, should_cancel=report.should_cancel)
+        if isinstance(request, UpscaleRequest):  # no diffusion: the upscaler alone
+            job = upscale_job_from_request(request)
+            images = [self.executor.upscale(job, on_progress=report, should_cancel=report.should_cancel)]
+        else:
+            images = self.executor.generate(
+                job_from_request(request), on_progress=report, should_cancel=report.should_cancel
+            )
         verdicts = self._detect(task, images)
         records = self._store(task, images, verdicts, report.should_cancel)
         return records
@@ -89,8 +94,11 @@ class GenerationRunner:
         outcomes: list[list[ImageRecord] | BaseException | None] = [None] * len(items)
         jobs: list[GenerationJob] = []
         ready: list[int] = []
-        for i, (_, request, _) in enumerate(items):
+        for i, (task, request, reporter) in enumerate(items):
             try:
+                if isinstance(request, UpscaleRequest):  # never batched (no batch key); alone if it comes in one
+                    outcomes[i] = self.run(task, request, reporter)
+                    continue
                 jobs.append(job_from_request(request))
                 ready.append(i)
             except Exception as exc:

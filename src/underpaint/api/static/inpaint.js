@@ -1,6 +1,6 @@
 // Underpaint playground, inpainting mode: a mask brush over the init image (draw, erase, invert, clear, a preview
-// of the server's mask blur) and Novita's inpainting fields. playground.js asks it, through
-// window.UnderpaintInpaint, whether the mode is on, for the request fields, and tells it about the init image.
+// of the server's mask blur) and Novita's inpainting fields. playground.js tells it, through
+// window.UnderpaintInpaint, about the init image and the mode tab, and asks it for the request's fields.
 "use strict";
 
 (() => {
@@ -16,23 +16,17 @@
   let last = null;
   let painted = false;
 
-  function enabled() {
-    return $("inpaint-enabled").checked;
-  }
-
-  function showCard() {
-    $("mask-card").hidden = !enabled();
-    $("width").disabled = enabled();
-    $("height").disabled = enabled();
-    $("submit").textContent = enabled() ? "Inpaint" : "Generate";
-    if (enabled() && $("strength").dataset.img2img === undefined) {
+  // The inpainting tab is on: Novita's inpainting strength default (1) replaces the img2img value while it is.
+  function modeChanged(on) {
+    if (on && $("strength").dataset.img2img === undefined) {
       // Novita's inpainting default strength is 1; remember the img2img value to restore it.
       $("strength").dataset.img2img = $("strength").value;
       $("strength").value = 1;
-    } else if (!enabled() && $("strength").dataset.img2img !== undefined) {
+    } else if (!on && $("strength").dataset.img2img !== undefined) {
       $("strength").value = $("strength").dataset.img2img;
       delete $("strength").dataset.img2img;
     }
+    if (on) previewBlur();
   }
 
   // The canvas keeps the init image's own size: the mask sent is pixel for pixel the image's.
@@ -166,7 +160,5 @@
     };
   }
 
-  $("inpaint-enabled").addEventListener("change", showCard);
-  showCard();
-  window.UnderpaintInpaint = { enabled, attach, fields, path: "/v3/async/inpainting" };
+  window.UnderpaintInpaint = { attach, fields, modeChanged };
 })();

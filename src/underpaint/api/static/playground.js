@@ -19,7 +19,8 @@
 
   const state = {
     key: localStorage.getItem(KEY_STORE) || "",
-    models: { checkpoint: [], vae: [], lora: [], textualinversion: [], controlnet: [], ipadapter: [] },
+    models: { checkpoint: [], vae: [], lora: [], textualinversion: [], controlnet: [], ipadapter: [], upscaler: [] },
+    mode: "img2img", // the task type the form submits (the tabs above it)
     init: null, // {b64, width, height, name}
     cancelSupported: false,
     jobs: new Map(), // task_id -> {el, timer}
@@ -114,7 +115,7 @@
   // ---------------------------------------------------------------- models
 
   async function loadModels() {
-    const found = { checkpoint: [], vae: [], lora: [], textualinversion: [], controlnet: [], ipadapter: [] };
+    const found = { checkpoint: [], vae: [], lora: [], textualinversion: [], controlnet: [], ipadapter: [], upscaler: [] };
     let cursor = "";
     for (let page = 0; page < 50; page++) {
       const q = new URLSearchParams({ "filter.visibility": "public", "pagination.limit": "100" });
@@ -127,6 +128,7 @@
     state.models = found;
     const keep = $("model_name").value;
     fillSelect($("model_name"), found.checkpoint, null, keep);
+    fillSelect($("up-model"), found.upscaler, null);
     onCheckpointChange();
   }
 
@@ -164,6 +166,37 @@
     $("ip-enabled").disabled = compatible("ipadapter").length === 0;
   }
   $("model_name").addEventListener("change", onCheckpointChange);
+
+  // ---------------------------------------------------------------- task type: img2img or upscale
+
+  const MODES = {
+    img2img: { path: "/v3/async/img2img", submit: "Generate", image: "Init image" },
+    inpainting: { path: "/v3/async/inpainting", submit: "Inpaint", image: "Init image" },
+    upscale: { path: "/v3/async/upscale", submit: "Upscale", image: "Image" },
+  };
+
+  function setMode(mode) {
+    state.mode = mode;
+    for (const tab of document.querySelectorAll("#modes .mode")) {
+      tab.setAttribute("aria-selected", String(tab.dataset.mode === mode));
+    }
+    for (const el of document.querySelectorAll("[data-modes]")) el.hidden = !el.dataset.modes.split(" ").includes(mode);
+    $("submit").textContent = MODES[mode].submit;
+    $("init-title").textContent = MODES[mode].image;
+    formError("");
+    showUpscaleSize();
+    if (window.UnderpaintInpaint) window.UnderpaintInpaint.modeChanged(mode === "inpainting");
+  }
+  for (const tab of document.querySelectorAll("#modes .mode")) tab.addEventListener("click", () => setMode(tab.dataset.mode));
+
+  // A1111's Extras size: each side times the scale, floored to a multiple of 8 (what the server returns).
+  function showUpscaleSize() {
+    const scale = Number($("up-scale").value);
+    $("up-size").textContent = state.init && scale > 0
+      ? `${state.init.width}×${state.init.height} → ${Math.floor(state.init.width * scale / 8) * 8}×${Math.floor(state.init.height * scale / 8) * 8}`
+      : "";
+  }
+  $("up-scale").addEventListener("input", showUpscaleSize);
 
   // ---------------------------------------------------------------- vocabularies (rendered in by the server)
 
@@ -224,6 +257,7 @@
       $("init-size").disabled = false;
       $("init-clear").disabled = false;
       if (window.UnderpaintInpaint) window.UnderpaintInpaint.attach(image);
+      showUpscaleSize();
       formError("");
     } catch (err) {
       formError(err.message);
@@ -258,6 +292,7 @@
     $("init-size").disabled = true;
     $("init-clear").disabled = true;
     if (window.UnderpaintInpaint) window.UnderpaintInpaint.attach(null);
+    showUpscaleSize();
   });
   $("init-size").addEventListener("click", () => {
     if (!state.init) return;
@@ -276,7 +311,15 @@
     return (await readImage(input.files[0])).b64;
   }
 
+  function buildUpscaleRequest() {
+    if (!state.init) throw new Error("add the image to upscale first (drop, paste or choose a file)");
+    if (!$("up-model").value) throw new Error("no upscaler: put one in the server's models/upscaler folder");
+    const req = { model_name: $("up-model").value, image_base64: state.init.b64, scale_factor: num("up-scale") };
+    return { extra: { response_image_type: $("up-output").value }, request: req };
+  }
+
   async function buildRequest() {
+    if (state.mode === "upscale") return buildUpscaleRequest();
     if (!state.init) throw new Error("add an init image first (drop, paste or choose a file)");
     if (!$("model_name").value) throw new Error("no checkpoint: put one in the server's models/checkpoint folder");
     if (!$("prompt").value.trim()) throw new Error("write a prompt");
@@ -321,19 +364,13 @@
         strength: num("ip-strength"),
       }];
     }
-    const inpaint = window.UnderpaintInpaint;
-    if (inpaint && inpaint.enabled()) {
+    if (state.mode === "inpainting") {
       // Inpainting has no width/height: the output keeps the init image's size.
       delete req.width;
       delete req.height;
-      Object.assign(req, inpaint.fields());
+      Object.assign(req, window.UnderpaintInpaint.fields());
     }
     return { extra: { response_image_type: $("response_image_type").value }, request: req };
-  }
-
-  function submitPath() {
-    const inpaint = window.UnderpaintInpaint;
-    return inpaint && inpaint.enabled() ? inpaint.path : "/v3/async/img2img";
   }
 
   // What the page remembers of a submit (no images): "reuse settings" and the infotext fallback use it.
@@ -344,7 +381,7 @@
     if (r.controlnet) r.controlnet = { units: r.controlnet.units.map(({ image_base64, ...u }) => u) };
     if (r.ip_adapters) r.ip_adapters = r.ip_adapters.map(({ image_base64, ...a }) => a);
     try {
-      localStorage.setItem(PARAMS_STORE + taskId, JSON.stringify({ request: r, extra: body.extra }));
+      localStorage.setItem(PARAMS_STORE + taskId, JSON.stringify({ mode: state.mode, request: r, extra: body.extra }));
     } catch (_) { /* storage full: reuse falls back to the infotext */ }
   }
 
@@ -365,7 +402,7 @@
     try {
       const body = await buildRequest();
       const key = crypto.randomUUID ? crypto.randomUUID() : `${Date.now()}-${Math.random()}`;
-      const { task_id: taskId } = await api("POST", submitPath(), body, { "Idempotency-Key": key });
+      const { task_id: taskId } = await api("POST", MODES[state.mode].path, body, { "Idempotency-Key": key });
       remember(taskId, body);
       track(taskId);
       refreshTasks();
@@ -488,6 +525,10 @@
         fig.dataset.info = found.parsed ? "png" : "recorded";
         return found;
       });
+      if ((recalled(taskId) || {}).mode === "upscale") {
+        for (const el of fig.querySelectorAll(".shot-reuse-seed, .shot-reuse")) el.hidden = true;
+        fig.querySelector(".shot-seed").parentElement.textContent = `Upscaled ${image.image_type}`;
+      }
       fig.querySelector(".shot-reuse-seed").addEventListener("click", () => { $("seed").value = fig.dataset.seed; });
       fig.querySelector(".shot-reuse").addEventListener("click", async () => {
         reuseSettings(taskId, await info, Number(fig.dataset.seed));
