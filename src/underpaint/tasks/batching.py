@@ -87,7 +87,7 @@ def _digest(value: object) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
-def signature(request: Img2ImgRequest | Txt2ImgRequest) -> BatchSignature:
+def signature(request: Img2ImgRequest | Txt2ImgRequest | InpaintingRequest) -> BatchSignature:
     """The batch signature of a typed diffusion request."""
     units = request.controlnet.units if request.controlnet is not None else []
     return BatchSignature(

@@ -249,17 +249,11 @@ def _task_type_of(value: Any) -> str:
 
 
 # Any endpoint's request (annotations); a new endpoint adds its model here and its tag to ``_TAGGED``.
-TaskRequest = Img2ImgRequest | Txt2ImgRequest | InpaintingRequest
+TaskRequest = Img2ImgRequest | Txt2ImgRequest | InpaintingRequest | UpscaleRequest
 _TAGGED = Annotated[
     Annotated[Img2ImgRequest, Tag(TaskType.IMG_TO_IMG)]
     | Annotated[Txt2ImgRequest, Tag(TaskType.TXT_TO_IMG)]
-    | Annotated[InpaintingRequest, Tag(TaskType.INPAINTING)],
-
-
-TaskRequest = Img2ImgRequest | Txt2ImgRequest | UpscaleRequest
-_TAGGED = Annotated[
-    Annotated[Img2ImgRequest, Tag(TaskType.IMG_TO_IMG)]
-    | Annotated[Txt2ImgRequest, Tag(TaskType.TXT_TO_IMG)]
+    | Annotated[InpaintingRequest, Tag(TaskType.INPAINTING)]
     | Annotated[UpscaleRequest, Tag(TaskType.UPSCALE)],
     Discriminator(_task_type_of),
 ]
