@@ -26,6 +26,7 @@ from tests.support.samplers import kdiffusion
 from torch import Tensor
 
 from underpaint.config import Settings
+from underpaint.engine import job as engine_job
 from underpaint.engine import pipeline
 from underpaint.engine.executor import DiffusersExecutor
 from underpaint.engine.inpainting import area_cropper, prepare_area
@@ -37,6 +38,7 @@ from underpaint.engine.job import (
     JobError,
     MaskSpec,
 )
+from underpaint.engine.samplers import sample_img2img
 from underpaint.registry import ModelRegistry
 from underpaint.vocabulary import PreprocessorName, SamplerName
 
@@ -451,3 +453,49 @@ def test_inpainting_runs_with_a_controlnet_unit_and_an_ip_adapter(executor: Diff
     (out,) = executor.generate(job)
     assert out.image.size == (96, 64)
     assert np.array_equal(np.asarray(out.image)[:20], np.asarray(image)[:20])
+
+
+def test_inpainting_jobs_with_different_masks_batch_and_equal_their_solo_runs(executor: DiffusersExecutor) -> None:
+    """Masks, mask settings and noise multipliers are per job: batch mates of one sampler call (float64 here) give
+    their solo results, and the call really is shared."""
+    image = picture(64, 48)
+
+    def job(spec: MaskSpec, seed: int, image_num: int = 1) -> GenerationJob:
+        return GenerationJob(
+            checkpoint="tiny-sd15-inpainting",
+            init_image=image,
+            prompt=PROMPT,
+            negative_prompt=NEGATIVE,
+            width=64,
+            height=48,
+            image_num=image_num,
+            steps=3,
+            guidance_scale=CFG,
+            sampler_name=SamplerName("Euler a"),
+            seed=seed,
+            strength=0.9,
+            mask=spec,
+        )
+
+    jobs = [
+        job(MaskSpec(blob_mask(64, 48, (30, 10, 50, 30)), 2, False, 8, False, 1.0), 5),
+        job(MaskSpec(blob_mask(64, 48, (10, 20, 24, 40)), 4, True, 4, False, 0.5), 6, image_num=2),
+        job(MaskSpec(blob_mask(64, 48, (30, 10, 50, 30)), 0, False, 8, True, 0.8), 7),
+    ]
+    assert len({engine_job.batch_key(j) for j in jobs}) == 1
+    calls: list[int] = []
+    real = sample_img2img
+
+    def counting(*args: Any, **kwargs: Any) -> Any:
+        calls.append(int(args[3].shape[0]))
+        return real(*args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(pipeline, "sample_img2img", counting)
+        batched = executor.generate_batch(jobs)
+    assert calls == [4]
+    for j, outcome in zip(jobs, batched, strict=True):
+        assert not isinstance(outcome, BaseException), outcome
+        for got, solo in zip(outcome, executor.generate(j), strict=True):
+            diff = np.abs(np.asarray(got.image).astype(np.int16) - np.asarray(solo.image).astype(np.int16))
+            assert diff.max() <= 1

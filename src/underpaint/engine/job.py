@@ -187,10 +187,8 @@ def _task_type(job: GenerationJob) -> TaskType:
 def batch_key(job: GenerationJob) -> object:
     """Jobs with equal keys share one sampler call. The signature is ``tasks.batching``'s, the one the store keys
     queued tasks with (what may differ: prompts, seeds, ``image_num``, guidance scale, the adapters' images); a job
-    whose signature never batches (DPM adaptive) gets a key of its own, and so does an inpainting job until the
-    signature carries its mask settings."""
-    if job.mask is not None:
-        return ("alone", id(job))
+    whose signature never batches (DPM adaptive) gets a key of its own. An inpainting job's mask and mask settings
+    are per job (each batch member carries its own latent mask, conditioning, noise multiplier and paste-back)."""
     hires = job.hires_fix
     key = BatchSignature(
         task_type=_task_type(job).value,
