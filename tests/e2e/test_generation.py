@@ -12,12 +12,10 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
+from tests.support.in_process import in_process
 from tests.support.server import make_png
 
-from underpaint.api.app import create_app
-from underpaint.config import Settings
 from underpaint.engine.metadata import read_infotext
-from underpaint.wiring import build_core, build_local_worker
 
 A = {"Authorization": "Bearer key-a"}
 
@@ -68,18 +66,8 @@ class Stack:
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory, tiny_models_dir: Path) -> Iterator[Stack]:
-    settings = Settings(
-        data_dir=tmp_path_factory.mktemp("data"),
-        models_dir=tiny_models_dir,
-        api_keys=("key-a", "key-b"),
-        torch_threads=1,
-        run_worker=False,
-        public_base_url="http://testserver",
-    )
-    core = build_core(settings)
-    worker = build_local_worker(core)
-    with TestClient(create_app(core.services)) as client:
-        yield Stack(client, worker, core.services)
+    with in_process(tmp_path_factory.mktemp("data"), tiny_models_dir) as running:
+        yield Stack(running.client, running.worker, running.services)
 
 
 def pixels(data: bytes) -> np.ndarray:

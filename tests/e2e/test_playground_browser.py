@@ -2,7 +2,8 @@
 on the tiny demo models.
 
 The page is used as a person would: type the key, pick the model, drop/paste/choose the init image, submit,
-watch the progress, look at the images and their infotext, reuse a seed and the settings, download, cancel.
+watch the progress, look at the images and their infotext, reuse a seed and the settings, download, cancel, and
+switch to text to image with hires fix.
 Screenshots (desktop and phone width) go to ``tests/output/`` (a CI artifact folder, ignored by git).
 
 The browser is ``/usr/bin/chromium`` (``scripts/bootstrap`` installs Debian's package): Playwright downloads
@@ -70,8 +71,9 @@ def submitted(page: Page) -> list[dict[str, Any]]:
     seen: list[dict[str, Any]] = []
 
     def on_request(request: Any) -> None:
-        if request.method == "POST" and request.url.endswith("/v3/async/img2img"):
-            seen.append({"headers": request.headers, "body": json.loads(request.post_data or "{}")})
+        if request.method == "POST" and request.url.endswith(("/v3/async/img2img", "/v3/async/txt2img")):
+            body = json.loads(request.post_data or "{}")
+            seen.append({"headers": request.headers, "body": body, "path": request.url.rsplit("/", 1)[-1]})
 
     page.on("request", on_request)
     return seen
@@ -355,6 +357,48 @@ def test_playground_in_chromium(live_server: LiveServer, browser: Browser, tmp_p
     expect(job(page, long_id).locator(".job-detail")).to_have_text("cancelled by the client")
     assert not page.locator(f'#gallery .shot[data-task-id="{long_id}"]').count()
 
+    # Job 5: text to image with hires fix: no init image, the hires controls, the txt2img route.
+    page.click('#modes .mode[data-mode="txt2img"]')
+    expect(page.locator("#dropzone")).to_be_hidden()
+    expect(page.locator("#strength")).to_be_hidden()
+    page.check("#hires-enabled")
+    upscalers = page.eval_on_selector_all("#hires-upscaler option", "os => os.map(o => o.value)")
+    assert upscalers[0] == "Latent"
+    assert "RealESRGAN_x4plus_anime_6B.pth" in upscalers  # the demo upscalers, from GET /v3/model
+    page.fill("#hires-width", "192")
+    page.fill("#hires-height", "160")
+    page.fill("#hires-strength", "0.5")
+    page.select_option("#hires-upscaler", "Latent")
+    page.fill("#prompt", "a lighthouse, text to image")
+    page.fill("#width", "128")
+    page.fill("#height", "128")
+    page.fill("#steps", "4")
+    page.fill("#image_num", "1")
+    page.fill("#seed", "21")
+    page.click("#submit")
+    expect(page.locator("#jobs .job")).to_have_count(5)
+    text_job = page.locator("#jobs .job").first
+    expect(text_job).to_have_attribute("data-status", "TASK_STATUS_SUCCEED", timeout=180_000)
+    text_id = str(text_job.get_attribute("data-task-id"))
+    assert submits[-1]["path"] == "txt2img"
+    sent = submits[-1]["body"]["request"]
+    assert "image_base64" not in sent
+    assert "strength" not in sent
+    assert sent["hires_fix"] == {"target_width": 192, "target_height": 160, "strength": 0.5, "upscaler": "Latent"}
+    text_shot = page.locator(f'#gallery .shot[data-task-id="{text_id}"]')
+    expect(text_shot).to_have_count(1)
+    expect(text_shot.locator("img")).to_have_js_property("complete", True)
+    assert text_shot.locator("img").evaluate("i => [i.naturalWidth, i.naturalHeight]") == [192, 160]
+    expect(text_shot.locator(".shot-info")).to_contain_text("Hires upscaler: Latent")
+    # "Reuse settings" of a txt2img image brings its mode and hires fix back.
+    page.uncheck("#hires-enabled")
+    page.click('#modes .mode[data-mode="img2img"]')
+    expect(page.locator("#hires-enabled")).to_be_hidden()
+    text_shot.locator(".shot-reuse").click()
+    expect(page.locator('#modes .mode[data-mode="txt2img"]')).to_have_attribute("aria-selected", "true")
+    assert page.is_checked("#hires-enabled")
+    assert (page.input_value("#hires-width"), page.input_value("#hires-height")) == ("192", "160")
+
     # Screenshots: desktop, dark theme, phone width (nothing may overflow sideways).
     page.fill("#prompt", "a lighthouse at dusk")
     screenshot(page, OUTPUT / "playground.png", width=1360)
@@ -373,6 +417,7 @@ def test_playground_in_chromium(live_server: LiveServer, browser: Browser, tmp_p
     expect(page.locator("#img2img .path")).to_have_text("/v3/async/img2img")
     page.locator("#img2img > summary").click()
     expect(page.locator("#img2img .body")).to_contain_text("guidance_scale")
+    expect(page.locator("#txt2img .path")).to_have_text("/v3/async/txt2img")
     page.screenshot(path=str(OUTPUT / "docs.png"), full_page=False)
 
     assert watch.errors == []

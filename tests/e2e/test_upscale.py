@@ -18,11 +18,9 @@ import spandrel
 import torch
 from fastapi.testclient import TestClient
 from PIL import Image
+from tests.support.in_process import in_process
 
-from underpaint.api.app import create_app
-from underpaint.config import Settings
 from underpaint.engine.metadata import read_infotext
-from underpaint.wiring import build_core, build_local_worker
 
 A = {"Authorization": "Bearer key-a"}
 
@@ -77,17 +75,8 @@ def models(tmp_path_factory: pytest.TempPathFactory, tiny_models_dir: Path) -> P
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory, models: Path) -> Iterator[Stack]:
-    settings = Settings(
-        data_dir=tmp_path_factory.mktemp("data"),
-        models_dir=models,
-        api_keys=("key-a", "key-b"),
-        torch_threads=1,
-        run_worker=False,
-        public_base_url="http://testserver",
-    )
-    core = build_core(settings)
-    with TestClient(create_app(core.services)) as client:
-        yield Stack(client, build_local_worker(core))
+    with in_process(tmp_path_factory.mktemp("data"), models) as running:
+        yield Stack(running.client, running.worker)
 
 
 def _spandrel_extras(data: bytes, model_file: Path, scale: float) -> np.ndarray:
@@ -142,6 +131,7 @@ def test_output_format_and_webhook_payload_shape(stack: Stack) -> None:
     assert result["images"][0]["image_type"] == "webp"
     assert Image.open(io.BytesIO(stack.image(result))).size == (80, 80)
     assert result["task"]["progress_percent"] == 100
+    assert result["extra"]["seed"] == "0"  # an upscale has no seed
 
 
 @pytest.mark.parametrize(

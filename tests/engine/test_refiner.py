@@ -199,3 +199,67 @@ def test_a_refiner_of_another_base_model_is_a_clear_error(executor: DiffusersExe
 def test_an_sdxl_checkpoint_that_is_not_a_refiner_is_refused(executor: DiffusersExecutor) -> None:
     with pytest.raises(JobError, match="refiner 'tiny-sdxl' is not an SDXL refiner checkpoint"):
         executor.generate(sdxl_job(refiner=Refiner("tiny-sdxl", 0.5)))
+
+
+def _sdxl_guided(pipe: Any, prompt: str, negative: str, cfg: float, refiner: bool) -> Any:
+    """diffusers' SDXL prompt encoding and size conditioning (the refiner's with aesthetic scores 6 / 2.5) around the
+    pipe's UNet, with classifier-free guidance on the output."""
+    embeds, neg, pooled, neg_pooled = pipe.encode_prompt(
+        prompt, device=torch.device("cpu"), do_classifier_free_guidance=True, negative_prompt=negative
+    )
+    projection = int(pipe.text_encoder_2.config.projection_dim)
+    size = (64, 64)
+    ids, neg_ids = pipe._get_add_time_ids(size, (0, 0), size, 6.0, 2.5, size, (0, 0), size, torch.float32, projection)
+    if not refiner:
+        neg_ids = ids
+
+    @torch.no_grad()
+    def fn(x: Tensor, t: Tensor) -> Tensor:
+        n = x.shape[0]
+        added = {
+            "text_embeds": torch.cat([neg_pooled.expand(n, -1), pooled.expand(n, -1)]),
+            "time_ids": torch.cat([neg_ids.expand(n, -1), ids.expand(n, -1)]),
+        }
+        ehs = torch.cat([neg.expand(n, -1, -1), embeds.expand(n, -1, -1)])
+        out: Tensor = pipe.unet(
+            torch.cat([x, x]), torch.cat([t, t]), encoder_hidden_states=ehs, added_cond_kwargs=added
+        )[0]
+        u, c = out.float().chunk(2)
+        return u + cfg * (c - u)
+
+    return fn
+
+
+@pytest.fixture(scope="module")
+def reference_pipes(tiny_models_dir: Path) -> tuple[Any, Any]:
+    """diffusers' pipelines over separately loaded copies of the tiny SDXL base and refiner."""
+    return (
+        load(tiny_models_dir, "tiny-sdxl.safetensors").pipe,
+        load(tiny_models_dir, "tiny-sdxl-refiner.safetensors").pipe,
+    )
+
+
+@pytest.mark.parametrize(("name", "switch_at"), [("Euler a", 0.4), ("DPM++ 2M", 0.75)])
+def test_refined_image_matches_a_diffusers_and_kdiffusion_reference(
+    executor: DiffusersExecutor, reference_pipes: tuple[Any, Any], name: str, switch_at: float
+) -> None:
+    """End to end against diffusers' SDXL base and refiner pipelines (separately loaded) for prompts and size
+    conditioning, k-diffusion's sampler over a model switched by A1111's rule, the base's VAE, A1111's 8 bits."""
+    from tests.support.txt2img_reference import assert_close_unbiased, decode
+
+    job = sdxl_job(sampler_name=SamplerName(name), refiner=Refiner("tiny-sdxl-refiner", switch_at))
+    (ours,) = executor.generate(job)
+    base_pipe, refiner_pipe = reference_pipes
+    base = _sdxl_guided(base_pipe, job.prompt, job.negative_prompt, job.guidance_scale, refiner=False)
+    refined = _sdxl_guided(refiner_pipe, job.prompt, job.negative_prompt, job.guidance_scale, refiner=True)
+    switched = {"on": False}
+
+    def model(x: Tensor, t: Tensor) -> Tensor:
+        switched["on"] = switched["on"] or a1111_ratio(SCHEDULE.t_to_sigma(float(t.max()))) >= switch_at
+        out: Tensor = (refined if switched["on"] else base)(x, t)
+        return out
+
+    latents, _ = reference_txt2img(name, model, (1, 4, 8, 8), job.steps, [job.seed], dtype=torch.float32)
+    assert switched["on"]
+    (ref,) = decode(base_pipe, latents)
+    assert_close_unbiased(np.asarray(ours.image), ref)

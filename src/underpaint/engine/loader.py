@@ -51,6 +51,7 @@ from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokeniz
 from underpaint.config import Settings
 from underpaint.engine.devices import empty_device_cache, pick_device, pick_dtype
 from underpaint.engine.model_tiers import ModelCacheReport
+from underpaint.engine.unet_resize import use_a1111_skip_resize
 from underpaint.registry import UNET_CONV_IN, ModelEntry
 
 log = logging.getLogger(__name__)
@@ -434,6 +435,7 @@ def _wrap(
     text_encoders = [e for e in [pipe.text_encoder] + ([pipe.text_encoder_2] if is_sdxl else []) if e is not None]
     tokenizers = [t for t in [pipe.tokenizer] + ([pipe.tokenizer_2] if is_sdxl else []) if t is not None]
     sched = pipe.scheduler.config
+    use_a1111_skip_resize(pipe.unet)  # A1111's pixels at sizes that are not multiples of 64
     return LoadedCheckpoint(
         name=entry.sd_name,
         path=entry.path,

@@ -141,8 +141,12 @@ class WorkerContext:
             if pair is None:
                 return 0  # every runner is busy: this worker is taking messages, and will poll again
             runner, claimer = pair
-            tasks = claimer.next(queued_before=time.time() - settings.queue_poll_seconds)
-            for t in tasks:
+            cutoff = time.time() - settings.queue_poll_seconds
+            tasks = claimer.next(queued_before=cutoff)
+            if not tasks:
+                return 0
+            late = [t for t in tasks if t.created_at < cutoff]  # the others came along as batch mates
+            for t in late:
                 log.warning(
                     "task %s: QUEUED for %.0f s without its queue message reaching a worker; claimed from the store "
                     "(attempt %d)",
@@ -151,9 +155,7 @@ class WorkerContext:
                     t.attempts,
                     extra={"task_id": t.task_id},
                 )
-            if not tasks:
-                return 0
-            TASKS_FROM_STORE.inc(len(tasks))
+            TASKS_FROM_STORE.inc(len(late))
             claimer.ran(tasks)
             with task_context(tasks[0].task_id):
                 run_claimed_batch(

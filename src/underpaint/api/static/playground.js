@@ -129,6 +129,10 @@
     const keep = $("model_name").value;
     fillSelect($("model_name"), found.checkpoint, null, keep);
     fillSelect($("up-model"), found.upscaler, null);
+    const hiresUpscaler = $("hires-upscaler").value;
+    $("hires-upscaler").replaceChildren(new Option("Latent", "Latent"));
+    for (const m of found.upscaler) $("hires-upscaler").append(new Option(m.name, m.sd_name));
+    if ([...$("hires-upscaler").options].some((o) => o.value === hiresUpscaler)) $("hires-upscaler").value = hiresUpscaler;
     onCheckpointChange();
   }
 
@@ -167,10 +171,11 @@
   }
   $("model_name").addEventListener("change", onCheckpointChange);
 
-  // ---------------------------------------------------------------- task type: img2img or upscale
+  // ---------------------------------------------------------------- task type: img2img, txt2img, inpainting or upscale
 
   const MODES = {
     img2img: { path: "/v3/async/img2img", submit: "Generate", image: "Init image" },
+    txt2img: { path: "/v3/async/txt2img", submit: "Generate", image: "Init image" },
     inpainting: { path: "/v3/async/inpainting", submit: "Inpaint", image: "Init image" },
     upscale: { path: "/v3/async/upscale", submit: "Upscale", image: "Image" },
   };
@@ -188,6 +193,7 @@
     if (window.UnderpaintInpaint) window.UnderpaintInpaint.modeChanged(mode === "inpainting");
   }
   for (const tab of document.querySelectorAll("#modes .mode")) tab.addEventListener("click", () => setMode(tab.dataset.mode));
+  $("hires-enabled").addEventListener("change", () => { $("hires-fields").hidden = !$("hires-enabled").checked; });
 
   // A1111's Extras size: each side times the scale, floored to a multiple of 8 (what the server returns).
   function showUpscaleSize() {
@@ -318,14 +324,22 @@
     return { extra: { response_image_type: $("up-output").value }, request: req };
   }
 
+  // An adapter's own image, else the init image (image to image only).
+  async function adapterImage(input, what) {
+    const own = await fileB64(input);
+    if (own) return own;
+    if ((state.mode === "img2img" || state.mode === "inpainting") && state.init) return state.init.b64;
+    throw new Error(`choose the ${what} image (text to image has no init image to fall back on)`);
+  }
+
   async function buildRequest() {
     if (state.mode === "upscale") return buildUpscaleRequest();
-    if (!state.init) throw new Error("add an init image first (drop, paste or choose a file)");
+    const text = state.mode === "txt2img";
+    if (!text && !state.init) throw new Error("add an init image first (drop, paste or choose a file)");
     if (!$("model_name").value) throw new Error("no checkpoint: put one in the server's models/checkpoint folder");
     if (!$("prompt").value.trim()) throw new Error("write a prompt");
     const req = {
       model_name: $("model_name").value,
-      image_base64: state.init.b64,
       prompt: $("prompt").value,
       negative_prompt: $("negative_prompt").value,
       width: num("width"),
@@ -333,11 +347,23 @@
       image_num: num("image_num"),
       steps: num("steps"),
       guidance_scale: num("guidance_scale"),
-      strength: num("strength"),
       sampler_name: $("sampler_name").value,
       seed: num("seed"),
       clip_skip: num("clip_skip"),
     };
+    if (text) {
+      if ($("hires-enabled").checked) {
+        req.hires_fix = {
+          target_width: num("hires-width"),
+          target_height: num("hires-height"),
+          strength: num("hires-strength"),
+          upscaler: $("hires-upscaler").value,
+        };
+      }
+    } else {
+      req.image_base64 = state.init.b64;
+      req.strength = num("strength");
+    }
     if ($("sd_vae").value) req.sd_vae = $("sd_vae").value;
     req.loras = [...document.querySelectorAll("#lora-rows .adapter-row")]
       .filter((r) => r.querySelector(".row-model").value)
@@ -349,7 +375,7 @@
       req.controlnet = {
         units: [{
           model_name: $("cn-model").value,
-          image_base64: (await fileB64($("cn-image"))) || state.init.b64,
+          image_base64: await adapterImage($("cn-image"), "ControlNet control"),
           preprocessor: $("cn-preprocessor").value,
           strength: num("cn-strength"),
           guidance_start: num("cn-start"),
@@ -360,7 +386,7 @@
     if ($("ip-enabled").checked && $("ip-model").value) {
       req.ip_adapters = [{
         model_name: $("ip-model").value,
-        image_base64: (await fileB64($("ip-image"))) || state.init.b64,
+        image_base64: await adapterImage($("ip-image"), "IP-Adapter reference"),
         strength: num("ip-strength"),
       }];
     }
@@ -615,10 +641,16 @@
   function describe(r, seed) {
     const lines = [r.prompt];
     if (r.negative_prompt) lines.push(`Negative prompt: ${r.negative_prompt}`);
-    lines.push([
+    const params = [
       `Steps: ${r.steps}`, `Sampler: ${r.sampler_name}`, `CFG scale: ${r.guidance_scale}`, `Seed: ${seed}`,
-      `Size: ${r.width}x${r.height}`, `Model: ${r.model_name}`, `Denoising strength: ${r.strength}`,
-    ].join(", "));
+      `Size: ${r.width}x${r.height}`, `Model: ${r.model_name}`,
+    ];
+    if (r.strength !== undefined) params.push(`Denoising strength: ${r.strength}`);
+    if (r.hires_fix) {
+      params.push(`Denoising strength: ${r.hires_fix.strength}`,
+        `Hires resize: ${r.hires_fix.target_width}x${r.hires_fix.target_height}`, `Hires upscaler: ${r.hires_fix.upscaler}`);
+    }
+    lines.push(params.join(", "));
     return lines.join("\n");
   }
 
@@ -626,6 +658,15 @@
     const p = recalled(taskId);
     if (p) {
       const r = p.request;
+      if (p.mode === "img2img" || p.mode === "txt2img" || p.mode === "inpainting") setMode(p.mode);
+      $("hires-enabled").checked = Boolean(r.hires_fix);
+      $("hires-fields").hidden = !r.hires_fix;
+      if (r.hires_fix) {
+        $("hires-width").value = r.hires_fix.target_width;
+        $("hires-height").value = r.hires_fix.target_height;
+        $("hires-strength").value = r.hires_fix.strength;
+        $("hires-upscaler").value = r.hires_fix.upscaler;
+      }
       for (const id of ["prompt", "negative_prompt", "width", "height", "image_num", "steps", "guidance_scale",
         "strength", "clip_skip"]) {
         if (r[id] !== undefined) $(id).value = r[id];

@@ -1,4 +1,4 @@
-"""A1111-faithful samplers (the 20 names of A1111 v1.0-v1.8) over a diffusers-style UNet. See ``sampling``."""
+"""A1111-faithful samplers (A1111 1.6-1.8 names, >= 1.9 schedule types) over a diffusers-style UNet. See ``sampling``."""
 
 from underpaint.engine.samplers.denoiser import make_denoiser, make_eps_fn
 from underpaint.engine.samplers.noise import BrownianNoise, NoiseSource
