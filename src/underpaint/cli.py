@@ -1,4 +1,4 @@
-"""``underpaint`` command line: serve, worker, models, demo-models, webhook-secret, config.
+"""``underpaint`` command line: serve, worker, models, pull, demo-models, webhook-secret, config.
 
 Settings come from defaults < config file < ``UNDERPAINT_*`` environment < these flags; a bad value anywhere
 stops the command with one line on stderr naming the setting (exit code 2).
@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 
 from underpaint.config import Settings, SettingsError, load_settings
@@ -95,6 +96,58 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+class _ProgressBar:
+    """One line on stderr, redrawn at most 10 times a second: percent, bytes and speed."""
+
+    def __init__(self, label: str, enabled: bool) -> None:
+        self.label, self.enabled = label, enabled
+        self.start = self.drawn = time.monotonic()
+
+    def __call__(self, done: int, total: int | None) -> None:
+        now = time.monotonic()
+        if not self.enabled or (now - self.drawn < 0.1 and done != total):
+            return
+        self.drawn = now
+        speed = done / max(now - self.start, 1e-6) / 1e6
+        share = f"{100 * done / total:5.1f}% of {total / 1e9:.2f} GB" if total else f"{done / 1e9:.2f} GB"
+        width = 30
+        filled = width * done // total if total else 0
+        print(
+            f"\r{self.label} [{'#' * filled}{'.' * (width - filled)}] {share} {speed:6.1f} MB/s",
+            end="",
+            file=sys.stderr,
+        )
+
+    def close(self) -> None:
+        if self.enabled:
+            print(file=sys.stderr)
+
+
+def cmd_pull(args: argparse.Namespace) -> int:
+    from underpaint.delivery.model_download import PullError, pull
+
+    settings: Settings = args.settings
+    bar = _ProgressBar(args.source, enabled=not args.quiet)
+    try:
+        result = pull(
+            args.source,
+            settings.models_dir,
+            kind=args.type,
+            name=args.name,
+            sha256=args.sha256,
+            on_progress=bar,
+            overwrite=args.overwrite,
+        )
+    except PullError as exc:
+        bar.close()
+        print(f"underpaint pull: error: {exc}", file=sys.stderr)
+        return 1
+    bar.close()
+    resumed = f", resumed at {result.resumed_from} bytes" if result.resumed_from else ""
+    print(f"{result.path} ({result.kind}, {result.size} bytes, sha256 {result.sha256}{resumed})")
+    return 0
+
+
 def cmd_demo_models(args: argparse.Namespace) -> int:
     from underpaint.demo.models import write_all_demo_models
 
@@ -154,6 +207,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser(
+        "pull",
+        help="download a model into the models folder: URL, hf:OWNER/REPO/FILE[@REV] or civitai:VERSION_ID",
+        description="Download with resume (run it again after an interruption), size and sha256 checks (given, "
+        "or from Hugging Face's headers) and an atomic rename into models/<type>/.",
+    )
+    _common(p)
+    p.add_argument("source", help="http(s) URL, hf:OWNER/REPO/PATH[@REVISION] or civitai:MODEL_VERSION_ID")
+    p.add_argument("--type", choices=["checkpoint", "lora", "vae", "textualinversion", "controlnet", "ipadapter"])
+    p.add_argument("--name", help="file name in the models folder (default: the server's or the URL's)")
+    p.add_argument("--sha256", help="expected sha256 of the file (64 hex digits)")
+    p.add_argument("--overwrite", action="store_true", help="replace a file of the same name")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_pull)
 
     p = sub.add_parser("demo-models", help="write tiny random-weight models in the real formats into DIR")
     p.add_argument("dir")

@@ -6,8 +6,9 @@ environment (``UNDERPAINT_*``) < CLI flags. ``load_settings`` layers them (throu
 type, an unknown choice, an out-of-range number or an unknown key in the file raises ``SettingsError`` with one
 line naming the setting and what it accepts. API keys and secrets are never logged and never appear in ``repr``.
 
-Lists (``api_keys``, ``checkpoint_queues``, ``webhook_allow_hosts``) are comma-separated in the environment;
-``key_policies`` and ``default_key_policy`` are JSON there, tables in a TOML file.
+Lists (``api_keys``, ``admin_api_keys``, ``checkpoint_queues``, ``webhook_allow_hosts``,
+``model_pull_allow_hosts``) are comma-separated in the environment; ``key_policies`` and ``default_key_policy``
+are JSON there, tables in a TOML file.
 """
 
 from __future__ import annotations
@@ -97,6 +98,8 @@ class Settings(BaseSettings):
     # Absolute base URL used in image URLs; default derives from the incoming request.
     public_base_url: str | None = None
     api_keys: CommaList = Field(default=(), repr=False)
+    # Keys that may pull models into models_dir over the API (POST /v3/model/pull); none by default.
+    admin_api_keys: CommaList = Field(default=(), repr=False)
     key_policies: KeyPolicies = Field(default_factory=dict, repr=False)
     # Limits for keys without an entry in key_policies; None = unlimited.
     default_key_policy: DefaultKeyPolicy = None
@@ -157,6 +160,8 @@ class Settings(BaseSettings):
     url_secret: str | None = Field(default=None, repr=False)
     # Webhooks
     webhook_allow_hosts: CommaList = ()
+    # Private hosts (loopback, LAN) POST /v3/model/pull may download from; public hosts are always allowed.
+    model_pull_allow_hosts: CommaList = ()
     webhook_timeout: PositiveFloat = 5.0
     webhook_max_retries: NonNegative = 5
     # Storage: "local" or "s3"
@@ -207,6 +212,7 @@ class Settings(BaseSettings):
         """The settings as plain data with every secret masked (``underpaint config``)."""
         data = self.model_dump(mode="json")
         data["api_keys"] = [_mask(k) for k in self.api_keys]
+        data["admin_api_keys"] = [_mask(k) for k in self.admin_api_keys]
         data["key_policies"] = {_mask(key): _masked_policy(policy) for key, policy in sorted(self.key_policies.items())}
         if self.default_key_policy is not None:
             data["default_key_policy"] = _masked_policy(self.default_key_policy)

@@ -262,6 +262,38 @@ def detect_sdxl(path: Path, kind: str) -> bool:
     return False
 
 
+def kind_from_keys(keys: list[str]) -> str | None:
+    """Which models folder a file's tensor names belong in (``underpaint pull`` without a kind); None if unclear."""
+    if any(k.startswith(("model.diffusion_model.", "conditioner.embedders.")) for k in keys):
+        return "checkpoint"
+    if any(k.startswith(("lora_unet_", "lora_te", "lora_te1_", "lora_te2_")) or ".lora_down." in k for k in keys):
+        return "lora"
+    if any(k.startswith(("control_model.", "controlnet_cond_embedding.")) or "input_hint_block" in k for k in keys):
+        return "controlnet"
+    if any(k.startswith(("image_proj.", "ip_adapter.")) for k in keys):
+        return "ipadapter"
+    if {"emb_params", "clip_l", "clip_g", "string_to_param"} & set(keys) or any(
+        k.startswith("string_to_param.") for k in keys
+    ):
+        return "textualinversion"
+    stripped = [k.removeprefix("first_stage_model.") for k in keys]
+    if stripped and all(k.startswith(("encoder.", "decoder.", "quant_conv.", "post_quant_conv.")) for k in stripped):
+        return "vae"
+    return None
+
+
+def kind_from_file(path: Path, name: str) -> str | None:
+    """``kind_from_keys`` for a weights file (``name`` gives the format when ``path`` is a partial download)."""
+    try:
+        if name.lower().endswith(".safetensors"):
+            keys: list[str] | None = safetensors_keys(path)[0]
+        else:
+            keys = pickle_keys(path)
+    except (OSError, ValueError, struct.error):
+        return None
+    return kind_from_keys(keys) if keys else None
+
+
 # SD 1.5 single files: the CLIP-L text encoder's transformer layers, with or without HF's ``text_model.`` level.
 _SD15_TEXT_LAYER = re.compile(r"^cond_stage_model\.transformer\.(?:text_model\.)?encoder\.layers\.(\d+)\.")
 

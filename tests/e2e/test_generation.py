@@ -179,3 +179,38 @@ def test_long_prompt_and_weights_change_the_image(stack: Stack) -> None:
     long_img = pixels(stack.images(stack.run(stack.submit(seed=3, prompt=long_prompt)))[0])
     assert not np.array_equal(base, weighted)
     assert not np.array_equal(base, long_img)
+
+
+def submit_txt2img(stack: Stack, **request: Any) -> str:
+    body = {"request": {"model_name": "tiny-sdxl.safetensors", "prompt": "a red house", "width": 128, "height": 128,
+                        "steps": 4, "seed": 31, "sampler_name": "Euler", **request}}  # fmt: skip
+    r = stack.client.post("/v3/async/txt2img", json=body, headers=A)
+    assert r.status_code == 200, r.text
+    return str(r.json()["task_id"])
+
+
+@pytest.mark.slow
+def test_txt2img_with_refiner_and_a_model_upscaler_hires_fix(stack: Stack) -> None:
+    """Over HTTP: the refiner found by its name (no setting, no ``refiner.model_name``), a hires fix through an
+    upscaler model, the task-result type, and the infotext of both."""
+    task_id = submit_txt2img(
+        stack,
+        refiner={"switch_at": 0.5},
+        hires_fix={
+            "target_width": 192,
+            "target_height": 160,
+            "strength": 0.5,
+            "upscaler": "RealESRGAN_x4plus_anime_6B",
+        },
+    )
+    result = stack.run(task_id)
+    assert result["task"]["status"] == "TASK_STATUS_SUCCEED", result["task"]
+    assert result["task"]["task_type"] == "TXT_TO_IMG"
+    (png,) = stack.images(result)
+    assert Image.open(io.BytesIO(png)).size == (192, 160)
+    info = read_infotext(png)
+    assert info is not None
+    assert "Refiner: tiny-sdxl-refiner" in info
+    assert "Refiner switch at: 0.5" in info
+    assert "Hires upscaler: RealESRGAN_x4plus_anime_6B" in info
+    assert "Hires resize: 192x160" in info

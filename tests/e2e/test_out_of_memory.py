@@ -165,3 +165,48 @@ def test_oom_through_the_running_worker_thread(stack: _Stack, monkeypatch: pytes
         assert stack.worker.running
     finally:
         stack.worker.stop()
+
+
+def test_recovery_runs_after_the_failed_batch_tensors_are_freed(stack: _Stack, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The control flow the GPU test (``tests/cuda/test_oom_memory.py``) measures with ``memory_allocated``, on CPU:
+    a tensor alive in a failing UNet call is gone before the one-by-one retry runs and before the allocator's cache
+    is emptied."""
+    import weakref
+
+    from underpaint.engine import executor as executor_module
+    from underpaint.engine import pipeline
+
+    held: list[weakref.ref[torch.Tensor]] = []  # one per failed sampler call
+    alive_at_retry: list[bool] = []
+    alive_at_free: list[bool] = []
+    original = pipeline.build_batch_model_fn
+    builds: list[int] = []
+
+    def build(*args: Any, **kwargs: Any) -> Any:
+        fn = original(*args, **kwargs)
+        builds.append(1)
+        n = len(builds)  # 1: the batch of two; 2: the first job's retry (fails too); 3: the second job's retry
+
+        def model_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            activations = torch.ones(1 << 20)  # what the call had allocated when it ran out
+            if n == 2 and len(held) == 1:
+                alive_at_retry.append(held[0]() is not None)
+            if n <= 2 and len(held) < n:
+                held.append(weakref.ref(activations))
+                raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+            return fn(x, t)
+
+        return model_fn
+
+    def free() -> None:
+        alive_at_free.extend(ref() is not None for ref in held)
+
+    monkeypatch.setattr(pipeline, "build_batch_model_fn", build)
+    monkeypatch.setattr(executor_module, "free_device_memory", free)
+    jobs = [_job(image_num=1, seed=5), _job(image_num=1, seed=9)]  # compatible: one sampler call
+    outcomes = stack.executor.generate_batch(jobs)
+    assert len(builds) == 3
+    assert alive_at_retry == [False]
+    assert alive_at_free == [False, False]
+    assert isinstance(outcomes[0], OutOfMemory)  # the first job ran out again on its own: a task failure
+    assert not isinstance(outcomes[1], BaseException)  # its mate, retried on its own, has its image

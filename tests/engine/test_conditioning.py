@@ -17,6 +17,7 @@ from underpaint.engine.conditioning import (
     pad_to_same_length,
     tokenize_prompt,
 )
+from underpaint.engine.job import JobError
 
 BOS, EOS = 49406, 49407
 CAT, DOG, COMMA = 2368, 1929, 267
@@ -234,9 +235,14 @@ def test_encoder_dtype_is_kept() -> None:
     assert encode_prompt(bundle, "a (cat:1.2)").embeds.dtype == torch.bfloat16
 
 
-@pytest.mark.parametrize("bad", [0, -1, 6, True, 1.5])
-def test_bad_clip_skip_is_a_clear_error(sd15: TextEncoderBundle, bad: object) -> None:
-    with pytest.raises(ValueError, match="clip_skip"):
+@pytest.mark.parametrize(
+    ("bad", "error"),
+    [(0, ValueError), (-1, ValueError), (True, ValueError), (1.5, ValueError), (6, JobError)],
+)
+def test_bad_clip_skip_is_a_clear_error(sd15: TextEncoderBundle, bad: object, error: type[Exception]) -> None:
+    """Not an integer >= 1: a caller's bug. More layers than this model has: the client's choice, a task failure
+    with this message (a ``JobError``), not an internal error."""
+    with pytest.raises(error, match="clip_skip"):
         encode_prompt(sd15, "a cat", clip_skip=bad)  # type: ignore[arg-type]
 
 
@@ -339,7 +345,7 @@ def test_encode_prompt_pair_pads_the_shorter_side(sd15: TextEncoderBundle) -> No
 
 def test_bad_expansions_are_clear_errors(sd15: TextEncoderBundle) -> None:
     tokenizer = sd15.tokenizers[0]
-    with pytest.raises(ValueError, match="at most 75 fit"):
+    with pytest.raises(JobError, match="at most 75 fit"):  # the client's embedding: a task failure
         tokenize_prompt(tokenizer, "a cat", token_expansions={"cat</w>": ["cat</w>"] * 76})
     with pytest.raises(ValueError, match="at least one token"):
         tokenize_prompt(tokenizer, "a cat", token_expansions={"cat</w>": []})

@@ -97,6 +97,7 @@ def ours(setup: Setup) -> tuple[np.ndarray, int]:
     return setup.pixels(out), setup.calls
 
 
+@pytest.mark.parity
 def test_dpm_adaptive_equals_kdiffusion_with_a1111_arguments(setup: Setup, ours: tuple[np.ndarray, int]) -> None:
     setup.calls = 0
     with torch.no_grad():

@@ -51,12 +51,37 @@ def annotators(tiny_models_dir: Path) -> Path:
     return tiny_models_dir / "annotator"
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def nets() -> Iterator[P.AnnotatorCache]:
-    """A fresh cache per test: the full-size networks (Zoe's BEiT-L alone is 1.4 GB) are not kept between tests."""
-    cache = P.AnnotatorCache()
+    """Our side's networks, built once per family for the whole module (as the executor's cache does): the last two
+    loaded stay, so the variants of one family (six HED, seven PiDiNet, three MiDaS names) share one load. The
+    heaviest (Zoe's BEiT-L alone is 1.4 GB) are dropped before their reference loads (``SLOW``)."""
+    cache = P.AnnotatorCache(limit=2)
     yield cache
     cache.clear()
+    gc.collect()
+
+
+class OneFamily:
+    """controlnet_aux's detector of one family at a time, loaded once for all of that family's names."""
+
+    def __init__(self) -> None:
+        self.family = ""
+        self.detector: Any = None
+
+    def get(self, family: str, load: Callable[[], Any]) -> Any:
+        if family != self.family:
+            self.family, self.detector = "", None
+            gc.collect()
+            self.detector, self.family = load(), family
+        return self.detector
+
+
+@pytest.fixture(scope="module")
+def references() -> Iterator[OneFamily]:
+    family = OneFamily()
+    yield family
+    family.family, family.detector = "", None
     gc.collect()
 
 
@@ -125,7 +150,7 @@ def _call(detector: Any, res: int = SIZE, **kwargs: Any) -> Callable[[np.ndarray
     return run
 
 
-def _reference(name: str, folder: Path) -> Callable[[np.ndarray], np.ndarray]:
+def _reference(name: str, folder: Path, family: OneFamily) -> Callable[[np.ndarray], np.ndarray]:
     """controlnet_aux's detector for ``name``, loaded by controlnet_aux from ``folder``, called as A1111 does."""
     d = str(folder)
     hed = {"hed": {}, "softedge_hed": {}, "softedge_hedsafe": {"safe": True}, "hed_safe": {"safe": True}}
@@ -133,27 +158,33 @@ def _reference(name: str, folder: Path) -> Callable[[np.ndarray], np.ndarray]:
     pidi = {"pidinet": {}, "softedge_pidinet": {}, "softedge_pidsafe": {"safe": True}, "pidinet_safe": {"safe": True}}
     pidi |= {"scribble_pidinet": {"scribble": True}, "pidinet_scribble": {"scribble": True}}
     pidi |= {"scribble_pidsafe": {"scribble": True, "safe": True}}
+
+    def loaded(module: str, cls: str) -> Any:
+        return family.get(module, lambda: getattr(aux(module), cls).from_pretrained(d))
+
     if name in hed:
-        return _call(aux("hed").HEDdetector.from_pretrained(d), **hed[name])
+        return _call(loaded("hed", "HEDdetector"), **hed[name])
     if name in pidi:
-        return _call(aux("pidi").PidiNetDetector.from_pretrained(d), **pidi[name])
+        return _call(loaded("pidi", "PidiNetDetector"), **pidi[name])
     if name == "mlsd":
-        return _call(aux("mlsd").MLSDdetector.from_pretrained(d), thr_v=0.1, thr_d=0.1)
+        return _call(loaded("mlsd", "MLSDdetector"), thr_v=0.1, thr_d=0.1)
     if name in ("lineart", "lineart_realistic", "lineart_coarse"):
-        return _call(aux("lineart").LineartDetector.from_pretrained(d), coarse=name == "lineart_coarse")
+        return _call(loaded("lineart", "LineartDetector"), coarse=name == "lineart_coarse")
     if name == "lineart_anime":
-        return _call(aux("lineart_anime").LineartAnimeDetector.from_pretrained(d))
+        return _call(loaded("lineart_anime", "LineartAnimeDetector"))
     if name in ("depth", "depth_midas"):
-        return _call(aux("midas").MidasDetector.from_pretrained(d), DEPTH_RES)
+        return _call(loaded("midas", "MidasDetector"), DEPTH_RES)
     if name == "normal_map":
-        return _call(aux("midas").MidasDetector.from_pretrained(d), DEPTH_RES, depth_and_normal=True, bg_th=0.4)
+        return _call(loaded("midas", "MidasDetector"), DEPTH_RES, depth_and_normal=True, bg_th=0.4)
     if name == "depth_zoe":
-        return _call(aux("zoe").ZoeDetector.from_pretrained(d), DEPTH_RES)
+        return _call(loaded("zoe", "ZoeDetector"), DEPTH_RES)
     if name in ("depth_leres", "depth_leres++"):
         boost = name == "depth_leres++"
-        return _call(_leres(d), BOOST_RES if boost else DEPTH_RES, thr_a=0, thr_b=0, boost=boost)
+        return _call(
+            family.get("leres", lambda: _leres(d)), BOOST_RES if boost else DEPTH_RES, thr_a=0, thr_b=0, boost=boost
+        )
     if name == "normal_bae":
-        return _call(aux("normalbae").NormalBaeDetector.from_pretrained(d))
+        return _call(loaded("normalbae", "NormalBaeDetector"))
     if name == "canny":
         return _call(aux("canny").CannyDetector(), low_threshold=100, high_threshold=200)
     if name == "shuffle":
@@ -194,14 +225,16 @@ PARITY = [
 TOLERANCE = {"normal_bae": 1}
 
 
+@pytest.mark.parity
 @pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in SLOW else n for n in PARITY])
-def test_map_equals_controlnet_aux(name: str, annotators: Path, nets: P.AnnotatorCache) -> None:
+def test_map_equals_controlnet_aux(name: str, annotators: Path, nets: P.AnnotatorCache, references: OneFamily) -> None:
     img = picture(BOOST_RES if name == "depth_leres++" else SIZE)
     mine = ours(name, annotators, nets, img, BOOST_RES if name == "depth_leres++" else DEPTH_RES)
-    nets.clear()  # one side's networks in memory at a time
-    gc.collect()
+    if name in SLOW:  # the largest networks: one side's in memory at a time
+        nets.clear()
+        gc.collect()
     with torch.no_grad():
-        reference = _reference(name, annotators)(img)
+        reference = _reference(name, annotators, references)(img)
     assert len(np.unique(reference)) > 1  # a map with structure: the comparison means something
     assert_close(mine, reference, TOLERANCE.get(name, 0))
 
@@ -251,6 +284,7 @@ def detections(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(face, "__call__", heatmaps)
 
 
+@pytest.mark.parity
 @pytest.mark.parametrize(
     ("name", "parts", "levels"),
     [
@@ -262,10 +296,16 @@ def detections(monkeypatch: pytest.MonkeyPatch) -> None:
     ],
 )
 def test_openpose_equals_controlnet_aux(
-    name: str, parts: dict[str, bool], levels: int, annotators: Path, nets: P.AnnotatorCache, detections: None
+    name: str,
+    parts: dict[str, bool],
+    levels: int,
+    annotators: Path,
+    nets: P.AnnotatorCache,
+    references: OneFamily,
+    detections: None,
 ) -> None:
     img = picture()
-    detector = aux("open_pose").OpenposeDetector.from_pretrained(str(annotators))
+    detector = references.get("open_pose", lambda: aux("open_pose").OpenposeDetector.from_pretrained(str(annotators)))
     reference = rgb(detector(img, detect_resolution=SIZE, image_resolution=SIZE, output_type="np", **parts))
     mine = ours(name, annotators, nets, img)
     assert reference.max() > 0
@@ -275,6 +315,7 @@ def test_openpose_equals_controlnet_aux(
 # -- DWPose against rtmlib ---------------------------------------------------------------------------------------------
 
 
+@pytest.mark.parity
 def test_dwpose_equals_rtmlib(annotators: Path, nets: P.AnnotatorCache) -> None:
     """rtmlib's YOLOX and RTMPose (DWPose's published inference, as a package) on the demo ONNX files: the same
     person boxes and the same 133 keypoints and scores. (A keypoint's score: DWPose's published code and mmpose take

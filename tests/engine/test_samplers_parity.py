@@ -47,6 +47,8 @@ from underpaint.engine.samplers import (
 from underpaint.engine.samplers import timestep_samplers as tsm
 from underpaint.vocabulary import SamplerName
 
+pytestmark = pytest.mark.parity
+
 
 def _tol(name: str) -> float:
     if name == "DPM fast":

@@ -15,12 +15,14 @@ from tests.support.storage import RecordingStorage
 
 from underpaint.config import Settings
 from underpaint.engine.job import JobCancelled, JobError, Progress
+from underpaint.engine.prompts import PromptSyntaxError
 from underpaint.storage.base import StorageError
+from underpaint.storage.custom_target import InvalidCustomStorage
 from underpaint.tasks.contract import Img2ImgRequest, TaskRequest
 from underpaint.tasks.queue import LocalQueue
 from underpaint.tasks.store import SqlTaskStore
 from underpaint.tasks.types import ImageRecord, TaskRecord, TaskStatus
-from underpaint.worker.loop import ProgressReporter, Worker, process_task
+from underpaint.worker.loop import INTERNAL_REASON, ProgressReporter, Worker, process_task
 
 SETTINGS = Settings(lease_seconds=60, max_attempts=3)
 
@@ -85,7 +87,8 @@ def test_worker_runs_task_records_images_and_progress(store: SqlTaskStore) -> No
     [
         (JobError("checkpoint 'x.safetensors' is not installed"), "checkpoint 'x.safetensors' is not installed"),
         (StorageError("bucket 'b' denied access"), "bucket 'b' denied access"),
-        (ValueError("width must be a multiple of 8"), "width must be a multiple of 8"),
+        (PromptSyntaxError("invalid attention weight '1.2.3'"), "invalid attention weight '1.2.3'"),
+        (InvalidCustomStorage("custom_storage.aws_s3 must be an object"), "custom_storage.aws_s3 must be an object"),
         (JobError(), "JobError"),
     ],
 )
@@ -104,21 +107,33 @@ def test_user_errors_fail_with_their_message(store: SqlTaskStore, exc: Exception
     assert [t.task_id for t in terminal] == [tid]
 
 
-def test_unexpected_errors_fail_with_type_and_message_and_are_logged(
-    store: SqlTaskStore, caplog: pytest.LogCaptureFixture
+@pytest.mark.parametrize(
+    "exc",
+    [
+        RuntimeError("CUDA error: an illegal memory access at /srv/secret/path"),
+        ValueError("too many values to unpack (expected 2)"),  # a plain ValueError is a bug, not the client's fault
+        KeyError("latents"),
+    ],
+)
+def test_unexpected_errors_fail_with_a_generic_reason_and_their_traceback_is_logged(
+    store: SqlTaskStore, caplog: pytest.LogCaptureFixture, exc: Exception
 ) -> None:
     tid = add(store)
 
     def fn(task: TaskRecord, request: TaskRequest, report: ProgressReporter) -> list[ImageRecord]:
-        raise RuntimeError("CUDA out of memory")
+        raise exc
 
     with caplog.at_level(logging.ERROR, logger="underpaint.tasks"):
         Worker(store, FnRunner(fn), SETTINGS).run_once()
     task = store.get(tid)
     assert task is not None
     assert task.status is TaskStatus.FAILED
-    assert task.reason.startswith("internal error: RuntimeError: CUDA out of memory")
-    assert any(r.exc_info and tid in r.getMessage() for r in caplog.records)
+    assert task.reason == INTERNAL_REASON
+    assert str(exc) not in task.reason
+    assert type(exc).__name__ not in task.reason
+    (logged,) = [r for r in caplog.records if r.exc_info and tid in r.getMessage()]
+    assert logged.exc_info is not None
+    assert logged.exc_info[1] is exc
 
 
 def test_cancelled_run_leaves_task_alone(store: SqlTaskStore) -> None:

@@ -25,6 +25,7 @@ from underpaint.api.context import ApiContext, error_response, json_ok
 from underpaint.api.extensions import QUEUE_PATH, TASKS_PATH, queue_status, recent_tasks, task_limit
 from underpaint.api.files import serve_file
 from underpaint.api.idempotency import IDEMPOTENCY_HEADER
+from underpaint.api.model_pull import install_model_pull
 from underpaint.api.models_route import list_models
 from underpaint.api.playground import install_playground
 from underpaint.api.schemas import validation_error_to_api
@@ -136,6 +137,7 @@ def create_app(services: Services) -> FastAPI:
     def health() -> Response:
         return _health(services.health)
 
+    install_model_pull(app, ctx)
     install_playground(app)
     return app
 

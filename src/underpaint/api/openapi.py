@@ -17,6 +17,7 @@ from pydantic.json_schema import models_json_schema
 from underpaint import __version__
 from underpaint.api import responses as r
 from underpaint.api.extensions import DEFAULT_TASK_LIMIT, MAX_TASK_LIMIT, QUEUE_PATH, TASKS_PATH
+from underpaint.api.model_pull import PULL_PATH, PULL_STATUS_PATH, PullBody, PullStatus
 from underpaint.api.schemas import Img2ImgBody, InpaintingBody, Txt2ImgBody, UpscaleBody
 
 SUBMIT_PATH = "/v3/async/img2img"
@@ -30,8 +31,16 @@ FILES_PATH = "/v3/files/{key}"
 HEALTH_PATH = "/health"
 
 _REF = "#/components/schemas/{model}"
-_REQUEST_MODELS: tuple[type[BaseModel], ...] = (Img2ImgBody, Txt2ImgBody, InpaintingBody, UpscaleBody, r.CancelRequest)
+_REQUEST_MODELS: tuple[type[BaseModel], ...] = (
+    Img2ImgBody,
+    Txt2ImgBody,
+    InpaintingBody,
+    UpscaleBody,
+    r.CancelRequest,
+    PullBody,
+)
 _RESPONSE_MODELS: tuple[type[BaseModel], ...] = (
+    PullStatus,
     r.ErrorBody,
     r.SubmitResponse,
     r.TaskResultResponse,
@@ -271,6 +280,56 @@ def _paths(idempotency: bool) -> dict[str, Any]:
                     )
                 ],
                 "responses": {"200": _json("TaskListResponse", "the tasks"), **_errors(400, 403, 500)},
+            }
+        },
+        PULL_PATH: {
+            "post": {
+                "tags": ["extensions"],
+                "operationId": "pullModel",
+                "summary": "Download a model into the models folder in the background (extension, admin keys only)",
+                "description": "`source`: an http(s) URL, `hf:<owner>/<repo>/<file>[@revision]` or "
+                "`civitai:<model version id>`. Resumes a partial download of the same source, checks the size and "
+                "the sha256 (given, or Hugging Face's), renames atomically into `models/<type>/`. Downloads go "
+                "through the SSRF guard: public hosts only, private ones when listed in `model_pull_allow_hosts`. "
+                "Poll the answer's `pull_id`.",
+                "requestBody": {"required": True, "content": {"application/json": {"schema": _schema("PullBody")}}},
+                "responses": {
+                    "200": _json("PullStatus", "the pull, queued"),
+                    **_errors(
+                        500,
+                        own={
+                            400: {"INVALID_REQUEST_BODY": "a bad source or body", "MISSING_API_KEY": "no key"},
+                            403: {"ADMIN_KEY_REQUIRED": "the key is not in admin_api_keys"},
+                        },
+                    ),
+                },
+            }
+        },
+        PULL_STATUS_PATH: {
+            "get": {
+                "tags": ["extensions"],
+                "operationId": "pullStatus",
+                "summary": "A model pull's progress and outcome (extension, admin keys only)",
+                "parameters": [
+                    {
+                        "name": "pull_id",
+                        "in": "path",
+                        "required": True,
+                        "schema": string,
+                        "description": "from the pull",
+                    }
+                ],
+                "responses": {
+                    "200": _json("PullStatus", "queued, downloading, succeeded (with path and sha256) or failed"),
+                    **_errors(
+                        500,
+                        own={
+                            400: {"MISSING_API_KEY": "no Authorization header"},
+                            403: {"ADMIN_KEY_REQUIRED": "the key is not in admin_api_keys"},
+                            404: {"PULL_NOT_FOUND": "no such pull in this process (it forgets them on restart)"},
+                        },
+                    ),
+                },
             }
         },
         QUEUE_PATH: {

@@ -45,6 +45,7 @@ import torch
 from torch import Tensor
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
+from underpaint.engine.job import JobError
 from underpaint.engine.prompts import is_break, parse_prompt_attention
 
 CHUNK_LENGTH = 75
@@ -204,7 +205,7 @@ def tokenize_prompt(
     expansions = token_expansion_ids(tokenizer, token_expansions)
     too_long = [ids for ids in expansions.values() if len(ids) > CHUNK_LENGTH]
     if too_long:
-        raise ValueError(f"a textual inversion embedding has {len(too_long[0])} vectors, at most {CHUNK_LENGTH} fit")
+        raise JobError(f"a textual inversion embedding has {len(too_long[0])} vectors, at most {CHUNK_LENGTH} fit")
     pieces = tokenizer([text for text, _ in parsed], add_special_tokens=False, truncation=False, verbose=False)
     builder = _ChunkBuilder(tokenizer, comma_padding_backtrack)
     for (text, weight), ids in zip(parsed, pieces["input_ids"], strict=True):
@@ -317,7 +318,7 @@ def _check_clip_skip(bundle: TextEncoderBundle, clip_skip: int, sdxl_clip_l_skip
         raise ValueError(f"clip_skip must be an integer >= 1 (A1111 meaning, 1 = last layer), got {clip_skip!r}")
     layers = int(bundle.text_encoders[0].config.num_hidden_layers)
     if (not bundle.is_sdxl or (sdxl_clip_l_skip and not bundle.refiner)) and clip_skip > layers:
-        raise ValueError(f"clip_skip {clip_skip} exceeds the text encoder's {layers} layers")
+        raise JobError(f"clip_skip {clip_skip} exceeds the text encoder's {layers} layers")
 
 
 def pad_to_same_length(a: Conditioning, b: Conditioning, empty: Conditioning) -> tuple[Conditioning, Conditioning]:

@@ -40,7 +40,7 @@ from underpaint.engine.job import (
     batch_key,
 )
 from underpaint.engine.loader import LoadedCheckpoint, ModelCache
-from underpaint.engine.memory import OutOfMemory, free_device_memory, oom_message
+from underpaint.engine.memory import OutOfMemory, free_device_memory, oom_message, release_frames
 from underpaint.engine.metadata import InfotextParams, build_infotext
 from underpaint.engine.model_tiers import ModelCacheReport
 from underpaint.engine.preprocessors import AnnotatorCache
@@ -136,6 +136,8 @@ class DiffusersExecutor:
                     [jobs[i] for i in indices], [progress[i] for i in indices], [cancels[i] for i in indices]
                 )
                 for i, outcome in zip(indices, results, strict=True):
+                    if isinstance(outcome, BaseException):
+                        release_frames(outcome)  # a failed job's tensors go now, before the next group allocates
                     outcomes[i] = outcome
             if any(isinstance(o, torch.cuda.OutOfMemoryError) for o in outcomes):
                 # Out of memory is a task failure, not a broken worker: each job that hit it (its batch was already

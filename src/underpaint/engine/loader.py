@@ -50,6 +50,7 @@ from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokeniz
 
 from underpaint.config import Settings
 from underpaint.engine.devices import empty_device_cache, pick_device, pick_dtype
+from underpaint.engine.job import JobError
 from underpaint.engine.model_tiers import ModelCacheReport
 from underpaint.engine.unet_resize import use_a1111_skip_resize
 from underpaint.registry import UNET_CONV_IN, ModelEntry
@@ -80,8 +81,9 @@ class _DropCastWarning(logging.Filter):
 logging.getLogger("diffusers.models.modeling_utils").addFilter(_DropCastWarning())
 
 
-class ModelLoadError(ValueError):
-    """A model file that cannot be used: unreadable, unsafe, or not the kind of model it is filed as."""
+class ModelLoadError(JobError, ValueError):
+    """A model file that cannot be used: unreadable, unsafe, or not the kind of model it is filed as. A ``JobError``
+    (the task fails with this message); still a ``ValueError`` for callers outside a task."""
 
 
 # ---------------------------------------------------------------------------------------------------- state dicts

@@ -2,8 +2,11 @@
 
     img2img: prepare_init_latents -> encode_conditioning -> build_model_fn -> sample_img2img -> decode_latents
     txt2img: (no init latents)    -> encode_conditioning -> build_model_fn -> sample_txt2img
-             [-> hires fix: upscale_latents (Latent) | decode, upscale model, encode -> sample_img2img, fix_steps]
+             [-> upscale_first_pass: upscale_latents (Latent) | decode, upscale model, encode; crop_latents
+              -> sample_img2img with fix_steps (the hires fix's second pass)]
              -> decode_latents
+    refiner: encode_conditioning again with the refiner's encoder; switching_model_fn hands the last pass over to
+             the refiner's model function once ``completed_ratio`` reaches ``switch_at``
 
 Why not diffusers' Img2Img pipelines: A1111 semantics (sampler math, ``t_enc`` slicing, per-image CPU noise
 streams, attention syntax, clip skip) differ from them in ways users notice (``docs/ARCHITECTURE.md``).
@@ -36,6 +39,7 @@ from underpaint.engine.job import (
     Progress,
     ProgressCallback,
 )
+from underpaint.engine.memory import release_frames
 from underpaint.engine.samplers import DiscreteSchedule, NoiseSource, sample_img2img, sample_txt2img
 from underpaint.tasks.batching import batchable
 from underpaint.vocabulary import SamplerName
@@ -661,6 +665,7 @@ def sample_batch(c: Components, spec: BatchSpec, members: Sequence[Member]) -> l
     if len(members) > 1 and not batchable(spec.sampler_name):
         return [sample_batch(c, spec, [m])[0] for m in members]
     batch = _Batch(members)
+    failure: Exception | None = None
     try:
         latents = _sample(c, spec, batch)
     except JobCancelled as exc:
@@ -668,13 +673,20 @@ def sample_batch(c: Components, spec: BatchSpec, members: Sequence[Member]) -> l
             batch.drop(k, exc)
         return [o if o is not None else exc for o in batch.outcome]
     except Exception as exc:
+        failure = exc
+    if failure is not None:
+        # Here, out of the except block and with the failed call's frames cleared, the batch's tensors are gone
+        # before a retry allocates again (engine/memory.py).
+        release_frames(failure)
         still = [k for k in range(len(members)) if batch.active(k)]
         if len(still) <= 1:
             for k in still:
-                batch.drop(k, exc)
-            return [o if o is not None else exc for o in batch.outcome]
-        log.warning("batch of %d failed (%s: %s); running its tasks one by one", len(still), type(exc).__name__, exc)
-        outcomes: list[Outcome] = [o if o is not None else exc for o in batch.outcome]
+                batch.drop(k, failure)
+            return [o if o is not None else failure for o in batch.outcome]
+        log.warning(
+            "batch of %d failed (%s: %s); running its tasks one by one", len(still), type(failure).__name__, failure
+        )
+        outcomes: list[Outcome] = [o if o is not None else failure for o in batch.outcome]
         for k in still:
             outcomes[k] = sample_batch(c, spec, [members[k]])[0]
         return outcomes
@@ -760,14 +772,7 @@ def _sample(c: Components, spec: BatchSpec, batch: _Batch) -> torch.Tensor:
         if hires is None:
             return latents
         batch.poll_cancel()
-        cover = hires_cover_size(spec.width, spec.height, hires.width, hires.height)
-        if hires.latent:
-            latents = upscale_latents(latents, cover)
-        else:
-            if c.upscale is None:
-                raise JobError(f"hires fix upscaler {hires.upscaler!r} was not provided to the pipeline")
-            latents = _upscale_with_model(c, latents, cover, c.upscale)
-        latents = crop_latents(latents, cover, (hires.width, hires.height))
+        latents, cover = upscale_first_pass(c, latents, (spec.width, spec.height), hires)
         if not second:  # strength 0: the upscaled first pass, not denoised again
             return latents
         clock.next_pass(1.0 - clock.share)
@@ -776,6 +781,21 @@ def _sample(c: Components, spec: BatchSpec, batch: _Batch) -> torch.Tensor:
         return img2img(
             BatchSpec(cover[0], cover[1], spec.steps, spec.sampler_name, hires.strength), latents, hires.strength, True
         )
+
+
+def upscale_first_pass(
+    c: Components, latents: torch.Tensor, size: tuple[int, int], hires: HiresFix
+) -> tuple[torch.Tensor, tuple[int, int]]:
+    """Hires fix between the passes: the first pass's latents at the target size, and the cover size they were
+    upscaled to before the centre crop (A1111 conditions the second pass on it)."""
+    cover = hires_cover_size(size[0], size[1], hires.width, hires.height)
+    if hires.latent:
+        latents = upscale_latents(latents, cover)
+    else:
+        if c.upscale is None:
+            raise JobError(f"hires fix upscaler {hires.upscaler!r} was not provided to the pipeline")
+        latents = _upscale_with_model(c, latents, cover, c.upscale)
+    return crop_latents(latents, cover, (hires.width, hires.height)), cover
 
 
 def _grey_conditioning_at(c: Components, members: Sequence[Member], size: tuple[int, int]) -> None:

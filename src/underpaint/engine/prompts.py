@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import re
 
+from underpaint.engine.job import JobError
+
 ROUND_MULTIPLIER = 1.1
 SQUARE_MULTIPLIER = 1 / 1.1
 BREAK_TEXT = "BREAK"
@@ -42,7 +44,7 @@ _LEXER = re.compile(
 _BREAK = re.compile(r"\s*\bBREAK\b\s*")
 
 
-class PromptSyntaxError(ValueError):
+class PromptSyntaxError(JobError, ValueError):
     """The prompt cannot be parsed (only an explicit weight that is not a number, e.g. ``(x:1.2.3)``)."""
 
 

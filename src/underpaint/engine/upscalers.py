@@ -33,8 +33,6 @@ Lanczos to exactly ``W`` x ``H``.
 from __future__ import annotations
 
 import itertools
-import threading
-from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,6 +52,7 @@ from spandrel import (
 from underpaint.engine.adapters import short_reason
 from underpaint.engine.job import JobCancelled, JobError
 from underpaint.engine.loader import ModelLoadError, read_weights_file
+from underpaint.engine.lru import LoadedLru
 
 TILE = 192
 TILE_PAD = 8
@@ -126,32 +125,23 @@ class UpscalerCache:
     def __init__(self, device: torch.device | None = None, dtype: torch.dtype = torch.float32, capacity: int = 2):
         self.device = device or torch.device("cpu")
         self.dtype = dtype
-        self.capacity = max(1, capacity)
-        self.loads = 0
-        self._lock = threading.Lock()
-        self._models: OrderedDict[tuple[str, float, int], LoadedUpscaler] = OrderedDict()
+        self._lru: LoadedLru[tuple[str, float, int], LoadedUpscaler] = LoadedLru(capacity)
+
+    @property
+    def loads(self) -> int:
+        return self._lru.loads
 
     def get(self, path: Path) -> LoadedUpscaler:
+        path = Path(path)
         try:
-            st = Path(path).stat()
+            st = path.stat()
         except OSError as exc:
-            raise UpscalerError(f"upscaler {Path(path).name} is gone from the models folder: {exc}") from exc
-        key = (str(Path(path).resolve()), st.st_mtime, st.st_size)
-        with self._lock:
-            found = self._models.get(key)
-            if found is not None:
-                self._models.move_to_end(key)
-                return found
-            model = load_upscaler(Path(path), self.device, self.dtype)
-            self.loads += 1
-            self._models[key] = model
-            while len(self._models) > self.capacity:
-                self._models.popitem(last=False)
-            return model
+            raise UpscalerError(f"upscaler {path.name} is gone from the models folder: {exc}") from exc
+        key = (str(path.resolve()), st.st_mtime, st.st_size)
+        return self._lru.get(key, lambda: load_upscaler(path, self.device, self.dtype))
 
     def clear(self) -> None:
-        with self._lock:
-            self._models.clear()
+        self._lru.clear()
 
 
 def extras_size(width: int, height: int, scale: float) -> tuple[int, int]:

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from underpaint.config import Settings
+from underpaint.storage.base import StorageError
 
 # AWS general purpose bucket naming rules.
 _BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
@@ -30,7 +31,7 @@ _REGION_RE = re.compile(r"^[a-z]{2}(-[a-z]+)+-\d{1,2}$")
 _MAX_PATH_BYTES = 900
 
 
-class InvalidCustomStorage(ValueError):
+class InvalidCustomStorage(StorageError, ValueError):
     """``extra.custom_storage`` that cannot be used; ``str(exc)`` is written for the client."""
 
     def __init__(self, message: str, **metadata: object) -> None:

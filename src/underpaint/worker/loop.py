@@ -218,13 +218,21 @@ def _short(text: str) -> str:
     return text if len(text) <= _MAX_REASON else text[: _MAX_REASON - 3] + "..."
 
 
+# The error taxonomy: the failures a client can act on are these types (a missing or unusable model, a bad
+# prompt, an out-of-memory size, a storage target it configured); their message becomes the task's reason.
+# Anything else (a plain ValueError included) is the server's fault: its traceback is logged under the task id
+# and the client gets a generic reason that leaks nothing of the internals.
+CLIENT_ERRORS: tuple[type[Exception], ...] = (JobError, StorageError)
+INTERNAL_REASON = (
+    "internal error: the server failed while running this task. Nothing was wrong with the request as far as the "
+    "server can tell; retry it, and report the task id to the operator if it keeps failing"
+)
+
+
 def _failure_reason(exc: Exception) -> str:
-    if isinstance(exc, JobError | StorageError | ValueError):
+    if isinstance(exc, CLIENT_ERRORS):
         return _short(str(exc) or type(exc).__name__)
-    return _short(
-        f"internal error: {type(exc).__name__}: {exc}. Nothing was wrong with the request as far as the server "
-        "can tell; retry it, and report it to the operator if it keeps failing"
-    )
+    return INTERNAL_REASON
 
 
 def run_claimed(
@@ -325,11 +333,11 @@ def _record(
             log.warning("task %s: run abandoned (lease lost); its result is not recorded", task.task_id, extra=about)
         return
     if isinstance(outcome, BaseException):
-        if isinstance(outcome, JobError | StorageError | ValueError):
+        if isinstance(outcome, CLIENT_ERRORS):
             log.info("task %s failed: %s", task.task_id, outcome, extra=about)
         else:
             log.error("task %s failed with an unexpected error", task.task_id, exc_info=outcome, extra=about)
-        reason = _failure_reason(outcome) if isinstance(outcome, Exception) else _short(repr(outcome))
+        reason = _failure_reason(outcome) if isinstance(outcome, Exception) else INTERNAL_REASON
         if store.fail(task.task_id, worker_id, reason):
             notify_terminal(store, [task.task_id], on_terminal)
         return

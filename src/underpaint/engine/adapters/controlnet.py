@@ -7,8 +7,6 @@ the control map goes to both halves of the CFG batch, and several units add thei
 
 from __future__ import annotations
 
-import threading
-from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,6 +17,7 @@ from PIL import Image
 
 from underpaint.engine import preprocessors
 from underpaint.engine.job import ControlNetUnitSpec, JobError
+from underpaint.engine.lru import LoadedLru
 from underpaint.registry import ModelEntry
 
 CONFIG_ROOT = Path(__file__).resolve().parents[1] / "configs"
@@ -102,28 +101,18 @@ class ControlNetCache:
     """Loaded ControlNets, least recently used evicted beyond ``capacity`` (they are 0.7-2.5 GB each)."""
 
     def __init__(self, capacity: int = 3) -> None:
-        self.capacity = capacity
-        self._models: OrderedDict[tuple[Path, float, str], Any] = OrderedDict()
-        self._lock = threading.Lock()
-        self.loads = 0
+        self._lru: LoadedLru[tuple[Path, float, str], Any] = LoadedLru(capacity)
+
+    @property
+    def loads(self) -> int:
+        return self._lru.loads
 
     def get(self, entry: ModelEntry, device: torch.device, dtype: torch.dtype) -> Any:
         key = (entry.path, entry.mtime, str(dtype))
-        with self._lock:
-            if key in self._models:
-                self._models.move_to_end(key)
-                return self._models[key]
-        model = load_controlnet_model(entry, device, dtype)
-        with self._lock:
-            self.loads += 1
-            self._models[key] = model
-            while len(self._models) > self.capacity:
-                self._models.popitem(last=False)
-        return model
+        return self._lru.get(key, lambda: load_controlnet_model(entry, device, dtype))
 
     def clear(self) -> None:
-        with self._lock:
-            self._models.clear()
+        self._lru.clear()
 
 
 @dataclass

@@ -1,0 +1,41 @@
+"""A small thread-safe LRU of loaded models (ControlNets, upscalers): the key says which file version and
+settings a value was loaded for, so a replaced file is loaded afresh."""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Hashable
+from typing import Generic, TypeVar
+
+K = TypeVar("K", bound=Hashable)
+V = TypeVar("V")
+
+
+class LoadedLru(Generic[K, V]):
+    """Values by key, the least recently used evicted beyond ``capacity``; ``loads`` counts calls to ``load``.
+
+    ``load`` runs outside the lock (a load takes seconds; other keys stay readable meanwhile)."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = max(1, capacity)
+        self.loads = 0
+        self._values: OrderedDict[K, V] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: K, load: Callable[[], V]) -> V:
+        with self._lock:
+            if key in self._values:
+                self._values.move_to_end(key)
+                return self._values[key]
+        value = load()
+        with self._lock:
+            self.loads += 1
+            self._values[key] = value
+            while len(self._values) > self.capacity:
+                self._values.popitem(last=False)
+        return value
+
+    def clear(self) -> None:
+        with self._lock:
+            self._values.clear()
