@@ -164,6 +164,13 @@ def test_bad_input_is_a_400_naming_the_field(
     assert message in body["message"]
 
 
+def test_a_result_under_8_px_is_refused_at_submit(stack: Stack) -> None:
+    r = stack.post(model_name="2x-tiny-compact", image_base64=base64.b64encode(_png(5, 40)).decode(), scale_factor=1.5)
+    assert r.status_code == 400, r.text
+    assert r.json()["metadata"]["field"] == "request.scale_factor"
+    assert "5x40 upscaled by 1.5 is 0x56" in r.json()["message"]
+
+
 def test_an_8_megapixel_image_is_refused_before_it_is_decoded(stack: Stack) -> None:
     buf = io.BytesIO()
     Image.new("RGB", (3464, 2309), (40, 90, 160)).save(buf, "PNG")

@@ -3,8 +3,9 @@
 * 17 sigma samplers: k-diffusion (pip package) with A1111's argument rules, float64. Same order of operations
   gives agreement at rounding level (measured <= 4e-16, asserted <= 1e-10). DPM fast: k-diffusion builds its lambda
   grid with a float32 linspace (and A1111 passes float32 sigma bounds), ours is float64: agreement at float32
-  level (measured 4e-7, asserted <= 1e-5). DPM adaptive: k-diffusion keeps atol/rtol as float32 tensors (measured
-  3e-9, asserted <= 1e-7).
+  level (measured 4e-7, asserted <= 1e-5). DPM adaptive: k-diffusion keeps atol/rtol as float32 tensors, so its
+  accept/reject decisions round at float32 (measured 3e-9 on the toy model and 1.6e-7 on the tiny UNet with
+  AVX-512 kernels; asserted <= 1e-6, a few float32 ulps).
 * DDIM / PLMS (A1111 >= 1.6 = the ldm samplers without their last step): diffusers DDIMScheduler/PNDMScheduler
   with the ldm config, driven over the same timesteps. diffusers computes its scalar coefficients in float32, so
   agreement is at float32 level (measured ~1e-7; asserted <= 2e-6).
@@ -54,7 +55,7 @@ def _tol(name: str) -> float:
     if name == "DPM fast":
         return 1e-5  # reference lambda grid in float32 (see module docstring)
     if name == "DPM adaptive":
-        return 1e-7  # reference error tolerances atol/rtol are float32 tensors
+        return 1e-6  # reference error tolerances atol/rtol are float32 tensors (a few float32 ulps)
     return 1e-10
 
 

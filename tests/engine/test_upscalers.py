@@ -17,6 +17,7 @@ from PIL import Image
 from underpaint.demo.upscalers import ANIME_6B, COMPACT, ESRNET, OLD_ESRGAN, write_demo_upscalers
 from underpaint.engine import upscalers as up
 from underpaint.engine.job import JobCancelled, JobError
+from underpaint.tasks.contract import extras_size
 
 
 @pytest.fixture(scope="module")
@@ -145,7 +146,7 @@ def test_extras_semantics_sizes_passes_and_pixels(
     model = up.load_upscaler(upscaler_dir / COMPACT)  # x2
     calls: list[int] = []
     out = up.upscale(image, model, scale, tile=24, on_pass=calls.append)
-    assert out.size == size == up.extras_size(56, 40, scale)
+    assert out.size == size == extras_size(56, 40, scale)
     assert calls == list(range(passes))
     assert up.passes_needed(56, 40, scale, 2) == passes
     expected = np.asarray(_a1111_extras(image, _reference(upscaler_dir / COMPACT), scale), dtype=np.int16)
@@ -153,9 +154,9 @@ def test_extras_semantics_sizes_passes_and_pixels(
 
 
 def test_extras_size_floors_to_multiples_of_8() -> None:
-    assert up.extras_size(333, 517, 2.5) == (832, 1288)
-    assert up.extras_size(512, 512, 4) == (2048, 2048)
-    assert up.extras_size(100, 60, 1.05) == (104, 56)
+    assert extras_size(333, 517, 2.5) == (832, 1288)
+    assert extras_size(512, 512, 4) == (2048, 2048)
+    assert extras_size(100, 60, 1.05) == (104, 56)
 
 
 def test_upscale_to_is_exact_and_uses_the_model(upscaler_dir: Path) -> None:

@@ -38,6 +38,7 @@ from underpaint.tasks.contract import (
     TaskExtra,
     TaskRequest,
     Txt2ImgRequest,
+    extras_size,
     inpainting_size,
 )
 from underpaint.tasks.lanes import task_lane, upscale_lane
@@ -293,7 +294,15 @@ def _prepare_upscale(ctx: ApiContext, body: UpscaleBody) -> Prepared:
     told by the worker, which fails the task naming it), then the image decoded under the upscale limits."""
     req = body.request
     entry = _resolve_upscaler(ctx.services.registry, req.model_name, "request.model_name")
-    decode_image(req.image_base64, "request.image_base64", UPSCALE_LIMITS)
+    image = decode_image(req.image_base64, "request.image_base64", UPSCALE_LIMITS).image
+    width, height = extras_size(image.width, image.height, req.scale_factor)
+    if min(width, height) < 8:
+        field = "request.scale_factor"
+        raise invalid_request(
+            f"{field}: {image.width}x{image.height} upscaled by {req.scale_factor:g} is {width}x{height} (each side "
+            "times the scale, floored to a multiple of 8, as A1111 does); the result needs at least 8 px a side",
+            field=field,
+        )
     return Prepared(req.model_copy(update={"model_name": entry.sd_name}), None)
 
 

@@ -20,10 +20,11 @@ tiling internally (``ModelTiling.INTERNAL``) run on the whole image.
 
 Pixels: RGB in ``[0, 1]`` (the channel order the models were trained on, what spandrel documents and what
 Real-ESRGAN's and chaiNNer's inference feed; A1111 flips to BGR before the model), 8 bits between passes and at the
-end, truncated as A1111's ``torch_bgr_to_pil_image`` truncates. Alpha is dropped (A1111 converts to RGB).
+end, truncated as A1111's ``torch_bgr_to_pil_image`` truncates. No alpha: images reach the engine as RGB (the
+API's decoder composites transparency on white; A1111's Extras drops it).
 
 A1111 semantics (``modules/upscaler.py`` ``Upscaler.upscale``, v1.6-v1.10): the destination is
-``int(w * scale // 8 * 8)`` x ``int(h * scale // 8 * 8)`` (``extras_size``); the model runs up to 3 times while the
+``int(w * scale // 8 * 8)`` x ``int(h * scale // 8 * 8)`` (``tasks.contract.extras_size``); the model runs up to 3 times while the
 image is smaller than the destination (always once first when ``scale == 1``; stopping if a pass does not change the
 size), then a Lanczos resize to the destination if the size differs. ``upscale_to`` is A1111's ``resize_image``
 "just resize" with an upscaler (what hires fix calls): scale ``max(W / w, H / h)``, the above when that is > 1, then
@@ -53,6 +54,7 @@ from underpaint.engine.adapters import short_reason
 from underpaint.engine.job import JobCancelled, JobError
 from underpaint.engine.loader import ModelLoadError, read_weights_file
 from underpaint.engine.lru import LoadedLru
+from underpaint.tasks.contract import extras_size
 
 TILE = 192
 TILE_PAD = 8
@@ -142,11 +144,6 @@ class UpscalerCache:
 
     def clear(self) -> None:
         self._lru.clear()
-
-
-def extras_size(width: int, height: int, scale: float) -> tuple[int, int]:
-    """A1111's Extras destination for ``scale``: each side times ``scale``, floored to a multiple of 8."""
-    return int(width * scale // 8 * 8), int(height * scale // 8 * 8)
 
 
 def _spans(length: int, tile: int) -> list[tuple[int, int]]:

@@ -221,6 +221,12 @@ def _check_scale_factor(value: float) -> float:
     return value
 
 
+def extras_size(width: int, height: int, scale: float) -> tuple[int, int]:
+    """A1111's Extras destination for ``scale``: each side times ``scale``, floored to a multiple of 8 (what an
+    upscale task returns; ``engine.upscalers`` runs to it)."""
+    return int(width * scale // 8 * 8), int(height * scale // 8 * 8)
+
+
 class UpscaleRequest(Lenient):
     """``POST /v3/async/upscale``: one image through an upscaler model (``models/upscaler/``), A1111's Extras
     semantics. No diffusion: no seed, one image. ``scale_factor`` accepts numeric strings ("2", as Novita's JS
