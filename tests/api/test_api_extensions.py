@@ -193,7 +193,7 @@ def test_playground_page_carries_the_servers_vocabularies(page_client: TestClien
 def test_playground_assets(page_client: TestClient) -> None:
     page = page_client.get("/playground").text
     links = re.findall(r'"/playground/([\w.]+)\?v=(\w+)"', page)
-    assert {name for name, _ in links} == {"playground.css", "playground.js"}
+    assert {name for name, _ in links} == {"playground.css", "playground.js", "inpaint.js"}
     for name, version in links:
         r = page_client.get(f"/playground/{name}", params={"v": version})
         assert r.status_code == 200

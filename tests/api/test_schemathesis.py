@@ -31,6 +31,7 @@ OPERATIONS = [
     ("POST", "/v3/async/img2img"),
     ("POST", "/v3/async/upscale"),
     ("POST", "/v3/async/txt2img"),
+    ("POST", "/v3/async/inpainting"),
     ("GET", "/v3/async/task-result"),
     ("POST", "/v3/async/task-cancel"),
     ("GET", "/v3/async/tasks"),
@@ -49,9 +50,12 @@ CASES = [
 EXAMPLES = int(os.environ.get("UNDERPAINT_SCHEMATHESIS_EXAMPLES", "50"))
 AUTH = {"Authorization": f"Bearer {KEY_A}"}
 VALID_IMAGE = base64.b64encode(image_bytes((32, 32))).decode()
+INPAINT_IMAGE = base64.b64encode(image_bytes((64, 64))).decode()
+INPAINT_MASK = base64.b64encode(image_bytes((64, 64), mode="L", color=255)).decode()
 KNOWN_MODELS = {
     "/v3/async/img2img": ("dreamshaper_8.safetensors", "sd_xl_base_1.0.safetensors"),
     "/v3/async/txt2img": ("dreamshaper_8.safetensors", "sd_xl_base_1.0.safetensors"),
+    "/v3/async/inpainting": ("dreamshaper_8.safetensors", "sd15-inpainting.safetensors"),
     "/v3/async/upscale": ("RealESRGAN_x4plus_anime_6B", "4x-UltraSharp"),
 }
 
@@ -78,6 +82,9 @@ def _reach_deeper(case: Any, models: tuple[str, str]) -> None:
         return
     if case.operation.path != "/v3/async/txt2img":  # the endpoints that take an image
         request["image_base64"] = VALID_IMAGE
+    if case.operation.path == "/v3/async/inpainting":
+        request["image_base64"] = INPAINT_IMAGE
+        request["mask_image_base64"] = INPAINT_MASK
     request["model_name"] = models[len(request) % 2]
 
 

@@ -26,11 +26,21 @@ from tests.support.samplers import kdiffusion
 from torch import Tensor
 
 from underpaint.config import Settings
+from underpaint.engine import job as engine_job
 from underpaint.engine import pipeline
 from underpaint.engine.executor import DiffusersExecutor
-from underpaint.engine.job import GenerationJob, HiresFix, JobError, MaskSpec
+from underpaint.engine.inpainting import area_cropper, prepare_area
+from underpaint.engine.job import (
+    ControlNetUnitSpec,
+    GenerationJob,
+    HiresFix,
+    IPAdapterSpec,
+    JobError,
+    MaskSpec,
+)
+from underpaint.engine.samplers import sample_img2img
 from underpaint.registry import ModelRegistry
-from underpaint.vocabulary import SamplerName
+from underpaint.vocabulary import PreprocessorName, SamplerName
 
 PROMPT, NEGATIVE, CFG, STEPS = "a red apple", "blurry", 6.0, 5
 
@@ -403,3 +413,89 @@ def test_an_empty_mask_fails_the_job_with_a_reason(executor: DiffusersExecutor) 
     )
     with pytest.raises(JobError, match="mask is empty"):
         executor.generate(job)
+
+
+def test_only_masked_cuts_controlnet_images_to_the_same_area(executor: DiffusersExecutor) -> None:
+    """A ControlNet unit's image follows the init image into the crop (resized to the init image's size first), so
+    the control map lines up with what is repainted."""
+    image = picture(96, 64)
+    spec = MaskSpec(blob_mask(96, 64, (60, 30, 80, 44)), 3, True, 6)
+    area = prepare_area(image, spec, 96, 64)
+    crop = area_cropper(image.size, spec, 96, 64)
+    assert np.array_equal(np.asarray(crop(image)), np.asarray(area.image))
+    half = image.resize((48, 32), Image.Resampling.LANCZOS)
+    assert crop(half).size == (96, 64)
+    assert area.crop is not None
+    assert area.crop[0] > 0  # really a crop, not the whole picture
+    with pytest.raises(JobError, match="mask is empty"):
+        area_cropper(image.size, MaskSpec(Image.new("L", (96, 64), 0), full_res=True), 96, 64)
+
+
+def test_inpainting_runs_with_a_controlnet_unit_and_an_ip_adapter(executor: DiffusersExecutor) -> None:
+    image = picture(96, 64)
+    job = GenerationJob(
+        checkpoint="tiny-sd15-inpainting",
+        init_image=image,
+        prompt=PROMPT,
+        negative_prompt="",
+        width=96,
+        height=64,
+        image_num=1,
+        steps=2,
+        guidance_scale=CFG,
+        sampler_name=SamplerName("Euler"),
+        seed=3,
+        strength=1.0,
+        mask=MaskSpec(blob_mask(96, 64, (60, 30, 80, 44)), 3, True, 6),
+        controlnets=(ControlNetUnitSpec("control_v11p_sd15_canny.safetensors", image, 0.8, PreprocessorName("canny")),),
+        ip_adapters=(IPAdapterSpec("ip-adapter_sd15.bin", image, 0.5),),
+    )
+    (out,) = executor.generate(job)
+    assert out.image.size == (96, 64)
+    assert np.array_equal(np.asarray(out.image)[:20], np.asarray(image)[:20])
+
+
+def test_inpainting_jobs_with_different_masks_batch_and_equal_their_solo_runs(executor: DiffusersExecutor) -> None:
+    """Masks, mask settings and noise multipliers are per job: batch mates of one sampler call (float64 here) give
+    their solo results, and the call really is shared."""
+    image = picture(64, 48)
+
+    def job(spec: MaskSpec, seed: int, image_num: int = 1) -> GenerationJob:
+        return GenerationJob(
+            checkpoint="tiny-sd15-inpainting",
+            init_image=image,
+            prompt=PROMPT,
+            negative_prompt=NEGATIVE,
+            width=64,
+            height=48,
+            image_num=image_num,
+            steps=3,
+            guidance_scale=CFG,
+            sampler_name=SamplerName("Euler a"),
+            seed=seed,
+            strength=0.9,
+            mask=spec,
+        )
+
+    jobs = [
+        job(MaskSpec(blob_mask(64, 48, (30, 10, 50, 30)), 2, False, 8, False, 1.0), 5),
+        job(MaskSpec(blob_mask(64, 48, (10, 20, 24, 40)), 4, True, 4, False, 0.5), 6, image_num=2),
+        job(MaskSpec(blob_mask(64, 48, (30, 10, 50, 30)), 0, False, 8, True, 0.8), 7),
+    ]
+    assert len({engine_job.batch_key(j) for j in jobs}) == 1
+    calls: list[int] = []
+    real = sample_img2img
+
+    def counting(*args: Any, **kwargs: Any) -> Any:
+        calls.append(int(args[3].shape[0]))
+        return real(*args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(pipeline, "sample_img2img", counting)
+        batched = executor.generate_batch(jobs)
+    assert calls == [4]
+    for j, outcome in zip(jobs, batched, strict=True):
+        assert not isinstance(outcome, BaseException), outcome
+        for got, solo in zip(outcome, executor.generate(j), strict=True):
+            diff = np.abs(np.asarray(got.image).astype(np.int16) - np.asarray(solo.image).astype(np.int16))
+            assert diff.max() <= 1

@@ -5,7 +5,15 @@ from __future__ import annotations
 import uuid
 from typing import Any
 
-from underpaint.tasks.contract import Img2ImgRequest, TaskExtra, TaskRequest, TaskType, Txt2ImgRequest, load_request
+from underpaint.tasks.contract import (
+    Img2ImgRequest,
+    InpaintingRequest,
+    TaskExtra,
+    TaskRequest,
+    TaskType,
+    Txt2ImgRequest,
+    load_request,
+)
 from underpaint.tasks.types import NewTask, TaskStore
 
 # A 1x1 PNG: a valid image for requests whose image is never decoded in the test.
@@ -25,6 +33,21 @@ def txt2img(**fields: Any) -> Txt2ImgRequest:
     values: dict[str, Any] = {"model_name": "a.safetensors", "prompt": "a house", "seed": 1}
     request = load_request({**values, **fields, "task_type": TaskType.TXT_TO_IMG})
     assert isinstance(request, Txt2ImgRequest)
+    return request
+
+
+def inpainting(**fields: Any) -> InpaintingRequest:
+    values: dict[str, Any] = {
+        "model_name": "a.safetensors",
+        "prompt": "a house",
+        "image_base64": PIXEL_PNG,
+        "mask_image_base64": PIXEL_PNG,
+        "seed": 1,
+        "width": 64,
+        "height": 64,
+    }
+    request = load_request({**values, **fields, "task_type": TaskType.INPAINTING})
+    assert isinstance(request, InpaintingRequest)
     return request
 
 

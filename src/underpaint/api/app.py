@@ -30,7 +30,7 @@ from underpaint.api.models_route import list_models
 from underpaint.api.playground import install_playground
 from underpaint.api.schemas import validation_error_to_api
 from underpaint.api.steer import CANCEL_PATH, QueueEta, cancel_task
-from underpaint.api.submit import IMG2IMG, MAX_BODY_BYTES, TXT2IMG, UPSCALE, Endpoint, submit
+from underpaint.api.submit import IMG2IMG, INPAINTING, MAX_BODY_BYTES, TXT2IMG, UPSCALE, Endpoint, submit
 from underpaint.services import HealthCheck, Services
 from underpaint.tasks.types import TaskRecord, TaskStatus
 from underpaint.wire.errors import ApiError, invalid_request, task_not_found
@@ -40,11 +40,13 @@ logger = logging.getLogger("underpaint.api")
 
 SUBMIT_PATH = "/v3/async/img2img"
 TXT2IMG_PATH = "/v3/async/txt2img"
+INPAINTING_PATH = "/v3/async/inpainting"
 UPSCALE_PATH = "/v3/async/upscale"
 RESULT_PATH = "/v3/async/task-result"
 _FAILURE_REASONS = {
     SUBMIT_PATH: "CREATE_TASK_FAILED",
     TXT2IMG_PATH: "CREATE_TASK_FAILED",
+    INPAINTING_PATH: "CREATE_TASK_FAILED",
     UPSCALE_PATH: "CREATE_TASK_FAILED",
     RESULT_PATH: "GET_RESULT_FAILED",
     CANCEL_PATH: "CANCEL_TASK_FAILED",
@@ -52,6 +54,7 @@ _FAILURE_REASONS = {
 _FAILURE_MESSAGES = {
     SUBMIT_PATH: "internal error while creating the task; please retry",
     TXT2IMG_PATH: "internal error while creating the task; please retry",
+    INPAINTING_PATH: "internal error while creating the task; please retry",
     UPSCALE_PATH: "internal error while creating the task; please retry",
     RESULT_PATH: "internal error while reading the task result; please retry",
     CANCEL_PATH: "internal error while cancelling the task; please retry",
@@ -99,6 +102,7 @@ def create_app(services: Services) -> FastAPI:
 
     submit_route(SUBMIT_PATH, IMG2IMG)
     submit_route(TXT2IMG_PATH, TXT2IMG)
+    submit_route(INPAINTING_PATH, INPAINTING)
     submit_route(UPSCALE_PATH, UPSCALE)
 
     @app.post(CANCEL_PATH)

@@ -18,10 +18,11 @@ from underpaint import __version__
 from underpaint.api import responses as r
 from underpaint.api.extensions import DEFAULT_TASK_LIMIT, MAX_TASK_LIMIT, QUEUE_PATH, TASKS_PATH
 from underpaint.api.model_pull import PULL_PATH, PULL_STATUS_PATH, PullBody, PullStatus
-from underpaint.api.schemas import Img2ImgBody, Txt2ImgBody, UpscaleBody
+from underpaint.api.schemas import Img2ImgBody, InpaintingBody, Txt2ImgBody, UpscaleBody
 
 SUBMIT_PATH = "/v3/async/img2img"
 TXT2IMG_PATH = "/v3/async/txt2img"
+INPAINTING_PATH = "/v3/async/inpainting"
 UPSCALE_PATH = "/v3/async/upscale"
 RESULT_PATH = "/v3/async/task-result"
 CANCEL_PATH = "/v3/async/task-cancel"
@@ -30,7 +31,14 @@ FILES_PATH = "/v3/files/{key}"
 HEALTH_PATH = "/health"
 
 _REF = "#/components/schemas/{model}"
-_REQUEST_MODELS: tuple[type[BaseModel], ...] = (Img2ImgBody, Txt2ImgBody, UpscaleBody, r.CancelRequest, PullBody)
+_REQUEST_MODELS: tuple[type[BaseModel], ...] = (
+    Img2ImgBody,
+    Txt2ImgBody,
+    InpaintingBody,
+    UpscaleBody,
+    r.CancelRequest,
+    PullBody,
+)
 _RESPONSE_MODELS: tuple[type[BaseModel], ...] = (
     PullStatus,
     r.ErrorBody,
@@ -100,6 +108,7 @@ def build_openapi(served: Collection[str]) -> dict[str, Any]:
         "tags": [
             {"name": "img2img", "description": "Novita v3 async Img2Img"},
             {"name": "txt2img", "description": "Novita v3 async Txt2Img"},
+            {"name": "inpainting", "description": "Novita v3 async Inpainting"},
             {"name": "upscale", "description": "Novita v3 async Upscale"},
             {"name": "models", "description": "Novita v3 Query Model"},
             {"name": "extensions", "description": "Underpaint additions to the Novita API"},
@@ -202,6 +211,16 @@ def _paths(idempotency: bool) -> dict[str, Any]:
             "extension) or the server's `refiner_checkpoint`; a 400 names `request.refiner` when there is none. "
             "`controlnet` and `ip_adapters` are extensions (as in img2img). `restore_faces` and "
             "`enable_transparent_background` are refused with a 400 while no model for them is installed.",
+        ),
+        INPAINTING_PATH: submit(
+            "inpainting",
+            "Submit an inpainting task",
+            "InpaintingBody",
+            "Repaints the white area of `mask_image_base64` (same size as the image; real alpha counts where it has "
+            "any, else luminance) with A1111 semantics. No width/height: the output has the image's size, and every "
+            "pixel outside the blurred mask is the input's. `inpainting_full_res` and `inpainting_mask_invert` take "
+            "booleans or 0/1. `controlnet` and `ip_adapters` are extensions (as in img2img). task-result reports "
+            "`task_type` `INPAINTING`.",
         ),
         UPSCALE_PATH: submit(
             "upscale",

@@ -34,6 +34,7 @@ OPENAPI_PATH = "/openapi.json"
 ASSETS = {
     "playground.css": "text/css; charset=utf-8",
     "playground.js": "text/javascript; charset=utf-8",
+    "inpaint.js": "text/javascript; charset=utf-8",
     "docs.js": "text/javascript; charset=utf-8",
 }
 # Images may live on S3 (presigned URLs on another origin); everything else comes from this origin.

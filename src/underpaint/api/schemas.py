@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 
 from pydantic import BaseModel, Field, ValidationError
 
-from underpaint.tasks.contract import Img2ImgRequest, TaskExtra, Txt2ImgRequest, UpscaleRequest
+from underpaint.tasks.contract import Img2ImgRequest, InpaintingRequest, TaskExtra, Txt2ImgRequest, UpscaleRequest
 from underpaint.tasks.fields import Lenient
 from underpaint.wire.errors import ApiError, invalid_image_size, invalid_request
 
@@ -28,6 +28,11 @@ class Img2ImgBody(Lenient):
 class Txt2ImgBody(Lenient):
     extra: TaskExtra = Field(default_factory=TaskExtra)
     request: Txt2ImgRequest
+
+
+class InpaintingBody(Lenient):
+    extra: TaskExtra = Field(default_factory=TaskExtra)
+    request: InpaintingRequest
 
 
 class UpscaleBody(Lenient):

@@ -25,12 +25,13 @@ from pydantic import BaseModel
 from underpaint.api.auth import Caller
 from underpaint.api.context import ApiContext
 from underpaint.api.idempotency import idempotency_key, replay
-from underpaint.api.schemas import Img2ImgBody, Txt2ImgBody, UpscaleBody, parse_body
+from underpaint.api.schemas import Img2ImgBody, InpaintingBody, Txt2ImgBody, UpscaleBody, parse_body
 from underpaint.delivery.ssrf import InvalidWebhookUrl
 from underpaint.registry import ModelEntry, ModelRegistry
 from underpaint.services import Admission
 from underpaint.storage.custom_target import InvalidCustomStorage, validate_custom_storage
 from underpaint.tasks.contract import (
+    INPAINTING_MIN_SIDE,
     GenerationRequest,
     HiresFixIn,
     RefinerIn,
@@ -38,13 +39,14 @@ from underpaint.tasks.contract import (
     TaskRequest,
     Txt2ImgRequest,
     extras_size,
+    inpainting_size,
 )
 from underpaint.tasks.lanes import task_lane, upscale_lane
 from underpaint.tasks.lifecycle import announce
 from underpaint.tasks.types import IdempotencyKeyTaken, NewTask
 from underpaint.vocabulary import LATENT_UPSCALER, missing_annotator_files, missing_annotator_message
-from underpaint.wire.errors import ApiError, invalid_request
-from underpaint.wire.images import UPSCALE_LIMITS, decode_image
+from underpaint.wire.errors import ApiError, invalid_image_size, invalid_request
+from underpaint.wire.images import INPAINTING_LIMITS, UPSCALE_LIMITS, decode_image, decode_mask
 
 R = TypeVar("R", bound=GenerationRequest)
 M = TypeVar("M", bound=BaseModel)
@@ -257,6 +259,36 @@ def _prepare_txt2img(ctx: ApiContext, body: Txt2ImgBody) -> Prepared:
     return Prepared(request.model_copy(update=update), names.checkpoint)
 
 
+def _prepare_inpainting(ctx: ApiContext, body: InpaintingBody) -> Prepared:
+    """Inpainting's own checks: the image and the mask (same size, something to repaint); the processing size
+    (``inpainting_size``) becomes the stored request's width and height."""
+    req = body.request
+    request, names = _prepare_generation(ctx, req)
+    image = decode_image(req.image_base64, "request.image_base64", INPAINTING_LIMITS).image
+    if min(image.size) < INPAINTING_MIN_SIDE:
+        raise invalid_image_size(
+            f"request.image_base64: the image is {image.width}x{image.height}; inpainting needs at least "
+            f"{INPAINTING_MIN_SIDE} pixels on each side",
+            field="request.image_base64",
+        )
+    field = "request.mask_image_base64"
+    mask = decode_mask(req.mask_image_base64, field, INPAINTING_LIMITS)
+    if mask.size != image.size:
+        raise invalid_request(
+            f"{field}: the mask is {mask.width}x{mask.height} but the image is {image.width}x{image.height}; "
+            "send a mask of the image's size",
+            field=field,
+        )
+    low, high = mask.getextrema()
+    if (low == 255) if req.inpainting_mask_invert else (high == 0):
+        what = "white everywhere, and inverted" if req.inpainting_mask_invert else "black everywhere"
+        raise invalid_request(
+            f"{field}: the mask is empty ({what}): nothing to repaint; paint the area to repaint white", field=field
+        )
+    width, height = inpainting_size(image.width, image.height)
+    return Prepared(request.model_copy(update={"width": width, "height": height}), names.checkpoint)
+
+
 def _prepare_upscale(ctx: ApiContext, body: UpscaleBody) -> Prepared:
     """The upscaler resolved and its file checked from its header (whether spandrel knows the architecture is
     told by the worker, which fails the task naming it), then the image decoded under the upscale limits."""
@@ -276,6 +308,7 @@ def _prepare_upscale(ctx: ApiContext, body: UpscaleBody) -> Prepared:
 
 IMG2IMG = Endpoint(parse=partial(parse_body, Img2ImgBody), prepare=_prepare_img2img)
 TXT2IMG = Endpoint(parse=partial(parse_body, Txt2ImgBody), prepare=_prepare_txt2img)
+INPAINTING = Endpoint(parse=partial(parse_body, InpaintingBody), prepare=_prepare_inpainting)
 UPSCALE = Endpoint(parse=partial(parse_body, UpscaleBody), prepare=_prepare_upscale)
 
 

@@ -9,6 +9,7 @@ builds each image's infotext (model hashes come from the registry's hash cache).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -374,9 +375,14 @@ class DiffusersExecutor:
 
         entries = [self._entry("controlnet", u.model) for u in job.controlnets]
         annotators = self.registry.models_dir / "annotator"
+        units = list(job.controlnets)
+        if job.mask is not None and job.mask.full_res and job.init_image is not None:
+            # Only masked: each control image is cut to the same area as the init image.
+            crop = inpainting.area_cropper(job.init_image.size, job.mask, job.width, job.height)
+            units = [dataclasses.replace(u, image=crop(u.image)) for u in units]
         return build_control_hook(
             loaded,
-            list(zip(entries, job.controlnets, strict=True)),
+            list(zip(entries, units, strict=True)),
             job.width,
             job.height,
             annotators,

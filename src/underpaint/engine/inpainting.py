@@ -21,7 +21,8 @@ Written from the published method (A1111 is AGPL; nothing is copied):
    transparent canvas of the input's size; then the input, made transparent where the overlay mask is set, is
    alpha-composited over it. Where the overlay mask is 0, the output is the input, byte for byte.
 
-The processing size is the input's size rounded down to a multiple of 8 (the VAE's factor). When that differs from
+The processing size (the job's width x height) is the input's size rounded down to a multiple of 8 (the VAE's
+factor; ``tasks.contract.inpainting_size``, set at submit). When that differs from
 the input's size (an input whose sides are not multiples of 8), the whole-picture result is resized back to the
 input's size (Lanczos) before the paste-back and the overlay is built at the input's size, so the output always has
 the input's size and its unmasked pixels stay exact (A1111 itself cannot composite such sizes; docs/compatibility.md).
@@ -29,13 +30,14 @@ the input's size and its unmasked pixels stay exact (A1111 itself cannot composi
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import cv2
 import numpy as np
 from PIL import Image, ImageOps
 
-from underpaint.engine.job import MaskSpec
+from underpaint.engine.job import JobError, MaskSpec
 
 LATENT_FACTOR = 8
 
@@ -49,11 +51,6 @@ class PreparedArea:
     overlay: Image.Image  # RGBA, input size: the input, transparent where it is repainted
     crop: tuple[int, int, int, int] | None  # (x1, y1, x2, y2) for only masked, else None
     size: tuple[int, int]  # the input's (width, height): the output's size
-
-
-def processing_size(width: int, height: int) -> tuple[int, int]:
-    """The input's size rounded down to the VAE's factor (at least one latent pixel)."""
-    return max(width // LATENT_FACTOR, 1) * LATENT_FACTOR, max(height // LATENT_FACTOR, 1) * LATENT_FACTOR
 
 
 def blur_kernel_size(sigma: float) -> int:
@@ -165,13 +162,33 @@ def _overlay(image: Image.Image, overlay_mask: Image.Image) -> Image.Image:
     return canvas.convert("RGBA")
 
 
+def _checked(mask: Image.Image) -> Image.Image:
+    if mask.getbbox() is None:
+        raise JobError("the mask is empty: there is nothing to inpaint")
+    return mask
+
+
+def area_cropper(
+    size: tuple[int, int], spec: MaskSpec, width: int, height: int
+) -> Callable[[Image.Image], Image.Image]:
+    """For only masked: cut another image (a ControlNet unit's, resized to the init image's ``size`` first) to the
+    area the init image is cut to, at the processing size; the whole-picture case needs nothing."""
+    mask = _checked(user_mask(spec))
+    box = fit_aspect(mask_bbox(mask, spec.full_res_padding), width, height, size[0], size[1])
+
+    def crop(image: Image.Image) -> Image.Image:
+        if image.size != size:
+            image = image.convert("RGB").resize(size, Image.Resampling.LANCZOS)
+        return resize_fill(image.convert("RGB").crop(box), width, height)
+
+    return crop
+
+
 def prepare_area(image: Image.Image, spec: MaskSpec, width: int, height: int) -> PreparedArea:
     """Steps 1-2 for one input ``image`` (RGB) at the processing size ``width x height``."""
     if spec.mask.size != image.size:
-        raise ValueError(f"the mask is {spec.mask.size[0]}x{spec.mask.size[1]}, the image {image.width}x{image.height}")
-    mask = user_mask(spec)
-    if mask.getbbox() is None:
-        raise ValueError("the mask is empty: there is nothing to inpaint")
+        raise JobError(f"the mask is {spec.mask.size[0]}x{spec.mask.size[1]}, the image {image.width}x{image.height}")
+    mask = _checked(user_mask(spec))
     image = image.convert("RGB")
     if spec.full_res:
         box = fit_aspect(mask_bbox(mask, spec.full_res_padding), width, height, image.width, image.height)

@@ -114,7 +114,7 @@ class GenerationJob:
     embeddings: tuple[EmbeddingSpec, ...] = ()
     controlnets: tuple[ControlNetUnitSpec, ...] = ()
     ip_adapters: tuple[IPAdapterSpec, ...] = ()
-    # Inpainting: width x height is then the processing size (``inpainting.processing_size``), the output keeps the
+    # Inpainting: width x height is then the processing size (``tasks.contract.inpainting_size``), the output keeps the
     # init image's size.
     mask: MaskSpec | None = None
     hires_fix: HiresFix | None = None  # txt2img only
@@ -178,16 +178,20 @@ class ExecutorStats:
 JobOutcome = list[GeneratedImage] | BaseException
 
 
+def _task_type(job: GenerationJob) -> TaskType:
+    if job.is_txt2img:
+        return TaskType.TXT_TO_IMG
+    return TaskType.IMG_TO_IMG if job.mask is None else TaskType.INPAINTING
+
+
 def batch_key(job: GenerationJob) -> object:
     """Jobs with equal keys share one sampler call. The signature is ``tasks.batching``'s, the one the store keys
     queued tasks with (what may differ: prompts, seeds, ``image_num``, guidance scale, the adapters' images); a job
-    whose signature never batches (DPM adaptive) gets a key of its own, and so does an inpainting job until the
-    signature carries its mask settings."""
-    if job.mask is not None:
-        return ("alone", id(job))
+    whose signature never batches (DPM adaptive) gets a key of its own. An inpainting job's mask and mask settings
+    are per job (each batch member carries its own latent mask, conditioning, noise multiplier and paste-back)."""
     hires = job.hires_fix
     key = BatchSignature(
-        task_type=(TaskType.TXT_TO_IMG if job.is_txt2img else TaskType.IMG_TO_IMG).value,
+        task_type=_task_type(job).value,
         checkpoint=job.checkpoint,
         width=job.width,
         height=job.height,

@@ -216,10 +216,7 @@ def prepare_inpainting(
     if spec is not None:
         if image is None:
             raise JobError("inpainting needs an init image")
-        try:
-            area = inpainting.prepare_area(image, spec, inputs.width, inputs.height)
-        except ValueError as exc:
-            raise JobError(str(exc)) from None
+        area = inpainting.prepare_area(image, spec, inputs.width, inputs.height)
         image = area.image
     h, w = latent_hw
     repaint = None

@@ -23,7 +23,14 @@ import json
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 
-from underpaint.tasks.contract import Img2ImgRequest, TaskRequest, TaskType, Txt2ImgRequest, UpscaleRequest
+from underpaint.tasks.contract import (
+    Img2ImgRequest,
+    InpaintingRequest,
+    TaskRequest,
+    TaskType,
+    Txt2ImgRequest,
+    UpscaleRequest,
+)
 from underpaint.vocabulary import normalize_sampler_name, resolve_sampler, sampler_algorithm, sampler_with_schedule
 
 UNBATCHABLE_SAMPLERS = frozenset({"DPM adaptive"})
@@ -80,7 +87,7 @@ def _digest(value: object) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
-def signature(request: Img2ImgRequest | Txt2ImgRequest) -> BatchSignature:
+def signature(request: Img2ImgRequest | Txt2ImgRequest | InpaintingRequest) -> BatchSignature:
     """The batch signature of a typed diffusion request."""
     units = request.controlnet.units if request.controlnet is not None else []
     return BatchSignature(
@@ -90,7 +97,7 @@ def signature(request: Img2ImgRequest | Txt2ImgRequest) -> BatchSignature:
         height=request.height,
         steps=request.steps,
         sampler=sampler_with_schedule(request.sampler_name, request.scheduler),
-        strength=request.strength if isinstance(request, Img2ImgRequest) else None,
+        strength=request.strength if isinstance(request, Img2ImgRequest | InpaintingRequest) else None,
         clip_skip=request.clip_skip,
         vae=request.sd_vae or None,
         loras=lora_set((x.model_name, x.strength) for x in request.loras),

@@ -2,8 +2,8 @@
 
 One pydantic model per endpoint, told apart by ``task_type`` (the wire name task-result reports):
 
-- ``Img2ImgRequest`` (``IMG_TO_IMG``), ``Txt2ImgRequest`` (``TXT_TO_IMG``), ``UpscaleRequest`` (``UPSCALE``: no
-  diffusion); inpainting joins ``TaskRequest`` as a sibling (``docs/ARCHITECTURE.md``, "Adding an endpoint").
+- ``Img2ImgRequest`` (``IMG_TO_IMG``), ``Txt2ImgRequest`` (``TXT_TO_IMG``), ``InpaintingRequest``
+  (``INPAINTING``), ``UpscaleRequest`` (``UPSCALE``: no diffusion) (``docs/ARCHITECTURE.md``, "Adding an endpoint").
 - ``TaskExtra``: the body's ``extra`` object (output format, NSFW, webhook, custom storage ...), plus the base URL
   the task was submitted on (image URLs in webhooks point there).
 
@@ -21,7 +21,16 @@ from __future__ import annotations
 import enum
 from typing import Annotated, Any, Literal
 
-from pydantic import ConfigDict, Discriminator, Field, Tag, TypeAdapter, model_validator
+from pydantic import (
+    BeforeValidator,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    TypeAdapter,
+    WithJsonSchema,
+    model_validator,
+)
 from pydantic.json_schema import SkipJsonSchema
 from pydantic_core import PydanticCustomError
 
@@ -106,6 +115,10 @@ class IPAdapterIn(Lenient):
 # --- requests, one per endpoint ----------------------------------------------------------------------------------
 
 
+def _blank_is_none(value: Any) -> Any:
+    return None if isinstance(value, str) and not value.strip() else value
+
+
 class GenerationRequest(Lenient):
     """The fields every diffusion endpoint shares (Novita's ranges and the SDKs' defaults)."""
 
@@ -121,7 +134,7 @@ class GenerationRequest(Lenient):
     # A1111 >= 1.9's "Schedule type"; absent: the sampler name means what it meant in A1111 <= 1.8.
     scheduler: Scheduler = None
     seed: Seed = -1
-    sd_vae: ModelName | None = None
+    sd_vae: Annotated[ModelName | None, BeforeValidator(_blank_is_none)] = None  # "" (Python SDK): none
     clip_skip: Annotated[int, in_range(1, 12)] = 1
     loras: Annotated[list[LoraIn], at_most(5)] = Field(default_factory=list)
     embeddings: Annotated[list[EmbeddingIn], at_most(5)] = Field(default_factory=list)
@@ -168,6 +181,40 @@ class Txt2ImgRequest(GenerationRequest):
     enable_transparent_background: bool = False
 
 
+# Inpainting's on/off fields: Novita documents 0/1, the Python SDK sends booleans; both are accepted (and stored
+# as booleans).
+Flag = Annotated[bool, WithJsonSchema({"anyOf": [{"type": "boolean"}, {"type": "integer", "enum": [0, 1]}]})]
+INPAINTING_MIN_SIDE = 64
+
+
+class InpaintingRequest(GenerationRequest):
+    """``POST /v3/async/inpainting``. Novita's body has no width/height: the API sets them from the image, to the
+    processing size (``inpainting_size``); the output keeps the image's own size."""
+
+    task_type: SkipJsonSchema[Literal[TaskType.INPAINTING]] = TaskType.INPAINTING
+    width: SkipJsonSchema[int] = 0  # set by the API from the image, not by the client
+    height: SkipJsonSchema[int] = 0
+    image_base64: Base64
+    mask_image_base64: Base64
+    strength: Unit = 1.0
+    mask_blur: Annotated[int, in_range(0, 64)] = 4
+    inpainting_full_res: Flag = False
+    inpainting_full_res_padding: Annotated[int, in_range(0, 256)] = 8
+    inpainting_mask_invert: Flag = False
+    initial_noise_multiplier: Annotated[float, in_range(0, 1.5)] = 0.5
+    # The Python SDK's InpaintingRequest defaults clip_skip to 0; A1111 reads 0 as 1 (the last layer).
+    clip_skip: Annotated[int, BeforeValidator(_zero_is_one), in_range(1, 12)] = 1
+
+
+def _zero_is_one(value: Any) -> Any:
+    return 1 if value == 0 and not isinstance(value, bool) else value
+
+
+def inpainting_size(width: int, height: int) -> tuple[int, int]:
+    """Inpainting's processing size: the image's size rounded down to a multiple of 8 (the VAE's factor)."""
+    return width // 8 * 8, height // 8 * 8
+
+
 def _check_scale_factor(value: float) -> float:
     if not 1 < value <= 4:
         raise PydanticCustomError("out_of_range", "must be greater than 1 and at most 4 (got {v})", {"v": value})
@@ -208,10 +255,11 @@ def _task_type_of(value: Any) -> str:
 
 
 # Any endpoint's request (annotations); a new endpoint adds its model here and its tag to ``_TAGGED``.
-TaskRequest = Img2ImgRequest | Txt2ImgRequest | UpscaleRequest
+TaskRequest = Img2ImgRequest | Txt2ImgRequest | InpaintingRequest | UpscaleRequest
 _TAGGED = Annotated[
     Annotated[Img2ImgRequest, Tag(TaskType.IMG_TO_IMG)]
     | Annotated[Txt2ImgRequest, Tag(TaskType.TXT_TO_IMG)]
+    | Annotated[InpaintingRequest, Tag(TaskType.INPAINTING)]
     | Annotated[UpscaleRequest, Tag(TaskType.UPSCALE)],
     Discriminator(_task_type_of),
 ]

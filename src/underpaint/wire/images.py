@@ -41,6 +41,7 @@ class ImageLimits:
 
 
 DEFAULT_LIMITS = ImageLimits()
+INPAINTING_LIMITS = ImageLimits(max_bytes=30 * 1024 * 1024)  # image and mask: 16 MP, 30 MB (Novita's limits)
 # ``POST /v3/async/upscale`` (Novita's limits): files up to 30 MB, at most 2048 x 2048, so at most 8192 x 8192 out.
 UPSCALE_LIMITS = ImageLimits(max_bytes=30 * 2**20, max_side=2048)
 

@@ -17,12 +17,20 @@ from underpaint.engine.job import (
     IPAdapterSpec,
     JobError,
     LoraSpec,
+    MaskSpec,
     Refiner,
     UpscaleJob,
 )
-from underpaint.tasks.contract import GenerationRequest, Img2ImgRequest, TaskRequest, Txt2ImgRequest, UpscaleRequest
+from underpaint.tasks.contract import (
+    GenerationRequest,
+    Img2ImgRequest,
+    InpaintingRequest,
+    TaskRequest,
+    Txt2ImgRequest,
+    UpscaleRequest,
+)
 from underpaint.wire.errors import ApiError
-from underpaint.wire.images import UPSCALE_LIMITS, decode_image
+from underpaint.wire.images import INPAINTING_LIMITS, UPSCALE_LIMITS, decode_image, decode_mask
 
 
 def job_from_request(request: TaskRequest) -> GenerationJob:
@@ -32,6 +40,8 @@ def job_from_request(request: TaskRequest) -> GenerationJob:
             return _img2img(request)
         if isinstance(request, Txt2ImgRequest):
             return _txt2img(request)
+        if isinstance(request, InpaintingRequest):
+            return _inpainting(request)
     except ApiError as exc:
         raise JobError(exc.message) from None
     raise JobError(f"unknown task type {request.task_type!r}")
@@ -98,6 +108,22 @@ def _txt2img(r: Txt2ImgRequest) -> GenerationJob:
     )
 
 
+def _inpainting(r: InpaintingRequest) -> GenerationJob:
+    image = decode_image(r.image_base64, "request.image_base64", INPAINTING_LIMITS).image
+    mask = decode_mask(r.mask_image_base64, "request.mask_image_base64", INPAINTING_LIMITS)
+    if mask.size != image.size:
+        raise JobError(f"the mask is {mask.width}x{mask.height} but the image {image.width}x{image.height}")
+    spec = MaskSpec(
+        mask=mask,
+        blur=r.mask_blur,
+        full_res=r.inpainting_full_res,
+        full_res_padding=r.inpainting_full_res_padding,
+        invert=r.inpainting_mask_invert,
+        initial_noise_multiplier=r.initial_noise_multiplier,
+    )
+    return _job(r, init_image=image, strength=r.strength, mask=spec)
+
+
 def _job(
     r: GenerationRequest,
     *,
@@ -105,6 +131,7 @@ def _job(
     strength: float,
     hires_fix: HiresFix | None = None,
     refiner: Refiner | None = None,
+    mask: MaskSpec | None = None,
 ) -> GenerationJob:
     seed = _checked_seed(r)
     controlnets, ip_adapters = _adapters(r)
@@ -130,4 +157,5 @@ def _job(
         ip_adapters=ip_adapters,
         hires_fix=hires_fix,
         refiner=refiner,
+        mask=mask,
     )

@@ -171,11 +171,12 @@
   }
   $("model_name").addEventListener("change", onCheckpointChange);
 
-  // ---------------------------------------------------------------- task type: img2img, txt2img or upscale
+  // ---------------------------------------------------------------- task type: img2img, txt2img, inpainting or upscale
 
   const MODES = {
     img2img: { path: "/v3/async/img2img", submit: "Generate", image: "Init image" },
     txt2img: { path: "/v3/async/txt2img", submit: "Generate", image: "Init image" },
+    inpainting: { path: "/v3/async/inpainting", submit: "Inpaint", image: "Init image" },
     upscale: { path: "/v3/async/upscale", submit: "Upscale", image: "Image" },
   };
 
@@ -189,6 +190,7 @@
     $("init-title").textContent = MODES[mode].image;
     formError("");
     showUpscaleSize();
+    if (window.UnderpaintInpaint) window.UnderpaintInpaint.modeChanged(mode === "inpainting");
   }
   for (const tab of document.querySelectorAll("#modes .mode")) tab.addEventListener("click", () => setMode(tab.dataset.mode));
   $("hires-enabled").addEventListener("change", () => { $("hires-fields").hidden = !$("hires-enabled").checked; });
@@ -260,6 +262,7 @@
       $("init-info").textContent = `${image.name} · ${image.width}×${image.height}`;
       $("init-size").disabled = false;
       $("init-clear").disabled = false;
+      if (window.UnderpaintInpaint) window.UnderpaintInpaint.attach(image);
       showUpscaleSize();
       formError("");
     } catch (err) {
@@ -294,6 +297,7 @@
     $("init-file").value = "";
     $("init-size").disabled = true;
     $("init-clear").disabled = true;
+    if (window.UnderpaintInpaint) window.UnderpaintInpaint.attach(null);
     showUpscaleSize();
   });
   $("init-size").addEventListener("click", () => {
@@ -324,7 +328,7 @@
   async function adapterImage(input, what) {
     const own = await fileB64(input);
     if (own) return own;
-    if (state.mode === "img2img" && state.init) return state.init.b64;
+    if ((state.mode === "img2img" || state.mode === "inpainting") && state.init) return state.init.b64;
     throw new Error(`choose the ${what} image (text to image has no init image to fall back on)`);
   }
 
@@ -386,6 +390,12 @@
         strength: num("ip-strength"),
       }];
     }
+    if (state.mode === "inpainting") {
+      // Inpainting has no width/height: the output keeps the init image's size.
+      delete req.width;
+      delete req.height;
+      Object.assign(req, window.UnderpaintInpaint.fields());
+    }
     return { extra: { response_image_type: $("response_image_type").value }, request: req };
   }
 
@@ -393,6 +403,7 @@
   function remember(taskId, body) {
     const r = { ...body.request };
     delete r.image_base64;
+    delete r.mask_image_base64;
     if (r.controlnet) r.controlnet = { units: r.controlnet.units.map(({ image_base64, ...u }) => u) };
     if (r.ip_adapters) r.ip_adapters = r.ip_adapters.map(({ image_base64, ...a }) => a);
     try {
@@ -647,7 +658,7 @@
     const p = recalled(taskId);
     if (p) {
       const r = p.request;
-      if (p.mode === "img2img" || p.mode === "txt2img") setMode(p.mode);
+      if (p.mode === "img2img" || p.mode === "txt2img" || p.mode === "inpainting") setMode(p.mode);
       $("hires-enabled").checked = Boolean(r.hires_fix);
       $("hires-fields").hidden = !r.hires_fix;
       if (r.hires_fix) {
