@@ -37,6 +37,8 @@ OPERATIONS = [
     ("GET", "/v3/async/tasks"),
     ("GET", "/v3/async/queue"),
     ("GET", "/v3/model"),
+    ("POST", "/v3/model/pull"),
+    ("GET", "/v3/model/pull/{pull_id}"),
     ("GET", "/v3/files/{key}"),
     ("GET", "/health"),
 ]
