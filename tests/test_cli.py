@@ -36,3 +36,21 @@ def test_webhook_secret_is_stable_per_key(tmp_path: Path, capsys: pytest.Capture
     assert first.startswith("whsec_")
     assert first == again
     assert first != other
+
+
+def test_help_is_plain_text(capsys: pytest.CaptureFixture[str]) -> None:
+    """``underpaint --help`` and every command's help: no reST double backquotes, and the settings order shown."""
+    from underpaint.cli import build_parser
+
+    commands = next(action for action in build_parser()._actions if action.dest == "command").choices
+    assert commands is not None
+    for argv in (["--help"], *([name, "--help"] for name in commands)):
+        with pytest.raises(SystemExit) as info:
+            main(list(argv))
+        assert info.value.code == 0
+        out = capsys.readouterr().out
+        assert out.startswith("usage: underpaint")
+        assert "``" not in out, argv
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert "UNDERPAINT_* environment" in capsys.readouterr().out

@@ -173,7 +173,12 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="underpaint", description=__doc__)
+    # --help is plain text: the module docstring's reST literals (double backquotes) are for the docs only.
+    parser = argparse.ArgumentParser(
+        prog="underpaint",
+        description=(__doc__ or "").replace("``", ""),
+        formatter_class=argparse.RawDescriptionHelpFormatter,  # the docstring's paragraphs as written
+    )
     parser.add_argument("--log-level", default="INFO")
     parser.add_argument(
         "--log-format",

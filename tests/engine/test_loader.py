@@ -475,3 +475,28 @@ def test_files_also_load_through_diffusers_pipeline_route(tiny_models_dir: Path,
     )
     _assert_same_weights(pipe.text_encoder_2, sdxl.text_encoders[1])
     _assert_same_weights(pipe.unet, sdxl.unet)
+
+
+def test_a_server_executor_loads_without_library_progress_bars(
+    tiny_models_dir: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """diffusers' and transformers' tqdm bars ("Loading pipeline components...") stay out of the server's log."""
+    import diffusers.utils.logging
+    import transformers
+
+    from underpaint.engine.executor import DiffusersExecutor
+
+    DiffusersExecutor(
+        Settings(models_dir=tiny_models_dir, device="cpu", torch_threads=1), ModelRegistry(tiny_models_dir)
+    )
+    try:
+        assert not diffusers.utils.logging.is_progress_bar_enabled()
+        assert not transformers.logging.is_progress_bar_enabled()
+        capfd.readouterr()
+        load_checkpoint(_entry(tiny_models_dir, "checkpoint", "tiny-sd15-diffusers"), CPU, torch.float32)
+        out, err = capfd.readouterr()
+        assert "Loading" not in out + err
+        assert "it/s]" not in out + err
+    finally:  # other tests of this worker process see the libraries as they were
+        diffusers.utils.logging.enable_progress_bar()
+        transformers.logging.enable_progress_bar()

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from sqlalchemy import update
 from tests.support.requests import img2img, new_task
 from tests.support.storage import RecordingStorage
 
@@ -20,7 +21,7 @@ from underpaint.storage.base import StorageError
 from underpaint.storage.custom_target import InvalidCustomStorage
 from underpaint.tasks.contract import Img2ImgRequest, TaskRequest
 from underpaint.tasks.queue import LocalQueue
-from underpaint.tasks.store import SqlTaskStore
+from underpaint.tasks.store import SqlTaskStore, tasks_table
 from underpaint.tasks.types import ImageRecord, TaskRecord, TaskStatus
 from underpaint.worker.loop import INTERNAL_REASON, ProgressReporter, Worker, process_task
 
@@ -366,3 +367,31 @@ def test_worker_tells_the_runner_the_next_queued_checkpoint(store: SqlTaskStore)
     # runs, the last "a"; nothing is left to read ahead while the last task runs.
     assert runner.hints == [["b.safetensors"], ["b.safetensors"], ["a.safetensors"]]
     assert [r.model_name for _, r in runner.calls] == ["a.safetensors"] * 2 + ["b.safetensors", "a.safetensors"]
+
+
+def test_one_info_line_per_finished_task(store: SqlTaskStore, caplog: pytest.LogCaptureFixture) -> None:
+    """What an operator reads: the task id, its type, how it ended, its images, run and queue seconds."""
+    ok, bad = add(store, priority=1), add(store)
+    now = time.time()
+    with store.engine.begin() as conn:  # both queued 30 s ago
+        conn.execute(update(tasks_table).values(created_at=now - 30))
+
+    def fn(task: TaskRecord, request: TaskRequest, report: ProgressReporter) -> list[ImageRecord]:
+        if task.task_id == bad:
+            raise JobError("checkpoint 'x' is not installed")
+        time.sleep(0.2)
+        return [*images_for(task), ImageRecord(key=f"{task.task_id}/b.png", image_type="png")]
+
+    with caplog.at_level(logging.INFO, logger="underpaint.tasks"):
+        worker = Worker(store, FnRunner(fn), SETTINGS)
+        while worker.run_once():
+            pass
+    finished = {r.task_id: r for r in caplog.records if "finished" in r.getMessage()}  # type: ignore[attr-defined]
+    assert set(finished) == {ok, bad}
+    line = finished[ok].getMessage()
+    assert line.startswith(f"task {ok} finished: IMG_TO_IMG SUCCEED, 2 image(s), ")
+    run_s, queued_s = finished[ok].run_seconds, finished[ok].queue_seconds  # type: ignore[attr-defined]
+    assert 0.2 <= run_s < 10
+    assert 30 <= queued_s < 40
+    assert finished[bad].getMessage().startswith(f"task {bad} finished: IMG_TO_IMG FAILED, 0 image(s), ")
+    assert finished[ok].levelno == finished[bad].levelno == logging.INFO

@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, cast
 
+import diffusers.utils.logging
 import torch
 import transformers
 from PIL import Image
@@ -65,6 +66,10 @@ class DiffusersExecutor:
         configure_torch_threads(settings.torch_threads)
         # transformers prints long "missing/unexpected keys" load reports for partial state dicts; they are noise.
         transformers.logging.set_verbosity_error()
+        # and their tqdm bars ("Loading pipeline components...", "Loading weights") would spill raw into the server's
+        # log: the model-load log line says what was loaded and how long it took instead.
+        transformers.logging.disable_progress_bar()
+        diffusers.utils.logging.disable_progress_bar()
         self.settings = settings
         self.registry = registry
         self.compile_backend = compile_backend  # torch.compile's backend when settings.compile (tests: eager)

@@ -339,10 +339,12 @@ def _record(
             log.error("task %s failed with an unexpected error", task.task_id, exc_info=outcome, extra=about)
         reason = _failure_reason(outcome) if isinstance(outcome, Exception) else INTERNAL_REASON
         if store.fail(task.task_id, worker_id, reason):
+            log_finished(task, TaskStatus.FAILED, 0)
             notify_terminal(store, [task.task_id], on_terminal)
         return
     recorded = _complete_through_outage(store, task, worker_id, outcome)
     if recorded:
+        log_finished(task, TaskStatus.SUCCEED, len(outcome))
         notify_terminal(store, [task.task_id], on_terminal)
         return
     # Not recorded: the images go (a store outage that outlasted the lease was logged already; the lease gives
@@ -361,6 +363,29 @@ def _record(
             )
     if storage is not None:
         delete_images(storage, outcome)
+
+
+def log_finished(task: TaskRecord, status: TaskStatus, images: int) -> None:
+    """The operator's one INFO line per finished task: id, task type, outcome, images, run and queue seconds."""
+    now = time.time()
+    started = task.started_at if task.started_at is not None else now
+    run_s, queued_s = max(0.0, now - started), max(0.0, started - task.created_at)
+    log.info(
+        "task %s finished: %s %s, %d image(s), %.2f s run, %.2f s queued",
+        task.task_id,
+        task.task_type.value,
+        status.name,
+        images,
+        run_s,
+        queued_s,
+        extra={
+            "task_id": task.task_id,
+            "task_type": task.task_type.value,
+            "images": images,
+            "run_seconds": round(run_s, 3),
+            "queue_seconds": round(queued_s, 3),
+        },
+    )
 
 
 def _complete_through_outage(

@@ -530,6 +530,7 @@
     if (state.shown.has(taskId)) return;
     state.shown.add(taskId);
     const seed = Number(data.extra.seed);
+    const figs = []; // in seed order; the newest task's images go first in the gallery, as one run
     data.images.forEach((image, i) => {
       const fig = $("image-template").content.firstElementChild.cloneNode(true);
       fig.dataset.taskId = taskId;
@@ -541,7 +542,7 @@
       const imageSeed = (seed + i) % 2 ** 32; // image i of a task uses seed + i, as A1111 does
       fig.querySelector(".shot-seed").textContent = String(imageSeed);
       fig.dataset.seed = String(imageSeed);
-      $("gallery").prepend(fig);
+      figs.push(fig);
       const info = infotextFor(taskId, image, imageSeed).then((found) => {
         fig.querySelector(".shot-info").textContent = found.text;
         if (found.seed !== null) {
@@ -560,6 +561,7 @@
         reuseSettings(taskId, await info, Number(fig.dataset.seed));
       });
     });
+    $("gallery").prepend(...figs);
     $("gallery-empty").hidden = true;
   }
 
