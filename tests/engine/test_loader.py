@@ -499,4 +499,4 @@ def test_a_server_executor_loads_without_library_progress_bars(
         assert "it/s]" not in out + err
     finally:  # other tests of this worker process see the libraries as they were
         diffusers.utils.logging.enable_progress_bar()
-        transformers.logging.enable_progress_bar()
+        transformers.logging.enable_progress_bar()  # type: ignore[no-untyped-call]
