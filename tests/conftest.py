@@ -23,6 +23,7 @@ from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
 import pytest  # noqa: E402
+from tests.support.schedule import longest_first  # noqa: E402
 
 
 def _demo_cache_key() -> str:
@@ -113,6 +114,9 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     workeroutput = getattr(config, "workeroutput", None)  # a pytest-xdist worker: tell the controller
     if workeroutput is not None:
         workeroutput["deselected_reasons"] = list(_DESELECTED_REASONS)
+        # The longest files first, so that both workers finish together (tests/support/schedule.py); the
+        # controller hands files out in this order under ``--no-loadscope-reorder`` (scripts/test).
+        items[:] = longest_first(items)
 
 
 @pytest.hookimpl(optionalhook=True)
