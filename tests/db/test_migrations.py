@@ -149,9 +149,11 @@ def test_whoever_opens_the_database_first_creates_the_outbox_and_heartbeat_table
         beat.beat()
         assert [w.worker_id for w in list_workers(outbox.engine)] == [beat.worker_id]
         store = SqlTaskStore(any_db_url)  # a second opener finds the schema current and changes nothing
-        assert store.schema_version == len(MIGRATIONS)
-        assert [w.worker_id for w in list_workers(store.engine)] == [beat.worker_id]
-        store.close()
+        try:
+            assert store.schema_version == len(MIGRATIONS)
+            assert [w.worker_id for w in list_workers(store.engine)] == [beat.worker_id]
+        finally:
+            store.close()
     finally:
         outbox.close()
 
