@@ -206,11 +206,10 @@ def test_a_killed_workers_leftovers_are_deleted_from_the_bucket_by_the_next_runn
     bucket = Bucket()
     bucket.objects["t1/a.png"] = b"uploaded just before the kill"
     deleted_custom: list[tuple[str, dict[str, str]]] = []
-    monkeypatch.setattr(
-        "underpaint.storage.custom.delete_custom",
-        lambda image, settings=None: deleted_custom.append((image.key, image.location)),
-    )
     runner = runner_for(tmp_path, bucket, spool=Spool(root))
+    monkeypatch.setattr(
+        runner.custom_buckets, "delete", lambda image: deleted_custom.append((image.key, image.location))
+    )
     assert runner.recover_spool() == 0
     assert bucket.deleted == ["t1/a.png"]
     assert bucket.objects == {}
@@ -224,10 +223,8 @@ def test_leftovers_that_meet_a_storage_outage_are_cleared_after_the_next_upload(
     root = Settings(data_dir=tmp_path).resolved_spool_dir
     dead = killed_worker(root)
     bucket = Bucket(failures=1)  # still down when the worker starts; the user's bucket is on the same endpoint
-    monkeypatch.setattr(
-        "underpaint.storage.custom.delete_custom", lambda image, settings=None: bucket.delete(image.key)
-    )
     runner = runner_for(tmp_path, bucket, spool=Spool(root))
+    monkeypatch.setattr(runner.custom_buckets, "delete", lambda image: bucket.delete(image.key))
     assert runner.recover_spool() == 2
     assert len(list(dead.glob("*.img"))) == 2
     tid = submit(store, image_num=1)

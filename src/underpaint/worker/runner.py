@@ -22,10 +22,11 @@ from underpaint.config import Settings
 from underpaint.engine.job import Executor, GeneratedImage, GenerationJob
 from underpaint.engine.metadata import CONTENT_TYPES, encode_image
 from underpaint.engine.model_tiers import ModelCacheReport
-from underpaint.storage import custom as custom_storage
 from underpaint.storage.base import ImageStorage
+from underpaint.storage.custom import CustomBuckets
 from underpaint.storage.custom_target import CustomS3Target, custom_target, object_key
 from underpaint.storage.retry import UploadRetry
+from underpaint.storage.s3 import S3Clients
 from underpaint.storage.spool import Spool, Spooled
 from underpaint.tasks.contract import TaskRequest, UpscaleRequest
 from underpaint.tasks.types import ImageRecord, NsfwResult, TaskRecord
@@ -69,7 +70,10 @@ class GenerationRunner:
         *,
         upload_retry: UploadRetry | None = None,
         spool: Spool | None = None,
+        custom_buckets: CustomBuckets | None = None,
     ) -> None:
+        """``custom_buckets``: users' own buckets through the process's shared S3 clients (``wiring`` passes them;
+        without, this runner's own)."""
         self.settings = settings
         self.storage = storage
         self.executor = executor
@@ -79,6 +83,7 @@ class GenerationRunner:
         self.upload_retry = upload_retry or UploadRetry(settings.storage_retry_seconds)
         self.spool = spool
         self._leftovers = False
+        self.custom_buckets = custom_buckets or CustomBuckets(S3Clients(), settings)
         # NSFW detection runs on the CPU (onnxruntime) beside encoding and upload, never on the GPU.
         self._side = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nsfw")
 
@@ -219,7 +224,7 @@ class GenerationRunner:
         if item.target is not None:
             target = item.target
             location = self.upload_retry.run(
-                lambda: custom_storage.put_custom(target, item.key, data(), content_type),
+                lambda: self.custom_buckets.put(target, item.key, data(), content_type),
                 task.task_id,
                 f"upload of {item.key} to bucket {target.bucket}",
                 should_stop,
@@ -248,8 +253,7 @@ class GenerationRunner:
     def _delete_leftover(self, item: Spooled) -> None:
         if item.backend == "custom":
             location = {"bucket": item.bucket, "region": item.region}
-            record = ImageRecord(key=item.key, image_type="", backend="custom", location=location)
-            custom_storage.delete_custom(record, self.settings)
+            self.custom_buckets.delete(ImageRecord(key=item.key, image_type="", backend="custom", location=location))
         elif item.backend == self.storage.name:
             self.storage.delete(item.key)
         else:  # the storage backend changed since: the orphan sweep of that storage is all that can find it
@@ -263,6 +267,6 @@ class GenerationRunner:
                 if r.backend == self.storage.name:
                     self.storage.delete(r.key)
                 elif r.backend == "custom":
-                    custom_storage.delete_custom(r, self.settings)
+                    self.custom_buckets.delete(r)
             except Exception:
                 log.warning("could not delete orphan image %s (%s)", r.key, r.backend)
