@@ -25,6 +25,7 @@ from fastapi import FastAPI
 from underpaint.api.app import create_app
 from underpaint.api.ratelimit import RateLimiter
 from underpaint.config import Settings
+from underpaint.delivery.model_pulls import ModelPulls
 from underpaint.delivery.signing import make_secret_for
 from underpaint.delivery.webhooks import WebhookDispatcher, result_hook
 from underpaint.registry import FileHashCache, ModelRegistry
@@ -67,6 +68,7 @@ class Core:
     webhooks: WebhookDispatcher
     on_terminal: TerminalHook
     custom_buckets: CustomBuckets  # users' own buckets, on the process's one set of S3 clients
+    pulls: ModelPulls  # POST /v3/model/pull jobs; the server runs them (a worker process only holds the object)
 
 
 def server_secret(settings: Settings) -> bytes:
@@ -122,6 +124,7 @@ def build_core(settings: Settings, queue: TaskQueue | None = None) -> Core:
     secret_for = make_secret_for(settings, secret, owner_of)
     webhooks = WebhookDispatcher(store.engine, settings, secret_for, store=store, storage=storage)
     hook = result_hook(webhooks, image_urls)
+    pulls = ModelPulls.from_settings(store.engine, settings)
     services = Services(
         settings=settings,
         store=store,
@@ -132,8 +135,9 @@ def build_core(settings: Settings, queue: TaskQueue | None = None) -> Core:
         webhooks=webhooks,
         rate_limiter=RateLimiter(settings, store),
         on_terminal=hook,
+        model_pulls=pulls,
     )
-    return Core(services, store, webhooks, hook, custom_buckets)
+    return Core(services, store, webhooks, hook, custom_buckets, pulls)
 
 
 # -- the generating side (imports the engine) ---------------------------------------------------------------
@@ -255,6 +259,7 @@ class Server:
                 self.worker = build_local_worker(self.core)
             self.worker.start()
         self.core.webhooks.start()
+        self.core.pulls.start()  # also resumes pulls a stopped node left (docs/deploy.md)
         storage = services.storage
         orphans = None
         if isinstance(storage, ImageLister):
@@ -265,7 +270,7 @@ class Server:
             self.core.store,
             storage,
             settings.retention_seconds,
-            also_purge=[self.core.webhooks.purge],
+            also_purge=[self.core.webhooks.purge, self.core.pulls.purge],
             purge_idempotency=self.core.store.purge_idempotency_keys,
             orphans=orphans,
         )
@@ -284,7 +289,7 @@ class Server:
         recover_on_start(self.core.store, on_terminal=self.core.on_terminal, queue=self.core.services.queue)
 
     def stop(self) -> None:
-        parts: list[Part | None] = [self.worker, self.sweeper, self.core.webhooks]
+        parts: list[Part | None] = [self.worker, self.sweeper, self.core.webhooks, self.core.pulls]
         for part in parts:
             if part is not None:
                 try:
