@@ -45,6 +45,8 @@ from underpaint.worker.process import WorkerProcess, new_wake_event
 
 if TYPE_CHECKING:
     from underpaint.scale.celery_worker import WorkerContext
+    from underpaint.storage.custom import CustomBuckets
+    from underpaint.storage.s3 import S3Clients
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +67,7 @@ class Core:
     store: SqlTaskStore
     webhooks: WebhookDispatcher
     on_terminal: TerminalHook
+    custom_buckets: CustomBuckets  # users' own buckets, on the process's one set of S3 clients
 
 
 def server_secret(settings: Settings) -> bytes:
@@ -78,13 +81,13 @@ def webhook_secret_for_key(settings: Settings, api_key: str) -> str:
     return make_secret_for(settings, server_secret(settings), owner_of)(owner_of(api_key))
 
 
-def build_storage(settings: Settings, secret: bytes) -> ImageStorage:
+def build_storage(settings: Settings, secret: bytes, s3: S3Clients) -> ImageStorage:
     if settings.storage_backend == "s3":
         from underpaint.storage.s3 import S3Storage
 
         if not settings.s3_bucket:
             raise ValueError("storage_backend=s3 needs s3_bucket")
-        return S3Storage(settings.s3_bucket, settings.s3_prefix, settings.s3_region, settings.s3_endpoint_url)
+        return S3Storage.from_settings(settings, s3)
     return LocalStorage(settings.data_dir / "images", secret)
 
 
@@ -96,14 +99,8 @@ def build_queue(settings: Settings, wake: WakeEvent | None = None) -> TaskQueue:
     return LocalQueue(wake)
 
 
-def build_image_urls(settings: Settings, storage: ImageStorage) -> ImageUrls:
-    from underpaint.storage.custom import presign_custom
-
-    return ImageUrls(
-        storage,
-        settings.image_url_ttl,
-        {"custom": lambda image, ttl: presign_custom(image, ttl, settings)},
-    )
+def build_image_urls(settings: Settings, storage: ImageStorage, custom_buckets: CustomBuckets) -> ImageUrls:
+    return ImageUrls(storage, settings.image_url_ttl, {"custom": custom_buckets.presign})
 
 
 def build_core(settings: Settings, queue: TaskQueue | None = None) -> Core:
@@ -114,9 +111,15 @@ def build_core(settings: Settings, queue: TaskQueue | None = None) -> Core:
     )
     registry.ensure_layout()
     secret = server_secret(settings)
-    store = SqlTaskStore.from_settings(settings)
-    storage = build_storage(settings, secret)
-    image_urls = build_image_urls(settings, storage)
+    store = SqlTaskStore.from_settings(settings)  # opens the database and brings its schema up to date
+    # S3 (boto3) only here, at build time: one set of clients per process, for the default store and users' buckets.
+    from underpaint.storage.custom import CustomBuckets
+    from underpaint.storage.s3 import S3Clients
+
+    s3 = S3Clients()
+    custom_buckets = CustomBuckets(s3, settings)
+    storage = build_storage(settings, secret, s3)
+    image_urls = build_image_urls(settings, storage, custom_buckets)
     secret_for = make_secret_for(settings, secret, owner_of)
     webhooks = WebhookDispatcher(store.engine, settings, secret_for, store=store, storage=storage)
     hook = result_hook(webhooks, image_urls)
@@ -131,7 +134,7 @@ def build_core(settings: Settings, queue: TaskQueue | None = None) -> Core:
         rate_limiter=RateLimiter(settings, store),
         on_terminal=hook,
     )
-    return Core(services, store, webhooks, hook)
+    return Core(services, store, webhooks, hook, custom_buckets)
 
 
 # -- the generating side (imports the engine) ---------------------------------------------------------------
@@ -148,7 +151,14 @@ def build_runner(core: Core) -> InstrumentedRunner:
     executor = DiffusersExecutor(services.settings, services.registry)
     services.registry.scan_and_hash()  # hash the models now, in the background, not on the first task
     retry = UploadRetry(services.settings.storage_retry_seconds, on_retry=UPLOAD_RETRIES.inc)
-    runner = GenerationRunner(services.settings, services.storage, executor, NsfwDetector(), upload_retry=retry)
+    runner = GenerationRunner(
+        services.settings,
+        services.storage,
+        executor,
+        NsfwDetector(),
+        upload_retry=retry,
+        custom_buckets=core.custom_buckets,
+    )
     return InstrumentedRunner(runner)
 
 

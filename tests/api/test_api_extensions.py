@@ -16,7 +16,7 @@ from fastapi.testclient import TestClient
 from tests.support.api import KEY_A, KEY_B, auth, b64, body, image_bytes, make_services
 
 from underpaint.api.app import create_app
-from underpaint.scale.heartbeat import Heartbeat, ensure_table, worker_states
+from underpaint.scale.heartbeat import Heartbeat, worker_states
 from underpaint.services import Services, WorkerState
 from underpaint.vocabulary import PREPROCESSOR_NAMES, SAMPLER_NAMES
 
@@ -132,7 +132,6 @@ def test_queue_lists_celery_workers_from_their_heartbeats(models_dir: Path, tmp_
     base = make_services(models_dir, tmp_path, queue_backend="celery")
     engine = base.store.engine  # type: ignore[attr-defined]
     services = replace(base, workers=lambda: worker_states(engine, base.settings.lease_seconds))
-    ensure_table(engine)  # what Heartbeat.start does before its first beat
     beats = [
         Heartbeat(engine, ("sd15", "sdxl"), 2, lambda: {"busy": 1, "tasks_done": 5, "model_loads": 1}),
         Heartbeat(engine, ("gold",), 1, lambda: {"busy": 0, "tasks_done": 0, "model_loads": 0}),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import shutil
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,7 @@ from safetensors.numpy import save_file
 from tests.support.api import KEY_A, auth, b64, image_bytes, make_services, record_of
 
 from underpaint.api.app import create_app
+from underpaint.api.idempotency import request_hash
 from underpaint.engine.job import HiresFix, Refiner
 from underpaint.services import Services
 from underpaint.tasks.contract import TaskType, Txt2ImgRequest
@@ -201,6 +203,23 @@ def test_the_envelope_is_img2imgs(client: TestClient, services: Services) -> Non
     assert bad_unit.status_code == 400
     assert "request.controlnet.units[0].image_base64" in bad_unit.json()["message"]
     assert client.post(PATH, json={"request": {"prompt": "x"}}, headers=auth("wrong")).status_code == 403
+
+
+def test_one_idempotency_key_on_two_endpoints_is_a_conflict_not_a_replay(client: TestClient) -> None:
+    body = {"request": {"model_name": "dreamshaper_8.safetensors", "prompt": "a cat"}}
+    headers = {**auth(), "Idempotency-Key": "shared"}
+    first = client.post(PATH, json=body, headers=headers)
+    assert first.status_code == 200
+    elsewhere = client.post("/v3/async/img2img", json=body, headers=headers)
+    assert (elsewhere.status_code, elsewhere.json()["reason"]) == (409, "IDEMPOTENCY_KEY_REUSED")
+    assert client.post(PATH, json=body, headers=headers).json() == first.json()  # the same endpoint still replays
+
+
+def test_img2img_keys_hash_as_before_endpoints_were_scoped() -> None:
+    body = {"request": {"prompt": "a cat", "model_name": "m"}}
+    before = hashlib.sha256(b'{"request":{"model_name":"m","prompt":"a cat"}}').hexdigest()
+    assert request_hash(body, TaskType.IMG_TO_IMG) == before  # a key recorded by an earlier version still replays
+    assert request_hash(body, TaskType.TXT_TO_IMG) != before
 
 
 def test_a_txt2img_task_never_batches_with_img2img(client: TestClient, services: Services) -> None:

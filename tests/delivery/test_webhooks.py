@@ -16,7 +16,7 @@ import pytest
 from PIL import Image
 from standardwebhooks import Webhook
 from tests.support.requests import img2img
-from tests.support.services import postgres_schema_url
+from tests.support.services import database_url
 from tests.support.webhook_receiver import Receiver, running_receiver, signature_ok, wait_for
 
 from underpaint.config import KeyPolicy, Settings
@@ -59,11 +59,7 @@ def result_body(task_id: str, status: str = "TASK_STATUS_SUCCEED") -> dict[str, 
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.services)])
 def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     """The outbox on SQLite (embedded) and on PostgreSQL (scale-out), in a fresh schema per test."""
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'underpaint.db'}"
-        return
-    # No skip: an unreachable server makes this fixture (and so the test) fail.
-    with postgres_schema_url("wh_") as url:
+    with database_url(request.param, tmp_path / "underpaint.db", "wh_") as url:
         yield url
 
 

@@ -216,12 +216,12 @@ def test_missing_custom_bucket_fails_the_task_naming_it(stack: Stack) -> None:
 def test_upload_failing_midway_leaves_nothing_in_the_users_bucket(
     stack: Stack, admin: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from underpaint.storage import custom as custom_storage
     from underpaint.storage.base import StorageError
 
     bucket = "user-out-partial"
     admin.create_bucket(Bucket=bucket)
-    real_put = custom_storage.put_custom
+    buckets = stack.core.custom_buckets  # the process's users' buckets, which the worker's runner was given
+    real_put = buckets.put
     calls: list[str] = []
 
     def second_fails(target: Any, key: str, data: bytes, content_type: str) -> dict[str, str]:
@@ -230,7 +230,7 @@ def test_upload_failing_midway_leaves_nothing_in_the_users_bucket(
             raise StorageError(f"bucket {bucket!r}: connection reset while uploading")
         return real_put(target, key, data, content_type)
 
-    monkeypatch.setattr(custom_storage, "put_custom", second_fails)
+    monkeypatch.setattr(buckets, "put", second_fails)
     aws_s3 = {"region": REGION, "bucket": bucket, "path": "out"}
     result = stack.run(stack.submit(extra={"custom_storage": {"aws_s3": aws_s3}}, image_num=2))
     assert result["task"]["status"] == FAILED

@@ -154,7 +154,7 @@ def test_loaded_checkpoint_metadata(sd15: LoadedCheckpoint) -> None:
 def test_diffusers_folder_matches_single_file(tiny_models_dir: Path, sd15: LoadedCheckpoint) -> None:
     folder = load_checkpoint(_entry(tiny_models_dir, "checkpoint", "tiny-sd15-diffusers"), CPU, torch.float32)
     assert not folder.is_sdxl
-    assert folder.config_dir is None
+    assert folder.config_dir == tiny_models_dir / "checkpoint" / "tiny-sd15-diffusers"  # a folder is its own tree
     _assert_same_weights(folder.unet, sd15.unet)
     _assert_same_weights(folder.vae, sd15.vae)
     _assert_same_weights(folder.text_encoders[0], sd15.text_encoders[0])

@@ -1,12 +1,14 @@
 """Model switching: release before load, in-place copies into resident modules, the RAM tier and prefetch.
 
-The reference for every switched model is a fresh load of the same file through diffusers' own single-file
-loaders (``load_checkpoint``): a switch must give bit-identical weights and images.
+The reference for every switched model is a fresh load of the same file through diffusers' own loaders
+(``load_checkpoint``: the single-file converters, or ``from_pretrained`` for a diffusers folder): a switch must give
+bit-identical weights and images.
 """
 
 from __future__ import annotations
 
 import gc
+import json
 import shutil
 import weakref
 from dataclasses import replace
@@ -21,7 +23,7 @@ from PIL import Image
 from underpaint.config import Settings
 from underpaint.engine.executor import DiffusersExecutor
 from underpaint.engine.job import GenerationJob
-from underpaint.engine.loader import LoadedCheckpoint, ModelCache, load_checkpoint
+from underpaint.engine.loader import LoadedCheckpoint, ModelCache, architecture_of, load_checkpoint
 from underpaint.registry import ModelEntry, ModelRegistry
 from underpaint.vocabulary import SamplerName
 
@@ -29,6 +31,8 @@ CPU = torch.device("cpu")
 SD15 = "tiny-sd15.safetensors"
 OTHER = "other-sd15.safetensors"
 HALF = "half-sd15.safetensors"
+FOLDER = "tiny-sd15-diffusers"  # the demo folder: tiny-sd15's weights as a diffusers folder
+OTHER_FOLDER = "other-sd15-diffusers"  # the same architecture, other weights (its UNet stored in float16)
 
 
 @pytest.fixture(scope="module")
@@ -48,6 +52,14 @@ def models(tiny_models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> P
     safetensors.torch.save_file(half, str(ckpt / HALF))
     for name in (OTHER, HALF):
         shutil.copytree(ckpt / "tiny-sd15.config", ckpt / name.replace(".safetensors", ".config"))
+    folder = ckpt / OTHER_FOLDER
+    shutil.copytree(ckpt / FOLDER, folder)
+    for file in folder.glob("*/*.safetensors"):
+        tensors = safetensors.torch.load_file(str(file))
+        changed = {k: v * 1.05 + 0.01 * torch.randn(v.shape, generator=gen) for k, v in tensors.items()}
+        if file.parent.name == "unet":
+            changed = {k: v.half() for k, v in changed.items()}
+        safetensors.torch.save_file(changed, str(file), metadata={"format": "pt"})
     return dest
 
 
@@ -205,3 +217,60 @@ def test_an_inpainting_checkpoint_never_takes_a_plain_models_modules(models: Pat
     back = cache.get(entry(models, SD15))
     assert back.unet.conv_in.in_channels == 4
     assert cache.loaded_names() == [SD15]
+
+
+def test_switches_to_and_from_diffusers_folders_copy_into_the_resident_modules(models: Path) -> None:
+    """Single file -> folder -> other folder -> single file -> folder, with room for one model: every switch copies
+    into the first model's storage, and each model's weights equal a cold load of it (``from_pretrained`` for the
+    folders). The way back comes from the RAM tier."""
+    cache = ModelCache(one_model_budget(models), CPU, torch.float32, ram_budget_bytes=10**9)
+    first = cache.get(entry(models, SD15))
+    before = pointers(first)
+    for name in (FOLDER, OTHER_FOLDER, SD15, FOLDER):
+        switched = cache.get(entry(models, name))
+        assert switched.unet is first.unet, name
+        assert pointers(switched) == before, name
+        assert switched.name == name
+        assert cache.loaded_names() == [name]
+        assert_same_weights(switched, load_checkpoint(entry(models, name), CPU, torch.float32))
+    assert switched.config_dir == models / "checkpoint" / FOLDER
+    assert cache.stats.in_place == 4
+    assert cache.stats.ram_hits == 2  # SD15 and FOLDER the second time: no file read
+    assert cache.stats.disk_reads == 3
+    assert cache.report().bytes["ram"] > 0
+
+
+def test_a_diffusers_folder_and_a_sidecar_tree_of_one_architecture_compare_equal(models: Path) -> None:
+    """The folder's configs were written by ``save_pretrained`` (transformers adds ``architectures`` and the dtype),
+    the sidecar's by ``save_config``/``to_json_file``: the architectures are equal all the same. A config that
+    differs where no shape shows it (the VAE's scaling factor) is another architecture: new modules."""
+    ckpt = models / "checkpoint"
+    assert architecture_of(ckpt / FOLDER) == architecture_of(ckpt / "tiny-sd15.config")
+    scaled = ckpt / "scaled-sd15-diffusers"
+    shutil.copytree(ckpt / FOLDER, scaled)
+    vae_config = scaled / "vae" / "config.json"
+    vae_config.write_text(json.dumps({**json.loads(vae_config.read_text()), "scaling_factor": 0.13025}))
+    try:
+        assert architecture_of(scaled) != architecture_of(ckpt / FOLDER)
+        cache = ModelCache(one_model_budget(models), CPU, torch.float32, ram_budget_bytes=0)
+        first = cache.get(entry(models, FOLDER)).unet
+        other = cache.get(entry(models, scaled.name))
+        assert other.unet is not first
+        assert other.vae_scaling_factor == 0.13025
+        assert cache.stats.in_place == 0
+    finally:
+        shutil.rmtree(scaled)
+
+
+def test_executor_switch_into_a_diffusers_folder_gives_the_images_of_a_cold_load(models: Path) -> None:
+    budget = one_model_budget(models)
+    settings = Settings(models_dir=models, device="cpu", torch_threads=1, checkpoint_cache_bytes=budget)
+    switching = DiffusersExecutor(settings, ModelRegistry(models))
+    image(switching, JOB)
+    folder_job = replace(JOB, checkpoint=OTHER_FOLDER)
+    switched = image(switching, folder_job)
+    assert switching.cache.stats.in_place == 1
+    gc.collect()
+    cold = DiffusersExecutor(settings.with_overrides(checkpoint_ram_cache_bytes=0), ModelRegistry(models))
+    assert np.array_equal(switched, image(cold, folder_job))
+    assert cold.cache.stats.in_place == 0

@@ -6,6 +6,7 @@ import io
 import time
 import urllib.request
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import boto3
@@ -16,7 +17,7 @@ from tests.support.services import moto_endpoint
 
 from underpaint.config import Settings
 from underpaint.storage.base import StorageError
-from underpaint.storage.custom import presign_custom, put_custom
+from underpaint.storage.custom import CustomBuckets
 from underpaint.storage.custom_target import (
     InvalidCustomStorage,
     custom_target,
@@ -24,7 +25,7 @@ from underpaint.storage.custom_target import (
     object_key,
     validate_custom_storage,
 )
-from underpaint.storage.s3 import S3Storage
+from underpaint.storage.s3 import S3Clients, S3Storage
 from underpaint.tasks.types import ImageRecord
 
 REGION = "us-east-1"
@@ -116,13 +117,47 @@ def test_missing_bucket_names_the_bucket(endpoint: str) -> None:
 
 def test_rejected_credentials_are_reported(endpoint: str, admin: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     _bucket(admin, "creds")
-    import underpaint.storage.s3 as s3mod
-
-    monkeypatch.setattr(s3mod, "_clients", {})  # fresh clients pick up the bad credentials
+    shared = S3Clients()  # a process's clients: made once, with the credentials of that moment
+    S3Storage("creds", "", REGION, endpoint, clients=shared).put("before.png", b"1", "image/png")
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "")
     with pytest.raises(StorageError, match=r"'creds'.*credentials"):
-        S3Storage("creds", "", REGION, endpoint).put("x.png", b"1", "image/png")
+        S3Storage("creds", "", REGION, endpoint, clients=S3Clients()).put("x.png", b"1", "image/png")
+    # Every store and custom bucket on the shared clients reuses the client made before the change.
+    S3Storage("creds", "", REGION, endpoint, clients=shared).put("after.png", b"1", "image/png")
+    target = custom_target({"region": REGION, "bucket": "creds", "path": "u"}, Settings(s3_endpoint_url=endpoint))
+    CustomBuckets(shared).put(target, "u/custom.png", b"1", "image/png")
+    listed = sorted(o["Key"] for o in admin.list_objects_v2(Bucket="creds")["Contents"])
+    assert listed == ["after.png", "before.png", "u/custom.png"]
+
+
+def test_wiring_gives_the_default_store_and_users_buckets_one_set_of_clients(
+    endpoint: str, admin: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from underpaint.wiring import build_core
+
+    _bucket(admin, "wired")
+    settings = Settings(
+        storage_backend="s3", s3_bucket="wired", s3_prefix="out", s3_region=REGION, s3_endpoint_url=endpoint,
+        data_dir=tmp_path / "data", models_dir=tmp_path / "models",
+    )  # fmt: skip
+    core = build_core(settings)  # the default store makes its client now, with the credentials of this moment
+    try:
+        monkeypatch.setenv("AWS_ACCESS_KEY_ID", "")
+        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "")
+        core.services.storage.put("a.png", b"1", "image/png")
+        target = custom_target({"region": REGION, "bucket": "wired", "path": "u"}, settings)
+        core.custom_buckets.put(target, "u/b.png", b"1", "image/png")  # a new client would have no credentials
+        url = core.services.image_urls.resolver("")(
+            ImageRecord(
+                key="u/b.png", image_type="png", backend="custom", location={"bucket": "wired", "region": REGION}
+            )
+        )
+    finally:
+        core.store.close()
+    assert _download(url)[0] == b"1"
+    listed = sorted(o["Key"] for o in admin.list_objects_v2(Bucket="wired")["Contents"])
+    assert listed == [f"{settings.s3_prefix}/a.png", "u/b.png"]
 
 
 def test_unreachable_endpoint_is_reported() -> None:
@@ -153,13 +188,14 @@ def test_custom_bucket_keys_and_presigned_url(endpoint: str, admin: Any, direct:
     assert key == expected
     assert object_key(target, "task-9", "task-9_0.png", direct) == expected
     data = _png()
-    location = put_custom(target, key, data, "image/png")
+    buckets = CustomBuckets(S3Clients(), settings)
+    location = buckets.put(target, key, data, "image/png")
     assert location == {"bucket": bucket, "region": REGION}
     listed = [o["Key"] for o in admin.list_objects_v2(Bucket=bucket)["Contents"]]
     assert listed == [expected]
 
     record = ImageRecord(key=key, image_type="png", backend="custom", location=location)
-    url = presign_custom(record, ttl=600, settings=settings)
+    url = buckets.presign(record, ttl=600)
     assert "X-Amz-Expires=600" in url
     assert _download(url) == (data, "image/png")
 
@@ -178,7 +214,7 @@ def test_custom_missing_bucket_fails_with_its_name(endpoint: str) -> None:
         {"region": REGION, "bucket": "ghost-bucket", "path": "x"}, Settings(s3_endpoint_url=endpoint)
     )
     with pytest.raises(StorageError, match=r"'ghost-bucket'.*does not exist"):
-        put_custom(target, object_key(target, "t", "t_0.png"), b"1", "image/png")
+        CustomBuckets(S3Clients()).put(target, object_key(target, "t", "t_0.png"), b"1", "image/png")
 
 
 @pytest.mark.parametrize(

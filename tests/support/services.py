@@ -6,6 +6,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import psycopg
 import pytest
@@ -51,3 +52,14 @@ def postgres_schema_url(prefix: str) -> Iterator[str]:
     finally:
         with psycopg.connect(PG_ADMIN, autocommit=True, connect_timeout=5) as conn:
             conn.execute(f"DROP SCHEMA {schema} CASCADE")
+
+
+@contextmanager
+def database_url(backend: str, sqlite_file: Path, pg_prefix: str) -> Iterator[str]:
+    """``"sqlite"``: a URL for ``sqlite_file``; ``"postgres"``: a fresh schema (``postgres_schema_url``)."""
+    if backend == "sqlite":
+        yield f"sqlite:///{sqlite_file}"
+        return
+    # No skip: an unreachable server makes this (and so the test) fail.
+    with postgres_schema_url(pg_prefix) as url:
+        yield url

@@ -6,14 +6,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from tests.support.services import postgres_schema_url
+from tests.support.services import database_url
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.services)])
 def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'sub' / 'tasks.db'}"
-        return
-    # No skip: an unreachable server makes this fixture (and so the test) fail.
-    with postgres_schema_url("up_") as url:
+    with database_url(request.param, tmp_path / "sub" / "tasks.db", "up_") as url:
         yield url

@@ -225,7 +225,7 @@ def test_a_task_whose_lease_was_lost_is_discarded_alone(store: SqlTaskStore, clo
             with store._write.begin() as conn:
                 from sqlalchemy import update
 
-                from underpaint.tasks.store import tasks_table
+                from underpaint.db.schema import tasks_table
 
                 conn.execute(update(tasks_table).where(tasks_table.c.task_id == ids[1]).values(worker_id="other"))
             return [images_for(t) for t, _, _ in items]

@@ -14,8 +14,9 @@ from tests.support import requests
 from tests.support.clock import Clock
 from tests.support.requests import img2img, stored_img2img
 
+from underpaint.db.migrations import MIGRATIONS
 from underpaint.tasks.contract import TaskType
-from underpaint.tasks.store import MIGRATIONS, SqlTaskStore
+from underpaint.tasks.store import SqlTaskStore
 from underpaint.tasks.types import ImageRecord, NewTask, NsfwResult, QueueCounts, TaskStatus, owner_of
 
 StoreFactory = Callable[..., SqlTaskStore]

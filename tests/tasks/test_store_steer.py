@@ -12,9 +12,10 @@ from tests.support import requests
 from tests.support.clock import Clock
 from tests.support.requests import img2img
 
+from underpaint.db.schema import idempotency_table
 from underpaint.storage.local import LocalStorage
 from underpaint.tasks.lifecycle import RetentionSweeper
-from underpaint.tasks.store import SqlTaskStore, idempotency_table
+from underpaint.tasks.store import SqlTaskStore
 from underpaint.tasks.types import (
     CANCELLED_REASON,
     IDEMPOTENCY_TTL_SECONDS,

@@ -16,6 +16,8 @@ from sqlalchemy import insert
 from tests.support.requests import img2img, txt2img
 
 from underpaint.api.schemas import Img2ImgBody, parse_body
+from underpaint.db.migrations import MIGRATIONS
+from underpaint.db.schema import payloads_table, tasks_table
 from underpaint.engine import job as engine_job
 from underpaint.tasks.batching import UNBATCHABLE_SAMPLERS, BatchSignature, batch_key, model_key
 from underpaint.tasks.contract import (
@@ -27,7 +29,7 @@ from underpaint.tasks.contract import (
     load_extra,
     load_request,
 )
-from underpaint.tasks.store import MIGRATIONS, SqlTaskStore, payloads_table, tasks_table
+from underpaint.tasks.store import SqlTaskStore
 from underpaint.tasks.types import TaskStatus
 from underpaint.wire.errors import ApiError
 from underpaint.worker.jobs import job_from_request

@@ -15,13 +15,14 @@ from tests.support.requests import img2img, new_task
 from tests.support.storage import RecordingStorage
 
 from underpaint.config import Settings
+from underpaint.db.schema import payloads_table, tasks_table
 from underpaint.engine.job import JobCancelled, JobError, Progress
 from underpaint.engine.prompts import PromptSyntaxError
 from underpaint.storage.base import StorageError
 from underpaint.storage.custom_target import InvalidCustomStorage
 from underpaint.tasks.contract import Img2ImgRequest, TaskRequest
 from underpaint.tasks.queue import LocalQueue
-from underpaint.tasks.store import SqlTaskStore, tasks_table
+from underpaint.tasks.store import SqlTaskStore
 from underpaint.tasks.types import ImageRecord, TaskRecord, TaskStatus
 from underpaint.worker.loop import INTERNAL_REASON, ProgressReporter, Worker, process_task
 
@@ -135,6 +136,28 @@ def test_unexpected_errors_fail_with_a_generic_reason_and_their_traceback_is_log
     (logged,) = [r for r in caplog.records if r.exc_info and tid in r.getMessage()]
     assert logged.exc_info is not None
     assert logged.exc_info[1] is exc
+
+
+def test_a_stored_input_that_no_longer_loads_fails_with_the_generic_reason_and_a_logged_traceback(
+    store: SqlTaskStore, caplog: pytest.LogCaptureFixture
+) -> None:
+    tid = add(store)
+    broken = {"task_type": "IMG_TO_IMG", "prompt": "p", "steps": "many"}  # pydantic's ValidationError, a ValueError
+    with store.engine.begin() as conn:
+        conn.execute(update(payloads_table).where(payloads_table.c.task_id == tid).values(payload=broken))
+    runner = FnRunner(lambda task, request, report: images_for(task))
+    terminal: list[TaskRecord] = []
+    with caplog.at_level(logging.ERROR, logger="underpaint.tasks"):
+        Worker(store, runner, SETTINGS, on_terminal=terminal.append).run_once()
+    task = store.get(tid)
+    assert task is not None
+    assert (task.status, task.reason) == (TaskStatus.FAILED, INTERNAL_REASON)
+    assert runner.calls == []
+    assert [t.task_id for t in terminal] == [tid]
+    (logged,) = [r for r in caplog.records if r.exc_info and tid in r.getMessage()]
+    assert logged.exc_info is not None
+    assert isinstance(logged.exc_info[1], ValueError)
+    assert "steps" in str(logged.exc_info[1])  # the validation message (the server's internals) stays in the log
 
 
 def test_cancelled_run_leaves_task_alone(store: SqlTaskStore) -> None:

@@ -37,6 +37,7 @@ from underpaint.tasks.contract import (
     RefinerIn,
     TaskExtra,
     TaskRequest,
+    TaskType,
     Txt2ImgRequest,
     extras_size,
     inpainting_size,
@@ -143,6 +144,7 @@ class Endpoint(Generic[B]):
     """One submit route: ``parse`` validates the body (a 400 naming the field), ``prepare`` checks the request
     against this server (models, annotators, images; each a 400 naming the field) and resolves its names."""
 
+    task_type: TaskType
     parse: Callable[[Any], B]
     prepare: Callable[[ApiContext, B], Prepared]
 
@@ -159,7 +161,7 @@ def submit(
     create, queue) around the endpoint's own ``parse`` and ``prepare``."""
     data = parse_json(raw)
     services = ctx.services
-    idem = idempotency_key(idempotency_header, data)
+    idem = idempotency_key(idempotency_header, data, endpoint.task_type)
     if idem is not None:
         # A retry of a request already accepted answers at once: no validation, no rate limit, no second task.
         taken = services.store.find_idempotent(caller.owner, idem.key)
@@ -306,10 +308,12 @@ def _prepare_upscale(ctx: ApiContext, body: UpscaleBody) -> Prepared:
     return Prepared(req.model_copy(update={"model_name": entry.sd_name}), None)
 
 
-IMG2IMG = Endpoint(parse=partial(parse_body, Img2ImgBody), prepare=_prepare_img2img)
-TXT2IMG = Endpoint(parse=partial(parse_body, Txt2ImgBody), prepare=_prepare_txt2img)
-INPAINTING = Endpoint(parse=partial(parse_body, InpaintingBody), prepare=_prepare_inpainting)
-UPSCALE = Endpoint(parse=partial(parse_body, UpscaleBody), prepare=_prepare_upscale)
+IMG2IMG = Endpoint(task_type=TaskType.IMG_TO_IMG, parse=partial(parse_body, Img2ImgBody), prepare=_prepare_img2img)
+TXT2IMG = Endpoint(task_type=TaskType.TXT_TO_IMG, parse=partial(parse_body, Txt2ImgBody), prepare=_prepare_txt2img)
+INPAINTING = Endpoint(
+    task_type=TaskType.INPAINTING, parse=partial(parse_body, InpaintingBody), prepare=_prepare_inpainting
+)
+UPSCALE = Endpoint(task_type=TaskType.UPSCALE, parse=partial(parse_body, UpscaleBody), prepare=_prepare_upscale)
 
 
 def submit_img2img(

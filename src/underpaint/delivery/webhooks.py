@@ -20,36 +20,17 @@ from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import httpx
-from sqlalchemy import (
-    JSON,
-    Column,
-    Engine,
-    Float,
-    Index,
-    Integer,
-    MetaData,
-    String,
-    Table,
-    Text,
-    UniqueConstraint,
-    create_engine,
-    delete,
-    event,
-    func,
-    insert,
-    or_,
-    select,
-    update,
-)
-from sqlalchemy.engine import make_url
-from sqlalchemy.exc import DatabaseError, IntegrityError
+from sqlalchemy import Engine, delete, func, insert, or_, select, update
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.sql.elements import ColumnElement
 
 from underpaint.config import Settings
+from underpaint.db.engine import open_engine
+from underpaint.db.migrations import migrate
+from underpaint.db.schema import deliveries_table
 from underpaint.delivery import ssrf
 from underpaint.delivery.sample_event import FAILED_REASON, sample_png
 from underpaint.delivery.signing import signature_headers
@@ -68,28 +49,7 @@ USER_AGENT = "Underpaint-Webhooks/1"
 # Due rows looked at per pass; rows of receivers at their concurrency limit are skipped within this window.
 _SCAN_WINDOW = 256
 
-metadata = MetaData()
-deliveries_table = Table(
-    "webhook_deliveries",
-    metadata,
-    Column("id", String(64), primary_key=True),  # also the Standard Webhooks ``webhook-id``
-    Column("task_id", String(64), nullable=False),
-    Column("event", String(64), nullable=False),
-    Column("owner", String(64), nullable=False),
-    Column("url", Text, nullable=False),
-    Column("body", JSON, nullable=False),  # the payload (task-result body)
-    Column("attempts", Integer, nullable=False, default=0),
-    Column("next_attempt_at", Float, nullable=False),
-    Column("lease_until", Float),  # set while one sender owns an attempt
-    Column("status", String(16), nullable=False),
-    Column("last_error", Text, nullable=False, default=""),
-    Column("created_at", Float, nullable=False),
-    Column("updated_at", Float, nullable=False),
-    # One event per task: a task finished twice (broker redelivery) never produces two webhooks.
-    UniqueConstraint("task_id", "event", name="uq_webhook_deliveries_task_event"),
-)
 _d = deliveries_table
-Index("ix_webhook_deliveries_due", _d.c.status, _d.c.next_attempt_at)
 
 
 @dataclass(frozen=True)
@@ -106,35 +66,6 @@ class Delivery:
     last_error: str
     created_at: float
     updated_at: float
-
-
-def _engine_for(url: str) -> Engine:
-    parsed = make_url(url)
-    if parsed.get_backend_name() != "sqlite":
-        return create_engine(url, pool_pre_ping=True)
-    database = parsed.database or ""
-    if database in ("", ":memory:") or database.startswith("file::memory:"):
-        raise ValueError("in-memory SQLite cannot be shared between threads; give the webhook outbox a file path")
-    Path(database).expanduser().parent.mkdir(parents=True, exist_ok=True)
-    engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
-
-    @event.listens_for(engine, "connect")
-    def _on_connect(dbapi_conn: Any, _record: Any) -> None:
-        cur = dbapi_conn.cursor()
-        cur.execute("PRAGMA journal_mode=WAL")  # same mode as the task store on this file
-        cur.execute("PRAGMA busy_timeout=30000")
-        cur.execute("PRAGMA synchronous=NORMAL")  # no fsync per enqueue; WAL stays consistent across crashes
-        cur.close()
-
-    return engine
-
-
-def _create_table(engine: Engine) -> None:
-    try:
-        metadata.create_all(engine)
-    except DatabaseError:
-        # Another process created it between our existence check and CREATE; the second pass sees it.
-        metadata.create_all(engine)
 
 
 def _target(url: str) -> str:
@@ -177,8 +108,11 @@ class WebhookDispatcher:
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._owns_engine = isinstance(engine_or_url, str)
-        self.engine = _engine_for(engine_or_url) if isinstance(engine_or_url, str) else engine_or_url
-        _create_table(self.engine)
+        if isinstance(engine_or_url, str):
+            self.engine = open_engine(engine_or_url)
+            migrate(self.engine)  # the outbox table is part of the one schema
+        else:
+            self.engine = engine_or_url  # opened and migrated by its owner (the task store)
         self.settings = settings
         self.secret_for = secret_for
         self.storage = storage

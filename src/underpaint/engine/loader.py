@@ -5,7 +5,8 @@ one weights reader: pickles only through ``torch.load(weights_only=True)``), rec
 with diffusers' single-file converters against a config tree without weights: the file's sidecar ``<stem>.config/``
 when present, else the shipped ``configs/sd15`` or ``configs/sdxl`` (field notes 3: without a local config diffusers
 would go to the hub). Tokenizers come from the shipped ``configs/clip_tokenizer`` unless the config tree has its own.
-Diffusers folders (``model_index.json``) go through ``from_pretrained(local_files_only=True)``.
+Diffusers folders (``model_index.json``) go through ``from_pretrained(local_files_only=True)`` when they need new
+modules; a folder is its own config tree, so a switch to or from one can copy into resident modules too.
 
 The result is an img2img pipeline object (the container LoRA / textual inversion / IP-Adapter loading needs) plus
 direct handles on its parts, wrapped in ``LoadedCheckpoint``. ``ModelCache`` keeps a byte-bounded LRU of them.
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import gc
+import inspect
 import json
 import logging
 import threading
@@ -44,7 +46,7 @@ from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_img2img impo
 from diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl_img2img import (
     StableDiffusionXLImg2ImgPipeline,
 )
-from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from underpaint.config import Settings
 from underpaint.engine.devices import empty_device_cache, pick_device, pick_dtype
@@ -115,7 +117,7 @@ class LoadedCheckpoint:
     device: torch.device
     dtype: torch.dtype
     approx_bytes: int
-    config_dir: Path | None = None  # config tree used for a single file; None for diffusers folders
+    config_dir: Path | None = None  # config tree: a single file's sidecar or shipped tree; a folder itself
     is_refiner: bool = False  # the SDXL refiner: OpenCLIP-G only, aesthetic-score conditioning
 
 
@@ -205,9 +207,10 @@ def _load_scheduler(config_dir: Path, v_prediction: bool) -> Any:
 
 @dataclass
 class CheckpointWeights:
-    """A single-file checkpoint's weights converted to diffusers' keys, per component (``unet``, ``vae``,
-    ``text_encoder``, ``text_encoder_2``), in the file's own dtype, on the CPU (pinned when the device is CUDA).
-    What the RAM tier keeps, and what an in-place switch copies from."""
+    """A checkpoint's weights in diffusers' keys, per component (``unet``, ``vae``, ``text_encoder``,
+    ``text_encoder_2``), in the file's own dtype, on the CPU (pinned when the device is CUDA): a single file
+    converted, or a diffusers folder's component files as stored (``config_dir`` is then the folder). What the RAM
+    tier keeps, and what an in-place switch copies from."""
 
     components: dict[str, StateDict]
     is_sdxl: bool
@@ -280,8 +283,67 @@ def convert_checkpoint(sd: StateDict, entry: ModelEntry) -> CheckpointWeights:
     return CheckpointWeights(parts, is_sdxl, "v_pred" in sd, config_dir)
 
 
+class NotCopyable(ModelLoadError):
+    """A diffusers folder whose weights the in-place path does not read (only variant files, an unknown layout):
+    it loads through ``from_pretrained`` into new modules."""
+
+
+_FOLDER_PARTS = ("unet", "vae", "text_encoder", "text_encoder_2")
+
+
+def _folder_index(entry: ModelEntry) -> dict[str, Any]:
+    index_path = entry.path / "model_index.json"
+    if not index_path.exists():
+        raise ModelLoadError(f"{entry.sd_name}: folder has no model_index.json (not a diffusers pipeline)")
+    index = json.loads(index_path.read_text())
+    if not isinstance(index, dict):
+        raise ModelLoadError(f"{entry.sd_name}: model_index.json is not an object")
+    return index
+
+
+def _component_files(folder: Path) -> list[Path] | None:
+    """The weight files ``from_pretrained`` reads for one component (no variant asked for): the single
+    safetensors file, the shards its index names, or the legacy pickle; None when there is none of these."""
+    for stem in ("diffusion_pytorch_model", "model"):
+        single = folder / f"{stem}.safetensors"
+        if single.is_file():
+            return [single]
+        index = folder / f"{stem}.safetensors.index.json"
+        if index.is_file():
+            shards = json.loads(index.read_text()).get("weight_map", {})
+            return [folder / name for name in sorted(set(shards.values()))]
+    for name in ("diffusion_pytorch_model.bin", "pytorch_model.bin"):
+        if (folder / name).is_file():
+            return [folder / name]
+    return None
+
+
+def read_folder_weights(entry: ModelEntry) -> CheckpointWeights:
+    """A diffusers folder's model components as stored (their keys are diffusers' and transformers' module keys
+    already; text encoders keep the ``text_model.`` level). Raises ``NotCopyable`` for a layout it does not read."""
+    index = _folder_index(entry)
+    parts: dict[str, StateDict] = {}
+    for name in _FOLDER_PARTS:
+        spec = index.get(name)
+        if not isinstance(spec, list) or not spec or spec[0] is None:
+            continue  # not in this pipeline (the SDXL refiner has no text_encoder)
+        files = _component_files(entry.path / name)
+        if files is None:
+            raise NotCopyable(f"{entry.sd_name}: {name}/ has no weights file read without a variant")
+        tensors: StateDict = {}
+        for file in files:
+            tensors.update(load_state_dict_file(file))
+        parts[name] = tensors
+    if "unet" not in parts or "vae" not in parts:
+        raise NotCopyable(f"{entry.sd_name}: model_index.json names no unet or vae")
+    return CheckpointWeights(parts, "XL" in str(index.get("_class_name", "")), False, entry.path)
+
+
 def read_checkpoint_weights(entry: ModelEntry) -> CheckpointWeights:
-    """Read and convert a single-file checkpoint (what the RAM tier holds; the prefetcher calls this)."""
+    """Read a checkpoint's weights (what the RAM tier holds; the prefetcher calls this): a single file read and
+    converted, or a diffusers folder's component files."""
+    if entry.path.is_dir():
+        return read_folder_weights(entry)
     return convert_checkpoint(_read_single_file(entry), entry)
 
 
@@ -355,10 +417,7 @@ def _single_file_pipeline(
 
 
 def _folder_pipeline(entry: ModelEntry, dtype: torch.dtype, templates: TokenizerTemplates | None) -> Img2ImgPipeline:
-    index_path = entry.path / "model_index.json"
-    if not index_path.exists():
-        raise ModelLoadError(f"{entry.sd_name}: folder has no model_index.json (not a diffusers pipeline)")
-    index = json.loads(index_path.read_text())
+    index = _folder_index(entry)
     is_sdxl = "XL" in index.get("_class_name", "")
     kwargs: dict[str, Any] = {"local_files_only": True, "dtype": dtype}
     # Tokenizers come from our template cache, never from the pipeline's from_pretrained (which leaks, see
@@ -433,6 +492,7 @@ def load_checkpoint(
     config_dir: Path | None = None
     if entry.path.is_dir():
         pipe = _folder_pipeline(entry, dt, tokenizers)
+        config_dir = entry.path
     else:
         sd = state_dict if state_dict is not None else _read_single_file(entry)
         pipe, config_dir = _single_file_pipeline(entry, sd, dt, tokenizers)
@@ -465,17 +525,36 @@ def _restore_token_rows(encoder: torch.nn.Module, rows: int) -> None:
     encoder.config.vocab_size = rows  # type: ignore[union-attr]
 
 
+_DIFFUSERS_CONFIGS: dict[str, type[Any]] = {"unet": UNet2DConditionModel, "vae": AutoencoderKL}
+# What a saved config records about the file rather than the model (transformers writes these on save_pretrained).
+_CONFIG_METADATA = frozenset({"architectures", "dtype", "torch_dtype", "transformers_version"})
+
+
+def _normalized_config(sub: str, data: dict[str, Any]) -> str:
+    """A component's config with every default filled in and file metadata dropped, as one string: a diffusers
+    folder saved by one library version and a sidecar written by another compare equal when the models do."""
+    model = _DIFFUSERS_CONFIGS.get(sub)
+    if model is not None:
+        signature = inspect.signature(model.__init__).parameters
+        defaults = {k: p.default for k, p in signature.items() if p.default is not inspect.Parameter.empty}
+        full = {**defaults, **{k: v for k, v in data.items() if k in defaults}}
+    else:
+        full = CLIPTextConfig(**data).to_dict()
+    kept = {k: v for k, v in full.items() if not k.startswith("_") and k not in _CONFIG_METADATA}
+    return f"{sub}: {json.dumps(kept, sort_keys=True, default=str)}"
+
+
 def architecture_of(config_dir: Path | None) -> str | None:
     """The model configs of a config tree (UNet, VAE, text encoders) as one string: two checkpoints with equal
-    architectures can share modules (sidecar trees are per file, so their contents are compared, not paths)."""
+    architectures can share modules. Contents are compared, not paths: sidecar trees are per file, and a diffusers
+    folder is its own tree."""
     if config_dir is None:
         return None
     parts = []
-    for sub in ("unet", "vae", "text_encoder", "text_encoder_2"):
+    for sub in _FOLDER_PARTS:
         config = config_dir / sub / "config.json"
         if config.is_file():
-            data = json.loads(config.read_text())
-            parts.append(json.dumps({k: v for k, v in data.items() if not k.startswith("_")}, sort_keys=True))
+            parts.append(_normalized_config(sub, json.loads(config.read_text())))
     return "\n".join(parts) if parts else str(config_dir)
 
 
@@ -626,13 +705,19 @@ FileKey = tuple[str, float, int]
 
 
 def _file_key(entry: ModelEntry) -> FileKey:
+    """Which version of a checkpoint: a file's (path, mtime, size); a folder's newest file time, since replacing a
+    file inside a folder leaves the folder's own mtime as it was."""
+    if entry.path.is_dir():
+        times = [f.stat().st_mtime for f in entry.path.rglob("*") if f.is_file()]
+        return (str(entry.path), max([entry.mtime, *times]), entry.size)
     return (str(entry.path), entry.mtime, entry.size)
 
 
 class RamTier:
-    """Recently used single-file checkpoints as converted CPU state dicts (``CheckpointWeights``, the file's dtype;
-    pinned when the device is CUDA), least recently used evicted beyond ``budget_bytes``. ``prefetch`` reads a file
-    in a background thread; ``take`` waits for such a read instead of starting a second one."""
+    """Recently used checkpoints (single files converted, diffusers folders as stored) as CPU state dicts
+    (``CheckpointWeights``, the files' dtype; pinned when the device is CUDA), least recently used evicted beyond
+    ``budget_bytes``. ``prefetch`` reads a checkpoint in a background thread; ``take`` waits for such a read instead
+    of starting a second one."""
 
     def __init__(self, budget_bytes: int, pin: bool = False) -> None:
         self.budget_bytes = budget_bytes
@@ -653,7 +738,8 @@ class RamTier:
             return key in self._items or key in self._inflight
 
     def fits(self, entry: ModelEntry) -> bool:
-        return not entry.path.is_dir() and 0 < entry.size <= self.budget_bytes
+        """Whether ``entry`` may fit (a folder's size counts every file in it: an upper bound)."""
+        return 0 < entry.size <= self.budget_bytes
 
     def take(self, key: FileKey) -> CheckpointWeights | None:
         """The weights if held (or being read ahead: waits for that read); None otherwise."""
@@ -725,6 +811,9 @@ class RamTier:
                 on_read()
             log.info("checkpoint %s read ahead into RAM in %.2f s", entry.sd_name, time.perf_counter() - start)
             return weights
+        except NotCopyable as exc:
+            log.info("not reading %s ahead: %s", entry.sd_name, exc)
+            return None
         except Exception:
             log.warning("could not read %s ahead; the task will read it", entry.sd_name, exc_info=True)
             return None
@@ -844,22 +933,22 @@ class ModelCache:
 
     def _make_resident(self, entry: ModelEntry) -> tuple[LoadedCheckpoint, str, str]:
         """The checkpoint in device modules: (loaded, tier it came from, how it was placed)."""
-        if entry.path.is_dir():  # diffusers folders: no RAM tier, always new modules
-            self._shrink(self.budget_bytes - entry.size)
-            return load_checkpoint(entry, self.device, self.dtype, tokenizers=self.tokenizers), "disk", "new modules"
+        folder = entry.path.is_dir()
         key = self._key(entry)
         weights = self.ram.take(key)
         tier = "ram" if weights is not None else "disk"
         sd: StateDict | None = None
-        if weights is None:
+        if weights is not None:
+            self.stats.ram_hits += 1
+        elif folder:
+            weights = self._read_folder(entry, key)
+        else:
             sd = _read_single_file(entry)
             self.stats.disk_reads += 1
             weights = self.ram.put(key, convert_checkpoint(sd, entry))
-        else:
-            self.stats.ram_hits += 1
-        need = _module_bytes_for(weights, self.dtype)
-        donor = self._donor(weights, need)
-        if donor is not None:
+        need = _module_bytes_for(weights, self.dtype) if weights is not None else entry.size
+        donor = self._donor(weights, need) if weights is not None else None
+        if donor is not None and weights is not None:
             old = self._slots[donor].value
             self._release(donor, free=False)
             try:
@@ -871,15 +960,33 @@ class ModelCache:
             del old
         self._shrink(self.budget_bytes - need, force_free=True)
         del weights
-        if sd is None:
-            sd = _read_single_file(entry)
+        if folder or sd is None:
             self.stats.disk_reads += 1
             tier = "disk"
+        if not folder and sd is None:
+            sd = _read_single_file(entry)
         loaded = load_checkpoint(entry, self.device, self.dtype, tokenizers=self.tokenizers, state_dict=sd)
         # A file already in the model's dtype and device may lend its tensors to the modules: the RAM tier must
         # then hold a copy, or the next in-place switch into these modules would overwrite it.
         self.ram.unshare(key, loaded)
         return loaded, tier, "new modules"
+
+    def _read_folder(self, entry: ModelEntry, key: FileKey) -> CheckpointWeights | None:
+        """A diffusers folder's weights when a resident model could take them in place or the RAM tier may keep
+        them; None otherwise (``from_pretrained`` reads the folder into new modules, and reading it twice would
+        be for nothing) or when the folder's layout is one ``from_pretrained`` alone reads."""
+        architecture = architecture_of(entry.path)
+        crowded = self.loaded_bytes + entry.size > self.budget_bytes  # else no model lends (``_donor``)
+        lender = crowded and any(architecture_of(s.value.config_dir) == architecture for s in self._slots.values())
+        if not lender and not self.ram.fits(entry):
+            return None
+        try:
+            weights = read_folder_weights(entry)
+        except NotCopyable as exc:
+            log.info("%s; loading it into new modules", exc)
+            return None
+        self.stats.disk_reads += 1
+        return self.ram.put(key, weights)
 
     def _donor(self, weights: CheckpointWeights, need: int) -> str | None:
         """The least recently used resident model whose modules can take ``weights``, when the new model does not

@@ -2,7 +2,8 @@
 
 API nodes read the rows (``/health/workers``, ``underpaint_workers_alive``) without talking to the broker. A
 row whose ``last_seen`` is older than ``stale_after`` belongs to a worker that stopped or died; a worker that
-stops cleanly deletes its row.
+stops cleanly deletes its row. The table is part of the one schema (``db.migrations``): every engine given here
+belongs to a database that whoever opened it (the task store) has migrated.
 """
 
 from __future__ import annotations
@@ -16,44 +17,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Column, Engine, Float, Integer, MetaData, String, Table, delete, insert, select, text, update
+from sqlalchemy import Engine, delete, insert, select, update
 
+from underpaint.db.schema import heartbeats_table
 from underpaint.services import WorkerState
 
 log = logging.getLogger("underpaint.scale")
 
-_meta = MetaData()
-heartbeats_table = Table(
-    "worker_heartbeats",
-    _meta,
-    Column("worker_id", String(255), primary_key=True),
-    Column("hostname", String(255), nullable=False),
-    Column("pid", Integer, nullable=False),
-    Column("queues", String(1000), nullable=False),
-    Column("concurrency", Integer, nullable=False),
-    Column("busy", Integer, nullable=False),
-    Column("tasks_done", Integer, nullable=False),
-    Column("model_loads", Integer, nullable=False),
-    Column("started_at", Float, nullable=False),
-    Column("last_seen", Float, nullable=False),
-)
 _h = heartbeats_table
-_PG_LOCK = 0x756E647370686231  # any constant; serializes table creation between processes starting together
-
-
-_ensured: set[str] = set()
-
-
-def ensure_table(engine: Engine) -> None:
-    """Create the table if missing (once per database and process); safe when several workers start at once."""
-    key = engine.url.render_as_string(hide_password=False)
-    if key in _ensured:
-        return
-    with engine.execution_options(underpaint_tx="immediate").begin() as conn:
-        if conn.dialect.name == "postgresql":
-            conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _PG_LOCK})
-        heartbeats_table.create(conn, checkfirst=True)
-    _ensured.add(key)
 
 
 @dataclass(frozen=True)
@@ -74,7 +45,6 @@ class WorkerInfo:
 
 
 def list_workers(engine: Engine) -> list[WorkerInfo]:
-    ensure_table(engine)
     with engine.execution_options(underpaint_tx="autocommit").connect() as conn:
         rows = conn.execute(select(_h).order_by(_h.c.worker_id)).all()
     return [
@@ -151,7 +121,6 @@ class Heartbeat:
             )
 
     def start(self) -> None:
-        ensure_table(self.engine)
         self.beat()
         self._thread = threading.Thread(target=self._loop, name="underpaint-heartbeat", daemon=True)
         self._thread.start()

@@ -22,34 +22,40 @@ from __future__ import annotations
 
 from underpaint.config import Settings
 from underpaint.storage.custom_target import CustomS3Target, endpoint_for
-from underpaint.storage.s3 import S3Storage
+from underpaint.storage.s3 import S3Clients, S3Storage
 from underpaint.tasks.types import ImageRecord
 
 
-def _storage(bucket: str, region: str | None, endpoint_url: str | None) -> S3Storage:
-    return S3Storage(bucket, prefix="", region=region, endpoint_url=endpoint_url)
+class CustomBuckets:
+    """Users' own buckets, through the process's shared S3 clients (``wiring`` injects one ``S3Clients``).
 
+    ``settings.s3_endpoint_url``, when set, is the endpoint of every custom bucket (see above)."""
 
-def put_custom(target: CustomS3Target, key: str, data: bytes, content_type: str) -> dict[str, str]:
-    """Upload to the user's bucket; returns ``ImageRecord.location`` for ``backend="custom"``.
+    def __init__(self, clients: S3Clients, settings: Settings | None = None) -> None:
+        self.clients = clients
+        self.settings = settings
 
-    Raises ``StorageError`` (bucket missing, access denied ...) whose message names the bucket.
-    """
-    _storage(target.bucket, target.region, target.endpoint_url).put(key, data, content_type)
-    return {"bucket": target.bucket, "region": target.region}
+    def _storage(self, bucket: str, region: str | None, endpoint_url: str | None) -> S3Storage:
+        return S3Storage(bucket, prefix="", region=region, endpoint_url=endpoint_url, clients=self.clients)
 
+    def put(self, target: CustomS3Target, key: str, data: bytes, content_type: str) -> dict[str, str]:
+        """Upload to the user's bucket; returns ``ImageRecord.location`` for ``backend="custom"``.
 
-def delete_custom(image: ImageRecord, settings: Settings | None = None) -> None:
-    """Remove an image this service wrote to a user's bucket (a run whose results are discarded)."""
-    loc = image.location
-    if "bucket" not in loc:
-        raise ValueError(f"image {image.key!r} has no custom bucket in its location")
-    _storage(loc["bucket"], loc.get("region"), endpoint_for(settings)).delete(image.key)
+        Raises ``StorageError`` (bucket missing, access denied ...) whose message names the bucket.
+        """
+        self._storage(target.bucket, target.region, target.endpoint_url).put(key, data, content_type)
+        return {"bucket": target.bucket, "region": target.region}
 
+    def delete(self, image: ImageRecord) -> None:
+        """Remove an image this service wrote to a user's bucket (a run whose results are discarded)."""
+        self._located(image).delete(image.key)
 
-def presign_custom(image: ImageRecord, ttl: int, settings: Settings | None = None) -> str:
-    """``image_url`` for an image stored with ``backend="custom"`` (endpoint: ``settings.s3_endpoint_url``)."""
-    loc = image.location
-    if "bucket" not in loc:
-        raise ValueError(f"image {image.key!r} has no custom bucket in its location")
-    return _storage(loc["bucket"], loc.get("region"), endpoint_for(settings)).url(image.key, ttl)
+    def presign(self, image: ImageRecord, ttl: int) -> str:
+        """``image_url`` for an image stored with ``backend="custom"``."""
+        return self._located(image).url(image.key, ttl)
+
+    def _located(self, image: ImageRecord) -> S3Storage:
+        loc = image.location
+        if "bucket" not in loc:
+            raise ValueError(f"image {image.key!r} has no custom bucket in its location")
+        return self._storage(loc["bucket"], loc.get("region"), endpoint_for(self.settings))

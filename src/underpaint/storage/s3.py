@@ -36,24 +36,31 @@ _CONFIG = Config(
     retries={"mode": "standard", "max_attempts": 3},
 )
 
-_clients: dict[tuple[str | None, str | None], Any] = {}
-_clients_lock = threading.Lock()
 
+class S3Clients:
+    """A process's boto3 S3 clients, one per (region, endpoint), each made on first use and then shared by every
+    S3 user of the process (the default store, users' own buckets). Clients are thread-safe; creating them is not.
 
-def s3_client(region: str | None, endpoint_url: str | None) -> Any:
-    """A cached boto3 S3 client per (region, endpoint). Clients are thread-safe; creating them is not."""
-    with _clients_lock:
-        client = _clients.get((region, endpoint_url))
-        if client is None:
-            # On AWS, virtual-hosted regional URLs (bucket.s3.<region>.amazonaws.com): a presigned URL on the
-            # global endpoint is redirected for buckets outside us-east-1, which breaks the signature.
-            # S3-compatible servers (MinIO, moto) are usually addressed by path.
-            style = "path" if endpoint_url else "virtual"
-            config = _CONFIG.merge(Config(s3={"addressing_style": style}))
-            session = boto3.session.Session()
-            client = session.client("s3", region_name=region, endpoint_url=endpoint_url, config=config)
-            _clients[(region, endpoint_url)] = client
-        return client
+    ``wiring`` makes one per process and hands it to those users; anything else that needs fresh clients (new
+    credentials in the environment, say) makes its own."""
+
+    def __init__(self) -> None:
+        self._clients: dict[tuple[str | None, str | None], Any] = {}
+        self._lock = threading.Lock()
+
+    def client(self, region: str | None, endpoint_url: str | None) -> Any:
+        with self._lock:
+            client = self._clients.get((region, endpoint_url))
+            if client is None:
+                # On AWS, virtual-hosted regional URLs (bucket.s3.<region>.amazonaws.com): a presigned URL on the
+                # global endpoint is redirected for buckets outside us-east-1, which breaks the signature.
+                # S3-compatible servers (MinIO, moto) are usually addressed by path.
+                style = "path" if endpoint_url else "virtual"
+                config = _CONFIG.merge(Config(s3={"addressing_style": style}))
+                session = boto3.session.Session()
+                client = session.client("s3", region_name=region, endpoint_url=endpoint_url, config=config)
+                self._clients[(region, endpoint_url)] = client
+            return client
 
 
 _CAUSES = {
@@ -105,22 +112,27 @@ class S3Storage:
         prefix: str = "",
         region: str | None = None,
         endpoint_url: str | None = None,
+        *,
+        clients: S3Clients | None = None,
     ) -> None:
+        """``clients``: the process's shared clients (``wiring`` passes them); without, this store's own."""
         if not bucket:
             raise ValueError("S3 storage needs a bucket (setting s3_bucket)")
         self.bucket = bucket
         self.prefix = prefix.strip("/")
         self.region = region
         self.endpoint_url = endpoint_url
-        self._client = s3_client(region, endpoint_url)
+        self._client = (clients if clients is not None else S3Clients()).client(region, endpoint_url)
         self._probe: Any = None
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> S3Storage:
+    def from_settings(cls, settings: Settings, clients: S3Clients | None = None) -> S3Storage:
         """The operator's default store (``storage_backend = "s3"``)."""
         if not settings.s3_bucket:
             raise ValueError("storage_backend 's3' needs s3_bucket")
-        return cls(settings.s3_bucket, settings.s3_prefix, settings.s3_region, settings.s3_endpoint_url)
+        return cls(
+            settings.s3_bucket, settings.s3_prefix, settings.s3_region, settings.s3_endpoint_url, clients=clients
+        )
 
     def object_key(self, key: str) -> str:
         key = key.lstrip("/")

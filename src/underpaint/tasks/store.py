@@ -3,7 +3,8 @@
 Every state change is a single guarded UPDATE, so concurrent API processes, workers and sweepers never need
 to coordinate beyond the database: claiming picks a QUEUED row atomically (``FOR UPDATE SKIP LOCKED`` on
 PostgreSQL, a write-locked ``UPDATE ... WHERE task_id = (SELECT ...)`` on SQLite) and only the lease holder
-can finish a task. Input payloads live in their own table so that polling never reads input images.
+can finish a task. Input payloads live in their own table so that polling never reads input images. The tables
+are defined in ``db.schema``; opening a store brings the database's schema up to date (``db.migrations``).
 """
 
 from __future__ import annotations
@@ -18,29 +19,14 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import (
-    JSON,
-    BigInteger,
-    Boolean,
-    Column,
     Connection,
-    Engine,
-    Float,
-    Index,
-    Integer,
-    MetaData,
     Row,
-    String,
-    Table,
-    Text,
     bindparam,
     case,
-    create_engine,
     delete,
-    event,
     func,
     insert,
     select,
-    text,
     update,
 )
 from sqlalchemy.engine import make_url
@@ -48,6 +34,9 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.sql.elements import ColumnElement
 
 from underpaint.config import Settings
+from underpaint.db.engine import open_engine
+from underpaint.db.migrations import MIGRATIONS, Migration, migrate
+from underpaint.db.schema import idempotency_table, payloads_table, tasks_table
 from underpaint.tasks.batching import batch_key, model_key
 from underpaint.tasks.contract import TaskRequest, TaskType, dump_extra, dump_request, load_extra, load_request
 from underpaint.tasks.types import (
@@ -70,248 +59,10 @@ _SUCCEED = TaskStatus.SUCCEED.value
 _FAILED = TaskStatus.FAILED.value
 _ENDED = (_SUCCEED, _FAILED)
 
-metadata = MetaData()
-
-tasks_table = Table(
-    "tasks",
-    metadata,
-    Column("task_id", String(64), primary_key=True),
-    Column("owner", String(64), nullable=False),
-    Column("status", String(32), nullable=False),
-    Column("reason", Text, nullable=False, default=""),
-    Column("progress_percent", Integer, nullable=False, default=0),
-    Column("eta", Integer, nullable=False, default=0),
-    Column("seed", BigInteger, nullable=False),
-    Column("enable_nsfw_detection", Boolean, nullable=False),
-    Column("response_image_type", String(16), nullable=False),
-    Column("lane", String(64), nullable=False),
-    Column("priority", Integer, nullable=False),
-    Column("attempts", Integer, nullable=False, default=0),
-    Column("image_num", Integer, nullable=False),
-    Column("worker_id", String(255)),
-    Column("lease_expires_at", Float),
-    Column("created_at", Float, nullable=False),
-    Column("started_at", Float),
-    Column("finished_at", Float),
-    Column("images", JSON, nullable=False),
-    Column("extra", JSON, nullable=False),
-    # Set when the owner asked to cancel a PROCESSING task; the worker holding it stops and ends it FAILED.
-    Column("cancel_requested_at", Float),
-    # Batching (``tasks.batching``): tasks with equal batch keys share a sampler call; NULL never batches.
-    Column("batch_key", String(64)),
-    # Checkpoint + LoRA set: workers prefer tasks for the model they have loaded.
-    Column("model_key", String(64)),
-    # The endpoint (``tasks.contract.TaskType``): task-result reports it without reading the request.
-    Column("task_type", String(32), nullable=False),
-)
 _t = tasks_table
-Index("ix_tasks_claim", _t.c.status, _t.c.priority.desc(), _t.c.created_at)
-Index("ix_tasks_owner_created", _t.c.owner, _t.c.created_at)
-Index("ix_tasks_owner_status", _t.c.owner, _t.c.status)
 # Built once: constructing a select per call costs more than running it.
 _GET_BY_ID = select(_t).where(_t.c.task_id == bindparam("task_id"))
 _GET_BY_OWNER = _GET_BY_ID.where(_t.c.owner == bindparam("owner"))
-Index("ix_tasks_status_lease", _t.c.status, _t.c.lease_expires_at)
-Index("ix_tasks_status_finished", _t.c.status, _t.c.finished_at)
-Index("ix_tasks_status_batch", _t.c.status, _t.c.batch_key)
-Index("ix_tasks_status_model", _t.c.status, _t.c.model_key)
-
-payloads_table = Table(
-    "task_payloads",
-    metadata,
-    Column("task_id", String(64), primary_key=True),
-    Column("payload", JSON, nullable=False),
-)
-
-# ``Idempotency-Key`` of a submit, per owner: the unique (owner, key) pair makes two concurrent submits with one
-# key create one task, whatever the backend. Purged with the retention sweeper once older than their TTL.
-idempotency_table = Table(
-    "idempotency_keys",
-    metadata,
-    Column("owner", String(64), primary_key=True),
-    Column("idempotency_key", String(255), primary_key=True),
-    Column("request_hash", String(64), nullable=False),
-    Column("task_id", String(64), nullable=False),
-    Column("created_at", Float, nullable=False),
-)
-Index("ix_idempotency_created", idempotency_table.c.created_at)
-
-schema_version_table = Table("schema_version", MetaData(), Column("version", Integer, nullable=False))
-
-
-# --- migrations -----------------------------------------------------------------------------------------------
-# Applied in order, each exactly once per database, inside one locked transaction. A schema change is a new
-# function appended here that also updates the Table definitions above; from then on ``_m001_initial`` must
-# create its tables from a frozen copy of the v1 definitions instead of ``metadata``.
-
-
-def _v1_metadata() -> MetaData:
-    """The tables as migration 1 created them (frozen: later migrations change the live definitions above)."""
-    v1 = MetaData()
-    t = Table(
-        "tasks",
-        v1,
-        Column("task_id", String(64), primary_key=True),
-        Column("owner", String(64), nullable=False),
-        Column("status", String(32), nullable=False),
-        Column("reason", Text, nullable=False, default=""),
-        Column("progress_percent", Integer, nullable=False, default=0),
-        Column("eta", Integer, nullable=False, default=0),
-        Column("seed", BigInteger, nullable=False),
-        Column("enable_nsfw_detection", Boolean, nullable=False),
-        Column("response_image_type", String(16), nullable=False),
-        Column("lane", String(64), nullable=False),
-        Column("priority", Integer, nullable=False),
-        Column("attempts", Integer, nullable=False, default=0),
-        Column("image_num", Integer, nullable=False),
-        Column("worker_id", String(255)),
-        Column("lease_expires_at", Float),
-        Column("created_at", Float, nullable=False),
-        Column("started_at", Float),
-        Column("finished_at", Float),
-        Column("images", JSON, nullable=False),
-        Column("extra", JSON, nullable=False),
-    )
-    Index("ix_tasks_claim", t.c.status, t.c.priority.desc(), t.c.created_at)
-    Index("ix_tasks_owner_created", t.c.owner, t.c.created_at)
-    Index("ix_tasks_owner_status", t.c.owner, t.c.status)
-    Index("ix_tasks_status_lease", t.c.status, t.c.lease_expires_at)
-    Index("ix_tasks_status_finished", t.c.status, t.c.finished_at)
-    Table(
-        "task_payloads",
-        v1,
-        Column("task_id", String(64), primary_key=True),
-        Column("payload", JSON, nullable=False),
-    )
-    return v1
-
-
-def _m001_initial(conn: Connection) -> None:
-    _v1_metadata().create_all(conn)
-
-
-def _m002_payload_uncompressed(conn: Connection) -> None:
-    # Payloads are mostly base64 image data, which does not compress: PostgreSQL's attempt to compress every
-    # payload (TOAST) costs about 0.8 ms per submit for nothing. SQLite has no such setting.
-    if conn.dialect.name == "postgresql":
-        conn.execute(text("ALTER TABLE task_payloads ALTER COLUMN payload SET STORAGE EXTERNAL"))
-
-
-def _m003_cancel_and_idempotency(conn: Connection) -> None:
-    # Cancellation by the client, and Idempotency-Key records of submits.
-    conn.execute(text("ALTER TABLE tasks ADD COLUMN cancel_requested_at FLOAT"))
-    idempotency_table.create(conn)
-
-
-def _m004_batch_keys(conn: Connection) -> None:
-    # Tasks queued before this migration keep NULL keys: they run alone and carry no model preference.
-    conn.execute(text("ALTER TABLE tasks ADD COLUMN batch_key VARCHAR(64)"))
-    conn.execute(text("ALTER TABLE tasks ADD COLUMN model_key VARCHAR(64)"))
-    conn.execute(text("CREATE INDEX ix_tasks_status_batch ON tasks (status, batch_key)"))
-    conn.execute(text("CREATE INDEX ix_tasks_status_model ON tasks (status, model_key)"))
-
-
-def _m005_task_type(conn: Connection) -> None:
-    # Every task before this migration was img2img; their stored requests have no ``task_type`` and load as
-    # img2img too (``tasks.contract.load_request``).
-    conn.execute(text("ALTER TABLE tasks ADD COLUMN task_type VARCHAR(32) NOT NULL DEFAULT 'IMG_TO_IMG'"))
-
-
-MIGRATIONS: list[Callable[[Connection], None]] = [
-    _m001_initial,
-    _m002_payload_uncompressed,
-    _m003_cancel_and_idempotency,
-    _m004_batch_keys,
-    _m005_task_type,
-]
-
-# Any constant works; it only has to be the same in every process that migrates this database.
-_PG_MIGRATION_LOCK = 0x756E6465727061
-
-
-def migrate(engine: Engine, migrations: Sequence[Callable[[Connection], None]] = MIGRATIONS) -> int:
-    """Bring the schema up to ``len(migrations)``; safe when several processes start at once. Returns it."""
-    with engine.execution_options(underpaint_tx="immediate").begin() as conn:
-        if conn.dialect.name == "postgresql":
-            conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _PG_MIGRATION_LOCK})
-        schema_version_table.create(conn, checkfirst=True)
-        current = conn.execute(select(func.max(schema_version_table.c.version))).scalar()
-        if current is None:
-            conn.execute(insert(schema_version_table).values(version=0))
-            current = 0
-        if current > len(migrations):
-            raise RuntimeError(
-                f"database schema version {current} is newer than this Underpaint ({len(migrations)}); upgrade it"
-            )
-        for migration in migrations[current:]:
-            migration(conn)
-        conn.execute(update(schema_version_table).values(version=len(migrations)))
-        return len(migrations)
-
-
-# --- engine ---------------------------------------------------------------------------------------------------
-
-
-def _enable_wal(cur: Any, attempts: int = 100) -> None:
-    """Switch to WAL, retrying: the switch needs an exclusive lock and answers "database is locked" at once,
-    without the busy handler, while another process opens the same new database file."""
-    for attempt in range(attempts):
-        try:
-            cur.execute("PRAGMA journal_mode=WAL")
-            return
-        except sqlite3.OperationalError as exc:
-            if "locked" not in str(exc) or attempt == attempts - 1:
-                raise
-            time.sleep(0.05)
-
-
-def _sqlite_engine(url: str) -> Engine:
-    parsed = make_url(url)
-    database = parsed.database or ""
-    if database in ("", ":memory:") or database.startswith("file::memory:"):
-        raise ValueError("in-memory SQLite cannot be shared between threads; give the task store a file path")
-    Path(database).expanduser().parent.mkdir(parents=True, exist_ok=True)
-    engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
-
-    @event.listens_for(engine, "connect")
-    def _on_connect(dbapi_conn: Any, _record: Any) -> None:
-        # Take transaction control away from the sqlite3 module so that BEGIN IMMEDIATE below is ours.
-        dbapi_conn.isolation_level = None
-        cur = dbapi_conn.cursor()
-        cur.execute("PRAGMA busy_timeout=30000")
-        _enable_wal(cur)  # readers (task polling) never wait for the worker's writes
-        cur.execute("PRAGMA synchronous=NORMAL")  # durable across process kills; WAL keeps it consistent
-        cur.close()
-
-    @event.listens_for(engine, "begin")
-    def _on_begin(conn: Connection) -> None:
-        mode = conn.get_execution_options().get("underpaint_tx")
-        if mode == "immediate":
-            # Write lock up front: a deferred transaction that reads and then writes can fail with
-            # "database is locked" without waiting for busy_timeout.
-            conn.exec_driver_sql("BEGIN IMMEDIATE")
-        elif mode != "autocommit":
-            conn.exec_driver_sql("BEGIN")
-
-    return engine
-
-
-def _make_engine(url: str) -> Engine:
-    parsed = make_url(url)
-    backend = parsed.get_backend_name()
-    if backend == "sqlite":
-        return _sqlite_engine(url)
-    if backend == "postgresql":
-        if parsed.drivername == "postgresql":
-            parsed = parsed.set(drivername="postgresql+psycopg")  # psycopg 3 is the driver we ship, not psycopg2
-        # A server that vanishes without closing its connections (a network partition, a host that died) must
-        # not hang a worker forever on a query: libpq gives up on unacknowledged data after tcp_user_timeout and
-        # probes idle connections with keepalives; connecting gives up after connect_timeout.
-        timeouts = {"connect_timeout": 10, "keepalives": 1, "keepalives_idle": 30, "keepalives_interval": 10,
-                    "keepalives_count": 3, "tcp_user_timeout": 30_000}  # fmt: skip
-        defaults = {k: v for k, v in timeouts.items() if k not in parsed.query}  # the URL's own values win
-        return create_engine(parsed, pool_pre_ping=True, pool_size=10, max_overflow=20, connect_args=defaults)
-    raise ValueError(f"unsupported task store URL {url.split(':', 1)[0]!r}: use sqlite:/// or postgresql+psycopg://")
 
 
 # --- conversions ----------------------------------------------------------------------------------------------
@@ -469,7 +220,7 @@ class SqlTaskStore:
         lease_seconds: float = 120.0,
         max_attempts: int = 3,
         clock: Callable[[], float] = time.time,
-        migrations: Sequence[Callable[[Connection], None]] = MIGRATIONS,
+        migrations: Sequence[Migration] = MIGRATIONS,
     ) -> None:
         if lease_seconds <= 0:
             raise ValueError("lease_seconds must be positive")
@@ -479,7 +230,7 @@ class SqlTaskStore:
         self.lease_seconds = float(lease_seconds)
         self.max_attempts = max_attempts
         self.clock = clock
-        self.engine = _make_engine(url)
+        self.engine = open_engine(url)
         self._dialect = self.engine.dialect.name
         # Reads are single statements: on SQLite they run without BEGIN (each is its own snapshot).
         self._read = self.engine.execution_options(underpaint_tx="autocommit")
@@ -988,4 +739,4 @@ def _record_from_values(values: dict[str, Any]) -> TaskRecord:
     )
 
 
-__all__ = ["MIGRATIONS", "SqlTaskStore", "idempotency_table", "metadata", "migrate", "payloads_table", "tasks_table"]
+__all__ = ["SqlTaskStore"]

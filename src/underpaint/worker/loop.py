@@ -269,16 +269,18 @@ def run_claimed_batch(
     for task in tasks:
         try:
             request = store.get_request(task.task_id)
-        except (KeyError, ValueError) as exc:
-            reason = (
-                "the task's input is no longer available; submit the task again"
-                if isinstance(exc, KeyError)
-                else f"the task's stored input is not a valid request: {exc}"
-            )
-            if store.fail(task.task_id, worker_id, reason):
-                notify_terminal(store, [task.task_id], on_terminal)
+        except KeyError:
+            reason = "the task's input is no longer available; submit the task again"
+        except ValueError:
+            # The input was validated at submit and stored by this server: one that no longer loads is the
+            # server's fault (a bad migration, a contract change), never the client's; its message stays here.
+            log.exception("task %s: its stored input does not load", task.task_id, extra={"task_id": task.task_id})
+            reason = INTERNAL_REASON
+        else:
+            items.append((task, request, ProgressReporter(store, task.task_id, worker_id)))
             continue
-        items.append((task, request, ProgressReporter(store, task.task_id, worker_id)))
+        if store.fail(task.task_id, worker_id, reason):
+            notify_terminal(store, [task.task_id], on_terminal)
     if not items:
         return
     for task, _, _ in items:

@@ -19,10 +19,11 @@ from underpaint.config import Settings
 from underpaint.engine.job import Executor, GeneratedImage, GenerationJob
 from underpaint.engine.metadata import CONTENT_TYPES, encode_image
 from underpaint.engine.model_tiers import ModelCacheReport
-from underpaint.storage import custom as custom_storage
 from underpaint.storage.base import ImageStorage
+from underpaint.storage.custom import CustomBuckets
 from underpaint.storage.custom_target import custom_target, object_key
 from underpaint.storage.retry import UploadRetry
+from underpaint.storage.s3 import S3Clients
 from underpaint.tasks.contract import TaskRequest, UpscaleRequest
 from underpaint.tasks.types import ImageRecord, NsfwResult, TaskRecord
 from underpaint.worker.jobs import job_from_request, upscale_job_from_request
@@ -53,13 +54,17 @@ class GenerationRunner:
         nsfw: NsfwCheck | None = None,
         *,
         upload_retry: UploadRetry | None = None,
+        custom_buckets: CustomBuckets | None = None,
     ) -> None:
+        """``custom_buckets``: users' own buckets through the process's shared S3 clients (``wiring`` passes them;
+        without, this runner's own)."""
         self.settings = settings
         self.storage = storage
         self.executor = executor
         self.nsfw = nsfw
         # A storage outage delays uploads (backoff, within storage_retry_seconds) instead of failing tasks.
         self.upload_retry = upload_retry or UploadRetry(settings.storage_retry_seconds)
+        self.custom_buckets = custom_buckets or CustomBuckets(S3Clients(), settings)
         # NSFW detection runs on the CPU (onnxruntime) beside encoding and upload, never on the GPU.
         self._side = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nsfw")
 
@@ -146,7 +151,7 @@ class GenerationRunner:
                     target = custom_target(custom.model_dump(), self.settings)
                     key = object_key(target, task.task_id, filename, custom.save_to_path_directly)
                     location = retry.run(
-                        partial(custom_storage.put_custom, target, key, data, CONTENT_TYPES[fmt]),
+                        partial(self.custom_buckets.put, target, key, data, CONTENT_TYPES[fmt]),
                         tid,
                         f"upload of {key} to bucket {target.bucket}",
                         should_stop,
@@ -184,6 +189,6 @@ class GenerationRunner:
                 if r.backend == self.storage.name:
                     self.storage.delete(r.key)
                 elif r.backend == "custom":
-                    custom_storage.delete_custom(r, self.settings)
+                    self.custom_buckets.delete(r)
             except Exception:
                 log.warning("could not delete orphan image %s (%s)", r.key, r.backend)
