@@ -165,6 +165,9 @@ def faulty_cluster(root: Path, models_dir: Path, broker: Broker, pg_admin: str, 
         run.wait_worker()
         yield run
     finally:
+        for p in (run.worker, run.api):  # SIGTERM to both first: they shut down side by side
+            if p.proc is not None and p.proc.poll() is None:
+                p.proc.terminate()
         for p in (run.worker, run.api):
             p.stop()
         store.close()
