@@ -35,6 +35,7 @@ from underpaint.services import Services, WorkerState
 from underpaint.storage.base import ImageStorage, reachability
 from underpaint.storage.local import LocalStorage, load_or_create_secret
 from underpaint.storage.retry import UploadRetry
+from underpaint.storage.spool import Spool
 from underpaint.storage.urls import ImageUrls
 from underpaint.tasks.lifecycle import OrphanSweeper, RetentionSweeper, TerminalHook, recover_on_start
 from underpaint.tasks.queue import LocalQueue, WakeEvent
@@ -150,15 +151,19 @@ def build_runner(core: Core) -> InstrumentedRunner:
     services = core.services
     executor = DiffusersExecutor(services.settings, services.registry)
     services.registry.scan_and_hash()  # hash the models now, in the background, not on the first task
-    retry = UploadRetry(services.settings.storage_retry_seconds, on_retry=UPLOAD_RETRIES.inc)
+    settings = services.settings
+    retry = UploadRetry(settings.storage_retry_seconds, on_retry=UPLOAD_RETRIES.inc)
+    spool = Spool(settings.resolved_spool_dir)
     runner = GenerationRunner(
-        services.settings,
+        settings,
         services.storage,
         executor,
         NsfwDetector(),
         upload_retry=retry,
         custom_buckets=core.custom_buckets,
+        spool=spool,
     )
+    runner.recover_spool()  # what a killed worker left in the spool
     return InstrumentedRunner(runner)
 
 
