@@ -173,6 +173,9 @@ class Settings(BaseSettings):
     # A failed upload to unreachable storage (S3 down, 5xx) is retried with backoff for this long per outage
     # before the task fails; the worker holds its tasks (and their leases) meanwhile. 0 = fail at once.
     storage_retry_seconds: NonNegative = 300
+    # Where a worker keeps encoded images until they are uploaded (through such an outage too); default
+    # data_dir/spool. Each worker process has a folder of its own there; a dead one's is cleared at the next start.
+    spool_dir: Path | None = None
 
     def __init__(self, **values: Any) -> None:
         try:
@@ -199,6 +202,10 @@ class Settings(BaseSettings):
         if self.database_url:
             return self.database_url
         return f"sqlite:///{(self.data_dir / 'underpaint.db').resolve()}"
+
+    @property
+    def resolved_spool_dir(self) -> Path:
+        return self.spool_dir if self.spool_dir is not None else self.data_dir / "spool"
 
     def with_overrides(self, **kwargs: Any) -> Settings:
         """A copy with the given values (``None`` = keep), checked like any other source."""

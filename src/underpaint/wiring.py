@@ -18,6 +18,7 @@ import os
 import signal
 import threading
 from dataclasses import dataclass, replace
+from types import FrameType
 from typing import TYPE_CHECKING, Protocol
 
 from fastapi import FastAPI
@@ -34,6 +35,7 @@ from underpaint.services import Services, WorkerState
 from underpaint.storage.base import ImageStorage, reachability
 from underpaint.storage.local import LocalStorage, load_or_create_secret
 from underpaint.storage.retry import UploadRetry
+from underpaint.storage.spool import Spool
 from underpaint.storage.urls import ImageUrls
 from underpaint.tasks.lifecycle import OrphanSweeper, RetentionSweeper, TerminalHook, recover_on_start
 from underpaint.tasks.queue import LocalQueue, WakeEvent
@@ -149,15 +151,19 @@ def build_runner(core: Core) -> InstrumentedRunner:
     services = core.services
     executor = DiffusersExecutor(services.settings, services.registry)
     services.registry.scan_and_hash()  # hash the models now, in the background, not on the first task
-    retry = UploadRetry(services.settings.storage_retry_seconds, on_retry=UPLOAD_RETRIES.inc)
+    settings = services.settings
+    retry = UploadRetry(settings.storage_retry_seconds, on_retry=UPLOAD_RETRIES.inc)
+    spool = Spool(settings.resolved_spool_dir)
     runner = GenerationRunner(
-        services.settings,
+        settings,
         services.storage,
         executor,
         NsfwDetector(),
         upload_retry=retry,
         custom_buckets=core.custom_buckets,
+        spool=spool,
     )
+    runner.recover_spool()  # what a killed worker left in the spool
     return InstrumentedRunner(runner)
 
 
@@ -195,8 +201,7 @@ def run_worker_child(settings: Settings, wake: WakeEvent) -> None:
 
         start_http_server(settings.worker_metrics_port, addr=settings.host, registry=serving_registry())
     stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the whole group; the parent decides
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())  # (SIGINT is ignored from the child's start)
     worker.start()
     while not stop.wait(1.0):
         if not WorkerProcess.parent_alive():
@@ -323,13 +328,36 @@ def build_server(settings: Settings) -> Server:
     return server
 
 
+def _exit_normally(_signum: int, _frame: FrameType | None) -> None:
+    """SIGTERM or SIGINT outside uvicorn's own handlers: end the process with a normal exit (status 0)."""
+    raise SystemExit(0)
+
+
 def run_server(settings: Settings) -> None:
+    """``underpaint serve`` until SIGTERM or SIGINT, then a graceful shutdown (the worker child finishes its task)
+    and exit status 0.
+
+    uvicorn shuts down on either signal and then raises it again for the handler that was installed before it
+    started. With Python's default handlers the process would then die by SIGTERM (or raise KeyboardInterrupt),
+    skipping ``atexit``, where multiprocessing unlinks the named semaphores of the embedded worker's wake-up
+    ``Event``: its resource tracker would report them as leaked. Ours (installed before anything is built) exits
+    normally, so every exit handler runs."""
     import uvicorn
 
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    server = build_server(settings)
-    # With JSON logs, uvicorn's own loggers go through the root handler too (log_config=None).
-    log_config = None if settings.log_format == "json" else uvicorn.config.LOGGING_CONFIG
-    uvicorn.run(
-        server.app, host=settings.host, port=settings.port, log_level="info", access_log=False, log_config=log_config
-    )
+    previous = {sig: signal.signal(sig, _exit_normally) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        server = build_server(settings)
+        # With JSON logs, uvicorn's own loggers go through the root handler too (log_config=None).
+        log_config = None if settings.log_format == "json" else uvicorn.config.LOGGING_CONFIG
+        uvicorn.run(
+            server.app,
+            host=settings.host,
+            port=settings.port,
+            log_level="info",
+            access_log=False,
+            log_config=log_config,
+        )
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

@@ -10,10 +10,13 @@ import logging
 import os
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import psycopg
 import pytest
 import redis
+from tests.support.fault_cluster import Faulty, faulty_cluster
+from tests.support.faults import RedisServer
 from tests.support.ports import free_port
 
 PG_ADMIN = os.environ.get("UNDERPAINT_TEST_PG_ADMIN", "postgresql://postgres@127.0.0.1:5432/postgres")
@@ -98,3 +101,17 @@ def s3_bucket(s3_endpoint: str) -> str:
     name = f"underpaint-{uuid.uuid4().hex[:12]}"
     boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1").create_bucket(Bucket=name)
     return name
+
+
+@pytest.fixture(scope="module")
+def faulty(tmp_path_factory: pytest.TempPathFactory, tiny_models_dir: Path) -> Iterator[Faulty]:
+    """An API node and a worker whose faults the test owns (``tests/support/fault_cluster.py``), on a Redis server
+    of their own; one per test file."""
+    root = tmp_path_factory.mktemp("faults")
+    broker = RedisServer(root / "redis")
+    broker.start()
+    try:
+        with faulty_cluster(root, tiny_models_dir, broker, PG_ADMIN, PG_BASE) as run:
+            yield run
+    finally:
+        broker.kill()

@@ -1,12 +1,17 @@
-"""The img2img and txt2img pipeline, as explicit stages (diffusers style) over our own samplers and prompt encoding.
+"""The img2img, inpainting and txt2img pipeline, as explicit stages (diffusers style) over our own samplers and prompt
+encoding. The executor runs each batch of compatible jobs in two calls:
 
-    img2img: prepare_init_latents -> encode_conditioning -> build_model_fn -> sample_img2img -> decode_latents
-    txt2img: (no init latents)    -> encode_conditioning -> build_model_fn -> sample_txt2img
-             [-> upscale_first_pass: upscale_latents (Latent) | decode, upscale model, encode; crop_latents
-              -> sample_img2img with fix_steps (the hires fix's second pass)]
-             -> decode_latents
-    refiner: encode_conditioning again with the refiner's encoder; switching_model_fn hands the last pass over to
-             the refiner's model function once ``completed_ratio`` reaches ``switch_at``
+    prepare_member, per job:  prepare_inpainting -> prepare_init_latents (img2img; encode_pixels)
+                              -> encode_conditioning (again with the refiner's text encoder when it has a refiner)
+    sample_batch, per batch:  build_batch_model_fn -> sample_img2img | sample_txt2img
+                              [hires fix: upscale_first_pass ("Latent": upscale_latents; a model: decode, upscale,
+                               encode), crop_latents -> sample_img2img with fix_steps (the second pass)]
+                              -> decode_latents, per member (inpainting: inpainting.paste_back)
+    refiner:                  switching_model_fn hands the model function over to the refiner's once
+                              completed_ratio reaches switch_at
+
+A batch whose shared sampler call fails is retried member by member (``sample_batch``). The VAE runs in the dtype
+``VaePrecision`` (the executor's) chooses, and a half-precision NaN is redone in float32 (``_with_fp32_retry``).
 
 Why not diffusers' Img2Img pipelines: A1111 semantics (sampler math, ``t_enc`` slicing, per-image CPU noise
 streams, attention syntax, clip skip) differ from them in ways users notice (``docs/ARCHITECTURE.md``).
@@ -105,8 +110,8 @@ class Components:
     is_sdxl: bool
     device: torch.device
     dtype: torch.dtype
-    # The ``vae_dtype`` setting when forced; None = auto (``devices.vae_dtype_for``).
-    vae_dtype: torch.dtype | None = None
+    # The VAE's dtype policy and what it learnt (``VaePrecision``): the executor's, shared by every batch it runs.
+    vae_precision: VaePrecision = field(kw_only=True)
     # The hires fix's upscaler model for this batch (None: "Latent" or no hires fix).
     upscale: Upscale | None = None
     # The refiner this batch switches to (txt2img's ``refiner``), and, on a refiner's own components, the aesthetic
@@ -137,28 +142,38 @@ def pil_to_tensor(image: Image.Image, width: int, height: int) -> torch.Tensor:
     return torch.from_numpy(arr).permute(2, 0, 1).unsqueeze(0)
 
 
-# VAEs that produced a NaN in half precision once: they run in float32 from then on (A1111's --no-half-vae fallback
-# also sticks for the session).
-_UPCAST_AFTER_NAN: weakref.WeakSet[torch.nn.Module] = weakref.WeakSet()
+class VaePrecision:
+    """The dtype each VAE runs in: the ``vae_dtype`` setting when it forces one (``forced``), else the model's dtype
+    or float32 for a VAE that asks for it in fp16 (``devices.vae_dtype_for``); and, learnt while running, float32
+    for good for a VAE that once produced a NaN in half precision (A1111's ``--no-half-vae`` fallback also sticks
+    for the session). Owned by the executor (one per device, ``DiffusersExecutor.vae_precision``) and lent to the
+    pipeline in ``Components``; VAEs are held weakly, so an evicted one is forgotten with it."""
 
+    def __init__(self, forced: torch.dtype | None = None) -> None:
+        self.forced = forced
+        self._upcast: weakref.WeakSet[torch.nn.Module] = weakref.WeakSet()
 
-def _vae_dtype(c: Components) -> torch.dtype:
-    if c.vae in _UPCAST_AFTER_NAN:
-        return torch.float32
-    return vae_dtype_for(c.dtype, bool(getattr(c.vae.config, "force_upcast", False)), c.vae_dtype)
+    def dtype(self, vae: Any, model_dtype: torch.dtype) -> torch.dtype:
+        if vae in self._upcast:
+            return torch.float32
+        return vae_dtype_for(model_dtype, bool(getattr(vae.config, "force_upcast", False)), self.forced)
+
+    def upcast(self, vae: Any) -> None:
+        """``vae`` gave a NaN in half precision: float32 from now on."""
+        self._upcast.add(vae)
 
 
 def _with_fp32_retry(c: Components, what: str, run: Callable[[Any, torch.dtype], torch.Tensor]) -> torch.Tensor:
     """``run(vae, dtype)``; when a half-precision result holds a NaN or inf, once more in float32 (never return
-    a NaN image). The VAE stays float32 afterwards."""
-    dtype = _vae_dtype(c)
+    a NaN image). The VAE stays float32 afterwards (``VaePrecision.upcast``)."""
+    dtype = c.vae_precision.dtype(c.vae, c.dtype)
     out = run(c.vae.to(dtype=dtype), dtype)
     if bool(torch.isfinite(out).all()):
         return out
     if dtype == torch.float32:
         raise JobError(f"the VAE {what} gave NaN in float32 (the checkpoint or VAE is broken)")
     log.warning("VAE %s in %s gave NaN/inf; retrying in float32 (the VAE stays float32 from now on)", what, dtype)
-    _UPCAST_AFTER_NAN.add(c.vae)
+    c.vae_precision.upcast(c.vae)
     out = run(c.vae.to(dtype=torch.float32), torch.float32)
     if not bool(torch.isfinite(out).all()):
         raise JobError(f"the VAE {what} gave NaN even in float32 (the checkpoint or VAE is broken)")
@@ -244,8 +259,8 @@ def prepare_inpainting(
 def encode_conditioning(c: Components, inputs: PipelineInputs) -> tuple[Conditioning, Conditioning]:
     """Prompt and negative prompt, each in as many 77-token chunks as it needs.
 
-    A1111's default leaves prompts of different chunk counts unpadded; ``build_model_fn`` then runs the two
-    halves of classifier-free guidance as separate UNet calls.
+    A1111's default leaves prompts of different chunk counts unpadded; ``build_batch_model_fn`` then runs the two
+    halves of classifier-free guidance as separate UNet calls (``_entries``).
 
     SDXL with an empty negative prompt: zero embeddings, context and pooled vector (one 77-token chunk), as A1111
     does when every negative prompt of its batch is empty and as diffusers' ``force_zeros_for_empty_prompt`` does
@@ -627,25 +642,6 @@ def prepare_member(
     )
 
 
-def build_model_fn(
-    c: Components, inputs: PipelineInputs, step_fraction: Callable[[], float] = lambda: 0.0
-) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """The guided model function of one job alone (a batch of one): what the sampler calls for it."""
-    return build_batch_model_fn(c, batch_spec(inputs), _Batch([prepare_member(c, inputs)]), step_fraction)
-
-
-def batch_spec(inputs: PipelineInputs) -> BatchSpec:
-    return BatchSpec(
-        inputs.width,
-        inputs.height,
-        inputs.steps,
-        inputs.sampler_name,
-        inputs.strength,
-        txt2img=inputs.init_image is None,
-        hires_fix=inputs.hires_fix,
-    )
-
-
 def batch_spec_of(job: GenerationJob) -> BatchSpec:
     return BatchSpec(
         job.width,
@@ -943,20 +939,6 @@ def _inpaint_rows(
     if len(set(rows)) == 1:
         return repaint, rows[0]
     return repaint, torch.tensor(rows, dtype=init_latent.dtype, device=init_latent.device).view(-1, 1, 1, 1)
-
-
-def generate(
-    c: Components,
-    inputs: PipelineInputs,
-    on_progress: ProgressCallback | None = None,
-    should_cancel: Callable[[], bool] | None = None,
-) -> list[Image.Image]:
-    """Run one job for ``len(inputs.seeds)`` images in one UNet batch (a batch of one member)."""
-    member = prepare_member(c, inputs, on_progress, should_cancel)
-    (outcome,) = sample_batch(c, batch_spec(inputs), [member])
-    if isinstance(outcome, BaseException):
-        raise outcome
-    return outcome
 
 
 def seeds_for(seed: int, image_num: int) -> Sequence[int]:

@@ -1,5 +1,8 @@
 """The bridge from a claimed task to stored images: typed request -> job -> executor -> encode -> NSFW -> storage.
 
+Encoded images wait in the upload spool on disk (``storage.spool``) until their upload, retried through a storage
+outage (``storage.retry``), succeeded.
+
 Workers (the embedded thread and Celery workers alike) call ``GenerationRunner.run``, or ``run_batch`` for tasks
 that share a sampler call; it knows nothing about how the tasks were delivered.
 """
@@ -10,7 +13,7 @@ import logging
 import uuid
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from functools import partial
+from dataclasses import dataclass
 from typing import Protocol
 
 from PIL import Image
@@ -21,9 +24,10 @@ from underpaint.engine.metadata import CONTENT_TYPES, encode_image
 from underpaint.engine.model_tiers import ModelCacheReport
 from underpaint.storage.base import ImageStorage
 from underpaint.storage.custom import CustomBuckets
-from underpaint.storage.custom_target import custom_target, object_key
+from underpaint.storage.custom_target import CustomS3Target, custom_target, object_key
 from underpaint.storage.retry import UploadRetry
 from underpaint.storage.s3 import S3Clients
+from underpaint.storage.spool import Spool, Spooled
 from underpaint.tasks.contract import TaskRequest, UpscaleRequest
 from underpaint.tasks.types import ImageRecord, NsfwResult, TaskRecord
 from underpaint.worker.jobs import job_from_request, upscale_job_from_request
@@ -34,6 +38,17 @@ log = logging.getLogger(__name__)
 
 class NsfwCheck(Protocol):
     def detect(self, images: list[Image.Image], level: int) -> list[NsfwResult]: ...
+
+
+@dataclass(frozen=True)
+class _Pending:
+    """An encoded image on its way to storage: its key, the user's bucket (or None: ours), its bytes (spooled,
+    or in memory)."""
+
+    key: str
+    target: CustomS3Target | None
+    spooled: Spooled | None = None
+    data: bytes = b""
 
 
 class CountingExecutor(Executor, Protocol):
@@ -54,6 +69,7 @@ class GenerationRunner:
         nsfw: NsfwCheck | None = None,
         *,
         upload_retry: UploadRetry | None = None,
+        spool: Spool | None = None,
         custom_buckets: CustomBuckets | None = None,
     ) -> None:
         """``custom_buckets``: users' own buckets through the process's shared S3 clients (``wiring`` passes them;
@@ -62,8 +78,11 @@ class GenerationRunner:
         self.storage = storage
         self.executor = executor
         self.nsfw = nsfw
-        # A storage outage delays uploads (backoff, within storage_retry_seconds) instead of failing tasks.
+        # A storage outage delays uploads (backoff, within storage_retry_seconds) instead of failing tasks; the
+        # encoded images wait in the spool on disk meanwhile (in memory without one).
         self.upload_retry = upload_retry or UploadRetry(settings.storage_retry_seconds)
+        self.spool = spool
+        self._leftovers = False
         self.custom_buckets = custom_buckets or CustomBuckets(S3Clients(), settings)
         # NSFW detection runs on the CPU (onnxruntime) beside encoding and upload, never on the GPU.
         self._side = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nsfw")
@@ -139,36 +158,28 @@ class GenerationRunner:
         verdicts: Future[list[NsfwResult]] | None,
         should_stop: Callable[[], bool],
     ) -> list[ImageRecord]:
+        """Encode ``task``'s images into the spool, then upload each from there (retried through a storage
+        outage); a spool file goes as soon as its upload succeeded, or when the task fails."""
         fmt = task.response_image_type
-        retry, tid = self.upload_retry, task.task_id
-        custom = task.extra.custom_s3
+        pending: list[_Pending] = []
         records: list[tuple[str, str, dict[str, str]]] = []
         try:
             for g in images:
-                data = encode_image(g.image, fmt, g.infotext)
-                filename = f"{uuid.uuid4().hex}.{fmt}"
-                if custom:
-                    target = custom_target(custom.model_dump(), self.settings)
-                    key = object_key(target, task.task_id, filename, custom.save_to_path_directly)
-                    location = retry.run(
-                        partial(self.custom_buckets.put, target, key, data, CONTENT_TYPES[fmt]),
-                        tid,
-                        f"upload of {key} to bucket {target.bucket}",
-                        should_stop,
-                    )
-                    records.append((key, "custom", location))
-                else:
-                    key = f"{task.task_id}/{filename}"
-                    retry.run(
-                        partial(self.storage.put, key, data, CONTENT_TYPES[fmt]), tid, f"upload of {key}", should_stop
-                    )
-                    records.append((key, self.storage.name, {}))
+                pending.append(self._spool(task, encode_image(g.image, fmt, g.infotext), fmt))
+            for item in pending:
+                records.append(self._upload(task, item, CONTENT_TYPES[fmt], should_stop))
+                self._unspool(item)
         except Exception:
             # The task fails: leave none of its images behind, in our storage or in the user's bucket.
             self.discard(
                 [ImageRecord(key=k, image_type=fmt, nsfw=None, backend=b, location=loc) for k, b, loc in records]
             )
             raise
+        finally:
+            for item in pending:
+                self._unspool(item)
+        if self._leftovers:  # the storage answers again: clear what a dead worker left in the spool
+            self.recover_spool()
         results: list[NsfwResult | None] = [None] * len(records)
         if verdicts is not None:
             try:
@@ -180,6 +191,73 @@ class GenerationRunner:
             ImageRecord(key=key, image_type=fmt, nsfw=verdict, backend=backend, location=location)
             for (key, backend, location), verdict in zip(records, results, strict=True)
         ]
+
+    def _spool(self, task: TaskRecord, data: bytes, fmt: str) -> _Pending:
+        """Where one encoded image goes, with its bytes in the spool (in memory without a spool, or when the
+        spool cannot be written: the upload is what matters)."""
+        filename = f"{uuid.uuid4().hex}.{fmt}"
+        custom, target = task.extra.custom_s3, None
+        if custom:
+            target = custom_target(custom.model_dump(), self.settings)
+            key = object_key(target, task.task_id, filename, custom.save_to_path_directly)
+            backend, bucket, region = "custom", target.bucket, target.region
+        else:
+            key, backend, bucket, region = f"{task.task_id}/{filename}", self.storage.name, "", ""
+        if self.spool is not None:
+            try:
+                return _Pending(key, target, spooled=self.spool.write(task.task_id, key, data, backend, bucket, region))
+            except OSError as exc:
+                log.warning(
+                    "task %s: image %s not spooled to disk (%s); it waits for its upload in memory",
+                    task.task_id, key, exc, extra={"task_id": task.task_id},
+                )  # fmt: skip
+        return _Pending(key, target, data=data)
+
+    def _upload(
+        self, task: TaskRecord, item: _Pending, content_type: str, should_stop: Callable[[], bool]
+    ) -> tuple[str, str, dict[str, str]]:
+        """Upload one pending image (retried within ``storage_retry_seconds``); (key, backend, location)."""
+
+        def data() -> bytes:
+            return item.data if item.spooled is None else Spool.read(item.spooled)
+
+        if item.target is not None:
+            target = item.target
+            location = self.upload_retry.run(
+                lambda: self.custom_buckets.put(target, item.key, data(), content_type),
+                task.task_id,
+                f"upload of {item.key} to bucket {target.bucket}",
+                should_stop,
+            )
+            return item.key, "custom", location
+        self.upload_retry.run(
+            lambda: self.storage.put(item.key, data(), content_type), task.task_id, f"upload of {item.key}", should_stop
+        )
+        return item.key, self.storage.name, {}
+
+    @staticmethod
+    def _unspool(item: _Pending) -> None:
+        if item.spooled is not None:
+            Spool.remove(item.spooled)
+
+    def recover_spool(self) -> int:
+        """Clear the spool folders of dead worker processes (``storage.spool``): delete each leftover's object
+        from its storage, then the file. Returns how many are left (the storage is down: tried again after the
+        next successful upload)."""
+        if self.spool is None:
+            return 0
+        left = self.spool.recover(self._delete_leftover)
+        self._leftovers = left > 0
+        return left
+
+    def _delete_leftover(self, item: Spooled) -> None:
+        if item.backend == "custom":
+            location = {"bucket": item.bucket, "region": item.region}
+            self.custom_buckets.delete(ImageRecord(key=item.key, image_type="", backend="custom", location=location))
+        elif item.backend == self.storage.name:
+            self.storage.delete(item.key)
+        else:  # the storage backend changed since: the orphan sweep of that storage is all that can find it
+            log.warning("spool: leftover image %s was meant for %s storage, not deleted there", item.key, item.backend)
 
     def discard(self, records: list[ImageRecord]) -> None:
         """Remove images of a run whose results are dropped: it lost its lease (another worker finished the task)
