@@ -336,8 +336,8 @@ class DiffusersExecutor:
             return None
         model = self.upscalers.get(self._entry("upscaler", job.hires_fix.upscaler).path)
 
-        def run(image: Image.Image, width: int, height: int) -> Image.Image:
-            return upscale_to(image, model, width, height)
+        def run(image: Image.Image, width: int, height: int, should_cancel: Callable[[], bool]) -> Image.Image:
+            return upscale_to(image, model, width, height, should_cancel=should_cancel)
 
         return run
 

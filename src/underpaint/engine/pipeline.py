@@ -70,9 +70,10 @@ class ControlHook(Protocol):
     ) -> dict[str, Any]: ...
 
 
-# Hires fix with an upscaler model: (first-pass image, width, height) -> the image at exactly that size (A1111's
-# ``resize_image`` "just resize" with an upscaler: the model's passes, then Lanczos; ``engine.upscalers.upscale_to``).
-Upscale = Callable[[Image.Image, int, int], Image.Image]
+# Hires fix with an upscaler model: (first-pass image, width, height, should_cancel) -> the image at exactly that size
+# (A1111's ``resize_image`` "just resize" with an upscaler: the model's passes, then Lanczos;
+# ``engine.upscalers.upscale_to``). It raises ``JobCancelled`` between tiles once ``should_cancel()`` says so.
+Upscale = Callable[[Image.Image, int, int, Callable[[], bool]], Image.Image]
 
 
 @dataclass
@@ -353,6 +354,11 @@ class _Batch:
     def drop(self, k: int, why: BaseException) -> None:
         if self.outcome[k] is None:
             self.outcome[k] = why
+
+    def cancel_check(self, k: int) -> Callable[[], bool]:
+        """Whether member ``k`` has been asked to stop (its own ``should_cancel``; never, without one)."""
+        check = self.members[k].should_cancel
+        return check if check is not None else lambda: False
 
     def poll_cancel(self) -> None:
         for k, m in enumerate(self.members):
@@ -768,7 +774,7 @@ def _sample(c: Components, spec: BatchSpec, batch: _Batch) -> torch.Tensor:
         if hires is None:
             return latents
         batch.poll_cancel()
-        latents, cover = upscale_first_pass(c, latents, (spec.width, spec.height), hires)
+        latents, cover = upscale_first_pass(c, latents, (spec.width, spec.height), hires, batch)
         if not second:  # strength 0: the upscaled first pass, not denoised again
             return latents
         clock.next_pass(1.0 - clock.share)
@@ -780,7 +786,7 @@ def _sample(c: Components, spec: BatchSpec, batch: _Batch) -> torch.Tensor:
 
 
 def upscale_first_pass(
-    c: Components, latents: torch.Tensor, size: tuple[int, int], hires: HiresFix
+    c: Components, latents: torch.Tensor, size: tuple[int, int], hires: HiresFix, batch: _Batch
 ) -> tuple[torch.Tensor, tuple[int, int]]:
     """Hires fix between the passes: the first pass's latents at the target size, and the cover size they were
     upscaled to before the centre crop (A1111 conditions the second pass on it)."""
@@ -790,7 +796,7 @@ def upscale_first_pass(
     else:
         if c.upscale is None:
             raise JobError(f"hires fix upscaler {hires.upscaler!r} was not provided to the pipeline")
-        latents = _upscale_with_model(c, latents, cover, c.upscale)
+        latents = _upscale_with_model(c, latents, cover, c.upscale, batch)
     return crop_latents(latents, cover, (hires.width, hires.height)), cover
 
 
@@ -882,10 +888,30 @@ def crop_latents(latents: torch.Tensor, cover: tuple[int, int], target: tuple[in
     return latents[:, :, ty // 2 : h - (ty + 1) // 2, tx // 2 : w - (tx + 1) // 2]
 
 
-def _upscale_with_model(c: Components, latents: torch.Tensor, size: tuple[int, int], upscale: Upscale) -> torch.Tensor:
-    """Hires fix with an upscaler model: decode (8 bits, as A1111), upscale to ``size``, encode again."""
-    images = [upscale(image, size[0], size[1]) for image in decode_latents(c, latents)]
-    return torch.cat([prepare_init_latents(c, image, size[0], size[1], 1) for image in images])
+def _upscale_with_model(
+    c: Components, latents: torch.Tensor, size: tuple[int, int], upscale: Upscale, batch: _Batch
+) -> torch.Tensor:
+    """Hires fix with an upscaler model: decode (8 bits, as A1111), upscale to ``size``, encode again, member by
+    member. The upscaler asks the member's ``should_cancel`` before every tile: a member cancelled meanwhile drops out
+    within one tile (its rows stay zero and are never sampled again); when none is left, ``JobCancelled``."""
+    width, height = size
+    parts: list[torch.Tensor] = []
+    for k, rows in enumerate(batch.rows):
+        own = latents[rows]
+        if batch.active(k):
+            try:
+                images = [upscale(im, width, height, batch.cancel_check(k)) for im in decode_latents(c, own)]
+                if batch.cancel_check(k)():
+                    raise JobCancelled("cancelled while upscaling")
+            except JobCancelled as exc:
+                batch.drop(k, exc)
+            else:
+                parts.extend(prepare_init_latents(c, image, width, height, 1) for image in images)
+                continue
+        parts.append(own.new_zeros(own.shape[0], own.shape[1], height // 8, width // 8))
+    if not batch.any_active():
+        raise JobCancelled("every task of the batch was cancelled")
+    return torch.cat(parts)
 
 
 def _inpaint_rows(
