@@ -162,6 +162,9 @@ class Settings(BaseSettings):
     webhook_allow_hosts: CommaList = ()
     # Private hosts (loopback, LAN) POST /v3/model/pull may download from; public hosts are always allowed.
     model_pull_allow_hosts: CommaList = ()
+    # A model pull whose node stops is resumed by another node (or the restarted one) this long after the node's
+    # last progress write (it writes every second while it downloads).
+    model_pull_lease_seconds: PositiveFloat = 30.0
     webhook_timeout: PositiveFloat = 5.0
     webhook_max_retries: NonNegative = 5
     # Storage: "local" or "s3"

@@ -8,6 +8,8 @@ Layout (folder names match ``filter.types``)::
 
 A single-file model may carry a sidecar ``<stem>.config/`` folder (a diffusers config tree without weights) that
 overrides the shipped config. The registry rescans a folder when its mtime changes, so dropping a file in is enough.
+What a file holds (SD 1.5 or SDXL, inpainting, which folder it belongs in, whether it can load) is told from its
+tensor names and shapes, read from its header by ``weight_headers`` (the API side never imports torch).
 
 The registry owns the files' sha256 cache (``FileHashCache``, persisted under the data folder by ``wiring.py``).
 With ``hash_in_background`` every file a scan finds is hashed by a background thread, so no task and no
@@ -16,24 +18,22 @@ With ``hash_in_background`` every file a scan finds is hashed by a background th
 
 from __future__ import annotations
 
-import collections
 import hashlib
 import json
 import os
-import pickle
 import queue
 import re
 import struct
 import threading
-import zipfile
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+
+from underpaint.weight_headers import PICKLE_SUFFIXES, SAFETENSORS_SUFFIX, tensor_names, tensor_shape, weights_problem
 
 KINDS = ("checkpoint", "lora", "vae", "textualinversion", "controlnet", "ipadapter", "annotator", "upscaler")
-WEIGHT_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin", ".onnx")
+WEIGHT_SUFFIXES = (SAFETENSORS_SUFFIX, *PICKLE_SUFFIXES, ".onnx")
 SD15 = "SD 1.5"
 SDXL = "SDXL 1.0"
 
@@ -77,97 +77,6 @@ class ModelEntry:
         return side if side.is_dir() else None
 
 
-def safetensors_header(path: Path) -> dict[str, Any]:
-    """The JSON header of a .safetensors file (tensor name -> dtype, shape, offsets; ``__metadata__``)."""
-    with path.open("rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        if n > 100 * 1024 * 1024:
-            raise ValueError(f"{path.name}: implausible safetensors header")
-        header = json.loads(f.read(n))
-    if not isinstance(header, dict):
-        raise ValueError(f"{path.name}: the safetensors header is not an object")
-    return header
-
-
-def safetensors_keys(path: Path) -> tuple[list[str], dict[str, str]]:
-    """Tensor names and ``__metadata__`` of a .safetensors file, reading only its JSON header."""
-    header = safetensors_header(path)
-    meta = header.pop("__metadata__", None) or {}
-    return list(header), meta
-
-
-class _Opaque:
-    """Stands in for every object of a torch pickle except plain containers: tensors, storages, dtypes."""
-
-    def __init__(self, *_args: object, **_kwargs: object) -> None:
-        pass
-
-    def __setstate__(self, _state: object) -> None:
-        pass
-
-
-def _opaque(*_args: object, **_kwargs: object) -> _Opaque:
-    return _Opaque()
-
-
-class _TensorShape(_Opaque):
-    """Stands in for a tensor of a torch pickle, keeping only its shape (``_rebuild_tensor_v2``'s size)."""
-
-    def __init__(self, *args: object, **_kwargs: object) -> None:
-        size = args[2] if len(args) > 2 else ()
-        self.shape = tuple(int(d) for d in size) if isinstance(size, tuple | list) else ()
-
-
-_TENSOR_REBUILDERS = {("torch._utils", "_rebuild_tensor_v2"), ("torch._utils", "_rebuild_tensor")}
-
-
-class _KeysUnpickler(pickle.Unpickler):
-    """Reads the structure of a torch pickle without torch and without running any of its code: every global it
-    names (``torch._utils._rebuild_tensor_v2``, storage classes ...) becomes a harmless stand-in, except
-    ``OrderedDict``, and tensor storages are never read. ``named`` collects the globals it names."""
-
-    def __init__(self, file: Any) -> None:
-        super().__init__(file)
-        self.named: set[str] = set()
-
-    def find_class(self, module: str, name: str) -> Any:
-        self.named.add(f"{module}.{name}")
-        if (module, name) == ("collections", "OrderedDict"):
-            return collections.OrderedDict
-        if (module, name) in _TENSOR_REBUILDERS:
-            return _TensorShape
-        return _opaque
-
-    def persistent_load(self, pid: Any) -> object:
-        return None
-
-
-def pickle_shapes(path: Path) -> dict[str, tuple[int, ...]] | None:
-    """Tensor names and shapes of a zip-format torch pickle (``torch.save``'s format since 1.6), read from its
-    ``data.pkl`` alone: no torch import, no tensor data read, no code run. ``None`` for legacy or unreadable
-    files; an entry that is not a tensor has the shape ``()``."""
-    if not zipfile.is_zipfile(path):
-        return None
-    try:
-        with zipfile.ZipFile(path) as archive:
-            member = next(n for n in archive.namelist() if n.endswith("/data.pkl") and n.count("/") == 1)
-            with archive.open(member) as f:
-                data = _KeysUnpickler(f).load()
-    except Exception:  # unsafe or damaged pickles are reported when the model is loaded
-        return None
-    while isinstance(data, dict) and isinstance(data.get("state_dict"), dict):
-        data = data["state_dict"]
-    if not isinstance(data, dict):
-        return None
-    return {str(k): v.shape if isinstance(v, _TensorShape) else () for k, v in data.items()}
-
-
-def pickle_keys(path: Path) -> list[str] | None:
-    """Tensor names of a zip-format torch pickle (see ``pickle_shapes``)."""
-    shapes = pickle_shapes(path)
-    return list(shapes) if shapes is not None else None
-
-
 UNET_CONV_IN = "model.diffusion_model.input_blocks.0.0.weight"
 
 
@@ -181,44 +90,10 @@ def unet_in_channels(path: Path) -> int | None:
             data = json.loads(config.read_text()) if config.is_file() else None
             channels = data.get("in_channels") if isinstance(data, dict) else None
             return channels if isinstance(channels, int) else None
-        if path.suffix.lower() == ".safetensors":
-            info = safetensors_header(path).get(UNET_CONV_IN)
-            shape = info.get("shape") if isinstance(info, dict) else None
-        else:
-            shape = (pickle_shapes(path) or {}).get(UNET_CONV_IN)
+        shape = tensor_shape(path, UNET_CONV_IN)
     except (OSError, ValueError, struct.error):
         return None
-    return int(shape[1]) if isinstance(shape, list | tuple) and len(shape) == 4 else None
-
-
-_PICKLE_MAGIC = (b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05")  # protocols 2-5: legacy torch.save files
-
-
-def weights_problem(path: Path) -> str | None:
-    """Why a single weights file cannot be loaded, told from its header without torch (``None`` when it looks
-    loadable): a safetensors header that does not parse or lists no tensors, a zip-format torch pickle whose
-    ``data.pkl`` does not parse or names globals beyond torch's own (code: the loader's ``weights_only`` reader
-    refuses it), or a file that is neither. Legacy (pre-zip) torch pickles pass here and are checked on load."""
-    name = path.name
-    try:
-        if path.suffix.lower() == ".safetensors":
-            keys, _ = safetensors_keys(path)
-            return None if keys else f"{name}: the safetensors file holds no tensors"
-        if zipfile.is_zipfile(path):
-            with zipfile.ZipFile(path) as archive:
-                member = next((n for n in archive.namelist() if n.endswith("/data.pkl") and n.count("/") == 1), None)
-                if member is None:
-                    return f"{name}: a zip file without a torch pickle (data.pkl)"
-                with archive.open(member) as f:
-                    unpickler = _KeysUnpickler(f)
-                    unpickler.load()
-            code = sorted(g for g in unpickler.named if not g.startswith(("torch.", "collections.OrderedDict")))
-            return f"{name}: the pickle names code ({', '.join(code[:3])}); refused for safety" if code else None
-        with path.open("rb") as f:
-            head = f.read(2)
-        return None if head in _PICKLE_MAGIC else f"{name}: neither a safetensors file nor a torch pickle"
-    except Exception as exc:  # damaged headers and pickles raise assorted errors
-        return f"{name}: cannot read the file's header ({type(exc).__name__}: {exc})"
+    return shape[1] if shape is not None and len(shape) == 4 else None
 
 
 def detect_sdxl(path: Path, kind: str) -> bool:
@@ -238,13 +113,10 @@ def detect_sdxl(path: Path, kind: str) -> bool:
         side = path.with_name(path.name.rsplit(".", 1)[0] + ".config") / "model_index.json"
         if side.exists():
             return "XL" in json.loads(side.read_text()).get("_class_name", "")
-        if path.suffix.lower() == ".safetensors":
-            keys, _ = safetensors_keys(path)
-        else:
-            found = pickle_keys(path)
-            if found is None:
-                return "xl" in path.name.lower()
-            keys = found
+        found = tensor_names(path)
+        if found is None:
+            return "xl" in path.name.lower()
+        keys = found
     except (OSError, ValueError, struct.error):
         return False
     if kind == "checkpoint":  # SDXL base: two text encoders; the SDXL refiner: OpenCLIP-G alone, as embedders.0
@@ -285,10 +157,7 @@ def kind_from_keys(keys: list[str]) -> str | None:
 def kind_from_file(path: Path, name: str) -> str | None:
     """``kind_from_keys`` for a weights file (``name`` gives the format when ``path`` is a partial download)."""
     try:
-        if name.lower().endswith(".safetensors"):
-            keys: list[str] | None = safetensors_keys(path)[0]
-        else:
-            keys = pickle_keys(path)
+        keys = tensor_names(path, name)
     except (OSError, ValueError, struct.error):
         return None
     return kind_from_keys(keys) if keys else None
@@ -311,10 +180,7 @@ def text_encoder_depth(entry: ModelEntry) -> int | None:
             return layers if isinstance(layers, int) and layers > 0 else None
         if entry.path.is_dir():
             return None
-        if entry.path.suffix.lower() == ".safetensors":
-            keys: list[str] | None = safetensors_keys(entry.path)[0]
-        else:
-            keys = pickle_keys(entry.path)
+        keys = tensor_names(entry.path)
     except (OSError, ValueError, struct.error):
         return None
     found = {int(m.group(1)) for key in keys or () if (m := _SD15_TEXT_LAYER.match(key))}
@@ -533,7 +399,7 @@ class ModelRegistry:
         return channels == 9
 
     def weights_problem(self, entry: ModelEntry) -> str | None:
-        """``weights_problem(entry.path)``, cached per file version (path, mtime, size)."""
+        """``weight_headers.weights_problem(entry.path)``, cached per file version (path, mtime, size)."""
         key = (entry.path, entry.mtime, entry.size)
         with self._lock:
             if key in self._problems:

@@ -58,6 +58,17 @@ class Admission(Protocol):
     def admit(self, api_key: str, owner: str, image_num: int) -> AbstractContextManager[None]: ...
 
 
+class ModelPullJobs(Protocol):
+    """``POST /v3/model/pull`` jobs (``delivery.model_pulls.ModelPulls``): each a mapping of ``api.model_pull.
+    PullStatus``'s fields."""
+
+    def submit(self, source: str, kind: str | None, name: str | None, sha256: str | None) -> Mapping[str, object]:
+        """Raise ``delivery.model_download.PullError`` for a bad request, ``delivery.model_pulls.PullInProgress``
+        when another pull of the source runs."""
+
+    def status(self, pull_id: str) -> Mapping[str, object] | None: ...
+
+
 @dataclass(frozen=True)
 class Services:
     settings: Settings
@@ -72,3 +83,4 @@ class Services:
     # Called once when a task ends outside a worker (a queued task cancelled by its owner): queues its webhook.
     on_terminal: Callable[[TaskRecord], None] | None = None
     workers: WorkerList | None = None
+    model_pulls: ModelPullJobs | None = None  # None: the pull routes answer 503

@@ -18,6 +18,7 @@ import os
 import signal
 import threading
 from dataclasses import dataclass, replace
+from types import FrameType
 from typing import TYPE_CHECKING, Protocol
 
 from fastapi import FastAPI
@@ -25,6 +26,7 @@ from fastapi import FastAPI
 from underpaint.api.app import create_app
 from underpaint.api.ratelimit import RateLimiter
 from underpaint.config import Settings
+from underpaint.delivery.model_pulls import ModelPulls
 from underpaint.delivery.signing import make_secret_for
 from underpaint.delivery.webhooks import WebhookDispatcher, result_hook
 from underpaint.registry import FileHashCache, ModelRegistry
@@ -68,6 +70,7 @@ class Core:
     webhooks: WebhookDispatcher
     on_terminal: TerminalHook
     custom_buckets: CustomBuckets  # users' own buckets, on the process's one set of S3 clients
+    pulls: ModelPulls  # POST /v3/model/pull jobs; the server runs them (a worker process only holds the object)
 
 
 def server_secret(settings: Settings) -> bytes:
@@ -123,6 +126,7 @@ def build_core(settings: Settings, queue: TaskQueue | None = None) -> Core:
     secret_for = make_secret_for(settings, secret, owner_of)
     webhooks = WebhookDispatcher(store.engine, settings, secret_for, store=store, storage=storage)
     hook = result_hook(webhooks, image_urls)
+    pulls = ModelPulls.from_settings(store.engine, settings)
     services = Services(
         settings=settings,
         store=store,
@@ -133,8 +137,9 @@ def build_core(settings: Settings, queue: TaskQueue | None = None) -> Core:
         webhooks=webhooks,
         rate_limiter=RateLimiter(settings, store),
         on_terminal=hook,
+        model_pulls=pulls,
     )
-    return Core(services, store, webhooks, hook, custom_buckets)
+    return Core(services, store, webhooks, hook, custom_buckets, pulls)
 
 
 # -- the generating side (imports the engine) ---------------------------------------------------------------
@@ -200,8 +205,7 @@ def run_worker_child(settings: Settings, wake: WakeEvent) -> None:
 
         start_http_server(settings.worker_metrics_port, addr=settings.host, registry=serving_registry())
     stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the whole group; the parent decides
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())  # (SIGINT is ignored from the child's start)
     worker.start()
     while not stop.wait(1.0):
         if not WorkerProcess.parent_alive():
@@ -260,6 +264,7 @@ class Server:
                 self.worker = build_local_worker(self.core)
             self.worker.start()
         self.core.webhooks.start()
+        self.core.pulls.start()  # also resumes pulls a stopped node left (docs/deploy.md)
         storage = services.storage
         orphans = None
         if isinstance(storage, ImageLister):
@@ -270,7 +275,7 @@ class Server:
             self.core.store,
             storage,
             settings.retention_seconds,
-            also_purge=[self.core.webhooks.purge],
+            also_purge=[self.core.webhooks.purge, self.core.pulls.purge],
             purge_idempotency=self.core.store.purge_idempotency_keys,
             orphans=orphans,
         )
@@ -289,7 +294,7 @@ class Server:
         recover_on_start(self.core.store, on_terminal=self.core.on_terminal, queue=self.core.services.queue)
 
     def stop(self) -> None:
-        parts: list[Part | None] = [self.worker, self.sweeper, self.core.webhooks]
+        parts: list[Part | None] = [self.worker, self.sweeper, self.core.webhooks, self.core.pulls]
         for part in parts:
             if part is not None:
                 try:
@@ -328,13 +333,36 @@ def build_server(settings: Settings) -> Server:
     return server
 
 
+def _exit_normally(_signum: int, _frame: FrameType | None) -> None:
+    """SIGTERM or SIGINT outside uvicorn's own handlers: end the process with a normal exit (status 0)."""
+    raise SystemExit(0)
+
+
 def run_server(settings: Settings) -> None:
+    """``underpaint serve`` until SIGTERM or SIGINT, then a graceful shutdown (the worker child finishes its task)
+    and exit status 0.
+
+    uvicorn shuts down on either signal and then raises it again for the handler that was installed before it
+    started. With Python's default handlers the process would then die by SIGTERM (or raise KeyboardInterrupt),
+    skipping ``atexit``, where multiprocessing unlinks the named semaphores of the embedded worker's wake-up
+    ``Event``: its resource tracker would report them as leaked. Ours (installed before anything is built) exits
+    normally, so every exit handler runs."""
     import uvicorn
 
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    server = build_server(settings)
-    # With JSON logs, uvicorn's own loggers go through the root handler too (log_config=None).
-    log_config = None if settings.log_format == "json" else uvicorn.config.LOGGING_CONFIG
-    uvicorn.run(
-        server.app, host=settings.host, port=settings.port, log_level="info", access_log=False, log_config=log_config
-    )
+    previous = {sig: signal.signal(sig, _exit_normally) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        server = build_server(settings)
+        # With JSON logs, uvicorn's own loggers go through the root handler too (log_config=None).
+        log_config = None if settings.log_format == "json" else uvicorn.config.LOGGING_CONFIG
+        uvicorn.run(
+            server.app,
+            host=settings.host,
+            port=settings.port,
+            log_level="info",
+            access_log=False,
+            log_config=log_config,
+        )
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

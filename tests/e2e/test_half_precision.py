@@ -17,8 +17,6 @@ import pytest
 import torch
 from tests.support.adapter_task import adapter_request, service
 
-from underpaint.engine import pipeline
-
 pytestmark = pytest.mark.dtype
 
 # Mean absolute pixel difference (0..255) allowed between a half-precision image and the float32 one.
@@ -43,18 +41,9 @@ def test_every_adapter_in_half_precision_through_http(
     tmp_path: Path,
     tiny_models_dir: Path,
     fp32_images: dict[str, list[np.ndarray]],
-    monkeypatch: pytest.MonkeyPatch,
     model: str,
     dtype: str,
 ) -> None:
-    vae_dtypes: list[torch.dtype] = []
-    original = pipeline._with_fp32_retry
-
-    def spy(c: Any, what: str, run: Any) -> torch.Tensor:
-        vae_dtypes.append(pipeline._vae_dtype(c))
-        return original(c, what, run)
-
-    monkeypatch.setattr(pipeline, "_with_fp32_retry", spy)
     for svc in service(tmp_path, tiny_models_dir, dtype):
         result, images = svc.run(adapter_request(model))
         assert result["task"]["status"] == "TASK_STATUS_SUCCEED", result["task"]
@@ -66,7 +55,7 @@ def test_every_adapter_in_half_precision_through_http(
         assert executor.loras.active_adapters(slot.value), "the LoRA was not applied"
         assert executor.ip_adapters.adapter_loads == 1
         # The override VAE (sd_vae) has no force_upcast: it runs in the model dtype, encode and two decodes.
-        assert vae_dtypes == [want] * 3
+        assert svc.vae.chosen == [want] * 3
         assert len(images) == 2
         assert not np.array_equal(images[0], images[1])
         for img, ref in zip(images, fp32_images[model], strict=True):

@@ -14,13 +14,14 @@ import pytest
 import safetensors.torch
 import torch
 from PIL import Image
+from tests.support.pipeline_run import generate
 
 from underpaint.demo import controlnet as demo
 from underpaint.engine.adapters import controlnet as cn
 from underpaint.engine.conditioning import TextEncoderBundle
 from underpaint.engine.job import ControlNetUnitSpec, JobError
 from underpaint.engine.loader import LoadedCheckpoint, load_checkpoint
-from underpaint.engine.pipeline import Components, PipelineInputs, generate
+from underpaint.engine.pipeline import Components, PipelineInputs, VaePrecision
 from underpaint.engine.samplers import DiscreteSchedule
 from underpaint.registry import ModelEntry, ModelRegistry
 from underpaint.vocabulary import SamplerName
@@ -96,6 +97,7 @@ def components(loaded: LoadedCheckpoint) -> Components:
         is_sdxl=loaded.is_sdxl,
         device=CPU,
         dtype=torch.float32,
+        vae_precision=VaePrecision(),
     )
 
 

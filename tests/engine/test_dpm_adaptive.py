@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from tests.support.pipeline_run import build_model_fn
 from tests.support.samplers import (
     SCHEDULE,
     _ApplyModel,
@@ -55,6 +56,7 @@ class Setup:
             is_sdxl=False,
             device=torch.device("cpu"),
             dtype=torch.float32,
+            vae_precision=pl.VaePrecision(),
         )
         assert torch.equal(self.c.schedule.alphas_cumprod, SCHEDULE.alphas_cumprod)  # the reference's schedule
         init = Image.fromarray(np.random.default_rng(0).integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8))
@@ -71,7 +73,7 @@ class Setup:
             strength=STRENGTH,
         )
         self.init_latent = pl.prepare_init_latents(self.c, init, SIZE, SIZE, 1)
-        self.model_fn = pl.build_model_fn(self.c, inputs)
+        self.model_fn = build_model_fn(self.c, inputs)
         self.calls = 0
 
     def counted(self, x: Tensor, t: Tensor) -> Tensor:

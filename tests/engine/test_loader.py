@@ -27,12 +27,11 @@ from underpaint.engine.loader import (
     SDXL_CONFIG,
     LoadedCheckpoint,
     ModelCache,
-    ModelLoadError,
     TokenizerTemplates,
     load_checkpoint,
-    load_state_dict_file,
     load_vae,
 )
+from underpaint.engine.weights import ModelLoadError, load_state_dict_file
 from underpaint.registry import ModelEntry, ModelRegistry
 
 CPU = torch.device("cpu")

@@ -165,7 +165,7 @@ def test_wrong_base_model_is_a_clear_error_and_leaves_the_pipe_clean(models: Pat
         ("broken.safetensors", b"not a safetensors file", "could not be read"),
         ("nolora.safetensors", None, "holds no LoRA weights"),
         ("strings.pt", {"name": "not tensors"}, "not a LoRA state dict"),
-        ("unsafe.pt", {"obj": object}, "refused for safety"),
+        ("unsafe.pt", {"obj": object}, "could not be read: refused to load"),
     ],
 )
 def test_unusable_files_fail_with_a_reason(models: Path, filename: str, content: object, reason: str) -> None:

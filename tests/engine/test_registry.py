@@ -307,7 +307,7 @@ class _Code:
 
 def test_weights_problem_from_headers_without_torch(tmp_path: Path) -> None:
     from underpaint.demo.upscalers import write_demo_upscalers
-    from underpaint.registry import weights_problem
+    from underpaint.weight_headers import weights_problem
 
     for path in write_demo_upscalers(tmp_path).values():
         assert weights_problem(path) is None, path

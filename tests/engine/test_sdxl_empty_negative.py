@@ -18,6 +18,7 @@ import torch
 from diffusers import EulerDiscreteScheduler, StableDiffusionXLImg2ImgPipeline
 from PIL import Image
 from tests.support import tiny_text
+from tests.support.pipeline_run import generate
 
 from underpaint.config import Settings
 from underpaint.demo.checkpoints import tiny_sdxl_components
@@ -111,6 +112,7 @@ def _components(parts: dict[str, Any], tokenizers: list[Any]) -> pipeline.Compon
         is_sdxl=True,
         device=torch.device("cpu"),
         dtype=torch.float32,
+        vae_precision=pipeline.VaePrecision(),
     )
 
 
@@ -136,7 +138,7 @@ def test_empty_negative_gives_the_unet_what_diffusers_gives_it(
     assert not ref_uncond[0].any()
     assert not ref_uncond[1].any()
 
-    pipeline.generate(_components(parts, tokenizers), _inputs(""))
+    generate(_components(parts, tokenizers), _inputs(""))
     first_call = record.rows[:2]
     uncond = next(r for r in first_call if not r[0].any())
     cond = next(r for r in first_call if r[0].any())
@@ -173,6 +175,7 @@ def test_sd15_empty_negative_is_still_encoded() -> None:
         is_sdxl=False,
         device=torch.device("cpu"),
         dtype=torch.float32,
+        vae_precision=pipeline.VaePrecision(),
     )
     _, uncond = pipeline.encode_conditioning(c, _inputs(""))
     assert uncond.embeds.abs().sum() > 0

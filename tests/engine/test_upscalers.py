@@ -14,10 +14,14 @@ import spandrel
 import torch
 from PIL import Image
 
+from underpaint.config import Settings
 from underpaint.demo.upscalers import ANIME_6B, COMPACT, ESRNET, OLD_ESRGAN, write_demo_upscalers
 from underpaint.engine import upscalers as up
-from underpaint.engine.job import JobCancelled, JobError
+from underpaint.engine.executor import DiffusersExecutor
+from underpaint.engine.job import GenerationJob, HiresFix, JobCancelled, JobError, Progress, UpscaleJob
+from underpaint.registry import ModelRegistry
 from underpaint.tasks.contract import extras_size
+from underpaint.vocabulary import SamplerName
 
 
 @pytest.fixture(scope="module")
@@ -229,11 +233,6 @@ def test_cache_reuses_and_reloads_a_replaced_file(upscaler_dir: Path, tmp_path: 
 
 
 def test_executor_upscale_reports_progress_and_matches_the_function(upscaler_dir: Path) -> None:
-    from underpaint.config import Settings
-    from underpaint.engine.executor import DiffusersExecutor
-    from underpaint.engine.job import Progress, UpscaleJob
-    from underpaint.registry import ModelRegistry
-
     models = upscaler_dir.parent
     executor = DiffusersExecutor(Settings(models_dir=models, device="cpu", torch_threads=1), ModelRegistry(models))
     image = _image(200, 90, seed=5)  # two passes of the x2 model for x3
@@ -265,3 +264,111 @@ def test_the_model_never_sees_more_than_one_window(upscaler_dir: Path) -> None:
     assert out.size == (1000, 456)
     assert len(seen) == 3 * 2  # 500 = 3 columns of at most 192, 230 = 2 rows
     assert max(max(shape[2:]) for shape in seen) <= up.TILE + 2 * up.TILE_PAD
+
+
+# -- cancelling while an upscaler runs: within one tile, for the upscale endpoint and for hires fix ----------------
+
+
+_RUN_MODEL = up.run_model
+
+
+class _TileCounter:
+    """Runs every model pass in 16-pixel tiles and counts the tiles; ``cancel_after`` tiles, it asks to stop."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, cancel_after: int | None = None) -> None:
+        self.tiles = 0
+        self.cancel_after = cancel_after
+        real = _RUN_MODEL
+
+        def counted(model: up.LoadedUpscaler, image: torch.Tensor, **kwargs: object) -> torch.Tensor:
+            def on_tile(done: int, total: int) -> None:
+                self.tiles += 1
+
+            kwargs.update(tile=16, on_tile=on_tile)
+            return real(model, image, **kwargs)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(up, "run_model", counted)
+
+    def should_cancel(self) -> bool:
+        return self.cancel_after is not None and self.tiles >= self.cancel_after
+
+
+def _executor(models: Path) -> DiffusersExecutor:
+    settings = Settings(models_dir=models, device="cpu", torch_threads=1)
+    return DiffusersExecutor(settings, ModelRegistry(models))
+
+
+def test_executor_upscale_stops_within_one_tile_of_a_cancel_even_in_a_later_pass(
+    upscaler_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    executor = _executor(upscaler_dir.parent)
+    job = UpscaleJob("2x-tiny-compact", _image(64, 64, seed=7), 4.0)  # x2 twice: 16 tiles, then 64
+    full = _TileCounter(monkeypatch)
+    assert executor.upscale(job, should_cancel=full.should_cancel).image.size == (256, 256)
+    assert full.tiles == 16 + 64
+    for after in (3, 20):  # in the first pass; in the second
+        counter = _TileCounter(monkeypatch, cancel_after=after)
+        with pytest.raises(JobCancelled):
+            executor.upscale(job, should_cancel=counter.should_cancel)
+        assert counter.tiles == after
+
+
+def _hires_job(seed: int = 1) -> GenerationJob:
+    return GenerationJob(
+        checkpoint="tiny-sd15",
+        init_image=None,
+        prompt="a red house",
+        negative_prompt="",
+        width=64,
+        height=64,
+        image_num=1,
+        steps=2,
+        guidance_scale=5.0,
+        sampler_name=SamplerName("Euler"),
+        seed=seed,
+        strength=1.0,
+        hires_fix=HiresFix(128, 128, 0.5, "2x-tiny-compact"),
+    )
+
+
+def test_a_cancel_during_hires_fix_upscaling_ends_the_job_within_one_tile(
+    tiny_models_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first pass is 64x64: the x2 model runs 16 tiles of 16 px. Cancelled after 3, the job ends with
+    ``JobCancelled`` (what a cancel during sampling gives) before the 4th tile and before the second pass."""
+    executor = _executor(tiny_models_dir)
+    full = _TileCounter(monkeypatch)
+    (image,) = executor.generate(_hires_job(), should_cancel=full.should_cancel)
+    assert image.image.size == (128, 128)
+    assert full.tiles == 16
+    counter = _TileCounter(monkeypatch, cancel_after=3)
+    evaluations: list[int] = []
+    entry = executor.registry.resolve("checkpoint", "tiny-sd15")
+    assert entry is not None
+    unet = executor.cache.get(entry).unet
+    handle = unet.register_forward_pre_hook(lambda *_: evaluations.append(counter.tiles))
+    try:
+        with pytest.raises(JobCancelled):
+            executor.generate(_hires_job(), should_cancel=counter.should_cancel)
+    finally:
+        handle.remove()
+    assert counter.tiles == 3
+    assert evaluations  # the first pass sampled
+    assert max(evaluations) == 0  # and the UNet never ran after the upscaler started: no second pass
+
+
+def test_a_batch_mate_cancelled_during_hires_upscaling_drops_out_alone(
+    tiny_models_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    executor = _executor(tiny_models_dir)
+    counter = _TileCounter(monkeypatch)
+
+    def cancel_first() -> bool:
+        return counter.tiles >= 2
+
+    jobs = [_hires_job(1), _hires_job(2)]
+    outcomes = executor.generate_batch(jobs, should_cancel=[cancel_first, None])
+    assert isinstance(outcomes[0], JobCancelled)
+    assert not isinstance(outcomes[1], BaseException), outcomes[1]
+    assert outcomes[1][0].image.size == (128, 128)
+    assert counter.tiles == 2 + 16  # the first job's upscale stopped after 2 tiles, the second ran all 16

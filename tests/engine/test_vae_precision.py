@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -32,7 +33,7 @@ class _StubVae(torch.nn.Module):
         return (out,)
 
 
-def _components(vae: Any, dtype: torch.dtype, vae_dtype: torch.dtype | None = None) -> pipeline.Components:
+def _components(vae: Any, dtype: torch.dtype, precision: pipeline.VaePrecision | None = None) -> pipeline.Components:
     return pipeline.Components(
         unet=None,
         vae=vae,
@@ -43,7 +44,7 @@ def _components(vae: Any, dtype: torch.dtype, vae_dtype: torch.dtype | None = No
         is_sdxl=False,
         device=torch.device("cpu"),
         dtype=dtype,
-        vae_dtype=vae_dtype,
+        vae_precision=precision or pipeline.VaePrecision(),
     )
 
 
@@ -57,6 +58,40 @@ def test_nan_decode_is_retried_in_float32_and_sticks() -> None:
     assert vae.decoded_in == [torch.float16, torch.float32, torch.float32]
     assert vae.scale.dtype == torch.float32
     assert {img.getpixel((0, 0)) for img in images} == {(191, 191, 191)}  # (0.25 / 0.5 + 1) * 127.5, no NaN pixel
+
+
+def test_the_fallback_is_the_executors_state_not_the_modules() -> None:
+    """What a NaN taught belongs to the ``VaePrecision`` the executor lends every batch: a later batch with the
+    same one starts in float32; another executor's (a fresh one) starts from the policy again."""
+    vae = _StubVae()
+    shared = pipeline.VaePrecision()
+    pipeline.decode_latents(_components(vae, torch.float16, shared), torch.zeros(1, 4, 1, 1))
+    assert vae.decoded_in == [torch.float16, torch.float32]
+    vae.decoded_in.clear()
+    pipeline.decode_latents(_components(vae, torch.float16, shared), torch.zeros(1, 4, 1, 1))
+    assert vae.decoded_in == [torch.float32]  # the next batch: straight to float32
+    vae.decoded_in.clear()
+    pipeline.decode_latents(_components(vae, torch.float16, pipeline.VaePrecision()), torch.zeros(1, 4, 1, 1))
+    assert vae.decoded_in == [torch.float16, torch.float32]  # nothing leaked through module state
+
+
+def test_the_executor_lends_its_vae_precision_to_every_batch(tmp_path: Path) -> None:
+    from underpaint.config import Settings
+    from underpaint.engine.executor import DiffusersExecutor
+    from underpaint.registry import ModelRegistry
+
+    settings = Settings(models_dir=tmp_path, data_dir=tmp_path, vae_dtype="bfloat16", torch_threads=1)
+    executor = DiffusersExecutor(settings, ModelRegistry(tmp_path))
+    assert executor.vae_precision.forced == torch.bfloat16
+    loaded = SimpleNamespace(
+        unet=None, tokenizers=[], text_encoders=[], is_sdxl=False, is_refiner=False, betas=(0.00085, 0.012, 1000, "scaled_linear"),
+        prediction_type="epsilon", vae_scaling_factor=0.18215,
+    )  # fmt: skip
+    first = executor._components(loaded, _StubVae())  # type: ignore[arg-type]
+    second = executor._components(loaded, _StubVae())  # type: ignore[arg-type]
+    assert first.vae_precision is second.vae_precision is executor.vae_precision
+    other = DiffusersExecutor(settings, ModelRegistry(tmp_path))
+    assert other.vae_precision is not executor.vae_precision
 
 
 def test_nan_even_in_float32_fails_the_job() -> None:
@@ -77,7 +112,8 @@ def test_force_upcast_vae_runs_float32_under_fp16_only() -> None:
 
 def test_vae_dtype_setting_forces_the_vae() -> None:
     vae = _StubVae(nan_in=())
-    pipeline.decode_latents(_components(vae, torch.float32, vae_dtype=torch.bfloat16), torch.zeros(1, 4, 1, 1))
+    forced = pipeline.VaePrecision(torch.bfloat16)
+    pipeline.decode_latents(_components(vae, torch.float32, forced), torch.zeros(1, 4, 1, 1))
     assert vae.decoded_in == [torch.bfloat16]
 
 

@@ -12,12 +12,15 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from fastapi.testclient import TestClient
 from PIL import Image
 
 from underpaint.api.app import create_app
 from underpaint.config import Settings
+from underpaint.engine.devices import parse_dtype
 from underpaint.engine.executor import DiffusersExecutor
+from underpaint.engine.pipeline import VaePrecision
 from underpaint.wiring import build_core, build_local_worker
 from underpaint.worker.loop import Worker
 from underpaint.worker.runner import GenerationRunner
@@ -85,11 +88,33 @@ def adapter_request(model: str, size: int = 128) -> dict[str, Any]:
     }
 
 
-class Service:
-    """The API in-process over ASGI, and the worker driven one task at a time, with its executor at hand."""
+class RecordingVaePrecision(VaePrecision):
+    """The executor's VAE precision, recording the dtype each VAE encode and decode ran in (first try) and how many
+    NaN fallbacks to float32 there were."""
 
-    def __init__(self, client: TestClient, worker: Worker, executor: DiffusersExecutor) -> None:
-        self.client, self.worker, self.executor = client, worker, executor
+    def __init__(self, forced: torch.dtype | None) -> None:
+        super().__init__(forced)
+        self.chosen: list[torch.dtype] = []
+        self.upcasts = 0
+
+    def dtype(self, vae: Any, model_dtype: torch.dtype) -> torch.dtype:
+        chosen = super().dtype(vae, model_dtype)
+        self.chosen.append(chosen)
+        return chosen
+
+    def upcast(self, vae: Any) -> None:
+        self.upcasts += 1
+        super().upcast(vae)
+
+
+class Service:
+    """The API in-process over ASGI, and the worker driven one task at a time, with its executor (and the VAE
+    precision it was given) at hand."""
+
+    def __init__(
+        self, client: TestClient, worker: Worker, executor: DiffusersExecutor, vae: RecordingVaePrecision
+    ) -> None:
+        self.client, self.worker, self.executor, self.vae = client, worker, executor, vae
 
     def run(self, request: dict[str, Any]) -> tuple[dict[str, Any], list[np.ndarray]]:
         body = {"extra": {"response_image_type": "png"}, "request": request}
@@ -117,7 +142,8 @@ def service(data_dir: Path, models: Path, dtype: str, device: str = "cpu") -> It
         dtype=dtype,
     )
     core = build_core(settings)
-    executor = DiffusersExecutor(settings, core.services.registry)
+    vae = RecordingVaePrecision(parse_dtype(settings.vae_dtype))
+    executor = DiffusersExecutor(settings, core.services.registry, vae_precision=vae)
     worker = build_local_worker(core, GenerationRunner(settings, core.services.storage, executor))
     with TestClient(create_app(core.services)) as client:
-        yield Service(client, worker, executor)
+        yield Service(client, worker, executor, vae)

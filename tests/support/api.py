@@ -15,6 +15,7 @@ from safetensors.numpy import save_file
 from tests.support.queues import ListQueue
 
 from underpaint.config import KeyPolicy, Settings
+from underpaint.delivery.model_pulls import ModelPulls
 from underpaint.registry import ModelRegistry
 from underpaint.services import Admission, HealthCheck, Services, WebhookOutbox
 from underpaint.storage.local import LocalStorage
@@ -105,9 +106,10 @@ def make_services(
     )
     final = base.with_overrides(**settings) if settings else base
     storage = LocalStorage(tmp_path / "images", SECRET)
+    store = SqlTaskStore(f"sqlite:///{tmp_path / 'tasks.db'}")
     return Services(
         settings=final,
-        store=SqlTaskStore(f"sqlite:///{tmp_path / 'tasks.db'}"),
+        store=store,
         queue=queue if queue is not None else ListQueue(),
         registry=ModelRegistry(models_dir),
         storage=storage,
@@ -115,6 +117,7 @@ def make_services(
         webhooks=webhooks,
         rate_limiter=rate_limiter,
         health=health,
+        model_pulls=ModelPulls.from_settings(store.engine, final),
     )
 
 

@@ -133,7 +133,9 @@ RABBITMQ_SERVER = Path("/usr/lib/rabbitmq/bin/rabbitmq-server")  # Debian's; /us
 class RabbitServer:
     """A private RabbitMQ node started by the test: its own node name, AMQP and distribution ports, config and data
     folders under ``workdir`` (no management plugin), beside any system node. ``kill()`` SIGKILLs it; ``wipe()``
-    removes its data, so the next ``start()`` is a node that never saw a message (a broker without persistence)."""
+    removes its data, so the next ``start()`` is a node that never saw a message (a broker without persistence).
+    It runs as the test's user (Debian's script under /usr/lib/rabbitmq, not the /usr/sbin wrapper that switches to
+    the rabbitmq user) and registers with the machine's epmd (Erlang starts one if none runs)."""
 
     def __init__(self, workdir: Path) -> None:
         self.workdir = workdir

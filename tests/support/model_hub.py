@@ -5,7 +5,8 @@
 - ``/civitai/api/download/models/<id>``: 307 to a signed ``/cdn/<file>?sig=...``, the file named only in the CDN
   answer's ``Content-Disposition``, as civitai.com does;
 - ``/cdn/<file>``: the bytes, honouring ``Range`` (206 + ``Content-Range``); ``truncate_next`` makes the next answer
-  announce the full length and stop half-way; ``ignore_range`` answers 200 with the whole file to a range request.
+  announce the full length and stop half-way; ``ignore_range`` answers 200 with the whole file to a range request;
+  ``hold_at`` makes the next answer send that many bytes and then wait (``holding`` is set) until ``release``.
 """
 
 from __future__ import annotations
@@ -25,6 +26,9 @@ class Hub:
     wrong_etag: set[str] = field(default_factory=set)  # files whose announced sha256 is wrong
     truncate_next: bool = False
     ignore_range: bool = False
+    hold_at: int | None = None
+    holding: threading.Event = field(default_factory=threading.Event)
+    release: threading.Event = field(default_factory=threading.Event)
     requests: list[tuple[str, str | None]] = field(default_factory=list)  # (path, Range header)
     base: str = ""
 
@@ -88,6 +92,13 @@ def _handler(hub: Hub) -> type[BaseHTTPRequestHandler]:
             self.send_header("Content-Length", str(len(body)))
             self.send_header("Accept-Ranges", "bytes")
             self.end_headers()
+            if hub.hold_at is not None and start < hub.hold_at:
+                held, hub.hold_at = hub.hold_at - start, None
+                self.wfile.write(body[:held])
+                self.wfile.flush()
+                hub.holding.set()
+                hub.release.wait(60)
+                body = body[held:]
             if hub.truncate_next:
                 hub.truncate_next = False
                 self.wfile.write(body[: len(body) // 2])
@@ -115,5 +126,6 @@ def running_hub(hub: Hub) -> Iterator[Hub]:
     try:
         yield hub
     finally:
+        hub.release.set()
         server.shutdown()
         server.server_close()

@@ -291,15 +291,21 @@ def _paths(idempotency: bool) -> dict[str, Any]:
                 "`civitai:<model version id>`. Resumes a partial download of the same source, checks the size and "
                 "the sha256 (given, or Hugging Face's), renames atomically into `models/<type>/`. Downloads go "
                 "through the SSRF guard: public hosts only, private ones when listed in `model_pull_allow_hosts`. "
-                "Poll the answer's `pull_id`.",
+                "The pull is kept in the database: poll the answer's `pull_id` on any API node; a pull whose node "
+                "stops is resumed by another. The same request while its pull runs answers that pull.",
                 "requestBody": {"required": True, "content": {"application/json": {"schema": _schema("PullBody")}}},
                 "responses": {
                     "200": _json("PullStatus", "the pull, queued"),
                     **_errors(
                         500,
                         own={
-                            400: {"INVALID_REQUEST_BODY": "a bad source or body", "MISSING_API_KEY": "no key"},
+                            400: {
+                                "INVALID_REQUEST_BODY": "a bad source, type, sha256 or body",
+                                "MISSING_API_KEY": "no key",
+                            },
                             403: {"ADMIN_KEY_REQUIRED": "the key is not in admin_api_keys"},
+                            409: {"PULL_IN_PROGRESS": "another request for this source runs (metadata.pull_id)"},
+                            503: {"MODEL_PULL_UNAVAILABLE": "this server runs no model pulls"},
                         },
                     ),
                 },
@@ -326,7 +332,8 @@ def _paths(idempotency: bool) -> dict[str, Any]:
                         own={
                             400: {"MISSING_API_KEY": "no Authorization header"},
                             403: {"ADMIN_KEY_REQUIRED": "the key is not in admin_api_keys"},
-                            404: {"PULL_NOT_FOUND": "no such pull in this process (it forgets them on restart)"},
+                            404: {"PULL_NOT_FOUND": "no such pull (ended pulls are purged after retention_seconds)"},
+                            503: {"MODEL_PULL_UNAVAILABLE": "this server runs no model pulls"},
                         },
                     ),
                 },

@@ -36,7 +36,7 @@ from sqlalchemy import (
     update,
 )
 
-from underpaint.db.schema import deliveries_table, heartbeats_table, idempotency_table
+from underpaint.db.schema import deliveries_table, heartbeats_table, idempotency_table, model_pulls_table
 
 Migration = Callable[[Connection], None]
 
@@ -132,6 +132,11 @@ def _m007_worker_heartbeats(conn: Connection) -> None:
     _create_if_missing(conn, heartbeats_table)
 
 
+def _m008_model_pulls(conn: Connection) -> None:
+    # ``POST /v3/model/pull`` jobs, kept in the API process's memory before this migration.
+    model_pulls_table.create(conn)
+
+
 MIGRATIONS: list[Migration] = [
     _m001_initial,
     _m002_payload_uncompressed,
@@ -140,6 +145,7 @@ MIGRATIONS: list[Migration] = [
     _m005_task_type,
     _m006_webhook_outbox,
     _m007_worker_heartbeats,
+    _m008_model_pulls,
 ]
 
 # Any constant works; it only has to be the same in every process that migrates this database.

@@ -127,11 +127,43 @@ heartbeats_table = Table(
     Column("last_seen", Float, nullable=False),
 )
 
+# --- model pulls (``delivery.model_pulls``) ---------------------------------------------------------------------
+
+model_pulls_table = Table(
+    "model_pulls",
+    metadata,
+    Column("pull_id", String(64), primary_key=True),
+    Column("source", Text, nullable=False),
+    # What the admin asked for (None: told by the download).
+    Column("want_kind", String(32)),
+    Column("want_name", Text),
+    Column("want_sha256", String(64)),
+    Column("status", String(16), nullable=False),  # queued | downloading | succeeded | failed
+    Column("bytes_done", BigInteger, nullable=False, default=0),
+    Column("bytes_total", BigInteger),
+    # The outcome: where the file landed, its folder and sha256; or why it failed.
+    Column("path", Text),
+    Column("kind", String(32)),
+    Column("sha256", String(64)),
+    Column("reason", Text),
+    Column("attempts", Integer, nullable=False, default=0),  # times a runner took it
+    Column("runner", String(255)),  # the runner holding it while downloading
+    Column("lease_expires_at", Float),
+    # The partial file's name while the pull is queued or downloading, NULL once it ended: one active pull per URL.
+    Column("active_key", String(64)),
+    Column("created_at", Float, nullable=False),
+    Column("updated_at", Float, nullable=False),
+    Column("finished_at", Float),
+    UniqueConstraint("active_key", name="uq_model_pulls_active_key"),  # NULLs never collide (SQLite, PostgreSQL)
+)
+Index("ix_model_pulls_status_created", model_pulls_table.c.status, model_pulls_table.c.created_at)
+
 __all__ = [
     "deliveries_table",
     "heartbeats_table",
     "idempotency_table",
     "metadata",
+    "model_pulls_table",
     "payloads_table",
     "tasks_table",
 ]

@@ -5,11 +5,12 @@ endpoint, which redirects to its CDN and names the file's sha256 and size in ``X
 ``civitai:<model version id>`` (Civitai's ``/api/download/models/<id>``, which redirects to a signed URL and names the
 file in ``Content-Disposition``).
 
-A download goes to ``<models>/<kind>/.<name>.part``: an existing part is resumed with an HTTP ``Range`` request (a
-server that answers 200 instead starts it over). The finished file must have the announced size and, when one is
+A download goes to ``<models>/.pulls/<part_key(url)>.part``: an existing part is resumed with an HTTP ``Range``
+request (a server that answers 200 instead starts it over). The finished file must have the announced size and, when one is
 known (given, or from the hub's headers), the sha256; only then is it renamed into place, atomically, so the
 registry never lists a half-written model. A truncated body keeps the part for the next try; a wrong checksum
 deletes it. The kind (folder) is given, or told from the file's tensor names (``registry.kind_from_keys``).
+``delivery/model_pulls.py`` runs pulls as durable jobs for the API.
 """
 
 from __future__ import annotations
@@ -17,11 +18,8 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-import threading
-import time
-import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote, unquote, urlsplit
 
@@ -35,7 +33,20 @@ _HEX64 = re.compile(r"[0-9a-f]{64}")
 
 
 class PullError(ValueError):
-    """A pull that cannot be done; ``str(exc)`` says why and what to do."""
+    """A pull that cannot be done; ``str(exc)`` says why and what to do; ``field`` names the request field at
+    fault when it is one (the API's 400 says so)."""
+
+    def __init__(self, message: str, field: str = "source") -> None:
+        super().__init__(message)
+        self.field = field
+
+
+def check_wanted(kind: str | None, sha256: str | None) -> None:
+    """Raise ``PullError`` for a kind that is no models folder or a sha256 that is not 64 hex digits."""
+    if kind is not None and kind not in KINDS:
+        raise PullError(f"kind {kind!r}: expected one of {', '.join(KINDS)}", field="type")
+    if sha256 is not None and not _HEX64.fullmatch(sha256.lower()):
+        raise PullError("sha256: expected 64 hex digits", field="sha256")
 
 
 @dataclass(frozen=True)
@@ -70,6 +81,11 @@ def parse_source(source: str, hf_endpoint: str | None = None, civitai_endpoint: 
     if urlsplit(text).scheme in ("http", "https") and urlsplit(text).netloc:
         return PullSource(text)
     raise PullError(f"{source!r}: expected an http(s) URL, hf:<owner>/<repo>/<file> or civitai:<id>")
+
+
+def part_key(url: str) -> str:
+    """The partial file's name for a download URL: the next pull of the same source finds and resumes it."""
+    return hashlib.sha256(url.encode()).hexdigest()[:24]
 
 
 @dataclass
@@ -134,10 +150,7 @@ def pull(
     civitai_endpoint: str | None = None,
 ) -> PullResult:
     """Download ``source`` into ``models_dir/<kind>/<name>`` (see the module docstring)."""
-    if kind is not None and kind not in KINDS:
-        raise PullError(f"kind {kind!r}: expected one of {', '.join(KINDS)}")
-    if sha256 is not None and not _HEX64.fullmatch(sha256.lower()):
-        raise PullError("sha256: expected 64 hex digits")
+    check_wanted(kind, sha256)
     src = parse_source(source, hf_endpoint, civitai_endpoint)
     own_client = client is None
     http = client if client is not None else httpx.Client(timeout=httpx.Timeout(30.0, read=120.0))
@@ -164,8 +177,7 @@ def _pull(
 ) -> PullResult:
     staging = models_dir / ".pulls"
     staging.mkdir(parents=True, exist_ok=True)
-    # The part's name depends on the source alone, so the next pull of the same source finds and resumes it.
-    part = staging / (hashlib.sha256(src.url.encode()).hexdigest()[:24] + ".part")
+    part = staging / (part_key(src.url) + ".part")
     start = part.stat().st_size if part.exists() else 0
     headers = {"Range": f"bytes={start}-"} if start else {}
     with http.stream("GET", src.url, headers=headers, follow_redirects=True) as response:
@@ -212,81 +224,3 @@ def _pull(
     dest.parent.mkdir(parents=True, exist_ok=True)
     os.replace(part, dest)  # atomic: the registry sees the whole file or none
     return PullResult(dest, folder_kind, done, actual, resumed_from=start if response.status_code == 206 else 0)
-
-
-# -------------------------------------------------------------------------------------------- background pulls
-
-
-@dataclass
-class PullJob:
-    """One ``POST /v3/model/pull``: polled with ``GET /v3/model/pull/{pull_id}``."""
-
-    pull_id: str
-    source: str
-    status: str = "queued"  # queued | downloading | succeeded | failed
-    bytes_done: int = 0
-    bytes_total: int | None = None
-    path: str | None = None
-    kind: str | None = None
-    sha256: str | None = None
-    reason: str | None = None
-    created_at: float = field(default_factory=time.time)
-
-    def as_dict(self) -> dict[str, object]:
-        return {
-            "pull_id": self.pull_id,
-            "source": self.source,
-            "status": self.status,
-            "bytes_done": self.bytes_done,
-            "bytes_total": self.bytes_total,
-            "path": self.path,
-            "kind": self.kind,
-            "sha256": self.sha256,
-            "reason": self.reason,
-        }
-
-
-class PullJobs:
-    """Pulls run one at a time in a background thread of the API process; their state is kept in memory (a
-    restart forgets them; a pull started again resumes its partial file)."""
-
-    def __init__(self, models_dir: Path, client_factory: Callable[[], httpx.Client], keep: int = 100) -> None:
-        self.models_dir = models_dir
-        self.client_factory = client_factory
-        self.keep = keep
-        self._jobs: dict[str, PullJob] = {}
-        self._lock = threading.Lock()
-        self._serial = threading.Lock()
-
-    def start(self, source: str, kind: str | None, name: str | None, sha256: str | None) -> PullJob:
-        parse_source(source)  # a bad source is the caller's error now, not a failed job later
-        job = PullJob(uuid.uuid4().hex, source)
-        with self._lock:
-            self._jobs[job.pull_id] = job
-            while len(self._jobs) > self.keep:
-                self._jobs.pop(next(iter(self._jobs)))
-        threading.Thread(target=self._run, args=(job, kind, name, sha256), name="model-pull", daemon=True).start()
-        return job
-
-    def get(self, pull_id: str) -> PullJob | None:
-        with self._lock:
-            return self._jobs.get(pull_id)
-
-    def _run(self, job: PullJob, kind: str | None, name: str | None, sha256: str | None) -> None:
-        def progress(done: int, total: int | None) -> None:
-            job.bytes_done, job.bytes_total = done, total
-
-        with self._serial:
-            job.status = "downloading"
-            try:
-                with self.client_factory() as client:
-                    result = pull(
-                        job.source, self.models_dir, kind=kind, name=name, sha256=sha256, client=client,
-                        on_progress=progress,
-                    )  # fmt: skip
-            except Exception as exc:
-                job.status, job.reason = "failed", str(exc) or type(exc).__name__
-                return
-            job.path, job.kind, job.sha256 = str(result.path), result.kind, result.sha256
-            job.bytes_done = job.bytes_total = result.size
-            job.status = "succeeded"

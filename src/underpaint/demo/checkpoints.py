@@ -25,6 +25,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 
 from underpaint.demo.ldm_convert import checkpoint_to_ldm, vae_to_ldm
 from underpaint.engine.loader import SD15_CONFIG, SDXL_CONFIG, SDXL_REFINER_CONFIG, TOKENIZER_DIR
+from underpaint.engine.weights import load_state_dict_file
 
 SD15_SEED = 1500
 SD15_INPAINTING_SEED = 1900
@@ -207,7 +208,7 @@ def _write_diffusers_folder(dest: Path, parts: dict[str, torch.nn.Module]) -> No
 
 def write_ckpt(safetensors_path: Path, dest: Path) -> Path:
     """The same weights as a pickle ``.ckpt`` the way old A1111 checkpoints are stored: ``{"state_dict": ...}``."""
-    sd = safetensors.torch.load_file(str(safetensors_path))
+    sd = load_state_dict_file(safetensors_path)
     dest.parent.mkdir(parents=True, exist_ok=True)
     torch.save({"state_dict": sd, "global_step": 0}, str(dest))
     return dest

@@ -1,9 +1,12 @@
 """The executor: runs ``GenerationJob``s on this process's device, one job or a batch of compatible jobs at once.
 
-It owns the model cache (device and RAM tiers, tokenizer templates), the loaded ControlNets and annotators and the
-adapter managers: no engine cache lives at module level. It resolves the job's names against the registry, applies
-the per-task adapters (VAE override, LoRAs, embeddings, IP-Adapter, ControlNet), runs ``pipeline.generate`` and
-builds each image's infotext (model hashes come from the registry's hash cache). One job at a time per executor
+It owns the model cache (device and RAM tiers, tokenizer templates), the loaded ControlNets, annotators and
+upscalers, the adapter managers and the VAE precision state (``pipeline.VaePrecision``): no engine cache or flag
+lives at module level. ``generate_batch`` groups the jobs by ``job.batch_key``; for each group it resolves the
+names against the registry, applies the shared adapters (checkpoint, VAE override, LoRAs), prepares each job
+(embeddings, IP-Adapter, ControlNet; ``pipeline.prepare_member``), samples the group in one call
+(``pipeline.sample_batch``) and builds each image's infotext (model hashes come from the registry's hash cache).
+``generate`` is one job through ``generate_batch``; ``upscale`` runs an upscale job. One job at a time per executor
 (one device); ``prefetch`` reads a queued task's checkpoint into the RAM tier in the background meanwhile.
 """
 
@@ -62,6 +65,7 @@ class DiffusersExecutor:
         *,
         dtype: torch.dtype | None = None,
         compile_backend: str | Callable[..., Any] = DEFAULT_BACKEND,
+        vae_precision: pipeline.VaePrecision | None = None,
     ) -> None:
         configure_torch_threads(settings.torch_threads)
         # transformers prints long "missing/unexpected keys" load reports for partial state dicts; they are noise.
@@ -76,7 +80,8 @@ class DiffusersExecutor:
         self.device = pick_device(settings.device)
         # tests pass float64 to compare results without rounding
         self.dtype = dtype or pick_dtype(self.device, settings.dtype)
-        self.vae_dtype = parse_dtype(settings.vae_dtype)
+        # The VAE's dtype: the vae_dtype setting, and the VAEs that fell back to float32 after a NaN.
+        self.vae_precision = vae_precision or pipeline.VaePrecision(parse_dtype(settings.vae_dtype))
         self.loras = LoraManager()
         self.embeddings = EmbeddingManager()
         self.ip_adapters = IPAdapterManager()
@@ -303,7 +308,7 @@ class DiffusersExecutor:
             is_sdxl=loaded.is_sdxl,
             device=self.device,
             dtype=self.dtype,
-            vae_dtype=self.vae_dtype,
+            vae_precision=self.vae_precision,
             aesthetic_scores=pipeline.REFINER_AESTHETIC_SCORES if loaded.is_refiner else None,
             **extra,
         )
@@ -331,8 +336,8 @@ class DiffusersExecutor:
             return None
         model = self.upscalers.get(self._entry("upscaler", job.hires_fix.upscaler).path)
 
-        def run(image: Image.Image, width: int, height: int) -> Image.Image:
-            return upscale_to(image, model, width, height)
+        def run(image: Image.Image, width: int, height: int, should_cancel: Callable[[], bool]) -> Image.Image:
+            return upscale_to(image, model, width, height, should_cancel=should_cancel)
 
         return run
 

@@ -1,17 +1,19 @@
 """The engine's narrow interface: a fully validated, resolved generation job in, images out.
 
-The API layer turns a Novita request into a ``GenerationJob`` (names already resolved against the registry,
-images already decoded and checked); the worker hands it to an ``Executor``. Nothing here knows about HTTP,
-tasks or storage.
+The API validates a Novita request and stores it as a typed ``tasks.contract`` request (model names resolved
+against the registry); the worker turns that into a ``GenerationJob`` or ``UpscaleJob`` (``worker.jobs``, images
+decoded and checked again) and hands it to an ``Executor``. Nothing here knows about HTTP or storage; which jobs
+may share a sampler call (``batch_key``) is the task store's one definition, ``tasks.batching``.
 
-One job type serves both endpoints: ``init_image`` set = img2img (``strength`` is its denoising strength),
-``init_image`` None = txt2img (``strength`` unused; optional ``hires_fix`` and ``refiner`` passes).
+One job type serves the generation endpoints: ``init_image`` set = img2img (``strength`` is its denoising strength;
+with ``mask``: inpainting), ``init_image`` None = txt2img (``strength`` unused; optional ``hires_fix`` and ``refiner``
+passes).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol
 
 from PIL import Image
@@ -166,12 +168,6 @@ class JobCancelled(Exception):
 
 class JobError(Exception):
     """A failure the user can act on (missing file, wrong base model ...). ``str(exc)`` is shown as reason."""
-
-
-@dataclass
-class ExecutorStats:
-    checkpoint_loads: int = 0
-    extra: dict[str, float] = field(default_factory=dict)
 
 
 # What one job of a batch ends with: its images, or the exception that ended it.

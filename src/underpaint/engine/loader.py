@@ -1,7 +1,7 @@
 """Load checkpoints and VAE overrides from the models folder into diffusers objects, fully offline.
 
-Single files (A1111/civitai ``.safetensors`` / ``.ckpt``) are read once into a state dict (pickles only through
-``torch.load(weights_only=True)``), recognised as SD 1.5 or SDXL by their keys, and converted component by component
+Single files (A1111/civitai ``.safetensors`` / ``.ckpt``) are read once into a state dict by ``engine.weights`` (the
+one weights reader: pickles only through ``torch.load(weights_only=True)``), recognised as SD 1.5 or SDXL by their keys, and converted component by component
 with diffusers' single-file converters against a config tree without weights: the file's sidecar ``<stem>.config/``
 when present, else the shipped ``configs/sd15`` or ``configs/sdxl`` (field notes 3: without a local config diffusers
 would go to the hub). Tokenizers come from the shipped ``configs/clip_tokenizer`` unless the config tree has its own.
@@ -19,7 +19,6 @@ import gc
 import inspect
 import json
 import logging
-import pickle
 import threading
 import time
 from collections import OrderedDict
@@ -30,7 +29,6 @@ from pathlib import Path
 from typing import Any, cast
 
 import diffusers
-import safetensors.torch
 import torch
 from accelerate import init_empty_weights
 from diffusers.loaders.single_file_utils import (
@@ -52,9 +50,9 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 
 from underpaint.config import Settings
 from underpaint.engine.devices import empty_device_cache, pick_device, pick_dtype
-from underpaint.engine.job import JobError
 from underpaint.engine.model_tiers import ModelCacheReport
 from underpaint.engine.unet_resize import use_a1111_skip_resize
+from underpaint.engine.weights import ModelLoadError, StateDict, load_state_dict_file
 from underpaint.registry import UNET_CONV_IN, ModelEntry
 
 log = logging.getLogger(__name__)
@@ -66,9 +64,7 @@ SDXL_REFINER_CONFIG = CONFIG_ROOT / "sdxl_refiner"
 REFINER_TE_PREFIX = "conditioner.embedders.0.model."
 TOKENIZER_DIR = CONFIG_ROOT / "clip_tokenizer"
 
-StateDict = dict[str, torch.Tensor]
 Img2ImgPipeline = StableDiffusionImg2ImgPipeline | StableDiffusionXLImg2ImgPipeline
-_PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 _VAE_PARTS = ("encoder.", "decoder.", "quant_conv.", "post_quant_conv.")
 
 
@@ -83,50 +79,7 @@ class _DropCastWarning(logging.Filter):
 logging.getLogger("diffusers.models.modeling_utils").addFilter(_DropCastWarning())
 
 
-class ModelLoadError(JobError, ValueError):
-    """A model file that cannot be used: unreadable, unsafe, or not the kind of model it is filed as. A ``JobError``
-    (the task fails with this message); still a ``ValueError`` for callers outside a task."""
-
-
 # ---------------------------------------------------------------------------------------------------- state dicts
-
-
-def read_weights_file(path: Path) -> Mapping[str, Any]:
-    """The top-level mapping of a ``.safetensors`` or pickle weights file, as stored (nesting such as ``state_dict``
-    or Real-ESRGAN's ``params_ema`` kept); never runs pickled code. Raises ``ModelLoadError``."""
-    path = Path(path)
-    suffix = path.suffix.lower()
-    try:
-        if suffix == ".safetensors":
-            raw: Any = safetensors.torch.load_file(str(path), device="cpu")
-        elif suffix in _PICKLE_SUFFIXES:
-            raw = torch.load(str(path), map_location="cpu", weights_only=True)
-        else:
-            raise ModelLoadError(f"{path.name}: unsupported weights format {suffix!r}")
-    except pickle.UnpicklingError as exc:
-        raise ModelLoadError(
-            f"{path.name}: refused to load: the pickle contains objects other than tensors "
-            f"(possibly code); convert it to .safetensors ({str(exc).splitlines()[0]})"
-        ) from exc
-    except ModelLoadError:
-        raise
-    except Exception as exc:  # safetensors/torch raise many unrelated types for damaged files
-        raise ModelLoadError(f"{path.name}: cannot read weights: {exc}") from exc
-    if not isinstance(raw, Mapping):
-        raise ModelLoadError(f"{path.name}: not a state dict")
-    return raw
-
-
-def load_state_dict_file(path: Path) -> StateDict:
-    """Tensors of a ``.safetensors`` or pickle checkpoint, un-nested from ``state_dict``; never runs pickled code."""
-    path = Path(path)
-    raw: Any = read_weights_file(path)
-    while isinstance(raw, Mapping) and isinstance(raw.get("state_dict"), Mapping):
-        raw = raw["state_dict"]
-    tensors = {str(k): v for k, v in raw.items() if isinstance(v, torch.Tensor)}
-    if not tensors:
-        raise ModelLoadError(f"{path.name}: contains no tensors")
-    return tensors
 
 
 def is_sdxl_state_dict(sd: Mapping[str, Any]) -> bool:

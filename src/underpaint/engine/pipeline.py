@@ -1,12 +1,17 @@
-"""The img2img and txt2img pipeline, as explicit stages (diffusers style) over our own samplers and prompt encoding.
+"""The img2img, inpainting and txt2img pipeline, as explicit stages (diffusers style) over our own samplers and prompt
+encoding. The executor runs each batch of compatible jobs in two calls:
 
-    img2img: prepare_init_latents -> encode_conditioning -> build_model_fn -> sample_img2img -> decode_latents
-    txt2img: (no init latents)    -> encode_conditioning -> build_model_fn -> sample_txt2img
-             [-> upscale_first_pass: upscale_latents (Latent) | decode, upscale model, encode; crop_latents
-              -> sample_img2img with fix_steps (the hires fix's second pass)]
-             -> decode_latents
-    refiner: encode_conditioning again with the refiner's encoder; switching_model_fn hands the last pass over to
-             the refiner's model function once ``completed_ratio`` reaches ``switch_at``
+    prepare_member, per job:  prepare_inpainting -> prepare_init_latents (img2img; encode_pixels)
+                              -> encode_conditioning (again with the refiner's text encoder when it has a refiner)
+    sample_batch, per batch:  build_batch_model_fn -> sample_img2img | sample_txt2img
+                              [hires fix: upscale_first_pass ("Latent": upscale_latents; a model: decode, upscale,
+                               encode), crop_latents -> sample_img2img with fix_steps (the second pass)]
+                              -> decode_latents, per member (inpainting: inpainting.paste_back)
+    refiner:                  switching_model_fn hands the model function over to the refiner's once
+                              completed_ratio reaches switch_at
+
+A batch whose shared sampler call fails is retried member by member (``sample_batch``). The VAE runs in the dtype
+``VaePrecision`` (the executor's) chooses, and a half-precision NaN is redone in float32 (``_with_fp32_retry``).
 
 Why not diffusers' Img2Img pipelines: A1111 semantics (sampler math, ``t_enc`` slicing, per-image CPU noise
 streams, attention syntax, clip skip) differ from them in ways users notice (``docs/ARCHITECTURE.md``).
@@ -65,9 +70,10 @@ class ControlHook(Protocol):
     ) -> dict[str, Any]: ...
 
 
-# Hires fix with an upscaler model: (first-pass image, width, height) -> the image at exactly that size (A1111's
-# ``resize_image`` "just resize" with an upscaler: the model's passes, then Lanczos; ``engine.upscalers.upscale_to``).
-Upscale = Callable[[Image.Image, int, int], Image.Image]
+# Hires fix with an upscaler model: (first-pass image, width, height, should_cancel) -> the image at exactly that size
+# (A1111's ``resize_image`` "just resize" with an upscaler: the model's passes, then Lanczos;
+# ``engine.upscalers.upscale_to``). It raises ``JobCancelled`` between tiles once ``should_cancel()`` says so.
+Upscale = Callable[[Image.Image, int, int, Callable[[], bool]], Image.Image]
 
 
 @dataclass
@@ -104,8 +110,8 @@ class Components:
     is_sdxl: bool
     device: torch.device
     dtype: torch.dtype
-    # The ``vae_dtype`` setting when forced; None = auto (``devices.vae_dtype_for``).
-    vae_dtype: torch.dtype | None = None
+    # The VAE's dtype policy and what it learnt (``VaePrecision``): the executor's, shared by every batch it runs.
+    vae_precision: VaePrecision = field(kw_only=True)
     # The hires fix's upscaler model for this batch (None: "Latent" or no hires fix).
     upscale: Upscale | None = None
     # The refiner this batch switches to (txt2img's ``refiner``), and, on a refiner's own components, the aesthetic
@@ -136,28 +142,38 @@ def pil_to_tensor(image: Image.Image, width: int, height: int) -> torch.Tensor:
     return torch.from_numpy(arr).permute(2, 0, 1).unsqueeze(0)
 
 
-# VAEs that produced a NaN in half precision once: they run in float32 from then on (A1111's --no-half-vae fallback
-# also sticks for the session).
-_UPCAST_AFTER_NAN: weakref.WeakSet[torch.nn.Module] = weakref.WeakSet()
+class VaePrecision:
+    """The dtype each VAE runs in: the ``vae_dtype`` setting when it forces one (``forced``), else the model's dtype
+    or float32 for a VAE that asks for it in fp16 (``devices.vae_dtype_for``); and, learnt while running, float32
+    for good for a VAE that once produced a NaN in half precision (A1111's ``--no-half-vae`` fallback also sticks
+    for the session). Owned by the executor (one per device, ``DiffusersExecutor.vae_precision``) and lent to the
+    pipeline in ``Components``; VAEs are held weakly, so an evicted one is forgotten with it."""
 
+    def __init__(self, forced: torch.dtype | None = None) -> None:
+        self.forced = forced
+        self._upcast: weakref.WeakSet[torch.nn.Module] = weakref.WeakSet()
 
-def _vae_dtype(c: Components) -> torch.dtype:
-    if c.vae in _UPCAST_AFTER_NAN:
-        return torch.float32
-    return vae_dtype_for(c.dtype, bool(getattr(c.vae.config, "force_upcast", False)), c.vae_dtype)
+    def dtype(self, vae: Any, model_dtype: torch.dtype) -> torch.dtype:
+        if vae in self._upcast:
+            return torch.float32
+        return vae_dtype_for(model_dtype, bool(getattr(vae.config, "force_upcast", False)), self.forced)
+
+    def upcast(self, vae: Any) -> None:
+        """``vae`` gave a NaN in half precision: float32 from now on."""
+        self._upcast.add(vae)
 
 
 def _with_fp32_retry(c: Components, what: str, run: Callable[[Any, torch.dtype], torch.Tensor]) -> torch.Tensor:
     """``run(vae, dtype)``; when a half-precision result holds a NaN or inf, once more in float32 (never return
-    a NaN image). The VAE stays float32 afterwards."""
-    dtype = _vae_dtype(c)
+    a NaN image). The VAE stays float32 afterwards (``VaePrecision.upcast``)."""
+    dtype = c.vae_precision.dtype(c.vae, c.dtype)
     out = run(c.vae.to(dtype=dtype), dtype)
     if bool(torch.isfinite(out).all()):
         return out
     if dtype == torch.float32:
         raise JobError(f"the VAE {what} gave NaN in float32 (the checkpoint or VAE is broken)")
     log.warning("VAE %s in %s gave NaN/inf; retrying in float32 (the VAE stays float32 from now on)", what, dtype)
-    _UPCAST_AFTER_NAN.add(c.vae)
+    c.vae_precision.upcast(c.vae)
     out = run(c.vae.to(dtype=torch.float32), torch.float32)
     if not bool(torch.isfinite(out).all()):
         raise JobError(f"the VAE {what} gave NaN even in float32 (the checkpoint or VAE is broken)")
@@ -243,8 +259,8 @@ def prepare_inpainting(
 def encode_conditioning(c: Components, inputs: PipelineInputs) -> tuple[Conditioning, Conditioning]:
     """Prompt and negative prompt, each in as many 77-token chunks as it needs.
 
-    A1111's default leaves prompts of different chunk counts unpadded; ``build_model_fn`` then runs the two
-    halves of classifier-free guidance as separate UNet calls.
+    A1111's default leaves prompts of different chunk counts unpadded; ``build_batch_model_fn`` then runs the two
+    halves of classifier-free guidance as separate UNet calls (``_entries``).
 
     SDXL with an empty negative prompt: zero embeddings, context and pooled vector (one 77-token chunk), as A1111
     does when every negative prompt of its batch is empty and as diffusers' ``force_zeros_for_empty_prompt`` does
@@ -338,6 +354,11 @@ class _Batch:
     def drop(self, k: int, why: BaseException) -> None:
         if self.outcome[k] is None:
             self.outcome[k] = why
+
+    def cancel_check(self, k: int) -> Callable[[], bool]:
+        """Whether member ``k`` has been asked to stop (its own ``should_cancel``; never, without one)."""
+        check = self.members[k].should_cancel
+        return check if check is not None else lambda: False
 
     def poll_cancel(self) -> None:
         for k, m in enumerate(self.members):
@@ -621,25 +642,6 @@ def prepare_member(
     )
 
 
-def build_model_fn(
-    c: Components, inputs: PipelineInputs, step_fraction: Callable[[], float] = lambda: 0.0
-) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """The guided model function of one job alone (a batch of one): what the sampler calls for it."""
-    return build_batch_model_fn(c, batch_spec(inputs), _Batch([prepare_member(c, inputs)]), step_fraction)
-
-
-def batch_spec(inputs: PipelineInputs) -> BatchSpec:
-    return BatchSpec(
-        inputs.width,
-        inputs.height,
-        inputs.steps,
-        inputs.sampler_name,
-        inputs.strength,
-        txt2img=inputs.init_image is None,
-        hires_fix=inputs.hires_fix,
-    )
-
-
 def batch_spec_of(job: GenerationJob) -> BatchSpec:
     return BatchSpec(
         job.width,
@@ -772,7 +774,7 @@ def _sample(c: Components, spec: BatchSpec, batch: _Batch) -> torch.Tensor:
         if hires is None:
             return latents
         batch.poll_cancel()
-        latents, cover = upscale_first_pass(c, latents, (spec.width, spec.height), hires)
+        latents, cover = upscale_first_pass(c, latents, (spec.width, spec.height), hires, batch)
         if not second:  # strength 0: the upscaled first pass, not denoised again
             return latents
         clock.next_pass(1.0 - clock.share)
@@ -784,7 +786,7 @@ def _sample(c: Components, spec: BatchSpec, batch: _Batch) -> torch.Tensor:
 
 
 def upscale_first_pass(
-    c: Components, latents: torch.Tensor, size: tuple[int, int], hires: HiresFix
+    c: Components, latents: torch.Tensor, size: tuple[int, int], hires: HiresFix, batch: _Batch
 ) -> tuple[torch.Tensor, tuple[int, int]]:
     """Hires fix between the passes: the first pass's latents at the target size, and the cover size they were
     upscaled to before the centre crop (A1111 conditions the second pass on it)."""
@@ -794,7 +796,7 @@ def upscale_first_pass(
     else:
         if c.upscale is None:
             raise JobError(f"hires fix upscaler {hires.upscaler!r} was not provided to the pipeline")
-        latents = _upscale_with_model(c, latents, cover, c.upscale)
+        latents = _upscale_with_model(c, latents, cover, c.upscale, batch)
     return crop_latents(latents, cover, (hires.width, hires.height)), cover
 
 
@@ -886,10 +888,30 @@ def crop_latents(latents: torch.Tensor, cover: tuple[int, int], target: tuple[in
     return latents[:, :, ty // 2 : h - (ty + 1) // 2, tx // 2 : w - (tx + 1) // 2]
 
 
-def _upscale_with_model(c: Components, latents: torch.Tensor, size: tuple[int, int], upscale: Upscale) -> torch.Tensor:
-    """Hires fix with an upscaler model: decode (8 bits, as A1111), upscale to ``size``, encode again."""
-    images = [upscale(image, size[0], size[1]) for image in decode_latents(c, latents)]
-    return torch.cat([prepare_init_latents(c, image, size[0], size[1], 1) for image in images])
+def _upscale_with_model(
+    c: Components, latents: torch.Tensor, size: tuple[int, int], upscale: Upscale, batch: _Batch
+) -> torch.Tensor:
+    """Hires fix with an upscaler model: decode (8 bits, as A1111), upscale to ``size``, encode again, member by
+    member. The upscaler asks the member's ``should_cancel`` before every tile: a member cancelled meanwhile drops out
+    within one tile (its rows stay zero and are never sampled again); when none is left, ``JobCancelled``."""
+    width, height = size
+    parts: list[torch.Tensor] = []
+    for k, rows in enumerate(batch.rows):
+        own = latents[rows]
+        if batch.active(k):
+            try:
+                images = [upscale(im, width, height, batch.cancel_check(k)) for im in decode_latents(c, own)]
+                if batch.cancel_check(k)():
+                    raise JobCancelled("cancelled while upscaling")
+            except JobCancelled as exc:
+                batch.drop(k, exc)
+            else:
+                parts.extend(prepare_init_latents(c, image, width, height, 1) for image in images)
+                continue
+        parts.append(own.new_zeros(own.shape[0], own.shape[1], height // 8, width // 8))
+    if not batch.any_active():
+        raise JobCancelled("every task of the batch was cancelled")
+    return torch.cat(parts)
 
 
 def _inpaint_rows(
@@ -917,20 +939,6 @@ def _inpaint_rows(
     if len(set(rows)) == 1:
         return repaint, rows[0]
     return repaint, torch.tensor(rows, dtype=init_latent.dtype, device=init_latent.device).view(-1, 1, 1, 1)
-
-
-def generate(
-    c: Components,
-    inputs: PipelineInputs,
-    on_progress: ProgressCallback | None = None,
-    should_cancel: Callable[[], bool] | None = None,
-) -> list[Image.Image]:
-    """Run one job for ``len(inputs.seeds)`` images in one UNet batch (a batch of one member)."""
-    member = prepare_member(c, inputs, on_progress, should_cancel)
-    (outcome,) = sample_batch(c, batch_spec(inputs), [member])
-    if isinstance(outcome, BaseException):
-        raise outcome
-    return outcome
 
 
 def seeds_for(seed: int, image_num: int) -> Sequence[int]:

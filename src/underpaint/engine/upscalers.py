@@ -1,7 +1,7 @@
 """Upscaler models (ESRGAN, Real-ESRGAN, SRVGG compact, SwinIR, HAT, DAT, ...) loaded with spandrel, run tiled, with
 A1111's "Extras" semantics. Used by ``POST /v3/async/upscale`` and by hires fix.
 
-Loading (``load_upscaler``): the file is read by ``loader.read_weights_file`` (safetensors, or a pickle through
+Loading (``load_upscaler``): the file is read by ``engine.weights`` (safetensors, or a pickle through
 ``torch.load(weights_only=True)``: no pickled code runs, unlike spandrel's own ``load_from_file``, which would also
 run TorchScript ``.pt`` files), spandrel canonicalises the state dict (``params_ema``/``params``/``state_dict``
 nesting, ``module.`` prefixes) and detects the architecture and its hyper-parameters from the keys. Anything that
@@ -52,8 +52,8 @@ from spandrel import (
 
 from underpaint.engine.adapters import short_reason
 from underpaint.engine.job import JobCancelled, JobError
-from underpaint.engine.loader import ModelLoadError, read_weights_file
 from underpaint.engine.lru import LoadedLru
+from underpaint.engine.weights import ModelLoadError, read_weights_mapping
 from underpaint.tasks.contract import extras_size
 
 TILE = 192
@@ -91,7 +91,7 @@ def load_upscaler(path: Path, device: torch.device | None = None, dtype: torch.d
     """The model in ``path`` on ``device``, in ``dtype`` where the architecture supports it (else float32)."""
     path = Path(path)
     try:
-        raw = read_weights_file(path)
+        raw = read_weights_mapping(path)
         state = canonicalize_state_dict(dict(raw))
         descriptor = ModelLoader().load_from_state_dict(state)
     except ModelLoadError as exc:

@@ -44,7 +44,9 @@ def _child(
     entry: str, settings: Settings, wake: WakeEvent, parent_pid: int, log_level: int, env: dict[str, str]
 ) -> None:
     """The child process: its environment first (prometheus_client reads its multiprocess folder at import), then
-    the entry point, named ``"module:function"`` so that nothing it imports is loaded before that."""
+    the entry point, named ``"module:function"`` so that nothing it imports is loaded before that. Ctrl-C reaches
+    the whole process group: the child ignores SIGINT from the start (the parent stops it with SIGTERM)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     _die_with_parent(parent_pid)
     os.environ.update(env)
     logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s[worker]: %(message)s")

@@ -18,6 +18,7 @@ from PIL import Image
 from underpaint.engine import preprocessors
 from underpaint.engine.job import ControlNetUnitSpec, JobError
 from underpaint.engine.lru import LoadedLru
+from underpaint.engine.weights import ModelLoadError, load_state_dict_file
 from underpaint.registry import ModelEntry
 
 CONFIG_ROOT = Path(__file__).resolve().parents[1] / "configs"
@@ -51,8 +52,6 @@ def _ldm_to_diffusers(sd: StateDict, config: dict[str, Any]) -> StateDict:
 def _load_single_file(entry: ModelEntry, dtype: torch.dtype) -> Any:
     from accelerate import init_empty_weights
     from diffusers.models.controlnets.controlnet import ControlNetModel
-
-    from underpaint.engine.loader import ModelLoadError, load_state_dict_file
 
     config_dir = _config_dir(entry)
     config = dict(ControlNetModel.load_config(str(config_dir)))

@@ -1,8 +1,8 @@
 """Textual-inversion embeddings, A1111 style (field notes 5). The rules are documented in docs/adapters.md.
 
 Files: A1111 ``.pt`` / ``.bin`` (``string_to_param``), A1111 ``.safetensors`` (``emb_params``), SDXL ``.safetensors``
-(``clip_l`` + ``clip_g``), and the diffusers one-key ``{token: tensor}`` layout. Pickles are read with
-``torch.load(weights_only=True)``.
+(``clip_l`` + ``clip_g``), and the diffusers one-key ``{token: tensor}`` layout, read by ``engine.weights`` (pickles
+only with ``torch.load(weights_only=True)``).
 
 An embedding's token is its file stem. Where the stem appears in the prompt or the negative prompt (as a whole word,
 case-insensitive, also inside ``(...)``/``[...]`` weighting), the embedding applies there, as in A1111. A requested
@@ -32,13 +32,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from underpaint.engine.adapters import short_reason
 from underpaint.engine.job import JobError
+from underpaint.engine.weights import UnreadableWeights, read_weights
 from underpaint.registry import ModelEntry
 
 MAX_EMBEDDINGS_PER_TASK = 5
 SLOT_PREFIX = "upti"
-_TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 # Substrings (case-insensitive) of a file stem or of the name stored in the file that mark a negative embedding:
 # EasyNegative, ng_deepnegative, FastNegativeV2, badhandv4, BadDream, bad-artist, verybadimagenegative,
 # UnrealisticDream, unaestheticXL, worst quality / lowres / deformed style embeddings.
@@ -84,19 +83,6 @@ class EmbeddingPlan:
         return text
 
 
-def _load_raw(path: Path) -> tuple[Any, dict[str, str]]:
-    suffix = path.suffix.lower()
-    if suffix == ".safetensors":
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            metadata = dict(f.metadata() or {})
-            return {key: f.get_tensor(key) for key in f.keys()}, metadata  # noqa: SIM118 - safe_open has no iter
-    if suffix in _TORCH_SUFFIXES:
-        return torch.load(str(path), map_location="cpu", weights_only=True), {}
-    raise JobError(f"embedding {path.name}: unsupported file type {suffix!r}")
-
-
 def _as_matrix(value: Any, what: str) -> torch.Tensor:
     if not isinstance(value, torch.Tensor) or value.dim() not in (1, 2) or value.numel() == 0:
         raise JobError(f"{what} is not a (vectors, dim) tensor")
@@ -108,11 +94,10 @@ def read_embedding_file(path: Path) -> EmbeddingFile:
     """Parse any supported embedding file; ``JobError`` with the reason when it is not one."""
     label = f"embedding {path.name}"
     try:
-        data, metadata = _load_raw(path)
-    except JobError:
-        raise
-    except Exception as exc:  # pickle, safetensors and OS errors: the file is unusable
-        raise JobError(f"{label} could not be read: {short_reason(exc)}") from exc
+        stored = read_weights(path)
+    except UnreadableWeights as exc:
+        raise JobError(f"{label} could not be read: {exc.reason}") from exc
+    data, metadata = stored.data, stored.metadata
     if isinstance(data, torch.Tensor):
         return EmbeddingFile(_as_matrix(data, label), None, None, False)
     if not isinstance(data, dict):

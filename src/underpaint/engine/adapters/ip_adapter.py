@@ -32,10 +32,11 @@ from PIL import Image
 
 from underpaint.engine.adapters import short_reason
 from underpaint.engine.job import JobError
+from underpaint.engine.weights import UnreadableWeights, read_weights
 from underpaint.registry import ModelEntry
+from underpaint.weight_headers import weights_format
 
 IMAGE_ENCODERS_DIR = "image_encoders"
-_TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 
 IPState = dict[str, dict[str, torch.Tensor]]
 
@@ -49,23 +50,16 @@ def image_encoder_candidates(entry: ModelEntry, sdxl: bool) -> list[Path]:
 def read_ip_adapter_file(path: Path) -> IPState:
     label = f"IP-Adapter {path.name}"
     try:
-        if path.suffix.lower() == ".safetensors":
-            from safetensors.torch import load_file
-
-            flat = load_file(str(path), device="cpu")
-            state: Any = {"image_proj": {}, "ip_adapter": {}}
-            for key, tensor in flat.items():
-                group, _, rest = key.partition(".")
-                if group in state:
-                    state[group][rest] = tensor
-        elif path.suffix.lower() in _TORCH_SUFFIXES:
-            state = torch.load(str(path), map_location="cpu", weights_only=True)
-        else:
-            raise JobError(f"{label}: unsupported file type {path.suffix!r}")
-    except JobError:
-        raise
-    except Exception as exc:  # pickle, safetensors and OS errors: the file is unusable
-        raise JobError(f"{label} could not be read: {short_reason(exc)}") from exc
+        stored = read_weights(path)
+    except UnreadableWeights as exc:
+        raise JobError(f"{label} could not be read: {exc.reason}") from exc
+    state: Any = stored.data
+    if weights_format(path) == "safetensors" and isinstance(stored.data, dict):  # flattened "image_proj.*" names
+        state = {"image_proj": {}, "ip_adapter": {}}
+        for key, tensor in stored.data.items():
+            group, _, rest = key.partition(".")
+            if group in state:
+                state[group][rest] = tensor
     if not isinstance(state, dict) or not state.get("image_proj") or not state.get("ip_adapter"):
         raise JobError(f"{label} is not an IP-Adapter file (needs image_proj and ip_adapter weights)")
     return {"image_proj": dict(state["image_proj"]), "ip_adapter": dict(state["ip_adapter"])}

@@ -2,8 +2,8 @@
 
 Formats: kohya/A1111 ``.safetensors`` (``lora_unet_*`` / ``lora_te_*`` for SD 1.5, SGM ``lora_unet_input_blocks_*`` with
 ``lora_te1_`` / ``lora_te2_`` for SDXL, ``.lora_down`` / ``.lora_up`` / ``.alpha``, LoCon conv layers) and the
-diffusers/PEFT layout. ``.pt`` / ``.bin`` / ``.ckpt`` files are read with ``torch.load(weights_only=True)``: a pickle
-that needs more than tensors is refused.
+diffusers/PEFT layout, read by ``engine.weights`` (pickles, ``.pt`` / ``.bin`` / ``.ckpt``, only with
+``torch.load(weights_only=True)``: a pickle that needs more than tensors is refused).
 
 How a task's LoRA set is applied, and why:
 
@@ -43,10 +43,10 @@ from torch.utils.hooks import RemovableHandle
 
 from underpaint.engine.adapters import short_reason
 from underpaint.engine.job import JobError
+from underpaint.engine.weights import UnreadableWeights, read_weights
 from underpaint.registry import ModelEntry
 
 MAX_LORAS_PER_TASK = 5
-_TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 _LORA_A, _LORA_B = ".lora_A.weight", ".lora_B.weight"
 
 logger = logging.getLogger(__name__)
@@ -65,18 +65,9 @@ def read_lora_file(path: Path) -> StateDict:
     """Read a LoRA file into a flat ``{key: tensor}`` dict; a clear ``JobError`` for anything unreadable."""
     name = path.name
     try:
-        if path.suffix.lower() == ".safetensors":
-            from safetensors.torch import load_file
-
-            data: Any = load_file(str(path), device="cpu")
-        elif path.suffix.lower() in _TORCH_SUFFIXES:
-            data = torch.load(str(path), map_location="cpu", weights_only=True)
-        else:
-            raise JobError(f"LoRA {name}: unsupported file type {path.suffix!r}")
-    except JobError:
-        raise
-    except Exception as exc:  # safetensors, pickle and OS errors all mean "cannot use this file"
-        raise JobError(f"LoRA {name} could not be read: {short_reason(exc)}") from exc
+        data = read_weights(path).data
+    except UnreadableWeights as exc:
+        raise JobError(f"LoRA {name} could not be read: {exc.reason}") from exc
     if isinstance(data, dict) and isinstance(data.get("state_dict"), dict):
         data = data["state_dict"]
     if not isinstance(data, dict) or not data or not all(isinstance(v, torch.Tensor) for v in data.values()):

@@ -2,8 +2,8 @@
 (``++``: with boosting) and NormalBae.
 
 The network definitions, the detectors' pre- and postprocessing come from controlnet_aux (``aux``); the weights are
-the files lllyasviel published, loaded here with ``torch.load(weights_only=True)``, strictly, into networks built
-without pretrained weights (nothing downloads). Loaded networks live in the executor's ``AnnotatorCache``.
+the files lllyasviel published, read by ``engine.weights`` (``torch.load(weights_only=True)`` for these pickles) and
+loaded strictly into networks built without pretrained weights (nothing downloads). Loaded networks live in the executor's ``AnnotatorCache``.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from underpaint.engine.job import JobError
 from underpaint.engine.preprocessors.aux import aux
 from underpaint.engine.preprocessors.context import Context
 from underpaint.engine.preprocessors.maps import gray3
+from underpaint.engine.weights import UnreadableWeights, read_weights_mapping, unnest
 
 Array = np.ndarray
 
@@ -37,11 +38,8 @@ _boost_lock = threading.Lock()
 def load_state(path: Path, nested: str | None = None) -> dict[str, torch.Tensor]:
     """A plain state dict from an annotator file: un-nested (``state_dict`` or ``nested``), DataParallel's
     leading ``module.`` dropped."""
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    for key in ("state_dict", nested):
-        if key and isinstance(state, dict) and key in state:
-            state = state[key]
-    return {k.removeprefix("module."): v for k, v in state.items()}
+    state = unnest(read_weights_mapping(path), *([nested] if nested else []))
+    return {str(k).removeprefix("module."): v for k, v in state.items()}
 
 
 def network(
@@ -69,7 +67,9 @@ def network(
             state = {k: v for k, v in state.items() if k not in transient}
             # Strict whatever the class overrides: ZoeDepth's own load_state_dict is non-strict under timm 1.x.
             torch.nn.Module.load_state_dict(net, state)
-        except Exception as exc:  # wrong file, truncated download ...
+        except UnreadableWeights as exc:
+            raise JobError(f"annotator weights {path.name} could not be loaded for {kind}: {exc.reason}") from exc
+        except Exception as exc:  # the wrong file for this network ...
             raise JobError(f"annotator weights {path.name} could not be loaded for {kind}: {exc!r}") from exc
         return net.float().eval().to(ctx.device)
 
