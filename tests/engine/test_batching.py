@@ -314,8 +314,10 @@ def test_a_cancelled_job_drops_out_without_disturbing_the_others(executor: Diffu
 
     outcomes = executor.generate_batch(jobs, should_cancel=[None, cancel_second, never])
     assert isinstance(outcomes[1], JobCancelled)
-    assert_same(outcomes[0], executor.generate(jobs[0]))
-    assert_same(outcomes[2], executor.generate(jobs[2]))
+    # The batch shrinks mid-run, so the remaining jobs run through kernels of another shape than their solo runs:
+    # the share of 1-level pixels depends on the CPU (0.027 for UniPC on an AMD EPYC), the maximum does not.
+    assert_same(outcomes[0], executor.generate(jobs[0]), mean_tol=FLOAT32_MEAN_TOL)
+    assert_same(outcomes[2], executor.generate(jobs[2]), mean_tol=FLOAT32_MEAN_TOL)
     assert polls == 3  # not asked again once it dropped out
     assert third_polls > polls  # the others went on sampling
 

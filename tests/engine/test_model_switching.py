@@ -272,5 +272,20 @@ def test_executor_switch_into_a_diffusers_folder_gives_the_images_of_a_cold_load
     assert switching.cache.stats.in_place == 1
     gc.collect()
     cold = DiffusersExecutor(settings.with_overrides(checkpoint_ram_cache_bytes=0), ModelRegistry(models))
-    assert np.array_equal(switched, image(cold, folder_job))
+    cold_image = image(cold, folder_job)
     assert cold.cache.stats.in_place == 0
+    # The weights copied in place are bit for bit those of the cold load ...
+    in_place, fresh = (ex.cache.get(entry(models, OTHER_FOLDER)) for ex in (switching, cold))
+    for a, b in [
+        (in_place.unet, fresh.unet),
+        (in_place.vae, fresh.vae),
+        *zip(in_place.text_encoders, fresh.text_encoders),
+    ]:
+        a_state, b_state = a.state_dict(), b.state_dict()
+        assert a_state.keys() == b_state.keys()
+        assert all(torch.equal(a_state[k], b_state[k]) for k in a_state)
+    # ... and so are the pixels, but for the odd 1-level rounding: on some CPUs (AMD EPYC) a float kernel's result
+    # depends on its tensors' memory alignment, which an in-place copy and a fresh allocation do not share.
+    diff = np.abs(switched.astype(np.int16) - cold_image.astype(np.int16))
+    assert diff.max() <= 1
+    assert diff.mean() <= 0.001
