@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sqlite3
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -63,11 +64,41 @@ def test_in_memory_sqlite_and_unknown_backends_are_refused() -> None:
         open_engine("mysql://u@h/db")
 
 
+def test_the_stores_sqlite_reader_gets_the_same_settings_read_only_one_connection_per_thread(tmp_path: Path) -> None:
+    store = SqlTaskStore(f"sqlite:///{tmp_path / 'underpaint.db'}")
+    reader = store._fast
+    assert reader is not None
+    try:
+        conn = reader._conn()
+        assert conn is reader._conn()  # reused by its thread
+        settings = [conn.execute(f"PRAGMA {p}").fetchone()[0] for p in ("journal_mode", "busy_timeout", "synchronous")]
+        assert settings == ["wal", 30000, 1]
+        assert conn.in_transaction is False
+        assert conn.isolation_level is None
+        with pytest.raises(sqlite3.OperationalError, match="readonly"):
+            conn.execute("DELETE FROM tasks")
+        others: list[sqlite3.Connection] = []
+        thread = threading.Thread(target=lambda: others.append(reader._conn()))
+        thread.start()
+        thread.join()
+        assert others[0] is not conn
+    finally:
+        store.close()
+    with pytest.raises(sqlite3.ProgrammingError, match="closed"):
+        conn.execute("SELECT 1")
+
+
+# What opens SQLite or makes an engine anywhere but db/engine.py, bypassing its settings.
+_OWN_SETUP = ("create_engine(", "PRAGMA ", "journal_mode", "sqlite3.connect(", "from sqlite3 import")
+
+
 def test_no_module_but_db_engine_makes_an_engine_or_sets_pragmas() -> None:
     offenders = [
         str(path.relative_to(SRC))
         for path in sorted(SRC.rglob("*.py"))
-        if path != SRC / "db" / "engine.py"
-        and any(needle in path.read_text() for needle in ("create_engine(", "PRAGMA ", "journal_mode"))
+        if path != SRC / "db" / "engine.py" and any(needle in path.read_text() for needle in _OWN_SETUP)
     ]
     assert offenders == []
+    # The needles catch what they are for: the task store's reader once opened SQLite itself.
+    raw = "holder = _Conn(sqlite3.connect(self._uri, uri=True, timeout=5.0, check_same_thread=False))"
+    assert any(needle in raw for needle in _OWN_SETUP)

@@ -167,6 +167,7 @@ def test_resumes_a_retry_after_restart(db_url: str, receiver: Receiver) -> None:
     assert receiver.requests[1].at - receiver.requests[0].at >= 0.45  # the stored backoff is honoured
 
 
+@pytest.mark.parity
 def test_signature_verifies(dispatcher: WebhookDispatcher, receiver: Receiver) -> None:
     dispatcher.enqueue("t1", OWNER, receiver.url, result_body("t1"))
     assert final(dispatcher, "t1") == DELIVERED
@@ -204,6 +205,7 @@ SECRET_FORMS = {
 }
 
 
+@pytest.mark.parity
 @pytest.mark.parametrize("secret", SECRET_FORMS.values(), ids=SECRET_FORMS.keys())
 def test_secret_forms_sign_as_the_reference_library_does(secret: str) -> None:
     """Every form keys the HMAC with the base64-decoded bytes, as ``standardwebhooks.Webhook`` does."""

@@ -3,6 +3,7 @@ formats (``demo.controlnet``): lllyasviel single files (+ sidecar config) and di
 
 from __future__ import annotations
 
+import logging
 import re
 import shutil
 from pathlib import Path
@@ -14,6 +15,7 @@ import pytest
 import safetensors.torch
 import torch
 from PIL import Image
+from tests.support.logs import assert_load_lines
 from tests.support.pipeline_run import generate
 
 from underpaint.demo import controlnet as demo
@@ -246,10 +248,16 @@ def test_file_without_fitting_config_is_a_clear_error(models: Path, tmp_path: Pa
         cn.load_controlnet_model(junk, CPU, torch.float32)
 
 
-def test_cache_loads_each_model_once(registry: ModelRegistry, sd15: LoadedCheckpoint, fresh_cache: Any) -> None:
-    hook(registry, sd15, [unit(CANNY)], fresh_cache)
-    hook(registry, sd15, [unit(CANNY), unit(CANNY, strength=0.5)], fresh_cache)
+def test_cache_loads_each_model_once(
+    registry: ModelRegistry, sd15: LoadedCheckpoint, fresh_cache: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.INFO, logger="underpaint.engine"):
+        hook(registry, sd15, [unit(CANNY)], fresh_cache)
+        hook(registry, sd15, [unit(CANNY), unit(CANNY, strength=0.5)], fresh_cache)
     assert fresh_cache.loads == 1
+    entry = registry.resolve("controlnet", CANNY)
+    assert entry is not None
+    assert_load_lines(caplog, "ControlNet", [entry.sd_name])  # one INFO line for the one load: file, seconds
 
 
 # -- generation -------------------------------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import pytest
 import torch
 import transformers
 from tests.support import adapter_pipes as tiny
+from tests.support.logs import assert_load_lines
 
 from underpaint.demo import adapters as demo
 from underpaint.engine.adapters.lora import LoraManager, adapter_name
@@ -209,14 +211,16 @@ def test_cache_bound_while_cycling_twenty_sets(models: Path) -> None:
     assert manager.conversions == 8
 
 
-def test_forget_and_a_second_checkpoint_share_the_file_cache(models: Path) -> None:
+def test_forget_and_a_second_checkpoint_share_the_file_cache(models: Path, caplog: pytest.LogCaptureFixture) -> None:
     one, two = tiny.sd15(seed=0, name="one"), tiny.sd15(seed=1, name="two")
     _kohya(models, one, "shared", seed=40)
     entry = tiny.resolve(models, "lora", "shared")
     manager = LoraManager()
-    manager.activate(one, [(entry, 1.0)])
-    manager.activate(two, [(entry, 1.0)])
+    with caplog.at_level(logging.INFO, logger="underpaint.engine"):
+        manager.activate(one, [(entry, 1.0)])
+        manager.activate(two, [(entry, 1.0)])
     assert manager.disk_reads == 1
+    assert_load_lines(caplog, "LoRA", [entry.sd_name])  # one INFO line for the one file read: file, seconds
     assert manager.adapter_loads == 2
     manager.forget(one)
     assert manager.loaded_adapters(one) == []

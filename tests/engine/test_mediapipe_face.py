@@ -44,6 +44,7 @@ def _inside(mask: np.ndarray, points: np.ndarray, margin: int = 3) -> bool:
     return bool(((xs >= x0) & (xs <= x1) & (ys >= y0) & (ys <= y1)).all())
 
 
+@pytest.mark.parity
 def test_mediapipe_face_draws_the_face(astronaut: np.ndarray, tmp_path: Path) -> None:
     (points,) = _landmarks(astronaut, 1)
     out = np.asarray(P.run_preprocessor("mediapipe_face", Image.fromarray(astronaut), ctx(tmp_path)))
@@ -58,6 +59,7 @@ def test_mediapipe_face_draws_the_face(astronaut: np.ndarray, tmp_path: Path) ->
         assert tuple(out[y, x].tolist()) == colour, index
 
 
+@pytest.mark.parity
 def test_mediapipe_face_draws_one_face_at_most(astronaut: np.ndarray, tmp_path: Path) -> None:
     """A1111's default max_faces=1: of two faces, one is drawn."""
     face = astronaut[:256, 128:384]

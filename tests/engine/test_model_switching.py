@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gc
 import json
+import logging
 import shutil
 import weakref
 from dataclasses import replace
@@ -19,6 +20,7 @@ import pytest
 import safetensors.torch
 import torch
 from PIL import Image
+from tests.support.logs import assert_load_lines
 
 from underpaint.config import Settings
 from underpaint.engine.executor import DiffusersExecutor
@@ -126,6 +128,19 @@ def test_ram_tier_makes_a_switch_back_a_copy_without_a_file_read(models: Path) -
     small.get(entry(models, SD15))
     assert small.stats.disk_reads == 3  # over the RAM budget: nothing kept
     assert small.report().bytes["ram"] == 0
+
+
+def test_one_info_line_per_checkpoint_load_names_it_with_its_seconds_and_tier(
+    models: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    cache = ModelCache(one_model_budget(models), CPU, torch.float32, ram_budget_bytes=10**9)
+    with caplog.at_level(logging.INFO, logger="underpaint.engine"):
+        for name in (SD15, OTHER, SD15, SD15):  # from disk, from disk, from the RAM tier, resident (no load)
+            cache.get(entry(models, name))
+    records = assert_load_lines(caplog, "checkpoint", [SD15, OTHER, SD15], tiers=["disk", "disk", "ram"])
+    measured = sum(r.load_seconds for r in records)  # type: ignore[attr-defined]
+    assert measured == pytest.approx(cache.stats.load_seconds, abs=0.002)
+    assert cache.stats.checkpoint_loads == 3
 
 
 def test_a_switch_across_families_releases_the_old_model_before_building(

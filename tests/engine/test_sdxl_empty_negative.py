@@ -131,6 +131,7 @@ def _inputs(negative_prompt: str) -> pipeline.PipelineInputs:
     )
 
 
+@pytest.mark.parity
 def test_empty_negative_gives_the_unet_what_diffusers_gives_it(
     parts: dict[str, Any], tokenizers: list[Any], record: _UNetInputs
 ) -> None:

@@ -80,6 +80,7 @@ def ours(executor: DiffusersExecutor, req: Request, **extra: Any) -> list[np.nda
 PIXEL_NAMES = [n for n in SAMPLER_NAMES if n != "DPM adaptive"]
 
 
+@pytest.mark.parity
 @pytest.mark.slow
 @pytest.mark.parametrize("name", PIXEL_NAMES)
 def test_every_sampler_name_matches_the_reference(executor: DiffusersExecutor, pipe: Any, name: str) -> None:
@@ -89,6 +90,7 @@ def test_every_sampler_name_matches_the_reference(executor: DiffusersExecutor, p
     assert_close_unbiased(a, b)
 
 
+@pytest.mark.parity
 @pytest.mark.parametrize("name", ["Euler a", "DPM++ SDE Karras"])
 def test_image_num_gives_seed_plus_i_images_matching_the_reference(
     executor: DiffusersExecutor, pipe: Any, name: str
@@ -102,6 +104,7 @@ def test_image_num_gives_seed_plus_i_images_matching_the_reference(
     assert not np.array_equal(mine[0], mine[1])
 
 
+@pytest.mark.parity
 def test_clip_skip_matches_the_reference(executor: DiffusersExecutor, pipe: Any) -> None:
     req = Request("DPM++ 2M Karras", seeds=[3], clip_skip=2, prompt="a red cat, highly detailed", negative="blurry")
     (a,) = ours(executor, req)
@@ -111,6 +114,7 @@ def test_clip_skip_matches_the_reference(executor: DiffusersExecutor, pipe: Any)
     assert np.abs(plain.astype(np.int16) - a).max() > 1  # clip skip changes the image
 
 
+@pytest.mark.parity
 def test_euler_matches_diffusers_txt2img_pipeline_with_latents_passed_in(
     executor: DiffusersExecutor, pipe: Any
 ) -> None:
@@ -154,6 +158,7 @@ def test_euler_matches_diffusers_txt2img_pipeline_with_latents_passed_in(
             assert_close_unbiased(a, b)
 
 
+@pytest.mark.parity
 def test_lora_matches_diffusers_lora_loading(
     executor: DiffusersExecutor, tiny_models_dir: Path, tmp_path: Path
 ) -> None:
@@ -191,6 +196,7 @@ def _latent_hires_reference(pipe: Any, req: Request, hires: HiresFix) -> list[np
     return decode(pipe, latents)
 
 
+@pytest.mark.parity
 @pytest.mark.parametrize(
     ("name", "hires"),
     [("Euler a", HiresFix(96, 96, 0.6)), ("DPM++ 2M", HiresFix(128, 80, 0.45))],
@@ -235,6 +241,7 @@ def _spandrel_resize(image: Image.Image, path: Path, width: int, height: int) ->
     return image.resize((width, height), Image.Resampling.LANCZOS) if image.size != (width, height) else image
 
 
+@pytest.mark.parity
 def test_upscaler_model_hires_fix_matches_the_reference(
     executor: DiffusersExecutor, pipe: Any, tiny_models_dir: Path
 ) -> None:

@@ -47,6 +47,7 @@ from underpaint.vocabulary import SAMPLER_NAMES, SamplerName
 SHAPE = (2, 4, 8, 8)
 
 
+@pytest.mark.parity
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
 @pytest.mark.parametrize("name", K_NAMES)
 def test_sigma_samplers_txt2img_match_kdiffusion(name: SamplerName, prediction_type: str) -> None:
@@ -88,6 +89,7 @@ def _first_draw() -> torch.Tensor:
     return NoiseSource(SEEDS).randn_like(torch.empty(SHAPE, dtype=torch.float64))
 
 
+@pytest.mark.parity
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
 def test_ddim_txt2img_matches_diffusers_ldm_config(prediction_type: str) -> None:
     model = toy_model(SCHEDULE, prediction_type)
@@ -121,6 +123,7 @@ def test_ddim_txt2img_matches_diffusers_ldm_config(prediction_type: str) -> None
     assert rel_err(ours, x) <= 2e-6
 
 
+@pytest.mark.parity
 def test_plms_txt2img_matches_diffusers_ldm_config() -> None:
     model = toy_model(SCHEDULE)
     steps = 12
@@ -149,6 +152,7 @@ def test_unipc_txt2img_takes_one_step_per_a1111_timestep(steps: int) -> None:
     assert counting.calls == len(tsm.uniform_timesteps(steps)) == txt2img_steps(SamplerName("UniPC"), steps)
 
 
+@pytest.mark.parity
 def test_unipc_txt2img_matches_diffusers_on_an_integer_grid() -> None:
     """26 steps: A1111's 27 UniPC steps from t = 1 to 1/1000 fall on whole timesteps (999 / 27 = 37), where
     diffusers' integer timesteps coincide with the continuous grid."""
@@ -186,6 +190,7 @@ def test_hires_schedule_is_a1111_fix_steps(steps: int, strength: float, full: in
         hires_schedule(steps, 0.0)
 
 
+@pytest.mark.parity
 @pytest.mark.parametrize("name", sampler_names("Euler a", "DPM++ 2M Karras", "DPM2", "DPM++ SDE", "DPM fast"))
 @pytest.mark.parametrize("strength", [0.5, 0.3, 1.0])
 def test_hires_second_pass_runs_exactly_steps_steps_of_the_longer_schedule(name: SamplerName, strength: float) -> None:

@@ -3,6 +3,7 @@ runs agree with spandrel's own model run on the same image and windows, and A111
 
 from __future__ import annotations
 
+import logging
 import os
 import pickle
 from pathlib import Path
@@ -13,6 +14,7 @@ import safetensors.torch
 import spandrel
 import torch
 from PIL import Image
+from tests.support.logs import assert_load_lines
 
 from underpaint.config import Settings
 from underpaint.demo.upscalers import ANIME_6B, COMPACT, ESRNET, OLD_ESRGAN, write_demo_upscalers
@@ -216,17 +218,22 @@ def test_unusable_files_raise_a_job_error(
     assert filename in str(caught.value)
 
 
-def test_cache_reuses_and_reloads_a_replaced_file(upscaler_dir: Path, tmp_path: Path) -> None:
+def test_cache_reuses_and_reloads_a_replaced_file(
+    upscaler_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     path = tmp_path / "model.pth"
     path.write_bytes((upscaler_dir / COMPACT).read_bytes())
     cache = up.UpscalerCache(capacity=1)
-    first = cache.get(path)
-    assert cache.get(path) is first
-    assert cache.loads == 1
-    path.write_bytes((upscaler_dir / ESRNET).read_bytes())
-    os.utime(path, (1, 1))
-    assert cache.get(path).scale == 4
-    assert cache.loads == 2
+    with caplog.at_level(logging.INFO, logger="underpaint.engine"):
+        first = cache.get(path)
+        assert cache.get(path) is first
+        assert cache.loads == 1
+        path.write_bytes((upscaler_dir / ESRNET).read_bytes())
+        os.utime(path, (1, 1))
+        assert cache.get(path).scale == 4
+        assert cache.loads == 2
+    # One INFO line per load (none for a cache hit): the file and the seconds.
+    assert_load_lines(caplog, "upscaler", ["model.pth", "model.pth"])
     path.unlink()
     with pytest.raises(up.UpscalerError, match="gone"):
         cache.get(path)

@@ -418,3 +418,43 @@ def test_one_info_line_per_finished_task(store: SqlTaskStore, caplog: pytest.Log
     assert 30 <= queued_s < 40
     assert finished[bad].getMessage().startswith(f"task {bad} finished: IMG_TO_IMG FAILED, 0 image(s), ")
     assert finished[ok].levelno == finished[bad].levelno == logging.INFO
+
+
+def test_cancelled_tasks_and_inputs_that_do_not_load_get_their_finished_line(
+    store: SqlTaskStore, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Every way a claimed task ends gets the one INFO line: a run its owner cancelled (CANCELED, stored FAILED),
+    a stored input that no longer loads, and one that is gone (FAILED, before anything ran)."""
+    cancelled, broken, gone = add(store), add(store), add(store)
+    with store.engine.begin() as conn:
+        conn.execute(update(tasks_table).values(created_at=time.time() - 30))  # all queued 30 s ago
+        conn.execute(
+            update(payloads_table).where(payloads_table.c.task_id == broken).values(payload={"task_type": "x"})
+        )
+        conn.execute(payloads_table.delete().where(payloads_table.c.task_id == gone))
+
+    def fn(task: TaskRecord, request: TaskRequest, report: ProgressReporter) -> list[ImageRecord]:
+        store.request_cancel(task.task_id, task.owner)
+        time.sleep(0.1)
+        raise JobCancelled("sampling cancelled")
+
+    runner = FnRunner(fn)
+    with caplog.at_level(logging.INFO, logger="underpaint.tasks"):
+        worker = Worker(store, runner, SETTINGS)
+        while worker.run_once():
+            pass
+    assert [t.task_id for t, _ in runner.calls] == [cancelled]
+    lines = [r for r in caplog.records if " finished: " in r.getMessage()]
+    finished = {r.task_id: r for r in lines}  # type: ignore[attr-defined]
+    assert len(lines) == len(finished) == 3
+    assert {tid: (r.outcome, r.images, r.levelno) for tid, r in finished.items()} == {  # type: ignore[attr-defined]
+        cancelled: ("CANCELED", 0, logging.INFO), broken: ("FAILED", 0, logging.INFO), gone: ("FAILED", 0, logging.INFO)
+    }  # fmt: skip
+    assert finished[cancelled].getMessage().startswith(f"task {cancelled} finished: IMG_TO_IMG CANCELED, 0 image(s), ")
+    assert finished[broken].getMessage().startswith(f"task {broken} finished: IMG_TO_IMG FAILED, 0 image(s), ")
+    assert 0.1 <= finished[cancelled].run_seconds < 10  # type: ignore[attr-defined]
+    assert all(30 <= r.queue_seconds < 40 for r in lines)  # type: ignore[attr-defined]
+    for tid in (cancelled, broken, gone):
+        task = store.get(tid)
+        assert task is not None
+        assert task.status is TaskStatus.FAILED

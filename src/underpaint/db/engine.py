@@ -14,6 +14,8 @@ from typing import Any
 from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.engine import make_url
 
+SQLITE_BUSY_TIMEOUT_S = 30  # how long a statement waits for another connection's lock before "database is locked"
+
 
 def _enable_wal(cur: Any, attempts: int = 100) -> None:
     """Switch to WAL, retrying: the switch needs an exclusive lock and answers "database is locked" at once,
@@ -37,14 +39,14 @@ def sqlite_engine(url: str) -> Engine:
     if database in ("", ":memory:") or database.startswith("file::memory:"):
         raise ValueError("in-memory SQLite cannot be shared between threads; give the database a file path")
     Path(database).expanduser().parent.mkdir(parents=True, exist_ok=True)
-    engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+    engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": SQLITE_BUSY_TIMEOUT_S})
 
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_conn: Any, _record: Any) -> None:
         # Take transaction control away from the sqlite3 module so that BEGIN IMMEDIATE below is ours.
         dbapi_conn.isolation_level = None
         cur = dbapi_conn.cursor()
-        cur.execute("PRAGMA busy_timeout=30000")
+        cur.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_S * 1000}")
         _enable_wal(cur)  # readers (task polling) never wait for the worker's writes
         cur.execute("PRAGMA synchronous=NORMAL")  # durable across process kills; WAL keeps it consistent
         cur.close()
@@ -60,6 +62,19 @@ def sqlite_engine(url: str) -> Engine:
             conn.exec_driver_sql("BEGIN")
 
     return engine
+
+
+def sqlite_reader(database: str) -> sqlite3.Connection:
+    """A read-only ``sqlite3`` connection to an existing database file, for point reads that skip SQLAlchemy
+    (the task store's fast path). The same busy timeout and ``synchronous`` as ``sqlite_engine``, no transaction
+    control by the ``sqlite3`` module (each statement its own snapshot, like ``underpaint_tx="autocommit"``),
+    and ``check_same_thread=False`` so that another thread may close it. It cannot switch the file to WAL (that
+    takes a write): open the database with ``sqlite_engine`` first, which does."""
+    uri = Path(database).expanduser().resolve().as_uri() + "?mode=ro"
+    conn = sqlite3.connect(uri, uri=True, timeout=SQLITE_BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False)
+    conn.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_S * 1000}")
+    conn.execute("PRAGMA synchronous=NORMAL")
+    return conn
 
 
 def open_engine(url: str) -> Engine:

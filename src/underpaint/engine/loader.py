@@ -926,7 +926,11 @@ class ModelCache:
             seconds = time.perf_counter() - start
             self.stats.checkpoint_loads += 1
             self.stats.load_seconds += seconds
-            log.info("model %s loaded in %.2f s (tier %s, %s)", entry.sd_name, seconds, tier, how)
+            log.info(
+                "model %s loaded in %.2f s (tier %s, %s)", entry.sd_name, seconds, tier, how,
+                extra={"model_kind": "checkpoint", "model": entry.sd_name, "load_seconds": round(seconds, 3),
+                       "tier": tier},
+            )  # fmt: skip
             self._slots[path] = _Slot(self._key(entry), loaded)
             self._shrink(self.budget_bytes, keep=path)
             return loaded

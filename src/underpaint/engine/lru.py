@@ -3,13 +3,30 @@ settings a value was loaded for, so a replaced file is loaded afresh."""
 
 from __future__ import annotations
 
+import logging
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
 from typing import Generic, TypeVar
 
 K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")
+
+log = logging.getLogger(__name__)
+
+
+def logged_load(kind: str, name: str, load: Callable[[], V]) -> V:
+    """``load()``, then the operator's one INFO line per model load: what kind, which file, how many seconds
+    (checkpoints log their own, with the tier they came from)."""
+    start = time.perf_counter()
+    value = load()
+    seconds = time.perf_counter() - start
+    log.info(
+        "%s %s loaded in %.2f s", kind, name, seconds,
+        extra={"model_kind": kind, "model": name, "load_seconds": round(seconds, 3)},
+    )  # fmt: skip
+    return value
 
 
 class LoadedLru(Generic[K, V]):

@@ -52,7 +52,7 @@ from spandrel import (
 
 from underpaint.engine.adapters import short_reason
 from underpaint.engine.job import JobCancelled, JobError
-from underpaint.engine.lru import LoadedLru
+from underpaint.engine.lru import LoadedLru, logged_load
 from underpaint.engine.weights import ModelLoadError, read_weights_mapping
 from underpaint.tasks.contract import extras_size
 
@@ -140,7 +140,9 @@ class UpscalerCache:
         except OSError as exc:
             raise UpscalerError(f"upscaler {path.name} is gone from the models folder: {exc}") from exc
         key = (str(path.resolve()), st.st_mtime, st.st_size)
-        return self._lru.get(key, lambda: load_upscaler(path, self.device, self.dtype))
+        return self._lru.get(
+            key, lambda: logged_load("upscaler", path.name, lambda: load_upscaler(path, self.device, self.dtype))
+        )
 
     def clear(self) -> None:
         self._lru.clear()

@@ -9,7 +9,7 @@ their batch mates.
 
 The store keys queued tasks with ``batch_key``/``model_key`` of their typed request; the engine groups jobs with
 the signature of each ``GenerationJob`` (``engine.job.batch_key``). Both go through ``BatchSignature``, and
-tests/tasks/test_batch_contract.py holds the two derivations to the same answer for every field.
+tests/tasks/test_task_contract.py holds the two derivations to the same answer for every field.
 
 ``model_key``: the checkpoint and LoRA set a task loads; a worker prefers queued tasks whose model key is the one
 it has loaded (model-aware claiming). An upscale task runs no sampler: it is never batched, and its model key is

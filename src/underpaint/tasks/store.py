@@ -15,7 +15,6 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 from sqlalchemy import (
@@ -34,7 +33,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.sql.elements import ColumnElement
 
 from underpaint.config import Settings
-from underpaint.db.engine import open_engine
+from underpaint.db.engine import open_engine, sqlite_reader
 from underpaint.db.migrations import MIGRATIONS, Migration, migrate
 from underpaint.db.schema import idempotency_table, payloads_table, tasks_table
 from underpaint.tasks.batching import batch_key, model_key
@@ -136,7 +135,8 @@ _AHEAD_SQL = (
 
 
 class _SqliteReader:
-    """Point reads of one task on SQLite straight through ``sqlite3``, one connection per thread.
+    """Point reads of one task on SQLite straight through ``sqlite3``, one read-only connection per thread
+    (``db.engine.sqlite_reader``: the same busy timeout as the store's engine).
 
     ``GET /v3/async/task-result`` is the hottest path of a polling API. Through SQLAlchemy Core a primary-key read
     costs ~230 µs of Python (statement building, cache key, pool checkout, events); this costs ~20 µs, cheaper
@@ -145,7 +145,7 @@ class _SqliteReader:
     """
 
     def __init__(self, database: str) -> None:
-        self._uri = Path(database).expanduser().resolve().as_uri() + "?mode=ro"
+        self._database = database
         self._local = threading.local()
         self._all: weakref.WeakSet[_Conn] = weakref.WeakSet()
         self._closed = False
@@ -156,7 +156,7 @@ class _SqliteReader:
             if self._closed:
                 raise RuntimeError("the task store is closed")
             # Used only by this thread; check_same_thread=False only lets ``close`` (another thread) close it.
-            holder = _Conn(sqlite3.connect(self._uri, uri=True, timeout=5.0, check_same_thread=False))
+            holder = _Conn(sqlite_reader(self._database))
             self._local.conn = holder
             self._all.add(holder)
         return holder.conn

@@ -25,7 +25,7 @@ import time
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import Literal, Protocol, runtime_checkable
 
 from underpaint.config import Settings
 from underpaint.engine.job import JobCancelled, JobError, Progress
@@ -38,6 +38,9 @@ from underpaint.tasks.types import CANCELLED_REASON, ImageRecord, TaskRecord, Ta
 log = logging.getLogger("underpaint.tasks")
 
 _MAX_REASON = 1000
+
+# How a task ended, as its finished line says: a cancelled task is stored FAILED but logged CANCELED.
+Finished = Literal["SUCCEED", "FAILED", "CANCELED"]
 
 
 class ProgressReporter:
@@ -280,6 +283,7 @@ def run_claimed_batch(
             items.append((task, request, ProgressReporter(store, task.task_id, worker_id)))
             continue
         if store.fail(task.task_id, worker_id, reason):
+            log_finished(task, "FAILED", 0)
             notify_terminal(store, [task.task_id], on_terminal)
     if not items:
         return
@@ -330,7 +334,7 @@ def _record(
     about = {"task_id": task.task_id}
     if isinstance(outcome, JobCancelled):
         if reporter.cancelled or store.cancel_requested(task.task_id):
-            _end_cancelled(store, task.task_id, worker_id, on_terminal)
+            _end_cancelled(store, task, worker_id, on_terminal)
         else:
             log.warning("task %s: run abandoned (lease lost); its result is not recorded", task.task_id, extra=about)
         return
@@ -341,18 +345,18 @@ def _record(
             log.error("task %s failed with an unexpected error", task.task_id, exc_info=outcome, extra=about)
         reason = _failure_reason(outcome) if isinstance(outcome, Exception) else INTERNAL_REASON
         if store.fail(task.task_id, worker_id, reason):
-            log_finished(task, TaskStatus.FAILED, 0)
+            log_finished(task, "FAILED", 0)
             notify_terminal(store, [task.task_id], on_terminal)
         return
     recorded = _complete_through_outage(store, task, worker_id, outcome)
     if recorded:
-        log_finished(task, TaskStatus.SUCCEED, len(outcome))
+        log_finished(task, "SUCCEED", len(outcome))
         notify_terminal(store, [task.task_id], on_terminal)
         return
     # Not recorded: the images go (a store outage that outlasted the lease was logged already; the lease gives
     # the task another attempt).
     if recorded is False:
-        if store.cancel_requested(task.task_id) and _end_cancelled(store, task.task_id, worker_id, on_terminal):
+        if store.cancel_requested(task.task_id) and _end_cancelled(store, task, worker_id, on_terminal):
             log.info(
                 "task %s: cancelled after its last step; discarding %d image(s)",
                 task.task_id,
@@ -367,8 +371,9 @@ def _record(
         delete_images(storage, outcome)
 
 
-def log_finished(task: TaskRecord, status: TaskStatus, images: int) -> None:
-    """The operator's one INFO line per finished task: id, task type, outcome, images, run and queue seconds."""
+def log_finished(task: TaskRecord, outcome: Finished, images: int) -> None:
+    """The operator's one INFO line per finished task: id, task type, outcome, images, run and queue seconds.
+    ``outcome``: a ``TaskStatus`` name, or CANCELED for a task its owner cancelled (stored as FAILED)."""
     now = time.time()
     started = task.started_at if task.started_at is not None else now
     run_s, queued_s = max(0.0, now - started), max(0.0, started - task.created_at)
@@ -376,13 +381,14 @@ def log_finished(task: TaskRecord, status: TaskStatus, images: int) -> None:
         "task %s finished: %s %s, %d image(s), %.2f s run, %.2f s queued",
         task.task_id,
         task.task_type.value,
-        status.name,
+        outcome,
         images,
         run_s,
         queued_s,
         extra={
             "task_id": task.task_id,
             "task_type": task.task_type.value,
+            "outcome": outcome,
             "images": images,
             "run_seconds": round(run_s, 3),
             "queue_seconds": round(queued_s, 3),
@@ -439,13 +445,14 @@ def _complete_through_outage(
             delay = min(5.0, delay * 2)
 
 
-def _end_cancelled(store: TaskStore, task_id: str, worker_id: str, on_terminal: TerminalHook | None) -> bool:
+def _end_cancelled(store: TaskStore, task: TaskRecord, worker_id: str, on_terminal: TerminalHook | None) -> bool:
     """End a task its owner cancelled (only the lease holder can); ``on_terminal`` fires once, here."""
-    about = {"task_id": task_id}
+    task_id, about = task.task_id, {"task_id": task.task_id}
     if not store.fail(task_id, worker_id, CANCELLED_REASON):
         log.warning("task %s: cancelled, but this worker no longer holds it", task_id, extra=about)
         return False
     log.info("task %s: %s", task_id, CANCELLED_REASON, extra=about)
+    log_finished(task, "CANCELED", 0)
     notify_terminal(store, [task_id], on_terminal)
     return True
 

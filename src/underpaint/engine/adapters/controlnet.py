@@ -17,7 +17,7 @@ from PIL import Image
 
 from underpaint.engine import preprocessors
 from underpaint.engine.job import ControlNetUnitSpec, JobError
-from underpaint.engine.lru import LoadedLru
+from underpaint.engine.lru import LoadedLru, logged_load
 from underpaint.engine.weights import ModelLoadError, load_state_dict_file
 from underpaint.registry import ModelEntry
 
@@ -108,7 +108,9 @@ class ControlNetCache:
 
     def get(self, entry: ModelEntry, device: torch.device, dtype: torch.dtype) -> Any:
         key = (entry.path, entry.mtime, str(dtype))
-        return self._lru.get(key, lambda: load_controlnet_model(entry, device, dtype))
+        return self._lru.get(
+            key, lambda: logged_load("ControlNet", entry.sd_name, lambda: load_controlnet_model(entry, device, dtype))
+        )
 
     def clear(self) -> None:
         self._lru.clear()

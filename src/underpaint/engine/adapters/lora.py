@@ -43,6 +43,7 @@ from torch.utils.hooks import RemovableHandle
 
 from underpaint.engine.adapters import short_reason
 from underpaint.engine.job import JobError
+from underpaint.engine.lru import logged_load
 from underpaint.engine.weights import UnreadableWeights, read_weights
 from underpaint.registry import ModelEntry
 
@@ -225,6 +226,15 @@ class _FileCache:
             self._items.move_to_end(key)
             check_base_model(item.hints, loaded, entry)
             return item
+        item = logged_load("LoRA", entry.sd_name, lambda: self._load(entry, loaded))
+        if item.nbytes <= self.max_bytes:
+            self._items[key] = item
+            while self.total_bytes > self.max_bytes:
+                self._items.popitem(last=False)
+        return item
+
+    def _load(self, entry: ModelEntry, loaded: Any) -> ConvertedLora:
+        """The file read, checked against ``loaded``'s base model and converted to its layers."""
         state = read_lora_file(entry.path)
         self.disk_reads += 1
         hints = base_model_hints(state)
@@ -238,12 +248,7 @@ class _FileCache:
             ) from exc
         self.conversions += 1
         nbytes = sum(t.numel() * t.element_size() for p in layers.values() for t in (p.down, p.up))
-        item = ConvertedLora(layers, hints, nbytes)
-        if nbytes <= self.max_bytes:
-            self._items[key] = item
-            while self.total_bytes > self.max_bytes:
-                self._items.popitem(last=False)
-        return item
+        return ConvertedLora(layers, hints, nbytes)
 
 
 # ---- application --------------------------------------------------------------------------------------------------
