@@ -31,11 +31,19 @@ from underpaint.delivery.signing import make_secret_for
 from underpaint.delivery.webhooks import WebhookDispatcher, result_hook
 from underpaint.registry import FileHashCache, ModelRegistry
 from underpaint.scale.heartbeat import worker_states
-from underpaint.scale.metrics import ORPHANS_REMOVED, UPLOAD_RETRIES, InstrumentedRunner, WorkerEnv, install_metrics
+from underpaint.scale.metrics import (
+    ORPHANS_REMOVED,
+    SPOOL_LEFTOVERS_REMOVED,
+    UPLOAD_RETRIES,
+    InstrumentedRunner,
+    WorkerEnv,
+    count_claims_paused,
+    install_metrics,
+)
 from underpaint.services import Services, WorkerState
 from underpaint.storage.base import ImageStorage, reachability
 from underpaint.storage.local import LocalStorage, load_or_create_secret
-from underpaint.storage.retry import UploadRetry
+from underpaint.storage.retry import StorageGate, UploadRetry
 from underpaint.storage.spool import Spool
 from underpaint.storage.urls import ImageUrls
 from underpaint.tasks.lifecycle import OrphanSweeper, RetentionSweeper, TerminalHook, recover_on_start
@@ -157,15 +165,18 @@ def build_runner(core: Core) -> InstrumentedRunner:
     services.registry.scan_and_hash()  # hash the models now, in the background, not on the first task
     settings = services.settings
     retry = UploadRetry(settings.storage_retry_seconds, on_retry=UPLOAD_RETRIES.inc)
-    spool = Spool(settings.resolved_spool_dir)
+    storage = services.storage
+    gate = StorageGate(retry, lambda: reachability(storage), on_change=count_claims_paused)
+    spool = Spool(settings.resolved_spool_dir, on_removed=SPOOL_LEFTOVERS_REMOVED.inc)
     runner = GenerationRunner(
         settings,
-        services.storage,
+        storage,
         executor,
         NsfwDetector(),
         upload_retry=retry,
         custom_buckets=core.custom_buckets,
         spool=spool,
+        claim_gate=gate,
     )
     runner.recover_spool()  # what a killed worker left in the spool
     return InstrumentedRunner(runner)

@@ -30,8 +30,10 @@ from underpaint.scale.celery_queue import CeleryQueue
 from underpaint.scale.celery_worker import WorkerContext, register_task, worker_pool
 from underpaint.scale.heartbeat import Heartbeat, list_workers
 from underpaint.scale.json_logs import JsonFormatter, TaskIdFilter, task_context
-from underpaint.scale.metrics import ClusterCollector, InstrumentedRunner
+from underpaint.scale.metrics import ClusterCollector, InstrumentedRunner, count_claims_paused
 from underpaint.services import Services
+from underpaint.storage.base import StorageError
+from underpaint.storage.retry import StorageGate, UploadRetry
 from underpaint.storage.urls import ImageUrls
 from underpaint.tasks.contract import TaskRequest
 from underpaint.tasks.lanes import known_queues, parse_queues, task_lane
@@ -546,3 +548,67 @@ def test_a_consuming_worker_on_rabbitmq_runs_a_task_that_has_no_message(
             conn.default_channel.queue_delete(lane)
     assert runner.runs == [task_id]
     assert rec.attempts == 1
+
+
+# --- a storage outage past storage_retry_seconds ------------------------------------------------------------------
+
+
+class _StorageOut(FakeRunner):
+    """A runner whose uploads met a storage outage that spent the retry budget: its ``claim_gate`` stays closed
+    while ``storage_up`` is False (the probe)."""
+
+    def __init__(self, storage: FakeStorage) -> None:
+        super().__init__(storage)
+        self.storage_up = False
+        retry = UploadRetry(0)
+        with pytest.raises(StorageError):
+            retry.run(_unreachable, "t-before", "upload")
+        self.claim_gate = StorageGate(
+            retry, lambda: "ok" if self.storage_up else "unreachable: down", first_interval=0.05, max_interval=0.1,
+            on_change=count_claims_paused,
+        )  # fmt: skip
+
+
+def _unreachable() -> None:
+    raise StorageError("S3 upload failed: cannot reach the S3 endpoint", transient=True)
+
+
+def test_a_worker_whose_storage_is_out_leaves_its_tasks_queued_and_runs_them_once_it_is_back(
+    store: SqlTaskStore, redis_url: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Messages that arrive while claiming is paused are acknowledged without claiming; their tasks stay QUEUED
+    (not FAILED), and the store poller claims them once the storage answers."""
+    _flush(redis_url)
+    settings = Settings(broker_url=redis_url, queue_backend="celery", lease_seconds=2, queue_poll_seconds=0.3,
+                        data_dir=tmp_path, models_dir=tmp_path / "models")  # fmt: skip
+    services = _make(settings, store, CeleryQueue(settings), tmp_path)
+    runner = _StorageOut(services.storage)  # type: ignore[arg-type]
+    ctx = WorkerContext(services, store.engine, [InstrumentedRunner(runner)], lambda rec: None, lanes=("sd15",))
+    app = services.queue.app  # type: ignore[attr-defined]
+    register_task(app, ctx)
+    ids = [_new(store, "sd15") for _ in range(3)]
+    for task_id in ids:
+        services.queue.enqueue(task_id, "sd15")
+    paused_before = _sample("underpaint_storage_claims_paused")
+    ctx.start_background(sweep_interval=1.0)
+    try:
+        with caplog.at_level(logging.INFO, logger="underpaint.scale"), _CeleryThread(app, ["sd15"]):
+            probe = BrokerProbe(services, store.engine)
+            deadline = time.monotonic() + 20
+            while probe.queue_depths()["sd15"] and time.monotonic() < deadline:
+                time.sleep(0.1)
+            time.sleep(1.0)  # the poller's turn came three times meanwhile
+            assert probe.queue_depths()["sd15"] == 0  # every message taken ...
+            assert [_status(store, t) for t in ids] == [TaskStatus.QUEUED] * 3  # ... and no task claimed or failed
+            assert runner.runs == []
+            assert _sample("underpaint_storage_claims_paused") - paused_before == 1
+            runner.storage_up = True
+            for task_id in ids:
+                _wait_status(store, task_id, TaskStatus.SUCCEED)
+    finally:
+        ctx.stop()
+    assert sorted(runner.runs) == sorted(ids)
+    assert _sample("underpaint_storage_claims_paused") == paused_before
+    dropped = [r.getMessage() for r in caplog.records if "not claimed while the storage is out" in r.getMessage()]
+    assert len(dropped) == 3
+    _flush(redis_url)

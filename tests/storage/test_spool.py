@@ -73,7 +73,8 @@ def test_a_dead_workers_leftovers_are_deleted_from_storage_then_from_disk(tmp_pa
 def test_a_leftover_whose_object_cannot_be_deleted_stays_for_the_next_pass(tmp_path: Path) -> None:
     root = tmp_path / "spool"
     dead = killed_worker(root)
-    spool = Spool(root)
+    removed: list[int] = []
+    spool = Spool(root, on_removed=removed.append)
     tried: list[str] = []
 
     def storage_down(item: Spooled) -> None:
@@ -83,9 +84,13 @@ def test_a_leftover_whose_object_cannot_be_deleted_stays_for_the_next_pass(tmp_p
     assert spool.recover(storage_down) == 2
     assert len(tried) == 1  # the first failure ends the pass: no wait for each to fail
     assert len(list(dead.glob("*.img"))) == 2
+    assert removed == []  # nothing was removed (the metric counts none)
     deleted: list[str] = []
     assert spool.recover(lambda item: deleted.append(item.key)) == 0
     assert sorted(deleted) == ["bucket-path/t2/b.png", "t1/a.png"]
+    assert removed == [2]
+    assert spool.recover(lambda item: pytest.fail("nothing is left")) == 0
+    assert removed == [2]
     assert not dead.exists()
 
 

@@ -13,6 +13,9 @@ the lease holder can record a result, so a task never completes twice. Besides t
 - a store poller: the store, not the broker, is the queue. Every ``queue_poll_seconds`` a free runner claims tasks
   of its queues that have stayed QUEUED that long (their message was lost in a broker restart without
   persistence, or could not be sent), so a lost message delays a task by about twice that, never forever;
+- a storage outage that outlasts ``storage_retry_seconds`` pauses claiming (the runner's ``claim_gate``): the
+  task in hand fails, and until a probe finds the storage answering, messages are acknowledged without claiming
+  their tasks, which stay QUEUED; the store poller claims them once the storage is back;
 - a heartbeat row in the store (liveness for ``/health/workers`` and metrics);
 - the webhook sender (the outbox is shared; each delivery is sent by one process).
 
@@ -49,7 +52,14 @@ from underpaint.services import Services
 from underpaint.tasks.lanes import parse_queues
 from underpaint.tasks.lifecycle import TerminalHook, sweep_expired
 from underpaint.tasks.types import TaskRecord
-from underpaint.worker.loop import BatchPolicy, Claimer, default_worker_id, process_task, run_claimed_batch
+from underpaint.worker.loop import (
+    BatchPolicy,
+    Claimer,
+    claim_gate_of,
+    default_worker_id,
+    process_task,
+    run_claimed_batch,
+)
 
 log = logging.getLogger("underpaint.scale")
 
@@ -76,7 +86,7 @@ class WorkerContext:
         batching = policy or BatchPolicy.from_settings(services.settings)
         self._free: queue_mod.Queue[tuple[LoadCountingRunner, Claimer]] = queue_mod.Queue()
         for r in self.runners:
-            self._free.put((r, Claimer(services.store, default_worker_id(), batching, lanes)))
+            self._free.put((r, Claimer(services.store, default_worker_id(), batching, lanes, gate=claim_gate_of(r))))
         self._lock = threading.Lock()
         self.busy = 0
         self.tasks_done = 0
@@ -114,6 +124,12 @@ class WorkerContext:
                 claimer=claimer,
                 cancel_poll=self.services.settings.cancel_poll_seconds,
             )
+            if record is None and claimer.paused:
+                log.info(
+                    "task %s: not claimed while the storage is out (claiming paused); it stays QUEUED, and the store "
+                    "poller claims it once the storage answers", task_id,
+                )  # fmt: skip
+                return None
             if record is None:
                 log.info(
                     "task %s: not claimable here (finished, running elsewhere or in a batch); message dropped", task_id

@@ -33,7 +33,14 @@ from underpaint.scale.heartbeat import list_workers, worker_stale_after
 from underpaint.services import Services
 from underpaint.tasks.contract import TaskRequest
 from underpaint.tasks.types import ImageRecord, TaskRecord, TaskStatus
-from underpaint.worker.loop import BatchTaskRunner, Prefetcher, ProgressReporter, TaskRunner
+from underpaint.worker.loop import (
+    BatchTaskRunner,
+    ClaimGate,
+    Prefetcher,
+    ProgressReporter,
+    TaskRunner,
+    claim_gate_of,
+)
 
 if TYPE_CHECKING:
     from underpaint.scale.broker import BrokerProbe  # imports celery: only Celery-mode processes load it
@@ -104,6 +111,18 @@ UPLOAD_RETRIES = Counter(
     "Image uploads tried again after a transient storage failure (the S3 endpoint unreachable, 5xx)",
     registry=WORKER_REGISTRY,
 )
+STORAGE_CLAIMS_PAUSED = Gauge(
+    "underpaint_storage_claims_paused",
+    "Runners of this process claiming no task because a storage outage outlasted storage_retry_seconds (they "
+    "probe the storage and resume when it answers; the queue waits meanwhile)",
+    multiprocess_mode="livesum",
+    registry=WORKER_REGISTRY,
+)
+SPOOL_LEFTOVERS_REMOVED = Counter(
+    "underpaint_spool_leftovers_removed",
+    "Images a dead worker process left in the upload spool, deleted (from the storage, then the disk) by this one",
+    registry=WORKER_REGISTRY,
+)
 # Counted by the process that runs the retention sweeper (API nodes, the embedded server): its default registry.
 ORPHANS_REMOVED = Counter(
     "underpaint_orphan_images_removed",
@@ -143,6 +162,10 @@ class InstrumentedRunner:
     @property
     def checkpoint_loads(self) -> int:
         return self.runner.checkpoint_loads
+
+    @property
+    def claim_gate(self) -> ClaimGate | None:
+        return claim_gate_of(self.runner)
 
     def prefetch(self, checkpoints: Sequence[str]) -> None:
         if isinstance(self.runner, Prefetcher):
@@ -219,6 +242,14 @@ class InstrumentedRunner:
 
 def _base(task: TaskRecord) -> str:
     return "sdxl" if task.lane.startswith("sdxl") else "sd15" if task.lane.startswith("sd15") else "other"
+
+
+def count_claims_paused(paused: bool) -> None:
+    """``StorageGate.on_change``: one runner more (or less) with claiming paused."""
+    if paused:
+        STORAGE_CLAIMS_PAUSED.inc()
+    else:
+        STORAGE_CLAIMS_PAUSED.dec()
 
 
 def model_loads(runners: Iterable[LoadCountingRunner]) -> int:

@@ -52,11 +52,13 @@ class Spooled:
 
 
 class Spool:
-    """This process's spool folder under ``root`` (created, and locked, at construction)."""
+    """This process's spool folder under ``root`` (created, and locked, at construction). ``on_removed(n)`` is
+    told how many leftovers of dead processes each ``recover`` deleted (a metric)."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, on_removed: Callable[[int], None] | None = None) -> None:
         root.mkdir(parents=True, exist_ok=True)
         self.root = root
+        self.on_removed = on_removed
         # Locked before it gets the name other processes look at, so a live folder is never taken for a dead one.
         fresh = Path(tempfile.mkdtemp(prefix=".new-", dir=root))
         self._lock: IO[bytes] = (fresh / _LOCK).open("wb")  # held for the spool's life: the process's, in a worker
@@ -98,26 +100,29 @@ class Spool:
         """Clear the folders of dead processes: ``delete`` each leftover's object from its storage (it must not
         fail for a missing key), then the file and the folder. Returns how many leftovers are still there (their
         ``delete`` failed; tried again by the next call). Never raises."""
-        left = 0
+        left, removed = 0, 0
         for folder in sorted(self.root.glob(f"{_OWNED}*")):
             if folder == self.dir or not folder.is_dir():
                 continue
             try:
-                left += self._recover_folder(folder, delete, give_up=left > 0)
+                kept, gone = self._recover_folder(folder, delete, give_up=left > 0)
             except OSError as exc:
                 log.warning("spool: could not clear %s (%s)", folder, exc)
-                left += 1
+                kept, gone = 1, 0
+            left, removed = left + kept, removed + gone
+        if removed and self.on_removed is not None:
+            self.on_removed(removed)
         return left
 
-    def _recover_folder(self, folder: Path, delete: Callable[[Spooled], None], give_up: bool) -> int:
-        """``give_up``: a delete failed already in this pass (the storage is down): keep the rest for later
-        rather than wait for each to fail."""
+    def _recover_folder(self, folder: Path, delete: Callable[[Spooled], None], give_up: bool) -> tuple[int, int]:
+        """How many leftovers stay, and how many were deleted. ``give_up``: a delete failed already in this pass
+        (the storage is down): keep the rest for later rather than wait for each to fail."""
         with (folder / _LOCK).open("ab") as lock:
             try:
                 fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                return 0  # its process lives
-            left, tasks = 0, set[str]()
+                return 0, 0  # its process lives
+            left, removed, tasks = 0, 0, set[str]()
             for path in sorted(folder.glob(f"*{_SUFFIX}")):
                 item = _parse(path)
                 if item is not None:
@@ -135,6 +140,7 @@ class Spool:
                         left, give_up = left + 1, True
                         continue
                     tasks.add(item.task_id)
+                    removed += 1
                 path.unlink()
             if tasks:
                 log.warning(
@@ -143,7 +149,7 @@ class Spool:
                 )  # fmt: skip
             if left == 0:
                 shutil.rmtree(folder)  # partial writes (.part) and the lock file with it
-            return left
+            return left, removed
 
 
 def _parse(path: Path) -> Spooled | None:

@@ -5,6 +5,10 @@
 queued tasks that can share its sampler call (``Claimer``, ``tasks.batching``), and prefer tasks for the model
 the runner has loaded, never making the oldest task wait more than ``max_affinity_wait_s``.
 
+A runner whose storage outage outlasted ``storage_retry_seconds`` (``storage.retry.StorageGate``, the runner's
+``claim_gate``) claims nothing until the storage answers again: its ``Claimer`` returns no task, so the queue
+waits, QUEUED, instead of being generated and failed at upload.
+
 Double delivery is harmless: claiming is atomic and ``complete``/``fail`` only succeed for the current lease
 holder, so a worker that lost its lease discards its results and never fires ``on_terminal`` (webhooks).
 
@@ -139,6 +143,30 @@ class QueuePeek(Protocol):
     def queued_model_keys(self, lanes: tuple[str, ...] | None = None, limit: int = 8) -> list[tuple[str, str | None]]:
         """(task id, model key) of the first queued tasks in claim order."""
         ...
+
+
+@runtime_checkable
+class ClaimGate(Protocol):
+    @property
+    def paused(self) -> bool:
+        """Claiming is paused (as of the last ``open()``)."""
+        ...
+
+    def open(self) -> bool:
+        """Whether the runner may claim work now (False while its storage is out, past the retry budget)."""
+        ...
+
+
+@runtime_checkable
+class GatedRunner(Protocol):
+    @property
+    def claim_gate(self) -> ClaimGate | None:
+        """What says whether this runner may claim work now; None: always."""
+        ...
+
+
+def claim_gate_of(runner: TaskRunner) -> ClaimGate | None:
+    return runner.claim_gate if isinstance(runner, GatedRunner) else None
 
 
 def prefetch_next(
@@ -480,7 +508,8 @@ class BatchPolicy:
 
 class Claimer:
     """Claims work for one runner (one model cache): the next task, preferring the model the runner has loaded,
-    plus its batch mates. ``loaded_model`` is the model key of what the runner ran last."""
+    plus its batch mates. ``loaded_model`` is the model key of what the runner ran last. While ``gate`` (the
+    runner's ``claim_gate``) is closed, it claims nothing."""
 
     def __init__(
         self,
@@ -489,6 +518,7 @@ class Claimer:
         policy: BatchPolicy,
         lanes: tuple[str, ...] | None = None,
         *,
+        gate: ClaimGate | None = None,
         sleep: Callable[[float], None] = time.sleep,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -496,13 +526,16 @@ class Claimer:
         self.worker_id = worker_id
         self.policy = policy
         self.lanes = lanes
+        self.gate = gate
         self.loaded_model: str | None = None
         self._sleep = sleep
         self._clock = clock
 
     def next(self, queued_before: float | None = None) -> list[TaskRecord]:
         """The next task by priority, age and model affinity (only among tasks created before ``queued_before``,
-        if given), with its mates; [] when nothing is queued."""
+        if given), with its mates; [] when nothing is queued or claiming is paused."""
+        if not self.may_claim():
+            return []
         prefer = self.loaded_model if self.policy.max_affinity_wait_s > 0 else None
         task = self.store.claim(
             None,
@@ -515,9 +548,21 @@ class Claimer:
         return [] if task is None else [task, *self.mates(task)]
 
     def named(self, task_id: str) -> list[TaskRecord]:
-        """``task_id`` (a broker delivery) with its mates; [] when it cannot be claimed here."""
+        """``task_id`` (a broker delivery) with its mates; [] when it cannot be claimed here (or claiming is
+        paused: it stays QUEUED)."""
+        if not self.may_claim():
+            return []
         task = self.store.claim(task_id, self.worker_id, self.lanes)
         return [] if task is None else [task, *self.mates(task)]
+
+    def may_claim(self) -> bool:
+        """False while the runner's storage is out past the retry budget (``gate``)."""
+        return self.gate is None or self.gate.open()
+
+    @property
+    def paused(self) -> bool:
+        """Claiming was found paused by the last ``next``/``named``."""
+        return self.gate is not None and self.gate.paused
 
     def mates(self, task: TaskRecord) -> list[TaskRecord]:
         """Queued tasks that can share ``task``'s sampler call, claimed within the batch window."""
@@ -553,7 +598,8 @@ def process_task(
 
     Returns the task as recorded afterwards, or None when this call did not run it (finished, running under a
     live lease elsewhere, unknown, or claimed by this worker as another task's batch mate): a redelivered
-    message, or the message of a task that already ran in a batch, then simply does nothing. Only a short-lived
+    message, or the message of a task that already ran in a batch, then simply does nothing. None too while the
+    ``claimer``'s gate is closed (a storage outage): the task stays QUEUED for the store poller to claim later. Only a short-lived
     lease-renewal thread is used, joined before returning.
 
     With a ``claimer`` the task runs together with queued batch mates, and while it is still queued the worker
@@ -597,7 +643,8 @@ class Worker:
 
     ``queue`` (a ``LocalQueue``) wakes it as soon as a task is enqueued; without one, or for tasks written by
     another process, it polls the store every ``poll_interval`` seconds. Every ``sweep_interval`` seconds it
-    requeues tasks whose lease expired.
+    requeues tasks whose lease expired. While the runner's storage is out past the retry budget (its
+    ``claim_gate``), it claims nothing and waits the same way (the gate probes the storage at its own pace).
     """
 
     def __init__(
@@ -626,7 +673,7 @@ class Worker:
         self.sweep_interval = sweep_interval if sweep_interval is not None else max(1.0, settings.lease_seconds / 4)
         self.cancel_poll = settings.cancel_poll_seconds
         self.policy = policy or BatchPolicy.from_settings(settings)
-        self.claimer = Claimer(store, self.worker_id, self.policy, lanes)
+        self.claimer = Claimer(store, self.worker_id, self.policy, lanes, gate=claim_gate_of(runner))
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -636,7 +683,7 @@ class Worker:
 
     def run_once(self) -> bool:
         """Claim the next task (priority, model affinity, age) with its batch mates and run them. False when
-        nothing was queued."""
+        nothing was queued, or claiming is paused (a storage outage)."""
         tasks = self.claimer.next()
         if not tasks:
             return False

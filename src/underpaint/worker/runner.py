@@ -1,7 +1,8 @@
 """The bridge from a claimed task to stored images: typed request -> job -> executor -> encode -> NSFW -> storage.
 
 Encoded images wait in the upload spool on disk (``storage.spool``) until their upload, retried through a storage
-outage (``storage.retry``), succeeded.
+outage (``storage.retry``), succeeded. An outage that outlasts the retry budget closes the runner's
+``claim_gate`` (``storage.retry.StorageGate``): its worker claims nothing until the storage answers again.
 
 Workers (the embedded thread and Celery workers alike) call ``GenerationRunner.run``, or ``run_batch`` for tasks
 that share a sampler call; it knows nothing about how the tasks were delivered.
@@ -22,10 +23,10 @@ from underpaint.config import Settings
 from underpaint.engine.job import Executor, GeneratedImage, GenerationJob
 from underpaint.engine.metadata import CONTENT_TYPES, encode_image
 from underpaint.engine.model_tiers import ModelCacheReport
-from underpaint.storage.base import ImageStorage
+from underpaint.storage.base import ImageStorage, reachability
 from underpaint.storage.custom import CustomBuckets
 from underpaint.storage.custom_target import CustomS3Target, custom_target, object_key
-from underpaint.storage.retry import UploadRetry
+from underpaint.storage.retry import StorageGate, UploadRetry
 from underpaint.storage.s3 import S3Clients
 from underpaint.storage.spool import Spool, Spooled
 from underpaint.tasks.contract import TaskRequest, UpscaleRequest
@@ -71,9 +72,11 @@ class GenerationRunner:
         upload_retry: UploadRetry | None = None,
         spool: Spool | None = None,
         custom_buckets: CustomBuckets | None = None,
+        claim_gate: StorageGate | None = None,
     ) -> None:
         """``custom_buckets``: users' own buckets through the process's shared S3 clients (``wiring`` passes them;
-        without, this runner's own)."""
+        without, this runner's own). ``claim_gate``: whether the worker may claim work, given ``upload_retry``
+        (without, one that probes ``storage`` as ``/health`` does)."""
         self.settings = settings
         self.storage = storage
         self.executor = executor
@@ -81,6 +84,10 @@ class GenerationRunner:
         # A storage outage delays uploads (backoff, within storage_retry_seconds) instead of failing tasks; the
         # encoded images wait in the spool on disk meanwhile (in memory without one).
         self.upload_retry = upload_retry or UploadRetry(settings.storage_retry_seconds)
+        # Users' buckets have a budget of their own, and never pause claiming: their outage is theirs, and fails
+        # their tasks (at once, after the first has spent the budget), not everyone's.
+        self.custom_retry = self.upload_retry.sibling()
+        self.claim_gate = claim_gate or StorageGate(self.upload_retry, lambda: reachability(storage))
         self.spool = spool
         self._leftovers = False
         self.custom_buckets = custom_buckets or CustomBuckets(S3Clients(), settings)
@@ -223,7 +230,7 @@ class GenerationRunner:
 
         if item.target is not None:
             target = item.target
-            location = self.upload_retry.run(
+            location = self.custom_retry.run(
                 lambda: self.custom_buckets.put(target, item.key, data(), content_type),
                 task.task_id,
                 f"upload of {item.key} to bucket {target.bucket}",
