@@ -294,7 +294,7 @@ def test_executor_switch_into_a_diffusers_folder_gives_the_images_of_a_cold_load
     for a, b in [
         (in_place.unet, fresh.unet),
         (in_place.vae, fresh.vae),
-        *zip(in_place.text_encoders, fresh.text_encoders),
+        *zip(in_place.text_encoders, fresh.text_encoders, strict=True),
     ]:
         a_state, b_state = a.state_dict(), b.state_dict()
         assert a_state.keys() == b_state.keys()
