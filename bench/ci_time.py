@@ -50,11 +50,12 @@ def cpu_busy_sampler(samples: list[tuple[float, float]], stop: threading.Event, 
         last = now
 
 
-def file_seconds(junit: Path) -> collections.Counter[str]:
-    seconds: collections.Counter[str] = collections.Counter()
+def file_seconds(junit: Path) -> list[tuple[str, float]]:
+    """Each file's summed test time, the longest first."""
+    seconds: dict[str, float] = collections.defaultdict(float)
     for case in ET.parse(junit).iter("testcase"):
         seconds[case.get("classname", "").replace(".", "/") + ".py"] += float(case.get("time", 0))
-    return seconds
+    return sorted(seconds.items(), key=lambda item: -item[1])
 
 
 def main() -> int:
@@ -105,12 +106,12 @@ def main() -> int:
         seconds_by_file = file_seconds(junit)
         if args.schedule:
             print("SECONDS: dict[str, float] = {")
-            for name, s in seconds_by_file.most_common():
+            for name, s in seconds_by_file:
                 if s >= 4:
                     print(f'    "{name}": {round(s)},')
             print("}")
         else:
-            for name, s in seconds_by_file.most_common(10):
+            for name, s in seconds_by_file[:10]:
                 print(f"  {s:6.1f} s  {name}")
     verdict = "PASS" if code == 0 and wall <= BUDGET_S else "FAIL"
     print(f"{verdict}: {wall:.0f} s against {BUDGET_S:.0f} s")
