@@ -7,11 +7,11 @@ other waits. Handing out the longest files first (the "longest processing time" 
 together; the files not listed are short and follow, most tests first.
 
 ``SECONDS`` is a file's whole time on this 2-core machine under pytest-xdist (the sum of its tests' times in a
-whole run's JUnit report, 2026-12-06; see bench/README.md, "Suite time"); every file over 4 s is listed. The files
-that mostly wait (fault tests that restart services, shutdown) belong here too: left to the end, one worker
-waits on them while the other has nothing left to run. Only the order matters: a file whose time changes a lot
-should move in the table, and a renamed or deleted file must leave it (tests/test_schedule.py checks that every
-entry exists).
+whole run's JUnit report, 2026-12-06, three workers; ``bench/ci_time.py --schedule`` prints it); every file over
+4 s is listed. The files that mostly wait (fault tests that restart services, shutdown) belong here too: left to
+the end, one worker waits on them while the others have nothing left to run. Only the order matters: a file whose
+time changes a lot should move in the table, and a renamed or deleted file must leave it (tests/test_schedule.py
+checks that every entry exists).
 """
 
 from __future__ import annotations
@@ -20,48 +20,52 @@ from collections.abc import Sequence
 from typing import Protocol, TypeVar
 
 SECONDS: dict[str, float] = {
-    "tests/engine/test_preprocessors_parity.py": 128,
-    "tests/scale/test_scale_cluster.py": 104,
-    "tests/e2e/test_durability.py": 69,
-    "tests/engine/test_batching.py": 67,
-    "tests/e2e/test_half_precision.py": 56,
-    "tests/engine/test_model_switching.py": 33,
-    "tests/engine/test_controlnet.py": 32,
-    "tests/scale/test_faults_rabbitmq.py": 29,
-    "tests/e2e/test_shutdown.py": 28,
-    "tests/scale/test_faults_storage.py": 26,
-    "tests/e2e/test_playground_browser.py": 25,
-    "tests/scale/test_faults.py": 24,
-    "tests/engine/test_txt2img_pixels.py": 23,
-    "tests/e2e/test_generation.py": 23,
-    "tests/scale/test_scale_cancel.py": 20,
-    "tests/engine/test_loader.py": 19,
-    "tests/delivery/test_webhooks.py": 19,
-    "tests/scale/test_scale_parts.py": 18,
-    "tests/e2e/test_cancel_e2e.py": 14,
-    "tests/api/test_schemathesis.py": 14,
-    "tests/e2e/test_sdk_python.py": 13,
-    "tests/e2e/test_playground_inpaint.py": 13,
-    "tests/engine/test_samplers_a1111_16.py": 13,
-    "tests/engine/test_lora.py": 12,
-    "tests/engine/test_compile.py": 12,
-    "tests/engine/test_preprocessors.py": 12,
-    "tests/e2e/test_sdk_js.py": 11,
-    "tests/e2e/test_delivery_e2e.py": 8,
-    "tests/engine/test_inpainting.py": 7,
+    "tests/engine/test_preprocessors_parity.py": 182,
+    "tests/scale/test_scale_cluster.py": 152,
+    "tests/engine/test_batching.py": 109,
+    "tests/e2e/test_half_precision.py": 99,
+    "tests/e2e/test_durability.py": 88,
+    "tests/engine/test_model_switching.py": 50,
+    "tests/engine/test_controlnet.py": 46,
+    "tests/e2e/test_shutdown.py": 44,
+    "tests/scale/test_faults_storage.py": 43,
+    "tests/engine/test_txt2img_pixels.py": 42,
+    "tests/scale/test_faults.py": 35,
+    "tests/e2e/test_playground_browser.py": 35,
+    "tests/scale/test_faults_rabbitmq.py": 33,
+    "tests/e2e/test_generation.py": 31,
+    "tests/scale/test_scale_cancel.py": 31,
+    "tests/engine/test_loader.py": 26,
+    "tests/engine/test_lora.py": 24,
+    "tests/engine/test_samplers_a1111_16.py": 24,
+    "tests/engine/test_compile.py": 23,
+    "tests/e2e/test_cancel_e2e.py": 22,
+    "tests/e2e/test_sdk_python.py": 22,
+    "tests/delivery/test_webhooks.py": 21,
+    "tests/scale/test_scale_parts.py": 19,
+    "tests/e2e/test_playground_inpaint.py": 19,
+    "tests/api/test_schemathesis.py": 17,
+    "tests/e2e/test_sdk_js.py": 16,
+    "tests/engine/test_preprocessors.py": 16,
+    "tests/engine/test_inpainting.py": 11,
+    "tests/e2e/test_delivery_e2e.py": 10,
+    "tests/engine/test_refiner.py": 9,
+    "tests/engine/test_ip_adapter.py": 9,
+    "tests/api/test_api_validation.py": 8,
+    "tests/engine/test_samplers_parity.py": 7,
+    "tests/engine/test_unet_resize.py": 7,
+    "tests/engine/test_embeddings.py": 7,
+    "tests/api/test_model_pull_api.py": 7,
     "tests/delivery/test_model_pulls.py": 6,
-    "tests/api/test_model_pull_api.py": 6,
-    "tests/engine/test_refiner.py": 6,
-    "tests/engine/test_ip_adapter.py": 6,
-    "tests/engine/test_samplers_parity.py": 5,
-    "tests/e2e/test_out_of_memory.py": 5,
-    "tests/engine/test_unet_resize.py": 5,
-    "tests/api/test_api_validation.py": 5,
+    "tests/e2e/test_out_of_memory.py": 6,
+    "tests/tasks/test_store.py": 6,
+    "tests/engine/test_upscalers.py": 6,
+    "tests/engine/test_dpm_adaptive.py": 5,
     "tests/worker/test_loop_cancel.py": 5,
-    "tests/engine/test_upscalers.py": 5,
-    "tests/engine/test_dpm_adaptive.py": 4,
     "tests/worker/test_storage_pause.py": 4,
-    "tests/engine/test_embeddings.py": 4,
+    "tests/delivery/test_model_download.py": 4,
+    "tests/worker/test_loop.py": 4,
+    "tests/e2e/test_hostile_bodies.py": 4,
 }
 
 
