@@ -90,7 +90,7 @@ def main() -> int:
     suite = re.findall(r"(\d+) passed.* in ([\d.]+)s", text)
     print(f"commit {subprocess.run(['git', '-C', str(args.work), 'rev-parse', '--short', 'HEAD'], capture_output=True, text=True).stdout.strip()}, "
           f"{os.cpu_count()} cores, load before {os.getloadavg()[0]:.1f}")  # fmt: skip
-    print(f".ci/run exit {code}; wall {wall:.0f} s ({wall / 60:.0f}:{wall % 60:02.0f})")
+    print(f".ci/run exit {code}; wall {wall:.0f} s ({int(wall // 60)}:{int(wall % 60):02d})")
     print(f"CPU: {usage.ru_utime:.0f} s user + {usage.ru_stime:.0f} s system; {100 * (usage.ru_utime + usage.ru_stime) / wall:.0f} % of one core")  # fmt: skip
     if suite:
         tests, seconds = suite[-1]
