@@ -154,6 +154,19 @@ def kind_from_keys(keys: list[str]) -> str | None:
     return None
 
 
+# How a problem names a kind's files ("... holds a LoRA's tensors").
+KIND_NOUNS = {
+    "checkpoint": "a checkpoint",
+    "lora": "a LoRA",
+    "vae": "a VAE",
+    "textualinversion": "an embedding",
+    "controlnet": "a ControlNet",
+    "ipadapter": "an IP-Adapter",
+    "annotator": "an annotator",
+    "upscaler": "an upscaler",
+}
+
+
 def kind_from_file(path: Path, name: str) -> str | None:
     """``kind_from_keys`` for a weights file (``name`` gives the format when ``path`` is a partial download)."""
     try:
@@ -317,6 +330,7 @@ class ModelRegistry:
         self._depths: dict[tuple[Path, float, int], int | None] = {}
         self._problems: dict[tuple[Path, float, int], str | None] = {}
         self._channels: dict[tuple[Path, float, int], int | None] = {}
+        self._misfiled: dict[tuple[Path, float, int], str | None] = {}
 
     def ensure_layout(self) -> None:
         for kind in KINDS:
@@ -407,6 +421,25 @@ class ModelRegistry:
         problem = weights_problem(entry.path)
         with self._lock:
             self._problems[key] = problem
+        return problem
+
+    def misfiled(self, entry: ModelEntry) -> str | None:
+        """Why a file cannot serve as its folder's kind because its tensor names say it is another kind's
+        (``kind_from_keys``: a VAE or a LoRA filed as an upscaler), cached per file version; None when its names
+        fit the folder or say nothing certain. Told from the header alone (the API never imports torch)."""
+        key = (entry.path, entry.mtime, entry.size)
+        with self._lock:
+            if key in self._misfiled:
+                return self._misfiled[key]
+        found = kind_from_file(entry.path, entry.path.name) if entry.path.is_file() else None
+        problem = None
+        if found is not None and found != entry.kind:
+            problem = (
+                f"{entry.path.name} holds {KIND_NOUNS[found]}'s tensors, not {KIND_NOUNS[entry.kind]}'s "
+                f"(it belongs in models/{found}/)"
+            )
+        with self._lock:
+            self._misfiled[key] = problem
         return problem
 
     def resolve(self, kind: str, name: str) -> ModelEntry | None:

@@ -174,6 +174,22 @@ def test_the_refiner_comes_from_the_request_the_setting_or_its_name(refiner_mode
         assert "'missing-refiner.safetensors'" in message
 
 
+def test_hires_fix_refuses_another_kinds_file_in_the_upscaler_folder(models_dir: Path, tmp_path: Path) -> None:
+    """A LoRA saved into models/upscaler/ is a 400 at submit, told from its tensor names (no task is created)."""
+    root = tmp_path / "models"
+    shutil.copytree(models_dir, root)
+    save_file(
+        {"lora_unet_down_blocks_0.lora_down.weight": np.zeros(1, dtype=np.float32)},
+        str(root / "upscaler/4x-x.safetensors"),
+    )
+    services = make_services(root, tmp_path / "data")
+    with app(services) as client:
+        hires = {"target_width": 1024, "target_height": 1024, "upscaler": "4x-x"}
+        message = refused(post(client, hires_fix=hires), "request.hires_fix.upscaler")
+        assert "upscaler '4x-x' cannot be loaded: 4x-x.safetensors holds a LoRA's tensors" in message
+        assert sum(services.store.count_by_status().values()) == 0
+
+
 @pytest.mark.parametrize("flag", ["restore_faces", "enable_transparent_background"])
 def test_features_without_a_model_are_refused_not_ignored(client: TestClient, services: Services, flag: str) -> None:
     asked: dict[str, Any] = {flag: True}

@@ -70,6 +70,10 @@ def models(tmp_path_factory: pytest.TempPathFactory, tiny_models_dir: Path) -> P
     safetensors.torch.save_file(
         {"encoder.conv_in.weight": torch.zeros(4, 3, 3, 3)}, str(root / "upscaler" / "a-vae.safetensors")
     )
+    shutil.copy(tiny_models_dir / "lora" / "tiny-style-sd15.safetensors", root / "upscaler" / "a-lora.safetensors")
+    safetensors.torch.save_file(  # weights whose names say nothing certain: only spandrel can tell
+        {"head.proj.weight": torch.zeros(4, 3, 3, 3)}, str(root / "upscaler" / "unknown-arch.safetensors")
+    )
     return root
 
 
@@ -144,6 +148,14 @@ def test_output_format_and_webhook_payload_shape(stack: Stack) -> None:
         ({"model_name": "4x-UltraSharp"}, "request.model_name", "INVALID_REQUEST_BODY", "unknown upscaler"),
         ({"model_name": "download-failed"}, "request.model_name", "INVALID_REQUEST_BODY", "neither a safetensors"),
         ({"model_name": "has-code"}, "request.model_name", "INVALID_REQUEST_BODY", "names code (__builtin__.print)"),
+        (
+            {"model_name": "a-vae"},
+            "request.model_name",
+            "INVALID_REQUEST_BODY",
+            "upscaler 'a-vae' cannot be loaded: a-vae.safetensors holds a VAE's tensors, not an upscaler's (it belongs "
+            "in models/vae/)",
+        ),
+        ({"model_name": "a-lora"}, "request.model_name", "INVALID_REQUEST_BODY", "holds a LoRA's tensors"),
         ({"image_base64": "bm90IGFuIGltYWdl"}, "request.image_base64", "INVALID_IMAGE_FORMAT", "not a readable"),
     ],
 )
@@ -183,11 +195,11 @@ def test_an_8_megapixel_image_is_refused_before_it_is_decoded(stack: Stack) -> N
 
 
 def test_a_file_spandrel_does_not_recognise_fails_the_task_naming_it(stack: Stack) -> None:
-    """Readable weights of another kind (a VAE filed as an upscaler): the API cannot tell without torch, the worker
-    fails the task with spandrel's verdict (never a 500, never a stuck task)."""
+    """Readable weights whose tensor names fit no kind the registry knows: the API cannot tell without torch, the
+    worker fails the task with spandrel's verdict (never a 500, never a stuck task)."""
     png = base64.b64encode(_png(32, 32)).decode()
-    result = stack.run(stack.submit(model_name="a-vae", image_base64=png, scale_factor="1.5"))
+    result = stack.run(stack.submit(model_name="unknown-arch", image_base64=png, scale_factor="1.5"))
     assert result["task"]["status"] == "TASK_STATUS_FAILED"
-    assert "a-vae.safetensors: not a model architecture spandrel recognises" in result["task"]["reason"]
+    assert "unknown-arch.safetensors: not a model architecture spandrel recognises" in result["task"]["reason"]
     ok = stack.run(stack.submit(model_name="2x-tiny-compact", image_base64=png, scale_factor="1.5"))
     assert ok["task"]["status"] == "TASK_STATUS_SUCCEED"  # the worker goes on

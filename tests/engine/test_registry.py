@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 from pathlib import Path
 
 import safetensors.torch
@@ -329,6 +330,37 @@ def test_weights_problem_from_headers_without_torch(tmp_path: Path) -> None:
     (reg.models_dir / "upscaler" / "junk.pth").write_bytes(junk.read_bytes())
     (entry,) = reg.list("upscaler")
     assert reg.weights_problem(entry) == "junk.pth: neither a safetensors file nor a torch pickle"
+
+
+def test_a_file_is_misfiled_only_when_its_tensor_names_are_another_kinds(tmp_path: Path, tiny_models_dir: Path) -> None:
+    """Every demo file (real on-disk formats: A1111 and diffusers checkpoints, kohya and PEFT LoRAs, embeddings,
+    ControlNets, IP-Adapters, ESRGAN-family upscalers) fits its own folder; the same files copied into the upscaler
+    folder are named for what they are, and a file whose names say nothing certain passes (the worker decides)."""
+    reg = ModelRegistry(tiny_models_dir)
+    for kind in ("checkpoint", "lora", "vae", "textualinversion", "controlnet", "ipadapter", "upscaler"):
+        for entry in reg.list(kind):
+            assert reg.misfiled(entry) is None, (kind, entry.sd_name)
+    mine = _registry(tmp_path)
+    folder = mine.models_dir / "upscaler"
+    strays = {
+        "lora": "tiny-style-sd15.safetensors",
+        "checkpoint": "tiny-sd15.safetensors",
+        "vae": "tiny-vae.safetensors",
+        "controlnet": "control_v11p_sd15_canny.safetensors",
+    }
+    for kind, name in strays.items():
+        shutil.copy(tiny_models_dir / kind / name, folder / f"{kind}-file{Path(name).suffix}")
+    _st(folder / "unknown.safetensors", ["head.proj.weight"])
+    found = {e.stem: mine.misfiled(e) for e in mine.list("upscaler")}
+    assert found["lora-file"] == (
+        "lora-file.safetensors holds a LoRA's tensors, not an upscaler's (it belongs in models/lora/)"
+    )
+    assert found["checkpoint-file"] == (
+        "checkpoint-file.safetensors holds a checkpoint's tensors, not an upscaler's (it belongs in models/checkpoint/)"
+    )
+    assert "holds a VAE's tensors" in (found["vae-file"] or "")
+    assert "holds a ControlNet's tensors" in (found["controlnet-file"] or "")
+    assert found["unknown"] is None
 
 
 def test_inpainting_checkpoints_are_told_from_the_unet_input_width(tmp_path: Path, tiny_models_dir: Path) -> None:

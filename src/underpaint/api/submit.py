@@ -292,8 +292,8 @@ def _prepare_inpainting(ctx: ApiContext, body: InpaintingBody) -> Prepared:
 
 
 def _prepare_upscale(ctx: ApiContext, body: UpscaleBody) -> Prepared:
-    """The upscaler resolved and its file checked from its header (whether spandrel knows the architecture is
-    told by the worker, which fails the task naming it), then the image decoded under the upscale limits."""
+    """The upscaler resolved and its file checked from its header (``_check_upscaler_file``), then the image
+    decoded under the upscale limits."""
     req = body.request
     entry = _resolve_upscaler(ctx.services.registry, req.model_name, "request.model_name")
     image = decode_image(req.image_base64, "request.image_base64", UPSCALE_LIMITS).image
@@ -521,9 +521,11 @@ def _resolve_upscaler(registry: ModelRegistry, name: str, field: str) -> ModelEn
 
 
 def _check_upscaler_file(registry: ModelRegistry, entry: ModelEntry, field: str) -> None:
-    """400 for an upscaler file that is not weights (a saved error page, a damaged header) or a pickle naming code,
-    told from its header (``registry.weights_problem``; the API never imports torch)."""
-    problem = registry.weights_problem(entry)
+    """400 for an upscaler file that is not weights (a saved error page, a damaged header), a pickle naming code, or
+    another kind's weights (a VAE, a LoRA, a checkpoint filed as an upscaler), told from its header
+    (``registry.weights_problem``, ``registry.misfiled``; the API never imports torch). Readable weights of an
+    architecture spandrel does not know are told by the worker, which fails the task naming it."""
+    problem = registry.weights_problem(entry) or registry.misfiled(entry)
     if problem is not None:
         raise invalid_request(f"{field}: upscaler {entry.stem!r} cannot be loaded: {problem}", field=field)
 
