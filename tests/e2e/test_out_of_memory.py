@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -19,8 +20,9 @@ from tests.support.server import make_png
 from underpaint.api.app import create_app
 from underpaint.config import Settings
 from underpaint.engine.executor import DiffusersExecutor
-from underpaint.engine.job import GenerationJob, LoraSpec
+from underpaint.engine.job import ControlNetUnitSpec, GenerationJob, LoraSpec
 from underpaint.engine.memory import OutOfMemory
+from underpaint.vocabulary import PreprocessorName
 from underpaint.wiring import build_core, build_local_worker
 from underpaint.worker.loop import Worker
 from underpaint.worker.runner import GenerationRunner
@@ -210,3 +212,42 @@ def test_recovery_runs_after_the_failed_batch_tensors_are_freed(stack: _Stack, m
     assert alive_at_free == [False, False]
     assert isinstance(outcomes[0], OutOfMemory)  # the first job ran out again on its own: a task failure
     assert not isinstance(outcomes[1], BaseException)  # its mate, retried on its own, has its image
+
+
+def _oom(*_args: Any, **_kwargs: Any) -> Any:
+    raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.00 GiB")
+
+
+DIFFUSERS_CONTROLNET = "control_v11p_sd15_canny_diffusers"  # a folder: diffusers' from_pretrained loads it
+
+
+@pytest.mark.parametrize("where", ["lora", "controlnet", "annotator"])
+def test_oom_while_loading_an_adapter_is_out_of_memory_not_a_broken_file(
+    stack: _Stack, monkeypatch: pytest.MonkeyPatch, where: str
+) -> None:
+    """The loaders turn a file that does not load into a client error naming it; an out-of-memory error raised in
+    the same call is not that: it reaches the executor's out-of-memory handling (and its clean-up) instead."""
+    from diffusers.models.controlnets.controlnet import ControlNetModel
+
+    from underpaint.engine.adapters import lora
+    from underpaint.engine.preprocessors import networks
+
+    hed = PreprocessorName("softedge_hed")
+    unit = ControlNetUnitSpec(model="control_v11p_sd15_openpose", image=Image.new("RGB", (128, 128)), preprocessor=hed)
+    job = {
+        "lora": _job(image_num=1, loras=(LoraSpec("tiny-style-sd15.safetensors", 0.7),)),
+        "controlnet": _job(image_num=1, controlnets=(replace(unit, model=DIFFUSERS_CONTROLNET, preprocessor=None),)),
+        "annotator": _job(image_num=1, controlnets=(unit,)),
+    }[where]
+    target = {
+        "lora": (lora, "convert_lora"),
+        "controlnet": (ControlNetModel, "from_pretrained"),
+        "annotator": (networks, "load_state"),
+    }[where]
+    monkeypatch.setattr(*target, _oom)
+    (outcome,) = stack.executor.generate_batch([job])
+    assert isinstance(outcome, OutOfMemory), repr(outcome)
+    assert str(outcome).startswith("out of GPU memory at 128x128, image_num 1")
+    monkeypatch.undo()
+    (again,) = stack.executor.generate_batch([job])  # nothing half-loaded stays behind
+    assert not isinstance(again, BaseException), repr(again)

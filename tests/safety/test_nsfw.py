@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 from typing import Any
 
 import numpy as np
 import pytest
 from PIL import Image, ImageDraw, ImageFilter
+from tests.support.logs import assert_load_lines
 
 from underpaint.safety.nsfw import LEVEL_CLASSES, NsfwDetector, classes_for_level, score_detections
 from underpaint.tasks.types import NsfwResult
@@ -114,6 +116,17 @@ def test_real_model_on_synthetic_images(detector: NsfwDetector) -> None:
     raw = detector.raw_detections(_noise(256, 3))
     assert isinstance(raw, list)
     assert all(set(d) == {"class", "score", "box"} and d["class"] in NUDENET_CLASSES for d in raw)
+
+
+def test_the_detector_load_gets_its_info_line_once(caplog: pytest.LogCaptureFixture) -> None:
+    d = NsfwDetector()
+    try:
+        with caplog.at_level(logging.INFO, logger="underpaint.safety"):
+            d.detect([_gradient()], 1)
+            d.detect([_gradient()], 2)  # loaded: no second line
+    finally:
+        d.close()
+    assert_load_lines(caplog, "NSFW detector", ["320n.onnx"], tiers=["disk"])
 
 
 def _crude_nude_torso(blur: int = 4) -> Image.Image:

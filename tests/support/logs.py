@@ -11,15 +11,16 @@ import pytest
 def assert_load_lines(
     caplog: pytest.LogCaptureFixture, kind: str, names: list[str], tiers: list[str] | None = None
 ) -> list[logging.LogRecord]:
-    """The INFO lines of ``kind`` model loads caplog holds, one per name in order: ``<kind> <name> loaded in <s>``
-    (checkpoints: ``model <name> loaded in <s> (tier <tier>, ...)``), their seconds also in ``load_seconds``."""
+    """The INFO lines of ``kind`` model loads caplog holds, one per name in order: ``<kind> <name> loaded in <s>
+    (tier <tier>)`` (checkpoints: ``model <name> loaded in <s> (tier <tier>, ...)``), their seconds also in
+    ``load_seconds`` and their tier in ``tier``."""
     records = [r for r in caplog.records if getattr(r, "model_kind", None) == kind]
     assert [r.levelno for r in records] == [logging.INFO] * len(names)
     assert [r.model for r in records] == names  # type: ignore[attr-defined]
     word = "model" if kind == "checkpoint" else kind
     for record in records:
         message = record.getMessage()
-        found = re.fullmatch(rf"{re.escape(word)} (.+) loaded in (\d+\.\d\d) s(?: \(tier (\w+), .+\))?", message)
+        found = re.fullmatch(rf"{re.escape(word)} (.+) loaded in (\d+\.\d\d) s \(tier (\w+)(?:, .+)?\)", message)
         assert found is not None, message
         assert found[1] == record.model  # type: ignore[attr-defined]
         seconds = float(found[2])

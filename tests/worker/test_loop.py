@@ -417,7 +417,11 @@ def test_one_info_line_per_finished_task(store: SqlTaskStore, caplog: pytest.Log
     assert 0.2 <= run_s < 10
     assert 30 <= queued_s < 40
     assert finished[bad].getMessage().startswith(f"task {bad} finished: IMG_TO_IMG FAILED, 0 image(s), ")
+    assert finished[bad].getMessage().endswith(" s queued: checkpoint 'x' is not installed")  # the owner's reason
     assert finished[ok].levelno == finished[bad].levelno == logging.INFO
+    for task_id in (ok, bad):  # the one line per task once it ran: nothing else at INFO names it as it ends
+        ending = [r for r in caplog.records if task_id in r.getMessage() and "attempt" not in r.getMessage()]
+        assert ending == [finished[task_id]], [r.getMessage() for r in ending]
 
 
 def test_cancelled_tasks_and_inputs_that_do_not_load_get_their_finished_line(

@@ -50,6 +50,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 
 from underpaint.config import Settings
 from underpaint.engine.devices import empty_device_cache, pick_device, pick_dtype
+from underpaint.engine.lru import logged_load
 from underpaint.engine.model_tiers import ModelCacheReport
 from underpaint.engine.unet_resize import use_a1111_skip_resize
 from underpaint.engine.weights import ModelLoadError, StateDict, load_state_dict_file
@@ -278,6 +279,8 @@ def convert_checkpoint(sd: StateDict, entry: ModelEntry) -> CheckpointWeights:
             parts["text_encoder_2"] = convert_open_clip_checkpoint(
                 _OpenClipConfig(int(te2["hidden_size"])), sd, prefix=prefix
             )
+    except torch.cuda.OutOfMemoryError:
+        raise  # the executor's out-of-memory handling, not a broken file
     except (ValueError, RuntimeError, KeyError, OSError) as exc:
         raise ModelLoadError(f"{entry.sd_name}: weights do not fit the config in {config_dir}: {exc}") from exc
     return CheckpointWeights(parts, is_sdxl, "v_pred" in sd, config_dir)
@@ -410,6 +413,8 @@ def _single_file_pipeline(
                 torch_dtype=dtype,
                 local_files_only=True,
             )
+    except torch.cuda.OutOfMemoryError:
+        raise  # the executor's out-of-memory handling, not a broken file
     except (ValueError, RuntimeError, KeyError, OSError) as exc:
         raise ModelLoadError(f"{entry.sd_name}: weights do not fit the config in {config_dir}: {exc}") from exc
     # Some v-prediction SDXL finetunes mark themselves with an empty "v_pred" tensor (A1111 reads it too).
@@ -436,6 +441,8 @@ def _folder_pipeline(entry: ModelEntry, dtype: torch.dtype, templates: Tokenizer
         kwargs.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     try:
         return cls.from_pretrained(str(entry.path), **kwargs)
+    except torch.cuda.OutOfMemoryError:
+        raise  # the executor's out-of-memory handling, not a broken file
     except (ValueError, RuntimeError, KeyError, OSError) as exc:
         raise ModelLoadError(f"{entry.sd_name}: cannot load diffusers folder: {exc}") from exc
 
@@ -655,6 +662,8 @@ def load_vae(
     if entry.path.is_dir():
         try:
             vae = AutoencoderKL.from_pretrained(str(entry.path), local_files_only=True, dtype=dt)
+        except torch.cuda.OutOfMemoryError:
+            raise  # the executor's out-of-memory handling, not a broken file
         except (ValueError, RuntimeError, OSError) as exc:
             raise ModelLoadError(f"{entry.sd_name}: cannot load diffusers VAE folder: {exc}") from exc
         if like is not None:
@@ -1013,7 +1022,7 @@ class ModelCache:
             if vae is not None:
                 self._vaes.move_to_end(key)
                 return vae
-            vae = load_vae(entry, like=like)
+            vae = logged_load("VAE", entry.sd_name, lambda: load_vae(entry, like=like))
             self.stats.vae_loads += 1
             self._vaes[key] = vae
             while len(self._vaes) > self.max_vaes:

@@ -16,15 +16,18 @@ V = TypeVar("V")
 log = logging.getLogger(__name__)
 
 
+LOAD_TIER = "disk"  # where every model but a checkpoint comes from (checkpoints have a RAM tier: engine.loader)
+
+
 def logged_load(kind: str, name: str, load: Callable[[], V]) -> V:
-    """``load()``, then the operator's one INFO line per model load: what kind, which file, how many seconds
-    (checkpoints log their own, with the tier they came from)."""
+    """``load()``, then the operator's one INFO line per model load: what kind, which file, how many seconds, from
+    which tier (always the disk; checkpoints log their own, with the tier they came from)."""
     start = time.perf_counter()
     value = load()
     seconds = time.perf_counter() - start
     log.info(
-        "%s %s loaded in %.2f s", kind, name, seconds,
-        extra={"model_kind": kind, "model": name, "load_seconds": round(seconds, 3)},
+        "%s %s loaded in %.2f s (tier %s)", kind, name, seconds, LOAD_TIER,
+        extra={"model_kind": kind, "model": name, "load_seconds": round(seconds, 3), "tier": LOAD_TIER},
     )  # fmt: skip
     return value
 

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -110,7 +111,15 @@ class NsfwDetector:
                 # Idle onnxruntime threads spin by default, which steals cores from torch.
                 opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
                 path = self._model_path or default_model_path()
+                start = time.perf_counter()
                 session = ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+                seconds = time.perf_counter() - start
+                # The operator's INFO line per model load, as engine.lru.logged_load writes it for the others.
+                log.info(
+                    "NSFW detector %s loaded in %.2f s (tier disk)", path.name, seconds,
+                    extra={"model_kind": "NSFW detector", "model": path.name, "load_seconds": round(seconds, 3),
+                           "tier": "disk"},
+                )  # fmt: skip
                 self._input_name = session.get_inputs()[0].name
                 self._session = session
             return self._session

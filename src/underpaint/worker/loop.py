@@ -311,7 +311,7 @@ def run_claimed_batch(
             items.append((task, request, ProgressReporter(store, task.task_id, worker_id)))
             continue
         if store.fail(task.task_id, worker_id, reason):
-            log_finished(task, "FAILED", 0)
+            log_finished(task, "FAILED", 0, reason)
             notify_terminal(store, [task.task_id], on_terminal)
     if not items:
         return
@@ -367,13 +367,12 @@ def _record(
             log.warning("task %s: run abandoned (lease lost); its result is not recorded", task.task_id, extra=about)
         return
     if isinstance(outcome, BaseException):
-        if isinstance(outcome, CLIENT_ERRORS):
-            log.info("task %s failed: %s", task.task_id, outcome, extra=about)
-        else:
+        # A client error's reason is in the finished line below; anything else also gets its traceback here.
+        if not isinstance(outcome, CLIENT_ERRORS):
             log.error("task %s failed with an unexpected error", task.task_id, exc_info=outcome, extra=about)
         reason = _failure_reason(outcome) if isinstance(outcome, Exception) else INTERNAL_REASON
         if store.fail(task.task_id, worker_id, reason):
-            log_finished(task, "FAILED", 0)
+            log_finished(task, "FAILED", 0, reason)
             notify_terminal(store, [task.task_id], on_terminal)
         return
     recorded = _complete_through_outage(store, task, worker_id, outcome)
@@ -399,20 +398,22 @@ def _record(
         delete_images(storage, outcome)
 
 
-def log_finished(task: TaskRecord, outcome: Finished, images: int) -> None:
-    """The operator's one INFO line per finished task: id, task type, outcome, images, run and queue seconds.
-    ``outcome``: a ``TaskStatus`` name, or CANCELED for a task its owner cancelled (stored as FAILED)."""
+def log_finished(task: TaskRecord, outcome: Finished, images: int, reason: str | None = None) -> None:
+    """The operator's one INFO line per finished task: id, task type, outcome, images, run and queue seconds, and
+    for a failed task the reason its owner reads. ``outcome``: a ``TaskStatus`` name, or CANCELED for a task its
+    owner cancelled (stored as FAILED)."""
     now = time.time()
     started = task.started_at if task.started_at is not None else now
     run_s, queued_s = max(0.0, now - started), max(0.0, started - task.created_at)
     log.info(
-        "task %s finished: %s %s, %d image(s), %.2f s run, %.2f s queued",
+        "task %s finished: %s %s, %d image(s), %.2f s run, %.2f s queued%s",
         task.task_id,
         task.task_type.value,
         outcome,
         images,
         run_s,
         queued_s,
+        f": {reason}" if reason else "",
         extra={
             "task_id": task.task_id,
             "task_type": task.task_type.value,

@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from underpaint.engine.job import JobError
+from underpaint.engine.lru import logged_load
 from underpaint.engine.weights import UnreadableWeights, read_weights
 from underpaint.registry import ModelEntry
 
@@ -259,7 +260,7 @@ class EmbeddingManager:
         if key in state.resident:
             state.resident.move_to_end(key)
             return state.resident[key]
-        file = read_embedding_file(entry.path)
+        file = logged_load("embedding", entry.sd_name, lambda: read_embedding_file(entry.path))
         self.file_loads += 1
         encoders = _encoders(pipe)
         vectors = _vectors_for(file, encoders, loaded, entry)

@@ -32,6 +32,7 @@ from PIL import Image
 
 from underpaint.engine.adapters import short_reason
 from underpaint.engine.job import JobError
+from underpaint.engine.lru import logged_load
 from underpaint.engine.weights import UnreadableWeights, read_weights
 from underpaint.registry import ModelEntry
 from underpaint.weight_headers import weights_format
@@ -156,7 +157,7 @@ class IPAdapterManager:
         if key in self._files:
             self._files.move_to_end(key)
             return self._files[key]
-        state = read_ip_adapter_file(entry.path)
+        state = logged_load("IP-Adapter", entry.sd_name, lambda: read_ip_adapter_file(entry.path))
         self._files[key] = state
         while len(self._files) > self.max_files:
             self._files.popitem(last=False)
@@ -173,7 +174,9 @@ class IPAdapterManager:
             self._encoders.move_to_end(cache_key)
             return self._encoders[cache_key]
         try:
-            encoder = _Encoder(folder)
+            encoder = logged_load("image encoder", folder.name, lambda: _Encoder(folder))
+        except torch.cuda.OutOfMemoryError:
+            raise  # the executor's out-of-memory handling, not a broken folder
         except Exception as exc:  # transformers raises OSError/ValueError for broken folders
             raise JobError(
                 f"IP-Adapter {entry.sd_name}: image encoder {folder} could not be loaded: {short_reason(exc)}"
@@ -202,6 +205,9 @@ class IPAdapterManager:
         try:
             pipe.register_modules(image_encoder=encoder.model)
             pipe.load_ip_adapter(copy, subfolder="", weight_name="", image_encoder_folder=None)
+        except torch.cuda.OutOfMemoryError:
+            self._unload(pipe)
+            raise  # the executor's out-of-memory handling, not a file that does not fit
         except Exception as exc:  # shape/key errors from diffusers
             self._unload(pipe)
             checkpoint = getattr(loaded, "name", "the checkpoint")

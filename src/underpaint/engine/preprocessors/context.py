@@ -12,6 +12,7 @@ from typing import TypeVar, cast
 import torch
 
 from underpaint.engine.job import JobError
+from underpaint.engine.lru import logged_load
 
 T = TypeVar("T")
 
@@ -45,7 +46,7 @@ class AnnotatorCache:
         key = (kind, path, mtime, device)
         with self._lock:
             if key not in self._items:
-                self._items[key] = load()
+                self._items[key] = logged_load("annotator", f"{kind}:{path.name}", load)
                 self.loads += 1
                 while len(self._items) > self.limit:
                     self._items.popitem(last=False)
