@@ -18,14 +18,9 @@ from tests.support.services import moto_endpoint
 from underpaint.config import Settings
 from underpaint.storage.base import StorageError
 from underpaint.storage.custom import CustomBuckets
-from underpaint.storage.custom_target import (
-    InvalidCustomStorage,
-    custom_target,
-    custom_target_from_extra,
-    object_key,
-    validate_custom_storage,
-)
+from underpaint.storage.custom_target import InvalidCustomStorage, custom_target, object_key
 from underpaint.storage.s3 import S3Clients, S3Storage
+from underpaint.tasks.contract import AwsS3In, TaskExtra
 from underpaint.tasks.types import ImageRecord
 
 REGION = "us-east-1"
@@ -125,7 +120,7 @@ def test_rejected_credentials_are_reported(endpoint: str, admin: Any, monkeypatc
         S3Storage("creds", "", REGION, endpoint, clients=S3Clients()).put("x.png", b"1", "image/png")
     # Every store and custom bucket on the shared clients reuses the client made before the change.
     S3Storage("creds", "", REGION, endpoint, clients=shared).put("after.png", b"1", "image/png")
-    target = custom_target({"region": REGION, "bucket": "creds", "path": "u"}, Settings(s3_endpoint_url=endpoint))
+    target = custom_target(AwsS3In(region=REGION, bucket="creds", path="u"), Settings(s3_endpoint_url=endpoint))
     CustomBuckets(shared).put(target, "u/custom.png", b"1", "image/png")
     listed = sorted(o["Key"] for o in admin.list_objects_v2(Bucket="creds")["Contents"])
     assert listed == ["after.png", "before.png", "u/custom.png"]
@@ -146,7 +141,7 @@ def test_wiring_gives_the_default_store_and_users_buckets_one_set_of_clients(
         monkeypatch.setenv("AWS_ACCESS_KEY_ID", "")
         monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "")
         core.services.storage.put("a.png", b"1", "image/png")
-        target = custom_target({"region": REGION, "bucket": "wired", "path": "u"}, settings)
+        target = custom_target(AwsS3In(region=REGION, bucket="wired", path="u"), settings)
         core.custom_buckets.put(target, "u/b.png", b"1", "image/png")  # a new client would have no credentials
         url = core.services.image_urls.resolver("")(
             ImageRecord(
@@ -179,10 +174,10 @@ def test_custom_bucket_keys_and_presigned_url(endpoint: str, admin: Any, direct:
             "aws_s3": {"region": REGION, "bucket": bucket, "path": "/renders/2026/", "save_to_path_directly": direct}
         }
     }
-    validate_custom_storage(extra["custom_storage"])
+    custom = TaskExtra.model_validate(extra).custom_s3  # as the contract reads the body's extra
+    assert custom is not None
     settings = Settings(s3_endpoint_url=endpoint)
-    target = custom_target_from_extra(extra, settings)
-    assert target is not None
+    target = custom_target(custom, settings)
     assert target.endpoint_url == endpoint
     key = object_key(target, "task-9", "task-9_0.png")
     assert key == expected
@@ -201,7 +196,7 @@ def test_custom_bucket_keys_and_presigned_url(endpoint: str, admin: Any, direct:
 
 
 def test_custom_bucket_default_is_extra_directory_and_root_path(endpoint: str) -> None:
-    target = custom_target({"region": "eu-west-1", "bucket": "b-1", "path": "/"})
+    target = custom_target(AwsS3In(region="eu-west-1", bucket="b-1", path="/"))
     assert target.save_to_path_directly is False
     assert target.path == ""
     assert object_key(target, "t1", "a.webp") == "t1/a.webp"
@@ -210,9 +205,7 @@ def test_custom_bucket_default_is_extra_directory_and_root_path(endpoint: str) -
 
 
 def test_custom_missing_bucket_fails_with_its_name(endpoint: str) -> None:
-    target = custom_target(
-        {"region": REGION, "bucket": "ghost-bucket", "path": "x"}, Settings(s3_endpoint_url=endpoint)
-    )
+    target = custom_target(AwsS3In(region=REGION, bucket="ghost-bucket", path="x"), Settings(s3_endpoint_url=endpoint))
     with pytest.raises(StorageError, match=r"'ghost-bucket'.*does not exist"):
         CustomBuckets(S3Clients()).put(target, object_key(target, "t", "t_0.png"), b"1", "image/png")
 
@@ -230,35 +223,24 @@ def test_custom_missing_bucket_fails_with_its_name(endpoint: str) -> None:
         ({"region": REGION, "bucket": "xn--bucket", "path": "p"}, "reserved"),
         ({"region": REGION, "bucket": "mine-s3alias", "path": "p"}, "reserved"),
         ({"region": "Mars North", "bucket": "ok-bucket", "path": "p"}, "region"),
-        ({"bucket": "ok-bucket", "path": "p"}, "region is required"),
-        ({"region": REGION, "path": "p"}, "bucket is required"),
-        ({"region": REGION, "bucket": "ok-bucket"}, "path is required"),
-        ({"region": REGION, "bucket": "ok-bucket", "path": 7}, "path is required"),
         ({"region": REGION, "bucket": "ok-bucket", "path": "a/../b"}, "'..'"),
         ({"region": REGION, "bucket": "ok-bucket", "path": "a//b"}, "empty"),
         ({"region": REGION, "bucket": "ok-bucket", "path": "./a"}, "'.'"),
         ({"region": REGION, "bucket": "ok-bucket", "path": "a\\b"}, "backslash"),
         ({"region": REGION, "bucket": "ok-bucket", "path": "a\nb"}, "control"),
         ({"region": REGION, "bucket": "ok-bucket", "path": "x" * 901}, "longer than"),
-        ({"region": REGION, "bucket": "ok-bucket", "path": "p", "save_to_path_directly": "yes"}, "boolean"),
-        ({"region": REGION, "bucket": "ok-bucket", "path": "p", "acl": "public-read"}, "unknown fields: acl"),
     ],
 )
 def test_invalid_custom_storage_is_rejected_at_submit(aws_s3: dict[str, Any], fragment: str) -> None:
+    """The values S3 refuses; the shape (fields, types) is the task contract's (``AwsS3In``)."""
     with pytest.raises(InvalidCustomStorage) as info:
-        validate_custom_storage({"aws_s3": aws_s3})
+        custom_target(AwsS3In.model_validate(aws_s3))
     assert fragment in str(info.value)
 
 
-def test_custom_storage_shapes() -> None:
-    validate_custom_storage(None)
-    validate_custom_storage({})
-    validate_custom_storage({"aws_s3": {"region": "us-gov-west-1", "bucket": "my.bucket-1", "path": "a/b c/ü"}})
-    bad_shapes: list[Any] = [{"gcs": {}}, {"aws_s3": "s3://x"}, "s3://x"]
-    for bad in bad_shapes:
-        with pytest.raises(InvalidCustomStorage, match="custom_storage"):
-            validate_custom_storage(bad)
-    assert custom_target_from_extra({}) is None
+def test_valid_custom_storage_values() -> None:
+    target = custom_target(AwsS3In(region="us-gov-west-1", bucket="my.bucket-1", path="a/b c/ü"))
+    assert (target.region, target.bucket, target.path) == ("us-gov-west-1", "my.bucket-1", "a/b c/ü")
 
 
 @pytest.mark.parametrize(

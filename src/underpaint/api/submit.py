@@ -29,7 +29,7 @@ from underpaint.api.schemas import Img2ImgBody, InpaintingBody, Txt2ImgBody, Ups
 from underpaint.delivery.ssrf import InvalidWebhookUrl
 from underpaint.registry import ModelEntry, ModelRegistry
 from underpaint.services import Admission
-from underpaint.storage.custom_target import InvalidCustomStorage, validate_custom_storage
+from underpaint.storage.custom_target import InvalidCustomStorage, custom_target
 from underpaint.tasks.contract import (
     INPAINTING_MIN_SIDE,
     GenerationRequest,
@@ -186,7 +186,7 @@ def submit(
             raise invalid_request(str(exc), **({"url": exc.url} if exc.url else {})) from None
     if extra.custom_storage is not None and extra.custom_storage.aws_s3 is not None:
         try:
-            validate_custom_storage(extra.custom_storage.model_dump(exclude_none=True))  # {"aws_s3": {...}}
+            custom_target(extra.custom_storage.aws_s3)
         except InvalidCustomStorage as exc:
             raise ApiError(400, "INVALID_CUSTOM_OUTPUT_PATH", str(exc), dict(exc.metadata)) from None
 

@@ -13,12 +13,11 @@ can only be seen at upload, and fails the task with a reason naming the bucket.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
 
 from underpaint.config import Settings
 from underpaint.storage.base import StorageError
+from underpaint.tasks.contract import AwsS3In
 
 # AWS general purpose bucket naming rules.
 _BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
@@ -78,65 +77,24 @@ def _normalize_path(path: str) -> str:
     return normalized
 
 
-def _required_str(aws_s3: Mapping[str, Any], name: str) -> str:
-    value = aws_s3.get(name)
-    if not isinstance(value, str):
-        raise InvalidCustomStorage(f"custom_storage.aws_s3.{name} is required and must be a string")
-    return value
-
-
 def endpoint_for(settings: Settings | None) -> str | None:
     """The S3-compatible endpoint custom buckets are looked up on (None: AWS)."""
     return settings.s3_endpoint_url if settings is not None else None
 
 
-def custom_target(aws_s3: Mapping[str, Any], settings: Settings | None = None) -> CustomS3Target:
-    """Validate ``extra.custom_storage.aws_s3``; raises ``InvalidCustomStorage`` (the API answers 400 ``INVALID_CUSTOM_OUTPUT_PATH``).
-
-    ``settings`` supplies the server's ``s3_endpoint_url`` (None: AWS).
-    """
-    if not isinstance(aws_s3, Mapping):
-        raise InvalidCustomStorage("custom_storage.aws_s3 must be an object")
-    unknown = sorted(set(aws_s3) - {"region", "bucket", "path", "save_to_path_directly"})
-    if unknown:
-        raise InvalidCustomStorage(f"custom_storage.aws_s3 has unknown fields: {', '.join(unknown)}")
-    region = _required_str(aws_s3, "region")
+def custom_target(aws_s3: AwsS3In, settings: Settings | None = None) -> CustomS3Target:
+    """The bucket of ``extra.custom_storage.aws_s3``, its shape already checked by the task contract (``AwsS3In``):
+    here the rules S3 sets on the values (region and bucket names, the path's segments). Raises
+    ``InvalidCustomStorage`` (the API answers 400 ``INVALID_CUSTOM_OUTPUT_PATH``). ``settings`` supplies the
+    server's ``s3_endpoint_url`` (None: AWS)."""
+    region, bucket = aws_s3.region, aws_s3.bucket
     if not _REGION_RE.match(region):
         raise InvalidCustomStorage(f"custom_storage.aws_s3.region {region!r} is not an AWS region name", region=region)
-    bucket = _required_str(aws_s3, "bucket")
     problem = _bucket_problem(bucket)
     if problem:
         raise InvalidCustomStorage(f"custom_storage.aws_s3.bucket {bucket!r} {problem}", bucket=bucket)
-    path = _normalize_path(_required_str(aws_s3, "path"))
-    direct = aws_s3.get("save_to_path_directly", False)
-    if direct is None:
-        direct = False
-    if not isinstance(direct, bool):
-        raise InvalidCustomStorage("custom_storage.aws_s3.save_to_path_directly must be a boolean")
-    return CustomS3Target(region, bucket, path, direct, endpoint_for(settings))
-
-
-def custom_target_from_extra(extra: Mapping[str, Any], settings: Settings | None = None) -> CustomS3Target | None:
-    """The task's custom bucket, or None when ``extra`` has no ``custom_storage.aws_s3``."""
-    custom = extra.get("custom_storage")
-    if not custom:
-        return None
-    if not isinstance(custom, Mapping):
-        raise InvalidCustomStorage("custom_storage must be an object")
-    unknown = sorted(set(custom) - {"aws_s3"})
-    if unknown:
-        raise InvalidCustomStorage(
-            f"custom_storage supports only 'aws_s3', got: {', '.join(unknown)}", unsupported=unknown
-        )
-    aws_s3 = custom.get("aws_s3")
-    if aws_s3 is None:
-        return None
-    return custom_target(aws_s3, settings)
-
-
-def validate_custom_storage(extra_custom_storage: Mapping[str, Any] | None) -> None:
-    """Submit-time check of ``extra.custom_storage``; raises ``InvalidCustomStorage`` (the API answers 400 ``INVALID_CUSTOM_OUTPUT_PATH``)."""
-    custom_target_from_extra({"custom_storage": extra_custom_storage})
+    path = _normalize_path(aws_s3.path)
+    return CustomS3Target(region, bucket, path, aws_s3.save_to_path_directly, endpoint_for(settings))
 
 
 def object_key(target: CustomS3Target, task_id: str, filename: str, save_to_path_directly: bool | None = None) -> str:

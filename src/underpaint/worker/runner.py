@@ -205,7 +205,7 @@ class GenerationRunner:
         filename = f"{uuid.uuid4().hex}.{fmt}"
         custom, target = task.extra.custom_s3, None
         if custom:
-            target = custom_target(custom.model_dump(), self.settings)
+            target = custom_target(custom, self.settings)
             key = object_key(target, task.task_id, filename, custom.save_to_path_directly)
             backend, bucket, region = "custom", target.bucket, target.region
         else:
