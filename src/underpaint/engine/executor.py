@@ -44,7 +44,7 @@ from underpaint.engine.job import (
     batch_key,
 )
 from underpaint.engine.loader import LoadedCheckpoint, ModelCache
-from underpaint.engine.memory import OutOfMemory, free_device_memory, oom_message, release_frames
+from underpaint.engine.memory import OutOfMemory, free_device_memory, is_out_of_memory, oom_message, release_frames
 from underpaint.engine.metadata import InfotextParams, build_infotext
 from underpaint.engine.model_tiers import ModelCacheReport
 from underpaint.engine.preprocessors import AnnotatorCache
@@ -158,12 +158,12 @@ class DiffusersExecutor:
                     if isinstance(outcome, BaseException):
                         release_frames(outcome)  # a failed job's tensors go now, before the next group allocates
                     outcomes[i] = outcome
-            if any(isinstance(o, torch.cuda.OutOfMemoryError) for o in outcomes):
+            if any(isinstance(o, BaseException) and is_out_of_memory(o) for o in outcomes):
                 # Out of memory is a task failure, not a broken worker: each job that hit it (its batch was already
                 # retried job by job) fails with a reason to act on; per-task state and the allocator's cache go.
                 outcomes = [
                     OutOfMemory(oom_message(job.width, job.height, job.image_num))
-                    if isinstance(o, torch.cuda.OutOfMemoryError)
+                    if isinstance(o, BaseException) and is_out_of_memory(o)
                     else o
                     for job, o in zip(jobs, outcomes, strict=True)
                 ]

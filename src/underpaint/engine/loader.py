@@ -279,8 +279,6 @@ def convert_checkpoint(sd: StateDict, entry: ModelEntry) -> CheckpointWeights:
             parts["text_encoder_2"] = convert_open_clip_checkpoint(
                 _OpenClipConfig(int(te2["hidden_size"])), sd, prefix=prefix
             )
-    except torch.cuda.OutOfMemoryError:
-        raise  # the executor's out-of-memory handling, not a broken file
     except (ValueError, RuntimeError, KeyError, OSError) as exc:
         raise ModelLoadError(f"{entry.sd_name}: weights do not fit the config in {config_dir}: {exc}") from exc
     return CheckpointWeights(parts, is_sdxl, "v_pred" in sd, config_dir)
@@ -413,8 +411,6 @@ def _single_file_pipeline(
                 torch_dtype=dtype,
                 local_files_only=True,
             )
-    except torch.cuda.OutOfMemoryError:
-        raise  # the executor's out-of-memory handling, not a broken file
     except (ValueError, RuntimeError, KeyError, OSError) as exc:
         raise ModelLoadError(f"{entry.sd_name}: weights do not fit the config in {config_dir}: {exc}") from exc
     # Some v-prediction SDXL finetunes mark themselves with an empty "v_pred" tensor (A1111 reads it too).
@@ -441,8 +437,6 @@ def _folder_pipeline(entry: ModelEntry, dtype: torch.dtype, templates: Tokenizer
         kwargs.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     try:
         return cls.from_pretrained(str(entry.path), **kwargs)
-    except torch.cuda.OutOfMemoryError:
-        raise  # the executor's out-of-memory handling, not a broken file
     except (ValueError, RuntimeError, KeyError, OSError) as exc:
         raise ModelLoadError(f"{entry.sd_name}: cannot load diffusers folder: {exc}") from exc
 
@@ -662,8 +656,6 @@ def load_vae(
     if entry.path.is_dir():
         try:
             vae = AutoencoderKL.from_pretrained(str(entry.path), local_files_only=True, dtype=dt)
-        except torch.cuda.OutOfMemoryError:
-            raise  # the executor's out-of-memory handling, not a broken file
         except (ValueError, RuntimeError, OSError) as exc:
             raise ModelLoadError(f"{entry.sd_name}: cannot load diffusers VAE folder: {exc}") from exc
         if like is not None:

@@ -32,6 +32,20 @@ def oom_message(width: int, height: int, image_num: int) -> str:
     )
 
 
+def is_out_of_memory(exc: BaseException) -> bool:
+    """``exc`` is ``torch.cuda.OutOfMemoryError``, or was raised from one: a loader that turns a file that does not
+    load into a ``JobError`` naming it (``raise JobError(...) from exc``) may have caught an out-of-memory error,
+    which is still the executor's to handle."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        if isinstance(current, torch.cuda.OutOfMemoryError):
+            return True
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return False
+
+
 def free_device_memory() -> None:
     gc.collect()
     if torch.cuda.is_available():

@@ -89,8 +89,6 @@ def load_controlnet_model(entry: ModelEntry, device: torch.device, dtype: torch.
             model = ControlNetModel.from_pretrained(
                 entry.path, local_files_only=True, torch_dtype=dtype, variant="fp16" if fp16_only else None
             )
-        except torch.cuda.OutOfMemoryError:
-            raise  # the executor's out-of-memory handling, not a broken file
         except Exception as exc:  # diffusers raises many types for broken folders
             raise JobError(f"ControlNet {entry.sd_name!r} could not be loaded: {exc}") from exc
     else:

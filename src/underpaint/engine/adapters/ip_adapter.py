@@ -175,8 +175,6 @@ class IPAdapterManager:
             return self._encoders[cache_key]
         try:
             encoder = logged_load("image encoder", folder.name, lambda: _Encoder(folder))
-        except torch.cuda.OutOfMemoryError:
-            raise  # the executor's out-of-memory handling, not a broken folder
         except Exception as exc:  # transformers raises OSError/ValueError for broken folders
             raise JobError(
                 f"IP-Adapter {entry.sd_name}: image encoder {folder} could not be loaded: {short_reason(exc)}"
@@ -205,9 +203,6 @@ class IPAdapterManager:
         try:
             pipe.register_modules(image_encoder=encoder.model)
             pipe.load_ip_adapter(copy, subfolder="", weight_name="", image_encoder_folder=None)
-        except torch.cuda.OutOfMemoryError:
-            self._unload(pipe)
-            raise  # the executor's out-of-memory handling, not a file that does not fit
         except Exception as exc:  # shape/key errors from diffusers
             self._unload(pipe)
             checkpoint = getattr(loaded, "name", "the checkpoint")

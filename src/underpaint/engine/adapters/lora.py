@@ -241,8 +241,6 @@ class _FileCache:
         check_base_model(hints, loaded, entry)
         try:
             layers = convert_lora(state, loaded)
-        except torch.cuda.OutOfMemoryError:
-            raise  # the executor's out-of-memory handling, not a layout that does not map
         except Exception as exc:  # diffusers raises ValueError/KeyError for layouts it cannot map
             checkpoint = getattr(loaded, "name", "the checkpoint")
             raise JobError(

@@ -69,8 +69,6 @@ def network(
             torch.nn.Module.load_state_dict(net, state)
         except UnreadableWeights as exc:
             raise JobError(f"annotator weights {path.name} could not be loaded for {kind}: {exc.reason}") from exc
-        except torch.cuda.OutOfMemoryError:
-            raise  # the executor's out-of-memory handling, not the wrong file
         except Exception as exc:  # the wrong file for this network ...
             raise JobError(f"annotator weights {path.name} could not be loaded for {kind}: {exc!r}") from exc
         return net.float().eval().to(ctx.device)
