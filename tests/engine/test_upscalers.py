@@ -21,6 +21,7 @@ from underpaint.demo.upscalers import ANIME_6B, COMPACT, ESRNET, OLD_ESRGAN, wri
 from underpaint.engine import upscalers as up
 from underpaint.engine.executor import DiffusersExecutor
 from underpaint.engine.job import GenerationJob, HiresFix, JobCancelled, JobError, Progress, UpscaleJob
+from underpaint.engine.memory import OutOfMemory
 from underpaint.registry import ModelRegistry
 from underpaint.tasks.contract import extras_size
 from underpaint.vocabulary import SamplerName
@@ -257,6 +258,33 @@ def test_executor_upscale_reports_progress_and_matches_the_function(upscaler_dir
     assert executor.upscalers.loads == 1  # cached on the executor
     with pytest.raises(JobError, match="not in the models folder"):
         executor.upscale(UpscaleJob("nope", image, 2.0))
+
+
+def _oom(*_args: object, **_kwargs: object) -> None:
+    raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.00 GiB")
+
+
+@pytest.mark.parametrize("where", ["running", "loading"])
+def test_executor_upscale_out_of_memory_fails_the_job_and_the_next_one_runs(
+    upscaler_dir: Path, monkeypatch: pytest.MonkeyPatch, where: str
+) -> None:
+    """Out of memory while the model runs, or while spandrel builds it (which ``load_upscaler`` turns into an
+    ``UpscalerError`` naming the file, a client error), is ``OutOfMemory``, with the device cache emptied after the
+    ``except`` block; nothing half-loaded stays cached, and the next job runs."""
+    from underpaint.engine import executor as executor_module
+
+    executor = _executor(upscaler_dir.parent)
+    job = UpscaleJob("2x-tiny-compact", _image(40, 24, seed=3), 2.0)
+    target = {"running": (up, "run_model"), "loading": (spandrel.ModelLoader, "load_from_state_dict")}[where]
+    monkeypatch.setattr(*target, _oom)
+    frees: list[bool] = []
+    monkeypatch.setattr(executor_module, "free_device_memory", lambda: frees.append(True))
+    with pytest.raises(OutOfMemory, match=r"^out of GPU memory upscaling 40x24 by 2;"):
+        executor.upscale(job)
+    assert frees == [True]
+    assert executor.upscalers.loads == (1 if where == "running" else 0)
+    monkeypatch.undo()
+    assert executor.upscale(job).image.size == (80, 48)
 
 
 def test_the_model_never_sees_more_than_one_window(upscaler_dir: Path) -> None:

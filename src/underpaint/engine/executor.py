@@ -433,7 +433,9 @@ class DiffusersExecutor:
             with self._lock:
                 model = self.upscalers.get(entry.path)
                 image = upscale(job.image, model, job.scale, on_progress=report, should_cancel=should_cancel)
-        except torch.cuda.OutOfMemoryError:
+        except Exception as exc:
+            if not is_out_of_memory(exc):  # also an OOM a loader turned into an UpscalerError naming the file
+                raise
             oom = OutOfMemory(
                 f"out of GPU memory upscaling {job.image.width}x{job.image.height} by {job.scale:g}; "
                 "try a smaller image or scale (or retry when the server is less busy)"
